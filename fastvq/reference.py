@@ -1,0 +1,337 @@
+"""Plain-PyTorch reference of every fastvq op; also the CPU (and any-device) fallback backend.
+
+Same signatures as the Triton launchers in `fastvq.triton_ops`, on canonical shapes:
+    x: (H, N, D) float, codebook: (Hc, K, D) float with Hc == H (one codebook per head) or Hc == 1
+    (shared), indices: (H, N) int64, mask: (H, N) bool.
+The public functions in `fastvq.functional` validate arguments and reshape to these.
+
+Never holds an N x K tensor: scores are computed on tiles of at most `SCORE_TILE_ELEMENTS` entries,
+so the extra memory is bounded by about 3 * SCORE_TILE_ELEMENTS * 4 bytes (score tile, matmul
+output, comparison temporaries: 48 MiB) + one fp32 copy of the codebook (K * D * 4 bytes) + O(N * D)
+for the exact distance of the chosen codes. This module never imports triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORM_EPS = 1e-12
+"""Norms below this are clamped when vectors are l2-normalised (as `torch.nn.functional.normalize`)."""
+
+L2_LOGIT_EPS = 1e-8
+"""The l2 logit is -sqrt(max(squared distance, L2_LOGIT_EPS)), as the anchor's `cdist`."""
+
+SCORE_TILE_ELEMENTS = 1 << 22
+"""Largest number of (token, code) scores held at once: 4M fp32 = 16 MiB."""
+
+PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+
+
+def round_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """`t` as fp32 after rounding to what the matrix product of `precision` sees.
+
+    ieee: exact fp32. tf32: 10-bit mantissa, round to nearest with ties away from zero (as the
+    tensor cores' cvt.rna). bf16 / fp16: round to nearest even in that dtype.
+    """
+    if precision == "ieee":
+        return t.float()
+    if precision == "tf32":
+        bits = t.float().view(torch.int32)
+        # Add half an ulp of tf32 to the magnitude, then drop the 13 low mantissa bits. Inf/NaN keep
+        # their exponent (all ones); a NaN payload may change but stays NaN.
+        finite = torch.isfinite(t.float())
+        rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+        return torch.where(finite, rounded, t.float())
+    if precision == "bf16":
+        return t.to(torch.bfloat16).float()
+    if precision == "fp16":
+        return t.to(torch.float16).float()
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def code_bias(codebook: torch.Tensor, metric: str, precision: str) -> torch.Tensor:
+    """Per-code term of the search score, (Hc, K) fp32; NaN for codes with a non-finite entry.
+
+    l2: |c|^2, so that score = |c|^2 - 2 x.c ranks codes as |x - c|^2 does.
+    cosine: 1 / max(|c|, eps), so that score = -(x.c) / |c| ranks codes as 1 - cos(x, c) does.
+    Both are computed from the same rounded operands as the product (fewer flips near ties).
+    """
+    rounded = round_operand(codebook, precision)
+    sq = rounded.pow(2).sum(-1)
+    bias = sq if metric == "l2" else sq.sqrt().clamp_min(NORM_EPS).reciprocal()
+    finite = torch.isfinite(codebook).all(-1) & torch.isfinite(sq)
+    return bias.masked_fill(~finite, float("nan"))
+
+
+def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                    metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact fp32 distance from each token to its chosen code, and the final indices.
+
+    x (H, N, D), codebook (Hc, K, D), indices (H, N) int64 with -1 for "no code found" ->
+    (indices, distances), both (H, N); tokens with no finite distance get index -1 and NaN.
+    """
+    xf, cf = x.float(), gather_codes(codebook, indices).float()
+    if metric == "l2":
+        dist = (xf - cf).pow(2).sum(-1)
+    else:
+        dot = (xf * cf).sum(-1)
+        norms = xf.norm(dim=-1).clamp_min(NORM_EPS) * cf.norm(dim=-1).clamp_min(NORM_EPS)
+        dist = 1.0 - dot / norms
+    return mark_unassigned(indices, dist)
+
+
+def gather_codes(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of codebook (Hc, K, D) picked by indices (H, N) -> (H, N, D); index -1 reads code 0."""
+    safe = indices.clamp_min(0)
+    if codebook.shape[0] == 1:
+        return codebook[0][safe]
+    return codebook[torch.arange(codebook.shape[0], device=codebook.device)[:, None], safe]
+
+
+def mark_unassigned(indices: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give index -1 and distance NaN to tokens whose search found no finite distance."""
+    bad = (indices < 0) | ~torch.isfinite(distances)
+    return indices.masked_fill(bad, -1), distances.masked_fill(bad, float("nan"))
+
+
+def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str) -> torch.Tensor:
+    """Scores (n, k) of rounded fp32 rows (n, D) against rounded fp32 codes (k, D); NaN -> +inf."""
+    if metric == "l2":
+        score = torch.addmm(bias, x_rows, codes.T, alpha=-2.0)
+    else:
+        score = (x_rows @ codes.T).mul_(bias).neg_()
+    return score.nan_to_num_(nan=float("inf"))
+
+
+def _tiles(x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor, precision: str):
+    """Yield (h, hc, token slice, rows, code tiles) over heads and tiles of tokens.
+
+    rows: the tokens x[h, slice] rounded to `precision`, (n, D) fp32; code tiles: list of (k0,
+    rounded codes (k, D) fp32, bias (k,)) covering codebook[hc]. A (row tile, code tile) pair has at
+    most SCORE_TILE_ELEMENTS scores.
+    """
+    heads, n_tokens, _ = x.shape
+    n_codes = codebook.shape[1]
+    rows_per_tile = max(1, min(n_tokens, SCORE_TILE_ELEMENTS // n_codes))
+    codes_per_tile = max(1, min(n_codes, SCORE_TILE_ELEMENTS // rows_per_tile))
+    for h in range(heads):
+        hc = h if codebook.shape[0] > 1 else 0
+        codes = round_operand(codebook[hc], precision)
+        code_tiles = [(k0, codes[k0:k0 + codes_per_tile], bias[hc, k0:k0 + codes_per_tile])
+                      for k0 in range(0, n_codes, codes_per_tile)]
+        for n0 in range(0, n_tokens, rows_per_tile):
+            rows = slice(n0, n0 + rows_per_tile)
+            yield h, hc, rows, round_operand(x[h, rows], precision), code_tiles
+
+
+def _select(x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor, precision: str, k: int,
+            score_fn) -> torch.Tensor:
+    """The k lowest-scoring codes of every token, (H, N, k) int64, lowest score first, ties to the
+    lowest index; -1 where fewer than k codes have a finite score.
+
+    score_fn(h, token slice, rows, k0, codes, bias) -> (n, k) fp32 scores with NaN replaced by +inf.
+    """
+    heads, n_tokens, _ = x.shape
+    indices = torch.full((heads, n_tokens, k), -1, dtype=torch.int64, device=x.device)
+    for h, _, token_slice, rows, code_tiles in _tiles(x, codebook, bias, precision):
+        best = torch.full((rows.shape[0], k), float("inf"), device=x.device)
+        best_index = indices[h, token_slice]
+        for k0, codes, code_bias_tile in code_tiles:
+            score = score_fn(h, token_slice, rows, k0, codes, code_bias_tile)
+            if k == 1:
+                tile_best, tile_index = score.min(dim=1, keepdim=True)  # first index on ties
+                better = tile_best < best  # strict: an earlier tile keeps a tie
+                best = torch.where(better, tile_best, best)
+                best_index.copy_(torch.where(better, tile_index + k0, best_index))
+            else:  # the running list (sorted, lower index first on ties) precedes the tile's codes
+                tile_index = torch.arange(k0, k0 + codes.shape[0], device=x.device).expand_as(score)
+                merged, order = torch.cat([best, score], dim=1).sort(dim=1, stable=True)
+                best = merged[:, :k]
+                best_index.copy_(torch.cat([best_index, tile_index], dim=1).gather(1, order[:, :k]))
+        best_index.masked_fill_(best == float("inf"), -1)
+    return indices
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
+                 precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest code per token, never holding the N x K score matrix.
+
+    x (H, N, D) and codebook (Hc, K, D), any float dtype -> indices (H, N) int64 and distances
+    (H, N) fp32 (squared L2, or 1 - cosine similarity). Ties go to the lowest index; tokens with no
+    finite distance get -1 / NaN.
+    """
+    bias = code_bias(codebook, metric, precision)
+    indices = _select(x, codebook, bias, precision, 1,
+                      lambda h, token_slice, rows, k0, codes, b: _score_tile(rows, codes, b, metric))
+    return chosen_distance(x, codebook, indices[..., 0], metric)
+
+
+def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code counts (H, K) and sums of assigned rows (H, K, D), both fp32, without a one-hot.
+
+    x (H, N, D) float, indices (H, N) int64 in [-1, K), mask (H, N) bool or None. Tokens with index
+    -1 or mask False are skipped.
+    """
+    heads, _, dim = x.shape
+    keep = indices >= 0
+    if mask is not None:
+        keep = keep & mask
+    counts = torch.zeros(heads, num_codes, device=x.device)
+    sums = torch.zeros(heads, num_codes, dim, device=x.device)
+    for h in range(heads):
+        idx = indices[h][keep[h]]
+        counts[h].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+        sums[h].index_add_(0, idx, x[h][keep[h]].float())
+    return counts, sums
+
+
+# ---------------------------------------------------------------------------------------------
+# logits: sampling, cross-entropy, top-k
+# ---------------------------------------------------------------------------------------------
+
+def _logit_tile(rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor,
+                metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The anchor's logits (n, k) fp32 of rounded rows (n, D) against rounded codes (k, D), and
+    where the clamp inside them is inactive (so gradients flow): (n, k) for l2, (n, 1) for cosine.
+
+    l2: -sqrt(max(|x|^2 + |c|^2 - 2 x.c, L2_LOGIT_EPS)) (bias = |c|^2); cosine: x.c / (max(|x|, eps)
+    max(|c|, eps)) (bias = 1 / max(|c|, eps)). `code_bias` gives the bias.
+    """
+    dot = rows @ codes.T
+    row_sq = rows.pow(2).sum(-1, keepdim=True)
+    if metric == "l2":
+        sq_dist = (row_sq + bias).sub_(dot, alpha=2.0)
+        return sq_dist.clamp_min(L2_LOGIT_EPS).sqrt_().neg_(), sq_dist >= L2_LOGIT_EPS
+    row_norm = row_sq.sqrt()
+    return dot.mul_(bias).div_(row_norm.clamp_min(NORM_EPS)), row_norm >= NORM_EPS
+
+
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for uint32 values a (held in int64) and a 32-bit constant b,
+    without int64 overflow."""
+    low_part, high_part = a * (b & 0xFFFF), a * (b >> 16)  # each < 2^48
+    low = low_part + ((high_part & 0xFFFF) << 16)
+    return ((high_part >> 16) + (low >> 32)) & _LOW32, low & _LOW32
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniform fp32 in [0, 1) for int64 counters `offsets`: Philox-4x32-10 keyed by the 64-bit seed,
+    the same stream as `triton.language.rand(seed, offsets)` with int64 offsets (triton 3.6-3.9)."""
+    c0, c1 = offsets & _LOW32, (offsets >> 32) & _LOW32
+    c2 = c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND[1])
+        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND[0])
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _LOW32, (k1 + _PHILOX_KEY[1]) & _LOW32
+    signed = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # the bits as int32
+    return torch.where(signed < 0, -signed - 1, signed).float() * 4.6566127342e-10
+
+
+def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
+                metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
+    """One code per token drawn from softmax(logits / temperature) by the Gumbel-max trick.
+
+    x (H, N, D), codebook (Hc, K, D), temperature > 0, seed in [0, 2^63) -> indices (H, N) int64:
+    argmax_k(logit_nk / temperature + g_nk) with g = -log(-log(u)) and u = `philox_uniform(seed,
+    (h N + n) K + k)`, computed per tile (no N x K noise). Codes with a non-finite logit are never
+    drawn; a token with none finite gets -1.
+    """
+    n_tokens, n_codes = x.shape[1], codebook.shape[1]
+    inv_temperature = 1.0 / temperature
+
+    def score(h, token_slice, rows, k0, codes, bias):
+        logit, _ = _logit_tile(rows, codes, bias, metric)
+        tokens = torch.arange(token_slice.start, token_slice.start + rows.shape[0], device=x.device)
+        offsets = (h * n_tokens + tokens)[:, None] * n_codes + torch.arange(k0, k0 + codes.shape[0],
+                                                                             device=x.device)
+        gumbel = -torch.log(-torch.log(philox_uniform(seed, offsets)))
+        return (logit * inv_temperature + gumbel).neg_().nan_to_num_(nan=float("inf"))
+
+    bias = code_bias(codebook, metric, precision)
+    return _select(x, codebook, bias, precision, 1, score)[..., 0]
+
+
+def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
+               precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest codes of every token, nearest first, ties to the lowest index.
+
+    x (H, N, D), codebook (Hc, K, D), 1 <= k <= K -> indices (H, N, k) int64 and distances (H, N, k)
+    fp32 (as `nearest_code`: recomputed exactly for each chosen code). Slots beyond the number of
+    codes with a finite distance get -1 / NaN.
+    """
+    bias = code_bias(codebook, metric, precision)
+    indices = _select(x, codebook, bias, precision, k,
+                      lambda h, token_slice, rows, k0, codes, b: _score_tile(rows, codes, b, metric))
+    pairs = [chosen_distance(x, codebook, indices[..., j], metric) for j in range(k)]
+    return torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1)
+
+
+def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",
+                       precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the logits against target codes, by an online log-sum-exp over code tiles.
+
+    x (H, N, D), codebook (Hc, K, D), indices (H, N) int64 in [-1, K) -> loss (H, N) fp32 =
+    logsumexp_k(logit_k) - logit_target (0 where the index is -1), and the log-sum-exp (H, N) fp32
+    that the backward pass reuses.
+    """
+    bias = code_bias(codebook, metric, precision)
+    lse = torch.empty(x.shape[:2], device=x.device)
+    target = torch.zeros(x.shape[:2], device=x.device)
+    for h, _, token_slice, rows, code_tiles in _tiles(x, codebook, bias, precision):
+        run_max = torch.full((rows.shape[0],), float("-inf"), device=x.device)
+        run_sum = torch.zeros(rows.shape[0], device=x.device)
+        local = indices[h, token_slice]
+        for k0, codes, code_bias_tile in code_tiles:
+            logit, _ = _logit_tile(rows, codes, code_bias_tile, metric)
+            new_max = torch.maximum(run_max, logit.amax(dim=1))
+            run_sum = run_sum * (run_max - new_max).exp() + (logit - new_max[:, None]).exp().sum(dim=1)
+            run_max = new_max
+            hit = (local >= k0) & (local < k0 + codes.shape[0])
+            picked = logit.gather(1, (local - k0).clamp(0, codes.shape[0] - 1)[:, None])[:, 0]
+            target[h, token_slice] += torch.where(hit, picked, 0.0)
+        lse[h, token_slice] = run_max + run_sum.log()
+    return torch.where(indices < 0, 0.0, lse - target), lse
+
+
+def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
+                            grad: torch.Tensor, wrt: str, *, metric: str = "l2",
+                            precision: str = "ieee") -> torch.Tensor:
+    """Gradient of sum(grad * loss) of `code_cross_entropy` w.r.t. x (wrt="x": (H, N, D) fp32) or the
+    codebook (wrt="codebook": (Hc, K, D) fp32), from softmax weights recomputed per tile.
+
+    With w_nk = grad_n (p_nk - [k = target_n]) and p = exp(logit - lse): grad_x_n = sum_k w_nk
+    dlogit_nk/dx_n and grad_c_k = sum_n w_nk dlogit_nk/dc_k, where dlogit/dx = (c - x) / sqrt(d)
+    (l2) or (c^ - logit x^) / |x| (cosine), and symmetrically for c.
+    """
+    bias = code_bias(codebook, metric, precision)
+    out = torch.zeros(x.shape if wrt == "x" else codebook.shape, device=x.device)
+    weight = torch.where(indices < 0, 0.0, grad.float())
+    for h, hc, token_slice, rows, code_tiles in _tiles(x, codebook, bias, precision):
+        local = indices[h, token_slice]
+        for k0, codes, code_bias_tile in code_tiles:
+            logit, active = _logit_tile(rows, codes, code_bias_tile, metric)
+            onehot = torch.arange(k0, k0 + codes.shape[0], device=x.device) == local[:, None]
+            w = weight[h, token_slice, None] * ((logit - lse[h, token_slice, None]).exp() - onehot.float())
+            if metric == "l2":  # dlogit/dx = (c - x) / s, dlogit/dc = (x - c) / s with s = -logit
+                mix = scale = torch.where(active, w / -logit, 0.0)
+            else:  # dlogit/dx = r_x r_c c - logit r_x^2 x (r = 1 / max(|.|, eps)), symmetric for c
+                inv_row = rows.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS).reciprocal()
+                mix = w * inv_row * code_bias_tile
+                if wrt == "x":
+                    scale = w * logit * torch.where(active, inv_row.square(), 0.0)
+                else:
+                    code_active = codes.norm(dim=-1) >= NORM_EPS
+                    scale = w * logit * torch.where(code_active, code_bias_tile.square(), 0.0)
+            if wrt == "x":
+                out[h, token_slice] += mix @ codes - rows * scale.sum(dim=1, keepdim=True)
+            else:
+                out[hc, k0:k0 + codes.shape[0]] += mix.T @ rows - codes * scale.sum(dim=0)[:, None]
+    return out

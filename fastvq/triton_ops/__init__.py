@@ -1,0 +1,13 @@
+"""Triton backend: fused kernels with the signatures of `fastvq.reference` (canonical shapes).
+
+Importing this module imports triton; `fastvq._backend` does so lazily, so `import fastvq` works
+without triton.
+"""
+
+from ._common import INTERPRETED
+from .code_cross_entropy import code_cross_entropy, code_cross_entropy_grad
+from .code_stats import code_stats
+from .nearest_code import nearest_code, sample_code, topk_codes
+
+__all__ = ["INTERPRETED", "code_cross_entropy", "code_cross_entropy_grad", "code_stats", "nearest_code",
+           "sample_code", "topk_codes"]

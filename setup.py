@@ -1,0 +1,26 @@
+"""fastvq: fused vector-quantization kernels (nearest code, per-code statistics) for VQ tokenizers.
+
+Nothing here is compiled: the Triton kernels are JIT-compiled at first use, so this file imports no torch.
+"""
+
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    "triton": ["triton>=3.0"],
+    "models": ["safetensors", "tqdm", "matplotlib", "pillow", "scikit-image"],
+    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+setup(
+    name="fastvq",
+    version="0.1.0",
+    description="Fused nearest-code search and EMA codebook statistics for VQ-VAE / VQGAN tokenizers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fastvq", "fastvq.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require=EXTRAS,
+    license="MIT",
+)

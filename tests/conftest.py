@@ -1,0 +1,44 @@
+"""Test setup: Triton runs on CPU through its interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before fastvq's Triton kernels are imported (triton decides at
+decoration time), so it is set here, before any test module imports fastvq.
+"""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastvq import available_backends  # noqa: E402  (after TRITON_INTERPRET)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_cases(backends=("torch", "triton")):
+    """(device, backend) pairs; a pair that cannot run here is a skip with the reason."""
+    cases = []
+    for device in ["cpu", "cuda"]:
+        for backend in backends:
+            marks = []
+            if device == "cuda" and not torch.cuda.is_available():
+                marks.append(pytest.mark.skip(reason="needs a CUDA GPU (the GPU run of this matrix)"))
+            elif backend not in available_backends(device):
+                marks.append(pytest.mark.skip(
+                    reason=f"triton backend unavailable on {device} in this process "
+                    "(CPU needs TRITON_INTERPRET=1 at start-up; the GPU runs it without)"))
+            cases.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
+    return cases
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A reproducible seed per test, derived from its id (so inputs differ between tests) and from
+    FASTVQ_TEST_SEED (set it to draw fresh inputs everywhere); printed when a test fails."""
+    seed = zlib.crc32(f"{os.environ.get('FASTVQ_TEST_SEED', '0')}:{request.node.nodeid}".encode())
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield seed

@@ -1,0 +1,81 @@
+"""code_stats: per-code counts and sums against bincount / index_add_, both backends."""
+
+import pytest
+import torch
+from conftest import backend_cases
+
+import fastvq
+
+
+def _expected(x, indices, num_codes, mask):
+    """bincount / index_add_ per head on canonical (H, N, D), (H, N), (H, N)."""
+    counts, sums = [], []
+    for h in range(x.shape[0]):
+        keep = indices[h] >= 0
+        if mask is not None:
+            keep &= mask[h]
+        idx = indices[h][keep]
+        counts.append(torch.bincount(idx, minlength=num_codes).float())
+        sums.append(torch.zeros(num_codes, x.shape[-1], dtype=torch.float64).index_add_(0, idx, x[h][keep].double()))
+    return torch.stack(counts), torch.stack(sums)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (7, 3, 3), (301, 259, 33), (300, 5, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_matches_bincount_and_index_add(device, backend, n, k, d, dtype, heads, with_mask):
+    x = torch.randn(heads, n, d).to(dtype)
+    indices = torch.randint(-1, k, (heads, n))
+    mask = torch.rand(heads, n) > 0.3 if with_mask else None
+    want_counts, want_sums = _expected(x, indices, k, mask)
+    counts, sums = fastvq.code_stats(x.to(device), indices.to(device), k,
+                                     mask=None if mask is None else mask.to(device), backend=backend)
+    assert counts.shape == (heads, k) and sums.shape == (heads, k, d)
+    assert counts.dtype == sums.dtype == torch.float32
+    torch.testing.assert_close(counts.cpu(), want_counts, rtol=0, atol=0)
+    # fp32 accumulation of at most n terms of magnitude ~4
+    torch.testing.assert_close(sums.cpu().double(), want_sums, rtol=1e-5, atol=n * 4 * 2.0**-23)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_two_dimensional_and_non_contiguous(device, backend):
+    wide = torch.randn(200, 40, device=device)
+    x = wide[::2, 3::3]  # (100, 13), strided both ways
+    indices = torch.randint(0, 17, (200,), device=device)[::2]
+    mask = (torch.rand(100, 2, device=device) > 0.5)[:, 0]
+    counts, sums = fastvq.code_stats(x, indices, 17, mask=mask, backend=backend)
+    want_counts, want_sums = _expected(x.cpu()[None], indices.cpu()[None], 17, mask.cpu()[None])
+    assert counts.shape == (17,) and sums.shape == (17, 13)
+    torch.testing.assert_close(counts.cpu(), want_counts[0], rtol=0, atol=0)
+    torch.testing.assert_close(sums.cpu().double(), want_sums[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_skips_unassigned_tokens_from_nearest_code(device, backend):
+    """Tokens that nearest_code could not assign (NaN) never reach the statistics."""
+    x = torch.randn(50, 6, device=device)
+    x[[3, 17]] = float("nan")
+    codebook = torch.randn(9, 6, device=device)
+    indices, _ = fastvq.nearest_code(x, codebook, backend=backend)
+    counts, sums = fastvq.code_stats(x, indices, 9, backend=backend)
+    assert counts.sum().item() == 48
+    assert torch.isfinite(sums).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_empty_and_unused_codes(device, backend):
+    counts, sums = fastvq.code_stats(torch.randn(0, 4, device=device), torch.zeros(0, dtype=torch.long,
+                                     device=device), 6, backend=backend)
+    assert counts.shape == (6,) and sums.shape == (6, 4) and counts.abs().sum() == 0 and sums.abs().sum() == 0
+    counts, _ = fastvq.code_stats(torch.randn(5, 4, device=device), torch.full((5,), 2, device=device), 6,
+                                  backend=backend)
+    assert counts.tolist() == [0, 0, 5, 0, 0, 0]
+
+
+def test_int32_indices_are_accepted():
+    x = torch.randn(10, 3)
+    indices = torch.randint(0, 4, (10,), dtype=torch.int32)
+    counts, _ = fastvq.code_stats(x, indices, 4)
+    assert torch.equal(counts, torch.bincount(indices.long(), minlength=4).float())

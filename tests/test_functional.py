@@ -1,0 +1,184 @@
+"""Public API: argument errors, backend choice, autograd of the quantize step, torch.library ops."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import backend_cases
+
+import fastvq
+from fastvq import reference
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error naming the argument, before anything runs
+# ---------------------------------------------------------------------------------------------
+
+X, CB = torch.randn(4, 3), torch.randn(5, 3)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((X.long(), CB), {}, TypeError, r"x must be a floating tensor.*int64"),
+    ((X, CB.int()), {}, TypeError, r"codebook must be a floating tensor.*int32"),
+    ((X.numpy(), CB), {}, TypeError, r"x must be a torch.Tensor, got ndarray"),
+    ((torch.randn(4), CB), {}, ValueError, r"x must have shape \(N, D\) or \(H, N, D\), got \(4,\)"),
+    ((X, torch.randn(1, 1, 5, 3)), {}, ValueError, r"codebook must have shape \(K, D\) or \(H, K, D\)"),
+    ((X, torch.randn(2, 5, 3)), {}, ValueError, r"x must have shape \(H, N, D\) with H=2; got \(4, 3\)"),
+    ((torch.randn(3, 4, 3), torch.randn(2, 5, 3)), {}, ValueError, r"codebook heads \(2\) must match x heads \(3\)"),
+    ((X, torch.randn(5, 4)), {}, ValueError, r"share the last dimension D.*\(4, 3\).*\(5, 4\)"),
+    ((X, torch.randn(0, 3)), {}, ValueError, r"codebook is empty.*K >= 1, got \(0, 3\)"),
+    ((X, CB.to("meta")), {}, ValueError, r"same device, got cpu and meta"),
+    ((X, CB), {"metric": "dot"}, ValueError, r"metric must be one of \('l2', 'cosine'\), got 'dot'"),
+    ((X, CB), {"precision": "fp8"}, ValueError, r"precision must be None or one of .*'fp8'"),
+    ((X, CB), {"backend": "cuda"}, ValueError, r"backend must be one of \('auto', 'torch', 'triton'\)"),
+])
+def test_nearest_code_rejects_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastvq.nearest_code(*args, **kwargs)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((X, torch.rand(4), 5), {}, TypeError, r"indices must be an integer tensor.*float32"),
+    ((X, torch.zeros(3, dtype=torch.long), 5), {}, ValueError, r"indices x.shape\[:-1\].*\(4, 3\).*\(3,\)"),
+    ((X, torch.zeros(4, dtype=torch.long), 0), {}, ValueError, r"num_codes must be an int >= 1, got 0"),
+    ((X, torch.tensor([0, 1, 5, 2]), 5), {}, ValueError, r"indices must be in \[-1, num_codes=5\).*\[0, 5\]"),
+    ((X, torch.tensor([0, -2, 1, 2]), 5), {}, ValueError, r"indices must be in \[-1, num_codes=5\).*\[-2, 2\]"),
+    ((X, torch.zeros(4, dtype=torch.long), 5), {"mask": torch.ones(4)}, ValueError, r"mask must be a bool tensor"),
+    ((X, torch.zeros(4, dtype=torch.long), 5), {"mask": torch.ones(3, dtype=torch.bool)}, ValueError,
+     r"mask must be a bool tensor of shape \(4,\)"),
+])
+def test_code_stats_rejects_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastvq.code_stats(*args, **kwargs)
+
+
+def test_lookup_codes_rejects_bad_indices():
+    with pytest.raises(ValueError, match=r"indices must be int64 of shape \(4,\), got torch.int32"):
+        fastvq.lookup_codes(X, CB, torch.zeros(4, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice
+# ---------------------------------------------------------------------------------------------
+
+def test_env_override_and_bad_env(monkeypatch):
+    monkeypatch.setenv("FASTVQ_BACKEND", "torch")
+    assert fastvq._backend.resolve_backend("triton", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("FASTVQ_BACKEND", "gpu")
+    with pytest.raises(ValueError, match=r"FASTVQ_BACKEND must be one of .*'gpu'"):
+        fastvq.nearest_code(X, CB)
+
+
+def test_auto_picks_torch_for_cpu_tensors():
+    assert fastvq._backend.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def _python(code, **env_changes):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_changes)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_import_and_fallback_without_triton():
+    """`import fastvq` needs no triton; auto falls back; an explicit triton request says why not."""
+    result = _python(
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fastvq\n"
+        "print(fastvq.available_backends())\n"
+        "print(fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3))[0].tolist())\n"
+        "try:\n"
+        "    fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3), backend='triton')\n"
+        "except RuntimeError as err:\n"
+        "    print('error:', err)\n")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "['torch']" and lines[1] == "[0, 0]"
+    assert lines[2].startswith("error: fastvq backend 'triton' cannot run: triton could not be imported")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for CPU tensors without a GPU")
+def test_triton_on_cpu_without_interpreter_says_how():
+    result = _python(
+        "import torch, fastvq\n"
+        "fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3), backend='triton')\n")
+    assert result.returncode != 0
+    assert "backend='triton' needs CUDA tensors (got device 'cpu'); start the process with " \
+           "TRITON_INTERPRET=1" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd of the quantize step
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("heads,shared", [(1, True), (3, True), (3, False)])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_quantize_gradients_match_autograd_through_the_reference(device, backend, heads, shared, x_dtype):
+    """Straight-through to x; the codebook gets per-code sums of output gradients (as autograd
+    through a plain gather gives)."""
+    x = torch.randn(heads, 37, 10, device=device).to(x_dtype).requires_grad_()
+    codebook = torch.randn(1 if shared else heads, 23, 10, device=device, requires_grad=True)
+    x.grad = None
+    quantized, indices, _ = fastvq.quantize(x, codebook, backend=backend)
+    grad = torch.randn_like(quantized)
+    quantized.backward(grad)
+
+    ref_x = x.detach().clone().requires_grad_()
+    ref_codebook = codebook.detach().clone().requires_grad_()
+    codes = reference.gather_codes(ref_codebook, indices).to(x_dtype)
+    ref_quantized = ref_x + (codes - ref_x).detach() + (codes - codes.detach())
+    ref_quantized.backward(grad)
+
+    assert quantized.dtype == x_dtype and torch.equal(quantized, codes.detach())
+    assert torch.equal(x.grad, ref_x.grad)
+    torch.testing.assert_close(codebook.grad, ref_codebook.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_unassigned_rows_pass_through(device, backend):
+    x = torch.randn(5, 4, device=device)
+    x[2] = float("nan")
+    codebook = torch.randn(7, 4, device=device, requires_grad=True)
+    quantized, indices, _ = fastvq.quantize(x, codebook, backend=backend)
+    assert indices[2] == -1 and quantized[2].isnan().all()
+    quantized.nan_to_num().sum().backward()
+    assert torch.isfinite(codebook.grad).all()
+    assert codebook.grad.sum(-1).abs().gt(0).sum() == len(set(indices.tolist()) - {-1})
+
+
+def test_codebook_without_grad_gets_none():
+    x = torch.randn(6, 3, requires_grad=True)
+    codebook = torch.randn(4, 3)
+    quantized, _, _ = fastvq.quantize(x, codebook)
+    quantized.sum().backward()
+    assert codebook.grad is None and torch.equal(x.grad, torch.ones_like(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: schema, fake kernels, autograd; torch.compile keeps one graph
+# ---------------------------------------------------------------------------------------------
+
+def test_custom_ops_pass_opcheck():
+    x, codebook = torch.randn(2, 9, 5), torch.randn(2, 6, 5, requires_grad=True)
+    indices = torch.randint(0, 6, (2, 9))
+    torch.library.opcheck(torch.ops.fastvq.nearest_code.default, (x, codebook.detach(), "l2", "ieee", "torch"))
+    torch.library.opcheck(torch.ops.fastvq.code_stats.default, (x, indices, 6, None, "torch"))
+    torch.library.opcheck(torch.ops.fastvq.lookup_codes.default, (x.requires_grad_(), codebook, indices, "torch"))
+
+
+def test_torch_compile_fullgraph():
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(x, codebook):
+        quantized, indices, distances = fastvq.quantize(x, codebook, metric="cosine", backend="torch")
+        counts, sums = fastvq.code_stats(x.detach(), indices, codebook.shape[0], check_indices=False)
+        return (quantized - x).pow(2).mean() + distances.mean(), counts, sums
+
+    x = torch.randn(20, 8, requires_grad=True)
+    codebook = torch.randn(12, 8, requires_grad=True)
+    loss, counts, sums = step(x, codebook)
+    loss.backward()
+    assert counts.sum() == 20 and x.grad is not None and codebook.grad is not None
+    want_loss = fastvq.quantize(x, codebook, metric="cosine")
+    torch.testing.assert_close(loss, (want_loss[0] - x).pow(2).mean() + want_loss[2].mean())
