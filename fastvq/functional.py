@@ -296,7 +296,8 @@ def _(x, codebook, k, metric, precision, backend):
 @torch.library.custom_op("fastvq::code_cross_entropy", mutates_args=())
 def _code_cross_entropy_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str,
                            precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_module(backend).code_cross_entropy(x, codebook, indices, metric=metric, precision=precision)
+    return backend_module(backend).code_cross_entropy(x, codebook, indices, metric=metric,
+                                                      precision=precision)
 
 
 @_code_cross_entropy_op.register_fake
@@ -305,11 +306,11 @@ def _(x, codebook, indices, metric, precision, backend):
 
 
 @torch.library.custom_op("fastvq::code_cross_entropy_grad", mutates_args=())
-def _code_cross_entropy_grad_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
-                                grad: torch.Tensor, wrt: str, metric: str, precision: str,
+def _code_cross_entropy_grad_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                                lse: torch.Tensor, grad: torch.Tensor, wrt: str, metric: str, precision: str,
                                 backend: str) -> torch.Tensor:
-    return backend_module(backend).code_cross_entropy_grad(x, codebook, indices, lse, grad, wrt, metric=metric,
-                                                           precision=precision)
+    return backend_module(backend).code_cross_entropy_grad(x, codebook, indices, lse, grad, wrt,
+                                                           metric=metric, precision=precision)
 
 
 @_code_cross_entropy_grad_op.register_fake
@@ -336,7 +337,8 @@ def _code_cross_entropy_backward(ctx, grad_loss, _grad_lse):
     return grads[0], grads[1], None, None, None, None
 
 
-_code_cross_entropy_op.register_autograd(_code_cross_entropy_backward, setup_context=_code_cross_entropy_setup)
+_code_cross_entropy_op.register_autograd(_code_cross_entropy_backward,
+                                         setup_context=_code_cross_entropy_setup)
 
 
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, metric: str = "l2",
@@ -380,8 +382,8 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float =
     return indices if x.dim() == 3 else indices[0]
 
 
-def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2", precision: str | None = None,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
+               precision: str | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest codes of every token, nearest first, without an N x K tensor.
 
     Args:
@@ -430,14 +432,17 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
     """
     x3, cb3 = _canonical_search_args(x, codebook, metric)
     _check_tensor(indices, "indices", floating=False)
-    if indices.dtype not in (torch.int64, torch.int32) or indices.shape != x.shape[:-1]:
-        raise ValueError(f"indices must be int64 or int32 of shape {tuple(x.shape[:-1])}, got {indices.dtype} "
-                         f"{tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be an int64 or int32 tensor, got dtype {indices.dtype}")
+    if indices.shape != x.shape[:-1]:
+        raise ValueError(f"indices must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, "
+                         f"got {tuple(indices.shape)}")
     _check_same_device(x, "x", indices, "indices")
     if check_indices and indices.numel() > 0:
         low, high = torch.aminmax(indices)
         if low.item() < -1 or high.item() >= cb3.shape[1]:
-            raise ValueError(f"indices must be in [-1, K={cb3.shape[1]}), got values in [{low.item()}, {high.item()}]")
+            raise ValueError(f"indices must be in [-1, K={cb3.shape[1]}), got values in "
+                             f"[{low.item()}, {high.item()}]")
     precision = resolve_precision(precision, x.dtype, codebook.dtype)
     backend = resolve_backend(backend, x.device)
     indices3 = (indices if indices.dim() == 2 else indices.unsqueeze(0)).long()

@@ -11,7 +11,6 @@ from conftest import backend_cases
 import fastvq
 from fastvq import reference
 
-
 # ---------------------------------------------------------------------------------------------
 # bad input: a clear error naming the argument, before anything runs
 # ---------------------------------------------------------------------------------------------

@@ -189,3 +189,26 @@ def test_inputs_are_not_modified(device, backend):
     x_before, codebook_before = x.clone(), codebook.clone()
     fastvq.nearest_code(x, codebook, metric="cosine", backend=backend)
     assert torch.equal(x, x_before) and torch.equal(codebook, codebook_before)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_large_dim(device, backend, metric):
+    """D = 1024 (and a non-power-of-two D above one tile) stream the D axis in tiles."""
+    for d in (1024, 1000):
+        x, codebook = _inputs(1, 33, 40, d, torch.float32, device)
+        indices, distances, used = _run(x, codebook, metric, backend)
+        check_nearest(x, codebook, indices, distances, metric, used)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with > 8 GiB free")
+def test_offsets_past_two_to_the_31():
+    """x with more than 2^31 elements: the last tokens must be answered like the first."""
+    n, d = (1 << 21) + 3, 1040  # 2.18e9 bf16 elements, 4.4 GB
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    codebook = torch.randn(64, d, device="cuda", dtype=torch.bfloat16)
+    indices, distances = fastvq.nearest_code(x, codebook, backend="triton")
+    tail = slice(n - 1000, n)
+    want_indices, want_distances = fastvq.nearest_code(x[tail].clone(), codebook, backend="torch")
+    check_nearest(x[None, tail].cpu(), codebook[None].cpu(), indices[None, tail], distances[None, tail], "l2", "bf16")
+    assert (indices[tail] == want_indices).float().mean() > 0.99

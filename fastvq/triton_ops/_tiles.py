@@ -107,5 +107,6 @@ def logits(dot, x_sq, bias, COSINE: tl.constexpr):
     if COSINE:
         return dot * bias[None, :] * inv_norm(x_sq)[:, None]
     else:
-        return -tl.sqrt(tl.maximum(x_sq[:, None] + bias[None, :] - 2.0 * dot, L2_LOGIT_EPS))
+        sq_dist = x_sq[:, None] + bias[None, :] - 2.0 * dot
+        return -tl.sqrt(tl.maximum(sq_dist, L2_LOGIT_EPS, propagate_nan=tl.PropagateNan.ALL))  # NaN stays NaN
 

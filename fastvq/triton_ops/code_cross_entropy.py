@@ -44,7 +44,8 @@ def _ce_forward_kernel(
     c_head = code_ptr + pid_h * stride_ch
     k_lo = pid_s.to(tl.int64) * codes_per_split
     k_hi = tl.minimum(k_lo + codes_per_split, K)
-    x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE, False)
+    x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE,
+                           False)
     target = tl.load(index_ptr + pid_h * N + offs_n, mask=n_mask, other=-1)
 
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -53,7 +54,8 @@ def _ce_forward_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
-        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE, True)
+        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D,
+                               SINGLE_D_TILE, True)
         dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
                              stride_xn, stride_xd, stride_ck, stride_cd,
                              INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
@@ -101,7 +103,8 @@ def _ce_grad_kernel(
     stride_xh, stride_xn, stride_xd,
     stride_ch, stride_ck, stride_cd,
     stride_bh, stride_os, stride_oh, stride_or,
-    CODE_SIDE: tl.constexpr, COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    CODE_SIDE: tl.constexpr, COSINE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     CAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
@@ -122,7 +125,8 @@ def _ce_grad_kernel(
     if CODE_SIDE:
         offs_k = pid_row * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE, True)
+        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D,
+                               SINGLE_D_TILE, True)
         bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
         acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
         q_sum = tl.zeros([BLOCK_K], tl.float32)
@@ -130,19 +134,21 @@ def _ce_grad_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < hi
-            x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE,
-                                   False)
+            x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D,
+                                   SINGLE_D_TILE, False)
             dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
                                  stride_xn, stride_xd, stride_ck, stride_cd,
                                  INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
             target = tl.load(index_ptr + pid_h * N + offs_n, mask=n_mask, other=-1)
             lse = tl.load(lse_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
             grad = tl.load(grad_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
-            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, COSINE, CODE_SIDE)
+            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, COSINE,
+                                 CODE_SIDE)
             if SINGLE_D_TILE:
                 x_out = x_tile.to(tl.float32)
             else:
-                x_out = load_tile(x_head, offs_n, offs_do, stride_xn, stride_xd, n_mask, do_mask, CAST).to(tl.float32)
+                x_out = load_tile(x_head, offs_n, offs_do, stride_xn, stride_xd, n_mask, do_mask,
+                                  CAST).to(tl.float32)
             acc = tl.dot(tl.trans(m), x_out, acc, input_precision=GRAD_PRECISION)
             q_sum += tl.sum(q, axis=0)
         rows = load_tile(c_head, offs_k, offs_do, stride_ck, stride_cd, k_mask, do_mask, CAST).to(tl.float32)
@@ -151,7 +157,8 @@ def _ce_grad_kernel(
     else:
         offs_n = pid_row * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE, False)
+        x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D,
+                               SINGLE_D_TILE, False)
         target = tl.load(index_ptr + pid_h * N + offs_n, mask=n_mask, other=-1)
         lse = tl.load(lse_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
         grad = tl.load(grad_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
@@ -161,17 +168,19 @@ def _ce_grad_kernel(
         for k0 in range(lo, hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < hi
-            c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE,
-                                   True)
+            c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D,
+                                   SINGLE_D_TILE, True)
             dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
                                  stride_xn, stride_xd, stride_ck, stride_cd,
                                  INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
             bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
-            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, COSINE, CODE_SIDE)
+            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, COSINE,
+                                 CODE_SIDE)
             if SINGLE_D_TILE:
                 c_out = tl.trans(c_tile).to(tl.float32)
             else:
-                c_out = load_tile(c_head, offs_k, offs_do, stride_ck, stride_cd, k_mask, do_mask, CAST).to(tl.float32)
+                c_out = load_tile(c_head, offs_k, offs_do, stride_ck, stride_cd, k_mask, do_mask,
+                                  CAST).to(tl.float32)
             acc = tl.dot(m, c_out, acc, input_precision=GRAD_PRECISION)
             q_sum += tl.sum(q, axis=1)
         rows = load_tile(x_head, offs_n, offs_do, stride_xn, stride_xd, n_mask, do_mask, CAST).to(tl.float32)
@@ -198,9 +207,10 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
     codes_per_split = cfg.pop("codes_per_split")
     shared = codebook.shape[0] == 1
     indices = indices.contiguous()
-    run_max, run_sum, target = torch.empty((3, heads, splits, n_tokens), dtype=torch.float32, device=x.device)
+    run_max, run_sum, target_logit = torch.empty((3, heads, splits, n_tokens), dtype=torch.float32,
+                                                 device=x.device)
     _ce_forward_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]), splits, heads)](
-        x, codebook, bias, indices, run_max, run_sum, target,
+        x, codebook, bias, indices, run_max, run_sum, target_logit,
         n_tokens, n_codes, dim, codes_per_split,
         x.stride(0), x.stride(1), x.stride(2),
         0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
@@ -209,7 +219,7 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
     )
     top = run_max.amax(dim=1, keepdim=True)
     lse = top[:, 0] + (run_sum * (run_max - top).exp()).sum(dim=1).log()
-    return torch.where(indices < 0, 0.0, lse - target.sum(dim=1)), lse
+    return torch.where(indices < 0, 0.0, lse - target_logit.sum(dim=1)), lse
 
 
 def _grad_config(n_rows: int, n_stream: int, dim: int, heads: int, device: torch.device) -> dict:
@@ -239,7 +249,8 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
     grad = torch.where(indices < 0, 0.0, grad.float())  # ignored tokens carry no gradient
     indices, lse = indices.contiguous(), lse.contiguous()
     if code_side and codebook.shape[0] == 1 and x.shape[0] > 1:  # a shared codebook sums over all heads
-        x, indices, lse, grad = x.reshape(1, -1, x.shape[2]), indices.reshape(1, -1), lse.reshape(1, -1), grad.reshape(1, -1)
+        x = x.reshape(1, -1, x.shape[2])
+        indices, lse, grad = indices.reshape(1, -1), lse.reshape(1, -1), grad.reshape(1, -1)
     heads, n_tokens, dim = x.shape
     n_codes = codebook.shape[1]
     out_shape = codebook.shape if code_side else x.shape
@@ -251,15 +262,16 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
     per_split = cfg.pop("per_split")
     partial = torch.empty((splits,) + tuple(out_shape), dtype=torch.float32, device=x.device)
     shared = codebook.shape[0] == 1
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_K" if code_side else "BLOCK_N"]) * triton.cdiv(dim, cfg["BLOCK_DO"]),
-            splits, heads)
+    row_blocks = triton.cdiv(n_rows, cfg["BLOCK_K" if code_side else "BLOCK_N"])
+    grid = (row_blocks * triton.cdiv(dim, cfg["BLOCK_DO"]), splits, heads)
     _ce_grad_kernel[grid](
         x, codebook, bias, indices, lse, grad, partial,
         n_tokens, n_codes, dim, per_split,
         x.stride(0), x.stride(1), x.stride(2),
         0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
         0 if shared else bias.stride(0), partial.stride(0), partial.stride(1), partial.stride(2),
-        CODE_SIDE=code_side, COSINE=metric == "cosine", GRAD_PRECISION="ieee" if precision == "ieee" else "tf32",
+        CODE_SIDE=code_side, COSINE=metric == "cosine",
+        GRAD_PRECISION="ieee" if precision == "ieee" else "tf32",
         **dot_options(precision), **cfg,
     )
     return partial.sum(dim=0) if splits > 1 else partial[0]

@@ -65,7 +65,8 @@ def _search_kernel(
     c_head = code_ptr + pid_h * stride_ch
     k_lo = pid_s.to(tl.int64) * codes_per_split
     k_hi = tl.minimum(k_lo + codes_per_split, K)
-    x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE, False)
+    x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE,
+                           False)
 
     if TOPK == 1:
         best = tl.full([BLOCK_N], float("inf"), tl.float32)
@@ -73,12 +74,14 @@ def _search_kernel(
     else:
         slots = tl.arange(0, KPAD)
         # empty slots: +inf with distinct negative indices; padding slots (>= TOPK): -inf
-        best = tl.zeros([BLOCK_N, KPAD], tl.float32) + tl.where(slots < TOPK, float("inf"), float("-inf"))[None, :]
+        slot_init = tl.where(slots < TOPK, float("inf"), float("-inf"))
+        best = tl.zeros([BLOCK_N, KPAD], tl.float32) + slot_init[None, :]
         best_index = tl.zeros([BLOCK_N, KPAD], tl.int64) + (-1 - slots.to(tl.int64))[None, :]
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
-        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE, True)
+        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D,
+                               SINGLE_D_TILE, True)
         dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
                              stride_xn, stride_xd, stride_ck, stride_cd,
                              INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
@@ -245,7 +248,8 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
                precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `fastvq.reference.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
     indices (H, N, k) int64 nearest first (-1 past the finite ones), distances (H, N, k) fp32."""
-    return _chosen_distance(x, codebook, _search(x, codebook, metric, precision, topk=k), metric)
+    indices = _search(x, codebook, metric, precision, topk=k).reshape(*x.shape[:2], k)
+    return _chosen_distance(x, codebook, indices, metric)
 
 
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,

@@ -1,0 +1,308 @@
+"""Everything the benchmark times, each a small function of (shape, dtype, device).
+
+ops (what a call does):
+    search  -- nearest code of x (N, D) among codebook (K, D);
+    train   -- one training step of a VQ layer (forward, backward, codebook update) on x (1, N, D)
+               with a random upstream gradient;
+    matmul  -- the dense (N, D) x (D, K) product of the same shape (what the search is measured against);
+    ceiling -- the device's own limits: a large square matmul per precision, a device-to-device copy.
+roles: "fastvq" (ours, public API only), "alternative" (what users would pick instead), "ceiling".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvq
+
+try:
+    import vector_quantize_pytorch
+    from vector_quantize_pytorch.vector_quantize_pytorch import cdist as vqp_cdist
+
+    VQP_MISSING = ""
+except ImportError as err:
+    VQP_MISSING = f"vector-quantize-pytorch==1.32.0 not importable ({err})"
+
+FASTVQ_LAYER = getattr(fastvq, "VectorQuantize", None)
+FASTVQ_LAYER_MISSING = "" if FASTVQ_LAYER else "this fastvq does not export VectorQuantize yet"
+
+DTYPES = (torch.float32, torch.bfloat16)
+EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
+TAMING_BETA = 0.25
+TAMING_LR = 1e-4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark shape: N tokens, K codes, D dimensions, the input dtypes it runs in, and whether
+    the device's matrix runs it without being named in --shapes."""
+
+    name: str
+    n: int
+    k: int
+    d: int
+    dtypes: tuple[torch.dtype, ...] = DTYPES
+    default: bool = True
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One competitor. `setup(shape, dtype, device)` returns the callable to time, fed by the
+    inputs of `op` (see `make_inputs`). `nk_bytes`: peak extra bytes per (token, code) pair, for the
+    out-of-memory estimate made before running. `why_not(device)`: '' or why it cannot run there."""
+
+    name: str
+    op: str
+    role: str
+    setup: Callable
+    dtypes: tuple[torch.dtype, ...] = DTYPES
+    precision: str | None = None
+    nk_bytes: float = 0.0
+    why_not: Callable[[torch.device], str] = lambda device: ""
+    compiles: bool = False  # pays a long first-call compilation (skipped by --quick)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+def input_bytes(op: str, shape: Shape, dtype: torch.dtype) -> int:
+    """Bytes of one input set of `op`."""
+    size = dtype.itemsize
+    if op == "train":  # x and its upstream gradient
+        return 2 * shape.n * shape.d * size
+    return (shape.n + shape.k) * shape.d * size
+
+
+def make_inputs(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, copies: int) -> list[tuple]:
+    """`copies` independent sets of standard-normal inputs, seeded by shape and dtype so that every
+    implementation of a shape sees the same data. search / matmul / ceiling: (x (N, D), codebook
+    (K, D)); train: (x (1, N, D) requiring grad, upstream gradient like x)."""
+    torch.manual_seed(zlib.crc32(f"{shape.name}:{dtype}".encode()))
+    sets = []
+    for _ in range(copies):
+        if op == "train":
+            x = torch.randn(1, shape.n, shape.d, device=device).to(dtype).requires_grad_()
+            sets.append((x, torch.randn(1, shape.n, shape.d, device=device).to(dtype)))
+        else:
+            sets.append((torch.randn(shape.n, shape.d, device=device).to(dtype),
+                         torch.randn(shape.k, shape.d, device=device).to(dtype)))
+    return sets
+
+
+def initial_codebook(shape: Shape, device: torch.device) -> torch.Tensor:
+    """The (K, D) fp32 codebook every layer starts from (the same for all layers of a shape)."""
+    generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(f"codebook:{shape.name}".encode()))
+    return torch.randn(shape.k, shape.d, generator=generator).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# search
+# ---------------------------------------------------------------------------------------------
+
+def naive_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The textbook formula: |x|^2 - 2 x c^T + |c|^2 (an N x K matrix), then argmin."""
+    dist = x.pow(2).sum(1, keepdim=True) - 2 * (x @ codebook.T) + codebook.pow(2).sum(1)
+    return dist.argmin(1)
+
+
+def cdist_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(x, codebook).argmin(1)
+
+
+def vqp_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """vector-quantize-pytorch 1.32.0's search as its EuclideanCodebook runs it: its `cdist` on fp32
+    copies, argmax of the negated distance (its layer then also builds an N x K one-hot: not counted)."""
+    return (-vqp_cdist(x.float()[None], codebook.float()[None])).argmax(-1)[0]
+
+
+def _fastvq_search(backend: str, precision: str | None):
+    def setup(shape, dtype, device):
+        return functools.partial(fastvq.nearest_code, precision=precision, backend=backend)
+    return setup
+
+
+def _plain(fn):
+    return lambda shape, dtype, device: fn
+
+
+def _compiled(fn):
+    return lambda shape, dtype, device: torch.compile(fn)
+
+
+def _triton_missing(device: torch.device) -> str:
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
+        return "TRITON_INTERPRET is set: interpreted kernels are not worth timing"
+    if "triton" not in fastvq.available_backends(device):
+        return f"fastvq's Triton backend does not run on {device.type} (needs a CUDA GPU)"
+    return ""
+
+
+def _tf32_missing(device: torch.device) -> str:
+    return "" if device.type == "cuda" else "TF32 is an NVIDIA tensor-core mode"
+
+
+def _first_reason(*checks: Callable[[torch.device], str]) -> Callable[[torch.device], str]:
+    """why_not combining several checks: the first reason found."""
+    return lambda device: next((reason for check in checks if (reason := check(device))), "")
+
+
+_VQP = _first_reason(lambda device: VQP_MISSING)
+_FASTVQ_LAYER = _first_reason(lambda device: FASTVQ_LAYER_MISSING)
+
+
+# ---------------------------------------------------------------------------------------------
+# train step
+# ---------------------------------------------------------------------------------------------
+
+class VectorQuantizer2(nn.Module):
+    """The taming-transformers quantizer (VQGAN), in plain PyTorch: squared distances to a learnable
+    nn.Embedding codebook, argmin, embedding lookup, codebook loss + beta * commitment loss,
+    straight-through gradient to the input. Math in the codebook's dtype (fp32)."""
+
+    def __init__(self, num_codes: int, dim: int, beta: float = TAMING_BETA):
+        super().__init__()
+        self.beta = beta
+        self.embedding = nn.Embedding(num_codes, dim)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    @codebook.setter
+    def codebook(self, codes: torch.Tensor) -> None:
+        self.embedding.weight.copy_(codes)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zf = z.to(self.embedding.weight.dtype)
+        rows = zf.reshape(-1, zf.shape[-1])
+        weight = self.embedding.weight
+        dist = rows.pow(2).sum(1, keepdim=True) + weight.pow(2).sum(1) - 2 * (rows @ weight.T)
+        indices = dist.argmin(1)
+        z_q = self.embedding(indices).view_as(zf)
+        loss = F.mse_loss(z_q, zf.detach()) + self.beta * F.mse_loss(z_q.detach(), zf)
+        return (zf + (z_q - zf).detach()).to(z.dtype), indices.view(z.shape[:-1]), loss
+
+
+def _train_step(layer: nn.Module, optimizer, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """Forward, backward of (quantized . grad + loss), then the optimizer step if any (EMA layers
+    update their codebook inside forward)."""
+    x.grad = None
+    quantized, _, loss = layer(x)
+    torch.autograd.backward([quantized, loss], [grad, None])
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _layer(make: Callable[[Shape], nn.Module], learnable: bool = False):
+    def setup(shape, dtype, device):
+        layer = make(shape).to(device).train()
+        with torch.no_grad():
+            layer.codebook = initial_codebook(shape, device)
+        optimizer = torch.optim.Adam(layer.parameters(), lr=TAMING_LR) if learnable else None
+        return functools.partial(_train_step, layer, optimizer)
+    return setup
+
+
+def _fastvq_layer(backend: str, precision: str | None):
+    return _layer(lambda s: FASTVQ_LAYER(dim=s.d, codebook_size=s.k, decay=EMA_DECAY, backend=backend,
+                                         precision=precision))
+
+
+# ---------------------------------------------------------------------------------------------
+# dense products and ceilings
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def matmul_precision(precision: str | None):
+    """fp32 products in TF32 ("tf32") or exact fp32 ("ieee") inside the block; others unchanged."""
+    before = torch.get_float32_matmul_precision()
+    if precision in ("tf32", "ieee"):
+        torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """Largest output block a dense product writes at once (the N x K result is streamed)."""
+    return (1 << 30) if device.type == "cuda" else (256 << 20)
+
+
+def _dense_mm(precision: str):
+    """x @ codebook.T in blocks of rows into one reused output block, in `precision`."""
+    def setup(shape, dtype, device):
+        rows = max(1, min(shape.n, chunk_bytes(device) // (shape.k * dtype.itemsize)))
+        out = torch.empty(rows, shape.k, dtype=dtype, device=device)
+
+        def run(x, codebook):
+            with matmul_precision(precision):
+                for n0 in range(0, shape.n, rows):
+                    block = x[n0:n0 + rows]
+                    torch.mm(block, codebook.T, out=out[:block.shape[0]])
+        return run
+    return setup
+
+
+def _copy(shape, dtype, device):
+    """Device-to-device copy of x into a preallocated tensor."""
+    out = torch.empty(shape.n, shape.d, dtype=dtype, device=device)
+    return lambda x, codebook: out.copy_(x)
+
+
+def _dense_mm_impl(op: str, prefix: str, precision: str) -> Impl:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return Impl(f"{prefix}[{precision}]", op, "ceiling", _dense_mm(precision), dtypes=(dtype,),
+                precision=precision, why_not=_tf32_missing if precision == "tf32" else _first_reason())
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------------------------
+
+FP32 = (torch.float32,)
+
+IMPLS: list[Impl] = [
+    *[Impl(f"fastvq-triton[{p}]", "search", "fastvq", _fastvq_search("triton", p), precision=p,
+           dtypes=DTYPES if p in ("ieee", "bf16") else FP32,
+           why_not=_first_reason(_triton_missing, *([_tf32_missing] if p == "tf32" else [])))
+      for p in ("ieee", "tf32", "bf16", "fp16")],
+    Impl("fastvq-torch", "search", "fastvq", _fastvq_search("torch", None)),
+    Impl("naive", "search", "alternative", _plain(naive_search), nk_bytes=8),
+    Impl("cdist", "search", "alternative", _plain(cdist_search), nk_bytes=12),
+    Impl("compile(naive)", "search", "alternative", _compiled(naive_search), nk_bytes=8, compiles=True),
+    Impl("vqp-cdist", "search", "alternative", _plain(vqp_search), nk_bytes=12, why_not=_VQP),
+    *[_dense_mm_impl("matmul", "dense-mm", p) for p in ("ieee", "tf32", "bf16")],
+    Impl("fastvq-layer[triton]", "train", "fastvq", _fastvq_layer("triton", None),
+         why_not=_first_reason(_FASTVQ_LAYER, _triton_missing)),
+    Impl("fastvq-layer[triton,tf32]", "train", "fastvq", _fastvq_layer("triton", "tf32"), precision="tf32",
+         why_not=_first_reason(_FASTVQ_LAYER, _triton_missing, _tf32_missing)),
+    Impl("fastvq-layer[torch]", "train", "fastvq", _fastvq_layer("torch", None), why_not=_FASTVQ_LAYER),
+    Impl("vqp-layer", "train", "alternative", _layer(lambda s: vector_quantize_pytorch.VectorQuantize(
+        dim=s.d, codebook_size=s.k, decay=EMA_DECAY)), nk_bytes=28, why_not=_VQP),
+    Impl("taming-vq2", "train", "alternative", _layer(lambda s: VectorQuantizer2(s.k, s.d), learnable=True),
+         nk_bytes=12),
+]
+
+CEILINGS: list[Impl] = [
+    *[_dense_mm_impl("ceiling", "peak-mm", p) for p in ("ieee", "tf32", "bf16")],
+    Impl("copy", "ceiling", "ceiling", _copy, dtypes=FP32),
+]
+
+
+def estimate_bytes(impl: Impl, shape: Shape, dtype: torch.dtype, copies: int) -> int:
+    """Rough peak memory of one measurement: inputs, N x K temporaries, 1 GiB for the rest."""
+    inputs = copies * input_bytes(impl.op, shape, dtype)
+    return inputs + math.ceil(impl.nk_bytes * shape.n * shape.k) + (1 << 30)

@@ -1,0 +1,317 @@
+"""Benchmark fastvq against what users would pick instead and against the device's own limits.
+
+    python benchmarks/run.py                      # full matrix on the GPU, or the CPU matrix without one
+    python benchmarks/run.py --device cpu --quick # a tiny shape, seconds
+    python benchmarks/run.py --only search --shapes vqvae,llamagen
+
+Writes benchmarks/results/<device>-<date>/ (a partial run adds -quick, -<op>, -<shapes>) with
+results.json (one record per measurement), results.md (tables) and time.png / memory.png (see
+report.py). On CPU every measurement runs in a
+forked child process, so that its peak resident memory is its own and an out-of-memory kill ends
+only that child; on CUDA they run in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import math
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import impls
+import report
+import timing
+import torch
+from impls import FP32, Impl, Shape
+
+REPO = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    "cuda": [
+        Shape("vqvae", 65536, 1024, 64),
+        Shape("vqgan-f16", 65536, 16384, 256),
+        Shape("llamagen", 262144, 16384, 8),
+        Shape("vqgan-lc", 131072, 100000, 8),
+        Shape("large-codebook", 16384, 262144, 32),
+        Shape("small-n", 1024, 262144, 32),
+    ],
+    "cpu": [
+        Shape("vqvae-cpu", 16384, 1024, 64),
+        Shape("vqgan-cpu", 4096, 8192, 256, FP32),
+        # the N x K peers need 4-12 GiB and ~10-50 s a call here: only when named in --shapes
+        Shape("large-cpu", 65536, 16384, 32, FP32, default=False),
+    ],
+    "quick": [Shape("tiny", 2048, 256, 16, FP32)],
+}
+# square matmul (N = K = D) and copy (N x D fp32) for the measured ceilings
+CEILING_SIZES = {"cuda": (8192, 1 << 30), "cpu": (2048, 256 << 20), "quick": (512, 16 << 20)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    warmup_ms: float
+    budget_ms: float
+    min_reps: int
+    max_reps: int
+    quick: bool
+    mem_limit: int
+    threads: int | None
+    child_timeout_s: float = 900.0
+
+    def timing_args(self) -> dict:
+        return dict(warmup_ms=self.warmup_ms, budget_ms=self.budget_ms, min_reps=self.min_reps,
+                    max_reps=self.max_reps)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="one tiny shape, few repetitions")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
+                        help="parent folder of the <device>-<date> results folder")
+    parser.add_argument("--only", choices=("search", "train"), help="only this op (ceilings always run)")
+    parser.add_argument("--shapes", help="comma-separated shape names of the device's matrix (also runs "
+                        "shapes left out by default, e.g. large-cpu)")
+    parser.add_argument("--repeats", type=int, help="most timed repetitions per measurement "
+                        "(default: 100 on CUDA, 20 on CPU, 3 with --quick)")
+    parser.add_argument("--threads", type=int, help="CPU threads per measurement (default: torch's, "
+                        "one per core); 1 is steadier when other processes share the cores")
+    parser.add_argument("--mem-limit", type=float, help="GiB a measurement may need (estimated before it "
+                        "runs; more is recorded as oom). Default: 90%% of free GPU memory, 80%% of "
+                        "available RAM")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's context
+# ---------------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "cpu"
+    return model
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_meta(device: torch.device, mode: str, threads: int | None) -> dict:
+    """Fields every record carries."""
+    status = _git("status", "--porcelain")
+    return dict(device=device_name(device), device_type=device.type,
+                threads=None if device.type == "cuda" else threads or torch.get_num_threads(),
+                load_avg_1min=round(os.getloadavg()[0], 2), torch=torch.__version__,
+                triton=_version("triton"), cuda=torch.version.cuda, fastvq=_version("fastvq"),
+                vector_quantize_pytorch=_version("vector-quantize-pytorch"),
+                git_commit=_git("rev-parse", "HEAD"),
+                git_dirty=None if status is None else bool(status),
+                date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+                mode=mode)
+
+
+def default_mem_limit(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(0.9 * torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as meminfo:
+        available_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable"))
+    return int(0.8 * available_kib * 1024)
+
+
+def rotation_copies(impl: Impl, shape: Shape, dtype: torch.dtype, device: torch.device) -> int:
+    """Input copies to cycle through: enough to exceed twice the last-level cache (at least 2, at most
+    8, and at most 2 GiB of them unless one set is larger)."""
+    cache = 32 << 20  # a CPU's last-level cache, roughly
+    if device.type == "cuda":
+        cache = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    one = impls.input_bytes(impl.op, shape, dtype)
+    return max(1, min(8, max(2, math.ceil(2 * cache / one)), (2 << 30) // one))
+
+
+# ---------------------------------------------------------------------------------------------
+# one measurement
+# ---------------------------------------------------------------------------------------------
+
+def _is_oom(err: BaseException) -> bool:
+    message = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
+
+
+def measure(impl: Impl, shape: Shape, dtype: torch.dtype, copies: int, settings: Settings) -> dict:
+    """Time one implementation on one shape in this process: the result fields of its record."""
+    device = settings.device
+    try:
+        fn = impl.setup(shape, dtype, device)
+        arg_sets = impls.make_inputs(impl.op, shape, dtype, device, copies)
+        result = timing.bench(fn, arg_sets, device, **settings.timing_args())
+        return dict(status="ok", reason="", **vars(result))
+    except Exception as err:  # recorded, never dropped
+        if _is_oom(err):
+            return dict(status="oom", reason=str(err).strip().splitlines()[0][:300])
+        return dict(status="error", reason=f"{type(err).__name__}: {err}"[:300],
+                    traceback=traceback.format_exc(limit=4))
+    finally:
+        fn = arg_sets = None
+        gc.collect()
+        if impl.compiles:
+            torch.compiler.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _child(conn, impl, shape, dtype, copies, settings) -> None:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    conn.send(measure(impl, shape, dtype, copies, settings))
+    conn.close()
+
+
+def measure_in_child(impl: Impl, shape: Shape, dtype: torch.dtype, copies: int, settings: Settings) -> dict:
+    """`measure` in a forked child process (CPU): its own peak RSS, and a kill ends only the child."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(sender, impl, shape, dtype, copies, settings))
+    child.start()
+    sender.close()
+    if not receiver.poll(settings.child_timeout_s):
+        child.kill()
+        child.join()
+        return dict(status="error", reason=f"timed out after {settings.child_timeout_s:.0f} s")
+    try:
+        result = receiver.recv()
+    except EOFError:  # the child died before sending
+        result = None
+    child.join()
+    if result is not None:
+        return result
+    if child.exitcode == -9:
+        return dict(status="oom", reason="child killed by SIGKILL (the kernel's out-of-memory killer)")
+    return dict(status="error", reason=f"child exited with code {child.exitcode} without a result")
+
+
+def run_one(impl: Impl, shape: Shape, dtype: torch.dtype, settings: Settings, meta: dict) -> dict:
+    """The record of one (implementation, shape, dtype): measured, or skipped / oom with the reason."""
+    device = settings.device
+    copies = rotation_copies(impl, shape, dtype, device)
+    record = dict(meta, op=impl.op, impl=impl.name, role=impl.role, shape=shape.name, N=shape.n, K=shape.k,
+                  D=shape.d, dtype=str(dtype).removeprefix("torch."), precision=impl.precision, copies=copies,
+                  median_ms=None, p20_ms=None, p80_ms=None, reps=0, peak_mem_bytes=None)
+    estimate = impls.estimate_bytes(impl, shape, dtype, copies)
+    if reason := impl.why_not(device):
+        record.update(status="skipped", reason=reason)
+    elif settings.quick and impl.compiles:
+        record.update(status="skipped", reason="--quick skips torch.compile (a cold inductor compile takes "
+                                               "~40 s on a 2-core CPU)")
+    elif estimate > settings.mem_limit:
+        record.update(status="oom", reason=f"not run: needs about {estimate / 2**30:.1f} GiB, limit "
+                                           f"{settings.mem_limit / 2**30:.1f} GiB")
+    else:
+        run = measure_in_child if device.type == "cpu" else measure
+        record.update(run(impl, shape, dtype, copies, settings))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# the matrix
+# ---------------------------------------------------------------------------------------------
+
+def select_shapes(matrix: str, names: str | None) -> list[Shape]:
+    shapes = SHAPES[matrix]
+    if names is None:
+        return [s for s in shapes if s.default]
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - {s.name for s in shapes})
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {unknown}; this matrix has {[s.name for s in shapes]}")
+    return [s for s in shapes if s.name in wanted]
+
+
+def plan(matrix: str, shapes: list[Shape], only: str | None) -> list[tuple[Impl, Shape, torch.dtype]]:
+    """(implementation, shape, dtype) in run order: ceilings, then per shape its dense products and,
+    per input dtype, each op."""
+    mm, copy_bytes = CEILING_SIZES[matrix]
+    ceiling_shapes = {"copy": Shape(f"copy-{copy_bytes >> 20}MiB", copy_bytes // 64, 1, 16)}
+    tasks = [(c, ceiling_shapes.get(c.name, Shape(f"mm-{mm}", mm, mm, mm)), c.dtypes[0])
+             for c in impls.CEILINGS]
+    ops = {"search": ("search",), "train": ("train",), None: ("search", "train")}[only]
+    for shape in shapes:
+        if "search" in ops:  # the dense product of the shape in every precision, whatever the input dtype
+            tasks += [(impl, shape, impl.dtypes[0]) for impl in impls.IMPLS if impl.op == "matmul"]
+        for dtype in shape.dtypes:
+            tasks += [(impl, shape, dtype) for impl in impls.IMPLS if impl.op in ops and dtype in impl.dtypes]
+    return tasks
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU visible to torch")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    matrix = "quick" if args.quick else device.type
+    if args.quick:
+        budget, min_reps, max_reps, warmup = 50.0, 2, 3, 0.0
+    elif use_cuda:
+        budget, min_reps, max_reps, warmup = 100.0, 5, 100, 25.0
+    else:
+        budget, min_reps, max_reps, warmup = 2000.0, 5, 20, 0.0
+    settings = Settings(device, warmup, budget, min_reps, args.repeats or max_reps, args.quick,
+                        int(args.mem_limit * 2**30) if args.mem_limit else default_mem_limit(device),
+                        args.threads)
+    mode = "quick" if args.quick else "partial" if args.only or args.shapes else "full"
+    meta = run_meta(device, mode, args.threads)
+    slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-") if use_cuda else "cpu"
+    # a partial run (--quick, --shapes, --only) never overwrites the full run of the day
+    parts = [slug, meta["date"], "quick" if args.quick else "", args.only or "",
+             args.shapes.replace(",", "+") if args.shapes else ""]
+    out_dir = Path(args.out) / "-".join(p for p in parts if p)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tasks = plan(matrix, select_shapes(matrix, args.shapes), args.only)
+    print(f"{meta['device']}: {len(tasks)} measurements -> {out_dir}", flush=True)
+    start = time.perf_counter()
+    records = []
+    for impl, shape, dtype in tasks:
+        record = run_one(impl, shape, dtype, settings, meta)
+        records.append(record)
+        value = f"{record['median_ms']:.4g} ms" if record["status"] == "ok" else record["reason"]
+        print(f"  {impl.op:7} {impl.name:26} {shape.name:15} {record['dtype']:9} {record['status']:7} "
+              f"{value}", flush=True)
+    run_seconds = time.perf_counter() - start
+    report.write(dict(meta, run_seconds=run_seconds, load_avg_1min_end=round(os.getloadavg()[0], 2),
+                      argv=sys.argv[1:] if argv is None else argv), records, out_dir)
+    print(f"done in {run_seconds:.0f} s: {out_dir}", flush=True)
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,587 @@
+"""`VectorQuantize`: a drop-in for `vector_quantize_pytorch.VectorQuantize` (1.32.0) on fused ops.
+
+Same constructor arguments, defaults, outputs and state_dict keys as 1.32.0, so a checkpoint of
+either package loads into the other. The nearest-code search, the lookup and the EMA statistics run
+on `fastvq.functional` (no N x K distance matrix, no one-hot); math is fp32 whatever the input
+dtype. The module parses arguments, reshapes between the input layout and canonical rows
+(H, N, D) and computes the losses; `fastvq.codebook.Codebook` holds the state and its updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import distributed
+from .codebook import Codebook, EmaWeight, code_counts, l2norm
+from .functional import MAX_TOPK, code_cross_entropy, lookup_codes
+
+LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg",
+                                             "inplace_optimize"])
+
+# 1.32.0 arguments fastvq does not implement, with their defaults: any other value raises.
+UNSUPPORTED = {
+    "commitment_use_cross_entropy_loss": False,
+    "codebook_diversity_loss_weight": 0.0,
+    "codebook_diversity_temperature": 100.0,
+    "directional_reparam": False,
+    "directional_reparam_variance": 5e-3,
+    "sync_affine_param": False,
+    "vq_bridge": None,
+    "in_place_codebook_optimizer": None,
+    "manual_in_place_optimizer_update": False,
+    "affine_param": False,
+    "affine_param_batch_decay": 0.99,
+    "affine_param_codebook_decay": 0.9,
+    "sync_update_v": 0.0,
+}
+
+SAFE_DIV_EPS = 1e-6
+
+
+def rotate_to(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Rotation trick (Fifty et al. 2024, arXiv:2410.06424, sec. 4.2): the values of tgt, with the
+    gradient reaching src through the rotation and rescaling that map src onto tgt (treated as
+    constants). src, tgt (..., D) of one dtype; O(N D), no D x D matrix."""
+    src_norm = src.norm(dim=-1, keepdim=True)
+    tgt_norm = tgt.norm(dim=-1, keepdim=True)
+    u = (src / src_norm.clamp_min(SAFE_DIV_EPS)).detach()
+    q = (tgt / tgt_norm.clamp_min(SAFE_DIV_EPS)).detach()
+    w = l2norm(u + q)
+    rotated = src - 2 * (src * w).sum(-1, keepdim=True) * w + 2 * (src * u).sum(-1, keepdim=True) * q
+    return rotated * (tgt_norm / src_norm.clamp_min(SAFE_DIV_EPS)).detach()
+
+
+def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
+    """Orthogonal regularisation (Shin et al. 2021, arXiv:2112.00384, eq. 2) of codes (H, n, D):
+    mean squared cosine similarity over all code pairs minus 1/n, from the (H, D, D) Gram matrix
+    (sum_ij (c_i . c_j)^2 = |C^T C|_F^2), never the n x n one."""
+    heads, n = codes.shape[:2]
+    normed = l2norm(codes)
+    gram = normed.transpose(1, 2) @ normed
+    return gram.pow(2).sum() / (heads * n ** 2) - 1 / n
+
+
+_Losses = namedtuple("_Losses", ["loss", "commitment", "orthogonal"])
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the input was laid out: one token (B, dim), channel-first, or a 2-D/3-D feature map."""
+
+    only_one: bool
+    channel_first: bool
+    spatial: tuple[int, ...] | None
+
+
+class VectorQuantize(nn.Module):
+    """Vector quantization layer with an EMA codebook; arguments as vector-quantize-pytorch 1.32.0.
+
+    Input x: (B, N, dim) (channel_last), (B, dim, N) (channel_last=False), (B, dim) (one token),
+    (B, dim, H, W) (accept_image_fmap) or (B, dim, D, H, W) (accept_3d_fmap); any float dtype.
+    forward -> quantized (like x, in x's dtype), indices int64 ((B, N), (B,), (B, H, W), ...; a
+    last dim of `heads` when heads > 1; -1 for masked and non-finite tokens) and a 0-d float32
+    loss (0 in eval).
+
+    fastvq-only keywords: `backend` ("auto" | "torch" | "triton") and `precision` (see
+    `fastvq.nearest_code`) are passed to the ops. The arguments named in `UNSUPPORTED` raise
+    NotImplementedError when not at their default.
+
+    Non-finite tokens (NaN/inf) get index -1, pass through unchanged, and never reach the EMA
+    statistics, k-means or the dead-code sampler; `codebook_health()["nonfinite_tokens"]` counts
+    them without a host sync.
+    """
+
+    def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False,
+                 decay=0.8, eps=1e-5, freeze_codebook=False, kmeans_init=False, kmeans_iters=10,
+                 sync_kmeans=True, use_cosine_sim=False, layernorm_after_project_in=False,
+                 threshold_ema_dead_code=0, channel_last=True, accept_image_fmap=False, accept_3d_fmap=False,
+                 commitment_weight=1.0, commitment_use_cross_entropy_loss=False, orthogonal_reg_weight=0.0,
+                 orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
+                 codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
+                 stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False,
+                 rotation_trick=None, directional_reparam=False, directional_reparam_variance=5e-3,
+                 sync_codebook=None, sync_affine_param=False, ema_update=None, vq_bridge=None,
+                 manual_ema_update=False, learnable_codebook=None, in_place_codebook_optimizer=None,
+                 manual_in_place_optimizer_update=False, affine_param=False, affine_param_batch_decay=0.99,
+                 affine_param_codebook_decay=0.9, sync_update_v=0.0, return_zeros_for_masked_padding=True,
+                 route_gradients_to_input=True, *, backend="auto", precision=None):
+        super().__init__()
+        given = dict(locals())
+        for name, default in UNSUPPORTED.items():
+            if given[name] != default:
+                raise NotImplementedError(f"fastvq.VectorQuantize does not implement {name} (got "
+                                          f"{given[name]!r}, supported: {default!r})")
+        for name in ("dim", "codebook_size", "heads") + (("kmeans_iters",) if kmeans_init else ()):
+            _check_int(name, given[name], minimum=1)
+        if codebook_dim is not None:
+            _check_int("codebook_dim", codebook_dim, minimum=1)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay!r}")
+        for name in ("eps", "threshold_ema_dead_code", "commitment_weight", "orthogonal_reg_weight",
+                     "sample_codebook_temp"):
+            if not given[name] >= 0:
+                raise ValueError(f"{name} must be >= 0, got {given[name]!r}")
+        if orthogonal_reg_max_codes is not None:
+            _check_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes, minimum=1)
+
+        ema_update = True if ema_update is None else ema_update
+        learnable_codebook = bool(learnable_codebook)
+        rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
+        _check_exclusive(use_cosine_sim=use_cosine_sim, learnable_codebook=learnable_codebook)
+        _check_exclusive(straight_through=straight_through, rotation_trick=rotation_trick)
+        _check_exclusive(straight_through=straight_through, learnable_codebook=learnable_codebook)
+        _check_exclusive(ema_update=ema_update, learnable_codebook=learnable_codebook)
+        _check_exclusive(accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap)
+        if orthogonal_reg_active_codes_only and heads > 1 and separate_codebook_per_head:
+            raise ValueError("orthogonal_reg_active_codes_only does not support separate_codebook_per_head "
+                             "with heads > 1 (as vector-quantize-pytorch)")
+
+        self.dim, self.heads, self.codebook_size = dim, heads, codebook_size
+        self.separate_codebook_per_head = separate_codebook_per_head
+        self.codebook_dim = dim if codebook_dim is None else codebook_dim
+        codebook_input_dim = self.codebook_dim * heads
+        self.has_projections = codebook_input_dim != dim
+        if self.has_projections:
+            linear = nn.Linear(dim, codebook_input_dim)
+            self.project_in = (nn.Sequential(linear, nn.LayerNorm(codebook_input_dim))
+                               if layernorm_after_project_in else linear)
+            self.project_out = nn.Linear(codebook_input_dim, dim)
+        else:
+            self.project_in, self.project_out = nn.Identity(), nn.Identity()
+
+        self.eps, self.use_cosine_sim = eps, use_cosine_sim
+        self.commitment_weight, self.orthogonal_reg_weight = commitment_weight, orthogonal_reg_weight
+        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.stochastic_sample_codes = stochastic_sample_codes
+        self.sample_codebook_temp = sample_codebook_temp
+        self.straight_through, self.rotation_trick = straight_through, rotation_trick
+        self.learnable_codebook = learnable_codebook
+        self.route_gradients_to_input = route_gradients_to_input
+        self.channel_last = channel_last
+        self.accept_image_fmap, self.accept_3d_fmap = accept_image_fmap, accept_3d_fmap
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        self.freeze_codebook = freeze_codebook
+        self.backend, self.precision = backend, precision
+        self._codebook = Codebook(
+            self.codebook_dim, codebook_size, heads if separate_codebook_per_head else 1,
+            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, sync_kmeans=sync_kmeans, decay=decay, eps=eps,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            sync_codebook=distributed.is_distributed() if sync_codebook is None else bool(sync_codebook),
+            learnable_codebook=learnable_codebook or orthogonal_reg_weight > 0, ema_update=ema_update,
+            manual_ema_update=manual_ema_update, use_cosine_sim=use_cosine_sim, precision=precision,
+            backend=backend)
+
+    # ------------------------------------------------------------------------------------------
+    # codebook access
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def ema_update(self) -> bool:
+        return self._codebook.ema_update
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """The codes: (K, codebook_dim) shared, or (heads, K, codebook_dim) with separate codebooks."""
+        embed = self._codebook.embed
+        return embed if self.separate_codebook_per_head else embed[0]
+
+    @codebook.setter
+    def codebook(self, codes: torch.Tensor) -> None:
+        expected = tuple(self.codebook.shape)
+        if not isinstance(codes, torch.Tensor) or tuple(codes.shape) != expected:
+            got = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"codebook must be a tensor of shape {expected}, got {got}")
+        with torch.no_grad():
+            self._codebook.embed.copy_(codes.reshape(self._codebook.embed.shape))
+
+    def codebook_health(self) -> dict[str, torch.Tensor]:
+        """Health of the last training step as 0-d device tensors (reading one syncs, computing
+        them does not): usage, perplexity, dead_codes, replaced_codes, nonfinite_tokens. See
+        `fastvq.codebook.Codebook.health`."""
+        return self._codebook.health()
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes of indices shaped as the forward's indices -> (..., heads * codebook_dim), channel
+        first for channel_last=False and feature maps; zeros where an index is -1."""
+        return self._channel_first(self._codes_from_indices(indices))
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """What forward returns as quantized for these indices (eval mode): codes, projected out,
+        in the input layout; zeros for tokens with an index of -1."""
+        codes = self._codes_from_indices(indices)
+        out = self.project_out(codes.to(self._param_dtype(self.project_out, codes)))
+        missing = indices < 0
+        if self.heads > 1:
+            missing = missing.any(-1)
+        return self._channel_first(out.masked_fill(missing.unsqueeze(-1), 0.0))
+
+    def _codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (..., [heads]) -> codes (..., heads * codebook_dim), channel last."""
+        if not _is_integer_tensor(indices):
+            raise TypeError(f"indices must be an integer tensor, got {_describe(indices)}")
+        if self.heads > 1 and (indices.dim() < 1 or indices.shape[-1] != self.heads):
+            raise ValueError(f"indices must have a last dimension of heads={self.heads}, got shape "
+                             f"{tuple(indices.shape)}")
+        if indices.numel() and not bool(((indices >= -1) & (indices < self.codebook_size)).all()):
+            raise ValueError(f"indices must be in [-1, codebook_size={self.codebook_size})")
+        indices = indices.long()
+        embed, safe = self._codebook.embed, indices.clamp_min(0)
+        if self.heads > 1 and self.separate_codebook_per_head:
+            codes = embed[torch.arange(self.heads, device=indices.device), safe]
+        else:
+            codes = embed[0][safe]
+        codes = codes.masked_fill((indices < 0).unsqueeze(-1), 0.0)
+        return codes if self.heads == 1 else codes.flatten(-2)
+
+    # ------------------------------------------------------------------------------------------
+    # EMA helpers of 1.32.0
+    # ------------------------------------------------------------------------------------------
+
+    def update_indices(self, x: torch.Tensor, indices: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> None:
+        """EMA step from given codes: x in the input layout, indices shaped as forward returns them
+        (-1: skip). Non-finite tokens are left out (and counted)."""
+        tokens, layout = self._to_tokens(x)
+        mask = self._sequence_mask(mask, None, layout, *tokens.shape[:2])
+        batch, seq = tokens.shape[:2]
+        expected = (batch, seq) + ((self.heads,) if self.heads > 1 else ())
+        if not _is_integer_tensor(indices) or indices.numel() != math.prod(expected):
+            raise ValueError(f"indices must be an integer tensor with {math.prod(expected)} entries "
+                             f"({expected} after flattening the layout), got {_describe(indices)}")
+        with torch.no_grad():
+            rows = self._to_rows(self._codebook_input(tokens).flatten(0, 1))
+            keep, num_nonfinite = self._usable_rows(torch.isfinite(rows).all(-1), mask)
+            self._codebook.update_(rows, self._to_rows(indices.reshape(-1, self.heads).long()), keep,
+                                   num_nonfinite)
+
+    update_ema_indices = update_indices
+
+    def expire_codes_(self, x: torch.Tensor) -> None:
+        """Replace dead codes by vectors of x (B, N, heads * codebook_dim), given in codebook space
+        (after project_in, as in 1.32.0). Training mode only."""
+        width = self.heads * self.codebook_dim
+        if x.dim() < 2 or x.shape[-1] != width:
+            raise ValueError(f"x must have shape (..., heads * codebook_dim = {width}), got {tuple(x.shape)}")
+        z = self._codebook.transform_input(x.reshape(-1, self.heads, self.codebook_dim))
+        self._codebook.expire_codes_(self._to_rows(z))
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+
+    def forward(self, x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
+                freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
+                ema_update_weight: EmaWeight = None, accum_ema_update=False, ema_update=None):
+        """Quantize x (see the class docstring for shapes); in training also update the codebook.
+
+        Returns (quantized, indices, loss), plus a LossBreakdown with return_loss_breakdown. With
+        `indices` (target codes shaped as the returned indices, -1 ignored): (quantized,
+        cross-entropy of the code logits against them), computed with an online log-sum-exp.
+        With topk=k (heads=1, k <= 16): the k nearest codes, nearest first, as an extra last dim
+        of quantized (before the channel dim moves), indices and a per-token loss.
+        """
+        if codebook_transform_fn is not None:
+            raise NotImplementedError("fastvq.VectorQuantize does not implement codebook_transform_fn")
+        tokens, layout = self._to_tokens(x)
+        batch, seq = tokens.shape[:2]
+        mask = self._sequence_mask(mask, lens, layout, batch, seq)
+        topk = self._check_topk(topk)
+        freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        codebook = self._codebook
+
+        z = self._codebook_input(tokens)  # (B, S, heads, codebook_dim)
+        rows = self._to_rows(z.flatten(0, 1))  # (H, M, codebook_dim), M = B * S * heads / H
+        codebook.init_embed_(rows, self._row_mask(mask))
+        temperature = self._sampling_temperature(temperature, topk, x, rows)
+        idx = codebook.search(rows, temperature=temperature, topk=topk)
+        embed = codebook.embed if codebook.learnable_codebook else codebook.embed.detach()
+        codes = self._lookup(rows, embed, idx)  # fp32, gradient only to the codebook
+        if indices is not None:  # logits of the codebook before this step's (in-place) update
+            before = embed.clone() if self.training else embed
+            cross_entropy = self._cross_entropy(rows, before, indices, batch, seq)
+        if self.training and topk is None:
+            keep, num_nonfinite = self._usable_rows(idx >= 0, mask)
+            if freeze:
+                codebook.record_usage_(code_counts(idx, keep, self.codebook_size))
+            else:
+                codebook.update_(rows, idx, keep, num_nonfinite, ema_update=ema_update,
+                                 weight=ema_update_weight, accumulate=accum_ema_update)
+
+        # (B, S, G, codebook_dim): G = heads, or the k candidates of top-k (heads = 1)
+        z = z.float() if topk is None else z.float().expand(-1, -1, topk, -1)
+        codes = (self._from_rows(codes) if topk is None else codes[0]).unflatten(0, (batch, seq))
+        out = self._output(codes, z, tokens, mask, x.requires_grad, topk is not None)
+        out = self._from_tokens(out, layout)
+        if indices is not None:
+            return out, cross_entropy
+        losses = self._losses(codes, z, mask, idx, freeze, topk is not None, x.device)
+        loss = losses.loss if losses.loss.dim() == 0 else self._indices_layout(losses.loss, layout)
+        out_indices = (self._from_rows(idx) if topk is None else idx[0]).reshape(batch, seq, -1)
+        if topk is None and self.heads == 1:
+            out_indices = out_indices[..., 0]
+        if mask is not None:
+            out_indices = out_indices.masked_fill(~_expand_like(mask, out_indices), -1)
+        out_indices = self._indices_layout(out_indices, layout)
+        if not return_loss_breakdown:
+            return out, out_indices, loss
+        zero = torch.zeros((), device=x.device)
+        return out, out_indices, loss, LossBreakdown(losses.commitment, zero, losses.orthogonal, zero)
+
+    def _output(self, codes: torch.Tensor, z: torch.Tensor, tokens: torch.Tensor,
+                mask: torch.Tensor | None, input_requires_grad: bool, is_topk: bool) -> torch.Tensor:
+        """Quantized tokens (B, S, [k,] dim) in the input dtype from codes and z (B, S, G, D) fp32:
+        gradient to the input (rotation trick or straight-through), projection, masked padding."""
+        quantized = codes
+        if self.training and input_requires_grad and self.route_gradients_to_input:
+            quantized = rotate_to(z, codes) if self.rotation_trick else z + (codes - z).detach()
+        out = self._project(self.project_out, quantized if is_topk else quantized.flatten(2))
+        out = out.to(tokens.dtype)
+        if mask is None:
+            return out
+        fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
+        return torch.where(_expand_like(mask, out), out, fill.unsqueeze(2) if is_topk else fill)
+
+    def _losses(self, codes: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None,
+                idx: torch.Tensor, freeze: bool, is_topk: bool, device: torch.device) -> _Losses:
+        """The loss as 1.32.0 adds it up: 0 in eval (per-candidate commitment for top-k), else
+        commitment (codes vs z, fp32) and orthogonal regularisation, each times its weight."""
+        loss = torch.zeros((), device=device).requires_grad_(self.training)
+        commitment = orthogonal = torch.zeros((), device=device)
+        if is_topk and not self.training:
+            commitment = self._commitment_loss(codes, z, mask, per_token=True)
+            loss = commitment * self.commitment_weight if self.commitment_weight > 0 else commitment
+        if self.training and self.commitment_weight > 0:
+            learnable = self.learnable_codebook and not freeze
+            commitment = self._commitment_loss(codes if learnable else codes.detach(), z, mask,
+                                               per_token=is_topk)
+            loss = loss + commitment * self.commitment_weight
+        if self.training and self.orthogonal_reg_weight > 0:
+            orthogonal = self._orthogonal_loss(idx)
+            loss = loss + orthogonal * self.orthogonal_reg_weight
+        return _Losses(loss, commitment, orthogonal)
+
+    def _lookup(self, rows: torch.Tensor, embed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Code rows (H, M, [k,] D) fp32 for idx (H, M[, k]): a gather, with gradient only to embed."""
+        x = rows.detach().float()
+        if idx.dim() == 2:
+            return lookup_codes(x, embed, idx, backend=self.backend)
+        k = idx.shape[-1]
+        flat = x.unsqueeze(2).expand(-1, -1, k, -1).reshape(x.shape[0], -1, x.shape[-1])
+        codes = lookup_codes(flat, embed, idx.reshape(idx.shape[0], -1), backend=self.backend)
+        return codes.unflatten(1, (-1, k))
+
+    def _check_topk(self, topk) -> int | None:
+        if topk is None:
+            return None
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+        if self.heads > 1:
+            raise ValueError(f"topk needs heads=1 (as vector-quantize-pytorch), got heads={self.heads}")
+        topk = min(topk, self.codebook_size)
+        if topk > MAX_TOPK:
+            raise ValueError(f"topk must be <= {MAX_TOPK} (the fused search keeps its candidates in "
+                             f"registers), got {topk}")
+        return topk
+
+    def _sampling_temperature(self, temperature: float, topk: int | None, x: torch.Tensor,
+                              rows: torch.Tensor) -> float:
+        """The Gumbel temperature of this search (0: nearest code), refusing what fastvq lacks.
+
+        1.32.0 samples in training with stochastic_sample_codes and temperature > 0. With
+        straight_through it also sends a softmax gradient through the code logits, which only shows
+        where the input gets no straight-through gradient; fastvq does not build those N x K
+        softmax weights, so it raises there (and for Gumbel top-k).
+        """
+        if not (self.training and temperature > 0):
+            return 0.0
+        soft_gradient = (self.straight_through and torch.is_grad_enabled()
+                         and not (x.requires_grad and self.route_gradients_to_input)
+                         and (rows.requires_grad or self._codebook.learnable_codebook))
+        if soft_gradient:
+            raise NotImplementedError(
+                "straight_through=True sends a softmax gradient through the code logits when the input gets "
+                "no straight-through gradient (input without requires_grad, or route_gradients_to_input="
+                "False); fastvq does not implement that path. Use straight_through=False, or an input that "
+                "requires grad")
+        if not self.stochastic_sample_codes:
+            return 0.0
+        if topk is not None:
+            raise NotImplementedError("topk with stochastic_sample_codes in training (Gumbel top-k) is not "
+                                      "implemented; pass sample_codebook_temp=0 or call in eval mode")
+        return temperature
+
+    # ------------------------------------------------------------------------------------------
+    # losses
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _commitment_loss(codes: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None, *,
+                         per_token: bool = False) -> torch.Tensor:
+        """Mean squared error (fp32) between codes and z (B, S, G, D): over the unmasked tokens, or
+        per (token, candidate) (B, S, G) for top-k, 0 where masked."""
+        sq = (codes - z).pow(2)
+        if per_token:
+            loss = sq.mean(-1)
+            return loss if mask is None else torch.where(_expand_like(mask, loss), loss, 0.0)
+        if mask is None:
+            return sq.mean()
+        return torch.where(_expand_like(mask, sq), sq, 0.0).sum() / (mask.sum() * sq[0, 0].numel())
+
+    def _cross_entropy(self, rows: torch.Tensor, embed: torch.Tensor, targets, batch: int,
+                       seq: int) -> torch.Tensor:
+        """Mean cross-entropy of the code logits of rows (H, M, D) against target codes shaped as
+        the forward's indices (-1 ignored); 0-d float32, differentiable w.r.t. x (and a learnable
+        codebook)."""
+        count = batch * seq * self.heads
+        if not _is_integer_tensor(targets) or targets.numel() != count:
+            raise ValueError(f"indices must be an integer tensor shaped as the returned indices ({count} "
+                             f"entries), got {_describe(targets)}")
+        targets = self._to_rows(targets.reshape(-1, self.heads).long())
+        loss = code_cross_entropy(rows, embed, targets, metric=self._codebook.metric,
+                                  precision=self.precision, backend=self.backend)
+        return loss.sum() / (targets >= 0).sum()
+
+    def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        codes = self._codebook.embed
+        if self.orthogonal_reg_active_codes_only:
+            codes = codes[:, torch.unique(idx[idx >= 0])]
+        num_codes = codes.shape[1]
+        if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
+            codes = codes[:, torch.randperm(num_codes, device=codes.device)[:self.orthogonal_reg_max_codes]]
+        return orthogonal_loss(codes)
+
+    # ------------------------------------------------------------------------------------------
+    # layouts
+    # ------------------------------------------------------------------------------------------
+
+    def _to_tokens(self, x) -> tuple[torch.Tensor, _Layout]:
+        """x in the input layout -> tokens (B, S, dim) and how to restore the layout."""
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError(f"x must be a floating-point tensor, got {_describe(x)}")
+        dim = self.dim
+        if self.accept_image_fmap or self.accept_3d_fmap:
+            ndim = 4 if self.accept_image_fmap else 5
+            if x.dim() != ndim or x.shape[1] != dim:
+                expected = "(B, dim, H, W)" if ndim == 4 else "(B, dim, D, H, W)"
+                raise ValueError(f"x must have shape {expected} with dim={dim}, got {tuple(x.shape)}")
+            return x.flatten(2).transpose(1, 2), _Layout(False, True, tuple(x.shape[2:]))
+        if x.dim() == 2:
+            if x.shape[1] != dim:
+                raise ValueError(f"x must have shape (B, dim={dim}) for one token per sample, got "
+                                 f"{tuple(x.shape)}")
+            return x.unsqueeze(1), _Layout(True, False, None)
+        if self.channel_last:
+            if x.dim() != 3 or x.shape[2] != dim:
+                raise ValueError(f"x must have shape (B, N, dim={dim}) or (B, dim), got {tuple(x.shape)}")
+            return x, _Layout(False, False, None)
+        if x.dim() != 3 or x.shape[1] != dim:
+            raise ValueError(f"x must have shape (B, dim={dim}, N) (channel_last=False) or (B, dim), got "
+                             f"{tuple(x.shape)}")
+        return x.transpose(1, 2), _Layout(False, True, None)
+
+    def _from_tokens(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        """(B, S, ..., C) -> the input layout."""
+        if layout.only_one:
+            return t[:, 0]
+        if layout.channel_first:
+            t = t.movedim(-1, 1)
+            return t if layout.spatial is None else t.unflatten(2, layout.spatial)
+        return t
+
+    def _indices_layout(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        """(B, S, ...) indices or per-token values -> (B,), (B, N), (B, H, W), ... (+ trailing dims)."""
+        if layout.only_one:
+            return t[:, 0]
+        return t if layout.spatial is None else t.unflatten(1, layout.spatial)
+
+    def _channel_first(self, t: torch.Tensor) -> torch.Tensor:
+        channel_first = not self.channel_last or self.accept_image_fmap or self.accept_3d_fmap
+        return t.movedim(-1, 1) if channel_first and t.dim() > 2 else t
+
+    def _sequence_mask(self, mask, lens, layout: _Layout, batch: int, seq: int) -> torch.Tensor | None:
+        """mask (B, N) bool, or one made from lens (B,): True for the positions to quantize."""
+        if mask is None and lens is None:
+            return None
+        if mask is not None and lens is not None:
+            raise ValueError("pass at most one of mask and lens")
+        if layout.only_one or layout.spatial is not None:
+            raise ValueError("mask and lens need sequence input (B, N, dim) or (B, dim, N); not one token "
+                             "per sample or feature maps")
+        if lens is not None:
+            if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype.is_floating_point:
+                raise ValueError(f"lens must be an integer tensor of shape ({batch},), got {_describe(lens)}")
+            return torch.arange(seq, device=lens.device) < lens.unsqueeze(1)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (batch, seq):
+            raise ValueError(f"mask must be a bool tensor of shape (B, N) = ({batch}, {seq}), got "
+                             f"{_describe(mask)}")
+        return mask
+
+    def _to_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(T, heads, ...) per token and head -> canonical rows (H, M, ...) of the codebooks."""
+        return t.transpose(0, 1) if self.separate_codebook_per_head else t.reshape(1, -1, *t.shape[2:])
+
+    def _from_rows(self, r: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_to_rows`: (H, M, ...) -> (T, heads, ...)."""
+        if self.separate_codebook_per_head:
+            return r.transpose(0, 1)
+        return r.reshape(-1, self.heads, *r.shape[2:])
+
+    def _codebook_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, S, dim) -> projected, split, normalised (cosine) (B, S, heads, codebook_dim)."""
+        z = self._project(self.project_in, tokens).unflatten(-1, (self.heads, self.codebook_dim))
+        return self._codebook.transform_input(z)
+
+    def _row_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-token mask (B, S) or (T,) -> the same for every row of the token (H, M)."""
+        return None if mask is None else self._to_rows(mask.reshape(-1, 1).expand(-1, self.heads))
+
+    def _usable_rows(self, finite_rows: torch.Tensor,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows (H, M) of the unmasked tokens that are finite in every head, and how many unmasked
+        tokens were left out for a non-finite value: () float32."""
+        finite = self._from_rows(finite_rows).all(1)
+        usable = finite if mask is None else finite & mask.reshape(-1)
+        bad = ~finite if mask is None else ~finite & mask.reshape(-1)
+        return self._row_mask(usable), bad.sum().float()
+
+    @staticmethod
+    def _param_dtype(module: nn.Module, t: torch.Tensor) -> torch.dtype:
+        param = next(module.parameters(), None)
+        return t.dtype if param is None else param.dtype
+
+    def _project(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """A projection run in its parameters' dtype (16-bit inputs with fp32 weights work)."""
+        return module(t.to(self._param_dtype(module, t)))
+
+
+def _expand_like(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """mask (B, S) broadcast to t (B, S, ...)."""
+    return mask.reshape(*mask.shape, *([1] * (t.dim() - 2))).expand_as(t)
+
+
+def _is_integer_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and not t.dtype.is_complex \
+        and t.dtype != torch.bool
+
+
+def _describe(t) -> str:
+    """dtype and shape of a tensor, or the type of anything else (for error messages)."""
+    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_exclusive(**flags) -> None:
+    (a, va), (b, vb) = flags.items()
+    if va and vb:
+        raise ValueError(f"{a} and {b} cannot both be on (as in vector-quantize-pytorch); turn one off")

@@ -1,0 +1,122 @@
+"""Compile fastvq's Triton kernels for real NVIDIA GPUs without one (triton ships ptxas).
+
+The interpreter accepts programs a GPU rejects (tl.dot with an inner dimension below 16, dtype
+mismatches), so CI also lowers every kernel, with the launch configurations the launchers pick,
+to a cubin for Hopper (sm_90) and Ampere (sm_80). Run as a script, without TRITON_INTERPRET;
+prints one line per compiled variant and exits non-zero on the first failure.
+"""
+
+import importlib
+import itertools
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastvq.triton_ops._tiles import dot_options
+
+TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+CONFIG_DEVICE = torch.device("cpu")  # tile sizes do not depend on it; a CUDA device would need a GPU to query
+
+
+def _signature(names, pointers, ints, constexprs):
+    sig = {}
+    for name in names:
+        if name in pointers:
+            sig[name] = "*" + pointers[name]
+        elif name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = ints.get(name, "i64")
+    return sig
+
+
+def search_variants():
+    """The search kernel: nearest_code at every shape and precision; topk_codes (TOPK > 1) and
+    sample_code (GUMBEL) at two shapes, fp32 and bf16."""
+    module = importlib.import_module("fastvq.triton_ops.nearest_code")
+    kernel = module._search_kernel
+    shapes = [(65536, 1024, 64), (1024, 262144, 32), (262144, 16384, 8), (4096, 4096, 1000), (301, 259, 3)]
+    precisions = itertools.product(shapes, TORCH_TO_TRITON, ["ieee", "tf32", "bf16", "fp16"])
+    cases = [(shape, dtype, precision, False, 1) for shape, dtype, precision in precisions
+             if dtype == torch.float32 or precision != "tf32"]
+    cases += [(shape, dtype, precision, gumbel, topk)
+              for shape in [(65536, 1024, 64), (4096, 4096, 1000)]
+              for dtype, precision in [(torch.float32, "tf32"), (torch.bfloat16, "bf16")]
+              for gumbel, topk in [(False, 16), (True, 1), (True, 4)]]
+    for (n, k, d), dtype, precision, gumbel, topk in cases:
+        config = module._search_config(n, k, d, 1, precision, CONFIG_DEVICE, topk)
+        options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+        config.pop("splits"), config.pop("codes_per_split")
+        constexprs = dict(COSINE=precision == "ieee", GUMBEL=gumbel, TOPK=topk,
+                          KPAD=triton.next_power_of_2(topk), **dot_options(precision), **config)
+        t = TORCH_TO_TRITON[dtype]
+        pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", best_score_ptr="fp32", best_index_ptr="i64")
+        ints = dict(N="i32", K="i32", D="i32", codes_per_split="i32", inv_temperature="fp32")
+        yield (f"search {n}x{k}x{d} {t} {precision} gumbel={gumbel} topk={topk}", kernel, pointers, ints,
+               constexprs, options)
+    kernel = module._chosen_distance_kernel
+    for d, cosine in itertools.product([3, 64, 1000], [False, True]):
+        pointers = dict(x_ptr="bf16", code_ptr="fp32", index_ptr="i64", dist_ptr="fp32")
+        constexprs = dict(COSINE=cosine, BLOCK_N=64, BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
+        ints = dict(N="i32", D="i32", J="i32")
+        yield f"chosen_distance D={d} cosine={cosine}", kernel, pointers, ints, constexprs, {}
+
+
+def code_cross_entropy_variants():
+    module = importlib.import_module("fastvq.triton_ops.code_cross_entropy")
+    shapes = [(65536, 1024, 64), (1024, 16384, 256)]
+    dtypes = [(torch.float32, "tf32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")]
+    ints = dict(N="i32", K="i32", D="i32", codes_per_split="i32", per_split="i32")
+    for (n, k, d), (dtype, precision) in itertools.product(shapes, dtypes):
+        t = TORCH_TO_TRITON[dtype]
+        config = module._search_config(n, k, d, 1, precision, CONFIG_DEVICE)
+        options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+        config.pop("splits"), config.pop("codes_per_split")
+        constexprs = dict(COSINE=precision == "bf16", **dot_options(precision), **config)
+        pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", index_ptr="i64", max_ptr="fp32", sum_ptr="fp32",
+                        target_ptr="fp32")
+        yield (f"code_cross_entropy forward {n}x{k}x{d} {t} {precision}", module._ce_forward_kernel, pointers,
+               ints, constexprs, options)
+        for code_side in (False, True):
+            rows, stream = (k, n) if code_side else (n, k)
+            config = module._grad_config(rows, stream, d, 1, CONFIG_DEVICE)
+            options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            config.pop("splits"), config.pop("per_split")
+            constexprs = dict(CODE_SIDE=code_side, COSINE=precision != "bf16", GRAD_PRECISION="tf32",
+                              **dot_options(precision), **config)
+            pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", index_ptr="i64", lse_ptr="fp32",
+                            grad_ptr="fp32", out_ptr="fp32")
+            yield (f"code_cross_entropy grad code_side={code_side} {n}x{k}x{d} {t} {precision}",
+                   module._ce_grad_kernel, pointers, ints, constexprs, options)
+
+
+def code_stats_variants():
+    module = importlib.import_module("fastvq.triton_ops.code_stats")
+    for has_mask, t in itertools.product([False, True], ["fp32", "bf16"]):
+        pointers = dict(x_ptr=t, index_ptr="i64", mask_ptr="u8", counts_ptr="fp32", sums_ptr="fp32")
+        constexprs = dict(HAS_MASK=has_mask, BLOCK_N=128, BLOCK_D=64)
+        yield f"code_stats {t} mask={has_mask}", module._code_stats_kernel, pointers, dict(
+            N="i32", K="i32", D="i32"), constexprs, {"num_warps": 4}
+
+
+VARIANTS = [search_variants, code_cross_entropy_variants, code_stats_variants]
+
+
+def main(capabilities=(90, 80)):
+    count = 0
+    for make in VARIANTS:
+        for name, kernel, pointers, ints, constexprs, options in make():
+            sig = _signature(kernel.arg_names, pointers, ints, constexprs)
+            for capability in capabilities:
+                source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+                compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+                print(f"sm_{capability} {name}: {compiled.metadata.shared} B shared", flush=True)
+                count += 1
+    print(f"compiled {count} variants")
+
+
+if __name__ == "__main__":
+    main(*([tuple(int(c) for c in sys.argv[1:])] if len(sys.argv) > 1 else []))

@@ -1,0 +1,74 @@
+"""The benchmark harness end to end on CPU (--quick): complete records, tables and plots, nothing dropped."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = {"device", "torch", "triton", "git_commit", "date", "op", "impl", "role", "shape", "N", "K", "D",
+            "dtype", "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "status", "reason"}
+EXPECTED = {("ceiling", "peak-mm[ieee]"), ("ceiling", "copy"), ("matmul", "dense-mm[ieee]"),
+            ("search", "fastvq-triton[ieee]"), ("search", "fastvq-triton[bf16]"), ("search", "fastvq-torch"),
+            ("search", "naive"), ("search", "cdist"), ("search", "compile(naive)"), ("search", "vqp-cdist"),
+            ("train", "fastvq-layer[triton]"), ("train", "fastvq-layer[torch]"), ("train", "vqp-layer"),
+            ("train", "taming-vq2")}
+
+
+def _run_quick(out: Path) -> Path:
+    # the interpreter that conftest enables for the kernel tests must not reach the benchmark
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVQ_BACKEND")}
+    command = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--device", "cpu",
+               "--threads", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    (folder,) = out.iterdir()
+    return folder
+
+
+def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
+    folder = _run_quick(tmp_path)
+    assert folder.name.startswith("cpu-") and folder.name.endswith("-quick")
+    data = json.loads((folder / "results.json").read_text())
+    records = data["records"]
+
+    for r in records:
+        assert REQUIRED <= r.keys(), f"{r['impl']} lacks {sorted(REQUIRED - r.keys())}"
+        assert r["device"] and r["torch"] and r["date"] == data["meta"]["date"]
+        assert r["status"] in ("ok", "oom", "skipped", "error"), r
+    assert EXPECTED <= {(r["op"], r["impl"]) for r in records}, "a planned implementation was dropped"
+    errors = [(r["impl"], r["reason"]) for r in records if r["status"] == "error"]
+    assert not errors
+
+    ok = [r for r in records if r["status"] == "ok"]
+    assert {r["impl"] for r in ok} >= {"fastvq-torch", "naive", "cdist", "vqp-cdist", "fastvq-layer[torch]",
+                                       "vqp-layer", "taming-vq2", "dense-mm[ieee]", "copy"}
+    for r in ok:
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+        assert r["reps"] >= 2 and isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0, r
+    for r in records:
+        if r["status"] != "ok":
+            assert r["reason"] and r["median_ms"] is None, r
+    # CPU: the Triton rows are reported as skipped with the reason, not run under the interpreter
+    assert all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in records if "triton" in r["impl"])
+    # the memory column is real: the textbook formula holds at least one N x K fp32 matrix
+    naive = next(r for r in ok if r["impl"] == "naive" and r["dtype"] == "float32")
+    assert naive["peak_mem_bytes"] >= naive["N"] * naive["K"] * 4
+
+    markdown = (folder / "results.md").read_text()
+    for title in ("## Measured ceilings", "## Nearest-code search", "## Training step", "## Peak memory",
+                  "## Not run"):
+        assert title in markdown
+    assert "| tiny | 2048, 256, 16 | float32 |" in markdown
+    for name in ("time.png", "memory.png"):
+        png = (folder / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+    # the report is a pure function of the JSON
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    assert report.markdown(data["meta"], records) == markdown

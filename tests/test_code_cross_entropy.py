@@ -1,0 +1,162 @@
+"""code_cross_entropy: forward and both gradients against F.cross_entropy on dense float64 logits.
+
+Tolerances: logits are computed in fp32 from fp32 (or rounded 16-bit) operands, so the loss and
+the gradients are compared at 2e-5 relative to their scale plus 2e-5 absolute for fp32 inputs, and
+against the float64 result of the same rounded inputs at 1e-2 for 16-bit ones.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as tF
+from conftest import backend_cases
+
+import fastvq.functional as F
+
+CASES = [  # heads, codebook heads, N, K, D
+    (1, 1, 70, 130, 8),  # several code tiles
+    (2, 1, 33, 300, 20),  # shared codebook, small N: code splits
+    (2, 2, 5, 200, 150),  # one codebook per head, D streamed in chunks
+]
+
+
+def dense_logits(x, codebook, metric):
+    """The anchor's logits, differentiable, (H, N, K) from canonical (H, N, D) and (Hc, K, D)."""
+    cd = codebook.expand(x.shape[0], -1, -1)
+    if metric == "l2":
+        sq = x.pow(2).sum(-1, keepdim=True) + cd.pow(2).sum(-1).unsqueeze(1) - 2 * x @ cd.transpose(1, 2)
+        return -sq.clamp(min=1e-8).sqrt()
+    return tF.normalize(x, dim=-1) @ tF.normalize(cd, dim=-1).transpose(1, 2)
+
+
+def dense_loss_and_grads(x, codebook, indices, grad, metric):
+    """float64 per-token loss and the gradients of sum(grad * loss), via F.cross_entropy."""
+    x64 = x.detach().double().requires_grad_()
+    cb64 = codebook.detach().double().requires_grad_()
+    logits = dense_logits(x64, cb64, metric)
+    loss = tF.cross_entropy(logits.flatten(0, 1), indices.flatten(), ignore_index=-1, reduction="none")
+    loss = loss.view(indices.shape)
+    grad_x, grad_codebook = torch.autograd.grad((loss * grad.double()).sum(), (x64, cb64))
+    return loss.detach(), grad_x, grad_codebook
+
+
+def assert_close_scaled(got, want, rel):
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.double().cpu(), want, rtol=rel, atol=rel * scale + rel)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_forward_and_gradients_match_dense_float64(device, backend, case, metric):
+    heads, code_heads, n, n_codes, d = CASES[case]
+    x = torch.randn(heads, n, d)
+    codebook = torch.randn(code_heads, n_codes, d)
+    indices = torch.randint(-1, n_codes, (heads, n))
+    grad = torch.randn(heads, n)
+    want_loss, want_grad_x, want_grad_codebook = dense_loss_and_grads(x, codebook, indices, grad, metric)
+    xd = x.to(device).requires_grad_()
+    cbd = codebook.to(device).requires_grad_()
+    loss = F.code_cross_entropy(xd, cbd, indices.to(device), metric=metric, backend=backend)
+    assert loss.dtype == torch.float32 and loss.shape == (heads, n)
+    assert (loss.cpu()[indices < 0] == 0).all()
+    (loss * grad.to(device)).sum().backward()
+    assert_close_scaled(loss.detach(), want_loss, 2e-5)
+    assert_close_scaled(xd.grad, want_grad_x, 2e-5)
+    assert_close_scaled(cbd.grad, want_grad_codebook, 2e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_inputs(device, backend, dtype):
+    """Logits of the 16-bit values in fp32; gradients come back in the inputs' dtype."""
+    x = torch.randn(40, 16).to(dtype)
+    codebook = torch.randn(70, 16).to(dtype)
+    indices = torch.randint(0, 70, (40,))
+    want_loss, want_grad_x, want_grad_codebook = dense_loss_and_grads(x[None], codebook[None], indices[None],
+                                                                      torch.ones(1, 40), "l2")
+    xd = x.to(device).requires_grad_()
+    cbd = codebook.to(device).requires_grad_()
+    loss = F.code_cross_entropy(xd, cbd, indices.to(device), backend=backend)
+    loss.sum().backward()
+    assert xd.grad.dtype == dtype and cbd.grad.dtype == dtype
+    assert_close_scaled(loss.detach(), want_loss[0], 1e-2)
+    assert_close_scaled(xd.grad, want_grad_x[0], 1e-2)
+    assert_close_scaled(cbd.grad, want_grad_codebook[0], 1e-2)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_far_logits_are_stable(device, backend):
+    """Tokens far from every code (logits around -200, spread over tens): the online log-sum-exp
+    must not underflow, and the mean over non-ignored tokens is the anchor's loss."""
+    x = torch.randn(50, 8) * 3 + 200.0
+    codebook = torch.randn(90, 8) * 30
+    indices = torch.randint(-1, 90, (50,))
+    want = tF.cross_entropy(dense_logits(x[None].double(), codebook[None].double(), "l2")[0], indices,
+                            ignore_index=-1)
+    loss = F.code_cross_entropy(x.to(device), codebook.to(device), indices.to(device), backend=backend)
+    assert loss.isfinite().all()
+    got = loss.sum() / (indices >= 0).sum().to(device)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_gradient_only_where_required(device, backend):
+    """A frozen codebook gets no gradient (and no second pass); x still gets its own."""
+    x = torch.randn(20, 6, device=device, requires_grad=True)
+    codebook = torch.randn(30, 6, device=device)
+    F.code_cross_entropy(x, codebook, torch.randint(0, 30, (20,), device=device),
+                         backend=backend).mean().backward()
+    assert codebook.grad is None and x.grad is not None and x.grad.abs().sum() > 0
+    codebook.requires_grad_()
+    x.grad = None
+    F.code_cross_entropy(x.detach(), codebook, torch.randint(0, 30, (20,), device=device),
+                         backend=backend).mean().backward()
+    assert codebook.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_non_contiguous_inputs_and_shapes(device, backend):
+    wide = torch.randn(2, 50, 66, device=device)
+    x = wide[:, ::2, 1::2]
+    codebook = torch.randn(33, 70, device=device).t()
+    indices = torch.randint(-1, 70, (2, 25), device=device)
+    got = F.code_cross_entropy(x, codebook, indices, metric="cosine", backend=backend)
+    want = F.code_cross_entropy(x.contiguous(), codebook.contiguous(), indices, metric="cosine",
+                                backend=backend)
+    torch.testing.assert_close(got, want)
+    assert F.code_cross_entropy(x[0], codebook, indices[0].int(), backend=backend).shape == (25,)
+    empty = torch.randn(2, 0, 33, device=device, requires_grad=True)
+    loss = F.code_cross_entropy(empty, codebook, indices[:, :0], backend=backend)
+    loss.sum().backward()
+    assert loss.shape == (2, 0) and empty.grad.shape == (2, 0, 33)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_non_finite_token_gives_nan_loss(device, backend):
+    x = torch.randn(4, 5)
+    x[2, 1] = float("nan")
+    loss = F.code_cross_entropy(x.to(device), torch.randn(9, 5, device=device), torch.tensor([0, 1, 2, 3],
+                                                                                             device=device),
+                                backend=backend).cpu()
+    assert loss[2].isnan() and loss[[0, 1, 3]].isfinite().all()
+
+
+def test_opcheck():
+    """The custom ops' schemas, fake tensors and autograd registration (torch.library.opcheck)."""
+    x = torch.randn(1, 9, 4, requires_grad=True)
+    codebook = torch.randn(1, 7, 4, requires_grad=True)
+    indices = torch.randint(-1, 7, (1, 9))
+    torch.library.opcheck(F._code_cross_entropy_op, (x, codebook, indices, "cosine", "ieee", "torch"))
+
+
+def test_bad_arguments_are_named():
+    x, codebook = torch.randn(4, 3), torch.randn(20, 3)
+    with pytest.raises(ValueError, match=r"indices must have shape x.shape\[:-1\] = \(4,\)"):
+        F.code_cross_entropy(x, codebook, torch.zeros(5, dtype=torch.int64))
+    for dtype in (torch.int16, torch.float32):
+        with pytest.raises(TypeError, match="indices must be an int64 or int32 tensor"):
+            F.code_cross_entropy(x, codebook, torch.zeros(4, dtype=dtype))
+    with pytest.raises(ValueError, match=r"indices must be in \[-1, K=20\)"):
+        F.code_cross_entropy(x, codebook, torch.tensor([0, 1, 20, -1]))
+    with pytest.raises(ValueError, match="metric"):
+        F.code_cross_entropy(x, codebook, torch.zeros(4, dtype=torch.int64), metric="dot")

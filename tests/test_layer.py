@@ -1,0 +1,442 @@
+"""fastvq.VectorQuantize behaviour beyond anchor parity: argument and input errors, 16-bit inputs,
+non-finite tokens, codebook health, the fixed anchor bugs, sampling invariants, no N x K tensors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import backend_cases
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastvq.kmeans import sample_rows
+from fastvq.vector_quantize import UNSUPPORTED, VectorQuantize
+
+DIM, CODES = 8, 32
+
+
+def vq(**kwargs):
+    kwargs = dict(dict(dim=DIM, codebook_size=CODES), **kwargs)
+    return VectorQuantize(**kwargs)
+
+
+def state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_state_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=atol, rtol=1e-5), key
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments and inputs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", UNSUPPORTED)
+def test_unsupported_arguments_raise_naming_them(name):
+    default = UNSUPPORTED[name]
+    value = True if isinstance(default, bool) else (object() if default is None else default + 0.5)
+    with pytest.raises(NotImplementedError, match=name):
+        vq(**{name: value})
+    vq(**{name: default})  # the default is accepted
+
+
+def test_codebook_transform_fn_raises():
+    with pytest.raises(NotImplementedError, match="codebook_transform_fn"):
+        vq()(torch.randn(1, 4, DIM), codebook_transform_fn=lambda e: e)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=0), "dim"),
+    (dict(codebook_size=1.5), "codebook_size"),
+    (dict(heads=0), "heads"),
+    (dict(codebook_dim=-1), "codebook_dim"),
+    (dict(decay=1.5), "decay"),
+    (dict(eps=-1.0), "eps"),
+    (dict(kmeans_init=True, kmeans_iters=0), "kmeans_iters"),
+    (dict(threshold_ema_dead_code=-1), "threshold_ema_dead_code"),
+    (dict(straight_through=True), "rotation_trick"),
+    (dict(use_cosine_sim=True, learnable_codebook=True, ema_update=False), "learnable_codebook"),
+    (dict(learnable_codebook=True), "ema_update"),
+    (dict(straight_through=True, rotation_trick=False, learnable_codebook=True, ema_update=False),
+     "learnable_codebook"),
+    (dict(accept_image_fmap=True, accept_3d_fmap=True), "accept_3d_fmap"),
+    (dict(orthogonal_reg_weight=1.0, orthogonal_reg_active_codes_only=True, heads=2,
+          separate_codebook_per_head=True), "orthogonal_reg_active_codes_only"),
+])
+def test_bad_arguments_raise_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        vq(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,shape,match", [
+    ({}, (2, 5, DIM + 1), r"\(B, N, dim=8\)"),
+    ({}, (2, 3, 5, DIM), r"\(B, N, dim=8\)"),
+    ({}, (2, DIM + 1), r"\(B, dim=8\)"),
+    (dict(channel_last=False), (2, 5, DIM), r"\(B, dim=8, N\)"),
+    (dict(accept_image_fmap=True), (2, DIM, 4), r"\(B, dim, H, W\) with dim=8"),
+    (dict(accept_3d_fmap=True), (2, DIM + 1, 2, 2, 2), r"\(B, dim, D, H, W\) with dim=8"),
+])
+def test_bad_input_shapes_name_the_expected_shape(kwargs, shape, match):
+    with pytest.raises(ValueError, match=match):
+        vq(**kwargs)(torch.randn(shape))
+
+
+def test_bad_inputs_raise():
+    layer = vq()
+    x = torch.randn(2, 5, DIM)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        layer(torch.ones(2, 5, DIM, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(B, N\) = \(2, 5\)"):
+        layer(x, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        layer(x, mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"lens must be an integer tensor of shape \(2,\)"):
+        layer(x, lens=torch.tensor([5]))
+    with pytest.raises(ValueError, match="at most one of mask and lens"):
+        layer(x, mask=torch.ones(2, 5, dtype=torch.bool), lens=torch.tensor([5, 5]))
+    with pytest.raises(ValueError, match="mask and lens need sequence input"):
+        vq(accept_image_fmap=True)(torch.randn(2, DIM, 2, 2), mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"codebook must be a tensor of shape \(32, 8\)"):
+        layer.codebook = torch.randn(CODES, DIM + 1)
+    with pytest.raises(ValueError, match="last dimension of heads=2"):
+        vq(heads=2).get_codes_from_indices(torch.zeros(2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"indices must be in \[-1, codebook_size=32\)"):
+        layer.get_codes_from_indices(torch.tensor([[CODES]]))
+    with pytest.raises(ValueError, match="ema_update_weight must be"):
+        layer.train()(x, ema_update_weight=torch.ones(CODES + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kwargs", [{}, dict(codebook_dim=4, heads=2)], ids=["plain", "projection"])
+def test_16_bit_inputs_compute_in_fp32(dtype, kwargs):
+    """A 16-bit input gives the fp32 run's indices and EMA state on the same values, quantized in
+    the input dtype and a float32 loss (also with fp32 projections, where the anchor raises)."""
+    layer = vq(**kwargs).train()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(3, 10, DIM).to(dtype)
+    quantized, indices, loss = layer(x.requires_grad_())
+    expected_q, expected_i, expected_loss = twin(x.detach().float().requires_grad_())
+    assert quantized.dtype == dtype and loss.dtype == torch.float32 and indices.dtype == torch.int64
+    assert torch.equal(indices, expected_i)
+    torch.testing.assert_close(quantized, expected_q.to(dtype))
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert_state_close(state(layer), state(twin))
+    (quantized.float().sum() + loss).backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+
+
+def test_casting_the_module_keeps_the_ema_state_in_fp32():
+    layer = vq(codebook_dim=4).to(torch.bfloat16).train()
+    assert layer.project_in.weight.dtype == torch.bfloat16
+    assert all(buf.dtype in (torch.float32, torch.bool, torch.int64) for buf in layer._codebook.buffers())
+    quantized, _, loss = layer(torch.randn(2, 5, DIM, dtype=torch.bfloat16))
+    assert quantized.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert layer._codebook.embed_avg.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite tokens
+# ---------------------------------------------------------------------------------------------
+
+def test_nonfinite_tokens_never_reach_the_statistics():
+    """Tokens with NaN/inf get index -1, pass through, and leave the codebook as if masked out;
+    the counter counts them (a device tensor, not a Python number)."""
+    layer = vq(heads=2, separate_codebook_per_head=True, codebook_dim=4, threshold_ema_dead_code=1.0,
+               decay=0.5).train()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 6, DIM)
+    bad = torch.zeros(2, 6, dtype=torch.bool)
+    bad[0, 1] = bad[1, 4] = bad[1, 5] = True
+    x[0, 1, 0] = float("nan")
+    x[1, 4, 5] = float("inf")
+    x[1, 5] = float("-inf")
+    torch.manual_seed(0)
+    quantized, indices, _ = layer(x)
+    torch.manual_seed(0)
+    twin(torch.where(bad.unsqueeze(-1), 0.0, x), mask=~bad)
+    assert indices[0, 1, 0] == -1 and indices[0, 1, 1] >= 0  # one head non-finite: token left out
+    assert (indices[1, 5] == -1).all() and indices[1, 4, 1] == -1 and indices[1, 4, 0] >= 0
+    assert torch.isnan(quantized[0, 1, 0]) and torch.isinf(quantized[1, 5]).all()
+    counter = layer.codebook_health()["nonfinite_tokens"]
+    assert isinstance(counter, torch.Tensor) and counter.dtype == torch.int64 and int(counter) == 3
+    assert "_codebook.num_nonfinite_tokens" not in layer.state_dict()
+    for key, value in state(layer).items():
+        assert torch.isfinite(value.float()).all(), key
+    assert_state_close(state(layer), state(twin))
+
+
+def test_nonfinite_tokens_never_seed_kmeans_or_dead_codes():
+    layer = vq(kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=100.0).train()
+    x = torch.randn(4, 40, DIM)
+    x[:, ::2] = float("nan")  # half the tokens
+    for _ in range(3):
+        layer(x)
+        assert torch.isfinite(layer.codebook).all()
+        assert int(layer.codebook_health()["replaced_codes"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# health
+# ---------------------------------------------------------------------------------------------
+
+def test_codebook_health_is_device_tensors_matching_the_batch():
+    layer = vq(threshold_ema_dead_code=0.9).train()
+    health = layer.codebook_health()
+    assert torch.isnan(health["usage"]) and torch.isnan(health["perplexity"])
+    x = torch.randn(2, 50, DIM)
+    with torch.no_grad():
+        _, indices, _ = layer(x)
+    health = layer.codebook_health()
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in health.values())
+    counts = torch.bincount(indices.flatten(), minlength=CODES).float()
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+    torch.testing.assert_close(health["usage"], (counts > 0).float().mean())
+    torch.testing.assert_close(health["perplexity"], entropy.exp())
+    # decay 0.8: cluster_size = 0.8 + 0.2 * count is below 0.9 exactly for unused codes
+    assert int(health["dead_codes"]) == int((counts == 0).sum()) == int(health["replaced_codes"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the anchor's bugs, fixed
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(codebook_dim=4, heads=2),
+                                    dict(heads=2, separate_codebook_per_head=True, use_cosine_sim=True)])
+def test_masked_loss_uses_the_projected_input(kwargs):
+    """With a mask, loss, gradients and EMA state equal those of the unpadded sequences (the anchor
+    compares codes with the unprojected input and fails with projections)."""
+    layer = vq(**kwargs).train()
+    trimmed = copy.deepcopy(layer)
+    x = torch.randn(1, 9, DIM)
+    padded = torch.cat([x, torch.randn(1, 4, DIM)], dim=1).requires_grad_()
+    quantized, indices, loss = layer(padded, lens=torch.tensor([9]))
+    expected_q, expected_i, expected_loss = trimmed(x.clone().requires_grad_())
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(quantized[:, :9], expected_q)
+    assert torch.equal(indices[:, :9], expected_i) and (indices[:, 9:] == -1).all()
+    assert (quantized[:, 9:] == 0).all()
+    loss.backward()
+    assert (padded.grad[:, 9:] == 0).all()
+    assert_state_close(state(layer), state(trimmed))
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    (dict(heads=2), (2, 5, DIM)),
+    (dict(heads=2, codebook_dim=3), (2, 5, DIM)),
+    (dict(heads=2, separate_codebook_per_head=True, codebook_dim=3, channel_last=False), (2, DIM, 5)),
+    (dict(codebook_dim=3, accept_image_fmap=True), (2, DIM, 3, 2)),
+    (dict(codebook_dim=3), (2, DIM)),
+])
+def test_get_output_from_indices_equals_forward(kwargs, shape):
+    """Decoding indices gives exactly the eval output, also for shared multi-head codebooks and
+    projected feature maps (where the anchor returns a wrong shape)."""
+    layer = vq(**kwargs).eval()
+    x = torch.randn(shape)
+    quantized, indices, _ = layer(x)
+    torch.testing.assert_close(layer.get_output_from_indices(indices), quantized, rtol=0, atol=0)
+    if not layer.has_projections:
+        torch.testing.assert_close(layer.get_codes_from_indices(indices), quantized, rtol=0, atol=0)
+
+
+def test_index_minus_one_decodes_to_zeros_and_is_skipped_by_update_indices():
+    layer = vq(codebook_dim=4).train()
+    indices = torch.tensor([[3, -1, 5]])
+    assert (layer.get_codes_from_indices(indices)[0, 1] == 0).all()
+    assert (layer.get_output_from_indices(indices)[0, 1] == 0).all()
+    before = layer._codebook.cluster_size.clone()
+    layer.update_indices(torch.randn(1, 3, DIM), indices)
+    counts = torch.zeros(CODES)
+    counts[[3, 5]] = 1
+    torch.testing.assert_close(layer._codebook.cluster_size[0], before[0].lerp(counts, 0.2))
+
+
+def test_lens_follow_the_sequence_axis_when_channel_first():
+    layer = vq(channel_last=False).eval()
+    x = torch.randn(2, DIM, 6)
+    quantized, indices, _ = layer(x, lens=torch.tensor([6, 2]))
+    assert (indices[1, 2:] == -1).all() and (indices[0] >= 0).all()
+    assert (quantized[1, :, 2:] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling, k-means, dead codes, EMA options
+# ---------------------------------------------------------------------------------------------
+
+def test_sample_rows_draws_distinct_valid_rows():
+    x = torch.arange(2 * 30 * 3, dtype=torch.float32).view(2, 30, 3)
+    valid = torch.rand(2, 30) > 0.5
+    valid[1, :] = False
+    valid[1, :4] = True
+    samples, found = sample_rows(x, valid, 10)
+    assert found.tolist() == [min(10, int(valid[0].sum())), 4]
+    for h in range(2):
+        rows = samples[h, :found[h]]
+        position = (rows[:, 0] - x[h, 0, 0]) / 3  # rows are x[h, i] = base + 3 i + (0, 1, 2)
+        assert valid[h, position.long()].all()
+        assert position.unique().numel() == rows.shape[0]
+
+
+def test_kmeans_init_runs_once_on_the_first_batch_in_eval_too():
+    layer = vq(kmeans_init=True, kmeans_iters=3).eval()
+    assert not bool(layer._codebook.initted)
+    x = torch.randn(2, 64, DIM)
+    with pytest.warns(RuntimeWarning, match="duplicates"):
+        vq(kmeans_init=True, codebook_size=200).eval()(x)
+    layer(x)
+    assert bool(layer._codebook.initted)
+    first = layer.codebook.clone()
+    layer(torch.randn(2, 64, DIM))
+    assert torch.equal(layer.codebook, first)
+    # a loaded state that is not initialised makes it run again
+    layer.load_state_dict(vq(kmeans_init=True).state_dict())
+    layer(x)
+    assert bool(layer._codebook.initted) and not torch.equal(layer.codebook, torch.zeros_like(first))
+
+
+def test_kmeans_init_waits_for_a_batch_with_valid_tokens():
+    layer = vq(kmeans_init=True).train()
+    with pytest.warns(RuntimeWarning, match="uninitialised"):
+        layer(torch.randn(1, 4, DIM), mask=torch.zeros(1, 4, dtype=torch.bool))
+    assert not bool(layer._codebook.initted)
+    layer(torch.randn(1, 40, DIM))
+    assert bool(layer._codebook.initted)
+
+
+def test_expire_codes_helper_replaces_dead_codes_with_given_vectors():
+    layer = vq(threshold_ema_dead_code=2.0, heads=2, codebook_dim=4, separate_codebook_per_head=True).train()
+    layer._codebook.cluster_size[:, :5] = 0.0
+    x = torch.randn(1, 20, 8)
+    layer.expire_codes_(x)
+    rows = x.view(20, 2, 4)
+    for h in range(2):
+        new = layer.codebook[h, :5]
+        assert (torch.cdist(new, rows[:, h]).min(1).values < 1e-6).all()
+        assert (layer._codebook.cluster_size[h, :5] == 2.0).all()
+
+
+def test_fewer_usable_tokens_than_dead_codes_replaces_the_first_dead_codes():
+    layer = vq(threshold_ema_dead_code=2.0).train()
+    layer._codebook.cluster_size.fill_(5.0)
+    layer._codebook.cluster_size[0, 10:20] = 0.0
+    layer._codebook.expire_codes_(torch.randn(1, 4, DIM))
+    assert (layer._codebook.cluster_size[0, 10:14] == 2.0).all()
+    assert (layer._codebook.cluster_size[0, 14:20] == 0.0).all()
+    assert int(layer.codebook_health()["replaced_codes"]) == 4
+
+
+def test_training_step_builds_no_n_by_k_tensor(monkeypatch):
+    """Every tensor the layer creates in forward, backward and the EMA step (k-means init and dead
+    codes included) stays below N * K / 2 elements; cdist and one_hot are never called."""
+    n_tokens, n_codes = 2048, 1024
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dense N x K helper was called")
+
+    monkeypatch.setattr(torch, "cdist", forbidden)
+    monkeypatch.setattr(F, "one_hot", forbidden)
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    layer = vq(dim=16, codebook_size=n_codes, codebook_dim=8, kmeans_init=True, kmeans_iters=2,
+               threshold_ema_dead_code=2.0, orthogonal_reg_weight=0.1).train()
+    x = torch.randn(2, n_tokens // 2, 16, requires_grad=True)
+    with LargestTensor():
+        for _ in range(2):
+            quantized, _, loss = layer(x)
+            (quantized.sum() + loss).backward()
+    assert 0 < LargestTensor.largest < n_tokens * n_codes // 2, LargestTensor.largest
+
+
+def test_accumulated_statistics_equal_one_step_on_the_union():
+    layer = vq(decay=0.5).train()
+    twin = copy.deepcopy(layer)
+    a, b = torch.randn(2, 10, DIM), torch.randn(2, 10, DIM)
+    layer(a, accum_ema_update=True)
+    layer(b)
+    twin(torch.cat([a, b]))
+    assert_state_close(state(layer), state(twin))
+
+
+# ---------------------------------------------------------------------------------------------
+# stochastic sampling, straight-through, top-k, cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+def test_stochastic_sampling_draws_codes_in_training_only():
+    layer = vq(stochastic_sample_codes=True, sample_codebook_temp=1.0)
+    x = torch.randn(4, 64, DIM)
+    nearest = layer.eval()(x)[1]
+    assert torch.equal(layer.train()(x, freeze_codebook=True, sample_codebook_temp=0.0)[1], nearest)
+    assert torch.equal(layer(x, freeze_codebook=True, sample_codebook_temp=1e-6)[1], nearest)
+    torch.manual_seed(3)
+    drawn = layer(x, freeze_codebook=True, sample_codebook_temp=100.0)[1]
+    torch.manual_seed(3)
+    assert torch.equal(layer(x, freeze_codebook=True, sample_codebook_temp=100.0)[1], drawn)  # seeded
+    assert (drawn != nearest).float().mean() > 0.5 and drawn.min() >= 0
+    deterministic = copy.deepcopy(layer)
+    deterministic.stochastic_sample_codes = False
+    assert torch.equal(deterministic(x, freeze_codebook=True, sample_codebook_temp=100.0)[1], nearest)
+
+
+def test_sampled_codes_drive_the_ema_update():
+    layer = vq(stochastic_sample_codes=True, sample_codebook_temp=5.0).train()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 40, DIM)
+    _, indices, _ = layer(x)
+    twin.update_indices(x, indices)
+    assert_state_close(state(layer), state(twin))
+
+
+def test_straight_through_gumbel_gradient_case_is_refused():
+    layer = vq(codebook_dim=4, stochastic_sample_codes=True, straight_through=True, rotation_trick=False)
+    layer.train()
+    x = torch.randn(2, 5, DIM)
+    quantized, _, loss = layer(x.clone().requires_grad_())  # gradient routed to the input: supported
+    (quantized.sum() + loss).backward()
+    with pytest.raises(NotImplementedError, match="straight_through"):
+        layer(x)  # no input gradient: the anchor would send a softmax gradient to project_in
+    with torch.no_grad():
+        layer(x)
+
+
+def test_topk_and_cross_entropy_argument_errors():
+    layer = vq()
+    x = torch.randn(2, 5, DIM)
+    with pytest.raises(ValueError, match="topk must be <= 16"):
+        layer(x, topk=17)
+    with pytest.raises(ValueError, match="topk must be an int >= 1"):
+        layer(x, topk=0)
+    with pytest.raises(ValueError, match="topk needs heads=1"):
+        vq(heads=2)(x, topk=2)
+    with pytest.raises(NotImplementedError, match="Gumbel top-k"):
+        vq(stochastic_sample_codes=True).train()(x, topk=2)
+    with pytest.raises(ValueError, match=r"indices must be an integer tensor shaped as the returned indices"):
+        layer(x, indices=torch.zeros(2, 4, dtype=torch.int64))
+    assert vq(codebook_size=12)(x, topk=64)[1].shape == (2, 5, 12)  # k is capped at K first
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_sampling_is_the_same_draw_on_every_backend(device, backend):
+    """Gumbel noise is keyed by (seed, token, code), so a seeded draw does not depend on the backend."""
+    layer = vq(stochastic_sample_codes=True, sample_codebook_temp=2.0, backend="torch").to(device).train()
+    x = torch.randn(2, 6, DIM, device=device)
+    torch.manual_seed(5)
+    expected = layer(x, freeze_codebook=True)[1]
+    layer.backend = layer._codebook.backend = backend
+    torch.manual_seed(5)
+    assert torch.equal(layer(x, freeze_codebook=True)[1], expected)

@@ -1,0 +1,40 @@
+"""A full training step at N=65536 tokens, D=32, K=16384 codes in under 2 GiB of peak memory.
+
+vector-quantize-pytorch 1.32.0 needs about 25 GiB here (seven N x K fp32 matrices and two one-hots).
+The step runs in a fresh subprocess so that its peak resident set size (ru_maxrss) is its own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+LIMIT_BYTES = 2 * 2**30
+
+STEP = """
+import json, resource, torch
+from fastvq.vector_quantize import VectorQuantize
+torch.manual_seed(0)
+layer = VectorQuantize(dim=32, codebook_size=16384, threshold_ema_dead_code=2, backend="torch").train()
+x = torch.randn(64, 1024, 32, requires_grad=True)  # N = 65536 tokens
+quantized, indices, loss = layer(x)
+(quantized.square().mean() + loss).backward()
+health = {k: float(v) for k, v in layer.codebook_health().items()}
+print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, health=health,
+                      grad_finite=bool(torch.isfinite(x.grad).all()), tokens=indices.numel())))
+"""
+
+
+@pytest.mark.slow
+def test_training_step_at_n65536_k16384_fits_in_2_gib():
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTVQ_BACKEND", "TRITON_INTERPRET")}
+    result = subprocess.run([sys.executable, "-c", STEP], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["peak"] < LIMIT_BYTES, f"peak RSS {report['peak'] / 2**30:.2f} GiB >= 2 GiB"
+    assert report["tokens"] == 65536 and report["grad_finite"]
+    assert 0 < report["health"]["usage"] <= 1 and report["health"]["replaced_codes"] > 0
+    print(f"peak RSS {report['peak'] / 2**30:.2f} GiB")

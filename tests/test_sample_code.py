@@ -1,0 +1,156 @@
+"""sample_code: draws follow softmax(logits / temperature), are reproducible by seed, and agree
+between backends (the reference replays Triton's Philox stream).
+
+Distribution rule: N identical tokens against K = 5 codes give multinomial counts; the chi-square
+statistic against N softmax(logit / T) (float64 logits) must stay below 43, the 1 - 1e-8 quantile
+of chi-square with 4 degrees of freedom (P(X > x) = exp(-x/2) (1 + x/2)). Seeds are fixed per
+test, so a pass is reproducible; a wrong distribution (e.g. the temperature off by 20% at T = 0.5, or
+correlated noise) exceeds it by far at this N.
+"""
+
+import pytest
+import torch
+from conftest import backend_cases
+
+import fastvq.functional as F
+from fastvq import reference
+
+CHI2_LIMIT = 43.0
+
+
+def dense_logits(x, codebook, metric):
+    """The anchor's logits in float64, (H, N, K) from canonical (H, N, D) and (Hc, K, D)."""
+    xd, cd = x.double(), codebook.double().expand(x.shape[0], -1, -1)
+    if metric == "l2":
+        return -torch.cdist(xd, cd).pow(2).clamp_min(1e-8).sqrt()
+    return torch.nn.functional.normalize(xd, dim=-1) @ torch.nn.functional.normalize(cd,
+                                                                                     dim=-1).transpose(1, 2)
+
+
+def _five_codes(heads, d, metric):
+    """One token per head and 5 codes at distances 0.2 ... 1.4 (l2) or cosines 0.9 ... -0.3
+    (cosine) from it, in random directions: no tiny softmax cell at T in [0.5, 2]."""
+    token = torch.randn(heads, 1, d)
+    direction = torch.nn.functional.normalize(torch.randn(heads, 5, d), dim=-1)
+    if metric == "l2":
+        return token, token + torch.tensor([0.2, 0.5, 0.8, 1.1, 1.4])[:, None] * direction
+    unit = torch.nn.functional.normalize(token, dim=-1)
+    across = torch.nn.functional.normalize(direction - (direction * unit).sum(-1, keepdim=True) * unit,
+                                           dim=-1)
+    cosines = torch.tensor([0.9, 0.6, 0.3, 0.0, -0.3])[:, None]
+    return token, (cosines * unit + (1 - cosines**2).sqrt() * across) * torch.rand(heads, 5, 1).add(0.5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("metric,temperature", [("l2", 0.5), ("l2", 2.0), ("cosine", 0.5)])
+def test_frequencies_match_softmax(device, backend, metric, temperature, _seed):
+    n = 6000
+    token, codebook = _five_codes(2, 3, metric)
+    x = token.expand(2, n, 3)
+    indices = F.sample_code(x.to(device), codebook.to(device), temperature=temperature, metric=metric,
+                            seed=_seed, backend=backend).cpu()
+    probs = (dense_logits(token, codebook, metric)[:, 0] / temperature).softmax(dim=-1)  # (2, 5)
+    assert probs.min() * n > 50, "every cell needs a large expected count"
+    for h in range(2):  # one codebook per head: each head follows its own softmax
+        counts = torch.bincount(indices[h], minlength=5).double()
+        expected = n * probs[h]
+        chi2 = ((counts - expected).pow(2) / expected).sum().item()
+        assert chi2 < CHI2_LIMIT, f"head {h}: counts {counts.tolist()} vs expected {expected.tolist()}"
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_seeds(device, backend):
+    """Same seed: same draw; another seed: another draw; seed=None follows torch.manual_seed;
+    heads sharing a codebook draw independent noise."""
+    x = torch.randn(1, 100, 6, device=device).repeat(2, 1, 1)  # identical heads
+    codebook = torch.randn(20, 6, device=device) * 0.3
+
+    def draw(seed):
+        return F.sample_code(x, codebook, temperature=1.0, seed=seed, backend=backend)
+
+    assert torch.equal(draw(7), draw(7))
+    assert (draw(7) != draw(8)).float().mean() > 0.5
+    a = draw(7)
+    assert (a[0] != a[1]).float().mean() > 0.5, "heads must not reuse each other's noise"
+    torch.manual_seed(3)
+    first = draw(None)
+    torch.manual_seed(3)
+    assert torch.equal(first, draw(None))
+    assert (first != draw(None)).any()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_backends_draw_the_same_codes(device, backend, metric):
+    """The reference replays Triton's Philox stream, so both backends draw the same code for a seed
+    (up to float rounding where two perturbed logits nearly tie)."""
+    x, codebook = torch.randn(2, 301, 33), torch.randn(2, 259, 33)
+    got = F.sample_code(x.to(device), codebook.to(device), temperature=0.7, metric=metric, seed=11,
+                        backend=backend).cpu()
+    want = F.sample_code(x, codebook, temperature=0.7, metric=metric, seed=11, backend="torch")
+    assert (got == want).float().mean() >= 0.99
+
+
+def test_reference_noise_is_triton_philox():
+    """Bit-exact against values of `tl.rand(123, 2**33 + arange(4))` (triton 3.6-3.9)."""
+    offsets = torch.arange(4) + 2**33
+    expected = torch.tensor([0.154929385, 0.142340347, 0.650659084, 0.846028626])
+    torch.testing.assert_close(reference.philox_uniform(123, offsets), expected, rtol=0, atol=1e-9)
+    u = reference.philox_uniform(2**40 + 5, torch.arange(200_000))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_non_positive_temperature_is_nearest_code(device, backend, temperature):
+    x, codebook = torch.randn(2, 30, 5, device=device), torch.randn(2, 40, 5, device=device)
+    got = F.sample_code(x, codebook, temperature=temperature, seed=1, backend=backend)
+    assert torch.equal(got, F.nearest_code(x, codebook, backend=backend)[0])
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_cold_temperature_picks_the_nearest(device, backend):
+    x, codebook = torch.randn(300, 8, device=device), torch.randn(50, 8, device=device)
+    nearest = F.nearest_code(x, codebook, backend=backend)[0]
+    assert torch.equal(F.sample_code(x, codebook, temperature=1e-4, seed=5, backend=backend), nearest)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_non_finite_inputs(device, backend):
+    """Codes with a non-finite entry are never drawn; a token with NaN gets -1."""
+    codebook = torch.zeros(4, 3)
+    codebook[[1, 3], 0] = torch.tensor([float("nan"), float("inf")])
+    x = torch.zeros(500, 3)
+    x[7, 1] = float("nan")
+    got = F.sample_code(x.to(device), codebook.to(device), temperature=1.0, seed=2, backend=backend).cpu()
+    assert got[7] == -1
+    rest = torch.cat([got[:7], got[8:]])
+    assert set(rest.tolist()) == {0, 2}
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_non_contiguous_inputs_and_shapes(device, backend):
+    wide = torch.randn(2, 50, 66, device=device)
+    x = wide[:, ::2, 1::2]
+    codebook = torch.randn(33, 70, device=device).t()
+    got = F.sample_code(x, codebook, seed=4, backend=backend)
+    assert torch.equal(got, F.sample_code(x.contiguous(), codebook.contiguous(), seed=4, backend=backend))
+    assert got.shape == (2, 25) and got.dtype == torch.int64
+    assert F.sample_code(x[0], codebook, seed=4, backend=backend).shape == (25,)
+    assert F.sample_code(x[:, :0], codebook, seed=4, backend=backend).shape == (2, 0)
+
+
+def test_bad_arguments_are_named():
+    x, codebook = torch.randn(4, 3), torch.randn(20, 3)
+    with pytest.raises(TypeError, match="temperature"):
+        F.sample_code(x, codebook, temperature=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="temperature"):
+        F.sample_code(x, codebook, temperature=float("inf"))
+    for seed in (-1, 2**63):
+        with pytest.raises(ValueError, match="seed"):
+            F.sample_code(x, codebook, seed=seed)
+    for seed in (1.0, True):
+        with pytest.raises(TypeError, match="seed"):
+            F.sample_code(x, codebook, seed=seed)
+    with pytest.raises(ValueError, match="codebook"):
+        F.sample_code(x, torch.randn(20, 4))
