@@ -7,7 +7,7 @@ The public functions in `fastvq.functional` validate arguments and reshape to th
 
 Never holds an N x K tensor: scores are computed on tiles of at most `SCORE_TILE_ELEMENTS` entries,
 so the extra memory is bounded by about 3 * SCORE_TILE_ELEMENTS * 4 bytes (score tile, matmul
-output, comparison temporaries: 48 MiB) + one fp32 copy of the codebook (K * D * 4 bytes) + O(N * D)
+output, comparison temporaries: 6 MiB) + one fp32 copy of the codebook (K * D * 4 bytes) + O(N * D)
 for the exact distance of the chosen codes. Exceptions, still O(tile): `topk_codes` sorts a tile with
 its int64 indices (about twice that), and `sample_code` adds an int64 tile of noise counters.
 This module never imports triton.
@@ -23,8 +23,12 @@ NORM_EPS = 1e-12
 L2_LOGIT_EPS = 1e-8
 """The l2 logit is -sqrt(max(squared distance, L2_LOGIT_EPS)), as the anchor's `cdist`."""
 
-SCORE_TILE_ELEMENTS = 1 << 22
-"""Largest number of (token, code) scores held at once: 4M fp32 = 16 MiB."""
+SCORE_TILE_ELEMENTS = 1 << 19
+"""Largest number of (token, code) scores held at once: 512K fp32 = 2 MiB, so that a tile stays in
+the CPU's cache between the matrix product that writes it and the reduction that reads it."""
+
+CODES_PER_TILE = 512
+"""Codes per tile (at most); the tile takes as many tokens as SCORE_TILE_ELEMENTS allows."""
 
 PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
 
@@ -114,8 +118,8 @@ def _tiles(x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor, precisio
     """
     heads, n_tokens, _ = x.shape
     n_codes = codebook.shape[1]
-    rows_per_tile = max(1, min(n_tokens, SCORE_TILE_ELEMENTS // n_codes))
-    codes_per_tile = max(1, min(n_codes, SCORE_TILE_ELEMENTS // rows_per_tile))
+    codes_per_tile = min(n_codes, CODES_PER_TILE)
+    rows_per_tile = max(1, min(n_tokens, SCORE_TILE_ELEMENTS // codes_per_tile))
     for h in range(heads):
         hc = h if codebook.shape[0] > 1 else 0
         codes = round_operand(codebook[hc], precision)
