@@ -42,3 +42,12 @@ def _seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield seed
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and far more steadily on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,255 @@
+"""The ``fastvq`` command: train, evaluate, encode and decode with the reference tokenizers.
+
+    fastvq train --preset demo                       # VQ-VAE on builtin photos, minutes on CPU
+    fastvq train --model vqgan --preset gpu --data PATH --quantizer vector-quantize-pytorch
+    fastvq eval --ckpt runs/vqvae-demo/checkpoint.safetensors --data builtin
+    fastvq encode --ckpt CKPT --data IMAGES --out CODES
+    fastvq decode --ckpt CKPT --indices CODES --out IMAGES
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fastvq import report
+from fastvq.data import builtin_images, fixed_crops, load_images, stack_images
+from fastvq.metrics import InceptionFeatures
+from fastvq.models import QUANTIZERS
+from fastvq.training import (
+    CHECKPOINT,
+    MODELS,
+    PRESETS,
+    RESUMABLE,
+    RunConfig,
+    decode_indices,
+    encode_images,
+    evaluate,
+    load_model,
+    make_config,
+    read_checkpoint,
+    resolve_device,
+    train,
+)
+
+MANIFEST_FORMAT = "fastvq-indices/1"
+
+# train flags that map onto RunConfig fields; None means "not given".
+RUN_FLAGS = (
+    ("--data", str, "builtin (scikit-image photos, default), a folder of images or a .npy/.npz"),
+    ("--steps", int, "number of training steps"),
+    ("--batch-size", int, "images per step"),
+    ("--image-size", int, "side of the square training crops (a multiple of the model's factor)"),
+    ("--lr", float, "Adam learning rate"),
+    ("--seed", int, "seed of initialisation and batch sampling"),
+    ("--ckpt-every", int, "steps between checkpoints"),
+    ("--log-every", int, "steps between progress-bar updates"),
+    ("--holdout", float, "fraction of PATH images held out for evaluation (builtin: fixed split)"),
+    ("--num-eval", int, "held-out crops evaluated at the end"),
+    ("--resize", int, "resize the shorter side to S then center-crop SxS before cropping"),
+    ("--crop", int, "center-crop SxS before cropping"),
+    ("--lpips-weights", str, "VGG16-LPIPS weights file; adds the perceptual loss (VQGAN)"),
+    ("--device", str, "auto (CUDA when present), cpu or cuda[:N]"),
+)
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastvq", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train a VQ-VAE or VQGAN")
+    p.add_argument("--model", choices=list(MODELS), help="model kind (default vqvae)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="demo: minutes on a 2-core CPU; gpu: 128 px, sized for one GPU")
+    p.add_argument("--quantizer", choices=QUANTIZERS, help="quantizer implementation (default fastvq)")
+    for flag, kind, text in RUN_FLAGS:
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--codebook-size", type=int, help="number of codes K")
+    p.add_argument("--codebook-dim", type=int, help="code width D")
+    p.add_argument("--set", dest="model_args", type=_model_arg, action="append", default=[],
+                   metavar="KEY=VALUE", help="model constructor argument (JSON value), repeatable")
+    p.add_argument("--out", type=Path, help="output folder (default runs/MODEL[-PRESET])")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/" + CHECKPOINT)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (and rFID) on held-out images")
+    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--data", default="builtin", help="builtin (held-out photos), folder or .npy/.npz")
+    p.add_argument("--out", type=Path, help="output folder (default: CKPT's folder/eval)")
+    p.add_argument("--num-eval", type=int, default=64, help="crops of the builtin held-out photos")
+    p.add_argument("--image-size", type=int, help="side of those crops (default: the training size)")
+    p.add_argument("--inception-weights", type=Path,
+                   help="TorchScript Inception feature extractor (inception-2015-12-05.pt) for rFID")
+    _shared(p, "evaluate with this quantizer instead of the checkpoint's")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("encode", help="images -> code indices (indices.npy + manifest.json)")
+    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--data", required=True, help="folder of images or .npy/.npz")
+    p.add_argument("--out", type=Path, required=True)
+    _shared(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = commands.add_parser("decode", help="code indices (from encode) -> PNG images")
+    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--indices", type=Path, required=True, help="folder written by fastvq encode")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_decode)
+    return parser
+
+
+def _shared(p: argparse.ArgumentParser, quantizer_help: str | None = None) -> None:
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--resize", type=int, help="resize the shorter side to S, center-crop SxS")
+    p.add_argument("--crop", type=int, help="center-crop SxS")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    if quantizer_help:
+        p.add_argument("--quantizer", choices=QUANTIZERS, help=quantizer_help)
+
+
+def _train_config(args: argparse.Namespace, out: Path) -> RunConfig:
+    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+             for flag, _, _ in RUN_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.quantizer:
+        given["quantizer"] = args.quantizer
+    model_args = dict(args.model_args)
+    for key in ("codebook_size", "codebook_dim"):
+        if getattr(args, key) is not None:
+            model_args[key] = getattr(args, key)
+    if not args.resume:
+        return make_config(args.model or "vqvae", args.preset, model_args=model_args, **given)
+    _, meta = read_checkpoint(out / CHECKPOINT, args.model)
+    stored = meta["config"]
+    for key, value in {**given, **{f"model_args.{k}": v for k, v in model_args.items()}}.items():
+        old = stored["model_args"].get(key[11:]) if key.startswith("model_args.") else stored[key]
+        if key not in RESUMABLE and json.dumps(value) != json.dumps(old):
+            raise ValueError(
+                f"{key}={value!r} differs from the checkpoint's {old!r}; drop it to resume "
+                f"exactly (only {', '.join(RESUMABLE)} may change)"
+            )
+        if key in RESUMABLE:
+            stored[key] = value
+    return RunConfig(**stored)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = args.out or Path("runs") / "-".join(filter(None, (args.model or "vqvae", args.preset)))
+    config = _train_config(args, out)
+    metrics = train(config, out, resume=args.resume, progress=not args.no_progress)
+    ev, timing = metrics["eval"], metrics["timing"]
+    share = timing["quantizer_share"]
+    print(
+        f"{config.model} ({config.quantizer}), step {metrics['step']}: held-out PSNR "
+        f"{ev['psnr']:.2f} dB, SSIM {ev['ssim']:.3f}, codebook usage {ev['codebook_usage']:.3f}, "
+        f"perplexity {ev['perplexity']:.1f}; quantizer share of step time "
+        f"{'n/a' if share is None else f'{100 * share:.1f}%'}; outputs in {out}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model, meta = load_model(args.ckpt, device, args.quantizer)
+    if args.data == "builtin":
+        size = args.image_size or meta["config"]["image_size"]
+        images = fixed_crops(builtin_images("eval")[1], size, args.num_eval)
+    else:
+        images = stack_images(*load_images(args.data, args.resize, args.crop))
+    inception = InceptionFeatures(args.inception_weights, device) if args.inception_weights else None
+    metrics, recons, indices = evaluate(model, images, args.batch_size, device, inception)
+    out = args.out or args.ckpt.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_json(out / "metrics.json", {
+        "checkpoint": str(args.ckpt), "step": meta["step"], "kind": meta["kind"],
+        "quantizer": model.config["quantizer"], "data": args.data, **metrics,
+    })
+    report.save_grid(images[:16], recons[:16], out / "reconstructions.png")
+    report.plot_code_histogram(indices, model.codebook_size, out / "codebook_usage.png")
+    print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; outputs in {out}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model, meta = load_model(args.ckpt, device)
+    names, images = load_images(args.data, args.resize, args.crop)
+    indices = encode_images(model, stack_images(names, images), args.batch_size, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    np.save(args.out / "indices.npy", indices.astype(np.min_scalar_type(model.codebook_size - 1)))
+    report.write_json(args.out / "manifest.json", {
+        "format": MANIFEST_FORMAT, "checkpoint": str(args.ckpt), "kind": meta["kind"],
+        "codebook_size": model.codebook_size, "shape": list(indices.shape), "images": names,
+    })
+    print(f"encoded {len(names)} images to {args.out / 'indices.npy'} {tuple(indices.shape)}")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    manifest_path = args.indices / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"--indices {args.indices}: no manifest.json (run fastvq encode)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    device = resolve_device(args.device)
+    model, meta = load_model(args.ckpt, device)
+    if (manifest["kind"], manifest["codebook_size"]) != (meta["kind"], model.codebook_size):
+        raise ValueError(
+            f"--indices {args.indices} were made by a {manifest['kind']} with "
+            f"{manifest['codebook_size']} codes, but --ckpt {args.ckpt} is a {meta['kind']} "
+            f"with {model.codebook_size}"
+        )
+    indices = np.load(args.indices / "indices.npy")
+    if indices.shape != tuple(manifest["shape"]):
+        raise ValueError(f"{args.indices / 'indices.npy'} has shape {indices.shape}, the manifest "
+                         f"says {tuple(manifest['shape'])}")
+    names = [Path(n).stem + ".png" for n in manifest["images"]]
+    if len(set(names)) < len(names):
+        names = [n + ".png" for n in manifest["images"]]
+    images = decode_indices(model, indices, args.batch_size, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, image in zip(names, images):
+        Image.fromarray(image).save(args.out / name)
+    print(f"decoded {len(names)} images to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``fastvq`` command with ``argv`` (default sys.argv[1:]); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"fastvq {args.command}: interrupted", file=sys.stderr)
+        if args.command == "train":
+            print("the last checkpoint is intact; continue with the same command and --resume",
+                  file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as err:
+        print(f"fastvq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

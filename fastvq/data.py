@@ -1,0 +1,249 @@
+"""Image data for training and evaluating tokenizers: a folder of images, a .npy/.npz array, or
+``builtin`` (photographs shipped inside scikit-image, no download).
+
+Images are held as uint8 arrays of shape (H, W, 3); models see float32 (B, 3, H, W) in [-1, 1].
+Training batches are random crops that depend only on (seed, step), so a resumed run sees the same
+batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# scikit-image sample photographs that ship inside its wheel (no pooch download).
+BUILTIN_TRAIN = (
+    "astronaut", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+    "camera", "brick", "grass", "gravel", "moon",
+)
+BUILTIN_EVAL = ("coffee", "motorcycle")
+
+
+def to_rgb_uint8(image: np.ndarray, name: str) -> np.ndarray:
+    """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8/bool/float-in-[0, 1] -> (H, W, 3) uint8."""
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    elif np.issubdtype(image.dtype, np.floating):
+        if image.size and (np.nanmin(image) < 0.0 or np.nanmax(image) > 1.0):
+            raise ValueError(
+                f"{name}: float images must lie in [0, 1], got values in "
+                f"[{np.nanmin(image):.3g}, {np.nanmax(image):.3g}]; store uint8 (0-255) instead"
+            )
+        image = np.round(image * 255.0).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected uint8 or float pixels, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{name}: expected an image of shape (H, W[, 1|3|4]), got {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def builtin_images(split: str) -> tuple[list[str], list[np.ndarray]]:
+    """The scikit-image photographs of ``split`` ('train' or 'eval'), as names and (H, W, 3) uint8."""
+    from skimage import data as skdata
+
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    names = BUILTIN_TRAIN if split == "train" else BUILTIN_EVAL
+    images = []
+    for name in names:
+        image = skdata.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skdata, name)()
+        images.append(to_rgb_uint8(image, f"builtin:{name}"))
+    return list(names), images
+
+
+def _fit(image: np.ndarray, name: str, resize: int | None, crop: int | None) -> np.ndarray:
+    """Resize the shorter side to ``resize`` then center-crop it square, or center-crop ``crop``."""
+    from PIL import Image
+
+    if resize is not None:
+        h, w = image.shape[:2]
+        scale = resize / min(h, w)
+        size = (max(resize, round(w * scale)), max(resize, round(h * scale)))
+        image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+        crop = resize
+    if crop is not None:
+        h, w = image.shape[:2]
+        if h < crop or w < crop:
+            raise ValueError(
+                f"{name}: image of size {h}x{w} is smaller than --crop {crop}; use --resize {crop}"
+            )
+        top, left = (h - crop) // 2, (w - crop) // 2
+        image = image[top : top + crop, left : left + crop]
+    return np.ascontiguousarray(image)
+
+
+def _read_folder(folder: Path) -> tuple[list[str], list[np.ndarray]]:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(
+            f"--data {folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"--data {folder}: cannot read image {path.name}: {err}") from err
+    return [p.name for p in files], images
+
+
+def _read_array(path: Path) -> tuple[list[str], list[np.ndarray]]:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--data {path}: cannot read the array file: {err}") from err
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.keys())
+            if "images" in keys:
+                array = loaded["images"]
+            elif len(keys) == 1:
+                array = loaded[keys[0]]
+            else:
+                raise ValueError(
+                    f"--data {path}: the .npz holds arrays {keys}; name the images array 'images'"
+                )
+    else:
+        array = loaded
+    if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
+    if array.ndim not in (3, 4) or len(array) == 0:
+        raise ValueError(
+            f"--data {path}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W), "
+            f"got {array.shape}"
+        )
+    names = [f"{path.stem}_{i:05d}" for i in range(len(array))]
+    return names, [to_rgb_uint8(a, f"--data {path}[{i}]") for i, a in enumerate(array)]
+
+
+def load_images(
+    spec: str, resize: int | None = None, crop: int | None = None
+) -> tuple[list[str], list[np.ndarray]]:
+    """Names and (H, W, 3) uint8 images from a folder or a .npy/.npz file; ``builtin`` gives the
+    held-out builtin photographs. ``resize``/``crop`` make every image ``resize``x``resize`` /
+    ``crop``x``crop`` (shorter-side resize + center crop / center crop only)."""
+    for flag, value in (("--resize", resize), ("--crop", crop)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive image side, got {value}")
+    if resize is not None and crop is not None:
+        raise ValueError("give at most one of --resize and --crop")
+    if spec == "builtin":
+        names, images = builtin_images("eval")
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"--data {spec}: no such file or folder")
+        if path.is_dir():
+            names, images = _read_folder(path)
+        elif path.suffix.lower() in (".npy", ".npz"):
+            names, images = _read_array(path)
+        else:
+            raise ValueError(
+                f"--data {spec}: expected 'builtin', a folder of images or a .npy/.npz file"
+            )
+    return names, [_fit(im, f"--data {spec}: {n}", resize, crop) for n, im in zip(names, images)]
+
+
+def stack_images(names: list[str], images: list[np.ndarray]) -> np.ndarray:
+    """Stack same-sized images into (N, H, W, 3) uint8; mixed sizes raise naming two files."""
+    first = images[0].shape
+    for name, image in zip(names, images):
+        if image.shape != first:
+            raise ValueError(
+                f"images have mixed sizes: {names[0]} is {first[0]}x{first[1]} but {name} is "
+                f"{image.shape[0]}x{image.shape[1]}; pass --resize S or --crop S"
+            )
+    return np.stack(images)
+
+
+def split_images(
+    spec: str, holdout: float, seed: int, resize: int | None = None, crop: int | None = None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(train, held-out) images. ``builtin`` has a fixed split; other data hold out a ``holdout``
+    fraction (at least one image when there are two or more), chosen by ``seed``."""
+    if spec == "builtin":
+        train, held = builtin_images("train")[1], builtin_images("eval")[1]
+        return [_fit(im, "builtin", resize, crop) for im in train], [
+            _fit(im, "builtin", resize, crop) for im in held
+        ]
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"--holdout must lie in [0, 1), got {holdout}")
+    _, images = load_images(spec, resize, crop)
+    if len(images) < 2:
+        raise ValueError(f"--data {spec}: need at least 2 images (train + held out), found 1")
+    count = min(len(images) - 1, max(1, round(holdout * len(images))))
+    order = np.random.default_rng(seed).permutation(len(images))
+    held = set(order[:count].tolist())
+    train = [im for i, im in enumerate(images) if i not in held]
+    return train, [images[i] for i in sorted(held)]
+
+
+def check_size(images: list[np.ndarray], size: int, what: str) -> None:
+    """Raise if any image is smaller than ``size`` in height or width."""
+    for i, image in enumerate(images):
+        if min(image.shape[:2]) < size:
+            raise ValueError(
+                f"{what} image {i} is {image.shape[0]}x{image.shape[1]}, smaller than the "
+                f"{size}x{size} crops requested; lower --image-size or pass --resize {size}"
+            )
+
+
+def fixed_crops(images: list[np.ndarray], size: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` crops of ``size``x``size`` cycling over ``images``, positions drawn from ``seed``:
+    (count, size, size, 3) uint8. Used as the held-out evaluation set."""
+    check_size(images, size, "held-out")
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(count):
+        image = images[i % len(images)]
+        top = rng.integers(0, image.shape[0] - size + 1)
+        left = rng.integers(0, image.shape[1] - size + 1)
+        crops.append(image[top : top + size, left : left + size])
+    return np.stack(crops)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8 (clamped, rounded)."""
+    images = images.detach().float().clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
+    return images.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class CropSampler:
+    """Random training crops whose content depends only on (seed, step).
+
+    ``batch(step)`` returns (batch_size, 3, size, size) float32 in [-1, 1]: for each item an
+    image chosen uniformly, a uniform crop position and a horizontal flip with probability 1/2.
+    """
+
+    def __init__(self, images: list[np.ndarray], size: int, batch_size: int, seed: int):
+        if not images:
+            raise ValueError("CropSampler needs at least one image")
+        check_size(images, size, "training")
+        self.images, self.size, self.batch_size, self.seed = images, size, batch_size, seed
+
+    def batch(self, step: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, step])
+        crops = []
+        for _ in range(self.batch_size):
+            image = self.images[rng.integers(len(self.images))]
+            top = rng.integers(0, image.shape[0] - self.size + 1)
+            left = rng.integers(0, image.shape[1] - self.size + 1)
+            crop = image[top : top + self.size, left : left + self.size]
+            crops.append(crop[:, ::-1] if rng.integers(2) else crop)
+        return to_tensor(np.stack(crops))

@@ -1,0 +1,105 @@
+"""Quantizers the reference models accept, built with the same explicit settings for a fair
+side-by-side comparison.
+
+Every quantizer is called as ``quantized, indices, loss = quantizer(tokens)`` with tokens of shape
+(B, N, D) float, and returns quantized (B, N, D) of the input dtype, indices (B, N) int64 and a
+0-d float32 loss; ``get_output_from_indices(indices (B, N)) -> (B, N, D)`` decodes indices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming")
+
+
+class TamingQuantizer(nn.Module):
+    """Learnable-codebook VQ as in taming-transformers' ``VectorQuantizer2`` (Esser et al. 2021).
+
+    Nearest code by squared Euclidean distance, straight-through gradient, and loss
+    ``mse(sg[z], e) + commitment_weight * mse(z, sg[e])`` (codebook + commitment terms, the
+    non-legacy form). The codebook is ``embedding.weight`` (K, D), initialised U(-1/K, 1/K).
+    """
+
+    def __init__(self, dim: int, codebook_size: int, commitment_weight: float = 0.25):
+        super().__init__()
+        self.commitment_weight = commitment_weight
+        self.embedding = nn.Embedding(codebook_size, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(K, D) float32 codebook."""
+        return self.embedding.weight
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, D) -> quantized (B, N, D) x.dtype, indices (B, N) int64, loss () float32."""
+        flat = x.reshape(-1, x.shape[-1]).float()
+        codes = self.codebook
+        dist = flat.pow(2).sum(1, keepdim=True) - 2.0 * flat @ codes.t() + codes.pow(2).sum(1)
+        indices = dist.argmin(1)
+        quantized = self.embedding(indices).view(x.shape)
+        loss = F.mse_loss(quantized, x.detach().float()) + self.commitment_weight * F.mse_loss(
+            x.float(), quantized.detach()
+        )
+        quantized = x + (quantized.to(x.dtype) - x).detach()
+        return quantized, indices.view(x.shape[:-1]), loss
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (...) int -> codes (..., D) float32."""
+        return self.embedding(indices)
+
+
+def make_quantizer(
+    name: str,
+    dim: int,
+    codebook_size: int,
+    *,
+    decay: float = 0.99,
+    commitment_weight: float = 0.25,
+    rotation_trick: bool = False,
+    kmeans_init: bool = False,
+    threshold_ema_dead_code: int = 0,
+) -> nn.Module:
+    """Build quantizer ``name`` (one of QUANTIZERS) over ``codebook_size`` codes of size ``dim``.
+
+    'fastvq' and 'vector-quantize-pytorch' are EMA-codebook ``VectorQuantize`` layers given the
+    same explicit arguments; 'taming' is a learnable codebook (no EMA, k-means init, dead-code
+    replacement or rotation trick).
+    """
+    if name == "taming":
+        unsupported = {
+            "rotation_trick": rotation_trick,
+            "kmeans_init": kmeans_init,
+            "threshold_ema_dead_code": threshold_ema_dead_code,
+        }
+        used = [key for key, value in unsupported.items() if value]
+        if used:
+            raise ValueError(
+                f"quantizer 'taming' does not support {', '.join(used)}; set them off/0 or use "
+                "quantizer 'fastvq' or 'vector-quantize-pytorch'"
+            )
+        return TamingQuantizer(dim, codebook_size, commitment_weight)
+    if name == "fastvq":
+        try:
+            from fastvq import VectorQuantize
+        except ImportError as err:
+            raise ImportError(
+                "fastvq.VectorQuantize is not available in this installation "
+                f"({err}); use quantizer 'vector-quantize-pytorch' instead"
+            ) from err
+    elif name == "vector-quantize-pytorch":
+        from vector_quantize_pytorch import VectorQuantize
+    else:
+        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {name!r}")
+    return VectorQuantize(
+        dim=dim,
+        codebook_size=codebook_size,
+        decay=decay,
+        commitment_weight=commitment_weight,
+        rotation_trick=rotation_trick,
+        kmeans_init=kmeans_init,
+        threshold_ema_dead_code=threshold_ema_dead_code,
+    )

@@ -1,0 +1,304 @@
+"""The ``fastvq`` command, run in-process on tiny settings, plus its data and checkpoint layers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvq import checkpoint, training
+from fastvq.cli import main
+from fastvq.data import CropSampler, load_images, split_images
+from fastvq.metrics import codebook_stats, psnr
+from fastvq.training import CHECKPOINT, load_model, make_config, reconstruct
+
+VQT = "vector-quantize-pytorch"
+TINY = ["--quantizer", VQT, "--image-size", "16", "--batch-size", "8", "--num-eval", "4",
+        "--set", "channels=32", "--set", "res_channels=8", "--set", "num_res_blocks=1",
+        "--set", "decay=0.8", "--codebook-dim", "8", "--codebook-size", "32", "--lr", "3e-3",
+        "--no-progress"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def smooth_images(n, h, w, seed=0):
+    """(n, h, w, 3) uint8 images of flat 4x4-pixel colour blocks."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (n, (h + 3) // 4, (w + 3) // 4, 3), dtype=np.uint8)
+    return np.ascontiguousarray(low.repeat(4, 1).repeat(4, 2)[:, :h, :w])
+
+
+@pytest.fixture
+def folder(tmp_path):
+    path = tmp_path / "images"
+    path.mkdir()
+    for i, image in enumerate(smooth_images(6, 24, 20)):
+        Image.fromarray(image).save(path / f"img{i}.png")
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def train_tiny(capsys, folder, out, *extra):
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6,
+                     "--ckpt-every", 3, *TINY, *extra)
+    assert code == 0, text
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_train_writes_outputs(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    metrics = train_tiny(capsys, folder, out, "--steps", 8)
+    history = metrics["history"]
+    assert history["step"] == list(range(1, 9))
+    assert all(np.isfinite(history[key]).all() for key in ("loss", "rec_loss", "psnr", "usage"))
+    for name in ("metrics.json", "reconstructions.png", "loss.png", "codebook_usage.png", CHECKPOINT):
+        assert (out / name).stat().st_size > 0
+    assert Image.open(out / "reconstructions.png").size[0] >= 4 * 16
+    ev, timing = metrics["eval"], metrics["timing"]
+    assert ev["num_images"] == 4 and 5 < ev["psnr"] < 60 and -1 <= ev["ssim"] <= 1
+    assert 0 < ev["codebook_usage"] <= 1 and 1 <= ev["perplexity"] <= 32
+    assert 0 < timing["quantizer_share"] < 1 and timing["steps_per_s"] > 0
+    assert timing["peak_memory_mib"] > 0
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temporary files
+
+
+def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_path, monkeypatch):
+    full = train_tiny(capsys, folder, tmp_path / "full")
+
+    real_step = training.train_step
+
+    def interrupted(model, optimizers, x, step, perceptual=None):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(model, optimizers, x, step, perceptual)
+
+    monkeypatch.setattr(training, "train_step", interrupted)
+    out = tmp_path / "resumed"
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6,
+                     "--ckpt-every", 3, *TINY)
+    assert code == 130 and "--resume" in text
+    assert checkpoint.load(out / CHECKPOINT)[1]["step"] == 3  # lost only steps 4 and 5
+    monkeypatch.setattr(training, "train_step", real_step)
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6,
+                     "--ckpt-every", 3, *TINY, "--resume")
+    assert code == 0, text
+    resumed = json.loads((out / "metrics.json").read_text())
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        assert resumed["history"][key] == full["history"][key], key  # bitwise
+    a, _ = checkpoint.load(tmp_path / "full" / CHECKPOINT)
+    b, _ = checkpoint.load(out / CHECKPOINT)
+    for key in a:
+        if key.startswith(("model.", "optim")):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_errors(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+    code, text = run(capsys, "train", "--data", folder, "--out", out, *TINY)
+    assert code == 2 and "already holds" in text and "--resume" in text
+    code, text = run(capsys, "train", "--model", "vqgan", "--out", out, "--resume")
+    assert code == 2 and "holds a vqvae model, but a vqgan was requested" in text
+    code, text = run(capsys, "train", "--out", out, "--resume", "--batch-size", 16)
+    assert code == 2 and "batch_size=16 differs from the checkpoint's 8" in text
+    code, text = run(capsys, "train", "--out", tmp_path / "empty", "--resume")
+    assert code == 2 and "no such file" in text
+    # more steps is allowed and continues from step 6
+    code, text = run(capsys, "train", "--out", out, "--resume", "--steps", 8, "--no-progress")
+    assert code == 0 and "step 8" in text
+
+
+def test_corrupt_or_foreign_checkpoint(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+    data = (out / CHECKPOINT).read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, foreign)
+    for path, message in ((truncated, "corrupt or not a safetensors file"),
+                          (flipped, "do not match their checksum"),
+                          (foreign, "not a fastvq checkpoint"),
+                          (tmp_path / "missing.safetensors", "no such file")):
+        code, text = run(capsys, "eval", "--ckpt", path, "--data", folder)
+        assert code == 2 and message in text, text
+    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder, "--quantizer", "taming")
+    assert code == 2 and "does not fit a vqvae with quantizer 'taming'" in text
+
+
+def test_data_errors(capsys, folder, tmp_path):
+    code, text = run(capsys, "train", "--data", tmp_path / "nowhere", "--out", tmp_path / "a", *TINY)
+    assert code == 2 and "nowhere: no such file or folder" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, text = run(capsys, "train", "--data", empty, "--out", tmp_path / "b", *TINY)
+    assert code == 2 and "no images found" in text
+    (folder / "broken.png").write_bytes(b"not a png")
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "c", *TINY)
+    assert code == 2 and "cannot read image broken.png" in text
+    (folder / "broken.png").unlink()
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "d", *TINY,
+                     "--image-size", 32)
+    assert code == 2 and "smaller than the 32x32 crops" in text and "--resize 32" in text
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "e", *TINY,
+                     "--set", "depth=3")
+    assert code == 2 and "vqvae takes no argument ['depth']" in text
+
+
+def test_mixed_sizes_need_resize_or_crop(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+    Image.fromarray(smooth_images(1, 32, 40)[0]).save(folder / "big.png")
+    code, text = run(capsys, "encode", "--ckpt", out / CHECKPOINT, "--data", folder, "--out",
+                     tmp_path / "codes")
+    assert code == 2 and "mixed sizes" in text and "--resize S or --crop S" in text
+    for option in ("--resize", "--crop"):
+        code, text = run(capsys, "encode", "--ckpt", out / CHECKPOINT, "--data", folder,
+                         "--out", tmp_path / option[2:], option, 16)
+        assert code == 0, text
+        assert np.load(tmp_path / option[2:] / "indices.npy").shape == (7, 4, 4)
+
+
+def test_encode_decode_round_trip_independent_of_batch_size(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+    ckpt = out / CHECKPOINT
+    for bs in (1, 4):
+        code, text = run(capsys, "encode", "--ckpt", ckpt, "--data", folder, "--out",
+                         tmp_path / f"codes{bs}", "--batch-size", bs)
+        assert code == 0, text
+    one, four = (np.load(tmp_path / f"codes{bs}" / "indices.npy") for bs in (1, 4))
+    assert one.shape == (6, 6, 5) and one.dtype == np.uint8 and np.array_equal(one, four)
+    manifest = json.loads((tmp_path / "codes4" / "manifest.json").read_text())
+    assert manifest["images"] == [f"img{i}.png" for i in range(6)]
+    assert manifest["kind"] == "vqvae" and manifest["codebook_size"] == 32
+
+    code, text = run(capsys, "decode", "--ckpt", ckpt, "--indices", tmp_path / "codes4",
+                     "--out", tmp_path / "decoded", "--batch-size", 4)
+    assert code == 0, text
+    decoded = np.stack([np.asarray(Image.open(tmp_path / "decoded" / f"img{i}.png")) for i in range(6)])
+    model, _ = load_model(ckpt, torch.device("cpu"))
+    names, images = load_images(str(folder))
+    recons, indices = reconstruct(model, np.stack(images), 2, torch.device("cpu"))
+    assert np.array_equal(indices, one) and np.array_equal(decoded, recons)
+    assert psnr(np.stack(images), decoded).mean() > 10
+
+    code, text = run(capsys, "decode", "--ckpt", ckpt, "--indices", tmp_path, "--out", tmp_path / "x")
+    assert code == 2 and "no manifest.json" in text
+    manifest["codebook_size"] = 64
+    (tmp_path / "codes4" / "manifest.json").write_text(json.dumps(manifest))
+    code, text = run(capsys, "decode", "--ckpt", ckpt, "--indices", tmp_path / "codes4", "--out",
+                     tmp_path / "x")
+    assert code == 2 and "made by a vqvae with 64 codes" in text
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_eval_metrics_and_rfid(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+
+    class Features(torch.nn.Module):  # stands in for a TorchScript Inception network
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            x = x.float() / 255.0
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    torch.jit.script(Features()).save(str(tmp_path / "inception.pt"))
+    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder,
+                     "--inception-weights", tmp_path / "inception.pt", "--out", tmp_path / "ev")
+    assert code == 0, text
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["num_images"] == 6 and metrics["step"] == 6 and metrics["rfid"] >= 0
+    assert (tmp_path / "ev" / "reconstructions.png").exists()
+    assert (tmp_path / "ev" / "codebook_usage.png").exists()
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder,
+                     "--inception-weights", tmp_path / "bad.pt")
+    assert code == 2 and "not a TorchScript Inception model" in text
+
+
+def test_npy_and_npz_data(capsys, tmp_path):
+    images = smooth_images(5, 16, 16)
+    np.save(tmp_path / "hwc.npy", images)
+    np.savez(tmp_path / "chw.npz", images=images.transpose(0, 3, 1, 2))
+    names, loaded = load_images(str(tmp_path / "chw.npz"))
+    assert names[0] == "chw_00000" and np.array_equal(np.stack(loaded), images)
+    code, text = run(capsys, "train", "--data", tmp_path / "hwc.npy", "--out", tmp_path / "r",
+                     "--steps", 2, *TINY)
+    assert code == 0, text
+    np.save(tmp_path / "float.npy", images.astype(np.float32))
+    code, text = run(capsys, "encode", "--ckpt", tmp_path / "r" / CHECKPOINT, "--data",
+                     tmp_path / "float.npy", "--out", tmp_path / "c")
+    assert code == 2 and "float images must lie in [0, 1]" in text
+
+
+def test_vqgan_with_taming_quantizer(capsys, folder, tmp_path):
+    out = tmp_path / "gan"
+    code, text = run(
+        capsys, "train", "--model", "vqgan", "--quantizer", "taming", "--data", folder,
+        "--out", out, "--steps", 4, "--image-size", 16, "--batch-size", 2, "--num-eval", 2,
+        "--set", "channels=8", "--set", "ch_mult=[1,2,2]", "--set", "num_res_blocks=1",
+        "--set", "z_channels=8", "--set", "norm_groups=4", "--set", "disc_channels=8",
+        "--set", "disc_layers=2", "--set", "disc_start=2", "--codebook-dim", "8",
+        "--codebook-size", "16", "--no-progress",
+    )
+    assert code == 0, text
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history["d_loss"][:2] == [None, None] and all(v is not None for v in history["d_loss"][2:])
+    model, meta = load_model(out / CHECKPOINT, torch.device("cpu"))
+    assert meta["kind"] == "vqgan" and model.config["quantizer"] == "taming"
+
+
+def test_demo_preset_on_builtin_data(capsys, tmp_path):
+    config = make_config("vqvae", "demo")
+    args = config.model_args
+    assert (config.image_size, args["codebook_size"], args["codebook_dim"]) == (32, 512, 64)
+    assert make_config("vqgan", "gpu").image_size == 128
+    out = tmp_path / "demo"
+    code, text = run(capsys, "train", "--preset", "demo", "--quantizer", VQT, "--steps", 2,
+                     "--num-eval", 4, "--out", out, "--no-progress")
+    assert code == 0, text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["data"] == "builtin" and metrics["eval"]["num_images"] == 4
+    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--num-eval", 4, "--out", out / "ev")
+    assert code == 0 and json.loads((out / "ev" / "metrics.json").read_text())["psnr"] == pytest.approx(
+        metrics["eval"]["psnr"])
+
+
+def test_sampler_split_and_metrics():
+    images = list(smooth_images(3, 20, 24))
+    a, b = CropSampler(images, 8, 5, seed=1), CropSampler(images, 8, 5, seed=1)
+    assert torch.equal(a.batch(7), b.batch(7)) and not torch.equal(a.batch(7), a.batch(8))
+    assert a.batch(0).shape == (5, 3, 8, 8) and a.batch(0).abs().max() <= 1
+    train, held = split_images("builtin", 0.1, 0)
+    assert len(train) == 11 and len(held) == 2
+    assert codebook_stats(np.arange(8), 16) == pytest.approx({"codebook_usage": 0.5, "perplexity": 8.0})
+    x = np.zeros((1, 4, 4, 3), np.uint8)
+    assert psnr(x, x + 1)[0] == pytest.approx(20 * np.log10(255.0))
+
+
+def test_checkpoint_pack_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors = {}
+    skeleton = checkpoint.pack(opt.state_dict(), "optim", tensors)
+    checkpoint.save(tmp_path / "c.safetensors", tensors, {"optim": skeleton})
+    loaded, meta = checkpoint.load(tmp_path / "c.safetensors")
+    state = checkpoint.unpack(meta["optim"], loaded)
+    fresh = torch.optim.Adam(model.parameters())
+    fresh.load_state_dict(state)
+    for p in model.parameters():
+        assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+    assert fresh.param_groups[0]["betas"] == [0.9, 0.999]
