@@ -140,9 +140,11 @@ def _header(meta: dict, count: int) -> list[str]:
            f"matrix, {count} measurements in {meta['run_seconds']:.0f} s "
            f"(`python benchmarks/run.py {' '.join(meta['argv'])}`).")
     if not cuda:
+        busy = max(meta["load_avg_1min"], meta["load_avg_1min_end"]) > meta["threads"]
         run += (f" {meta['threads']} CPU thread(s); 1-minute load average {meta['load_avg_1min']} at the "
-                f"start, {meta['load_avg_1min_end']} at the end (above the thread count, other processes "
-                "shared the cores and the times are noisy).")
+                f"start, {meta['load_avg_1min_end']} at the end"
+                + (" (above the thread count: other processes shared the cores and the times are noisy)."
+                   if busy else "."))
     method = ("Times are medians over repetitions after warm-up (p20/p80 in results.json), each call on the "
               "next of several input copies" + (", L2 flushed before each (CUDA events)" if cuda else "")
               + ". Memory is the peak above what was allocated before the call (inputs, layer state): "
