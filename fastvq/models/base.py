@@ -9,6 +9,9 @@ from torch import nn
 
 from fastvq.models.quantizers import make_quantizer
 
+QUANTIZER_ARGS = ("decay", "commitment_weight", "rotation_trick", "kmeans_init", "threshold_ema_dead_code")
+"""Constructor arguments of every model that configure the codebook it builds."""
+
 
 class VQModel(nn.Module):
     """Base class: subclasses define ``encode_latents`` (B, 3, H, W) -> (B, D, h, w) and
@@ -16,30 +19,25 @@ class VQModel(nn.Module):
 
     ``quantizer`` is a module following the convention of ``fastvq.models.quantizers``, or the
     name of one to build ('fastvq' when None) with the model's codebook settings.
-    ``config`` holds the JSON-able constructor arguments, enough to rebuild the model.
+    ``config`` holds the JSON-able constructor arguments, enough to rebuild the model, among them
+    ``codebook_dim``, ``codebook_size`` and ``QUANTIZER_ARGS``.
     """
 
     kind: str
     downsample: int
 
-    def __init__(
-        self,
-        config: dict[str, Any],
-        quantizer: nn.Module | str | None,
-        codebook_dim: int,
-        codebook_size: int,
-        **quantizer_args: Any,
-    ):
+    def __init__(self, config: dict[str, Any], quantizer: nn.Module | str | None):
         super().__init__()
         if isinstance(quantizer, nn.Module):
             self.quantizer = quantizer
             config["quantizer"] = None
         else:
             name = quantizer or "fastvq"
-            self.quantizer = make_quantizer(name, codebook_dim, codebook_size, **quantizer_args)
+            self.quantizer = make_quantizer(name, config["codebook_dim"], config["codebook_size"],
+                                            **{key: config[key] for key in QUANTIZER_ARGS})
             config["quantizer"] = name
         self.config = config
-        self.codebook_size = codebook_size
+        self.codebook_size = config["codebook_size"]
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

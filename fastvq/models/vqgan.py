@@ -194,17 +194,7 @@ class VQGAN(VQModel):
     ):
         ch_mult = [int(m) for m in ch_mult]
         config = {k: v for k, v in locals().items() if k not in ("self", "quantizer", "__class__")}
-        super().__init__(
-            config,
-            quantizer,
-            codebook_dim,
-            codebook_size,
-            decay=decay,
-            commitment_weight=commitment_weight,
-            rotation_trick=rotation_trick,
-            kmeans_init=kmeans_init,
-            threshold_ema_dead_code=threshold_ema_dead_code,
-        )
+        super().__init__(config, quantizer)
         if pixel_loss not in ("l1", "l2"):
             raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
         if not ch_mult or not 0 <= num_attn_levels <= len(ch_mult):

@@ -60,17 +60,7 @@ class VQVAE(VQModel):
         quantizer: nn.Module | str | None = None,
     ):
         config = {k: v for k, v in locals().items() if k not in ("self", "quantizer", "__class__")}
-        super().__init__(
-            config,
-            quantizer,
-            codebook_dim,
-            codebook_size,
-            decay=decay,
-            commitment_weight=commitment_weight,
-            rotation_trick=rotation_trick,
-            kmeans_init=kmeans_init,
-            threshold_ema_dead_code=threshold_ema_dead_code,
-        )
+        super().__init__(config, quantizer)
         if downsample < 2 or downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
         if channels % 2:
