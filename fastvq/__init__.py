@@ -7,6 +7,7 @@ Ops (each with a Triton kernel and a plain-PyTorch reference, chosen by `backend
     quantize(x, codebook)                       -> (quantized, indices, distances)
     topk_codes(x, codebook, k)                  -> (indices, distances) of the k nearest codes
     sample_code(x, codebook, temperature=...)   -> indices drawn by Gumbel-max over the code logits
+                                                   (k=... : k codes by Gumbel top-k)
     code_cross_entropy(x, codebook, indices)    -> per-token cross-entropy over the code logits
 Layer: VectorQuantize, a drop-in for vector_quantize_pytorch.VectorQuantize (1.32.0).
 `import fastvq` needs neither a GPU nor triton.

@@ -115,14 +115,15 @@ class Codebook(nn.Module):
 
         Default: the nearest code, (H, N) int64. temperature > 0: a code drawn from
         softmax(logits / temperature) by Gumbel-max inside the search (`sample_code`). topk: the k
-        nearest codes, nearest first, (H, N, k). Index -1 marks rows with no finite logit.
+        nearest codes, nearest first, (H, N, k), or with temperature > 0 the k codes of Gumbel
+        top-k. Index -1 marks rows with no finite logit.
         """
         codes = self.embed.detach()
         options = dict(metric=self.metric, precision=self.precision, backend=self.backend)
+        if temperature > 0:
+            return sample_code(x, codes, temperature=temperature, k=topk, **options)
         if topk is not None:
             return topk_codes(x, codes, topk, **options)[0]
-        if temperature > 0:
-            return sample_code(x, codes, temperature=temperature, **options)
         return nearest_code(x, codes, **options)[0]
 
     # ------------------------------------------------------------------------------------------

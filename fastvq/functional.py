@@ -266,19 +266,27 @@ def quantize(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", pre
 # ---------------------------------------------------------------------------------------------
 
 MAX_TOPK = 16
-"""Largest k of `topk_codes` (the running list lives in registers)."""
+"""Largest k of `topk_codes` and `sample_code` (the running list lives in registers)."""
+
+
+def _check_k(k, n_codes: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= min(MAX_TOPK, n_codes):
+        raise ValueError(f"k must be in [1, min({MAX_TOPK}, K={n_codes})], got {k}")
 
 
 @torch.library.custom_op("fastvq::sample_code", mutates_args=())
-def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, temperature: float, seed: int, metric: str,
+def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, temperature: float, seed: int, k: int, metric: str,
                     precision: str, backend: str) -> torch.Tensor:
-    return backend_module(backend).sample_code(x, codebook, temperature=temperature, seed=seed, metric=metric,
-                                               precision=precision)
+    """k = 0: one draw per token, (H, N); k >= 1: the k best perturbed logits, (H, N, k)."""
+    return backend_module(backend).sample_code(x, codebook, temperature=temperature, seed=seed, k=k or None,
+                                               metric=metric, precision=precision)
 
 
 @_sample_code_op.register_fake
-def _(x, codebook, temperature, seed, metric, precision, backend):
-    return x.new_empty(x.shape[:2], dtype=torch.int64)
+def _(x, codebook, temperature, seed, k, metric, precision, backend):
+    return x.new_empty((*x.shape[:2], k) if k else x.shape[:2], dtype=torch.int64)
 
 
 @torch.library.custom_op("fastvq::topk_codes", mutates_args=())
@@ -341,15 +349,19 @@ _code_cross_entropy_op.register_autograd(_code_cross_entropy_backward,
                                          setup_context=_code_cross_entropy_setup)
 
 
-def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, metric: str = "l2",
-                seed: int | None = None, precision: str | None = None, backend: str = "auto") -> torch.Tensor:
+def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, k: int | None = None,
+                metric: str = "l2", seed: int | None = None, precision: str | None = None,
+                backend: str = "auto") -> torch.Tensor:
     """Draw one code per token from softmax(logits / temperature) (the anchor's Gumbel sampling),
-    without an N x K tensor of logits or noise.
+    or k codes without replacement (Gumbel top-k), without an N x K tensor of logits or noise.
 
     Args:
         x: (N, D) or (H, N, D) tokens; codebook: (K, D) shared or (H, K, D) (as `nearest_code`).
         temperature: > 0 samples argmax_k(logit_k / temperature + Gumbel noise); <= 0 returns the
-            nearest code (`nearest_code`'s indices).
+            nearest code (`nearest_code`'s indices, or `topk_codes`' with k).
+        k: None draws one code; 1 <= k <= min(16, K) returns the k codes with the highest
+            logit / temperature + Gumbel noise (the same noise as k=None, so column 0 is the k=None
+            draw), highest first, ties to the lowest index.
         metric: logits are -sqrt(max(|x - c|^2, 1e-8)) ("l2") or the cosine similarity ("cosine").
         seed: int in [0, 2^63): the noise is Philox keyed by the seed and counted by (token, code),
             so the same seed gives the same draw, on either backend (up to float rounding near
@@ -357,10 +369,13 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float =
         precision, backend: as `nearest_code`; logits are fp32.
 
     Returns:
-        indices: int64, (N,) or (H, N); -1 for a token with no finite logit (codes with a
-        non-finite logit are never drawn).
+        indices: int64, (N,) or (H, N), or (N, k) or (H, N, k) with k; -1 for a token with no
+        finite logit, or in the slots past the codes with one (codes with a non-finite logit are
+        never drawn).
     """
     x3, cb3 = _canonical_search_args(x, codebook, metric)
+    if k is not None:
+        _check_k(k, cb3.shape[1])
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature):
@@ -370,15 +385,17 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float =
     if seed is not None and not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     if temperature <= 0:
+        if k is not None:
+            return topk_codes(x, codebook, k, metric=metric, precision=precision, backend=backend)[0]
         return nearest_code(x, codebook, metric=metric, precision=precision, backend=backend)[0]
     precision = resolve_precision(precision, x.dtype, codebook.dtype)
     backend = resolve_backend(backend, x.device)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
     if x3.shape[1] == 0:
-        indices = torch.empty(x3.shape[:2], dtype=torch.int64, device=x.device)
+        indices = torch.empty((*x3.shape[:2], k) if k else x3.shape[:2], dtype=torch.int64, device=x.device)
     else:
-        indices = _sample_code_op(x3, cb3, float(temperature), seed, metric, precision, backend)
+        indices = _sample_code_op(x3, cb3, float(temperature), seed, k or 0, metric, precision, backend)
     return indices if x.dim() == 3 else indices[0]
 
 
@@ -397,10 +414,7 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
             the index is -1.
     """
     x3, cb3 = _canonical_search_args(x, codebook, metric)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= min(MAX_TOPK, cb3.shape[1]):
-        raise ValueError(f"k must be in [1, min({MAX_TOPK}, K={cb3.shape[1]})], got {k}")
+    _check_k(k, cb3.shape[1])
     precision = resolve_precision(precision, x.dtype, codebook.dtype)
     backend = resolve_backend(backend, x.device)
     if x3.shape[1] == 0:

@@ -255,13 +255,14 @@ def _philox(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
-                metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
+                k: int | None = None, metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
     """One code per token drawn from softmax(logits / temperature) by the Gumbel-max trick.
 
     x (H, N, D), codebook (Hc, K, D), temperature > 0, seed in [0, 2^63) -> indices (H, N) int64:
     argmax_k(logit_nk / temperature + g_nk) with g = -log(-log(u)) and u = `philox_uniform(seed,
-    (h N + n) K + k)`, computed per tile (no N x K noise). Codes with a non-finite logit are never
-    drawn; a token with none finite gets -1.
+    (h N + n) K + k)`, computed per tile (no N x K noise). With k (1 <= k <= K): (H, N, k) int64,
+    the k highest perturbed logits, highest first (Gumbel top-k). Codes with a non-finite logit are
+    never drawn; -1 for a token with none finite (or in the slots past the finite ones).
     """
     n_tokens, n_codes = x.shape[1], codebook.shape[1]
     inv_temperature = 1.0 / temperature
@@ -275,7 +276,8 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, 
         return (logit * inv_temperature + gumbel).neg_().nan_to_num_(nan=float("inf"))
 
     bias = code_bias(codebook, metric, precision)
-    return _select(x, codebook, bias, precision, 1, score)[..., 0]
+    indices = _select(x, codebook, bias, precision, k or 1, score)
+    return indices[..., 0] if k is None else indices
 
 
 def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",

@@ -299,7 +299,7 @@ class VectorQuantize(nn.Module):
         z = self._codebook_input(tokens)  # (B, S, heads, codebook_dim)
         rows = self._to_rows(z.flatten(0, 1))  # (H, M, codebook_dim), M = B * S * heads / H
         codebook.init_embed_(rows, self._row_mask(mask))
-        temperature = self._sampling_temperature(temperature, topk, x, rows)
+        temperature = self._sampling_temperature(temperature, x, rows)
         idx = codebook.search(rows, temperature=temperature, topk=topk)
         embed = codebook.embed if codebook.learnable_codebook else codebook.embed.detach()
         codes = self._lookup(rows, embed, idx)  # fp32, gradient only to the codebook
@@ -390,14 +390,13 @@ class VectorQuantize(nn.Module):
                              f"registers), got {topk}")
         return topk
 
-    def _sampling_temperature(self, temperature: float, topk: int | None, x: torch.Tensor,
-                              rows: torch.Tensor) -> float:
+    def _sampling_temperature(self, temperature: float, x: torch.Tensor, rows: torch.Tensor) -> float:
         """The Gumbel temperature of this search (0: nearest code), refusing what fastvq lacks.
 
         1.32.0 samples in training with stochastic_sample_codes and temperature > 0. With
         straight_through it also sends a softmax gradient through the code logits, which only shows
         where the input gets no straight-through gradient; fastvq does not build those N x K
-        softmax weights, so it raises there (and for Gumbel top-k).
+        softmax weights, so it raises there. With topk the sample is Gumbel top-k.
         """
         if not (self.training and temperature > 0):
             return 0.0
@@ -410,12 +409,7 @@ class VectorQuantize(nn.Module):
                 "no straight-through gradient (input without requires_grad, or route_gradients_to_input="
                 "False); fastvq does not implement that path. Use straight_through=False, or an input that "
                 "requires grad")
-        if not self.stochastic_sample_codes:
-            return 0.0
-        if topk is not None:
-            raise NotImplementedError("topk with stochastic_sample_codes in training (Gumbel top-k) is not "
-                                      "implemented; pass sample_codebook_temp=0 or call in eval mode")
-        return temperature
+        return temperature if self.stochastic_sample_codes else 0.0
 
     # ------------------------------------------------------------------------------------------
     # losses

@@ -164,6 +164,9 @@ def test_custom_ops_pass_opcheck():
     indices = torch.randint(0, 6, (2, 9))
     torch.library.opcheck(torch.ops.fastvq.nearest_code.default, (x, codebook.detach(), "l2", "ieee", "torch"))
     torch.library.opcheck(torch.ops.fastvq.code_stats.default, (x, indices, 6, None, "torch"))
+    for k in (0, 3):  # 0: one draw per token, (H, N); k: Gumbel top-k, (H, N, k)
+        torch.library.opcheck(torch.ops.fastvq.sample_code.default,
+                              (x, codebook.detach(), 0.5, 7, k, "l2", "ieee", "torch"))
     torch.library.opcheck(torch.ops.fastvq.lookup_codes.default, (x.requires_grad_(), codebook, indices, "torch"))
 
 

@@ -423,11 +423,28 @@ def test_topk_and_cross_entropy_argument_errors():
         layer(x, topk=0)
     with pytest.raises(ValueError, match="topk needs heads=1"):
         vq(heads=2)(x, topk=2)
-    with pytest.raises(NotImplementedError, match="Gumbel top-k"):
-        vq(stochastic_sample_codes=True).train()(x, topk=2)
     with pytest.raises(ValueError, match=r"indices must be an integer tensor shaped as the returned indices"):
         layer(x, indices=torch.zeros(2, 4, dtype=torch.int64))
     assert vq(codebook_size=12)(x, topk=64)[1].shape == (2, 5, 12)  # k is capped at K first
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_gumbel_topk_in_training(device, backend):
+    """stochastic_sample_codes + topk in training draws k distinct codes per token (Gumbel top-k)
+    with top-k's shapes, leaves the codebook alone, and at temperature 1e-6 is the deterministic
+    top-k."""
+    layer = vq(stochastic_sample_codes=True, sample_codebook_temp=3.0, backend=backend).to(device).train()
+    before = state(layer)
+    x = torch.randn(2, 7, DIM, device=device)
+    quantized, indices, loss = layer(x, topk=4)
+    assert quantized.shape == (2, 7, 4, DIM) and indices.shape == loss.shape == (2, 7, 4)
+    assert (indices.sort(dim=-1).values.diff(dim=-1) > 0).all()
+    assert_state_close(state(layer), before, atol=0)
+    deterministic = layer(x, topk=4, sample_codebook_temp=0.0)
+    assert (indices != deterministic[1]).any(), "temperature 3 must move some draws"
+    cold = layer(x, topk=4, sample_codebook_temp=1e-6)
+    for got, want in zip(cold, deterministic):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

@@ -306,6 +306,15 @@ def test_topk_matches_anchor(layout):
         compare_eval(anchor, ours, torch.randn(shape), topk=2, mask=mask)
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cold_gumbel_topk_matches_anchor(metric):
+    """stochastic_sample_codes with topk in training (Gumbel top-k): at temperature 1e-6 the noise
+    cannot reorder the logits, so both layers pick the deterministic top-k; everything matches."""
+    anchor, ours = make_pair(codebook_dim=4, stochastic_sample_codes=True, sample_codebook_temp=1e-6,
+                             **CONFIGS[metric])
+    compare_steps(anchor, ours, batches((BATCH, SEQ, DIM), 2), topk=3)
+
+
 @pytest.mark.parametrize("config", ["l2", "cosine", "heads-separate", "heads-shared-projection",
                                     "learnable-codebook"])
 def test_cross_entropy_from_indices_matches_anchor(config):

@@ -91,6 +91,71 @@ def test_backends_draw_the_same_codes(device, backend, metric):
     assert (got == want).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_gumbel_topk_extends_the_single_draw(device, backend, metric):
+    """k draws: column 0 is the k=None draw for the seed, the codes are distinct, and they are the k
+    best of the same perturbed logits (the same codes on both backends, up to near-ties)."""
+    x, codebook = torch.randn(2, 301, 33, device=device), torch.randn(2, 259, 33, device=device)
+    single = F.sample_code(x, codebook, temperature=0.7, metric=metric, seed=11, backend=backend)
+    got = F.sample_code(x, codebook, temperature=0.7, k=5, metric=metric, seed=11, backend=backend)
+    assert got.shape == (2, 301, 5) and got.dtype == torch.int64
+    assert torch.equal(got[..., 0], single)
+    assert (got.sort(dim=-1).values.diff(dim=-1) > 0).all(), "the k codes must be distinct"
+    want = F.sample_code(x.cpu(), codebook.cpu(), temperature=0.7, k=5, metric=metric, seed=11,
+                         backend="torch")
+    assert (got.cpu() == want).all(dim=-1).float().mean() >= 0.99
+    assert torch.equal(F.sample_code(x, codebook, temperature=0.7, k=1, metric=metric, seed=11,
+                                     backend=backend)[..., 0], single)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_gumbel_topk_ranks_the_perturbed_logits(device, backend):
+    """The k codes are the dense top-k of logit / T + g, with g replayed from the Philox stream."""
+    x, codebook = torch.randn(1, 40, 6), torch.randn(1, 30, 6)
+    got = F.sample_code(x.to(device), codebook.to(device), temperature=0.5, k=4, seed=3,
+                        backend=backend).cpu()
+    offsets = torch.arange(40)[:, None] * 30 + torch.arange(30)
+    gumbel = -torch.log(-torch.log(reference.philox_uniform(3, offsets))).double()
+    perturbed = dense_logits(x, codebook, "l2")[0] / 0.5 + gumbel
+    assert (got[0] == perturbed.topk(4, dim=-1).indices).all(dim=-1).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_gumbel_top2_frequencies(device, backend, _seed):
+    """Gumbel top-2 samples without replacement: P(first = i, second = j) = p_i p_j / (1 - p_i).
+    The chi-square over the 20 ordered pairs must stay below 80, beyond the 1 - 1e-8 quantile (75.7)
+    of chi-square with 19 degrees of freedom; drawing the pair with replacement, or T off by 20%,
+    adds about 200 at this N."""
+    n = 20000
+    token, codebook = _five_codes(1, 3, "l2")
+    got = F.sample_code(token.expand(1, n, 3).to(device), codebook.to(device), temperature=1.0, k=2,
+                        seed=_seed, backend=backend).cpu()[0]
+    p = dense_logits(token, codebook, "l2")[0, 0].softmax(dim=-1)
+    pairs = p[:, None] * p[None, :] / (1 - p[:, None])
+    off_diagonal = ~torch.eye(5, dtype=torch.bool)
+    counts = torch.bincount(got[:, 0] * 5 + got[:, 1], minlength=25).view(5, 5).double()
+    assert counts.diagonal().sum() == 0
+    expected = n * pairs[off_diagonal]
+    assert expected.min() > 50, "every cell needs a large expected count"
+    chi2 = ((counts[off_diagonal] - expected).pow(2) / expected).sum().item()
+    assert chi2 < 80.0, f"counts {counts.tolist()} vs expected {(n * pairs).tolist()}"
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_gumbel_topk_edges(device, backend):
+    """Non-positive temperature: `topk_codes`; non-finite codes come last as -1; empty and 2-d x."""
+    x, codebook = torch.randn(2, 30, 5, device=device), torch.randn(2, 40, 5, device=device)
+    assert torch.equal(F.sample_code(x, codebook, temperature=0.0, k=3, seed=1, backend=backend),
+                       F.topk_codes(x, codebook, 3, backend=backend)[0])
+    nonfinite = torch.zeros(4, 3, device=device)
+    nonfinite[[1, 3], 0] = float("nan")
+    got = F.sample_code(torch.randn(50, 3, device=device), nonfinite, k=3, seed=2, backend=backend)
+    assert got.shape == (50, 3)
+    assert (got[:, 2] == -1).all() and set(got[:, :2].flatten().tolist()) == {0, 2}
+    assert F.sample_code(x[:, :0], codebook, k=3, seed=4, backend=backend).shape == (2, 0, 3)
+
+
 def test_reference_noise_is_triton_philox():
     """Bit-exact against values of `tl.rand(123, 2**33 + arange(4))` (triton 3.6-3.9)."""
     offsets = torch.arange(4) + 2**33
@@ -154,3 +219,8 @@ def test_bad_arguments_are_named():
             F.sample_code(x, codebook, seed=seed)
     with pytest.raises(ValueError, match="codebook"):
         F.sample_code(x, torch.randn(20, 4))
+    for k in (0, 17, 21):
+        with pytest.raises(ValueError, match="k must be"):
+            F.sample_code(x, codebook, k=k)
+    with pytest.raises(TypeError, match="k must be"):
+        F.sample_code(x, codebook, k=2.0)

@@ -253,7 +253,11 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
 
 
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
-                metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
+                k: int | None = None, metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
     """Triton twin of `fastvq.reference.sample_code`: x (H, N, D), codebook (Hc, K, D), temperature > 0
-    -> indices (H, N) int64 drawn from softmax(logits / temperature) (-1: no finite logit)."""
-    return _search(x, codebook, metric, precision, seed=seed, temperature=temperature)
+    -> indices (H, N) int64 drawn from softmax(logits / temperature), or with k (H, N, k) int64 by
+    Gumbel top-k, highest first (-1: no finite logit)."""
+    if k is None:
+        return _search(x, codebook, metric, precision, seed=seed, temperature=temperature)
+    indices = _search(x, codebook, metric, precision, topk=k, seed=seed, temperature=temperature)
+    return indices.reshape(*x.shape[:2], k)
