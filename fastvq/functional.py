@@ -34,6 +34,22 @@ def _check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: st
         raise ValueError(f"{a_name} and {b_name} must be on the same device, got {a.device} and {b.device}")
 
 
+def _check_code_indices(indices, x: torch.Tensor, num_codes: int, check_range: bool) -> None:
+    """indices: an int64 or int32 tensor shaped x.shape[:-1] on x's device; with check_range, every
+    value in [-1, num_codes) (one device sync)."""
+    _check_tensor(indices, "indices", floating=False)
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be an integer tensor (int64 or int32), got dtype {indices.dtype}")
+    if indices.shape != x.shape[:-1]:
+        raise ValueError(f"indices must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(indices.shape)}")
+    _check_same_device(x, "x", indices, "indices")
+    if check_range and indices.numel() > 0:
+        low, high = torch.aminmax(indices)
+        if low.item() < -1 or high.item() >= num_codes:
+            raise ValueError(f"indices must be in [-1, num_codes={num_codes}), got values in "
+                             f"[{low.item()}, {high.item()}]")
+
+
 def _canonical_search_args(x, codebook, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Check x (N, D) | (H, N, D) and codebook (K, D) | (H, K, D); return (H, N, D), (Hc, K, D)."""
     _check_tensor(x, "x", floating=True)
@@ -204,26 +220,17 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: 
         counts: float32 (K,) or (H, K); sums: float32 (K, D) or (H, K, D).
     """
     _check_tensor(x, "x", floating=True)
-    _check_tensor(indices, "indices", floating=False)
-    if indices.dtype.is_floating_point or indices.dtype in (torch.bool, torch.complex64, torch.complex128):
-        raise TypeError(f"indices must be an integer tensor (int64 or int32), got dtype {indices.dtype}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must have shape (N, D) or (H, N, D), got {tuple(x.shape)}")
     if isinstance(num_codes, bool) or not isinstance(num_codes, int) or num_codes < 1:
         raise ValueError(f"num_codes must be an int >= 1, got {num_codes!r}")
-    if x.dim() not in (2, 3) or indices.shape != x.shape[:-1]:
-        raise ValueError(f"x must have shape (N, D) or (H, N, D) and indices x.shape[:-1]; got x "
-                         f"{tuple(x.shape)} and indices {tuple(indices.shape)}")
-    _check_same_device(x, "x", indices, "indices")
+    _check_code_indices(indices, x, num_codes, check_indices)
     if mask is not None:
         _check_tensor(mask, "mask", floating=False)
         if mask.dtype != torch.bool or mask.shape != indices.shape:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(indices.shape)}, got "
                              f"{mask.dtype} {tuple(mask.shape)}")
         _check_same_device(x, "x", mask, "mask")
-    if check_indices and indices.numel() > 0:
-        low, high = torch.aminmax(indices)
-        if low.item() < -1 or high.item() >= num_codes:
-            raise ValueError(f"indices must be in [-1, num_codes={num_codes}), got values in "
-                             f"[{low.item()}, {high.item()}]")
     backend = resolve_backend(backend, x.device)
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     indices3 = (indices if indices.dim() == 2 else indices.unsqueeze(0)).long()
@@ -445,18 +452,7 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
         codebook; the gradients come back in their dtypes.
     """
     x3, cb3 = _canonical_search_args(x, codebook, metric)
-    _check_tensor(indices, "indices", floating=False)
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"indices must be an int64 or int32 tensor, got dtype {indices.dtype}")
-    if indices.shape != x.shape[:-1]:
-        raise ValueError(f"indices must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, "
-                         f"got {tuple(indices.shape)}")
-    _check_same_device(x, "x", indices, "indices")
-    if check_indices and indices.numel() > 0:
-        low, high = torch.aminmax(indices)
-        if low.item() < -1 or high.item() >= cb3.shape[1]:
-            raise ValueError(f"indices must be in [-1, K={cb3.shape[1]}), got values in "
-                             f"[{low.item()}, {high.item()}]")
+    _check_code_indices(indices, x, cb3.shape[1], check_indices)
     precision = resolve_precision(precision, x.dtype, codebook.dtype)
     backend = resolve_backend(backend, x.device)
     indices3 = (indices if indices.dim() == 2 else indices.unsqueeze(0)).long()
