@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "triton": ["triton>=3.0"],
     "models": ["safetensors", "tqdm", "matplotlib", "pillow", "scikit-image", "scipy"],
-    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0"],
+    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 
@@ -22,6 +22,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["fastvq = fastvq.cli:main"]},
+    entry_points={"console_scripts": ["fastvq = fastvq.app.cli:main"]},
     license="MIT",
 )

@@ -14,16 +14,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import zlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastvq
+from fastvq.models import TamingQuantizer
+from fastvq.ops.common import triton_interpret_requested
 
 try:
     import vector_quantize_pytorch
@@ -32,9 +32,6 @@ try:
     VQP_MISSING = ""
 except ImportError as err:
     VQP_MISSING = f"vector-quantize-pytorch==1.32.0 not importable ({err})"
-
-FASTVQ_LAYER = getattr(fastvq, "VectorQuantize", None)
-FASTVQ_LAYER_MISSING = "" if FASTVQ_LAYER else "this fastvq does not export VectorQuantize yet"
 
 DTYPES = (torch.float32, torch.bfloat16)
 EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
@@ -141,7 +138,7 @@ def _compiled(fn):
 
 
 def _triton_missing(device: torch.device) -> str:
-    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
+    if triton_interpret_requested():
         return "TRITON_INTERPRET is set: interpreted kernels are not worth timing"
     if "triton" not in fastvq.available_backends(device):
         return f"fastvq's Triton backend does not run on {device.type} (needs a CUDA GPU)"
@@ -158,41 +155,11 @@ def _first_reason(*checks: Callable[[torch.device], str]) -> Callable[[torch.dev
 
 
 _VQP = _first_reason(lambda device: VQP_MISSING)
-_FASTVQ_LAYER = _first_reason(lambda device: FASTVQ_LAYER_MISSING)
 
 
 # ---------------------------------------------------------------------------------------------
 # train step
 # ---------------------------------------------------------------------------------------------
-
-class VectorQuantizer2(nn.Module):
-    """The taming-transformers quantizer (VQGAN), in plain PyTorch: squared distances to a learnable
-    nn.Embedding codebook, argmin, embedding lookup, codebook loss + beta * commitment loss,
-    straight-through gradient to the input. Math in the codebook's dtype (fp32)."""
-
-    def __init__(self, num_codes: int, dim: int, beta: float = TAMING_BETA):
-        super().__init__()
-        self.beta = beta
-        self.embedding = nn.Embedding(num_codes, dim)
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        return self.embedding.weight
-
-    @codebook.setter
-    def codebook(self, codes: torch.Tensor) -> None:
-        self.embedding.weight.copy_(codes)
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        zf = z.to(self.embedding.weight.dtype)
-        rows = zf.reshape(-1, zf.shape[-1])
-        weight = self.embedding.weight
-        dist = rows.pow(2).sum(1, keepdim=True) + weight.pow(2).sum(1) - 2 * (rows @ weight.T)
-        indices = dist.argmin(1)
-        z_q = self.embedding(indices).view_as(zf)
-        loss = F.mse_loss(z_q, zf.detach()) + self.beta * F.mse_loss(z_q.detach(), zf)
-        return (zf + (z_q - zf).detach()).to(z.dtype), indices.view(z.shape[:-1]), loss
-
 
 def _train_step(layer: nn.Module, optimizer, x: torch.Tensor, grad: torch.Tensor) -> None:
     """Forward, backward of (quantized . grad + loss), then the optimizer step if any (EMA layers
@@ -209,15 +176,15 @@ def _layer(make: Callable[[Shape], nn.Module], learnable: bool = False):
     def setup(shape, dtype, device):
         layer = make(shape).to(device).train()
         with torch.no_grad():
-            layer.codebook = initial_codebook(shape, device)
+            layer.codebook.copy_(initial_codebook(shape, device))  # every layer's codebook is a (K, D) view
         optimizer = torch.optim.Adam(layer.parameters(), lr=TAMING_LR) if learnable else None
         return functools.partial(_train_step, layer, optimizer)
     return setup
 
 
 def _fastvq_layer(backend: str, precision: str | None):
-    return _layer(lambda s: FASTVQ_LAYER(dim=s.d, codebook_size=s.k, decay=EMA_DECAY, backend=backend,
-                                         precision=precision))
+    return _layer(lambda s: fastvq.VectorQuantize(dim=s.d, codebook_size=s.k, decay=EMA_DECAY, backend=backend,
+                                                  precision=precision))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,13 +253,14 @@ IMPLS: list[Impl] = [
     Impl("vqp-cdist", "search", "alternative", _plain(vqp_search), nk_bytes=12, why_not=_VQP),
     *[_dense_mm_impl("matmul", "dense-mm", p) for p in ("ieee", "tf32", "bf16")],
     Impl("fastvq-layer[triton]", "train", "fastvq", _fastvq_layer("triton", None),
-         why_not=_first_reason(_FASTVQ_LAYER, _triton_missing)),
+         why_not=_triton_missing),
     Impl("fastvq-layer[triton,tf32]", "train", "fastvq", _fastvq_layer("triton", "tf32"), precision="tf32",
-         why_not=_first_reason(_FASTVQ_LAYER, _triton_missing, _tf32_missing)),
-    Impl("fastvq-layer[torch]", "train", "fastvq", _fastvq_layer("torch", None), why_not=_FASTVQ_LAYER),
+         why_not=_first_reason(_triton_missing, _tf32_missing)),
+    Impl("fastvq-layer[torch]", "train", "fastvq", _fastvq_layer("torch", None)),
     Impl("vqp-layer", "train", "alternative", _layer(lambda s: vector_quantize_pytorch.VectorQuantize(
         dim=s.d, codebook_size=s.k, decay=EMA_DECAY)), nk_bytes=28, why_not=_VQP),
-    Impl("taming-vq2", "train", "alternative", _layer(lambda s: VectorQuantizer2(s.k, s.d), learnable=True),
+    Impl("taming-vq2", "train", "alternative",
+         _layer(lambda s: TamingQuantizer(s.d, s.k, commitment_weight=TAMING_BETA), learnable=True),
          nk_bytes=12),
 ]
 

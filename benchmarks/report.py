@@ -15,6 +15,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import torch
+
+import fastvq
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
@@ -61,8 +64,9 @@ def ceilings(records: list[dict]) -> dict[str, float]:
 
 
 def search_precision(r: dict) -> str:
-    """Precision the product of a search record ran in (fastvq's default for the torch backend)."""
-    return r["precision"] or ("bf16" if r["dtype"] == "bfloat16" else "ieee")
+    """Precision the product of a search record ran in: its own, or fastvq's default for its dtype."""
+    dtype = getattr(torch, r["dtype"])
+    return r["precision"] or fastvq.resolve_precision(None, dtype, dtype)
 
 
 def _mm_precision(precision: str) -> str:

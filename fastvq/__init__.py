@@ -10,25 +10,34 @@ Ops (each with a Triton kernel and a plain-PyTorch reference, chosen by `backend
                                                    (k=... : k codes by Gumbel top-k)
     code_cross_entropy(x, codebook, indices)    -> per-token cross-entropy over the code logits
 Layer: VectorQuantize, a drop-in for vector_quantize_pytorch.VectorQuantize (1.32.0).
-`import fastvq` needs neither a GPU nor triton.
+Packages, imports pointing one way: fastvq.ops < fastvq.nn < fastvq.models < fastvq.app (the
+command line). `import fastvq` needs neither a GPU nor triton, and loads neither models nor app.
 """
 
-from ._backend import available_backends
-from .functional import (
-    code_cross_entropy,
-    code_stats,
-    lookup_codes,
-    nearest_code,
-    quantize,
-    resolve_precision,
-    sample_code,
-    topk_codes,
-)
-from .vector_quantize import LossBreakdown, VectorQuantize
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LossBreakdown", "VectorQuantize", "available_backends", "code_cross_entropy", "code_stats", "lookup_codes",
-    "nearest_code", "quantize", "resolve_precision", "sample_code", "topk_codes",
-]
+_EXPORTS = {
+    **dict.fromkeys(("code_cross_entropy", "code_stats", "lookup_codes", "nearest_code", "quantize",
+                     "resolve_precision", "sample_code", "topk_codes"), "fastvq.ops.functional"),
+    "available_backends": "fastvq.ops.backend",
+    "LossBreakdown": "fastvq.nn",
+    "VectorQuantize": "fastvq.nn",
+}
+"""Public names and the module that defines each, imported at first use: `import fastvq.ops.reference`
+then loads no more than it needs (the custom ops' registration imports torch._dynamo, and with it triton)."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fastvq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -34,6 +34,24 @@ def backend_cases(backends=("torch", "triton")):
     return cases
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def case(**fields):
+    """pytest.param of the fields' values, with an id that says the case, e.g.
+    N301-K259-D33-H3-shared-bf16-cosine: ints as name + value, bools as the name when true, dtypes
+    by short name, strings as they are. Use the field names as the test's argument names."""
+    parts = []
+    for name, value in fields.items():
+        if isinstance(value, bool):
+            parts += [name] if value else []
+        elif isinstance(value, int):
+            parts.append(f"{name}{value}")
+        else:
+            parts.append(DTYPE_NAMES.get(value, str(value)))
+    return pytest.param(*fields.values(), id="-".join(parts))
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     """A reproducible seed per test, derived from its id (so inputs differ between tests) and from

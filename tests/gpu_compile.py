@@ -15,7 +15,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastvq.triton_ops._tiles import dot_options
+from fastvq.ops.triton._launch import search_config
+from fastvq.ops.triton._tiles import dot_options
 
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 CONFIG_DEVICE = torch.device("cpu")  # tile sizes do not depend on it; a CUDA device would need a GPU to query
@@ -36,7 +37,7 @@ def _signature(names, pointers, ints, constexprs):
 def search_variants():
     """The search kernel: nearest_code at every shape and precision; topk_codes (TOPK > 1) and
     sample_code (GUMBEL) at two shapes, fp32 and bf16."""
-    module = importlib.import_module("fastvq.triton_ops.nearest_code")
+    module = importlib.import_module("fastvq.ops.triton.nearest_code")
     kernel = module._search_kernel
     shapes = [(65536, 1024, 64), (1024, 262144, 32), (262144, 16384, 8), (4096, 4096, 1000), (301, 259, 3)]
     precisions = itertools.product(shapes, TORCH_TO_TRITON, ["ieee", "tf32", "bf16", "fp16"])
@@ -47,7 +48,7 @@ def search_variants():
               for dtype, precision in [(torch.float32, "tf32"), (torch.bfloat16, "bf16")]
               for gumbel, topk in [(False, 16), (True, 1), (True, 4)]]
     for (n, k, d), dtype, precision, gumbel, topk in cases:
-        config = module._search_config(n, k, d, 1, precision, CONFIG_DEVICE, topk)
+        config = search_config(n, k, d, 1, precision, CONFIG_DEVICE, topk)
         options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
         config.pop("splits"), config.pop("codes_per_split")
         constexprs = dict(COSINE=precision == "ieee", GUMBEL=gumbel, TOPK=topk,
@@ -66,13 +67,13 @@ def search_variants():
 
 
 def code_cross_entropy_variants():
-    module = importlib.import_module("fastvq.triton_ops.code_cross_entropy")
+    module = importlib.import_module("fastvq.ops.triton.code_cross_entropy")
     shapes = [(65536, 1024, 64), (1024, 16384, 256)]
     dtypes = [(torch.float32, "tf32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")]
     ints = dict(N="i32", K="i32", D="i32", codes_per_split="i32", per_split="i32")
     for (n, k, d), (dtype, precision) in itertools.product(shapes, dtypes):
         t = TORCH_TO_TRITON[dtype]
-        config = module._search_config(n, k, d, 1, precision, CONFIG_DEVICE)
+        config = search_config(n, k, d, 1, precision, CONFIG_DEVICE)
         options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
         config.pop("splits"), config.pop("codes_per_split")
         constexprs = dict(COSINE=precision == "bf16", **dot_options(precision), **config)
@@ -94,7 +95,7 @@ def code_cross_entropy_variants():
 
 
 def code_stats_variants():
-    module = importlib.import_module("fastvq.triton_ops.code_stats")
+    module = importlib.import_module("fastvq.ops.triton.code_stats")
     for has_mask, t in itertools.product([False, True], ["fp32", "bf16"]):
         pointers = dict(x_ptr=t, index_ptr="i64", mask_ptr="u8", counts_ptr="fp32", sums_ptr="fp32")
         constexprs = dict(HAS_MASK=has_mask, BLOCK_N=128, BLOCK_D=64)

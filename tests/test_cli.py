@@ -7,11 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvq import checkpoint, training
-from fastvq.cli import main
-from fastvq.data import CropSampler, load_images, split_images
-from fastvq.metrics import codebook_stats, psnr
-from fastvq.training import CHECKPOINT, load_model, make_config, reconstruct
+from fastvq.app import checkpoint, training
+from fastvq.app.cli import main
+from fastvq.app.config import make_config
+from fastvq.app.data import CropSampler, load_images, split_images
+from fastvq.app.errors import SettingError
+from fastvq.app.evaluation import reconstruct
+from fastvq.app.metrics import codebook_stats, psnr
+from fastvq.app.state import CHECKPOINT, load_model
 
 VQT = "vector-quantize-pytorch"
 TINY = ["--quantizer", VQT, "--image-size", "16", "--batch-size", "8", "--num-eval", "4",
@@ -154,6 +157,20 @@ def test_data_errors(capsys, folder, tmp_path):
     code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "e", *TINY,
                      "--set", "depth=3")
     assert code == 2 and "vqvae takes no argument ['depth']" in text
+
+
+def test_errors_name_arguments_in_python_and_flags_on_the_command_line(capsys, folder, tmp_path):
+    with pytest.raises(SettingError) as err:
+        split_images(str(folder), holdout=1.5, seed=0, resize=8)
+    assert str(err.value) == "holdout must lie in [0, 1), got 1.5"
+    with pytest.raises(FileNotFoundError, match=r"^data .*nowhere: no such file or folder$"):
+        load_images(str(tmp_path / "nowhere"))
+    with pytest.raises(SettingError, match="^give at most one of resize and crop$"):
+        load_images(str(folder), resize=8, crop=8)
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "a", *TINY, "--holdout", 1.5)
+    assert code == 2 and "error: --holdout must lie in [0, 1), got 1.5" in text
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "b", *TINY, "--resize", 8, "--crop", 8)
+    assert code == 2 and "give at most one of --resize and --crop" in text
 
 
 def test_mixed_sizes_need_resize_or_crop(capsys, folder, tmp_path):

@@ -8,19 +8,19 @@ against the float64 result of the same rounded inputs at 1e-2 for 16-bit ones.
 import pytest
 import torch
 import torch.nn.functional as tF
-from conftest import backend_cases
+from conftest import backend_cases, case
 
-import fastvq.functional as F
+import fastvq.ops.functional as F
 
-CASES = [  # heads, codebook heads, N, K, D
-    (1, 1, 70, 130, 8),  # several code tiles
-    (2, 1, 33, 300, 20),  # shared codebook, small N: code splits
-    (2, 2, 5, 200, 150),  # one codebook per head, D streamed in chunks
+CASES = [
+    case(H=1, shared=False, N=70, K=130, D=8),  # several code tiles
+    case(H=2, shared=True, N=33, K=300, D=20),  # small N: code splits
+    case(H=2, shared=False, N=5, K=200, D=150),  # one codebook per head, D streamed in chunks
 ]
 
 
 def dense_logits(x, codebook, metric):
-    """The anchor's logits, differentiable, (H, N, K) from canonical (H, N, D) and (Hc, K, D)."""
+    """vector-quantize-pytorch 1.32.0's logits, differentiable, (H, N, K) from canonical (H, N, D) and (Hc, K, D)."""
     cd = codebook.expand(x.shape[0], -1, -1)
     if metric == "l2":
         sq = x.pow(2).sum(-1, keepdim=True) + cd.pow(2).sum(-1).unsqueeze(1) - 2 * x @ cd.transpose(1, 2)
@@ -45,19 +45,18 @@ def assert_close_scaled(got, want, rel):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("H,shared,N,K,D", CASES)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_forward_and_gradients_match_dense_float64(device, backend, case, metric):
-    heads, code_heads, n, n_codes, d = CASES[case]
-    x = torch.randn(heads, n, d)
-    codebook = torch.randn(code_heads, n_codes, d)
-    indices = torch.randint(-1, n_codes, (heads, n))
-    grad = torch.randn(heads, n)
+def test_forward_and_gradients_match_dense_float64(device, backend, H, shared, N, K, D, metric):
+    x = torch.randn(H, N, D)
+    codebook = torch.randn(1 if shared else H, K, D)
+    indices = torch.randint(-1, K, (H, N))
+    grad = torch.randn(H, N)
     want_loss, want_grad_x, want_grad_codebook = dense_loss_and_grads(x, codebook, indices, grad, metric)
     xd = x.to(device).requires_grad_()
     cbd = codebook.to(device).requires_grad_()
     loss = F.code_cross_entropy(xd, cbd, indices.to(device), metric=metric, backend=backend)
-    assert loss.dtype == torch.float32 and loss.shape == (heads, n)
+    assert loss.dtype == torch.float32 and loss.shape == (H, N)
     assert (loss.cpu()[indices < 0] == 0).all()
     (loss * grad.to(device)).sum().backward()
     assert_close_scaled(loss.detach(), want_loss, 2e-5)

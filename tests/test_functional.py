@@ -9,7 +9,8 @@ import torch
 from conftest import backend_cases
 
 import fastvq
-from fastvq import reference
+from fastvq.ops import common
+from fastvq.ops.backend import resolve_backend
 
 # ---------------------------------------------------------------------------------------------
 # bad input: a clear error naming the argument, before anything runs
@@ -65,14 +66,14 @@ def test_lookup_codes_rejects_bad_indices():
 
 def test_env_override_and_bad_env(monkeypatch):
     monkeypatch.setenv("FASTVQ_BACKEND", "torch")
-    assert fastvq._backend.resolve_backend("triton", torch.device("cpu")) == "torch"
+    assert resolve_backend("triton", torch.device("cpu")) == "torch"
     monkeypatch.setenv("FASTVQ_BACKEND", "gpu")
     with pytest.raises(ValueError, match=r"FASTVQ_BACKEND must be one of .*'gpu'"):
         fastvq.nearest_code(X, CB)
 
 
 def test_auto_picks_torch_for_cpu_tensors():
-    assert fastvq._backend.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
 def _python(code, **env_changes):
@@ -127,7 +128,7 @@ def test_quantize_gradients_match_autograd_through_the_reference(device, backend
 
     ref_x = x.detach().clone().requires_grad_()
     ref_codebook = codebook.detach().clone().requires_grad_()
-    codes = reference.gather_codes(ref_codebook, indices).to(x_dtype)
+    codes = common.gather_codes(ref_codebook, indices).to(x_dtype)
     ref_quantized = ref_x + (codes - ref_x).detach() + (codes - codes.detach())
     ref_quantized.backward(grad)
 

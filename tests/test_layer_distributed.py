@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastvq.vector_quantize import VectorQuantize
+from fastvq.nn.vector_quantize import VectorQuantize
 
 WORLD, STEPS, DIM, CODES = 2, 3, 8, 16
 SCENARIOS = {

@@ -15,7 +15,7 @@ LIMIT_BYTES = 2 * 2**30
 
 STEP = """
 import json, resource, torch
-from fastvq.vector_quantize import VectorQuantize
+from fastvq.nn.vector_quantize import VectorQuantize
 torch.manual_seed(0)
 layer = VectorQuantize(dim=32, codebook_size=16384, threshold_ema_dead_code=2, backend="torch").train()
 x = torch.randn(64, 1024, 32, requires_grad=True)  # N = 65536 tokens

@@ -15,8 +15,8 @@ import torch
 from conftest import backend_cases
 from vector_quantize_pytorch import VectorQuantize as AnchorVQ
 
-import fastvq.kmeans
-from fastvq.vector_quantize import VectorQuantize
+import fastvq.nn.kmeans
+from fastvq.nn.vector_quantize import VectorQuantize
 
 ATOL = RTOL = 1e-5
 DIM, CODES, BATCH, SEQ = 8, 24, 2, 12
@@ -173,7 +173,7 @@ def test_kmeans_init_matches_anchor_given_the_same_seeds(config, monkeypatch):
     start = torch.randn(heads, CODES, kwargs.get("codebook_dim", DIM))
     if kwargs.get("use_cosine_sim"):
         start = torch.nn.functional.normalize(start, dim=-1)
-    monkeypatch.setattr(fastvq.kmeans, "sample_rows",
+    monkeypatch.setattr(fastvq.nn.kmeans, "sample_rows",
                         lambda rows, valid, num, sync=False: (start.clone(), torch.full((heads,), num)))
     for train in (True, False):
         anchor, ours = make_pair(**kwargs)

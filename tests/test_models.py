@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastvq.app.config import make_config
+from fastvq.app.device import QuantizerTimer, now
+from fastvq.app.step import make_optimizers, train_step
 from fastvq.models import LPIPS, VQGAN, VQVAE, TamingQuantizer, make_quantizer
 from fastvq.models.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss
-from fastvq.training import QuantizerTimer, make_config, make_optimizers, now, train_step
 
 VQT = "vector-quantize-pytorch"
 TINY_VQVAE = dict(channels=32, res_channels=8, num_res_blocks=1, downsample=4, codebook_dim=8,

@@ -3,17 +3,17 @@
 The Triton backend runs on CPU under TRITON_INTERPRET=1 (set by conftest.py) and on CUDA natively.
 """
 
-import importlib
 import itertools
 
 import pytest
 import torch
-from conftest import backend_cases
+from conftest import backend_cases, case
 from vq_checks import brute_force_distances, check_nearest
 
 import fastvq
-from fastvq.functional import resolve_precision
-from fastvq.triton_ops._common import interpreted_precision
+from fastvq.ops.functional import resolve_precision
+from fastvq.ops.triton import _launch
+from fastvq.ops.triton._launch import interpreted_precision
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = list(itertools.product([1, 7, 301], [1, 3, 259], [1, 3, 8, 33, 256]))  # N, K, D
@@ -34,14 +34,20 @@ def _run(x, codebook, metric, backend, precision=None):
     return indices, distances, used
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("case", range(len(SHAPES) * 2))
-def test_matches_float64_brute_force(device, backend, case):
+def _brute_force_cases():
     """Every (N, K, D) with both metrics; heads, shared codebooks and dtypes rotate over the cases."""
-    (n, k, d), metric = SHAPES[case // 2], ("l2", "cosine")[case % 2]
-    heads, shared = [(1, False), (3, False), (3, True)][case % 3]
-    dtype = DTYPES[(case // 3) % 3]
-    x, codebook = _inputs(heads, n, k, d, dtype, device, shared)
+    cases = []
+    for i in range(len(SHAPES) * 2):
+        (n, k, d), metric = SHAPES[i // 2], ("l2", "cosine")[i % 2]
+        heads, shared = [(1, False), (3, False), (3, True)][i % 3]
+        cases.append(case(N=n, K=k, D=d, H=heads, shared=shared, dtype=DTYPES[(i // 3) % 3], metric=metric))
+    return cases
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("N,K,D,H,shared,dtype,metric", _brute_force_cases())
+def test_matches_float64_brute_force(device, backend, N, K, D, H, shared, dtype, metric):
+    x, codebook = _inputs(H, N, K, D, dtype, device, shared)
     indices, distances, used = _run(x, codebook, metric, backend)
     check_nearest(x, codebook, indices, distances, metric, used)
 
@@ -116,14 +122,12 @@ def test_equidistant_codes_tie_to_lowest_index(device, backend):
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
 def test_code_splits_do_not_change_the_answer(device, backend, monkeypatch):
     """Splitting the codes over programs (small N) gives bitwise the same result as one program."""
-    kernel_module = importlib.import_module("fastvq.triton_ops.nearest_code")  # the module, not the function
-
     x, codebook = _inputs(2, 7, 1000, 24, torch.float32, device)
-    config = kernel_module._search_config(7, 1000, 24, 2, "ieee", x.device)
+    config = _launch.search_config(7, 1000, 24, 2, "ieee", x.device)
     assert config["splits"] > 1, "this shape must exercise the split path"
     split = fastvq.nearest_code(x, codebook, backend=backend)
-    monkeypatch.setattr(kernel_module, "num_programs_target", lambda device: 1)
-    assert kernel_module._search_config(7, 1000, 24, 2, "ieee", x.device)["splits"] == 1
+    monkeypatch.setattr(_launch, "num_programs_target", lambda device: 1)
+    assert _launch.search_config(7, 1000, 24, 2, "ieee", x.device)["splits"] == 1
     whole = fastvq.nearest_code(x, codebook, backend=backend)
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
 

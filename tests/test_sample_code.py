@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import backend_cases
 
-import fastvq.functional as F
-from fastvq import reference
+import fastvq.ops.functional as F
+from fastvq.ops import reference
 
 CHI2_LIMIT = 43.0
 

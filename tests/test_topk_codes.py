@@ -6,15 +6,15 @@ wherever the k-th and (k+1)-th true distances are farther apart than that, and t
 wherever every consecutive gap is.
 """
 
-import importlib
 
 import pytest
 import torch
-from conftest import backend_cases
+from conftest import backend_cases, case
 from vq_checks import brute_force_distances, tolerance
 
-import fastvq.functional as F
-from fastvq.triton_ops._common import interpreted_precision
+import fastvq.ops.functional as F
+from fastvq.ops.triton import _launch
+from fastvq.ops.triton._launch import interpreted_precision
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CASES = [(7, 3, 8, 3), (301, 259, 33, 16), (1, 130, 200, 5), (33, 300, 20, 7), (64, 70, 1, 2)]  # N, K, D, k
@@ -49,15 +49,22 @@ def check_topk(x, codebook, indices, distances, k, metric, precision):
     assert ((distances.double() - chosen).abs() <= dist_tol).all(), "distances are not exact fp32"
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("case", range(len(CASES) * 2))
-def test_matches_float64_brute_force(device, backend, case):
+def _brute_force_cases():
     """Every shape with both metrics; heads, shared codebooks and dtypes rotate over the cases."""
-    (n, n_codes, d, k), metric = CASES[case // 2], ("l2", "cosine")[case % 2]
-    heads, shared = [(1, False), (3, False), (2, True)][case % 3]
-    dtype = DTYPES[(case // 2) % 3]
-    x = torch.randn(heads, n, d).to(dtype).to(device)
-    codebook = torch.randn(1 if shared else heads, n_codes, d).to(dtype).to(device)
+    cases = []
+    for i in range(len(CASES) * 2):
+        (n, n_codes, d, k), metric = CASES[i // 2], ("l2", "cosine")[i % 2]
+        heads, shared = [(1, False), (3, False), (2, True)][i % 3]
+        cases.append(case(N=n, K=n_codes, D=d, k=k, H=heads, shared=shared, dtype=DTYPES[(i // 2) % 3],
+                          metric=metric))
+    return cases
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("N,K,D,k,H,shared,dtype,metric", _brute_force_cases())
+def test_matches_float64_brute_force(device, backend, N, K, D, k, H, shared, dtype, metric):
+    x = torch.randn(H, N, D).to(dtype).to(device)
+    codebook = torch.randn(1 if shared else H, K, D).to(dtype).to(device)
     indices, distances, used = _run(x, codebook, k, metric, backend)
     check_topk(x, codebook, indices, distances, k, metric, used)
 
@@ -95,17 +102,14 @@ def test_exact_ties_go_to_lowest_index(device, backend, metric):
     assert torch.equal(indices.cpu(), expected)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
 def test_code_splits_do_not_change_the_answer(device, backend, monkeypatch):
     """Splitting the codes over programs (small N) merges to bitwise the same lists as one program."""
-    if backend != "triton":
-        pytest.skip("the split over codes is a Triton launch strategy")
-    kernel_module = importlib.import_module("fastvq.triton_ops.nearest_code")
     x, codebook = torch.randn(2, 7, 24, device=device), torch.randn(2, 1000, 24, device=device)
-    assert kernel_module._search_config(7, 1000, 24, 2, "ieee", x.device, 8)["splits"] > 1
+    assert _launch.search_config(7, 1000, 24, 2, "ieee", x.device, 8)["splits"] > 1
     split = F.topk_codes(x, codebook, 8, backend=backend)
-    monkeypatch.setattr(kernel_module, "num_programs_target", lambda device: 1)
-    assert kernel_module._search_config(7, 1000, 24, 2, "ieee", x.device, 8)["splits"] == 1
+    monkeypatch.setattr(_launch, "num_programs_target", lambda device: 1)
+    assert _launch.search_config(7, 1000, 24, 2, "ieee", x.device, 8)["splits"] == 1
     whole = F.topk_codes(x, codebook, 8, backend=backend)
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
 

@@ -56,7 +56,7 @@ class LPIPS(nn.Module):
         """Load the weights described in the module docstring; a clear ValueError otherwise."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"--lpips-weights {path}: no such file")
+            raise FileNotFoundError(f"LPIPS weights {path}: no such file")
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -65,19 +65,19 @@ class LPIPS(nn.Module):
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # any reader error means the file is unusable
-            raise ValueError(f"--lpips-weights {path}: cannot read weights: {err}") from err
+            raise ValueError(f"LPIPS weights {path}: cannot read weights: {err}") from err
         model = cls()
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(
-                f"--lpips-weights {path}: missing {len(missing)} VGG16-LPIPS tensors, e.g. "
+                f"LPIPS weights {path}: missing {len(missing)} VGG16-LPIPS tensors, e.g. "
                 f"{missing[:3]}; expected keys features.N.weight/bias and linK.model.1.weight"
             )
         for key, value in expected.items():
             if state[key].shape != value.shape:
                 raise ValueError(
-                    f"--lpips-weights {path}: {key} has shape {tuple(state[key].shape)}, "
+                    f"LPIPS weights {path}: {key} has shape {tuple(state[key].shape)}, "
                     f"expected {tuple(value.shape)}"
                 )
         model.load_state_dict({key: state[key] for key in expected})

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastvq.nn import VectorQuantize
+
 QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming")
 
 
@@ -83,18 +85,12 @@ def make_quantizer(
             )
         return TamingQuantizer(dim, codebook_size, commitment_weight)
     if name == "fastvq":
-        try:
-            from fastvq import VectorQuantize
-        except ImportError as err:
-            raise ImportError(
-                "fastvq.VectorQuantize is not available in this installation "
-                f"({err}); use quantizer 'vector-quantize-pytorch' instead"
-            ) from err
+        layer = VectorQuantize
     elif name == "vector-quantize-pytorch":
-        from vector_quantize_pytorch import VectorQuantize
+        from vector_quantize_pytorch import VectorQuantize as layer
     else:
         raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {name!r}")
-    return VectorQuantize(
+    return layer(
         dim=dim,
         codebook_size=codebook_size,
         decay=decay,

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import code_bias, mark_unassigned
-from ._common import INTERPRETED, interpreted_precision, num_programs_target
-from ._tiles import NORM_EPS, dot_options, dot_tile, load_tile, logits, rank_score, resident_tile
+from ..common import code_bias, mark_unassigned
+from ._launch import interpreted_precision, search_config
+from ._tiles import COSINE_NORM_EPS, dot_options, dot_tile, load_tile, logits, rank_score, resident_tile
 
 
 @triton.jit
@@ -147,35 +147,11 @@ def _chosen_distance_kernel(
             diff = xv - cv
             sq_diff += tl.sum(diff * diff, axis=1)
     if COSINE:
-        norms = tl.maximum(tl.sqrt(x_sq), NORM_EPS) * tl.maximum(tl.sqrt(c_sq), NORM_EPS)
+        norms = tl.maximum(tl.sqrt(x_sq), COSINE_NORM_EPS) * tl.maximum(tl.sqrt(c_sq), COSINE_NORM_EPS)
         dist = 1.0 - dot / norms
     else:
         dist = sq_diff
     tl.store(dist_ptr + out, dist, mask=n_mask)
-
-
-def _search_config(n_tokens: int, n_codes: int, dim: int, heads: int, precision: str,
-                   device: torch.device, topk: int = 1) -> dict:
-    """Tile sizes and code splits for one search (a heuristic; see benchmarks/TUNING.md)."""
-    block_d = max(16, triton.next_power_of_2(dim))
-    single_d_tile = block_d <= 128
-    if not single_d_tile:
-        block_d = 64
-    if INTERPRETED:  # few large tiles: the interpreter pays per tile, not per element
-        block_n, block_k, warps, stages = 64, 64, 4, 1
-    else:
-        sixteen_bit = precision in ("bf16", "fp16")
-        # a running top-k list costs registers: fewer tokens per program
-        block_n = min(128 if topk == 1 else 64, max(16, triton.next_power_of_2(n_tokens)))
-        block_k = 128 if (sixteen_bit or block_d <= 64) else 64
-        warps, stages = 8, (3 if single_d_tile else 2)
-    token_programs = triton.cdiv(n_tokens, block_n) * heads
-    code_tiles = triton.cdiv(n_codes, block_k)
-    splits = min(code_tiles, max(1, triton.cdiv(num_programs_target(device), token_programs)))
-    codes_per_split = triton.cdiv(code_tiles, splits) * block_k
-    splits = triton.cdiv(n_codes, codes_per_split)
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, SINGLE_D_TILE=single_d_tile,
-                num_warps=warps, num_stages=stages, splits=splits, codes_per_split=codes_per_split)
 
 
 def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str, *, topk: int = 1,
@@ -187,7 +163,7 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
     n_codes = codebook.shape[1]
     precision = interpreted_precision(precision)
     bias = code_bias(codebook, metric, precision)  # (Hc, K) fp32, O(K) extra
-    cfg = _search_config(n_tokens, n_codes, dim, heads, precision, x.device, topk)
+    cfg = search_config(n_tokens, n_codes, dim, heads, precision, x.device, topk)
     splits = cfg.pop("splits")
     codes_per_split = cfg.pop("codes_per_split")
     shared = codebook.shape[0] == 1
@@ -239,14 +215,14 @@ def _chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
                  precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.reference.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
+    """Triton twin of `fastvq.ops.reference.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
     indices (H, N) int64 (-1: no finite distance), distances (H, N) fp32."""
     return _chosen_distance(x, codebook, _search(x, codebook, metric, precision), metric)
 
 
 def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
                precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.reference.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
+    """Triton twin of `fastvq.ops.reference.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
     indices (H, N, k) int64 nearest first (-1 past the finite ones), distances (H, N, k) fp32."""
     indices = _search(x, codebook, metric, precision, topk=k).reshape(*x.shape[:2], k)
     return _chosen_distance(x, codebook, indices, metric)
@@ -254,7 +230,7 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
 
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
                 k: int | None = None, metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
-    """Triton twin of `fastvq.reference.sample_code`: x (H, N, D), codebook (Hc, K, D), temperature > 0
+    """Triton twin of `fastvq.ops.reference.sample_code`: x (H, N, D), codebook (Hc, K, D), temperature > 0
     -> indices (H, N) int64 drawn from softmax(logits / temperature), or with k (H, N, k) int64 by
     Gumbel top-k, highest first (-1: no finite logit)."""
     if k is None:

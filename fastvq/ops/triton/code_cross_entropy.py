@@ -17,10 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import code_bias
-from ._common import INTERPRETED, interpreted_precision, num_programs_target
-from ._tiles import L2_LOGIT_EPS, NORM_EPS, dot_options, dot_tile, inv_norm, load_tile, logits, resident_tile
-from .nearest_code import _search_config
+from ..common import code_bias
+from ._launch import INTERPRETED, interpreted_precision, num_programs_target, search_config
+from ._tiles import COSINE_NORM_EPS, L2_LOGIT_EPS, dot_options, dot_tile, inv_norm, load_tile, logits, resident_tile
 
 
 @triton.jit
@@ -86,9 +85,9 @@ def _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask,
         inv_x = inv_norm(x_sq)
         m = w * inv_x[:, None] * bias[None, :]
         if CODE_SIDE:  # bias = 1 / max(|c|, eps): the clamp is active where bias reaches 1 / eps
-            q = w * logit * tl.where(bias < 1.0 / NORM_EPS, bias * bias, 0.0)[None, :]
+            q = w * logit * tl.where(bias < 1.0 / COSINE_NORM_EPS, bias * bias, 0.0)[None, :]
         else:
-            q = w * logit * tl.where(tl.sqrt(x_sq) >= NORM_EPS, inv_x * inv_x, 0.0)[:, None]
+            q = w * logit * tl.where(tl.sqrt(x_sq) >= COSINE_NORM_EPS, inv_x * inv_x, 0.0)[:, None]
     else:
         sq_dist = x_sq[:, None] + bias[None, :] - 2.0 * dot
         m = tl.where(sq_dist >= L2_LOGIT_EPS, w / -logit, 0.0)
@@ -193,7 +192,7 @@ def _ce_grad_kernel(
 
 def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",
                        precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.reference.code_cross_entropy`: x (H, N, D), codebook (Hc, K, D), indices
+    """Triton twin of `fastvq.ops.reference.code_cross_entropy`: x (H, N, D), codebook (Hc, K, D), indices
     (H, N) int64 in [-1, K) -> loss (H, N) fp32 (0 where the index is -1), log-sum-exp (H, N) fp32."""
     heads, n_tokens, dim = x.shape
     n_codes = codebook.shape[1]
@@ -202,7 +201,7 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
         return empty, empty.clone()
     precision = interpreted_precision(precision)
     bias = code_bias(codebook, metric, precision)
-    cfg = _search_config(n_tokens, n_codes, dim, heads, precision, x.device)
+    cfg = search_config(n_tokens, n_codes, dim, heads, precision, x.device)
     splits = cfg.pop("splits")
     codes_per_split = cfg.pop("codes_per_split")
     shared = codebook.shape[0] == 1
@@ -241,7 +240,7 @@ def _grad_config(n_rows: int, n_stream: int, dim: int, heads: int, device: torch
 def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
                             grad: torch.Tensor, wrt: str, *, metric: str = "l2",
                             precision: str = "ieee") -> torch.Tensor:
-    """Triton twin of `fastvq.reference.code_cross_entropy_grad`: the gradient w.r.t. x (wrt="x",
+    """Triton twin of `fastvq.ops.reference.code_cross_entropy_grad`: the gradient w.r.t. x (wrt="x",
     (H, N, D) fp32) or the codebook (wrt="codebook", (Hc, K, D) fp32); lse and grad are (H, N)."""
     code_side = wrt == "codebook"
     precision = interpreted_precision(precision)

@@ -1,19 +1,21 @@
 """Public ops: argument checks, backend dispatch and autograd.
 
 Each op is registered as a `torch.library` custom op (namespace `fastvq`) so that `torch.compile`
-keeps it in the graph. Every check here runs before any kernel launches.
+keeps it in the graph. Every check here runs before any kernel launches. Each public op checks
+its own arguments, then `_search_prelude` (the shared checks, precision and backend) and `_run`
+(the call on canonical shapes, N = 0, the shape of the result) do the rest.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from . import reference
-from ._backend import backend_module, resolve_backend
+from .backend import backend_module, resolve_backend
+from .common import MAX_TOPK, METRICS, PRECISIONS, gather_codes
 
-METRICS = ("l2", "cosine")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -50,12 +52,10 @@ def _check_code_indices(indices, x: torch.Tensor, num_codes: int, check_range: b
                              f"[{low.item()}, {high.item()}]")
 
 
-def _canonical_search_args(x, codebook, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _canonical_args(x, codebook) -> tuple[torch.Tensor, torch.Tensor]:
     """Check x (N, D) | (H, N, D) and codebook (K, D) | (H, K, D); return (H, N, D), (Hc, K, D)."""
     _check_tensor(x, "x", floating=True)
     _check_tensor(codebook, "codebook", floating=True)
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if x.dim() not in (2, 3):
         raise ValueError(f"x must have shape (N, D) or (H, N, D), got {tuple(x.shape)}")
     if codebook.dim() not in (2, 3):
@@ -96,9 +96,28 @@ def resolve_precision(precision: str | None, x_dtype: torch.dtype, codebook_dtyp
         if x_dtype == codebook_dtype and x_dtype in (torch.float16, torch.bfloat16):
             return "fp16" if x_dtype == torch.float16 else "bf16"
         return "tf32" if _tf32_allowed() else "ieee"
-    if precision not in reference.PRECISIONS:
-        raise ValueError(f"precision must be None or one of {reference.PRECISIONS}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
     return precision
+
+
+def _search_prelude(x, codebook, metric: str, precision: str | None,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+    """What every op that scores codes does first: check x, codebook and metric, resolve the
+    precision and the backend -> (x (H, N, D), codebook (Hc, K, D), precision, backend)."""
+    x3, cb3 = _canonical_args(x, codebook)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return x3, cb3, resolve_precision(precision, x.dtype, codebook.dtype), resolve_backend(backend, x.device)
+
+
+def _run(op: Callable, empty: Callable | None, x: torch.Tensor, x3: torch.Tensor, *args):
+    """op(x3, *args) on canonical shapes, or, with no token, `empty` (the op's fake: outputs of the
+    right shapes, no launch; None: call op anyway); the head dim is dropped again for 2-D x."""
+    outputs = op(x3, *args) if x3.shape[1] or empty is None else empty(x3, *args)
+    if x.dim() == 3:
+        return outputs
+    return tuple(o[0] for o in outputs) if isinstance(outputs, tuple) else outputs[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +131,7 @@ def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, metric: str, preci
 
 
 @_nearest_code_op.register_fake
-def _(x, codebook, metric, precision, backend):
+def _nearest_code_empty(x, codebook, metric, precision, backend):
     shape = x.shape[:2]
     return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=torch.float32)
 
@@ -133,7 +152,7 @@ def _(x, indices, num_codes, mask, backend):
 @torch.library.custom_op("fastvq::lookup_codes", mutates_args=())
 def _lookup_codes_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
                      backend: str) -> torch.Tensor:
-    codes = reference.gather_codes(codebook, indices).to(x.dtype)
+    codes = gather_codes(codebook, indices).to(x.dtype)
     return torch.where((indices < 0).unsqueeze(-1), x, codes)
 
 
@@ -182,7 +201,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
             slightly farther, code for ~0.02-3% of tokens on random data), "bf16" / "fp16" (operands
             rounded to that dtype). None: see `resolve_precision`. Accumulation is always fp32 and
             the returned distance is always recomputed exactly in fp32 for the chosen code.
-        backend: "auto", "torch" or "triton" (see `fastvq._backend`).
+        backend: "auto", "torch" or "triton" (see `fastvq.ops.backend`).
 
     Returns:
         indices: int64, (N,) or (H, N). Ties go to the lowest index. A token with no finite
@@ -191,17 +210,8 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
         distances: float32, same shape; NaN where the index is -1. Neither output carries a
             gradient (use `lookup_codes` for the differentiable quantize step).
     """
-    x3, cb3 = _canonical_search_args(x, codebook, metric)
-    precision = resolve_precision(precision, x.dtype, codebook.dtype)
-    backend = resolve_backend(backend, x.device)
-    if x3.shape[1] == 0:
-        indices = torch.empty(x3.shape[:2], dtype=torch.int64, device=x.device)
-        distances = torch.empty(x3.shape[:2], dtype=torch.float32, device=x.device)
-    else:
-        indices, distances = _nearest_code_op(x3.detach(), cb3.detach(), metric, precision, backend)
-    if x.dim() == 2:
-        return indices[0], distances[0]
-    return indices, distances
+    x3, cb3, precision, backend = _search_prelude(x, codebook, metric, precision, backend)
+    return _run(_nearest_code_op, _nearest_code_empty, x, x3.detach(), cb3.detach(), metric, precision, backend)
 
 
 def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: torch.Tensor | None = None,
@@ -235,10 +245,7 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: 
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     indices3 = (indices if indices.dim() == 2 else indices.unsqueeze(0)).long()
     mask3 = None if mask is None else (mask if mask.dim() == 2 else mask.unsqueeze(0))
-    counts, sums = _code_stats_op(x3, indices3, num_codes, mask3, backend)
-    if x.dim() == 2:
-        return counts[0], sums[0]
-    return counts, sums
+    return _run(_code_stats_op, None, x, x3, indices3, num_codes, mask3, backend)
 
 
 def lookup_codes(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *,
@@ -250,15 +257,14 @@ def lookup_codes(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     Backward: the gradient goes straight through to x and, when the codebook requires grad, to
     each code as the sum of the gradients of the rows that chose it.
     """
-    x3, cb3 = _canonical_search_args(x, codebook, "l2")
+    x3, cb3 = _canonical_args(x, codebook)
     _check_tensor(indices, "indices", floating=False)
     if indices.dtype != torch.int64 or indices.shape != x.shape[:-1]:
         raise ValueError(f"indices must be int64 of shape {tuple(x.shape[:-1])}, got {indices.dtype} "
                          f"{tuple(indices.shape)}")
     _check_same_device(x, "x", indices, "indices")
     backend = resolve_backend(backend, x.device)
-    out = _lookup_codes_op(x3, cb3, indices if indices.dim() == 2 else indices.unsqueeze(0), backend)
-    return out if x.dim() == 3 else out[0]
+    return _run(_lookup_codes_op, None, x, x3, cb3, indices if indices.dim() == 2 else indices.unsqueeze(0), backend)
 
 
 def quantize(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str | None = None,
@@ -271,10 +277,6 @@ def quantize(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", pre
 # ---------------------------------------------------------------------------------------------
 # ops on the logits: sampling, top-k, cross-entropy
 # ---------------------------------------------------------------------------------------------
-
-MAX_TOPK = 16
-"""Largest k of `topk_codes` and `sample_code` (the running list lives in registers)."""
-
 
 def _check_k(k, n_codes: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int):
@@ -292,7 +294,7 @@ def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, temperature: float,
 
 
 @_sample_code_op.register_fake
-def _(x, codebook, temperature, seed, k, metric, precision, backend):
+def _sample_code_empty(x, codebook, temperature, seed, k, metric, precision, backend):
     return x.new_empty((*x.shape[:2], k) if k else x.shape[:2], dtype=torch.int64)
 
 
@@ -303,7 +305,7 @@ def _topk_codes_op(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
 
 
 @_topk_codes_op.register_fake
-def _(x, codebook, k, metric, precision, backend):
+def _topk_codes_empty(x, codebook, k, metric, precision, backend):
     shape = (*x.shape[:2], k)
     return x.new_empty(shape, dtype=torch.int64), x.new_empty(shape, dtype=torch.float32)
 
@@ -342,7 +344,7 @@ def _code_cross_entropy_setup(ctx, inputs, output):
 
 
 def _code_cross_entropy_backward(ctx, grad_loss, _grad_lse):
-    """Streamed softmax-weighted sums (see `reference.code_cross_entropy_grad`); no N x K tensor."""
+    """Streamed softmax-weighted sums (see `fastvq.ops.reference.code_cross_entropy_grad`); no N x K tensor."""
     x, codebook, indices, lse = ctx.saved_tensors
     grads = [None, None]
     for i, wrt, like in ((0, "x", x), (1, "codebook", codebook)):
@@ -359,7 +361,8 @@ _code_cross_entropy_op.register_autograd(_code_cross_entropy_backward,
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, k: int | None = None,
                 metric: str = "l2", seed: int | None = None, precision: str | None = None,
                 backend: str = "auto") -> torch.Tensor:
-    """Draw one code per token from softmax(logits / temperature) (the anchor's Gumbel sampling),
+    """Draw one code per token from softmax(logits / temperature) (vector-quantize-pytorch 1.32.0's
+    Gumbel sampling),
     or k codes without replacement (Gumbel top-k), without an N x K tensor of logits or noise.
 
     Args:
@@ -380,7 +383,7 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float =
         finite logit, or in the slots past the codes with one (codes with a non-finite logit are
         never drawn).
     """
-    x3, cb3 = _canonical_search_args(x, codebook, metric)
+    x3, cb3, precision, backend = _search_prelude(x, codebook, metric, precision, backend)
     if k is not None:
         _check_k(k, cb3.shape[1])
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -393,17 +396,13 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float =
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     if temperature <= 0:
         if k is not None:
-            return topk_codes(x, codebook, k, metric=metric, precision=precision, backend=backend)[0]
-        return nearest_code(x, codebook, metric=metric, precision=precision, backend=backend)[0]
-    precision = resolve_precision(precision, x.dtype, codebook.dtype)
-    backend = resolve_backend(backend, x.device)
+            return _run(_topk_codes_op, _topk_codes_empty, x, x3, cb3, k, metric, precision, backend)[0]
+        return _run(_nearest_code_op, _nearest_code_empty, x, x3.detach(), cb3.detach(), metric, precision,
+                        backend)[0]
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
-    if x3.shape[1] == 0:
-        indices = torch.empty((*x3.shape[:2], k) if k else x3.shape[:2], dtype=torch.int64, device=x.device)
-    else:
-        indices = _sample_code_op(x3, cb3, float(temperature), seed, k or 0, metric, precision, backend)
-    return indices if x.dim() == 3 else indices[0]
+    return _run(_sample_code_op, _sample_code_empty, x, x3, cb3, float(temperature), seed, k or 0, metric,
+                precision, backend)
 
 
 def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
@@ -420,25 +419,16 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
         distances: float32, same shape, as `nearest_code` (recomputed exactly in fp32); NaN where
             the index is -1.
     """
-    x3, cb3 = _canonical_search_args(x, codebook, metric)
+    x3, cb3, precision, backend = _search_prelude(x, codebook, metric, precision, backend)
     _check_k(k, cb3.shape[1])
-    precision = resolve_precision(precision, x.dtype, codebook.dtype)
-    backend = resolve_backend(backend, x.device)
-    if x3.shape[1] == 0:
-        shape = (*x3.shape[:2], k)
-        indices = torch.empty(shape, dtype=torch.int64, device=x.device)
-        distances = torch.empty(shape, dtype=torch.float32, device=x.device)
-    else:
-        indices, distances = _topk_codes_op(x3, cb3, k, metric, precision, backend)
-    if x.dim() == 2:
-        return indices[0], distances[0]
-    return indices, distances
+    return _run(_topk_codes_op, _topk_codes_empty, x, x3, cb3, k, metric, precision, backend)
 
 
 def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",
                        precision: str | None = None, backend: str = "auto",
                        check_indices: bool = True) -> torch.Tensor:
-    """Per-token cross-entropy of the code logits against target codes (the anchor's CE loss),
+    """Per-token cross-entropy of the code logits against target codes (vector-quantize-pytorch
+    1.32.0's cross-entropy loss),
     with an online log-sum-exp: no N x K tensor, forward or backward.
 
     Args:
@@ -448,13 +438,11 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
 
     Returns:
         loss: float32, (N,) or (H, N): logsumexp_k(logit_k) - logit_target, 0 where the index is -1
-        (average over the non-ignored tokens for the anchor's mean). Differentiable w.r.t. x and
+        (average over the non-ignored tokens for vector-quantize-pytorch's mean). Differentiable w.r.t. x and
         codebook; the gradients come back in their dtypes.
     """
-    x3, cb3 = _canonical_search_args(x, codebook, metric)
+    x3, cb3, precision, backend = _search_prelude(x, codebook, metric, precision, backend)
     _check_code_indices(indices, x, cb3.shape[1], check_indices)
-    precision = resolve_precision(precision, x.dtype, codebook.dtype)
-    backend = resolve_backend(backend, x.device)
     indices3 = (indices if indices.dim() == 2 else indices.unsqueeze(0)).long()
-    loss, _ = _code_cross_entropy_op(x3, cb3, indices3, metric, precision, backend)
-    return loss if x.dim() == 3 else loss[0]
+    loss, _ = _run(_code_cross_entropy_op, None, x, x3, cb3, indices3, metric, precision, backend)
+    return loss

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import SettingError, SettingFileNotFoundError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 # scikit-image sample photographs that ship inside its wheel (no pooch download).
@@ -72,9 +74,8 @@ def _fit(image: np.ndarray, name: str, resize: int | None, crop: int | None) -> 
     if crop is not None:
         h, w = image.shape[:2]
         if h < crop or w < crop:
-            raise ValueError(
-                f"{name}: image of size {h}x{w} is smaller than --crop {crop}; use --resize {crop}"
-            )
+            raise SettingError("{name}: image of size {h}x{w} is smaller than {crop} {size}; use {resize} {size}",
+                               name=name, h=h, w=w, size=crop)
         top, left = (h - crop) // 2, (w - crop) // 2
         image = image[top : top + crop, left : left + crop]
     return np.ascontiguousarray(image)
@@ -85,16 +86,16 @@ def _read_folder(folder: Path) -> tuple[list[str], list[np.ndarray]]:
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise ValueError(
-            f"--data {folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})"
-        )
+        raise SettingError("{data} {folder}: no images found (looked for {extensions})", folder=folder,
+                           extensions=", ".join(IMAGE_EXTENSIONS))
     images = []
     for path in files:
         try:
             with Image.open(path) as im:
                 images.append(np.asarray(im.convert("RGB")))
         except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"--data {folder}: cannot read image {path.name}: {err}") from err
+            raise SettingError("{data} {folder}: cannot read image {file}: {err}", folder=folder, file=path.name,
+                               err=err) from err
     return [p.name for p in files], images
 
 
@@ -102,7 +103,7 @@ def _read_array(path: Path) -> tuple[list[str], list[np.ndarray]]:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ValueError(f"--data {path}: cannot read the array file: {err}") from err
+        raise SettingError("{data} {path}: cannot read the array file: {err}", path=path, err=err) from err
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             keys = list(loaded.keys())
@@ -111,20 +112,17 @@ def _read_array(path: Path) -> tuple[list[str], list[np.ndarray]]:
             elif len(keys) == 1:
                 array = loaded[keys[0]]
             else:
-                raise ValueError(
-                    f"--data {path}: the .npz holds arrays {keys}; name the images array 'images'"
-                )
+                raise SettingError("{data} {path}: the .npz holds arrays {keys}; name the images array 'images'",
+                                   path=path, keys=keys)
     else:
         array = loaded
     if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
     if array.ndim not in (3, 4) or len(array) == 0:
-        raise ValueError(
-            f"--data {path}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W), "
-            f"got {array.shape}"
-        )
+        raise SettingError("{data} {path}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W), "
+                           "got {shape}", path=path, shape=array.shape)
     names = [f"{path.stem}_{i:05d}" for i in range(len(array))]
-    return names, [to_rgb_uint8(a, f"--data {path}[{i}]") for i, a in enumerate(array)]
+    return names, [to_rgb_uint8(a, f"{path}[{i}]") for i, a in enumerate(array)]
 
 
 def load_images(
@@ -133,26 +131,25 @@ def load_images(
     """Names and (H, W, 3) uint8 images from a folder or a .npy/.npz file; ``builtin`` gives the
     held-out builtin photographs. ``resize``/``crop`` make every image ``resize``x``resize`` /
     ``crop``x``crop`` (shorter-side resize + center crop / center crop only)."""
-    for flag, value in (("--resize", resize), ("--crop", crop)):
+    for name, value in (("resize", resize), ("crop", crop)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be a positive image side, got {value}")
+            raise SettingError("{%s} must be a positive image side, got {value}" % name, value=value)
     if resize is not None and crop is not None:
-        raise ValueError("give at most one of --resize and --crop")
+        raise SettingError("give at most one of {resize} and {crop}")
     if spec == "builtin":
         names, images = builtin_images("eval")
     else:
         path = Path(spec)
         if not path.exists():
-            raise FileNotFoundError(f"--data {spec}: no such file or folder")
+            raise SettingFileNotFoundError("{data} {spec}: no such file or folder", spec=spec)
         if path.is_dir():
             names, images = _read_folder(path)
         elif path.suffix.lower() in (".npy", ".npz"):
             names, images = _read_array(path)
         else:
-            raise ValueError(
-                f"--data {spec}: expected 'builtin', a folder of images or a .npy/.npz file"
-            )
-    return names, [_fit(im, f"--data {spec}: {n}", resize, crop) for n, im in zip(names, images)]
+            raise SettingError("{data} {spec}: expected 'builtin', a folder of images or a .npy/.npz file",
+                               spec=spec)
+    return names, [_fit(im, f"{spec}: {n}", resize, crop) for n, im in zip(names, images)]
 
 
 def stack_images(names: list[str], images: list[np.ndarray]) -> np.ndarray:
@@ -160,10 +157,9 @@ def stack_images(names: list[str], images: list[np.ndarray]) -> np.ndarray:
     first = images[0].shape
     for name, image in zip(names, images):
         if image.shape != first:
-            raise ValueError(
-                f"images have mixed sizes: {names[0]} is {first[0]}x{first[1]} but {name} is "
-                f"{image.shape[0]}x{image.shape[1]}; pass --resize S or --crop S"
-            )
+            raise SettingError("images have mixed sizes: {first_name} is {first} but {name} is {size}; pass "
+                               "{resize} S or {crop} S", first_name=names[0], first=f"{first[0]}x{first[1]}",
+                               name=name, size=f"{image.shape[0]}x{image.shape[1]}")
     return np.stack(images)
 
 
@@ -178,10 +174,10 @@ def split_images(
             _fit(im, "builtin", resize, crop) for im in held
         ]
     if not 0.0 <= holdout < 1.0:
-        raise ValueError(f"--holdout must lie in [0, 1), got {holdout}")
+        raise SettingError("{holdout} must lie in [0, 1), got {value}", value=holdout)
     _, images = load_images(spec, resize, crop)
     if len(images) < 2:
-        raise ValueError(f"--data {spec}: need at least 2 images (train + held out), found 1")
+        raise SettingError("{data} {spec}: need at least 2 images (train + held out), found 1", spec=spec)
     count = min(len(images) - 1, max(1, round(holdout * len(images))))
     order = np.random.default_rng(seed).permutation(len(images))
     held = set(order[:count].tolist())
@@ -193,10 +189,9 @@ def check_size(images: list[np.ndarray], size: int, what: str) -> None:
     """Raise if any image is smaller than ``size`` in height or width."""
     for i, image in enumerate(images):
         if min(image.shape[:2]) < size:
-            raise ValueError(
-                f"{what} image {i} is {image.shape[0]}x{image.shape[1]}, smaller than the "
-                f"{size}x{size} crops requested; lower --image-size or pass --resize {size}"
-            )
+            raise SettingError("{what} image {i} is {h}x{w}, smaller than the {size}x{size} crops requested; "
+                               "lower {image_size} or pass {resize} {size}", what=what, i=i, h=image.shape[0],
+                               w=image.shape[1], size=size)
 
 
 def fixed_crops(images: list[np.ndarray], size: int, count: int, seed: int = 0) -> np.ndarray:

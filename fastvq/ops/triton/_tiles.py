@@ -11,14 +11,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import common
 
-NORM_EPS = tl.constexpr(reference.NORM_EPS)
-L2_LOGIT_EPS = tl.constexpr(reference.L2_LOGIT_EPS)
+COSINE_NORM_EPS = tl.constexpr(common.COSINE_NORM_EPS)
+L2_LOGIT_EPS = tl.constexpr(common.L2_LOGIT_EPS)
 
 
 def dot_options(precision: str) -> dict:
-    """The INPUT_PRECISION and CAST constexprs of a product in `precision` (see `reference.PRECISIONS`)."""
+    """The INPUT_PRECISION and CAST constexprs of a product in `precision` (see `fastvq.ops.common.PRECISIONS`)."""
     return dict(INPUT_PRECISION="tf32" if precision == "tf32" else "ieee",
                 CAST={"ieee": 0, "tf32": 0, "bf16": 1, "fp16": 2}[precision])
 
@@ -83,7 +83,7 @@ def dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
 @triton.jit
 def rank_score(dot, bias, COSINE: tl.constexpr):
     """Score that ranks codes as the distance does, without the per-token constant; lower is nearer.
-    bias (BLOCK_K,) is `reference.code_bias`: |c|^2 (l2: score |c|^2 - 2 x.c) or 1 / |c| (cosine:
+    bias (BLOCK_K,) is `fastvq.ops.common.code_bias`: |c|^2 (l2: score |c|^2 - 2 x.c) or 1 / |c| (cosine:
     score -(x.c) / |c|)."""
     if COSINE:
         return -dot * bias[None, :]
@@ -94,12 +94,12 @@ def rank_score(dot, bias, COSINE: tl.constexpr):
 @triton.jit
 def inv_norm(sq):
     """1 / max(sqrt(sq), eps), as `torch.nn.functional.normalize` scales a vector."""
-    return 1.0 / tl.maximum(tl.sqrt(sq), NORM_EPS)
+    return 1.0 / tl.maximum(tl.sqrt(sq), COSINE_NORM_EPS)
 
 
 @triton.jit
 def logits(dot, x_sq, bias, COSINE: tl.constexpr):
-    """The anchor's logits of a tile (higher is nearer), fp32 (BLOCK_N, BLOCK_K).
+    """vector-quantize-pytorch 1.32.0's logits of a tile (higher is nearer), fp32 (BLOCK_N, BLOCK_K).
 
     l2: -sqrt(max(|x|^2 + |c|^2 - 2 x.c, 1e-8)) with bias = |c|^2; cosine: x.c / (max(|x|, eps)
     max(|c|, eps)) with bias = 1 / max(|c|, eps). x_sq is |x|^2 (BLOCK_N,) from `dot_tile`.

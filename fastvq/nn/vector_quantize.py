@@ -2,9 +2,10 @@
 
 Same constructor arguments, defaults, outputs and state_dict keys as 1.32.0, so a checkpoint of
 either package loads into the other. The nearest-code search, the lookup and the EMA statistics run
-on `fastvq.functional` (no N x K distance matrix, no one-hot); math is fp32 whatever the input
+on `fastvq.ops` (no N x K distance matrix, no one-hot); math is fp32 whatever the input
 dtype. The module parses arguments, reshapes between the input layout and canonical rows
-(H, N, D) and computes the losses; `fastvq.codebook.Codebook` holds the state and its updates.
+(H, N, D) and computes the losses; `fastvq.nn.codebook.Codebook` holds the state, its updates and
+the op settings (metric, precision, backend), and runs every op.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops.common import MAX_TOPK
 from . import distributed
-from .codebook import Codebook, EmaWeight, code_counts, l2norm
-from .functional import MAX_TOPK, code_cross_entropy, lookup_codes
+from .codebook import Codebook, EmaWeight, code_counts
+from .kmeans import l2norm
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg",
                                              "inplace_optimize"])
@@ -88,8 +90,8 @@ class VectorQuantize(nn.Module):
     loss (0 in eval).
 
     fastvq-only keywords: `backend` ("auto" | "torch" | "triton") and `precision` (see
-    `fastvq.nearest_code`) are passed to the ops. The arguments named in `UNSUPPORTED` raise
-    NotImplementedError when not at their default.
+    `fastvq.nearest_code`), kept by the codebook, which passes them to the ops. The arguments
+    named in `UNSUPPORTED` raise NotImplementedError when not at their default.
 
     Non-finite tokens (NaN/inf) get index -1, pass through unchanged, and never reach the EMA
     statistics, k-means or the dead-code sampler; `codebook_health()["nonfinite_tokens"]` counts
@@ -167,7 +169,6 @@ class VectorQuantize(nn.Module):
         self.accept_image_fmap, self.accept_3d_fmap = accept_image_fmap, accept_3d_fmap
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.freeze_codebook = freeze_codebook
-        self.backend, self.precision = backend, precision
         self._codebook = Codebook(
             self.codebook_dim, codebook_size, heads if separate_codebook_per_head else 1,
             kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, sync_kmeans=sync_kmeans, decay=decay, eps=eps,
@@ -203,7 +204,7 @@ class VectorQuantize(nn.Module):
     def codebook_health(self) -> dict[str, torch.Tensor]:
         """Health of the last training step as 0-d device tensors (reading one syncs, computing
         them does not): usage, perplexity, dead_codes, replaced_codes, nonfinite_tokens. See
-        `fastvq.codebook.Codebook.health`."""
+        `fastvq.nn.codebook.Codebook.health`."""
         return self._codebook.health()
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -302,7 +303,7 @@ class VectorQuantize(nn.Module):
         temperature = self._sampling_temperature(temperature, x, rows)
         idx = codebook.search(rows, temperature=temperature, topk=topk)
         embed = codebook.embed if codebook.learnable_codebook else codebook.embed.detach()
-        codes = self._lookup(rows, embed, idx)  # fp32, gradient only to the codebook
+        codes = codebook.lookup(rows, embed, idx)  # fp32, gradient only to the codebook
         if indices is not None:  # logits of the codebook before this step's (in-place) update
             before = embed.clone() if self.training else embed
             cross_entropy = self._cross_entropy(rows, before, indices, batch, seq)
@@ -367,16 +368,6 @@ class VectorQuantize(nn.Module):
             loss = loss + orthogonal * self.orthogonal_reg_weight
         return _Losses(loss, commitment, orthogonal)
 
-    def _lookup(self, rows: torch.Tensor, embed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Code rows (H, M, [k,] D) fp32 for idx (H, M[, k]): a gather, with gradient only to embed."""
-        x = rows.detach().float()
-        if idx.dim() == 2:
-            return lookup_codes(x, embed, idx, backend=self.backend)
-        k = idx.shape[-1]
-        flat = x.unsqueeze(2).expand(-1, -1, k, -1).reshape(x.shape[0], -1, x.shape[-1])
-        codes = lookup_codes(flat, embed, idx.reshape(idx.shape[0], -1), backend=self.backend)
-        return codes.unflatten(1, (-1, k))
-
     def _check_topk(self, topk) -> int | None:
         if topk is None:
             return None
@@ -438,9 +429,7 @@ class VectorQuantize(nn.Module):
             raise ValueError(f"indices must be an integer tensor shaped as the returned indices ({count} "
                              f"entries), got {_describe(targets)}")
         targets = self._to_rows(targets.reshape(-1, self.heads).long())
-        loss = code_cross_entropy(rows, embed, targets, metric=self._codebook.metric,
-                                  precision=self.precision, backend=self.backend)
-        return loss.sum() / (targets >= 0).sum()
+        return self._codebook.cross_entropy(rows, embed, targets).sum() / (targets >= 0).sum()
 
     def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:
         codes = self._codebook.embed

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED
+from ._launch import INTERPRETED
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _code_stats_kernel(
 
 def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.reference.code_stats`: x (H, N, D), indices (H, N), mask (H, N) bool ->
+    """Triton twin of `fastvq.ops.reference.code_stats`: x (H, N, D), indices (H, N), mask (H, N) bool ->
     counts (H, K) fp32, sums (H, K, D) fp32."""
     heads, n_tokens, dim = x.shape
     counts = torch.zeros((heads, num_codes), dtype=torch.float32, device=x.device)

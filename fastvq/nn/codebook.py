@@ -4,7 +4,8 @@
 so `VectorQuantize.state_dict()` has the same keys (`_codebook.initted`, `_codebook.cluster_size`,
 `_codebook.embed_avg`, `_codebook.embed`). Every update is built on the fused ops: per-code
 counts and sums come from `code_stats` (no one-hot), searches from `nearest_code` (no N x K).
-Rows are canonical, (H, N, D) with H the number of codebooks (see `fastvq.functional`).
+Rows are canonical, (H, N, D) with H the number of codebooks (see `fastvq.ops.functional`). The
+codebook owns the metric, precision and backend: the layer calls every op through it.
 
 Statistics are fp32 whatever the input dtype. Rows with a non-finite value never reach them
 (callers pass them as not kept and report how many there were in `num_nonfinite_tokens`).
@@ -16,19 +17,13 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops.functional import code_cross_entropy, code_stats, lookup_codes, sample_code
 from . import distributed
-from .functional import code_stats, nearest_code, sample_code, topk_codes
-from .kmeans import NORM_EPS, kmeans, sample_rows
+from .kmeans import kmeans, l2norm, sample_rows
 
 EmaWeight = torch.Tensor | float | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
-
-
-def l2norm(t: torch.Tensor) -> torch.Tensor:
-    """t / max(|t|, 1e-6) over the last dim (the normalisation of vector-quantize-pytorch)."""
-    return F.normalize(t, dim=-1, eps=NORM_EPS)
 
 
 def code_counts(indices: torch.Tensor, keep: torch.Tensor | None, num_codes: int) -> torch.Tensor:
@@ -107,24 +102,37 @@ class Codebook(nn.Module):
         self._init_pending = None  # `initted` may have changed
 
     # ------------------------------------------------------------------------------------------
-    # search
+    # ops on the codes (the only place the layer's metric, precision and backend reach the ops)
     # ------------------------------------------------------------------------------------------
 
     def search(self, x: torch.Tensor, *, temperature: float = 0.0, topk: int | None = None) -> torch.Tensor:
-        """Codes for the rows of x (H, N, D), never building an N x K tensor.
+        """Codes for the rows of x (H, N, D), never building an N x K tensor (`sample_code`, which
+        decides between plain search, top-k and sampling).
 
         Default: the nearest code, (H, N) int64. temperature > 0: a code drawn from
-        softmax(logits / temperature) by Gumbel-max inside the search (`sample_code`). topk: the k
-        nearest codes, nearest first, (H, N, k), or with temperature > 0 the k codes of Gumbel
-        top-k. Index -1 marks rows with no finite logit.
+        softmax(logits / temperature) by Gumbel-max inside the search. topk: the k nearest codes,
+        nearest first, (H, N, k), or with temperature > 0 the k codes of Gumbel top-k. Index -1
+        marks rows with no finite logit.
         """
-        codes = self.embed.detach()
-        options = dict(metric=self.metric, precision=self.precision, backend=self.backend)
-        if temperature > 0:
-            return sample_code(x, codes, temperature=temperature, k=topk, **options)
-        if topk is not None:
-            return topk_codes(x, codes, topk, **options)[0]
-        return nearest_code(x, codes, **options)[0]
+        return sample_code(x, self.embed.detach(), temperature=temperature, k=topk, metric=self.metric,
+                           precision=self.precision, backend=self.backend)
+
+    def lookup(self, rows: torch.Tensor, embed: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Code rows (H, M, [k,] D) fp32 of `embed` (this codebook, detached or not) for indices
+        (H, M[, k]): a gather whose gradient reaches only embed (rows are detached)."""
+        x = rows.detach().float()
+        if indices.dim() == 2:
+            return lookup_codes(x, embed, indices, backend=self.backend)
+        k = indices.shape[-1]
+        flat = x.unsqueeze(2).expand(-1, -1, k, -1).reshape(x.shape[0], -1, x.shape[-1])
+        codes = lookup_codes(flat, embed, indices.reshape(indices.shape[0], -1), backend=self.backend)
+        return codes.unflatten(1, (-1, k))
+
+    def cross_entropy(self, rows: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-row cross-entropy (H, M) fp32 of the code logits of rows (H, M, D) under `embed`
+        against target codes (H, M) int64 (-1 ignored: 0); differentiable in rows and embed."""
+        return code_cross_entropy(rows, embed, targets, metric=self.metric, precision=self.precision,
+                                  backend=self.backend)
 
     # ------------------------------------------------------------------------------------------
     # k-means initialisation
@@ -234,7 +242,7 @@ class Codebook(nn.Module):
         total = self.cluster_size.sum(dim=-1, keepdim=True)
         smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
         embed = self.embed_avg / smoothed.unsqueeze(-1)
-        # .data: EMA writes stay invisible to autograd graphs that saved the codebook (as the anchor)
+        # .data: EMA writes stay invisible to autograd graphs that saved the codebook (as 1.32.0)
         self.embed.data.copy_(l2norm(embed) if self.use_cosine_sim else embed)
 
     # ------------------------------------------------------------------------------------------

@@ -60,14 +60,14 @@ class InceptionFeatures:
     def __init__(self, path: str | Path, device: torch.device):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"--inception-weights {path}: no such file")
+            raise FileNotFoundError(f"Inception weights {path}: no such file")
         try:
             with warnings.catch_warnings():  # TorchScript is the format these files come in
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.net = torch.jit.load(str(path), map_location=device).eval()
         except Exception as err:  # any loader error means the file is unusable
             raise ValueError(
-                f"--inception-weights {path}: not a TorchScript Inception model ({err})"
+                f"Inception weights {path}: not a TorchScript Inception model ({err})"
             ) from err
         self.device = device
 

@@ -1,27 +1,23 @@
 """Plain-PyTorch reference of every fastvq op; also the CPU (and any-device) fallback backend.
 
-Same signatures as the Triton launchers in `fastvq.triton_ops`, on canonical shapes:
+Same signatures as the Triton launchers in `fastvq.ops.triton`, on canonical shapes:
     x: (H, N, D) float, codebook: (Hc, K, D) float with Hc == H (one codebook per head) or Hc == 1
     (shared), indices: (H, N) int64, mask: (H, N) bool.
-The public functions in `fastvq.functional` validate arguments and reshape to these.
+The public functions in `fastvq.ops.functional` validate arguments and reshape to these.
 
 Never holds an N x K tensor: scores are computed on tiles of at most `SCORE_TILE_ELEMENTS` entries,
 so the extra memory is bounded by about 3 * SCORE_TILE_ELEMENTS * 4 bytes (score tile, matmul
 output, comparison temporaries: 6 MiB) + one fp32 copy of the codebook (K * D * 4 bytes) + O(N * D)
 for the exact distance of the chosen codes. Exceptions, still O(tile): `topk_codes` sorts a tile with
 its int64 indices (about twice that), and `sample_code` adds an int64 tile of noise counters.
-This module never imports triton.
+This module never imports triton; the math it shares with the kernels is in `fastvq.ops.common`.
 """
 
 from __future__ import annotations
 
 import torch
 
-NORM_EPS = 1e-12
-"""Norms below this are clamped when vectors are l2-normalised (as `torch.nn.functional.normalize`)."""
-
-L2_LOGIT_EPS = 1e-8
-"""The l2 logit is -sqrt(max(squared distance, L2_LOGIT_EPS)), as the anchor's `cdist`."""
+from .common import COSINE_NORM_EPS, L2_LOGIT_EPS, code_bias, gather_codes, mark_unassigned, round_operand
 
 SCORE_TILE_ELEMENTS = 1 << 19
 """Largest number of (token, code) scores held at once: 512K fp32 = 2 MiB, so that a tile stays in
@@ -29,44 +25,6 @@ the CPU's cache between the matrix product that writes it and the reduction that
 
 CODES_PER_TILE = 512
 """Codes per tile (at most); the tile takes as many tokens as SCORE_TILE_ELEMENTS allows."""
-
-PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
-
-
-def round_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
-    """`t` as fp32 after rounding to what the matrix product of `precision` sees.
-
-    ieee: exact fp32. tf32: 10-bit mantissa, round to nearest with ties away from zero (as the
-    tensor cores' cvt.rna). bf16 / fp16: round to nearest even in that dtype.
-    """
-    if precision == "ieee":
-        return t.float()
-    if precision == "tf32":
-        bits = t.float().view(torch.int32)
-        # Add half an ulp of tf32 to the magnitude, then drop the 13 low mantissa bits. Inf/NaN keep
-        # their exponent (all ones); a NaN payload may change but stays NaN.
-        finite = torch.isfinite(t.float())
-        rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
-        return torch.where(finite, rounded, t.float())
-    if precision == "bf16":
-        return t.to(torch.bfloat16).float()
-    if precision == "fp16":
-        return t.to(torch.float16).float()
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-
-
-def code_bias(codebook: torch.Tensor, metric: str, precision: str) -> torch.Tensor:
-    """Per-code term of the search score, (Hc, K) fp32; NaN for codes with a non-finite entry.
-
-    l2: |c|^2, so that score = |c|^2 - 2 x.c ranks codes as |x - c|^2 does.
-    cosine: 1 / max(|c|, eps), so that score = -(x.c) / |c| ranks codes as 1 - cos(x, c) does.
-    Both are computed from the same rounded operands as the product (fewer flips near ties).
-    """
-    rounded = round_operand(codebook, precision)
-    sq = rounded.pow(2).sum(-1)
-    bias = sq if metric == "l2" else sq.sqrt().clamp_min(NORM_EPS).reciprocal()
-    finite = torch.isfinite(codebook).all(-1) & torch.isfinite(sq)
-    return bias.masked_fill(~finite, float("nan"))
 
 
 def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
@@ -81,23 +39,9 @@ def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tens
         dist = (xf - cf).pow(2).sum(-1)
     else:
         dot = (xf * cf).sum(-1)
-        norms = xf.norm(dim=-1).clamp_min(NORM_EPS) * cf.norm(dim=-1).clamp_min(NORM_EPS)
+        norms = xf.norm(dim=-1).clamp_min(COSINE_NORM_EPS) * cf.norm(dim=-1).clamp_min(COSINE_NORM_EPS)
         dist = 1.0 - dot / norms
     return mark_unassigned(indices, dist)
-
-
-def gather_codes(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Rows of codebook (Hc, K, D) picked by indices (H, N) -> (H, N, D); index -1 reads code 0."""
-    safe = indices.clamp_min(0)
-    if codebook.shape[0] == 1:
-        return codebook[0][safe]
-    return codebook[torch.arange(codebook.shape[0], device=codebook.device)[:, None], safe]
-
-
-def mark_unassigned(indices: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Give index -1 and distance NaN to tokens whose search found no finite distance."""
-    bad = (indices < 0) | ~torch.isfinite(distances)
-    return indices.masked_fill(bad, -1), distances.masked_fill(bad, float("nan"))
 
 
 def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str) -> torch.Tensor:
@@ -198,7 +142,7 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
 
 def _logit_tile(rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor,
                 metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The anchor's logits (n, k) fp32 of rounded rows (n, D) against rounded codes (k, D), and
+    """vector-quantize-pytorch 1.32.0's logits (n, k) fp32 of rounded rows (n, D) against rounded codes (k, D), and
     where the clamp inside them is inactive (so gradients flow): (n, k) for l2, (n, 1) for cosine.
 
     l2: -sqrt(max(|x|^2 + |c|^2 - 2 x.c, L2_LOGIT_EPS)) (bias = |c|^2); cosine: x.c / (max(|x|, eps)
@@ -210,7 +154,7 @@ def _logit_tile(rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor,
         sq_dist = (row_sq + bias).sub_(dot, alpha=2.0)
         return sq_dist.clamp_min(L2_LOGIT_EPS).sqrt_().neg_(), sq_dist >= L2_LOGIT_EPS
     row_norm = row_sq.sqrt()
-    return dot.mul_(bias).div_(row_norm.clamp_min(NORM_EPS)), row_norm >= NORM_EPS
+    return dot.mul_(bias).div_(row_norm.clamp_min(COSINE_NORM_EPS)), row_norm >= COSINE_NORM_EPS
 
 
 _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
@@ -344,12 +288,12 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
             if metric == "l2":  # dlogit/dx = (c - x) / s, dlogit/dc = (x - c) / s with s = -logit
                 mix = scale = torch.where(active, w / -logit, 0.0)
             else:  # dlogit/dx = r_x r_c c - logit r_x^2 x (r = 1 / max(|.|, eps)), symmetric for c
-                inv_row = rows.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS).reciprocal()
+                inv_row = rows.norm(dim=-1, keepdim=True).clamp_min(COSINE_NORM_EPS).reciprocal()
                 mix = w * inv_row * code_bias_tile
                 if wrt == "x":
                     scale = w * logit * torch.where(active, inv_row.square(), 0.0)
                 else:
-                    code_active = codes.norm(dim=-1) >= NORM_EPS
+                    code_active = codes.norm(dim=-1) >= COSINE_NORM_EPS
                     scale = w * logit * torch.where(code_active, code_bias_tile.square(), 0.0)
             if wrt == "x":
                 out[h, token_slice] += mix @ codes - rows * scale.sum(dim=1, keepdim=True)

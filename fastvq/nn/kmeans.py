@@ -1,6 +1,6 @@
 """Sampling batch vectors and k-means, built on `nearest_code` and `code_stats` (never N x K).
 
-Shapes are canonical, as in `fastvq.functional`: x (H, N, D) with one row set per codebook, valid
+Shapes are canonical, as in `fastvq.ops.functional`: x (H, N, D) with one row set per codebook, valid
 (H, N) bool marking the rows that may be used (unmasked and finite).
 """
 
@@ -9,11 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.functional import code_stats, nearest_code
 from . import distributed
-from .functional import code_stats, nearest_code
 
-NORM_EPS = 1e-6
-"""Norm clamp when codes are l2-normalised (cosine codebooks), as vector-quantize-pytorch."""
+L2NORM_EPS = 1e-6
+"""Norm clamp of the layer's l2 normalisation (cosine codebooks' inputs and codes), as
+vector-quantize-pytorch 1.32.0's `l2norm`. Not the ops' `fastvq.ops.common.COSINE_NORM_EPS`."""
+
+
+def l2norm(t: torch.Tensor) -> torch.Tensor:
+    """t / max(|t|, L2NORM_EPS) over the last dim (the normalisation of vector-quantize-pytorch)."""
+    return F.normalize(t, dim=-1, eps=L2NORM_EPS)
 
 
 def sample_rows(x: torch.Tensor, valid: torch.Tensor, num: int, *,
@@ -66,6 +72,6 @@ def kmeans(x: torch.Tensor, valid: torch.Tensor, num_clusters: int, num_iters: i
             distributed.all_reduce_sum_(counts, sums)
         new_means = sums / counts.clamp_min(1.0).unsqueeze(-1)
         if metric == "cosine":
-            new_means = F.normalize(new_means, dim=-1, eps=NORM_EPS)
+            new_means = l2norm(new_means)
         means = torch.where((counts == 0).unsqueeze(-1), means, new_means)
     return means, counts

@@ -1,10 +1,10 @@
-"""Triton backend: fused kernels with the signatures of `fastvq.reference` (canonical shapes).
+"""Triton backend: fused kernels with the signatures of `fastvq.ops.reference` (canonical shapes).
 
-Importing this module imports triton; `fastvq._backend` does so lazily, so `import fastvq` works
+Importing this module imports triton; `fastvq.ops.backend` does so lazily, so `import fastvq` works
 without triton.
 """
 
-from ._common import INTERPRETED
+from ._launch import INTERPRETED
 from .code_cross_entropy import code_cross_entropy, code_cross_entropy_grad
 from .code_stats import code_stats
 from .nearest_code import nearest_code, sample_code, topk_codes

@@ -1,8 +1,8 @@
 """The one place that chooses which implementation runs an op.
 
 Backends:
-    "torch"  -- `fastvq.reference`: plain PyTorch, chunked, any device (the CPU fallback).
-    "triton" -- `fastvq.triton_ops`: fused Triton kernels; CUDA tensors, or CPU tensors when the
+    "torch"  -- `fastvq.ops.reference`: plain PyTorch, chunked, any device (the CPU fallback).
+    "triton" -- `fastvq.ops.triton`: fused Triton kernels; CUDA tensors, or CPU tensors when the
                 process was started with TRITON_INTERPRET=1 (how CI checks the kernels).
     "auto"   -- "triton" for CUDA tensors when triton imports, else "torch".
 
@@ -18,24 +18,23 @@ from types import ModuleType
 
 import torch
 
+from . import reference
+from .common import triton_interpret_requested
+
 BACKENDS = ("auto", "torch", "triton")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-def _import_triton_ops() -> tuple[ModuleType | None, str]:
+def _import_triton_kernels() -> tuple[ModuleType | None, str]:
     """The Triton backend module, or None and the reason it cannot load."""
     try:
-        return importlib.import_module("fastvq.triton_ops"), ""
+        return importlib.import_module("fastvq.ops.triton"), ""
     except ImportError as err:  # triton missing or broken
         return None, f"triton could not be imported ({err})"
 
 
 def triton_unavailable_reason(device: torch.device) -> str:
     """Why the Triton backend cannot run on `device` ('' when it can)."""
-    module, reason = _import_triton_ops()
+    module, reason = _import_triton_kernels()
     if module is None:
         return reason + "; install it with `pip install triton`"
     if device.type == "cuda":
@@ -46,7 +45,7 @@ def triton_unavailable_reason(device: torch.device) -> str:
     if device.type == "cpu":
         if module.INTERPRETED:
             return ""
-        if _interpreting():
+        if triton_interpret_requested():
             return ("TRITON_INTERPRET=1 was set after fastvq's Triton kernels were imported; set it "
                     "before the first fastvq call (e.g. in the environment of the process)")
         return ("backend='triton' needs CUDA tensors (got device 'cpu'); start the process with "
@@ -80,8 +79,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def backend_module(name: str) -> ModuleType:
     """The module implementing backend `name` ('torch' or 'triton')."""
     if name == "torch":
-        return importlib.import_module("fastvq.reference")
-    module, reason = _import_triton_ops()
+        return reference
+    module, reason = _import_triton_kernels()
     if module is None:
         raise RuntimeError(f"fastvq backend 'triton' cannot run: {reason}")
     return module

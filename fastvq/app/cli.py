@@ -18,25 +18,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fastvq import report
-from fastvq.data import builtin_images, fixed_crops, load_images, stack_images
-from fastvq.metrics import InceptionFeatures
 from fastvq.models import QUANTIZERS
-from fastvq.training import (
-    CHECKPOINT,
-    MODELS,
-    PRESETS,
-    RESUMABLE,
-    RunConfig,
-    decode_indices,
-    encode_images,
-    evaluate,
-    load_model,
-    make_config,
-    read_checkpoint,
-    resolve_device,
-    train,
-)
+
+from . import report
+from .config import MODELS, PRESETS, RESUMABLE, RunConfig, make_config
+from .data import builtin_images, fixed_crops, load_images, stack_images
+from .device import resolve_device
+from .errors import SettingError
+from .evaluation import decode_indices, encode_images, evaluate
+from .metrics import InceptionFeatures
+from .state import CHECKPOINT, load_model, read_checkpoint
+from .training import train
 
 MANIFEST_FORMAT = "fastvq-indices/1"
 
@@ -57,6 +49,15 @@ RUN_FLAGS = (
     ("--lpips-weights", str, "VGG16-LPIPS weights file; adds the perceptual loss (VQGAN)"),
     ("--device", str, "auto (CUDA when present), cpu or cuda[:N]"),
 )
+
+
+FLAG_OF_SETTING = {"out_dir": "--out", "model_args": "--set"}
+"""Settings whose flag is not `--` + the name with dashes."""
+
+
+def flag(setting: str) -> str:
+    """The command-line flag that sets `setting` (an argument name of `fastvq.app`)."""
+    return FLAG_OF_SETTING.get(setting, "--" + setting.replace("_", "-"))
 
 
 def _model_arg(text: str) -> tuple[str, Any]:
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as err:
-        print(f"fastvq {args.command}: error: {err}", file=sys.stderr)
+        message = err.spelled(flag) if isinstance(err, SettingError) else err
+        print(f"fastvq {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

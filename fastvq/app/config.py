@@ -1,0 +1,126 @@
+"""Run configuration: the models the command trains, per-model defaults, presets, and the
+`RunConfig` stored in every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from typing import Any
+
+from fastvq.models import VQGAN, VQVAE, VQModel
+
+from .errors import SettingError
+
+MODELS: dict[str, type[VQModel]] = {"vqvae": VQVAE, "vqgan": VQGAN}
+
+# Per-model run defaults: Adam settings of the two papers' reference code.
+RUN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vqvae": {"image_size": 64, "batch_size": 32, "lr": 2e-4, "betas": [0.9, 0.999]},
+    "vqgan": {"image_size": 128, "batch_size": 8, "lr": 1e-4, "betas": [0.5, 0.9]},
+}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # A few minutes on a 2-core CPU.
+    "demo": {
+        "vqvae": {
+            "image_size": 32, "batch_size": 32, "steps": 2000, "lr": 1e-3, "ckpt_every": 500,
+            "model_args": {
+                "channels": 64, "res_channels": 32, "num_res_blocks": 2, "downsample": 4,
+                "codebook_dim": 64, "codebook_size": 512, "kmeans_init": True,
+                "threshold_ema_dead_code": 2,
+            },
+        },
+        "vqgan": {
+            "image_size": 32, "batch_size": 16, "steps": 600, "lr": 5e-4, "ckpt_every": 200,
+            "model_args": {
+                "channels": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 64,
+                "norm_groups": 8, "codebook_dim": 64, "codebook_size": 512, "disc_channels": 32,
+                "disc_layers": 2, "disc_start": 400, "disc_weight": 0.1, "kmeans_init": True,
+                "threshold_ema_dead_code": 2,
+            },
+        },
+    },
+    # Sized for one GPU: 128 px crops, 16x16 codes.
+    "gpu": {
+        "vqvae": {
+            "image_size": 128, "batch_size": 64, "steps": 20000, "ckpt_every": 1000,
+            "model_args": {
+                "channels": 256, "res_channels": 64, "downsample": 8, "codebook_dim": 64,
+                "codebook_size": 1024, "kmeans_init": True, "threshold_ema_dead_code": 2,
+            },
+        },
+        "vqgan": {
+            "image_size": 128, "batch_size": 16, "steps": 20000, "ckpt_every": 1000,
+            "model_args": {
+                "channels": 128, "ch_mult": [1, 1, 2, 4], "num_res_blocks": 2,
+                "codebook_dim": 256, "codebook_size": 1024, "disc_start": 5000,
+                "kmeans_init": True, "threshold_ema_dead_code": 2,
+            },
+        },
+    },
+}
+
+# Settings that may differ between a run and its resumption without changing its results.
+RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "num_eval")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that determines a training run (stored in its checkpoints as JSON)."""
+
+    model: str = "vqvae"
+    quantizer: str = "fastvq"
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: str = "builtin"
+    image_size: int = 64
+    batch_size: int = 32
+    steps: int = 10000
+    lr: float = 2e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    seed: int = 0
+    ckpt_every: int = 500
+    log_every: int = 10
+    holdout: float = 0.1
+    num_eval: int = 64
+    resize: int | None = None
+    crop: int | None = None
+    lpips_weights: str | None = None
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def make_config(model: str = "vqvae", preset: str | None = None, **overrides: Any) -> RunConfig:
+    """Defaults for ``model``, then ``preset``, then ``overrides`` (``model_args`` merged key by
+    key). Unknown models, presets, settings or model arguments raise ValueError."""
+    if model not in MODELS:
+        raise SettingError("{model} must be one of {choices}, got {value!r}", choices=", ".join(MODELS),
+                           value=model)
+    if preset is not None and preset not in PRESETS:
+        raise SettingError("{preset} must be one of {choices}, got {value!r}", choices=", ".join(PRESETS),
+                           value=preset)
+    settings: dict[str, Any] = {**RUN_DEFAULTS[model], **(PRESETS[preset][model] if preset else {})}
+    model_args = {**settings.pop("model_args", {}), **overrides.pop("model_args", {})}
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown run settings {unknown}; known: {sorted(known)}")
+    config = RunConfig(model=model, model_args=model_args, **{**settings, **overrides})
+    check_model_args(model, model_args)
+    return RunConfig(**config.to_dict())
+
+
+def check_model_args(model: str, model_args: dict[str, Any]) -> None:
+    """Raise ValueError naming any argument that ``MODELS[model]`` does not take."""
+    valid = set(inspect.signature(MODELS[model]).parameters) - {"quantizer"}
+    unknown = sorted(set(model_args) - valid)
+    if unknown:
+        raise ValueError(f"{model} takes no argument {unknown}; valid: {sorted(valid)}")
+
+
+def build_model(kind: str, model_args: dict[str, Any], quantizer: str) -> VQModel:
+    """Instantiate ``MODELS[kind](**model_args, quantizer=quantizer)``."""
+    check_model_args(kind, model_args)
+    return MODELS[kind](**model_args, quantizer=quantizer)

@@ -1,0 +1,70 @@
+"""The device a run uses, and the clocks and memory figures measured on it."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+from torch import nn
+
+from .errors import SettingError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; other names as given (must be usable)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError("{device} {name}: CUDA is not available on this machine", name=name)
+    return device
+
+
+def now(device: torch.device) -> float:
+    """``time.perf_counter()`` after waiting for queued CUDA work on ``device``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class QuantizerTimer:
+    """Wall-clock seconds spent in a quantizer's forward and backward, via module and tensor
+    hooks: backward time runs from the gradient reaching the quantizer's output to the gradient
+    of its input being complete. Synchronises CUDA at each boundary. ``close()`` removes hooks."""
+
+    def __init__(self, quantizer: nn.Module, device: torch.device):
+        self.device, self.seconds, self._start = device, 0.0, 0.0
+        self._handles = [
+            quantizer.register_forward_pre_hook(self._forward_start),
+            quantizer.register_forward_hook(self._forward_end),
+        ]
+
+    def _forward_start(self, module, args) -> None:
+        self._start = now(self.device)
+        if args[0].requires_grad:
+            args[0].register_hook(self._backward_end)
+
+    def _forward_end(self, module, args, output) -> None:
+        self.seconds += now(self.device) - self._start
+        if output[0].requires_grad:
+            output[0].register_hook(self._backward_start)
+
+    def _backward_start(self, grad: torch.Tensor) -> None:
+        self._start = now(self.device)
+
+    def _backward_end(self, grad: torch.Tensor) -> None:
+        self.seconds += now(self.device) - self._start
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, or this process's peak RSS on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10

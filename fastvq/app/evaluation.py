@@ -1,0 +1,65 @@
+"""Tokenizing, detokenizing and evaluating images with a trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastvq.models import VQModel
+
+from .data import to_tensor, to_uint8
+from .metrics import InceptionFeatures, codebook_stats, frechet_distance, psnr, ssim
+
+
+def encode_images(
+    model: VQModel, images: np.ndarray, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> code indices (N, H/f, W/f) int64, in batches of ``batch_size``.
+    Puts the model in eval mode (no codebook updates)."""
+    model.eval()
+    return np.concatenate([
+        model.encode(to_tensor(images[i : i + batch_size]).to(device)).cpu().numpy()
+        for i in range(0, len(images), batch_size)
+    ])
+
+
+def decode_indices(
+    model: VQModel, indices: np.ndarray, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """Code indices (N, h, w) int -> images (N, h*f, w*f, 3) uint8, in batches of ``batch_size``.
+    Puts the model in eval mode."""
+    model.eval()
+    return np.concatenate([
+        to_uint8(model.decode(torch.from_numpy(indices[i : i + batch_size]).long().to(device)))
+        for i in range(0, len(indices), batch_size)
+    ])
+
+
+def reconstruct(
+    model: VQModel, images: np.ndarray, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) uint8 -> reconstructions (N, H, W, 3) uint8 and indices (N, h, w) int64:
+    ``encode_images`` then ``decode_indices``, so they equal an encode/decode round trip."""
+    indices = encode_images(model, images, batch_size, device)
+    return decode_indices(model, indices, batch_size, device), indices
+
+
+def evaluate(
+    model: VQModel,
+    images: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    inception: InceptionFeatures | None = None,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Held-out metrics of (N, H, W, 3) uint8 ``images``: PSNR (dB), SSIM, codebook usage and
+    perplexity, plus rFID when ``inception`` is given; also the reconstructions and indices."""
+    recons, indices = reconstruct(model, images, batch_size, device)
+    metrics = {
+        "num_images": len(images),
+        "psnr": float(psnr(images, recons).mean()),
+        "ssim": float(ssim(images, recons).mean()),
+        **codebook_stats(indices, model.codebook_size),
+    }
+    if inception is not None:
+        metrics["rfid"] = frechet_distance(inception(images, batch_size), inception(recons, batch_size))
+    return metrics, recons, indices

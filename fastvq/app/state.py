@@ -1,0 +1,90 @@
+"""A training run's state in a checkpoint: what an exact resume needs, and loading a trained
+model back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastvq.models import VQModel
+
+from . import checkpoint
+from .config import RunConfig, build_model
+
+CHECKPOINT = "checkpoint.safetensors"
+"""The checkpoint's file name inside a run folder."""
+
+
+def save_training_state(
+    path: Path,
+    model: VQModel,
+    optimizers: list[torch.optim.Optimizer],
+    step: int,
+    history: dict[str, list[float]],
+    config: RunConfig,
+) -> None:
+    """Checkpoint everything a bit-exact resume needs: model, optimizers, RNG, history, config."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    skeletons = [checkpoint.pack(opt.state_dict(), f"optim{i}", tensors) for i, opt in enumerate(optimizers)]
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    for key, values in history.items():
+        tensors[f"history.{key}"] = torch.tensor(values, dtype=torch.float64)
+    meta = {"kind": model.kind, "config": config.to_dict(), "model_config": model.config,
+            "step": step, "optimizers": skeletons}
+    checkpoint.save(path, tensors, meta)
+
+
+def restore_training_state(
+    path: Path, model: VQModel, optimizers: list[torch.optim.Optimizer]
+) -> tuple[int, dict[str, list[float]]]:
+    """Load what ``save_training_state`` wrote into ``model``, ``optimizers`` and the RNGs;
+    returns (step, history). A checkpoint of another model kind raises ValueError."""
+    tensors, meta = read_checkpoint(path, model.kind)
+    _load_model_state(model, tensors, path)
+    for opt, skeleton in zip(optimizers, meta["optimizers"]):
+        opt.load_state_dict(checkpoint.unpack(skeleton, tensors))
+    torch.set_rng_state(tensors["rng.torch"])
+    for i in range(torch.cuda.device_count()):
+        if f"rng.cuda.{i}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
+    history = {k[len("history."):]: v.tolist() for k, v in tensors.items() if k.startswith("history.")}
+    return meta["step"], history
+
+
+def _load_model_state(model: VQModel, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"checkpoint {path} does not fit a {model.kind} with quantizer "
+            f"{model.config['quantizer']!r}: {str(err).splitlines()[0]} ..."
+        ) from err
+
+
+def read_checkpoint(path: Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a training checkpoint; with ``kind`` given, one of another model raises ValueError."""
+    tensors, meta = checkpoint.load(path)
+    if kind is not None and meta["kind"] != kind:
+        raise ValueError(
+            f"checkpoint {path} holds a {meta['kind']} model, but a {kind} was requested"
+        )
+    return tensors, meta
+
+
+def load_model(
+    path: str | Path, device: torch.device, quantizer: str | None = None
+) -> tuple[VQModel, dict[str, Any]]:
+    """A trained model (eval mode, on ``device``) and the checkpoint's metadata. ``quantizer``
+    replaces the recorded one (fastvq and vector-quantize-pytorch share state_dict keys)."""
+    path = Path(path)
+    tensors, meta = read_checkpoint(path)
+    model_args = {k: v for k, v in meta["model_config"].items() if k != "quantizer"}
+    model = build_model(meta["kind"], model_args, quantizer or meta["model_config"]["quantizer"])
+    _load_model_state(model, tensors, path)
+    return model.to(device).eval(), meta

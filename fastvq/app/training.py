@@ -1,0 +1,115 @@
+"""The training loop: batches, steps, checkpoints with exact resume, and the run's final report.
+Independent of the command line (`fastvq.app.cli` translates its flags into a `RunConfig`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastvq.models import LPIPS
+
+from . import report
+from .config import RunConfig, build_model
+from .data import CropSampler, fixed_crops, split_images
+from .device import QuantizerTimer, now, peak_memory_mib, resolve_device
+from .errors import SettingError
+from .evaluation import evaluate
+from .metrics import batch_psnr
+from .state import CHECKPOINT, restore_training_state, save_training_state
+from .step import make_optimizers, train_step
+
+
+def train(
+    config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train per ``config``, writing to ``out_dir``: checkpoint.safetensors (every
+    ``ckpt_every`` steps and at the end), metrics.json, reconstructions.png, loss.png and
+    codebook_usage.png. ``resume`` continues from the checkpoint there; batches depend only on
+    (seed, step), so the losses match an uninterrupted run exactly. Returns the metrics dict."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    if not resume and ckpt_path.exists():
+        raise SettingError("{out_dir} {out} already holds {checkpoint}; set {resume} to continue it or choose "
+                           "another {out_dir}", out=out, checkpoint=CHECKPOINT)
+    for name in ("steps", "batch_size", "image_size", "ckpt_every", "log_every", "num_eval"):
+        if getattr(config, name) < 1:
+            raise SettingError("{%s} must be >= 1, got {value}" % name, value=getattr(config, name))
+    if config.lpips_weights and config.model != "vqgan":
+        raise SettingError("{lpips_weights} applies to {model} vqgan only, not {value}", value=config.model)
+    device = resolve_device(config.device)
+    train_images, eval_images = split_images(
+        config.data, config.holdout, config.seed, config.resize, config.crop
+    )
+    sampler = CropSampler(train_images, config.image_size, config.batch_size, config.seed)
+    eval_set = fixed_crops(eval_images, config.image_size, config.num_eval)
+    perceptual = LPIPS.from_file(config.lpips_weights).to(device) if config.lpips_weights else None
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, config.model_args, config.quantizer).to(device)
+    optimizers = make_optimizers(model, config)
+    history: dict[str, list[float]] = {}
+    start = 0
+    if resume:
+        start, history = restore_training_state(ckpt_path, model, optimizers)
+        if start > config.steps:
+            raise SettingError("{steps} {value} is below the checkpoint's step {start}", value=config.steps,
+                               start=start)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model.train()
+    timer = QuantizerTimer(model.quantizer, device)
+    step_seconds, quantizer_seconds = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step",
+               disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        x = sampler.batch(step).to(device)
+        q_before, t0 = timer.seconds, now(device)
+        logs, indices, reconstruction = train_step(model, optimizers, x, step, perceptual)
+        step_seconds.append(now(device) - t0)
+        quantizer_seconds.append(timer.seconds - q_before)
+        logs["psnr"] = batch_psnr(x, reconstruction)
+        logs["usage"] = torch.unique(indices).numel() / model.codebook_size
+        row = {"step": step + 1, **logs}
+        for key in set(history) | set(row):
+            history.setdefault(key, [float("nan")] * step)  # keys that start late (GAN losses)
+            history[key].append(float(row.get(key, float("nan"))))
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}",
+                            usage=f"{logs['usage']:.3f}", refresh=False)
+        if (step + 1) % config.ckpt_every == 0 or step + 1 == config.steps:
+            save_training_state(ckpt_path, model, optimizers, step + 1, history, config)
+    bar.close()
+    timer.close()
+
+    eval_metrics, recons, _ = evaluate(model, eval_set, config.batch_size, device)
+    timed = slice(1, None) if len(step_seconds) > 1 else slice(None)  # skip warm-up step
+    step_total, quantizer_total = sum(step_seconds[timed]), sum(quantizer_seconds[timed])
+    timing = {
+        "device": str(device),
+        "steps_timed": len(step_seconds[timed]),
+        "steps_per_s": len(step_seconds[timed]) / step_total if step_total else None,
+        "step_s": step_total,
+        "quantizer_s": quantizer_total,
+        "quantizer_share": quantizer_total / step_total if step_total else None,
+        "peak_memory_mib": peak_memory_mib(device),
+    }
+    metrics = {
+        "kind": model.kind,
+        "quantizer": config.quantizer,
+        "step": config.steps,
+        "config": config.to_dict(),
+        "eval": eval_metrics,
+        "train": {k: history[k][-1] for k in ("loss", "psnr", "usage") if history.get(k)},
+        "timing": timing,
+        "history": history,
+    }
+    report.write_json(out / "metrics.json", metrics)
+    report.save_grid(eval_set[:16], recons[:16], out / "reconstructions.png")
+    report.plot_curves(history, out)
+    return metrics

@@ -1,0 +1,82 @@
+"""Math that both backends share: constants, operand rounding, the per-code score term, marking
+tokens with no code. The reference (`fastvq.ops.reference`) and the Triton kernels
+(`fastvq.ops.triton`) import this module; neither imports the other.
+
+Shapes are canonical (see `fastvq.ops.functional`): codebook (Hc, K, D), indices (H, N) int64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+COSINE_NORM_EPS = 1e-12
+"""Norms below this are clamped when the cosine metric normalises x or a code (as
+`torch.nn.functional.normalize`). Not the layer's l2norm eps (`fastvq.nn.codebook.L2NORM_EPS`)."""
+
+L2_LOGIT_EPS = 1e-8
+"""The l2 logit is -sqrt(max(squared distance, L2_LOGIT_EPS)), as vector-quantize-pytorch 1.32.0's `cdist`."""
+
+PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+"""What the matrix product that ranks codes may use (see `fastvq.ops.functional.resolve_precision`)."""
+
+METRICS = ("l2", "cosine")
+
+MAX_TOPK = 16
+"""Largest k of `topk_codes` and `sample_code` (the Triton kernels keep the running list in registers)."""
+
+
+def triton_interpret_requested() -> bool:
+    """True when the environment asks Triton to interpret kernels on CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def round_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """`t` as fp32 after rounding to what the matrix product of `precision` sees.
+
+    ieee: exact fp32. tf32: 10-bit mantissa, round to nearest with ties away from zero (as the
+    tensor cores' cvt.rna). bf16 / fp16: round to nearest even in that dtype.
+    """
+    if precision == "ieee":
+        return t.float()
+    if precision == "tf32":
+        bits = t.float().view(torch.int32)
+        # Add half an ulp of tf32 to the magnitude, then drop the 13 low mantissa bits. Inf/NaN keep
+        # their exponent (all ones); a NaN payload may change but stays NaN.
+        finite = torch.isfinite(t.float())
+        rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+        return torch.where(finite, rounded, t.float())
+    if precision == "bf16":
+        return t.to(torch.bfloat16).float()
+    if precision == "fp16":
+        return t.to(torch.float16).float()
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def code_bias(codebook: torch.Tensor, metric: str, precision: str) -> torch.Tensor:
+    """Per-code term of the search score, (Hc, K) fp32; NaN for codes with a non-finite entry.
+
+    l2: |c|^2, so that score = |c|^2 - 2 x.c ranks codes as |x - c|^2 does.
+    cosine: 1 / max(|c|, eps), so that score = -(x.c) / |c| ranks codes as 1 - cos(x, c) does.
+    Both are computed from the same rounded operands as the product (fewer flips near ties).
+    """
+    rounded = round_operand(codebook, precision)
+    sq = rounded.pow(2).sum(-1)
+    bias = sq if metric == "l2" else sq.sqrt().clamp_min(COSINE_NORM_EPS).reciprocal()
+    finite = torch.isfinite(codebook).all(-1) & torch.isfinite(sq)
+    return bias.masked_fill(~finite, float("nan"))
+
+
+def gather_codes(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of codebook (Hc, K, D) picked by indices (H, N) -> (H, N, D); index -1 reads code 0."""
+    safe = indices.clamp_min(0)
+    if codebook.shape[0] == 1:
+        return codebook[0][safe]
+    return codebook[torch.arange(codebook.shape[0], device=codebook.device)[:, None], safe]
+
+
+def mark_unassigned(indices: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give index -1 and distance NaN to tokens whose search found no finite distance."""
+    bad = (indices < 0) | ~torch.isfinite(distances)
+    return indices.masked_fill(bad, -1), distances.masked_fill(bad, float("nan"))

@@ -1,0 +1,78 @@
+"""The package's layout holds: imports point one way (import-linter contracts in pyproject.toml),
+the reference loads without triton, and the entry points and checkpoints of before the move work."""
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastvq.app.cli import main
+from fastvq.app.evaluation import reconstruct
+from fastvq.app.state import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+LINT = ("import sys; from importlinter.cli import lint_imports; "
+        "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))")
+
+
+def _python(code: str, *, cwd: Path = REPO, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_import_contracts_are_kept():
+    result = _python(LINT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
+
+
+def test_a_reversed_arrow_breaks_the_contracts(tmp_path):
+    """The same contracts on a copy of the package in which the ops import the application fail."""
+    shutil.copytree(REPO / "fastvq", tmp_path / "fastvq", ignore=shutil.ignore_patterns("__pycache__"))
+    common = tmp_path / "fastvq" / "ops" / "common.py"
+    common.write_text(common.read_text() + "\nfrom fastvq.app import cli  # noqa: E402, F401\n")
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    result = _python(LINT, cwd=tmp_path, pythonpath=tmp_path)
+    assert result.returncode != 0, result.stdout[-3000:]
+    assert "layers: ops < nn < models < app BROKEN" in " ".join(result.stdout.split())
+    assert "fastvq.ops.common -> fastvq.app.cli" in result.stdout
+
+
+def test_reference_imports_no_triton():
+    result = _python("import sys, fastvq.ops.reference; print('triton' in sys.modules)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+def test_command_entry_points():
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "fastvq"]
+    assert script.load() is main
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "fastvq", "train", "--help"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0 and "--preset" in result.stdout, result.stderr
+
+
+def test_checkpoint_written_before_the_move_loads_and_reconstructs(capsys, tmp_path):
+    """tests/data holds a VQ-VAE checkpoint written by fastvq 0.1.0 before the move to ops/nn/models/app,
+    with the images it was trained on and their reconstructions and codes at the time."""
+    expected = np.load(DATA / "vqvae-v0.1.0-expected.npz")
+    model, meta = load_model(DATA / "vqvae-v0.1.0.safetensors", torch.device("cpu"))
+    assert meta["kind"] == "vqvae" and meta["step"] == 2
+    reconstructions, indices = reconstruct(model, expected["images"], 4, torch.device("cpu"))
+    np.testing.assert_array_equal(indices, expected["indices"])
+    assert np.abs(reconstructions.astype(int) - expected["reconstructions"]).max() <= 1  # float rounding only
+    np.save(tmp_path / "images.npy", expected["images"])
+    code = main(["eval", "--ckpt", str(DATA / "vqvae-v0.1.0.safetensors"), "--data", str(tmp_path / "images.npy"),
+                 "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "eval" / "metrics.json").stat().st_size > 0
