@@ -55,7 +55,7 @@ def search_variants():
                           KPAD=triton.next_power_of_2(topk), **dot_options(precision), **config)
         t = TORCH_TO_TRITON[dtype]
         pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", best_score_ptr="fp32", best_index_ptr="i64")
-        ints = dict(N="i32", K="i32", D="i32", codes_per_split="i32", inv_temperature="fp32")
+        ints = dict(N="i32", K="i32", D="i32", codes_per_split="i32", logit_scale="fp32", noise_scale="fp32")
         yield (f"search {n}x{k}x{d} {t} {precision} gumbel={gumbel} topk={topk}", kernel, pointers, ints,
                constexprs, options)
     kernel = module._chosen_distance_kernel

@@ -1,6 +1,7 @@
 """The ``fastvq`` command, run in-process on tiny settings, plus its data and checkpoint layers."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from fastvq.app.config import make_config
 from fastvq.app.data import CropSampler, load_images, split_images
 from fastvq.app.errors import SettingError
 from fastvq.app.evaluation import reconstruct
+from fastvq.app.files import write_atomic
 from fastvq.app.metrics import codebook_stats, psnr
 from fastvq.app.state import CHECKPOINT, load_model
 
@@ -72,8 +74,13 @@ def test_train_writes_outputs(capsys, folder, tmp_path):
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporary files
 
 
-def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_path, monkeypatch):
-    full = train_tiny(capsys, folder, tmp_path / "full")
+@pytest.mark.parametrize("quantizer", [VQT, "fastvq"])
+def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_path, monkeypatch, quantizer):
+    """fastvq's layer with k-means init and dead-code replacement draws from torch's RNG at every
+    step, so its bitwise check also proves that --resume restores the RNG."""
+    extra = () if quantizer == VQT else ("--quantizer", "fastvq", "--set", "kmeans_init=true",
+                                         "--set", "threshold_ema_dead_code=2")
+    full = train_tiny(capsys, folder, tmp_path / "full", *extra)
 
     real_step = training.train_step
 
@@ -85,12 +92,12 @@ def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_pa
     monkeypatch.setattr(training, "train_step", interrupted)
     out = tmp_path / "resumed"
     code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6,
-                     "--ckpt-every", 3, *TINY)
+                     "--ckpt-every", 3, *TINY, *extra)
     assert code == 130 and "--resume" in text
     assert checkpoint.load(out / CHECKPOINT)[1]["step"] == 3  # lost only steps 4 and 5
     monkeypatch.setattr(training, "train_step", real_step)
     code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6,
-                     "--ckpt-every", 3, *TINY, "--resume")
+                     "--ckpt-every", 3, *TINY, *extra, "--resume")
     assert code == 0, text
     resumed = json.loads((out / "metrics.json").read_text())
     for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
@@ -304,6 +311,26 @@ def test_sampler_split_and_metrics():
     assert psnr(x, x + 1)[0] == pytest.approx(20 * np.log10(255.0))
 
 
+def test_crop_sampler_positions_and_flip_axis():
+    """Crops are contiguous windows anywhere in the image, flipped (if at all) left to right."""
+    h, w, size = 20, 24, 8
+    rows, cols = np.meshgrid(np.arange(h) * 10, np.arange(w) * 10, indexing="ij")
+    image = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
+    sampler = CropSampler([image], size, 5, seed=3)
+    tops, lefts, flips = set(), set(), set()
+    for step in range(60):
+        crops = ((sampler.batch(step).permute(0, 2, 3, 1) + 1) * 127.5).round().long().numpy() // 10
+        for crop in crops:
+            r, c = crop[..., 0], crop[..., 1]
+            assert (r == r[:, :1]).all() and (np.diff(r[:, 0]) == 1).all()  # rows never flipped
+            assert (c == c[:1]).all() and (np.abs(np.diff(c[0])) == 1).all()
+            flips.add(bool(c[0, 1] < c[0, 0]))
+            tops.add(int(r[0, 0]))
+            lefts.add(int(c[0].min()))
+    assert flips == {False, True}
+    assert tops == set(range(h - size + 1)) and lefts == set(range(w - size + 1))
+
+
 def test_checkpoint_pack_round_trip(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters())
@@ -319,3 +346,103 @@ def test_checkpoint_pack_round_trip(tmp_path):
     for p in model.parameters():
         assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
     assert fresh.param_groups[0]["betas"] == [0.9, 0.999]
+
+
+# ---------------------------------------------------------------------------------------------
+# adversarial findings (issue 16)
+# ---------------------------------------------------------------------------------------------
+
+def test_16_bit_greyscale_png_is_scaled_not_saturated(tmp_path):
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    (_, image), = zip(*load_images(str(tmp_path)))
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[..., 0], np.round(ramp / 65535 * 255).astype(np.uint8))
+    assert (image[..., 0] == image[..., 2]).all() and (image == 255).mean() < 0.01  # PIL's convert: 99.7 %
+
+
+def test_altered_checkpoint_metadata_is_corrupt(capsys, folder, tmp_path):
+    """Editing the stored step (same length, same tensors) must not pass as a valid checkpoint."""
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+    data = (out / CHECKPOINT).read_bytes()
+    assert data.count(b'"step\\": 6') == 1
+    (out / CHECKPOINT).write_bytes(data.replace(b'"step\\": 6', b'"step\\": 3'))
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 8, *TINY, "--resume")
+    assert code == 2 and "do not match their checksum" in text
+
+
+def test_stale_temporaries_are_removed_and_failed_writes_leave_the_old_file(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    dead, alive = tmp_path / ".out.bin.999999999.tmp", tmp_path / f".out.bin.{os.getppid()}.tmp"
+    dead.write_bytes(b"x")
+    alive.write_bytes(b"x")
+
+    def failing(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, failing)
+    assert target.read_bytes() == b"old" and not dead.exists() and alive.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out.bin"]
+
+
+def test_decode_keeps_every_output_inside_out(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+    codes = tmp_path / "codes"
+    code, text = run(capsys, "encode", "--ckpt", out / CHECKPOINT, "--data", folder, "--out", codes)
+    assert code == 0, text
+    manifest = json.loads((codes / "manifest.json").read_text())
+    manifest["images"] = ["../../escaped", "a/../../escaped", "/tmp/absolute", "sub\\\\name", "b", "c"]
+    (codes / "manifest.json").write_text(json.dumps(manifest))
+    decoded = tmp_path / "deep" / "decoded"
+    code, text = run(capsys, "decode", "--ckpt", out / CHECKPOINT, "--indices", codes, "--out", decoded)
+    assert code == 2 and "collide" in text  # both ../../escaped end in 'escaped'
+    manifest["images"][1] = "../../other"
+    (codes / "manifest.json").write_text(json.dumps(manifest))
+    code, text = run(capsys, "decode", "--ckpt", out / CHECKPOINT, "--indices", codes, "--out", decoded)
+    assert code == 0, text
+    assert sorted(p.name for p in decoded.iterdir()) == sorted(["escaped.png", "other.png", "absolute.png",
+                                                                "name.png", "b.png", "c.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "deep", "images", "run"]
+    manifest["images"][0] = ".."
+    (codes / "manifest.json").write_text(json.dumps(manifest))
+    code, text = run(capsys, "decode", "--ckpt", out / CHECKPOINT, "--indices", codes, "--out", decoded)
+    assert code == 2 and "must end in a file name" in text
+
+
+def test_bad_files_and_numbers_get_clear_errors(capsys, folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+    ckpt = out / CHECKPOINT
+    code, text = run(capsys, "encode", "--ckpt", ckpt, "--data", folder, "--out", tmp_path / "c", "--batch-size", 0)
+    assert code == 2 and "--batch-size must be an int >= 1, got 0" in text
+    code, text = run(capsys, "encode", "--ckpt", ckpt, "--data", folder, "--out", tmp_path / "codes")
+    assert code == 0, text
+    (tmp_path / "codes" / "manifest.json").write_text("{not json")
+    code, text = run(capsys, "decode", "--ckpt", ckpt, "--indices", tmp_path / "codes", "--out", tmp_path / "d")
+    assert code == 2 and "manifest.json: not a JSON manifest" in text
+    run(capsys, "encode", "--ckpt", ckpt, "--data", folder, "--out", tmp_path / "codes")
+    np.save(tmp_path / "codes" / "indices.npy", np.load(tmp_path / "codes" / "indices.npy").astype(float) + 0.5)
+    code, text = run(capsys, "decode", "--ckpt", ckpt, "--indices", tmp_path / "codes", "--out", tmp_path / "d")
+    assert code == 2 and "holds float64 values; code indices are integers" in text
+
+    np.save(tmp_path / "flat.npy", np.zeros((3, 0, 8, 3), np.uint8))
+    np.save(tmp_path / "nan.npy", np.full((3, 8, 8, 3), np.nan, np.float32))
+    for name, message in (("flat.npy", "with H, W >= 1"), ("nan.npy", "float pixels must be finite")):
+        code, text = run(capsys, "encode", "--ckpt", ckpt, "--data", tmp_path / name, "--out", tmp_path / "e")
+        assert code == 2 and message in text, text
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # folder images are 24 x 20: over 2x the limit
+    code, text = run(capsys, "encode", "--ckpt", ckpt, "--data", folder, "--out", tmp_path / "f")
+    assert code == 2 and "cannot read image img0.png" in text and "decompression bomb" in text
+    monkeypatch.undo()
+
+    tensors, meta = checkpoint.load(ckpt)
+    del meta["model_config"]
+    checkpoint.save(tmp_path / "no_config.safetensors", tensors, meta)
+    code, text = run(capsys, "eval", "--ckpt", tmp_path / "no_config.safetensors", "--data", folder)
+    assert code == 2 and "lacks ['model_config']" in text

@@ -79,3 +79,23 @@ def test_int32_indices_are_accepted():
     indices = torch.randint(0, 4, (10,), dtype=torch.int32)
     counts, _ = fastvq.code_stats(x, indices, 4)
     assert torch.equal(counts, torch.bincount(indices.long(), minlength=4).float())
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_out_of_range_indices_are_skipped_without_the_check(device, backend):
+    """With check_indices=False an index past K (or below -1) is skipped, never written outside the
+    outputs; with the check it raises."""
+    x = torch.randn(1, 6, 4, device=device)
+    indices = torch.tensor([[0, 16, 3, -7, 3, 2**40]], device=device)
+    counts, sums = fastvq.code_stats(x, indices, 16, backend=backend, check_indices=False)
+    assert counts.sum() == 3 and counts[0, 0] == 1 and counts[0, 3] == 2
+    torch.testing.assert_close(sums[0, 3], x[0, 2] + x[0, 4])
+    with pytest.raises(ValueError, match=r"indices must be in \[-1, num_codes=16\)"):
+        fastvq.code_stats(x, indices, 16, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_zero_width_rows_are_still_counted(device, backend):
+    counts, sums = fastvq.code_stats(torch.randn(5, 0, device=device), torch.tensor([0, 1, 1, -1, 2], device=device),
+                                     4, backend=backend)
+    assert counts.tolist() == [1.0, 2.0, 1.0, 0.0] and sums.shape == (4, 0)

@@ -55,6 +55,37 @@ def test_code_stats_rejects_bad_input(args, kwargs, error, match):
         fastvq.code_stats(*args, **kwargs)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_lookup_codes_checks_the_range(device, backend):
+    x, codebook = torch.randn(4, 3, device=device), torch.randn(5, 3, device=device)
+    for bad in (5, -5):
+        with pytest.raises(ValueError, match=r"indices must be in \[-1, num_codes=5\), got values in"):
+            fastvq.lookup_codes(x, codebook, torch.tensor([0, bad, 1, -1], device=device), backend=backend)
+    out = fastvq.lookup_codes(x, codebook, torch.tensor([0, 4, 1, -1], device=device), backend=backend)
+    assert torch.equal(out[1], codebook[4]) and torch.equal(out[3], x[3])
+
+
+def test_tf32_rounding_is_to_nearest_ties_away_on_known_bits():
+    """tf32 keeps 10 mantissa bits: 1 + 2^-11 is exactly half an ulp and rounds away from zero,
+    just below half rounds down, just above rounds up; inf and NaN pass through."""
+    values = torch.tensor([1 + 2**-11, -(1 + 2**-11), 1 + 2**-11 - 2**-23, 1 + 2**-11 + 2**-23, 1 + 3 * 2**-11,
+                           float("inf"), 3.0])
+    want = torch.tensor([1 + 2**-10, -(1 + 2**-10), 1.0, 1 + 2**-10, 1 + 2 * 2**-10, float("inf"), 3.0])
+    assert torch.equal(common.round_operand(values, "tf32"), want)
+    assert torch.isnan(common.round_operand(torch.tensor([float("nan")]), "tf32")).all()
+    assert torch.equal(common.round_operand(torch.tensor([1 + 2**-9]), "bf16"), torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_cosine_of_tiny_vectors_keeps_their_direction(device, backend):
+    """Norms are clamped at 1e-12 only: tokens and codes of norm ~1e-8 rank and measure as unit ones."""
+    x, codebook = torch.randn(50, 6, device=device), torch.randn(40, 6, device=device)
+    want_index, want_distance = fastvq.nearest_code(x, codebook, metric="cosine", backend=backend)
+    index, distance = fastvq.nearest_code(x * 1e-8, codebook * 1e-8, metric="cosine", backend=backend)
+    assert torch.equal(index, want_index)
+    torch.testing.assert_close(distance, want_distance, rtol=1e-5, atol=1e-5)
+
+
 def test_lookup_codes_rejects_bad_indices():
     with pytest.raises(ValueError, match=r"indices must be int64 of shape \(4,\), got torch.int32"):
         fastvq.lookup_codes(X, CB, torch.zeros(4, dtype=torch.int32))

@@ -161,8 +161,9 @@ def test_nonfinite_tokens_never_reach_the_statistics():
     quantized, indices, _ = layer(x)
     torch.manual_seed(0)
     twin(torch.where(bad.unsqueeze(-1), 0.0, x), mask=~bad)
-    assert indices[0, 1, 0] == -1 and indices[0, 1, 1] >= 0  # one head non-finite: token left out
-    assert (indices[1, 5] == -1).all() and indices[1, 4, 1] == -1 and indices[1, 4, 0] >= 0
+    # one head non-finite: the whole token is left out, -1 in every head, passed through
+    assert (indices[0, 1] == -1).all() and (indices[1, 4] == -1).all() and (indices[1, 5] == -1).all()
+    assert (indices >= 0).sum() == 2 * (12 - 3) and torch.equal(quantized[1, 4, :4], x[1, 4, :4])
     assert torch.isnan(quantized[0, 1, 0]) and torch.isinf(quantized[1, 5]).all()
     counter = layer.codebook_health()["nonfinite_tokens"]
     assert isinstance(counter, torch.Tensor) and counter.dtype == torch.int64 and int(counter) == 3
@@ -457,3 +458,132 @@ def test_sampling_is_the_same_draw_on_every_backend(device, backend):
     layer._codebook.backend = backend
     torch.manual_seed(5)
     assert torch.equal(layer(x, freeze_codebook=True)[1], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# adversarial findings (issue 16)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_nonfinite_token_never_reaches_a_sampled_codebook(device, backend, value):
+    """Sampling in training: the bad token gets -1, is counted, and the codebook stays finite."""
+    layer = vq(dim=8, codebook_size=16, stochastic_sample_codes=True, sample_codebook_temp=0.5,
+               backend=backend).to(device).train()
+    x = torch.randn(1, 4, 8, device=device)
+    x[0, 1, 2] = value
+    _, indices, _ = layer(x)
+    assert indices[0, 1] == -1 and (indices[0, [0, 2, 3]] >= 0).all()
+    assert torch.isfinite(layer.codebook).all()
+    assert layer.codebook_health()["nonfinite_tokens"] == 1
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("separate", [False, True])
+def test_a_token_bad_in_one_head_gets_no_code_in_any(device, backend, separate):
+    layer = vq(dim=8, codebook_size=16, heads=2, codebook_dim=4, separate_codebook_per_head=separate,
+               backend=backend).to(device).eval()
+    x = torch.randn(2, 5, 8, device=device)
+    x[1, 3, 6] = float("nan")  # the second head's half of token (1, 3)
+    quantized, indices, _ = layer(x)
+    assert indices.shape == (2, 5, 2)
+    assert (indices[1, 3] == -1).all() and (indices >= 0).sum() == 2 * 10 - 2
+    assert torch.equal(quantized[1, 3, :4], x[1, 3, :4])  # passed through unchanged
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_16_bit_cosine_input_picks_the_fp32_code(device, backend):
+    """The l2 normalisation of a cosine codebook runs in fp32: |x| = 30000 * sqrt(8) overflows fp16."""
+    layer = vq(dim=8, codebook_size=16, use_cosine_sim=True, backend=backend).to(device).eval()
+    x = torch.full((1, 1, 8), 30000.0, device=device)
+    x[0, 0, ::2] = -1000.0
+    want = layer(x)[1]
+    assert torch.equal(layer(x.half())[1], want)
+    assert torch.equal(layer(x.bfloat16())[1], want)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_update_indices_checks_the_range(device, backend):
+    layer = vq(dim=8, codebook_size=16, backend=backend).to(device).train()
+    x = torch.randn(1, 4, 8, device=device)
+    before = state(layer)
+    for bad in (16, -7):
+        with pytest.raises(ValueError, match=r"indices must be in \[-1, codebook_size=16\)"):
+            layer.update_indices(x, torch.tensor([[0, bad, 1, 2]], device=device))
+    assert_state_close(state(layer), before, atol=0)
+    layer.update_indices(x, torch.tensor([[0, -1, 15, 2]], device=device))
+    assert layer._codebook.cluster_size[0, 15] > 0.8 * before["_codebook.cluster_size"][0, 15]
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("shape", [(2, 0, 8), (0, 4, 8)])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_zero_tokens_give_empty_outputs(device, backend, shape, heads):
+    """As vector-quantize-pytorch 1.32.0: empty quantized and indices, in training and eval."""
+    layer = vq(dim=8, codebook_size=16, heads=heads, codebook_dim=8 // heads, separate_codebook_per_head=heads > 1,
+               backend=backend).to(device)
+    for training, masked in ((True, False), (False, False), (True, True)):
+        x = torch.randn(*shape, device=device)
+        mask = torch.ones(shape[:2], dtype=torch.bool, device=device) if masked else None
+        quantized, indices, loss = layer.train(training)(x, mask=mask)
+        assert quantized.shape == shape
+        assert indices.shape == shape[:2] + ((heads,) if heads > 1 else ())
+        assert loss.dim() == 0
+    assert torch.isfinite(layer.codebook).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(learnable_codebook=True, ema_update=False), dict(ema_update=False),
+                                    dict(freeze_codebook=True)], ids=["learnable", "no-ema", "frozen"])
+def test_nonfinite_tokens_are_counted_without_an_ema_update(kwargs):
+    layer = vq(dim=8, codebook_size=16, **kwargs).train()
+    x = torch.randn(1, 6, 8)
+    x[0, 2, 0] = float("nan")
+    layer(x)
+    layer(x)
+    assert layer.codebook_health()["nonfinite_tokens"] == 2
+
+
+@pytest.mark.parametrize("name,value", [("decay", "0.9"), ("decay", 1.5), ("eps", float("inf")),
+                                        ("commitment_weight", float("inf")), ("eps", -1.0),
+                                        ("backend", "trition"), ("precision", "fp8")])
+def test_bad_numbers_and_names_raise_at_construction(name, value):
+    with pytest.raises(ValueError, match=name):
+        vq(**{name: value})
+
+
+def test_kmeans_runs_exactly_its_iterations(monkeypatch):
+    """Lloyd's iterations counted against a plain loop, on far more tokens than means (so one more
+    or one fewer iteration changes the result)."""
+    import fastvq.nn.kmeans as kmeans_module
+
+    x = torch.randn(1, 400, 4)
+    start = x[:, :16].clone()
+    monkeypatch.setattr(kmeans_module, "sample_rows",
+                        lambda rows, valid, num, sync=False: (start.clone(), torch.full((1,), num)))
+    results = []
+    for iters in (1, 2, 5):
+        means, counts = kmeans_module.kmeans(x, torch.ones(1, 400, dtype=torch.bool), 16, iters)
+        want = start[0].clone()
+        for _ in range(iters):
+            assign = torch.cdist(x[0], want).argmin(1)
+            hits = torch.bincount(assign, minlength=16).float()
+            new = torch.zeros(16, 4).index_add_(0, assign, x[0]) / hits.clamp_min(1).unsqueeze(1)
+            want = torch.where((hits == 0).unsqueeze(1), want, new)
+        torch.testing.assert_close(means[0], want, rtol=1e-5, atol=1e-5)
+        results.append(means)
+    assert not torch.allclose(results[0], results[1]) and not torch.allclose(results[1], results[2])
+
+
+def test_topk_eval_loss_is_weighted_per_candidate():
+    x = torch.randn(2, 5, DIM)
+    state_dict = vq().state_dict()
+    losses = []
+    for weight in (1.0, 0.3):
+        layer = vq(commitment_weight=weight).eval()
+        layer.load_state_dict(state_dict)
+        quantized, indices, loss = layer(x, topk=3)
+        assert loss.shape == (2, 5, 3)
+        losses.append(loss)
+    codes = layer.codebook[indices]
+    torch.testing.assert_close(losses[0], (codes - x.unsqueeze(2)).pow(2).mean(-1))
+    torch.testing.assert_close(losses[1], 0.3 * losses[0])

@@ -1,8 +1,9 @@
 """Codebook sync under torch.distributed: 2 CPU processes with gloo, each on half of every batch.
 
 Deterministic updates (EMA with masks and a non-finite token) must give every rank the codebook
-of a single process trained on the whole batches, with one all_reduce per step. With k-means init
-and dead-code replacement (random draws) every rank must hold the same codebook.
+of a single process trained on the whole batches, with one all_reduce per step, also when one
+rank gets no token at all. With k-means init and dead-code replacement (random draws) every rank
+must hold the same codebook.
 """
 
 import os
@@ -34,12 +35,18 @@ def batches():
     return out
 
 
-def train(kwargs, data, rank=0, world=1):
+def train(kwargs, data, rank=0, world=1, empty_rank=None):
+    """Train on this rank's share of each batch: half of it, or with `empty_rank` all of it on the
+    other rank and no token at all on that one."""
     torch.manual_seed(1)  # same initial codebook everywhere
     layer = VectorQuantize(dim=DIM, codebook_size=CODES, backend="torch", **kwargs).train()
     torch.manual_seed(100 + rank)  # ranks draw different random numbers
     for x, mask in data:
-        layer(x.chunk(world)[rank], mask=mask.chunk(world)[rank])
+        if empty_rank is None:
+            layer(x.chunk(world)[rank], mask=mask.chunk(world)[rank])
+        else:
+            share = slice(0, 0) if rank == empty_rank else slice(None)
+            layer(x[share], mask=mask[share])
     return layer
 
 
@@ -62,6 +69,9 @@ def _worker(rank, port, out_dir):
             layer = train(kwargs, batches(), rank, WORLD)
             results[scenario] = dict(state=layer.state_dict(), calls=dict(calls),
                                      nonfinite=int(layer.codebook_health()["nonfinite_tokens"]))
+        calls.update(all_reduce=0, all_gather=0)
+        layer = train(SCENARIOS["ema"], batches(), rank, WORLD, empty_rank=1)  # a rank with no token
+        results["empty-rank"] = dict(state=layer.state_dict(), calls=dict(calls))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -85,6 +95,11 @@ def test_ranks_share_one_codebook(tmp_path):
         for key, expected in single.state_dict().items():
             torch.testing.assert_close(ema["state"][key], expected, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, key=key, r=r: f"rank {r} {key}: {m}")
+
+        empty = result["empty-rank"]
+        assert empty["calls"] == {"all_reduce": STEPS, "all_gather": 0}, f"rank {r}: {empty['calls']}"
+        for key, expected in single.state_dict().items():
+            torch.testing.assert_close(empty["state"][key], expected, rtol=1e-5, atol=1e-6)
 
     reference = ranks[0]["kmeans-dead-codes"]["state"]
     assert bool(reference["_codebook.initted"]) and torch.isfinite(reference["_codebook.embed"]).all()

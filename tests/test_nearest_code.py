@@ -82,14 +82,16 @@ def test_precision_modes_bound_regret(device, backend, precision, offset):
 
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-@pytest.mark.parametrize("n", [7, 301])
-def test_exact_ties_go_to_lowest_index(device, backend, metric, n):
+@pytest.mark.parametrize("n,k", [(7, 259), (301, 259), (33, 1100)])
+def test_exact_ties_go_to_lowest_index(device, backend, metric, n, k):
     """Integer-valued data make every product exact, so duplicated codes tie exactly; the lowest
-    index must win, also when the copies fall in different code tiles and code splits."""
-    k, d = 259, 5
+    index must win, also when the copies fall in different code tiles and code splits (K = 1100
+    puts twins 1000 codes apart: different tiles of the reference's 512 codes too)."""
+    d = 5
     codebook = torch.randint(-3, 4, (1, k, d)).float()
+    codebook[codebook.abs().sum(-1) == 0] = 1.0  # no zero code: its cosine is undefined
     x = torch.randint(-3, 4, (1, n, d)).float()
-    twins = [(3, 200), (64, 65), (10, 258), (127, 128)]
+    twins = [(3, k - 59), (64, 65), (10, k - 1), (127, 128)]
     for low, high in twins:  # cosine: a copy scaled by 2 has exactly the same cosine
         codebook[0, high] = codebook[0, low] * (2.0 if metric == "cosine" else 1.0)
     for i in range(n):  # each token sits exactly on (a multiple of) one twin pair

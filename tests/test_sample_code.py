@@ -8,6 +8,7 @@ test, so a pass is reproducible; a wrong distribution (e.g. the temperature off 
 correlated noise) exceeds it by far at this N.
 """
 
+import numpy as np
 import pytest
 import torch
 from conftest import backend_cases
@@ -194,6 +195,34 @@ def test_non_finite_inputs(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("k", [None, 3])
+def test_infinite_tokens_get_no_code(device, backend, metric, k):
+    """A token with +inf or -inf gets -1 (k: -1 in every slot), as one with NaN, on every backend:
+    a non-finite logit is never drawn, whatever sign its score overflows to."""
+    x, codebook = torch.randn(6, 8), torch.randn(16, 8)
+    x[1, 2], x[3, 0], x[4] = float("inf"), float("-inf"), float("nan")
+    got = F.sample_code(x.to(device), codebook.to(device), temperature=0.5, k=k, metric=metric, seed=9,
+                        backend=backend).cpu()
+    bad = torch.tensor([1, 3, 4])
+    assert (got[bad] == -1).all(), got
+    assert (torch.cat([got[:1], got[2:3], got[5:]]) >= 0).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("temperature", [1e-39, 1e-37, 1e-30])
+def test_tiny_temperature_is_the_nearest_code(device, backend, temperature):
+    """T -> 0 is the nearest code: 1 / T overflows fp32 below 3e-39, and logit / T once |logit| > 34
+    at T = 1e-37; neither may turn into code 0 or -1."""
+    x, codebook = torch.randn(200, 8, device=device) * 30, torch.randn(64, 8, device=device) * 30
+    nearest = F.nearest_code(x, codebook, backend=backend)[0]
+    got = F.sample_code(x, codebook, temperature=temperature, seed=5, backend=backend)
+    assert torch.equal(got, nearest)
+    assert torch.equal(F.sample_code(x, codebook, temperature=temperature, k=2, seed=5, backend=backend)[:, 0],
+                       nearest)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
 def test_non_contiguous_inputs_and_shapes(device, backend):
     wide = torch.randn(2, 50, 66, device=device)
     x = wide[:, ::2, 1::2]
@@ -217,6 +246,7 @@ def test_bad_arguments_are_named():
     for seed in (1.0, True):
         with pytest.raises(TypeError, match="seed"):
             F.sample_code(x, codebook, seed=seed)
+    assert torch.equal(F.sample_code(x, codebook, seed=np.int64(3)), F.sample_code(x, codebook, seed=3))
     with pytest.raises(ValueError, match="codebook"):
         F.sample_code(x, torch.randn(20, 4))
     for k in (0, 17, 21):

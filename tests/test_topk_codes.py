@@ -83,13 +83,15 @@ def test_first_slot_is_nearest_code(device, backend, metric):
 
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_exact_ties_go_to_lowest_index(device, backend, metric):
+@pytest.mark.parametrize("n_codes", [259, 1100])
+def test_exact_ties_go_to_lowest_index(device, backend, metric, n_codes):
     """Integer-valued data make every product exact; duplicated codes (also in different code tiles
-    and splits) and equidistant codes must come out in index order."""
-    n_codes, d = 259, 5
+    and splits: K = 1100 spans three of the reference's 512-code tiles) and equidistant codes must
+    come out in index order."""
+    d = 5
     codebook = torch.randint(-2, 3, (n_codes, d)).float()
     x = torch.randint(-2, 3, (40, d)).float()
-    for low, high in [(3, 200), (64, 65), (10, 258), (127, 128), (0, 1)]:
+    for low, high in [(3, n_codes - 59), (64, 65), (10, n_codes - 1), (127, 128), (0, 1)]:
         codebook[high] = codebook[low] * (2.0 if metric == "cosine" else 1.0)  # same cosine when scaled
     x[::2] = codebook[[3, 64, 10, 127, 0]].repeat(4, 1)  # tokens sitting on the twins
     if metric == "l2":

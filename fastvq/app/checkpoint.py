@@ -2,25 +2,32 @@
 
 A checkpoint holds named tensors plus JSON metadata. Nested states (optimizer state dicts) are
 split by ``pack`` into tensors and a JSON skeleton and rebuilt by ``unpack``. A SHA-256 of all
-tensor bytes is stored in the metadata so that a truncated or altered file is reported as
-corrupt rather than loaded.
+tensor bytes and of the metadata is stored beside them, so that a truncated or altered file is
+reported as corrupt rather than loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT = "fastvq-checkpoint/1"
+from .files import write_atomic
+
+FORMAT = "fastvq-checkpoint/2"
+"""/2: the checksum covers the tensors and the metadata. /1 (fastvq 0.1.0) covered the tensors
+only; such files still load."""
+LEGACY_FORMAT = "fastvq-checkpoint/1"
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], meta_json: str | None) -> str:
+    """SHA-256 of every tensor (name, dtype, shape, bytes) and, unless None, of the metadata JSON."""
     sha = hashlib.sha256()
+    if meta_json is not None:
+        sha.update(meta_json.encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         sha.update(name.encode())
@@ -34,18 +41,11 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     same folder, fsync, then ``os.replace``, so ``path`` is always a complete checkpoint."""
     from safetensors.torch import save as to_bytes
 
-    path = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    metadata = {"format": FORMAT, "sha256": _digest(tensors), "meta": json.dumps(meta)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(to_bytes(tensors, metadata=metadata))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    meta_json = json.dumps(meta)
+    metadata = {"format": FORMAT, "sha256": _digest(tensors, meta_json), "meta": meta_json}
+    data = to_bytes(tensors, metadata=metadata)
+    write_atomic(path, lambda f: f.write(data))
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -62,13 +62,14 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:  # safetensors raises several types for unreadable files
         raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {err}") from err
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise ValueError(
             f"checkpoint {path} is not a fastvq checkpoint (format {metadata.get('format')!r}, "
             f"expected {FORMAT!r})"
         )
-    if _digest(tensors) != metadata.get("sha256"):
-        raise ValueError(f"checkpoint {path} is corrupt: its tensors do not match their checksum")
+    covered = metadata.get("meta") if metadata["format"] == FORMAT else None
+    if "meta" not in metadata or _digest(tensors, covered) != metadata.get("sha256"):
+        raise ValueError(f"checkpoint {path} is corrupt: its tensors or metadata do not match their checksum")
     return tensors, json.loads(metadata["meta"])
 
 

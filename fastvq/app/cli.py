@@ -26,6 +26,7 @@ from .data import builtin_images, fixed_crops, load_images, stack_images
 from .device import resolve_device
 from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
+from .files import write_atomic
 from .metrics import InceptionFeatures
 from .state import CHECKPOINT, load_model, read_checkpoint
 from .training import train
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-eval", type=int, default=64, help="crops of the builtin held-out photos")
     p.add_argument("--image-size", type=int, help="side of those crops (default: the training size)")
     p.add_argument("--inception-weights", type=Path,
-                   help="TorchScript Inception feature extractor (inception-2015-12-05.pt) for rFID")
+                   help="TorchScript Inception feature extractor (inception-2015-12-05.pt) for rFID. "
+                        "TorchScript is a program, not data: fastvq runs it, so pass only a file you "
+                        "trust (never one from an untrusted source); without this flag nothing is run")
     _shared(p, "evaluate with this quantizer instead of the checkpoint's")
     p.set_defaults(func=cmd_eval)
 
@@ -197,7 +200,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     names, images = load_images(args.data, args.resize, args.crop)
     indices = encode_images(model, stack_images(names, images), args.batch_size, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    np.save(args.out / "indices.npy", indices.astype(np.min_scalar_type(model.codebook_size - 1)))
+    compact = indices.astype(np.min_scalar_type(model.codebook_size - 1))
+    write_atomic(args.out / "indices.npy", lambda f: np.save(f, compact))
     report.write_json(args.out / "manifest.json", {
         "format": MANIFEST_FORMAT, "checkpoint": str(args.ckpt), "kind": meta["kind"],
         "codebook_size": model.codebook_size, "shape": list(indices.shape), "images": names,
@@ -206,13 +210,32 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def output_names(images: list, manifest_path: Path) -> list[str]:
+    """PNG file names for a manifest's image names: the stem of each (its base name when stems
+    collide) + ".png". A name is data, never a path: no folder part survives, so every output stays
+    inside the output folder; empty, '.', '..' or colliding names raise ValueError."""
+    if not isinstance(images, list) or not all(isinstance(n, str) for n in images):
+        raise ValueError(f"{manifest_path}: 'images' must be a list of names")
+    base = [n.replace("\\", "/").rsplit("/", 1)[-1] for n in images]
+    if any(b in ("", ".", "..") for b in base):
+        raise ValueError(f"{manifest_path}: image names must end in a file name, got {images!r}")
+    for candidates in ([Path(b).stem + ".png" for b in base], [b + ".png" for b in base]):
+        if len(set(candidates)) == len(candidates):
+            return candidates
+    raise ValueError(f"{manifest_path}: image names collide once their folders are dropped")
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     manifest_path = args.indices / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"--indices {args.indices}: no manifest.json (run fastvq encode)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{manifest_path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{manifest_path}: not a JSON manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{manifest_path}: format {found!r}, expected {MANIFEST_FORMAT!r}")
     device = resolve_device(args.device)
     model, meta = load_model(args.ckpt, device)
     if (manifest["kind"], manifest["codebook_size"]) != (meta["kind"], model.codebook_size):
@@ -221,17 +244,17 @@ def cmd_decode(args: argparse.Namespace) -> int:
             f"{manifest['codebook_size']} codes, but --ckpt {args.ckpt} is a {meta['kind']} "
             f"with {model.codebook_size}"
         )
-    indices = np.load(args.indices / "indices.npy")
+    indices = np.load(args.indices / "indices.npy", allow_pickle=False)
     if indices.shape != tuple(manifest["shape"]):
         raise ValueError(f"{args.indices / 'indices.npy'} has shape {indices.shape}, the manifest "
                          f"says {tuple(manifest['shape'])}")
-    names = [Path(n).stem + ".png" for n in manifest["images"]]
-    if len(set(names)) < len(names):
-        names = [n + ".png" for n in manifest["images"]]
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"{args.indices / 'indices.npy'} holds {indices.dtype} values; code indices are integers")
+    names = output_names(manifest["images"], manifest_path)
     images = decode_indices(model, indices, args.batch_size, device)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, image in zip(names, images):
-        Image.fromarray(image).save(args.out / name)
+        write_atomic(args.out / name, lambda f, image=image: Image.fromarray(image).save(f, format="PNG"))
     print(f"decoded {len(names)} images to {args.out}")
     return 0
 

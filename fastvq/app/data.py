@@ -30,18 +30,20 @@ def to_rgb_uint8(image: np.ndarray, name: str) -> np.ndarray:
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
     elif np.issubdtype(image.dtype, np.floating):
-        if image.size and (np.nanmin(image) < 0.0 or np.nanmax(image) > 1.0):
+        if not np.isfinite(image).all():
+            raise ValueError(f"{name}: float pixels must be finite, found NaN or inf")
+        if image.size and (image.min() < 0.0 or image.max() > 1.0):
             raise ValueError(
                 f"{name}: float images must lie in [0, 1], got values in "
-                f"[{np.nanmin(image):.3g}, {np.nanmax(image):.3g}]; store uint8 (0-255) instead"
+                f"[{image.min():.3g}, {image.max():.3g}]; store uint8 (0-255) instead"
             )
         image = np.round(image * 255.0).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise ValueError(f"{name}: expected uint8 or float pixels, got dtype {image.dtype}")
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{name}: expected an image of shape (H, W[, 1|3|4]), got {image.shape}")
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or 0 in image.shape[:2]:
+        raise ValueError(f"{name}: expected an image of shape (H, W[, 1|3|4]) with H, W >= 1, got {image.shape}")
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     return np.ascontiguousarray(image[:, :, :3])
@@ -92,11 +94,22 @@ def _read_folder(folder: Path) -> tuple[list[str], list[np.ndarray]]:
     for path in files:
         try:
             with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as err:
+                images.append(_rgb_pixels(im, path.name))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             raise SettingError("{data} {folder}: cannot read image {file}: {err}", folder=folder, file=path.name,
                                err=err) from err
     return [p.name for p in files], images
+
+
+def _rgb_pixels(im, name: str) -> np.ndarray:
+    """An opened PIL image as (H, W, 3) uint8. 16-bit greyscale (modes I;16*, and I holding 16-bit
+    values) is scaled from 0-65535; PIL's own convert("RGB") would clip it to 255."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        pixels = np.asarray(im).astype(np.float64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ValueError(f"{name}: 32-bit integer pixels outside 0-65535; store 8- or 16-bit images")
+        return to_rgb_uint8(pixels / 65535.0, name)
+    return np.asarray(im.convert("RGB"))
 
 
 def _read_array(path: Path) -> tuple[list[str], list[np.ndarray]]:

@@ -8,6 +8,7 @@ import torch
 from fastvq.models import VQModel
 
 from .data import to_tensor, to_uint8
+from .errors import SettingError
 from .metrics import InceptionFeatures, codebook_stats, frechet_distance, psnr, ssim
 
 
@@ -16,6 +17,7 @@ def encode_images(
 ) -> np.ndarray:
     """(N, H, W, 3) uint8 -> code indices (N, H/f, W/f) int64, in batches of ``batch_size``.
     Puts the model in eval mode (no codebook updates)."""
+    _check_batch_size(batch_size)
     model.eval()
     return np.concatenate([
         model.encode(to_tensor(images[i : i + batch_size]).to(device)).cpu().numpy()
@@ -28,11 +30,17 @@ def decode_indices(
 ) -> np.ndarray:
     """Code indices (N, h, w) int -> images (N, h*f, w*f, 3) uint8, in batches of ``batch_size``.
     Puts the model in eval mode."""
+    _check_batch_size(batch_size)
     model.eval()
     return np.concatenate([
         to_uint8(model.decode(torch.from_numpy(indices[i : i + batch_size]).long().to(device)))
         for i in range(0, len(indices), batch_size)
     ])
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SettingError("{batch_size} must be an int >= 1, got {value!r}", value=batch_size)
 
 
 def reconstruct(

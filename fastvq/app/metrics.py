@@ -55,6 +55,9 @@ class InceptionFeatures:
     """A TorchScript Inception feature extractor called as ``net(images, return_features=True)``
     on (B, 3, H, W) uint8 images, returning (B, F) features: the convention of the
     ``inception-2015-12-05.pt`` file used by StyleGAN2-ADA and clean-fid. Nothing is downloaded.
+
+    Trusted files only: TorchScript is a program, and loading and calling it runs that program.
+    This is the only place fastvq executes a user's file, and only when asked for rFID.
     """
 
     def __init__(self, path: str | Path, device: torch.device):

@@ -1,4 +1,5 @@
-"""Run outputs: metrics JSON, input-vs-reconstruction grids and training curves (PNG)."""
+"""Run outputs: metrics JSON, input-vs-reconstruction grids and training curves (PNG), each
+written atomically."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import write_atomic
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -22,7 +25,8 @@ def write_json(path: Path, obj: Any) -> None:
             return [clean(x) for x in v]
         return v
 
-    path.write_text(json.dumps(clean(obj), indent=2) + "\n")
+    text = (json.dumps(clean(obj), indent=2) + "\n").encode()
+    write_atomic(path, lambda f: f.write(text))
 
 
 def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8) -> None:
@@ -42,9 +46,10 @@ def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, colum
             y = pad + (2 * r + j) * (h + pad)
             canvas[y : y + h, x : x + w] = image
     scale = max(1, math.ceil(96 / h))
-    Image.fromarray(canvas).resize(
+    image = Image.fromarray(canvas).resize(
         (canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST
-    ).save(path)
+    )
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def _figure():
@@ -54,6 +59,10 @@ def _figure():
     fig = Figure(figsize=(6, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()
+
+
+def _save_figure(fig, path: Path) -> None:
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _smooth(values: np.ndarray, width: int) -> np.ndarray:
@@ -87,7 +96,7 @@ def plot_curves(history: dict[str, list[float]], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out_dir / name)
+        _save_figure(fig, out_dir / name)
         paths.append(out_dir / name)
     return paths
 
@@ -100,4 +109,4 @@ def plot_code_histogram(indices: np.ndarray, codebook_size: int, path: Path) -> 
     ax.set_xlabel("code rank")
     ax.set_ylabel("frequency on held-out images")
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)

@@ -70,6 +70,10 @@ def _load_model_state(model: VQModel, tensors: dict[str, torch.Tensor], path: Pa
 def read_checkpoint(path: Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a training checkpoint; with ``kind`` given, one of another model raises ValueError."""
     tensors, meta = checkpoint.load(path)
+    missing = [key for key in ("kind", "config", "model_config", "step", "optimizers") if key not in meta]
+    if missing or not isinstance(meta.get("model_config"), dict):
+        raise ValueError(f"checkpoint {path} is not a training checkpoint of the fastvq command (its metadata "
+                         f"lacks {missing or ['a model_config mapping']})")
     if kind is not None and meta["kind"] != kind:
         raise ValueError(
             f"checkpoint {path} holds a {meta['kind']} model, but a {kind} was requested"

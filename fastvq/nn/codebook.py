@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..ops.backend import BACKENDS
+from ..ops.common import PRECISIONS
 from ..ops.functional import code_cross_entropy, code_stats, lookup_codes, sample_code
 from . import distributed
 from .kmeans import kmeans, l2norm, sample_rows
@@ -48,6 +50,10 @@ class Codebook(nn.Module):
                  learnable_codebook: bool = False, ema_update: bool = True, manual_ema_update: bool = False,
                  use_cosine_sim: bool = False, precision: str | None = None, backend: str = "auto"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
         self.codebook_size, self.num_codebooks, self.dim = codebook_size, num_codebooks, dim
         self.kmeans_iters, self.sync_kmeans, self.sync_codebook = kmeans_iters, sync_kmeans, sync_codebook
         self.decay, self.eps, self.threshold_ema_dead_code = decay, eps, threshold_ema_dead_code
@@ -122,10 +128,11 @@ class Codebook(nn.Module):
         (H, M[, k]): a gather whose gradient reaches only embed (rows are detached)."""
         x = rows.detach().float()
         if indices.dim() == 2:
-            return lookup_codes(x, embed, indices, backend=self.backend)
+            return lookup_codes(x, embed, indices, backend=self.backend, check_indices=False)
         k = indices.shape[-1]
         flat = x.unsqueeze(2).expand(-1, -1, k, -1).reshape(x.shape[0], -1, x.shape[-1])
-        codes = lookup_codes(flat, embed, indices.reshape(indices.shape[0], -1), backend=self.backend)
+        codes = lookup_codes(flat, embed, indices.reshape(indices.shape[0], -1), backend=self.backend,
+                             check_indices=False)
         return codes.unflatten(1, (-1, k))
 
     def cross_entropy(self, rows: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -196,16 +203,10 @@ class Codebook(nn.Module):
         (unless ema_update is off or manual) and dead codes are replaced.
         """
         ema_update = self.ema_update if ema_update is None else ema_update
-        if not ema_update and not self.threshold_ema_dead_code:
-            self.record_usage_(code_counts(indices, keep, self.codebook_size))
+        counts, sums = self._batch_statistics_(x, indices, keep, num_nonfinite,
+                                               with_sums=bool(ema_update or self.threshold_ema_dead_code))
+        if sums is None:
             return
-        counts, sums = code_stats(x, indices, self.codebook_size, mask=keep, backend=self.backend,
-                                  check_indices=False)
-        num_nonfinite = num_nonfinite.float().reshape(1)
-        if self.sync_codebook and distributed.is_distributed():
-            distributed.all_reduce_sum_(counts, sums, num_nonfinite)
-        self.num_nonfinite_tokens.add_(num_nonfinite[0].long())
-        self.record_usage_(counts)
         if callable(weight):
             weight = weight(sums, counts)
         if accumulate:
@@ -221,6 +222,30 @@ class Codebook(nn.Module):
         if ema_update and not self.manual_ema_update:
             self.update_ema()
         self.expire_codes_(x, keep)
+
+    @torch.no_grad()
+    def observe_(self, indices: torch.Tensor, keep: torch.Tensor, num_nonfinite: torch.Tensor) -> None:
+        """Record a batch's usage and non-finite tokens without updating the codebook (a frozen
+        codebook); indices, keep (H, N), num_nonfinite () as `update_`."""
+        self._batch_statistics_(None, indices, keep, num_nonfinite, with_sums=False)
+
+    def _batch_statistics_(self, x: torch.Tensor | None, indices: torch.Tensor, keep: torch.Tensor,
+                           num_nonfinite: torch.Tensor, *,
+                           with_sums: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-code counts (H, K) fp32 of the kept rows, and with_sums their sums (H, K, D) fp32
+        (else None), summed over ranks in one all_reduce that also carries the non-finite count;
+        records usage, perplexity and `num_nonfinite_tokens`."""
+        if with_sums:
+            counts, sums = code_stats(x, indices, self.codebook_size, mask=keep, backend=self.backend,
+                                      check_indices=False)
+        else:
+            counts, sums = code_counts(indices, keep, self.codebook_size), None
+        num_nonfinite = num_nonfinite.float().reshape(1)
+        if self.sync_codebook and distributed.is_distributed():
+            distributed.all_reduce_sum_(*(t for t in (counts, sums, num_nonfinite) if t is not None))
+        self.num_nonfinite_tokens.add_(num_nonfinite[0].long())
+        self.record_usage_(counts)
+        return counts, sums
 
     def _ema_rate(self, weight) -> float | torch.Tensor:
         """(1 - decay) * weight: a float, or an (H, K) / (1, K) tensor."""

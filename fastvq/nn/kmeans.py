@@ -18,8 +18,9 @@ vector-quantize-pytorch 1.32.0's `l2norm`. Not the ops' `fastvq.ops.common.COSIN
 
 
 def l2norm(t: torch.Tensor) -> torch.Tensor:
-    """t / max(|t|, L2NORM_EPS) over the last dim (the normalisation of vector-quantize-pytorch)."""
-    return F.normalize(t, dim=-1, eps=L2NORM_EPS)
+    """t / max(|t|, L2NORM_EPS) over the last dim (the normalisation of vector-quantize-pytorch), in
+    fp32 whatever t's dtype (a 16-bit norm overflows from |t| ~ 256 in fp16)."""
+    return F.normalize(t.float(), dim=-1, eps=L2NORM_EPS)
 
 
 def sample_rows(x: torch.Tensor, valid: torch.Tensor, num: int, *,

@@ -11,6 +11,7 @@ the op settings (metric, precision, backend), and runs every op.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import namedtuple
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..ops.common import MAX_TOPK
 from . import distributed
-from .codebook import Codebook, EmaWeight, code_counts
+from .codebook import Codebook, EmaWeight
 from .kmeans import l2norm
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg",
@@ -122,12 +123,10 @@ class VectorQuantize(nn.Module):
             _check_int(name, given[name], minimum=1)
         if codebook_dim is not None:
             _check_int("codebook_dim", codebook_dim, minimum=1)
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {decay!r}")
+        _check_number("decay", decay, maximum=1.0)
         for name in ("eps", "threshold_ema_dead_code", "commitment_weight", "orthogonal_reg_weight",
                      "sample_codebook_temp"):
-            if not given[name] >= 0:
-                raise ValueError(f"{name} must be >= 0, got {given[name]!r}")
+            _check_number(name, given[name])
         if orthogonal_reg_max_codes is not None:
             _check_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes, minimum=1)
 
@@ -229,8 +228,7 @@ class VectorQuantize(nn.Module):
         if self.heads > 1 and (indices.dim() < 1 or indices.shape[-1] != self.heads):
             raise ValueError(f"indices must have a last dimension of heads={self.heads}, got shape "
                              f"{tuple(indices.shape)}")
-        if indices.numel() and not bool(((indices >= -1) & (indices < self.codebook_size)).all()):
-            raise ValueError(f"indices must be in [-1, codebook_size={self.codebook_size})")
+        self._check_index_range(indices)
         indices = indices.long()
         embed, safe = self._codebook.embed, indices.clamp_min(0)
         if self.heads > 1 and self.separate_codebook_per_head:
@@ -255,6 +253,7 @@ class VectorQuantize(nn.Module):
         if not _is_integer_tensor(indices) or indices.numel() != math.prod(expected):
             raise ValueError(f"indices must be an integer tensor with {math.prod(expected)} entries "
                              f"({expected} after flattening the layout), got {_describe(indices)}")
+        self._check_index_range(indices)
         with torch.no_grad():
             rows = self._to_rows(self._codebook_input(tokens).flatten(0, 1))
             keep, num_nonfinite = self._usable_rows(torch.isfinite(rows).all(-1), mask)
@@ -301,7 +300,7 @@ class VectorQuantize(nn.Module):
         rows = self._to_rows(z.flatten(0, 1))  # (H, M, codebook_dim), M = B * S * heads / H
         codebook.init_embed_(rows, self._row_mask(mask))
         temperature = self._sampling_temperature(temperature, x, rows)
-        idx = codebook.search(rows, temperature=temperature, topk=topk)
+        idx = self._whole_tokens(rows, codebook.search(rows, temperature=temperature, topk=topk))
         embed = codebook.embed if codebook.learnable_codebook else codebook.embed.detach()
         codes = codebook.lookup(rows, embed, idx)  # fp32, gradient only to the codebook
         if indices is not None:  # logits of the codebook before this step's (in-place) update
@@ -310,7 +309,7 @@ class VectorQuantize(nn.Module):
         if self.training and topk is None:
             keep, num_nonfinite = self._usable_rows(idx >= 0, mask)
             if freeze:
-                codebook.record_usage_(code_counts(idx, keep, self.codebook_size))
+                codebook.observe_(idx, keep, num_nonfinite)
             else:
                 codebook.update_(rows, idx, keep, num_nonfinite, ema_update=ema_update,
                                  weight=ema_update_weight, accumulate=accum_ema_update)
@@ -324,7 +323,7 @@ class VectorQuantize(nn.Module):
             return out, cross_entropy
         losses = self._losses(codes, z, mask, idx, freeze, topk is not None, x.device)
         loss = losses.loss if losses.loss.dim() == 0 else self._indices_layout(losses.loss, layout)
-        out_indices = (self._from_rows(idx) if topk is None else idx[0]).reshape(batch, seq, -1)
+        out_indices = (self._from_rows(idx) if topk is None else idx[0]).reshape(batch, seq, topk or self.heads)
         if topk is None and self.heads == 1:
             out_indices = out_indices[..., 0]
         if mask is not None:
@@ -417,7 +416,7 @@ class VectorQuantize(nn.Module):
             return loss if mask is None else torch.where(_expand_like(mask, loss), loss, 0.0)
         if mask is None:
             return sq.mean()
-        return torch.where(_expand_like(mask, sq), sq, 0.0).sum() / (mask.sum() * sq[0, 0].numel())
+        return torch.where(_expand_like(mask, sq), sq, 0.0).sum() / (mask.sum() * math.prod(sq.shape[2:]))
 
     def _cross_entropy(self, rows: torch.Tensor, embed: torch.Tensor, targets, batch: int,
                        seq: int) -> torch.Tensor:
@@ -521,6 +520,20 @@ class VectorQuantize(nn.Module):
         z = self._project(self.project_in, tokens).unflatten(-1, (self.heads, self.codebook_dim))
         return self._codebook.transform_input(z)
 
+    def _whole_tokens(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """idx (H, M[, k]) with -1 for every head of a token that has a non-finite value in any head,
+        or that found no code in one: a token is quantized whole or not at all."""
+        found = torch.isfinite(rows).all(-1) & (idx[..., 0] if idx.dim() == 3 else idx).ge(0)
+        whole = self._row_mask(self._from_rows(found).all(1))
+        return idx.masked_fill(~(whole if idx.dim() == 2 else whole.unsqueeze(-1)), -1)
+
+    def _check_index_range(self, indices: torch.Tensor) -> None:
+        """Codes given by the caller must lie in [-1, codebook_size) (one host sync)."""
+        if indices.numel() and not bool(((indices >= -1) & (indices < self.codebook_size)).all()):
+            low, high = int(indices.min()), int(indices.max())
+            raise ValueError(f"indices must be in [-1, codebook_size={self.codebook_size}), got values in "
+                             f"[{low}, {high}]")
+
     def _row_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """Per-token mask (B, S) or (T,) -> the same for every row of the token (H, M)."""
         return None if mask is None else self._to_rows(mask.reshape(-1, 1).expand(-1, self.heads))
@@ -557,6 +570,15 @@ def _is_integer_tensor(t) -> bool:
 def _describe(t) -> str:
     """dtype and shape of a tensor, or the type of anything else (for error messages)."""
     return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_number(name: str, value, *, maximum: float = math.inf) -> None:
+    """value must be a finite real number in [0, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= maximum \
+            or not math.isfinite(value):
+        bound = f"[0, {maximum:g}]" if math.isfinite(maximum) else ">= 0 and finite"
+        raise ValueError(f"{name} must be a number {'in ' if math.isfinite(maximum) else ''}{bound}, "
+                         f"got {value!r}")
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:

@@ -32,6 +32,13 @@ def triton_interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def gumbel_scales(temperature: float) -> tuple[float, float]:
+    """(a, b) with argmax_k(a logit_k + b g_k) = argmax_k(logit_k / temperature + g_k), temperature > 0:
+    (1 / T, 1) for T >= 1 and (1, T) below, so that neither product overflows fp32 (1 / T would for
+    T < 3e-39, and logit / T once |logit| > 3.4e38 T) and T -> 0 tends to the nearest code by logit."""
+    return (1.0 / temperature, 1.0) if temperature >= 1.0 else (1.0, temperature)
+
+
 def round_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
     """`t` as fp32 after rounding to what the matrix product of `precision` sees.
 

@@ -9,6 +9,7 @@ its own arguments, then `_search_prelude` (the shared checks, precision and back
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -45,7 +46,13 @@ def _check_code_indices(indices, x: torch.Tensor, num_codes: int, check_range: b
     if indices.shape != x.shape[:-1]:
         raise ValueError(f"indices must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(indices.shape)}")
     _check_same_device(x, "x", indices, "indices")
-    if check_range and indices.numel() > 0:
+    if check_range:
+        _check_index_range(indices, num_codes)
+
+
+def _check_index_range(indices: torch.Tensor, num_codes: int) -> None:
+    """Every index in [-1, num_codes) (one device sync)."""
+    if indices.numel() > 0:
         low, high = torch.aminmax(indices)
         if low.item() < -1 or high.item() >= num_codes:
             raise ValueError(f"indices must be in [-1, num_codes={num_codes}), got values in "
@@ -249,13 +256,14 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: 
 
 
 def lookup_codes(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", check_indices: bool = True) -> torch.Tensor:
     """The code rows chosen for x, differentiable as the quantize step of a VQ layer.
 
     x: (N, D) or (H, N, D); codebook (K, D) or (H, K, D); indices int64 shaped x.shape[:-1].
     Returns codebook[indices] in x's dtype, shaped like x (rows with index -1 pass x through).
     Backward: the gradient goes straight through to x and, when the codebook requires grad, to
-    each code as the sum of the gradients of the rows that chose it.
+    each code as the sum of the gradients of the rows that chose it. check_indices: verify that every
+    index is in [-1, K) (one device sync; off inside a training loop, for indices from a search).
     """
     x3, cb3 = _canonical_args(x, codebook)
     _check_tensor(indices, "indices", floating=False)
@@ -263,6 +271,8 @@ def lookup_codes(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
         raise ValueError(f"indices must be int64 of shape {tuple(x.shape[:-1])}, got {indices.dtype} "
                          f"{tuple(indices.shape)}")
     _check_same_device(x, "x", indices, "indices")
+    if check_indices:
+        _check_index_range(indices, cb3.shape[1])
     backend = resolve_backend(backend, x.device)
     return _run(_lookup_codes_op, None, x, x3, cb3, indices if indices.dim() == 2 else indices.unsqueeze(0), backend)
 
@@ -271,7 +281,7 @@ def quantize(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", pre
              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`nearest_code` followed by `lookup_codes`: (quantized like x, indices, distances)."""
     indices, distances = nearest_code(x, codebook, metric=metric, precision=precision, backend=backend)
-    return lookup_codes(x, codebook, indices, backend=backend), indices, distances
+    return lookup_codes(x, codebook, indices, backend=backend, check_indices=False), indices, distances
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,10 +400,11 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float =
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature):
         raise ValueError(f"temperature must be finite, got {temperature}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
     if seed is not None and not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    seed = None if seed is None else int(seed)
     if temperature <= 0:
         if k is not None:
             return _run(_topk_codes_op, _topk_codes_empty, x, x3, cb3, k, metric, precision, backend)[0]

@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import torch
 
-from .common import COSINE_NORM_EPS, L2_LOGIT_EPS, code_bias, gather_codes, mark_unassigned, round_operand
+from .common import (
+    COSINE_NORM_EPS,
+    L2_LOGIT_EPS,
+    code_bias,
+    gather_codes,
+    gumbel_scales,
+    mark_unassigned,
+    round_operand,
+)
 
 SCORE_TILE_ELEMENTS = 1 << 19
 """Largest number of (token, code) scores held at once: 512K fp32 = 2 MiB, so that a tile stays in
@@ -50,7 +58,13 @@ def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, m
         score = torch.addmm(bias, x_rows, codes.T, alpha=-2.0)
     else:
         score = (x_rows @ codes.T).mul_(bias).neg_()
-    return score.nan_to_num_(nan=float("inf"))
+    return _never_chosen_if_not_finite(score)
+
+
+def _never_chosen_if_not_finite(score: torch.Tensor) -> torch.Tensor:
+    """score with every NaN and +-inf replaced by +inf, in place: a non-finite score never wins."""
+    inf = float("inf")
+    return score.nan_to_num_(nan=inf, posinf=inf, neginf=inf)
 
 
 def _tiles(x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor, precision: str):
@@ -121,10 +135,10 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     """Per-code counts (H, K) and sums of assigned rows (H, K, D), both fp32, without a one-hot.
 
     x (H, N, D) float, indices (H, N) int64 in [-1, K), mask (H, N) bool or None. Tokens with index
-    -1 or mask False are skipped.
+    -1 (or out of [0, K): never written outside the outputs) or mask False are skipped.
     """
     heads, _, dim = x.shape
-    keep = indices >= 0
+    keep = (indices >= 0) & (indices < num_codes)  # out of range only with check_indices=False: skipped
     if mask is not None:
         keep = keep & mask
     counts = torch.zeros(heads, num_codes, device=x.device)
@@ -209,7 +223,7 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, 
     never drawn; -1 for a token with none finite (or in the slots past the finite ones).
     """
     n_tokens, n_codes = x.shape[1], codebook.shape[1]
-    inv_temperature = 1.0 / temperature
+    logit_scale, noise_scale = gumbel_scales(temperature)
 
     def score(h, token_slice, rows, k0, codes, bias):
         logit, _ = _logit_tile(rows, codes, bias, metric)
@@ -217,7 +231,7 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, 
         offsets = (h * n_tokens + tokens)[:, None] * n_codes + torch.arange(k0, k0 + codes.shape[0],
                                                                              device=x.device)
         gumbel = -torch.log(-torch.log(philox_uniform(seed, offsets)))
-        return (logit * inv_temperature + gumbel).neg_().nan_to_num_(nan=float("inf"))
+        return _never_chosen_if_not_finite((logit * logit_scale + gumbel * noise_scale).neg_())
 
     bias = code_bias(codebook, metric, precision)
     indices = _select(x, codebook, bias, precision, k or 1, score)

@@ -29,7 +29,7 @@ def _code_stats_kernel(
     n_mask = offs_n < N
     d_mask = offs_d < D
     index = tl.load(index_ptr + pid_h * stride_ih + offs_n * stride_in, mask=n_mask, other=-1)
-    keep = index >= 0
+    keep = (index >= 0) & (index < K)  # an index out of range is skipped, never written outside the outputs
     if HAS_MASK:
         keep = keep & (tl.load(mask_ptr + pid_h * stride_mh + offs_n * stride_mn, mask=n_mask, other=0) != 0)
     tile_mask = keep[:, None] & d_mask[None, :]
@@ -53,7 +53,7 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     block_n = 64 if INTERPRETED else 128
     block_d = min(128 if INTERPRETED else 64, max(16, triton.next_power_of_2(dim)))
     mask_bytes = indices if mask is None else mask.view(torch.uint8)
-    grid = (triton.cdiv(n_tokens, block_n), triton.cdiv(dim, block_d), heads)
+    grid = (triton.cdiv(n_tokens, block_n), max(1, triton.cdiv(dim, block_d)), heads)  # D = 0 still counts
     _code_stats_kernel[grid](
         x, indices, mask_bytes, counts, sums, n_tokens, num_codes, dim,
         x.stride(0), x.stride(1), x.stride(2), indices.stride(0), indices.stride(1),

@@ -5,8 +5,9 @@ of its split in BLOCK_K tiles, keeping per token either the running best (score,
 (TOPK = 1) or an unsorted running list of the TOPK best. Lower scores win:
     nearest_code / topk_codes: a score that ranks codes exactly as the distance does, without the
         per-token constant (l2: |c|^2 - 2 x.c; cosine: -(x.c) / |c|);
-    sample_code (GUMBEL): -(logit / temperature + g), g = -log(-log(u)) with u drawn in the kernel
-        by Philox from the counter (h N + n) K + k (Gumbel-max: a draw from softmax(logit / T)).
+    sample_code (GUMBEL): -(a logit + b g), g = -log(-log(u)) with u drawn in the kernel
+        by Philox from the counter (h N + n) K + k (Gumbel-max: a draw from softmax(logit / T);
+        (a, b) from `fastvq.ops.common.gumbel_scales`, so that no product overflows).
 When the token blocks alone cannot fill the GPU (small N, large K) the codes are split across
 programs; each split writes its candidates and a deterministic merge keeps the lowest index among
 equal scores, whatever the split. A second small kernel recomputes the exact fp32 distance of
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import code_bias, mark_unassigned
+from ..common import code_bias, gumbel_scales, mark_unassigned
 from ._launch import interpreted_precision, search_config
 from ._tiles import COSINE_NORM_EPS, dot_options, dot_tile, load_tile, logits, rank_score, resident_tile
 
@@ -47,7 +48,7 @@ def _merge_topk(score, k0, best, best_index, TOPK: tl.constexpr, KPAD: tl.conste
 @triton.jit
 def _search_kernel(
     x_ptr, code_ptr, bias_ptr, best_score_ptr, best_index_ptr,
-    N, K, D, codes_per_split, seed, inv_temperature,
+    N, K, D, codes_per_split, seed, logit_scale, noise_scale,
     stride_xh, stride_xn, stride_xd,
     stride_ch, stride_ck, stride_cd,
     stride_bh, stride_oh, stride_os,
@@ -88,11 +89,11 @@ def _search_kernel(
         bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
         if GUMBEL:
             u = tl.rand(seed, (pid_h * N + offs_n)[:, None] * K + offs_k[None, :])
-            score = -(logits(dot, x_sq, bias, COSINE) * inv_temperature - tl.log(-tl.log(u)))
+            score = -(logits(dot, x_sq, bias, COSINE) * logit_scale - tl.log(-tl.log(u)) * noise_scale)
         else:
             score = rank_score(dot, bias, COSINE)
-        # codes past the split and NaN scores (non-finite inputs) never win
-        score = tl.where(k_mask[None, :] & (score == score), score, float("inf"))
+        # codes past the split and non-finite scores (non-finite inputs) never win
+        score = tl.where(k_mask[None, :] & (tl.abs(score) < float("inf")), score, float("inf"))
         if TOPK == 1:
             tile_best, tile_index = tl.min(score, axis=1, return_indices=True)  # lowest index on ties
             better = tile_best < best  # strict: an earlier tile keeps a tie
@@ -173,7 +174,7 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
     grid = (triton.cdiv(n_tokens, cfg["BLOCK_N"]), splits, heads)
     _search_kernel[grid](
         x, codebook, bias, best_score, best_index,
-        n_tokens, n_codes, dim, codes_per_split, seed, 0.0 if temperature is None else 1.0 / temperature,
+        n_tokens, n_codes, dim, codes_per_split, seed, *gumbel_scales(temperature or 1.0),
         x.stride(0), x.stride(1), x.stride(2),
         0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
         0 if shared else bias.stride(0), best_score.stride(0), best_score.stride(1),
