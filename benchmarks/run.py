@@ -17,10 +17,12 @@ import argparse
 import datetime
 import gc
 import importlib.metadata
+import json
 import math
 import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -299,18 +301,34 @@ def main(argv=None) -> Path:
     tasks = plan(matrix, select_shapes(matrix, args.shapes), args.only)
     print(f"{meta['device']}: {len(tasks)} measurements -> {out_dir}", flush=True)
     start = time.perf_counter()
-    records = []
-    for impl, shape, dtype in tasks:
-        record = run_one(impl, shape, dtype, settings, meta)
-        records.append(record)
-        value = f"{record['median_ms']:.4g} ms" if record["status"] == "ok" else record["reason"]
-        print(f"  {impl.op:7} {impl.name:26} {shape.name:15} {record['dtype']:9} {record['status']:7} "
-              f"{value}", flush=True)
+    records, stopped = [], None
+    signal.signal(signal.SIGTERM, _stop)  # `timeout` ends a slice: keep what was measured
+    try:
+        with open(out_dir / "records.jsonl", "w") as log:
+            for impl, shape, dtype in tasks:
+                record = run_one(impl, shape, dtype, settings, meta)
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                value = f"{record['median_ms']:.4g} ms" if record["status"] == "ok" else record["reason"]
+                print(f"  {impl.op:7} {impl.name:26} {shape.name:15} {record['dtype']:9} {record['status']:7} "
+                      f"{value}", flush=True)
+    except (KeyboardInterrupt, _Stopped) as err:
+        stopped = f"stopped after {len(records)} of {len(tasks)} measurements ({type(err).__name__})"
+        print(stopped, flush=True)
     run_seconds = time.perf_counter() - start
     report.write(dict(meta, run_seconds=run_seconds, load_avg_1min_end=round(os.getloadavg()[0], 2),
-                      argv=sys.argv[1:] if argv is None else argv), records, out_dir)
+                      argv=sys.argv[1:] if argv is None else argv, stopped=stopped), records, out_dir)
     print(f"done in {run_seconds:.0f} s: {out_dir}", flush=True)
     return out_dir
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived (a time limit): the records so far are still reported."""
+
+
+def _stop(signum, frame):
+    raise _Stopped()
 
 
 if __name__ == "__main__":

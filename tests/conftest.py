@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before fastvq's Triton kernels are imported (triton
 decoration time), so it is set here, before any test module imports fastvq.
 """
 
+import importlib.util
 import os
 import zlib
 
@@ -14,6 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastvq import available_backends  # noqa: E402  (after TRITON_INTERPRET)
+
+needs_vqp = pytest.mark.skipif(
+    importlib.util.find_spec("vector_quantize_pytorch") is None,
+    reason="vector-quantize-pytorch==1.32.0 is not installed (pip install -e '.[test]'; the GPU check "
+           "installs it from the wheels it carries)")
+"""Marks a test that compares with, or runs, vector-quantize-pytorch 1.32.0."""
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -2,20 +2,31 @@
 
 The interpreter accepts programs a GPU rejects (tl.dot with an inner dimension below 16, dtype
 mismatches), so CI also lowers every kernel, with the launch configurations the launchers pick,
-to a cubin for Hopper (sm_90) and Ampere (sm_80). Run as a script, without TRITON_INTERPRET;
-prints one line per compiled variant and exits non-zero on the first failure.
+to a cubin for Hopper (sm_90) and Ampere (sm_80), and reads each variant's registers and spills
+from ptxas. Run as a script, without TRITON_INTERPRET:
+
+    python tests/gpu_compile.py [CAPABILITY ...]      # default: 90 80
+
+prints one line per compiled variant (shared memory, registers, spill bytes) and exits non-zero on
+the first failure, or at the end when a variant spills registers to local memory on a GPU the
+project runs on (sm_90: H100, H200; the tiles are tuned there, Ampere's spills are only reported).
 """
 
 import importlib
 import itertools
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from fastvq.ops.triton._launch import search_config
+from fastvq.ops.triton._launch import distance_config, grad_config, search_config
 from fastvq.ops.triton._tiles import dot_options
 
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -48,7 +59,7 @@ def search_variants():
               for dtype, precision in [(torch.float32, "tf32"), (torch.bfloat16, "bf16")]
               for gumbel, topk in [(False, 16), (True, 1), (True, 4)]]
     for (n, k, d), dtype, precision, gumbel, topk in cases:
-        config = search_config(n, k, d, 1, precision, CONFIG_DEVICE, topk)
+        config = search_config(n, k, d, 1, precision, CONFIG_DEVICE, topk, logits=gumbel)
         options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
         config.pop("splits"), config.pop("codes_per_split")
         constexprs = dict(COSINE=precision == "ieee", GUMBEL=gumbel, TOPK=topk,
@@ -61,9 +72,10 @@ def search_variants():
     kernel = module._chosen_distance_kernel
     for d, cosine in itertools.product([3, 64, 1000], [False, True]):
         pointers = dict(x_ptr="bf16", code_ptr="fp32", index_ptr="i64", dist_ptr="fp32")
-        constexprs = dict(COSINE=cosine, BLOCK_N=64, BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
+        config = distance_config(d)
+        options = {"num_warps": config.pop("num_warps")}
         ints = dict(N="i32", D="i32", J="i32")
-        yield f"chosen_distance D={d} cosine={cosine}", kernel, pointers, ints, constexprs, {}
+        yield f"chosen_distance D={d} cosine={cosine}", kernel, pointers, ints, dict(COSINE=cosine, **config), options
 
 
 def code_cross_entropy_variants():
@@ -73,7 +85,7 @@ def code_cross_entropy_variants():
     ints = dict(N="i32", K="i32", D="i32", codes_per_split="i32", per_split="i32")
     for (n, k, d), (dtype, precision) in itertools.product(shapes, dtypes):
         t = TORCH_TO_TRITON[dtype]
-        config = search_config(n, k, d, 1, precision, CONFIG_DEVICE)
+        config = search_config(n, k, d, 1, precision, CONFIG_DEVICE, logits=True)
         options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
         config.pop("splits"), config.pop("codes_per_split")
         constexprs = dict(COSINE=precision == "bf16", **dot_options(precision), **config)
@@ -83,7 +95,7 @@ def code_cross_entropy_variants():
                ints, constexprs, options)
         for code_side in (False, True):
             rows, stream = (k, n) if code_side else (n, k)
-            config = module._grad_config(rows, stream, d, 1, CONFIG_DEVICE)
+            config = grad_config(rows, stream, d, 1, CONFIG_DEVICE, code_side)
             options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             config.pop("splits"), config.pop("per_split")
             constexprs = dict(CODE_SIDE=code_side, COSINE=precision != "bf16", GRAD_PRECISION="tf32",
@@ -106,17 +118,44 @@ def code_stats_variants():
 VARIANTS = [search_variants, code_cross_entropy_variants, code_stats_variants]
 
 
+def register_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes stored + loaded) that ptxas reports for a kernel's PTX,
+    from the ptxas this triton itself uses for `capability`."""
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    ptxas = get_ptxas(capability).path
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        report = subprocess.run([ptxas, f"-arch={arch}", "-v", str(path), "-o", str(path.with_suffix(".o"))],
+                                capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    return registers, spills
+
+
+SPILL_FREE = (90,)
+"""Capabilities whose every variant must compile without spills."""
+
+
 def main(capabilities=(90, 80)):
-    count = 0
+    count, spilling = 0, []
     for make in VARIANTS:
         for name, kernel, pointers, ints, constexprs, options in make():
             sig = _signature(kernel.arg_names, pointers, ints, constexprs)
             for capability in capabilities:
                 source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
                 compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-                print(f"sm_{capability} {name}: {compiled.metadata.shared} B shared", flush=True)
+                registers, spills = register_usage(compiled.asm["ptx"], capability)
+                warps = options.get("num_warps", 4)
+                print(f"sm_{capability} {name} warps={warps}: {compiled.metadata.shared} B shared, "
+                      f"{registers} registers, {spills} B spilled", flush=True)
                 count += 1
+                if spills and capability in SPILL_FREE:
+                    spilling.append(f"sm_{capability} {name}")
     print(f"compiled {count} variants")
+    if spilling:
+        print(f"{len(spilling)} variants spill registers:\n  " + "\n  ".join(spilling))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

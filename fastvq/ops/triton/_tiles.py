@@ -48,7 +48,7 @@ def resident_tile(ptr, offs, mask, D, stride_row, stride_d, CAST: tl.constexpr, 
         else:
             return load_tile(ptr, offs, offs_d, stride_row, stride_d, mask, offs_d < D, CAST)
     else:
-        return None
+        return  # a bare return: triton 3.6 rejects `return None` here (3.9 accepts both)
 
 
 @triton.jit

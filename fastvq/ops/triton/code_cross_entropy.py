@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..common import code_bias
-from ._launch import INTERPRETED, interpreted_precision, num_programs_target, search_config
+from ._launch import grad_config, interpreted_precision, search_config
 from ._tiles import COSINE_NORM_EPS, L2_LOGIT_EPS, dot_options, dot_tile, inv_norm, load_tile, logits, resident_tile
 
 
@@ -201,7 +201,7 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
         return empty, empty.clone()
     precision = interpreted_precision(precision)
     bias = code_bias(codebook, metric, precision)
-    cfg = search_config(n_tokens, n_codes, dim, heads, precision, x.device)
+    cfg = search_config(n_tokens, n_codes, dim, heads, precision, x.device, logits=True)
     splits = cfg.pop("splits")
     codes_per_split = cfg.pop("codes_per_split")
     shared = codebook.shape[0] == 1
@@ -219,22 +219,6 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
     top = run_max.amax(dim=1, keepdim=True)
     lse = top[:, 0] + (run_sum * (run_max - top).exp()).sum(dim=1).log()
     return torch.where(indices < 0, 0.0, lse - target_logit.sum(dim=1)), lse
-
-
-def _grad_config(n_rows: int, n_stream: int, dim: int, heads: int, device: torch.device) -> dict:
-    """Tile sizes, D chunks and splits of the streamed axis for one gradient launch (a heuristic)."""
-    block_d = max(16, triton.next_power_of_2(dim))
-    single_d_tile = block_d <= 128
-    if not single_d_tile:
-        block_d = 64
-    block = 64  # rows and streamed blocks; the accumulator (64, BLOCK_DO) fp32 lives in registers
-    row_programs = triton.cdiv(n_rows, block) * triton.cdiv(dim, block_d) * heads
-    stream_tiles = triton.cdiv(n_stream, block)
-    splits = min(stream_tiles, max(1, triton.cdiv(num_programs_target(device), row_programs)))
-    per_split = triton.cdiv(stream_tiles, splits) * block
-    return dict(BLOCK_N=block, BLOCK_K=block, BLOCK_D=block_d, SINGLE_D_TILE=single_d_tile, BLOCK_DO=block_d,
-                num_warps=4 if INTERPRETED else 8, num_stages=1 if INTERPRETED else 2,
-                splits=triton.cdiv(n_stream, per_split), per_split=per_split)
 
 
 def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
@@ -256,7 +240,7 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
     if n_tokens == 0:
         return torch.zeros(out_shape, dtype=torch.float32, device=x.device)
     n_rows, n_stream = (n_codes, n_tokens) if code_side else (n_tokens, n_codes)
-    cfg = _grad_config(n_rows, n_stream, dim, heads, x.device)
+    cfg = grad_config(n_rows, n_stream, dim, heads, x.device, code_side)
     splits = cfg.pop("splits")
     per_split = cfg.pop("per_split")
     partial = torch.empty((splits,) + tuple(out_shape), dtype=torch.float32, device=x.device)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..common import code_bias, gumbel_scales, mark_unassigned
-from ._launch import interpreted_precision, search_config
+from ._launch import distance_config, interpreted_precision, search_config
 from ._tiles import COSINE_NORM_EPS, dot_options, dot_tile, load_tile, logits, rank_score, resident_tile
 
 
@@ -164,7 +164,7 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
     n_codes = codebook.shape[1]
     precision = interpreted_precision(precision)
     bias = code_bias(codebook, metric, precision)  # (Hc, K) fp32, O(K) extra
-    cfg = search_config(n_tokens, n_codes, dim, heads, precision, x.device, topk)
+    cfg = search_config(n_tokens, n_codes, dim, heads, precision, x.device, topk, logits=temperature is not None)
     splits = cfg.pop("splits")
     codes_per_split = cfg.pop("codes_per_split")
     shared = codebook.shape[0] == 1
@@ -202,14 +202,14 @@ def _chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     heads, n_tokens, dim = x.shape
     indices = indices.contiguous()
     distances = torch.empty(indices.shape, dtype=torch.float32, device=x.device)
-    block_n = 64
+    cfg = distance_config(dim)
     n_chosen = indices.shape[2] if indices.dim() == 3 else 1
     shared = codebook.shape[0] == 1
-    _chosen_distance_kernel[(triton.cdiv(n_tokens, block_n), n_chosen, heads)](
+    _chosen_distance_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]), n_chosen, heads)](
         x, codebook, indices, distances, n_tokens, dim, n_chosen,
         x.stride(0), x.stride(1), x.stride(2),
         0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        COSINE=metric == "cosine", BLOCK_N=block_n, BLOCK_D=min(64, max(16, triton.next_power_of_2(dim))),
+        COSINE=metric == "cosine", **cfg,
     )
     return mark_unassigned(indices, distances)
 

@@ -1,0 +1,187 @@
+"""Phase 2 of the GPU check: every op on both backends against the reference, on the GPU, in seconds.
+
+    python benchmarks/gpu_smoke.py OUT_FOLDER [--device cuda]
+
+For each op, D in (8, 64, 256), fp32 and bf16, l2 and cosine, at N and K that are not multiples of
+any tile: the Triton result against the torch backend on the same device (and the nearest code
+against a float64 brute force: regret within the stated bound), first-call time (compilation) and
+steady median time; then one VectorQuantize training step on both backends; then the registers,
+spills and shared memory of every compiled kernel. Writes OUT/smoke.jsonl as it goes (one record
+per check) and OUT/kernels.json, prints a table last, and exits 1 when a check failed.
+On CPU (`--device cpu` under TRITON_INTERPRET=1, tiny shapes) it dry-runs the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastvq
+
+DIMS = (8, 64, 256)
+DTYPES = (torch.float32, torch.bfloat16)
+METRICS = ("l2", "cosine")
+UNIT = {"ieee": 2.0**-24, "tf32": 2.0**-11, "bf16": 2.0**-8, "fp16": 2.0**-11}
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, float, object]:
+    """(first-call seconds, steady median seconds, first result) of fn() on device."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    result = fn()
+    sync()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return first, sorted(times)[len(times) // 2], result
+
+
+def regret_ok(x, codebook, indices, metric, precision) -> tuple[bool, float]:
+    """The chosen code's float64 distance is within 4 (D + 2) u (|x|^2 + max |c|^2) of the best
+    (l2; cosine: 4 (D + 2) u), u the unit roundoff of the precision the product ran in."""
+    x64, c64 = x.double().cpu(), codebook.double().cpu()
+    if metric == "cosine":
+        x64, c64 = torch.nn.functional.normalize(x64, dim=-1), torch.nn.functional.normalize(c64, dim=-1)
+    dense = torch.cdist(x64, c64).pow(2)
+    chosen = dense.gather(1, indices.cpu().clamp_min(0)[:, None])[:, 0]
+    regret = chosen - dense.min(1).values
+    scale = 1.0 if metric == "cosine" else x64.pow(2).sum(1) + c64.pow(2).sum(1).max()
+    bound = 4 * (x.shape[1] + 2) * UNIT[precision] * scale * (4 if metric == "cosine" else 1)
+    return bool((regret <= bound).all()), float((regret / bound).max())
+
+
+def op_checks(device: torch.device, n: int, k: int, repeats: int):
+    """Yield one record per (op, D, dtype, metric)."""
+    for d in DIMS:
+        for dtype in DTYPES:
+            x = torch.randn(n, d, device=device).to(dtype)
+            codebook = torch.randn(k, d, device=device).to(dtype)
+            precision = fastvq.resolve_precision(None, dtype, dtype)
+            for metric in METRICS:
+                base = dict(N=n, K=k, D=d, dtype=str(dtype).removeprefix("torch."), metric=metric,
+                            precision=precision)
+                calls = {
+                    "nearest_code": lambda b: fastvq.nearest_code(x, codebook, metric=metric, backend=b),
+                    "topk_codes": lambda b: fastvq.topk_codes(x, codebook, 4, metric=metric, backend=b),
+                    "sample_code": lambda b: fastvq.sample_code(x, codebook, temperature=0.5, metric=metric,
+                                                                seed=7, backend=b),
+                    "code_cross_entropy": lambda b: fastvq.code_cross_entropy(
+                        x, codebook, torch.arange(n, device=device) % k, metric=metric, backend=b),
+                }
+                for op, call in calls.items():
+                    first, steady, got = timed(lambda: call("triton"), device, repeats)
+                    want = call("torch")
+                    record = dict(base, op=op, first_s=first, steady_ms=steady * 1e3)
+                    record.update(compare(op, got, want, x, codebook, metric, precision))
+                    yield record
+            indices = fastvq.nearest_code(x, codebook, backend="torch")[0]
+            first, steady, got = timed(lambda: fastvq.code_stats(x, indices, k, backend="triton"), device, repeats)
+            want = fastvq.code_stats(x, indices, k, backend="torch")
+            ok = torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
+            yield dict(N=n, K=k, D=d, dtype=str(dtype).removeprefix("torch."), op="code_stats", first_s=first,
+                       steady_ms=steady * 1e3, ok=ok, detail=f"max sum error {(got[1] - want[1]).abs().max():.2e}")
+
+
+def compare(op, got, want, x, codebook, metric, precision) -> dict:
+    """Whether the Triton result is right: agreement with the torch backend (and, for the search,
+    the regret bound against float64)."""
+    if op == "nearest_code":
+        ok, ratio = regret_ok(x, codebook, got[0], metric, precision)
+        agree = float((got[0] == want[0]).float().mean())
+        return dict(ok=ok and agree > 0.97, detail=f"regret/bound {ratio:.2f}, agreement {agree:.4f}")
+    if op == "topk_codes":
+        nearest = fastvq.nearest_code(x, codebook, metric=metric, backend="triton")[0]
+        ordered = bool((got[1].diff(dim=-1) >= 0).all())
+        agree = float((got[0] == want[0]).float().mean())
+        return dict(ok=ordered and torch.equal(got[0][:, 0], nearest) and agree > 0.9,
+                    detail=f"agreement {agree:.4f}")
+    if op == "sample_code":
+        agree = float((got == want).float().mean())
+        return dict(ok=agree > 0.97, detail=f"same draw as torch {agree:.4f}")
+    error = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
+    return dict(ok=error < 5e-2 if precision != "ieee" else error < 1e-4, detail=f"max rel error {error:.2e}")
+
+
+def layer_check(device: torch.device, repeats: int) -> dict:
+    """One VectorQuantize training step (forward, backward, EMA) on each backend from the same state."""
+    out = {}
+    x = torch.randn(4, 1024, 64, device=device, requires_grad=True)
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        layer = fastvq.VectorQuantize(dim=64, codebook_size=4099, decay=0.9, backend=backend).to(device).train()
+
+        def step():
+            quantized, indices, loss = layer(x)
+            (quantized.sum() + loss).backward()
+            return indices
+
+        first, steady, indices = timed(step, device, repeats)
+        out[backend] = (first, steady, indices, layer.codebook.detach().clone())
+    agree = float((out["triton"][2] == out["torch"][2]).float().mean())
+    return dict(op="VectorQuantize train step", N=4096, K=4099, D=64, dtype="float32", first_s=out["triton"][0],
+                steady_ms=out["triton"][1] * 1e3, torch_steady_ms=out["torch"][1] * 1e3, ok=agree > 0.97,
+                detail=f"first-step index agreement {agree:.4f}")
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, spills and shared memory of every kernel compiled in this process (triton's
+    JIT caches; fields absent in a version are None)."""
+    import triton
+
+    from fastvq.ops.triton import code_cross_entropy, code_stats, nearest_code
+
+    rows = []
+    for module in (nearest_code, code_cross_entropy, code_stats):
+        for name, fn in vars(module).items():
+            if not isinstance(fn, triton.runtime.JITFunction):
+                continue
+            for caches in getattr(fn, "device_caches", {}).values():
+                for compiled in caches[0].values():
+                    meta = compiled.metadata
+                    rows.append(dict(kernel=name, warps=meta.num_warps, stages=meta.num_stages, shared=meta.shared,
+                                     registers=getattr(compiled, "n_regs", None),
+                                     spills=getattr(compiled, "n_spills", None)))
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    n, k, repeats = (1003, 4099, 20) if device.type == "cuda" else (37, 70, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    with open(args.out / "smoke.jsonl", "w") as log:
+        checks = list(op_checks(device, n, k, repeats))
+        for record in checks + ([layer_check(device, repeats)] if device.type == "cuda" else []):
+            records.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    resources = kernel_resources()
+    (args.out / "kernels.json").write_text(json.dumps(resources, indent=1) + "\n")
+    print(f"{'op':<28}{'D':>5} {'dtype':<9}{'metric':<8}{'first s':>9}{'steady ms':>11}  ok  detail")
+    for r in records:
+        print(f"{r['op']:<28}{r['D']:>5} {r['dtype']:<9}{r.get('metric', ''):<8}{r['first_s']:>9.2f}"
+              f"{r['steady_ms']:>11.3f}  {'ok' if r['ok'] else 'FAIL'}  {r['detail']}")
+    spilling = [r for r in resources if r["spills"]]
+    print(f"{len(resources)} compiled kernels, {len(spilling)} with spills" + "".join(
+        f"\n  {r['kernel']} warps={r['warps']}: {r['registers']} registers, {r['spills']} spills" for r in spilling))
+    failed = [r for r in records if not r["ok"]]
+    print(f"{len(records) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
