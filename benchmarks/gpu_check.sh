@@ -36,9 +36,9 @@ phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, log, note the
     summary+=("$name: exit $rc after ${took}s (limit ${limit}s): $(tail -n 1 "$out/$name.log")")
 }
 
-if [ -d benchmarks/wheels ] && ! python -c "import vector_quantize_pytorch" 2>/dev/null; then
+if [ "$dry_run" = 0 ] && [ -d benchmarks/wheels ] && ! python -c "import vector_quantize_pytorch, flash_kmeans" 2>/dev/null; then
     phase 0-install 120 python -m pip install --no-index --find-links benchmarks/wheels \
-        "vector-quantize-pytorch==1.32.0"
+        "vector-quantize-pytorch==1.32.0" "flash-kmeans==0.3.1"
 fi
 
 {

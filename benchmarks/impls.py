@@ -6,7 +6,9 @@ ops (what a call does):
                with a random upstream gradient;
     matmul  -- the dense (N, D) x (D, K) product of the same shape (what the search is measured against);
     ceiling -- the device's own limits: a large square matmul per precision, a device-to-device copy.
-roles: "fastvq" (ours, public API only), "alternative" (what users would pick instead), "ceiling".
+roles: "fastvq" (ours, public API only), "alternative" (what users would pick instead: the textbook
+formula, cdist, torch.compile, vector-quantize-pytorch, taming, flash-kmeans' fused assignment on
+CUDA), "ceiling".
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ try:
     VQP_MISSING = ""
 except ImportError as err:
     VQP_MISSING = f"vector-quantize-pytorch==1.32.0 not importable ({err})"
+
+try:
+    from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+
+    FLASH_KMEANS_MISSING = ""
+except Exception as err:  # not installed, or its triton import failed
+    FLASH_KMEANS_MISSING = f"flash-kmeans==0.3.1 not importable ({err})"
 
 DTYPES = (torch.float32, torch.bfloat16)
 EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
@@ -123,6 +132,13 @@ def vqp_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return (-vqp_cdist(x.float()[None], codebook.float()[None])).argmax(-1)[0]
 
 
+def flash_kmeans_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """flash-kmeans 0.3.1's fused assignment kernel (Triton, distance + argmin in one pass), with the
+    |x|^2 its API takes computed per call. Its fp32 products run as TF32."""
+    rows = x[None]
+    return euclid_assign_triton(rows, codebook[None], rows.float().pow(2).sum(-1))[0]
+
+
 def _fastvq_search(backend: str, precision: str | None):
     def setup(shape, dtype, device):
         return functools.partial(fastvq.nearest_code, precision=precision, backend=backend)
@@ -155,6 +171,8 @@ def _first_reason(*checks: Callable[[torch.device], str]) -> Callable[[torch.dev
 
 
 _VQP = _first_reason(lambda device: VQP_MISSING)
+_FLASH_KMEANS = _first_reason(lambda device: FLASH_KMEANS_MISSING,
+                              lambda device: "" if device.type == "cuda" else "flash-kmeans runs on CUDA only")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +269,8 @@ IMPLS: list[Impl] = [
     Impl("cdist", "search", "alternative", _plain(cdist_search), nk_bytes=12),
     Impl("compile(naive)", "search", "alternative", _compiled(naive_search), nk_bytes=8, compiles=True),
     Impl("vqp-cdist", "search", "alternative", _plain(vqp_search), nk_bytes=12, why_not=_VQP),
+    *[Impl(f"flash-kmeans[{p}]", "search", "alternative", _plain(flash_kmeans_search), dtypes=(dtype,), precision=p,
+           why_not=_FLASH_KMEANS) for p, dtype in (("tf32", torch.float32), ("bf16", torch.bfloat16))],
     *[_dense_mm_impl("matmul", "dense-mm", p) for p in ("ieee", "tf32", "bf16")],
     Impl("fastvq-layer[triton]", "train", "fastvq", _fastvq_layer("triton", None),
          why_not=_triton_missing),

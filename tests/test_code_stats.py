@@ -99,3 +99,10 @@ def test_zero_width_rows_are_still_counted(device, backend):
     counts, sums = fastvq.code_stats(torch.randn(5, 0, device=device), torch.tensor([0, 1, 1, -1, 2], device=device),
                                      4, backend=backend)
     assert counts.tolist() == [1.0, 2.0, 1.0, 0.0] and sums.shape == (4, 0)
+
+
+def test_meta_tensors_give_shapes():
+    """As every op: meta inputs (shape inference, torch.compile's fake tensors) give meta outputs."""
+    x, indices = torch.randn(5, 3, device="meta"), torch.zeros(5, dtype=torch.int64, device="meta")
+    counts, sums = fastvq.code_stats(x, indices, 4)
+    assert counts.device.type == sums.device.type == "meta" and counts.shape == (4,) and sums.shape == (4, 3)

@@ -51,8 +51,8 @@ def _check_code_indices(indices, x: torch.Tensor, num_codes: int, check_range: b
 
 
 def _check_index_range(indices: torch.Tensor, num_codes: int) -> None:
-    """Every index in [-1, num_codes) (one device sync)."""
-    if indices.numel() > 0:
+    """Every index in [-1, num_codes) (one device sync; meta tensors have no values to check)."""
+    if indices.numel() > 0 and indices.device.type != "meta":
         low, high = torch.aminmax(indices)
         if low.item() < -1 or high.item() >= num_codes:
             raise ValueError(f"indices must be in [-1, num_codes={num_codes}), got values in "
