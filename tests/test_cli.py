@@ -1,7 +1,8 @@
 """The ``fastvq`` command, run in-process on tiny settings, plus its data and checkpoint layers."""
 
 import json
-import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -332,6 +333,18 @@ def test_crop_sampler_positions_and_flip_axis():
     assert tops == set(range(h - size + 1)) and lefts == set(range(w - size + 1))
 
 
+def test_checkpoint_pack_round_trip_of_nested_lists_and_dicts(tmp_path):
+    state = {"a": [torch.arange(3), {"b": torch.ones(2), 4: [torch.zeros(1), 1.5]}], "step": 7}
+    tensors = {}
+    skeleton = checkpoint.pack(state, "s", tensors)
+    assert sorted(tensors) == ["s.a.0", "s.a.1.4.0", "s.a.1.b"]
+    checkpoint.save(tmp_path / "n.safetensors", tensors, {"s": skeleton})
+    loaded, meta = checkpoint.load(tmp_path / "n.safetensors")
+    back = checkpoint.unpack(meta["s"], loaded)
+    assert torch.equal(back["a"][0], torch.arange(3)) and torch.equal(back["a"][1]["b"], torch.ones(2))
+    assert torch.equal(back["a"][1][4][0], torch.zeros(1)) and back["a"][1][4][1] == 1.5 and back["step"] == 7
+
+
 def test_checkpoint_pack_round_trip(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters())
@@ -377,7 +390,8 @@ def test_altered_checkpoint_metadata_is_corrupt(capsys, folder, tmp_path):
 def test_stale_temporaries_are_removed_and_failed_writes_leave_the_old_file(tmp_path):
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    dead, alive = tmp_path / ".out.bin.999999999.tmp", tmp_path / f".out.bin.{os.getppid()}.tmp"
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live writer
+    dead, alive = tmp_path / ".out.bin.999999999.tmp", tmp_path / f".out.bin.{writer.pid}.tmp"
     dead.write_bytes(b"x")
     alive.write_bytes(b"x")
 
@@ -385,8 +399,13 @@ def test_stale_temporaries_are_removed_and_failed_writes_leave_the_old_file(tmp_
         f.write(b"half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
-        write_atomic(target, failing)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            write_atomic(target, failing)
+        with pytest.raises(subprocess.TimeoutExpired):  # checking that a writer lives must not signal it
+            writer.wait(timeout=0.5)
+    finally:
+        writer.kill()
     assert target.read_bytes() == b"old" and not dead.exists() and alive.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out.bin"]
 

@@ -103,6 +103,16 @@ def test_env_override_and_bad_env(monkeypatch):
         fastvq.nearest_code(X, CB)
 
 
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("YES", True), ("On", True),
+                                            ("0", False), ("", False), ("off", False), (None, False)])
+def test_interpreter_mode_is_read_from_the_environment(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert common.triton_interpret_requested() is expected
+
+
 def test_auto_picks_torch_for_cpu_tensors():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
