@@ -94,9 +94,10 @@ class VectorQuantize(nn.Module):
     `fastvq.nearest_code`), kept by the codebook, which passes them to the ops. The arguments
     named in `UNSUPPORTED` raise NotImplementedError when not at their default.
 
-    Non-finite tokens (NaN/inf) get index -1, pass through unchanged, and never reach the EMA
-    statistics, k-means or the dead-code sampler; `codebook_health()["nonfinite_tokens"]` counts
-    them without a host sync.
+    Non-finite tokens (NaN/inf in any head) get index -1 in every head, pass through unchanged,
+    and never reach the EMA statistics, k-means or the dead-code sampler;
+    `codebook_health()["nonfinite_tokens"]` counts them without a host sync. Zero tokens give empty
+    outputs.
     """
 
     def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False,
