@@ -178,6 +178,8 @@ def test_errors_name_arguments_in_python_and_flags_on_the_command_line(capsys, f
         load_images(str(folder), resize=8, crop=8)
     code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "a", *TINY, "--holdout", 1.5)
     assert code == 2 and "error: --holdout must lie in [0, 1), got 1.5" in text
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "g", *TINY, "--device", "gpu")
+    assert code == 2 and "error: --device 'gpu' is not a device name: use auto, cpu or cuda[:N]" in text
     code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "b", *TINY, "--resize", 8, "--crop", 8)
     assert code == 2 and "give at most one of --resize and --crop" in text
 

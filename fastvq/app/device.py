@@ -16,7 +16,11 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; other names as given (must be usable)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise SettingError("{device} {name!r} is not a device name: use auto, cpu or cuda[:N] ({err})", name=name,
+                           err=str(err).splitlines()[0]) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SettingError("{device} {name}: CUDA is not available on this machine", name=name)
     return device
