@@ -19,9 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..ops.backend import BACKENDS
-from ..ops.common import PRECISIONS
-from ..ops.functional import code_cross_entropy, code_stats, lookup_codes, sample_code
+from ..ops.backend import check_backend
+from ..ops.functional import check_precision, code_cross_entropy, code_stats, lookup_codes, sample_code
 from . import distributed
 from .kmeans import kmeans, l2norm, sample_rows
 
@@ -50,10 +49,8 @@ class Codebook(nn.Module):
                  learnable_codebook: bool = False, ema_update: bool = True, manual_ema_update: bool = False,
                  use_cosine_sim: bool = False, precision: str | None = None, backend: str = "auto"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if precision is not None and precision not in PRECISIONS:
-            raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+        check_backend(backend)
+        check_precision(precision)
         self.codebook_size, self.num_codebooks, self.dim = codebook_size, num_codebooks, dim
         self.kmeans_iters, self.sync_kmeans, self.sync_codebook = kmeans_iters, sync_kmeans, sync_codebook
         self.decay, self.eps, self.threshold_ema_dead_code = decay, eps, threshold_ema_dead_code

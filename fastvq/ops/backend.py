@@ -54,6 +54,12 @@ def triton_unavailable_reason(device: torch.device) -> str:
     return f"backend='triton' does not support device '{device.type}'"
 
 
+def check_backend(name: str, source: str = "backend") -> None:
+    """Raise ValueError naming `source` unless `name` is one of BACKENDS."""
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Name of the backend ('torch' or 'triton') that runs an op on `device`.
 
@@ -61,9 +67,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     requested backend cannot run here.
     """
     requested = os.environ.get("FASTVQ_BACKEND", "").strip().lower() or backend
-    if requested not in BACKENDS:
-        source = "FASTVQ_BACKEND" if os.environ.get("FASTVQ_BACKEND") else "backend"
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {requested!r}")
+    check_backend(requested, "FASTVQ_BACKEND" if os.environ.get("FASTVQ_BACKEND") else "backend")
     if requested == "torch":
         return "torch"
     if requested == "auto":

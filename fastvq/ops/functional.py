@@ -103,9 +103,14 @@ def resolve_precision(precision: str | None, x_dtype: torch.dtype, codebook_dtyp
         if x_dtype == codebook_dtype and x_dtype in (torch.float16, torch.bfloat16):
             return "fp16" if x_dtype == torch.float16 else "bf16"
         return "tf32" if _tf32_allowed() else "ieee"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     return precision
+
+
+def check_precision(precision: str | None) -> None:
+    """Raise ValueError unless precision is None or one of PRECISIONS."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
 
 
 def _search_prelude(x, codebook, metric: str, precision: str | None,
