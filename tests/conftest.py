@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastvq import available_backends  # noqa: E402  (after TRITON_INTERPRET)
+from fastvq.ops.backend import cuda_unavailable_reason  # noqa: E402
 
 needs_vqp = pytest.mark.skipif(
     importlib.util.find_spec("vector_quantize_pytorch") is None,
@@ -25,18 +26,22 @@ needs_vqp = pytest.mark.skipif(
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_cases(backends=("torch", "triton")):
-    """(device, backend) pairs; a pair that cannot run here is a skip with the reason."""
+def backend_cases(backends=("torch", "triton", "cuda")):
+    """(device, backend) pairs; a pair that cannot run here is a skip with the reason. The CUDA C++
+    backend runs on CUDA tensors only, so it has no CPU pair."""
     cases = []
     for device in ["cpu", "cuda"]:
         for backend in backends:
+            if backend == "cuda" and device == "cpu":
+                continue
             marks = []
             if device == "cuda" and not torch.cuda.is_available():
                 marks.append(pytest.mark.skip(reason="needs a CUDA GPU (the GPU run of this matrix)"))
             elif backend not in available_backends(device):
-                marks.append(pytest.mark.skip(
-                    reason=f"triton backend unavailable on {device} in this process "
-                    "(CPU needs TRITON_INTERPRET=1 at start-up; the GPU runs it without)"))
+                reason = (cuda_unavailable_reason(torch.device(device), build=False) if backend == "cuda" else
+                          f"triton backend unavailable on {device} in this process "
+                          "(CPU needs TRITON_INTERPRET=1 at start-up; the GPU runs it without)")
+                marks.append(pytest.mark.skip(reason=reason))
             cases.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return cases
 

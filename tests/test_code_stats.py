@@ -101,6 +101,21 @@ def test_zero_width_rows_are_still_counted(device, backend):
     assert counts.tolist() == [1.0, 2.0, 1.0, 0.0] and sums.shape == (4, 0)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["cuda"]))
+def test_cuda_sums_are_bitwise_the_same_every_run(device, backend):
+    """The CUDA code_stats adds each code's rows in a fixed order (no atomics), with and without
+    token splits (K = 40 codes fill few blocks, so N = 65536 tokens are split)."""
+    x = torch.randn(65536, 24, device=device)
+    indices = torch.randint(-1, 40, (65536,), device=device)
+    first = fastvq.code_stats(x, indices, 40, backend=backend)
+    for _ in range(3):
+        again = fastvq.code_stats(x, indices, 40, backend=backend)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    want_counts, want_sums = _expected(x.cpu()[None], indices.cpu()[None], 40, None)
+    torch.testing.assert_close(first[0].cpu(), want_counts[0], rtol=0, atol=0)
+    torch.testing.assert_close(first[1].cpu().double(), want_sums[0], rtol=1e-5, atol=1e-3)
+
+
 def test_meta_tensors_give_shapes():
     """As every op: meta inputs (shape inference, torch.compile's fake tensors) give meta outputs."""
     x, indices = torch.randn(5, 3, device="meta"), torch.zeros(5, dtype=torch.int64, device="meta")

@@ -150,6 +150,81 @@ def test_triton_on_cpu_without_interpreter_says_how():
            "TRITON_INTERPRET=1" in result.stderr
 
 
+def test_cuda_backend_on_cpu_tensors_says_why_and_what_to_use():
+    with pytest.raises(RuntimeError, match=r"fastvq backend 'cuda' cannot run: backend='cuda' needs CUDA tensors "
+                                           r"\(got device 'cpu'\); use backend='torch'"):
+        fastvq.nearest_code(X, CB, backend="cuda")
+    layer = fastvq.VectorQuantize(dim=3, codebook_size=5, backend="cuda")  # the name is accepted
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
+        layer(torch.randn(1, 4, 3))
+
+
+def test_cuda_build_prerequisites_name_the_fix(monkeypatch, tmp_path):
+    """Each missing piece of the JIT build gives its own cause and fix, before anything compiles."""
+    from torch.utils import cpp_extension
+
+    from fastvq.ops.cuda import _build
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    reason = _build.missing_prerequisite()
+    assert "this torch build" in reason and "install a CUDA build of torch" in reason
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    reason = _build.missing_prerequisite()
+    assert "nvcc was not found" in reason and "CUDA_HOME" in reason and "FASTVQ_FORCE_BUILD=1" in reason
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    assert _build.missing_prerequisite() == "ninja is not installed; install it with `pip install ninja`"
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    assert _build.missing_prerequisite() == ""
+    monkeypatch.setattr(_build, "KERNELS_DIR", tmp_path)
+    assert "CUDA sources are not installed" in _build.missing_prerequisite()
+    assert _build.cache_dir().name == "cuda-torch{}-cu13.0".format(torch.__version__)
+
+
+def test_auto_never_picks_cuda(monkeypatch):
+    """The CUDA backend runs only when named (argument or FASTVQ_BACKEND), even where it is available."""
+    from fastvq.ops import backend
+
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device, build=True: "")
+    monkeypatch.setattr(backend, "triton_unavailable_reason", lambda device: "")
+    assert resolve_backend("auto", gpu) == "triton" and resolve_backend("cuda", gpu) == "cuda"
+    monkeypatch.setattr(backend, "triton_unavailable_reason", lambda device: "no triton")
+    assert resolve_backend("auto", gpu) == "torch"
+    monkeypatch.setenv("FASTVQ_BACKEND", "cuda")
+    assert resolve_backend("auto", gpu) == "cuda"
+
+
+def test_cuda_backend_runs_other_ops_on_triton(monkeypatch):
+    """backend='cuda' has CUDA kernels for CUDA_OPS only; every other op is the Triton backend's,
+    and says so when Triton cannot run."""
+    from fastvq.ops import backend, cuda
+
+    module = backend.backend_module("cuda")
+    assert backend.CUDA_OPS == ("nearest_code", "topk_codes", "code_stats")
+    assert module.nearest_code is cuda.nearest_code and module.code_stats is cuda.code_stats
+    x, codebook = torch.randn(1, 5, 3), torch.randn(1, 7, 3)
+    monkeypatch.setattr(backend, "triton_unavailable_reason", lambda device: "triton is broken here")
+    with pytest.raises(RuntimeError, match="backend='cuda' runs sample_code on the Triton backend .* cannot run: "
+                                           "triton is broken here"):
+        module.sample_code(x, codebook, temperature=1.0, seed=3)
+    monkeypatch.setattr(backend, "triton_unavailable_reason", lambda device: "")
+    calls = []
+    monkeypatch.setattr(backend, "backend_module", lambda name: type("Fake", (), {
+        "code_cross_entropy": staticmethod(lambda *args, **kwargs: calls.append((name, args, kwargs)))}))
+    module.code_cross_entropy(x, codebook, "indices", metric="cosine")
+    assert calls == [("triton", (x, codebook, "indices"), {"metric": "cosine"})]
+
+
+def test_import_builds_nothing():
+    result = _python("import sys, torch, fastvq\n"
+                     "fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3))\n"
+                     "print('fastvq.ops.cuda' in sys.modules)\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
 # ---------------------------------------------------------------------------------------------
 # autograd of the quantize step
 # ---------------------------------------------------------------------------------------------

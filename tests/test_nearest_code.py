@@ -3,6 +3,7 @@
 The Triton backend runs on CPU under TRITON_INTERPRET=1 (set by conftest.py) and on CUDA natively.
 """
 
+import importlib
 import itertools
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import backend_cases, case
 from vq_checks import brute_force_distances, check_nearest
 
 import fastvq
+from fastvq.ops.backend import cuda_unavailable_reason
 from fastvq.ops.functional import resolve_precision
 from fastvq.ops.triton import _launch
 from fastvq.ops.triton._launch import interpreted_precision
@@ -134,6 +136,20 @@ def test_code_splits_do_not_change_the_answer(device, backend, monkeypatch):
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["cuda"]))
+@pytest.mark.parametrize("k", [1, 5])
+def test_cuda_code_splits_do_not_change_the_answer(device, backend, k, monkeypatch):
+    """The CUDA search splits the codes over blocks for small N; the (score, index) merge gives
+    bitwise the same indices and distances as one block per token tile."""
+    cuda_search = importlib.import_module("fastvq.ops.cuda.nearest_code")  # the module, not the function
+    x, codebook = _inputs(2, 7, 1000, 24, torch.float32, device)
+    split = fastvq.topk_codes(x, codebook, k, backend=backend)
+    monkeypatch.setattr(cuda_search, "target_blocks", lambda device: 1)  # one split
+    whole = fastvq.topk_codes(x, codebook, k, backend=backend)
+    assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
+    assert torch.equal(fastvq.nearest_code(x, codebook, backend=backend)[0], whole[0][..., 0])
+
+
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_non_finite_inputs(device, backend, metric):
@@ -208,12 +224,15 @@ def test_large_dim(device, backend, metric):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with > 8 GiB free")
-def test_offsets_past_two_to_the_31():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_offsets_past_two_to_the_31(backend):
     """x with more than 2^31 elements: the last tokens must be answered like the first."""
+    if backend not in fastvq.available_backends("cuda"):
+        pytest.skip(cuda_unavailable_reason(torch.device("cuda"), build=False))
     n, d = (1 << 21) + 3, 1040  # 2.18e9 bf16 elements, 4.4 GB
     x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
     codebook = torch.randn(64, d, device="cuda", dtype=torch.bfloat16)
-    indices, distances = fastvq.nearest_code(x, codebook, backend="triton")
+    indices, distances = fastvq.nearest_code(x, codebook, backend=backend)
     tail = slice(n - 1000, n)
     want_indices, want_distances = fastvq.nearest_code(x[tail].clone(), codebook, backend="torch")
     check_nearest(x[None, tail].cpu(), codebook[None].cpu(), indices[None, tail], distances[None, tail], "l2", "bf16")

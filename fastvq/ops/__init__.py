@@ -2,7 +2,8 @@
 
 `functional` holds the public ops (re-exported by `fastvq`), their argument checks and
 `torch.library` custom ops; `backend` is the one place that picks an implementation; `reference`
-is plain PyTorch (the CPU fallback and the oracle); `triton/` holds the kernels, one file per kernel
-family; `common` is the math both implementations share. Nothing here knows a layer above it.
+is plain PyTorch (the CPU fallback and the oracle); `triton/` holds the Triton kernels, one file per
+kernel family; `cuda/` builds and calls the CUDA C++ kernels of the top-level `kernels/` folder;
+`common` is the math every implementation shares. Nothing here knows a layer above it.
 This package imports nothing by itself, so `import fastvq.ops.reference` stays free of triton.
 """

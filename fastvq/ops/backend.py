@@ -4,14 +4,18 @@ Backends:
     "torch"  -- `fastvq.ops.reference`: plain PyTorch, chunked, any device (the CPU fallback).
     "triton" -- `fastvq.ops.triton`: fused Triton kernels; CUDA tensors, or CPU tensors when the
                 process was started with TRITON_INTERPRET=1 (how CI checks the kernels).
-    "auto"   -- "triton" for CUDA tensors when triton imports, else "torch".
+    "cuda"   -- `fastvq.ops.cuda`: CUDA C++ kernels (kernels/), built with nvcc and ninja at first use;
+                CUDA tensors only. It implements CUDA_OPS; every other op runs on the Triton backend.
+    "auto"   -- "triton" for CUDA tensors when triton imports, else "torch". Never "cuda": it is
+                chosen only by name (no measurement says it is faster for a shape yet).
 
-The environment variable FASTVQ_BACKEND (torch | triton | auto) overrides the `backend=` argument
+The environment variable FASTVQ_BACKEND (torch | triton | cuda | auto) overrides the `backend=` argument
 of every call, so a whole program can be switched without editing it.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -21,7 +25,12 @@ import torch
 from . import reference
 from .common import triton_interpret_requested
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+CUDA_OPS = ("nearest_code", "topk_codes", "code_stats")
+"""The ops the CUDA C++ backend implements. The one fallback rule: with backend="cuda" every other
+op (sample_code, code_cross_entropy and its gradient) runs on the Triton backend, and raises Triton's
+reason when Triton cannot run. (lookup_codes is plain indexing on every backend; its backward is code_stats.)"""
 
 
 def _import_triton_kernels() -> tuple[ModuleType | None, str]:
@@ -54,6 +63,32 @@ def triton_unavailable_reason(device: torch.device) -> str:
     return f"backend='triton' does not support device '{device.type}'"
 
 
+def cuda_unavailable_reason(device: torch.device, build: bool = True) -> str:
+    """Why the CUDA backend cannot run on `device` ('' when it can). With `build`, the extension is
+    compiled if needed (once per torch and CUDA version); without, only its prerequisites are checked."""
+    if device.type != "cuda":
+        return (f"backend='cuda' needs CUDA tensors (got device '{device.type}'); use backend='torch' on CPU "
+                "(or backend='triton' under TRITON_INTERPRET=1)")
+    return importlib.import_module("fastvq.ops.cuda").unavailable_reason(build=build)
+
+
+class _CudaBackend:
+    """backend='cuda': the ops of CUDA_OPS from `fastvq.ops.cuda`, every other op from the Triton backend."""
+
+    def __getattr__(self, op: str):
+        if op in CUDA_OPS:
+            return getattr(importlib.import_module("fastvq.ops.cuda"), op)
+        return functools.partial(_on_triton, op)
+
+
+def _on_triton(op: str, x: torch.Tensor, *args, **kwargs):
+    reason = triton_unavailable_reason(x.device)
+    if reason:
+        raise RuntimeError(f"backend='cuda' runs {op} on the Triton backend (it has no CUDA C++ kernel), which "
+                           f"cannot run: {reason}")
+    return getattr(backend_module("triton"), op)(x, *args, **kwargs)
+
+
 def check_backend(name: str, source: str = "backend") -> None:
     """Raise ValueError naming `source` unless `name` is one of BACKENDS."""
     if name not in BACKENDS:
@@ -61,7 +96,7 @@ def check_backend(name: str, source: str = "backend") -> None:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Name of the backend ('torch' or 'triton') that runs an op on `device`.
+    """Name of the backend ('torch', 'triton' or 'cuda') that runs an op on `device`.
 
     Raises ValueError for an unknown name and RuntimeError, saying why, when an explicitly
     requested backend cannot run here.
@@ -74,16 +109,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cuda" and not triton_unavailable_reason(device):
             return "triton"
         return "torch"
+    if requested == "cuda":
+        reason = cuda_unavailable_reason(device)
+        if reason:
+            raise RuntimeError(f"fastvq backend 'cuda' cannot run: {reason}")
+        return "cuda"
     reason = triton_unavailable_reason(device)
     if reason:
         raise RuntimeError(f"fastvq backend 'triton' cannot run: {reason}")
     return "triton"
 
 
-def backend_module(name: str) -> ModuleType:
-    """The module implementing backend `name` ('torch' or 'triton')."""
+def backend_module(name: str) -> ModuleType | _CudaBackend:
+    """The module implementing backend `name` ('torch', 'triton' or 'cuda')."""
     if name == "torch":
         return reference
+    if name == "cuda":
+        return _CudaBackend()
     module, reason = _import_triton_kernels()
     if module is None:
         raise RuntimeError(f"fastvq backend 'triton' cannot run: {reason}")
@@ -93,4 +135,5 @@ def backend_module(name: str) -> ModuleType:
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device` in this process."""
     device = torch.device(device)
-    return ["torch"] + ([] if triton_unavailable_reason(device) else ["triton"])
+    return (["torch"] + ([] if triton_unavailable_reason(device) else ["triton"])
+            + ([] if cuda_unavailable_reason(device, build=False) else ["cuda"]))

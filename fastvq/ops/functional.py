@@ -213,7 +213,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
             slightly farther, code for ~0.02-3% of tokens on random data), "bf16" / "fp16" (operands
             rounded to that dtype). None: see `resolve_precision`. Accumulation is always fp32 and
             the returned distance is always recomputed exactly in fp32 for the chosen code.
-        backend: "auto", "torch" or "triton" (see `fastvq.ops.backend`).
+        backend: "auto", "torch", "triton" or "cuda" (see `fastvq.ops.backend`).
 
     Returns:
         indices: int64, (N,) or (H, N). Ties go to the lowest index. A token with no finite
