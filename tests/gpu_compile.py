@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import triton
+from ptxas import SPILL_FREE, usage
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
@@ -128,13 +129,8 @@ def register_usage(ptx: str, capability: int) -> tuple[int, int]:
         path.write_text(ptx)
         report = subprocess.run([ptxas, f"-arch={arch}", "-v", str(path), "-o", str(path.with_suffix(".o"))],
                                 capture_output=True, text=True, check=True).stderr
-    registers = int(re.search(r"Used (\d+) registers", report).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    ((_, registers, spills),) = usage(report)
     return registers, spills
-
-
-SPILL_FREE = (90,)
-"""Capabilities whose every variant must compile without spills."""
 
 
 def main(capabilities=(90, 80)):
