@@ -1,7 +1,14 @@
 """fastvq: fused vector-quantization kernels (nearest code, per-code statistics) for VQ tokenizers.
 
-Nothing here is compiled: the Triton kernels are JIT-compiled at first use, so this file imports no torch.
+By default nothing here is compiled and this file imports no torch: the Triton kernels are JIT-compiled
+at first use, and so is the CUDA C++ backend (kernels/, with nvcc and ninja). FASTVQ_FORCE_BUILD=1
+compiles the CUDA backend now instead, into `fastvq.ops.cuda._ext` (needs a CUDA build of torch in the
+build environment, hence `pip install --no-build-isolation`, and nvcc; TORCH_CUDA_ARCH_LIST picks the
+GPUs, torch's default being the visible ones; MAX_JOBS limits the parallel compiles).
 """
+
+import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -11,6 +18,20 @@ EXTRAS = {
     "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+
+def cuda_build() -> dict:
+    """setup() arguments that compile the CUDA backend ahead of time, when FASTVQ_FORCE_BUILD=1."""
+    if os.environ.get("FASTVQ_FORCE_BUILD", "").strip().lower() not in ("1", "true", "yes", "on"):
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    kernels = Path(__file__).resolve().parent / "kernels"
+    sources = sorted(str(p.relative_to(kernels.parent)) for p in kernels.glob("*.cu")) + ["kernels/torch_glue.cpp"]
+    extension = CUDAExtension("fastvq.ops.cuda._ext", sources, include_dirs=[str(kernels)],
+                              extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    return dict(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})
+
 
 setup(
     name="fastvq",
@@ -24,4 +45,5 @@ setup(
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["fastvq = fastvq.app.cli:main"]},
     license="MIT",
+    **cuda_build(),
 )

@@ -19,12 +19,18 @@ from types import ModuleType
 import torch
 
 KERNELS_DIR = Path(__file__).resolve().parents[3] / "kernels"
-SOURCES = ("nearest_code.cu", "code_stats.cu", "torch_glue.cpp")
+GLUE = "torch_glue.cpp"
+"""The extension is every .cu file at the top of kernels/ plus the glue (setup.py builds the same list)."""
 PREBUILT_MODULE = "fastvq.ops.cuda._ext"
-AOT_HINT = "or build it ahead of time from a source checkout: FASTVQ_FORCE_BUILD=1 pip install -e ."
+AOT_HINT = ("or build it ahead of time from a source checkout: FASTVQ_FORCE_BUILD=1 pip install "
+            "--no-build-isolation -e .")
 
 _extension: ModuleType | None = None
 _failure = ""
+
+
+def sources() -> list[Path]:
+    return sorted(KERNELS_DIR.glob("*.cu")) + [KERNELS_DIR / GLUE]
 
 
 def cache_dir() -> Path:
@@ -42,10 +48,9 @@ def missing_prerequisite() -> str:
     """Why the extension cannot be built here ('' when nvcc, ninja, the sources and a CUDA torch are all there)."""
     from torch.utils import cpp_extension
 
-    missing = [name for name in SOURCES if not (KERNELS_DIR / name).is_file()]
-    if missing:
-        return (f"the CUDA sources are not installed with this copy of fastvq ({KERNELS_DIR} lacks "
-                f"{', '.join(missing)}); install fastvq from a source checkout (pip install -e .), " + AOT_HINT)
+    if not (KERNELS_DIR / GLUE).is_file() or not sources()[:-1]:
+        return (f"the CUDA sources are not installed with this copy of fastvq ({KERNELS_DIR} has no {GLUE} "
+                "or no .cu file); install fastvq from a source checkout (pip install -e .), " + AOT_HINT)
     if torch.version.cuda is None:
         return (f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build of torch "
                 "(https://pytorch.org/get-started/locally/)")
@@ -65,7 +70,7 @@ def _build() -> ModuleType:
     print(f"fastvq: compiling the CUDA backend for torch {torch.__version__} / CUDA {torch.version.cuda} "
           f"(once, about a minute; cached in {directory})", file=sys.stderr, flush=True)
     return cpp_extension.load(
-        name=extension_name(), sources=[str(KERNELS_DIR / name) for name in SOURCES],
+        name=extension_name(), sources=[str(p) for p in sources()],
         extra_include_paths=[str(KERNELS_DIR)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"],
         build_directory=str(directory), verbose=False)
 
