@@ -6,9 +6,9 @@ ops (what a call does):
                with a random upstream gradient;
     matmul  -- the dense (N, D) x (D, K) product of the same shape (what the search is measured against);
     ceiling -- the device's own limits: a large square matmul per precision, a device-to-device copy.
-roles: "fastvq" (ours, public API only), "alternative" (what users would pick instead: the textbook
-formula, cdist, torch.compile, vector-quantize-pytorch, taming, flash-kmeans' fused assignment on
-CUDA), "ceiling".
+roles: "fastvq" (ours, public API only: the torch, triton and cuda backends), "alternative" (what
+users would pick instead: the textbook formula, cdist, torch.compile, vector-quantize-pytorch, taming,
+flash-kmeans' fused assignment on CUDA), "ceiling".
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 import fastvq
 from fastvq.models import TamingQuantizer
+from fastvq.ops.backend import cuda_unavailable_reason
 from fastvq.ops.common import triton_interpret_requested
 
 try:
@@ -161,6 +162,13 @@ def _triton_missing(device: torch.device) -> str:
     return ""
 
 
+def _cuda_missing(device: torch.device) -> str:
+    """Why fastvq's CUDA C++ backend is not timed on `device` ('' when it is; building it is part of setup)."""
+    if device.type != "cuda":
+        return f"fastvq's CUDA backend does not run on {device.type} (needs a CUDA GPU)"
+    return cuda_unavailable_reason(device, build=False)
+
+
 def _tf32_missing(device: torch.device) -> str:
     return "" if device.type == "cuda" else "TF32 is an NVIDIA tensor-core mode"
 
@@ -264,6 +272,10 @@ IMPLS: list[Impl] = [
            dtypes=DTYPES if p in ("ieee", "bf16") else FP32,
            why_not=_first_reason(_triton_missing, *([_tf32_missing] if p == "tf32" else [])))
       for p in ("ieee", "tf32", "bf16", "fp16")],
+    *[Impl(f"fastvq-cuda[{p}]", "search", "fastvq", _fastvq_search("cuda", p), precision=p,
+           dtypes=DTYPES if p in ("ieee", "bf16") else FP32,
+           why_not=_first_reason(_cuda_missing, *([_tf32_missing] if p == "tf32" else [])))
+      for p in ("ieee", "tf32", "bf16", "fp16")],
     Impl("fastvq-torch", "search", "fastvq", _fastvq_search("torch", None)),
     Impl("naive", "search", "alternative", _plain(naive_search), nk_bytes=8),
     Impl("cdist", "search", "alternative", _plain(cdist_search), nk_bytes=12),
@@ -276,6 +288,7 @@ IMPLS: list[Impl] = [
          why_not=_triton_missing),
     Impl("fastvq-layer[triton,tf32]", "train", "fastvq", _fastvq_layer("triton", "tf32"), precision="tf32",
          why_not=_first_reason(_triton_missing, _tf32_missing)),
+    Impl("fastvq-layer[cuda]", "train", "fastvq", _fastvq_layer("cuda", None), why_not=_cuda_missing),
     Impl("fastvq-layer[torch]", "train", "fastvq", _fastvq_layer("torch", None)),
     Impl("vqp-layer", "train", "alternative", _layer(lambda s: vector_quantize_pytorch.VectorQuantize(
         dim=s.d, codebook_size=s.k, decay=EMA_DECAY)), nk_bytes=28, why_not=_VQP),

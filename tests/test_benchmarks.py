@@ -12,7 +12,9 @@ REQUIRED = {"device", "torch", "triton", "git_commit", "date", "op", "impl", "ro
 EXPECTED = {("ceiling", "peak-mm[ieee]"), ("ceiling", "copy"), ("matmul", "dense-mm[ieee]"),
             ("search", "fastvq-triton[ieee]"), ("search", "fastvq-triton[bf16]"), ("search", "fastvq-torch"),
             ("search", "naive"), ("search", "cdist"), ("search", "compile(naive)"), ("search", "vqp-cdist"),
-            ("train", "fastvq-layer[triton]"), ("train", "fastvq-layer[torch]"), ("train", "vqp-layer"),
+            ("search", "fastvq-cuda[ieee]"), ("search", "fastvq-cuda[bf16]"),
+            ("train", "fastvq-layer[triton]"), ("train", "fastvq-layer[cuda]"), ("train", "fastvq-layer[torch]"),
+            ("train", "vqp-layer"),
             ("train", "taming-vq2")}
 
 
@@ -52,6 +54,7 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
             assert r["reason"] and r["median_ms"] is None, r
     # CPU: the Triton rows are reported as skipped with the reason, not run under the interpreter
     assert all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in records if "triton" in r["impl"])
+    assert all(r["status"] == "skipped" and "needs a CUDA GPU" in r["reason"] for r in records if "cuda" in r["impl"])
     # the memory column is real: the textbook formula holds at least one N x K fp32 matrix
     naive = next(r for r in ok if r["impl"] == "naive" and r["dtype"] == "float32")
     assert naive["peak_mem_bytes"] >= naive["N"] * naive["K"] * 4
