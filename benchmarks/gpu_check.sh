@@ -10,6 +10,7 @@
 # 1. the environment (GPU, driver, torch, triton, CUDA)                      -> OUT/1-env.txt
 # 2. every op on both backends against the reference, one VectorQuantize
 #    step, compile and steady times, registers and spills per kernel         -> OUT/2-smoke/
+#    and the same for the CUDA C++ backend (built first)                     -> OUT/2-smoke-cuda/
 # 3. the benchmark matrix in slices: search, then the training step         -> OUT/3-bench/
 # 4. the CUDA test matrix, cheapest first, with the time left                -> OUT/4-tests.log
 # Then a summary of every phase (the reply of a device call carries the end of the output).
@@ -57,6 +58,8 @@ if [ "$dry_run" = 1 ]; then
     phase 4-tests "$(left)" python -m pytest -q -p no:cacheprovider tests/test_code_stats.py -k "cpu-torch"
 else
     phase 2-smoke 180 python benchmarks/gpu_smoke.py "$out/2-smoke"
+    # the CUDA C++ backend: built here (about a minute, cached), then the same checks
+    phase 2-smoke-cuda 180 python benchmarks/gpu_smoke.py "$out/2-smoke-cuda" --backend cuda
     phase 3-bench-search $(( $(left) * 2 / 5 )) python benchmarks/run.py --only search --out "$out/3-bench"
     phase 3-bench-train $(( $(left) / 2 )) python benchmarks/run.py --only train --out "$out/3-bench"
     # cheapest first: the op matrices, then the layer, then the rest

@@ -1,13 +1,16 @@
 """Phase 2 of the GPU check: every op on both backends against the reference, on the GPU, in seconds.
 
-    python benchmarks/gpu_smoke.py OUT_FOLDER [--device cuda]
+    python benchmarks/gpu_smoke.py OUT_FOLDER [--device cuda] [--backend triton|cuda]
 
 For each op, D in (8, 64, 256), fp32 and bf16, l2 and cosine, at N and K that are not multiples of
 any tile: the Triton result against the torch backend on the same device (and the nearest code
 against a float64 brute force: regret within the stated bound), first-call time (compilation) and
 steady median time; then one VectorQuantize training step on both backends; then the registers,
-spills and shared memory of every compiled kernel. Writes OUT/smoke.jsonl as it goes (one record
-per check) and OUT/kernels.json, prints a table last, and exits 1 when a check failed.
+spills and shared memory of every compiled Triton kernel. With --backend cuda the CUDA C++ backend
+is checked the same way (built first; its ops without a CUDA kernel run on Triton), and code_stats
+also records the Triton (atomic) time beside it and whether two runs agree bitwise. Writes
+OUT/smoke.jsonl as it goes (one record per check) and OUT/kernels.json, prints a table last, and
+exits 1 when a check failed.
 On CPU (`--device cpu` under TRITON_INTERPRET=1, tiny shapes) it dry-runs the same code.
 """
 
@@ -60,7 +63,7 @@ def regret_ok(x, codebook, indices, metric, precision) -> tuple[bool, float]:
     return bool((regret <= bound).all()), float((regret / bound).max())
 
 
-def op_checks(device: torch.device, n: int, k: int, repeats: int):
+def op_checks(device: torch.device, n: int, k: int, repeats: int, backend: str):
     """Yield one record per (op, D, dtype, metric)."""
     for d in DIMS:
         for dtype in DTYPES:
@@ -79,28 +82,34 @@ def op_checks(device: torch.device, n: int, k: int, repeats: int):
                         x, codebook, torch.arange(n, device=device) % k, metric=metric, backend=b),
                 }
                 for op, call in calls.items():
-                    first, steady, got = timed(lambda: call("triton"), device, repeats)
+                    first, steady, got = timed(lambda: call(backend), device, repeats)
                     want = call("torch")
                     record = dict(base, op=op, first_s=first, steady_ms=steady * 1e3)
-                    record.update(compare(op, got, want, x, codebook, metric, precision))
+                    record.update(compare(op, got, want, x, codebook, metric, precision, backend))
                     yield record
             indices = fastvq.nearest_code(x, codebook, backend="torch")[0]
-            first, steady, got = timed(lambda: fastvq.code_stats(x, indices, k, backend="triton"), device, repeats)
+            first, steady, got = timed(lambda: fastvq.code_stats(x, indices, k, backend=backend), device, repeats)
             want = fastvq.code_stats(x, indices, k, backend="torch")
             ok = torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
+            detail = f"max sum error {(got[1] - want[1]).abs().max():.2e}"
+            if backend == "cuda":  # deterministic: bitwise the same again; its time beside the atomic one
+                again = fastvq.code_stats(x, indices, k, backend=backend)
+                ok = ok and torch.equal(got[1], again[1])
+                atomic = timed(lambda: fastvq.code_stats(x, indices, k, backend="triton"), device, repeats)[1]
+                detail += f", bitwise repeatable {torch.equal(got[1], again[1])}, {steady / atomic:.2f}x atomic time"
             yield dict(N=n, K=k, D=d, dtype=str(dtype).removeprefix("torch."), op="code_stats", first_s=first,
-                       steady_ms=steady * 1e3, ok=ok, detail=f"max sum error {(got[1] - want[1]).abs().max():.2e}")
+                       steady_ms=steady * 1e3, ok=ok, detail=detail)
 
 
-def compare(op, got, want, x, codebook, metric, precision) -> dict:
-    """Whether the Triton result is right: agreement with the torch backend (and, for the search,
-    the regret bound against float64)."""
+def compare(op, got, want, x, codebook, metric, precision, backend) -> dict:
+    """Whether the kernel backend's result is right: agreement with the torch backend (and, for the
+    search, the regret bound against float64)."""
     if op == "nearest_code":
         ok, ratio = regret_ok(x, codebook, got[0], metric, precision)
         agree = float((got[0] == want[0]).float().mean())
         return dict(ok=ok and agree > 0.97, detail=f"regret/bound {ratio:.2f}, agreement {agree:.4f}")
     if op == "topk_codes":
-        nearest = fastvq.nearest_code(x, codebook, metric=metric, backend="triton")[0]
+        nearest = fastvq.nearest_code(x, codebook, metric=metric, backend=backend)[0]
         ordered = bool((got[1].diff(dim=-1) >= 0).all())
         agree = float((got[0] == want[0]).float().mean())
         return dict(ok=ordered and torch.equal(got[0][:, 0], nearest) and agree > 0.9,
@@ -112,11 +121,12 @@ def compare(op, got, want, x, codebook, metric, precision) -> dict:
     return dict(ok=error < 5e-2 if precision != "ieee" else error < 1e-4, detail=f"max rel error {error:.2e}")
 
 
-def layer_check(device: torch.device, repeats: int) -> dict:
-    """One VectorQuantize training step (forward, backward, EMA) on each backend from the same state."""
+def layer_check(device: torch.device, repeats: int, kernels: str) -> dict:
+    """One VectorQuantize training step (forward, backward, EMA) on the kernel backend and on torch
+    from the same state."""
     out = {}
     x = torch.randn(4, 1024, 64, device=device, requires_grad=True)
-    for backend in ("triton", "torch"):
+    for backend in (kernels, "torch"):
         torch.manual_seed(0)
         layer = fastvq.VectorQuantize(dim=64, codebook_size=4099, decay=0.9, backend=backend).to(device).train()
 
@@ -127,9 +137,9 @@ def layer_check(device: torch.device, repeats: int) -> dict:
 
         first, steady, indices = timed(step, device, repeats)
         out[backend] = (first, steady, indices, layer.codebook.detach().clone())
-    agree = float((out["triton"][2] == out["torch"][2]).float().mean())
-    return dict(op="VectorQuantize train step", N=4096, K=4099, D=64, dtype="float32", first_s=out["triton"][0],
-                steady_ms=out["triton"][1] * 1e3, torch_steady_ms=out["torch"][1] * 1e3, ok=agree > 0.97,
+    agree = float((out[kernels][2] == out["torch"][2]).float().mean())
+    return dict(op="VectorQuantize train step", N=4096, K=4099, D=64, dtype="float32", first_s=out[kernels][0],
+                steady_ms=out[kernels][1] * 1e3, torch_steady_ms=out["torch"][1] * 1e3, ok=agree > 0.97,
                 detail=f"first-step index agreement {agree:.4f}")
 
 
@@ -158,18 +168,19 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--backend", choices=("triton", "cuda"), default="triton")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     n, k, repeats = (1003, 4099, 20) if device.type == "cuda" else (37, 70, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
     with open(args.out / "smoke.jsonl", "w") as log:
-        checks = list(op_checks(device, n, k, repeats))
-        for record in checks + ([layer_check(device, repeats)] if device.type == "cuda" else []):
+        checks = list(op_checks(device, n, k, repeats, args.backend))
+        for record in checks + ([layer_check(device, repeats, args.backend)] if device.type == "cuda" else []):
             records.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
-    resources = kernel_resources()
+    resources = kernel_resources() if args.backend == "triton" else []  # CUDA C++: tests/cuda_compile.py
     (args.out / "kernels.json").write_text(json.dumps(resources, indent=1) + "\n")
     print(f"{'op':<28}{'D':>5} {'dtype':<9}{'metric':<8}{'first s':>9}{'steady ms':>11}  ok  detail")
     for r in records:

@@ -32,7 +32,7 @@ X, CB = torch.randn(4, 3), torch.randn(5, 3)
     ((X, CB.to("meta")), {}, ValueError, r"same device, got cpu and meta"),
     ((X, CB), {"metric": "dot"}, ValueError, r"metric must be one of \('l2', 'cosine'\), got 'dot'"),
     ((X, CB), {"precision": "fp8"}, ValueError, r"precision must be None or one of .*'fp8'"),
-    ((X, CB), {"backend": "gpu"}, ValueError, r"backend must be one of \('auto', 'torch', 'triton', 'cuda'\), got 'gpu'"),
+    ((X, CB), {"backend": "gpu"}, ValueError, r"backend must be one of \('auto', 'torch', 'triton', 'cuda'\), got"),
 ])
 def test_nearest_code_rejects_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
