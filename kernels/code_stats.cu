@@ -7,11 +7,9 @@
 // in token order by one warp, with no atomics: bitwise the same result every run. When the blocks
 // alone cannot fill the GPU (few codes, many tokens) the tokens are split; each split writes its
 // partial sums and sum_splits_kernel adds them in split order.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <tuple>
 
+#include "device.cuh"
 #include "launchers.h"
 #include "vq_tile.cuh"
 
@@ -24,10 +22,6 @@ constexpr int kBlockCodes = kWarps * kCodesPerWarp;
 constexpr int kColumns = 32;
 constexpr int kTokenChunk = kWarps * 32;
 constexpr int64_t kMinTokensPerSplit = 4096;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // counts (H * S, K) and sums (H * S, K, D): the outputs, or the splits' partials.
 template <typename T>
@@ -100,9 +94,10 @@ cudaError_t launch_typed(const CodeStatsArgs& args, int64_t splits, float* parti
   const int64_t column_blocks = args.dim > 0 ? (args.dim + kColumns - 1) / kColumns : 1;  // D = 0 still counts
   float* kernel_counts = splits > 1 ? partial_counts : counts;
   float* kernel_sums = splits > 1 ? partial_sums : sums;
-  code_stats_kernel<T><<<dim3(static_cast<unsigned>(code_blocks), static_cast<unsigned>(column_blocks),
-                              static_cast<unsigned>(args.heads * splits)),
-                         kWarps * 32, 0, stream>>>(args, splits, kernel_counts, kernel_sums);
+  auto* stats = code_stats_kernel<T>;
+  FASTVQ_LAUNCH(stats, dim3(static_cast<unsigned>(code_blocks), static_cast<unsigned>(column_blocks),
+                            static_cast<unsigned>(args.heads * splits)),
+                kWarps * 32, stream, args, splits, kernel_counts, kernel_sums);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   const int threads = 256;
@@ -110,8 +105,9 @@ cudaError_t launch_typed(const CodeStatsArgs& args, int64_t splits, float* parti
                                                    std::make_tuple(partial_sums, sums, args.n_codes * args.dim)}) {
     const int64_t total = args.heads * per_head;
     if (total == 0) continue;
-    sum_splits_kernel<<<static_cast<unsigned>((total + threads - 1) / threads), threads, 0, stream>>>(
-        partial, result, splits, per_head, total);
+    auto* sum_splits = sum_splits_kernel;
+    FASTVQ_LAUNCH(sum_splits, dim3(static_cast<unsigned>((total + threads - 1) / threads)), threads, stream, partial,
+                  result, splits, per_head, total);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -9,9 +9,7 @@
 // warp shuffles. Ties go to the lowest index because candidates are ordered by (score, index),
 // whatever order they arrive in. finalize_kernel (one warp per token) merges the splits' lists in
 // split order and recomputes the exact fp32 distance of each chosen code.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "device.cuh"
 #include "launchers.h"
 #include "vq_tile.cuh"
 
@@ -25,10 +23,6 @@ constexpr int kBlockK = kThreadsX * kCodesPerThread;
 constexpr int kBlockD = 32;
 constexpr int kFinalizeWarps = 8;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 template <int KPAD>
 struct SearchTile {
   // A longer list costs registers: fewer tokens per thread.
@@ -36,19 +30,24 @@ struct SearchTile {
   static constexpr int kBlockN = (kThreads / kThreadsX) * kTokensPerThread;
 };
 
-// rows [row0, row0 + ROWS) x columns [d0, d0 + kBlockD) of a (rows, D) matrix into tile[d][row],
-// rounded to `precision`, zero outside [0, row_end) x [0, D).
+// rows [row0, row0 + ROWS) x columns [d0, d0 + cols) of a (rows, D) matrix into tile[d][row],
+// rounded to `precision`, zero for rows past row_end (columns past cols are left as they are: the
+// products stop at cols, so a small D costs no padded work).
 template <typename T, int ROWS, int PITCH>
 __device__ __forceinline__ void stage_tile(float (&tile)[kBlockD][PITCH], const T* __restrict__ base,
-                                           int64_t row0, int64_t row_end, int64_t d0, int64_t dim,
+                                           int64_t row0, int64_t row_end, int64_t d0, int cols,
                                            int64_t stride_row, int64_t stride_d, int precision) {
-  for (int e = threadIdx.x; e < ROWS * kBlockD; e += kThreads) {
-    const int r = e / kBlockD, d = e % kBlockD;
-    const int64_t row = row0 + r, col = d0 + d;
+  for (int e = threadIdx.x; e < ROWS * cols; e += kThreads) {
+    const int r = e / cols, d = e % cols;
+    const int64_t row = row0 + r;
     float v = 0.0f;
-    if (row < row_end && col < dim) v = round_operand(to_float(base[row * stride_row + col * stride_d]), precision);
+    if (row < row_end) v = round_operand(to_float(base[row * stride_row + (d0 + d) * stride_d]), precision);
     tile[d][r] = v;
   }
+}
+
+__device__ __forceinline__ int chunk_columns(int64_t d0, int64_t dim) {
+  return dim - d0 < kBlockD ? static_cast<int>(dim - d0) : kBlockD;
 }
 
 template <typename T, int KPAD>
@@ -76,21 +75,22 @@ __global__ void __launch_bounds__(kThreads) search_kernel(SearchArgs args, int64
 
   const bool x_resident = args.dim <= kBlockD;  // the token rows fit one chunk: stage them once
   if (x_resident) {
-    stage_tile<T, BLOCK_N>(x_tile, x, n0, args.n_tokens, 0, args.dim, args.x_stride_n, args.x_stride_d,
-                           args.precision);
+    stage_tile<T, BLOCK_N>(x_tile, x, n0, args.n_tokens, 0, chunk_columns(0, args.dim), args.x_stride_n,
+                           args.x_stride_d, args.precision);
   }
   for (int64_t k0 = k_lo; k0 < k_hi; k0 += kBlockK) {
     float acc[TM][kCodesPerThread] = {};
     for (int64_t d0 = 0; d0 < args.dim; d0 += kBlockD) {
+      const int cols = chunk_columns(d0, args.dim);
       if (!x_resident) {
-        stage_tile<T, BLOCK_N>(x_tile, x, n0, args.n_tokens, d0, args.dim, args.x_stride_n, args.x_stride_d,
+        stage_tile<T, BLOCK_N>(x_tile, x, n0, args.n_tokens, d0, cols, args.x_stride_n, args.x_stride_d,
                                args.precision);
       }
-      stage_tile<T, kBlockK>(c_tile, codes, k0, k_hi, d0, args.dim, args.code_stride_k, args.code_stride_d,
+      stage_tile<T, kBlockK>(c_tile, codes, k0, k_hi, d0, cols, args.code_stride_k, args.code_stride_d,
                              args.precision);
       __syncthreads();
 #pragma unroll 8
-      for (int d = 0; d < kBlockD; ++d) {
+      for (int d = 0; d < cols; ++d) {
         const float4 c = *reinterpret_cast<const float4*>(&c_tile[d][tx * kCodesPerThread]);
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
@@ -205,15 +205,16 @@ cudaError_t launch_typed(const SearchArgs& args, int64_t codes_per_split, float*
                          int32_t* partial_index, int64_t* indices, float* distances, cudaStream_t stream) {
   const int64_t splits = (args.n_codes + codes_per_split - 1) / codes_per_split;
   const int64_t token_blocks = (args.n_tokens + SearchTile<KPAD>::kBlockN - 1) / SearchTile<KPAD>::kBlockN;
-  search_kernel<T, KPAD><<<dim3(static_cast<unsigned>(token_blocks), static_cast<unsigned>(splits),
-                                static_cast<unsigned>(args.heads)),
-                           kThreads, 0, stream>>>(args, codes_per_split, partial_score, partial_index);
+  auto* search = search_kernel<T, KPAD>;
+  FASTVQ_LAUNCH(search, dim3(static_cast<unsigned>(token_blocks), static_cast<unsigned>(splits),
+                             static_cast<unsigned>(args.heads)),
+                kThreads, stream, args, codes_per_split, partial_score, partial_index);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int64_t finalize_blocks = (args.n_tokens + kFinalizeWarps - 1) / kFinalizeWarps;
-  finalize_kernel<T, KPAD><<<dim3(static_cast<unsigned>(finalize_blocks), static_cast<unsigned>(args.heads)),
-                             kFinalizeWarps * 32, 0, stream>>>(args, splits, partial_score, partial_index, indices,
-                                                               distances);
+  auto* finalize = finalize_kernel<T, KPAD>;
+  FASTVQ_LAUNCH(finalize, dim3(static_cast<unsigned>(finalize_blocks), static_cast<unsigned>(args.heads)),
+                kFinalizeWarps * 32, stream, args, splits, partial_score, partial_index, indices, distances);
   return cudaGetLastError();
 }
 

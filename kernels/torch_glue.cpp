@@ -11,12 +11,11 @@
 namespace {
 
 fastvq::DType dtype_of(const torch::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case torch::kFloat32: return fastvq::DType::kFloat32;
-    case torch::kFloat16: return fastvq::DType::kFloat16;
-    case torch::kBFloat16: return fastvq::DType::kBFloat16;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
+  const auto type = t.scalar_type();
+  TORCH_CHECK(type == torch::kFloat32 || type == torch::kFloat16 || type == torch::kBFloat16, name,
+              " must be float32, float16 or bfloat16, got ", type);
+  return type == torch::kFloat32 ? fastvq::DType::kFloat32
+                                 : (type == torch::kFloat16 ? fastvq::DType::kFloat16 : fastvq::DType::kBFloat16);
 }
 
 void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& x) {

@@ -6,40 +6,34 @@ and is loaded here with ctypes. Built into a temporary folder with the host C++ 
 """
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import case
+from host_build import REPO, build, needs_cxx
+from host_build import pointer as _ptr
 from vq_checks import check_nearest
 
 from fastvq.ops import reference
 from fastvq.ops.common import PRECISIONS, code_bias, round_operand
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-CXX = shutil.which("g++") or shutil.which("c++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="needs a host C++ compiler (g++) to build kernels/host_check.cpp")
-
-I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+pytestmark = needs_cxx
+I64, PTR = ctypes.c_int64, ctypes.c_void_p
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    out = tmp_path_factory.mktemp("host_check") / "host_check.so"
-    subprocess.run([CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror",
-                    str(KERNELS / "host_check.cpp"), "-o", str(out)], check=True, capture_output=True, timeout=300)
-    library = ctypes.CDLL(str(out))
+    return host_check_library(tmp_path_factory.mktemp("host_check"))
+
+
+def host_check_library(folder):
+    """kernels/host_check.cpp built into `folder` and loaded, with its C signatures."""
+    library = build(REPO / "kernels" / "host_check.cpp", folder, "-std=c++17", "-O2")
     library.fastvq_host_round_operand.argtypes = [PTR, PTR, I64, ctypes.c_int]
     library.fastvq_host_search.argtypes = [PTR, PTR, PTR, I64, I64, I64, I64, I64, ctypes.c_int, ctypes.c_int,
                                            ctypes.c_int, I64, PTR, PTR]
     library.fastvq_host_code_stats.argtypes = [PTR, PTR, PTR, I64, I64, I64, I64, I64, PTR, PTR]
     return library
-
-
-def _ptr(t: torch.Tensor):
-    return ctypes.c_void_p(t.data_ptr())
 
 
 def host_search(lib, x, codebook, metric, precision, k, codes_per_split):
@@ -60,7 +54,7 @@ def host_code_stats(lib, x, indices, num_codes, mask=None, splits=1):
     xf, idx = x.float().contiguous(), indices.contiguous()
     mask_bytes = None if mask is None else mask.to(torch.uint8).contiguous()
     counts, sums = torch.empty(heads, num_codes), torch.empty(heads, num_codes, d)
-    lib.fastvq_host_code_stats(_ptr(xf), _ptr(idx), None if mask_bytes is None else _ptr(mask_bytes), heads, n,
+    lib.fastvq_host_code_stats(_ptr(xf), _ptr(idx), _ptr(mask_bytes), heads, n,
                                num_codes, d, splits, _ptr(counts), _ptr(sums))
     return counts, sums
 

@@ -1,0 +1,37 @@
+// kernels/*.cu compiled for the host: the CUDA built-ins they use come from the stub headers of
+// this folder (cuda_runtime.h: one std::thread per CUDA thread, barriers for __syncthreads and the
+// warp shuffles), so the real kernels and launchers run, thread mapping and all, without a GPU.
+// tests/test_cuda_emulated.py builds this with the host compiler and calls the launchers by ctypes.
+#include <cuda_runtime.h>  // the emulation (this folder), first: it defines FASTVQ_LAUNCH
+
+#include <cstring>
+
+#include "../../kernels/code_stats.cu"
+#include "../../kernels/nearest_code.cu"
+
+extern "C" {
+
+// launch_search on host buffers; returns the cudaError_t.
+int fastvq_emulated_search(const fastvq::SearchArgs* args, int target_blocks, float* partial_score,
+                           int32_t* partial_index, int64_t* indices, float* distances) {
+  const int64_t codes_per_split = fastvq::search_codes_per_split(*args, target_blocks);
+  return fastvq::launch_search(*args, codes_per_split, partial_score, partial_index, indices, distances, nullptr);
+}
+
+int64_t fastvq_emulated_search_splits(const fastvq::SearchArgs* args, int target_blocks) {
+  const int64_t codes_per_split = fastvq::search_codes_per_split(*args, target_blocks);
+  return (args->n_codes + codes_per_split - 1) / codes_per_split;
+}
+
+int fastvq_emulated_search_list_size(int k) { return fastvq::search_list_size(k); }
+
+int64_t fastvq_emulated_code_stats_splits(const fastvq::CodeStatsArgs* args, int target_blocks) {
+  return fastvq::code_stats_token_splits(*args, target_blocks);
+}
+
+int fastvq_emulated_code_stats(const fastvq::CodeStatsArgs* args, int64_t splits, float* partial_counts,
+                               float* partial_sums, float* counts, float* sums) {
+  return fastvq::launch_code_stats(*args, splits, partial_counts, partial_sums, counts, sums, nullptr);
+}
+
+}  // extern "C"

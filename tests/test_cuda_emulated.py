@@ -1,0 +1,156 @@
+"""The CUDA kernels themselves (kernels/*.cu, thread mapping, shared memory, warp shuffles, code and
+token splits), run on the host by tests/cuda_emulator/ and compared with the reference.
+
+The emulation gives each CUDA thread a std::thread and implements __syncthreads and the warp
+shuffles with barriers, so the launchers and kernels run as written, without a GPU (slowly: keep
+shapes small). On a GPU the same kernels run through backend="cuda" in the main test matrix.
+"""
+
+import ctypes
+
+import pytest
+import torch
+from conftest import case
+from host_build import REPO, build, needs_cxx, pointer
+from test_cuda_host_check import host_check_library, host_search
+from vq_checks import check_nearest
+
+from fastvq.ops import reference
+from fastvq.ops.common import PRECISIONS, code_bias
+
+pytestmark = needs_cxx
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+I64 = ctypes.c_int64
+
+
+class SearchArgs(ctypes.Structure):  # kernels/launchers.h
+    _fields_ = [("x", ctypes.c_void_p), ("codes", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("dtype", ctypes.c_int),
+                *[(name, I64) for name in ("heads", "n_tokens", "n_codes", "dim", "x_stride_h", "x_stride_n",
+                                           "x_stride_d", "code_stride_h", "code_stride_k", "code_stride_d",
+                                           "bias_stride_h")],
+                ("cosine", ctypes.c_bool), ("precision", ctypes.c_int), ("k", ctypes.c_int)]
+
+
+class CodeStatsArgs(ctypes.Structure):  # kernels/launchers.h
+    _fields_ = [("x", ctypes.c_void_p), ("dtype", ctypes.c_int), ("indices", ctypes.c_void_p),
+                ("mask", ctypes.c_void_p),
+                *[(name, I64) for name in ("heads", "n_tokens", "n_codes", "dim", "x_stride_h", "x_stride_n",
+                                           "x_stride_d", "index_stride_h", "index_stride_n", "mask_stride_h",
+                                           "mask_stride_n")]]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    library = build(REPO / "tests" / "cuda_emulator" / "emulated_kernels.cpp", tmp_path_factory.mktemp("emulated"),
+                    "-std=c++20", "-O1", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
+                    f"-I{REPO / 'tests' / 'cuda_emulator'}")
+    library.fastvq_emulated_search_splits.restype = I64
+    library.fastvq_emulated_code_stats_splits.restype = I64
+    return library
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    return host_check_library(tmp_path_factory.mktemp("host_check"))
+
+
+def emulated_search(emu, x, codebook, metric, precision, k, target_blocks):
+    """kernels/nearest_code.cu's launch_search, emulated: -> indices, distances (H, N, k), splits."""
+    heads, n, d = x.shape
+    bias = code_bias(codebook, metric, precision).contiguous()
+    shared = codebook.shape[0] == 1
+    args = SearchArgs(x.data_ptr(), codebook.data_ptr(), bias.data_ptr(), DTYPES[x.dtype], heads, n,
+                      codebook.shape[1], d, *x.stride(), 0 if shared else codebook.stride(0), codebook.stride(1),
+                      codebook.stride(2), 0 if shared else bias.stride(0), metric == "cosine",
+                      PRECISIONS.index(precision), k)
+    splits = emu.fastvq_emulated_search_splits(ctypes.byref(args), target_blocks)
+    slots = emu.fastvq_emulated_search_list_size(k)
+    partial_score = torch.empty(heads, splits, n, slots)
+    partial_index = torch.empty(heads, splits, n, slots, dtype=torch.int32)
+    indices = torch.empty(heads, n, k, dtype=torch.int64)
+    distances = torch.empty(heads, n, k)
+    assert emu.fastvq_emulated_search(ctypes.byref(args), target_blocks, pointer(partial_score),
+                                      pointer(partial_index), pointer(indices), pointer(distances)) == 0
+    return indices, distances, splits
+
+
+SEARCH_CASES = [case(N=n, K=k, D=d, H=h, shared=shared, dtype=dtype, metric=metric, precision=precision, k=topk)
+                for n, k, d, h, shared, dtype, metric, precision, topk in [
+                    (37, 259, 33, 1, False, torch.float32, "l2", "ieee", 1),
+                    (70, 130, 8, 2, True, torch.float32, "cosine", "tf32", 1),
+                    (20, 200, 5, 2, False, torch.float16, "l2", "fp16", 3),
+                    (9, 140, 40, 1, False, torch.bfloat16, "cosine", "bf16", 16),
+                    (17, 70, 3, 1, False, torch.float32, "l2", "bf16", 8)]]
+
+
+@pytest.mark.parametrize("N,K,D,H,shared,dtype,metric,precision,k", SEARCH_CASES)
+def test_search_kernel_matches_the_host_check_and_the_reference(emu, host_lib, N, K, D, H, shared, dtype, metric,
+                                                                 precision, k):
+    """Same indices as the host build of the per-element logic (the same fp32 sums in the same
+    order), whatever the split of the codes; distances to fp32 rounding; nearest within the regret
+    bound of the float64 brute force; non-contiguous x."""
+    wide = torch.randn(H, N, 2 * D).to(dtype)
+    x = wide[..., ::2]  # strided in D
+    codebook = torch.randn(1 if shared else H, K, D).to(dtype)
+    want_indices, want_distances = host_search(host_lib, x, codebook, metric, precision, k, 64)
+    answers = []
+    for target_blocks in (1, 64):  # one split, then as many as there are code tiles
+        indices, distances, splits = emulated_search(emu, x, codebook, metric, precision, k, target_blocks)
+        answers.append((indices, distances, splits))
+        assert torch.equal(indices, want_indices)
+        torch.testing.assert_close(distances, want_distances, rtol=1e-5, atol=1e-5)
+    assert answers[0][2] == 1 and answers[1][2] > 1
+    assert torch.equal(answers[0][0], answers[1][0]) and torch.equal(answers[0][1], answers[1][1])
+    check_nearest(x, codebook, answers[0][0][..., 0], answers[0][1][..., 0], metric, precision)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_search_kernel_ties_and_non_finite_values(emu, metric):
+    """Integer data: the reference's exact answer (ties to the lowest index across code tiles and
+    splits); NaN/inf tokens get -1 / NaN; codes with a non-finite entry are never chosen."""
+    codebook = torch.randint(-3, 4, (1, 150, 5)).float()
+    codebook[codebook.abs().sum(-1) == 0] = 1.0
+    codebook[0, 140] = codebook[0, 3]
+    codebook[0, 65] = codebook[0, 64]
+    codebook[0, 7, 2] = float("nan")
+    codebook[0, 9, 0] = float("-inf")
+    x = torch.randint(-3, 4, (1, 23, 5)).float()
+    x[0, :4] = codebook[0, [3, 64, 3, 64]]
+    x[0, 5, 1] = float("nan")
+    x[0, 6, 4] = float("inf")
+    want = reference.topk_codes(x, codebook, 4, metric=metric)
+    for target_blocks in (1, 64):
+        indices, distances, _ = emulated_search(emu, x, codebook, metric, "ieee", 4, target_blocks)
+        assert torch.equal(indices, want[0])
+        torch.testing.assert_close(distances, want[1], rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert indices[0, 0, 0] == 3 and indices[0, 1, 0] == 64 and (indices[0, [5, 6]] == -1).all()
+    assert not set(indices.flatten().tolist()) & {7, 9}
+
+
+def emulated_code_stats(emu, x, indices, num_codes, mask, target_blocks):
+    heads, n, d = x.shape
+    mask_bytes = None if mask is None else mask.view(torch.uint8)
+    args = CodeStatsArgs(x.data_ptr(), DTYPES[x.dtype], indices.data_ptr(),
+                         None if mask is None else mask_bytes.data_ptr(), heads, n, num_codes, d, *x.stride(),
+                         *indices.stride(), *(mask_bytes.stride() if mask is not None else (0, 0)))
+    splits = emu.fastvq_emulated_code_stats_splits(ctypes.byref(args), target_blocks)
+    partial_counts, partial_sums = torch.empty(heads, splits, num_codes), torch.empty(heads, splits, num_codes, d)
+    counts, sums = torch.empty(heads, num_codes), torch.empty(heads, num_codes, d)
+    assert emu.fastvq_emulated_code_stats(ctypes.byref(args), splits, pointer(partial_counts), pointer(partial_sums),
+                                          pointer(counts), pointer(sums)) == 0
+    return counts, sums, splits
+
+
+def test_code_stats_kernel_matches_the_reference(emu):
+    """Integer-valued rows: sums exact in any order, so equal to the reference bitwise, with and
+    without token splits, a mask, index -1 and out-of-range indices, D over one column block,
+    K over one code block, strided bf16 inputs, a second head."""
+    heads, n, k, d = 2, 8200, 300, 40
+    x = torch.randint(-8, 9, (heads, n, d + 3)).to(torch.bfloat16)[..., 3:]
+    indices = torch.randint(-1, k + 2, (heads, 2 * n))[:, ::2]
+    mask = torch.rand(heads, n) > 0.3
+    for m, target_blocks in ((None, 1), (mask, 64)):
+        counts, sums, splits = emulated_code_stats(emu, x, indices, k, m, target_blocks)
+        assert splits == (1 if target_blocks == 1 else 3)
+        want_counts, want_sums = reference.code_stats(x, indices, k, mask=m)
+        assert torch.equal(counts, want_counts) and torch.equal(sums, want_sums)
