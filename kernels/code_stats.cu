@@ -132,6 +132,7 @@ cudaError_t launch_code_stats(const CodeStatsArgs& args, int64_t token_splits, f
   if (token_splits < 1 || args.heads * token_splits > 65535 || args.n_codes > INT32_MAX - 1) {
     return cudaErrorInvalidValue;
   }
+  if (args.heads == 0) return cudaSuccess;
   switch (args.dtype) {
     case DType::kFloat32:
       return launch_typed<float>(args, token_splits, partial_counts, partial_sums, counts, sums, stream);

@@ -271,7 +271,7 @@ cudaError_t launch_search(const SearchArgs& args, int64_t codes_per_split, float
       codes_per_split < 1) {
     return cudaErrorInvalidValue;
   }
-  if (args.n_tokens == 0) return cudaSuccess;
+  if (args.n_tokens == 0 || args.heads == 0) return cudaSuccess;
   switch (args.dtype) {
     case DType::kFloat32:
       return launch_list_size<float>(args, codes_per_split, partial_score, partial_index, indices, distances, stream);
