@@ -41,6 +41,9 @@ if [ "$dry_run" = 0 ] && [ -d benchmarks/wheels ] && ! python -c "import vector_
     phase 0-install 120 python -m pip install --no-index --find-links benchmarks/wheels \
         "vector-quantize-pytorch==1.32.0" "flash-kmeans==0.3.1"
 fi
+if [ "$dry_run" = 0 ] && ! command -v ninja >/dev/null && ls benchmarks/wheels/ninja-*.whl >/dev/null 2>&1; then
+    phase 0-install-ninja 60 python -m pip install --no-index --find-links benchmarks/wheels ninja
+fi
 
 {
     date -u +"%Y-%m-%dT%H:%M:%SZ"
@@ -48,8 +51,9 @@ fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
     python -c "import sys, torch, triton, numpy; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__)"
     nvcc --version 2>&1 | tail -n 1 || true
+    echo "ninja $(ninja --version 2>&1 || echo missing)"
 } > "$out/1-env.txt" 2>&1
-summary+=("1-env: $(tail -n 2 "$out/1-env.txt" | head -n 1)")
+summary+=("1-env: $(tail -n 3 "$out/1-env.txt" | head -n 1)")
 
 if [ "$dry_run" = 1 ]; then
     TRITON_INTERPRET=1 phase 2-smoke "$(left)" python benchmarks/gpu_smoke.py "$out/2-smoke" --device cpu

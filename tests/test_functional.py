@@ -302,3 +302,16 @@ def test_torch_compile_fullgraph():
     assert counts.sum() == 20 and x.grad is not None and codebook.grad is not None
     want_loss = fastvq.quantize(x, codebook, metric="cosine")
     torch.testing.assert_close(loss, (want_loss[0] - x).pow(2).mean() + want_loss[2].mean())
+
+
+def test_cuda_kernels_get_operands_of_one_compiled_dtype():
+    """The CUDA kernels are compiled for x and codebook of one dtype among fp32/fp16/bf16: others
+    (mixed dtypes, fp64) become fp32 copies, which the reference's fp32 math sees identically."""
+    from fastvq.ops.cuda._launch import kernel_operands
+
+    half, bf16, double = torch.randn(3).half(), torch.randn(3).bfloat16(), torch.randn(3).double()
+    same = kernel_operands(half, half.clone())
+    assert same[0] is half and same[1].dtype == torch.float16
+    mixed = kernel_operands(half, bf16)
+    assert [t.dtype for t in mixed] == [torch.float32] * 2 and torch.equal(mixed[0], half.float())
+    assert kernel_operands(double)[0].dtype == torch.float32
