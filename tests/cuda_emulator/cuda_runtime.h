@@ -161,6 +161,9 @@ inline unsigned __ballot_sync(unsigned, bool predicate) {
   return bits;
 }
 inline int __ffs(unsigned bits) { return __builtin_ffs(static_cast<int>(bits)); }
+inline const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "invalid argument";
+}
 inline cudaError_t cudaGetLastError() {
   const cudaError_t error = cuda_emulator::last_error;
   cuda_emulator::last_error = cudaSuccess;
