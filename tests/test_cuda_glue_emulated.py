@@ -74,3 +74,64 @@ def test_glue_rejects_mismatched_shapes(glue):
         glue.search(x, torch.randn(1, 6, 3), torch.zeros(1, 6), False, 0, 1, 1, 0)
     with pytest.raises(RuntimeError, match=r"k must be in \[1, min\(16, K\)\]"):
         glue.search(x, torch.randn(1, 6, 4), torch.zeros(1, 6), False, 0, 7, 1, 0)
+
+
+@pytest.fixture
+def emulated_cuda_backend(glue, monkeypatch):
+    """backend="cuda" on CPU tensors: the public ops, the dispatch, the launchers of fastvq/ops/cuda and
+    the glue run as written; only the extension (the emulated build), the device guard, the stream and
+    the SM count are stand-ins."""
+    import contextlib
+    import importlib
+
+    from fastvq.ops import backend
+    from fastvq.ops.cuda import _build
+
+    monkeypatch.setattr(_build, "_extension", glue)
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device, build=True: "")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for name in ("nearest_code", "code_stats"):
+        module = importlib.import_module(f"fastvq.ops.cuda.{name}")
+        monkeypatch.setattr(module, "current_stream", lambda device: 0)
+        monkeypatch.setattr(module, "target_blocks", lambda device: 16)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_public_ops_on_the_cuda_backend(emulated_cuda_backend, metric):
+    """The public ops with backend="cuda" (2-D and 3-D x, shared and per-head codebooks, strided
+    and mixed-dtype inputs, no tokens) give the torch backend's answers."""
+    import fastvq
+
+    x = torch.randn(3, 41, 2 * 19)[..., ::2]
+    for codebook in (torch.randn(77, 19), torch.randn(3, 77, 19).bfloat16()):
+        got, want = (fastvq.nearest_code(x, codebook, metric=metric, backend=b) for b in ("cuda", "torch"))
+        assert (got[0] == want[0]).float().mean() > 0.97
+        torch.testing.assert_close(got[1][got[0] == want[0]], want[1][got[0] == want[0]], rtol=1e-5, atol=1e-5)
+        got, want = (fastvq.topk_codes(x, codebook, 4, metric=metric, backend=b) for b in ("cuda", "torch"))
+        assert got[0].shape == want[0].shape == (3, 41, 4) and (got[0] == want[0]).float().mean() > 0.97
+    indices, distances = fastvq.nearest_code(x[0], torch.randn(77, 19).double(), metric=metric, backend="cuda")
+    assert indices.shape == distances.shape == (41,)
+    assert fastvq.nearest_code(torch.randn(0, 19), torch.randn(5, 19), backend="cuda")[0].shape == (0,)
+    counts, sums = fastvq.code_stats(x, indices.expand(3, -1), 77, backend="cuda")
+    want_counts, want_sums = fastvq.code_stats(x, indices.expand(3, -1), 77, backend="torch")
+    assert torch.equal(counts, want_counts)
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-5)
+
+
+def test_vector_quantize_training_step_on_the_cuda_backend(emulated_cuda_backend):
+    """One VectorQuantize training step (search, EMA statistics, straight-through and codebook
+    gradients) with backend="cuda" matches the same step on the torch backend."""
+    import fastvq
+
+    results = []
+    for backend in ("cuda", "torch"):
+        torch.manual_seed(0)
+        layer = fastvq.VectorQuantize(dim=12, codebook_size=70, decay=0.8, backend=backend).train()
+        x = torch.randn(2, 50, 12, requires_grad=True)
+        quantized, indices, loss = layer(x)
+        (quantized.square().sum() + loss).backward()
+        results.append((indices, quantized.detach(), x.grad, layer.codebook.detach().clone()))
+    (indices, quantized, grad, codebook), (want_indices, want_quantized, want_grad, want_codebook) = results
+    assert torch.equal(indices, want_indices)
+    for got, want in ((quantized, want_quantized), (grad, want_grad), (codebook, want_codebook)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
