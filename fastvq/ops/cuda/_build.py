@@ -30,6 +30,7 @@ _failure = ""
 
 
 def sources() -> list[Path]:
+    """The files compiled into the extension."""
     return sorted(KERNELS_DIR.glob("*.cu")) + [KERNELS_DIR / GLUE]
 
 
@@ -67,8 +68,9 @@ def _build() -> ModuleType:
 
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    print(f"fastvq: compiling the CUDA backend for torch {torch.__version__} / CUDA {torch.version.cuda} "
-          f"(once, about a minute; cached in {directory})", file=sys.stderr, flush=True)
+    if not (directory / f"{extension_name()}.so").exists():  # later processes load it without a word
+        print(f"fastvq: compiling the CUDA backend for torch {torch.__version__} / CUDA {torch.version.cuda} "
+              f"(once, about a minute; cached in {directory})", file=sys.stderr, flush=True)
     return cpp_extension.load(
         name=extension_name(), sources=[str(p) for p in sources()],
         extra_include_paths=[str(KERNELS_DIR)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"],
