@@ -315,3 +315,24 @@ def test_cuda_kernels_get_operands_of_one_compiled_dtype():
     mixed = kernel_operands(half, bf16)
     assert [t.dtype for t in mixed] == [torch.float32] * 2 and torch.equal(mixed[0], half.float())
     assert kernel_operands(double)[0].dtype == torch.float32
+
+
+def test_cuda_build_failure_is_reported_once_with_the_compiler_output(monkeypatch):
+    from fastvq.ops.cuda import _build
+
+    monkeypatch.setattr(_build, "_failure", "")
+    monkeypatch.setattr(_build, "_extension", None)
+    monkeypatch.setattr(_build, "missing_prerequisite", lambda: "")
+    calls = []
+
+    def failing_build():
+        calls.append(1)
+        raise RuntimeError("Error building extension: nearest_code.cu(12): error: identifier undefined")
+
+    monkeypatch.setattr(_build, "_build", failing_build)
+    reason = _build.unavailable_reason()
+    assert "building the CUDA extension" in reason and "identifier undefined" in reason
+    assert "delete" in reason and str(_build.cache_dir()) in reason
+    with pytest.raises(RuntimeError, match="fastvq backend 'cuda' cannot run: building the CUDA extension"):
+        _build.load_extension()
+    assert _build.unavailable_reason(build=False) == reason and len(calls) == 1  # not retried per call
