@@ -135,3 +135,32 @@ def test_vector_quantize_training_step_on_the_cuda_backend(emulated_cuda_backend
     assert torch.equal(indices, want_indices)
     for got, want in ((quantized, want_quantized), (grad, want_grad), (codebook, want_codebook)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_keeps_the_cuda_ops_in_one_graph(emulated_cuda_backend, monkeypatch):
+    """fullgraph=True: the backend check (as fastvq.ops.backend's, without its device test: run once
+    while tracing) and the custom ops trace."""
+    import importlib
+
+    import fastvq
+    from fastvq.ops import backend
+
+    @torch.compiler.assume_constant_result
+    def reason(device, build=True):
+        return importlib.import_module("fastvq.ops.cuda").unavailable_reason(build=build)
+
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", reason)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def step(x, codebook):
+        quantized, indices, distances = fastvq.quantize(x, codebook, backend="cuda")
+        counts, sums = fastvq.code_stats(x.detach(), indices, codebook.shape[0], backend="cuda", check_indices=False)
+        return (quantized - x).pow(2).mean() + distances.mean(), counts, sums
+
+    x = torch.randn(20, 8, requires_grad=True)
+    codebook = torch.randn(12, 8, requires_grad=True)
+    loss, counts, sums = step(x, codebook)
+    loss.backward()
+    assert counts.sum() == 20 and x.grad is not None and codebook.grad is not None
+    want = fastvq.quantize(x, codebook, backend="torch")
+    torch.testing.assert_close(loss, (want[0] - x).pow(2).mean() + want[2].mean())

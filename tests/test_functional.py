@@ -288,15 +288,17 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fastvq.lookup_codes.default, (x.requires_grad_(), codebook, indices, "torch"))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_torch_compile_fullgraph(device, backend):
+    """One graph, with the backend check run once while tracing (it imports modules)."""
     @torch.compile(backend="aot_eager", fullgraph=True)
     def step(x, codebook):
-        quantized, indices, distances = fastvq.quantize(x, codebook, metric="cosine", backend="torch")
-        counts, sums = fastvq.code_stats(x.detach(), indices, codebook.shape[0], check_indices=False)
+        quantized, indices, distances = fastvq.quantize(x, codebook, metric="cosine", backend=backend)
+        counts, sums = fastvq.code_stats(x.detach(), indices, codebook.shape[0], check_indices=False, backend=backend)
         return (quantized - x).pow(2).mean() + distances.mean(), counts, sums
 
-    x = torch.randn(20, 8, requires_grad=True)
-    codebook = torch.randn(12, 8, requires_grad=True)
+    x = torch.randn(20, 8, device=device, requires_grad=True)
+    codebook = torch.randn(12, 8, device=device, requires_grad=True)
     loss, counts, sums = step(x, codebook)
     loss.backward()
     assert counts.sum() == 20 and x.grad is not None and codebook.grad is not None

@@ -41,6 +41,7 @@ def _import_triton_kernels() -> tuple[ModuleType | None, str]:
         return None, f"triton could not be imported ({err})"
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing (it imports triton)
 def triton_unavailable_reason(device: torch.device) -> str:
     """Why the Triton backend cannot run on `device` ('' when it can)."""
     module, reason = _import_triton_kernels()
@@ -63,6 +64,7 @@ def triton_unavailable_reason(device: torch.device) -> str:
     return f"backend='triton' does not support device '{device.type}'"
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing (it imports and builds)
 def cuda_unavailable_reason(device: torch.device, build: bool = True) -> str:
     """Why the CUDA backend cannot run on `device` ('' when it can). With `build`, the extension is
     compiled if needed (once per torch and CUDA version); without, only its prerequisites are checked."""
