@@ -22,8 +22,7 @@ _EXPORTS = {
     **dict.fromkeys(("code_cross_entropy", "code_stats", "lookup_codes", "nearest_code", "quantize",
                      "resolve_precision", "sample_code", "topk_codes"), "fastvq.ops.functional"),
     "available_backends": "fastvq.ops.backend",
-    "LossBreakdown": "fastvq.nn",
-    "VectorQuantize": "fastvq.nn",
+    **dict.fromkeys(("GroupedResidualVQ", "LossBreakdown", "ResidualVQ", "VectorQuantize"), "fastvq.nn"),
 }
 """Public names and the module that defines each, imported at first use: `import fastvq.ops.reference`
 then loads no more than it needs (the custom ops' registration imports torch._dynamo, and with it triton)."""

@@ -8,6 +8,7 @@ cosine. A chosen code must be within that tolerance of the true (float64) minimu
 """
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 UNIT_ROUNDOFF = {"ieee": 2.0**-24, "tf32": 2.0**-11, "fp16": 2.0**-11, "bf16": 2.0**-8}
 
@@ -55,3 +56,18 @@ def check_nearest(x, codebook, indices, distances, metric, precision):
     dist_tol = 1e-5 * (1 + chosen.abs()) + (8 * x.shape[-1] * 2.0**-24 * (
         x.double().pow(2).sum(-1) + codebook.double().pow(2).sum(-1).max()) if metric == "l2" else 1e-6)
     assert (err <= dist_tol).all(), f"distance error {err.max().item():.3g}"
+
+
+class LargestTensor(TorchDispatchMode):
+    """While active, records in `largest` the most elements of any tensor an op returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
