@@ -5,6 +5,8 @@ ops (what a call does):
     train   -- one training step of a VQ layer (forward, backward, codebook update) on x (1, N, D)
                with a random upstream gradient;
     residual -- the same for a residual quantizer of `stages` stages (EnCodec / DAC shapes);
+    head    -- a prior's output layer over K codes: mean cross-entropy of (N, D) hidden states against
+               targets, forward and backward (fastvq's CodeHead against nn.Linear + F.cross_entropy);
     matmul  -- the dense (N, D) x (D, K) product of the same shape (what the search is measured against);
     ceiling -- the device's own limits: a large square matmul per precision, a device-to-device copy.
 roles: "fastvq" (ours, public API only), "alternative" (what users would pick instead: the textbook
@@ -26,6 +28,7 @@ from torch import nn
 
 import fastvq
 from fastvq.models import TamingQuantizer
+from fastvq.nn import CodeHead
 from fastvq.ops.common import triton_interpret_requested
 
 try:
@@ -91,6 +94,8 @@ class Impl:
 def input_bytes(op: str, shape: Shape, dtype: torch.dtype) -> int:
     """Bytes of one input set of `op`."""
     size = dtype.itemsize
+    if op == "head":  # hidden states and int64 targets
+        return shape.n * (shape.d * size + 8)
     if op in TRAIN_OPS:  # x and its upstream gradient
         return 2 * shape.n * shape.d * size
     return (shape.n + shape.k) * shape.d * size
@@ -99,11 +104,15 @@ def input_bytes(op: str, shape: Shape, dtype: torch.dtype) -> int:
 def make_inputs(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, copies: int) -> list[tuple]:
     """`copies` independent sets of standard-normal inputs, seeded by shape and dtype so that every
     implementation of a shape sees the same data. search / matmul / ceiling: (x (N, D), codebook
-    (K, D)); train, residual: (x (1, N, D) requiring grad, upstream gradient like x)."""
+    (K, D)); train, residual: (x (1, N, D) requiring grad, upstream gradient like x); head: (hidden
+    (N, D) requiring grad, targets (N,) int64)."""
     torch.manual_seed(zlib.crc32(f"{shape.name}:{dtype}".encode()))
     sets = []
     for _ in range(copies):
-        if op in TRAIN_OPS:
+        if op == "head":
+            sets.append((torch.randn(shape.n, shape.d, device=device).to(dtype).requires_grad_(),
+                         torch.randint(0, shape.k, (shape.n,), device=device)))
+        elif op in TRAIN_OPS:
             x = torch.randn(1, shape.n, shape.d, device=device).to(dtype).requires_grad_()
             sets.append((x, torch.randn(1, shape.n, shape.d, device=device).to(dtype)))
         else:
@@ -220,6 +229,30 @@ def _residual_layer(cls_of: Callable[[], type], **kwargs):
     return setup
 
 
+def _head(make: Callable[[Shape, torch.device], Callable]):
+    """Loss + backward of an output layer over K codes; make(shape, device) -> loss(hidden, targets)."""
+    def setup(shape, dtype, device):
+        loss_of = make(shape, device)
+
+        def step(hidden, targets):
+            hidden.grad = None
+            loss_of(hidden, targets).backward()
+        return step
+    return setup
+
+
+def _fastvq_head(backend: str):
+    def make(shape, device):
+        head = CodeHead(shape.d, shape.k, backend=backend).to(device)
+        return lambda hidden, targets: head.loss(hidden, targets).mean()
+    return _head(make)
+
+
+def _linear_head(shape, device):
+    linear = nn.Linear(shape.d, shape.k).to(device)
+    return lambda hidden, targets: torch.nn.functional.cross_entropy(linear(hidden), targets)
+
+
 def _fastvq_layer(backend: str, precision: str | None):
     return _layer(lambda s: fastvq.VectorQuantize(dim=s.d, codebook_size=s.k, decay=EMA_DECAY, backend=backend,
                                                   precision=precision))
@@ -307,6 +340,9 @@ IMPLS: list[Impl] = [
     Impl("fastvq-rvq[torch]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="torch")),
     Impl("vqp-rvq", "residual", "alternative", _residual_layer(lambda: vector_quantize_pytorch.ResidualVQ),
          nk_bytes=8, why_not=_VQP),  # nk_bytes per stage: measured 3.4 GiB at 8 x 65536 x 1024
+    Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
+    Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),
+    Impl("linear+cross_entropy", "head", "alternative", _head(_linear_head), nk_bytes=12),
 ]
 
 CEILINGS: list[Impl] = [

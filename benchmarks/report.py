@@ -22,7 +22,7 @@ import fastvq
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-OPS = ("search", "train", "residual")
+OPS = ("search", "train", "residual", "head")
 VQP_LAYER = {"train": "vqp-layer", "residual": "vqp-rvq"}  # vector-quantize-pytorch's layer for each op
 SHORT = {"skipped": "skip", "oom": "oom", "error": "error"}
 EPILOGUE_INSTRUCTIONS = 3  # CUDA-core instructions per (token, code) pair: score, compare, select
@@ -200,7 +200,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
     lines = _header(meta, len(records)) + ["", "## Measured ceilings", ""] + _ceiling_table(records, ceiling)
     titles = {"search": "Nearest-code search", "train": "Training step (forward, backward, codebook update)",
               "residual": "Residual VQ training step (N frames, K codes, D = input dim; stages and codebook "
-                          "dim in the shape's name and results.json)"}
+                          "dim in the shape's name and results.json)",
+              "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)"}
     for op in OPS:
         if any(r["op"] == op for r in records):
             versus = ", and over vector-quantize-pytorch's layer" if op in VQP_LAYER else ""

@@ -46,6 +46,11 @@ def residual_shapes(frames: int) -> list[Shape]:
         Shape("dac-9q", frames, 1024, 1024, FP32, ops=("residual",), stages=9, codebook_dim=8)]
 
 
+def head_shapes(positions: int) -> list[Shape]:
+    """A prior's output layer (width 256) over `positions` code positions and K = 1k, 16k, 262k codes."""
+    return [Shape(f"head-{k >> 10}k", positions, k, 256, FP32, ops=("head",)) for k in (1024, 16384, 262144)]
+
+
 SHAPES = {
     "cuda": [
         Shape("vqvae", 65536, 1024, 64),
@@ -55,6 +60,7 @@ SHAPES = {
         Shape("large-codebook", 16384, 262144, 32),
         Shape("small-n", 1024, 262144, 32),
         *residual_shapes(65536),
+        *head_shapes(16384),
     ],
     "cpu": [
         Shape("vqvae-cpu", 16384, 1024, 64),
@@ -62,9 +68,11 @@ SHAPES = {
         # the N x K peers need 4-12 GiB and ~10-50 s a call here: only when named in --shapes
         Shape("large-cpu", 65536, 16384, 32, FP32, default=False),
         *residual_shapes(8192),
+        *head_shapes(4096),
     ],
     "quick": [Shape("tiny", 2048, 256, 16, FP32),
-              Shape("tiny-rvq", 2048, 256, 16, FP32, ops=("residual",), stages=3, codebook_dim=8)],
+              Shape("tiny-rvq", 2048, 256, 16, FP32, ops=("residual",), stages=3, codebook_dim=8),
+              Shape("tiny-head", 512, 2048, 32, FP32, ops=("head",))],
 }
 # square matmul (N = K = D) and copy (N x D fp32) for the measured ceilings
 CEILING_SIZES = {"cuda": (8192, 1 << 30), "cpu": (2048, 256 << 20), "quick": (512, 16 << 20)}
@@ -94,7 +102,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
                         help="parent folder of the <device>-<date> results folder")
-    parser.add_argument("--only", choices=("search", "train", "residual"), help="only this op (ceilings always run)")
+    parser.add_argument("--only", choices=("search", "train", "residual", "head"),
+                        help="only this op (ceilings always run)")
     parser.add_argument("--shapes", help="comma-separated shape names of the device's matrix (also runs "
                         "shapes left out by default, e.g. large-cpu)")
     parser.add_argument("--repeats", type=int, help="most timed repetitions per measurement "

@@ -14,7 +14,8 @@ EXPECTED = {("ceiling", "peak-mm[ieee]"), ("ceiling", "copy"), ("matmul", "dense
             ("search", "naive"), ("search", "cdist"), ("search", "compile(naive)"), ("search", "vqp-cdist"),
             ("train", "fastvq-layer[triton]"), ("train", "fastvq-layer[torch]"), ("train", "vqp-layer"),
             ("train", "taming-vq2"), ("residual", "fastvq-rvq[torch]"), ("residual", "fastvq-rvq[triton]"),
-            ("residual", "vqp-rvq")}
+            ("residual", "vqp-rvq"), ("head", "fastvq-head[torch]"), ("head", "fastvq-head[triton]"),
+            ("head", "linear+cross_entropy")}
 
 
 def _run_quick(out: Path) -> Path:
@@ -45,7 +46,7 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
     ok = [r for r in records if r["status"] == "ok"]
     assert {r["impl"] for r in ok} >= {"fastvq-torch", "naive", "cdist", "vqp-cdist", "fastvq-layer[torch]",
                                        "vqp-layer", "taming-vq2", "dense-mm[ieee]", "copy", "fastvq-rvq[torch]",
-                                       "vqp-rvq"}
+                                       "vqp-rvq", "fastvq-head[torch]", "linear+cross_entropy"}
     for r in ok:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
         assert r["reps"] >= 2 and isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0, r
@@ -60,7 +61,7 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
 
     markdown = (folder / "results.md").read_text()
     for title in ("## Measured ceilings", "## Nearest-code search", "## Training step", "## Residual VQ training",
-                  "## Peak memory", "## Not run"):
+                  "## Prior output head", "## Peak memory", "## Not run"):
         assert title in markdown
     assert "| tiny | 2048, 256, 16 | float32 |" in markdown
     for name in ("time.png", "memory.png"):
