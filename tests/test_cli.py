@@ -1,8 +1,11 @@
 """The ``fastvq`` command, run in-process on tiny settings, plus its data and checkpoint layers."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,7 @@ from fastvq.app.files import write_atomic
 from fastvq.app.metrics import codebook_stats, psnr
 from fastvq.app.state import CHECKPOINT, load_model
 
+REPO = Path(__file__).resolve().parents[1]
 VQT = "vector-quantize-pytorch"
 TINY = ["--device", "cpu", "--image-size", "16", "--batch-size", "8", "--num-eval", "4",
         "--set", "channels=32", "--set", "res_channels=8", "--set", "num_res_blocks=1",
@@ -109,6 +113,61 @@ def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_pa
     for key in a:
         if key.startswith(("model.", "optim")):
             assert torch.equal(a[key], b[key]), key
+
+
+def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(capsys, folder, tmp_path):
+    """A real SIGINT to a training process: it finishes its step, checkpoints it (--ckpt-every is
+    beyond the run, so no other checkpoint exists) and exits 130; --resume then reproduces the
+    uninterrupted run bit for bit. Resuming the finished run again rewrites nothing."""
+    argv = ["train", "--data", folder, "--steps", 60, "--ckpt-every", 1000, "--set", "kmeans_init=true",
+            "--set", "threshold_ema_dead_code=2", *TINY]
+    code, text = run(capsys, *argv, "--out", tmp_path / "full")
+    assert code == 0, text
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "fastvq", *map(str, argv), "--out", str(out)]
+    command.remove("--no-progress")  # the progress line says that the loop has started
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in child.stderr:
+        if line.startswith("train: "):
+            child.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stdout + stderr
+    step = checkpoint.load(out / CHECKPOINT)[1]["step"]
+    assert 1 <= step < 60 and f"interrupted after step {step}, saved in {out / CHECKPOINT}" in stderr
+    assert "--resume" in stderr and not (out / "metrics.json").exists()
+
+    code, text = run(capsys, *argv, "--out", out, "--resume")
+    assert code == 0, text
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["history"]["step"] == list(range(1, 61))
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        assert resumed["history"][key] == full["history"][key], key  # bitwise
+    a, _ = checkpoint.load(tmp_path / "full" / CHECKPOINT)
+    b, _ = checkpoint.load(out / CHECKPOINT)
+    for key in a:
+        if key.startswith(("model.", "optim")):
+            assert torch.equal(a[key], b[key]), key
+
+    written = (out / "metrics.json").read_bytes()
+    assert resumed["timing"]["steps_per_s"] > 0
+    code, text = run(capsys, *argv, "--out", out, "--resume")
+    assert code == 0 and "finished at step 60: nothing trained" in text
+    assert (out / "metrics.json").read_bytes() == written
+
+
+def test_rerunning_a_finished_run_reports_it_or_offers_resume_and_another_out(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    metrics = train_tiny(capsys, folder, out)
+    written = (out / "metrics.json").read_bytes()
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY)
+    assert code == 0 and "already holds this run, finished at step 6: nothing trained" in text
+    assert f"held-out PSNR {metrics['eval']['psnr']:.2f} dB" in text and (out / "metrics.json").read_bytes() == written
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, *TINY, "--lr", "1e-3")
+    assert code == 2 and "already holds a vqvae run with other settings (finished)" in text
+    assert "add --resume to continue it, or choose another --out" in text
 
 
 def test_resume_errors(capsys, folder, tmp_path):

@@ -29,7 +29,7 @@ from .evaluation import decode_indices, encode_images, evaluate
 from .files import write_atomic
 from .metrics import InceptionFeatures
 from .state import CHECKPOINT, load_model, read_checkpoint
-from .training import train
+from .training import TrainingInterrupted, train
 
 MANIFEST_FORMAT = "fastvq-indices/1"
 
@@ -131,7 +131,9 @@ def _shared(p: argparse.ArgumentParser, quantizer_help: str | None = None) -> No
         p.add_argument("--quantizer", choices=QUANTIZERS, help=quantizer_help)
 
 
-def _train_config(args: argparse.Namespace, out: Path) -> RunConfig:
+def _train_config(args: argparse.Namespace, out: Path) -> tuple[RunConfig, int]:
+    """The run's settings from the flags (on --resume, from the checkpoint, with the flags that may
+    change applied) and the step of the checkpoint resumed from (0 for a new run)."""
     given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
              for flag, _, _ in RUN_FLAGS}
     given = {k: v for k, v in given.items() if v is not None}
@@ -142,7 +144,7 @@ def _train_config(args: argparse.Namespace, out: Path) -> RunConfig:
         if getattr(args, key) is not None:
             model_args[key] = getattr(args, key)
     if not args.resume:
-        return make_config(args.model or "vqvae", args.preset, model_args=model_args, **given)
+        return make_config(args.model or "vqvae", args.preset, model_args=model_args, **given), 0
     _, meta = read_checkpoint(out / CHECKPOINT, args.model)
     stored = meta["config"]
     for key, value in {**given, **{f"model_args.{k}": v for k, v in model_args.items()}}.items():
@@ -154,13 +156,20 @@ def _train_config(args: argparse.Namespace, out: Path) -> RunConfig:
             )
         if key in RESUMABLE:
             stored[key] = value
-    return RunConfig(**stored)
+    return RunConfig(**stored), meta["step"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "-".join(filter(None, (args.model or "vqvae", args.preset)))
-    config = _train_config(args, out)
-    metrics = train(config, out, resume=args.resume, progress=not args.no_progress)
+    config, resumed_step = _train_config(args, out)
+    if not args.resume and (out / CHECKPOINT).is_file():
+        metrics = _finished_run(out, config)
+        print(f"{out} already holds this run, finished at step {metrics['step']}: nothing trained. To train "
+              f"further add --resume --steps N; for a new run choose another --out.")
+    else:
+        if args.resume and resumed_step == config.steps:
+            print(f"{out} is finished at step {resumed_step}: nothing trained (raise --steps to train further)")
+        metrics = train(config, out, resume=args.resume, progress=not args.no_progress)
     ev, timing = metrics["eval"], metrics["timing"]
     share = timing["quantizer_share"]
     print(
@@ -170,6 +179,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{'n/a' if share is None else f'{100 * share:.1f}%'}; outputs in {out}"
     )
     return 0
+
+
+def _finished_run(out: Path, config: RunConfig) -> dict[str, Any]:
+    """The metrics of the finished run in ``out`` if ``config`` would train it again (settings that
+    do not change results aside); otherwise an error that offers --resume or another --out."""
+    _, meta = read_checkpoint(out / CHECKPOINT)
+    stored, wanted = meta["config"], config.to_dict()
+    same = all(stored.get(k) == v for k, v in wanted.items() if k not in RESUMABLE)
+    if same and meta["step"] == config.steps and (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    state = "finished" if meta["step"] == stored["steps"] else f"stopped at step {meta['step']} of {stored['steps']}"
+    differs = "" if same else " with other settings"
+    raise ValueError(f"--out {out} already holds a {meta['kind']} run{differs} ({state}): add --resume to "
+                     f"continue it, or choose another --out for a new run")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -264,11 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"fastvq {args.command}: interrupted", file=sys.stderr)
-        if args.command == "train":
-            print("the last checkpoint is intact; continue with the same command and --resume",
-                  file=sys.stderr)
+    except KeyboardInterrupt as err:
+        if isinstance(err, TrainingInterrupted):
+            print(f"fastvq train: interrupted after step {err.step}, saved in {err.path}; continue with the "
+                  "same command and --resume", file=sys.stderr)
+        else:
+            print(f"fastvq {args.command}: interrupted", file=sys.stderr)
+            if args.command == "train":
+                print("the last checkpoint is intact; continue with the same command and --resume",
+                      file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as err:
         message = err.spelled(flag) if isinstance(err, SettingError) else err

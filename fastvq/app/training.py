@@ -3,6 +3,10 @@ Independent of the command line (`fastvq.app.cli` translates its flags into a `R
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +21,41 @@ from .device import QuantizerTimer, now, peak_memory_mib, resolve_device
 from .errors import SettingError
 from .evaluation import evaluate
 from .metrics import batch_psnr
+from .progress import Progress
 from .state import CHECKPOINT, restore_training_state, save_training_state
 from .step import make_optimizers, train_step
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT) after finishing a step and checkpointing it."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted after step {step}, saved in {path}")
+        self.step, self.path = step, path
+
+
+class StopRequest:
+    """While entered (in the main thread), the first SIGINT only sets ``requested``, so that the
+    training loop can finish its step and checkpoint it; a second one raises KeyboardInterrupt at
+    once. A process that ignores SIGINT keeps ignoring it."""
+
+    def __enter__(self) -> StopRequest:
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = signal.signal(signal.SIGINT, self._handle) or signal.default_int_handler
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def train(
@@ -27,9 +64,9 @@ def train(
     """Train per ``config``, writing to ``out_dir``: checkpoint.safetensors (every
     ``ckpt_every`` steps and at the end), metrics.json, reconstructions.png, loss.png and
     codebook_usage.png. ``resume`` continues from the checkpoint there; batches depend only on
-    (seed, step), so the losses match an uninterrupted run exactly. Returns the metrics dict."""
-    from tqdm import tqdm
-
+    (seed, step), so the losses match an uninterrupted run exactly; resuming a finished run returns
+    its metrics.json and rewrites nothing. Ctrl-C (SIGINT) finishes the step in progress, checkpoints
+    it and raises ``TrainingInterrupted``. Returns the metrics dict."""
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     if not resume and ckpt_path.exists():
@@ -58,6 +95,8 @@ def train(
         if start > config.steps:
             raise SettingError("{steps} {value} is below the checkpoint's step {start}", value=config.steps,
                                start=start)
+        if start == config.steps and (out / "metrics.json").is_file():
+            return json.loads((out / "metrics.json").read_text())  # finished: nothing to train or rewrite
     out.mkdir(parents=True, exist_ok=True)
 
     model.train()
@@ -65,25 +104,30 @@ def train(
     step_seconds, quantizer_seconds = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step",
-               disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        x = sampler.batch(step).to(device)
-        q_before, t0 = timer.seconds, now(device)
-        logs, indices, reconstruction = train_step(model, optimizers, x, step, perceptual)
-        step_seconds.append(now(device) - t0)
-        quantizer_seconds.append(timer.seconds - q_before)
-        logs["psnr"] = batch_psnr(x, reconstruction)
-        logs["usage"] = torch.unique(indices).numel() / model.codebook_size
-        row = {"step": step + 1, **logs}
-        for key in set(history) | set(row):
-            history.setdefault(key, [float("nan")] * step)  # keys that start late (GAN losses)
-            history[key].append(float(row.get(key, float("nan"))))
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}",
-                            usage=f"{logs['usage']:.3f}", refresh=False)
-        if (step + 1) % config.ckpt_every == 0 or step + 1 == config.steps:
-            save_training_state(ckpt_path, model, optimizers, step + 1, history, config)
+    bar = Progress(range(start, config.steps), total=config.steps, desc="train", unit="step", initial=start,
+                   enabled=progress)
+    with StopRequest() as stop:
+        for step in bar:
+            x = sampler.batch(step).to(device)
+            q_before, t0 = timer.seconds, now(device)
+            logs, indices, reconstruction = train_step(model, optimizers, x, step, perceptual)
+            step_seconds.append(now(device) - t0)
+            quantizer_seconds.append(timer.seconds - q_before)
+            logs["psnr"] = batch_psnr(x, reconstruction)
+            logs["usage"] = torch.unique(indices).numel() / model.codebook_size
+            row = {"step": step + 1, **logs}
+            for key in set(history) | set(row):
+                history.setdefault(key, [float("nan")] * step)  # keys that start late (GAN losses)
+                history[key].append(float(row.get(key, float("nan"))))
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}",
+                                usage=f"{logs['usage']:.3f}")
+            last = step + 1 == config.steps
+            if (step + 1) % config.ckpt_every == 0 or last or stop.requested:
+                save_training_state(ckpt_path, model, optimizers, step + 1, history, config)
+            if stop.requested and not last:
+                bar.close()
+                raise TrainingInterrupted(step + 1, ckpt_path)
     bar.close()
     timer.close()
 
