@@ -1,7 +1,10 @@
 """The ``fastvq`` command, run in-process on tiny settings, plus its data and checkpoint layers."""
 
+import argparse
+import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,22 +16,25 @@ import torch
 from conftest import needs_vqp
 from PIL import Image
 
+import fastvq
 from fastvq.app import checkpoint, training
-from fastvq.app.cli import main
+from fastvq.app.cli import build_parser, main
 from fastvq.app.config import make_config
 from fastvq.app.data import CropSampler, load_images, split_images
+from fastvq.app.device import default_threads
 from fastvq.app.errors import SettingError
 from fastvq.app.evaluation import reconstruct
 from fastvq.app.files import write_atomic
 from fastvq.app.metrics import codebook_stats, psnr
 from fastvq.app.state import CHECKPOINT, load_model
+from fastvq.models import VQGAN, VQVAE
 
 REPO = Path(__file__).resolve().parents[1]
 VQT = "vector-quantize-pytorch"
 TINY = ["--device", "cpu", "--image-size", "16", "--batch-size", "8", "--num-eval", "4",
         "--set", "channels=32", "--set", "res_channels=8", "--set", "num_res_blocks=1",
         "--set", "decay=0.8", "--codebook-dim", "8", "--codebook-size", "32", "--lr", "3e-3",
-        "--no-progress"]
+        "--threads", "1", "--no-progress"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,7 +131,7 @@ def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(cap
     assert code == 0, text
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     out = tmp_path / "stopped"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "fastvq", *map(str, argv), "--out", str(out)]
     command.remove("--no-progress")  # the progress line says that the loop has started
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -168,6 +174,56 @@ def test_rerunning_a_finished_run_reports_it_or_offers_resume_and_another_out(ca
     code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, *TINY, "--lr", "1e-3")
     assert code == 2 and "already holds a vqvae run with other settings (finished)" in text
     assert "add --resume to continue it, or choose another --out" in text
+
+
+def test_help_shows_defaults_and_every_option_has_help(capsys):
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"train", "eval", "encode", "decode"}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = sub._get_formatter()._expand_help(action)
+            assert len(text) > 10, (name, action.option_strings)
+            if not action.required and not isinstance(action, argparse._StoreTrueAction):
+                assert "default: " in text, (name, action.option_strings, text)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "number of training steps (default: 10000 (vqvae, vqgan); 2000 (vqvae demo);" in text
+    assert "--codebook-size CODEBOOK_SIZE number of codes K (default: 512 (vqvae, vqvae demo, vqgan demo);" in text
+    set_help = next(a.help for a in commands["train"]._actions if a.dest == "model_args")
+    for model in (VQVAE, VQGAN):
+        keys = set(inspect.signature(model).parameters) - {"quantizer"}
+        assert keys <= set(re.findall(r"\w+", set_help)), keys - set(re.findall(r"\w+", set_help))
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--version"])
+    assert exit_code.value.code == 0 and capsys.readouterr().out.strip() == f"fastvq {fastvq.__version__}"
+
+
+def test_ckpt_takes_a_run_folder_and_threads_are_set_and_recorded(capsys, folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    metrics = train_tiny(capsys, folder, out, "--threads", 2)
+    assert metrics["timing"]["threads"] == 2 and metrics["config"]["threads"] == 2
+    assert checkpoint.load(out / CHECKPOINT)[1]["config"]["threads"] == 2  # a resume uses it again
+    code, text = run(capsys, "eval", "--ckpt", out, "--data", folder, "--threads", 1)
+    assert code == 0, text
+    assert json.loads((out / "eval" / "metrics.json").read_text())["num_images"] == 6
+    code, text = run(capsys, "eval", "--ckpt", tmp_path, "--data", folder)
+    assert code == 2 and f"{tmp_path}: a folder without {CHECKPOINT}" in text
+    code, text = run(capsys, "encode", "--ckpt", out, "--data", folder, "--out", tmp_path / "c", "--threads", 0)
+    assert code == 2 and "error: --threads must be an int >= 1, got 0" in text
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))  # busier than every CPU
+    assert default_threads(cpu) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert default_threads(cpu) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert default_threads(cpu) == 2
 
 
 def test_resume_errors(capsys, folder, tmp_path):

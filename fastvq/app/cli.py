@@ -2,7 +2,7 @@
 
     fastvq train --preset demo                       # VQ-VAE on builtin photos, minutes on CPU
     fastvq train --model vqgan --preset gpu --data PATH --quantizer vector-quantize-pytorch
-    fastvq eval --ckpt runs/vqvae-demo/checkpoint.safetensors --data builtin
+    fastvq eval --ckpt runs/vqvae-demo --data builtin
     fastvq encode --ckpt CKPT --data IMAGES --out CODES
     fastvq decode --ckpt CKPT --indices CODES --out IMAGES
 """
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -18,24 +19,25 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fastvq import __version__
 from fastvq.models import QUANTIZERS
 
 from . import report
 from .config import MODELS, PRESETS, RESUMABLE, RunConfig, make_config
 from .data import builtin_images, fixed_crops, load_images, stack_images
-from .device import resolve_device
+from .device import resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
 from .files import write_atomic
 from .metrics import InceptionFeatures
-from .state import CHECKPOINT, load_model, read_checkpoint
+from .state import CHECKPOINT, checkpoint_file, load_model, read_checkpoint
 from .training import TrainingInterrupted, train
 
 MANIFEST_FORMAT = "fastvq-indices/1"
 
 # train flags that map onto RunConfig fields; None means "not given".
 RUN_FLAGS = (
-    ("--data", str, "builtin (scikit-image photos, default), a folder of images or a .npy/.npz"),
+    ("--data", str, "builtin (scikit-image photos), a folder of images or a .npy/.npz"),
     ("--steps", int, "number of training steps"),
     ("--batch-size", int, "images per step"),
     ("--image-size", int, "side of the square training crops (a multiple of the model's factor)"),
@@ -43,13 +45,19 @@ RUN_FLAGS = (
     ("--seed", int, "seed of initialisation and batch sampling"),
     ("--ckpt-every", int, "steps between checkpoints"),
     ("--log-every", int, "steps between progress-bar updates"),
-    ("--holdout", float, "fraction of PATH images held out for evaluation (builtin: fixed split)"),
+    ("--holdout", float, "fraction of PATH images held out for evaluation (builtin: a fixed split)"),
     ("--num-eval", int, "held-out crops evaluated at the end"),
     ("--resize", int, "resize the shorter side to S then center-crop SxS before cropping"),
     ("--crop", int, "center-crop SxS before cropping"),
     ("--lpips-weights", str, "VGG16-LPIPS weights file; adds the perceptual loss (VQGAN)"),
     ("--device", str, "auto (CUDA when present), cpu or cuda[:N]"),
+    ("--threads", int, "CPU threads of torch; auto: the CPUs not busy with other work (the load "
+                       "average), at least 1; on CUDA, torch's default"),
 )
+
+DEVICE_HELP = "auto (CUDA when present), cpu or cuda[:N] (default: %(default)s)"
+THREADS_HELP = "CPU threads of torch (default: the CPUs not busy with other work, at least 1)"
+CKPT_HELP = "a run folder of fastvq train, or its checkpoint.safetensors"
 
 
 FLAG_OF_SETTING = {"out_dir": "--out", "model_args": "--set"}
@@ -71,62 +79,101 @@ def _model_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _model_arg_default(model: str, setting: str, config: RunConfig) -> Any:
+    if setting in config.model_args:
+        return config.model_args[setting]
+    return inspect.signature(MODELS[model]).parameters[setting].default
+
+
+def default_text(setting: str) -> str:
+    """'default: ...' for a train setting, whose default depends on --model and --preset."""
+    values: dict[str, list[str]] = {}
+    for model in MODELS:
+        for preset in (None, *PRESETS):
+            config = make_config(model, preset)
+            if setting in ("codebook_size", "codebook_dim"):
+                value = _model_arg_default(model, setting, config)
+            else:
+                value = getattr(config, setting)
+            shown = "auto" if value is None and setting == "threads" else "none" if value is None else str(value)
+            values.setdefault(shown, []).append(" ".join(filter(None, (model, preset))))
+    if len(values) == 1:
+        return f"default: {next(iter(values))}"
+    return "default: " + "; ".join(f"{value} ({', '.join(labels)})" for value, labels in values.items())
+
+
+def model_arg_keys() -> str:
+    """The keys --set accepts, per model."""
+    return "; ".join(f"{model}: {', '.join(p for p in inspect.signature(cls).parameters if p != 'quantizer')}"
+                     for model, cls in MODELS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastvq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="train a VQ-VAE or VQGAN")
-    p.add_argument("--model", choices=list(MODELS), help="model kind (default vqvae)")
+    p = commands.add_parser("train", help="train a VQ-VAE or VQGAN",
+                            description="Train a VQ-VAE or VQGAN. Defaults depend on --model and --preset; "
+                                        "each option's help lists them.")
+    p.add_argument("--model", choices=list(MODELS), help="model kind (default: vqvae)")
     p.add_argument("--preset", choices=list(PRESETS),
-                   help="demo: minutes on a 2-core CPU; gpu: 128 px, sized for one GPU")
-    p.add_argument("--quantizer", choices=QUANTIZERS, help="quantizer implementation (default fastvq)")
-    for flag, kind, text in RUN_FLAGS:
-        p.add_argument(flag, type=kind, help=text)
-    p.add_argument("--codebook-size", type=int, help="number of codes K")
-    p.add_argument("--codebook-dim", type=int, help="code width D")
+                   help="demo: minutes on a 2-core CPU; gpu: 128 px, sized for one GPU (default: none, the "
+                        "model's own defaults)")
+    p.add_argument("--quantizer", choices=QUANTIZERS, help="quantizer implementation (default: fastvq)")
+    for name, kind, text in RUN_FLAGS:
+        p.add_argument(name, type=kind, help=f"{text} ({default_text(name[2:].replace('-', '_'))})")
+    for name in ("codebook_size", "codebook_dim"):
+        what = "number of codes K" if name == "codebook_size" else "code width D"
+        p.add_argument(flag(name), type=int, help=f"{what} ({default_text(name)})")
     p.add_argument("--set", dest="model_args", type=_model_arg, action="append", default=[],
-                   metavar="KEY=VALUE", help="model constructor argument (JSON value), repeatable")
-    p.add_argument("--out", type=Path, help="output folder (default runs/MODEL[-PRESET])")
+                   metavar="KEY=VALUE", help="model constructor argument (JSON value), repeatable (default: the "
+                                             f"model's and the preset's values); keys: {model_arg_keys()}")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/MODEL[-PRESET])")
     p.add_argument("--resume", action="store_true", help="continue from OUT/" + CHECKPOINT)
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (and rFID) on held-out images")
-    p.add_argument("--ckpt", type=Path, required=True)
-    p.add_argument("--data", default="builtin", help="builtin (held-out photos), folder or .npy/.npz")
-    p.add_argument("--out", type=Path, help="output folder (default: CKPT's folder/eval)")
-    p.add_argument("--num-eval", type=int, default=64, help="crops of the builtin held-out photos")
+    p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
+    p.add_argument("--data", default="builtin",
+                   help="builtin (held-out photos), a folder of images or a .npy/.npz (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="output folder (default: CKPT's run folder/eval)")
+    p.add_argument("--num-eval", type=int, default=64,
+                   help="crops of the builtin held-out photos (default: %(default)s)")
     p.add_argument("--image-size", type=int, help="side of those crops (default: the training size)")
     p.add_argument("--inception-weights", type=Path,
                    help="TorchScript Inception feature extractor (inception-2015-12-05.pt) for rFID. "
                         "TorchScript is a program, not data: fastvq runs it, so pass only a file you "
-                        "trust (never one from an untrusted source); without this flag nothing is run")
-    _shared(p, "evaluate with this quantizer instead of the checkpoint's")
+                        "trust (never one from an untrusted source); without this flag nothing is run (default: none)")
+    _shared(p, "evaluate with this quantizer instead of the checkpoint's (default: the checkpoint's)")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("encode", help="images -> code indices (indices.npy + manifest.json)")
-    p.add_argument("--ckpt", type=Path, required=True)
-    p.add_argument("--data", required=True, help="folder of images or .npy/.npz")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
+    p.add_argument("--data", required=True, help="a folder of images or a .npy/.npz")
+    p.add_argument("--out", type=Path, required=True, help="output folder for indices.npy and manifest.json")
     _shared(p)
     p.set_defaults(func=cmd_encode)
 
     p = commands.add_parser("decode", help="code indices (from encode) -> PNG images")
-    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
     p.add_argument("--indices", type=Path, required=True, help="folder written by fastvq encode")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True, help="output folder for the PNG images")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.set_defaults(func=cmd_decode)
     return parser
 
 
 def _shared(p: argparse.ArgumentParser, quantizer_help: str | None = None) -> None:
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--resize", type=int, help="resize the shorter side to S, center-crop SxS")
-    p.add_argument("--crop", type=int, help="center-crop SxS")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--resize", type=int, help="resize the shorter side to S, center-crop SxS (default: none)")
+    p.add_argument("--crop", type=int, help="center-crop SxS (default: none)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     if quantizer_help:
         p.add_argument("--quantizer", choices=QUANTIZERS, help=quantizer_help)
 
@@ -205,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         images = stack_images(*load_images(args.data, args.resize, args.crop))
     inception = InceptionFeatures(args.inception_weights, device) if args.inception_weights else None
     metrics, recons, indices = evaluate(model, images, args.batch_size, device, inception)
-    out = args.out or args.ckpt.parent / "eval"
+    out = args.out or checkpoint_file(args.ckpt).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "metrics.json", {
         "checkpoint": str(args.ckpt), "step": meta["step"], "kind": meta["kind"],
@@ -286,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``fastvq`` command with ``argv`` (default sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        if args.command == "train":  # its threads are a run setting
+            return args.func(args)
+        with torch_threads(args.threads, resolve_device(args.device)):
+            return args.func(args)
     except KeyboardInterrupt as err:
         if isinstance(err, TrainingInterrupted):
             print(f"fastvq train: interrupted after step {err.step}, saved in {err.path}; continue with the "

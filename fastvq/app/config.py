@@ -61,8 +61,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-# Settings that may differ between a run and its resumption without changing its results.
-RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "num_eval")
+# Settings that may differ between a run and its resumption. Results stay the same except for
+# rounding, which differs with the device and the CPU thread count (a resume keeps the recorded
+# count unless --threads is given).
+RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "num_eval", "threads")
 
 
 @dataclasses.dataclass
@@ -87,6 +89,7 @@ class RunConfig:
     crop: int | None = None
     lpips_weights: str | None = None
     device: str = "auto"
+    threads: int | None = None  # None: fastvq.app.device.default_threads; a checkpoint records the count used
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -67,6 +67,17 @@ def _load_model_state(model: VQModel, tensors: dict[str, torch.Tensor], path: Pa
         ) from err
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` itself, or ``path``/checkpoint.safetensors when ``path`` is a run folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"checkpoint {path}: a folder without {CHECKPOINT} (pass a run folder of "
+                                f"fastvq train or a checkpoint file)")
+    return path / CHECKPOINT
+
+
 def read_checkpoint(path: Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a training checkpoint; with ``kind`` given, one of another model raises ValueError."""
     tensors, meta = checkpoint.load(path)
@@ -84,9 +95,10 @@ def read_checkpoint(path: Path, kind: str | None = None) -> tuple[dict[str, torc
 def load_model(
     path: str | Path, device: torch.device, quantizer: str | None = None
 ) -> tuple[VQModel, dict[str, Any]]:
-    """A trained model (eval mode, on ``device``) and the checkpoint's metadata. ``quantizer``
-    replaces the recorded one (fastvq and vector-quantize-pytorch share state_dict keys)."""
-    path = Path(path)
+    """A trained model (eval mode, on ``device``) and the checkpoint's metadata, from a checkpoint
+    file or a run folder. ``quantizer`` replaces the recorded one (fastvq and
+    vector-quantize-pytorch share state_dict keys)."""
+    path = checkpoint_file(path)
     tensors, meta = read_checkpoint(path)
     model_args = {k: v for k, v in meta["model_config"].items() if k != "quantizer"}
     model = build_model(meta["kind"], model_args, quantizer or meta["model_config"]["quantizer"])

@@ -3,6 +3,7 @@ Independent of the command line (`fastvq.app.cli` translates its flags into a `R
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -17,7 +18,7 @@ from fastvq.models import LPIPS
 from . import report
 from .config import RunConfig, build_model
 from .data import CropSampler, fixed_crops, split_images
-from .device import QuantizerTimer, now, peak_memory_mib, resolve_device
+from .device import QuantizerTimer, now, peak_memory_mib, resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import evaluate
 from .metrics import batch_psnr
@@ -78,6 +79,12 @@ def train(
     if config.lpips_weights and config.model != "vqgan":
         raise SettingError("{lpips_weights} applies to {model} vqgan only, not {value}", value=config.model)
     device = resolve_device(config.device)
+    with torch_threads(config.threads, device) as threads:  # stored: a resume uses the same count
+        return _train(dataclasses.replace(config, threads=threads), out, device, resume, progress)
+
+
+def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, progress: bool) -> dict[str, Any]:
+    ckpt_path = out / CHECKPOINT
     train_images, eval_images = split_images(
         config.data, config.holdout, config.seed, config.resize, config.crop
     )
@@ -136,6 +143,7 @@ def train(
     step_total, quantizer_total = sum(step_seconds[timed]), sum(quantizer_seconds[timed])
     timing = {
         "device": str(device),
+        "threads": config.threads,
         "steps_timed": len(step_seconds[timed]),
         "steps_per_s": len(step_seconds[timed]) / step_total if step_total else None,
         "step_s": step_total,
