@@ -5,6 +5,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -400,6 +401,19 @@ def test_vqgan_with_taming_quantizer(capsys, folder, tmp_path):
     assert history["d_loss"][:2] == [None, None] and all(v is not None for v in history["d_loss"][2:])
     model, meta = load_model(out / CHECKPOINT, torch.device("cpu"))
     assert meta["kind"] == "vqgan" and model.config["quantizer"] == "taming"
+
+
+def test_readme_taming_example_runs_and_the_demo_preset_error_names_the_flags(capsys, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    (line,) = [line for line in readme.splitlines() if line.startswith("fastvq train") and "--quantizer taming" in line]
+    argv = shlex.split(line.split("#")[0])[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "taming")
+    code, text = run(capsys, *argv, "--steps", 2, "--num-eval", 2, "--device", "cpu", "--threads", 1, "--no-progress")
+    assert code == 0, text
+    code, text = run(capsys, "train", "--preset", "demo", "--quantizer", "taming", "--out", tmp_path / "x")
+    assert code == 2 and "turn them off with --set kmeans_init=false --set threshold_ema_dead_code=0" in text
+    with pytest.raises(SettingError, match="turn it off with model_args rotation_trick=false"):
+        make_config("vqgan", quantizer="taming", model_args={"rotation_trick": True})
 
 
 def test_demo_preset_on_builtin_data(capsys, tmp_path):

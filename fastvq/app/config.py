@@ -112,6 +112,7 @@ def make_config(model: str = "vqvae", preset: str | None = None, **overrides: An
         raise ValueError(f"unknown run settings {unknown}; known: {sorted(known)}")
     config = RunConfig(model=model, model_args=model_args, **{**settings, **overrides})
     check_model_args(model, model_args)
+    check_quantizer_args(config.quantizer, model_args)
     return RunConfig(**config.to_dict())
 
 
@@ -121,6 +122,20 @@ def check_model_args(model: str, model_args: dict[str, Any]) -> None:
     unknown = sorted(set(model_args) - valid)
     if unknown:
         raise ValueError(f"{model} takes no argument {unknown}; valid: {sorted(valid)}")
+
+
+TAMING_UNSUPPORTED = {"rotation_trick": "false", "kmeans_init": "false", "threshold_ema_dead_code": "0"}
+"""Model arguments of the EMA quantizers that the taming quantizer lacks, and their 'off' values."""
+
+
+def check_quantizer_args(quantizer: str, model_args: dict[str, Any]) -> None:
+    """Raise SettingError naming the settings that turn off what ``quantizer`` cannot do."""
+    used = [key for key in TAMING_UNSUPPORTED if model_args.get(key)] if quantizer == "taming" else []
+    if used:
+        fix = " ".join("{model_args} %s=%s" % (key, TAMING_UNSUPPORTED[key]) for key in used)
+        raise SettingError("{quantizer} taming has no %s (a learnable codebook without EMA); turn %s off with %s, "
+                           "or choose {quantizer} fastvq or vector-quantize-pytorch"
+                           % (", ".join(used), "it" if len(used) == 1 else "them", fix))
 
 
 def build_model(kind: str, model_args: dict[str, Any], quantizer: str) -> VQModel:
