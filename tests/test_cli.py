@@ -177,6 +177,23 @@ def test_rerunning_a_finished_run_reports_it_or_offers_resume_and_another_out(ca
     assert "add --resume to continue it, or choose another --out" in text
 
 
+def test_fastvq_load_gives_the_trained_model_from_a_run_folder_or_its_checkpoint(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+    model = fastvq.load(out)
+    reference, _ = load_model(out / CHECKPOINT, torch.device("cpu"))
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    images = np.stack(load_images(str(folder), crop=16)[1])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    indices = model.encode(x)
+    assert indices.shape == (6, 4, 4) and torch.equal(indices, reference.encode(x))
+    assert torch.equal(model.decode(indices), fastvq.load(out / CHECKPOINT, device=torch.device("cpu")).decode(indices))
+    state = {k: v for k, v in checkpoint.load(out / CHECKPOINT)[0].items() if k.startswith("model.")}
+    assert all(torch.equal(v, state["model." + k]) for k, v in model.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="a folder without checkpoint.safetensors"):
+        fastvq.load(tmp_path)
+
+
 def test_help_shows_defaults_and_every_option_has_help(capsys):
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

@@ -12,6 +12,7 @@ from fastvq.models import VQModel
 
 from . import checkpoint
 from .config import RunConfig, build_model
+from .device import resolve_device
 
 CHECKPOINT = "checkpoint.safetensors"
 """The checkpoint's file name inside a run folder."""
@@ -104,3 +105,11 @@ def load_model(
     model = build_model(meta["kind"], model_args, quantizer or meta["model_config"]["quantizer"])
     _load_model_state(model, tensors, path)
     return model.to(device).eval(), meta
+
+
+def load(run: str | Path, device: str | torch.device = "cpu", quantizer: str | None = None) -> VQModel:
+    """The trained model of a run folder of ``fastvq train`` (or of its checkpoint file), in eval
+    mode on ``device`` ('cpu', 'auto', 'cuda[:N]' or a torch.device): ``model.encode(x)`` takes
+    (B, 3, H, W) images in [-1, 1] (H, W multiples of ``model.downsample``) to (B, H/f, W/f) int64
+    codes and ``model.decode(indices)`` takes them back. ``quantizer`` replaces the recorded one."""
+    return load_model(run, resolve_device(str(device)), quantizer)[0]
