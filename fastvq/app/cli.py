@@ -37,7 +37,8 @@ MANIFEST_FORMAT = "fastvq-indices/1"
 
 # train flags that map onto RunConfig fields; None means "not given".
 RUN_FLAGS = (
-    ("--data", str, "builtin (scikit-image photos), a folder of images or a .npy/.npz"),
+    ("--data", str, "builtin (scikit-image photos), a folder of images (searched recursively, e.g. "
+                    "class/image.jpg), one image file or a .npy/.npz"),
     ("--steps", int, "number of training steps"),
     ("--batch-size", int, "images per step"),
     ("--image-size", int, "side of the square training crops (a multiple of the model's factor)"),
@@ -51,6 +52,8 @@ RUN_FLAGS = (
     ("--crop", int, "center-crop SxS before cropping"),
     ("--lpips-weights", str, "VGG16-LPIPS weights file; adds the perceptual loss (VQGAN)"),
     ("--device", str, "auto (CUDA when present), cpu or cuda[:N]"),
+    ("--workers", int, "data-loading processes; auto: 0 for builtin and array data (in memory), else one "
+                       "per CPU but one, at most 8"),
     ("--threads", int, "CPU threads of torch; auto: the CPUs not busy with other work (the load "
                        "average), at least 1; on CUDA, torch's default"),
 )
@@ -95,7 +98,7 @@ def default_text(setting: str) -> str:
                 value = _model_arg_default(model, setting, config)
             else:
                 value = getattr(config, setting)
-            shown = "auto" if value is None and setting == "threads" else "none" if value is None else str(value)
+            shown = str(value) if value is not None else "auto" if setting in ("threads", "workers") else "none"
             values.setdefault(shown, []).append(" ".join(filter(None, (model, preset))))
     if len(values) == 1:
         return f"default: {next(iter(values))}"
@@ -138,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (and rFID) on held-out images")
     p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
     p.add_argument("--data", default="builtin",
-                   help="builtin (held-out photos), a folder of images or a .npy/.npz (default: %(default)s)")
+                   help="builtin (held-out photos), a folder of images (recursively), an image file or a .npy/.npz "
+                        "(default: %(default)s)")
     p.add_argument("--out", type=Path, help="output folder (default: CKPT's run folder/eval)")
     p.add_argument("--num-eval", type=int, default=64,
                    help="crops of the builtin held-out photos (default: %(default)s)")
@@ -152,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("encode", help="images -> code indices (indices.npy + manifest.json)")
     p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
-    p.add_argument("--data", required=True, help="a folder of images or a .npy/.npz")
+    p.add_argument("--data", required=True, help="a folder of images (recursively), an image file or a .npy/.npz")
     p.add_argument("--out", type=Path, required=True, help="output folder for indices.npy and manifest.json")
     _shared(p)
     p.set_defaults(func=cmd_encode)

@@ -64,7 +64,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # Settings that may differ between a run and its resumption. Results stay the same except for
 # rounding, which differs with the device and the CPU thread count (a resume keeps the recorded
 # count unless --threads is given).
-RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "num_eval", "threads")
+RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "num_eval", "threads", "workers")
 
 
 @dataclasses.dataclass
@@ -89,6 +89,7 @@ class RunConfig:
     crop: int | None = None
     lpips_weights: str | None = None
     device: str = "auto"
+    workers: int | None = None  # None: fastvq.app.data.default_workers
     threads: int | None = None  # None: fastvq.app.device.default_threads; a checkpoint records the count used
 
     def to_dict(self) -> dict[str, Any]:

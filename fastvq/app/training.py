@@ -17,7 +17,7 @@ from fastvq.models import LPIPS
 
 from . import report
 from .config import RunConfig, build_model
-from .data import CropSampler, fixed_crops, split_images
+from .data import CropDataset, batch_loader, default_workers, fixed_crops, split_images, to_model_input
 from .device import QuantizerTimer, now, peak_memory_mib, resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import evaluate
@@ -76,6 +76,8 @@ def train(
     for name in ("steps", "batch_size", "image_size", "ckpt_every", "log_every", "num_eval"):
         if getattr(config, name) < 1:
             raise SettingError("{%s} must be >= 1, got {value}" % name, value=getattr(config, name))
+    if config.workers is not None and config.workers < 0:
+        raise SettingError("{workers} must be >= 0, got {value}", value=config.workers)
     if config.lpips_weights and config.model != "vqgan":
         raise SettingError("{lpips_weights} applies to {model} vqgan only, not {value}", value=config.model)
     device = resolve_device(config.device)
@@ -88,7 +90,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
     train_images, eval_images = split_images(
         config.data, config.holdout, config.seed, config.resize, config.crop
     )
-    sampler = CropSampler(train_images, config.image_size, config.batch_size, config.seed)
+    dataset = CropDataset(train_images, config.image_size, config.seed)
     eval_set = fixed_crops(eval_images, config.image_size, config.num_eval)
     perceptual = LPIPS.from_file(config.lpips_weights).to(device) if config.lpips_weights else None
 
@@ -111,11 +113,17 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
     step_seconds, quantizer_seconds = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = Progress(range(start, config.steps), total=config.steps, desc="train", unit="step", initial=start,
-                   enabled=progress)
-    with StopRequest() as stop:
+    workers = default_workers(train_images) if config.workers is None else config.workers
+    batches = iter(batch_loader(dataset, start, config.steps, config.batch_size, workers,
+                                pin_memory=device.type == "cuda"))
+    with StopRequest() as stop:  # before the progress line that says the loop has started
+        bar = Progress(range(start, config.steps), total=config.steps, desc="train", unit="step", initial=start,
+                       enabled=progress)
         for step in bar:
-            x = sampler.batch(step).to(device)
+            images, error = next(batches)
+            if error is not None:
+                raise error
+            x = to_model_input(images.to(device, non_blocking=True))
             q_before, t0 = timer.seconds, now(device)
             logs, indices, reconstruction = train_step(model, optimizers, x, step, perceptual)
             step_seconds.append(now(device) - t0)
@@ -144,6 +152,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
     timing = {
         "device": str(device),
         "threads": config.threads,
+        "workers": workers,
         "steps_timed": len(step_seconds[timed]),
         "steps_per_s": len(step_seconds[timed]) / step_total if step_total else None,
         "step_s": step_total,
