@@ -2,6 +2,7 @@
 
 import argparse
 import inspect
+import io
 import json
 import os
 import re
@@ -35,6 +36,7 @@ from fastvq.app.errors import SettingError
 from fastvq.app.evaluation import reconstruct
 from fastvq.app.files import write_atomic
 from fastvq.app.metrics import codebook_stats, psnr
+from fastvq.app.progress import Progress
 from fastvq.app.state import CHECKPOINT, load_model
 from fastvq.models import VQGAN, VQVAE
 
@@ -310,6 +312,53 @@ def test_training_memory_does_not_grow_with_the_number_of_images(tmp_path):
 
     small, large = peak_rss(300), peak_rss(3000)
     assert large - small < 15, (small, large)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_a_few_lines_in_a_log():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log, terminal = io.StringIO(), Terminal()
+    for stream, interval in ((log, 30.0), (terminal, 30.0)):
+        bar = Progress(range(1000), total=1000, desc="encode", unit="batch", stream=stream, interval=interval)
+        assert sum(1 for _ in bar) == 1000
+        bar.set_postfix(loss="0.5")
+        bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("encode: 0/1000 (") and lines[1].startswith("encode: 1000/1000 (")
+    assert lines[1].endswith(", loss 0.5") and "\r" not in log.getvalue()
+    assert "\r" in terminal.getvalue() and "1000/1000" in terminal.getvalue()  # tqdm redraws one line
+    chatty = io.StringIO()
+    with Progress(range(5), total=5, desc="decode", stream=chatty, interval=0.0) as bar:
+        list(bar)
+    assert len(chatty.getvalue().splitlines()) == 6  # start + one per item, no repeated final line
+    silent = io.StringIO()
+    with Progress(range(5), total=5, desc="decode", stream=silent, enabled=False) as bar:
+        list(bar)
+    assert silent.getvalue() == ""
+
+
+def test_periodic_eval_writes_grids_and_history_without_changing_training(capsys, folder, tmp_path):
+    plain = train_tiny(capsys, folder, tmp_path / "plain")
+    out = tmp_path / "evals"
+    metrics = train_tiny(capsys, folder, out, "--eval-every", 3)
+    history = metrics["history"]
+    assert history["eval_psnr"][:2] == [None, None] and history["eval_psnr"][3:5] == [None, None]
+    assert history["eval_psnr"][5] == metrics["eval"]["psnr"]  # the same model and held-out crops
+    assert 5 < history["eval_psnr"][2] < 60 and 0 < history["eval_usage"][2] <= 1
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        assert history[key] == plain["history"][key], key  # evaluating changes nothing in training
+    grids = sorted(p.name for p in (out / "samples").iterdir())
+    assert grids == ["step_0000003.png", "step_0000006.png"]
+    assert Image.open(out / "samples" / grids[0]).size[0] > 120 + 4 * 16 * 6
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "x", *TINY, "--eval-every", 0)
+    assert code == 2 and "--eval-every must be >= 1, got 0" in text
+
+    code, text = run(capsys, "encode", "--ckpt", out, "--data", folder, "--out", tmp_path / "c", "--batch-size", 4)
+    assert code == 0, text
+    lines = [line for line in text.splitlines() if line.startswith("encode: ")]
+    assert len(lines) == 2 and lines[0].startswith("encode: 0/2 (") and lines[1].startswith("encode: 2/2 (")
 
 
 def test_resume_errors(capsys, folder, tmp_path):

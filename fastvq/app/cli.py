@@ -46,6 +46,8 @@ RUN_FLAGS = (
     ("--seed", int, "seed of initialisation and batch sampling"),
     ("--ckpt-every", int, "steps between checkpoints"),
     ("--log-every", int, "steps between progress-bar updates"),
+    ("--eval-every", int, "steps between held-out evaluations during training (metrics in the history as "
+                          "eval_*, a grid of inputs and reconstructions in OUT/samples/); none: at the end only"),
     ("--holdout", float, "fraction of PATH images held out for evaluation (builtin: a fixed split)"),
     ("--num-eval", int, "held-out crops evaluated at the end"),
     ("--resize", int, "resize the shorter side to S then center-crop SxS before cropping"),
@@ -60,6 +62,8 @@ RUN_FLAGS = (
 
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda[:N] (default: %(default)s)"
 THREADS_HELP = "CPU threads of torch (default: the CPUs not busy with other work, at least 1)"
+NO_PROGRESS_HELP = ("no progress output (on a terminal a live bar; in a log, a line at the start, at most one "
+                    "every 30 s, and one at the end)")
 CKPT_HELP = "a run folder of fastvq train, or its checkpoint.safetensors"
 
 
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              f"model's and the preset's values); keys: {model_arg_keys()}")
     p.add_argument("--out", type=Path, help="output folder (default: runs/MODEL[-PRESET])")
     p.add_argument("--resume", action="store_true", help="continue from OUT/" + CHECKPOINT)
-    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (and rFID) on held-out images")
@@ -168,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_decode)
     return parser
 
@@ -178,6 +183,7 @@ def _shared(p: argparse.ArgumentParser, quantizer_help: str | None = None) -> No
     p.add_argument("--crop", type=int, help="center-crop SxS (default: none)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     if quantizer_help:
         p.add_argument("--quantizer", choices=QUANTIZERS, help=quantizer_help)
 
@@ -255,7 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         images = stack_images(*load_images(args.data, args.resize, args.crop))
     inception = InceptionFeatures(args.inception_weights, device) if args.inception_weights else None
-    metrics, recons, indices = evaluate(model, images, args.batch_size, device, inception)
+    metrics, recons, indices = evaluate(model, images, args.batch_size, device, inception, not args.no_progress)
     out = args.out or checkpoint_file(args.ckpt).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "metrics.json", {
@@ -272,7 +278,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_model(args.ckpt, device)
     names, images = load_images(args.data, args.resize, args.crop)
-    indices = encode_images(model, stack_images(names, images), args.batch_size, device)
+    indices = encode_images(model, stack_images(names, images), args.batch_size, device, not args.no_progress)
     args.out.mkdir(parents=True, exist_ok=True)
     compact = indices.astype(np.min_scalar_type(model.codebook_size - 1))
     write_atomic(args.out / "indices.npy", lambda f: np.save(f, compact))
@@ -325,7 +331,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if not np.issubdtype(indices.dtype, np.integer):
         raise ValueError(f"{args.indices / 'indices.npy'} holds {indices.dtype} values; code indices are integers")
     names = output_names(manifest["images"], manifest_path)
-    images = decode_indices(model, indices, args.batch_size, device)
+    images = decode_indices(model, indices, args.batch_size, device, not args.no_progress)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, image in zip(names, images):
         write_atomic(args.out / name, lambda f, image=image: Image.fromarray(image).save(f, format="PNG"))

@@ -64,7 +64,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # Settings that may differ between a run and its resumption. Results stay the same except for
 # rounding, which differs with the device and the CPU thread count (a resume keeps the recorded
 # count unless --threads is given).
-RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "num_eval", "threads", "workers")
+RESUMABLE = ("steps", "ckpt_every", "log_every", "eval_every", "device", "num_eval", "threads", "workers")
 
 
 @dataclasses.dataclass
@@ -83,6 +83,7 @@ class RunConfig:
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 10
+    eval_every: int | None = None  # None: evaluate at the end only
     holdout: float = 0.1
     num_eval: int = 64
     resize: int | None = None

@@ -11,7 +11,8 @@ from typing import Any, TextIO
 
 class Progress:
     """Iterate over ``iterable`` (``total`` items, counted from ``initial``) while reporting to
-    ``stream`` (default stderr). ``set_postfix(**values)`` adds values to the report."""
+    ``stream`` (default stderr). ``set_postfix(**values)`` adds values to the report; ``close()``
+    (or leaving a ``with`` block) ends it."""
 
     def __init__(self, iterable: Iterable, total: int, desc: str, unit: str = "it", initial: int = 0,
                  enabled: bool = True, stream: TextIO | None = None, interval: float = 30.0):
@@ -43,6 +44,12 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix(values, refresh=False)
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """End the bar; in a log, write the final line (unless nothing happened since the last)."""
         if self._bar is not None:
@@ -54,6 +61,6 @@ class Progress:
         now = time.monotonic()
         rate = (self.count - self._first) / (now - self._start) if now > self._start else 0.0
         extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
-        print(f"{self.desc}: {self.count}/{self.total} {self.unit}s, {rate:.3g} {self.unit}/s{extra}",
-              file=self.stream, flush=True)
+        print(f"{self.desc}: {self.count}/{self.total} ({rate:.3g} {self.unit}/s){extra}", file=self.stream,
+              flush=True)
         self._last, self._reported = now, self.count

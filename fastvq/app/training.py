@@ -11,9 +11,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from fastvq.models import LPIPS
+from fastvq.models import LPIPS, VQModel
 
 from . import report
 from .config import RunConfig, build_model
@@ -59,6 +60,26 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: torch.device, step: int,
+                  out: Path) -> dict[str, float]:
+    """Held-out metrics during training, as history entries (eval_psnr, eval_ssim, eval_usage,
+    eval_perplexity), and a grid of inputs and reconstructions in out/samples/step_NNNNNNN.png.
+    Leaves the model in training mode and torch's RNG as it found it, so that training continues
+    exactly as without the evaluation."""
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    metrics, recons, _ = evaluate(model, images, batch_size, device)
+    model.train()
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    report.save_grid(images[:16], recons[:16], out / "samples" / f"step_{step:07d}.png",
+                     title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB")
+    return {"eval_psnr": metrics["psnr"], "eval_ssim": metrics["ssim"], "eval_usage": metrics["codebook_usage"],
+            "eval_perplexity": metrics["perplexity"]}
+
+
 def train(
     config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
 ) -> dict[str, Any]:
@@ -76,6 +97,8 @@ def train(
     for name in ("steps", "batch_size", "image_size", "ckpt_every", "log_every", "num_eval"):
         if getattr(config, name) < 1:
             raise SettingError("{%s} must be >= 1, got {value}" % name, value=getattr(config, name))
+    if config.eval_every is not None and config.eval_every < 1:
+        raise SettingError("{eval_every} must be >= 1, got {value}", value=config.eval_every)
     if config.workers is not None and config.workers < 0:
         raise SettingError("{workers} must be >= 0, got {value}", value=config.workers)
     if config.lpips_weights and config.model != "vqgan":
@@ -130,6 +153,8 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
             quantizer_seconds.append(timer.seconds - q_before)
             logs["psnr"] = batch_psnr(x, reconstruction)
             logs["usage"] = torch.unique(indices).numel() / model.codebook_size
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                logs.update(periodic_eval(model, eval_set, config.batch_size, device, step + 1, out))
             row = {"step": step + 1, **logs}
             for key in set(history) | set(row):
                 history.setdefault(key, [float("nan")] * step)  # keys that start late (GAN losses)
