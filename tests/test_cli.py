@@ -38,6 +38,7 @@ from fastvq.app.files import write_atomic
 from fastvq.app.metrics import codebook_stats, psnr
 from fastvq.app.progress import Progress
 from fastvq.app.state import CHECKPOINT, load_model
+from fastvq.app.step import make_optimizers, train_step
 from fastvq.models import VQGAN, VQVAE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,10 +108,10 @@ def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_pa
 
     real_step = training.train_step
 
-    def interrupted(model, optimizers, x, step, perceptual=None):
+    def interrupted(model, optimizers, x, step, perceptual=None, **precision):
         if step == 4:
             raise KeyboardInterrupt
-        return real_step(model, optimizers, x, step, perceptual)
+        return real_step(model, optimizers, x, step, perceptual, **precision)
 
     monkeypatch.setattr(training, "train_step", interrupted)
     out = tmp_path / "resumed"
@@ -359,6 +360,41 @@ def test_periodic_eval_writes_grids_and_history_without_changing_training(capsys
     assert code == 0, text
     lines = [line for line in text.splitlines() if line.startswith("encode: ")]
     assert len(lines) == 2 and lines[0].startswith("encode: 0/2 (") and lines[1].startswith("encode: 2/2 (")
+
+
+def test_bf16_autocast_runs_the_model_in_bf16_and_the_quantizer_on_its_output():
+    model = VQVAE(channels=16, res_channels=4, num_res_blocks=1, codebook_dim=8, codebook_size=16)
+    optimizers = make_optimizers(model, make_config("vqvae", lr=1e-3))
+    seen = {}
+    model.quantizer.register_forward_hook(lambda m, args, out: seen.update(tokens=args[0].dtype, codes=out[0].dtype))
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda m, args, out: seen.update(conv=out.dtype))
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    logs, indices, reconstruction = train_step(model, optimizers, x, 0, precision="bf16")
+    assert seen == {"conv": torch.bfloat16, "tokens": torch.bfloat16, "codes": torch.bfloat16}
+    assert reconstruction.dtype == torch.float32 and np.isfinite(logs["loss"]) and indices.shape == (4, 4, 4)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters()
+               if p.grad is not None)
+    train_step(model, optimizers, x, 1)
+    assert seen["conv"] == torch.float32  # fp32 by default
+    with pytest.raises(ValueError, match="'fp16' needs a GradScaler"):
+        train_step(model, optimizers, x, 2, precision="fp16")
+
+
+def test_fp16_training_resumes_exactly_with_its_loss_scale(capsys, folder, tmp_path):
+    full = train_tiny(capsys, folder, tmp_path / "full", "--precision", "fp16")
+    out = tmp_path / "resumed"
+    train_tiny(capsys, folder, out, "--precision", "fp16", "--steps", 3)
+    assert checkpoint.load(out / CHECKPOINT)[1]["scaler"]["scale"] > 0
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, *TINY, "--resume")
+    assert code == 0, text
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["config"]["precision"] == "fp16"
+    for key in ("loss", "rec_loss", "psnr", "usage"):
+        assert resumed["history"][key] == full["history"][key], key
+    assert 5 < full["eval"]["psnr"] < 60
+    code, text = run(capsys, "train", "--data", folder, "--out", out, *TINY, "--resume", "--precision", "bf16")
+    assert code == 2 and "precision='bf16' differs from the checkpoint's 'fp16'" in text
 
 
 def test_resume_errors(capsys, folder, tmp_path):

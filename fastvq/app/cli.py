@@ -31,6 +31,7 @@ from .evaluation import decode_indices, encode_images, evaluate
 from .files import write_atomic
 from .metrics import InceptionFeatures
 from .state import CHECKPOINT, checkpoint_file, load_model, read_checkpoint
+from .step import PRECISIONS
 from .training import TrainingInterrupted, train
 
 MANIFEST_FORMAT = "fastvq-indices/1"
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo: minutes on a 2-core CPU; gpu: 128 px, sized for one GPU (default: none, the "
                         "model's own defaults)")
     p.add_argument("--quantizer", choices=QUANTIZERS, help="quantizer implementation (default: fastvq)")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="mixed precision: the model's forward and losses under autocast in bf16 or fp16 (fp16 "
+                        "with a loss scaler); the quantizer keeps its own rules for 16-bit latents (default: fp32)")
     for name, kind, text in RUN_FLAGS:
         p.add_argument(name, type=kind, help=f"{text} ({default_text(name[2:].replace('-', '_'))})")
     for name in ("codebook_size", "codebook_dim"):
@@ -194,8 +198,9 @@ def _train_config(args: argparse.Namespace, out: Path) -> tuple[RunConfig, int]:
     given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
              for flag, _, _ in RUN_FLAGS}
     given = {k: v for k, v in given.items() if v is not None}
-    if args.quantizer:
-        given["quantizer"] = args.quantizer
+    for key in ("quantizer", "precision"):
+        if getattr(args, key):
+            given[key] = getattr(args, key)
     model_args = dict(args.model_args)
     for key in ("codebook_size", "codebook_dim"):
         if getattr(args, key) is not None:

@@ -89,6 +89,7 @@ class RunConfig:
     resize: int | None = None
     crop: int | None = None
     lpips_weights: str | None = None
+    precision: str = "fp32"  # autocast dtype of the model: fp32 (none), bf16 or fp16 (with a GradScaler)
     device: str = "auto"
     workers: int | None = None  # None: fastvq.app.data.default_workers
     threads: int | None = None  # None: fastvq.app.device.default_threads; a checkpoint records the count used

@@ -25,8 +25,10 @@ def save_training_state(
     step: int,
     history: dict[str, list[float]],
     config: RunConfig,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Checkpoint everything a bit-exact resume needs: model, optimizers, RNG, history, config."""
+    """Checkpoint everything a bit-exact resume needs: model, optimizers, fp16 loss scale, RNG,
+    history, config."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     skeletons = [checkpoint.pack(opt.state_dict(), f"optim{i}", tensors) for i, opt in enumerate(optimizers)]
     tensors["rng.torch"] = torch.get_rng_state()
@@ -36,19 +38,21 @@ def save_training_state(
     for key, values in history.items():
         tensors[f"history.{key}"] = torch.tensor(values, dtype=torch.float64)
     meta = {"kind": model.kind, "config": config.to_dict(), "model_config": model.config,
-            "step": step, "optimizers": skeletons}
+            "step": step, "optimizers": skeletons, "scaler": scaler.state_dict() if scaler else None}
     checkpoint.save(path, tensors, meta)
 
 
 def restore_training_state(
-    path: Path, model: VQModel, optimizers: list[torch.optim.Optimizer]
+    path: Path, model: VQModel, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None = None
 ) -> tuple[int, dict[str, list[float]]]:
-    """Load what ``save_training_state`` wrote into ``model``, ``optimizers`` and the RNGs;
-    returns (step, history). A checkpoint of another model kind raises ValueError."""
+    """Load what ``save_training_state`` wrote into ``model``, ``optimizers``, ``scaler`` and the
+    RNGs; returns (step, history). A checkpoint of another model kind raises ValueError."""
     tensors, meta = read_checkpoint(path, model.kind)
     _load_model_state(model, tensors, path)
     for opt, skeleton in zip(optimizers, meta["optimizers"]):
         opt.load_state_dict(checkpoint.unpack(skeleton, tensors))
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng.torch"])
     for i in range(torch.cuda.device_count()):
         if f"rng.cuda.{i}" in tensors:

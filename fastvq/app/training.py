@@ -25,7 +25,7 @@ from .evaluation import evaluate
 from .metrics import batch_psnr
 from .progress import Progress
 from .state import CHECKPOINT, restore_training_state, save_training_state
-from .step import make_optimizers, train_step
+from .step import PRECISIONS, make_optimizers, make_scaler, train_step
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -97,6 +97,9 @@ def train(
     for name in ("steps", "batch_size", "image_size", "ckpt_every", "log_every", "num_eval"):
         if getattr(config, name) < 1:
             raise SettingError("{%s} must be >= 1, got {value}" % name, value=getattr(config, name))
+    if config.precision not in PRECISIONS:
+        raise SettingError("{precision} must be one of {choices}, got {value!r}", choices=", ".join(PRECISIONS),
+                           value=config.precision)
     if config.eval_every is not None and config.eval_every < 1:
         raise SettingError("{eval_every} must be >= 1, got {value}", value=config.eval_every)
     if config.workers is not None and config.workers < 0:
@@ -120,10 +123,11 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.model_args, config.quantizer).to(device)
     optimizers = make_optimizers(model, config)
+    scaler = make_scaler(config.precision, device)
     history: dict[str, list[float]] = {}
     start = 0
     if resume:
-        start, history = restore_training_state(ckpt_path, model, optimizers)
+        start, history = restore_training_state(ckpt_path, model, optimizers, scaler)
         if start > config.steps:
             raise SettingError("{steps} {value} is below the checkpoint's step {start}", value=config.steps,
                                start=start)
@@ -148,7 +152,8 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
                 raise error
             x = to_model_input(images.to(device, non_blocking=True))
             q_before, t0 = timer.seconds, now(device)
-            logs, indices, reconstruction = train_step(model, optimizers, x, step, perceptual)
+            logs, indices, reconstruction = train_step(model, optimizers, x, step, perceptual,
+                                                           precision=config.precision, scaler=scaler)
             step_seconds.append(now(device) - t0)
             quantizer_seconds.append(timer.seconds - q_before)
             logs["psnr"] = batch_psnr(x, reconstruction)
@@ -164,7 +169,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
                                 usage=f"{logs['usage']:.3f}")
             last = step + 1 == config.steps
             if (step + 1) % config.ckpt_every == 0 or last or stop.requested:
-                save_training_state(ckpt_path, model, optimizers, step + 1, history, config)
+                save_training_state(ckpt_path, model, optimizers, step + 1, history, config, scaler)
             if stop.requested and not last:
                 bar.close()
                 raise TrainingInterrupted(step + 1, ckpt_path)
