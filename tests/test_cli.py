@@ -397,6 +397,38 @@ def test_fp16_training_resumes_exactly_with_its_loss_scale(capsys, folder, tmp_p
     assert code == 2 and "precision='bf16' differs from the checkpoint's 'fp16'" in text
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_and_resume_exactly(capsys, folder, tmp_path):
+    """gloo on CPU: 2 processes of 4 images each against 1 process of the same 8-image batches."""
+    argv = ["train", "--data", folder, "--steps", 6, "--ckpt-every", 3, *TINY]
+    code, text = run(capsys, *argv, "--out", tmp_path / "one")
+    assert code == 0, text
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+
+    def torchrun(out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "fastvq", *map(str, argv), "--out", str(out), *map(str, extra)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count("held-out PSNR") == 1  # process 0 alone reports
+        return json.loads((out / "metrics.json").read_text())
+
+    two = torchrun(tmp_path / "two")
+    assert two["config"]["world_size"] == 2
+    for key in ("loss", "rec_loss", "vq_loss", "psnr"):
+        np.testing.assert_allclose(two["history"][key], one["history"][key], rtol=1e-5, err_msg=key)
+    assert two["history"]["usage"] == one["history"]["usage"]  # codes used in the whole global batch
+    assert two["eval"]["psnr"] == pytest.approx(one["eval"]["psnr"], abs=1e-3)
+
+    torchrun(tmp_path / "resumed", "--steps", 3)
+    resumed = torchrun(tmp_path / "resumed", "--resume")
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        assert resumed["history"][key] == two["history"][key], key  # bitwise
+    code, text = run(capsys, "train", "--out", tmp_path / "two", "--resume", "--steps", 8, "--no-progress")
+    assert code == 2 and "was trained by 2 processes, this run has 1" in text
+
+
 def test_resume_errors(capsys, folder, tmp_path):
     out = tmp_path / "run"
     train_tiny(capsys, folder, out)

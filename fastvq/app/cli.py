@@ -2,6 +2,7 @@
 
     fastvq train --preset demo                       # VQ-VAE on builtin photos, minutes on CPU
     fastvq train --model vqgan --preset gpu --data PATH --quantizer vector-quantize-pytorch
+    torchrun --nproc-per-node 8 -m fastvq train --preset gpu --data PATH --precision bf16   # 8 GPUs
     fastvq eval --ckpt runs/vqvae-demo --data builtin
     fastvq encode --ckpt CKPT --data IMAGES --out CODES
     fastvq decode --ckpt CKPT --indices CODES --out IMAGES
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -232,6 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume and resumed_step == config.steps:
             print(f"{out} is finished at step {resumed_step}: nothing trained (raise --steps to train further)")
         metrics = train(config, out, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")):  # one summary for a torchrun launch
+        return 0
     ev, timing = metrics["eval"], metrics["timing"]
     share = timing["quantizer_share"]
     print(

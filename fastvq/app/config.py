@@ -92,6 +92,7 @@ class RunConfig:
     precision: str = "fp32"  # autocast dtype of the model: fp32 (none), bf16 or fp16 (with a GradScaler)
     device: str = "auto"
     workers: int | None = None  # None: fastvq.app.data.default_workers
+    world_size: int = 1  # processes of a torchrun launch, set by the training loop
     threads: int | None = None  # None: fastvq.app.device.default_threads; a checkpoint records the count used
 
     def to_dict(self) -> dict[str, Any]:

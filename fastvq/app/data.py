@@ -366,17 +366,18 @@ def collate(items: list[tuple[torch.Tensor | None, SettingError | None]]
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """The keys of the batches of steps ``start`` .. ``steps - 1``: [(step, 0), .., (step, B - 1)]."""
+    """The keys of the batches of steps ``start`` .. ``steps - 1``: [(step, j) for j in ``items``],
+    positions in the global batch (a process of a distributed run takes its own slice)."""
 
-    def __init__(self, start: int, steps: int, batch_size: int):
-        self.start, self.steps, self.batch_size = start, steps, batch_size
+    def __init__(self, start: int, steps: int, items: range):
+        self.start, self.steps, self.items = start, steps, items
 
     def __len__(self) -> int:
         return self.steps - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start, self.steps):
-            yield [(step, j) for j in range(self.batch_size)]
+            yield [(step, j) for j in self.items]
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -390,11 +391,12 @@ def default_workers(images: ImageSource) -> int:
 
 
 def batch_loader(dataset: CropDataset, start: int, steps: int, batch_size: int, workers: int,
-                 pin_memory: bool) -> torch.utils.data.DataLoader:
-    """The batches of steps ``start`` .. ``steps - 1`` as ``collate`` gives them, read by ``workers``
-    processes (0: in this one), which ignore Ctrl-C."""
+                 pin_memory: bool, items: range | None = None) -> torch.utils.data.DataLoader:
+    """The batches of steps ``start`` .. ``steps - 1`` (their ``items``, default all ``batch_size``)
+    as ``collate`` gives them, read by ``workers`` processes (0: in this one), which ignore Ctrl-C."""
+    items = range(batch_size) if items is None else items
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(start, steps, batch_size), num_workers=workers,
+        dataset, batch_sampler=StepBatches(start, steps, items), num_workers=workers,
         collate_fn=collate, pin_memory=pin_memory,
         worker_init_fn=_ignore_sigint if workers else None,
         generator=torch.Generator(),  # its own: drawing the workers' base seed must not move torch's RNG

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastvq.models import VQGAN, VQModel
 
+from . import distributed
 from .config import RunConfig
 
 
@@ -32,11 +33,12 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
 
 def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
     optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if distributed.active():
+        distributed.average_gradients(optimizer)
     if scaler is None:
-        loss.backward()
         optimizer.step()
     else:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
 
 

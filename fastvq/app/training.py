@@ -16,7 +16,7 @@ import torch
 
 from fastvq.models import LPIPS, VQModel
 
-from . import report
+from . import distributed, report
 from .config import RunConfig, build_model
 from .data import CropDataset, batch_loader, default_workers, fixed_crops, split_images, to_model_input
 from .device import QuantizerTimer, now, peak_memory_mib, resolve_device, torch_threads
@@ -24,7 +24,7 @@ from .errors import SettingError
 from .evaluation import evaluate
 from .metrics import batch_psnr
 from .progress import Progress
-from .state import CHECKPOINT, restore_training_state, save_training_state
+from .state import CHECKPOINT, read_checkpoint, restore_training_state, save_training_state
 from .step import PRECISIONS, make_optimizers, make_scaler, train_step
 
 
@@ -61,9 +61,10 @@ class StopRequest:
 
 
 def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: torch.device, step: int,
-                  out: Path) -> dict[str, float]:
+                  out: Path | None) -> dict[str, float]:
     """Held-out metrics during training, as history entries (eval_psnr, eval_ssim, eval_usage,
-    eval_perplexity), and a grid of inputs and reconstructions in out/samples/step_NNNNNNN.png.
+    eval_perplexity), and a grid of inputs and reconstructions in out/samples/step_NNNNNNN.png
+    (unless ``out`` is None).
     Leaves the model in training mode and torch's RNG as it found it, so that training continues
     exactly as without the evaluation."""
     rng = torch.get_rng_state()
@@ -73,9 +74,10 @@ def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: t
     torch.set_rng_state(rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    report.save_grid(images[:16], recons[:16], out / "samples" / f"step_{step:07d}.png",
-                     title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB")
+    if out is not None:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        report.save_grid(images[:16], recons[:16], out / "samples" / f"step_{step:07d}.png",
+                         title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB")
     return {"eval_psnr": metrics["psnr"], "eval_ssim": metrics["ssim"], "eval_usage": metrics["codebook_usage"],
             "eval_perplexity": metrics["perplexity"]}
 
@@ -107,11 +109,23 @@ def train(
     if config.lpips_weights and config.model != "vqgan":
         raise SettingError("{lpips_weights} applies to {model} vqgan only, not {value}", value=config.model)
     device = resolve_device(config.device)
-    with torch_threads(config.threads, device) as threads:  # stored: a resume uses the same count
-        return _train(dataclasses.replace(config, threads=threads), out, device, resume, progress)
+    ranks = distributed.start(device)
+    try:
+        if ranks.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", ranks.local_rank)
+            torch.cuda.set_device(device)
+        if config.batch_size % ranks.world:
+            raise SettingError("{batch_size} {value} (the global batch) must be a multiple of the {world} processes",
+                               value=config.batch_size, world=ranks.world)
+        with torch_threads(config.threads, device) as threads:  # stored: a resume uses the same count
+            config = dataclasses.replace(config, threads=threads, world_size=ranks.world)
+            return _train(config, out, device, ranks, resume, progress and ranks.main)
+    finally:
+        distributed.stop(ranks)
 
 
-def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, progress: bool) -> dict[str, Any]:
+def _train(config: RunConfig, out: Path, device: torch.device, ranks: distributed.Ranks, resume: bool,
+           progress: bool) -> dict[str, Any]:
     ckpt_path = out / CHECKPOINT
     train_images, eval_images = split_images(
         config.data, config.holdout, config.seed, config.resize, config.crop
@@ -128,12 +142,18 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
     start = 0
     if resume:
         start, history = restore_training_state(ckpt_path, model, optimizers, scaler)
+        trained_on = read_checkpoint(ckpt_path)[1]["config"].get("world_size", 1)
+        if trained_on != ranks.world:
+            raise SettingError("{out_dir} {out} was trained by {trained_on} processes, this run has {world}; resume "
+                               "with the same number (torchrun --nproc-per-node {trained_on})", out=out,
+                               trained_on=trained_on, world=ranks.world)
         if start > config.steps:
             raise SettingError("{steps} {value} is below the checkpoint's step {start}", value=config.steps,
                                start=start)
         if start == config.steps and (out / "metrics.json").is_file():
             return json.loads((out / "metrics.json").read_text())  # finished: nothing to train or rewrite
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
 
     model.train()
     timer = QuantizerTimer(model.quantizer, device)
@@ -141,8 +161,10 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     workers = default_workers(train_images) if config.workers is None else config.workers
+    share = config.batch_size // ranks.world  # this process's slice of each global batch
     batches = iter(batch_loader(dataset, start, config.steps, config.batch_size, workers,
-                                pin_memory=device.type == "cuda"))
+                                pin_memory=device.type == "cuda", items=range(ranks.rank * share,
+                                                                             (ranks.rank + 1) * share)))
     with StopRequest() as stop:  # before the progress line that says the loop has started
         bar = Progress(range(start, config.steps), total=config.steps, desc="train", unit="step", initial=start,
                        enabled=progress)
@@ -157,9 +179,11 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
             step_seconds.append(now(device) - t0)
             quantizer_seconds.append(timer.seconds - q_before)
             logs["psnr"] = batch_psnr(x, reconstruction)
-            logs["usage"] = torch.unique(indices).numel() / model.codebook_size
+            logs, logs["usage"], stopping = distributed.agree(ranks, logs, indices, model.codebook_size,
+                                                              stop.requested)
             if config.eval_every and (step + 1) % config.eval_every == 0:
-                logs.update(periodic_eval(model, eval_set, config.batch_size, device, step + 1, out))
+                logs.update(periodic_eval(model, eval_set, config.batch_size, device, step + 1,
+                                          out if ranks.main else None))
             row = {"step": step + 1, **logs}
             for key in set(history) | set(row):
                 history.setdefault(key, [float("nan")] * step)  # keys that start late (GAN losses)
@@ -168,10 +192,11 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}",
                                 usage=f"{logs['usage']:.3f}")
             last = step + 1 == config.steps
-            if (step + 1) % config.ckpt_every == 0 or last or stop.requested:
+            if ranks.main and ((step + 1) % config.ckpt_every == 0 or last or stopping):
                 save_training_state(ckpt_path, model, optimizers, step + 1, history, config, scaler)
-            if stop.requested and not last:
+            if stopping and not last:
                 bar.close()
+                distributed.barrier(ranks)  # torchrun ends the others when one exits: not before the save
                 raise TrainingInterrupted(step + 1, ckpt_path)
     bar.close()
     timer.close()
@@ -200,7 +225,9 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
         "timing": timing,
         "history": history,
     }
-    report.write_json(out / "metrics.json", metrics)
-    report.save_grid(eval_set[:16], recons[:16], out / "reconstructions.png")
-    report.plot_curves(history, out)
+    if ranks.main:
+        report.write_json(out / "metrics.json", metrics)
+        report.save_grid(eval_set[:16], recons[:16], out / "reconstructions.png")
+        report.plot_curves(history, out)
+    distributed.barrier(ranks)
     return metrics
