@@ -64,9 +64,8 @@ def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: t
                   out: Path | None) -> dict[str, float]:
     """Held-out metrics during training, as history entries (eval_psnr, eval_ssim, eval_usage,
     eval_perplexity), and a grid of inputs and reconstructions in out/samples/step_NNNNNNN.png
-    (unless ``out`` is None).
-    Leaves the model in training mode and torch's RNG as it found it, so that training continues
-    exactly as without the evaluation."""
+    (unless ``out`` is None). Leaves the model in training mode and torch's RNG as it found them,
+    so that training continues exactly as without the evaluation."""
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     metrics, recons, _ = evaluate(model, images, batch_size, device)
