@@ -292,8 +292,8 @@ def test_nested_folders_single_files_and_workers(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_memory_does_not_grow_with_the_number_of_images(tmp_path):
-    """Peak RSS of training on 300 and on 3000 images of 96x96 (3000 read at once: 83 MB)."""
+def test_training_and_encoding_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    """Peak RSS of training on, and encoding, 300 and 3000 images of 96x96 (3000 read at once: 83 MB)."""
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (16, 96, 96, 3), dtype=np.uint8)
 
@@ -311,8 +311,21 @@ def test_training_memory_does_not_grow_with_the_number_of_images(tmp_path):
         assert result.returncode == 0, result.stderr
         return json.loads((out / "metrics.json").read_text())["timing"]["peak_memory_mib"]
 
+    def encode_peak_rss(count):  # of the child alone, from wait4
+        command = [sys.executable, "-m", "fastvq", "encode", "--ckpt", str(tmp_path / "run300"), "--data",
+                   str(tmp_path / f"n{count}"), "--out", str(tmp_path / f"codes{count}"), "--batch-size", "64",
+                   "--device", "cpu", "--threads", "1", "--no-progress"]
+        child = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(child.pid, 0)
+        assert status == 0, child.stderr.read()
+        assert np.load(tmp_path / f"codes{count}" / "indices.npy").shape == (count, 24, 24)
+        return usage.ru_maxrss / 1024
+
     small, large = peak_rss(300), peak_rss(3000)
     assert large - small < 15, (small, large)
+    small, large = encode_peak_rss(300), encode_peak_rss(3000)  # encode reads batch by batch
+    indices_mib = 2 * 2700 * 24 * 24 * 8 / 2**20  # the int64 codes it returns (and their concatenation)
+    assert large - small < 15 + indices_mib, (small, large)  # holding the images would add 75 MiB more
 
 
 def test_progress_is_a_bar_on_a_terminal_and_a_few_lines_in_a_log():

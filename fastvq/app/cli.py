@@ -26,7 +26,7 @@ from fastvq.models import QUANTIZERS
 
 from . import report
 from .config import MODELS, PRESETS, RESUMABLE, RunConfig, make_config
-from .data import builtin_images, fixed_crops, load_images, stack_images
+from .data import builtin_images, fixed_crops, load_images, open_images, stack_images
 from .device import resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
@@ -286,8 +286,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_model(args.ckpt, device)
-    names, images = load_images(args.data, args.resize, args.crop)
-    indices = encode_images(model, stack_images(names, images), args.batch_size, device, not args.no_progress)
+    images = open_images(args.data, args.resize, args.crop)  # read batch by batch
+    indices = encode_images(model, images, args.batch_size, device, not args.no_progress)
+    names = images.names
     args.out.mkdir(parents=True, exist_ok=True)
     compact = indices.astype(np.min_scalar_type(model.codebook_size - 1))
     write_atomic(args.out / "indices.npy", lambda f: np.save(f, compact))

@@ -105,6 +105,9 @@ class ImageSource:
     def names(self) -> list[str]:
         return list(self._names) if self._index is None else [self._names[i] for i in self._index]
 
+    def name(self, i: int) -> str:
+        return self._names[int(i if self._index is None else self._index[i])]
+
     def __getitem__(self, i: int) -> np.ndarray:
         j = int(i if self._index is None else self._index[i])
         return _fit(self._read(j), f"{self.spec}: {self._names[j]}", self.resize, self.crop)
@@ -253,6 +256,17 @@ def stack_images(names: list[str], images: list[np.ndarray]) -> np.ndarray:
                                "{resize} S or {crop} S", first_name=names[0], first=f"{first[0]}x{first[1]}",
                                name=name, size=f"{image.shape[0]}x{image.shape[1]}")
     return np.stack(images)
+
+
+def image_batches(images: ImageSource, batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive images stacked as (B, H, W, 3) uint8, each batch read when asked for; an image
+    of another size than the first raises the error of ``stack_images``."""
+    first = None
+    for start in range(0, len(images), batch_size):
+        indices = range(start, min(start + batch_size, len(images)))
+        batch = [images[i] for i in indices]
+        first = first or (images.name(start), batch[0])
+        yield stack_images([first[0], *map(images.name, indices)], [first[1], *batch])[1:]
 
 
 def split_images(

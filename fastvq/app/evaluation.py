@@ -7,7 +7,7 @@ import torch
 
 from fastvq.models import VQModel
 
-from .data import to_tensor, to_uint8
+from .data import ImageSource, image_batches, to_tensor, to_uint8
 from .errors import SettingError
 from .metrics import InceptionFeatures, codebook_stats, frechet_distance, psnr, ssim
 from .progress import Progress
@@ -20,14 +20,20 @@ def _batches(count: int, batch_size: int, desc: str, progress: bool) -> Progress
 
 
 def encode_images(
-    model: VQModel, images: np.ndarray, batch_size: int, device: torch.device, progress: bool = False
+    model: VQModel, images: np.ndarray | ImageSource, batch_size: int, device: torch.device, progress: bool = False
 ) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> code indices (N, H/f, W/f) int64, in batches of ``batch_size``
-    (with ``progress``, reported on stderr). Puts the model in eval mode (no codebook updates)."""
+    """(N, H, W, 3) uint8, or an ImageSource of same-sized images read batch by batch (memory
+    does not grow with N) -> code indices (N, H/f, W/f) int64, in batches of ``batch_size`` (with
+    ``progress``, reported on stderr). Puts the model in eval mode (no codebook updates)."""
+    _check_batch_size(batch_size)
     model.eval()
+    if isinstance(images, ImageSource):
+        batches = image_batches(images, batch_size)
+    else:
+        batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
     with _batches(len(images), batch_size, "encode", progress) as starts:
         return np.concatenate([
-            model.encode(to_tensor(images[i : i + batch_size]).to(device)).cpu().numpy() for i in starts
+            model.encode(to_tensor(batch).to(device)).cpu().numpy() for _, batch in zip(starts, batches)
         ])
 
 
