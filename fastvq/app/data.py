@@ -91,8 +91,9 @@ def _fit(image: np.ndarray, name: str, resize: int | None, crop: int | None) -> 
 
 
 class ImageSource:
-    """Named images read one at a time: ``len(source)``, ``source.names[i]`` and ``source[i]`` ->
-    (H, W, 3) uint8 after the ``resize``/``crop`` of ``_fit``. ``select(indices)`` is a view of some."""
+    """Named images read one at a time: ``len(source)``, ``source.name(i)`` (``source.names``: all,
+    as a new list) and ``source[i]`` -> (H, W, 3) uint8 after the ``resize``/``crop`` of ``_fit``.
+    ``select(indices)`` is a view of some."""
 
     def __init__(self, spec: str, names: Sequence[str], resize: int | None, crop: int | None):
         self.spec, self.resize, self.crop = spec, resize, crop
@@ -351,7 +352,7 @@ class CropDataset(torch.utils.data.Dataset):
         i = int(rng.integers(len(self.images)))
         try:
             image = self.images[i]
-            _check_size(image, self.size, f"training image {self.images.names[i]}")
+            _check_size(image, self.size, f"training image {self.images.name(i)}")
         except SettingError as err:
             return None, err
         top = rng.integers(0, image.shape[0] - self.size + 1)
