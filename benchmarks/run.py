@@ -4,7 +4,8 @@
     python benchmarks/run.py --device cpu --quick # a tiny shape, seconds
     python benchmarks/run.py --only search --shapes vqvae,llamagen
 
-Writes benchmarks/results/<device>-<date>/ (a partial run adds -quick, -<op>, -<shapes>) with
+Writes benchmarks/results/<device>-<date>/ (a partial run adds -quick, -<op>, -<shapes>; a --quick
+run goes to the git-ignored benchmarks/scratch/ instead, as it records nothing worth keeping) with
 results.json (one record per measurement), results.md (tables) and time.png / memory.png (see
 report.py). On CPU every measurement runs in a
 forked child process, so that its peak resident memory is its own and an out-of-memory kill ends
@@ -100,8 +101,8 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
-                        help="parent folder of the <device>-<date> results folder")
+    parser.add_argument("--out", help="parent folder of the <device>-<date> results folder (default: "
+                        "benchmarks/results, or the git-ignored benchmarks/scratch with --quick)")
     parser.add_argument("--only", choices=("search", "train", "residual", "head"),
                         help="only this op (ceilings always run)")
     parser.add_argument("--shapes", help="comma-separated shape names of the device's matrix (also runs "
@@ -113,7 +114,9 @@ def parse_args(argv):
     parser.add_argument("--mem-limit", type=float, help="GiB a measurement may need (estimated before it "
                         "runs; more is recorded as oom). Default: 90%% of free GPU memory, 80%% of "
                         "available RAM")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = args.out or str(REPO / "benchmarks" / ("scratch" if args.quick else "results"))
+    return args
 
 
 # ---------------------------------------------------------------------------------------------

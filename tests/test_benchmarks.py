@@ -75,3 +75,19 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
     finally:
         sys.path.pop(0)
     assert report.markdown(data["meta"], records) == markdown
+
+
+def test_quick_runs_go_to_a_git_ignored_folder_and_full_runs_to_results():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.pop(0)
+    quick, full = Path(run.parse_args(["--quick"]).out), Path(run.parse_args([]).out)
+    assert full == REPO / "benchmarks" / "results"
+    probe = quick / "cpu-2026-01-01-quick" / "results.json"
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode != 0:
+        raise AssertionError("the repository must be a git work tree to check what git ignores")
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(probe)])
+    assert ignored.returncode == 0, f"{probe} is not ignored by git"
+    assert subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(full / "x.json")]).returncode == 1
