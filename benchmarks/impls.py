@@ -4,6 +4,9 @@ ops (what a call does):
     search  -- nearest code of x (N, D) among codebook (K, D);
     train   -- one training step of a VQ layer (forward, backward, codebook update) on x (1, N, D)
                with a random upstream gradient;
+    residual -- the same for a residual quantizer of `stages` stages (EnCodec / DAC shapes);
+    head    -- a prior's output layer over K codes: mean cross-entropy of (N, D) hidden states against
+               targets, forward and backward (fastvq's CodeHead against nn.Linear + F.cross_entropy);
     matmul  -- the dense (N, D) x (D, K) product of the same shape (what the search is measured against);
     ceiling -- the device's own limits: a large square matmul per precision, a device-to-device copy.
 roles: "fastvq" (ours, public API only: the torch, triton and cuda backends), "alternative" (what
@@ -25,6 +28,7 @@ from torch import nn
 
 import fastvq
 from fastvq.models import TamingQuantizer
+from fastvq.nn import CodeHead
 from fastvq.ops.backend import cuda_unavailable_reason
 from fastvq.ops.common import triton_interpret_requested
 
@@ -44,6 +48,7 @@ except Exception as err:  # not installed, or its triton import failed
     FLASH_KMEANS_MISSING = f"flash-kmeans==0.3.1 not importable ({err})"
 
 DTYPES = (torch.float32, torch.bfloat16)
+TRAIN_OPS = ("train", "residual")  # ops whose inputs are (x (1, N, D) requiring grad, upstream gradient)
 EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
 TAMING_BETA = 0.25
 TAMING_LR = 1e-4
@@ -51,8 +56,9 @@ TAMING_LR = 1e-4
 
 @dataclass(frozen=True)
 class Shape:
-    """One benchmark shape: N tokens, K codes, D dimensions, the input dtypes it runs in, and whether
-    the device's matrix runs it without being named in --shapes."""
+    """One benchmark shape: N tokens, K codes, D dimensions, the input dtypes it runs in, whether
+    the device's matrix runs it without being named in --shapes, and the ops it is measured on;
+    residual shapes also give the stages and the codebook dim (projections from D when set)."""
 
     name: str
     n: int
@@ -60,6 +66,9 @@ class Shape:
     d: int
     dtypes: tuple[torch.dtype, ...] = DTYPES
     default: bool = True
+    ops: tuple[str, ...] = ("search", "train")
+    stages: int = 1
+    codebook_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,9 @@ class Impl:
 def input_bytes(op: str, shape: Shape, dtype: torch.dtype) -> int:
     """Bytes of one input set of `op`."""
     size = dtype.itemsize
-    if op == "train":  # x and its upstream gradient
+    if op == "head":  # hidden states and int64 targets
+        return shape.n * (shape.d * size + 8)
+    if op in TRAIN_OPS:  # x and its upstream gradient
         return 2 * shape.n * shape.d * size
     return (shape.n + shape.k) * shape.d * size
 
@@ -94,11 +105,15 @@ def input_bytes(op: str, shape: Shape, dtype: torch.dtype) -> int:
 def make_inputs(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, copies: int) -> list[tuple]:
     """`copies` independent sets of standard-normal inputs, seeded by shape and dtype so that every
     implementation of a shape sees the same data. search / matmul / ceiling: (x (N, D), codebook
-    (K, D)); train: (x (1, N, D) requiring grad, upstream gradient like x)."""
+    (K, D)); train, residual: (x (1, N, D) requiring grad, upstream gradient like x); head: (hidden
+    (N, D) requiring grad, targets (N,) int64)."""
     torch.manual_seed(zlib.crc32(f"{shape.name}:{dtype}".encode()))
     sets = []
     for _ in range(copies):
-        if op == "train":
+        if op == "head":
+            sets.append((torch.randn(shape.n, shape.d, device=device).to(dtype).requires_grad_(),
+                         torch.randint(0, shape.k, (shape.n,), device=device)))
+        elif op in TRAIN_OPS:
             x = torch.randn(1, shape.n, shape.d, device=device).to(dtype).requires_grad_()
             sets.append((x, torch.randn(1, shape.n, shape.d, device=device).to(dtype)))
         else:
@@ -107,10 +122,12 @@ def make_inputs(op: str, shape: Shape, dtype: torch.dtype, device: torch.device,
     return sets
 
 
-def initial_codebook(shape: Shape, device: torch.device) -> torch.Tensor:
-    """The (K, D) fp32 codebook every layer starts from (the same for all layers of a shape)."""
-    generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(f"codebook:{shape.name}".encode()))
-    return torch.randn(shape.k, shape.d, generator=generator).to(device)
+def initial_codebook(shape: Shape, device: torch.device, stage: int = 0) -> torch.Tensor:
+    """The (K, codebook dim) fp32 codebook every layer starts from (the same for all layers of a
+    shape); stage q of a residual quantizer gets a fresh one scaled by 2^-q."""
+    generator = torch.Generator(device="cpu").manual_seed(zlib.crc32(f"codebook:{shape.name}:{stage}".encode()))
+    codes = torch.randn(shape.k, shape.codebook_dim or shape.d, generator=generator) * 0.5**stage
+    return codes.to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,11 +205,11 @@ _FLASH_KMEANS = _first_reason(lambda device: FLASH_KMEANS_MISSING,
 # ---------------------------------------------------------------------------------------------
 
 def _train_step(layer: nn.Module, optimizer, x: torch.Tensor, grad: torch.Tensor) -> None:
-    """Forward, backward of (quantized . grad + loss), then the optimizer step if any (EMA layers
-    update their codebook inside forward)."""
+    """Forward, backward of (quantized . grad + loss) (a residual quantizer's losses summed), then
+    the optimizer step if any (EMA layers update their codebook inside forward)."""
     x.grad = None
     quantized, _, loss = layer(x)
-    torch.autograd.backward([quantized, loss], [grad, None])
+    torch.autograd.backward([quantized, loss.sum()], [grad, None])
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -206,6 +223,42 @@ def _layer(make: Callable[[Shape], nn.Module], learnable: bool = False):
         optimizer = torch.optim.Adam(layer.parameters(), lr=TAMING_LR) if learnable else None
         return functools.partial(_train_step, layer, optimizer)
     return setup
+
+
+def _residual_layer(cls_of: Callable[[], type], **kwargs):
+    """A residual quantizer's training step; every stage starts from `initial_codebook`."""
+    def setup(shape, dtype, device):
+        layer = cls_of()(dim=shape.d, num_quantizers=shape.stages, codebook_size=shape.k,
+                         codebook_dim=shape.codebook_dim, decay=EMA_DECAY, **kwargs).to(device).train()
+        with torch.no_grad():
+            for stage, vq in enumerate(layer.layers):
+                vq.codebook.copy_(initial_codebook(shape, device, stage))
+        return functools.partial(_train_step, layer, None)
+    return setup
+
+
+def _head(make: Callable[[Shape, torch.device], Callable]):
+    """Loss + backward of an output layer over K codes; make(shape, device) -> loss(hidden, targets)."""
+    def setup(shape, dtype, device):
+        loss_of = make(shape, device)
+
+        def step(hidden, targets):
+            hidden.grad = None
+            loss_of(hidden, targets).backward()
+        return step
+    return setup
+
+
+def _fastvq_head(backend: str):
+    def make(shape, device):
+        head = CodeHead(shape.d, shape.k, backend=backend).to(device)
+        return lambda hidden, targets: head.loss(hidden, targets).mean()
+    return _head(make)
+
+
+def _linear_head(shape, device):
+    linear = nn.Linear(shape.d, shape.k).to(device)
+    return lambda hidden, targets: torch.nn.functional.cross_entropy(linear(hidden), targets)
 
 
 def _fastvq_layer(backend: str, precision: str | None):
@@ -295,6 +348,14 @@ IMPLS: list[Impl] = [
     Impl("taming-vq2", "train", "alternative",
          _layer(lambda s: TamingQuantizer(s.d, s.k, commitment_weight=TAMING_BETA), learnable=True),
          nk_bytes=12),
+    Impl("fastvq-rvq[triton]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="triton"),
+         why_not=_triton_missing),
+    Impl("fastvq-rvq[torch]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="torch")),
+    Impl("vqp-rvq", "residual", "alternative", _residual_layer(lambda: vector_quantize_pytorch.ResidualVQ),
+         nk_bytes=8, why_not=_VQP),  # nk_bytes per stage: measured 3.4 GiB at 8 x 65536 x 1024
+    Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
+    Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),
+    Impl("linear+cross_entropy", "head", "alternative", _head(_linear_head), nk_bytes=12),
 ]
 
 CEILINGS: list[Impl] = [
@@ -304,6 +365,6 @@ CEILINGS: list[Impl] = [
 
 
 def estimate_bytes(impl: Impl, shape: Shape, dtype: torch.dtype, copies: int) -> int:
-    """Rough peak memory of one measurement: inputs, N x K temporaries, 1 GiB for the rest."""
+    """Rough peak memory of one measurement: inputs, N x K temporaries (per stage), 1 GiB for the rest."""
     inputs = copies * input_bytes(impl.op, shape, dtype)
-    return inputs + math.ceil(impl.nk_bytes * shape.n * shape.k) + (1 << 30)
+    return inputs + math.ceil(impl.nk_bytes * shape.n * shape.k * shape.stages) + (1 << 30)

@@ -22,7 +22,8 @@ import fastvq
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-OPS = ("search", "train")
+OPS = ("search", "train", "residual", "head")
+VQP_LAYER = {"train": "vqp-layer", "residual": "vqp-rvq"}  # vector-quantize-pytorch's layer for each op
 SHORT = {"skipped": "skip", "oom": "oom", "error": "error"}
 EPILOGUE_INSTRUCTIONS = 3  # CUDA-core instructions per (token, code) pair: score, compare, select
 LINEAR_MEMORY_FACTOR = 32  # train-step goal: extra bytes <= 32 (N + K) (D + 1) fp32 words + 64 MiB
@@ -182,8 +183,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
         if r["role"] != "fastvq" or not alt:
             return _fmt(r["median_ms"])
         speedups = [f"{alt['median_ms'] / r['median_ms']:.2g}×"]
-        vqp = _find(records, op="train", impl="vqp-layer", shape=r["shape"], dtype=r["dtype"])
-        if r["op"] == "train" and _ok(vqp):
+        vqp = _find(records, op=r["op"], impl=VQP_LAYER.get(r["op"]), shape=r["shape"], dtype=r["dtype"])
+        if r["op"] in VQP_LAYER and _ok(vqp) and vqp is not alt:
             speedups.append(f"{vqp['median_ms'] / r['median_ms']:.2g}× vqp")
         return f"{_fmt(r['median_ms'])} ({', '.join(speedups)})"
 
@@ -197,10 +198,13 @@ def markdown(meta: dict, records: list[dict]) -> str:
         return SHORT.get(r["status"], "n/a")
 
     lines = _header(meta, len(records)) + ["", "## Measured ceilings", ""] + _ceiling_table(records, ceiling)
-    titles = {"search": "Nearest-code search", "train": "Training step (forward, backward, codebook update)"}
+    titles = {"search": "Nearest-code search", "train": "Training step (forward, backward, codebook update)",
+              "residual": "Residual VQ training step (N frames, K codes, D = input dim; stages and codebook "
+                          "dim in the shape's name and results.json)",
+              "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)"}
     for op in OPS:
         if any(r["op"] == op for r in records):
-            versus = ", and over vector-quantize-pytorch's layer" if op == "train" else ""
+            versus = ", and over vector-quantize-pytorch's layer" if op in VQP_LAYER else ""
             lines += ["", f"## {titles[op]}: median ms", "",
                       f"(n×): fastvq's speedup over the best alternative in the same row{versus}.", ""]
             lines += _impl_table(records, op, time_cell, ["best alternative (ms)"], best_cell)

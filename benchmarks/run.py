@@ -4,7 +4,8 @@
     python benchmarks/run.py --device cpu --quick # a tiny shape, seconds
     python benchmarks/run.py --only search --shapes vqvae,llamagen
 
-Writes benchmarks/results/<device>-<date>/ (a partial run adds -quick, -<op>, -<shapes>) with
+Writes benchmarks/results/<device>-<date>/ (a partial run adds -quick, -<op>, -<shapes>; a --quick
+run goes to the git-ignored benchmarks/scratch/ instead, as it records nothing worth keeping) with
 results.json (one record per measurement), results.md (tables) and time.png / memory.png (see
 report.py). On CPU every measurement runs in a
 forked child process, so that its peak resident memory is its own and an out-of-memory kill ends
@@ -38,6 +39,19 @@ from impls import FP32, Impl, Shape
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def residual_shapes(frames: int) -> list[Shape]:
+    """Codec quantizers over `frames` frames: EnCodec-like (K = 1024, D = 128; 8 and 32 stages) and
+    DAC-like (9 stages, K = 1024, codebook dim 8 projected from D = 1024)."""
+    return [Shape(f"encodec-{q}q", frames, 1024, 128, FP32, ops=("residual",), stages=q) for q in (8, 32)] + [
+        Shape("dac-9q", frames, 1024, 1024, FP32, ops=("residual",), stages=9, codebook_dim=8)]
+
+
+def head_shapes(positions: int) -> list[Shape]:
+    """A prior's output layer (width 256) over `positions` code positions and K = 1k, 16k, 262k codes."""
+    return [Shape(f"head-{k >> 10}k", positions, k, 256, FP32, ops=("head",)) for k in (1024, 16384, 262144)]
+
+
 SHAPES = {
     "cuda": [
         Shape("vqvae", 65536, 1024, 64),
@@ -46,14 +60,20 @@ SHAPES = {
         Shape("vqgan-lc", 131072, 100000, 8),
         Shape("large-codebook", 16384, 262144, 32),
         Shape("small-n", 1024, 262144, 32),
+        *residual_shapes(65536),
+        *head_shapes(16384),
     ],
     "cpu": [
         Shape("vqvae-cpu", 16384, 1024, 64),
         Shape("vqgan-cpu", 4096, 8192, 256, FP32),
         # the N x K peers need 4-12 GiB and ~10-50 s a call here: only when named in --shapes
         Shape("large-cpu", 65536, 16384, 32, FP32, default=False),
+        *residual_shapes(8192),
+        *head_shapes(4096),
     ],
-    "quick": [Shape("tiny", 2048, 256, 16, FP32)],
+    "quick": [Shape("tiny", 2048, 256, 16, FP32),
+              Shape("tiny-rvq", 2048, 256, 16, FP32, ops=("residual",), stages=3, codebook_dim=8),
+              Shape("tiny-head", 512, 2048, 32, FP32, ops=("head",))],
 }
 # square matmul (N = K = D) and copy (N x D fp32) for the measured ceilings
 CEILING_SIZES = {"cuda": (8192, 1 << 30), "cpu": (2048, 256 << 20), "quick": (512, 16 << 20)}
@@ -80,10 +100,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--quick", action="store_true", help="one tiny shape, few repetitions")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
-                        help="parent folder of the <device>-<date> results folder")
-    parser.add_argument("--only", choices=("search", "train"), help="only this op (ceilings always run)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
+    parser.add_argument("--out", help="parent folder of the <device>-<date> results folder (default: "
+                        "benchmarks/results, or the git-ignored benchmarks/scratch with --quick)")
+    parser.add_argument("--only", choices=("search", "train", "residual", "head"),
+                        help="only this op (ceilings always run)")
     parser.add_argument("--shapes", help="comma-separated shape names of the device's matrix (also runs "
                         "shapes left out by default, e.g. large-cpu)")
     parser.add_argument("--repeats", type=int, help="most timed repetitions per measurement "
@@ -93,7 +114,9 @@ def parse_args(argv):
     parser.add_argument("--mem-limit", type=float, help="GiB a measurement may need (estimated before it "
                         "runs; more is recorded as oom). Default: 90%% of free GPU memory, 80%% of "
                         "available RAM")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out = args.out or str(REPO / "benchmarks" / ("scratch" if args.quick else "results"))
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +248,8 @@ def run_one(impl: Impl, shape: Shape, dtype: torch.dtype, settings: Settings, me
     device = settings.device
     copies = rotation_copies(impl, shape, dtype, device)
     record = dict(meta, op=impl.op, impl=impl.name, role=impl.role, shape=shape.name, N=shape.n, K=shape.k,
-                  D=shape.d, dtype=str(dtype).removeprefix("torch."), precision=impl.precision, copies=copies,
+                  D=shape.d, stages=shape.stages, codebook_dim=shape.codebook_dim,
+                  dtype=str(dtype).removeprefix("torch."), precision=impl.precision, copies=copies,
                   median_ms=None, p20_ms=None, p80_ms=None, reps=0, peak_mem_bytes=None)
     estimate = impls.estimate_bytes(impl, shape, dtype, copies)
     if reason := impl.why_not(device):
@@ -264,8 +288,8 @@ def plan(matrix: str, shapes: list[Shape], only: str | None) -> list[tuple[Impl,
     ceiling_shapes = {"copy": Shape(f"copy-{copy_bytes >> 20}MiB", copy_bytes // 64, 1, 16)}
     tasks = [(c, ceiling_shapes.get(c.name, Shape(f"mm-{mm}", mm, mm, mm)), c.dtypes[0])
              for c in impls.CEILINGS]
-    ops = {"search": ("search",), "train": ("train",), None: ("search", "train")}[only]
     for shape in shapes:
+        ops = [op for op in shape.ops if only in (None, op)]
         if "search" in ops:  # the dense product of the shape in every precision, whatever the input dtype
             tasks += [(impl, shape, impl.dtypes[0]) for impl in impls.IMPLS if impl.op == "matmul"]
         for dtype in shape.dtypes:

@@ -10,6 +10,7 @@ Ops (each with a Triton kernel and a plain-PyTorch reference, chosen by `backend
                                                    (k=... : k codes by Gumbel top-k)
     code_cross_entropy(x, codebook, indices)    -> per-token cross-entropy over the code logits
 Layer: VectorQuantize, a drop-in for vector_quantize_pytorch.VectorQuantize (1.32.0).
+Trained tokenizers: load(run) -> the model of a `fastvq train` run, for model.encode / model.decode.
 Packages, imports pointing one way: fastvq.ops < fastvq.nn < fastvq.models < fastvq.app (the
 command line). `import fastvq` needs neither a GPU nor triton, and loads neither models nor app.
 """
@@ -22,8 +23,8 @@ _EXPORTS = {
     **dict.fromkeys(("code_cross_entropy", "code_stats", "lookup_codes", "nearest_code", "quantize",
                      "resolve_precision", "sample_code", "topk_codes"), "fastvq.ops.functional"),
     "available_backends": "fastvq.ops.backend",
-    "LossBreakdown": "fastvq.nn",
-    "VectorQuantize": "fastvq.nn",
+    **dict.fromkeys(("GroupedResidualVQ", "LossBreakdown", "ResidualVQ", "VectorQuantize"), "fastvq.nn"),
+    "load": "fastvq.app.state",
 }
 """Public names and the module that defines each, imported at first use: `import fastvq.ops.reference`
 then loads no more than it needs (the custom ops' registration imports torch._dynamo, and with it triton)."""

@@ -28,7 +28,7 @@ void fastvq_host_round_operand(const float* in, float* out, int64_t n, int preci
 // indices / distances (H, N, k), with the codes split into ranges of codes_per_split whose lists
 // are merged in split order.
 void fastvq_host_search(const float* x, const float* codes, const float* bias, int64_t heads, int64_t code_heads,
-                        int64_t n_tokens, int64_t n_codes, int64_t dim, int cosine, int precision, int k,
+                        int64_t n_tokens, int64_t n_codes, int64_t dim, int metric, int precision, int k,
                         int64_t codes_per_split, int64_t* indices, float* distances) {
   std::vector<float> row(dim);
   for (int64_t h = 0; h < heads; ++h) {
@@ -47,7 +47,7 @@ void fastvq_host_search(const float* x, const float* codes, const float* bias, i
           const float* code = codes + (hc * n_codes + c) * dim;
           float dot = 0.0f;
           for (int64_t d = 0; d < dim; ++d) dot = fmaf(row[d], fastvq::round_operand(code[d], precision), dot);
-          fastvq::insert(score, index, fastvq::rank_score(dot, bias[hc * n_codes + c], cosine != 0),
+          fastvq::insert(score, index, fastvq::rank_score(dot, bias[hc * n_codes + c], metric),
                          static_cast<int32_t>(c));
         }
         for (int j = 0; j < kList; ++j) fastvq::insert(merged_score, merged_index, score[j], index[j]);
@@ -58,8 +58,8 @@ void fastvq_host_search(const float* x, const float* codes, const float* bias, i
         if (chosen >= 0) {
           fastvq::DistanceSums sums;
           const float* code = codes + (hc * n_codes + chosen) * dim;
-          for (int64_t d = 0; d < dim; ++d) fastvq::accumulate(sums, token[d], code[d], cosine != 0);
-          distance = fastvq::finish_distance(sums, cosine != 0);
+          for (int64_t d = 0; d < dim; ++d) fastvq::accumulate(sums, token[d], code[d], metric);
+          distance = fastvq::finish_distance(sums, metric);
         }
         fastvq::mark_unassigned(chosen, distance);
         indices[(h * n_tokens + n) * k + j] = chosen;

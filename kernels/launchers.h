@@ -14,7 +14,8 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kMaxTopK = 16;  // fastvq.ops.common.MAX_TOPK
 
 // nearest_code / topk_codes on canonical shapes: x (H, N, D), codes (Hc, K, D) with Hc = H or a
-// shared codebook (code_stride_h = 0), bias (Hc, K) fp32 from fastvq.ops.common.code_bias.
+// shared codebook (code_stride_h = 0), bias (Hc, K) fp32 from fastvq.ops.common.code_bias; metric
+// l2, cosine or dot (maximum inner product).
 struct SearchArgs {
   const void* x;
   const void* codes;  // same dtype as x
@@ -24,7 +25,7 @@ struct SearchArgs {
   int64_t x_stride_h, x_stride_n, x_stride_d;
   int64_t code_stride_h, code_stride_k, code_stride_d;
   int64_t bias_stride_h;
-  bool cosine;
+  int metric;     // fastvq::Metric
   int precision;  // fastvq::Precision
   int k;          // 1 <= k <= min(kMaxTopK, K)
 };

@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) search_kernel(SearchArgs args, int64
         const float b = bias[code];
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
-          insert(best_score[i], best_index[i], rank_score(acc[i][j], b, args.cosine), static_cast<int32_t>(code));
+          insert(best_score[i], best_index[i], rank_score(acc[i][j], b, args.metric), static_cast<int32_t>(code));
         }
       }
     }
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32) finalize_kernel(SearchArg
         DistanceSums sums;
         for (int64_t d = lane; d < args.dim; d += 32) {
           accumulate(sums, to_float(x[d * args.x_stride_d]),
-                     to_float(codes[code * args.code_stride_k + d * args.code_stride_d]), args.cosine);
+                     to_float(codes[code * args.code_stride_k + d * args.code_stride_d]), args.metric);
         }
 #pragma unroll
         for (int offset = 16; offset > 0; offset /= 2) {
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32) finalize_kernel(SearchArg
           other.c_sq = __shfl_xor_sync(0xFFFFFFFFu, sums.c_sq, offset);
           add(sums, other);
         }
-        distance = finish_distance(sums, args.cosine);
+        distance = finish_distance(sums, args.metric);
       }
       mark_unassigned(code, distance);
       if (lane == 0) {

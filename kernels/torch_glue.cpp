@@ -30,7 +30,7 @@ void check_launch(cudaError_t err, const char* op) {
 // x (H, N, D), codebook (Hc, K, D) of x's dtype, bias (Hc, K) fp32 -> indices (H, N, k) int64,
 // distances (H, N, k) fp32.
 std::tuple<torch::Tensor, torch::Tensor> search(const torch::Tensor& x, const torch::Tensor& codebook,
-                                                const torch::Tensor& bias, bool cosine, int64_t precision, int64_t k,
+                                                const torch::Tensor& bias, int64_t metric, int64_t precision, int64_t k,
                                                 int64_t target_blocks, int64_t stream) {
   check_cuda(codebook, "codebook", x);
   check_cuda(bias, "bias", x);
@@ -45,11 +45,13 @@ std::tuple<torch::Tensor, torch::Tensor> search(const torch::Tensor& x, const to
               ", bias ", bias.sizes());
   TORCH_CHECK(k >= 1 && k <= fastvq::kMaxTopK && k <= n_codes, "k must be in [1, min(16, K)], got ", k);
   TORCH_CHECK(precision >= 0 && precision <= 3, "precision must be 0..3, got ", precision);
+  TORCH_CHECK(metric >= 0 && metric <= 2, "metric must be 0..2, got ", metric);
   fastvq::SearchArgs args{x.data_ptr(), codebook.data_ptr(), bias.data_ptr<float>(), dtype_of(x, "x"),
                           heads, n_tokens, n_codes, dim,
                           x.stride(0), x.stride(1), x.stride(2),
                           code_heads == 1 ? 0 : codebook.stride(0), codebook.stride(1), codebook.stride(2),
-                          code_heads == 1 ? 0 : bias.stride(0), cosine, static_cast<int>(precision), static_cast<int>(k)};
+                          code_heads == 1 ? 0 : bias.stride(0), static_cast<int>(metric), static_cast<int>(precision),
+                          static_cast<int>(k)};
   auto indices = torch::empty({heads, n_tokens, k}, x.options().dtype(torch::kInt64));
   auto distances = torch::empty({heads, n_tokens, k}, x.options().dtype(torch::kFloat32));
   if (n_tokens == 0) return {indices, distances};

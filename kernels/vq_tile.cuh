@@ -5,8 +5,9 @@
 // CI executes against the reference (fastvq/ops/reference.py) without a GPU. Semantics:
 //   - operands are rounded as `fastvq.ops.common.round_operand` rounds them (ieee, tf32 with ties
 //     away from zero, bf16 / fp16 round to nearest even), then multiplied and summed in fp32;
-//   - a code's score is `bias - 2 x.c` (l2, bias = |c|^2) or `-(x.c) bias` (cosine, bias = 1/|c|),
-//     with bias from `fastvq.ops.common.code_bias` (NaN for a code with a non-finite entry);
+//   - a code's score is `bias - 2 x.c` (l2, bias = |c|^2), `-(x.c) bias` (cosine, bias = 1/|c|) or
+//     `bias - x.c` (dot, bias = 0), with bias from `fastvq.ops.common.code_bias` (NaN for a code with
+//     a non-finite entry);
 //   - a non-finite score never wins (it becomes +inf); candidates are ordered by (score, index), so
 //     equal scores go to the lowest index whatever order they are met in;
 //   - the distance of a chosen code is recomputed exactly in fp32; a token whose search found no
@@ -30,8 +31,9 @@
 
 namespace fastvq {
 
-// Same order as fastvq.ops.common.PRECISIONS.
+// Same orders as fastvq.ops.common.PRECISIONS and METRICS.
 enum Precision : int { kIeee = 0, kTf32 = 1, kBf16 = 2, kFp16 = 3 };
+enum Metric : int { kL2 = 0, kCosine = 1, kDot = 2 };
 
 constexpr float kCosineNormEps = 1e-12f;  // fastvq.ops.common.COSINE_NORM_EPS
 constexpr int32_t kEmptySlot = INT32_MAX;  // index of an empty top-k slot (loses every tie)
@@ -90,8 +92,8 @@ FASTVQ_HD float round_operand(float v, int precision) {
 }
 
 // Score that ranks codes as the distance does (lower is nearer); +inf when not finite.
-FASTVQ_HD float rank_score(float dot, float bias, bool cosine) {
-  const float score = cosine ? -dot * bias : bias - 2.0f * dot;
+FASTVQ_HD float rank_score(float dot, float bias, int metric) {
+  const float score = metric == kCosine ? -dot * bias : (metric == kDot ? bias - dot : bias - 2.0f * dot);
   return is_finite(score) ? score : INFINITY;
 }
 
@@ -133,19 +135,19 @@ FASTVQ_HD int64_t slot_code(float score, int32_t index) { return score == INFINI
 // Sums from which the exact fp32 distance of a (token, code) pair is finished.
 struct DistanceSums {
   float sq_diff = 0.0f;  // l2: sum (x - c)^2
-  float dot = 0.0f;      // cosine: x.c, |x|^2, |c|^2
+  float dot = 0.0f;      // cosine: x.c, |x|^2, |c|^2; dot: x.c
   float x_sq = 0.0f;
   float c_sq = 0.0f;
 };
 
-FASTVQ_HD void accumulate(DistanceSums& sums, float x, float c, bool cosine) {
-  if (cosine) {
+FASTVQ_HD void accumulate(DistanceSums& sums, float x, float c, int metric) {
+  if (metric == kL2) {
+    const float diff = x - c;
+    sums.sq_diff += diff * diff;
+  } else {
     sums.dot += x * c;
     sums.x_sq += x * x;
     sums.c_sq += c * c;
-  } else {
-    const float diff = x - c;
-    sums.sq_diff += diff * diff;
   }
 }
 
@@ -158,9 +160,10 @@ FASTVQ_HD void add(DistanceSums& sums, const DistanceSums& other) {
 
 FASTVQ_HD float clamp_min_eps(float v) { return v < kCosineNormEps ? kCosineNormEps : v; }  // NaN stays NaN
 
-// Squared L2 distance, or 1 - cosine similarity with norms clamped at COSINE_NORM_EPS.
-FASTVQ_HD float finish_distance(const DistanceSums& sums, bool cosine) {
-  if (!cosine) return sums.sq_diff;
+// Squared L2 distance, 1 - cosine similarity with norms clamped at COSINE_NORM_EPS, or -x.c (dot).
+FASTVQ_HD float finish_distance(const DistanceSums& sums, int metric) {
+  if (metric == kL2) return sums.sq_diff;
+  if (metric == kDot) return -sums.dot;
   return 1.0f - sums.dot / (clamp_min_eps(sqrtf(sums.x_sq)) * clamp_min_eps(sqrtf(sums.c_sq)));
 }
 

@@ -63,20 +63,21 @@ def search_variants():
         config = search_config(n, k, d, 1, precision, CONFIG_DEVICE, topk, logits=gumbel)
         options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
         config.pop("splits"), config.pop("codes_per_split")
-        constexprs = dict(COSINE=precision == "ieee", GUMBEL=gumbel, TOPK=topk,
+        metric = "cosine" if precision == "ieee" else "dot" if gumbel and precision == "bf16" else "l2"
+        constexprs = dict(METRIC=metric, GUMBEL=gumbel, TOPK=topk,
                           KPAD=triton.next_power_of_2(topk), **dot_options(precision), **config)
         t = TORCH_TO_TRITON[dtype]
         pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", best_score_ptr="fp32", best_index_ptr="i64")
         ints = dict(N="i32", K="i32", D="i32", codes_per_split="i32", logit_scale="fp32", noise_scale="fp32")
-        yield (f"search {n}x{k}x{d} {t} {precision} gumbel={gumbel} topk={topk}", kernel, pointers, ints,
+        yield (f"search {n}x{k}x{d} {t} {precision} {metric} gumbel={gumbel} topk={topk}", kernel, pointers, ints,
                constexprs, options)
     kernel = module._chosen_distance_kernel
-    for d, cosine in itertools.product([3, 64, 1000], [False, True]):
+    for d, metric in itertools.product([3, 64, 1000], ["l2", "cosine", "dot"]):
         pointers = dict(x_ptr="bf16", code_ptr="fp32", index_ptr="i64", dist_ptr="fp32")
         config = distance_config(d)
         options = {"num_warps": config.pop("num_warps")}
         ints = dict(N="i32", D="i32", J="i32")
-        yield f"chosen_distance D={d} cosine={cosine}", kernel, pointers, ints, dict(COSINE=cosine, **config), options
+        yield f"chosen_distance D={d} {metric}", kernel, pointers, ints, dict(METRIC=metric, **config), options
 
 
 def code_cross_entropy_variants():
@@ -89,21 +90,23 @@ def code_cross_entropy_variants():
         config = search_config(n, k, d, 1, precision, CONFIG_DEVICE, logits=True)
         options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
         config.pop("splits"), config.pop("codes_per_split")
-        constexprs = dict(COSINE=precision == "bf16", **dot_options(precision), **config)
+        metric = {"tf32": "l2", "bf16": "cosine", "fp16": "dot"}[precision]
+        constexprs = dict(METRIC=metric, **dot_options(precision), **config)
         pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", index_ptr="i64", max_ptr="fp32", sum_ptr="fp32",
                         target_ptr="fp32")
-        yield (f"code_cross_entropy forward {n}x{k}x{d} {t} {precision}", module._ce_forward_kernel, pointers,
+        yield (f"code_cross_entropy forward {n}x{k}x{d} {t} {precision} {metric}", module._ce_forward_kernel, pointers,
                ints, constexprs, options)
         for code_side in (False, True):
             rows, stream = (k, n) if code_side else (n, k)
             config = grad_config(rows, stream, d, 1, CONFIG_DEVICE, code_side)
             options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
             config.pop("splits"), config.pop("per_split")
-            constexprs = dict(CODE_SIDE=code_side, COSINE=precision != "bf16", GRAD_PRECISION="tf32",
+            metric = {"tf32": "cosine", "bf16": "l2", "fp16": "dot"}[precision]
+            constexprs = dict(CODE_SIDE=code_side, METRIC=metric, GRAD_PRECISION="tf32",
                               **dot_options(precision), **config)
             pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", index_ptr="i64", lse_ptr="fp32",
                             grad_ptr="fp32", out_ptr="fp32")
-            yield (f"code_cross_entropy grad code_side={code_side} {n}x{k}x{d} {t} {precision}",
+            yield (f"code_cross_entropy grad code_side={code_side} {n}x{k}x{d} {t} {precision} {metric}",
                    module._ce_grad_kernel, pointers, ints, constexprs, options)
 
 

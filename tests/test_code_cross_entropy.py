@@ -11,6 +11,7 @@ import torch.nn.functional as tF
 from conftest import backend_cases, case
 
 import fastvq.ops.functional as F
+from fastvq.ops.common import METRICS
 
 CASES = [
     case(H=1, shared=False, N=70, K=130, D=8),  # several code tiles
@@ -25,6 +26,8 @@ def dense_logits(x, codebook, metric):
     if metric == "l2":
         sq = x.pow(2).sum(-1, keepdim=True) + cd.pow(2).sum(-1).unsqueeze(1) - 2 * x @ cd.transpose(1, 2)
         return -sq.clamp(min=1e-8).sqrt()
+    if metric == "dot":
+        return x @ cd.transpose(1, 2)
     return tF.normalize(x, dim=-1) @ tF.normalize(cd, dim=-1).transpose(1, 2)
 
 
@@ -46,7 +49,7 @@ def assert_close_scaled(got, want, rel):
 
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("H,shared,N,K,D", CASES)
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_forward_and_gradients_match_dense_float64(device, backend, H, shared, N, K, D, metric):
     x = torch.randn(H, N, D)
     codebook = torch.randn(1 if shared else H, K, D)
@@ -158,4 +161,22 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"indices must be in \[-1, num_codes=20\)"):
         F.code_cross_entropy(x, codebook, torch.tensor([0, 1, 20, -1]))
     with pytest.raises(ValueError, match="metric"):
-        F.code_cross_entropy(x, codebook, torch.zeros(4, dtype=torch.int64), metric="dot")
+        F.code_cross_entropy(x, codebook, torch.zeros(4, dtype=torch.int64), metric="hamming")
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_dot_metric_is_a_fused_linear_cross_entropy_with_bias(device, backend):
+    """metric="dot" against nn.Linear + F.cross_entropy, the bias as an extra feature ([h, 1] against
+    [W, b]): loss and the gradients of h, W and b within fp32 tolerance."""
+    hidden = torch.randn(37, 19, device=device, requires_grad=True)
+    linear = torch.nn.Linear(19, 301).to(device)
+    targets = torch.randint(0, 301, (37,), device=device)
+    want = tF.cross_entropy(linear(hidden), targets, reduction="none")
+    want_grads = torch.autograd.grad(want.sum(), (hidden, linear.weight, linear.bias))
+    ones = torch.ones(37, 1, device=device)
+    loss = F.code_cross_entropy(torch.cat([hidden, ones], 1), torch.cat([linear.weight, linear.bias[:, None]], 1),
+                                targets, metric="dot", backend=backend)
+    grads = torch.autograd.grad(loss.sum(), (hidden, linear.weight, linear.bias))
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

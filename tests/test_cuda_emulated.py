@@ -16,7 +16,7 @@ from test_cuda_host_check import host_check_library, host_search
 from vq_checks import check_nearest
 
 from fastvq.ops import reference
-from fastvq.ops.common import PRECISIONS, code_bias
+from fastvq.ops.common import METRICS, PRECISIONS, code_bias
 
 pytestmark = needs_cxx
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -28,7 +28,7 @@ class SearchArgs(ctypes.Structure):  # kernels/launchers.h
                 *[(name, I64) for name in ("heads", "n_tokens", "n_codes", "dim", "x_stride_h", "x_stride_n",
                                            "x_stride_d", "code_stride_h", "code_stride_k", "code_stride_d",
                                            "bias_stride_h")],
-                ("cosine", ctypes.c_bool), ("precision", ctypes.c_int), ("k", ctypes.c_int)]
+                ("metric", ctypes.c_int), ("precision", ctypes.c_int), ("k", ctypes.c_int)]
 
 
 class CodeStatsArgs(ctypes.Structure):  # kernels/launchers.h
@@ -61,7 +61,7 @@ def emulated_search(emu, x, codebook, metric, precision, k, target_blocks):
     shared = codebook.shape[0] == 1
     args = SearchArgs(x.data_ptr(), codebook.data_ptr(), bias.data_ptr(), DTYPES[x.dtype], heads, n,
                       codebook.shape[1], d, *x.stride(), 0 if shared else codebook.stride(0), codebook.stride(1),
-                      codebook.stride(2), 0 if shared else bias.stride(0), metric == "cosine",
+                      codebook.stride(2), 0 if shared else bias.stride(0), METRICS.index(metric),
                       PRECISIONS.index(precision), k)
     splits = emu.fastvq_emulated_search_splits(ctypes.byref(args), target_blocks)
     slots = emu.fastvq_emulated_search_list_size(k)
@@ -80,7 +80,8 @@ SEARCH_CASES = [case(N=n, K=k, D=d, H=h, shared=shared, dtype=dtype, metric=metr
                     (70, 130, 8, 2, True, torch.float32, "cosine", "tf32", 1),
                     (20, 200, 5, 2, False, torch.float16, "l2", "fp16", 3),
                     (9, 140, 40, 1, False, torch.bfloat16, "cosine", "bf16", 16),
-                    (17, 70, 3, 1, False, torch.float32, "l2", "bf16", 8)]]
+                    (17, 70, 3, 1, False, torch.float32, "l2", "bf16", 8),
+                    (25, 90, 12, 2, True, torch.float32, "dot", "ieee", 2)]]
 
 
 @pytest.mark.parametrize("N,K,D,H,shared,dtype,metric,precision,k", SEARCH_CASES)
@@ -104,7 +105,7 @@ def test_search_kernel_matches_the_host_check_and_the_reference(emu, host_lib, N
     check_nearest(x, codebook, answers[0][0][..., 0], answers[0][1][..., 0], metric, precision)
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
 def test_search_kernel_ties_and_non_finite_values(emu, metric):
     """Integer data: the reference's exact answer (ties to the lowest index across code tiles and
     splits); NaN/inf tokens get -1 / NaN; codes with a non-finite entry are never chosen."""
@@ -123,7 +124,9 @@ def test_search_kernel_ties_and_non_finite_values(emu, metric):
         indices, distances, _ = emulated_search(emu, x, codebook, metric, "ieee", 4, target_blocks)
         assert torch.equal(indices, want[0])
         torch.testing.assert_close(distances, want[1], rtol=1e-6, atol=1e-6, equal_nan=True)
-    assert indices[0, 0, 0] == 3 and indices[0, 1, 0] == 64 and (indices[0, [5, 6]] == -1).all()
+    assert (indices[0, [5, 6]] == -1).all()
+    if metric != "dot":  # a token on a code is nearest to it (dot: a longer code can win)
+        assert indices[0, 0, 0] == 3 and indices[0, 1, 0] == 64
     assert not set(indices.flatten().tolist()) & {7, 9}
 
 

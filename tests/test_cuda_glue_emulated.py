@@ -8,7 +8,7 @@ from host_build import CXX, REPO
 from vq_checks import check_nearest
 
 from fastvq.ops import reference
-from fastvq.ops.common import PRECISIONS, code_bias
+from fastvq.ops.common import METRICS, PRECISIONS, code_bias
 
 DEVICE_CHECK = 'TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");'
 
@@ -42,14 +42,15 @@ def glue(tmp_path_factory):
 @pytest.mark.parametrize("heads,code_heads,n,k,d,dtype,metric,precision,topk", [
     (2, 1, 37, 259, 33, torch.float32, "l2", "ieee", 1),
     (2, 2, 20, 130, 8, torch.bfloat16, "cosine", "bf16", 5),
-    (1, 1, 9, 40, 70, torch.float16, "l2", "fp16", 16)])
+    (1, 1, 9, 40, 70, torch.float16, "l2", "fp16", 16),
+    (2, 1, 15, 50, 6, torch.float32, "dot", "tf32", 3)])
 def test_search_through_the_glue(glue, heads, code_heads, n, k, d, dtype, metric, precision, topk):
     x = torch.randn(heads, n, 2 * d).to(dtype)[..., ::2]
     codebook = torch.randn(code_heads, k, d).to(dtype)
     bias = code_bias(codebook, metric, precision)
     want = reference.topk_codes(x, codebook, topk, metric=metric, precision=precision)
     for target_blocks in (1, 64):
-        indices, distances = glue.search(x, codebook, bias, metric == "cosine", PRECISIONS.index(precision), topk,
+        indices, distances = glue.search(x, codebook, bias, METRICS.index(metric), PRECISIONS.index(precision), topk,
                                          target_blocks, 0)
         assert indices.shape == distances.shape == (heads, n, topk)
         check_nearest(x, codebook, indices[..., 0], distances[..., 0], metric, precision)
@@ -96,7 +97,7 @@ def emulated_cuda_backend(glue, monkeypatch):
         monkeypatch.setattr(module, "target_blocks", lambda device: 16)
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
 def test_public_ops_on_the_cuda_backend(emulated_cuda_backend, metric):
     """The public ops with backend="cuda" (2-D and 3-D x, shared and per-head codebooks, strided
     and mixed-dtype inputs, no tokens) give the torch backend's answers."""

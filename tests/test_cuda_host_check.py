@@ -15,7 +15,7 @@ from host_build import pointer as _ptr
 from vq_checks import check_nearest
 
 from fastvq.ops import reference
-from fastvq.ops.common import PRECISIONS, code_bias, round_operand
+from fastvq.ops.common import METRICS, PRECISIONS, code_bias, round_operand
 
 pytestmark = needs_cxx
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
@@ -44,7 +44,7 @@ def host_search(lib, x, codebook, metric, precision, k, codes_per_split):
     indices = torch.empty(heads, n, k, dtype=torch.int64)
     distances = torch.empty(heads, n, k)
     lib.fastvq_host_search(_ptr(xf), _ptr(cf), _ptr(bias), heads, codebook.shape[0], n, codebook.shape[1], d,
-                           int(metric == "cosine"), PRECISIONS.index(precision), k, codes_per_split,
+                           METRICS.index(metric), PRECISIONS.index(precision), k, codes_per_split,
                            _ptr(indices), _ptr(distances))
     return indices, distances
 
@@ -83,6 +83,7 @@ SEARCH_CASES = [case(N=n, K=k, D=d, H=h, shared=shared, dtype=dtype, metric=metr
                 for n, k, d, h, shared, dtype, metric in [
                     (37, 259, 33, 1, False, torch.float32, "l2"), (37, 259, 33, 3, True, torch.float32, "cosine"),
                     (20, 130, 3, 2, False, torch.float16, "l2"), (20, 130, 64, 2, False, torch.bfloat16, "cosine"),
+                    (25, 90, 12, 2, True, torch.float32, "dot"),
                     (9, 1, 5, 1, False, torch.float32, "l2")]]
 
 
@@ -97,7 +98,7 @@ def test_nearest_matches_the_float64_brute_force(lib, N, K, D, H, shared, dtype,
     assert (indices[..., 0] == ref_indices).float().mean() > 0.97  # differ only at near-ties (summation order)
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("k", [1, 3, 16])
 def test_exact_data_gives_the_reference_answer_bitwise(lib, metric, precision, k):
@@ -116,10 +117,11 @@ def test_exact_data_gives_the_reference_answer_bitwise(lib, metric, precision, k
         got = host_search(lib, x, codebook, metric, precision, k, codes_per_split)
         assert torch.equal(got[0], want[0]), codes_per_split
         torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
-    assert got[0][0, 0, 0] == 3 and got[0][0, 1, 0] == 64
+    if metric != "dot":  # a token on a code is nearest to it (dot: a longer code can win)
+        assert got[0][0, 0, 0] == 3 and got[0][0, 1, 0] == 64
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
 def test_non_finite_rules(lib, metric):
     """NaN/inf tokens get -1 and NaN in every slot; codes with a non-finite entry are never chosen;
     slots past the finite codes get -1 / NaN."""

@@ -30,7 +30,7 @@ X, CB = torch.randn(4, 3), torch.randn(5, 3)
     ((X, torch.randn(5, 4)), {}, ValueError, r"share the last dimension D.*\(4, 3\).*\(5, 4\)"),
     ((X, torch.randn(0, 3)), {}, ValueError, r"codebook is empty.*K >= 1, got \(0, 3\)"),
     ((X, CB.to("meta")), {}, ValueError, r"same device, got cpu and meta"),
-    ((X, CB), {"metric": "dot"}, ValueError, r"metric must be one of \('l2', 'cosine'\), got 'dot'"),
+    ((X, CB), {"metric": "hamming"}, ValueError, r"metric must be one of \('l2', 'cosine', 'dot'\), got 'hamming'"),
     ((X, CB), {"precision": "fp8"}, ValueError, r"precision must be None or one of .*'fp8'"),
     ((X, CB), {"backend": "gpu"}, ValueError, r"backend must be one of \('auto', 'torch', 'triton', 'cuda'\), got"),
 ])

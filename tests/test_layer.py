@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import backend_cases
-from torch.utils._python_dispatch import TorchDispatchMode
+from vq_checks import LargestTensor
 
 from fastvq.nn.kmeans import sample_rows
 from fastvq.nn.vector_quantize import UNSUPPORTED, VectorQuantize
@@ -344,24 +344,14 @@ def test_training_step_builds_no_n_by_k_tensor(monkeypatch):
     monkeypatch.setattr(torch, "cdist", forbidden)
     monkeypatch.setattr(F, "one_hot", forbidden)
 
-    class LargestTensor(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
-            return out
-
     layer = vq(dim=16, codebook_size=n_codes, codebook_dim=8, kmeans_init=True, kmeans_iters=2,
                threshold_ema_dead_code=2.0, orthogonal_reg_weight=0.1).train()
     x = torch.randn(2, n_tokens // 2, 16, requires_grad=True)
-    with LargestTensor():
+    with LargestTensor() as record:
         for _ in range(2):
             quantized, _, loss = layer(x)
             (quantized.sum() + loss).backward()
-    assert 0 < LargestTensor.largest < n_tokens * n_codes // 2, LargestTensor.largest
+    assert 0 < record.largest < n_tokens * n_codes // 2, record.largest
 
 
 def test_accumulated_statistics_equal_one_step_on_the_union():

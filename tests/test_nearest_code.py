@@ -13,6 +13,7 @@ from vq_checks import brute_force_distances, check_nearest
 
 import fastvq
 from fastvq.ops.backend import cuda_unavailable_reason
+from fastvq.ops.common import METRICS
 from fastvq.ops.functional import resolve_precision
 from fastvq.ops.triton import _launch
 from fastvq.ops.triton._launch import interpreted_precision
@@ -37,10 +38,10 @@ def _run(x, codebook, metric, backend, precision=None):
 
 
 def _brute_force_cases():
-    """Every (N, K, D) with both metrics; heads, shared codebooks and dtypes rotate over the cases."""
+    """Every (N, K, D) with every metric; heads, shared codebooks and dtypes rotate over the cases."""
     cases = []
-    for i in range(len(SHAPES) * 2):
-        (n, k, d), metric = SHAPES[i // 2], ("l2", "cosine")[i % 2]
+    for i in range(len(SHAPES) * len(METRICS)):
+        (n, k, d), metric = SHAPES[i // len(METRICS)], METRICS[i % len(METRICS)]
         heads, shared = [(1, False), (3, False), (3, True)][i % 3]
         cases.append(case(N=n, K=k, D=d, H=heads, shared=shared, dtype=DTYPES[(i // 3) % 3], metric=metric))
     return cases
@@ -55,7 +56,7 @@ def test_matches_float64_brute_force(device, backend, N, K, D, H, shared, dtype,
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", [1, 3])
 def test_backends_agree(device, backend, metric, dtype, heads):
@@ -83,7 +84,7 @@ def test_precision_modes_bound_regret(device, backend, precision, offset):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n,k", [(7, 259), (301, 259), (33, 1100)])
 def test_exact_ties_go_to_lowest_index(device, backend, metric, n, k):
     """Integer-valued data make every product exact, so duplicated codes tie exactly; the lowest
@@ -94,12 +95,14 @@ def test_exact_ties_go_to_lowest_index(device, backend, metric, n, k):
     codebook[codebook.abs().sum(-1) == 0] = 1.0  # no zero code: its cosine is undefined
     x = torch.randint(-3, 4, (1, n, d)).float()
     twins = [(3, k - 59), (64, 65), (10, k - 1), (127, 128)]
-    for low, high in twins:  # cosine: a copy scaled by 2 has exactly the same cosine
+    for axis, (low, high) in enumerate(twins):  # cosine: a copy scaled by 2 has exactly the same cosine
+        if metric == "dot":  # twins along distinct axes, longer than any other code: a token on one prefers it
+            codebook[0, low] = 10 * torch.eye(d)[axis]
         codebook[0, high] = codebook[0, low] * (2.0 if metric == "cosine" else 1.0)
     for i in range(n):  # each token sits exactly on (a multiple of) one twin pair
         low, _ = twins[i % len(twins)]
         x[0, i] = codebook[0, low] * (1 + i % 2)
-    if metric == "l2":
+    if metric != "cosine":
         dense = brute_force_distances(x, codebook, metric)  # exact: integers
     else:  # a score with the cosine ranking, exact for a copy scaled by 2
         cd = codebook.double()
@@ -151,7 +154,7 @@ def test_cuda_code_splits_do_not_change_the_answer(device, backend, k, monkeypat
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_non_finite_inputs(device, backend, metric):
     """Tokens with NaN/inf get index -1 and NaN distance; codes with NaN/inf are never chosen."""
     x = torch.randn(6, 9)
@@ -214,7 +217,7 @@ def test_inputs_are_not_modified(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_large_dim(device, backend, metric):
     """D = 1024 (and a non-power-of-two D above one tile) stream the D axis in tiles."""
     for d in (1024, 1000):

@@ -17,7 +17,8 @@ def test_readme_has_python_snippets():
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
-def test_snippet_runs(code):
+def test_snippet_runs(code, monkeypatch):
+    monkeypatch.chdir(README.parent)  # paths in the README are relative to the repository
     namespace = {"__name__": "readme"}
     exec(compile(code, str(README), "exec"), namespace)
     results = {name: value for name, value in namespace.items() if isinstance(value, torch.Tensor)}

@@ -15,6 +15,7 @@ from conftest import backend_cases
 
 import fastvq.ops.functional as F
 from fastvq.ops import reference
+from fastvq.ops.common import METRICS
 
 CHI2_LIMIT = 43.0
 
@@ -24,13 +25,16 @@ def dense_logits(x, codebook, metric):
     xd, cd = x.double(), codebook.double().expand(x.shape[0], -1, -1)
     if metric == "l2":
         return -torch.cdist(xd, cd).pow(2).clamp_min(1e-8).sqrt()
+    if metric == "dot":
+        return xd @ cd.transpose(1, 2)
     return torch.nn.functional.normalize(xd, dim=-1) @ torch.nn.functional.normalize(cd,
                                                                                      dim=-1).transpose(1, 2)
 
 
 def _five_codes(heads, d, metric):
-    """One token per head and 5 codes at distances 0.2 ... 1.4 (l2) or cosines 0.9 ... -0.3
-    (cosine) from it, in random directions: no tiny softmax cell at T in [0.5, 2]."""
+    """One token per head and 5 codes at distances 0.2 ... 1.4 (l2), cosines 0.9 ... -0.3
+    (cosine) or logits 0.9 ... -0.3 (dot) from it, in random directions: no tiny softmax cell at T
+    in [0.5, 2]."""
     token = torch.randn(heads, 1, d)
     direction = torch.nn.functional.normalize(torch.randn(heads, 5, d), dim=-1)
     if metric == "l2":
@@ -39,6 +43,8 @@ def _five_codes(heads, d, metric):
     across = torch.nn.functional.normalize(direction - (direction * unit).sum(-1, keepdim=True) * unit,
                                            dim=-1)
     cosines = torch.tensor([0.9, 0.6, 0.3, 0.0, -0.3])[:, None]
+    if metric == "dot":  # x . c = cosine exactly, whatever the orthogonal part
+        return token, cosines * unit / token.norm(dim=-1, keepdim=True) + across * torch.rand(heads, 5, 1)
     return token, (cosines * unit + (1 - cosines**2).sqrt() * across) * torch.rand(heads, 5, 1).add(0.5)
 
 
@@ -81,7 +87,7 @@ def test_seeds(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_backends_draw_the_same_codes(device, backend, metric):
     """The reference replays Triton's Philox stream, so both backends draw the same code for a seed
     (up to float rounding where two perturbed logits nearly tie)."""
@@ -93,7 +99,7 @@ def test_backends_draw_the_same_codes(device, backend, metric):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_gumbel_topk_extends_the_single_draw(device, backend, metric):
     """k draws: column 0 is the k=None draw for the seed, the codes are distinct, and they are the k
     best of the same perturbed logits (the same codes on both backends, up to near-ties)."""
@@ -195,7 +201,7 @@ def test_non_finite_inputs(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("k", [None, 3])
 def test_infinite_tokens_get_no_code(device, backend, metric, k):
     """A token with +inf or -inf gets -1 (k: -1 in every slot), as one with NaN, on every backend:

@@ -10,9 +10,10 @@ wherever every consecutive gap is.
 import pytest
 import torch
 from conftest import backend_cases, case
-from vq_checks import brute_force_distances, tolerance
+from vq_checks import brute_force_distances, distance_scale, tolerance
 
 import fastvq.ops.functional as F
+from fastvq.ops.common import METRICS
 from fastvq.ops.triton import _launch
 from fastvq.ops.triton._launch import interpreted_precision
 
@@ -44,16 +45,16 @@ def check_topk(x, codebook, indices, distances, k, metric, precision):
         assert torch.equal(indices.sort(-1).values[clear_set], true_index[..., :k].sort(-1).values[clear_set])
     clear_order = (true_sorted[..., :k + 1].diff(dim=-1) > tol).all(dim=-1)
     assert torch.equal(indices[clear_order], true_index[..., :k][clear_order])
-    scale = x.double().pow(2).sum(-1) + codebook.double().pow(2).sum(-1).max() if metric == "l2" else 1.0
-    dist_tol = 1e-5 * (1 + chosen.abs()) + 8 * x.shape[-1] * 2.0**-24 * torch.as_tensor(scale)[..., None]
+    scale = distance_scale(x, codebook, metric)
+    dist_tol = 1e-5 * (1 + chosen.abs()) + 8 * x.shape[-1] * 2.0**-24 * scale[..., None]
     assert ((distances.double() - chosen).abs() <= dist_tol).all(), "distances are not exact fp32"
 
 
 def _brute_force_cases():
-    """Every shape with both metrics; heads, shared codebooks and dtypes rotate over the cases."""
+    """Every shape with every metric; heads, shared codebooks and dtypes rotate over the cases."""
     cases = []
-    for i in range(len(CASES) * 2):
-        (n, n_codes, d, k), metric = CASES[i // 2], ("l2", "cosine")[i % 2]
+    for i in range(len(CASES) * len(METRICS)):
+        (n, n_codes, d, k), metric = CASES[i // len(METRICS)], METRICS[i % len(METRICS)]
         heads, shared = [(1, False), (3, False), (2, True)][i % 3]
         cases.append(case(N=n, K=n_codes, D=d, k=k, H=heads, shared=shared, dtype=DTYPES[(i // 2) % 3],
                           metric=metric))
@@ -70,7 +71,7 @@ def test_matches_float64_brute_force(device, backend, N, K, D, k, H, shared, dty
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_first_slot_is_nearest_code(device, backend, metric):
     x, codebook = torch.randn(2, 301, 33, device=device), torch.randn(259, 33, device=device)
     indices, distances = F.topk_codes(x, codebook, 4, metric=metric, backend=backend)
@@ -82,7 +83,7 @@ def test_first_slot_is_nearest_code(device, backend, metric):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n_codes", [259, 1100])
 def test_exact_ties_go_to_lowest_index(device, backend, metric, n_codes):
     """Integer-valued data make every product exact; duplicated codes (also in different code tiles
@@ -94,7 +95,7 @@ def test_exact_ties_go_to_lowest_index(device, backend, metric, n_codes):
     for low, high in [(3, n_codes - 59), (64, 65), (10, n_codes - 1), (127, 128), (0, 1)]:
         codebook[high] = codebook[low] * (2.0 if metric == "cosine" else 1.0)  # same cosine when scaled
     x[::2] = codebook[[3, 64, 10, 127, 0]].repeat(4, 1)  # tokens sitting on the twins
-    if metric == "l2":
+    if metric != "cosine":
         score = brute_force_distances(x[None], codebook[None], metric)[0]  # exact: integers
     else:  # a score with the cosine ranking, exact for a copy scaled by 2
         score = -(x.double() @ codebook.double().T) / codebook.double().norm(dim=-1).clamp_min(1e-12)
@@ -161,4 +162,4 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="x must have shape"):
         F.topk_codes(x[0], codebook, 2)
     with pytest.raises(ValueError, match="metric"):
-        F.topk_codes(x, codebook, 2, metric="dot")
+        F.topk_codes(x, codebook, 2, metric="hamming")

@@ -8,6 +8,7 @@ cosine. A chosen code must be within that tolerance of the true (float64) minimu
 """
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 UNIT_ROUNDOFF = {"ieee": 2.0**-24, "tf32": 2.0**-11, "fp16": 2.0**-11, "bf16": 2.0**-8}
 
@@ -17,6 +18,8 @@ def brute_force_distances(x, codebook, metric):
     xd, cd = x.double(), codebook.double().expand(x.shape[0], -1, -1)
     if metric == "l2":
         return (xd.unsqueeze(2) - cd.unsqueeze(1)).pow(2).sum(-1)
+    if metric == "dot":
+        return -(xd @ cd.transpose(1, 2))
     xn = xd / xd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     cn = cd / cd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return 1.0 - xn @ cn.transpose(1, 2)
@@ -27,8 +30,18 @@ def tolerance(x, codebook, metric, precision):
     u, dim = UNIT_ROUNDOFF[precision], x.shape[-1]
     if metric == "cosine":
         return torch.full(x.shape[:2], 4 * (dim + 2) * u, dtype=torch.float64)
-    scale = x.double().pow(2).sum(-1) + codebook.double().pow(2).sum(-1).max()
-    return 4 * (dim + 2) * u * scale
+    return 4 * (dim + 2) * u * distance_scale(x, codebook, metric)
+
+
+def distance_scale(x, codebook, metric):
+    """(H, N) float64 magnitude that a distance's rounding error is relative to: |x|^2 + max|c|^2
+    (l2), |x| max|c| (dot), 1 (cosine)."""
+    x_sq, c_sq_max = x.double().pow(2).sum(-1), codebook.double().pow(2).sum(-1).max()
+    if metric == "l2":
+        return x_sq + c_sq_max
+    if metric == "dot":
+        return (x_sq * c_sq_max).sqrt()
+    return torch.ones_like(x_sq)
 
 
 def check_nearest(x, codebook, indices, distances, metric, precision):
@@ -52,6 +65,21 @@ def check_nearest(x, codebook, indices, distances, metric, precision):
             f"first at {tuple(torch.nonzero(wrong)[0].tolist())}"
     # distances are recomputed exactly in fp32 for the chosen code
     err = (distances.double() - chosen).abs()
-    dist_tol = 1e-5 * (1 + chosen.abs()) + (8 * x.shape[-1] * 2.0**-24 * (
-        x.double().pow(2).sum(-1) + codebook.double().pow(2).sum(-1).max()) if metric == "l2" else 1e-6)
+    dist_tol = 1e-5 * (1 + chosen.abs()) + (8 * x.shape[-1] * 2.0**-24 * distance_scale(x, codebook, metric)
+                                            if metric != "cosine" else 1e-6)
     assert (err <= dist_tol).all(), f"distance error {err.max().item():.3g}"
+
+
+class LargestTensor(TorchDispatchMode):
+    """While active, records in `largest` the most elements of any tensor an op returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -2,7 +2,8 @@
 
     fastvq train --preset demo                       # VQ-VAE on builtin photos, minutes on CPU
     fastvq train --model vqgan --preset gpu --data PATH --quantizer vector-quantize-pytorch
-    fastvq eval --ckpt runs/vqvae-demo/checkpoint.safetensors --data builtin
+    torchrun --nproc-per-node 8 -m fastvq train --preset gpu --data PATH --precision bf16   # 8 GPUs
+    fastvq eval --ckpt runs/vqvae-demo --data builtin
     fastvq encode --ckpt CKPT --data IMAGES --out CODES
     fastvq decode --ckpt CKPT --indices CODES --out IMAGES
 """
@@ -10,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,24 +21,28 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fastvq import __version__
 from fastvq.models import QUANTIZERS
 
 from . import report
 from .config import MODELS, PRESETS, RESUMABLE, RunConfig, make_config
-from .data import builtin_images, fixed_crops, load_images, stack_images
-from .device import resolve_device
+from .data import builtin_images, fixed_crops, load_images, open_images, stack_images
+from .device import resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
 from .files import write_atomic
 from .metrics import InceptionFeatures
-from .state import CHECKPOINT, load_model, read_checkpoint
-from .training import train
+from .state import CHECKPOINT, checkpoint_file, load_model, read_checkpoint
+from .step import PRECISIONS
+from .training import TrainingInterrupted, train
 
 MANIFEST_FORMAT = "fastvq-indices/1"
 
 # train flags that map onto RunConfig fields; None means "not given".
 RUN_FLAGS = (
-    ("--data", str, "builtin (scikit-image photos, default), a folder of images or a .npy/.npz"),
+    ("--data", str, "builtin (scikit-image photos), mnist (digits padded to 32x32: train split for training, "
+                    "test split held out), a folder of images (searched recursively, e.g. class/image.jpg), "
+                    "one image file or a .npy/.npz"),
     ("--steps", int, "number of training steps"),
     ("--batch-size", int, "images per step"),
     ("--image-size", int, "side of the square training crops (a multiple of the model's factor)"),
@@ -43,13 +50,25 @@ RUN_FLAGS = (
     ("--seed", int, "seed of initialisation and batch sampling"),
     ("--ckpt-every", int, "steps between checkpoints"),
     ("--log-every", int, "steps between progress-bar updates"),
-    ("--holdout", float, "fraction of PATH images held out for evaluation (builtin: fixed split)"),
+    ("--eval-every", int, "steps between held-out evaluations during training (metrics in the history as "
+                          "eval_*, a grid of inputs and reconstructions in OUT/samples/); none: at the end only"),
+    ("--holdout", float, "fraction of PATH images held out for evaluation (builtin, mnist: a fixed split)"),
     ("--num-eval", int, "held-out crops evaluated at the end"),
     ("--resize", int, "resize the shorter side to S then center-crop SxS before cropping"),
     ("--crop", int, "center-crop SxS before cropping"),
     ("--lpips-weights", str, "VGG16-LPIPS weights file; adds the perceptual loss (VQGAN)"),
     ("--device", str, "auto (CUDA when present), cpu or cuda[:N]"),
+    ("--workers", int, "data-loading processes; auto: 0 for builtin and array data (in memory), else one "
+                       "per CPU but one, at most 8"),
+    ("--threads", int, "CPU threads of torch; auto: the CPUs not busy with other work (the load "
+                       "average), at least 1; on CUDA, torch's default"),
 )
+
+DEVICE_HELP = "auto (CUDA when present), cpu or cuda[:N] (default: %(default)s)"
+THREADS_HELP = "CPU threads of torch (default: the CPUs not busy with other work, at least 1)"
+NO_PROGRESS_HELP = ("no progress output (on a terminal a live bar; in a log, a line at the start, at most one "
+                    "every 30 s, and one at the end)")
+CKPT_HELP = "a run folder of fastvq train, or its checkpoint.safetensors"
 
 
 FLAG_OF_SETTING = {"out_dir": "--out", "model_args": "--set"}
@@ -71,78 +90,126 @@ def _model_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _model_arg_default(model: str, setting: str, config: RunConfig) -> Any:
+    if setting in config.model_args:
+        return config.model_args[setting]
+    return inspect.signature(MODELS[model]).parameters[setting].default
+
+
+def default_text(setting: str) -> str:
+    """'default: ...' for a train setting, whose default depends on --model and --preset."""
+    values: dict[str, list[str]] = {}
+    for model in MODELS:
+        for preset in (None, *PRESETS):
+            config = make_config(model, preset)
+            if setting in ("codebook_size", "codebook_dim"):
+                value = _model_arg_default(model, setting, config)
+            else:
+                value = getattr(config, setting)
+            shown = str(value) if value is not None else "auto" if setting in ("threads", "workers") else "none"
+            values.setdefault(shown, []).append(" ".join(filter(None, (model, preset))))
+    if len(values) == 1:
+        return f"default: {next(iter(values))}"
+    return "default: " + "; ".join(f"{value} ({', '.join(labels)})" for value, labels in values.items())
+
+
+def model_arg_keys() -> str:
+    """The keys --set accepts, per model."""
+    return "; ".join(f"{model}: {', '.join(p for p in inspect.signature(cls).parameters if p != 'quantizer')}"
+                     for model, cls in MODELS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvq", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastvq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="train a VQ-VAE or VQGAN")
-    p.add_argument("--model", choices=list(MODELS), help="model kind (default vqvae)")
+    p = commands.add_parser("train", help="train a VQ-VAE or VQGAN",
+                            description="Train a VQ-VAE or VQGAN. Defaults depend on --model and --preset; "
+                                        "each option's help lists them.")
+    p.add_argument("--model", choices=list(MODELS), help="model kind (default: vqvae)")
     p.add_argument("--preset", choices=list(PRESETS),
-                   help="demo: minutes on a 2-core CPU; gpu: 128 px, sized for one GPU")
-    p.add_argument("--quantizer", choices=QUANTIZERS, help="quantizer implementation (default fastvq)")
-    for flag, kind, text in RUN_FLAGS:
-        p.add_argument(flag, type=kind, help=text)
-    p.add_argument("--codebook-size", type=int, help="number of codes K")
-    p.add_argument("--codebook-dim", type=int, help="code width D")
+                   help="demo: minutes on a 2-core CPU; gpu: 128 px, sized for one GPU (default: none, the "
+                        "model's own defaults)")
+    p.add_argument("--quantizer", choices=QUANTIZERS, help="quantizer implementation (default: fastvq)")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="mixed precision: the model's forward and losses under autocast in bf16 or fp16 (fp16 "
+                        "with a loss scaler); the quantizer keeps its own rules for 16-bit latents (default: fp32)")
+    for name, kind, text in RUN_FLAGS:
+        p.add_argument(name, type=kind, help=f"{text} ({default_text(name[2:].replace('-', '_'))})")
+    for name in ("codebook_size", "codebook_dim"):
+        what = "number of codes K" if name == "codebook_size" else "code width D"
+        p.add_argument(flag(name), type=int, help=f"{what} ({default_text(name)})")
     p.add_argument("--set", dest="model_args", type=_model_arg, action="append", default=[],
-                   metavar="KEY=VALUE", help="model constructor argument (JSON value), repeatable")
-    p.add_argument("--out", type=Path, help="output folder (default runs/MODEL[-PRESET])")
+                   metavar="KEY=VALUE", help="model constructor argument (JSON value), repeatable (default: the "
+                                             f"model's and the preset's values); keys: {model_arg_keys()}")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/MODEL[-PRESET])")
     p.add_argument("--resume", action="store_true", help="continue from OUT/" + CHECKPOINT)
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (and rFID) on held-out images")
-    p.add_argument("--ckpt", type=Path, required=True)
-    p.add_argument("--data", default="builtin", help="builtin (held-out photos), folder or .npy/.npz")
-    p.add_argument("--out", type=Path, help="output folder (default: CKPT's folder/eval)")
-    p.add_argument("--num-eval", type=int, default=64, help="crops of the builtin held-out photos")
+    p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
+    p.add_argument("--data", default="builtin",
+                   help="builtin (held-out photos), mnist (the test digits), a folder of images (recursively), an "
+                        "image file or a .npy/.npz (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="output folder (default: CKPT's run folder/eval)")
+    p.add_argument("--num-eval", type=int, default=64,
+                   help="crops of the builtin held-out photos (default: %(default)s)")
     p.add_argument("--image-size", type=int, help="side of those crops (default: the training size)")
     p.add_argument("--inception-weights", type=Path,
                    help="TorchScript Inception feature extractor (inception-2015-12-05.pt) for rFID. "
                         "TorchScript is a program, not data: fastvq runs it, so pass only a file you "
-                        "trust (never one from an untrusted source); without this flag nothing is run")
-    _shared(p, "evaluate with this quantizer instead of the checkpoint's")
+                        "trust (never one from an untrusted source); without this flag nothing is run (default: none)")
+    _shared(p, "evaluate with this quantizer instead of the checkpoint's (default: the checkpoint's)")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("encode", help="images -> code indices (indices.npy + manifest.json)")
-    p.add_argument("--ckpt", type=Path, required=True)
-    p.add_argument("--data", required=True, help="folder of images or .npy/.npz")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
+    p.add_argument("--data", required=True, help="a folder of images (recursively), an image file or a .npy/.npz")
+    p.add_argument("--out", type=Path, required=True, help="output folder for indices.npy and manifest.json")
     _shared(p)
     p.set_defaults(func=cmd_encode)
 
     p = commands.add_parser("decode", help="code indices (from encode) -> PNG images")
-    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
     p.add_argument("--indices", type=Path, required=True, help="folder written by fastvq encode")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, required=True, help="output folder for the PNG images")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_decode)
     return parser
 
 
 def _shared(p: argparse.ArgumentParser, quantizer_help: str | None = None) -> None:
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--resize", type=int, help="resize the shorter side to S, center-crop SxS")
-    p.add_argument("--crop", type=int, help="center-crop SxS")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--resize", type=int, help="resize the shorter side to S, center-crop SxS (default: none)")
+    p.add_argument("--crop", type=int, help="center-crop SxS (default: none)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     if quantizer_help:
         p.add_argument("--quantizer", choices=QUANTIZERS, help=quantizer_help)
 
 
-def _train_config(args: argparse.Namespace, out: Path) -> RunConfig:
+def _train_config(args: argparse.Namespace, out: Path) -> tuple[RunConfig, int]:
+    """The run's settings from the flags (on --resume, from the checkpoint, with the flags that may
+    change applied) and the step of the checkpoint resumed from (0 for a new run)."""
     given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
              for flag, _, _ in RUN_FLAGS}
     given = {k: v for k, v in given.items() if v is not None}
-    if args.quantizer:
-        given["quantizer"] = args.quantizer
+    for key in ("quantizer", "precision"):
+        if getattr(args, key):
+            given[key] = getattr(args, key)
     model_args = dict(args.model_args)
     for key in ("codebook_size", "codebook_dim"):
         if getattr(args, key) is not None:
             model_args[key] = getattr(args, key)
     if not args.resume:
-        return make_config(args.model or "vqvae", args.preset, model_args=model_args, **given)
+        return make_config(args.model or "vqvae", args.preset, model_args=model_args, **given), 0
     _, meta = read_checkpoint(out / CHECKPOINT, args.model)
     stored = meta["config"]
     for key, value in {**given, **{f"model_args.{k}": v for k, v in model_args.items()}}.items():
@@ -154,13 +221,22 @@ def _train_config(args: argparse.Namespace, out: Path) -> RunConfig:
             )
         if key in RESUMABLE:
             stored[key] = value
-    return RunConfig(**stored)
+    return RunConfig(**stored), meta["step"]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "-".join(filter(None, (args.model or "vqvae", args.preset)))
-    config = _train_config(args, out)
-    metrics = train(config, out, resume=args.resume, progress=not args.no_progress)
+    config, resumed_step = _train_config(args, out)
+    if not args.resume and (out / CHECKPOINT).is_file():
+        metrics = _finished_run(out, config)
+        print(f"{out} already holds this run, finished at step {metrics['step']}: nothing trained. To train "
+              f"further add --resume --steps N; for a new run choose another --out.")
+    else:
+        if args.resume and resumed_step == config.steps:
+            print(f"{out} is finished at step {resumed_step}: nothing trained (raise --steps to train further)")
+        metrics = train(config, out, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")):  # one summary for a torchrun launch
+        return 0
     ev, timing = metrics["eval"], metrics["timing"]
     share = timing["quantizer_share"]
     print(
@@ -172,6 +248,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finished_run(out: Path, config: RunConfig) -> dict[str, Any]:
+    """The metrics of the finished run in ``out`` if ``config`` would train it again (settings that
+    do not change results aside); otherwise an error that offers --resume or another --out."""
+    _, meta = read_checkpoint(out / CHECKPOINT)
+    stored, wanted = meta["config"], config.to_dict()
+    same = all(stored.get(k) == v for k, v in wanted.items() if k not in RESUMABLE)
+    if same and meta["step"] == config.steps and (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    state = "finished" if meta["step"] == stored["steps"] else f"stopped at step {meta['step']} of {stored['steps']}"
+    differs = "" if same else " with other settings"
+    raise ValueError(f"--out {out} already holds a {meta['kind']} run{differs} ({state}): add --resume to "
+                     f"continue it, or choose another --out for a new run")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_model(args.ckpt, device, args.quantizer)
@@ -181,8 +271,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         images = stack_images(*load_images(args.data, args.resize, args.crop))
     inception = InceptionFeatures(args.inception_weights, device) if args.inception_weights else None
-    metrics, recons, indices = evaluate(model, images, args.batch_size, device, inception)
-    out = args.out or args.ckpt.parent / "eval"
+    metrics, recons, indices = evaluate(model, images, args.batch_size, device, inception, not args.no_progress)
+    out = args.out or checkpoint_file(args.ckpt).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "metrics.json", {
         "checkpoint": str(args.ckpt), "step": meta["step"], "kind": meta["kind"],
@@ -197,8 +287,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_model(args.ckpt, device)
-    names, images = load_images(args.data, args.resize, args.crop)
-    indices = encode_images(model, stack_images(names, images), args.batch_size, device)
+    images = open_images(args.data, args.resize, args.crop)  # read batch by batch
+    indices = encode_images(model, images, args.batch_size, device, not args.no_progress)
+    names = images.names
     args.out.mkdir(parents=True, exist_ok=True)
     compact = indices.astype(np.min_scalar_type(model.codebook_size - 1))
     write_atomic(args.out / "indices.npy", lambda f: np.save(f, compact))
@@ -251,7 +342,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if not np.issubdtype(indices.dtype, np.integer):
         raise ValueError(f"{args.indices / 'indices.npy'} holds {indices.dtype} values; code indices are integers")
     names = output_names(manifest["images"], manifest_path)
-    images = decode_indices(model, indices, args.batch_size, device)
+    images = decode_indices(model, indices, args.batch_size, device, not args.no_progress)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, image in zip(names, images):
         write_atomic(args.out / name, lambda f, image=image: Image.fromarray(image).save(f, format="PNG"))
@@ -263,12 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``fastvq`` command with ``argv`` (default sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print(f"fastvq {args.command}: interrupted", file=sys.stderr)
-        if args.command == "train":
-            print("the last checkpoint is intact; continue with the same command and --resume",
-                  file=sys.stderr)
+        if args.command == "train":  # its threads are a run setting
+            return args.func(args)
+        with torch_threads(args.threads, resolve_device(args.device)):
+            return args.func(args)
+    except KeyboardInterrupt as err:
+        if isinstance(err, TrainingInterrupted):
+            print(f"fastvq train: interrupted after step {err.step}, saved in {err.path}; continue with the "
+                  "same command and --resume", file=sys.stderr)
+        else:
+            print(f"fastvq {args.command}: interrupted", file=sys.stderr)
+            if args.command == "train":
+                print("the last checkpoint is intact; continue with the same command and --resume",
+                      file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as err:
         message = err.spelled(flag) if isinstance(err, SettingError) else err

@@ -21,10 +21,12 @@ RUN_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # A few minutes on a 2-core CPU.
+    # A few minutes on a 2-core CPU. One thread: for models this small, on a busy 2-core machine,
+    # 11 steps/s against 1.6-2.4 with two (vqvae demo, load 4-15), and the results (whose last bits
+    # depend on the thread count) do not depend on the machine's load.
     "demo": {
         "vqvae": {
-            "image_size": 32, "batch_size": 32, "steps": 2000, "lr": 1e-3, "ckpt_every": 500,
+            "image_size": 32, "batch_size": 32, "steps": 2000, "lr": 1e-3, "ckpt_every": 500, "threads": 1,
             "model_args": {
                 "channels": 64, "res_channels": 32, "num_res_blocks": 2, "downsample": 4,
                 "codebook_dim": 64, "codebook_size": 512, "kmeans_init": True,
@@ -32,7 +34,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             },
         },
         "vqgan": {
-            "image_size": 32, "batch_size": 16, "steps": 600, "lr": 5e-4, "ckpt_every": 200,
+            "image_size": 32, "batch_size": 16, "steps": 600, "lr": 5e-4, "ckpt_every": 200, "threads": 1,
             "model_args": {
                 "channels": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 64,
                 "norm_groups": 8, "codebook_dim": 64, "codebook_size": 512, "disc_channels": 32,
@@ -61,8 +63,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-# Settings that may differ between a run and its resumption without changing its results.
-RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "num_eval")
+# Settings that may differ between a run and its resumption. Results stay the same except for
+# rounding, which differs with the device and the CPU thread count (a resume keeps the recorded
+# count unless --threads is given).
+RESUMABLE = ("steps", "ckpt_every", "log_every", "eval_every", "device", "num_eval", "threads", "workers")
 
 
 @dataclasses.dataclass
@@ -81,12 +85,17 @@ class RunConfig:
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 10
+    eval_every: int | None = None  # None: evaluate at the end only
     holdout: float = 0.1
     num_eval: int = 64
     resize: int | None = None
     crop: int | None = None
     lpips_weights: str | None = None
+    precision: str = "fp32"  # autocast dtype of the model: fp32 (none), bf16 or fp16 (with a GradScaler)
     device: str = "auto"
+    workers: int | None = None  # None: fastvq.app.data.default_workers
+    world_size: int = 1  # processes of a torchrun launch, set by the training loop
+    threads: int | None = None  # None: fastvq.app.device.default_threads; a checkpoint records the count used
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -109,6 +118,7 @@ def make_config(model: str = "vqvae", preset: str | None = None, **overrides: An
         raise ValueError(f"unknown run settings {unknown}; known: {sorted(known)}")
     config = RunConfig(model=model, model_args=model_args, **{**settings, **overrides})
     check_model_args(model, model_args)
+    check_quantizer_args(config.quantizer, model_args)
     return RunConfig(**config.to_dict())
 
 
@@ -118,6 +128,20 @@ def check_model_args(model: str, model_args: dict[str, Any]) -> None:
     unknown = sorted(set(model_args) - valid)
     if unknown:
         raise ValueError(f"{model} takes no argument {unknown}; valid: {sorted(valid)}")
+
+
+TAMING_UNSUPPORTED = {"rotation_trick": "false", "kmeans_init": "false", "threshold_ema_dead_code": "0"}
+"""Model arguments of the EMA quantizers that the taming quantizer lacks, and their 'off' values."""
+
+
+def check_quantizer_args(quantizer: str, model_args: dict[str, Any]) -> None:
+    """Raise SettingError naming the settings that turn off what ``quantizer`` cannot do."""
+    used = [key for key in TAMING_UNSUPPORTED if model_args.get(key)] if quantizer == "taming" else []
+    if used:
+        fix = " ".join("{model_args} %s=%s" % (key, TAMING_UNSUPPORTED[key]) for key in used)
+        raise SettingError("{quantizer} taming has no %s (a learnable codebook without EMA); turn %s off with %s, "
+                           "or choose {quantizer} fastvq or vector-quantize-pytorch"
+                           % (", ".join(used), "it" if len(used) == 1 else "them", fix))
 
 
 def build_model(kind: str, model_args: dict[str, Any], quantizer: str) -> VQModel:

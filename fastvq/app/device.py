@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -24,6 +27,31 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SettingError("{device} {name}: CUDA is not available on this machine", name=name)
     return device
+
+
+def default_threads(device: torch.device) -> int:
+    """CPU threads for torch on ``device``: on CPU, the CPUs this process may use minus the load
+    average (other processes' runnable threads), at least 1 -- oversubscribed cores made a tiny model
+    train 8x slower with torch's default than with one thread; on CUDA, torch's default."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), round(cpus - os.getloadavg()[0])))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None, device: torch.device) -> Iterator[int]:
+    """Run the body with ``threads`` CPU threads (None: ``default_threads(device)``); yields the
+    number used and restores torch's setting afterwards."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise SettingError("{threads} must be an int >= 1, got {value!r}", value=threads)
+    before = torch.get_num_threads()
+    used = threads if threads is not None else default_threads(device)
+    torch.set_num_threads(used)
+    try:
+        yield used
+    finally:
+        torch.set_num_threads(before)
 
 
 def now(device: torch.device) -> float:

@@ -20,10 +20,17 @@ class SettingError(ValueError):
         self.template, self.values = template, values
         super().__init__(self.spelled(str))
 
+    def __reduce__(self):  # pickled (from a data-loading process) with its template and values
+        return _rebuild, (type(self), self.template, self.values)
+
     def spelled(self, spell: Callable[[str], str]) -> str:
         """The message with each setting name replaced by `spell(name)`."""
         fields = {field for _, field, _, _ in string.Formatter().parse(self.template) if field}
         return self.template.format(**{name: spell(name) for name in fields - self.values.keys()}, **self.values)
+
+
+def _rebuild(cls: type[SettingError], template: str, values: dict[str, Any]) -> SettingError:
+    return cls(template, **values)
 
 
 class SettingFileNotFoundError(SettingError, FileNotFoundError):

@@ -29,10 +29,12 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, lambda f: f.write(text))
 
 
-def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8) -> None:
-    """Save a PNG of (N, H, W, 3) uint8 ``inputs`` (odd rows) above their ``reconstructions``
-    (even rows), ``columns`` per row, upscaled (nearest) so tiles are at least 96 px."""
-    from PIL import Image
+def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8,
+              title: str | None = None) -> None:
+    """Save a PNG of (N, H, W, 3) uint8 ``inputs`` (odd rows, labelled 'input') above their
+    ``reconstructions`` (even rows, labelled 'reconstruction'), ``columns`` per row, upscaled
+    (nearest) so tiles are at least 96 px, with an optional ``title`` line on top."""
+    from PIL import Image, ImageDraw, ImageFont
 
     n, h, w, _ = inputs.shape
     columns = min(columns, n)
@@ -46,9 +48,22 @@ def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, colum
             y = pad + (2 * r + j) * (h + pad)
             canvas[y : y + h, x : x + w] = image
     scale = max(1, math.ceil(96 / h))
-    image = Image.fromarray(canvas).resize(
+    tiles = Image.fromarray(canvas).resize(
         (canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST
     )
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the small bitmap font
+        font = ImageFont.load_default()
+    margin, top = 120, 24 if title else 0
+    image = Image.new("RGB", (tiles.width + margin, tiles.height + top), "white")
+    image.paste(tiles, (margin, top))
+    draw = ImageDraw.Draw(image)
+    if title:
+        draw.text((4, 4), title, fill="black", font=font)
+    for row in range(2 * rows):
+        y = top + (pad + row * (h + pad) + h // 2) * scale
+        draw.text((4, y - 7), "reconstruction" if row % 2 else "input", fill="black", font=font)
     write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 

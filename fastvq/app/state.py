@@ -12,6 +12,7 @@ from fastvq.models import VQModel
 
 from . import checkpoint
 from .config import RunConfig, build_model
+from .device import resolve_device
 
 CHECKPOINT = "checkpoint.safetensors"
 """The checkpoint's file name inside a run folder."""
@@ -24,8 +25,10 @@ def save_training_state(
     step: int,
     history: dict[str, list[float]],
     config: RunConfig,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Checkpoint everything a bit-exact resume needs: model, optimizers, RNG, history, config."""
+    """Checkpoint everything a bit-exact resume needs: model, optimizers, fp16 loss scale, RNG,
+    history, config."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     skeletons = [checkpoint.pack(opt.state_dict(), f"optim{i}", tensors) for i, opt in enumerate(optimizers)]
     tensors["rng.torch"] = torch.get_rng_state()
@@ -35,19 +38,21 @@ def save_training_state(
     for key, values in history.items():
         tensors[f"history.{key}"] = torch.tensor(values, dtype=torch.float64)
     meta = {"kind": model.kind, "config": config.to_dict(), "model_config": model.config,
-            "step": step, "optimizers": skeletons}
+            "step": step, "optimizers": skeletons, "scaler": scaler.state_dict() if scaler else None}
     checkpoint.save(path, tensors, meta)
 
 
 def restore_training_state(
-    path: Path, model: VQModel, optimizers: list[torch.optim.Optimizer]
+    path: Path, model: VQModel, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None = None
 ) -> tuple[int, dict[str, list[float]]]:
-    """Load what ``save_training_state`` wrote into ``model``, ``optimizers`` and the RNGs;
-    returns (step, history). A checkpoint of another model kind raises ValueError."""
+    """Load what ``save_training_state`` wrote into ``model``, ``optimizers``, ``scaler`` and the
+    RNGs; returns (step, history). A checkpoint of another model kind raises ValueError."""
     tensors, meta = read_checkpoint(path, model.kind)
     _load_model_state(model, tensors, path)
     for opt, skeleton in zip(optimizers, meta["optimizers"]):
         opt.load_state_dict(checkpoint.unpack(skeleton, tensors))
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     torch.set_rng_state(tensors["rng.torch"])
     for i in range(torch.cuda.device_count()):
         if f"rng.cuda.{i}" in tensors:
@@ -67,6 +72,17 @@ def _load_model_state(model: VQModel, tensors: dict[str, torch.Tensor], path: Pa
         ) from err
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` itself, or ``path``/checkpoint.safetensors when ``path`` is a run folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"checkpoint {path}: a folder without {CHECKPOINT} (pass a run folder of "
+                                f"fastvq train or a checkpoint file)")
+    return path / CHECKPOINT
+
+
 def read_checkpoint(path: Path, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a training checkpoint; with ``kind`` given, one of another model raises ValueError."""
     tensors, meta = checkpoint.load(path)
@@ -84,11 +100,20 @@ def read_checkpoint(path: Path, kind: str | None = None) -> tuple[dict[str, torc
 def load_model(
     path: str | Path, device: torch.device, quantizer: str | None = None
 ) -> tuple[VQModel, dict[str, Any]]:
-    """A trained model (eval mode, on ``device``) and the checkpoint's metadata. ``quantizer``
-    replaces the recorded one (fastvq and vector-quantize-pytorch share state_dict keys)."""
-    path = Path(path)
+    """A trained model (eval mode, on ``device``) and the checkpoint's metadata, from a checkpoint
+    file or a run folder. ``quantizer`` replaces the recorded one (fastvq and
+    vector-quantize-pytorch share state_dict keys)."""
+    path = checkpoint_file(path)
     tensors, meta = read_checkpoint(path)
     model_args = {k: v for k, v in meta["model_config"].items() if k != "quantizer"}
     model = build_model(meta["kind"], model_args, quantizer or meta["model_config"]["quantizer"])
     _load_model_state(model, tensors, path)
     return model.to(device).eval(), meta
+
+
+def load(run: str | Path, device: str | torch.device = "cpu", quantizer: str | None = None) -> VQModel:
+    """The trained model of a run folder of ``fastvq train`` (or of its checkpoint file), in eval
+    mode on ``device`` ('cpu', 'auto', 'cuda[:N]' or a torch.device): ``model.encode(x)`` takes
+    (B, 3, H, W) images in [-1, 1] (H, W multiples of ``model.downsample``) to (B, H/f, W/f) int64
+    codes and ``model.decode(indices)`` takes them back. ``quantizer`` replaces the recorded one."""
+    return load_model(run, resolve_device(str(device)), quantizer)[0]

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastvq.models import VQGAN, VQModel
 
+from . import distributed
 from .config import RunConfig
 
 
@@ -21,28 +22,56 @@ def make_optimizers(model: VQModel, config: RunConfig) -> list[torch.optim.Optim
     return [torch.optim.Adam(model.parameters(), **adam)]
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""--precision: the autocast dtype of the model's forward and losses (None: no autocast)."""
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 (its small range needs a scaled loss); None otherwise."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if distributed.active():
+        distributed.average_gradients(optimizer)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+
+
 def train_step(
     model: VQModel,
     optimizers: list[torch.optim.Optimizer],
     x: torch.Tensor,
     step: int,
     perceptual: nn.Module | None = None,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """One optimisation step on batch ``x`` (B, 3, H, W) at 0-based ``step``: (float logs,
-    indices (B, h, w), detached reconstruction (B, 3, H, W))."""
-    reconstruction, indices, vq_loss = model(x)
-    if isinstance(model, VQGAN):
-        loss, logs = model.generator_loss(x, reconstruction, vq_loss, step, perceptual)
-    else:
-        loss, logs = model.loss(x, reconstruction, vq_loss)
-    optimizers[0].zero_grad(set_to_none=True)
-    loss.backward()
-    optimizers[0].step()
+    indices (B, h, w), detached fp32 reconstruction (B, 3, H, W)). ``precision`` 'bf16' or 'fp16'
+    runs the forward and losses under autocast (the quantizer outside it, on the 16-bit latents);
+    fp16 needs ``scaler`` (``make_scaler``)."""
+    dtype = PRECISIONS[precision]
+    if (precision == "fp16") != (scaler is not None):
+        raise ValueError(f"precision {precision!r} needs {'a' if precision == 'fp16' else 'no'} GradScaler")
+    autocast = torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    with autocast:
+        reconstruction, indices, vq_loss = model(x)
+        if isinstance(model, VQGAN):
+            loss, logs = model.generator_loss(x, reconstruction, vq_loss, step, perceptual)
+        else:
+            loss, logs = model.loss(x, reconstruction, vq_loss)
+    _update(loss, optimizers[0], scaler)
     if isinstance(model, VQGAN) and step >= model.disc_start:
-        d_loss, d_logs = model.discriminator_loss(x, reconstruction)
-        optimizers[1].zero_grad(set_to_none=True)
-        d_loss.backward()
-        optimizers[1].step()
+        with autocast:
+            d_loss, d_logs = model.discriminator_loss(x, reconstruction)
+        _update(d_loss, optimizers[1], scaler)
         logs.update(d_logs)
+    if scaler is not None:
+        scaler.update()
     logs = {"loss": float(loss.detach()), **{k: float(v) for k, v in logs.items()}}
-    return logs, indices, reconstruction.detach()
+    return logs, indices, reconstruction.detach().float()

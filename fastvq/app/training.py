@@ -3,22 +3,82 @@ Independent of the command line (`fastvq.app.cli` translates its flags into a `R
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from fastvq.models import LPIPS
+from fastvq.models import LPIPS, VQModel
 
-from . import report
+from . import distributed, report
 from .config import RunConfig, build_model
-from .data import CropSampler, fixed_crops, split_images
-from .device import QuantizerTimer, now, peak_memory_mib, resolve_device
+from .data import CropDataset, batch_loader, default_workers, fixed_crops, split_images, to_model_input
+from .device import QuantizerTimer, now, peak_memory_mib, resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import evaluate
 from .metrics import batch_psnr
-from .state import CHECKPOINT, restore_training_state, save_training_state
-from .step import make_optimizers, train_step
+from .progress import Progress
+from .state import CHECKPOINT, read_checkpoint, restore_training_state, save_training_state
+from .step import PRECISIONS, make_optimizers, make_scaler, train_step
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT) after finishing a step and checkpointing it."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted after step {step}, saved in {path}")
+        self.step, self.path = step, path
+
+
+class StopRequest:
+    """While entered (in the main thread), the first SIGINT only sets ``requested``, so that the
+    training loop can finish its step and checkpoint it; a second one raises KeyboardInterrupt at
+    once. A process that ignores SIGINT keeps ignoring it."""
+
+    def __enter__(self) -> StopRequest:
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = signal.signal(signal.SIGINT, self._handle) or signal.default_int_handler
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: torch.device, step: int,
+                  out: Path | None) -> dict[str, float]:
+    """Held-out metrics during training, as history entries (eval_psnr, eval_ssim, eval_usage,
+    eval_perplexity), and a grid of inputs and reconstructions in out/samples/step_NNNNNNN.png
+    (unless ``out`` is None). Leaves the model in training mode and torch's RNG as it found them,
+    so that training continues exactly as without the evaluation."""
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    metrics, recons, _ = evaluate(model, images, batch_size, device)
+    model.train()
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    if out is not None:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        report.save_grid(images[:16], recons[:16], out / "samples" / f"step_{step:07d}.png",
+                         title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB")
+    return {"eval_psnr": metrics["psnr"], "eval_ssim": metrics["ssim"], "eval_usage": metrics["codebook_usage"],
+            "eval_perplexity": metrics["perplexity"]}
 
 
 def train(
@@ -27,9 +87,9 @@ def train(
     """Train per ``config``, writing to ``out_dir``: checkpoint.safetensors (every
     ``ckpt_every`` steps and at the end), metrics.json, reconstructions.png, loss.png and
     codebook_usage.png. ``resume`` continues from the checkpoint there; batches depend only on
-    (seed, step), so the losses match an uninterrupted run exactly. Returns the metrics dict."""
-    from tqdm import tqdm
-
+    (seed, step), so the losses match an uninterrupted run exactly; resuming a finished run returns
+    its metrics.json and rewrites nothing. Ctrl-C (SIGINT) finishes the step in progress, checkpoints
+    it and raises ``TrainingInterrupted``. Returns the metrics dict."""
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     if not resume and ckpt_path.exists():
@@ -38,52 +98,105 @@ def train(
     for name in ("steps", "batch_size", "image_size", "ckpt_every", "log_every", "num_eval"):
         if getattr(config, name) < 1:
             raise SettingError("{%s} must be >= 1, got {value}" % name, value=getattr(config, name))
+    if config.precision not in PRECISIONS:
+        raise SettingError("{precision} must be one of {choices}, got {value!r}", choices=", ".join(PRECISIONS),
+                           value=config.precision)
+    if config.eval_every is not None and config.eval_every < 1:
+        raise SettingError("{eval_every} must be >= 1, got {value}", value=config.eval_every)
+    if config.workers is not None and config.workers < 0:
+        raise SettingError("{workers} must be >= 0, got {value}", value=config.workers)
     if config.lpips_weights and config.model != "vqgan":
         raise SettingError("{lpips_weights} applies to {model} vqgan only, not {value}", value=config.model)
     device = resolve_device(config.device)
+    ranks = distributed.start(device)
+    try:
+        if ranks.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", ranks.local_rank)
+            torch.cuda.set_device(device)
+        if config.batch_size % ranks.world:
+            raise SettingError("{batch_size} {value} (the global batch) must be a multiple of the {world} processes",
+                               value=config.batch_size, world=ranks.world)
+        with torch_threads(config.threads, device) as threads:  # stored: a resume uses the same count
+            config = dataclasses.replace(config, threads=threads, world_size=ranks.world)
+            return _train(config, out, device, ranks, resume, progress and ranks.main)
+    finally:
+        distributed.stop(ranks)
+
+
+def _train(config: RunConfig, out: Path, device: torch.device, ranks: distributed.Ranks, resume: bool,
+           progress: bool) -> dict[str, Any]:
+    ckpt_path = out / CHECKPOINT
     train_images, eval_images = split_images(
         config.data, config.holdout, config.seed, config.resize, config.crop
     )
-    sampler = CropSampler(train_images, config.image_size, config.batch_size, config.seed)
+    dataset = CropDataset(train_images, config.image_size, config.seed)
     eval_set = fixed_crops(eval_images, config.image_size, config.num_eval)
     perceptual = LPIPS.from_file(config.lpips_weights).to(device) if config.lpips_weights else None
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.model_args, config.quantizer).to(device)
     optimizers = make_optimizers(model, config)
+    scaler = make_scaler(config.precision, device)
     history: dict[str, list[float]] = {}
     start = 0
     if resume:
-        start, history = restore_training_state(ckpt_path, model, optimizers)
+        start, history = restore_training_state(ckpt_path, model, optimizers, scaler)
+        trained_on = read_checkpoint(ckpt_path)[1]["config"].get("world_size", 1)
+        if trained_on != ranks.world:
+            raise SettingError("{out_dir} {out} was trained by {trained_on} processes, this run has {world}; resume "
+                               "with the same number (torchrun --nproc-per-node {trained_on})", out=out,
+                               trained_on=trained_on, world=ranks.world)
         if start > config.steps:
             raise SettingError("{steps} {value} is below the checkpoint's step {start}", value=config.steps,
                                start=start)
-    out.mkdir(parents=True, exist_ok=True)
+        if start == config.steps and (out / "metrics.json").is_file():
+            return json.loads((out / "metrics.json").read_text())  # finished: nothing to train or rewrite
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
 
     model.train()
     timer = QuantizerTimer(model.quantizer, device)
     step_seconds, quantizer_seconds = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step",
-               disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        x = sampler.batch(step).to(device)
-        q_before, t0 = timer.seconds, now(device)
-        logs, indices, reconstruction = train_step(model, optimizers, x, step, perceptual)
-        step_seconds.append(now(device) - t0)
-        quantizer_seconds.append(timer.seconds - q_before)
-        logs["psnr"] = batch_psnr(x, reconstruction)
-        logs["usage"] = torch.unique(indices).numel() / model.codebook_size
-        row = {"step": step + 1, **logs}
-        for key in set(history) | set(row):
-            history.setdefault(key, [float("nan")] * step)  # keys that start late (GAN losses)
-            history[key].append(float(row.get(key, float("nan"))))
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}",
-                            usage=f"{logs['usage']:.3f}", refresh=False)
-        if (step + 1) % config.ckpt_every == 0 or step + 1 == config.steps:
-            save_training_state(ckpt_path, model, optimizers, step + 1, history, config)
+    workers = default_workers(train_images) if config.workers is None else config.workers
+    share = config.batch_size // ranks.world  # this process's slice of each global batch
+    batches = iter(batch_loader(dataset, start, config.steps, config.batch_size, workers,
+                                pin_memory=device.type == "cuda", items=range(ranks.rank * share,
+                                                                             (ranks.rank + 1) * share)))
+    with StopRequest() as stop:  # before the progress line that says the loop has started
+        bar = Progress(range(start, config.steps), total=config.steps, desc="train", unit="step", initial=start,
+                       enabled=progress)
+        for step in bar:
+            images, error = next(batches)
+            if error is not None:
+                raise error
+            x = to_model_input(images.to(device, non_blocking=True))
+            q_before, t0 = timer.seconds, now(device)
+            logs, indices, reconstruction = train_step(model, optimizers, x, step, perceptual,
+                                                           precision=config.precision, scaler=scaler)
+            step_seconds.append(now(device) - t0)
+            quantizer_seconds.append(timer.seconds - q_before)
+            logs["psnr"] = batch_psnr(x, reconstruction)
+            logs, logs["usage"], stopping = distributed.agree(ranks, logs, indices, model.codebook_size,
+                                                              stop.requested)
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                logs.update(periodic_eval(model, eval_set, config.batch_size, device, step + 1,
+                                          out if ranks.main else None))
+            row = {"step": step + 1, **logs}
+            for key in set(history) | set(row):
+                history.setdefault(key, [float("nan")] * step)  # keys that start late (GAN losses)
+                history[key].append(float(row.get(key, float("nan"))))
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}",
+                                usage=f"{logs['usage']:.3f}")
+            last = step + 1 == config.steps
+            if ranks.main and ((step + 1) % config.ckpt_every == 0 or last or stopping):
+                save_training_state(ckpt_path, model, optimizers, step + 1, history, config, scaler)
+            if stopping and not last:
+                bar.close()
+                distributed.barrier(ranks)  # torchrun ends the others when one exits: not before the save
+                raise TrainingInterrupted(step + 1, ckpt_path)
     bar.close()
     timer.close()
 
@@ -92,6 +205,8 @@ def train(
     step_total, quantizer_total = sum(step_seconds[timed]), sum(quantizer_seconds[timed])
     timing = {
         "device": str(device),
+        "threads": config.threads,
+        "workers": workers,
         "steps_timed": len(step_seconds[timed]),
         "steps_per_s": len(step_seconds[timed]) / step_total if step_total else None,
         "step_s": step_total,
@@ -109,7 +224,9 @@ def train(
         "timing": timing,
         "history": history,
     }
-    report.write_json(out / "metrics.json", metrics)
-    report.save_grid(eval_set[:16], recons[:16], out / "reconstructions.png")
-    report.plot_curves(history, out)
+    if ranks.main:
+        report.write_json(out / "metrics.json", metrics)
+        report.save_grid(eval_set[:16], recons[:16], out / "reconstructions.png")
+        report.plot_curves(history, out)
+    distributed.barrier(ranks)
     return metrics

@@ -49,7 +49,8 @@ class VQModel(nn.Module):
         """z (B, D, h, w) -> quantized (B, D, h, w), indices (B, h, w) int64, loss () float32."""
         b, d, h, w = z.shape
         tokens = z.permute(0, 2, 3, 1).reshape(b, h * w, d)
-        quantized, indices, loss = self.quantizer(tokens)
+        with torch.autocast(z.device.type, enabled=False):  # the quantizer keeps its own rules for 16-bit input
+            quantized, indices, loss = self.quantizer(tokens)
         quantized = quantized.reshape(b, h, w, d).permute(0, 3, 1, 2)
         return quantized, indices.reshape(b, h, w), loss
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import math
 import numbers
 from collections import namedtuple
-from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.common import MAX_TOPK
 from . import distributed
 from .codebook import Codebook, EmaWeight
 from .kmeans import l2norm
+from .layout import Layout, describe, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg",
                                              "inplace_optimize"])
@@ -46,17 +47,38 @@ UNSUPPORTED = {
 SAFE_DIV_EPS = 1e-6
 
 
+def _rotation(src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The constants of the rotation trick for src, tgt (..., D): unit vectors u (of src), q (of
+    tgt), w = l2norm(u + q), and the rescaling |tgt| / |src| (..., 1)."""
+    src_norm = src.norm(dim=-1, keepdim=True).clamp_min(SAFE_DIV_EPS)
+    tgt_norm = tgt.norm(dim=-1, keepdim=True)
+    u, q = src / src_norm, tgt / tgt_norm.clamp_min(SAFE_DIV_EPS)
+    return u, q, l2norm(u + q), tgt_norm / src_norm
+
+
+class _RotateTo(torch.autograd.Function):
+    """Forward: the rotation R = I - 2 w w^T + 2 q u^T applied to src, times |tgt| / |src|, which
+    equals tgt; backward: the transpose applied to the gradient. Saves src and tgt only and
+    recomputes the constants (autograd of the plain formula keeps three more (..., D) tensors)."""
+
+    @staticmethod
+    def forward(ctx, src, tgt):
+        u, q, w, scale = _rotation(src, tgt)
+        ctx.save_for_backward(src, tgt)
+        return (src - 2 * (src * w).sum(-1, keepdim=True) * w + 2 * (src * u).sum(-1, keepdim=True) * q) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, q, w, scale = _rotation(*ctx.saved_tensors)
+        grad = grad * scale
+        return grad - 2 * (grad * w).sum(-1, keepdim=True) * w + 2 * (grad * q).sum(-1, keepdim=True) * u, None
+
+
 def rotate_to(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """Rotation trick (Fifty et al. 2024, arXiv:2410.06424, sec. 4.2): the values of tgt, with the
     gradient reaching src through the rotation and rescaling that map src onto tgt (treated as
-    constants). src, tgt (..., D) of one dtype; O(N D), no D x D matrix."""
-    src_norm = src.norm(dim=-1, keepdim=True)
-    tgt_norm = tgt.norm(dim=-1, keepdim=True)
-    u = (src / src_norm.clamp_min(SAFE_DIV_EPS)).detach()
-    q = (tgt / tgt_norm.clamp_min(SAFE_DIV_EPS)).detach()
-    w = l2norm(u + q)
-    rotated = src - 2 * (src * w).sum(-1, keepdim=True) * w + 2 * (src * u).sum(-1, keepdim=True) * q
-    return rotated * (tgt_norm / src_norm.clamp_min(SAFE_DIV_EPS)).detach()
+    constants; tgt gets no gradient). src, tgt (..., D) of one dtype; O(N D), no D x D matrix."""
+    return _RotateTo.apply(src, tgt)
 
 
 def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
@@ -70,15 +92,7 @@ def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
 
 
 _Losses = namedtuple("_Losses", ["loss", "commitment", "orthogonal"])
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How the input was laid out: one token (B, dim), channel-first, or a 2-D/3-D feature map."""
-
-    only_one: bool
-    channel_first: bool
-    spatial: tuple[int, ...] | None
+TokenResult = namedtuple("TokenResult", ["quantized", "indices", "losses", "cross_entropy"])
 
 
 class VectorQuantize(nn.Module):
@@ -225,7 +239,7 @@ class VectorQuantize(nn.Module):
     def _codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (..., [heads]) -> codes (..., heads * codebook_dim), channel last."""
         if not _is_integer_tensor(indices):
-            raise TypeError(f"indices must be an integer tensor, got {_describe(indices)}")
+            raise TypeError(f"indices must be an integer tensor, got {describe(indices)}")
         if self.heads > 1 and (indices.dim() < 1 or indices.shape[-1] != self.heads):
             raise ValueError(f"indices must have a last dimension of heads={self.heads}, got shape "
                              f"{tuple(indices.shape)}")
@@ -248,12 +262,15 @@ class VectorQuantize(nn.Module):
         """EMA step from given codes: x in the input layout, indices shaped as forward returns them
         (-1: skip). Non-finite tokens are left out (and counted)."""
         tokens, layout = self._to_tokens(x)
-        mask = self._sequence_mask(mask, None, layout, *tokens.shape[:2])
+        self._update_tokens(tokens, indices, sequence_mask(mask, None, layout, *tokens.shape[:2]))
+
+    def _update_tokens(self, tokens: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """`update_indices` on tokens (B, S, dim), mask (B, S) bool or None."""
         batch, seq = tokens.shape[:2]
         expected = (batch, seq) + ((self.heads,) if self.heads > 1 else ())
         if not _is_integer_tensor(indices) or indices.numel() != math.prod(expected):
             raise ValueError(f"indices must be an integer tensor with {math.prod(expected)} entries "
-                             f"({expected} after flattening the layout), got {_describe(indices)}")
+                             f"({expected} after flattening the layout), got {describe(indices)}")
         self._check_index_range(indices)
         with torch.no_grad():
             rows = self._to_rows(self._codebook_input(tokens).flatten(0, 1))
@@ -263,14 +280,16 @@ class VectorQuantize(nn.Module):
 
     update_ema_indices = update_indices
 
-    def expire_codes_(self, x: torch.Tensor) -> None:
+    def expire_codes_(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Replace dead codes by vectors of x (B, N, heads * codebook_dim), given in codebook space
-        (after project_in, as in 1.32.0). Training mode only."""
+        (after project_in, as in 1.32.0), never by those where mask (B, N) is False. Training mode only."""
         width = self.heads * self.codebook_dim
         if x.dim() < 2 or x.shape[-1] != width:
             raise ValueError(f"x must have shape (..., heads * codebook_dim = {width}), got {tuple(x.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:-1]):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:-1])}, got {describe(mask)}")
         z = self._codebook.transform_input(x.reshape(-1, self.heads, self.codebook_dim))
-        self._codebook.expire_codes_(self._to_rows(z))
+        self._codebook.expire_codes_(self._to_rows(z), self._row_mask(mask))
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -290,23 +309,48 @@ class VectorQuantize(nn.Module):
         if codebook_transform_fn is not None:
             raise NotImplementedError("fastvq.VectorQuantize does not implement codebook_transform_fn")
         tokens, layout = self._to_tokens(x)
-        batch, seq = tokens.shape[:2]
-        mask = self._sequence_mask(mask, lens, layout, batch, seq)
-        topk = self._check_topk(topk)
+        mask = sequence_mask(mask, lens, layout, *tokens.shape[:2])
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
-        codebook = self._codebook
+        result = self._quantize_tokens(tokens, mask, targets=indices, topk=self._check_topk(topk),
+                                       temperature=sample_codebook_temp, freeze=freeze, ema_update=ema_update,
+                                       ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
+        out = from_tokens(result.quantized, layout)
+        if indices is not None:
+            return out, result.cross_entropy
+        loss = result.losses.loss
+        loss = loss if loss.dim() == 0 else to_index_layout(loss, layout)
+        out_indices = to_index_layout(result.indices, layout)
+        if not return_loss_breakdown:
+            return out, out_indices, loss
+        zero = torch.zeros((), device=x.device)
+        return out, out_indices, loss, LossBreakdown(result.losses.commitment, zero, result.losses.orthogonal, zero)
 
+    def _quantize_tokens(self, tokens: torch.Tensor, mask: torch.Tensor | None, *, targets=None,
+                         topk: int | None = None, temperature: float | None = None, freeze: bool = False,
+                         ema_update=None, ema_update_weight: EmaWeight = None,
+                         accum_ema_update: bool = False) -> TokenResult:
+        """The forward on tokens (B, S, dim) in any float dtype, mask (B, S) bool or None; topk
+        checked by `_check_topk`; temperature None: `sample_codebook_temp`. In training also
+        updates the codebook (not for top-k).
+
+        -> quantized (B, S, [k,] dim) in tokens' dtype; indices (B, S), (B, S, heads) or (B, S, k)
+        int64 (-1: masked or non-finite); losses (0-d, or (B, S, k) per candidate for top-k); and
+        with targets (codes shaped as the indices) the mean cross-entropy of the code logits.
+        """
+        batch, seq = tokens.shape[:2]
+        codebook = self._codebook
         z = self._codebook_input(tokens)  # (B, S, heads, codebook_dim)
         rows = self._to_rows(z.flatten(0, 1))  # (H, M, codebook_dim), M = B * S * heads / H
         codebook.init_embed_(rows, self._row_mask(mask))
-        temperature = self._sampling_temperature(temperature, x, rows)
+        temperature = self.sample_codebook_temp if temperature is None else temperature
+        temperature = self._sampling_temperature(temperature, tokens, rows)
         idx = self._whole_tokens(rows, codebook.search(rows, temperature=temperature, topk=topk))
         embed = codebook.embed if codebook.learnable_codebook else codebook.embed.detach()
         codes = codebook.lookup(rows, embed, idx)  # fp32, gradient only to the codebook
-        if indices is not None:  # logits of the codebook before this step's (in-place) update
+        cross_entropy = None
+        if targets is not None:  # logits of the codebook before this step's (in-place) update
             before = embed.clone() if self.training else embed
-            cross_entropy = self._cross_entropy(rows, before, indices, batch, seq)
+            cross_entropy = self._cross_entropy(rows, before, targets, batch, seq)
         if self.training and topk is None:
             keep, num_nonfinite = self._usable_rows(idx >= 0, mask)
             if freeze:
@@ -318,22 +362,14 @@ class VectorQuantize(nn.Module):
         # (B, S, G, codebook_dim): G = heads, or the k candidates of top-k (heads = 1)
         z = z.float() if topk is None else z.float().expand(-1, -1, topk, -1)
         codes = (self._from_rows(codes) if topk is None else codes[0]).unflatten(0, (batch, seq))
-        out = self._output(codes, z, tokens, mask, x.requires_grad, topk is not None)
-        out = self._from_tokens(out, layout)
-        if indices is not None:
-            return out, cross_entropy
-        losses = self._losses(codes, z, mask, idx, freeze, topk is not None, x.device)
-        loss = losses.loss if losses.loss.dim() == 0 else self._indices_layout(losses.loss, layout)
-        out_indices = (self._from_rows(idx) if topk is None else idx[0]).reshape(batch, seq, topk or self.heads)
+        quantized = self._output(codes, z, tokens, mask, tokens.requires_grad, topk is not None)
+        losses = self._losses(codes, z, mask, idx, freeze, topk is not None, tokens.device)
+        indices = (self._from_rows(idx) if topk is None else idx[0]).reshape(batch, seq, topk or self.heads)
         if topk is None and self.heads == 1:
-            out_indices = out_indices[..., 0]
+            indices = indices[..., 0]
         if mask is not None:
-            out_indices = out_indices.masked_fill(~_expand_like(mask, out_indices), -1)
-        out_indices = self._indices_layout(out_indices, layout)
-        if not return_loss_breakdown:
-            return out, out_indices, loss
-        zero = torch.zeros((), device=x.device)
-        return out, out_indices, loss, LossBreakdown(losses.commitment, zero, losses.orthogonal, zero)
+            indices = indices.masked_fill(~expand_like(mask, indices), -1)
+        return TokenResult(quantized, indices, losses, cross_entropy)
 
     def _output(self, codes: torch.Tensor, z: torch.Tensor, tokens: torch.Tensor,
                 mask: torch.Tensor | None, input_requires_grad: bool, is_topk: bool) -> torch.Tensor:
@@ -347,7 +383,7 @@ class VectorQuantize(nn.Module):
         if mask is None:
             return out
         fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
-        return torch.where(_expand_like(mask, out), out, fill.unsqueeze(2) if is_topk else fill)
+        return torch.where(expand_like(mask, out), out, fill.unsqueeze(2) if is_topk else fill)
 
     def _losses(self, codes: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None,
                 idx: torch.Tensor, freeze: bool, is_topk: bool, device: torch.device) -> _Losses:
@@ -381,7 +417,7 @@ class VectorQuantize(nn.Module):
                              f"registers), got {topk}")
         return topk
 
-    def _sampling_temperature(self, temperature: float, x: torch.Tensor, rows: torch.Tensor) -> float:
+    def _sampling_temperature(self, temperature: float, tokens: torch.Tensor, rows: torch.Tensor) -> float:
         """The Gumbel temperature of this search (0: nearest code), refusing what fastvq lacks.
 
         1.32.0 samples in training with stochastic_sample_codes and temperature > 0. With
@@ -392,7 +428,7 @@ class VectorQuantize(nn.Module):
         if not (self.training and temperature > 0):
             return 0.0
         soft_gradient = (self.straight_through and torch.is_grad_enabled()
-                         and not (x.requires_grad and self.route_gradients_to_input)
+                         and not (tokens.requires_grad and self.route_gradients_to_input)
                          and (rows.requires_grad or self._codebook.learnable_codebook))
         if soft_gradient:
             raise NotImplementedError(
@@ -411,13 +447,13 @@ class VectorQuantize(nn.Module):
                          per_token: bool = False) -> torch.Tensor:
         """Mean squared error (fp32) between codes and z (B, S, G, D): over the unmasked tokens, or
         per (token, candidate) (B, S, G) for top-k, 0 where masked."""
-        sq = (codes - z).pow(2)
+        sq = F.mse_loss(codes, z, reduction="none")  # saves its inputs, no (codes - z) tensor
         if per_token:
             loss = sq.mean(-1)
-            return loss if mask is None else torch.where(_expand_like(mask, loss), loss, 0.0)
+            return loss if mask is None else torch.where(expand_like(mask, loss), loss, 0.0)
         if mask is None:
             return sq.mean()
-        return torch.where(_expand_like(mask, sq), sq, 0.0).sum() / (mask.sum() * math.prod(sq.shape[2:]))
+        return torch.where(expand_like(mask, sq), sq, 0.0).sum() / (mask.sum() * math.prod(sq.shape[2:]))
 
     def _cross_entropy(self, rows: torch.Tensor, embed: torch.Tensor, targets, batch: int,
                        seq: int) -> torch.Tensor:
@@ -427,7 +463,7 @@ class VectorQuantize(nn.Module):
         count = batch * seq * self.heads
         if not _is_integer_tensor(targets) or targets.numel() != count:
             raise ValueError(f"indices must be an integer tensor shaped as the returned indices ({count} "
-                             f"entries), got {_describe(targets)}")
+                             f"entries), got {describe(targets)}")
         targets = self._to_rows(targets.reshape(-1, self.heads).long())
         return self._codebook.cross_entropy(rows, embed, targets).sum() / (targets >= 0).sum()
 
@@ -444,67 +480,14 @@ class VectorQuantize(nn.Module):
     # layouts
     # ------------------------------------------------------------------------------------------
 
-    def _to_tokens(self, x) -> tuple[torch.Tensor, _Layout]:
-        """x in the input layout -> tokens (B, S, dim) and how to restore the layout."""
-        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-            raise TypeError(f"x must be a floating-point tensor, got {_describe(x)}")
-        dim = self.dim
-        if self.accept_image_fmap or self.accept_3d_fmap:
-            ndim = 4 if self.accept_image_fmap else 5
-            if x.dim() != ndim or x.shape[1] != dim:
-                expected = "(B, dim, H, W)" if ndim == 4 else "(B, dim, D, H, W)"
-                raise ValueError(f"x must have shape {expected} with dim={dim}, got {tuple(x.shape)}")
-            return x.flatten(2).transpose(1, 2), _Layout(False, True, tuple(x.shape[2:]))
-        if x.dim() == 2:
-            if x.shape[1] != dim:
-                raise ValueError(f"x must have shape (B, dim={dim}) for one token per sample, got "
-                                 f"{tuple(x.shape)}")
-            return x.unsqueeze(1), _Layout(True, False, None)
-        if self.channel_last:
-            if x.dim() != 3 or x.shape[2] != dim:
-                raise ValueError(f"x must have shape (B, N, dim={dim}) or (B, dim), got {tuple(x.shape)}")
-            return x, _Layout(False, False, None)
-        if x.dim() != 3 or x.shape[1] != dim:
-            raise ValueError(f"x must have shape (B, dim={dim}, N) (channel_last=False) or (B, dim), got "
-                             f"{tuple(x.shape)}")
-        return x.transpose(1, 2), _Layout(False, True, None)
-
-    def _from_tokens(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        """(B, S, ..., C) -> the input layout."""
-        if layout.only_one:
-            return t[:, 0]
-        if layout.channel_first:
-            t = t.movedim(-1, 1)
-            return t if layout.spatial is None else t.unflatten(2, layout.spatial)
-        return t
-
-    def _indices_layout(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        """(B, S, ...) indices or per-token values -> (B,), (B, N), (B, H, W), ... (+ trailing dims)."""
-        if layout.only_one:
-            return t[:, 0]
-        return t if layout.spatial is None else t.unflatten(1, layout.spatial)
+    def _to_tokens(self, x) -> tuple[torch.Tensor, Layout]:
+        """x in this layer's input layout -> tokens (B, S, dim) and how to restore the layout."""
+        return to_tokens(x, self.dim, channel_last=self.channel_last, accept_image_fmap=self.accept_image_fmap,
+                         accept_3d_fmap=self.accept_3d_fmap)
 
     def _channel_first(self, t: torch.Tensor) -> torch.Tensor:
         channel_first = not self.channel_last or self.accept_image_fmap or self.accept_3d_fmap
         return t.movedim(-1, 1) if channel_first and t.dim() > 2 else t
-
-    def _sequence_mask(self, mask, lens, layout: _Layout, batch: int, seq: int) -> torch.Tensor | None:
-        """mask (B, N) bool, or one made from lens (B,): True for the positions to quantize."""
-        if mask is None and lens is None:
-            return None
-        if mask is not None and lens is not None:
-            raise ValueError("pass at most one of mask and lens")
-        if layout.only_one or layout.spatial is not None:
-            raise ValueError("mask and lens need sequence input (B, N, dim) or (B, dim, N); not one token "
-                             "per sample or feature maps")
-        if lens is not None:
-            if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype.is_floating_point:
-                raise ValueError(f"lens must be an integer tensor of shape ({batch},), got {_describe(lens)}")
-            return torch.arange(seq, device=lens.device) < lens.unsqueeze(1)
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (batch, seq):
-            raise ValueError(f"mask must be a bool tensor of shape (B, N) = ({batch}, {seq}), got "
-                             f"{_describe(mask)}")
-        return mask
 
     def _to_rows(self, t: torch.Tensor) -> torch.Tensor:
         """(T, heads, ...) per token and head -> canonical rows (H, M, ...) of the codebooks."""
@@ -558,19 +541,9 @@ class VectorQuantize(nn.Module):
         return module(t.to(self._param_dtype(module, t)))
 
 
-def _expand_like(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """mask (B, S) broadcast to t (B, S, ...)."""
-    return mask.reshape(*mask.shape, *([1] * (t.dim() - 2))).expand_as(t)
-
-
 def _is_integer_tensor(t) -> bool:
     return isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and not t.dtype.is_complex \
         and t.dtype != torch.bool
-
-
-def _describe(t) -> str:
-    """dtype and shape of a tensor, or the type of anything else (for error messages)."""
-    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check_number(name: str, value, *, maximum: float = math.inf) -> None:

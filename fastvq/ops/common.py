@@ -21,7 +21,7 @@ L2_LOGIT_EPS = 1e-8
 PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
 """What the matrix product that ranks codes may use (see `fastvq.ops.functional.resolve_precision`)."""
 
-METRICS = ("l2", "cosine")
+METRICS = ("l2", "cosine", "dot")
 
 MAX_TOPK = 16
 """Largest k of `topk_codes` and `sample_code` (the Triton kernels keep the running list in registers)."""
@@ -66,11 +66,17 @@ def code_bias(codebook: torch.Tensor, metric: str, precision: str) -> torch.Tens
 
     l2: |c|^2, so that score = |c|^2 - 2 x.c ranks codes as |x - c|^2 does.
     cosine: 1 / max(|c|, eps), so that score = -(x.c) / |c| ranks codes as 1 - cos(x, c) does.
-    Both are computed from the same rounded operands as the product (fewer flips near ties).
+    dot: 0, so that score = -(x.c) ranks codes by their logit x.c (maximum inner product).
+    Computed from the same rounded operands as the product (fewer flips near ties).
     """
     rounded = round_operand(codebook, precision)
     sq = rounded.pow(2).sum(-1)
-    bias = sq if metric == "l2" else sq.sqrt().clamp_min(COSINE_NORM_EPS).reciprocal()
+    if metric == "l2":
+        bias = sq
+    elif metric == "cosine":
+        bias = sq.sqrt().clamp_min(COSINE_NORM_EPS).reciprocal()
+    else:
+        bias = torch.zeros_like(sq)
     finite = torch.isfinite(codebook).all(-1) & torch.isfinite(sq)
     return bias.masked_fill(~finite, float("nan"))
 

@@ -206,8 +206,9 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
     Args:
         x: (N, D) or (H, N, D) tokens; float32, float16, bfloat16 (or float64); any strides.
         codebook: (K, D) shared, or (H, K, D) one codebook per head; float, same device as x.
-        metric: "l2" (squared Euclidean distance) or "cosine" (x and codes are treated as
-            l2-normalised, without copying x; distance = 1 - cosine similarity).
+        metric: "l2" (squared Euclidean distance), "cosine" (x and codes are treated as
+            l2-normalised, without copying x; distance = 1 - cosine similarity) or "dot" (maximum
+            inner product: distance = -(x . c)).
         precision: what the matrix product may use to rank codes: "ieee" (exact fp32), "tf32"
             (10-bit mantissa operands: about 2-3x faster on tensor cores; picks a different, at most
             slightly farther, code for ~0.02-3% of tokens on random data), "bf16" / "fp16" (operands
@@ -387,7 +388,8 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float =
         k: None draws one code; 1 <= k <= min(16, K) returns the k codes with the highest
             logit / temperature + Gumbel noise (the same noise as k=None, so column 0 is the k=None
             draw), highest first, ties to the lowest index.
-        metric: logits are -sqrt(max(|x - c|^2, 1e-8)) ("l2") or the cosine similarity ("cosine").
+        metric: logits are -sqrt(max(|x - c|^2, 1e-8)) ("l2"), the cosine similarity ("cosine") or
+            x . c ("dot": softmax(x W^T / T) of an output layer W = codebook).
         seed: int in [0, 2^63): the noise is Philox keyed by the seed and counted by (token, code),
             so the same seed gives the same draw, on either backend (up to float rounding near
             ties). None draws a seed from torch's default generator (`torch.manual_seed` repeats it).

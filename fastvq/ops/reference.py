@@ -45,6 +45,8 @@ def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tens
     xf, cf = x.float(), gather_codes(codebook, indices).float()
     if metric == "l2":
         dist = (xf - cf).pow(2).sum(-1)
+    elif metric == "dot":
+        dist = -(xf * cf).sum(-1)
     else:
         dot = (xf * cf).sum(-1)
         norms = xf.norm(dim=-1).clamp_min(COSINE_NORM_EPS) * cf.norm(dim=-1).clamp_min(COSINE_NORM_EPS)
@@ -54,10 +56,10 @@ def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tens
 
 def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str) -> torch.Tensor:
     """Scores (n, k) of rounded fp32 rows (n, D) against rounded fp32 codes (k, D); NaN -> +inf."""
-    if metric == "l2":
-        score = torch.addmm(bias, x_rows, codes.T, alpha=-2.0)
-    else:
+    if metric == "cosine":
         score = (x_rows @ codes.T).mul_(bias).neg_()
+    else:  # l2: |c|^2 - 2 x.c; dot: 0 - x.c (bias NaN for a non-finite code)
+        score = torch.addmm(bias, x_rows, codes.T, alpha=-2.0 if metric == "l2" else -1.0)
     return _never_chosen_if_not_finite(score)
 
 
@@ -160,9 +162,12 @@ def _logit_tile(rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor,
     where the clamp inside them is inactive (so gradients flow): (n, k) for l2, (n, 1) for cosine.
 
     l2: -sqrt(max(|x|^2 + |c|^2 - 2 x.c, L2_LOGIT_EPS)) (bias = |c|^2); cosine: x.c / (max(|x|, eps)
-    max(|c|, eps)) (bias = 1 / max(|c|, eps)). `code_bias` gives the bias.
+    max(|c|, eps)) (bias = 1 / max(|c|, eps)); dot: x.c + bias (0; NaN for a non-finite code), never
+    clamped. `code_bias` gives the bias.
     """
     dot = rows @ codes.T
+    if metric == "dot":
+        return dot.add_(bias), torch.ones_like(dot[:, :1], dtype=torch.bool)
     row_sq = rows.pow(2).sum(-1, keepdim=True)
     if metric == "l2":
         sq_dist = (row_sq + bias).sub_(dot, alpha=2.0)
@@ -288,7 +293,7 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
 
     With w_nk = grad_n (p_nk - [k = target_n]) and p = exp(logit - lse): grad_x_n = sum_k w_nk
     dlogit_nk/dx_n and grad_c_k = sum_n w_nk dlogit_nk/dc_k, where dlogit/dx = (c - x) / sqrt(d)
-    (l2) or (c^ - logit x^) / |x| (cosine), and symmetrically for c.
+    (l2), (c^ - logit x^) / |x| (cosine) or c (dot), and symmetrically for c.
     """
     bias = code_bias(codebook, metric, precision)
     out = torch.zeros(x.shape if wrt == "x" else codebook.shape, device=x.device)
@@ -299,7 +304,9 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
             logit, active = _logit_tile(rows, codes, code_bias_tile, metric)
             onehot = torch.arange(k0, k0 + codes.shape[0], device=x.device) == local[:, None]
             w = weight[h, token_slice, None] * ((logit - lse[h, token_slice, None]).exp() - onehot.float())
-            if metric == "l2":  # dlogit/dx = (c - x) / s, dlogit/dc = (x - c) / s with s = -logit
+            if metric == "dot":  # dlogit/dx = c, dlogit/dc = x
+                mix, scale = w, torch.zeros_like(w)
+            elif metric == "l2":  # dlogit/dx = (c - x) / s, dlogit/dc = (x - c) / s with s = -logit
                 mix = scale = torch.where(active, w / -logit, 0.0)
             else:  # dlogit/dx = r_x r_c c - logit r_x^2 x (r = 1 / max(|.|, eps)), symmetric for c
                 inv_row = rows.norm(dim=-1, keepdim=True).clamp_min(COSINE_NORM_EPS).reciprocal()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import PRECISIONS, code_bias
+from ..common import METRICS, PRECISIONS, code_bias
 from ._build import load_extension
 from ._launch import current_stream, kernel_operands, target_blocks
 
@@ -23,7 +23,7 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
     bias = code_bias(codebook, metric, precision)  # (Hc, K) fp32, NaN for codes with a non-finite entry
     extension = load_extension()
     with torch.cuda.device(x.device):
-        return extension.search(x, codebook, bias, metric == "cosine", PRECISIONS.index(precision), k,
+        return extension.search(x, codebook, bias, METRICS.index(metric), PRECISIONS.index(precision), k,
                                 target_blocks(x.device), current_stream(x.device))
 
 

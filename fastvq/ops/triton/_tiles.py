@@ -81,12 +81,14 @@ def dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
 
 
 @triton.jit
-def rank_score(dot, bias, COSINE: tl.constexpr):
+def rank_score(dot, bias, METRIC: tl.constexpr):
     """Score that ranks codes as the distance does, without the per-token constant; lower is nearer.
-    bias (BLOCK_K,) is `fastvq.ops.common.code_bias`: |c|^2 (l2: score |c|^2 - 2 x.c) or 1 / |c| (cosine:
-    score -(x.c) / |c|)."""
-    if COSINE:
+    bias (BLOCK_K,) is `fastvq.ops.common.code_bias`: |c|^2 (l2: score |c|^2 - 2 x.c), 1 / |c| (cosine:
+    score -(x.c) / |c|) or 0 (dot: score -(x.c)); NaN for a non-finite code."""
+    if METRIC == "cosine":
         return -dot * bias[None, :]
+    elif METRIC == "dot":
+        return bias[None, :] - dot
     else:
         return bias[None, :] - 2.0 * dot
 
@@ -98,14 +100,17 @@ def inv_norm(sq):
 
 
 @triton.jit
-def logits(dot, x_sq, bias, COSINE: tl.constexpr):
+def logits(dot, x_sq, bias, METRIC: tl.constexpr):
     """vector-quantize-pytorch 1.32.0's logits of a tile (higher is nearer), fp32 (BLOCK_N, BLOCK_K).
 
     l2: -sqrt(max(|x|^2 + |c|^2 - 2 x.c, 1e-8)) with bias = |c|^2; cosine: x.c / (max(|x|, eps)
-    max(|c|, eps)) with bias = 1 / max(|c|, eps). x_sq is |x|^2 (BLOCK_N,) from `dot_tile`.
+    max(|c|, eps)) with bias = 1 / max(|c|, eps); dot: x.c + bias (0, NaN for a non-finite code).
+    x_sq is |x|^2 (BLOCK_N,) from `dot_tile`.
     """
-    if COSINE:
+    if METRIC == "cosine":
         return dot * bias[None, :] * inv_norm(x_sq)[:, None]
+    elif METRIC == "dot":
+        return dot + bias[None, :]
     else:
         sq_dist = x_sq[:, None] + bias[None, :] - 2.0 * dot
         return -tl.sqrt(tl.maximum(sq_dist, L2_LOGIT_EPS, propagate_nan=tl.PropagateNan.ALL))  # NaN stays NaN

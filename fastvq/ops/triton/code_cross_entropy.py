@@ -29,7 +29,7 @@ def _ce_forward_kernel(
     stride_xh, stride_xn, stride_xd,
     stride_ch, stride_ck, stride_cd,
     stride_bh, stride_oh, stride_os,
-    COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST: tl.constexpr,
+    METRIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
 ):
     """Per split: running max, sum of exp(logit - max) and the target's logit (0 when the target is
@@ -59,7 +59,7 @@ def _ce_forward_kernel(
                              stride_xn, stride_xd, stride_ck, stride_cd,
                              INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
         bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
-        logit = tl.where(k_mask[None, :], logits(dot, x_sq, bias, COSINE), float("-inf"))
+        logit = tl.where(k_mask[None, :], logits(dot, x_sq, bias, METRIC), float("-inf"))
         new_max = tl.maximum(run_max, tl.max(logit, axis=1))  # finite: every tile has a code
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), axis=1)
         run_max = new_max
@@ -73,15 +73,19 @@ def _ce_forward_kernel(
 
 @triton.jit
 def _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask,
-                  COSINE: tl.constexpr, CODE_SIDE: tl.constexpr):
+                  METRIC: tl.constexpr, CODE_SIDE: tl.constexpr):
     """(m, q), fp32 (BLOCK_N, BLOCK_K), of one tile: with w = grad (exp(logit - lse) - onehot),
     l2: m = q = w / sqrt(d) where the clamp d >= 1e-8 is inactive (dlogit/dx = (c - x) / sqrt(d));
-    cosine: m = w / (|x| |c|), q = w logit / |x|^2 (tokens' side) or / |c|^2 (codes' side)."""
-    logit = logits(dot, x_sq, bias, COSINE)
+    cosine: m = w / (|x| |c|), q = w logit / |x|^2 (tokens' side) or / |c|^2 (codes' side);
+    dot: m = w, q = 0 (dlogit/dx = c)."""
+    logit = logits(dot, x_sq, bias, METRIC)
     onehot = tl.where(offs_k[None, :] == target[:, None], 1.0, 0.0)
     w = grad[:, None] * (tl.exp(logit - lse[:, None]) - onehot)
     w = tl.where(n_mask[:, None] & k_mask[None, :], w, 0.0)
-    if COSINE:
+    if METRIC == "dot":
+        m = w
+        q = tl.zeros_like(w)
+    elif METRIC == "cosine":
         inv_x = inv_norm(x_sq)
         m = w * inv_x[:, None] * bias[None, :]
         if CODE_SIDE:  # bias = 1 / max(|c|, eps): the clamp is active where bias reaches 1 / eps
@@ -102,7 +106,7 @@ def _ce_grad_kernel(
     stride_xh, stride_xn, stride_xd,
     stride_ch, stride_ck, stride_cd,
     stride_bh, stride_os, stride_oh, stride_or,
-    CODE_SIDE: tl.constexpr, COSINE: tl.constexpr,
+    CODE_SIDE: tl.constexpr, METRIC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     CAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_D_TILE: tl.constexpr, BLOCK_DO: tl.constexpr,
@@ -141,7 +145,7 @@ def _ce_grad_kernel(
             target = tl.load(index_ptr + pid_h * N + offs_n, mask=n_mask, other=-1)
             lse = tl.load(lse_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
             grad = tl.load(grad_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
-            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, COSINE,
+            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, METRIC,
                                  CODE_SIDE)
             if SINGLE_D_TILE:
                 x_out = x_tile.to(tl.float32)
@@ -173,7 +177,7 @@ def _ce_grad_kernel(
                                  stride_xn, stride_xd, stride_ck, stride_cd,
                                  INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
             bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
-            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, COSINE,
+            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, METRIC,
                                  CODE_SIDE)
             if SINGLE_D_TILE:
                 c_out = tl.trans(c_tile).to(tl.float32)
@@ -214,7 +218,7 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
         x.stride(0), x.stride(1), x.stride(2),
         0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
         0 if shared else bias.stride(0), run_max.stride(0), run_max.stride(1),
-        COSINE=metric == "cosine", **dot_options(precision), **cfg,
+        METRIC=metric, **dot_options(precision), **cfg,
     )
     top = run_max.amax(dim=1, keepdim=True)
     lse = top[:, 0] + (run_sum * (run_max - top).exp()).sum(dim=1).log()
@@ -253,7 +257,7 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
         x.stride(0), x.stride(1), x.stride(2),
         0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
         0 if shared else bias.stride(0), partial.stride(0), partial.stride(1), partial.stride(2),
-        CODE_SIDE=code_side, COSINE=metric == "cosine",
+        CODE_SIDE=code_side, METRIC=metric,
         GRAD_PRECISION="ieee" if precision == "ieee" else "tf32",
         **dot_options(precision), **cfg,
     )

@@ -4,7 +4,7 @@ One kernel serves three ops. Each program owns BLOCK_N tokens of one head and st
 of its split in BLOCK_K tiles, keeping per token either the running best (score, index)
 (TOPK = 1) or an unsorted running list of the TOPK best. Lower scores win:
     nearest_code / topk_codes: a score that ranks codes exactly as the distance does, without the
-        per-token constant (l2: |c|^2 - 2 x.c; cosine: -(x.c) / |c|);
+        per-token constant (l2: |c|^2 - 2 x.c; cosine: -(x.c) / |c|; dot: -(x.c));
     sample_code (GUMBEL): -(a logit + b g), g = -log(-log(u)) with u drawn in the kernel
         by Philox from the counter (h N + n) K + k (Gumbel-max: a draw from softmax(logit / T);
         (a, b) from `fastvq.ops.common.gumbel_scales`, so that no product overflows).
@@ -52,7 +52,7 @@ def _search_kernel(
     stride_xh, stride_xn, stride_xd,
     stride_ch, stride_ck, stride_cd,
     stride_bh, stride_oh, stride_os,
-    COSINE: tl.constexpr, GUMBEL: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
+    METRIC: tl.constexpr, GUMBEL: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, CAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
 ):
@@ -89,9 +89,9 @@ def _search_kernel(
         bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
         if GUMBEL:
             u = tl.rand(seed, (pid_h * N + offs_n)[:, None] * K + offs_k[None, :])
-            score = -(logits(dot, x_sq, bias, COSINE) * logit_scale - tl.log(-tl.log(u)) * noise_scale)
+            score = -(logits(dot, x_sq, bias, METRIC) * logit_scale - tl.log(-tl.log(u)) * noise_scale)
         else:
-            score = rank_score(dot, bias, COSINE)
+            score = rank_score(dot, bias, METRIC)
         # codes past the split and non-finite scores (non-finite inputs) never win
         score = tl.where(k_mask[None, :] & (tl.abs(score) < float("inf")), score, float("inf"))
         if TOPK == 1:
@@ -118,7 +118,7 @@ def _chosen_distance_kernel(
     x_ptr, code_ptr, index_ptr, dist_ptr, N, D, J,
     stride_xh, stride_xn, stride_xd,
     stride_ch, stride_ck, stride_cd,
-    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    METRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Exact fp32 distance between each token and its j-th chosen code; index and dist are (H, N, J)
     contiguous (code 0 is read for index -1)."""
@@ -140,16 +140,19 @@ def _chosen_distance_kernel(
         d_mask = (d0 + offs_d) < D
         xv = load_tile(x_head, offs_n, d0 + offs_d, stride_xn, stride_xd, n_mask, d_mask, 0)
         cv = load_tile(c_head, index, d0 + offs_d, stride_ck, stride_cd, n_mask, d_mask, 0)
-        if COSINE:
-            dot += tl.sum(xv * cv, axis=1)
-            x_sq += tl.sum(xv * xv, axis=1)
-            c_sq += tl.sum(cv * cv, axis=1)
-        else:
+        if METRIC == "l2":
             diff = xv - cv
             sq_diff += tl.sum(diff * diff, axis=1)
-    if COSINE:
+        else:
+            dot += tl.sum(xv * cv, axis=1)
+        if METRIC == "cosine":
+            x_sq += tl.sum(xv * xv, axis=1)
+            c_sq += tl.sum(cv * cv, axis=1)
+    if METRIC == "cosine":
         norms = tl.maximum(tl.sqrt(x_sq), COSINE_NORM_EPS) * tl.maximum(tl.sqrt(c_sq), COSINE_NORM_EPS)
         dist = 1.0 - dot / norms
+    elif METRIC == "dot":
+        dist = -dot
     else:
         dist = sq_diff
     tl.store(dist_ptr + out, dist, mask=n_mask)
@@ -178,7 +181,7 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
         x.stride(0), x.stride(1), x.stride(2),
         0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
         0 if shared else bias.stride(0), best_score.stride(0), best_score.stride(1),
-        COSINE=metric == "cosine", GUMBEL=temperature is not None, TOPK=topk,
+        METRIC=metric, GUMBEL=temperature is not None, TOPK=topk,
         KPAD=triton.next_power_of_2(topk), **dot_options(precision), **cfg,
     )
     if topk == 1:
@@ -209,7 +212,7 @@ def _chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
         x, codebook, indices, distances, n_tokens, dim, n_chosen,
         x.stride(0), x.stride(1), x.stride(2),
         0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        COSINE=metric == "cosine", **cfg,
+        METRIC=metric, **cfg,
     )
     return mark_unassigned(indices, distances)
 

@@ -1,0 +1,344 @@
+"""`ResidualVQ` and `GroupedResidualVQ`: drop-ins for vector-quantize-pytorch 1.32.0's residual
+quantizers (SoundStream / EnCodec / DAC), each stage a `fastvq.VectorQuantize`.
+
+Same constructor arguments, defaults, outputs and state_dict keys as 1.32.0. The input layout is
+parsed once and every stage runs on canonical tokens (B, S, codebook_dim), so no stage builds an
+N x K distance matrix or one-hot; beam search keeps (B, S, beam, beam) candidates from the fused
+top-k, never N x beam x K.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from torch import nn
+
+from . import distributed
+from .layout import describe, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
+from .vector_quantize import VectorQuantize, _check_int, _is_integer_tensor
+
+# 1.32.0 ResidualVQ arguments fastvq does not implement: any true value raises. (mlp_kwargs, used
+# only by implicit_neural_codebook, is accepted and ignored, as 1.32.0 does without it.)
+UNSUPPORTED = ("diveq", "implicit_neural_codebook")
+
+
+def frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
+    """t with its gradient scaled by frac (0: detached)."""
+    return t.detach() if frac <= 0 else frac * t + (1.0 - frac) * t.detach()
+
+
+def synced_seed(device: torch.device, high: int = 10_000) -> int:
+    """A random int in [0, high) from the device's generator, summed over ranks (as 1.32.0, so the
+    same torch.manual_seed gives the same quantize-dropout stage)."""
+    seed = torch.randint(0, high, (), device=device)
+    if distributed.is_distributed():
+        torch.distributed.all_reduce(seed)
+    return int(seed.item())
+
+
+class ResidualVQ(nn.Module):
+    """Residual vector quantization (Zeghidour et al. 2021, arXiv:2107.03312, algorithm 1);
+    arguments as vector-quantize-pytorch 1.32.0, the rest passed to each stage's `VectorQuantize`.
+
+    x in the stages' layout ((B, N, dim), (B, dim), (B, dim, N) with channel_last=False,
+    (B, dim, H, W) with accept_image_fmap, (B, dim, D, H, W) with accept_3d_fmap); any float dtype.
+    forward -> quantized (like x), indices int64 (x's token layout + a last dim of num_quantizers;
+    -1 for dropped-out stages, masked and non-finite tokens) and losses (num_quantizers,) float32,
+    plus all_codes (num_quantizers, *token layout, codebook_dim) with return_all_codes.
+    """
+
+    def __init__(self, *, dim, num_quantizers=None, codebook_size, codebook_dim=None, shared_codebook=False,
+                 diveq=False, heads=1, quantize_dropout=False, quantize_dropout_cutoff_index=0,
+                 quantize_dropout_multiple_of=1, accept_image_fmap=False, implicit_neural_codebook=False,
+                 mlp_kwargs=None, beam_size=None, eval_beam_size=None, beam_score_quantizer_weights=None,
+                 quant_grad_frac=0.0, return_zeros_for_masked_padding=True, **vq_kwargs):
+        super().__init__()
+        given = dict(locals())
+        for name in UNSUPPORTED:
+            if given[name]:
+                raise NotImplementedError(f"fastvq.ResidualVQ does not implement {name} (got {given[name]!r}, "
+                                          "supported: False)")
+        if heads != 1:
+            raise ValueError(f"ResidualVQ needs heads=1 (as vector-quantize-pytorch), got heads={heads!r}")
+        _check_int("dim", dim, minimum=1)
+        sizes = tuple(codebook_size) if isinstance(codebook_size, (tuple, list)) else None
+        if num_quantizers is None and sizes is None:
+            raise ValueError("pass num_quantizers, or codebook_size as a tuple of one size per quantizer")
+        if num_quantizers is not None:
+            _check_int("num_quantizers", num_quantizers, minimum=1)
+        sizes = sizes or (codebook_size,) * num_quantizers
+        if num_quantizers is not None and len(sizes) != num_quantizers:
+            raise ValueError(f"codebook_size must have num_quantizers={num_quantizers} entries, got {len(sizes)}")
+        for size in sizes:
+            _check_int("codebook_size", size, minimum=1)
+        _check_int("quantize_dropout_cutoff_index", quantize_dropout_cutoff_index, minimum=0)
+        _check_int("quantize_dropout_multiple_of", quantize_dropout_multiple_of, minimum=1)
+        for name in ("beam_size", "eval_beam_size"):
+            if given[name] is not None:
+                _check_int(name, given[name], minimum=1)
+        if eval_beam_size is not None and beam_size is None:
+            raise ValueError("eval_beam_size needs beam_size (as vector-quantize-pytorch)")
+        weights = [1.0] * len(sizes) if beam_score_quantizer_weights is None else list(beam_score_quantizer_weights)
+        if len(weights) != len(sizes):
+            raise ValueError(f"beam_score_quantizer_weights must have one weight per quantizer ({len(sizes)}), "
+                             f"got {len(weights)}")
+
+        self.dim = dim
+        self.num_quantizers, self.codebook_sizes = len(sizes), sizes
+        self.uniform_codebook_size = len(set(sizes)) == 1
+        self.codebook_dim = dim if codebook_dim is None else codebook_dim
+        self.has_projections = self.codebook_dim != dim
+        self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.accept_image_fmap = accept_image_fmap
+        self.channel_last = vq_kwargs.get("channel_last", True)
+        self.accept_3d_fmap = vq_kwargs.get("accept_3d_fmap", False)
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        self.shared_codebook = shared_codebook
+        if shared_codebook:
+            if not self.uniform_codebook_size:
+                raise ValueError(f"shared_codebook needs one codebook_size for every quantizer, got {sizes}")
+            vq_kwargs["manual_ema_update"] = True
+        self.layers = nn.ModuleList(
+            VectorQuantize(dim=self.codebook_dim, codebook_size=size, codebook_dim=self.codebook_dim,
+                           accept_image_fmap=accept_image_fmap,
+                           return_zeros_for_masked_padding=return_zeros_for_masked_padding, **vq_kwargs)
+            for size in sizes)
+        if shared_codebook:
+            for layer in self.layers[1:]:
+                layer._codebook = self.layers[0]._codebook
+        self.quantize_dropout = bool(quantize_dropout) and self.num_quantizers > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+        self.vq_is_ema_updating = self.layers[0].ema_update
+        self.quant_grad_frac = quant_grad_frac
+        self.beam_size = beam_size
+        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
+        self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
+
+    # ------------------------------------------------------------------------------------------
+    # codebooks
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def codebook_size(self) -> int:
+        return self.layers[0].codebook_size
+
+    @property
+    def codebooks(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """(num_quantizers, K, codebook_dim), or a tuple of (K_q, codebook_dim) for mixed sizes."""
+        codebooks = tuple(layer.codebook for layer in self.layers)
+        return torch.stack(codebooks) if self.uniform_codebook_size else codebooks
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (B, ..., q <= num_quantizers; -1: dropped) -> codes (num_quantizers, B, ..., codebook_dim),
+        zeros for -1 and for the quantizers beyond q (given only with quantize_dropout)."""
+        if not _is_integer_tensor(indices) or indices.dim() < 2:
+            raise TypeError(f"indices must be an integer tensor (B, ..., num_quantizers), got {describe(indices)}")
+        given = indices.shape[-1]
+        if given > self.num_quantizers or (given < self.num_quantizers and not self.quantize_dropout):
+            raise ValueError(f"indices must have a last dim of num_quantizers={self.num_quantizers} (fewer only "
+                             f"with quantize_dropout), got shape {tuple(indices.shape)}")
+        codes = [layer._codes_from_indices(indices[..., q]) for q, layer in enumerate(self.layers[:given])]
+        codes += [codes[0].new_zeros(codes[0].shape)] * (self.num_quantizers - given)
+        return torch.stack(codes)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """What forward returns as quantized for these indices, channel last: (B, ..., dim)."""
+        codes = self.get_codes_from_indices(indices).sum(0)
+        return self.project_out(codes.to(VectorQuantize._param_dtype(self.project_out, codes)))
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+
+    def forward(self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
+                freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None):
+        """Quantize x stage by stage (see the class docstring for shapes); in training also update
+        the codebooks. With `indices` (target codes, (B, ..., num_quantizers)): (quantized, the sum
+        over stages of the cross-entropy of each stage's code logits against its target), each
+        stage seeing the residual left by the previous targets (1.32.0 raises there)."""
+        tokens, layout = to_tokens(x, self.dim, channel_last=self.channel_last,
+                                   accept_image_fmap=self.accept_image_fmap, accept_3d_fmap=self.accept_3d_fmap)
+        batch, seq = tokens.shape[:2]
+        mask = sequence_mask(mask, None, layout, batch, seq)
+        z = self.project_in(tokens.to(VectorQuantize._param_dtype(self.project_in, tokens)))
+        stage_kwargs = dict(temperature=sample_codebook_temp, freeze=freeze_codebook)
+        if indices is not None:
+            return self._teacher_forced(tokens, z, mask, indices, layout, stage_kwargs)
+        if beam_size is not None:
+            _check_int("beam_size", beam_size, minimum=1)
+        beam = beam_size or (self.beam_size if self.training else self.eval_beam_size)
+        last = self._last_stage(rand_quantize_dropout_fixed_seed, x.device)
+        if beam is not None and beam > 1:
+            quantized, idx, losses, inputs = self._beam_search(z, mask, beam, last, stage_kwargs)
+        else:
+            quantized, idx, losses, inputs = self._greedy(z, mask, last, stage_kwargs)
+        if self.training and self.shared_codebook:
+            codebook = self.layers[0]._codebook
+            if self.vq_is_ema_updating:
+                codebook.update_ema()
+            flat = torch.stack(inputs, 2).flatten(1, 2)  # (B, S * stages, codebook_dim)
+            self.layers[0].expire_codes_(flat, None if mask is None else mask.repeat_interleave(len(inputs), 1))
+        dropped = self.num_quantizers - idx.shape[-1]
+        idx = torch.cat([idx, idx.new_full((batch, seq, dropped), -1)], -1)
+        losses = torch.cat([losses, losses.new_zeros(dropped)])
+        out = from_tokens(self._output(quantized, tokens, mask), layout)
+        idx = to_index_layout(idx, layout)
+        if not return_all_codes:
+            return out, idx, losses
+        return out, idx, losses, self.get_codes_from_indices(idx)
+
+    def _last_stage(self, fixed_seed, device: torch.device) -> int:
+        """The last stage to run: a random one with quantize dropout in training (as 1.32.0, from
+        `random.Random(seed)`, the seed drawn from the device generator unless given), else the last."""
+        if not (self.training and self.quantize_dropout):
+            return self.num_quantizers - 1
+        seed = synced_seed(device) if fixed_seed is None else fixed_seed
+        last = random.Random(seed).randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
+        multiple = self.quantize_dropout_multiple_of
+        return last if multiple == 1 else math.ceil((last + 1) / multiple) * multiple - 1
+
+    def _greedy(self, z, mask, last, stage_kwargs):
+        """Stages 0..last on z (B, S, codebook_dim): quantized sum, indices (B, S, stages), losses
+        (stages,), and each stage's input."""
+        residual, total = z, torch.zeros_like(z)
+        indices, losses, inputs = [], [], []
+        for layer in self.layers[:last + 1]:
+            inputs.append(residual)
+            result = layer._quantize_tokens(residual, mask, **stage_kwargs)
+            residual = residual - frac_gradient(result.quantized, self.quant_grad_frac)
+            total = total + result.quantized
+            indices.append(result.indices)
+            losses.append(result.losses.loss)
+        return total, torch.stack(indices, -1), torch.stack(losses), inputs
+
+    def _beam_search(self, z, mask, beam, last, stage_kwargs):
+        """As `_greedy`, keeping the `beam` paths of least weighted commitment loss through the
+        stages (1.32.0's beam search) from each stage's fused top-k; updates the codebooks from the
+        best path in training. Keeps (B, S, beam, beam) candidates, never (B, S, beam, K)."""
+        batch, seq = z.shape[:2]
+        scores = z.new_zeros(batch, seq, 1)
+        residual, total = z.unsqueeze(2), torch.zeros_like(z).unsqueeze(2)  # (B, S, paths, D)
+        indices = torch.zeros(batch, seq, 1, 0, dtype=torch.long, device=z.device)
+        losses = torch.zeros(batch, seq, 1, 0, device=z.device)
+        for q, layer in enumerate(self.layers[:last + 1]):
+            paths = residual.shape[2]
+            flat_mask = None if mask is None else mask.repeat_interleave(paths, 1)
+            result = layer._quantize_tokens(residual.flatten(1, 2), flat_mask, topk=layer._check_topk(beam),
+                                            **stage_kwargs)
+            k = result.indices.shape[-1]
+            quantized = result.quantized.unflatten(1, (seq, paths))  # (B, S, paths, k, D)
+            loss = result.losses.loss.expand(batch, seq * paths, k).unflatten(1, (seq, paths))
+            scores = (scores.unsqueeze(-1) - loss * self.beam_score_weights[q]).flatten(2)
+            residual = (residual.unsqueeze(3) - frac_gradient(quantized, self.quant_grad_frac)).flatten(2, 3)
+            total = (total.unsqueeze(3) + quantized).flatten(2, 3)
+            indices = torch.cat([indices.repeat_interleave(k, 2),
+                                 result.indices.reshape(batch, seq, paths * k, 1)], -1)
+            losses = torch.cat([losses.repeat_interleave(k, 2), loss.reshape(batch, seq, paths * k, 1)], -1)
+            keep = beam if q < last else 1
+            if scores.shape[-1] > keep:
+                scores, chosen = scores.topk(keep, dim=-1)
+                residual, total, indices, losses = (
+                    t.gather(2, chosen.reshape(*chosen.shape, *([1] * (t.dim() - 3))).expand(
+                        *chosen.shape, *t.shape[3:]))
+                    for t in (residual, total, indices, losses))
+        total, indices, losses = total[:, :, 0], indices[:, :, 0], losses[:, :, 0]
+        if mask is None:
+            losses = losses.mean((0, 1))
+        else:
+            losses = torch.where(expand_like(mask, losses), losses, 0.0).sum((0, 1)) / mask.sum().clamp_min(1e-4)
+        inputs = self._stage_inputs(z.detach(), indices)
+        if self.training and not stage_kwargs["freeze"]:
+            for layer, stage_input, stage_indices in zip(self.layers, inputs, indices.unbind(-1)):
+                layer._update_tokens(stage_input, stage_indices, mask)
+        return total, indices, losses, inputs
+
+    def _stage_inputs(self, z: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
+        """The residual each stage saw on the path of indices (B, S, stages) from z (B, S, D):
+        recomputed from the codes, so the search keeps no (B, S, beam, stages, D) tensor."""
+        inputs, residual = [], z
+        for layer, stage_indices in zip(self.layers, indices.unbind(-1)):
+            inputs.append(residual)
+            codes = layer._codebook.embed[0][stage_indices.clamp_min(0)]
+            residual = residual - codes.masked_fill((stage_indices < 0).unsqueeze(-1), 0.0).to(residual.dtype)
+        return inputs
+
+    def _teacher_forced(self, tokens, z, mask, targets, layout, stage_kwargs):
+        """(quantized from the targets, summed cross-entropy), stage q given z minus the codes of
+        targets 0..q-1."""
+        expected = (tokens.shape[0], tokens.shape[1], self.num_quantizers)
+        if not _is_integer_tensor(targets) or targets.numel() != math.prod(expected):
+            raise ValueError(f"indices must be an integer tensor shaped as the returned indices "
+                             f"({math.prod(expected)} entries), got {describe(targets)}")
+        targets = targets.reshape(expected)
+        if bool((targets < 0).any()):
+            raise ValueError("indices contain -1 (quantizers dropped out): take target codes from the module in "
+                             "eval mode to compute the cross-entropy")
+        residual, total, cross_entropy = z, torch.zeros_like(z), 0.0
+        for q, layer in enumerate(self.layers):
+            result = layer._quantize_tokens(residual, mask, targets=targets[..., q], **stage_kwargs)
+            codes = layer._codes_from_indices(targets[..., q]).to(residual.dtype)
+            residual = residual - frac_gradient(codes, self.quant_grad_frac)
+            total = total + codes
+            cross_entropy = cross_entropy + result.cross_entropy
+        return from_tokens(self._output(total, tokens, mask), layout), cross_entropy
+
+    def _output(self, total: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Summed codes (B, S, codebook_dim) -> projected out, masked positions zero (or the input)."""
+        out = self.project_out(total.to(VectorQuantize._param_dtype(self.project_out, total)))
+        if mask is None:
+            return out
+        fill = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
+        return torch.where(expand_like(mask, out), out, fill)
+
+
+class GroupedResidualVQ(nn.Module):
+    """`groups` independent `ResidualVQ`s, each on dim / groups channels (vector-quantize-pytorch
+    1.32.0). forward -> quantized (like x), indices (groups, *token layout, num_quantizers), losses
+    (groups, num_quantizers), plus with return_all_codes a tuple of each group's all_codes
+    (num_quantizers, *token layout, codebook_dim)."""
+
+    def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
+        super().__init__()
+        _check_int("groups", groups, minimum=1)
+        if not isinstance(dim, int) or dim % groups:
+            raise ValueError(f"dim must be a multiple of groups={groups}, got {dim!r}")
+        self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
+        self.rvqs = nn.ModuleList(ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
+                                  for _ in range(groups))
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        return torch.stack(tuple(rvq.codebooks for rvq in self.rvqs))
+
+    @property
+    def split_dim(self) -> int:
+        rvq = self.rvqs[0]
+        return 1 if self.accept_image_fmap or rvq.accept_3d_fmap or not rvq.channel_last else -1
+
+    def get_codes_from_indices(self, indices) -> torch.Tensor:
+        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
+
+    def get_output_from_indices(self, indices) -> torch.Tensor:
+        return torch.cat([rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)], dim=-1)
+
+    def forward(self, x, indices=None, return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False,
+                mask=None):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[self.split_dim] != self.dim:
+            raise ValueError(f"x must have dim={self.dim} channels at dim {self.split_dim}, got {describe(x)}")
+        targets = tuple(indices) if indices is not None else (None,) * self.groups
+        if len(targets) != self.groups:
+            raise ValueError(f"indices must hold one tensor per group ({self.groups}), got {len(targets)}")
+        seed = synced_seed(x.device) if self.training else None
+        outs = [rvq(chunk, indices=target, return_all_codes=return_all_codes,
+                    sample_codebook_temp=sample_codebook_temp, mask=mask, freeze_codebook=freeze_codebook,
+                    rand_quantize_dropout_fixed_seed=seed)
+                for rvq, chunk, target in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim), targets)]
+        quantized = torch.cat([out[0] for out in outs], dim=self.split_dim)
+        if indices is not None:
+            return quantized, sum(out[1] for out in outs)
+        result = (quantized, torch.stack([out[1] for out in outs]), torch.stack([out[2] for out in outs]))
+        return result + ((tuple(out[3] for out in outs),) if return_all_codes else ())
