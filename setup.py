@@ -1,14 +1,16 @@
 """fastvq: fused vector-quantization kernels (nearest code, per-code statistics) for VQ tokenizers.
 
-Nothing here is compiled: the Triton kernels are JIT-compiled at first use, so this file imports no torch.
+Nothing here is compiled: the Triton kernels and the C++ CPU kernels (kernels/cpu/, with ninja) are JIT-compiled
+at first use, so this file imports no torch.
 """
 
 from setuptools import find_packages, setup
 
 EXTRAS = {
     "triton": ["triton>=3.0"],
+    "cpu": ["ninja"],  # builds the C++ CPU kernels (kernels/cpu/) at first use; a C++ compiler is also needed
     "models": ["safetensors", "tqdm", "matplotlib", "pillow", "scikit-image", "scipy"],
-    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter"],
+    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter", "faiss-cpu==1.15.1"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

@@ -1,10 +1,17 @@
 """The one place that chooses which implementation runs an op.
 
 Backends:
-    "torch"  -- `fastvq.ops.reference`: plain PyTorch, chunked, any device (the CPU fallback).
+    "torch"  -- `fastvq.ops.reference`: plain PyTorch, chunked, any device (the oracle, and the
+                fallback).
     "triton" -- `fastvq.ops.triton`: fused Triton kernels; CUDA tensors, or CPU tensors when the
                 process was started with TRITON_INTERPRET=1 (how CI checks the kernels).
-    "auto"   -- "triton" for CUDA tensors when triton imports, else "torch".
+    "cpu"    -- `fastvq.ops.cpu`: fused C++ search kernels (nearest_code, topk_codes) for CPU
+                tensors, compiled at the first call that needs them (once, cached); the other ops
+                run the reference.
+    "auto"   -- "triton" for CUDA tensors when triton imports; "cpu" for CPU tensors when the C++
+                kernels build (or are cached); else "torch". The one fallback rule: when the C++
+                kernels cannot be built, "auto" warns once, saying why, and runs "torch"; an
+                explicitly requested backend that cannot run raises instead.
 
 The environment variable FASTVQ_BACKEND (torch | triton | auto) overrides the `backend=` argument
 of every call, so a whole program can be switched without editing it.
@@ -12,16 +19,21 @@ of every call, so a whole program can be switched without editing it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
-from types import ModuleType
+import warnings
+from types import ModuleType, SimpleNamespace
 
 import torch
 
 from . import reference
 from .common import triton_interpret_requested
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
+
+CPU_KERNEL_OPS = ("nearest_code", "topk_codes")
+"""The ops the "cpu" backend runs in C++; it runs every other op with the reference."""
 
 
 def _import_triton_kernels() -> tuple[ModuleType | None, str]:
@@ -54,6 +66,32 @@ def triton_unavailable_reason(device: torch.device) -> str:
     return f"backend='triton' does not support device '{device.type}'"
 
 
+@functools.cache
+def _load_cpu_kernels() -> tuple[ModuleType | None, str]:
+    """The C++ CPU backend module with its extension loaded (compiling it the first time), or None
+    and the reason it cannot be built. Tried once per process."""
+    cpu = importlib.import_module("fastvq.ops.cpu")
+    try:
+        cpu.load_extension()
+    except cpu.CpuKernelsUnavailable as err:
+        return None, str(err)
+    return cpu, ""
+
+
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing the build
+def cpu_unavailable_reason(device: torch.device) -> str:
+    """Why the C++ CPU backend cannot run on `device` ('' when it can; builds it the first time)."""
+    if device.type != "cpu":
+        return f"backend='cpu' needs CPU tensors (got device '{device.type}'); use backend='auto'"
+    return _load_cpu_kernels()[1]
+
+
+@functools.cache
+def _warn_cpu_fallback(reason: str) -> None:
+    warnings.warn(f"fastvq: running the plain-PyTorch CPU path, slower than the C++ kernels: {reason}",
+                  RuntimeWarning, stacklevel=4)
+
+
 def check_backend(name: str, source: str = "backend") -> None:
     """Raise ValueError naming `source` unless `name` is one of BACKENDS."""
     if name not in BACKENDS:
@@ -61,7 +99,7 @@ def check_backend(name: str, source: str = "backend") -> None:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Name of the backend ('torch' or 'triton') that runs an op on `device`.
+    """Name of the backend ('torch', 'triton' or 'cpu') that runs an op on `device`.
 
     Raises ValueError for an unknown name and RuntimeError, saying why, when an explicitly
     requested backend cannot run here.
@@ -73,24 +111,44 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if requested == "auto":
         if device.type == "cuda" and not triton_unavailable_reason(device):
             return "triton"
+        if device.type == "cpu":
+            reason = cpu_unavailable_reason(device)
+            if not reason:
+                return "cpu"
+            _warn_cpu_fallback(reason)
         return "torch"
-    reason = triton_unavailable_reason(device)
+    reason = (triton_unavailable_reason if requested == "triton" else cpu_unavailable_reason)(device)
     if reason:
-        raise RuntimeError(f"fastvq backend 'triton' cannot run: {reason}")
-    return "triton"
+        raise RuntimeError(f"fastvq backend '{requested}' cannot run: {reason}")
+    return requested
 
 
-def backend_module(name: str) -> ModuleType:
-    """The module implementing backend `name` ('torch' or 'triton')."""
+def backend_module(name: str) -> ModuleType | SimpleNamespace:
+    """The module implementing backend `name` ('torch', 'triton' or 'cpu')."""
     if name == "torch":
         return reference
+    if name == "cpu":
+        cpu, reason = _load_cpu_kernels()
+        if cpu is None:
+            raise RuntimeError(f"fastvq backend 'cpu' cannot run: {reason}")
+        return _cpu_backend(cpu)
     module, reason = _import_triton_kernels()
     if module is None:
         raise RuntimeError(f"fastvq backend 'triton' cannot run: {reason}")
     return module
 
 
+@functools.cache
+def _cpu_backend(cpu: ModuleType) -> SimpleNamespace:
+    """The "cpu" backend: the C++ kernels' ops, the reference's for the rest."""
+    ops = ("nearest_code", "topk_codes", "sample_code", "code_stats", "code_cross_entropy",
+           "code_cross_entropy_grad")
+    return SimpleNamespace(**{op: getattr(cpu if op in CPU_KERNEL_OPS else reference, op) for op in ops})
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device` in this process."""
+    """Backends that can run on `device` in this process (on CPU, this builds the C++ kernels the
+    first time)."""
     device = torch.device(device)
-    return ["torch"] + ([] if triton_unavailable_reason(device) else ["triton"])
+    return (["torch"] + ([] if triton_unavailable_reason(device) else ["triton"])
+            + ([] if device.type != "cpu" or cpu_unavailable_reason(device) else ["cpu"]))
