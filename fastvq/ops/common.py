@@ -87,20 +87,3 @@ def mark_unassigned(indices: torch.Tensor, distances: torch.Tensor) -> tuple[tor
     """Give index -1 and distance NaN to tokens whose search found no finite distance."""
     bad = (indices < 0) | ~torch.isfinite(distances)
     return indices.masked_fill(bad, -1), distances.masked_fill(bad, float("nan"))
-
-
-def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
-                    metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact fp32 distance from each token to its chosen code, and the final indices.
-
-    x (H, N, D), codebook (Hc, K, D), indices (H, N) int64 with -1 for "no code found" ->
-    (indices, distances), both (H, N); tokens with no finite distance get index -1 and NaN.
-    """
-    xf, cf = x.float(), gather_codes(codebook, indices).float()
-    if metric == "l2":
-        dist = (xf - cf).pow(2).sum(-1)
-    else:
-        dot = (xf * cf).sum(-1)
-        norms = xf.norm(dim=-1).clamp_min(COSINE_NORM_EPS) * cf.norm(dim=-1).clamp_min(COSINE_NORM_EPS)
-        dist = 1.0 - dot / norms
-    return mark_unassigned(indices, dist)

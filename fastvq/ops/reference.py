@@ -20,9 +20,10 @@ import torch
 from .common import (
     COSINE_NORM_EPS,
     L2_LOGIT_EPS,
-    chosen_distance,
     code_bias,
+    gather_codes,
     gumbel_scales,
+    mark_unassigned,
     round_operand,
 )
 
@@ -32,6 +33,23 @@ the CPU's cache between the matrix product that writes it and the reduction that
 
 CODES_PER_TILE = 512
 """Codes per tile (at most); the tile takes as many tokens as SCORE_TILE_ELEMENTS allows."""
+
+
+def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                    metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact fp32 distance from each token to its chosen code, and the final indices.
+
+    x (H, N, D), codebook (Hc, K, D), indices (H, N) int64 with -1 for "no code found" ->
+    (indices, distances), both (H, N); tokens with no finite distance get index -1 and NaN.
+    """
+    xf, cf = x.float(), gather_codes(codebook, indices).float()
+    if metric == "l2":
+        dist = (xf - cf).pow(2).sum(-1)
+    else:
+        dot = (xf * cf).sum(-1)
+        norms = xf.norm(dim=-1).clamp_min(COSINE_NORM_EPS) * cf.norm(dim=-1).clamp_min(COSINE_NORM_EPS)
+        dist = 1.0 - dot / norms
+    return mark_unassigned(indices, dist)
 
 
 def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str) -> torch.Tensor:

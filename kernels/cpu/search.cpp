@@ -1,8 +1,11 @@
 // Fused nearest-code / top-k search on CPU: the score tile and the running best codes stay in cache.
 //
-// search(x (H, N, D) float any strides, codes (Hc, K, D) fp32 rounded to the precision, bias (Hc, K)
-// fp32, cosine, precision, k, threads) -> indices (H, N, k) int64, the k lowest scores per token,
-// lowest first, ties to the lowest index, -1 where fewer than k codes score finitely.
+// search(x (H, N, D) float any strides, codebook (Hc, K, D) fp32, codes (Hc, K, D) fp32 rounded to
+// the precision, bias (Hc, K) fp32, cosine, precision, k, threads) -> indices (H, N, k) int64, the k
+// lowest scores per token, lowest first, ties to the lowest index, and distances (H, N, k) fp32, the
+// exact fp32 distance of each chosen code to the unrounded token (squared l2, or 1 - cosine with
+// norms clamped to COSINE_NORM_EPS); -1 / NaN where fewer than k codes score finitely or where the
+// distance is not finite (`fastvq.ops.common.chosen_distance`'s rule).
 //
 // score = bias + sum_d (-2 x_d) c_d (l2, bias = |c|^2) or -(x . c) / |c| (cosine, bias = 1 / |c|), on
 // x rounded as the codes were (`fastvq.ops.common.round_operand`). A NaN or -inf score never wins
@@ -28,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -89,6 +93,7 @@ constexpr int TOKEN_BLOCK = 96;   // tokens per task, a multiple of TN
 constexpr int64_t TILE_BYTES = 256 * 1024;  // packed codes per L2 tile
 
 enum Precision { IEEE = 0, TF32 = 1, BF16 = 2, FP16 = 3 };
+constexpr float COSINE_NORM_EPS = 1e-12f;  // `fastvq.ops.common.COSINE_NORM_EPS`
 
 // `fastvq.ops.common.round_operand` for one value.
 inline float round_operand(float v, int precision) {
@@ -164,9 +169,28 @@ inline void insert(float* best, int64_t* best_index, int k, float score, int64_t
   best_index[slot] = index;
 }
 
+// Exact fp32 distance of token `x` (D values, stride sx_d) to `code` (D contiguous fp32 values).
 template <typename scalar_t, bool COSINE>
-void search_kernel(const at::Tensor& x, const float* packed, const float* packed_bias, int64_t heads_c,
-                   int64_t K_pad, int precision, int k, int threads, int64_t* out) {
+inline float exact_distance(const scalar_t* x, int64_t sx_d, const float* code, int64_t D) {
+  float dot = 0.0f, xx = 0.0f, cc = 0.0f, sq = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float xv = static_cast<float>(x[d * sx_d]), cv = code[d];
+    if (COSINE) {
+      dot += xv * cv;
+      xx += xv * xv;
+      cc += cv * cv;
+    } else {
+      sq += (xv - cv) * (xv - cv);
+    }
+  }
+  if (!COSINE) return sq;
+  return 1.0f - dot / (std::max(std::sqrt(xx), COSINE_NORM_EPS) * std::max(std::sqrt(cc), COSINE_NORM_EPS));
+}
+
+template <typename scalar_t, bool COSINE>
+void search_kernel(const at::Tensor& x, const float* codebook, const float* packed, const float* packed_bias,
+                   int64_t heads_c, int64_t K, int64_t K_pad, int precision, int k, int threads, int64_t* out,
+                   float* out_distance) {
   const int64_t heads = x.size(0), n_tokens = x.size(1), D = x.size(2);
   const int64_t sx_h = x.stride(0), sx_n = x.stride(1), sx_d = x.stride(2);
   const scalar_t* x_data = x.data_ptr<scalar_t>();
@@ -221,18 +245,30 @@ void search_kernel(const at::Tensor& x, const float* packed, const float* packed
           }
         }
       }
-      std::memcpy(out + (h * n_tokens + n0) * k, best_index.data(), rows * k * sizeof(int64_t));
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* token = x_data + h * sx_h + (n0 + r) * sx_n;
+        for (int j = 0; j < k; ++j) {
+          int64_t index = best_index[r * k + j];
+          float distance = index < 0 ? NAN : exact_distance<scalar_t, COSINE>(token, sx_d, codebook + (hc * K + index) * D, D);
+          if (!std::isfinite(distance)) index = -1, distance = NAN;
+          out[(h * n_tokens + n0 + r) * k + j] = index;
+          out_distance[(h * n_tokens + n0 + r) * k + j] = distance;
+        }
+      }
     }
   });
 }
 
-at::Tensor search(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& bias, bool cosine,
-                  int64_t precision, int64_t k, int64_t threads) {
+std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& codes,
+                                          const at::Tensor& bias, bool cosine, int64_t precision, int64_t k,
+                                          int64_t threads) {
   TORCH_CHECK(x.dim() == 3 && codes.dim() == 3 && bias.dim() == 2, "search: x (H, N, D), codes (Hc, K, D), bias (Hc, K)");
-  TORCH_CHECK(codes.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat, "search: codes and bias must be fp32");
+  TORCH_CHECK(codes.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat &&
+              codebook.scalar_type() == at::kFloat, "search: codebook, codes and bias must be fp32");
+  TORCH_CHECK(codebook.sizes() == codes.sizes(), "search: codebook and codes must have one shape");
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && bias.device().is_cpu(), "search: CPU tensors only");
   TORCH_CHECK(k >= 1 && threads >= 1, "search: k >= 1 and threads >= 1");
-  const at::Tensor codes_c = codes.contiguous(), bias_c = bias.contiguous();
+  const at::Tensor codes_c = codes.contiguous(), bias_c = bias.contiguous(), codebook_c = codebook.contiguous();
   const int64_t heads_c = codes.size(0), K = codes.size(1), D = codes.size(2);
   TORCH_CHECK(x.size(2) == D && (heads_c == 1 || heads_c == x.size(0)), "search: shapes of x and codes disagree");
   const int64_t K_pad = (K + W * CV - 1) / (W * CV) * (W * CV);
@@ -242,16 +278,19 @@ at::Tensor search(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
     pack_codes(codes_c[hc].data_ptr<float>(), bias_c[hc].data_ptr<float>(), K, D, K_pad, cosine,
                packed[hc].data_ptr<float>(), packed_bias[hc].data_ptr<float>());
   at::Tensor out = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kLong));
-  if (x.size(1) == 0) return out;
+  at::Tensor out_distance = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kFloat));
+  if (x.size(1) == 0) return {out, out_distance};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastvq_cpu_search", [&] {
     if (cosine)
-      search_kernel<scalar_t, true>(x, packed.data_ptr<float>(), packed_bias.data_ptr<float>(), heads_c, K_pad,
-                                    precision, k, threads, out.data_ptr<int64_t>());
+      search_kernel<scalar_t, true>(x, codebook_c.data_ptr<float>(), packed.data_ptr<float>(),
+                                    packed_bias.data_ptr<float>(), heads_c, K, K_pad, precision, k, threads,
+                                    out.data_ptr<int64_t>(), out_distance.data_ptr<float>());
     else
-      search_kernel<scalar_t, false>(x, packed.data_ptr<float>(), packed_bias.data_ptr<float>(), heads_c, K_pad,
-                                     precision, k, threads, out.data_ptr<int64_t>());
+      search_kernel<scalar_t, false>(x, codebook_c.data_ptr<float>(), packed.data_ptr<float>(),
+                                     packed_bias.data_ptr<float>(), heads_c, K, K_pad, precision, k, threads,
+                                     out.data_ptr<int64_t>(), out_distance.data_ptr<float>());
   });
-  return out;
+  return {out, out_distance};
 }
 
 }  // namespace
