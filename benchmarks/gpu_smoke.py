@@ -17,6 +17,7 @@ On CPU (`--device cpu` under TRITON_INTERPRET=1, tiny shapes) it dry-runs the sa
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -99,10 +100,30 @@ def op_checks(device: torch.device, n: int, k: int, repeats: int, backend: str):
             if backend == "cuda":  # deterministic: bitwise the same again; its time beside the atomic one
                 again = fastvq.code_stats(x, indices, k, backend=backend)
                 ok = ok and torch.equal(got[1], again[1])
-                atomic = timed(lambda: fastvq.code_stats(x, indices, k, backend="triton"), device, repeats)[1]
+                atomic = timed(lambda: importlib.import_module("fastvq.ops.triton.code_stats").code_stats(
+                    x[None], indices[None], k, deterministic=False), device, repeats)[1]
                 detail += f", bitwise repeatable {torch.equal(got[1], again[1])}, {steady / atomic:.2f}x atomic time"
             yield dict(N=n, K=k, D=d, dtype=str(dtype).removeprefix("torch."), op="code_stats", first_s=first,
                        steady_ms=steady * 1e3, ok=ok, detail=detail)
+            if backend == "triton":
+                yield from code_stats_variants(x, indices, k, device, repeats)
+
+
+def code_stats_variants(x, indices, k, device, repeats):
+    """The deterministic sorted reduction against the fp32-atomic variant (issue 15's goal: at most
+    1.2x its time), on the search's indices and on a collapsed batch (every token on code 0)."""
+    kernels = importlib.import_module("fastvq.ops.triton.code_stats")
+    for batch, idx in (("searched", indices), ("collapsed", torch.zeros_like(indices))):
+        times, results = {}, {}
+        for deterministic in (True, False):
+            first, times[deterministic], results[deterministic] = timed(
+                lambda: kernels.code_stats(x[None], idx[None], k, deterministic=deterministic), device, repeats)
+        bitwise = torch.equal(kernels.code_stats(x[None], idx[None], k)[1], results[True][1])
+        yield dict(N=x.shape[0], K=k, D=x.shape[1], dtype=str(x.dtype).removeprefix("torch."),
+                   op=f"code_stats_{batch}", first_s=first, steady_ms=times[True] * 1e3,
+                   atomic_ms=times[False] * 1e3,
+                   ok=bitwise and (device.type != "cuda" or times[True] <= 1.2 * times[False]),
+                   detail=f"deterministic / atomic {times[True] / times[False]:.2f}x, rerun bitwise equal: {bitwise}")
 
 
 def compare(op, got, want, x, codebook, metric, precision, backend) -> dict:
@@ -152,10 +173,9 @@ def kernel_resources() -> list[dict]:
     JIT caches; fields absent in a version are None)."""
     import triton
 
-    from fastvq.ops.triton import code_cross_entropy, code_stats, nearest_code
-
     rows = []
-    for module in (nearest_code, code_cross_entropy, code_stats):
+    for module in (importlib.import_module(f"fastvq.ops.triton.{name}")  # the modules, not the ops
+                   for name in ("nearest_code", "code_cross_entropy", "code_stats")):
         for name, fn in vars(module).items():
             if not isinstance(fn, triton.runtime.JITFunction):
                 continue

@@ -9,8 +9,9 @@ ops (what a call does):
                targets, forward and backward (fastvq's CodeHead against nn.Linear + F.cross_entropy);
     matmul  -- the dense (N, D) x (D, K) product of the same shape (what the search is measured against);
     ceiling -- the device's own limits: a large square matmul per precision, a device-to-device copy.
-roles: "fastvq" (ours, public API only: the torch, triton and cuda backends), "alternative" (what
+roles: "fastvq" (ours, public API only: the torch, triton, cuda and cpu backends), "alternative" (what
 users would pick instead: the textbook formula, cdist, torch.compile, vector-quantize-pytorch, taming,
+faiss-cpu's exact search on CPU,
 flash-kmeans' fused assignment on CUDA), "ceiling".
 """
 
@@ -39,6 +40,13 @@ try:
     VQP_MISSING = ""
 except ImportError as err:
     VQP_MISSING = f"vector-quantize-pytorch==1.32.0 not importable ({err})"
+
+try:
+    import faiss
+
+    FAISS_MISSING = ""
+except ImportError as err:
+    FAISS_MISSING = f"faiss-cpu==1.15.1 not importable ({err})"
 
 try:
     from flash_kmeans.assign_euclid_triton import euclid_assign_triton
@@ -157,6 +165,14 @@ def flash_kmeans_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     return euclid_assign_triton(rows, codebook[None], rows.float().pow(2).sum(-1))[0]
 
 
+def faiss_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """faiss-cpu 1.15.1's exact search, `IndexFlatL2.search(x, 1)` (BLAS products with the argmin
+    fused per block), on fp32 copies (FAISS takes fp32 only); building the index is counted."""
+    index = faiss.IndexFlatL2(codebook.shape[1])
+    index.add(codebook.float().numpy())
+    return torch.from_numpy(index.search(x.float().numpy(), 1)[1][:, 0])
+
+
 def _fastvq_search(backend: str, precision: str | None):
     def setup(shape, dtype, device):
         return functools.partial(fastvq.nearest_code, precision=precision, backend=backend)
@@ -195,7 +211,15 @@ def _first_reason(*checks: Callable[[torch.device], str]) -> Callable[[torch.dev
     return lambda device: next((reason for check in checks if (reason := check(device))), "")
 
 
+def _cpu_kernels_missing(device: torch.device) -> str:
+    if "cpu" not in fastvq.available_backends(device):
+        return f"fastvq's C++ CPU backend does not run on {device.type} (CPU tensors; needs a C++ compiler and ninja)"
+    return ""
+
+
 _VQP = _first_reason(lambda device: VQP_MISSING)
+_FAISS = _first_reason(lambda device: FAISS_MISSING,
+                       lambda device: "" if device.type == "cpu" else "faiss-cpu runs on CPU tensors")
 _FLASH_KMEANS = _first_reason(lambda device: FLASH_KMEANS_MISSING,
                               lambda device: "" if device.type == "cuda" else "flash-kmeans runs on CUDA only")
 
@@ -329,7 +353,9 @@ IMPLS: list[Impl] = [
            dtypes=DTYPES if p in ("ieee", "bf16") else FP32,
            why_not=_first_reason(_cuda_missing, *([_tf32_missing] if p == "tf32" else [])))
       for p in ("ieee", "tf32", "bf16", "fp16")],
+    Impl("fastvq-cpu", "search", "fastvq", _fastvq_search("cpu", None), why_not=_cpu_kernels_missing),
     Impl("fastvq-torch", "search", "fastvq", _fastvq_search("torch", None)),
+    Impl("faiss-cpu", "search", "alternative", _plain(faiss_search), why_not=_FAISS),
     Impl("naive", "search", "alternative", _plain(naive_search), nk_bytes=8),
     Impl("cdist", "search", "alternative", _plain(cdist_search), nk_bytes=12),
     Impl("compile(naive)", "search", "alternative", _compiled(naive_search), nk_bytes=8, compiles=True),
@@ -342,6 +368,7 @@ IMPLS: list[Impl] = [
     Impl("fastvq-layer[triton,tf32]", "train", "fastvq", _fastvq_layer("triton", "tf32"), precision="tf32",
          why_not=_first_reason(_triton_missing, _tf32_missing)),
     Impl("fastvq-layer[cuda]", "train", "fastvq", _fastvq_layer("cuda", None), why_not=_cuda_missing),
+    Impl("fastvq-layer[cpu]", "train", "fastvq", _fastvq_layer("cpu", None), why_not=_cpu_kernels_missing),
     Impl("fastvq-layer[torch]", "train", "fastvq", _fastvq_layer("torch", None)),
     Impl("vqp-layer", "train", "alternative", _layer(lambda s: vector_quantize_pytorch.VectorQuantize(
         dim=s.d, codebook_size=s.k, decay=EMA_DECAY)), nk_bytes=28, why_not=_VQP),

@@ -66,6 +66,8 @@ SHAPES = {
     "cpu": [
         Shape("vqvae-cpu", 16384, 1024, 64),
         Shape("vqgan-cpu", 4096, 8192, 256, FP32),
+        Shape("llamagen-cpu", 65536, 16384, 8),  # D = 8 (LlamaGen, DAC) and D = 32 at K = 16384 (issue 15)
+        Shape("k16k-cpu", 16384, 16384, 32),
         # the N x K peers need 4-12 GiB and ~10-50 s a call here: only when named in --shapes
         Shape("large-cpu", 65536, 16384, 32, FP32, default=False),
         *residual_shapes(8192),

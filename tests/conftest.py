@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastvq import available_backends  # noqa: E402  (after TRITON_INTERPRET)
-from fastvq.ops.backend import cuda_unavailable_reason  # noqa: E402
+from fastvq.ops.backend import cpu_unavailable_reason, cuda_unavailable_reason, triton_unavailable_reason  # noqa: E402
 
 needs_vqp = pytest.mark.skipif(
     importlib.util.find_spec("vector_quantize_pytorch") is None,
@@ -26,24 +26,36 @@ needs_vqp = pytest.mark.skipif(
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def backend_cases(backends=("torch", "triton", "cuda")):
-    """(device, backend) pairs; a pair that cannot run here is a skip with the reason. The CUDA C++
-    backend runs on CUDA tensors only, so it has no CPU pair."""
+REFERENCE_ON_CPU = ("torch", "triton", "cuda")
+"""Backends to test for an op that the "cpu" backend runs with the reference (code_stats,
+cross-entropy): testing "cpu" there would rerun the "torch" cases."""
+
+
+def backend_cases(backends=("torch", "triton", "cuda", "cpu")):
+    """(device, backend) pairs ("cuda", the CUDA C++ backend, only on CUDA tensors; "cpu", the C++
+    CPU backend, only on CPU tensors); a pair that cannot run here is a skip with the reason."""
     cases = []
     for device in ["cpu", "cuda"]:
         for backend in backends:
-            if backend == "cuda" and device == "cpu":
+            if (backend == "cpu") != (device == "cpu") and backend in ("cpu", "cuda"):
                 continue
             marks = []
             if device == "cuda" and not torch.cuda.is_available():
                 marks.append(pytest.mark.skip(reason="needs a CUDA GPU (the GPU run of this matrix)"))
             elif backend not in available_backends(device):
-                reason = (cuda_unavailable_reason(torch.device(device), build=False) if backend == "cuda" else
-                          f"triton backend unavailable on {device} in this process "
-                          "(CPU needs TRITON_INTERPRET=1 at start-up; the GPU runs it without)")
-                marks.append(pytest.mark.skip(reason=reason))
+                marks.append(pytest.mark.skip(reason=f"{backend} backend unavailable on {device} in this process: "
+                                              + _unavailable_reason(backend, device)))
             cases.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return cases
+
+
+def _unavailable_reason(backend: str, device: str) -> str:
+    if backend == "cuda":
+        return cuda_unavailable_reason(torch.device(device), build=False)
+    reason = (cpu_unavailable_reason if backend == "cpu" else triton_unavailable_reason)(torch.device(device))
+    if backend == "triton" and device == "cpu":
+        reason += " (CPU needs TRITON_INTERPRET=1 at start-up; the GPU runs it without)"
+    return reason
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}

@@ -111,11 +111,20 @@ def code_cross_entropy_variants():
 
 
 def code_stats_variants():
+    """The deterministic sorted reduction (chunk sums, run sums) at its largest blocks, and the atomic variant."""
     module = importlib.import_module("fastvq.ops.triton.code_stats")
+    for t in ["fp32", "bf16"]:
+        pointers = dict(x_ptr=t, order_ptr="i64", chunk_start_ptr="i64", chunk_len_ptr="i64", partial_ptr="fp32")
+        yield f"code_stats chunk sums {t}", module._chunk_sums_kernel, pointers, dict(
+            n_chunks="i32", N="i32", D="i32"), dict(BLOCK_C=32, BLOCK_D=64), {"num_warps": 4}
+    pointers = dict(partial_ptr="fp32", run_first_chunk_ptr="i64", run_chunks_ptr="i64", run_key_ptr="i64",
+                    sums_ptr="fp32")
+    yield "code_stats run sums", module._run_sums_kernel, pointers, dict(n_runs="i32", D="i32"), dict(
+        BLOCK_R=32, BLOCK_D=64), {"num_warps": 4}
     for has_mask, t in itertools.product([False, True], ["fp32", "bf16"]):
         pointers = dict(x_ptr=t, index_ptr="i64", mask_ptr="u8", counts_ptr="fp32", sums_ptr="fp32")
         constexprs = dict(HAS_MASK=has_mask, BLOCK_N=128, BLOCK_D=64)
-        yield f"code_stats {t} mask={has_mask}", module._code_stats_kernel, pointers, dict(
+        yield f"code_stats atomic {t} mask={has_mask}", module._atomic_code_stats_kernel, pointers, dict(
             N="i32", K="i32", D="i32"), constexprs, {"num_warps": 4}
 
 
@@ -136,9 +145,9 @@ def register_usage(ptx: str, capability: int) -> tuple[int, int]:
     return registers, spills
 
 
-def main(capabilities=(90, 80)):
+def main(capabilities=(90, 80), only=None):
     count, spilling = 0, []
-    for make in VARIANTS:
+    for make in VARIANTS if only is None else [only]:
         for name, kernel, pointers, ints, constexprs, options in make():
             sig = _signature(kernel.arg_names, pointers, ints, constexprs)
             for capability in capabilities:

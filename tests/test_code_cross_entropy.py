@@ -8,7 +8,7 @@ against the float64 result of the same rounded inputs at 1e-2 for 16-bit ones.
 import pytest
 import torch
 import torch.nn.functional as tF
-from conftest import backend_cases, case
+from conftest import REFERENCE_ON_CPU, backend_cases, case
 
 import fastvq.ops.functional as F
 from fastvq.ops.common import METRICS
@@ -47,7 +47,7 @@ def assert_close_scaled(got, want, rel):
     torch.testing.assert_close(got.double().cpu(), want, rtol=rel, atol=rel * scale + rel)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 @pytest.mark.parametrize("H,shared,N,K,D", CASES)
 @pytest.mark.parametrize("metric", METRICS)
 def test_forward_and_gradients_match_dense_float64(device, backend, H, shared, N, K, D, metric):
@@ -67,7 +67,7 @@ def test_forward_and_gradients_match_dense_float64(device, backend, H, shared, N
     assert_close_scaled(cbd.grad, want_grad_codebook, 2e-5)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_16_bit_inputs(device, backend, dtype):
     """Logits of the 16-bit values in fp32; gradients come back in the inputs' dtype."""
@@ -86,7 +86,7 @@ def test_16_bit_inputs(device, backend, dtype):
     assert_close_scaled(cbd.grad, want_grad_codebook[0], 1e-2)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_far_logits_are_stable(device, backend):
     """Tokens far from every code (logits around -200, spread over tens): the online log-sum-exp
     must not underflow, and the mean over non-ignored tokens is the anchor's loss."""
@@ -101,7 +101,7 @@ def test_far_logits_are_stable(device, backend):
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_gradient_only_where_required(device, backend):
     """A frozen codebook gets no gradient (and no second pass); x still gets its own."""
     x = torch.randn(20, 6, device=device, requires_grad=True)
@@ -116,7 +116,7 @@ def test_gradient_only_where_required(device, backend):
     assert codebook.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_non_contiguous_inputs_and_shapes(device, backend):
     wide = torch.randn(2, 50, 66, device=device)
     x = wide[:, ::2, 1::2]
@@ -133,7 +133,7 @@ def test_non_contiguous_inputs_and_shapes(device, backend):
     assert loss.shape == (2, 0) and empty.grad.shape == (2, 0, 33)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_non_finite_token_gives_nan_loss(device, backend):
     x = torch.randn(4, 5)
     x[2, 1] = float("nan")

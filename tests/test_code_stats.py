@@ -1,8 +1,10 @@
-"""code_stats: per-code counts and sums against bincount / index_add_, both backends."""
+"""code_stats: per-code counts and sums against bincount / index_add_, both backends; bitwise determinism."""
+
+import importlib
 
 import pytest
 import torch
-from conftest import backend_cases
+from conftest import REFERENCE_ON_CPU, backend_cases
 
 import fastvq
 
@@ -20,7 +22,7 @@ def _expected(x, indices, num_codes, mask):
     return torch.stack(counts), torch.stack(sums)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 @pytest.mark.parametrize("n,k,d", [(1, 1, 1), (7, 3, 3), (301, 259, 33), (300, 5, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads", [1, 3])
@@ -39,7 +41,7 @@ def test_matches_bincount_and_index_add(device, backend, n, k, d, dtype, heads, 
     torch.testing.assert_close(sums.cpu().double(), want_sums, rtol=1e-5, atol=n * 4 * 2.0**-23)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_two_dimensional_and_non_contiguous(device, backend):
     wide = torch.randn(200, 40, device=device)
     x = wide[::2, 3::3]  # (100, 13), strided both ways
@@ -52,7 +54,7 @@ def test_two_dimensional_and_non_contiguous(device, backend):
     torch.testing.assert_close(sums.cpu().double(), want_sums[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_skips_unassigned_tokens_from_nearest_code(device, backend):
     """Tokens that nearest_code could not assign (NaN) never reach the statistics."""
     x = torch.randn(50, 6, device=device)
@@ -64,7 +66,7 @@ def test_skips_unassigned_tokens_from_nearest_code(device, backend):
     assert torch.isfinite(sums).all()
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_empty_and_unused_codes(device, backend):
     counts, sums = fastvq.code_stats(torch.randn(0, 4, device=device), torch.zeros(0, dtype=torch.long,
                                      device=device), 6, backend=backend)
@@ -81,7 +83,7 @@ def test_int32_indices_are_accepted():
     assert torch.equal(counts, torch.bincount(indices.long(), minlength=4).float())
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_out_of_range_indices_are_skipped_without_the_check(device, backend):
     """With check_indices=False an index past K (or below -1) is skipped, never written outside the
     outputs; with the check it raises."""
@@ -94,7 +96,7 @@ def test_out_of_range_indices_are_skipped_without_the_check(device, backend):
         fastvq.code_stats(x, indices, 16, backend=backend)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_zero_width_rows_are_still_counted(device, backend):
     counts, sums = fastvq.code_stats(torch.randn(5, 0, device=device), torch.tensor([0, 1, 1, -1, 2], device=device),
                                      4, backend=backend)
@@ -121,3 +123,61 @@ def test_meta_tensors_give_shapes():
     x, indices = torch.randn(5, 3, device="meta"), torch.zeros(5, dtype=torch.int64, device="meta")
     counts, sums = fastvq.code_stats(x, indices, 4)
     assert counts.device.type == sums.device.type == "meta" and counts.shape == (4,) and sums.shape == (4, 3)
+
+
+def _skewed_batch(heads, n, num_codes, d, device):
+    """Most tokens on a few codes (runs longer than the deterministic kernel's CHUNK), some skipped."""
+    x = torch.randn(heads, n, d, device=device)
+    indices = torch.where(torch.rand(heads, n, device=device) < 0.8, torch.randint(0, 3, (heads, n), device=device),
+                          torch.randint(-1, num_codes, (heads, n), device=device))
+    return x, indices
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
+def test_bitwise_deterministic_across_runs(device, backend):
+    """The default is deterministic on every backend: repeated calls give the same bits (on CPU
+    also with another thread count)."""
+    x, indices = _skewed_batch(2, 1200, 40, 19, device)
+    first = fastvq.code_stats(x, indices, 40, backend=backend)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, max(2, threads)):
+            torch.set_num_threads(n_threads)
+            again = fastvq.code_stats(x, indices, 40, backend=backend)
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    finally:
+        torch.set_num_threads(threads)
+    want_counts, want_sums = _expected(x.cpu(), indices.cpu(), 40, None)
+    torch.testing.assert_close(first[0].cpu(), want_counts, rtol=0, atol=0)
+    torch.testing.assert_close(first[1].cpu().double(), want_sums, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
+def test_sorted_reduction_does_not_depend_on_block_sizes(device, backend):
+    """The sorted segmented reduction adds in an order fixed by the data (token order in chunks of
+    CHUNK, then chunk order): any block sizes give the same bits, and runs longer than CHUNK are
+    split. The atomic variant agrees within rounding."""
+    triton_code_stats = importlib.import_module("fastvq.ops.triton.code_stats")  # the module, not the op
+    x, indices = _skewed_batch(2, 1200, 40, 19, device)
+    assert torch.bincount(indices[0][indices[0] >= 0]).max() > triton_code_stats.CHUNK
+    results = [triton_code_stats.code_stats(x, indices, 40, block_sizes=sizes)
+               for sizes in [(32, 16), (8, 32), (64, 64)]]
+    for counts, sums in results[1:]:
+        assert torch.equal(counts, results[0][0]) and torch.equal(sums, results[0][1])
+    atomic_counts, atomic_sums = triton_code_stats.code_stats(x, indices, 40, deterministic=False)
+    torch.testing.assert_close(atomic_counts, results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(atomic_sums, results[0][1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
+def test_collapsed_batch(device, backend):
+    """Every token on one code (codebook collapse): one run of N tokens, spread over N / CHUNK programs
+    by the Triton kernel; the sum is that of all rows."""
+    x = torch.randn(1, 3000, 24, device=device)
+    indices = torch.full((1, 3000), 7, device=device)
+    counts, sums = fastvq.code_stats(x, indices, 16, backend=backend)
+    assert counts[0].tolist() == [0.0] * 7 + [3000.0] + [0.0] * 8
+    assert sums[0, :7].abs().sum() == 0 and sums[0, 8:].abs().sum() == 0
+    torch.testing.assert_close(sums[0, 7].cpu().double(), x[0].cpu().double().sum(0), rtol=1e-5, atol=3000 * 2.0**-20)
+    again = fastvq.code_stats(x, indices, 16, backend=backend)
+    assert torch.equal(sums, again[1])

@@ -10,7 +10,7 @@ from conftest import backend_cases
 
 import fastvq
 from fastvq.ops import common
-from fastvq.ops.backend import resolve_backend
+from fastvq.ops.backend import available_backends, resolve_backend
 
 # ---------------------------------------------------------------------------------------------
 # bad input: a clear error naming the argument, before anything runs
@@ -32,7 +32,8 @@ X, CB = torch.randn(4, 3), torch.randn(5, 3)
     ((X, CB.to("meta")), {}, ValueError, r"same device, got cpu and meta"),
     ((X, CB), {"metric": "hamming"}, ValueError, r"metric must be one of \('l2', 'cosine', 'dot'\), got 'hamming'"),
     ((X, CB), {"precision": "fp8"}, ValueError, r"precision must be None or one of .*'fp8'"),
-    ((X, CB), {"backend": "gpu"}, ValueError, r"backend must be one of \('auto', 'torch', 'triton', 'cuda'\), got"),
+    ((X, CB), {"backend": "gpu"}, ValueError,
+     r"backend must be one of \('auto', 'torch', 'triton', 'cuda', 'cpu'\), got"),
 ])
 def test_nearest_code_rejects_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -113,8 +114,9 @@ def test_interpreter_mode_is_read_from_the_environment(monkeypatch, value, expec
     assert common.triton_interpret_requested() is expected
 
 
-def test_auto_picks_torch_for_cpu_tensors():
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+def test_auto_picks_the_cpu_kernels_for_cpu_tensors():
+    expected = "cpu" if "cpu" in available_backends("cpu") else "torch"
+    assert resolve_backend("auto", torch.device("cpu")) == expected
 
 
 def _python(code, **env_changes):
@@ -136,8 +138,31 @@ def test_import_and_fallback_without_triton():
         "    print('error:', err)\n")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "['torch']" and lines[1] == "[0, 0]"
+    assert lines[0] in ("['torch']", "['torch', 'cpu']") and lines[1] == "[0, 0]"
     assert lines[2].startswith("error: fastvq backend 'triton' cannot run: triton could not be imported")
+
+
+def test_cpu_kernels_fall_back_to_torch_by_one_rule():
+    """Without a C++ compiler: `import fastvq` works, "auto" warns once, saying why, and runs the
+    reference; backend='cpu' raises with the same reason."""
+    result = _python(
+        "import warnings, torch, fastvq\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(2):\n"
+        "        print(fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3))[0].tolist())\n"
+        "print(len(caught), caught[0].message)\n"
+        "try:\n"
+        "    fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3), backend='cpu')\n"
+        "except RuntimeError as err:\n"
+        "    print('error:', err)\n", CXX="no-such-compiler-fastvq")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["[0, 0]", "[0, 0]"]
+    assert lines[2].startswith("1 fastvq: running the plain-PyTorch CPU path") and "no C++ compiler" in lines[2]
+    assert lines[3].startswith("error: fastvq backend 'cpu' cannot run: fastvq's C++ CPU kernels cannot be built: "
+                               "no C++ compiler ('no-such-compiler-fastvq' is not on PATH")
+    assert "backend='torch'" in lines[3]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for CPU tensors without a GPU")

@@ -22,7 +22,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(": exit 0 " in line for line in summary[1:]), summary
     smoke = [json.loads(line) for line in (tmp_path / "2-smoke" / "smoke.jsonl").read_text().splitlines()]
     ops = {r["op"] for r in smoke}
-    assert ops == {"nearest_code", "topk_codes", "sample_code", "code_cross_entropy", "code_stats"}
+    assert ops == {"nearest_code", "topk_codes", "sample_code", "code_cross_entropy", "code_stats",
+                   "code_stats_searched", "code_stats_collapsed"}
     assert all(r["ok"] for r in smoke) and {r["D"] for r in smoke} == {8, 64, 256}
     (bench,) = (tmp_path / "3-bench").iterdir()
     records = [json.loads(line) for line in (bench / "records.jsonl").read_text().splitlines()]

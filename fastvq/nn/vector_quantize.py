@@ -104,7 +104,7 @@ class VectorQuantize(nn.Module):
     last dim of `heads` when heads > 1; -1 for masked and non-finite tokens) and a 0-d float32
     loss (0 in eval).
 
-    fastvq-only keywords: `backend` ("auto" | "torch" | "triton" | "cuda") and `precision` (see
+    fastvq-only keywords: `backend` ("auto" | "torch" | "triton" | "cuda" | "cpu") and `precision` (see
     `fastvq.nearest_code`), kept by the codebook, which passes them to the ops. The arguments
     named in `UNSUPPORTED` raise NotImplementedError when not at their default.
 

@@ -1,15 +1,22 @@
 """The one place that chooses which implementation runs an op.
 
 Backends:
-    "torch"  -- `fastvq.ops.reference`: plain PyTorch, chunked, any device (the CPU fallback).
+    "torch"  -- `fastvq.ops.reference`: plain PyTorch, chunked, any device (the oracle, and the
+                fallback).
     "triton" -- `fastvq.ops.triton`: fused Triton kernels; CUDA tensors, or CPU tensors when the
                 process was started with TRITON_INTERPRET=1 (how CI checks the kernels).
     "cuda"   -- `fastvq.ops.cuda`: CUDA C++ kernels (kernels/), built with nvcc and ninja at first use;
                 CUDA tensors only. It implements CUDA_OPS; every other op runs on the Triton backend.
-    "auto"   -- "triton" for CUDA tensors when triton imports, else "torch". Never "cuda": it is
-                chosen only by name (no measurement says it is faster for a shape yet).
+    "cpu"    -- `fastvq.ops.cpu`: fused C++ search kernels (nearest_code, topk_codes) for CPU
+                tensors, compiled at the first call that needs them (once, cached); the other ops
+                run the reference.
+    "auto"   -- "triton" for CUDA tensors when triton imports; "cpu" for CPU tensors when the C++
+                kernels build (or are cached); else "torch". Never "cuda": it is chosen only by name
+                (no measurement says it is faster for a shape yet). The one fallback rule on CPU: when
+                the C++ kernels cannot be built, "auto" warns once, saying why, and runs "torch"; an
+                explicitly requested backend that cannot run raises instead.
 
-The environment variable FASTVQ_BACKEND (torch | triton | cuda | auto) overrides the `backend=` argument
+The environment variable FASTVQ_BACKEND (torch | triton | cuda | cpu | auto) overrides the `backend=` argument
 of every call, so a whole program can be switched without editing it.
 """
 
@@ -18,19 +25,25 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from types import ModuleType
+import warnings
+from types import ModuleType, SimpleNamespace
 
 import torch
 
 from . import reference
 from .common import triton_interpret_requested
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 
 CUDA_OPS = ("nearest_code", "topk_codes", "code_stats")
 """The ops the CUDA C++ backend implements. The one fallback rule: with backend="cuda" every other
 op (sample_code, code_cross_entropy and its gradient) runs on the Triton backend, and raises Triton's
 reason when Triton cannot run. (lookup_codes is plain indexing on every backend; its backward is code_stats.)"""
+
+CPU_KERNEL_OPS = ("nearest_code", "topk_codes")
+CPU_KERNEL_METRICS = ("l2", "cosine")
+"""The ops and metrics the "cpu" backend runs in C++; it runs every other op, and metric="dot", with
+the reference."""
 
 
 def _import_triton_kernels() -> tuple[ModuleType | None, str]:
@@ -91,6 +104,32 @@ def _on_triton(op: str, x: torch.Tensor, *args, **kwargs):
     return getattr(backend_module("triton"), op)(x, *args, **kwargs)
 
 
+@functools.cache
+def _load_cpu_kernels() -> tuple[ModuleType | None, str]:
+    """The C++ CPU backend module with its extension loaded (compiling it the first time), or None
+    and the reason it cannot be built. Tried once per process."""
+    cpu = importlib.import_module("fastvq.ops.cpu")
+    try:
+        cpu.load_extension()
+    except cpu.CpuKernelsUnavailable as err:
+        return None, str(err)
+    return cpu, ""
+
+
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once instead of tracing the build
+def cpu_unavailable_reason(device: torch.device) -> str:
+    """Why the C++ CPU backend cannot run on `device` ('' when it can; builds it the first time)."""
+    if device.type != "cpu":
+        return f"backend='cpu' needs CPU tensors (got device '{device.type}'); use backend='auto'"
+    return _load_cpu_kernels()[1]
+
+
+@functools.cache
+def _warn_cpu_fallback(reason: str) -> None:
+    warnings.warn(f"fastvq: running the plain-PyTorch CPU path, slower than the C++ kernels: {reason}",
+                  RuntimeWarning, stacklevel=4)
+
+
 def check_backend(name: str, source: str = "backend") -> None:
     """Raise ValueError naming `source` unless `name` is one of BACKENDS."""
     if name not in BACKENDS:
@@ -98,7 +137,7 @@ def check_backend(name: str, source: str = "backend") -> None:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Name of the backend ('torch', 'triton' or 'cuda') that runs an op on `device`.
+    """Name of the backend ('torch', 'triton', 'cuda' or 'cpu') that runs an op on `device`.
 
     Raises ValueError for an unknown name and RuntimeError, saying why, when an explicitly
     requested backend cannot run here.
@@ -110,32 +149,56 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if requested == "auto":
         if device.type == "cuda" and not triton_unavailable_reason(device):
             return "triton"
+        if device.type == "cpu":
+            reason = cpu_unavailable_reason(device)
+            if not reason:
+                return "cpu"
+            _warn_cpu_fallback(reason)
         return "torch"
     if requested == "cuda":
         reason = cuda_unavailable_reason(device)
-        if reason:
-            raise RuntimeError(f"fastvq backend 'cuda' cannot run: {reason}")
-        return "cuda"
-    reason = triton_unavailable_reason(device)
+    else:
+        reason = (triton_unavailable_reason if requested == "triton" else cpu_unavailable_reason)(device)
     if reason:
-        raise RuntimeError(f"fastvq backend 'triton' cannot run: {reason}")
-    return "triton"
+        raise RuntimeError(f"fastvq backend '{requested}' cannot run: {reason}")
+    return requested
 
 
-def backend_module(name: str) -> ModuleType | _CudaBackend:
-    """The module implementing backend `name` ('torch', 'triton' or 'cuda')."""
+def backend_module(name: str) -> ModuleType | SimpleNamespace | _CudaBackend:
+    """The module implementing backend `name` ('torch', 'triton', 'cuda' or 'cpu')."""
     if name == "torch":
         return reference
     if name == "cuda":
         return _CudaBackend()
+    if name == "cpu":
+        cpu, reason = _load_cpu_kernels()
+        if cpu is None:
+            raise RuntimeError(f"fastvq backend 'cpu' cannot run: {reason}")
+        return _cpu_backend(cpu)
     module, reason = _import_triton_kernels()
     if module is None:
         raise RuntimeError(f"fastvq backend 'triton' cannot run: {reason}")
     return module
 
 
+@functools.cache
+def _cpu_backend(cpu: ModuleType) -> SimpleNamespace:
+    """The "cpu" backend: the C++ kernels' ops, the reference's for the rest."""
+    ops = ("nearest_code", "topk_codes", "sample_code", "code_stats", "code_cross_entropy",
+           "code_cross_entropy_grad")
+    return SimpleNamespace(**{op: functools.partial(_cpu_search, getattr(cpu, op), getattr(reference, op))
+                              if op in CPU_KERNEL_OPS else getattr(reference, op) for op in ops})
+
+
+def _cpu_search(kernel_op, reference_op, *args, metric: str = "l2", **kwargs):
+    """A search op of the "cpu" backend: the C++ kernel for CPU_KERNEL_METRICS, else the reference."""
+    return (kernel_op if metric in CPU_KERNEL_METRICS else reference_op)(*args, metric=metric, **kwargs)
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device` in this process."""
+    """Backends that can run on `device` in this process (on CPU, this builds the C++ kernels the
+    first time)."""
     device = torch.device(device)
     return (["torch"] + ([] if triton_unavailable_reason(device) else ["triton"])
-            + ([] if cuda_unavailable_reason(device, build=False) else ["cuda"]))
+            + ([] if cuda_unavailable_reason(device, build=False) else ["cuda"])
+            + ([] if device.type != "cpu" or cpu_unavailable_reason(device) else ["cpu"]))

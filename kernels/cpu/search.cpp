@@ -1,0 +1,300 @@
+// Fused nearest-code / top-k search on CPU: the score tile and the running best codes stay in cache.
+//
+// search(x (H, N, D) float any strides, codebook (Hc, K, D) fp32, codes (Hc, K, D) fp32 rounded to
+// the precision, bias (Hc, K) fp32, cosine, precision, k, threads) -> indices (H, N, k) int64, the k
+// lowest scores per token, lowest first, ties to the lowest index, and distances (H, N, k) fp32, the
+// exact fp32 distance of each chosen code to the unrounded token (squared l2, or 1 - cosine with
+// norms clamped to COSINE_NORM_EPS); -1 / NaN where fewer than k codes score finitely or where the
+// distance is not finite (`fastvq.ops.common.chosen_distance`'s rule).
+//
+// score = bias + sum_d (-2 x_d) c_d (l2, bias = |c|^2) or -(x . c) / |c| (cosine, bias = 1 / |c|), on
+// x rounded as the codes were (`fastvq.ops.common.round_operand`). A NaN or -inf score never wins
+// (as the reference's nan_to_num to +inf); a NaN bias (code with a non-finite entry) makes every
+// score of that code NaN.
+//
+// Work: tasks of TOKEN_BLOCK tokens of one head, taken from a shared counter by each thread (so a
+// thread slowed by another process takes fewer). A task copies its tokens, rounded and scaled, into
+// a buffer, then walks the codes in L2-sized tiles; inside, TN tokens x CV code vectors of W codes
+// are scored in registers, written to a small score buffer (one sub-tile of codes per token) and
+// reduced to a per-token minimum; only when that minimum beats the token's current k-th score is the
+// sub-tile rescanned in code order to insert its codes (strict <, so ties keep the lower index).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int W = 16;  // codes per vector
+constexpr float INF = std::numeric_limits<float>::infinity();
+
+// One vector of W floats and the operations the kernel needs: intrinsics with AVX-512 (GCC's
+// register allocator spills the generic version's accumulators there), GCC vectors elsewhere.
+#ifdef __AVX512F__
+typedef __m512 vec;
+constexpr int TN = 6;  // tokens per register tile: TN * CV accumulators + TN minima in 32 zmm
+inline vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec splat(float v) { return _mm512_set1_ps(v); }
+inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec min_keep_first(vec a, vec b) { return _mm512_min_ps(a, b); }  // b where a is NaN
+inline float horizontal_min(vec v) { return _mm512_reduce_min_ps(v); }
+inline bool any_below(vec v, float bound) { return _mm512_cmp_ps_mask(v, splat(bound), _CMP_LT_OQ) != 0; }
+inline int first_equal(const float* s, int n, float value) {  // n a multiple of W; value is in s
+  int l = 0;
+  for (; l < n; l += W) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(load(s + l), splat(value), _CMP_EQ_OQ);
+    if (hit) return l + __builtin_ctz(hit);
+  }
+  return -1;
+}
+#else
+typedef float vec __attribute__((vector_size(W * sizeof(float))));
+typedef float vec_unaligned __attribute__((vector_size(W * sizeof(float)), aligned(4)));
+constexpr int TN = 2;  // 16 ymm registers: each vec is two of them
+inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<vec_unaligned*>(p) = v; }
+inline vec splat(float v) { return vec{} + v; }
+inline vec fma(vec a, vec b, vec c) { return a * b + c; }
+inline vec mul(vec a, vec b) { return a * b; }
+inline vec min_keep_first(vec a, vec b) { return a < b ? a : b; }
+inline float horizontal_min(vec v) {  // v holds no NaN
+  float m = v[0];
+  for (int l = 1; l < W; ++l) m = v[l] < m ? v[l] : m;
+  return m;
+}
+inline bool any_below(vec v, float bound) { return horizontal_min(v) < bound; }
+inline int first_equal(const float* s, int n, float value) {
+  for (int l = 0; l < n; ++l)
+    if (s[l] == value) return l;
+  return -1;
+}
+#endif
+constexpr int CV = 2;
+constexpr int SUB = 256;          // codes per sub-tile (score buffer row)
+constexpr int TOKEN_BLOCK = 96;   // tokens per task, a multiple of TN
+
+constexpr int64_t TILE_BYTES = 256 * 1024;  // packed codes per L2 tile
+
+enum Precision { IEEE = 0, TF32 = 1, BF16 = 2, FP16 = 3 };
+constexpr float COSINE_NORM_EPS = 1e-12f;  // `fastvq.ops.common.COSINE_NORM_EPS`
+
+// `fastvq.ops.common.round_operand` for one value.
+inline float round_operand(float v, int precision) {
+  switch (precision) {
+    case TF32: {
+      if (!std::isfinite(v)) return v;
+      uint32_t bits;
+      std::memcpy(&bits, &v, 4);
+      bits = (bits + 0x1000u) & ~0x1FFFu;
+      std::memcpy(&v, &bits, 4);
+      return v;
+    }
+    case BF16: return static_cast<float>(c10::BFloat16(v));
+    case FP16: return static_cast<float>(c10::Half(v));
+    default: return v;
+  }
+}
+
+// Codes (K, D) -> [K_pad / W][D][W] and bias (K) -> [K_pad] (l2: bias, cosine: -bias); padding
+// codes are zero with a NaN bias, so they are never chosen.
+void pack_codes(const float* codes, const float* bias, int64_t K, int64_t D, int64_t K_pad, bool cosine,
+                float* packed, float* packed_bias) {
+  for (int64_t k = 0; k < K_pad; ++k) {
+    const bool real = k < K;
+    float* dst = packed + (k / W) * D * W + k % W;
+    for (int64_t d = 0; d < D; ++d) dst[d * W] = real ? codes[k * D + d] : 0.0f;
+    packed_bias[k] = real ? (cosine ? -bias[k] : bias[k]) : std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+// Scores of the TN tokens of `xs` (D groups of TN values) against `n_vec` code vectors (a multiple
+// of CV) into `scores` (TN rows of SUB), and each token's minimum over them into `minima`.
+template <bool COSINE>
+inline void score_sub_tile(const float* xs, int64_t D, const float* codes, const float* bias, int n_vec,
+                           float* scores, vec* minima) {
+  for (int t = 0; t < TN; ++t) minima[t] = splat(INF);
+  for (int j = 0; j < n_vec; j += CV) {
+    vec acc[TN][CV];
+    for (int c = 0; c < CV; ++c) {
+      const vec init = COSINE ? splat(0.0f) : load(bias + (j + c) * W);
+      for (int t = 0; t < TN; ++t) acc[t][c] = init;
+    }
+    const float* code = codes + static_cast<int64_t>(j) * D * W;
+    const float* xd = xs;
+    for (int64_t d = 0; d < D; ++d, xd += TN, code += W) {
+      vec cv[CV];
+      for (int c = 0; c < CV; ++c) cv[c] = load(code + c * D * W);
+      for (int t = 0; t < TN; ++t) {
+        const vec xv = splat(xd[t]);
+        for (int c = 0; c < CV; ++c) acc[t][c] = fma(xv, cv[c], acc[t][c]);
+      }
+    }
+    for (int c = 0; c < CV; ++c) {
+      const vec scale = COSINE ? load(bias + (j + c) * W) : splat(1.0f);
+      for (int t = 0; t < TN; ++t) {
+        const vec s = COSINE ? mul(acc[t][c], scale) : acc[t][c];
+        store(scores + t * SUB + (j + c) * W, s);
+        minima[t] = min_keep_first(s, minima[t]);  // a NaN score never becomes the minimum
+      }
+    }
+  }
+}
+
+// Insert `score` of code `index` into the sorted list (k long) after any equal score.
+inline void insert(float* best, int64_t* best_index, int k, float score, int64_t index) {
+  int slot = k - 1;
+  while (slot > 0 && score < best[slot - 1]) {
+    best[slot] = best[slot - 1];
+    best_index[slot] = best_index[slot - 1];
+    --slot;
+  }
+  best[slot] = score;
+  best_index[slot] = index;
+}
+
+// Exact fp32 distance of token `x` (D values, stride sx_d) to `code` (D contiguous fp32 values).
+template <typename scalar_t, bool COSINE>
+inline float exact_distance(const scalar_t* x, int64_t sx_d, const float* code, int64_t D) {
+  float dot = 0.0f, xx = 0.0f, cc = 0.0f, sq = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float xv = static_cast<float>(x[d * sx_d]), cv = code[d];
+    if (COSINE) {
+      dot += xv * cv;
+      xx += xv * xv;
+      cc += cv * cv;
+    } else {
+      sq += (xv - cv) * (xv - cv);
+    }
+  }
+  if (!COSINE) return sq;
+  return 1.0f - dot / (std::max(std::sqrt(xx), COSINE_NORM_EPS) * std::max(std::sqrt(cc), COSINE_NORM_EPS));
+}
+
+template <typename scalar_t, bool COSINE>
+void search_kernel(const at::Tensor& x, const float* codebook, const float* packed, const float* packed_bias,
+                   int64_t heads_c, int64_t K, int64_t K_pad, int precision, int k, int threads, int64_t* out,
+                   float* out_distance) {
+  const int64_t heads = x.size(0), n_tokens = x.size(1), D = x.size(2);
+  const int64_t sx_h = x.stride(0), sx_n = x.stride(1), sx_d = x.stride(2);
+  const scalar_t* x_data = x.data_ptr<scalar_t>();
+  const int64_t blocks = (n_tokens + TOKEN_BLOCK - 1) / TOKEN_BLOCK;
+  const int64_t n_tasks = heads * blocks;
+  const int64_t tile_codes =
+      std::max<int64_t>(SUB, TILE_BYTES / (D * 4 * SUB) * SUB);  // codes per L2 tile, a multiple of SUB
+  const float x_scale = COSINE ? 1.0f : -2.0f;
+  std::atomic<int64_t> next_task{0};
+
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> xs(TOKEN_BLOCK * D), scores(TN * SUB), best(TOKEN_BLOCK * k);
+    std::vector<int64_t> best_index(TOKEN_BLOCK * k);
+    vec minima[TN];
+    for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
+      const int64_t h = task / blocks, n0 = (task % blocks) * TOKEN_BLOCK;
+      const int64_t rows = std::min<int64_t>(TOKEN_BLOCK, n_tokens - n0);
+      const int64_t padded_rows = (rows + TN - 1) / TN * TN;
+      for (int64_t r = 0; r < padded_rows; ++r)
+        for (int64_t d = 0; d < D; ++d)
+          xs[(r / TN * D + d) * TN + r % TN] = r < rows ? x_scale * round_operand(static_cast<float>(
+                                         x_data[h * sx_h + (n0 + r) * sx_n + d * sx_d]), precision)
+                                   : 0.0f;
+      std::fill(best.begin(), best.end(), INF);
+      std::fill(best_index.begin(), best_index.end(), -1);
+      const int64_t hc = heads_c == 1 ? 0 : h;
+      const float* head_codes = packed + hc * K_pad * D;
+      const float* head_bias = packed_bias + hc * K_pad;
+      for (int64_t tile0 = 0; tile0 < K_pad; tile0 += tile_codes) {
+        const int64_t tile_end = std::min(K_pad, tile0 + tile_codes);
+        for (int64_t r0 = 0; r0 < padded_rows; r0 += TN) {
+          for (int64_t k0 = tile0; k0 < tile_end; k0 += SUB) {
+            const int n_codes = static_cast<int>(std::min<int64_t>(SUB, tile_end - k0));
+            score_sub_tile<COSINE>(xs.data() + r0 * D, D, head_codes + k0 * D, head_bias + k0, n_codes / W,
+                                   scores.data(), minima);
+            for (int t = 0; t < TN && r0 + t < rows; ++t) {
+              float* token_best = best.data() + (r0 + t) * k;
+              int64_t* token_index = best_index.data() + (r0 + t) * k;
+              if (!any_below(minima[t], token_best[k - 1])) continue;
+              const float* s = scores.data() + t * SUB;
+              if (k == 1) {  // the first code with the sub-tile's minimum, unless that is -inf
+                const float m = horizontal_min(minima[t]);
+                if (m != -INF) {
+                  token_best[0] = m;
+                  token_index[0] = k0 + first_equal(s, n_codes, m);
+                  continue;
+                }
+              }
+              for (int l = 0; l < n_codes; ++l)  // code order: strict < keeps the lower index on ties
+                if (s[l] < token_best[k - 1] && s[l] != -INF) insert(token_best, token_index, k, s[l], k0 + l);
+            }
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* token = x_data + h * sx_h + (n0 + r) * sx_n;
+        for (int j = 0; j < k; ++j) {
+          int64_t index = best_index[r * k + j];
+          float distance = index < 0 ? NAN : exact_distance<scalar_t, COSINE>(token, sx_d, codebook + (hc * K + index) * D, D);
+          if (!std::isfinite(distance)) index = -1, distance = NAN;
+          out[(h * n_tokens + n0 + r) * k + j] = index;
+          out_distance[(h * n_tokens + n0 + r) * k + j] = distance;
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& codes,
+                                          const at::Tensor& bias, bool cosine, int64_t precision, int64_t k,
+                                          int64_t threads) {
+  TORCH_CHECK(x.dim() == 3 && codes.dim() == 3 && bias.dim() == 2, "search: x (H, N, D), codes (Hc, K, D), bias (Hc, K)");
+  TORCH_CHECK(codes.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat &&
+              codebook.scalar_type() == at::kFloat, "search: codebook, codes and bias must be fp32");
+  TORCH_CHECK(codebook.sizes() == codes.sizes(), "search: codebook and codes must have one shape");
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && bias.device().is_cpu(), "search: CPU tensors only");
+  TORCH_CHECK(k >= 1 && threads >= 1, "search: k >= 1 and threads >= 1");
+  const at::Tensor codes_c = codes.contiguous(), bias_c = bias.contiguous(), codebook_c = codebook.contiguous();
+  const int64_t heads_c = codes.size(0), K = codes.size(1), D = codes.size(2);
+  TORCH_CHECK(x.size(2) == D && (heads_c == 1 || heads_c == x.size(0)), "search: shapes of x and codes disagree");
+  const int64_t K_pad = (K + W * CV - 1) / (W * CV) * (W * CV);
+  at::Tensor packed = at::empty({heads_c, K_pad, D}, codes.options());
+  at::Tensor packed_bias = at::empty({heads_c, K_pad}, codes.options());
+  for (int64_t hc = 0; hc < heads_c; ++hc)
+    pack_codes(codes_c[hc].data_ptr<float>(), bias_c[hc].data_ptr<float>(), K, D, K_pad, cosine,
+               packed[hc].data_ptr<float>(), packed_bias[hc].data_ptr<float>());
+  at::Tensor out = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kLong));
+  at::Tensor out_distance = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kFloat));
+  if (x.size(1) == 0) return {out, out_distance};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastvq_cpu_search", [&] {
+    if (cosine)
+      search_kernel<scalar_t, true>(x, codebook_c.data_ptr<float>(), packed.data_ptr<float>(),
+                                    packed_bias.data_ptr<float>(), heads_c, K, K_pad, precision, k, threads,
+                                    out.data_ptr<int64_t>(), out_distance.data_ptr<float>());
+    else
+      search_kernel<scalar_t, false>(x, codebook_c.data_ptr<float>(), packed.data_ptr<float>(),
+                                     packed_bias.data_ptr<float>(), heads_c, K, K_pad, precision, k, threads,
+                                     out.data_ptr<int64_t>(), out_distance.data_ptr<float>());
+  });
+  return {out, out_distance};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("search", &search, "Fused nearest-code / top-k search on CPU (see kernels/cpu/search.cpp)");
+}
