@@ -103,15 +103,18 @@ def test_shared_codebook_is_one_module():
         ResidualVQ(dim=DIM, codebook_size=(8, 4), shared_codebook=True)
 
 
-@pytest.mark.parametrize("beam_kwargs", [dict(beam_size=3), dict(beam_size=4, eval_beam_size=2),
-                                         dict(beam_size=3, beam_score_quantizer_weights=[1.0, 0.5, 0.25]),
-                                         dict(beam_size=2, shared_codebook=True)])
-def test_beam_search_matches_anchor(beam_kwargs):
+@pytest.mark.parametrize("backend,beam_kwargs", [
+    ("torch", dict(beam_size=3)), ("torch", dict(beam_size=4, eval_beam_size=2)),
+    ("torch", dict(beam_size=3, beam_score_quantizer_weights=[1.0, 0.5, 0.25])),
+    ("torch", dict(beam_size=2, shared_codebook=True)),
+    *[pytest.param(backend, dict(beam_size=3), marks=case.marks, id=f"{case.id}-beam3")
+      for case, backend in ((c, c.values[1]) for c in backend_cases(("triton", "cpu"))) if case.values[0] == "cpu"]])
+def test_beam_search_matches_anchor(backend, beam_kwargs):
     """Outputs, losses and gradients match 1.32.0 in training, and eval is identical. 1.32.0
     updates only the first stage's codebook after a beam search (it unbinds the stage inputs along
     the beam axis); fastvq updates every stage from the best path, which is checked by applying
     `update_indices` to the anchor's later stages with the residuals of the returned indices."""
-    anchor, ours = make_pair(num_quantizers=3, **beam_kwargs)
+    anchor, ours = make_pair(backend, num_quantizers=3, **beam_kwargs)
     for step, x in enumerate(batches(steps=2)):
         anchor.train(), ours.train()
         before = [layer._codebook.embed[0].clone() for layer in anchor.layers]
