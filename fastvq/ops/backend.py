@@ -41,9 +41,7 @@ op (sample_code, code_cross_entropy and its gradient) runs on the Triton backend
 reason when Triton cannot run. (lookup_codes is plain indexing on every backend; its backward is code_stats.)"""
 
 CPU_KERNEL_OPS = ("nearest_code", "topk_codes")
-CPU_KERNEL_METRICS = ("l2", "cosine")
-"""The ops and metrics the "cpu" backend runs in C++; it runs every other op, and metric="dot", with
-the reference."""
+"""The ops the "cpu" backend runs in C++; it runs every other op with the reference."""
 
 
 def _import_triton_kernels() -> tuple[ModuleType | None, str]:
@@ -186,13 +184,7 @@ def _cpu_backend(cpu: ModuleType) -> SimpleNamespace:
     """The "cpu" backend: the C++ kernels' ops, the reference's for the rest."""
     ops = ("nearest_code", "topk_codes", "sample_code", "code_stats", "code_cross_entropy",
            "code_cross_entropy_grad")
-    return SimpleNamespace(**{op: functools.partial(_cpu_search, getattr(cpu, op), getattr(reference, op))
-                              if op in CPU_KERNEL_OPS else getattr(reference, op) for op in ops})
-
-
-def _cpu_search(kernel_op, reference_op, *args, metric: str = "l2", **kwargs):
-    """A search op of the "cpu" backend: the C++ kernel for CPU_KERNEL_METRICS, else the reference."""
-    return (kernel_op if metric in CPU_KERNEL_METRICS else reference_op)(*args, metric=metric, **kwargs)
+    return SimpleNamespace(**{op: getattr(cpu if op in CPU_KERNEL_OPS else reference, op) for op in ops})
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -1,13 +1,15 @@
 // Fused nearest-code / top-k search on CPU: the score tile and the running best codes stay in cache.
 //
 // search(x (H, N, D) float any strides, codebook (Hc, K, D) fp32, codes (Hc, K, D) fp32 rounded to
-// the precision, bias (Hc, K) fp32, cosine, precision, k, threads) -> indices (H, N, k) int64, the k
-// lowest scores per token, lowest first, ties to the lowest index, and distances (H, N, k) fp32, the
-// exact fp32 distance of each chosen code to the unrounded token (squared l2, or 1 - cosine with
-// norms clamped to COSINE_NORM_EPS); -1 / NaN where fewer than k codes score finitely or where the
-// distance is not finite (`fastvq.ops.common.chosen_distance`'s rule).
+// the precision, bias (Hc, K) fp32, metric (0 l2, 1 cosine, 2 dot: `fastvq.ops.common.METRICS`),
+// precision, k, threads) -> indices (H, N, k) int64, the k lowest scores per token, lowest first, ties
+// to the lowest index, and distances (H, N, k) fp32, the exact fp32 distance of each chosen code to the
+// unrounded token (squared l2, 1 - cosine with norms clamped to COSINE_NORM_EPS, or -(x . c)); -1 / NaN
+// where fewer than k codes score finitely or where the distance is not finite
+// (`fastvq.ops.common.chosen_distance`'s rule).
 //
-// score = bias + sum_d (-2 x_d) c_d (l2, bias = |c|^2) or -(x . c) / |c| (cosine, bias = 1 / |c|), on
+// score = bias + sum_d (-2 x_d) c_d (l2, bias = |c|^2), -(x . c) / |c| (cosine, bias = 1 / |c|) or
+// bias + sum_d (-x_d) c_d (dot, bias = 0), on
 // x rounded as the codes were (`fastvq.ops.common.round_operand`). A NaN or -inf score never wins
 // (as the reference's nan_to_num to +inf); a NaN bias (code with a non-finite entry) makes every
 // score of that code NaN.
@@ -94,6 +96,7 @@ constexpr int64_t TILE_BYTES = 256 * 1024;  // packed codes per L2 tile
 
 enum Precision { IEEE = 0, TF32 = 1, BF16 = 2, FP16 = 3 };
 constexpr float COSINE_NORM_EPS = 1e-12f;  // `fastvq.ops.common.COSINE_NORM_EPS`
+constexpr int L2 = 0, COSINE = 1, DOT = 2;  // positions in `fastvq.ops.common.METRICS`
 
 // `fastvq.ops.common.round_operand` for one value.
 inline float round_operand(float v, int precision) {
@@ -112,7 +115,7 @@ inline float round_operand(float v, int precision) {
   }
 }
 
-// Codes (K, D) -> [K_pad / W][D][W] and bias (K) -> [K_pad] (l2: bias, cosine: -bias); padding
+// Codes (K, D) -> [K_pad / W][D][W] and bias (K) -> [K_pad] (l2, dot: bias, cosine: -bias); padding
 // codes are zero with a NaN bias, so they are never chosen.
 void pack_codes(const float* codes, const float* bias, int64_t K, int64_t D, int64_t K_pad, bool cosine,
                 float* packed, float* packed_bias) {
@@ -170,24 +173,25 @@ inline void insert(float* best, int64_t* best_index, int k, float score, int64_t
 }
 
 // Exact fp32 distance of token `x` (D values, stride sx_d) to `code` (D contiguous fp32 values).
-template <typename scalar_t, bool COSINE>
+template <typename scalar_t, int METRIC>
 inline float exact_distance(const scalar_t* x, int64_t sx_d, const float* code, int64_t D) {
   float dot = 0.0f, xx = 0.0f, cc = 0.0f, sq = 0.0f;
   for (int64_t d = 0; d < D; ++d) {
     const float xv = static_cast<float>(x[d * sx_d]), cv = code[d];
-    if (COSINE) {
+    if (METRIC == L2) {
+      sq += (xv - cv) * (xv - cv);
+    } else {
       dot += xv * cv;
       xx += xv * xv;
       cc += cv * cv;
-    } else {
-      sq += (xv - cv) * (xv - cv);
     }
   }
-  if (!COSINE) return sq;
+  if (METRIC == L2) return sq;
+  if (METRIC == DOT) return -dot;
   return 1.0f - dot / (std::max(std::sqrt(xx), COSINE_NORM_EPS) * std::max(std::sqrt(cc), COSINE_NORM_EPS));
 }
 
-template <typename scalar_t, bool COSINE>
+template <typename scalar_t, int METRIC>
 void search_kernel(const at::Tensor& x, const float* codebook, const float* packed, const float* packed_bias,
                    int64_t heads_c, int64_t K, int64_t K_pad, int precision, int k, int threads, int64_t* out,
                    float* out_distance) {
@@ -198,7 +202,7 @@ void search_kernel(const at::Tensor& x, const float* codebook, const float* pack
   const int64_t n_tasks = heads * blocks;
   const int64_t tile_codes =
       std::max<int64_t>(SUB, TILE_BYTES / (D * 4 * SUB) * SUB);  // codes per L2 tile, a multiple of SUB
-  const float x_scale = COSINE ? 1.0f : -2.0f;
+  const float x_scale = METRIC == COSINE ? 1.0f : METRIC == DOT ? -1.0f : -2.0f;
   std::atomic<int64_t> next_task{0};
 
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
@@ -224,7 +228,7 @@ void search_kernel(const at::Tensor& x, const float* codebook, const float* pack
         for (int64_t r0 = 0; r0 < padded_rows; r0 += TN) {
           for (int64_t k0 = tile0; k0 < tile_end; k0 += SUB) {
             const int n_codes = static_cast<int>(std::min<int64_t>(SUB, tile_end - k0));
-            score_sub_tile<COSINE>(xs.data() + r0 * D, D, head_codes + k0 * D, head_bias + k0, n_codes / W,
+            score_sub_tile<METRIC == COSINE>(xs.data() + r0 * D, D, head_codes + k0 * D, head_bias + k0, n_codes / W,
                                    scores.data(), minima);
             for (int t = 0; t < TN && r0 + t < rows; ++t) {
               float* token_best = best.data() + (r0 + t) * k;
@@ -249,7 +253,7 @@ void search_kernel(const at::Tensor& x, const float* codebook, const float* pack
         const scalar_t* token = x_data + h * sx_h + (n0 + r) * sx_n;
         for (int j = 0; j < k; ++j) {
           int64_t index = best_index[r * k + j];
-          float distance = index < 0 ? NAN : exact_distance<scalar_t, COSINE>(token, sx_d, codebook + (hc * K + index) * D, D);
+          float distance = index < 0 ? NAN : exact_distance<scalar_t, METRIC>(token, sx_d, codebook + (hc * K + index) * D, D);
           if (!std::isfinite(distance)) index = -1, distance = NAN;
           out[(h * n_tokens + n0 + r) * k + j] = index;
           out_distance[(h * n_tokens + n0 + r) * k + j] = distance;
@@ -260,7 +264,7 @@ void search_kernel(const at::Tensor& x, const float* codebook, const float* pack
 }
 
 std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& codes,
-                                          const at::Tensor& bias, bool cosine, int64_t precision, int64_t k,
+                                          const at::Tensor& bias, int64_t metric, int64_t precision, int64_t k,
                                           int64_t threads) {
   TORCH_CHECK(x.dim() == 3 && codes.dim() == 3 && bias.dim() == 2, "search: x (H, N, D), codes (Hc, K, D), bias (Hc, K)");
   TORCH_CHECK(codes.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat &&
@@ -268,6 +272,7 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(codebook.sizes() == codes.sizes(), "search: codebook and codes must have one shape");
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && bias.device().is_cpu(), "search: CPU tensors only");
   TORCH_CHECK(k >= 1 && threads >= 1, "search: k >= 1 and threads >= 1");
+  TORCH_CHECK(metric == L2 || metric == COSINE || metric == DOT, "search: metric 0 (l2), 1 (cosine) or 2 (dot)");
   const at::Tensor codes_c = codes.contiguous(), bias_c = bias.contiguous(), codebook_c = codebook.contiguous();
   const int64_t heads_c = codes.size(0), K = codes.size(1), D = codes.size(2);
   TORCH_CHECK(x.size(2) == D && (heads_c == 1 || heads_c == x.size(0)), "search: shapes of x and codes disagree");
@@ -275,20 +280,22 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor&
   at::Tensor packed = at::empty({heads_c, K_pad, D}, codes.options());
   at::Tensor packed_bias = at::empty({heads_c, K_pad}, codes.options());
   for (int64_t hc = 0; hc < heads_c; ++hc)
-    pack_codes(codes_c[hc].data_ptr<float>(), bias_c[hc].data_ptr<float>(), K, D, K_pad, cosine,
+    pack_codes(codes_c[hc].data_ptr<float>(), bias_c[hc].data_ptr<float>(), K, D, K_pad, metric == COSINE,
                packed[hc].data_ptr<float>(), packed_bias[hc].data_ptr<float>());
   at::Tensor out = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kLong));
   at::Tensor out_distance = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kFloat));
   if (x.size(1) == 0) return {out, out_distance};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastvq_cpu_search", [&] {
-    if (cosine)
-      search_kernel<scalar_t, true>(x, codebook_c.data_ptr<float>(), packed.data_ptr<float>(),
-                                    packed_bias.data_ptr<float>(), heads_c, K, K_pad, precision, k, threads,
-                                    out.data_ptr<int64_t>(), out_distance.data_ptr<float>());
+    const auto run = [&](auto kernel) {
+      kernel(x, codebook_c.data_ptr<float>(), packed.data_ptr<float>(), packed_bias.data_ptr<float>(), heads_c, K,
+             K_pad, precision, k, threads, out.data_ptr<int64_t>(), out_distance.data_ptr<float>());
+    };
+    if (metric == COSINE)
+      run(search_kernel<scalar_t, COSINE>);
+    else if (metric == DOT)
+      run(search_kernel<scalar_t, DOT>);
     else
-      search_kernel<scalar_t, false>(x, codebook_c.data_ptr<float>(), packed.data_ptr<float>(),
-                                     packed_bias.data_ptr<float>(), heads_c, K, K_pad, precision, k, threads,
-                                     out.data_ptr<int64_t>(), out_distance.data_ptr<float>());
+      run(search_kernel<scalar_t, L2>);
   });
   return {out, out_distance};
 }

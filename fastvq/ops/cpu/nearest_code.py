@@ -1,6 +1,6 @@
 """Fused CPU search (kernels/cpu/search.cpp): nearest_code and topk_codes on CPU tensors.
 
-The C++ kernel ranks codes by the reference's scores (l2: |c|^2 - 2 x.c; cosine: -(x.c) / |c|) on
+The C++ kernel ranks codes by the reference's scores (l2: |c|^2 - 2 x.c; cosine: -(x.c) / |c|; dot: -(x.c)) on
 operands rounded to the precision, keeping per token only its running best codes, then computes
 the exact fp32 distance of each chosen code (as the reference's `chosen_distance`, in the same
 parallel region: no extra pass of small PyTorch ops); this file gives it the rounded codebook and
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import PRECISIONS, code_bias, round_operand
+from ..common import METRICS, PRECISIONS, code_bias, round_operand
 from ._extension import load_extension
 
 
@@ -28,8 +28,8 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
     and their exact distances (H, N, k) fp32; -1 / NaN past the codes with a finite distance."""
     bias = code_bias(codebook, metric, precision)
     codes = round_operand(codebook, precision)
-    return load_extension().search(x, codebook.float(), codes, bias, metric == "cosine", PRECISIONS.index(precision),
-                                   k, search_threads())
+    return load_extension().search(x, codebook.float(), codes, bias, METRICS.index(metric),
+                                   PRECISIONS.index(precision), k, search_threads())
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
