@@ -210,7 +210,7 @@ def test_fastvq_load_gives_the_trained_model_from_a_run_folder_or_its_checkpoint
 def test_help_shows_defaults_and_every_option_has_help(capsys):
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"train", "eval", "encode", "decode"}
+    assert set(commands) == {"train", "eval", "encode", "decode", "sample", "eval-samples"}
     for name, sub in commands.items():
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
@@ -222,7 +222,8 @@ def test_help_shows_defaults_and_every_option_has_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "number of training steps (default: 10000 (vqvae, vqgan); 2000 (vqvae demo);" in text
+    assert ("number of training steps (default: 10000 (vqvae, vqgan, prior, diffusion); 2000 (vqvae demo, prior "
+            "demo);") in text
     assert "--codebook-size CODEBOOK_SIZE number of codes K (default: 512 (vqvae, vqvae demo, vqgan demo);" in text
     set_help = next(a.help for a in commands["train"]._actions if a.dest == "model_args")
     for model in (VQVAE, VQGAN):

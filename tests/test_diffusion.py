@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from fastvq.models import VQVAE, LatentDiffusion
-from fastvq.models.diffusion import Denoiser, NoiseSchedule, cosine_alphas_cumprod, decode_latents
+from fastvq.models.diffusion import (
+    Denoiser,
+    NoiseSchedule,
+    cosine_alphas_cumprod,
+    decode_latents,
+    linear_alphas_cumprod,
+)
 
 
 def test_cosine_schedule_is_the_closed_form():
@@ -21,10 +27,23 @@ def test_cosine_schedule_is_the_closed_form():
     assert (1 - acp[1:] / acp[:-1]).max() <= 0.999 + 1e-12
 
 
-def test_ddim_with_the_true_noise_walks_the_forward_process_back():
+@pytest.mark.parametrize("steps", [1000, 100])
+def test_linear_schedule_is_ldms_and_noises_as_far_for_any_step_count(steps):
+    scale = 1000 / steps
+    betas = [((0.00085 * scale) ** 0.5 + i / (steps - 1) * ((0.012 * scale) ** 0.5 - (0.00085 * scale) ** 0.5)) ** 2
+             for i in range(steps)]
+    expected = torch.tensor([math.prod(1 - b for b in betas[:t + 1]) for t in range(steps)], dtype=torch.float64)
+    torch.testing.assert_close(linear_alphas_cumprod(steps), expected)
+    assert 0.003 < float(expected[-1]) < 0.008  # LDM's 1000-step schedule ends at alpha_bar ~0.0047
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        NoiseSchedule(10, "quadratic")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_ddim_with_the_true_noise_walks_the_forward_process_back(kind):
     """Deterministic DDIM given the exact noise of x_t lands on the forward process at t_prev, and
     on x_0 itself at t_prev = -1."""
-    schedule = NoiseSchedule(200)
+    schedule = NoiseSchedule(200, kind)
     x0, noise = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
     t, t_prev = torch.tensor([150, 80, 10]), torch.tensor([100, 20, -1])
     x_t = schedule.add_noise(x0, noise, t)

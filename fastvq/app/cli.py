@@ -1,6 +1,10 @@
-"""The ``fastvq`` command: train, evaluate, encode and decode with the reference tokenizers.
+"""The ``fastvq`` command: train, evaluate, encode and decode with the reference tokenizers; train
+a prior or a diffusion model over a trained tokenizer and sample new images from it.
 
     fastvq train --preset demo                       # VQ-VAE on builtin photos, minutes on CPU
+    fastvq train --preset demo --data mnist --out runs/mnist           # a tokenizer of MNIST digits
+    fastvq train --model prior --preset demo --tokenizer runs/mnist --out runs/mnist-prior
+    fastvq sample --ckpt runs/mnist-prior --num 64 --out samples.png --eval
     fastvq train --model vqgan --preset gpu --data PATH --quantizer vector-quantize-pytorch
     torchrun --nproc-per-node 8 -m fastvq train --preset gpu --data PATH --precision bf16   # 8 GPUs
     fastvq eval --ckpt runs/vqvae-demo --data builtin
@@ -15,6 +19,7 @@ import inspect
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +29,14 @@ from PIL import Image
 from fastvq import __version__
 from fastvq.models import QUANTIZERS
 
-from . import report
-from .config import MODELS, PRESETS, RESUMABLE, RunConfig, make_config
+from . import report, sample_quality
+from .config import GENERATORS, MODELS, PRESETS, RESUMABLE, RunConfig, make_config, model_arg_names
 from .data import builtin_images, fixed_crops, load_images, open_images, stack_images
 from .device import resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
 from .files import write_atomic
+from .generation import class_index, grid_columns, load_generator, sample_images, train_generator
 from .metrics import InceptionFeatures
 from .state import CHECKPOINT, checkpoint_file, load_model, read_checkpoint
 from .step import PRECISIONS
@@ -42,10 +48,11 @@ MANIFEST_FORMAT = "fastvq-indices/1"
 RUN_FLAGS = (
     ("--data", str, "builtin (scikit-image photos), mnist (digits padded to 32x32: train split for training, "
                     "test split held out), a folder of images (searched recursively, e.g. class/image.jpg), "
-                    "one image file or a .npy/.npz"),
+                    "one image file or a .npy/.npz; prior, diffusion: none means the tokenizer's"),
     ("--steps", int, "number of training steps"),
     ("--batch-size", int, "images per step"),
-    ("--image-size", int, "side of the square training crops (a multiple of the model's factor)"),
+    ("--image-size", int, "side of the square training crops (a multiple of the model's factor); prior, "
+                          "diffusion: of the center crops encoded, none means the tokenizer's"),
     ("--lr", float, "Adam learning rate"),
     ("--seed", int, "seed of initialisation and batch sampling"),
     ("--ckpt-every", int, "steps between checkpoints"),
@@ -62,6 +69,9 @@ RUN_FLAGS = (
                        "per CPU but one, at most 8"),
     ("--threads", int, "CPU threads of torch; auto: the CPUs not busy with other work (the load "
                        "average), at least 1; on CUDA, torch's default"),
+    ("--tokenizer", str, "prior, diffusion: the trained tokenizer, a run folder (or checkpoint) of fastvq train; "
+                         "--data and --image-size default to its own"),
+    ("--max-images", int, "prior, diffusion: encode at most this many training images, chosen by --seed"),
 )
 
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda[:N] (default: %(default)s)"
@@ -71,7 +81,7 @@ NO_PROGRESS_HELP = ("no progress output (on a terminal a live bar; in a log, a l
 CKPT_HELP = "a run folder of fastvq train, or its checkpoint.safetensors"
 
 
-FLAG_OF_SETTING = {"out_dir": "--out", "model_args": "--set"}
+FLAG_OF_SETTING = {"out_dir": "--out", "model_args": "--set", "class_": "--class"}
 """Settings whose flag is not `--` + the name with dashes."""
 
 
@@ -99,8 +109,9 @@ def _model_arg_default(model: str, setting: str, config: RunConfig) -> Any:
 def default_text(setting: str) -> str:
     """'default: ...' for a train setting, whose default depends on --model and --preset."""
     values: dict[str, list[str]] = {}
-    for model in MODELS:
-        for preset in (None, *PRESETS):
+    models = MODELS if setting in ("codebook_size", "codebook_dim") else (*MODELS, *GENERATORS)
+    for model in models:
+        for preset in (None, *(p for p in PRESETS if model in PRESETS[p])):
             config = make_config(model, preset)
             if setting in ("codebook_size", "codebook_dim"):
                 value = _model_arg_default(model, setting, config)
@@ -115,8 +126,7 @@ def default_text(setting: str) -> str:
 
 def model_arg_keys() -> str:
     """The keys --set accepts, per model."""
-    return "; ".join(f"{model}: {', '.join(p for p in inspect.signature(cls).parameters if p != 'quantizer')}"
-                     for model, cls in MODELS.items())
+    return "; ".join(f"{model}: {', '.join(model_arg_names(model))}" for model in (*MODELS, *GENERATORS))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,10 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastvq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="train a VQ-VAE or VQGAN",
-                            description="Train a VQ-VAE or VQGAN. Defaults depend on --model and --preset; "
-                                        "each option's help lists them.")
-    p.add_argument("--model", choices=list(MODELS), help="model kind (default: vqvae)")
+    p = commands.add_parser("train", help="train a VQ-VAE or VQGAN, or a prior or diffusion model over one",
+                            description="Train a tokenizer (VQ-VAE, VQGAN) on images, or a generative model over "
+                                        "a trained tokenizer (--tokenizer): an autoregressive prior over its codes "
+                                        "or latent diffusion over its latents. Defaults depend on --model and "
+                                        "--preset; each option's help lists them.")
+    p.add_argument("--model", choices=[*MODELS, *GENERATORS],
+                   help="vqvae, vqgan: tokenizers; prior: a transformer over a tokenizer's codes; diffusion: a "
+                        "DDPM over its pre-quantization latents (default: vqvae)")
     p.add_argument("--preset", choices=list(PRESETS),
                    help="demo: minutes on a 2-core CPU; gpu: 128 px, sized for one GPU (default: none, the "
                         "model's own defaults)")
@@ -181,7 +195,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_decode)
+
+    p = commands.add_parser("sample", help="new images from a prior or diffusion run (a grid PNG, optionally .npy)",
+                            description="Draw new images from a model trained by fastvq train --model prior or "
+                                        "diffusion, decoded by its tokenizer.")
+    p.add_argument("--ckpt", type=Path, required=True, help="a run folder of fastvq train --model prior or "
+                                                            "diffusion, or its checkpoint.safetensors")
+    p.add_argument("--num", type=int, default=64, help="images to draw (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="the grid PNG (default: CKPT's run folder/samples-seedS.png)")
+    p.add_argument("--npy", type=Path, help="also write the images as an (N, H, W, 3) uint8 .npy array "
+                                            "(default: none)")
+    p.add_argument("--class", dest="class_", metavar="CLASS",
+                   help="draw this class only: one of the training classes (a digit for mnist, a folder name) or "
+                        "its index (default: every class equally often, one column each)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: %(default)s)")
+    for name, kind, text in SAMPLE_OPTIONS:
+        p.add_argument(name, type=kind, help=text)
+    p.add_argument("--no-quantize", action="store_true",
+                   help="diffusion: decode the latents as they are (default: quantize them first, as LDM does)")
+    p.add_argument("--eval", action="store_true", help="also judge the samples as eval-samples does (MNIST "
+                                                       "digits), writing OUT with .json")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.set_defaults(func=cmd_sample)
+
+    p = commands.add_parser("eval-samples", help="judge generated MNIST digits beside real ones (a digit "
+                                                 "classifier's confidence, coverage, Frechet distance)",
+                            description=sample_quality.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="the images: a .npy/.npz (fastvq sample --npy), a folder of "
+                                                 "images or an image file")
+    p.add_argument("--out", type=Path, help="also write the numbers to this JSON file (default: none)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--device", default="cpu", help="the classifier runs on the CPU (default: %(default)s)")
+    p.set_defaults(func=cmd_eval_samples)
     return parser
+
+
+SAMPLE_OPTIONS = (
+    ("--temperature", float, "prior: softmax temperature; 0 takes the most likely code (default: 1.0)"),
+    ("--top-k", int, "prior: draw among the k most likely codes only, k <= 16 (default: all codes)"),
+    ("--steps", int, "diffusion: DDIM steps (default: 50)"),
+    ("--guidance", float, "diffusion with classes: classifier-free guidance scale, 1 for none (default: 1.0)"),
+    ("--eta", float, "diffusion: DDIM eta, 0 deterministic, 1 as noisy as DDPM (default: 0.0)"),
+)
+SAMPLE_KIND = {"temperature": "prior", "top_k": "prior", "steps": "diffusion", "guidance": "diffusion",
+               "eta": "diffusion", "no_quantize": "diffusion"}
+"""The model kind each sample option applies to."""
 
 
 def _shared(p: argparse.ArgumentParser, quantizer_help: str | None = None) -> None:
@@ -234,8 +295,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if args.resume and resumed_step == config.steps:
             print(f"{out} is finished at step {resumed_step}: nothing trained (raise --steps to train further)")
-        metrics = train(config, out, resume=args.resume, progress=not args.no_progress)
+        run = train_generator if config.model in GENERATORS else train
+        metrics = run(config, out, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")):  # one summary for a torchrun launch
+        return 0
+    if config.model in GENERATORS:
+        bits = metrics["eval"].get("bits_per_code")
+        print(f"{config.model}, step {metrics['step']}: held-out loss {metrics['eval']['loss']:.4f}"
+              f"{'' if bits is None else f' ({bits:.3f} bits per code)'} on {metrics['data']['eval_images']} "
+              f"images, trained on {metrics['data']['train_images']}; samples in {out / 'samples.png'} (more: "
+              f"fastvq sample --ckpt {out})")
         return 0
     ev, timing = metrics["eval"], metrics["timing"]
     share = timing["quantizer_share"]
@@ -253,7 +322,12 @@ def _finished_run(out: Path, config: RunConfig) -> dict[str, Any]:
     do not change results aside); otherwise an error that offers --resume or another --out."""
     _, meta = read_checkpoint(out / CHECKPOINT)
     stored, wanted = meta["config"], config.to_dict()
-    same = all(stored.get(k) == v for k, v in wanted.items() if k not in RESUMABLE)
+    # a generator's run resolves data, image_size and num_classes (None: from the tokenizer and the data)
+    settings = {k: v for k, v in wanted.items()
+                if k not in RESUMABLE and k != "model_args" and not (v is None and k in ("data", "image_size"))}
+    model_args = {k: v for k, v in wanted["model_args"].items() if not (v is None and k == "num_classes")}
+    stored_args = {k: v for k, v in stored["model_args"].items() if k in model_args or k != "num_classes"}
+    same = all(stored.get(k) == v for k, v in settings.items()) and stored_args == model_args
     if same and meta["step"] == config.steps and (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     state = "finished" if meta["step"] == stored["steps"] else f"stopped at step {meta['step']} of {stored['steps']}"
@@ -348,6 +422,63 @@ def cmd_decode(args: argparse.Namespace) -> int:
         write_atomic(args.out / name, lambda f, image=image: Image.fromarray(image).save(f, format="PNG"))
     print(f"decoded {len(names)} images to {args.out}")
     return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    generator, meta = load_generator(args.ckpt, device)
+    options = {}
+    for name, kind in SAMPLE_KIND.items():
+        value = getattr(args, name)
+        if value is None or value is False:
+            continue
+        if kind != generator.kind:
+            raise SettingError("{%s} applies to %s models; {ckpt} %s holds a %s" % (name, kind, args.ckpt,
+                                                                                  generator.kind))
+        options[name] = value
+    if options.pop("no_quantize", False):
+        options["quantize"] = False
+    out = args.out or checkpoint_file(args.ckpt).parent / f"samples-seed{args.seed}.png"
+    if out.suffix.lower() != ".png":
+        raise SettingError("{out} {path}: the grid is a PNG file; end the name in .png", path=out)
+    label = None if args.class_ is None else class_index(args.class_, generator.class_names)
+    start = time.perf_counter()
+    images = sample_images(generator, args.num, batch_size=args.batch_size, label=label, seed=args.seed,
+                           progress=not args.no_progress, **options)
+    seconds = time.perf_counter() - start
+    what = "" if label is None else f", class {generator.class_names[label]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report.save_samples(images, out, columns=grid_columns(generator.class_names, label),
+                        title=f"{generator.kind}, step {meta['step']}, seed {args.seed}{what}")
+    if args.npy:
+        args.npy.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.npy, lambda f: np.save(f, images))
+    print(f"{len(images)} {generator.kind} samples in {out}{f' and {args.npy}' if args.npy else ''}: "
+          f"{1000 * seconds / len(images):.1f} ms per image on {device}")
+    if args.eval:
+        _report_quality(images, out.with_suffix(".json"))
+    return 0
+
+
+def cmd_eval_samples(args: argparse.Namespace) -> int:
+    images = stack_images(*load_images(args.data))
+    _report_quality(images, args.out)
+    return 0
+
+
+def _report_quality(images: np.ndarray, out: Path | None) -> None:
+    """Print (and write to ``out`` as JSON) the sample-quality numbers of images beside real digits'."""
+    result = sample_quality.evaluate_samples(images, progress=lambda text: print(text, file=sys.stderr))
+    samples, real = result["samples"], result["real"]
+    print(f"{'':28}{'samples':>12}{'real digits':>14}")
+    print(f"{'classifier confidence':28}{samples['confidence']:>12.3f}{real['confidence']:>14.3f}")
+    print(f"{'coverage of the 10 digits':28}{samples['coverage']:>12.0%}{real['coverage']:>14.0%}")
+    print(f"{'Frechet distance':28}{samples['frechet_distance']:>12.2f}{real['frechet_distance']:>14.2f}")
+    print(f"class histogram of the samples: {samples['histogram']} ({samples['count']} images, compared with "
+          f"{result['reference_count']} held-out test digits)")
+    if out is not None:
+        report.write_json(out, result)
+        print(f"numbers in {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

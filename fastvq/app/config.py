@@ -1,5 +1,6 @@
-"""Run configuration: the models the command trains, per-model defaults, presets, and the
-`RunConfig` stored in every checkpoint."""
+"""Run configuration: the models the command trains (tokenizers, and generative models over a
+trained tokenizer's codes or latents), per-model defaults, presets, and the `RunConfig` stored in
+every checkpoint."""
 
 from __future__ import annotations
 
@@ -8,16 +9,34 @@ import inspect
 import json
 from typing import Any
 
-from fastvq.models import VQGAN, VQVAE, VQModel
+from torch import nn
+
+from fastvq.models import VQGAN, VQVAE, CodePrior, LatentDiffusion, VQModel
 
 from .errors import SettingError
 
 MODELS: dict[str, type[VQModel]] = {"vqvae": VQVAE, "vqgan": VQGAN}
+"""Tokenizers: trained on images."""
+
+GENERATORS: dict[str, type[nn.Module]] = {"prior": CodePrior, "diffusion": LatentDiffusion}
+"""Generative models, trained on what a trained tokenizer (`RunConfig.tokenizer`) makes of images:
+its codes (prior) or its pre-quantization latents (diffusion)."""
+
+GENERATOR_DERIVED = {"num_codes", "grid", "codebook", "channels", "backend", "precision"}
+"""Constructor arguments of GENERATORS that come from the tokenizer, not from --set."""
+GENERATOR_EXTRA = {"prior": {"codebook_init"}, "diffusion": set()}
+"""--set keys of GENERATORS that are not constructor arguments: codebook_init (bool) starts the
+prior's output layer from the tokenizer's codebook."""
 
 # Per-model run defaults: Adam settings of the two papers' reference code.
 RUN_DEFAULTS: dict[str, dict[str, Any]] = {
     "vqvae": {"image_size": 64, "batch_size": 32, "lr": 2e-4, "betas": [0.9, 0.999]},
     "vqgan": {"image_size": 128, "batch_size": 8, "lr": 1e-4, "betas": [0.5, 0.9]},
+    # image_size None: the tokenizer's training size. num_eval: held-out images scored by the loss.
+    "prior": {"data": None, "image_size": None, "batch_size": 64, "lr": 3e-4, "betas": [0.9, 0.95],
+              "num_eval": 1000},
+    "diffusion": {"data": None, "image_size": None, "batch_size": 64, "lr": 2e-4, "betas": [0.9, 0.999],
+                  "num_eval": 1000},
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -41,6 +60,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                 "disc_layers": 2, "disc_start": 400, "disc_weight": 0.1, "kmeans_init": True,
                 "threshold_ema_dead_code": 2,
             },
+        },
+        # Second stage of the MNIST demo, over a tokenizer trained with --preset demo --data mnist
+        # --codebook-dim 4 (diffusion needs latents of few channels, as LDM's D = 3-4). Threads: auto,
+        # since these models are matmul- and conv-bound.
+        "prior": {
+            "batch_size": 32, "steps": 2000, "lr": 1e-3, "ckpt_every": 500,
+            "model_args": {"dim": 128, "depth": 4, "heads": 4},
+        },
+        "diffusion": {
+            "batch_size": 64, "steps": 1500, "lr": 1e-3, "ckpt_every": 500,
+            "model_args": {"width": 64},
         },
     },
     # Sized for one GPU: 128 px crops, 16x16 codes.
@@ -76,8 +106,8 @@ class RunConfig:
     model: str = "vqvae"
     quantizer: str = "fastvq"
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
-    data: str = "builtin"
-    image_size: int = 64
+    data: str | None = "builtin"  # generators: None means the tokenizer's data
+    image_size: int | None = 64  # generators: None means the tokenizer's
     batch_size: int = 32
     steps: int = 10000
     lr: float = 2e-4
@@ -96,6 +126,8 @@ class RunConfig:
     workers: int | None = None  # None: fastvq.app.data.default_workers
     world_size: int = 1  # processes of a torchrun launch, set by the training loop
     threads: int | None = None  # None: fastvq.app.device.default_threads; a checkpoint records the count used
+    tokenizer: str | None = None  # generators: the trained tokenizer (run folder or checkpoint)
+    max_images: int | None = None  # generators: encode at most this many training images (None: all)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -104,12 +136,15 @@ class RunConfig:
 def make_config(model: str = "vqvae", preset: str | None = None, **overrides: Any) -> RunConfig:
     """Defaults for ``model``, then ``preset``, then ``overrides`` (``model_args`` merged key by
     key). Unknown models, presets, settings or model arguments raise ValueError."""
-    if model not in MODELS:
-        raise SettingError("{model} must be one of {choices}, got {value!r}", choices=", ".join(MODELS),
-                           value=model)
+    if model not in MODELS and model not in GENERATORS:
+        raise SettingError("{model} must be one of {choices}, got {value!r}",
+                           choices=", ".join([*MODELS, *GENERATORS]), value=model)
     if preset is not None and preset not in PRESETS:
         raise SettingError("{preset} must be one of {choices}, got {value!r}", choices=", ".join(PRESETS),
                            value=preset)
+    if preset is not None and model not in PRESETS[preset]:
+        raise SettingError("{preset} %s has no settings for {model} %s; presets for it: %s"
+                           % (preset, model, ", ".join(p for p in PRESETS if model in PRESETS[p]) or "none"))
     settings: dict[str, Any] = {**RUN_DEFAULTS[model], **(PRESETS[preset][model] if preset else {})}
     model_args = {**settings.pop("model_args", {}), **overrides.pop("model_args", {})}
     known = {f.name for f in dataclasses.fields(RunConfig)}
@@ -122,9 +157,17 @@ def make_config(model: str = "vqvae", preset: str | None = None, **overrides: An
     return RunConfig(**config.to_dict())
 
 
+def model_arg_names(model: str) -> list[str]:
+    """The --set keys of ``model``, in constructor order."""
+    if model in MODELS:
+        return [p for p in inspect.signature(MODELS[model]).parameters if p != "quantizer"]
+    params = [p for p in inspect.signature(GENERATORS[model]).parameters if p not in GENERATOR_DERIVED]
+    return params + sorted(GENERATOR_EXTRA[model])
+
+
 def check_model_args(model: str, model_args: dict[str, Any]) -> None:
-    """Raise ValueError naming any argument that ``MODELS[model]`` does not take."""
-    valid = set(inspect.signature(MODELS[model]).parameters) - {"quantizer"}
+    """Raise ValueError naming any argument that ``model`` does not take."""
+    valid = set(model_arg_names(model))
     unknown = sorted(set(model_args) - valid)
     if unknown:
         raise ValueError(f"{model} takes no argument {unknown}; valid: {sorted(valid)}")

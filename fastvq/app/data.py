@@ -251,6 +251,33 @@ def open_images(spec: str, resize: int | None = None, crop: int | None = None) -
                        "({extensions}) or a .npy/.npz file", spec=spec, extensions=", ".join(IMAGE_EXTENSIONS))
 
 
+def class_labels(source: ImageSource, class_names: Sequence[str] | None = None
+                 ) -> tuple[np.ndarray, list[str]] | None:
+    """Class labels of ``source``'s images, (N,) int64, and the class names they index: an MNIST
+    image's digit (class names '0' to '9'), a folder image's parent folder (relative to the folder
+    given, e.g. ``cat`` for ``cat/0001.jpg``). The names are ``class_names`` when given (a class
+    outside them raises SettingError), else the classes found, sorted. None when some image has no class (a file at
+    the top of the folder, an array) or, without ``class_names``, when all share one."""
+    names = source.names
+    if source.spec == "mnist":
+        classes = [name.rsplit("-digit", 1)[-1] for name in names]
+        class_names = class_names or [str(digit) for digit in range(10)]
+    elif isinstance(source, FileImages) and all("/" in name for name in names):
+        classes = [name.rsplit("/", 1)[0] for name in names]
+    else:
+        return None
+    if class_names is None:
+        class_names = sorted(set(classes), key=lambda c: (len(c), c) if c.isdigit() else (0, c))
+        if len(class_names) < 2:
+            return None
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = sorted(set(classes) - set(index))
+    if unknown:
+        raise SettingError("{data} {spec}: classes {unknown} are not among the training classes {known}",
+                           spec=source.spec, unknown=unknown, known=list(class_names))
+    return np.array([index[c] for c in classes], dtype=np.int64), list(class_names)
+
+
 def load_images(
     spec: str, resize: int | None = None, crop: int | None = None
 ) -> tuple[list[str], list[np.ndarray]]:

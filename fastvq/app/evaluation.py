@@ -20,10 +20,12 @@ def _batches(count: int, batch_size: int, desc: str, progress: bool) -> Progress
 
 
 def encode_images(
-    model: VQModel, images: np.ndarray | ImageSource, batch_size: int, device: torch.device, progress: bool = False
+    model: VQModel, images: np.ndarray | ImageSource, batch_size: int, device: torch.device, progress: bool = False,
+    latents: bool = False,
 ) -> np.ndarray:
     """(N, H, W, 3) uint8, or an ImageSource of same-sized images read batch by batch (memory
-    does not grow with N) -> code indices (N, H/f, W/f) int64, in batches of ``batch_size`` (with
+    does not grow with N) -> code indices (N, H/f, W/f) int64 (with ``latents``: the
+    pre-quantization latents (N, D, H/f, W/f) float32 instead), in batches of ``batch_size`` (with
     ``progress``, reported on stderr). Puts the model in eval mode (no codebook updates)."""
     _check_batch_size(batch_size)
     model.eval()
@@ -32,9 +34,10 @@ def encode_images(
     else:
         batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
     with _batches(len(images), batch_size, "encode", progress) as starts:
-        return np.concatenate([
-            model.encode(to_tensor(batch).to(device)).cpu().numpy() for _, batch in zip(starts, batches)
-        ])
+        encode = (lambda x: model.encode_latents(x).float()) if latents else model.encode
+        with torch.no_grad():
+            return np.concatenate([encode(to_tensor(batch).to(device)).cpu().numpy()
+                                   for _, batch in zip(starts, batches)])
 
 
 def decode_indices(

@@ -32,20 +32,36 @@ def write_json(path: Path, obj: Any) -> None:
 def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8,
               title: str | None = None) -> None:
     """Save a PNG of (N, H, W, 3) uint8 ``inputs`` (odd rows, labelled 'input') above their
-    ``reconstructions`` (even rows, labelled 'reconstruction'), ``columns`` per row, upscaled
-    (nearest) so tiles are at least 96 px, with an optional ``title`` line on top."""
+    ``reconstructions`` (even rows, labelled 'reconstruction'), ``columns`` per row, with an optional
+    ``title`` line on top (see ``save_rows``)."""
+    columns = min(columns, len(inputs))
+    rows, labels = [], []
+    for start in range(0, len(inputs), columns):
+        rows += [inputs[start:start + columns], reconstructions[start:start + columns]]
+        labels += ["input", "reconstruction"]
+    save_rows(rows, labels, path, title)
+
+
+def save_samples(images: np.ndarray, path: Path, columns: int = 8, title: str | None = None) -> None:
+    """Save a PNG of (N, H, W, 3) uint8 ``images``, ``columns`` per row (see ``save_rows``)."""
+    columns = min(columns, len(images))
+    save_rows([images[i:i + columns] for i in range(0, len(images), columns)], None, path, title)
+
+
+def save_rows(rows: list[np.ndarray], labels: list[str] | None, path: Path, title: str | None = None) -> None:
+    """Save a PNG of image rows (each (n, H, W, 3) uint8, n >= 1, same H and W), upscaled (nearest) so
+    tiles are at least 96 px, each row labelled on the left by ``labels`` (None: no labels), with an
+    optional ``title`` line on top."""
     from PIL import Image, ImageDraw, ImageFont
 
-    n, h, w, _ = inputs.shape
-    columns = min(columns, n)
-    rows = math.ceil(n / columns)
+    _, h, w, _ = rows[0].shape
+    columns = max(len(row) for row in rows)
     pad = 2
-    canvas = np.full((2 * rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        x = pad + c * (w + pad)
-        for j, image in enumerate((inputs[i], reconstructions[i])):
-            y = pad + (2 * r + j) * (h + pad)
+    canvas = np.full((len(rows) * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        y = pad + r * (h + pad)
+        for c, image in enumerate(row):
+            x = pad + c * (w + pad)
             canvas[y : y + h, x : x + w] = image
     scale = max(1, math.ceil(96 / h))
     tiles = Image.fromarray(canvas).resize(
@@ -55,15 +71,15 @@ def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, colum
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1: the small bitmap font
         font = ImageFont.load_default()
-    margin, top = 120, 24 if title else 0
+    margin, top = 120 if labels else 0, 24 if title else 0
     image = Image.new("RGB", (tiles.width + margin, tiles.height + top), "white")
     image.paste(tiles, (margin, top))
     draw = ImageDraw.Draw(image)
     if title:
         draw.text((4, 4), title, fill="black", font=font)
-    for row in range(2 * rows):
+    for row, label in enumerate(labels or []):
         y = top + (pad + row * (h + pad) + h // 2) * scale
-        draw.text((4, y - 7), "reconstruction" if row % 2 else "input", fill="black", font=font)
+        draw.text((4, y - 7), label, fill="black", font=font)
     write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
@@ -86,22 +102,27 @@ def _smooth(values: np.ndarray, width: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
-def plot_curves(history: dict[str, list[float]], out_dir: Path) -> list[Path]:
-    """Write loss.png (losses per step, log scale) and codebook_usage.png (fraction of codes used
-    per training batch) from ``history`` (equal-length lists keyed 'step', 'loss', ...)."""
+TOKENIZER_PANELS = (
+    ("loss.png", ("loss", "rec_loss", "vq_loss", "g_loss", "d_loss"), "loss", True),
+    ("codebook_usage.png", ("usage",), "fraction of codes used per batch", False),
+)
+"""(file name, history keys, y label, log scale) of each figure of a tokenizer run."""
+
+
+def plot_curves(history: dict[str, list[float]], out_dir: Path, panels=TOKENIZER_PANELS) -> list[Path]:
+    """Write one PNG per ``panels`` entry (file name, history keys, y label, log scale): the keys'
+    values per step, smoothed, skipping NaN; ``history`` holds equal-length lists keyed 'step', ....
+    By default loss.png (log scale) and codebook_usage.png (fraction of codes used per batch)."""
     steps = np.asarray(history["step"], dtype=float)
-    width = max(1, len(steps) // 50)
     paths = []
-    for name, keys, ylabel, log in (
-        ("loss.png", ("loss", "rec_loss", "vq_loss", "g_loss", "d_loss"), "loss", True),
-        ("codebook_usage.png", ("usage",), "fraction of codes used per batch", False),
-    ):
+    for name, keys, ylabel, log in panels:
         fig, ax = _figure()
         for key in keys:
             values = np.asarray(history.get(key, []), dtype=float)
             keep = np.isfinite(values)
             if keep.sum() == 0:
                 continue
+            width = max(1, int(keep.sum()) // 50)
             smoothed = _smooth(values[keep], width)
             ax.plot(steps[keep][width - 1 :], smoothed, label=key)
         ax.set_xlabel("step")

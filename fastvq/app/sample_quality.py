@@ -138,3 +138,23 @@ def reference_quality(model: DigitClassifier, count: int = 1000) -> dict:
     """`quality` of `count` real test digits against `count` other test digits."""
     images, _ = load_mnist("test")
     return quality(images[:count], model, images[count:2 * count])
+
+
+MAX_REFERENCE = 5000
+"""Held-out digits the samples are compared with (at most; as many as there are samples)."""
+
+
+def evaluate_samples(images, progress: Callable[[str], None] = print) -> dict:
+    """The numbers `quality` gives for ``images`` (as `to_digit_batch` takes them, at least 2) and
+    for as many real test digits, each against the same other test digits (at most MAX_REFERENCE):
+    {"samples": ..., "real": ..., "reference_count": n}. The Frechet distance grows as the sets
+    shrink, so only numbers of equal counts compare."""
+    count = len(images)
+    if count < 2:
+        raise ValueError(f"need at least 2 images to judge, got {count}")
+    model = digit_classifier(progress)
+    test, _ = load_mnist("test")
+    n = min(count, MAX_REFERENCE)
+    reference = test[len(test) - n:]  # disjoint from the real digits below while n <= 5000
+    return {"samples": quality(images, model, reference), "real": quality(test[:n], model, reference),
+            "reference_count": n}

@@ -11,8 +11,10 @@ import torch
 from fastvq.models import VQModel
 
 from . import checkpoint
-from .config import RunConfig, build_model
+from .config import GENERATORS, RunConfig, build_model
 from .device import resolve_device
+from .errors import SettingError
+from .generators import Generator
 
 CHECKPOINT = "checkpoint.safetensors"
 """The checkpoint's file name inside a run folder."""
@@ -20,7 +22,7 @@ CHECKPOINT = "checkpoint.safetensors"
 
 def save_training_state(
     path: Path,
-    model: VQModel,
+    model: VQModel | Generator,
     optimizers: list[torch.optim.Optimizer],
     step: int,
     history: dict[str, list[float]],
@@ -43,7 +45,8 @@ def save_training_state(
 
 
 def restore_training_state(
-    path: Path, model: VQModel, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler | None = None
+    path: Path, model: VQModel | Generator, optimizers: list[torch.optim.Optimizer],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[int, dict[str, list[float]]]:
     """Load what ``save_training_state`` wrote into ``model``, ``optimizers``, ``scaler`` and the
     RNGs; returns (step, history). A checkpoint of another model kind raises ValueError."""
@@ -61,14 +64,14 @@ def restore_training_state(
     return meta["step"], history
 
 
-def _load_model_state(model: VQModel, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _load_model_state(model: VQModel | Generator, tensors: dict[str, torch.Tensor], path: Path) -> None:
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
+        detail = f" with quantizer {model.config['quantizer']!r}" if "quantizer" in model.config else ""
         raise ValueError(
-            f"checkpoint {path} does not fit a {model.kind} with quantizer "
-            f"{model.config['quantizer']!r}: {str(err).splitlines()[0]} ..."
+            f"checkpoint {path} does not fit a {model.kind}{detail}: {str(err).splitlines()[0]} ..."
         ) from err
 
 
@@ -99,21 +102,29 @@ def read_checkpoint(path: Path, kind: str | None = None) -> tuple[dict[str, torc
 
 def load_model(
     path: str | Path, device: torch.device, quantizer: str | None = None
-) -> tuple[VQModel, dict[str, Any]]:
+) -> tuple[VQModel | Generator, dict[str, Any]]:
     """A trained model (eval mode, on ``device``) and the checkpoint's metadata, from a checkpoint
-    file or a run folder. ``quantizer`` replaces the recorded one (fastvq and
-    vector-quantize-pytorch share state_dict keys)."""
+    file or a run folder: a tokenizer, or a `Generator` (prior or diffusion, with its tokenizer).
+    ``quantizer`` replaces a tokenizer's recorded one (fastvq and vector-quantize-pytorch share
+    state_dict keys)."""
     path = checkpoint_file(path)
     tensors, meta = read_checkpoint(path)
-    model_args = {k: v for k, v in meta["model_config"].items() if k != "quantizer"}
-    model = build_model(meta["kind"], model_args, quantizer or meta["model_config"]["quantizer"])
+    if meta["kind"] in GENERATORS:
+        if quantizer is not None:
+            raise SettingError("{quantizer} applies to tokenizers; {path} holds a %s" % meta["kind"], path=path)
+        model = Generator.from_config(meta["kind"], meta["model_config"])
+    else:
+        model_args = {k: v for k, v in meta["model_config"].items() if k != "quantizer"}
+        model = build_model(meta["kind"], model_args, quantizer or meta["model_config"]["quantizer"])
     _load_model_state(model, tensors, path)
     return model.to(device).eval(), meta
 
 
-def load(run: str | Path, device: str | torch.device = "cpu", quantizer: str | None = None) -> VQModel:
+def load(run: str | Path, device: str | torch.device = "cpu", quantizer: str | None = None) -> VQModel | Generator:
     """The trained model of a run folder of ``fastvq train`` (or of its checkpoint file), in eval
-    mode on ``device`` ('cpu', 'auto', 'cuda[:N]' or a torch.device): ``model.encode(x)`` takes
-    (B, 3, H, W) images in [-1, 1] (H, W multiples of ``model.downsample``) to (B, H/f, W/f) int64
-    codes and ``model.decode(indices)`` takes them back. ``quantizer`` replaces the recorded one."""
+    mode on ``device`` ('cpu', 'auto', 'cuda[:N]' or a torch.device). A tokenizer:
+    ``model.encode(x)`` takes (B, 3, H, W) images in [-1, 1] (H, W multiples of
+    ``model.downsample``) to (B, H/f, W/f) int64 codes and ``model.decode(indices)`` takes them back;
+    ``quantizer`` replaces the recorded one. A prior or diffusion run: a `Generator`, whose
+    ``generate(num, labels=..., seed=...)`` returns new images (num, 3, H, W) in about [-1, 1]."""
     return load_model(run, resolve_device(str(device)), quantizer)[0]

@@ -60,6 +60,14 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def append_history(history: dict[str, list[float]], row: dict[str, float], step: int) -> None:
+    """Append the values of 0-based ``step`` to ``history``'s per-key lists (NaN for a key missing
+    from ``row``, and before the step where a key first appears: GAN losses, evaluations)."""
+    for key in set(history) | set(row):
+        history.setdefault(key, [float("nan")] * step)
+        history[key].append(float(row.get(key, float("nan"))))
+
+
 def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: torch.device, step: int,
                   out: Path | None) -> dict[str, float]:
     """Held-out metrics during training, as history entries (eval_psnr, eval_ssim, eval_usage,
@@ -183,10 +191,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
             if config.eval_every and (step + 1) % config.eval_every == 0:
                 logs.update(periodic_eval(model, eval_set, config.batch_size, device, step + 1,
                                           out if ranks.main else None))
-            row = {"step": step + 1, **logs}
-            for key in set(history) | set(row):
-                history.setdefault(key, [float("nan")] * step)  # keys that start late (GAN losses)
-                history[key].append(float(row.get(key, float("nan"))))
+            append_history(history, {"step": step + 1, **logs}, step)
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}",
                                 usage=f"{logs['usage']:.3f}")
