@@ -36,7 +36,7 @@ from .device import resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
 from .files import write_atomic
-from .generation import class_index, grid_columns, load_generator, sample_images, train_generator
+from .generation import class_index, grid_layout, load_generator, sample_images, train_generator
 from .metrics import InceptionFeatures
 from .state import CHECKPOINT, checkpoint_file, load_model, read_checkpoint
 from .step import PRECISIONS
@@ -448,7 +448,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     what = "" if label is None else f", class {generator.class_names[label]}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    report.save_samples(images, out, columns=grid_columns(generator.class_names, label),
+    report.save_samples(images, out, *grid_layout(generator.class_names, label),
                         title=f"{generator.kind}, step {meta['step']}, seed {args.seed}{what}")
     if args.npy:
         args.npy.parent.mkdir(parents=True, exist_ok=True)

@@ -235,7 +235,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
         "history": history,
     }
     report.write_json(out / "metrics.json", metrics)
-    report.save_samples(samples, out / "samples.png", columns=grid_columns(class_names),
+    report.save_samples(samples, out / "samples.png", *grid_layout(class_names),
                         title=f"{config.model}, step {config.steps}, seed {config.seed}")
     report.plot_curves(history, out, panels=(("loss.png", ("loss", "eval_loss"), "loss", True),))
     return metrics
@@ -246,9 +246,12 @@ def balanced_labels(num: int, num_classes: int) -> torch.Tensor | None:
     return torch.arange(num) % num_classes if num_classes else None
 
 
-def grid_columns(class_names: list[str], label: int | None = None) -> int:
-    """Columns of a sample grid: one per class when balanced over at most 16 classes, else 8."""
-    return len(class_names) if class_names and label is None and len(class_names) <= 16 else 8
+def grid_layout(class_names: list[str], label: int | None = None) -> tuple[int, list[str] | None]:
+    """Columns of a sample grid and their labels: one per class when the samples are balanced over
+    at most 16 classes (`balanced_labels`), else 8 unlabelled."""
+    if class_names and label is None and len(class_names) <= 16:
+        return len(class_names), class_names
+    return 8, None
 
 
 def class_index(value: str, class_names: list[str]) -> int:

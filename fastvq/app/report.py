@@ -42,16 +42,18 @@ def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, colum
     save_rows(rows, labels, path, title)
 
 
-def save_samples(images: np.ndarray, path: Path, columns: int = 8, title: str | None = None) -> None:
+def save_samples(images: np.ndarray, path: Path, columns: int = 8, column_labels: list[str] | None = None,
+                 title: str | None = None) -> None:
     """Save a PNG of (N, H, W, 3) uint8 ``images``, ``columns`` per row (see ``save_rows``)."""
     columns = min(columns, len(images))
-    save_rows([images[i:i + columns] for i in range(0, len(images), columns)], None, path, title)
+    save_rows([images[i:i + columns] for i in range(0, len(images), columns)], None, path, title, column_labels)
 
 
-def save_rows(rows: list[np.ndarray], labels: list[str] | None, path: Path, title: str | None = None) -> None:
+def save_rows(rows: list[np.ndarray], labels: list[str] | None, path: Path, title: str | None = None,
+              column_labels: list[str] | None = None) -> None:
     """Save a PNG of image rows (each (n, H, W, 3) uint8, n >= 1, same H and W), upscaled (nearest) so
-    tiles are at least 96 px, each row labelled on the left by ``labels`` (None: no labels), with an
-    optional ``title`` line on top."""
+    tiles are at least 96 px, each row labelled on the left by ``labels`` and each column on top by
+    ``column_labels`` (None: no labels), with an optional ``title`` line on top."""
     from PIL import Image, ImageDraw, ImageFont
 
     _, h, w, _ = rows[0].shape
@@ -71,12 +73,15 @@ def save_rows(rows: list[np.ndarray], labels: list[str] | None, path: Path, titl
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1: the small bitmap font
         font = ImageFont.load_default()
-    margin, top = 120 if labels else 0, 24 if title else 0
+    margin, top = 120 if labels else 0, (24 if title else 0) + (20 if column_labels else 0)
     image = Image.new("RGB", (tiles.width + margin, tiles.height + top), "white")
     image.paste(tiles, (margin, top))
     draw = ImageDraw.Draw(image)
     if title:
         draw.text((4, 4), title, fill="black", font=font)
+    for column, label in enumerate(column_labels or []):
+        draw.text((margin + (pad + column * (w + pad) + w // 2) * scale - 4 * len(label), top - 18), label,
+                  fill="black", font=font)
     for row, label in enumerate(labels or []):
         y = top + (pad + row * (h + pad) + h // 2) * scale
         draw.text((4, y - 7), label, fill="black", font=font)
