@@ -20,7 +20,7 @@ from conftest import needs_vqp
 from PIL import Image
 
 import fastvq
-from fastvq.app import checkpoint, training
+from fastvq.app import checkpoint, runlog, training
 from fastvq.app.cli import build_parser, main
 from fastvq.app.config import make_config
 from fastvq.app.data import (
@@ -374,6 +374,57 @@ def test_periodic_eval_writes_grids_and_history_without_changing_training(capsys
     assert code == 0, text
     lines = [line for line in text.splitlines() if line.startswith("encode: ")]
     assert len(lines) == 2 and lines[0].startswith("encode: 0/2 (") and lines[1].startswith("encode: 2/2 (")
+
+
+def test_tensorboard_event_files_hold_every_step_once_across_an_interrupted_resume(capsys, folder, tmp_path,
+                                                                                   monkeypatch):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                      reason="TensorBoard logging needs the tensorboard package")
+    full = train_tiny(capsys, folder, tmp_path / "full", "--eval-every", 3)["history"]
+    real_step = training.train_step
+
+    def interrupted(model, optimizers, x, step, perceptual=None, **precision):
+        if step == 4:  # steps 1-4 logged, the checkpoint holds step 3
+            raise KeyboardInterrupt
+        return real_step(model, optimizers, x, step, perceptual, **precision)
+
+    monkeypatch.setattr(training, "train_step", interrupted)
+    out = tmp_path / "resumed"
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY,
+                     "--eval-every", 3)
+    assert code == 130, text
+    monkeypatch.setattr(training, "train_step", real_step)
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY,
+                     "--eval-every", 3, "--resume")
+    assert code == 0, text
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per process run
+
+    events = accumulator.EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        logged = events.Scalars(key)
+        assert [e.step for e in logged] == list(range(1, 7)), key  # step 4 of the first run discarded
+        assert [e.value for e in logged] == list(np.float32(full[key])), key  # stored as float32
+    assert [(e.step, e.value) for e in events.Scalars("eval_psnr")] == [(3, np.float32(full["eval_psnr"][2])),
+                                                                        (6, np.float32(full["eval_psnr"][5]))]
+    grids = events.Images("reconstructions")
+    assert [e.step for e in grids] == [3, 6]
+    assert (grids[1].width, grids[1].height) == Image.open(out / "samples" / "step_0000006.png").size
+
+
+def test_training_without_tensorboard_says_once_how_to_get_it(capsys, folder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard raises ImportError
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    monkeypatch.setattr(runlog, "_told", False)
+    note = "note: no TensorBoard event files (pip install tensorboard"
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "a", "--steps", 2, *TINY, "--tensorboard")
+    assert code == 2 and not (tmp_path / "a").exists()
+    assert text == "fastvq train: error: --tensorboard needs the tensorboard package, which is not installed: " \
+                   "pip install tensorboard (or fastvq[tensorboard])\n"
+    for out, extra, told in (("b", ["--no-tensorboard"], False), ("c", [], True), ("d", [], False)):
+        code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / out, "--steps", 2, *TINY, *extra)
+        assert code == 0 and (note in text) == told, (out, text)
+        assert (tmp_path / out / "metrics.json").is_file() and not (tmp_path / out / "tensorboard").exists()
 
 
 def test_bf16_autocast_runs_the_model_in_bf16_and_the_quantizer_on_its_output():

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: runs/MODEL[-PRESET])")
     p.add_argument("--resume", action="store_true", help="continue from OUT/" + CHECKPOINT)
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="TensorBoard event files in OUT/tensorboard/ (tensorboard --logdir OUT); --tensorboard fails "
+                        "if the tensorboard package is missing (default: written when it is installed)")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (and rFID) on held-out images")
@@ -234,7 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if args.resume and resumed_step == config.steps:
             print(f"{out} is finished at step {resumed_step}: nothing trained (raise --steps to train further)")
-        metrics = train(config, out, resume=args.resume, progress=not args.no_progress)
+        metrics = train(config, out, resume=args.resume, progress=not args.no_progress, tensorboard=args.tensorboard)
     if int(os.environ.get("RANK", "0")):  # one summary for a torchrun launch
         return 0
     ev, timing = metrics["eval"], metrics["timing"]

@@ -30,10 +30,20 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8,
-              title: str | None = None) -> None:
-    """Save a PNG of (N, H, W, 3) uint8 ``inputs`` (odd rows, labelled 'input') above their
-    ``reconstructions`` (even rows, labelled 'reconstruction'), ``columns`` per row, upscaled
-    (nearest) so tiles are at least 96 px, with an optional ``title`` line on top."""
+              title: str | None = None) -> np.ndarray:
+    """Save ``grid_image(inputs, reconstructions, columns, title)`` as a PNG; returns it."""
+    from PIL import Image
+
+    grid = grid_image(inputs, reconstructions, columns, title)
+    write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    return grid
+
+
+def grid_image(inputs: np.ndarray, reconstructions: np.ndarray, columns: int = 8,
+               title: str | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 ``inputs`` (odd rows, labelled 'input') above their ``reconstructions``
+    (even rows, labelled 'reconstruction'), ``columns`` per row, upscaled (nearest) so tiles are at
+    least 96 px, with an optional ``title`` line on top, as one (H', W', 3) uint8 image."""
     from PIL import Image, ImageDraw, ImageFont
 
     n, h, w, _ = inputs.shape
@@ -64,7 +74,7 @@ def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, colum
     for row in range(2 * rows):
         y = top + (pad + row * (h + pad) + h // 2) * scale
         draw.text((4, y - 7), "reconstruction" if row % 2 else "input", fill="black", font=font)
-    write_atomic(path, lambda f: image.save(f, format="PNG"))
+    return np.asarray(image)
 
 
 def _figure():
