@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from conftest import needs_vqp
 from PIL import Image
@@ -34,9 +35,9 @@ from fastvq.app.data import (
 )
 from fastvq.app.device import default_threads
 from fastvq.app.errors import SettingError
-from fastvq.app.evaluation import reconstruct
+from fastvq.app.evaluation import evaluate, reconstruct
 from fastvq.app.files import write_atomic
-from fastvq.app.metrics import codebook_stats, psnr
+from fastvq.app.metrics import codebook_stats, psnr, ssim
 from fastvq.app.progress import Progress
 from fastvq.app.state import CHECKPOINT, load_model
 from fastvq.app.step import make_optimizers, train_step
@@ -293,8 +294,8 @@ def test_nested_folders_single_files_and_workers(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_and_encoding_memory_does_not_grow_with_the_number_of_images(tmp_path):
-    """Peak RSS of training on, and encoding, 300 and 3000 images of 96x96 (3000 read at once: 83 MB)."""
+def test_training_encoding_and_eval_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    """Peak RSS of training on, encoding and evaluating 300 and 3000 images of 96x96 (3000 read at once: 83 MB)."""
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (16, 96, 96, 3), dtype=np.uint8)
 
@@ -312,21 +313,24 @@ def test_training_and_encoding_memory_does_not_grow_with_the_number_of_images(tm
         assert result.returncode == 0, result.stderr
         return json.loads((out / "metrics.json").read_text())["timing"]["peak_memory_mib"]
 
-    def encode_peak_rss(count):  # of the child alone, from wait4
-        command = [sys.executable, "-m", "fastvq", "encode", "--ckpt", str(tmp_path / "run300"), "--data",
-                   str(tmp_path / f"n{count}"), "--out", str(tmp_path / f"codes{count}"), "--batch-size", "64",
+    def command_peak_rss(command, count):  # of the child alone, from wait4
+        command = [sys.executable, "-m", "fastvq", command, "--ckpt", str(tmp_path / "run300"), "--data",
+                   str(tmp_path / f"n{count}"), "--out", str(tmp_path / f"{command}{count}"), "--batch-size", "64",
                    "--device", "cpu", "--threads", "1", "--no-progress"]
         child = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
         _, status, usage = os.wait4(child.pid, 0)
         assert status == 0, child.stderr.read()
-        assert np.load(tmp_path / f"codes{count}" / "indices.npy").shape == (count, 24, 24)
         return usage.ru_maxrss / 1024
 
     small, large = peak_rss(300), peak_rss(3000)
     assert large - small < 15, (small, large)
-    small, large = encode_peak_rss(300), encode_peak_rss(3000)  # encode reads batch by batch
+    small, large = command_peak_rss("encode", 300), command_peak_rss("encode", 3000)  # reads batch by batch
+    assert np.load(tmp_path / "encode3000" / "indices.npy").shape == (3000, 24, 24)
     indices_mib = 2 * 2700 * 24 * 24 * 8 / 2**20  # the int64 codes it returns (and their concatenation)
     assert large - small < 15 + indices_mib, (small, large)  # holding the images would add 75 MiB more
+    small, large = command_peak_rss("eval", 300), command_peak_rss("eval", 3000)  # keeps two numbers per image
+    assert json.loads((tmp_path / "eval3000" / "metrics.json").read_text())["num_images"] == 3000
+    assert large - small < 15, (small, large)  # holding the images would add 75 MiB, with reconstructions 150
 
 
 def test_progress_is_a_bar_on_a_terminal_and_a_few_lines_in_a_log():
@@ -625,11 +629,28 @@ def test_eval_metrics_and_rfid(capsys, folder, tmp_path):
             return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
     torch.jit.script(Features()).save(str(tmp_path / "inception.pt"))
-    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder,
+    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder, "--batch-size", 4,
                      "--inception-weights", tmp_path / "inception.pt", "--out", tmp_path / "ev")
     assert code == 0, text
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["num_images"] == 6 and metrics["step"] == 6 and metrics["rfid"] >= 0
+
+    # streamed in batches of 4 (the last one short), the metrics are those of all images in memory
+    images = np.stack(load_images(str(folder))[1])
+    model, _ = load_model(out / CHECKPOINT, torch.device("cpu"))
+    recons, indices = reconstruct(model, images, 4, torch.device("cpu"))
+    features = [Features()(torch.from_numpy(x).permute(0, 3, 1, 2)).double().numpy() for x in (images, recons)]
+    (mu_a, cov_a), (mu_b, cov_b) = ((f.mean(0), np.cov(f, rowvar=False)) for f in features)
+    rfid = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(scipy.linalg.sqrtm(cov_a @ cov_b)))
+    assert metrics["psnr"] == psnr(images, recons).mean() and metrics["ssim"] == ssim(images, recons).mean()
+    assert {k: metrics[k] for k in ("codebook_usage", "perplexity")} == codebook_stats(indices, 32)
+    assert metrics["rfid"] == pytest.approx(rfid, rel=1e-9, abs=1e-12)
+    shown = evaluate(model, images, 4, torch.device("cpu"), keep=5)  # a grid's worth, across batches
+    assert np.array_equal(shown.inputs, images[:5]) and np.array_equal(shown.reconstructions, recons[:5])
+    assert np.array_equal(shown.code_counts, np.bincount(indices.reshape(-1), minlength=32))
+    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder / "img0.png",
+                     "--inception-weights", tmp_path / "inception.pt")
+    assert code == 2 and "rFID needs at least 2 images (a covariance of features), got 1" in text
     assert (tmp_path / "ev" / "reconstructions.png").exists()
     assert (tmp_path / "ev" / "codebook_usage.png").exists()
     (tmp_path / "bad.pt").write_bytes(b"junk")

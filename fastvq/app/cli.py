@@ -26,7 +26,7 @@ from fastvq.models import QUANTIZERS
 
 from . import report
 from .config import MODELS, PRESETS, RESUMABLE, RunConfig, make_config
-from .data import builtin_images, fixed_crops, load_images, open_images, stack_images
+from .data import builtin_images, fixed_crops, open_images
 from .device import resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
@@ -272,17 +272,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         size = args.image_size or meta["config"]["image_size"]
         images = fixed_crops(builtin_images("eval")[1], size, args.num_eval)
     else:
-        images = stack_images(*load_images(args.data, args.resize, args.crop))
+        images = open_images(args.data, args.resize, args.crop)  # read batch by batch
     inception = InceptionFeatures(args.inception_weights, device) if args.inception_weights else None
-    metrics, recons, indices = evaluate(model, images, args.batch_size, device, inception, not args.no_progress)
+    metrics, inputs, recons, counts = evaluate(model, images, args.batch_size, device, inception,
+                                               not args.no_progress)
     out = args.out or checkpoint_file(args.ckpt).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "metrics.json", {
         "checkpoint": str(args.ckpt), "step": meta["step"], "kind": meta["kind"],
         "quantizer": model.config["quantizer"], "data": args.data, **metrics,
     })
-    report.save_grid(images[:16], recons[:16], out / "reconstructions.png")
-    report.plot_code_histogram(indices, model.codebook_size, out / "codebook_usage.png")
+    report.save_grid(inputs, recons, out / "reconstructions.png")
+    report.plot_code_histogram(counts, out / "codebook_usage.png")
     print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; outputs in {out}")
     return 0
 

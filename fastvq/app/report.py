@@ -126,11 +126,11 @@ def plot_curves(history: dict[str, list[float]], out_dir: Path) -> list[Path]:
     return paths
 
 
-def plot_code_histogram(indices: np.ndarray, codebook_size: int, path: Path) -> None:
-    """Write a PNG of code frequencies sorted from most to least used."""
-    counts = np.sort(np.bincount(indices.reshape(-1), minlength=codebook_size))[::-1]
+def plot_code_histogram(counts: np.ndarray, path: Path) -> None:
+    """Write a PNG of code frequencies ((K,) counts per code) sorted from most to least used."""
+    counts = np.sort(counts)[::-1]
     fig, ax = _figure()
-    ax.bar(np.arange(codebook_size), counts / max(counts.sum(), 1), width=1.0)
+    ax.bar(np.arange(len(counts)), counts / max(counts.sum(), 1), width=1.0)
     ax.set_xlabel("code rank")
     ax.set_ylabel("frequency on held-out images")
     fig.tight_layout()

@@ -76,14 +76,14 @@ def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: t
     continues exactly as without the evaluation."""
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    metrics, recons, _ = evaluate(model, images, batch_size, device)
+    metrics, inputs, recons, _ = evaluate(model, images, batch_size, device)
     model.train()
     torch.set_rng_state(rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
     if out is not None:
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        grid = report.save_grid(images[:16], recons[:16], out / "samples" / f"step_{step:07d}.png",
+        grid = report.save_grid(inputs, recons, out / "samples" / f"step_{step:07d}.png",
                                 title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB")
         log.images(step, {"reconstructions": grid})
     return eval_entries(metrics)
@@ -216,7 +216,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
     bar.close()
     timer.close()
 
-    eval_metrics, recons, _ = evaluate(model, eval_set, config.batch_size, device)
+    eval_metrics, inputs, recons, _ = evaluate(model, eval_set, config.batch_size, device)
     timed = slice(1, None) if len(step_seconds) > 1 else slice(None)  # skip warm-up step
     step_total, quantizer_total = sum(step_seconds[timed]), sum(quantizer_seconds[timed])
     timing = {
@@ -242,7 +242,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
     }
     if ranks.main:
         report.write_json(out / "metrics.json", metrics)
-        grid = report.save_grid(eval_set[:16], recons[:16], out / "reconstructions.png")
+        grid = report.save_grid(inputs, recons, out / "reconstructions.png")
         report.plot_curves(history, out)
         if not (config.eval_every and config.steps % config.eval_every == 0):  # else logged already
             log.scalars(config.steps, eval_entries(eval_metrics))
