@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -54,6 +55,8 @@ class RunLog:
         if folder is not None:
             from torch.utils.tensorboard import SummaryWriter
 
+            if continues_at is not None:
+                _after_earlier_files(Path(folder))
             self._writer = SummaryWriter(str(folder), purge_step=continues_at, flush_secs=flush_secs)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -78,3 +81,14 @@ class RunLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _after_earlier_files(folder: Path) -> None:
+    """Wait, if need be, until the clock is past the second in which the newest event file in
+    ``folder`` was created. TensorBoard reads a folder's event files in name order, and a name starts
+    with its creation second (then host, process id and a counter, which do not order runs), so a
+    resumed run's file must start in a later second to be read after the files it continues."""
+    seconds = [int(f.name.split(".")[3]) for f in folder.glob("events.out.tfevents.*")
+               if f.name.split(".")[3].isdigit()]
+    if seconds:
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
