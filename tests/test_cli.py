@@ -498,6 +498,63 @@ def test_torchrun_two_processes_match_one_and_resume_exactly(capsys, folder, tmp
     assert code == 2 and "was trained by 2 processes, this run has 1" in text
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_run(folder, tmp_path):
+    """A terminal's Ctrl-C: SIGINT to the launcher and its 2 gloo workers at once, torchrun then
+    forwarding a second SIGINT to each worker. The workers finish their step together, process 0
+    checkpoints it, and a --resume reproduces the uninterrupted 2-process run bit for bit."""
+    argv = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastvq", "train",
+            "--data", folder, "--steps", 60, "--ckpt-every", 1000, *TINY]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def torchrun(out, *extra):
+        command = [sys.executable, *map(str, argv), "--out", str(out), *map(str, extra)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads((out / "metrics.json").read_text())
+
+    full = torchrun(tmp_path / "full")
+    out = tmp_path / "stopped"
+    command = [sys.executable, *map(str, argv), "--out", str(out)]
+    command.remove("--no-progress")  # process 0's progress line says that every process handles Ctrl-C
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # its own process group, as a terminal's job
+    for line in launcher.stderr:
+        if line.startswith("train: "):
+            os.killpg(launcher.pid, signal.SIGINT)
+            break
+    stdout, stderr = launcher.communicate(timeout=120)
+    assert "death signal" in stderr, stdout + stderr  # torchrun forwarded it too
+    step = checkpoint.load(out / CHECKPOINT)[1]["step"]
+    assert 1 <= step < 60 and not (out / "metrics.json").exists(), stderr
+    assert stderr.count(f"interrupted after step {step}, saved in {out / CHECKPOINT}") == 1, stderr  # process 0
+    assert stderr.count("Ctrl-C: saving a checkpoint after this step") == 1, stderr
+
+    resumed = torchrun(out, "--resume")
+    assert resumed["history"]["step"] == list(range(1, 61))
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        assert resumed["history"][key] == full["history"][key], key  # bitwise
+    a, _ = checkpoint.load(tmp_path / "full" / CHECKPOINT)
+    b, _ = checkpoint.load(out / CHECKPOINT)
+    for key in a:
+        if key.startswith(("model.", "optim")):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_a_torchrun_worker_takes_every_sigint_as_one_stop_request():
+    """A worker gets a terminal's SIGINT and torchrun's copy of it: neither may stop it mid-step."""
+    with training.StopRequest(forwarded=True, announce=False) as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+    with pytest.raises(KeyboardInterrupt):  # alone, a second Ctrl-C stops at once
+        with training.StopRequest(announce=False) as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_resume_errors(capsys, folder, tmp_path):
     out = tmp_path / "run"
     train_tiny(capsys, folder, out)

@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch_threads(args.threads, resolve_device(args.device)):
             return args.func(args)
     except KeyboardInterrupt as err:
+        if int(os.environ.get("RANK", "0")):  # one message for a torchrun launch
+            return 130
         if isinstance(err, TrainingInterrupted):
             print(f"fastvq train: interrupted after step {err.step}, saved in {err.path}; continue with the "
                   "same command and --resume", file=sys.stderr)

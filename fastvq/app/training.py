@@ -41,7 +41,13 @@ class TrainingInterrupted(KeyboardInterrupt):
 class StopRequest:
     """While entered (in the main thread), the first SIGINT only sets ``requested``, so that the
     training loop can finish its step and checkpoint it; a second one raises KeyboardInterrupt at
-    once. A process that ignores SIGINT keeps ignoring it."""
+    once. With ``forwarded`` (a worker of torchrun), every SIGINT only sets ``requested``: a
+    terminal's Ctrl-C reaches each worker twice, from the terminal and forwarded by torchrun, and
+    torchrun's SIGKILL after its --shutdown-timeout (30 s by default) is the hard stop. ``announce``:
+    say so on stderr. A process that ignores SIGINT keeps ignoring it."""
+
+    def __init__(self, forwarded: bool = False, announce: bool = True):
+        self.forwarded, self.announce = forwarded, announce
 
     def __enter__(self) -> StopRequest:
         self.requested, self._previous = False, None
@@ -52,10 +58,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.announce and not self.requested:
+            then = ("torchrun stops the run after its --shutdown-timeout" if self.forwarded
+                    else "press again to stop at once")
+            print(f"\nCtrl-C: saving a checkpoint after this step ({then})", file=sys.stderr, flush=True)
         self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-        print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", file=sys.stderr,
-              flush=True)
+        if not self.forwarded:
+            signal.signal(signal.SIGINT, self._previous)
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
@@ -179,7 +188,8 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
     batches = iter(batch_loader(dataset, start, config.steps, config.batch_size, workers,
                                 pin_memory=device.type == "cuda", items=range(ranks.rank * share,
                                                                              (ranks.rank + 1) * share)))
-    with StopRequest() as stop:  # before the progress line that says the loop has started
+    with StopRequest(forwarded=distributed.launched_by_torchrun(), announce=ranks.main) as stop:
+        distributed.barrier(ranks)  # every process handles Ctrl-C before the progress line says the loop started
         bar = Progress(range(start, config.steps), total=config.steps, desc="train", unit="step", initial=start,
                        enabled=progress)
         for step in bar:
