@@ -36,8 +36,7 @@ def tensorboard_enabled(requested: bool | None, announce: bool = True) -> bool:
                                % INSTALL_HINT) from None
         global _told
         if announce and not _told:
-            print(f"note: no TensorBoard event files ({INSTALL_HINT} to get them; --no-tensorboard hides this note)",
-                  file=sys.stderr, flush=True)
+            print(f"note: no TensorBoard event files ({INSTALL_HINT} to get them)", file=sys.stderr, flush=True)
             _told = True
         return False
     return True
