@@ -305,7 +305,9 @@ def test_training_encoding_and_eval_memory_does_not_grow_with_the_number_of_imag
     Each command is started by a small Python process that reports its peak: a process started by
     pytest itself inherits pytest's peak RSS (Linux keeps the peak of the image it was forked from),
     which would hide the command's. On the plain-PyTorch backend, so that no build of the C++ CPU
-    kernels (a compiler of 1.1 GB, counted as a waited-for child) lands in a measured command."""
+    kernels (a compiler of 1.1 GB, counted as a waited-for child) lands in a measured command. The
+    same command's peak varies by up to 30 MiB on a busy machine (mapped library pages come and go),
+    hence ``noise``; holding the 3000 images would add 75 MiB."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "FASTVQ_BACKEND": "torch"}
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (16, 96, 96, 3), dtype=np.uint8)
@@ -323,16 +325,17 @@ def test_training_encoding_and_eval_memory_does_not_grow_with_the_number_of_imag
         assert result.returncode == 0, result.stderr
         return int(result.stdout.split()[-1]) / 1024
 
+    noise = 40
     small, large = (peak_rss("train", count, "--steps", 3, *TINY) for count in (300, 3000))
-    assert large - small < 15, (small, large)
+    assert large - small < noise, (small, large)
     use = ("--ckpt", tmp_path / "train300", "--batch-size", 64, "--device", "cpu", "--threads", 1, "--no-progress")
     small, large = (peak_rss("encode", count, *use) for count in (300, 3000))  # reads batch by batch
     assert np.load(tmp_path / "encode3000" / "indices.npy").shape == (3000, 24, 24)
     indices_mib = 2 * 2700 * 24 * 24 * 8 / 2**20  # the int64 codes it returns (and their concatenation)
-    assert large - small < 15 + indices_mib, (small, large)  # holding the images would add 75 MiB more
+    assert large - small < noise + indices_mib, (small, large)
     small, large = (peak_rss("eval", count, *use) for count in (300, 3000))  # keeps two numbers per image
     assert json.loads((tmp_path / "eval3000" / "metrics.json").read_text())["num_images"] == 3000
-    assert large - small < 15, (small, large)  # holding the images would add 75 MiB, with reconstructions 150
+    assert large - small < noise, (small, large)  # holding the images and reconstructions would add 150 MiB
 
 
 def test_progress_is_a_bar_on_a_terminal_and_a_few_lines_in_a_log():
