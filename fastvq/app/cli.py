@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: runs/MODEL[-PRESET])")
     p.add_argument("--resume", action="store_true", help="continue from OUT/" + CHECKPOINT)
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
+                   help="TensorBoard event files in OUT/tensorboard/ (tensorboard --logdir OUT); --tensorboard fails "
+                        "if the tensorboard package is missing (default: written when it is installed)")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (and rFID) on held-out images")
@@ -296,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.resume and resumed_step == config.steps:
             print(f"{out} is finished at step {resumed_step}: nothing trained (raise --steps to train further)")
         run = train_generator if config.model in GENERATORS else train
-        metrics = run(config, out, resume=args.resume, progress=not args.no_progress)
+        metrics = run(config, out, resume=args.resume, progress=not args.no_progress, tensorboard=args.tensorboard)
     if int(os.environ.get("RANK", "0")):  # one summary for a torchrun launch
         return 0
     if config.model in GENERATORS:
@@ -343,17 +346,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         size = args.image_size or meta["config"]["image_size"]
         images = fixed_crops(builtin_images("eval")[1], size, args.num_eval)
     else:
-        images = stack_images(*load_images(args.data, args.resize, args.crop))
+        images = open_images(args.data, args.resize, args.crop)  # read batch by batch
     inception = InceptionFeatures(args.inception_weights, device) if args.inception_weights else None
-    metrics, recons, indices = evaluate(model, images, args.batch_size, device, inception, not args.no_progress)
+    metrics, inputs, recons, counts = evaluate(model, images, args.batch_size, device, inception,
+                                               not args.no_progress)
     out = args.out or checkpoint_file(args.ckpt).parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "metrics.json", {
         "checkpoint": str(args.ckpt), "step": meta["step"], "kind": meta["kind"],
         "quantizer": model.config["quantizer"], "data": args.data, **metrics,
     })
-    report.save_grid(images[:16], recons[:16], out / "reconstructions.png")
-    report.plot_code_histogram(indices, model.codebook_size, out / "codebook_usage.png")
+    report.save_grid(inputs, recons, out / "reconstructions.png")
+    report.plot_code_histogram(counts, out / "codebook_usage.png")
     print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; outputs in {out}")
     return 0
 
@@ -490,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch_threads(args.threads, resolve_device(args.device)):
             return args.func(args)
     except KeyboardInterrupt as err:
+        if int(os.environ.get("RANK", "0")):  # one message for a torchrun launch
+            return 130
         if isinstance(err, TrainingInterrupted):
             print(f"fastvq train: interrupted after step {err.step}, saved in {err.path}; continue with the "
                   "same command and --resume", file=sys.stderr)

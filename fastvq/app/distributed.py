@@ -43,6 +43,12 @@ def start(device: torch.device) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is a worker of torchrun's elastic agent (which forwards SIGINT and
+    SIGTERM to its workers)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def stop(ranks: Ranks) -> None:
     if ranks.owns_group:
         dist.destroy_process_group()

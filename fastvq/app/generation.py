@@ -29,6 +29,7 @@ from .errors import SettingError
 from .evaluation import encode_images
 from .generators import Generator
 from .progress import Progress
+from .runlog import RunLog, tensorboard_enabled
 from .state import CHECKPOINT, load_model, restore_training_state, save_training_state
 from .training import StopRequest, TrainingInterrupted, append_history
 
@@ -47,12 +48,12 @@ def generator_width(model_args: dict[str, Any]) -> int:
     return model_args.get("width", inspect.signature(GENERATORS["diffusion"]).parameters["width"].default)
 
 
-def train_generator(config: RunConfig, out_dir: str | Path, resume: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
+def train_generator(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+                    tensorboard: bool | None = None) -> dict[str, Any]:
     """Train ``config.model`` ('prior' or 'diffusion') over the tokenizer ``config.tokenizer`` (a
     run folder or checkpoint of ``fastvq train``), writing to ``out_dir`` as `fastvq.app.training.train`
-    does (checkpoints, exact resume, Ctrl-C checkpoint, metrics.json, loss.png) plus samples.png.
-    Returns the metrics dict."""
+    does (checkpoints, exact resume, Ctrl-C checkpoint, metrics.json, loss.png, TensorBoard event
+    files per ``tensorboard``) plus samples.png. Returns the metrics dict."""
     out = Path(out_dir)
     if config.model not in GENERATORS:
         raise SettingError("{model} must be one of {choices} here, got {value!r}", choices=", ".join(GENERATORS),
@@ -77,8 +78,9 @@ def train_generator(config: RunConfig, out_dir: str | Path, resume: bool = False
         raise SettingError("{model} %s trains in one process; run it without torchrun" % config.model)
     check_model_args(config.model, config.model_args)
     device = resolve_device(config.device)
+    tensorboard = tensorboard_enabled(tensorboard)
     with torch_threads(config.threads, device) as threads:  # stored: a resume uses the same count
-        return _train(dataclasses.replace(config, threads=threads), out, device, resume, progress)
+        return _train(dataclasses.replace(config, threads=threads), out, device, resume, progress, tensorboard)
 
 
 def training_data(config: RunConfig, tokenizer_meta: dict[str, Any]
@@ -143,7 +145,8 @@ def eval_loss(generator: Generator, targets: torch.Tensor, labels: torch.Tensor 
     return total / len(targets)
 
 
-def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, progress: bool) -> dict[str, Any]:
+def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, progress: bool,
+           tensorboard: bool) -> dict[str, Any]:
     ckpt_path = out / CHECKPOINT
     tokenizer, tokenizer_meta = load_model(config.tokenizer, device)
     if tokenizer_meta["kind"] in GENERATORS:
@@ -184,7 +187,8 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
 
     generator.train()
     step_seconds = []
-    with StopRequest() as stop:
+    with RunLog(out / "tensorboard" if tensorboard else None, continues_at=start + 1 if start else None) as log, \
+            StopRequest() as stop:
         bar = Progress(range(start, config.steps), total=config.steps, desc=f"train {config.model}", unit="step",
                        initial=start, enabled=progress)
         for step in bar:
@@ -203,6 +207,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
             if config.eval_every and (step + 1) % config.eval_every == 0:
                 row["eval_loss"] = eval_loss(generator, eval_targets, eval_labels, batch, config.seed)
             append_history(history, row, step)
+            log.scalars(step + 1, {k: v for k, v in row.items() if k != "step"})
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
             last = step + 1 == config.steps

@@ -42,7 +42,11 @@ def ssim(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
 def codebook_stats(indices: np.ndarray, codebook_size: int) -> dict[str, float]:
     """Usage (fraction of the K codes that occur) and perplexity exp(H) of the code histogram
     of integer ``indices`` of any shape."""
-    counts = np.bincount(np.asarray(indices).reshape(-1), minlength=codebook_size)
+    return histogram_stats(np.bincount(np.asarray(indices).reshape(-1), minlength=codebook_size))
+
+
+def histogram_stats(counts: np.ndarray) -> dict[str, float]:
+    """``codebook_stats`` of a code histogram: (K,) integer counts."""
     probs = counts / max(counts.sum(), 1)
     nonzero = probs[probs > 0]
     return {
@@ -84,11 +88,40 @@ class InceptionFeatures:
         return torch.cat(feats).numpy()
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to (N, F) and (M, F) feature sets."""
+class FeatureMoments:
+    """Mean and covariance (unbiased, as np.cov) of (N, F) features added batch by batch, merged
+    with Chan et al.'s pairwise update: memory O(F^2) whatever N."""
+
+    def __init__(self):
+        self.count, self.mean, self.scatter = 0, None, None  # scatter: sum of (x - mean)(x - mean)^T
+
+    def add(self, features: np.ndarray) -> None:
+        """Add (B, F) features."""
+        features = np.asarray(features, dtype=np.float64)
+        if not len(features):
+            return
+        mean = features.mean(0)
+        centered = features - mean
+        scatter = centered.T @ centered
+        if self.count == 0:
+            self.count, self.mean, self.scatter = len(features), mean, scatter
+            return
+        total = self.count + len(features)
+        delta = mean - self.mean
+        self.scatter = self.scatter + scatter + np.outer(delta, delta) * (self.count * len(features) / total)
+        self.mean = self.mean + delta * (len(features) / total)
+        self.count = total
+
+    @property
+    def covariance(self) -> np.ndarray:
+        return self.scatter / (self.count - 1)
+
+
+def frechet_distance(a: FeatureMoments, b: FeatureMoments) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets."""
     from scipy import linalg
 
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    mu_a, mu_b = a.mean, b.mean
+    cov_a, cov_b = a.covariance, b.covariance
     root = linalg.sqrtm(cov_a @ cov_b)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * np.real(root)))

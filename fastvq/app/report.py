@@ -30,30 +30,44 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8,
-              title: str | None = None) -> None:
-    """Save a PNG of (N, H, W, 3) uint8 ``inputs`` (odd rows, labelled 'input') above their
-    ``reconstructions`` (even rows, labelled 'reconstruction'), ``columns`` per row, with an optional
-    ``title`` line on top (see ``save_rows``)."""
+              title: str | None = None) -> np.ndarray:
+    """Save ``grid_image(inputs, reconstructions, columns, title)`` as a PNG; returns it."""
+    grid = grid_image(inputs, reconstructions, columns, title)
+    _save_png(grid, path)
+    return grid
+
+
+def grid_image(inputs: np.ndarray, reconstructions: np.ndarray, columns: int = 8,
+               title: str | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 ``inputs`` (odd rows, labelled 'input') above their ``reconstructions``
+    (even rows, labelled 'reconstruction'), ``columns`` per row, as one image (see ``rows_image``)."""
     columns = min(columns, len(inputs))
     rows, labels = [], []
     for start in range(0, len(inputs), columns):
         rows += [inputs[start:start + columns], reconstructions[start:start + columns]]
         labels += ["input", "reconstruction"]
-    save_rows(rows, labels, path, title)
+    return rows_image(rows, labels, title)
 
 
 def save_samples(images: np.ndarray, path: Path, columns: int = 8, column_labels: list[str] | None = None,
                  title: str | None = None) -> None:
-    """Save a PNG of (N, H, W, 3) uint8 ``images``, ``columns`` per row (see ``save_rows``)."""
+    """Save a PNG of (N, H, W, 3) uint8 ``images``, ``columns`` per row (see ``rows_image``)."""
     columns = min(columns, len(images))
-    save_rows([images[i:i + columns] for i in range(0, len(images), columns)], None, path, title, column_labels)
+    rows = [images[i:i + columns] for i in range(0, len(images), columns)]
+    _save_png(rows_image(rows, None, title, column_labels), path)
 
 
-def save_rows(rows: list[np.ndarray], labels: list[str] | None, path: Path, title: str | None = None,
-              column_labels: list[str] | None = None) -> None:
-    """Save a PNG of image rows (each (n, H, W, 3) uint8, n >= 1, same H and W), upscaled (nearest) so
-    tiles are at least 96 px, each row labelled on the left by ``labels`` and each column on top by
-    ``column_labels`` (None: no labels), with an optional ``title`` line on top."""
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+
+
+def rows_image(rows: list[np.ndarray], labels: list[str] | None, title: str | None = None,
+               column_labels: list[str] | None = None) -> np.ndarray:
+    """Image rows (each (n, H, W, 3) uint8, n >= 1, same H and W) as one (H', W', 3) uint8 image,
+    upscaled (nearest) so tiles are at least 96 px, each row labelled on the left by ``labels`` and
+    each column on top by ``column_labels`` (None: no labels), with an optional ``title`` line on top."""
     from PIL import Image, ImageDraw, ImageFont
 
     _, h, w, _ = rows[0].shape
@@ -85,7 +99,7 @@ def save_rows(rows: list[np.ndarray], labels: list[str] | None, path: Path, titl
     for row, label in enumerate(labels or []):
         y = top + (pad + row * (h + pad) + h // 2) * scale
         draw.text((4, y - 7), label, fill="black", font=font)
-    write_atomic(path, lambda f: image.save(f, format="PNG"))
+    return np.asarray(image)
 
 
 def _figure():
@@ -142,11 +156,11 @@ def plot_curves(history: dict[str, list[float]], out_dir: Path, panels=TOKENIZER
     return paths
 
 
-def plot_code_histogram(indices: np.ndarray, codebook_size: int, path: Path) -> None:
-    """Write a PNG of code frequencies sorted from most to least used."""
-    counts = np.sort(np.bincount(indices.reshape(-1), minlength=codebook_size))[::-1]
+def plot_code_histogram(counts: np.ndarray, path: Path) -> None:
+    """Write a PNG of code frequencies ((K,) counts per code) sorted from most to least used."""
+    counts = np.sort(counts)[::-1]
     fig, ax = _figure()
-    ax.bar(np.arange(codebook_size), counts / max(counts.sum(), 1), width=1.0)
+    ax.bar(np.arange(len(counts)), counts / max(counts.sum(), 1), width=1.0)
     ax.set_xlabel("code rank")
     ax.set_ylabel("frequency on held-out images")
     fig.tight_layout()

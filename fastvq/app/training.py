@@ -3,6 +3,7 @@ Independent of the command line (`fastvq.app.cli` translates its flags into a `R
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -24,6 +25,7 @@ from .errors import SettingError
 from .evaluation import evaluate
 from .metrics import batch_psnr
 from .progress import Progress
+from .runlog import RunLog, tensorboard_enabled
 from .state import CHECKPOINT, read_checkpoint, restore_training_state, save_training_state
 from .step import PRECISIONS, make_optimizers, make_scaler, train_step
 
@@ -39,7 +41,13 @@ class TrainingInterrupted(KeyboardInterrupt):
 class StopRequest:
     """While entered (in the main thread), the first SIGINT only sets ``requested``, so that the
     training loop can finish its step and checkpoint it; a second one raises KeyboardInterrupt at
-    once. A process that ignores SIGINT keeps ignoring it."""
+    once. With ``forwarded`` (a worker of torchrun), every SIGINT only sets ``requested``: a
+    terminal's Ctrl-C reaches each worker twice, from the terminal and forwarded by torchrun, and
+    torchrun's SIGKILL after its --shutdown-timeout (30 s by default) is the hard stop. ``announce``:
+    say so on stderr. A process that ignores SIGINT keeps ignoring it."""
+
+    def __init__(self, forwarded: bool = False, announce: bool = True):
+        self.forwarded, self.announce = forwarded, announce
 
     def __enter__(self) -> StopRequest:
         self.requested, self._previous = False, None
@@ -50,10 +58,13 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.announce and not self.requested:
+            then = ("torchrun stops the run after its --shutdown-timeout" if self.forwarded
+                    else "press again to stop at once")
+            print(f"\nCtrl-C: saving a checkpoint after this step ({then})", file=sys.stderr, flush=True)
         self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-        print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", file=sys.stderr,
-              flush=True)
+        if not self.forwarded:
+            signal.signal(signal.SIGINT, self._previous)
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
@@ -68,35 +79,44 @@ def append_history(history: dict[str, list[float]], row: dict[str, float], step:
         history[key].append(float(row.get(key, float("nan"))))
 
 
+def eval_entries(metrics: dict[str, float]) -> dict[str, float]:
+    """The history entries of ``evaluate``'s metrics: eval_psnr, eval_ssim, eval_usage, eval_perplexity."""
+    return {"eval_psnr": metrics["psnr"], "eval_ssim": metrics["ssim"], "eval_usage": metrics["codebook_usage"],
+            "eval_perplexity": metrics["perplexity"]}
+
+
 def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: torch.device, step: int,
-                  out: Path | None) -> dict[str, float]:
-    """Held-out metrics during training, as history entries (eval_psnr, eval_ssim, eval_usage,
-    eval_perplexity), and a grid of inputs and reconstructions in out/samples/step_NNNNNNN.png
-    (unless ``out`` is None). Leaves the model in training mode and torch's RNG as it found them,
-    so that training continues exactly as without the evaluation."""
+                  out: Path | None, log: RunLog) -> dict[str, float]:
+    """Held-out metrics during training, as history entries (``eval_entries``), and a grid of
+    inputs and reconstructions in out/samples/step_NNNNNNN.png and ``log`` (unless ``out`` is
+    None). Leaves the model in training mode and torch's RNG as it found them, so that training
+    continues exactly as without the evaluation."""
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    metrics, recons, _ = evaluate(model, images, batch_size, device)
+    metrics, inputs, recons, _ = evaluate(model, images, batch_size, device)
     model.train()
     torch.set_rng_state(rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
     if out is not None:
         (out / "samples").mkdir(parents=True, exist_ok=True)
-        report.save_grid(images[:16], recons[:16], out / "samples" / f"step_{step:07d}.png",
-                         title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB")
-    return {"eval_psnr": metrics["psnr"], "eval_ssim": metrics["ssim"], "eval_usage": metrics["codebook_usage"],
-            "eval_perplexity": metrics["perplexity"]}
+        grid = report.save_grid(inputs, recons, out / "samples" / f"step_{step:07d}.png",
+                                title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB")
+        log.images(step, {"reconstructions": grid})
+    return eval_entries(metrics)
 
 
 def train(
-    config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
+    config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+    tensorboard: bool | None = None,
 ) -> dict[str, Any]:
     """Train per ``config``, writing to ``out_dir``: checkpoint.safetensors (every
-    ``ckpt_every`` steps and at the end), metrics.json, reconstructions.png, loss.png and
-    codebook_usage.png. ``resume`` continues from the checkpoint there; batches depend only on
-    (seed, step), so the losses match an uninterrupted run exactly; resuming a finished run returns
-    its metrics.json and rewrites nothing. Ctrl-C (SIGINT) finishes the step in progress, checkpoints
+    ``ckpt_every`` steps and at the end), metrics.json, reconstructions.png, loss.png,
+    codebook_usage.png and, per ``tensorboard`` (None: if the package is installed; see
+    ``runlog.tensorboard_enabled``), TensorBoard event files in tensorboard/. ``resume``
+    continues from the checkpoint there; batches depend only on (seed, step), so the losses match
+    an uninterrupted run exactly; resuming a finished run returns its metrics.json and rewrites
+    nothing. Ctrl-C (SIGINT) finishes the step in progress, checkpoints
     it and raises ``TrainingInterrupted``. Returns the metrics dict."""
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
@@ -121,18 +141,20 @@ def train(
         if ranks.world > 1 and device.type == "cuda":
             device = torch.device("cuda", ranks.local_rank)
             torch.cuda.set_device(device)
+        tensorboard = tensorboard_enabled(tensorboard, announce=ranks.main)
         if config.batch_size % ranks.world:
             raise SettingError("{batch_size} {value} (the global batch) must be a multiple of the {world} processes",
                                value=config.batch_size, world=ranks.world)
-        with torch_threads(config.threads, device) as threads:  # stored: a resume uses the same count
-            config = dataclasses.replace(config, threads=threads, world_size=ranks.world)
-            return _train(config, out, device, ranks, resume, progress and ranks.main)
+        with torch_threads(config.threads, device) as threads, contextlib.ExitStack() as run_scope:
+            config = dataclasses.replace(config, threads=threads, world_size=ranks.world)  # a resume uses them
+            return _train(config, out, device, ranks, resume, progress and ranks.main, tensorboard, run_scope)
     finally:
         distributed.stop(ranks)
 
 
 def _train(config: RunConfig, out: Path, device: torch.device, ranks: distributed.Ranks, resume: bool,
-           progress: bool) -> dict[str, Any]:
+           progress: bool, tensorboard: bool, run_scope: contextlib.ExitStack) -> dict[str, Any]:
+    """The run of ``train``; what it opens in ``run_scope`` is closed when the run ends, however it ends."""
     ckpt_path = out / CHECKPOINT
     train_images, eval_images = split_images(
         config.data, config.holdout, config.seed, config.resize, config.crop
@@ -161,6 +183,8 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
             return json.loads((out / "metrics.json").read_text())  # finished: nothing to train or rewrite
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
+    log = run_scope.enter_context(RunLog(out / "tensorboard" if tensorboard and ranks.main else None,
+                                         continues_at=start + 1 if start else None))
 
     model.train()
     timer = QuantizerTimer(model.quantizer, device)
@@ -172,7 +196,8 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
     batches = iter(batch_loader(dataset, start, config.steps, config.batch_size, workers,
                                 pin_memory=device.type == "cuda", items=range(ranks.rank * share,
                                                                              (ranks.rank + 1) * share)))
-    with StopRequest() as stop:  # before the progress line that says the loop has started
+    with StopRequest(forwarded=distributed.launched_by_torchrun(), announce=ranks.main) as stop:
+        distributed.barrier(ranks)  # every process handles Ctrl-C before the progress line says the loop started
         bar = Progress(range(start, config.steps), total=config.steps, desc="train", unit="step", initial=start,
                        enabled=progress)
         for step in bar:
@@ -190,8 +215,9 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
                                                               stop.requested)
             if config.eval_every and (step + 1) % config.eval_every == 0:
                 logs.update(periodic_eval(model, eval_set, config.batch_size, device, step + 1,
-                                          out if ranks.main else None))
+                                          out if ranks.main else None, log))
             append_history(history, {"step": step + 1, **logs}, step)
+            log.scalars(step + 1, logs)
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", psnr=f"{logs['psnr']:.2f}",
                                 usage=f"{logs['usage']:.3f}")
@@ -205,7 +231,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
     bar.close()
     timer.close()
 
-    eval_metrics, recons, _ = evaluate(model, eval_set, config.batch_size, device)
+    eval_metrics, inputs, recons, _ = evaluate(model, eval_set, config.batch_size, device)
     timed = slice(1, None) if len(step_seconds) > 1 else slice(None)  # skip warm-up step
     step_total, quantizer_total = sum(step_seconds[timed]), sum(quantizer_seconds[timed])
     timing = {
@@ -231,7 +257,10 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
     }
     if ranks.main:
         report.write_json(out / "metrics.json", metrics)
-        report.save_grid(eval_set[:16], recons[:16], out / "reconstructions.png")
+        grid = report.save_grid(inputs, recons, out / "reconstructions.png")
         report.plot_curves(history, out)
+        if not (config.eval_every and config.steps % config.eval_every == 0):  # else logged already
+            log.scalars(config.steps, eval_entries(eval_metrics))
+            log.images(config.steps, {"reconstructions": grid})
     distributed.barrier(ranks)
     return metrics
