@@ -17,8 +17,10 @@ from types import ModuleType
 
 import torch
 
-SOURCES = Path(__file__).resolve().parents[3] / "kernels" / "cpu"
-"""The C++ sources (a checkout or an editable install; a wheel would ship them as package data)."""
+from ..kernel_sources import kernel_sources_dir
+
+SOURCES = kernel_sources_dir() / "cpu"
+"""The C++ sources (fastvq/kernels/cpu in a wheel, kernels/cpu in a checkout)."""
 
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
@@ -33,7 +35,7 @@ class CpuKernelsUnavailable(RuntimeError):
 def _build_problem() -> str:
     """Why a build cannot even start ('' when it can)."""
     if not (SOURCES / "search.cpp").is_file():
-        return f"the C++ sources are not in {SOURCES} (an install without the kernels/ folder)"
+        return f"the C++ sources are not in {SOURCES} (an install without the kernel sources)"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} is not on PATH; install g++ or clang, or set CXX)"
