@@ -139,17 +139,18 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     x (H, N, D) float, indices (H, N) int64 in [-1, K), mask (H, N) bool or None. Tokens with index
     -1 (or out of [0, K): never written outside the outputs) or mask False are skipped.
     """
-    heads, _, dim = x.shape
+    heads, n, dim = x.shape
     keep = (indices >= 0) & (indices < num_codes)  # out of range only with check_indices=False: skipped
     if mask is not None:
         keep = keep & mask
-    counts = torch.zeros(heads, num_codes, device=x.device)
-    sums = torch.zeros(heads, num_codes, dim, device=x.device)
-    for h in range(heads):
-        idx = indices[h][keep[h]]
-        counts[h].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
-        sums[h].index_add_(0, idx, x[h][keep[h]].float())
-    return counts, sums
+    spare = torch.where(keep, indices, num_codes)  # skipped tokens add into a spare code, dropped below
+    counts = torch.zeros(heads, num_codes + 1, device=x.device)
+    sums = torch.zeros(heads, num_codes + 1, dim, device=x.device)
+    ones = torch.ones(n, device=x.device)
+    for h in range(heads):  # on CPU the same bits every run and thread count (tests/test_code_stats.py)
+        counts[h].index_add_(0, spare[h], ones)
+        sums[h].index_add_(0, spare[h], x[h].float())
+    return counts[:, :num_codes], sums[:, :num_codes]
 
 
 # ---------------------------------------------------------------------------------------------
