@@ -143,14 +143,15 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     keep = (indices >= 0) & (indices < num_codes)  # out of range only with check_indices=False: skipped
     if mask is not None:
         keep = keep & mask
-    spare = torch.where(keep, indices, num_codes)  # skipped tokens add into a spare code, dropped below
-    counts = torch.zeros(heads, num_codes + 1, device=x.device)
-    sums = torch.zeros(heads, num_codes + 1, dim, device=x.device)
-    ones = torch.ones(n, device=x.device)
-    for h in range(heads):  # on CPU the same bits every run and thread count (tests/test_code_stats.py)
-        counts[h].index_add_(0, spare[h], ones)
-        sums[h].index_add_(0, spare[h], x[h].float())
-    return counts[:, :num_codes], sums[:, :num_codes]
+    # rows h * K + code of every head's codes, then one spare row that takes the skipped tokens
+    offsets = torch.arange(heads, device=x.device).unsqueeze(1) * num_codes
+    rows = torch.where(keep, indices + offsets, heads * num_codes).reshape(-1)
+    counts = torch.zeros(heads * num_codes + 1, device=x.device)
+    sums = torch.zeros(heads * num_codes + 1, dim, device=x.device)
+    # on CPU the same bits every run and thread count (tests/test_code_stats.py)
+    counts.index_add_(0, rows, torch.ones(heads * n, device=x.device))
+    sums.index_add_(0, rows, x.reshape(heads * n, dim).float())
+    return counts[:-1].view(heads, num_codes), sums[:-1].view(heads, num_codes, dim)
 
 
 # ---------------------------------------------------------------------------------------------
