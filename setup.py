@@ -2,10 +2,11 @@
 
 By default nothing here is compiled and this file imports no torch: the Triton kernels are JIT-compiled
 at first use, and so are the C++ CPU kernels (kernels/cpu/, with ninja) and the CUDA C++ backend
-(kernels/, with nvcc and ninja). FASTVQ_FORCE_BUILD=1 compiles the CUDA backend now instead, into
-`fastvq.ops.cuda._ext` (needs a CUDA build of torch in the build environment, hence
-`pip install --no-build-isolation`, and nvcc; TORCH_CUDA_ARCH_LIST picks the GPUs, torch's default
-being the visible ones; MAX_JOBS limits the parallel compiles).
+(kernels/, with nvcc and ninja); a wheel ships those sources inside the package as fastvq/kernels/.
+FASTVQ_FORCE_BUILD=1 compiles the CUDA backend now instead, into `fastvq.ops.cuda._ext` (needs a CUDA
+build of torch in the build environment, hence `pip install --no-build-isolation`, and nvcc;
+TORCH_CUDA_ARCH_LIST picks the GPUs, torch's default being the visible ones; MAX_JOBS limits the
+parallel compiles).
 """
 
 import os
@@ -43,7 +44,9 @@ setup(
     description="Fused nearest-code search and EMA codebook statistics for VQ-VAE / VQGAN tokenizers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["fastvq", "fastvq.*"]),
+    packages=find_packages(include=["fastvq", "fastvq.*"]) + ["fastvq.kernels", "fastvq.kernels.cpu"],
+    package_dir={"fastvq.kernels": "kernels"},  # the JIT sources ship inside the package, from the one kernels/
+    package_data={"fastvq.kernels": ["*.cu", "*.cuh", "*.h", "torch_glue.cpp"], "fastvq.kernels.cpu": ["*.cpp", "*.h"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     extras_require=EXTRAS,

@@ -7,6 +7,8 @@ ops (what a call does):
     residual -- the same for a residual quantizer of `stages` stages (EnCodec / DAC shapes);
     head    -- a prior's output layer over K codes: mean cross-entropy of (N, D) hidden states against
                targets, forward and backward (fastvq's CodeHead against nn.Linear + F.cross_entropy);
+    scaling -- the scaling figure at fixed N and D against K: the search (fastvq's C++ CPU kernel,
+               faiss-cpu) and a layer's eval forward (fastvq, vector-quantize-pytorch);
     matmul  -- the dense (N, D) x (D, K) product of the same shape (what the search is measured against);
     ceiling -- the device's own limits: a large square matmul per precision, a device-to-device copy.
 roles: "fastvq" (ours, public API only: the torch, triton, cuda and cpu backends), "alternative" (what
@@ -60,6 +62,9 @@ TRAIN_OPS = ("train", "residual")  # ops whose inputs are (x (1, N, D) requiring
 EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
 TAMING_BETA = 0.25
 TAMING_LR = 1e-4
+SCALING_MEM_CAP = 8 << 30
+"""The scaling figure runs a measurement only when `estimate_bytes` stays below this (and the run's
+limit); above it the record says oom, not run, with the estimate."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,21 @@ def _layer(make: Callable[[Shape], nn.Module], learnable: bool = False):
     return setup
 
 
+def _layer_eval(make: Callable[[Shape], nn.Module]):
+    """A layer's eval forward (its search and code lookup) on x (N, D) as one (1, N, D) batch; the
+    codebook input is not used: the layer searches its own `initial_codebook` of the same size."""
+    def setup(shape, dtype, device):
+        layer = make(shape).to(device).eval()
+        with torch.no_grad():
+            layer.codebook.copy_(initial_codebook(shape, device))
+
+        @torch.no_grad()
+        def forward(x, codebook):
+            return layer(x[None])
+        return forward
+    return setup
+
+
 def _residual_layer(cls_of: Callable[[], type], **kwargs):
     """A residual quantizer's training step; every stage starts from `initial_codebook`."""
     def setup(shape, dtype, device):
@@ -383,6 +403,15 @@ IMPLS: list[Impl] = [
     Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
     Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),
     Impl("linear+cross_entropy", "head", "alternative", _head(_linear_head), nk_bytes=12),
+    # the scaling figure: time and memory against K at fixed N and D (fp32)
+    Impl("fastvq-cpu", "scaling", "fastvq", _fastvq_search("cpu", None), dtypes=FP32, why_not=_cpu_kernels_missing),
+    Impl("faiss-cpu", "scaling", "alternative", _plain(faiss_search), dtypes=FP32, why_not=_FAISS),
+    Impl("fastvq-layer-eval[cpu]", "scaling", "fastvq",
+         _layer_eval(lambda s: fastvq.VectorQuantize(dim=s.d, codebook_size=s.k, backend="cpu")), dtypes=FP32,
+         why_not=_cpu_kernels_missing),
+    Impl("vqp-layer-eval", "scaling", "alternative",
+         _layer_eval(lambda s: vector_quantize_pytorch.VectorQuantize(dim=s.d, codebook_size=s.k)), dtypes=FP32,
+         nk_bytes=24, why_not=_VQP),  # its training step measured 24-24.5 bytes per (token, code) pair
 ]
 
 CEILINGS: list[Impl] = [

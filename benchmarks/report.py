@@ -1,4 +1,5 @@
-"""Benchmark records -> results.json, results.md (tables) and time.png / memory.png (plots).
+"""Benchmark records -> results.json, results.md (tables), time.png / memory.png (bars per shape) and
+scaling.png (time and memory against K, when the run has the scaling op).
 
     python benchmarks/report.py benchmarks/results/<device>-<date>/results.json   # redraw from the JSON
 
@@ -22,8 +23,9 @@ import fastvq
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-OPS = ("search", "train", "residual", "head")
-VQP_LAYER = {"train": "vqp-layer", "residual": "vqp-rvq"}  # vector-quantize-pytorch's layer for each op
+BAR_OPS = ("search", "train", "residual", "head")  # drawn as bars per shape in time.png / memory.png
+OPS = BAR_OPS + ("scaling",)  # scaling.png draws the last one against K
+VQP_LAYER = {"train": "vqp-layer", "residual": "vqp-rvq", "scaling": "vqp-layer-eval"}  # per op
 SHORT = {"skipped": "skip", "oom": "oom", "error": "error"}
 EPILOGUE_INSTRUCTIONS = 3  # CUDA-core instructions per (token, code) pair: score, compare, select
 LINEAR_MEMORY_FACTOR = 32  # train-step goal: extra bytes <= 32 (N + K) (D + 1) fp32 words + 64 MiB
@@ -35,6 +37,8 @@ def write(meta: dict, records: list[dict], out_dir: Path) -> None:
     (out_dir / "results.md").write_text(markdown(meta, records))
     plot(records, out_dir / "time.png", "median_ms", 1.0, "median time per call (ms, log)")
     plot(records, out_dir / "memory.png", "peak_mem_bytes", 2.0 ** -20, "peak memory above inputs (MiB, log)")
+    if any(r["op"] == "scaling" for r in records):
+        plot_scaling(records, out_dir / "scaling.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +205,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
     titles = {"search": "Nearest-code search", "train": "Training step (forward, backward, codebook update)",
               "residual": "Residual VQ training step (N frames, K codes, D = input dim; stages and codebook "
                           "dim in the shape's name and results.json)",
-              "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)"}
+              "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)",
+              "scaling": "Scaling with K (fixed N and D): search, and a layer's eval forward"}
     for op in OPS:
         if any(r["op"] == op for r in records):
             versus = ", and over vector-quantize-pytorch's layer" if op in VQP_LAYER else ""
@@ -310,8 +315,10 @@ def plot(records: list[dict], path: Path, field: str, scale: float, ylabel: str)
     """Bars per shape and implementation, one panel per (op, dtype), log scale; fastvq in blues and
     greens, alternatives in warm colours. Runs that ran out of memory or failed keep their slot,
     labelled; skipped implementations are left out (they are listed under "Not run")."""
-    shown = [r for r in records if r["op"] in OPS and r["status"] != "skipped"]
+    shown = [r for r in records if r["op"] in BAR_OPS and r["status"] != "skipped"]
     panels = list(dict.fromkeys((r["op"], r["dtype"]) for r in shown))
+    if not panels:  # e.g. --only scaling: its figure is scaling.png
+        return
     colors = {}
     for role, palette in (("fastvq", FASTVQ_COLORS), ("alternative", OTHER_COLORS)):
         names = dict.fromkeys(r["impl"] for r in shown if r["role"] == role)
@@ -345,6 +352,37 @@ def plot(records: list[dict], path: Path, field: str, scale: float, ylabel: str)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
         ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(records: list[dict], path: Path) -> None:
+    """Two log-log panels against K: median time and peak memory above inputs, one line per
+    implementation of the scaling op. A K where it did not run (oom: its estimate passed the cap, or
+    it failed) is named in the legend."""
+    rows = [r for r in records if r["op"] == "scaling" and r["status"] != "skipped"]
+    names = list(dict.fromkeys(r["impl"] for r in rows))
+    palettes = {"fastvq": iter(FASTVQ_COLORS), "alternative": iter(OTHER_COLORS)}
+    colors = {name: next(palettes[_find(rows, impl=name)["role"]]) for name in names}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, (field, scale, label) in zip(axes, [("median_ms", 1.0, "median time per call (ms)"),
+                                                ("peak_mem_bytes", 2.0 ** -20, "peak memory above inputs (MiB)")]):
+        for name in names:
+            mine = sorted((r for r in rows if r["impl"] == name), key=lambda r: r["K"])
+            ran = [r for r in mine if _ok(r) and r[field] is not None]
+            missing = [f"{r['K']}: {SHORT.get(r['status'], r['status'])}" for r in mine if not _ok(r)]
+            legend = name + (f" (not at K = {', '.join(missing)})" if missing else "")
+            ax.plot([r["K"] for r in ran], [max(r[field] * scale, 1e-3) for r in ran], "o-", color=colors[name],
+                    label=legend)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("K (codes)", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if rows:
+        fig.suptitle(f"against K at N = {rows[0]['N']}, D = {rows[0]['D']}, {rows[0]['dtype']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

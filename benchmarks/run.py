@@ -3,11 +3,12 @@
     python benchmarks/run.py                      # full matrix on the GPU, or the CPU matrix without one
     python benchmarks/run.py --device cpu --quick # a tiny shape, seconds
     python benchmarks/run.py --only search --shapes vqvae,llamagen
+    python benchmarks/run.py --device cpu --only scaling  # time and memory against K (scaling.png)
 
 Writes benchmarks/results/<device>-<date>/ (a partial run adds -quick, -<op>, -<shapes>; a --quick
 run goes to the git-ignored benchmarks/scratch/ instead, as it records nothing worth keeping) with
-results.json (one record per measurement), results.md (tables) and time.png / memory.png (see
-report.py). On CPU every measurement runs in a
+results.json (one record per measurement), results.md (tables) and time.png / memory.png, plus
+scaling.png with the scaling op (see report.py). On CPU every measurement runs in a
 forked child process, so that its peak resident memory is its own and an out-of-memory kill ends
 only that child; on CUDA they run in this process.
 """
@@ -52,6 +53,11 @@ def head_shapes(positions: int) -> list[Shape]:
     return [Shape(f"head-{k >> 10}k", positions, k, 256, FP32, ops=("head",)) for k in (1024, 16384, 262144)]
 
 
+def scaling_shapes(n: int, d: int, ks: tuple[int, ...]) -> list[Shape]:
+    """The scaling figure: N tokens of D dims (fp32) against K codes for each K in ks."""
+    return [Shape(f"scale-{k >> 10}k" if k >= 1024 else f"scale-{k}", n, k, d, FP32, ops=("scaling",)) for k in ks]
+
+
 SHAPES = {
     "cuda": [
         Shape("vqvae", 65536, 1024, 64),
@@ -72,10 +78,12 @@ SHAPES = {
         Shape("large-cpu", 65536, 16384, 32, FP32, default=False),
         *residual_shapes(8192),
         *head_shapes(4096),
+        *scaling_shapes(16384, 32, (1024, 4096, 16384, 65536, 262144)),
     ],
     "quick": [Shape("tiny", 2048, 256, 16, FP32),
               Shape("tiny-rvq", 2048, 256, 16, FP32, ops=("residual",), stages=3, codebook_dim=8),
-              Shape("tiny-head", 512, 2048, 32, FP32, ops=("head",))],
+              Shape("tiny-head", 512, 2048, 32, FP32, ops=("head",)),
+              *scaling_shapes(512, 16, (256, 1024))],
 }
 # square matmul (N = K = D) and copy (N x D fp32) for the measured ceilings
 CEILING_SIZES = {"cuda": (8192, 1 << 30), "cpu": (2048, 256 << 20), "quick": (512, 16 << 20)}
@@ -105,7 +113,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
     parser.add_argument("--out", help="parent folder of the <device>-<date> results folder (default: "
                         "benchmarks/results, or the git-ignored benchmarks/scratch with --quick)")
-    parser.add_argument("--only", choices=("search", "train", "residual", "head"),
+    parser.add_argument("--only", choices=("search", "train", "residual", "head", "scaling"),
                         help="only this op (ceilings always run)")
     parser.add_argument("--shapes", help="comma-separated shape names of the device's matrix (also runs "
                         "shapes left out by default, e.g. large-cpu)")
@@ -254,14 +262,15 @@ def run_one(impl: Impl, shape: Shape, dtype: torch.dtype, settings: Settings, me
                   dtype=str(dtype).removeprefix("torch."), precision=impl.precision, copies=copies,
                   median_ms=None, p20_ms=None, p80_ms=None, reps=0, peak_mem_bytes=None)
     estimate = impls.estimate_bytes(impl, shape, dtype, copies)
+    limit = min(settings.mem_limit, impls.SCALING_MEM_CAP) if impl.op == "scaling" else settings.mem_limit
     if reason := impl.why_not(device):
         record.update(status="skipped", reason=reason)
     elif settings.quick and impl.compiles:
         record.update(status="skipped", reason="--quick skips torch.compile (a cold inductor compile takes "
                                                "~40 s on a 2-core CPU)")
-    elif estimate > settings.mem_limit:
+    elif estimate > limit:
         record.update(status="oom", reason=f"not run: needs about {estimate / 2**30:.1f} GiB, limit "
-                                           f"{settings.mem_limit / 2**30:.1f} GiB")
+                                           f"{limit / 2**30:.1f} GiB")
     else:
         run = measure_in_child if device.type == "cpu" else measure
         record.update(run(impl, shape, dtype, copies, settings))

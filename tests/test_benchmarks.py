@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"device", "torch", "triton", "git_commit", "date", "op", "impl", "role", "shape", "N", "K", "D",
             "dtype", "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "status", "reason"}
@@ -17,7 +19,8 @@ EXPECTED = {("ceiling", "peak-mm[ieee]"), ("ceiling", "copy"), ("matmul", "dense
             ("train", "vqp-layer"),
             ("train", "taming-vq2"), ("residual", "fastvq-rvq[torch]"), ("residual", "fastvq-rvq[triton]"),
             ("residual", "vqp-rvq"), ("head", "fastvq-head[torch]"), ("head", "fastvq-head[triton]"),
-            ("head", "linear+cross_entropy")}
+            ("head", "linear+cross_entropy"), ("scaling", "fastvq-cpu"), ("scaling", "faiss-cpu"),
+            ("scaling", "fastvq-layer-eval[cpu]"), ("scaling", "vqp-layer-eval")}
 
 
 def _run_quick(out: Path) -> Path:
@@ -48,7 +51,7 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
     ok = [r for r in records if r["status"] == "ok"]
     assert {r["impl"] for r in ok} >= {"fastvq-torch", "naive", "cdist", "vqp-cdist", "fastvq-layer[torch]",
                                        "vqp-layer", "taming-vq2", "dense-mm[ieee]", "copy", "fastvq-rvq[torch]",
-                                       "vqp-rvq", "fastvq-head[torch]", "linear+cross_entropy"}
+                                       "vqp-rvq", "fastvq-head[torch]", "linear+cross_entropy", "vqp-layer-eval"}
     for r in ok:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
         assert r["reps"] >= 2 and isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0, r
@@ -64,10 +67,11 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
 
     markdown = (folder / "results.md").read_text()
     for title in ("## Measured ceilings", "## Nearest-code search", "## Training step", "## Residual VQ training",
-                  "## Prior output head", "## Peak memory", "## Not run"):
+                  "## Prior output head", "## Scaling with K", "## Peak memory", "## Not run"):
         assert title in markdown
     assert "| tiny | 2048, 256, 16 | float32 |" in markdown
-    for name in ("time.png", "memory.png"):
+    assert sorted(r["K"] for r in records if r["impl"] == "vqp-layer-eval") == [256, 1024]
+    for name in ("time.png", "memory.png", "scaling.png"):
         png = (folder / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
@@ -94,3 +98,19 @@ def test_quick_runs_go_to_a_git_ignored_folder_and_full_runs_to_results():
     ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(probe)])
     assert ignored.returncode == 0, f"{probe} is not ignored by git"
     assert subprocess.run(["git", "-C", str(REPO), "check-ignore", "-q", str(full / "x.json")]).returncode == 1
+
+
+def test_scaling_measurements_past_the_cap_are_recorded_as_oom_without_running():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import impls
+        import run
+    finally:
+        sys.path.pop(0)
+    (shape,) = run.scaling_shapes(16384, 32, (262144,))
+    vqp = next(i for i in impls.IMPLS if i.op == "scaling" and i.name == "vqp-layer-eval")
+    never = impls.Impl(vqp.name, vqp.op, vqp.role, setup=None, dtypes=vqp.dtypes, nk_bytes=vqp.nk_bytes)
+    settings = run.Settings(torch.device("cpu"), 0.0, 1.0, 1, 1, False, mem_limit=1 << 50, threads=1)
+    record = run.run_one(never, shape, torch.float32, settings, {})
+    assert record["status"] == "oom" and record["median_ms"] is None
+    assert record["reason"].startswith("not run: needs about 97") and record["reason"].endswith("limit 8.0 GiB")

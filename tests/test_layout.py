@@ -3,6 +3,7 @@ the reference loads without triton, and the entry points and checkpoints of befo
 
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from fastvq.app.cli import main
 from fastvq.app.evaluation import reconstruct
 from fastvq.app.state import load_model
+from fastvq.ops.kernel_sources import kernel_sources_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -51,6 +53,41 @@ def test_reference_imports_no_triton():
     result = _python("import sys, fastvq.ops.reference; print('triton' in sys.modules)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_kernel_sources_are_looked_up_in_the_package_then_the_checkout(tmp_path):
+    checkout = tmp_path / "checkout"
+    (checkout / "fastvq").mkdir(parents=True)
+    (checkout / "kernels").mkdir()
+    assert kernel_sources_dir(checkout / "fastvq") == checkout / "kernels"
+    (checkout / "fastvq" / "kernels").mkdir()
+    assert kernel_sources_dir(checkout / "fastvq") == checkout / "fastvq" / "kernels"
+    assert kernel_sources_dir() == REPO / "kernels"  # this checkout keeps them in kernels/ only
+
+
+def test_an_installed_package_ships_the_kernel_sources_and_builds_from_them(tmp_path):
+    """What `pip install .` puts in site-packages (setup.py's build_py output, the wheel's content) holds
+    the C++ and CUDA sources and every header they include, under fastvq/kernels/; imported from there,
+    both JIT builds take their sources from that copy."""
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr[-3000:]
+    shipped = tmp_path / "fastvq" / "kernels"
+    expected = sorted(REPO.joinpath("kernels").glob("*.cu")) + [REPO / "kernels" / "torch_glue.cpp",
+                                                               REPO / "kernels" / "cpu" / "search.cpp"]
+    for source in expected:
+        copy = shipped / source.relative_to(REPO / "kernels")
+        assert copy.read_bytes() == source.read_bytes(), copy
+        for header in re.findall(r'#include "([^"]+)"', source.read_text()):
+            assert (copy.parent / header).is_file(), f"{header} (included by {source.name}) is not shipped"
+    result = _python("from fastvq.ops.cpu import _extension; from fastvq.ops.cuda import _build; "
+                     "print(_extension.SOURCES); print(*_build.sources(), sep='\\n')",
+                     cwd=tmp_path, pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cpu_sources, *cuda_sources = result.stdout.split()
+    assert Path(cpu_sources) == shipped / "cpu"
+    assert [Path(p) for p in cuda_sources] == sorted(shipped.glob("*.cu")) + [shipped / "torch_glue.cpp"]
+    assert len(cuda_sources) >= 3
 
 
 def test_command_entry_points():

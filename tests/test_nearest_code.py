@@ -86,10 +86,12 @@ def test_precision_modes_bound_regret(device, backend, precision, offset):
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n,k", [(7, 259), (301, 259), (33, 1100)])
-def test_exact_ties_go_to_lowest_index(device, backend, metric, n, k):
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_exact_ties_go_to_lowest_index(device, backend, metric, n, k, precision):
     """Integer-valued data make every product exact, so duplicated codes tie exactly; the lowest
     index must win, also when the copies fall in different code tiles and code splits (K = 1100
-    puts twins 1000 codes apart: different tiles of the reference's 512 codes too)."""
+    puts twins 1000 codes apart: different tiles of the reference's 512 codes too), and in bf16
+    (exact for these integers; the C++ CPU search takes its bf16 operands two dimensions at a time)."""
     d = 5
     codebook = torch.randint(-3, 4, (1, k, d)).float()
     codebook[codebook.abs().sum(-1) == 0] = 1.0  # no zero code: its cosine is undefined
@@ -111,7 +113,7 @@ def test_exact_ties_go_to_lowest_index(device, backend, metric, n, k):
     for i in range(0, n, 2):  # the test is not vacuous: these tokens tie exactly on their twins
         low, high = twins[i % len(twins)]
         assert dense[0, i, low] == dense[0, i, high] == dense[0, i].min()
-    indices, _, _ = _run(x.to(device), codebook.to(device), metric, backend)
+    indices, _, _ = _run(x.to(device), codebook.to(device), metric, backend, precision)
     assert torch.equal(indices.cpu(), expected)
 
 

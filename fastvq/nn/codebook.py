@@ -263,9 +263,11 @@ class Codebook(nn.Module):
         """embed = embed_avg / Laplace-smoothed cluster_size (l2-normalised for cosine codebooks)."""
         total = self.cluster_size.sum(dim=-1, keepdim=True)
         smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
-        embed = self.embed_avg / smoothed.unsqueeze(-1)
         # .data: EMA writes stay invisible to autograd graphs that saved the codebook (as 1.32.0)
-        self.embed.data.copy_(l2norm(embed) if self.use_cosine_sim else embed)
+        if self.use_cosine_sim:
+            self.embed.data.copy_(l2norm(self.embed_avg / smoothed.unsqueeze(-1)))
+        else:
+            torch.div(self.embed_avg, smoothed.unsqueeze(-1), out=self.embed.data)
 
     # ------------------------------------------------------------------------------------------
     # dead codes

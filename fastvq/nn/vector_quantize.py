@@ -21,7 +21,7 @@ from torch import nn
 from ..ops.common import MAX_TOPK
 from . import distributed
 from .codebook import Codebook, EmaWeight
-from .kmeans import l2norm
+from .kmeans import L2NORM_EPS, l2norm
 from .layout import Layout, describe, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg",
@@ -48,30 +48,53 @@ SAFE_DIV_EPS = 1e-6
 
 
 def _rotation(src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The constants of the rotation trick for src, tgt (..., D): unit vectors u (of src), q (of
-    tgt), w = l2norm(u + q), and the rescaling |tgt| / |src| (..., 1)."""
-    src_norm = src.norm(dim=-1, keepdim=True).clamp_min(SAFE_DIV_EPS)
-    tgt_norm = tgt.norm(dim=-1, keepdim=True)
-    u, q = src / src_norm, tgt / tgt_norm.clamp_min(SAFE_DIV_EPS)
-    return u, q, l2norm(u + q), tgt_norm / src_norm
+    """Row terms (..., 1) of the rotation trick for src, tgt (..., D), from three row reductions.
+
+    With u = src / |src|, q = tgt / |tgt| (norms clamped to SAFE_DIV_EPS) and w = l2norm(u + q) =
+    src / (|src| n) + tgt / (|tgt| n), n = max(|u + q|, L2NORM_EPS), the rotation R v = v - 2 (v.w) w +
+    2 (v.u) q and its transpose (q and u swapped) are v + a src + b tgt, with a and b from v.src and
+    v.tgt (`_rotate`). -> 1 / (|src| n), 1 / (|tgt| n), 1 / (|src| |tgt|), the rescaling |tgt| / |src|,
+    src.src and src.tgt. |u + q| comes from the reductions (|u|^2 + 2 u.q + |q|^2): it loses relative
+    precision only where src and tgt point nearly opposite ways (|u + q| << 1).
+    """
+    src_norm = torch.linalg.vector_norm(src, dim=-1, keepdim=True)
+    tgt_norm = torch.linalg.vector_norm(tgt, dim=-1, keepdim=True)
+    src_tgt = (src * tgt).sum(-1, keepdim=True)
+    src_safe, tgt_safe = src_norm.clamp_min(SAFE_DIV_EPS), tgt_norm.clamp_min(SAFE_DIV_EPS)
+    inv_st = 1 / (src_safe * tgt_safe)
+    n = ((src_norm / src_safe).square() + 2 * src_tgt * inv_st + (tgt_norm / tgt_safe).square())
+    n = n.clamp_min(0).sqrt().clamp_min(L2NORM_EPS)
+    return 1 / (src_safe * n), 1 / (tgt_safe * n), inv_st, tgt_norm / src_safe, src_norm.square(), src_tgt
+
+
+def _rotate(v, src, tgt, v_src, v_tgt, terms, transpose: bool) -> torch.Tensor:
+    """(R v or R^T v) times the rescaling, for v (..., D) with its row products v_src, v_tgt (..., 1)
+    and `terms` of `_rotation`: two fused multiply-adds over the rows, no (..., D) constant."""
+    inv_sn, inv_tn, inv_st, scale = terms[:4]
+    vw2 = 2 * (v_src * inv_sn + v_tgt * inv_tn)  # 2 (v.w) / n, less the 1 / |src|, 1 / |tgt| factors
+    if transpose:  # v - 2 (v.w) w + 2 (v.q) u
+        on_src, on_tgt = 2 * v_tgt * inv_st - vw2 * inv_sn, -vw2 * inv_tn
+    else:  # v - 2 (v.w) w + 2 (v.u) q
+        on_src, on_tgt = -vw2 * inv_sn, 2 * v_src * inv_st - vw2 * inv_tn
+    return (v * scale).addcmul_(src, on_src * scale).addcmul_(tgt, on_tgt * scale)
 
 
 class _RotateTo(torch.autograd.Function):
     """Forward: the rotation R = I - 2 w w^T + 2 q u^T applied to src, times |tgt| / |src|, which
-    equals tgt; backward: the transpose applied to the gradient. Saves src and tgt only and
-    recomputes the constants (autograd of the plain formula keeps three more (..., D) tensors)."""
+    equals tgt; backward: the transpose applied to the gradient. Saves src, tgt and six numbers per
+    row (autograd of the plain formula keeps three more (..., D) tensors)."""
 
     @staticmethod
     def forward(ctx, src, tgt):
-        u, q, w, scale = _rotation(src, tgt)
-        ctx.save_for_backward(src, tgt)
-        return (src - 2 * (src * w).sum(-1, keepdim=True) * w + 2 * (src * u).sum(-1, keepdim=True) * q) * scale
+        terms = _rotation(src, tgt)
+        ctx.save_for_backward(src, tgt, *terms)
+        return _rotate(src, src, tgt, terms[4], terms[5], terms, transpose=False)
 
     @staticmethod
     def backward(ctx, grad):
-        u, q, w, scale = _rotation(*ctx.saved_tensors)
-        grad = grad * scale
-        return grad - 2 * (grad * w).sum(-1, keepdim=True) * w + 2 * (grad * q).sum(-1, keepdim=True) * u, None
+        src, tgt, *terms = ctx.saved_tensors
+        grad_src, grad_tgt = (grad * src).sum(-1, keepdim=True), (grad * tgt).sum(-1, keepdim=True)
+        return _rotate(grad, src, tgt, grad_src, grad_tgt, terms, transpose=True), None
 
 
 def rotate_to(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
@@ -344,7 +367,7 @@ class VectorQuantize(nn.Module):
         codebook.init_embed_(rows, self._row_mask(mask))
         temperature = self.sample_codebook_temp if temperature is None else temperature
         temperature = self._sampling_temperature(temperature, tokens, rows)
-        idx = self._whole_tokens(rows, codebook.search(rows, temperature=temperature, topk=topk))
+        idx = self._whole_tokens(codebook.search(rows, temperature=temperature, topk=topk))
         embed = codebook.embed if codebook.learnable_codebook else codebook.embed.detach()
         codes = codebook.lookup(rows, embed, idx)  # fp32, gradient only to the codebook
         cross_entropy = None
@@ -504,10 +527,11 @@ class VectorQuantize(nn.Module):
         z = self._project(self.project_in, tokens).unflatten(-1, (self.heads, self.codebook_dim))
         return self._codebook.transform_input(z)
 
-    def _whole_tokens(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """idx (H, M[, k]) with -1 for every head of a token that has a non-finite value in any head,
-        or that found no code in one: a token is quantized whole or not at all."""
-        found = torch.isfinite(rows).all(-1) & (idx[..., 0] if idx.dim() == 3 else idx).ge(0)
+    def _whole_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (H, M[, k]) with -1 for every head of a token that found no code in one (as every
+        token with a non-finite value: the searches give those -1): a token is quantized whole or
+        not at all."""
+        found = (idx[..., 0] if idx.dim() == 3 else idx).ge(0)
         whole = self._row_mask(self._from_rows(found).all(1))
         return idx.masked_fill(~(whole if idx.dim() == 2 else whole.unsqueeze(-1)), -1)
 

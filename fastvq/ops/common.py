@@ -77,8 +77,8 @@ def code_bias(codebook: torch.Tensor, metric: str, precision: str) -> torch.Tens
         bias = sq.sqrt().clamp_min(COSINE_NORM_EPS).reciprocal()
     else:
         bias = torch.zeros_like(sq)
-    finite = torch.isfinite(codebook).all(-1) & torch.isfinite(sq)
-    return bias.masked_fill(~finite, float("nan"))
+    # a NaN or infinite entry (or one that overflows when rounded or squared) makes sq non-finite
+    return bias.masked_fill(~torch.isfinite(sq), float("nan"))
 
 
 def gather_codes(codebook: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

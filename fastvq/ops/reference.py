@@ -139,17 +139,19 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     x (H, N, D) float, indices (H, N) int64 in [-1, K), mask (H, N) bool or None. Tokens with index
     -1 (or out of [0, K): never written outside the outputs) or mask False are skipped.
     """
-    heads, _, dim = x.shape
+    heads, n, dim = x.shape
     keep = (indices >= 0) & (indices < num_codes)  # out of range only with check_indices=False: skipped
     if mask is not None:
         keep = keep & mask
-    counts = torch.zeros(heads, num_codes, device=x.device)
-    sums = torch.zeros(heads, num_codes, dim, device=x.device)
-    for h in range(heads):
-        idx = indices[h][keep[h]]
-        counts[h].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
-        sums[h].index_add_(0, idx, x[h][keep[h]].float())
-    return counts, sums
+    # rows h * K + code of every head's codes, then one spare row that takes the skipped tokens
+    offsets = torch.arange(heads, device=x.device).unsqueeze(1) * num_codes
+    rows = torch.where(keep, indices + offsets, heads * num_codes).reshape(-1)
+    counts = torch.zeros(heads * num_codes + 1, device=x.device)
+    sums = torch.zeros(heads * num_codes + 1, dim, device=x.device)
+    # on CPU the same bits every run and thread count (tests/test_code_stats.py)
+    counts.index_add_(0, rows, torch.ones(heads * n, device=x.device))
+    sums.index_add_(0, rows, x.reshape(heads * n, dim).float())
+    return counts[:-1].view(heads, num_codes), sums[:-1].view(heads, num_codes, dim)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,11 @@
 // are scored in registers, written to a small score buffer (one sub-tile of codes per token) and
 // reduced to a per-token minimum; only when that minimum beats the token's current k-th score is the
 // sub-tile rescanned in code order to insert its codes (strict <, so ties keep the lower index).
+//
+// Operands: fp32, one dimension per FMA; or, for precision bf16 on a CPU with AVX512-BF16 (built with
+// -mavx512bf16), bf16 pairs, two dimensions per vdpbf16ps: the operands are bf16 values already, their
+// products are exact in fp32 and the two sums round as two FMAs would, at twice the FMA's rate (bf16
+// subnormals, below 1.2e-38, count as zero there).
 
 #include <torch/extension.h>
 
@@ -34,6 +39,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -88,6 +94,17 @@ inline int first_equal(const float* s, int n, float value) {
   return -1;
 }
 #endif
+
+// One step of the dot product: a token's operand (x scaled) times a vector of W codes' operands.
+inline vec load_codes(const float* p) { return load(p); }
+inline vec multiply_add(vec acc, float x, vec codes) { return fma(splat(x), codes, acc); }
+#ifdef __AVX512BF16__
+typedef uint32_t bf16_pair;  // two bf16 values: dimension 2s in the low half, 2s + 1 in the high half
+inline __m512i load_codes(const bf16_pair* p) { return _mm512_loadu_si512(p); }
+inline vec multiply_add(vec acc, bf16_pair x, __m512i codes) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(x)), (__m512bh)codes);
+}
+#endif
 constexpr int CV = 2;
 constexpr int SUB = 256;          // codes per sub-tile (score buffer row)
 constexpr int TOKEN_BLOCK = 96;   // tokens per task, a multiple of TN
@@ -115,22 +132,42 @@ inline float round_operand(float v, int precision) {
   }
 }
 
-// Codes (K, D) -> [K_pad / W][D][W] and bias (K) -> [K_pad] (l2, dot: bias, cosine: -bias); padding
+// Dot-product steps of D dimensions: D fp32 values, or ceil(D / 2) bf16 pairs.
+template <typename T>
+constexpr int64_t steps(int64_t D) { return std::is_same_v<T, float> ? D : (D + 1) / 2; }
+
+// Step s of the D values at `v` (stride `stride`), each rounded to the precision and times `scale`:
+// the value of dimension s, or the bf16 pair of dimensions 2s and 2s + 1 (zero past D).
+template <typename T, typename scalar_t>
+inline T operand_step(const scalar_t* v, int64_t stride, int64_t D, int64_t s, float scale, int precision) {
+  const auto value = [&](int64_t d) {
+    return d < D ? scale * round_operand(static_cast<float>(v[d * stride]), precision) : 0.0f;
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    return value(s);
+  } else {  // the values are bf16 already (scale is a power of two): conversion keeps them
+    return static_cast<T>(c10::BFloat16(value(2 * s)).x) | static_cast<T>(c10::BFloat16(value(2 * s + 1)).x) << 16;
+  }
+}
+
+// Codes (K, D) -> [K_pad / W][steps][W] and bias (K) -> [K_pad] (l2, dot: bias, cosine: -bias); padding
 // codes are zero with a NaN bias, so they are never chosen.
+template <typename T>
 void pack_codes(const float* codes, const float* bias, int64_t K, int64_t D, int64_t K_pad, bool cosine,
-                float* packed, float* packed_bias) {
+                T* packed, float* packed_bias) {
+  const int64_t S = steps<T>(D);
   for (int64_t k = 0; k < K_pad; ++k) {
     const bool real = k < K;
-    float* dst = packed + (k / W) * D * W + k % W;
-    for (int64_t d = 0; d < D; ++d) dst[d * W] = real ? codes[k * D + d] : 0.0f;
+    T* dst = packed + (k / W) * S * W + k % W;
+    for (int64_t s = 0; s < S; ++s) dst[s * W] = real ? operand_step<T>(codes + k * D, 1, D, s, 1.0f, IEEE) : T(0);
     packed_bias[k] = real ? (cosine ? -bias[k] : bias[k]) : std::numeric_limits<float>::quiet_NaN();
   }
 }
 
-// Scores of the TN tokens of `xs` (D groups of TN values) against `n_vec` code vectors (a multiple
+// Scores of the TN tokens of `xs` (S steps of TN operands) against `n_vec` code vectors (a multiple
 // of CV) into `scores` (TN rows of SUB), and each token's minimum over them into `minima`.
-template <bool COSINE>
-inline void score_sub_tile(const float* xs, int64_t D, const float* codes, const float* bias, int n_vec,
+template <bool COSINE, typename T>
+inline void score_sub_tile(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec,
                            float* scores, vec* minima) {
   for (int t = 0; t < TN; ++t) minima[t] = splat(INF);
   for (int j = 0; j < n_vec; j += CV) {
@@ -139,15 +176,13 @@ inline void score_sub_tile(const float* xs, int64_t D, const float* codes, const
       const vec init = COSINE ? splat(0.0f) : load(bias + (j + c) * W);
       for (int t = 0; t < TN; ++t) acc[t][c] = init;
     }
-    const float* code = codes + static_cast<int64_t>(j) * D * W;
-    const float* xd = xs;
-    for (int64_t d = 0; d < D; ++d, xd += TN, code += W) {
-      vec cv[CV];
-      for (int c = 0; c < CV; ++c) cv[c] = load(code + c * D * W);
-      for (int t = 0; t < TN; ++t) {
-        const vec xv = splat(xd[t]);
-        for (int c = 0; c < CV; ++c) acc[t][c] = fma(xv, cv[c], acc[t][c]);
-      }
+    const T* code = codes + static_cast<int64_t>(j) * S * W;
+    const T* xd = xs;
+    for (int64_t s = 0; s < S; ++s, xd += TN, code += W) {
+      decltype(load_codes(code)) cv[CV];
+      for (int c = 0; c < CV; ++c) cv[c] = load_codes(code + c * S * W);
+      for (int t = 0; t < TN; ++t)
+        for (int c = 0; c < CV; ++c) acc[t][c] = multiply_add(acc[t][c], xd[t], cv[c]);
     }
     for (int c = 0; c < CV; ++c) {
       const vec scale = COSINE ? load(bias + (j + c) * W) : splat(1.0f);
@@ -191,8 +226,8 @@ inline float exact_distance(const scalar_t* x, int64_t sx_d, const float* code, 
   return 1.0f - dot / (std::max(std::sqrt(xx), COSINE_NORM_EPS) * std::max(std::sqrt(cc), COSINE_NORM_EPS));
 }
 
-template <typename scalar_t, int METRIC>
-void search_kernel(const at::Tensor& x, const float* codebook, const float* packed, const float* packed_bias,
+template <typename scalar_t, int METRIC, typename T>
+void search_kernel(const at::Tensor& x, const float* codebook, const T* packed, const float* packed_bias,
                    int64_t heads_c, int64_t K, int64_t K_pad, int precision, int k, int threads, int64_t* out,
                    float* out_distance) {
   const int64_t heads = x.size(0), n_tokens = x.size(1), D = x.size(2);
@@ -200,13 +235,15 @@ void search_kernel(const at::Tensor& x, const float* codebook, const float* pack
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   const int64_t blocks = (n_tokens + TOKEN_BLOCK - 1) / TOKEN_BLOCK;
   const int64_t n_tasks = heads * blocks;
+  const int64_t S = steps<T>(D);
   const int64_t tile_codes =
-      std::max<int64_t>(SUB, TILE_BYTES / (D * 4 * SUB) * SUB);  // codes per L2 tile, a multiple of SUB
+      std::max<int64_t>(SUB, TILE_BYTES / (S * sizeof(T) * SUB) * SUB);  // codes per L2 tile, a multiple of SUB
   const float x_scale = METRIC == COSINE ? 1.0f : METRIC == DOT ? -1.0f : -2.0f;
   std::atomic<int64_t> next_task{0};
 
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> xs(TOKEN_BLOCK * D), scores(TN * SUB), best(TOKEN_BLOCK * k);
+    std::vector<T> xs(TOKEN_BLOCK * S);
+    std::vector<float> scores(TN * SUB), best(TOKEN_BLOCK * k);
     std::vector<int64_t> best_index(TOKEN_BLOCK * k);
     vec minima[TN];
     for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
@@ -214,22 +251,21 @@ void search_kernel(const at::Tensor& x, const float* codebook, const float* pack
       const int64_t rows = std::min<int64_t>(TOKEN_BLOCK, n_tokens - n0);
       const int64_t padded_rows = (rows + TN - 1) / TN * TN;
       for (int64_t r = 0; r < padded_rows; ++r)
-        for (int64_t d = 0; d < D; ++d)
-          xs[(r / TN * D + d) * TN + r % TN] = r < rows ? x_scale * round_operand(static_cast<float>(
-                                         x_data[h * sx_h + (n0 + r) * sx_n + d * sx_d]), precision)
-                                   : 0.0f;
+        for (int64_t s = 0; s < S; ++s)
+          xs[(r / TN * S + s) * TN + r % TN] =
+              r < rows ? operand_step<T>(x_data + h * sx_h + (n0 + r) * sx_n, sx_d, D, s, x_scale, precision) : T(0);
       std::fill(best.begin(), best.end(), INF);
       std::fill(best_index.begin(), best_index.end(), -1);
       const int64_t hc = heads_c == 1 ? 0 : h;
-      const float* head_codes = packed + hc * K_pad * D;
+      const T* head_codes = packed + hc * K_pad * S;
       const float* head_bias = packed_bias + hc * K_pad;
       for (int64_t tile0 = 0; tile0 < K_pad; tile0 += tile_codes) {
         const int64_t tile_end = std::min(K_pad, tile0 + tile_codes);
         for (int64_t r0 = 0; r0 < padded_rows; r0 += TN) {
           for (int64_t k0 = tile0; k0 < tile_end; k0 += SUB) {
             const int n_codes = static_cast<int>(std::min<int64_t>(SUB, tile_end - k0));
-            score_sub_tile<METRIC == COSINE>(xs.data() + r0 * D, D, head_codes + k0 * D, head_bias + k0, n_codes / W,
-                                   scores.data(), minima);
+            score_sub_tile<METRIC == COSINE>(xs.data() + r0 * S, S, head_codes + k0 * S, head_bias + k0, n_codes / W,
+                                             scores.data(), minima);
             for (int t = 0; t < TN && r0 + t < rows; ++t) {
               float* token_best = best.data() + (r0 + t) * k;
               int64_t* token_index = best_index.data() + (r0 + t) * k;
@@ -263,6 +299,33 @@ void search_kernel(const at::Tensor& x, const float* codebook, const float* pack
   });
 }
 
+// The codes packed as operands of type T, then the search of every token.
+template <typename T>
+void search_operands(const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& codes, const at::Tensor& bias,
+                     int64_t metric, int64_t precision, int64_t k, int64_t threads, at::Tensor& out,
+                     at::Tensor& out_distance) {
+  const int64_t heads_c = codes.size(0), K = codes.size(1), D = codes.size(2);
+  const int64_t K_pad = (K + W * CV - 1) / (W * CV) * (W * CV);
+  std::vector<T> packed(heads_c * K_pad * steps<T>(D));
+  std::vector<float> packed_bias(heads_c * K_pad);
+  for (int64_t hc = 0; hc < heads_c; ++hc)
+    pack_codes(codes[hc].data_ptr<float>(), bias[hc].data_ptr<float>(), K, D, K_pad, metric == COSINE,
+               packed.data() + hc * K_pad * steps<T>(D), packed_bias.data() + hc * K_pad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastvq_cpu_search", [&] {
+    const auto run = [&](auto kernel) {
+      kernel(x, codebook.data_ptr<float>(), packed.data(), packed_bias.data(), heads_c, K, K_pad,
+             static_cast<int>(precision), static_cast<int>(k), static_cast<int>(threads), out.data_ptr<int64_t>(),
+             out_distance.data_ptr<float>());
+    };
+    if (metric == COSINE)
+      run(search_kernel<scalar_t, COSINE, T>);
+    else if (metric == DOT)
+      run(search_kernel<scalar_t, DOT, T>);
+    else
+      run(search_kernel<scalar_t, L2, T>);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& codes,
                                           const at::Tensor& bias, int64_t metric, int64_t precision, int64_t k,
                                           int64_t threads) {
@@ -274,29 +337,18 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(k >= 1 && threads >= 1, "search: k >= 1 and threads >= 1");
   TORCH_CHECK(metric == L2 || metric == COSINE || metric == DOT, "search: metric 0 (l2), 1 (cosine) or 2 (dot)");
   const at::Tensor codes_c = codes.contiguous(), bias_c = bias.contiguous(), codebook_c = codebook.contiguous();
-  const int64_t heads_c = codes.size(0), K = codes.size(1), D = codes.size(2);
+  const int64_t heads_c = codes.size(0), D = codes.size(2);
   TORCH_CHECK(x.size(2) == D && (heads_c == 1 || heads_c == x.size(0)), "search: shapes of x and codes disagree");
-  const int64_t K_pad = (K + W * CV - 1) / (W * CV) * (W * CV);
-  at::Tensor packed = at::empty({heads_c, K_pad, D}, codes.options());
-  at::Tensor packed_bias = at::empty({heads_c, K_pad}, codes.options());
-  for (int64_t hc = 0; hc < heads_c; ++hc)
-    pack_codes(codes_c[hc].data_ptr<float>(), bias_c[hc].data_ptr<float>(), K, D, K_pad, metric == COSINE,
-               packed[hc].data_ptr<float>(), packed_bias[hc].data_ptr<float>());
   at::Tensor out = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kLong));
   at::Tensor out_distance = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kFloat));
   if (x.size(1) == 0) return {out, out_distance};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastvq_cpu_search", [&] {
-    const auto run = [&](auto kernel) {
-      kernel(x, codebook_c.data_ptr<float>(), packed.data_ptr<float>(), packed_bias.data_ptr<float>(), heads_c, K,
-             K_pad, precision, k, threads, out.data_ptr<int64_t>(), out_distance.data_ptr<float>());
-    };
-    if (metric == COSINE)
-      run(search_kernel<scalar_t, COSINE>);
-    else if (metric == DOT)
-      run(search_kernel<scalar_t, DOT>);
-    else
-      run(search_kernel<scalar_t, L2>);
-  });
+#ifdef __AVX512BF16__
+  if (precision == BF16) {
+    search_operands<bf16_pair>(x, codebook_c, codes_c, bias_c, metric, precision, k, threads, out, out_distance);
+    return {out, out_distance};
+  }
+#endif
+  search_operands<float>(x, codebook_c, codes_c, bias_c, metric, precision, k, threads, out, out_distance);
   return {out, out_distance};
 }
 

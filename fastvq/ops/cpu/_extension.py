@@ -2,8 +2,9 @@
 
 `torch.utils.cpp_extension.load` compiles them once with ninja and the system C++ compiler and caches
 the result (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); later processes load the cached
-library in milliseconds. The build is specialised for the CPU's vector unit (AVX512 / AVX2 / plain),
-whose name is part of the cached library's name, so one cache can serve different machines.
+library in milliseconds. The build is specialised for the CPU's vector unit (AVX512 with or without
+BF16 / AVX2 / plain), whose name is part of the cached library's name, so one cache can serve
+different machines.
 """
 
 from __future__ import annotations
@@ -17,13 +18,22 @@ from types import ModuleType
 
 import torch
 
-SOURCES = Path(__file__).resolve().parents[3] / "kernels" / "cpu"
-"""The C++ sources (a checkout or an editable install; a wheel would ship them as package data)."""
+from ..kernel_sources import kernel_sources_dir
 
-_ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma"],
-}
+SOURCES = kernel_sources_dir() / "cpu"
+"""The C++ sources (fastvq/kernels/cpu in a wheel, kernels/cpu in a checkout)."""
+
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"]
+_ISA_FLAGS = {"AVX512_BF16": [*_AVX512, "-mavx512bf16"], "AVX512": _AVX512, "AVX2": ["-mavx2", "-mfma"]}
+"""Compiler flags per vector unit; with AVX512-BF16 the bf16 precision takes two dimensions per instruction."""
+
+
+def vector_unit() -> str:
+    """The CPU's vector unit the kernels are built for: AVX512_BF16, AVX512, AVX2 or torch's name of another."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    if isa == "AVX512" and torch.cpu._is_avx512_bf16_supported():
+        return "AVX512_BF16"
+    return isa
 
 
 class CpuKernelsUnavailable(RuntimeError):
@@ -33,7 +43,7 @@ class CpuKernelsUnavailable(RuntimeError):
 def _build_problem() -> str:
     """Why a build cannot even start ('' when it can)."""
     if not (SOURCES / "search.cpp").is_file():
-        return f"the C++ sources are not in {SOURCES} (an install without the kernels/ folder)"
+        return f"the C++ sources are not in {SOURCES} (an install without the kernel sources)"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler!r} is not on PATH; install g++ or clang, or set CXX)"
@@ -51,7 +61,7 @@ def load_extension() -> ModuleType:
                                     "backend='torch' (or FASTVQ_BACKEND=torch) to run the plain-PyTorch path.")
     from torch.utils import cpp_extension
 
-    isa = torch.backends.cpu.get_cpu_capability()
+    isa = vector_unit()
     name = f"fastvq_cpu_search_{isa.lower()}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     if not (build_dir / f"{name}.so").exists():

@@ -18,7 +18,9 @@ from types import ModuleType
 
 import torch
 
-KERNELS_DIR = Path(__file__).resolve().parents[3] / "kernels"
+from ..kernel_sources import kernel_sources_dir
+
+KERNELS_DIR = kernel_sources_dir()
 GLUE = "torch_glue.cpp"
 """The extension is every .cu file at the top of kernels/ plus the glue (setup.py builds the same list)."""
 PREBUILT_MODULE = "fastvq.ops.cuda._ext"
@@ -51,7 +53,8 @@ def missing_prerequisite() -> str:
 
     if not (KERNELS_DIR / GLUE).is_file() or not sources()[:-1]:
         return (f"the CUDA sources are not installed with this copy of fastvq ({KERNELS_DIR} has no {GLUE} "
-                "or no .cu file); install fastvq from a source checkout (pip install -e .), " + AOT_HINT)
+                "or no .cu file); reinstall fastvq (its wheel ships them as fastvq/kernels/) or install it from a "
+                "source checkout (pip install -e .), " + AOT_HINT)
     if torch.version.cuda is None:
         return (f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build of torch "
                 "(https://pytorch.org/get-started/locally/)")
