@@ -175,3 +175,30 @@ def test_eval_samples_judges_images_beside_real_digits(capsys, tmp_path, monkeyp
     assert real["samples"]["coverage"] == 1.0
     assert real["samples"]["frechet_distance"] < noise["samples"]["frechet_distance"] / 5
     assert noise["real"] == real["real"]  # the reference point depends only on the count
+
+
+def test_ctrl_c_checkpoints_the_step_and_resume_matches(capsys, tokenizer, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from fastvq.app import generation
+
+    full, _ = train_generator(capsys, "diffusion", tokenizer, tmp_path / "full")
+
+    def ctrl_c_in_the_second_step(history, row, step, append=generation.append_history):
+        append(history, row, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(generation, "append_history", ctrl_c_in_the_second_step)
+    code, text = run(capsys, "train", "--model", "diffusion", "--tokenizer", tokenizer, "--out", tmp_path / "cut",
+                     "--steps", 6, "--ckpt-every", 3, "--batch-size", 8, "--max-images", 64, "--num-eval", 16,
+                     "--threads", 1, "--no-progress", *SMALL["diffusion"])
+    assert code == 130 and "interrupted after step 2" in text, text
+    assert read_checkpoint(tmp_path / "cut" / CHECKPOINT)[1]["step"] == 2
+    monkeypatch.undo()
+    code, text = run(capsys, "train", "--model", "diffusion", "--tokenizer", tokenizer, "--out", tmp_path / "cut",
+                     "--steps", 6, "--resume", "--no-progress")
+    assert code == 0, text
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert resumed["history"]["loss"] == full["history"]["loss"]
