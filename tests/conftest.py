@@ -6,6 +6,7 @@ decoration time), so it is set here, before any test module imports fastvq.
 
 import importlib.util
 import os
+import signal
 import zlib
 
 import pytest
@@ -93,3 +94,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+PEAK_RSS_SOURCE = '''
+def peak_rss():
+    """Peak resident set of this process since it was started, in bytes: /proc's VmHWM. Not
+    ru_maxrss, which keeps across exec the high-water mark of the process it was forked from (a
+    pytest that has grown to 1.4 GiB makes every child report at least that)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+'''
+"""Source of ``peak_rss()`` for the scripts that memory tests run in a fresh process."""
+
+
+@pytest.fixture
+def sigint_delivered():
+    """SIGINT raises KeyboardInterrupt in this process, as in a terminal, even when the test run
+    inherited SIGINT ignored (a background job of a non-interactive shell)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that must be stoppable by SIGINT whatever the test run inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

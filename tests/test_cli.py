@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import needs_vqp
+from conftest import default_sigint, needs_vqp
 from PIL import Image
 
 import fastvq
@@ -149,7 +149,8 @@ def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(cap
     # 2 data-loading workers here, none in the other runs: the batches do not depend on them
     command = [sys.executable, "-m", "fastvq", *map(str, argv), "--out", str(out), "--workers", "2"]
     command.remove("--no-progress")  # the progress line says that the loop has started
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=default_sigint)
     for line in child.stderr:
         if line.startswith("train: "):
             child.send_signal(signal.SIGINT)
@@ -524,7 +525,7 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_r
     command = [sys.executable, *map(str, argv), "--out", str(out)]
     command.remove("--no-progress")  # process 0's progress line says that every process handles Ctrl-C
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)  # its own process group, as a terminal's job
+                                start_new_session=True, preexec_fn=default_sigint)  # own process group, as a job
     for line in launcher.stderr:
         if line.startswith("train: "):
             os.killpg(launcher.pid, signal.SIGINT)
@@ -547,6 +548,7 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_r
             assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.usefixtures("sigint_delivered")
 def test_a_torchrun_worker_takes_every_sigint_as_one_stop_request():
     """A worker gets a terminal's SIGINT and torchrun's copy of it: neither may stop it mid-step."""
     with training.StopRequest(forwarded=True, announce=False) as stop:

@@ -177,6 +177,7 @@ def test_eval_samples_judges_images_beside_real_digits(capsys, tmp_path, monkeyp
     assert noise["real"] == real["real"]  # the reference point depends only on the count
 
 
+@pytest.mark.usefixtures("sigint_delivered")
 def test_ctrl_c_checkpoints_the_step_and_resume_matches(capsys, tokenizer, tmp_path, monkeypatch):
     import os
     import signal

@@ -1,7 +1,7 @@
 """A full training step at N=65536 tokens, D=32, K=16384 codes in under 2 GiB of peak memory.
 
 vector-quantize-pytorch 1.32.0 needs about 25 GiB here (seven N x K fp32 matrices and two one-hots).
-The step runs in a fresh subprocess so that its peak resident set size (ru_maxrss) is its own.
+The step runs in a fresh subprocess so that its peak resident set size (VmHWM) is its own.
 """
 
 import json
@@ -10,11 +10,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import PEAK_RSS_SOURCE
 
 LIMIT_BYTES = 2 * 2**30
 
-STEP = """
-import json, resource, torch
+STEP = PEAK_RSS_SOURCE + """
+import json, torch
 from fastvq.nn.vector_quantize import VectorQuantize
 torch.manual_seed(0)
 layer = VectorQuantize(dim=32, codebook_size=16384, threshold_ema_dead_code=2, backend="torch").train()
@@ -22,7 +23,7 @@ x = torch.randn(64, 1024, 32, requires_grad=True)  # N = 65536 tokens
 quantized, indices, loss = layer(x)
 (quantized.square().mean() + loss).backward()
 health = {k: float(v) for k, v in layer.codebook_health().items()}
-print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, health=health,
+print(json.dumps(dict(peak=peak_rss(), health=health,
                       grad_finite=bool(torch.isfinite(x.grad).all()), tokens=indices.numel())))
 """
 
@@ -40,8 +41,8 @@ def test_training_step_at_n65536_k16384_fits_in_2_gib():
     print(f"peak RSS {report['peak'] / 2**30:.2f} GiB")
 
 
-RESIDUAL_STEP = """
-import json, resource, sys, torch
+RESIDUAL_STEP = PEAK_RSS_SOURCE + """
+import json, sys, torch
 from fastvq.nn.residual_vq import ResidualVQ
 stages, frames = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
@@ -50,7 +51,7 @@ rvq = ResidualVQ(dim=128, num_quantizers=stages, codebook_size=1024, threshold_e
 x = torch.randn(frames // 1024, 1024, 128, requires_grad=True)
 quantized, indices, losses = rvq(x)
 (quantized.square().mean() + losses.sum()).backward()
-print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps(dict(peak=peak_rss(),
                       grad_finite=bool(torch.isfinite(x.grad).all()), shape=list(indices.shape),
                       used=int((indices >= 0).all()))))
 """

@@ -8,26 +8,26 @@ import sys
 
 import pytest
 import torch
-from conftest import backend_cases
+from conftest import PEAK_RSS_SOURCE, backend_cases
 
 import fastvq
 
 N, K, D = 65536, 16384, 32
 NK_BYTES = N * K * 4  # one fp32 N x K matrix: 4 GiB
 
-_RSS_SCRIPT = f"""
-import json, resource, sys, torch, fastvq
+_RSS_SCRIPT = PEAK_RSS_SOURCE + f"""
+import json, sys, torch, fastvq
 backend = sys.argv[1]
 torch.manual_seed(0)
 x, codebook = torch.randn({N}, {D}), torch.randn({K}, {D})
 fastvq.nearest_code(x[:8], codebook[:8], backend=backend)  # load everything lazy first
 fastvq.topk_codes(x[:8], codebook[:8], 4, backend=backend)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss()
 indices, distances = fastvq.nearest_code(x, codebook, backend=backend)
 if backend == "cpu":  # (the reference's top-k takes minutes at this size on 2 cores)
     fastvq.topk_codes(x, codebook, 4, backend=backend)
 counts, sums = fastvq.code_stats(x, indices, {K}, backend=backend)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after = peak_rss()
 print(json.dumps(dict(before=before, after=after, assigned=int(counts.sum()), valid=bool((indices >= 0).all()))))
 """
 
