@@ -69,6 +69,11 @@ def test_training_writes_outputs_and_resumes_exactly(capsys, tokenizer, tmp_path
     assert code == 0, text
     resumed = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert resumed["history"]["loss"] == history["loss"]  # bit-exact: batches and noise depend on (seed, step)
+    written = (tmp_path / "part" / "metrics.json").read_bytes()
+    code, text = run(capsys, "train", "--model", kind, "--tokenizer", tokenizer, "--out", tmp_path / "part",
+                     "--steps", 6, "--resume", "--no-progress")
+    assert code == 0 and "finished at step 6" in text, text
+    assert (tmp_path / "part" / "metrics.json").read_bytes() == written  # a finished run: nothing rewritten
     full, part = (read_checkpoint(tmp_path / r / CHECKPOINT)[0] for r in ("full", "part"))
     assert all(torch.equal(full[k], part[k]) for k in full if k.startswith("model."))
 

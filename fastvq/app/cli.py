@@ -212,10 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw this class only: one of the training classes (a digit for mnist, a folder name) or "
                         "its index (default: every class equally often, one column each)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: %(default)s)")
-    for name, kind, text in SAMPLE_OPTIONS:
-        p.add_argument(name, type=kind, help=text)
-    p.add_argument("--no-quantize", action="store_true",
-                   help="diffusion: decode the latents as they are (default: quantize them first, as LDM does)")
+    for name, kind, options in SAMPLE_OPTIONS:
+        p.add_argument(name, **{**options, "help": f"{kind}: {options['help']}"})
     p.add_argument("--eval", action="store_true", help="also judge the samples as eval-samples does (MNIST "
                                                        "digits), writing OUT with .json")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
@@ -237,15 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SAMPLE_OPTIONS = (
-    ("--temperature", float, "prior: softmax temperature; 0 takes the most likely code (default: 1.0)"),
-    ("--top-k", int, "prior: draw among the k most likely codes only, k <= 16 (default: all codes)"),
-    ("--steps", int, "diffusion: DDIM steps (default: 50)"),
-    ("--guidance", float, "diffusion with classes: classifier-free guidance scale, 1 for none (default: 1.0)"),
-    ("--eta", float, "diffusion: DDIM eta, 0 deterministic, 1 as noisy as DDPM (default: 0.0)"),
+    ("--temperature", "prior", {"type": float, "help": "softmax temperature; 0 takes the most likely code "
+                                                       "(default: 1.0)"}),
+    ("--top-k", "prior", {"type": int, "help": "draw among the k most likely codes only, k <= 16 (default: all "
+                                               "codes)"}),
+    ("--steps", "diffusion", {"type": int, "help": "DDIM steps (default: 50)"}),
+    ("--guidance", "diffusion", {"type": float, "help": "classifier-free guidance scale (models with classes), 1 "
+                                                        "for none (default: 1.0)"}),
+    ("--eta", "diffusion", {"type": float, "help": "DDIM eta, 0 deterministic, 1 as noisy as DDPM (default: 0.0)"}),
+    ("--no-quantize", "diffusion", {"action": "store_true", "help": "decode the latents as they are (default: "
+                                                                     "quantize them first, as LDM does)"}),
 )
-SAMPLE_KIND = {"temperature": "prior", "top_k": "prior", "steps": "diffusion", "guidance": "diffusion",
-               "eta": "diffusion", "no_quantize": "diffusion"}
-"""The model kind each sample option applies to."""
+"""The options of `fastvq sample` that apply to one model kind: (flag, kind, argparse keywords)."""
+SAMPLE_KIND = {flag[2:].replace("-", "_"): kind for flag, kind, _ in SAMPLE_OPTIONS}
+"""The model kind each sample option (its argparse dest) applies to."""
 
 
 def _shared(p: argparse.ArgumentParser, quantizer_help: str | None = None) -> None:

@@ -30,7 +30,7 @@ from .evaluation import encode_images
 from .generators import Generator
 from .progress import Progress
 from .runlog import RunLog, tensorboard_enabled
-from .state import CHECKPOINT, load_model, restore_training_state, save_training_state
+from .state import CHECKPOINT, load_model, read_checkpoint, restore_training_state, save_training_state
 from .training import StopRequest, TrainingInterrupted, append_history
 
 WARMUP_STEPS = 100
@@ -148,6 +148,10 @@ def eval_loss(generator: Generator, targets: torch.Tensor, labels: torch.Tensor 
 def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, progress: bool,
            tensorboard: bool) -> dict[str, Any]:
     ckpt_path = out / CHECKPOINT
+    finished = resume and (out / "metrics.json").is_file() and \
+        read_checkpoint(ckpt_path, config.model)[1]["step"] == config.steps
+    if finished:  # nothing to encode, train or rewrite
+        return json.loads((out / "metrics.json").read_text())
     tokenizer, tokenizer_meta = load_model(config.tokenizer, device)
     if tokenizer_meta["kind"] in GENERATORS:
         raise SettingError("{tokenizer} {path} holds a %s model, not a tokenizer (vqvae or vqgan)"
@@ -179,8 +183,6 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
         if start > config.steps:
             raise SettingError("{steps} {value} is below the checkpoint's step {start}", value=config.steps,
                                start=start)
-        if start == config.steps and (out / "metrics.json").is_file():
-            return json.loads((out / "metrics.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -221,8 +223,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
     final_loss = eval_loss(generator, eval_targets, eval_labels, batch, config.seed)
     generator.eval()
     t0 = now(device)
-    grid_labels = balanced_labels(SAMPLE_GRID, len(class_names))
-    samples = to_uint8(generator.generate(SAMPLE_GRID, labels=grid_labels, seed=config.seed))
+    samples = sample_images(generator, SAMPLE_GRID, batch_size=SAMPLE_GRID, seed=config.seed)
     sample_seconds = now(device) - t0
     timed = step_seconds[1:] if len(step_seconds) > 1 else step_seconds  # skip the warm-up step
     metrics = {
