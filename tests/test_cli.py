@@ -135,6 +135,19 @@ def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_pa
             assert torch.equal(a[key], b[key]), key
 
 
+def assert_resumed_exactly(resumed, full, out, full_out):
+    """A resumed 60-step run (metrics ``resumed``, folder ``out``) equals the uninterrupted one
+    (``full``, ``full_out``) bit for bit: every step's losses, the weights and the optimizer states."""
+    assert resumed["history"]["step"] == list(range(1, 61))
+    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
+        assert resumed["history"][key] == full["history"][key], key  # bitwise
+    a, _ = checkpoint.load(full_out / CHECKPOINT)
+    b, _ = checkpoint.load(out / CHECKPOINT)
+    for key in a:
+        if key.startswith(("model.", "optim")):
+            assert torch.equal(a[key], b[key]), key
+
+
 def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(capsys, folder, tmp_path):
     """A real SIGINT to a training process: it finishes its step, checkpoints it (--ckpt-every is
     beyond the run, so no other checkpoint exists) and exits 130; --resume then reproduces the
@@ -164,14 +177,7 @@ def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(cap
     code, text = run(capsys, *argv, "--out", out, "--resume")
     assert code == 0, text
     resumed = json.loads((out / "metrics.json").read_text())
-    assert resumed["history"]["step"] == list(range(1, 61))
-    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
-        assert resumed["history"][key] == full["history"][key], key  # bitwise
-    a, _ = checkpoint.load(tmp_path / "full" / CHECKPOINT)
-    b, _ = checkpoint.load(out / CHECKPOINT)
-    for key in a:
-        if key.startswith(("model.", "optim")):
-            assert torch.equal(a[key], b[key]), key
+    assert_resumed_exactly(resumed, full, out, tmp_path / "full")
 
     written = (out / "metrics.json").read_bytes()
     assert resumed["timing"]["steps_per_s"] > 0
@@ -538,14 +544,7 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_r
     assert stderr.count("Ctrl-C: saving a checkpoint after this step") == 1, stderr
 
     resumed = torchrun(out, "--resume")
-    assert resumed["history"]["step"] == list(range(1, 61))
-    for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
-        assert resumed["history"][key] == full["history"][key], key  # bitwise
-    a, _ = checkpoint.load(tmp_path / "full" / CHECKPOINT)
-    b, _ = checkpoint.load(out / CHECKPOINT)
-    for key in a:
-        if key.startswith(("model.", "optim")):
-            assert torch.equal(a[key], b[key]), key
+    assert_resumed_exactly(resumed, full, out, tmp_path / "full")
 
 
 @pytest.mark.usefixtures("sigint_delivered")
