@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -150,25 +151,28 @@ inline T operand_step(const scalar_t* v, int64_t stride, int64_t D, int64_t s, f
   }
 }
 
-// Codes (K, D) -> [K_pad / W][steps][W] and bias (K) -> [K_pad] (l2, dot: bias, cosine: -bias); padding
-// codes are zero with a NaN bias, so they are never chosen.
+// Code vector `v` (codes vW .. vW + W - 1 of (K, D)) -> packed[v][steps][W] and bias -> packed_bias[vW ..]
+// (l2, dot: bias, cosine: -bias); padding codes (past K) are zero with a NaN bias, so never chosen.
 template <typename T>
-void pack_codes(const float* codes, const float* bias, int64_t K, int64_t D, int64_t K_pad, bool cosine,
-                T* packed, float* packed_bias) {
+void pack_code_vector(const float* codes, const float* bias, int64_t K, int64_t D, int64_t v, bool cosine,
+                      T* packed, float* packed_bias) {
   const int64_t S = steps<T>(D);
-  for (int64_t k = 0; k < K_pad; ++k) {
+  for (int64_t k = v * W; k < (v + 1) * W; ++k) {
     const bool real = k < K;
-    T* dst = packed + (k / W) * S * W + k % W;
+    T* dst = packed + v * S * W + k % W;
     for (int64_t s = 0; s < S; ++s) dst[s * W] = real ? operand_step<T>(codes + k * D, 1, D, s, 1.0f, IEEE) : T(0);
     packed_bias[k] = real ? (cosine ? -bias[k] : bias[k]) : std::numeric_limits<float>::quiet_NaN();
   }
 }
 
 // Scores of the TN tokens of `xs` (S steps of TN operands) against `n_vec` code vectors (a multiple
-// of CV) into `scores` (TN rows of SUB), and each token's minimum over them into `minima`.
+// of CV) into `scores` (TN rows of SUB), and each token's minimum over them into `minima_out`. The
+// minima live in a local array until the end: GCC keeps an array it was given by pointer in memory
+// and stored it after every code vector (11 % of the time at D = 8, 19 % with bf16 pairs).
 template <bool COSINE, typename T>
 inline void score_sub_tile(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec,
-                           float* scores, vec* minima) {
+                           float* scores, vec* minima_out) {
+  vec minima[TN];
   for (int t = 0; t < TN; ++t) minima[t] = splat(INF);
   for (int j = 0; j < n_vec; j += CV) {
     vec acc[TN][CV];
@@ -178,6 +182,7 @@ inline void score_sub_tile(const T* xs, int64_t S, const T* codes, const float* 
     }
     const T* code = codes + static_cast<int64_t>(j) * S * W;
     const T* xd = xs;
+#pragma GCC unroll 8
     for (int64_t s = 0; s < S; ++s, xd += TN, code += W) {
       decltype(load_codes(code)) cv[CV];
       for (int c = 0; c < CV; ++c) cv[c] = load_codes(code + c * S * W);
@@ -193,6 +198,7 @@ inline void score_sub_tile(const T* xs, int64_t S, const T* codes, const float* 
       }
     }
   }
+  for (int t = 0; t < TN; ++t) minima_out[t] = minima[t];
 }
 
 // Insert `score` of code `index` into the sorted list (k long) after any equal score.
@@ -306,14 +312,19 @@ void search_operands(const at::Tensor& x, const at::Tensor& codebook, const at::
                      at::Tensor& out_distance) {
   const int64_t heads_c = codes.size(0), K = codes.size(1), D = codes.size(2);
   const int64_t K_pad = (K + W * CV - 1) / (W * CV) * (W * CV);
-  std::vector<T> packed(heads_c * K_pad * steps<T>(D));
-  std::vector<float> packed_bias(heads_c * K_pad);
-  for (int64_t hc = 0; hc < heads_c; ++hc)
-    pack_codes(codes[hc].data_ptr<float>(), bias[hc].data_ptr<float>(), K, D, K_pad, metric == COSINE,
-               packed.data() + hc * K_pad * steps<T>(D), packed_bias.data() + hc * K_pad);
+  const std::unique_ptr<T[]> packed(new T[heads_c * K_pad * steps<T>(D)]);  // filled in parallel below
+  const std::unique_ptr<float[]> packed_bias(new float[heads_c * K_pad]);
+  const int64_t S = steps<T>(D), vectors = K_pad / W;
+  at::parallel_for(0, heads_c * vectors, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t hc = i / vectors;
+      pack_code_vector(codes.data_ptr<float>() + hc * K * D, bias.data_ptr<float>() + hc * K, K, D, i % vectors,
+                       metric == COSINE, packed.get() + hc * K_pad * S, packed_bias.get() + hc * K_pad);
+    }
+  });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastvq_cpu_search", [&] {
     const auto run = [&](auto kernel) {
-      kernel(x, codebook.data_ptr<float>(), packed.data(), packed_bias.data(), heads_c, K, K_pad,
+      kernel(x, codebook.data_ptr<float>(), packed.get(), packed_bias.get(), heads_c, K, K_pad,
              static_cast<int>(precision), static_cast<int>(k), static_cast<int>(threads), out.data_ptr<int64_t>(),
              out_distance.data_ptr<float>());
     };
