@@ -186,6 +186,26 @@ def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(cap
     assert (out / "metrics.json").read_bytes() == written
 
 
+def test_sigterm_to_the_process_group_checkpoints_the_step(folder, tmp_path):
+    """SIGTERM to the whole process group, as Slurm sends it before SIGKILL: the data-loading
+    processes ignore it, the training process finishes its step, checkpoints it and exits 143."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fastvq", "train", "--data", str(folder), "--steps", "500", "--ckpt-every",
+               "1000", "--workers", "2", "--out", str(out), *map(str, TINY)]
+    command.remove("--no-progress")  # the progress line says that the loop has started
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    for line in child.stderr:
+        if line.startswith("train: "):
+            os.killpg(child.pid, signal.SIGTERM)
+            break
+    stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM, stdout + stderr
+    step = checkpoint.load(out / CHECKPOINT)[1]["step"]
+    assert 1 <= step < 500 and "SIGTERM: saving a checkpoint after this step" in stderr
+    assert f"interrupted after step {step}, saved in {out / CHECKPOINT}" in stderr and "Traceback" not in stderr
+
+
 def test_rerunning_a_finished_run_reports_it_or_offers_resume_and_another_out(capsys, folder, tmp_path):
     out = tmp_path / "run"
     metrics = train_tiny(capsys, folder, out)
@@ -549,7 +569,8 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_r
 
 @pytest.mark.usefixtures("sigint_delivered")
 def test_a_torchrun_worker_takes_every_sigint_as_one_stop_request():
-    """A worker gets a terminal's SIGINT and torchrun's copy of it: neither may stop it mid-step."""
+    """A worker gets a terminal's SIGINT and torchrun's copy of it: neither may stop it mid-step.
+    Alone, a second Ctrl-C stops at once; SIGTERM is a stop request too."""
     with training.StopRequest(forwarded=True, announce=False) as stop:
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
@@ -560,6 +581,11 @@ def test_a_torchrun_worker_takes_every_sigint_as_one_stop_request():
             assert stop.requested
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.getsignal(signal.SIGTERM)
+    with training.StopRequest(announce=False) as stop:  # SIGTERM: the same request, remembered
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_resume_errors(capsys, folder, tmp_path):

@@ -18,6 +18,7 @@ import argparse
 import inspect
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -497,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         with torch_threads(args.threads, resolve_device(args.device)):
             return args.func(args)
     except KeyboardInterrupt as err:
+        code = 128 + int(getattr(err, "signum", signal.SIGINT))  # the shell's code for the stopping signal
         if int(os.environ.get("RANK", "0")):  # one message for a torchrun launch
-            return 130
+            return code
         if isinstance(err, TrainingInterrupted):
             print(f"fastvq train: interrupted after step {err.step}, saved in {err.path}; continue with the "
                   "same command and --resume", file=sys.stderr)
@@ -507,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "train":
                 print("the last checkpoint is intact; continue with the same command and --resume",
                       file=sys.stderr)
-        return 130
+        return code
     except (ValueError, OSError, ImportError) as err:
         message = err.spelled(flag) if isinstance(err, SettingError) else err
         print(f"fastvq {args.command}: error: {message}", file=sys.stderr)

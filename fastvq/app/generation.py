@@ -217,7 +217,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
                 save_training_state(ckpt_path, generator, [optimizer], step + 1, history, config)
             if stop.requested and not last:
                 bar.close()
-                raise TrainingInterrupted(step + 1, ckpt_path)
+                raise TrainingInterrupted(step + 1, ckpt_path, stop.signum)
     bar.close()
 
     final_loss = eval_loss(generator, eval_targets, eval_labels, batch, config.seed)

@@ -31,44 +31,53 @@ from .step import PRECISIONS, make_optimizers, make_scaler, train_step
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C (SIGINT) after finishing a step and checkpointing it."""
+    """Training stopped by Ctrl-C (SIGINT) or SIGTERM after finishing a step and checkpointing it."""
 
-    def __init__(self, step: int, path: Path):
+    def __init__(self, step: int, path: Path, signum: int = signal.SIGINT):
         super().__init__(f"interrupted after step {step}, saved in {path}")
-        self.step, self.path = step, path
+        self.step, self.path, self.signum = step, path, signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Signals that stop training after the step in progress, checkpointed: Ctrl-C, and the SIGTERM of
+`kill`, job schedulers (Slurm, Kubernetes) and torchrun before they kill a process."""
 
 
 class StopRequest:
-    """While entered (in the main thread), the first SIGINT only sets ``requested``, so that the
-    training loop can finish its step and checkpoint it; a second one raises KeyboardInterrupt at
-    once. With ``forwarded`` (a worker of torchrun), every SIGINT only sets ``requested``: a
-    terminal's Ctrl-C reaches each worker twice, from the terminal and forwarded by torchrun, and
-    torchrun's SIGKILL after its --shutdown-timeout (30 s by default) is the hard stop. ``announce``:
-    say so on stderr. A process that ignores SIGINT keeps ignoring it."""
+    """While entered (in the main thread), the first SIGINT or SIGTERM only sets ``requested`` (and
+    ``signum``), so that the training loop can finish its step and checkpoint it; a second one of
+    the same kind acts at once as it did before (KeyboardInterrupt, termination). With
+    ``forwarded`` (a worker of torchrun), every such signal only sets ``requested``: a terminal's
+    Ctrl-C reaches each worker twice, from the terminal and forwarded by torchrun, and torchrun's
+    SIGKILL after its --shutdown-timeout (30 s by default) is the hard stop. ``announce``: say so on
+    stderr. A signal the process ignores stays ignored."""
 
     def __init__(self, forwarded: bool = False, announce: bool = True):
         self.forwarded, self.announce = forwarded, announce
 
     def __enter__(self) -> StopRequest:
-        self.requested, self._previous = False, None
+        self.requested, self.signum, self._previous = False, signal.SIGINT, {}
         if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous is not signal.SIG_IGN:
-                self._previous = signal.signal(signal.SIGINT, self._handle) or signal.default_int_handler
+            for signum, fallback in zip(STOP_SIGNALS, (signal.default_int_handler, signal.SIG_DFL)):
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle) or fallback
         return self
 
     def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.signum = signum
         if self.announce and not self.requested:
             then = ("torchrun stops the run after its --shutdown-timeout" if self.forwarded
-                    else "press again to stop at once")
-            print(f"\nCtrl-C: saving a checkpoint after this step ({then})", file=sys.stderr, flush=True)
+                    else "send it again to stop at once")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{name}: saving a checkpoint after this step ({then})", file=sys.stderr, flush=True)
         self.requested = True
         if not self.forwarded:
-            signal.signal(signal.SIGINT, self._previous)
+            signal.signal(signum, self._previous[signum])
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def append_history(history: dict[str, list[float]], row: dict[str, float], step: int) -> None:
@@ -116,8 +125,8 @@ def train(
     ``runlog.tensorboard_enabled``), TensorBoard event files in tensorboard/. ``resume``
     continues from the checkpoint there; batches depend only on (seed, step), so the losses match
     an uninterrupted run exactly; resuming a finished run returns its metrics.json and rewrites
-    nothing. Ctrl-C (SIGINT) finishes the step in progress, checkpoints
-    it and raises ``TrainingInterrupted``. Returns the metrics dict."""
+    nothing. Ctrl-C (SIGINT) or SIGTERM finishes the step in progress,
+    checkpoints it and raises ``TrainingInterrupted``. Returns the metrics dict."""
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     if not resume and ckpt_path.exists():
@@ -227,7 +236,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
             if stopping and not last:
                 bar.close()
                 distributed.barrier(ranks)  # torchrun ends the others when one exits: not before the save
-                raise TrainingInterrupted(step + 1, ckpt_path)
+                raise TrainingInterrupted(step + 1, ckpt_path, stop.signum)
     bar.close()
     timer.close()
 
