@@ -49,13 +49,18 @@ struct SearchTile {
 
 // rows [row0, row0 + ROWS) x columns [d0, d0 + cols) of a (rows, D) matrix, rounded to `precision`,
 // into tile[r * row_pitch + d * d_pitch] as S; zero for rows past row_end and for the columns
-// [cols, padded_cols) (columns past padded_cols are left as they are).
+// [cols, padded_cols) (columns past padded_cols are left as they are). Lane = column of a kBlockD
+// chunk and a constant trip count: no integer division, and 4 loads in flight per thread.
 template <typename T, typename S, int ROWS>
 __device__ __forceinline__ void stage_tile(S* tile, int row_pitch, int d_pitch, const T* __restrict__ base,
                                            int64_t row0, int64_t row_end, int64_t d0, int cols, int padded_cols,
                                            int64_t stride_row, int64_t stride_d, int precision) {
-  for (int e = threadIdx.x; e < ROWS * padded_cols; e += kThreads) {
-    const int r = e / padded_cols, d = e % padded_cols;
+  static_assert(kThreads % kBlockD == 0 && ROWS % (kThreads / kBlockD) == 0, "whole rows per pass");
+  constexpr int kRowsPerPass = kThreads / kBlockD;
+  const int d = threadIdx.x % kBlockD;
+  if (d >= padded_cols) return;
+#pragma unroll 4
+  for (int r = threadIdx.x / kBlockD; r < ROWS; r += kRowsPerPass) {
     const int64_t row = row0 + r;
     float v = 0.0f;
     if (row < row_end && d < cols) v = round_operand(to_float(base[row * stride_row + (d0 + d) * stride_d]), precision);
