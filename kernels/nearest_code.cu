@@ -22,6 +22,14 @@
 
 #include <mma.h>
 
+// WMMA tf32 and bf16 fragments need sm_80+: a device pass for an older GPU compiles the tensor-core
+// kernel as a stub that launch_typed never starts there (uses_tensor_cores asks the GPU).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define FASTVQ_WMMA 1
+#else
+#define FASTVQ_WMMA 0
+#endif
+
 namespace fastvq {
 namespace {
 
@@ -34,11 +42,13 @@ constexpr int kFinalizeWarps = 8;
 
 // tensor_core_search_kernel: 8 warps as 4 (tokens) x 2 (codes), each owning 32 x 32 scores.
 constexpr int kTcBlockN = 128;
+#if FASTVQ_WMMA
 constexpr int kTcWarpTile = 32;
 constexpr int kTcWarpsK = kBlockK / kTcWarpTile;
 constexpr int kTcThreadsPerToken = kThreads / kTcBlockN;
 constexpr int kTcCodesPerThread = kBlockK / kTcThreadsPerToken;
 constexpr int kScorePitch = kBlockK + 4;  // floats per score-tile row (WMMA: a multiple of 4)
+#endif
 
 template <int KPAD>
 struct SearchTile {
@@ -214,6 +224,7 @@ __global__ void __launch_bounds__(kThreads) search_kernel(SearchArgs args, int64
 
 // Operands of the tensor-core products, by precision: how a D chunk is stored in shared memory,
 // the WMMA fragment element type, and the fragment depth (m16n16k16 for 16-bit, m16n16k8 for tf32).
+#if FASTVQ_WMMA
 struct Tf32Operand {
   using Stored = float;  // already rounded to tf32 (ties away), so the tensor core reads it exactly
   using Element = nvcuda::wmma::precision::tf32;
@@ -229,11 +240,17 @@ struct Fp16Operand {
   using Element = __half;
   static constexpr int kDepth = 16;
 };
+#else
+struct Tf32Operand {};
+struct Bf16Operand {};
+struct Fp16Operand {};
+#endif
 
 template <typename T, typename Operand, int KPAD>
 __global__ void __launch_bounds__(kThreads) tensor_core_search_kernel(SearchArgs args, int64_t codes_per_split,
                                                                       float* __restrict__ partial_score,
                                                                       int32_t* __restrict__ partial_index) {
+#if FASTVQ_WMMA
   namespace wmma = nvcuda::wmma;
   using S = typename Operand::Stored;
   constexpr int DEPTH = Operand::kDepth;
@@ -331,6 +348,10 @@ __global__ void __launch_bounds__(kThreads) tensor_core_search_kernel(SearchArgs
   merge_and_store<1, KPAD, kTcThreadsPerToken>(best_score, best_index, threadIdx.x % kTcThreadsPerToken,
                                                r.n0 + threadIdx.x / kTcThreadsPerToken, args, r, partial_score,
                                                partial_index);
+#else
+  (void)args, (void)codes_per_split, (void)partial_score, (void)partial_index;
+  __trap();
+#endif
 }
 
 template <typename T, int KPAD>
@@ -385,9 +406,18 @@ __global__ void __launch_bounds__(kFinalizeWarps * 32) finalize_kernel(SearchArg
   }
 }
 
-// The one rule: precisions that round the operands (tf32, bf16, fp16) multiply on tensor cores;
-// ieee keeps exact fp32 FMAs on CUDA cores.
-bool uses_tensor_cores(int precision) { return precision != kIeee; }
+// The one rule: precisions that round the operands (tf32, bf16, fp16) multiply on tensor cores when
+// the current GPU has WMMA tf32 / bf16 (sm_80+); ieee, and older GPUs, use exact fp32 FMAs on CUDA
+// cores (same ranking, within the same regret bound).
+bool uses_tensor_cores(int precision) {
+  if (precision == kIeee) return false;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    return false;
+  }
+  return major >= 8;
+}
 
 // Tokens per block of the search kernel that `args` runs.
 int block_tokens(const SearchArgs& args) {
@@ -407,11 +437,12 @@ cudaError_t launch_typed(const SearchArgs& args, int64_t codes_per_split, float*
   const int64_t splits = (args.n_codes + codes_per_split - 1) / codes_per_split;
   const int64_t token_blocks = (args.n_tokens + block_tokens(args) - 1) / block_tokens(args);
   auto* search = search_kernel<T, KPAD>;
-  switch (args.precision) {
-    case kTf32: search = tensor_core_search_kernel<T, Tf32Operand, KPAD>; break;
-    case kBf16: search = tensor_core_search_kernel<T, Bf16Operand, KPAD>; break;
-    case kFp16: search = tensor_core_search_kernel<T, Fp16Operand, KPAD>; break;
-    default: break;
+  if (uses_tensor_cores(args.precision)) {
+    switch (args.precision) {
+      case kTf32: search = tensor_core_search_kernel<T, Tf32Operand, KPAD>; break;
+      case kBf16: search = tensor_core_search_kernel<T, Bf16Operand, KPAD>; break;
+      default: search = tensor_core_search_kernel<T, Fp16Operand, KPAD>; break;
+    }
   }
   FASTVQ_LAUNCH(search, dim3(static_cast<unsigned>(token_blocks), static_cast<unsigned>(splits),
                              static_cast<unsigned>(args.heads)),

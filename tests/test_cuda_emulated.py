@@ -49,6 +49,7 @@ def emu(tmp_path_factory):
     library.fastvq_emulated_search_splits.restype = I64
     library.fastvq_emulated_code_stats_splits.restype = I64
     library.fastvq_emulated_mma_calls.restype = ctypes.c_uint64
+    library.fastvq_emulated_set_capability.argtypes = [ctypes.c_int]
     return library
 
 
@@ -117,6 +118,24 @@ def test_search_kernel_matches_the_host_check_and_the_reference(emu, host_lib, N
     assert answers[0][2] == 1 and answers[1][2] > 1
     assert torch.equal(answers[0][0], answers[1][0]) and torch.equal(answers[0][1], answers[1][1])
     check_nearest(x, codebook, answers[0][0][..., 0], answers[0][1][..., 0], metric, precision)
+
+
+def test_search_before_ampere_uses_cuda_cores(emu, host_lib):
+    """On a GPU without WMMA tf32 / bf16 (capability < 8) the launcher picks the CUDA-core kernel
+    for every precision (no mma_sync call), with the host check's answer."""
+    x, codebook = torch.randn(1, 40, 20), torch.randn(1, 100, 20)
+    previous = emu.fastvq_emulated_set_capability(7)
+    try:
+        for precision in ("tf32", "bf16", "fp16"):
+            mma_calls = emu.fastvq_emulated_mma_calls()
+            indices, distances, _ = emulated_search(emu, x, codebook, "l2", precision, 2, 64)
+            assert emu.fastvq_emulated_mma_calls() == mma_calls
+            want_indices, want_distances = host_search(host_lib, x, codebook, "l2", precision, 2, 64)
+            assert torch.equal(indices, want_indices)
+            torch.testing.assert_close(distances, want_distances, rtol=1e-5, atol=1e-5)
+    finally:
+        emu.fastvq_emulated_set_capability(previous)
+    assert previous == 9
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -29,6 +29,13 @@ int fastvq_emulated_search_list_size(int k) { return fastvq::search_list_size(k)
 // WMMA mma_sync calls so far (tests/cuda_emulator/mma.h): which search kernel ran.
 uint64_t fastvq_emulated_mma_calls() { return cuda_emulator::mma_calls; }
 
+// The compute capability (major) the emulated GPU reports; returns the previous one.
+int fastvq_emulated_set_capability(int major) {
+  const int previous = cuda_emulator::compute_capability_major;
+  cuda_emulator::compute_capability_major = major;
+  return previous;
+}
+
 int64_t fastvq_emulated_code_stats_splits(const fastvq::CodeStatsArgs* args, int target_blocks) {
   return fastvq::code_stats_token_splits(*args, target_blocks);
 }
