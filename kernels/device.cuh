@@ -17,4 +17,9 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// Stores `v` as a shared-memory operand of its type (exact for values already rounded to that type).
+__device__ __forceinline__ void store_operand(float& dst, float v) { dst = v; }
+__device__ __forceinline__ void store_operand(__half& dst, float v) { dst = __float2half_rn(v); }
+__device__ __forceinline__ void store_operand(__nv_bfloat16& dst, float v) { dst = __float2bfloat16_rn(v); }
+
 }  // namespace fastvq

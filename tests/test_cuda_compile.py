@@ -30,3 +30,16 @@ def test_no_register_spills_where_the_kernels_are_tuned(compiled):
                 for (source, capability), (_, _, entries) in compiled.items() if capability in SPILL_FREE
                 for name, _, spills in entries if spills]
     assert not spilling, "\n".join(spilling)
+
+
+def test_tensor_core_search_compiles_without_spills_for_every_variant(compiled):
+    """The WMMA search (precision tf32 / bf16 / fp16, sm_80+) exists for every input dtype, operand
+    type and list size on both capabilities, with no register spill on either."""
+    for capability in CAPABILITIES:
+        _, _, entries = compiled[("nearest_code.cu", capability)]
+        variants = {name: spills for name, _, spills in entries if "tensor_core_search_kernel" in name}
+        assert len(variants) == 3 * 3 * 5, f"sm_{capability}: {sorted(variants)}"
+        for operand in ("Tf32Operand", "Bf16Operand", "Fp16Operand"):
+            assert sum(operand in name for name in variants) == 3 * 5, f"sm_{capability}: {operand}"
+        spilling = [name for name, spills in variants.items() if spills]
+        assert not spilling, f"sm_{capability} spills in {spilling}"

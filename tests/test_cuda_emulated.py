@@ -1,9 +1,11 @@
 """The CUDA kernels themselves (kernels/*.cu, thread mapping, shared memory, warp shuffles, code and
 token splits), run on the host by tests/cuda_emulator/ and compared with the reference.
 
-The emulation gives each CUDA thread a std::thread and implements __syncthreads and the warp
-shuffles with barriers, so the launchers and kernels run as written, without a GPU (slowly: keep
-shapes small). On a GPU the same kernels run through backend="cuda" in the main test matrix.
+The emulation gives each CUDA thread a fiber and implements __syncthreads and the warp shuffles with
+barriers, and the WMMA fragments of the tensor-core search (precision tf32, bf16, fp16) as whole
+tiles multiplied in fp32 (tests/cuda_emulator/mma.h), so the launchers and kernels run as written,
+without a GPU (slowly: keep shapes small). On a GPU the same kernels run through backend="cuda" in
+the main test matrix.
 """
 
 import ctypes
@@ -46,6 +48,8 @@ def emu(tmp_path_factory):
                     f"-I{REPO / 'tests' / 'cuda_emulator'}")
     library.fastvq_emulated_search_splits.restype = I64
     library.fastvq_emulated_code_stats_splits.restype = I64
+    library.fastvq_emulated_mma_calls.restype = ctypes.c_uint64
+    library.fastvq_emulated_set_capability.argtypes = [ctypes.c_int]
     return library
 
 
@@ -77,26 +81,37 @@ def emulated_search(emu, x, codebook, metric, precision, k, target_blocks):
 SEARCH_CASES = [case(N=n, K=k, D=d, H=h, shared=shared, dtype=dtype, metric=metric, precision=precision, k=topk)
                 for n, k, d, h, shared, dtype, metric, precision, topk in [
                     (37, 259, 33, 1, False, torch.float32, "l2", "ieee", 1),
+                    (25, 90, 12, 2, True, torch.float32, "dot", "ieee", 2),
+                    # tensor cores (tf32, bf16, fp16): N over one 128-token block, D < 16, D > 32 in
+                    # two chunks, D not a multiple of the fragment depth (8 tf32, 16 bf16/fp16)
                     (70, 130, 8, 2, True, torch.float32, "cosine", "tf32", 1),
+                    (37, 259, 33, 1, False, torch.float32, "l2", "tf32", 1),
+                    (25, 90, 6, 2, True, torch.float16, "dot", "tf32", 2),
                     (20, 200, 5, 2, False, torch.float16, "l2", "fp16", 3),
+                    (130, 70, 12, 2, False, torch.float16, "cosine", "fp16", 1),
+                    (9, 140, 40, 1, False, torch.float32, "cosine", "fp16", 16),
                     (9, 140, 40, 1, False, torch.bfloat16, "cosine", "bf16", 16),
                     (17, 70, 3, 1, False, torch.float32, "l2", "bf16", 8),
-                    (25, 90, 12, 2, True, torch.float32, "dot", "ieee", 2)]]
+                    (20, 200, 24, 2, True, torch.bfloat16, "dot", "bf16", 4)]]
 
 
 @pytest.mark.parametrize("N,K,D,H,shared,dtype,metric,precision,k", SEARCH_CASES)
 def test_search_kernel_matches_the_host_check_and_the_reference(emu, host_lib, N, K, D, H, shared, dtype, metric,
                                                                  precision, k):
     """Same indices as the host build of the per-element logic (the same fp32 sums in the same
-    order), whatever the split of the codes; distances to fp32 rounding; nearest within the regret
-    bound of the float64 brute force; non-contiguous x."""
+    order: the emulated tensor cores sum D ascending too), whatever the split of the codes;
+    distances to fp32 rounding; nearest within the regret bound of the float64 brute force (what
+    holds on real tensor cores, which sum in another order); non-contiguous x. tf32, bf16 and fp16
+    run the tensor-core kernel (its mma_sync calls counted), ieee the CUDA-core one."""
     wide = torch.randn(H, N, 2 * D).to(dtype)
     x = wide[..., ::2]  # strided in D
     codebook = torch.randn(1 if shared else H, K, D).to(dtype)
     want_indices, want_distances = host_search(host_lib, x, codebook, metric, precision, k, 64)
     answers = []
     for target_blocks in (1, 64):  # one split, then as many as there are code tiles
+        mma_calls = emu.fastvq_emulated_mma_calls()
         indices, distances, splits = emulated_search(emu, x, codebook, metric, precision, k, target_blocks)
+        assert (emu.fastvq_emulated_mma_calls() > mma_calls) == (precision != "ieee")
         answers.append((indices, distances, splits))
         assert torch.equal(indices, want_indices)
         torch.testing.assert_close(distances, want_distances, rtol=1e-5, atol=1e-5)
@@ -105,10 +120,30 @@ def test_search_kernel_matches_the_host_check_and_the_reference(emu, host_lib, N
     check_nearest(x, codebook, answers[0][0][..., 0], answers[0][1][..., 0], metric, precision)
 
 
+def test_search_before_ampere_uses_cuda_cores(emu, host_lib):
+    """On a GPU without WMMA tf32 / bf16 (capability < 8) the launcher picks the CUDA-core kernel
+    for every precision (no mma_sync call), with the host check's answer."""
+    x, codebook = torch.randn(1, 40, 20), torch.randn(1, 100, 20)
+    previous = emu.fastvq_emulated_set_capability(7)
+    try:
+        for precision in ("tf32", "bf16", "fp16"):
+            mma_calls = emu.fastvq_emulated_mma_calls()
+            indices, distances, _ = emulated_search(emu, x, codebook, "l2", precision, 2, 64)
+            assert emu.fastvq_emulated_mma_calls() == mma_calls
+            want_indices, want_distances = host_search(host_lib, x, codebook, "l2", precision, 2, 64)
+            assert torch.equal(indices, want_indices)
+            torch.testing.assert_close(distances, want_distances, rtol=1e-5, atol=1e-5)
+    finally:
+        emu.fastvq_emulated_set_capability(previous)
+    assert previous == 9
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
-def test_search_kernel_ties_and_non_finite_values(emu, metric):
-    """Integer data: the reference's exact answer (ties to the lowest index across code tiles and
-    splits); NaN/inf tokens get -1 / NaN; codes with a non-finite entry are never chosen."""
+def test_search_kernel_ties_and_non_finite_values(emu, metric, precision):
+    """Integer data, exact in every precision: the reference's exact answer (ties to the lowest
+    index across code tiles and splits) on both kernels; NaN/inf tokens get -1 / NaN; codes with a
+    non-finite entry are never chosen."""
     codebook = torch.randint(-3, 4, (1, 150, 5)).float()
     codebook[codebook.abs().sum(-1) == 0] = 1.0
     codebook[0, 140] = codebook[0, 3]
@@ -119,14 +154,15 @@ def test_search_kernel_ties_and_non_finite_values(emu, metric):
     x[0, :4] = codebook[0, [3, 64, 3, 64]]
     x[0, 5, 1] = float("nan")
     x[0, 6, 4] = float("inf")
-    want = reference.topk_codes(x, codebook, 4, metric=metric)
+    want = reference.topk_codes(x, codebook, 4, metric=metric, precision=precision)
     for target_blocks in (1, 64):
-        indices, distances, _ = emulated_search(emu, x, codebook, metric, "ieee", 4, target_blocks)
+        indices, distances, _ = emulated_search(emu, x, codebook, metric, precision, 4, target_blocks)
         assert torch.equal(indices, want[0])
         torch.testing.assert_close(distances, want[1], rtol=1e-6, atol=1e-6, equal_nan=True)
     assert (indices[0, [5, 6]] == -1).all()
-    if metric != "dot":  # a token on a code is nearest to it (dot: a longer code can win)
-        assert indices[0, 0, 0] == 3 and indices[0, 1, 0] == 64
+    if metric == "l2":  # a token on a code is nearest to its first copy (cosine: multiples tie too; dot: longer wins)
+        first_copy = [int((codebook[0] == codebook[0, c]).all(-1).nonzero()[0]) for c in (3, 64)]
+        assert indices[0, :2, 0].tolist() == first_copy
     assert not set(indices.flatten().tolist()) & {7, 9}
 
 

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 struct __half {
   uint16_t bits;
@@ -14,4 +15,12 @@ inline float __half2float(__half h) {
   if (exponent == 0x1F) return mantissa ? NAN : sign * INFINITY;
   if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -24);
   return sign * std::ldexp(static_cast<float>(mantissa | 0x400), exponent - 25);
+}
+
+// Round to nearest even, by the host compiler's _Float16 conversion (subnormals and overflow included).
+inline __half __float2half_rn(float value) {
+  const _Float16 h = static_cast<_Float16>(value);
+  __half out;
+  std::memcpy(&out.bits, &h, sizeof out.bits);
+  return out;
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75 };
 using cudaStream_t = void*;
 
 #define __global__
@@ -53,6 +54,7 @@ inline Barrier block_barrier;
 inline std::vector<Barrier> warp_barriers;
 inline std::vector<uint64_t> lanes;  // one exchange slot per thread of the block
 inline cudaError_t last_error = cudaSuccess;
+inline int compute_capability_major = 9;  // the emulated GPU: a Hopper unless a test says otherwise
 
 inline void wait(Barrier& barrier) {
   const unsigned generation = barrier.generation;
@@ -163,6 +165,15 @@ inline unsigned __ballot_sync(unsigned, bool predicate) {
 inline int __ffs(unsigned bits) { return __builtin_ffs(static_cast<int>(bits)); }
 inline const char* cudaGetErrorString(cudaError_t error) {
   return error == cudaSuccess ? "no error" : "invalid argument";
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (attribute != cudaDevAttrComputeCapabilityMajor || device != 0) return cudaErrorInvalidValue;
+  *value = cuda_emulator::compute_capability_major;
+  return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() {
   const cudaError_t error = cuda_emulator::last_error;

@@ -1,6 +1,7 @@
 // kernels/*.cu compiled for the host: the CUDA built-ins they use come from the stub headers of
-// this folder (cuda_runtime.h: one std::thread per CUDA thread, barriers for __syncthreads and the
-// warp shuffles), so the real kernels and launchers run, thread mapping and all, without a GPU.
+// this folder (cuda_runtime.h: one fiber per CUDA thread, barriers for __syncthreads and the warp
+// shuffles; mma.h: the WMMA fragments of the tensor-core search), so the real kernels and launchers
+// run, thread mapping and all, without a GPU.
 // tests/test_cuda_emulated.py builds this with the host compiler and calls the launchers by ctypes.
 #include <cuda_runtime.h>  // the emulation (this folder), first: it defines FASTVQ_LAUNCH
 
@@ -24,6 +25,16 @@ int64_t fastvq_emulated_search_splits(const fastvq::SearchArgs* args, int target
 }
 
 int fastvq_emulated_search_list_size(int k) { return fastvq::search_list_size(k); }
+
+// WMMA mma_sync calls so far (tests/cuda_emulator/mma.h): which search kernel ran.
+uint64_t fastvq_emulated_mma_calls() { return cuda_emulator::mma_calls; }
+
+// The compute capability (major) the emulated GPU reports; returns the previous one.
+int fastvq_emulated_set_capability(int major) {
+  const int previous = cuda_emulator::compute_capability_major;
+  cuda_emulator::compute_capability_major = major;
+  return previous;
+}
 
 int64_t fastvq_emulated_code_stats_splits(const fastvq::CodeStatsArgs* args, int target_blocks) {
   return fastvq::code_stats_token_splits(*args, target_blocks);
