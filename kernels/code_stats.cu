@@ -21,6 +21,7 @@ namespace fastvq {
 namespace {
 
 constexpr int kStatsThreads = 256;
+constexpr int kRowsInFlight = 8;  // loads a thread issues before it adds them (latency of a long run)
 
 // Threads of a block are groups of `columns` (a power of two <= 32) consecutive threads: group g of
 // block (bx, by) owns item bx * (kStatsThreads / columns) + g and column by * columns + its lane in the group.
@@ -42,8 +43,15 @@ __device__ float sorted_rows_sum(const CodeStatsArgs& args, const int64_t* __res
   const T* x = static_cast<const T*>(args.x) + head * args.x_stride_h + column * args.x_stride_d;
   const int64_t first_token = head * args.n_tokens;
   float acc = 0.0f;
-#pragma unroll 4
-  for (int64_t s = begin; s < end; ++s) acc += to_float(x[(order[s] - first_token) * args.x_stride_n]);
+  int64_t s = begin;
+  for (; s + kRowsInFlight <= end; s += kRowsInFlight) {  // the loads of kRowsInFlight rows first
+    float row[kRowsInFlight];
+#pragma unroll
+    for (int i = 0; i < kRowsInFlight; ++i) row[i] = to_float(x[(order[s + i] - first_token) * args.x_stride_n]);
+#pragma unroll
+    for (int i = 0; i < kRowsInFlight; ++i) acc += row[i];
+  }
+  for (; s < end; ++s) acc += to_float(x[(order[s] - first_token) * args.x_stride_n]);
   return acc;
 }
 
@@ -134,7 +142,7 @@ __global__ void __launch_bounds__(kStatsThreads) run_sums_kernel(CodeStatsArgs a
   const int64_t first = chunk_end[key] - run_chunks[key];
   if (c != first) return;
   float acc = 0.0f;
-#pragma unroll 4
+#pragma unroll 8
   for (int64_t j = first; j < chunk_end[key]; ++j) acc += partial[j * args.dim + me.column];
   sums[key * args.dim + me.column] = acc;
 }
