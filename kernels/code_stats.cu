@@ -64,9 +64,10 @@ __global__ void __launch_bounds__(kStatsThreads) keys_kernel(CodeStatsArgs args,
   keys[token] = counted(index, args.n_codes, mask) ? head * args.n_codes + index : args.heads * args.n_codes;
 }
 
-__global__ void __launch_bounds__(kStatsThreads) run_bounds_kernel(CodeStatsArgs args, const int64_t* __restrict__ sorted_keys,
-                                                              int64_t* __restrict__ run_start,
-                                                              int64_t* __restrict__ run_end) {
+__global__ void __launch_bounds__(kStatsThreads) run_bounds_kernel(CodeStatsArgs args,
+                                                                   const int64_t* __restrict__ sorted_keys,
+                                                                   int64_t* __restrict__ run_start,
+                                                                   int64_t* __restrict__ run_end) {
   const int64_t s = static_cast<int64_t>(blockIdx.x) * kStatsThreads + threadIdx.x;
   const int64_t tokens = args.heads * args.n_tokens;
   if (s >= tokens) return;
@@ -78,11 +79,12 @@ __global__ void __launch_bounds__(kStatsThreads) run_bounds_kernel(CodeStatsArgs
 
 template <typename T>
 __global__ void __launch_bounds__(kStatsThreads) code_sums_kernel(CodeStatsArgs args, int columns,
-                                                             const int64_t* __restrict__ order,
-                                                             const int64_t* __restrict__ run_start,
-                                                             const int64_t* __restrict__ run_end,
-                                                             int64_t* __restrict__ run_chunks,
-                                                             float* __restrict__ counts, float* __restrict__ sums) {
+                                                                  const int64_t* __restrict__ order,
+                                                                  const int64_t* __restrict__ run_start,
+                                                                  const int64_t* __restrict__ run_end,
+                                                                  int64_t* __restrict__ run_chunks,
+                                                                  float* __restrict__ counts,
+                                                                  float* __restrict__ sums) {
   const GroupThread me = group_thread(columns);
   const int64_t key = me.item;  // h K + code
   if (key >= args.heads * args.n_codes) return;
@@ -114,12 +116,12 @@ __device__ int64_t chunk_key(const CodeStatsArgs& args, const int64_t* __restric
 // partial[c] = the sum of chunk c of the longer runs, its rows in token order.
 template <typename T>
 __global__ void __launch_bounds__(kStatsThreads) chunk_sums_kernel(CodeStatsArgs args, int columns,
-                                                              const int64_t* __restrict__ order,
-                                                              const int64_t* __restrict__ run_start,
-                                                              const int64_t* __restrict__ run_end,
-                                                              const int64_t* __restrict__ run_chunks,
-                                                              const int64_t* __restrict__ chunk_end,
-                                                              float* __restrict__ partial) {
+                                                                   const int64_t* __restrict__ order,
+                                                                   const int64_t* __restrict__ run_start,
+                                                                   const int64_t* __restrict__ run_end,
+                                                                   const int64_t* __restrict__ run_chunks,
+                                                                   const int64_t* __restrict__ chunk_end,
+                                                                   float* __restrict__ partial) {
   const GroupThread me = group_thread(columns);
   const int64_t c = me.item;
   if (c >= chunk_end[args.heads * args.n_codes - 1] || me.column >= args.dim) return;
@@ -131,10 +133,10 @@ __global__ void __launch_bounds__(kStatsThreads) chunk_sums_kernel(CodeStatsArgs
 
 // sums[key] = the chunk sums of a longer run in chunk order, from 0.0f, by the group of its first chunk.
 __global__ void __launch_bounds__(kStatsThreads) run_sums_kernel(CodeStatsArgs args, int columns,
-                                                            const int64_t* __restrict__ run_chunks,
-                                                            const int64_t* __restrict__ chunk_end,
-                                                            const float* __restrict__ partial,
-                                                            float* __restrict__ sums) {
+                                                                 const int64_t* __restrict__ run_chunks,
+                                                                 const int64_t* __restrict__ chunk_end,
+                                                                 const float* __restrict__ partial,
+                                                                 float* __restrict__ sums) {
   const GroupThread me = group_thread(columns);
   const int64_t c = me.item;
   if (c >= chunk_end[args.heads * args.n_codes - 1] || me.column >= args.dim) return;
@@ -153,17 +155,19 @@ int columns_per_item(int64_t dim) {
   return columns;
 }
 
+dim3 token_grid(int64_t tokens) { return dim3(static_cast<unsigned>((tokens + kStatsThreads - 1) / kStatsThreads)); }
+
 dim3 group_grid(int64_t items, int64_t dim, int columns) {
   const int64_t per_block = kStatsThreads / columns;
   const int64_t column_blocks = dim > 0 ? (dim + columns - 1) / columns : 1;  // D = 0 still counts
   return dim3(static_cast<unsigned>((items + per_block - 1) / per_block), static_cast<unsigned>(column_blocks));
 }
 
+// Sizes the grids can cover: at most 2^31 - 1 blocks of tokens or codes, 65535 column blocks.
 bool stats_args_valid(const CodeStatsArgs& args) {
-  const int64_t blocks = (args.heads * (args.n_tokens > args.n_codes ? args.n_tokens : args.n_codes) + kStatsThreads - 1) /
-                         kStatsThreads;
-  return args.heads >= 0 && args.n_tokens >= 0 && args.n_codes >= 1 && args.dim >= 0 && blocks <= INT32_MAX &&
-         (args.dim + 31) / 32 <= 65535;
+  const int64_t items = args.heads * (args.n_tokens > args.n_codes ? args.n_tokens : args.n_codes);
+  return args.heads >= 0 && args.n_tokens >= 0 && args.n_codes >= 1 && args.dim >= 0 &&
+         (items + kStatsThreads - 1) / kStatsThreads <= INT32_MAX && (args.dim + 31) / 32 <= 65535;
 }
 
 template <typename T>
@@ -184,8 +188,8 @@ cudaError_t launch_long(const CodeStatsArgs& args, const int64_t* order, const i
   const int columns = columns_per_item(args.dim);
   const dim3 grid = group_grid(code_stats_max_chunks(args), args.dim, columns);
   auto* chunk_sums = chunk_sums_kernel<T>;
-  FASTVQ_LAUNCH(chunk_sums, grid, kStatsThreads, stream, args, columns, order, run_start, run_end, run_chunks, chunk_end,
-                partial);
+  FASTVQ_LAUNCH(chunk_sums, grid, kStatsThreads, stream, args, columns, order, run_start, run_end, run_chunks,
+                chunk_end, partial);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   auto* run_sums = run_sums_kernel;
@@ -205,8 +209,7 @@ cudaError_t launch_code_stats_keys(const CodeStatsArgs& args, int64_t* keys, cud
   const int64_t tokens = args.heads * args.n_tokens;
   if (tokens == 0) return cudaSuccess;  // an empty grid is a launch error
   auto* kernel = keys_kernel;
-  FASTVQ_LAUNCH(kernel, dim3(static_cast<unsigned>((tokens + kStatsThreads - 1) / kStatsThreads)), kStatsThreads, stream, args,
-                keys);
+  FASTVQ_LAUNCH(kernel, token_grid(tokens), kStatsThreads, stream, args, keys);
   return cudaGetLastError();
 }
 
@@ -218,8 +221,7 @@ cudaError_t launch_code_stats_runs(const CodeStatsArgs& args, const int64_t* sor
   if (args.heads == 0) return cudaSuccess;
   if (tokens > 0) {
     auto* bounds = run_bounds_kernel;
-    FASTVQ_LAUNCH(bounds, dim3(static_cast<unsigned>((tokens + kStatsThreads - 1) / kStatsThreads)), kStatsThreads, stream, args,
-                  sorted_keys, run_start, run_end);
+    FASTVQ_LAUNCH(bounds, token_grid(tokens), kStatsThreads, stream, args, sorted_keys, run_start, run_end);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
