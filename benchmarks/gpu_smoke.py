@@ -8,7 +8,8 @@ against a float64 brute force: regret within the stated bound), first-call time 
 steady median time; then one VectorQuantize training step on both backends; then the registers,
 spills and shared memory of every compiled Triton kernel. With --backend cuda the CUDA C++ backend
 is checked the same way (built first; its ops without a CUDA kernel run on Triton), and code_stats
-also records the Triton (atomic) time beside it and whether two runs agree bitwise. Writes
+also records the Triton times (sorted and atomic) beside it and whether it is bitwise the same on a
+second run and as Triton's sorted result. Writes
 OUT/smoke.jsonl as it goes (one record per check) and OUT/kernels.json, prints a table last, and
 exits 1 when a check failed.
 On CPU (`--device cpu` under TRITON_INTERPRET=1, tiny shapes) it dry-runs the same code.
@@ -97,12 +98,17 @@ def op_checks(device: torch.device, n: int, k: int, repeats: int, backend: str):
             want = fastvq.code_stats(x, indices, k, backend="torch")
             ok = torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
             detail = f"max sum error {(got[1] - want[1]).abs().max():.2e}"
-            if backend == "cuda":  # deterministic: bitwise the same again; its time beside the atomic one
+            if backend == "cuda":  # bitwise the same again and the Triton result; its time beside Triton's two
                 again = fastvq.code_stats(x, indices, k, backend=backend)
-                ok = ok and torch.equal(got[1], again[1])
-                atomic = timed(lambda: importlib.import_module("fastvq.ops.triton.code_stats").code_stats(
-                    x[None], indices[None], k, deterministic=False), device, repeats)[1]
-                detail += f", bitwise repeatable {torch.equal(got[1], again[1])}, {steady / atomic:.2f}x atomic time"
+                kernels = importlib.import_module("fastvq.ops.triton.code_stats")
+                _, triton_time, triton = timed(lambda: kernels.code_stats(x[None], indices[None], k), device, repeats)
+                atomic = timed(lambda: kernels.code_stats(x[None], indices[None], k, deterministic=False), device,
+                               repeats)[1]
+                repeatable = torch.equal(got[1], again[1])
+                as_triton = torch.equal(got[0], triton[0][0]) and torch.equal(got[1], triton[1][0])
+                ok = ok and repeatable and as_triton
+                detail += (f", bitwise repeatable {repeatable}, bitwise Triton's {as_triton}, "
+                           f"{steady / triton_time:.2f}x Triton's time, {steady / atomic:.2f}x atomic time")
             yield dict(N=n, K=k, D=d, dtype=str(dtype).removeprefix("torch."), op="code_stats", first_s=first,
                        steady_ms=steady * 1e3, ok=ok, detail=detail)
             if backend == "triton":

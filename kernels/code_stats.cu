@@ -1,14 +1,18 @@
-// Per-code counts and sums (EMA statistics, k-means, codebook gradient), deterministic and sort-free.
+// Per-code counts and sums (EMA statistics, k-means, codebook gradient): a sorted segmented reduction,
+// deterministic and O(N D), bitwise equal to the Triton backend's (fastvq/ops/triton/code_stats.py).
 //
-// code_stats_kernel: a block of 8 warps owns 256 codes (32 per warp) and 32 columns of D, for the
-// tokens of one split of one head. The block stages 256 token indices at a time in shared memory;
-// every warp scans them in token order, finds the tokens of its own codes with a ballot, and adds
-// those rows into its shared-memory accumulators (lane = column). A code's sum is therefore added
-// in token order by one warp, with no atomics: bitwise the same result every run. When the blocks
-// alone cannot fill the GPU (few codes, many tokens) the tokens are split; each split writes its
-// partial sums and sum_splits_kernel adds them in split order.
-#include <tuple>
-
+// Keys h K + code of the counted tokens are sorted stably (torch, in the glue), so each code's tokens
+// form one run of the sorted order, in token order; a run is cut into chunks of kCodeStatsChunk
+// tokens. A chunk's rows are added in token order and a run's chunk sums in chunk order, from 0.0f,
+// as the Triton kernels add them: the order of every fp32 addition depends on the data only.
+//   keys_kernel        the sort keys (skipped tokens get H K: sorted last)
+//   run_bounds_kernel  each code's range [run_start, run_end) of the sorted tokens
+//   code_sums_kernel   counts; the sums of runs of one chunk written directly (0.0f + chunk sum is the
+//                      chunk sum); the number of chunks of each longer run
+//   chunk_sums_kernel  the chunks of the longer runs, numbered by a prefix sum of those numbers (torch,
+//                      in the glue), so a collapsed batch is spread over N / kCodeStatsChunk groups
+//   run_sums_kernel    each longer run's chunk sums in chunk order
+// No atomics and no two threads write one address: bitwise the same every run.
 #include "device.cuh"
 #include "launchers.h"
 #include "vq_tile.cuh"
@@ -16,130 +20,235 @@
 namespace fastvq {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kCodesPerWarp = 32;
-constexpr int kBlockCodes = kWarps * kCodesPerWarp;
-constexpr int kColumns = 32;
-constexpr int kTokenChunk = kWarps * 32;
-constexpr int64_t kMinTokensPerSplit = 4096;
+constexpr int kStatsThreads = 256;
+constexpr int kRowsInFlight = 8;  // loads a thread issues before it adds them (latency of a long run)
 
-// counts (H * S, K) and sums (H * S, K, D): the outputs, or the splits' partials.
+// Threads of a block are groups of `columns` (a power of two <= 32) consecutive threads: group g of
+// block (bx, by) owns item bx * (kStatsThreads / columns) + g and column by * columns + its lane in the group.
+struct GroupThread {
+  int64_t item, column;
+  bool lead;  // lane 0 of the group in the first column block: writes the item's per-item outputs
+};
+
+__device__ __forceinline__ GroupThread group_thread(int columns) {
+  const int lane = static_cast<int>(threadIdx.x) % columns;
+  return {static_cast<int64_t>(blockIdx.x) * (kStatsThreads / columns) + threadIdx.x / columns,
+          static_cast<int64_t>(blockIdx.y) * columns + lane, lane == 0 && blockIdx.y == 0};
+}
+
+// sum over s in [begin, end) in order of x[order[s] - head N, column], from 0.0f.
 template <typename T>
-__global__ void __launch_bounds__(kWarps * 32) code_stats_kernel(CodeStatsArgs args, int64_t splits,
-                                                                 float* __restrict__ counts,
+__device__ float sorted_rows_sum(const CodeStatsArgs& args, const int64_t* __restrict__ order, int64_t head,
+                                 int64_t column, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(args.x) + head * args.x_stride_h + column * args.x_stride_d;
+  const int64_t first_token = head * args.n_tokens;
+  float acc = 0.0f;
+  int64_t s = begin;
+  for (; s + kRowsInFlight <= end; s += kRowsInFlight) {  // the loads of kRowsInFlight rows first
+    float row[kRowsInFlight];
+#pragma unroll
+    for (int i = 0; i < kRowsInFlight; ++i) row[i] = to_float(x[(order[s + i] - first_token) * args.x_stride_n]);
+#pragma unroll
+    for (int i = 0; i < kRowsInFlight; ++i) acc += row[i];
+  }
+  for (; s < end; ++s) acc += to_float(x[(order[s] - first_token) * args.x_stride_n]);
+  return acc;
+}
+
+__global__ void __launch_bounds__(kStatsThreads) keys_kernel(CodeStatsArgs args, int64_t* __restrict__ keys) {
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kStatsThreads + threadIdx.x;  // h N + n
+  if (token >= args.heads * args.n_tokens) return;
+  const int64_t head = token / args.n_tokens, n = token % args.n_tokens;
+  const int64_t index = args.indices[head * args.index_stride_h + n * args.index_stride_n];
+  const bool mask = args.mask == nullptr || args.mask[head * args.mask_stride_h + n * args.mask_stride_n] != 0;
+  keys[token] = counted(index, args.n_codes, mask) ? head * args.n_codes + index : args.heads * args.n_codes;
+}
+
+__global__ void __launch_bounds__(kStatsThreads) run_bounds_kernel(CodeStatsArgs args,
+                                                                   const int64_t* __restrict__ sorted_keys,
+                                                                   int64_t* __restrict__ run_start,
+                                                                   int64_t* __restrict__ run_end) {
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * kStatsThreads + threadIdx.x;
+  const int64_t tokens = args.heads * args.n_tokens;
+  if (s >= tokens) return;
+  const int64_t key = sorted_keys[s];
+  if (key == args.heads * args.n_codes) return;  // skipped tokens
+  if (s == 0 || sorted_keys[s - 1] != key) run_start[key] = s;
+  if (s == tokens - 1 || sorted_keys[s + 1] != key) run_end[key] = s + 1;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kStatsThreads) code_sums_kernel(CodeStatsArgs args, int columns,
+                                                                  const int64_t* __restrict__ order,
+                                                                  const int64_t* __restrict__ run_start,
+                                                                  const int64_t* __restrict__ run_end,
+                                                                  int64_t* __restrict__ run_chunks,
+                                                                  float* __restrict__ counts,
+                                                                  float* __restrict__ sums) {
+  const GroupThread me = group_thread(columns);
+  const int64_t key = me.item;  // h K + code
+  if (key >= args.heads * args.n_codes) return;
+  const int64_t begin = run_start[key], length = run_end[key] - begin;
+  if (me.lead) {
+    counts[key] = static_cast<float>(length);  // rounded to nearest, as torch's int64 -> fp32
+    run_chunks[key] = length > kCodeStatsChunk ? (length + kCodeStatsChunk - 1) / kCodeStatsChunk : 0;
+  }
+  if (length > kCodeStatsChunk || me.column >= args.dim) return;
+  sums[key * args.dim + me.column] = sorted_rows_sum<T>(args, order, key / args.n_codes, me.column, begin,
+                                                        begin + length);
+}
+
+// The longer run that chunk c (< the total number of chunks) belongs to: the first key whose
+// chunk_end exceeds c.
+__device__ int64_t chunk_key(const CodeStatsArgs& args, const int64_t* __restrict__ chunk_end, int64_t c) {
+  int64_t lo = 0, hi = args.heads * args.n_codes - 1;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (chunk_end[mid] > c) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return lo;
+}
+
+// partial[c] = the sum of chunk c of the longer runs, its rows in token order.
+template <typename T>
+__global__ void __launch_bounds__(kStatsThreads) chunk_sums_kernel(CodeStatsArgs args, int columns,
+                                                                   const int64_t* __restrict__ order,
+                                                                   const int64_t* __restrict__ run_start,
+                                                                   const int64_t* __restrict__ run_end,
+                                                                   const int64_t* __restrict__ run_chunks,
+                                                                   const int64_t* __restrict__ chunk_end,
+                                                                   float* __restrict__ partial) {
+  const GroupThread me = group_thread(columns);
+  const int64_t c = me.item;
+  if (c >= chunk_end[args.heads * args.n_codes - 1] || me.column >= args.dim) return;
+  const int64_t key = chunk_key(args, chunk_end, c);
+  const int64_t begin = run_start[key] + (c - (chunk_end[key] - run_chunks[key])) * kCodeStatsChunk;
+  const int64_t end = begin + kCodeStatsChunk < run_end[key] ? begin + kCodeStatsChunk : run_end[key];
+  partial[c * args.dim + me.column] = sorted_rows_sum<T>(args, order, key / args.n_codes, me.column, begin, end);
+}
+
+// sums[key] = the chunk sums of a longer run in chunk order, from 0.0f, by the group of its first chunk.
+__global__ void __launch_bounds__(kStatsThreads) run_sums_kernel(CodeStatsArgs args, int columns,
+                                                                 const int64_t* __restrict__ run_chunks,
+                                                                 const int64_t* __restrict__ chunk_end,
+                                                                 const float* __restrict__ partial,
                                                                  float* __restrict__ sums) {
-  __shared__ float acc[kWarps][kCodesPerWarp][kColumns];
-  __shared__ float count[kWarps][kCodesPerWarp];
-  __shared__ int32_t chunk_code[kTokenChunk];
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t head = blockIdx.z / splits, split = blockIdx.z % splits;
-  const int64_t code0 = static_cast<int64_t>(blockIdx.x) * kBlockCodes + warp * kCodesPerWarp;
-  const int64_t column = static_cast<int64_t>(blockIdx.y) * kColumns + lane;
-  const int64_t per_split = (args.n_tokens + splits - 1) / splits;
-  const int64_t t_lo = split * per_split;
-  const int64_t t_hi = t_lo + per_split < args.n_tokens ? t_lo + per_split : args.n_tokens;
-  const T* x = static_cast<const T*>(args.x) + head * args.x_stride_h;
-
-  for (int c = 0; c < kCodesPerWarp; ++c) acc[warp][c][lane] = 0.0f;
-  count[warp][lane] = 0.0f;
-  for (int64_t t0 = t_lo; t0 < t_hi; t0 += kTokenChunk) {
-    __syncthreads();  // the previous chunk is scanned by every warp
-    const int64_t token = t0 + threadIdx.x;
-    int32_t code = -1;
-    if (token < t_hi) {
-      const int64_t index = args.indices[head * args.index_stride_h + token * args.index_stride_n];
-      const bool mask = args.mask == nullptr || args.mask[head * args.mask_stride_h + token * args.mask_stride_n] != 0;
-      if (counted(index, args.n_codes, mask)) code = static_cast<int32_t>(index);
-    }
-    chunk_code[threadIdx.x] = code;
-    __syncthreads();
-    for (int j = 0; j < kTokenChunk; j += 32) {
-      const int64_t local = static_cast<int64_t>(chunk_code[j + lane]) - code0;
-      const bool mine = chunk_code[j + lane] >= 0 && local >= 0 && local < kCodesPerWarp;
-      unsigned hits = __ballot_sync(0xFFFFFFFFu, mine);
-      while (hits) {  // in token order
-        const int src = __ffs(hits) - 1;
-        hits &= hits - 1;
-        const int c = __shfl_sync(0xFFFFFFFFu, static_cast<int>(local), src);
-        if (column < args.dim) acc[warp][c][lane] += to_float(x[(t0 + j + src) * args.x_stride_n + column * args.x_stride_d]);
-        if (lane == 0) count[warp][c] += 1.0f;
-      }
-    }
-  }
-  __syncwarp();
-  const int64_t out = blockIdx.z;  // head * splits + split
-  for (int c = 0; c < kCodesPerWarp; ++c) {
-    const int64_t code = code0 + c;
-    if (code < args.n_codes && column < args.dim) sums[(out * args.n_codes + code) * args.dim + column] = acc[warp][c][lane];
-  }
-  if (blockIdx.y == 0 && code0 + lane < args.n_codes) counts[out * args.n_codes + code0 + lane] = count[warp][lane];
+  const GroupThread me = group_thread(columns);
+  const int64_t c = me.item;
+  if (c >= chunk_end[args.heads * args.n_codes - 1] || me.column >= args.dim) return;
+  const int64_t key = chunk_key(args, chunk_end, c);
+  const int64_t first = chunk_end[key] - run_chunks[key];
+  if (c != first) return;
+  float acc = 0.0f;
+#pragma unroll 8
+  for (int64_t j = first; j < chunk_end[key]; ++j) acc += partial[j * args.dim + me.column];
+  sums[key * args.dim + me.column] = acc;
 }
 
-// out[h, e] = sum over s in order of partial[h, s, e], for e < per_head.
-__global__ void sum_splits_kernel(const float* __restrict__ partial, float* __restrict__ out, int64_t splits,
-                                  int64_t per_head, int64_t total) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= total) return;
-  const int64_t head = e / per_head, rest = e % per_head;
-  float sum = 0.0f;
-  for (int64_t s = 0; s < splits; ++s) sum += partial[(head * splits + s) * per_head + rest];
-  out[e] = sum;
+int columns_per_item(int64_t dim) {
+  int columns = 1;
+  while (columns < 32 && columns < dim) columns *= 2;
+  return columns;
+}
+
+dim3 token_grid(int64_t tokens) { return dim3(static_cast<unsigned>((tokens + kStatsThreads - 1) / kStatsThreads)); }
+
+dim3 group_grid(int64_t items, int64_t dim, int columns) {
+  const int64_t per_block = kStatsThreads / columns;
+  const int64_t column_blocks = dim > 0 ? (dim + columns - 1) / columns : 1;  // D = 0 still counts
+  return dim3(static_cast<unsigned>((items + per_block - 1) / per_block), static_cast<unsigned>(column_blocks));
+}
+
+// Sizes the grids can cover: at most 2^31 - 1 blocks of tokens or codes, 65535 column blocks.
+bool stats_args_valid(const CodeStatsArgs& args) {
+  const int64_t items = args.heads * (args.n_tokens > args.n_codes ? args.n_tokens : args.n_codes);
+  return args.heads >= 0 && args.n_tokens >= 0 && args.n_codes >= 1 && args.dim >= 0 &&
+         (items + kStatsThreads - 1) / kStatsThreads <= INT32_MAX && (args.dim + 31) / 32 <= 65535;
 }
 
 template <typename T>
-cudaError_t launch_typed(const CodeStatsArgs& args, int64_t splits, float* partial_counts, float* partial_sums,
-                         float* counts, float* sums, cudaStream_t stream) {
-  const int64_t code_blocks = (args.n_codes + kBlockCodes - 1) / kBlockCodes;
-  const int64_t column_blocks = args.dim > 0 ? (args.dim + kColumns - 1) / kColumns : 1;  // D = 0 still counts
-  float* kernel_counts = splits > 1 ? partial_counts : counts;
-  float* kernel_sums = splits > 1 ? partial_sums : sums;
-  auto* stats = code_stats_kernel<T>;
-  FASTVQ_LAUNCH(stats, dim3(static_cast<unsigned>(code_blocks), static_cast<unsigned>(column_blocks),
-                            static_cast<unsigned>(args.heads * splits)),
-                kWarps * 32, stream, args, splits, kernel_counts, kernel_sums);
+cudaError_t launch_sums(const CodeStatsArgs& args, const int64_t* order, const int64_t* run_start,
+                        const int64_t* run_end, int64_t* run_chunks, float* counts, float* sums,
+                        cudaStream_t stream) {
+  const int columns = columns_per_item(args.dim);
+  auto* kernel = code_sums_kernel<T>;
+  FASTVQ_LAUNCH(kernel, group_grid(args.heads * args.n_codes, args.dim, columns), kStatsThreads, stream, args, columns,
+                order, run_start, run_end, run_chunks, counts, sums);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_long(const CodeStatsArgs& args, const int64_t* order, const int64_t* run_start,
+                        const int64_t* run_end, const int64_t* run_chunks, const int64_t* chunk_end,
+                        float* partial, float* sums, cudaStream_t stream) {
+  const int columns = columns_per_item(args.dim);
+  const dim3 grid = group_grid(code_stats_max_chunks(args), args.dim, columns);
+  auto* chunk_sums = chunk_sums_kernel<T>;
+  FASTVQ_LAUNCH(chunk_sums, grid, kStatsThreads, stream, args, columns, order, run_start, run_end, run_chunks,
+                chunk_end, partial);
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || splits == 1) return err;
-  const int threads = 256;
-  for (const auto& [partial, result, per_head] : {std::make_tuple(partial_counts, counts, args.n_codes),
-                                                   std::make_tuple(partial_sums, sums, args.n_codes * args.dim)}) {
-    const int64_t total = args.heads * per_head;
-    if (total == 0) continue;
-    auto* sum_splits = sum_splits_kernel;
-    FASTVQ_LAUNCH(sum_splits, dim3(static_cast<unsigned>((total + threads - 1) / threads)), threads, stream, partial,
-                  result, splits, per_head, total);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  if (err != cudaSuccess) return err;
+  auto* run_sums = run_sums_kernel;
+  FASTVQ_LAUNCH(run_sums, grid, kStatsThreads, stream, args, columns, run_chunks, chunk_end, partial, sums);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-int64_t code_stats_token_splits(const CodeStatsArgs& args, int target_blocks) {
-  const int64_t code_blocks = (args.n_codes + kBlockCodes - 1) / kBlockCodes;
-  const int64_t column_blocks = args.dim > 0 ? (args.dim + kColumns - 1) / kColumns : 1;
-  const int64_t blocks = code_blocks * column_blocks * args.heads;
-  int64_t splits = (target_blocks + blocks - 1) / blocks;
-  const int64_t most = (args.n_tokens + kMinTokensPerSplit - 1) / kMinTokensPerSplit;
-  splits = splits > most ? most : splits;
-  splits = splits * args.heads > 65535 ? 65535 / args.heads : splits;  // grid z limit
-  return splits < 1 ? 1 : splits;
+int64_t code_stats_max_chunks(const CodeStatsArgs& args) {
+  // a run longer than a chunk has ceil(L / chunk) <= 2 L / chunk chunks
+  return 2 * ((args.heads * args.n_tokens + kCodeStatsChunk - 1) / kCodeStatsChunk);
 }
 
-cudaError_t launch_code_stats(const CodeStatsArgs& args, int64_t token_splits, float* partial_counts,
-                              float* partial_sums, float* counts, float* sums, cudaStream_t stream) {
-  if (token_splits < 1 || args.heads * token_splits > 65535 || args.n_codes > INT32_MAX - 1) {
-    return cudaErrorInvalidValue;
-  }
+cudaError_t launch_code_stats_keys(const CodeStatsArgs& args, int64_t* keys, cudaStream_t stream) {
+  if (!stats_args_valid(args)) return cudaErrorInvalidValue;
+  const int64_t tokens = args.heads * args.n_tokens;
+  if (tokens == 0) return cudaSuccess;  // an empty grid is a launch error
+  auto* kernel = keys_kernel;
+  FASTVQ_LAUNCH(kernel, token_grid(tokens), kStatsThreads, stream, args, keys);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_code_stats_runs(const CodeStatsArgs& args, const int64_t* sorted_keys, const int64_t* order,
+                                   int64_t* run_start, int64_t* run_end, int64_t* run_chunks, float* counts,
+                                   float* sums, cudaStream_t stream) {
+  if (!stats_args_valid(args)) return cudaErrorInvalidValue;
+  const int64_t tokens = args.heads * args.n_tokens;
   if (args.heads == 0) return cudaSuccess;
+  if (tokens > 0) {
+    auto* bounds = run_bounds_kernel;
+    FASTVQ_LAUNCH(bounds, token_grid(tokens), kStatsThreads, stream, args, sorted_keys, run_start, run_end);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   switch (args.dtype) {
     case DType::kFloat32:
-      return launch_typed<float>(args, token_splits, partial_counts, partial_sums, counts, sums, stream);
+      return launch_sums<float>(args, order, run_start, run_end, run_chunks, counts, sums, stream);
     case DType::kFloat16:
-      return launch_typed<__half>(args, token_splits, partial_counts, partial_sums, counts, sums, stream);
+      return launch_sums<__half>(args, order, run_start, run_end, run_chunks, counts, sums, stream);
     case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(args, token_splits, partial_counts, partial_sums, counts, sums, stream);
+      return launch_sums<__nv_bfloat16>(args, order, run_start, run_end, run_chunks, counts, sums, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_code_stats_long_runs(const CodeStatsArgs& args, const int64_t* order, const int64_t* run_start,
+                                        const int64_t* run_end, const int64_t* run_chunks, const int64_t* chunk_end,
+                                        float* partial, float* sums, cudaStream_t stream) {
+  if (!stats_args_valid(args)) return cudaErrorInvalidValue;
+  if (args.heads * args.n_tokens <= kCodeStatsChunk || args.dim == 0) return cudaSuccess;  // no longer run, or no sum
+  switch (args.dtype) {
+    case DType::kFloat32:
+      return launch_long<float>(args, order, run_start, run_end, run_chunks, chunk_end, partial, sums, stream);
+    case DType::kFloat16:
+      return launch_long<__half>(args, order, run_start, run_end, run_chunks, chunk_end, partial, sums, stream);
+    case DType::kBFloat16:
+      return launch_long<__nv_bfloat16>(args, order, run_start, run_end, run_chunks, chunk_end, partial, sums,
+                                        stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -56,13 +56,29 @@ struct CodeStatsArgs {
   int64_t mask_stride_h, mask_stride_n;
 };
 
-// Token splits (>= 1) so that about `target_blocks` blocks run.
-int64_t code_stats_token_splits(const CodeStatsArgs& args, int target_blocks);
+constexpr int64_t kCodeStatsChunk = 256;  // fastvq.ops.triton.code_stats.CHUNK: part of the result's bits
 
-// counts (H, K) and sums (H, K, D) fp32, contiguous, fully written (no zeroing needed). Each code's
-// sums are added in token order within a split and the splits' partial sums (partial_counts
-// (H, S, K), partial_sums (H, S, K, D); unused when S = 1) in split order: bitwise the same every run.
-cudaError_t launch_code_stats(const CodeStatsArgs& args, int64_t token_splits, float* partial_counts,
-                              float* partial_sums, float* counts, float* sums, cudaStream_t stream);
+// code_stats as a sorted segmented reduction (kernels/code_stats.cu), in three steps; the glue sorts
+// and takes a prefix sum with torch between them. Bitwise equal to the Triton backend's result.
+// 1. keys (H N) int64: h K + index of each counted token (index in [0, K), mask set), H K for the others.
+cudaError_t launch_code_stats_keys(const CodeStatsArgs& args, int64_t* keys, cudaStream_t stream);
+
+// 2. After a stable sort of the keys (sorted_keys, and order: the flat token h N + n of each):
+// run_start / run_end (H K), zeroed by the caller, get each code's range of the sorted tokens;
+// counts (H, K) and sums (H, K, D) fp32, contiguous, are written for every code except the sums of
+// runs longer than kCodeStatsChunk tokens, whose chunk counts go to run_chunks (H K) (0 for the others).
+cudaError_t launch_code_stats_runs(const CodeStatsArgs& args, const int64_t* sorted_keys, const int64_t* order,
+                                   int64_t* run_start, int64_t* run_end, int64_t* run_chunks, float* counts,
+                                   float* sums, cudaStream_t stream);
+
+// Rows of `partial` that step 3 may use: at least the number of chunks of all longer runs.
+int64_t code_stats_max_chunks(const CodeStatsArgs& args);
+
+// 3. After chunk_end = the inclusive prefix sum of run_chunks: the sums of the longer runs, each
+// chunk's rows added in token order into partial (code_stats_max_chunks, D) fp32, then each run's
+// chunk sums in chunk order into sums.
+cudaError_t launch_code_stats_long_runs(const CodeStatsArgs& args, const int64_t* order, const int64_t* run_start,
+                                        const int64_t* run_end, const int64_t* run_chunks, const int64_t* chunk_end,
+                                        float* partial, float* sums, cudaStream_t stream);
 
 }  // namespace fastvq

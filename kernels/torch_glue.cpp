@@ -70,7 +70,7 @@ std::tuple<torch::Tensor, torch::Tensor> search(const torch::Tensor& x, const to
 // x (H, N, D), indices (H, N) int64, mask (H, N) bool or None -> counts (H, K), sums (H, K, D) fp32.
 std::tuple<torch::Tensor, torch::Tensor> code_stats(const torch::Tensor& x, const torch::Tensor& indices,
                                                     const c10::optional<torch::Tensor>& mask, int64_t num_codes,
-                                                    int64_t target_blocks, int64_t stream) {
+                                                    int64_t stream) {
   check_cuda(indices, "indices", x);
   TORCH_CHECK(x.dim() == 3 && indices.dim() == 2 && indices.size(0) == x.size(0) && indices.size(1) == x.size(1),
               "expected x (H, N, D) and indices (H, N), got ", x.sizes(), " and ", indices.sizes());
@@ -92,16 +92,24 @@ std::tuple<torch::Tensor, torch::Tensor> code_stats(const torch::Tensor& x, cons
                              mask_stride_h, mask_stride_n};
   auto counts = torch::empty({heads, num_codes}, x.options().dtype(torch::kFloat32));
   auto sums = torch::empty({heads, num_codes, dim}, x.options().dtype(torch::kFloat32));
-  const int64_t splits = fastvq::code_stats_token_splits(args, static_cast<int>(target_blocks));
-  torch::Tensor partial_counts, partial_sums;
-  if (splits > 1) {
-    partial_counts = torch::empty({heads, splits, num_codes}, counts.options());
-    partial_sums = torch::empty({heads, splits, num_codes, dim}, counts.options());
-  }
-  check_launch(fastvq::launch_code_stats(args, splits, splits > 1 ? partial_counts.data_ptr<float>() : nullptr,
-                                         splits > 1 ? partial_sums.data_ptr<float>() : nullptr,
-                                         counts.data_ptr<float>(), sums.data_ptr<float>(),
-                                         reinterpret_cast<cudaStream_t>(stream)),
+  const auto stream_handle = reinterpret_cast<cudaStream_t>(stream);
+  const auto int64 = x.options().dtype(torch::kInt64);
+  auto keys = torch::empty({heads * x.size(1)}, int64);
+  check_launch(fastvq::launch_code_stats_keys(args, keys.data_ptr<int64_t>(), stream_handle), "code_stats");
+  const auto [sorted_keys, order] = keys.sort(/*stable=*/c10::optional<bool>(true), /*dim=*/0);
+  auto run_start = torch::zeros({heads * num_codes}, int64), run_end = torch::zeros({heads * num_codes}, int64);
+  auto run_chunks = torch::empty({heads * num_codes}, int64);
+  check_launch(fastvq::launch_code_stats_runs(args, sorted_keys.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+                                              run_start.data_ptr<int64_t>(), run_end.data_ptr<int64_t>(),
+                                              run_chunks.data_ptr<int64_t>(), counts.data_ptr<float>(),
+                                              sums.data_ptr<float>(), stream_handle),
+               "code_stats");
+  const auto chunk_end = run_chunks.cumsum(0);
+  auto partial = torch::empty({fastvq::code_stats_max_chunks(args), dim}, counts.options());
+  check_launch(fastvq::launch_code_stats_long_runs(args, order.data_ptr<int64_t>(), run_start.data_ptr<int64_t>(),
+                                                   run_end.data_ptr<int64_t>(), run_chunks.data_ptr<int64_t>(),
+                                                   chunk_end.data_ptr<int64_t>(), partial.data_ptr<float>(),
+                                                   sums.data_ptr<float>(), stream_handle),
                "code_stats");
   return {counts, sums};
 }

@@ -7,6 +7,7 @@ import torch
 from conftest import REFERENCE_ON_CPU, backend_cases
 
 import fastvq
+from fastvq.ops.backend import triton_unavailable_reason
 
 
 def _expected(x, indices, num_codes, mask):
@@ -105,14 +106,17 @@ def test_zero_width_rows_are_still_counted(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_cases(["cuda"]))
 def test_cuda_sums_are_bitwise_the_same_every_run(device, backend):
-    """The CUDA code_stats adds each code's rows in a fixed order (no atomics), with and without
-    token splits (K = 40 codes fill few blocks, so N = 65536 tokens are split)."""
+    """The CUDA code_stats is the Triton backend's sorted segmented reduction (K = 40 codes: runs of
+    ~1600 tokens, several chunks each): bitwise the same every run and bitwise the Triton result."""
     x = torch.randn(65536, 24, device=device)
     indices = torch.randint(-1, 40, (65536,), device=device)
     first = fastvq.code_stats(x, indices, 40, backend=backend)
     for _ in range(3):
         again = fastvq.code_stats(x, indices, 40, backend=backend)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    if not triton_unavailable_reason(x.device):
+        triton = fastvq.code_stats(x, indices, 40, backend="triton")
+        assert torch.equal(first[0], triton[0]) and torch.equal(first[1], triton[1])
     want_counts, want_sums = _expected(x.cpu()[None], indices.cpu()[None], 40, None)
     torch.testing.assert_close(first[0].cpu(), want_counts[0], rtol=0, atol=0)
     torch.testing.assert_close(first[1].cpu().double(), want_sums[0], rtol=1e-5, atol=1e-3)

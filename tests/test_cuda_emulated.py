@@ -1,5 +1,5 @@
-"""The CUDA kernels themselves (kernels/*.cu, thread mapping, shared memory, warp shuffles, code and
-token splits), run on the host by tests/cuda_emulator/ and compared with the reference.
+"""The CUDA kernels themselves (kernels/*.cu, thread mapping, shared memory, warp shuffles, code
+splits, code_stats' chunks), run on the host by tests/cuda_emulator/ and compared with the reference.
 
 The emulation gives each CUDA thread a fiber and implements __syncthreads and the warp shuffles with
 barriers, and the WMMA fragments of the tensor-core search (precision tf32, bf16, fp16) as whole
@@ -9,6 +9,7 @@ the main test matrix.
 """
 
 import ctypes
+import importlib
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from test_cuda_host_check import host_check_library, host_search
 from vq_checks import check_nearest
 
 from fastvq.ops import reference
+from fastvq.ops.backend import triton_unavailable_reason
 from fastvq.ops.common import METRICS, PRECISIONS, code_bias
 
 pytestmark = needs_cxx
@@ -47,9 +49,9 @@ def emu(tmp_path_factory):
                     "-std=c++20", "-O1", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
                     f"-I{REPO / 'tests' / 'cuda_emulator'}")
     library.fastvq_emulated_search_splits.restype = I64
-    library.fastvq_emulated_code_stats_splits.restype = I64
     library.fastvq_emulated_mma_calls.restype = ctypes.c_uint64
     library.fastvq_emulated_set_capability.argtypes = [ctypes.c_int]
+    library.fastvq_emulated_code_stats_max_chunks.restype = I64
     return library
 
 
@@ -166,30 +168,88 @@ def test_search_kernel_ties_and_non_finite_values(emu, metric, precision):
     assert not set(indices.flatten().tolist()) & {7, 9}
 
 
-def emulated_code_stats(emu, x, indices, num_codes, mask, target_blocks):
+def emulated_code_stats(emu, x, indices, num_codes, mask):
+    """kernels/code_stats.cu's three launchers, emulated, with the glue's torch steps between them
+    (a stable sort of the keys, a prefix sum of the chunk counts): -> counts (H, K), sums (H, K, D)."""
     heads, n, d = x.shape
     mask_bytes = None if mask is None else mask.view(torch.uint8)
     args = CodeStatsArgs(x.data_ptr(), DTYPES[x.dtype], indices.data_ptr(),
                          None if mask is None else mask_bytes.data_ptr(), heads, n, num_codes, d, *x.stride(),
                          *indices.stride(), *(mask_bytes.stride() if mask is not None else (0, 0)))
-    splits = emu.fastvq_emulated_code_stats_splits(ctypes.byref(args), target_blocks)
-    partial_counts, partial_sums = torch.empty(heads, splits, num_codes), torch.empty(heads, splits, num_codes, d)
+    keys = torch.empty(heads * n, dtype=torch.int64)
+    assert emu.fastvq_emulated_code_stats_keys(ctypes.byref(args), pointer(keys)) == 0
+    sorted_keys, order = torch.sort(keys, stable=True)
+    run_start, run_end = torch.zeros(heads * num_codes, dtype=torch.int64), torch.zeros(heads * num_codes,
+                                                                                         dtype=torch.int64)
+    run_chunks = torch.empty(heads * num_codes, dtype=torch.int64)
     counts, sums = torch.empty(heads, num_codes), torch.empty(heads, num_codes, d)
-    assert emu.fastvq_emulated_code_stats(ctypes.byref(args), splits, pointer(partial_counts), pointer(partial_sums),
-                                          pointer(counts), pointer(sums)) == 0
-    return counts, sums, splits
+    assert emu.fastvq_emulated_code_stats_runs(ctypes.byref(args), pointer(sorted_keys), pointer(order),
+                                               pointer(run_start), pointer(run_end), pointer(run_chunks),
+                                               pointer(counts), pointer(sums)) == 0
+    chunk_end = run_chunks.cumsum(0)
+    partial = torch.empty(emu.fastvq_emulated_code_stats_max_chunks(ctypes.byref(args)), d)
+    assert emu.fastvq_emulated_code_stats_long_runs(ctypes.byref(args), pointer(order), pointer(run_start),
+                                                    pointer(run_end), pointer(run_chunks), pointer(chunk_end),
+                                                    pointer(partial), pointer(sums)) == 0
+    return counts, sums
 
 
-def test_code_stats_kernel_matches_the_reference(emu):
-    """Integer-valued rows: sums exact in any order, so equal to the reference bitwise, with and
-    without token splits, a mask, index -1 and out-of-range indices, D over one column block,
-    K over one code block, strided bf16 inputs, a second head."""
-    heads, n, k, d = 2, 8200, 300, 40
-    x = torch.randint(-8, 9, (heads, n, d + 3)).to(torch.bfloat16)[..., 3:]
-    indices = torch.randint(-1, k + 2, (heads, 2 * n))[:, ::2]
-    mask = torch.rand(heads, n) > 0.3
-    for m, target_blocks in ((None, 1), (mask, 64)):
-        counts, sums, splits = emulated_code_stats(emu, x, indices, k, m, target_blocks)
-        assert splits == (1 if target_blocks == 1 else 3)
-        want_counts, want_sums = reference.code_stats(x, indices, k, mask=m)
-        assert torch.equal(counts, want_counts) and torch.equal(sums, want_sums)
+@pytest.fixture(scope="module")
+def triton_code_stats():
+    """The Triton backend's code_stats module (its deterministic sorted reduction), run by Triton's
+    interpreter on CPU."""
+    reason = triton_unavailable_reason(torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    return importlib.import_module("fastvq.ops.triton.code_stats")
+
+
+def skewed_indices(heads, n, num_codes, on_few):
+    """Indices with a fraction `on_few` of the tokens on codes 0 and 1 (runs longer than a chunk), the
+    rest spread over [-1, num_codes + 2) (index -1 and past K: skipped)."""
+    spread = torch.randint(-1, num_codes + 2, (heads, n))
+    return torch.where(torch.rand(heads, n) < on_few, torch.randint(0, 2, (heads, n)), spread)
+
+
+CODE_STATS_CASES = [case(N=n, K=k, D=d, H=h, dtype=dtype, masked=masked, on_few=on_few)
+                    for n, k, d, h, dtype, masked, on_few in [
+                        (900, 40, 33, 2, torch.float32, True, 0.9),   # runs of 2 chunks, 2 column blocks
+                        (700, 30, 5, 1, torch.float16, False, 0.9),   # 8 columns per code
+                        (1000, 20, 12, 2, torch.bfloat16, True, 0.8),
+                        (50, 1000, 7, 2, torch.float32, False, 0.0),  # K > N: most codes empty
+                        (800, 9, 0, 2, torch.float32, True, 0.9)]]    # D = 0: counts only
+
+
+@pytest.mark.parametrize("N,K,D,H,dtype,masked,on_few", CODE_STATS_CASES)
+def test_code_stats_kernel_is_bitwise_the_triton_result(emu, triton_code_stats, N, K, D, H, dtype, masked,
+                                                        on_few):
+    """Random rows (the order of the fp32 additions shows in the bits): bitwise equal to the Triton
+    backend's deterministic result (same sort, chunks and addition order) and to a rerun, within fp32
+    rounding of the reference; strided x, index -1 and past K, mask, heads, runs over one chunk."""
+    x = torch.randn(H, N, 2 * D + 1).to(dtype)[..., 1::2]
+    indices = skewed_indices(H, N, K, on_few)
+    mask = torch.rand(H, N) > 0.2 if masked else None
+    counts, sums = emulated_code_stats(emu, x, indices, K, mask)
+    want_counts, want_sums = triton_code_stats.code_stats(x, indices, K, mask=mask)
+    assert torch.equal(counts, want_counts) and torch.equal(sums, want_sums)
+    again = emulated_code_stats(emu, x, indices, K, mask)
+    assert torch.equal(again[0], counts) and torch.equal(again[1], sums)
+    ref_counts, ref_sums = reference.code_stats(x, indices, K, mask=mask)
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=N * 4 * 2.0**-23)
+    if on_few:
+        assert counts.max() > triton_code_stats.CHUNK  # the long-run path ran
+
+
+def test_code_stats_kernel_on_a_collapsed_batch(emu, triton_code_stats):
+    """Every token on one code: one run of several chunks, spread over one group per chunk, then
+    its chunk sums added in order: the Triton result's bits; integer rows: the exact sum."""
+    n, k, d = 5 * triton_code_stats.CHUNK + 37, 16, 24
+    x = torch.randn(1, n, d)
+    indices = torch.full((1, n), 7)
+    counts, sums = emulated_code_stats(emu, x, indices, k, None)
+    want_counts, want_sums = triton_code_stats.code_stats(x, indices, k)
+    assert torch.equal(counts, want_counts) and torch.equal(sums, want_sums)
+    assert counts[0].tolist() == [0.0] * 7 + [float(n)] + [0.0] * 8
+    whole = torch.randint(-8, 9, (1, n, d)).float()
+    assert torch.equal(emulated_code_stats(emu, whole, indices, k, None)[1][0, 7], whole[0].sum(0))

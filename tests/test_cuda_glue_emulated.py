@@ -8,6 +8,7 @@ from host_build import CXX, REPO
 from vq_checks import check_nearest
 
 from fastvq.ops import reference
+from fastvq.ops.backend import triton_unavailable_reason
 from fastvq.ops.common import METRICS, PRECISIONS, code_bias
 
 DEVICE_CHECK = 'TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");'
@@ -59,14 +60,28 @@ def test_search_through_the_glue(glue, heads, code_heads, n, k, d, dtype, metric
 
 
 def test_code_stats_through_the_glue(glue):
+    """The glue's sort, scratch and three launches: integer rows give the reference's exact sums;
+    random rows with runs over one chunk (and a collapsed head) give the Triton backend's bits."""
+    import importlib
+
     x = torch.randint(-8, 9, (2, 9000, 40)).float()
     indices = torch.randint(-1, 300, (2, 9000))
     mask = torch.rand(2, 9000) > 0.3
     for m in (None, mask):
-        for target_blocks in (1, 64):
-            counts, sums = glue.code_stats(x, indices, m, 300, target_blocks, 0)
-            want_counts, want_sums = reference.code_stats(x, indices, 300, mask=m)
-            assert torch.equal(counts, want_counts) and torch.equal(sums, want_sums)
+        counts, sums = glue.code_stats(x, indices, m, 300, 0)
+        want_counts, want_sums = reference.code_stats(x, indices, 300, mask=m)
+        assert torch.equal(counts, want_counts) and torch.equal(sums, want_sums)
+    reason = triton_unavailable_reason(torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    triton_code_stats = importlib.import_module("fastvq.ops.triton.code_stats")
+    x = torch.randn(2, 700, 2 * 9)[..., ::2].bfloat16()
+    indices = torch.where(torch.rand(2, 700) < 0.5, 3, torch.randint(-1, 50, (2, 700)))
+    indices[1] = 7  # every token of head 1 on one code
+    got = glue.code_stats(x, indices, mask[:, :700], 50, 0)
+    want = triton_code_stats.code_stats(x, indices, 50, mask=mask[:, :700])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0][0, 3] > triton_code_stats.CHUNK and got[0][1, 7] > 2 * triton_code_stats.CHUNK
 
 
 def test_glue_rejects_mismatched_shapes(glue):
@@ -92,9 +107,8 @@ def emulated_cuda_backend(glue, monkeypatch):
     monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device, build=True: "")
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     for name in ("nearest_code", "code_stats"):
-        module = importlib.import_module(f"fastvq.ops.cuda.{name}")
-        monkeypatch.setattr(module, "current_stream", lambda device: 0)
-        monkeypatch.setattr(module, "target_blocks", lambda device: 16)
+        monkeypatch.setattr(importlib.import_module(f"fastvq.ops.cuda.{name}"), "current_stream", lambda device: 0)
+    monkeypatch.setattr(importlib.import_module("fastvq.ops.cuda.nearest_code"), "target_blocks", lambda device: 16)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])

@@ -36,13 +36,27 @@ int fastvq_emulated_set_capability(int major) {
   return previous;
 }
 
-int64_t fastvq_emulated_code_stats_splits(const fastvq::CodeStatsArgs* args, int target_blocks) {
-  return fastvq::code_stats_token_splits(*args, target_blocks);
+// The three launchers of code_stats on host buffers (the test sorts and takes the prefix sum between them).
+int fastvq_emulated_code_stats_keys(const fastvq::CodeStatsArgs* args, int64_t* keys) {
+  return fastvq::launch_code_stats_keys(*args, keys, nullptr);
 }
 
-int fastvq_emulated_code_stats(const fastvq::CodeStatsArgs* args, int64_t splits, float* partial_counts,
-                               float* partial_sums, float* counts, float* sums) {
-  return fastvq::launch_code_stats(*args, splits, partial_counts, partial_sums, counts, sums, nullptr);
+int fastvq_emulated_code_stats_runs(const fastvq::CodeStatsArgs* args, const int64_t* sorted_keys,
+                                    const int64_t* order, int64_t* run_start, int64_t* run_end, int64_t* run_chunks,
+                                    float* counts, float* sums) {
+  return fastvq::launch_code_stats_runs(*args, sorted_keys, order, run_start, run_end, run_chunks, counts, sums,
+                                        nullptr);
+}
+
+int64_t fastvq_emulated_code_stats_max_chunks(const fastvq::CodeStatsArgs* args) {
+  return fastvq::code_stats_max_chunks(*args);
+}
+
+int fastvq_emulated_code_stats_long_runs(const fastvq::CodeStatsArgs* args, const int64_t* order,
+                                         const int64_t* run_start, const int64_t* run_end, const int64_t* run_chunks,
+                                         const int64_t* chunk_end, float* partial, float* sums) {
+  return fastvq::launch_code_stats_long_runs(*args, order, run_start, run_end, run_chunks, chunk_end, partial, sums,
+                                             nullptr);
 }
 
 }  // extern "C"

@@ -1,7 +1,9 @@
-"""Per-code counts and sums in CUDA C++ (kernels/code_stats.cu), deterministic without sorting.
+"""Per-code counts and sums in CUDA C++ (kernels/code_stats.cu): a sorted segmented reduction.
 
-Each code's rows are added in token order by the one warp that owns the code (no atomics); with
-token splits the partial sums are added in split order. The result is bitwise the same every run.
+The glue sorts the kept tokens by (head, code) with torch's stable sort; each code's run is cut into
+chunks of 256 tokens, each chunk's rows are added in token order and each run's chunk sums in chunk
+order, with no atomics: the result is bitwise the same every run and bitwise equal to the Triton
+backend's deterministic result (the same sort, chunks and order of every fp32 addition).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._build import load_extension
-from ._launch import current_stream, kernel_operands, target_blocks
+from ._launch import current_stream, kernel_operands
 
 
 def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
@@ -19,4 +21,4 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     (x,) = kernel_operands(x)
     extension = load_extension()
     with torch.cuda.device(x.device):
-        return extension.code_stats(x, indices, mask, num_codes, target_blocks(x.device), current_stream(x.device))
+        return extension.code_stats(x, indices, mask, num_codes, current_stream(x.device))
