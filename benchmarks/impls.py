@@ -397,6 +397,8 @@ IMPLS: list[Impl] = [
          nk_bytes=12),
     Impl("fastvq-rvq[triton]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="triton"),
          why_not=_triton_missing),
+    Impl("fastvq-rvq[cpu]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="cpu"),
+         why_not=_cpu_kernels_missing),
     Impl("fastvq-rvq[torch]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="torch")),
     Impl("vqp-rvq", "residual", "alternative", _residual_layer(lambda: vector_quantize_pytorch.ResidualVQ),
          nk_bytes=8, why_not=_VQP),  # nk_bytes per stage: measured 3.4 GiB at 8 x 65536 x 1024
