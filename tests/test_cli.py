@@ -391,10 +391,14 @@ def test_progress_is_a_bar_on_a_terminal_and_a_few_lines_in_a_log():
     assert silent.getvalue() == ""
 
 
-def test_periodic_eval_writes_grids_and_history_without_changing_training(capsys, folder, tmp_path):
+def test_periodic_eval_writes_grids_and_history_without_changing_training(capsys, folder, tmp_path, monkeypatch):
     plain = train_tiny(capsys, folder, tmp_path / "plain")
     out = tmp_path / "evals"
+    evaluations = []
+    real_evaluate = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda *a, **k: evaluations.append(1) or real_evaluate(*a, **k))
     metrics = train_tiny(capsys, folder, out, "--eval-every", 3)
+    assert len(evaluations) == 2  # steps 3 and 6: the end of the run reuses step 6's
     history = metrics["history"]
     assert history["eval_psnr"][:2] == [None, None] and history["eval_psnr"][3:5] == [None, None]
     assert history["eval_psnr"][5] == metrics["eval"]["psnr"]  # the same model and held-out crops

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvq.app import sample_quality
+from fastvq.app import generation, sample_quality
 from fastvq.app.cli import main
 from fastvq.app.data import FileImages, class_labels, split_images
 from fastvq.app.generation import Generator
@@ -45,10 +45,14 @@ def train_generator(capsys, kind, tokenizer, out, *extra):
 
 
 @pytest.mark.parametrize("kind", ["prior", "diffusion"])
-def test_training_writes_outputs_and_resumes_exactly(capsys, tokenizer, tmp_path, kind):
+def test_training_writes_outputs_and_resumes_exactly(capsys, tokenizer, tmp_path, kind, monkeypatch):
+    evaluations = []
+    real_eval_loss = generation.eval_loss
+    monkeypatch.setattr(generation, "eval_loss", lambda *a: evaluations.append(1) or real_eval_loss(*a))
     metrics, text = train_generator(capsys, kind, tokenizer, tmp_path / "full", "--eval-every", 3)
     assert f"{kind}, step 6: held-out loss" in text
     history = metrics["history"]
+    assert len(evaluations) == 2 and metrics["eval"]["loss"] == history["eval_loss"][5]  # step 6's, reused
     assert history["step"] == list(range(1, 7)) and np.isfinite(history["loss"]).all()
     assert history["eval_loss"][0] is None and np.isfinite(history["eval_loss"][2])  # NaN: null in JSON
     assert metrics["data"]["train_images"] == 64 and metrics["data"]["eval_images"] == 16

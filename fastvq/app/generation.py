@@ -220,7 +220,9 @@ def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, pro
                 raise TrainingInterrupted(step + 1, ckpt_path, stop.signum)
     bar.close()
 
-    final_loss = eval_loss(generator, eval_targets, eval_labels, batch, config.seed)
+    evaluated_last = config.eval_every and config.steps % config.eval_every == 0
+    final_loss = (history["eval_loss"][-1] if evaluated_last  # the last step's, of the same final model
+                  else eval_loss(generator, eval_targets, eval_labels, batch, config.seed))
     generator.eval()
     t0 = now(device)
     samples = sample_images(generator, SAMPLE_GRID, batch_size=SAMPLE_GRID, seed=config.seed)

@@ -95,14 +95,16 @@ def eval_entries(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: torch.device, step: int,
-                  out: Path | None, log: RunLog) -> dict[str, float]:
+                  out: Path | None, log: RunLog) -> tuple[dict[str, float], tuple]:
     """Held-out metrics during training, as history entries (``eval_entries``), and a grid of
     inputs and reconstructions in out/samples/step_NNNNNNN.png and ``log`` (unless ``out`` is
-    None). Leaves the model in training mode and torch's RNG as it found them, so that training
-    continues exactly as without the evaluation."""
+    None); also ``evaluate``'s whole result, which the end of a run reuses when its last step
+    evaluated. Leaves the model in training mode and torch's RNG as it found them, so that
+    training continues exactly as without the evaluation."""
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    metrics, inputs, recons, _ = evaluate(model, images, batch_size, device)
+    result = evaluate(model, images, batch_size, device)
+    metrics, inputs, recons, _ = result
     model.train()
     torch.set_rng_state(rng)
     if cuda_rng is not None:
@@ -112,7 +114,7 @@ def periodic_eval(model: VQModel, images: np.ndarray, batch_size: int, device: t
         grid = report.save_grid(inputs, recons, out / "samples" / f"step_{step:07d}.png",
                                 title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB")
         log.images(step, {"reconstructions": grid})
-    return eval_entries(metrics)
+    return eval_entries(metrics), result
 
 
 def train(
@@ -205,6 +207,7 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
     batches = iter(batch_loader(dataset, start, config.steps, config.batch_size, workers,
                                 pin_memory=device.type == "cuda", items=range(ranks.rank * share,
                                                                              (ranks.rank + 1) * share)))
+    final_eval = None  # evaluate's result for the final model, when the last step has one
     with StopRequest(forwarded=distributed.launched_by_torchrun(), announce=ranks.main) as stop:
         distributed.barrier(ranks)  # every process handles Ctrl-C before the progress line says the loop started
         bar = Progress(range(start, config.steps), total=config.steps, desc="train", unit="step", initial=start,
@@ -223,8 +226,11 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
             logs, logs["usage"], stopping = distributed.agree(ranks, logs, indices, model.codebook_size,
                                                               stop.requested)
             if config.eval_every and (step + 1) % config.eval_every == 0:
-                logs.update(periodic_eval(model, eval_set, config.batch_size, device, step + 1,
-                                          out if ranks.main else None, log))
+                entries, evaluated = periodic_eval(model, eval_set, config.batch_size, device, step + 1,
+                                                   out if ranks.main else None, log)
+                logs.update(entries)
+                if step + 1 == config.steps:
+                    final_eval = evaluated  # the end of the run reuses it: the model does not change after
             append_history(history, {"step": step + 1, **logs}, step)
             log.scalars(step + 1, logs)
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
@@ -240,7 +246,9 @@ def _train(config: RunConfig, out: Path, device: torch.device, ranks: distribute
     bar.close()
     timer.close()
 
-    eval_metrics, inputs, recons, _ = evaluate(model, eval_set, config.batch_size, device)
+    if final_eval is None:
+        final_eval = evaluate(model, eval_set, config.batch_size, device)
+    eval_metrics, inputs, recons, _ = final_eval
     timed = slice(1, None) if len(step_seconds) > 1 else slice(None)  # skip warm-up step
     step_total, quantizer_total = sum(step_seconds[timed]), sum(quantizer_seconds[timed])
     timing = {
