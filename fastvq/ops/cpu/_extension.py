@@ -53,15 +53,17 @@ def _build_problem() -> str:
 
 
 @functools.cache
-def load_extension() -> ModuleType:
-    """The compiled `search` module; raises CpuKernelsUnavailable naming the cause and the fix."""
+def load_extension(isa: str | None = None) -> ModuleType:
+    """The compiled `search` module, built for `isa` (default: `vector_unit()`, this CPU's; the tests
+    also build the narrower ones this CPU runs, so that every code path is checked); raises
+    CpuKernelsUnavailable naming the cause and the fix."""
     problem = _build_problem()
     if problem:
         raise CpuKernelsUnavailable(f"fastvq's C++ CPU kernels cannot be built: {problem}. Use "
                                     "backend='torch' (or FASTVQ_BACKEND=torch) to run the plain-PyTorch path.")
     from torch.utils import cpp_extension
 
-    isa = vector_unit()
+    isa = isa or vector_unit()
     name = f"fastvq_cpu_search_{isa.lower()}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     if not (build_dir / f"{name}.so").exists():
