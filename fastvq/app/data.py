@@ -436,11 +436,8 @@ class StepBatches(torch.utils.data.Sampler):
             yield [(step, j) for j in self.items]
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Ctrl-C and SIGTERM (sent to a whole process group by a terminal or Slurm) are the training
-    process's to handle: it checkpoints, then shuts its loader's workers down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _ignore_sigint(worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
 
 
 def default_workers(images: ImageSource) -> int:
@@ -452,11 +449,11 @@ def default_workers(images: ImageSource) -> int:
 def batch_loader(dataset: CropDataset, start: int, steps: int, batch_size: int, workers: int,
                  pin_memory: bool, items: range | None = None) -> torch.utils.data.DataLoader:
     """The batches of steps ``start`` .. ``steps - 1`` (their ``items``, default all ``batch_size``)
-    as ``collate`` gives them, read by ``workers`` processes (0: in this one), which ignore Ctrl-C and SIGTERM."""
+    as ``collate`` gives them, read by ``workers`` processes (0: in this one), which ignore Ctrl-C."""
     items = range(batch_size) if items is None else items
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(start, steps, items), num_workers=workers,
         collate_fn=collate, pin_memory=pin_memory,
-        worker_init_fn=_ignore_stop_signals if workers else None,
+        worker_init_fn=_ignore_sigint if workers else None,
         generator=torch.Generator(),  # its own: drawing the workers' base seed must not move torch's RNG
     )
