@@ -306,20 +306,34 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
             logit, active = _logit_tile(rows, codes, code_bias_tile, metric)
             onehot = torch.arange(k0, k0 + codes.shape[0], device=x.device) == local[:, None]
             w = weight[h, token_slice, None] * ((logit - lse[h, token_slice, None]).exp() - onehot.float())
-            if metric == "dot":  # dlogit/dx = c, dlogit/dc = x
-                mix, scale = w, torch.zeros_like(w)
-            elif metric == "l2":  # dlogit/dx = (c - x) / s, dlogit/dc = (x - c) / s with s = -logit
-                mix = scale = torch.where(active, w / -logit, 0.0)
-            else:  # dlogit/dx = r_x r_c c - logit r_x^2 x (r = 1 / max(|.|, eps)), symmetric for c
-                inv_row = rows.norm(dim=-1, keepdim=True).clamp_min(COSINE_NORM_EPS).reciprocal()
-                mix = w * inv_row * code_bias_tile
-                if wrt == "x":
-                    scale = w * logit * torch.where(active, inv_row.square(), 0.0)
-                else:
-                    code_active = codes.norm(dim=-1) >= COSINE_NORM_EPS
-                    scale = w * logit * torch.where(code_active, code_bias_tile.square(), 0.0)
+            grad_tile = logit_vjp(w, logit, active, rows, codes, code_bias_tile, metric, wrt)
             if wrt == "x":
-                out[h, token_slice] += mix @ codes - rows * scale.sum(dim=1, keepdim=True)
+                out[h, token_slice] += grad_tile
             else:
-                out[hc, k0:k0 + codes.shape[0]] += mix.T @ rows - codes * scale.sum(dim=0)[:, None]
+                out[hc, k0:k0 + codes.shape[0]] += grad_tile
     return out
+
+
+def logit_vjp(w: torch.Tensor, logit: torch.Tensor, active: torch.Tensor, rows: torch.Tensor, codes: torch.Tensor,
+              code_bias_tile: torch.Tensor, metric: str, wrt: str) -> torch.Tensor:
+    """sum_k w_nk dlogit_nk/dx_n (wrt="x": (n, D)) or sum_n w_nk dlogit_nk/dc_k (wrt="codebook": (k, D)),
+    fp32, of one tile of `_logit_tile` (logit and active from it, w (n, k)).
+
+    dlogit/dx = (c - x) / s, dlogit/dc = (x - c) / s with s = -logit where the clamp is inactive (l2);
+    r_x r_c c - logit r_x^2 x with r = 1 / max(|.|, eps), symmetric for c (cosine); c and x (dot).
+    """
+    if metric == "dot":
+        mix, scale = w, torch.zeros_like(w)
+    elif metric == "l2":
+        mix = scale = torch.where(active, w / -logit, 0.0)
+    else:
+        inv_row = rows.norm(dim=-1, keepdim=True).clamp_min(COSINE_NORM_EPS).reciprocal()
+        mix = w * inv_row * code_bias_tile
+        if wrt == "x":
+            scale = w * logit * torch.where(active, inv_row.square(), 0.0)
+        else:
+            code_active = codes.norm(dim=-1) >= COSINE_NORM_EPS
+            scale = w * logit * torch.where(code_active, code_bias_tile.square(), 0.0)
+    if wrt == "x":
+        return mix @ codes - rows * scale.sum(dim=1, keepdim=True)
+    return mix.T @ rows - codes * scale.sum(dim=0)[:, None]
