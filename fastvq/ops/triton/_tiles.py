@@ -115,3 +115,27 @@ def logits(dot, x_sq, bias, METRIC: tl.constexpr):
         sq_dist = x_sq[:, None] + bias[None, :] - 2.0 * dot
         return -tl.sqrt(tl.maximum(sq_dist, L2_LOGIT_EPS, propagate_nan=tl.PropagateNan.ALL))  # NaN stays NaN
 
+
+
+@triton.jit
+def logit_grad_factors(w, logit, dot, x_sq, bias, METRIC: tl.constexpr, CODE_SIDE: tl.constexpr):
+    """(m, q), fp32 (BLOCK_N, BLOCK_K), that turn a tile of w = dL/dlogit into gradients:
+    sum_k w dlogit/dx_n = sum_k m c_k - x_n sum_k q (tokens' side) and sum_n w dlogit/dc_k =
+    sum_n m x_n - c_k sum_n q (CODE_SIDE). l2: m = q = w / sqrt(d) where the clamp d >= 1e-8 is
+    inactive; cosine: m = w / (|x| |c|), q = w logit / |x|^2 (tokens' side) or / |c|^2 (codes' side);
+    dot: m = w, q = 0. dot, x_sq, bias as for `logits`."""
+    if METRIC == "dot":
+        m = w
+        q = tl.zeros_like(w)
+    elif METRIC == "cosine":
+        inv_x = inv_norm(x_sq)
+        m = w * inv_x[:, None] * bias[None, :]
+        if CODE_SIDE:  # bias = 1 / max(|c|, eps): the clamp is active where bias reaches 1 / eps
+            q = w * logit * tl.where(bias < 1.0 / COSINE_NORM_EPS, bias * bias, 0.0)[None, :]
+        else:
+            q = w * logit * tl.where(tl.sqrt(x_sq) >= COSINE_NORM_EPS, inv_x * inv_x, 0.0)[:, None]
+    else:
+        sq_dist = x_sq[:, None] + bias[None, :] - 2.0 * dot
+        m = tl.where(sq_dist >= L2_LOGIT_EPS, w / -logit, 0.0)
+        q = m
+    return m, q

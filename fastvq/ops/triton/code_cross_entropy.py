@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..common import code_bias
 from ._launch import grad_config, interpreted_precision, search_config
-from ._tiles import COSINE_NORM_EPS, L2_LOGIT_EPS, dot_options, dot_tile, inv_norm, load_tile, logits, resident_tile
+from ._tiles import dot_options, dot_tile, load_tile, logit_grad_factors, logits, resident_tile
 
 
 @triton.jit
@@ -74,29 +74,13 @@ def _ce_forward_kernel(
 @triton.jit
 def _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask,
                   METRIC: tl.constexpr, CODE_SIDE: tl.constexpr):
-    """(m, q), fp32 (BLOCK_N, BLOCK_K), of one tile: with w = grad (exp(logit - lse) - onehot),
-    l2: m = q = w / sqrt(d) where the clamp d >= 1e-8 is inactive (dlogit/dx = (c - x) / sqrt(d));
-    cosine: m = w / (|x| |c|), q = w logit / |x|^2 (tokens' side) or / |c|^2 (codes' side);
-    dot: m = w, q = 0 (dlogit/dx = c)."""
+    """(m, q), fp32 (BLOCK_N, BLOCK_K), of one tile (`logit_grad_factors`) for
+    w = dL/dlogit = grad (exp(logit - lse) - onehot)."""
     logit = logits(dot, x_sq, bias, METRIC)
     onehot = tl.where(offs_k[None, :] == target[:, None], 1.0, 0.0)
     w = grad[:, None] * (tl.exp(logit - lse[:, None]) - onehot)
     w = tl.where(n_mask[:, None] & k_mask[None, :], w, 0.0)
-    if METRIC == "dot":
-        m = w
-        q = tl.zeros_like(w)
-    elif METRIC == "cosine":
-        inv_x = inv_norm(x_sq)
-        m = w * inv_x[:, None] * bias[None, :]
-        if CODE_SIDE:  # bias = 1 / max(|c|, eps): the clamp is active where bias reaches 1 / eps
-            q = w * logit * tl.where(bias < 1.0 / COSINE_NORM_EPS, bias * bias, 0.0)[None, :]
-        else:
-            q = w * logit * tl.where(tl.sqrt(x_sq) >= COSINE_NORM_EPS, inv_x * inv_x, 0.0)[:, None]
-    else:
-        sq_dist = x_sq[:, None] + bias[None, :] - 2.0 * dot
-        m = tl.where(sq_dist >= L2_LOGIT_EPS, w / -logit, 0.0)
-        q = m
-    return m, q
+    return logit_grad_factors(w, logit, dot, x_sq, bias, METRIC, CODE_SIDE)
 
 
 @triton.jit
