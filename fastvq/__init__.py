@@ -9,6 +9,9 @@ Ops (each with a Triton kernel and a plain-PyTorch reference, chosen by `backend
     sample_code(x, codebook, temperature=...)   -> indices drawn by Gumbel-max over the code logits
                                                    (k=... : k codes by Gumbel top-k)
     code_cross_entropy(x, codebook, indices)    -> per-token cross-entropy over the code logits
+    code_entropy(x, codebook, temperature=...)  -> (per-token entropy, mean distribution over codes)
+    soft_quantize(x, codebook, temperature=...) -> (quantized, indices): the hard code's value with the
+                                                   softmax's gradient (IBQ's index backpropagation)
 Layer: VectorQuantize, a drop-in for vector_quantize_pytorch.VectorQuantize (1.32.0).
 Trained tokenizers: load(run) -> the model of a `fastvq train` run, for model.encode / model.decode.
 Packages, imports pointing one way: fastvq.ops < fastvq.nn < fastvq.models < fastvq.app (the
@@ -22,6 +25,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     **dict.fromkeys(("code_cross_entropy", "code_stats", "lookup_codes", "nearest_code", "quantize",
                      "resolve_precision", "sample_code", "topk_codes"), "fastvq.ops.functional"),
+    **dict.fromkeys(("code_entropy", "soft_quantize"), "fastvq.ops.functional_soft"),
     "available_backends": "fastvq.ops.backend",
     **dict.fromkeys(("GroupedResidualVQ", "LossBreakdown", "ResidualVQ", "VectorQuantize"), "fastvq.nn"),
     "load": "fastvq.app.state",

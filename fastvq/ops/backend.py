@@ -30,7 +30,7 @@ from types import ModuleType, SimpleNamespace
 
 import torch
 
-from . import reference
+from . import reference, reference_soft
 from .common import triton_interpret_requested
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
@@ -42,6 +42,10 @@ reason when Triton cannot run. (lookup_codes is plain indexing on every backend;
 
 CPU_KERNEL_OPS = ("nearest_code", "topk_codes")
 """The ops the "cpu" backend runs in C++; it runs every other op with the reference."""
+
+SOFT_OPS = ("code_entropy", "code_entropy_grad", "soft_quantize", "soft_quantize_grad")
+"""The soft ops over a codebook: `fastvq.ops.reference_soft` on the "torch" and "cpu" backends (a C++
+version is not written yet), the Triton kernels on "triton" and "cuda"."""
 
 
 def _import_triton_kernels() -> tuple[ModuleType | None, str]:
@@ -83,6 +87,13 @@ def cuda_unavailable_reason(device: torch.device, build: bool = True) -> str:
         return (f"backend='cuda' needs CUDA tensors (got device '{device.type}'); use backend='torch' on CPU "
                 "(or backend='triton' under TRITON_INTERPRET=1)")
     return importlib.import_module("fastvq.ops.cuda").unavailable_reason(build=build)
+
+
+class _TorchBackend:
+    """backend='torch': `fastvq.ops.reference`, and `fastvq.ops.reference_soft` for SOFT_OPS."""
+
+    def __getattr__(self, op: str):
+        return getattr(reference_soft if op in SOFT_OPS else reference, op)
 
 
 class _CudaBackend:
@@ -162,10 +173,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return requested
 
 
-def backend_module(name: str) -> ModuleType | SimpleNamespace | _CudaBackend:
+def backend_module(name: str) -> ModuleType | SimpleNamespace | _TorchBackend | _CudaBackend:
     """The module implementing backend `name` ('torch', 'triton', 'cuda' or 'cpu')."""
     if name == "torch":
-        return reference
+        return _TorchBackend()
     if name == "cuda":
         return _CudaBackend()
     if name == "cpu":
@@ -184,7 +195,8 @@ def _cpu_backend(cpu: ModuleType) -> SimpleNamespace:
     """The "cpu" backend: the C++ kernels' ops, the reference's for the rest."""
     ops = ("nearest_code", "topk_codes", "sample_code", "code_stats", "code_cross_entropy",
            "code_cross_entropy_grad")
-    return SimpleNamespace(**{op: getattr(cpu if op in CPU_KERNEL_OPS else reference, op) for op in ops})
+    return SimpleNamespace(**{op: getattr(cpu if op in CPU_KERNEL_OPS else reference, op) for op in ops},
+                           **{op: getattr(reference_soft, op) for op in SOFT_OPS})
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -7,6 +7,7 @@ Shapes are canonical (see `fastvq.ops.functional`): codebook (Hc, K, D), indices
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -93,3 +94,69 @@ def mark_unassigned(indices: torch.Tensor, distances: torch.Tensor) -> tuple[tor
     """Give index -1 and distance NaN to tokens whose search found no finite distance."""
     bad = (indices < 0) | ~torch.isfinite(distances)
     return indices.masked_fill(bad, -1), distances.masked_fill(bad, float("nan"))
+
+
+def softmax_kept(norm: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Tokens (H, N) bool that the soft ops over codes count: unmasked (mask True or None) and with a
+    finite normaliser `norm` (2, H, N) = (max_k s_nk, log sum_k exp(s_nk - max)) of their scaled logits
+    s (a NaN or inf in the token, an overflowing logit or a code with a non-finite entry make it not
+    finite). Kept apart, the two parts give log p = (s - max) - log sum without the rounding of a
+    large log-sum-exp (|s| reaches thousands at temperature 0.01)."""
+    kept = torch.isfinite(norm.sum(0))
+    return kept if mask is None else kept & mask
+
+
+def entropy_outputs(entropy: torch.Tensor, prob_sums: torch.Tensor, norm: torch.Tensor,
+                    mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule of `code_entropy` applied to raw per-token entropies (H, N) and per-code sums of the
+    kept tokens' probabilities (H, K): masked tokens get entropy 0, unmasked non-finite ones NaN;
+    the mean over the kept tokens of each head (NaN for a head without one, as torch's empty mean)."""
+    count = softmax_kept(norm, mask).sum(-1, keepdim=True)
+    entropy = torch.where(torch.isfinite(norm.sum(0)), entropy, float("nan"))
+    if mask is not None:
+        entropy = torch.where(mask, entropy, 0.0)
+    return entropy, prob_sums / count
+
+
+def soft_grad_inputs(x: torch.Tensor, norm: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x with the rows of the tokens not kept zeroed and norm (2, H, N) with max +inf and log-sum 0
+    there, so that a gradient pass gives them p = 0 and no NaN of theirs reaches a sum (0 * NaN)."""
+    excluded = torch.tensor([math.inf, 0.0], device=norm.device)[:, None, None]
+    return torch.where(kept[..., None], x, 0.0), torch.where(kept, norm, excluded)
+
+
+def entropy_grad_coefs(kept: torch.Tensor, entropy: torch.Tensor, kept_mass: torch.Tensor, grad_entropy: torch.Tensor,
+                       expectation: torch.Tensor | None) -> torch.Tensor:
+    """The gradient coefficients (5, H, N) fp32 (see `fastvq.ops.reference_soft`) of
+    L = sum_n a_n entropy_n + sum_k b_k mean_probs_k of `code_entropy` (a = grad_entropy, b the gradient
+    of mean_probs): u = -a, Psi = kept_mass - entropy (= sum_k p psi), w = 1 / count (the mean's
+    weight), B = expectation (sum_k p_nk b_k; 0 when b is 0, given as None), G . z = 0. All 0 on the
+    tokens not kept (their entropy is a constant 0 or NaN)."""
+    count = kept.sum(-1, keepdim=True)
+    coefs = torch.zeros((5, *kept.shape), device=kept.device)
+    coefs[0] = torch.where(kept, -grad_entropy.float(), 0.0)
+    coefs[1] = torch.where(kept, kept_mass - entropy, 0.0)
+    coefs[2] = torch.where(kept, 1.0 / count.clamp_min(1), 0.0)
+    if expectation is not None:
+        coefs[3] = torch.where(kept, expectation, 0.0)
+    return coefs
+
+
+def soft_quantize_grad_inputs(x: torch.Tensor, indices: torch.Tensor, norm: torch.Tensor, soft_values: torch.Tensor,
+                              grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What `soft_quantize`'s gradient pass takes: (kept = indices >= 0, x and norm cleaned as
+    `soft_grad_inputs`, G = grad (H, N, D) fp32 with 0 on the other tokens, the coefficients (5, H, N)
+    with G . z = G . soft_values and the others 0)."""
+    kept = indices >= 0
+    x, norm = soft_grad_inputs(x, norm, kept)
+    grad = torch.where(kept[..., None], grad.float(), 0.0)
+    coefs = torch.zeros((5, *kept.shape), device=kept.device)
+    coefs[4] = (grad * soft_values).sum(-1)
+    return kept, x, norm, grad, coefs
+
+
+def chosen_code_sums(code_stats, grad: torch.Tensor, indices: torch.Tensor, codebook_shape) -> torch.Tensor:
+    """Per code, the sum of the rows of grad (H, N, D) over the tokens whose index chose it (-1 skipped):
+    (Hc, K, D) fp32 by a backend's `code_stats` (a shared codebook takes every head's rows)."""
+    heads, n_codes, dim = codebook_shape
+    return code_stats(grad.reshape(heads, -1, dim), indices.reshape(heads, -1), n_codes)[1]

@@ -1,0 +1,236 @@
+"""Public soft ops over a codebook: `code_entropy` (per-token entropy of the distribution over codes
+and its mean over the batch) and `soft_quantize` (IBQ's index backpropagation: the hard code's value,
+the softmax's gradient). Argument checks, backend dispatch and `torch.library` custom ops as in
+`fastvq.ops.functional` (whose checks they share); neither forward nor backward holds an N x K tensor.
+The math, shared by every backend, is in the docstring of `fastvq.ops.reference_soft`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backend import backend_module
+from .common import gather_codes
+from .functional import _check_same_device, _check_tensor, _run, _search_prelude
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+    return float(temperature)
+
+
+def _check_mask(mask, x: torch.Tensor) -> torch.Tensor | None:
+    """mask: None or a bool tensor shaped x.shape[:-1] on x's device -> (H, N) or None."""
+    if mask is None:
+        return None
+    _check_tensor(mask, "mask", floating=False)
+    if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
+        raise ValueError(f"mask must be a bool tensor of shape x.shape[:-1] = {tuple(x.shape[:-1])}, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    _check_same_device(x, "x", mask, "mask")
+    return mask if mask.dim() == 2 else mask.unsqueeze(0)
+
+
+def _empty_grad(like: torch.Tensor, needed: bool) -> torch.Tensor:
+    return like.new_empty(like.shape if needed else (0,), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# code_entropy
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastvq::code_entropy", mutates_args=())
+def _code_entropy_op(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | None, temperature: float,
+                     log_clamp_min: float | None, metric: str, precision: str,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropy (H, N), mean_probs (H, K), norm (2, H, N), kept_mass (H, N)), all fp32."""
+    return backend_module(backend).code_entropy(x, codebook, mask, temperature=temperature,
+                                                log_clamp_min=log_clamp_min, metric=metric, precision=precision)
+
+
+@_code_entropy_op.register_fake
+def _(x, codebook, mask, temperature, log_clamp_min, metric, precision, backend):
+    per_token = x.new_empty(x.shape[:2], dtype=torch.float32)
+    return (per_token, x.new_empty((x.shape[0], codebook.shape[1]), dtype=torch.float32),
+            x.new_empty((2, *x.shape[:2]), dtype=torch.float32), per_token.clone())
+
+
+@torch.library.custom_op("fastvq::code_entropy_grad", mutates_args=())
+def _code_entropy_grad_op(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | None, norm: torch.Tensor,
+                          entropy: torch.Tensor, kept_mass: torch.Tensor, grad_entropy: torch.Tensor,
+                          grad_mean_probs: torch.Tensor | None, temperature: float, log_clamp_min: float | None,
+                          metric: str, precision: str, backend: str, x_grad: bool,
+                          codebook_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return backend_module(backend).code_entropy_grad(
+        x, codebook, mask, norm, entropy, kept_mass, grad_entropy, grad_mean_probs, temperature=temperature,
+        log_clamp_min=log_clamp_min, metric=metric, precision=precision, x_grad=x_grad, codebook_grad=codebook_grad)
+
+
+@_code_entropy_grad_op.register_fake
+def _(x, codebook, mask, norm, entropy, kept_mass, grad_entropy, grad_mean_probs, temperature, log_clamp_min, metric,
+      precision, backend, x_grad, codebook_grad):
+    return _empty_grad(x, x_grad), _empty_grad(codebook, codebook_grad)
+
+
+def _code_entropy_setup(ctx, inputs, output):
+    x, codebook, mask, temperature, log_clamp_min, metric, precision, backend = inputs
+    entropy, _, norm, kept_mass = output
+    ctx.save_for_backward(x, codebook, mask, norm, entropy, kept_mass)
+    ctx.options = dict(temperature=temperature, log_clamp_min=log_clamp_min, metric=metric, precision=precision,
+                       backend=backend)
+    ctx.mark_non_differentiable(norm, kept_mass)
+    ctx.set_materialize_grads(False)
+
+
+def _code_entropy_backward(ctx, grad_entropy, grad_mean_probs, _grad_norm, _grad_kept_mass):
+    """Two streamed passes (fastvq.ops.reference_soft); the mean's pass is skipped when it has no gradient."""
+    x, codebook, mask, norm, entropy, kept_mass = ctx.saved_tensors
+    x_grad, codebook_grad = ctx.needs_input_grad[:2]
+    if grad_entropy is None and grad_mean_probs is None or not (x_grad or codebook_grad):
+        return None, None, None, None, None, None, None, None
+    if grad_entropy is None:
+        grad_entropy = torch.zeros_like(entropy)
+    opts = ctx.options
+    grad_x, grad_codebook = _code_entropy_grad_op(
+        x, codebook, mask, norm, entropy, kept_mass, grad_entropy, grad_mean_probs, opts["temperature"],
+        opts["log_clamp_min"], opts["metric"], opts["precision"], opts["backend"], x_grad, codebook_grad)
+    return (grad_x.to(x.dtype) if x_grad else None, grad_codebook.to(codebook.dtype) if codebook_grad else None,
+            None, None, None, None, None, None)
+
+
+_code_entropy_op.register_autograd(_code_entropy_backward, setup_context=_code_entropy_setup)
+
+
+def code_entropy(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, metric: str = "l2",
+                 mask: torch.Tensor | None = None, log_clamp_min: float | None = None, precision: str | None = None,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy of every token's distribution over the codes, p = softmax(logits / temperature), and that
+    distribution's mean over the batch, without an N x K tensor, forward or backward.
+
+    Args:
+        x: (N, D) or (H, N, D) tokens; codebook: (K, D) shared or (H, K, D) (as `nearest_code`).
+        temperature: T > 0; the logits (fp32 whatever the dtypes, as `sample_code`: -sqrt(max(|x - c|^2,
+            1e-8)) for "l2", the cosine similarity, or x . c for "dot") are divided by it.
+        mask: optional bool tensor shaped x.shape[:-1]; False leaves a token out.
+        log_clamp_min: None: the exact entropy -sum_k p_k log p_k (IBQ's and MAGVIT's
+            `compute_entropy_loss`: its log_softmax(logits / T + eps) is log p exactly). A float c in
+            (0, 1): -sum_k p_k log(max(p_k, c)) (vector-quantize-pytorch's LFQ and codebook-diversity
+            entropy, c = 1e-5). It costs one more pass over the codes.
+        precision, backend: as `nearest_code` (the products that make the logits; at low temperatures
+            prefer "ieee": TF32's rounding of a logit is multiplied by 1 / T).
+
+    Returns:
+        entropy: float32, (N,) or (H, N). A masked token gets 0; a token whose logits are not all finite
+            or -inf (NaN or inf in the token, an overflowing logit; a code with a non-finite entry does
+            it to every token) gets NaN. Neither is counted in the mean nor gets a gradient.
+        mean_probs: float32, (K,) or (H, K): the mean of p over the other tokens of each head (NaN where
+            a head has none, as torch's mean of nothing). Its entropy, e.g. -(m * m.clamp(min=c).log()).sum(),
+            is the codebook (batch) entropy that quantizers maximise.
+        Both are differentiable w.r.t. x and codebook (gradients come back in their dtypes).
+    """
+    x3, cb3, precision, backend = _search_prelude(x, codebook, metric, precision, backend)
+    temperature = _check_temperature(temperature)
+    if log_clamp_min is not None:
+        if isinstance(log_clamp_min, bool) or not isinstance(log_clamp_min, (int, float)) or not 0 < log_clamp_min < 1:
+            raise ValueError(f"log_clamp_min must be None or a float in (0, 1), got {log_clamp_min!r}")
+        log_clamp_min = float(log_clamp_min)
+    mask3 = _check_mask(mask, x)
+    entropy, mean_probs, _, _ = _run(_code_entropy_op, None, x, x3, cb3, mask3, temperature, log_clamp_min, metric,
+                                     precision, backend)
+    return entropy, mean_probs
+
+
+# ---------------------------------------------------------------------------------------------
+# soft_quantize
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastvq::soft_quantize", mutates_args=())
+def _soft_quantize_op(x: torch.Tensor, codebook: torch.Tensor, temperature: float, hard: bool, metric: str,
+                      precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(quantized (H, N, D) in x's dtype, indices (H, N) int64, norm (2, H, N) fp32, soft values (H, N, D) fp32)."""
+    indices, norm, soft_values = backend_module(backend).soft_quantize(x, codebook, temperature=temperature,
+                                                                       metric=metric, precision=precision)
+    value = gather_codes(codebook, indices) if hard else soft_values
+    return torch.where((indices < 0)[..., None], x, value.to(x.dtype)), indices, norm, soft_values
+
+
+@_soft_quantize_op.register_fake
+def _(x, codebook, temperature, hard, metric, precision, backend):
+    return (torch.empty_like(x), x.new_empty(x.shape[:2], dtype=torch.int64),
+            x.new_empty((2, *x.shape[:2]), dtype=torch.float32), x.new_empty(x.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastvq::soft_quantize_grad", mutates_args=())
+def _soft_quantize_grad_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, norm: torch.Tensor,
+                           soft_values: torch.Tensor, grad: torch.Tensor, hard: bool, temperature: float, metric: str,
+                           precision: str, backend: str, x_grad: bool,
+                           codebook_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return backend_module(backend).soft_quantize_grad(
+        x, codebook, indices, norm, soft_values, grad, hard=hard, temperature=temperature, metric=metric,
+        precision=precision, x_grad=x_grad, codebook_grad=codebook_grad)
+
+
+@_soft_quantize_grad_op.register_fake
+def _(x, codebook, indices, norm, soft_values, grad, hard, temperature, metric, precision, backend, x_grad,
+      codebook_grad):
+    return _empty_grad(x, x_grad), _empty_grad(codebook, codebook_grad)
+
+
+def _soft_quantize_setup(ctx, inputs, output):
+    x, codebook, temperature, hard, metric, precision, backend = inputs
+    _, indices, norm, soft_values = output
+    ctx.save_for_backward(x, codebook, indices, norm, soft_values)
+    ctx.options = (hard, temperature, metric, precision, backend)
+    ctx.mark_non_differentiable(indices, norm, soft_values)
+
+
+def _soft_quantize_backward(ctx, grad, _grad_indices, _grad_norm, _grad_soft_values):
+    """Streamed as attention's backward with the codebook as keys and values (fastvq.ops.reference_soft)."""
+    x, codebook, indices, norm, soft_values = ctx.saved_tensors
+    x_grad, codebook_grad = ctx.needs_input_grad[:2]
+    if not (x_grad or codebook_grad):
+        return None, None, None, None, None, None, None
+    grad_x, grad_codebook = _soft_quantize_grad_op(x, codebook, indices, norm, soft_values, grad, *ctx.options,
+                                                   x_grad, codebook_grad)
+    return (grad_x.to(x.dtype) if x_grad else None, grad_codebook.to(codebook.dtype) if codebook_grad else None,
+            None, None, None, None, None)
+
+
+_soft_quantize_op.register_autograd(_soft_quantize_backward, setup_context=_soft_quantize_setup)
+
+
+def soft_quantize(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, metric: str = "l2",
+                  hard: bool = True, precision: str | None = None,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Index backpropagation (IBQ): the nearest code as the value, the gradient of the soft code
+    softmax(logits / temperature) @ codebook, to x and to every code, without an N x K tensor.
+
+    The same as IBQ's `one_hot = hard - soft.detach() + soft; quantized = one_hot @ codebook` (with
+    metric="dot", temperature=1), whose N x K one-hot and softmax this never builds: the forward is
+    one online-softmax pass (the argmax, a running normaliser and sum_k p_k c_k), the backward streams
+    as attention's does with the codebook as keys and values.
+
+    Args:
+        x, codebook, metric, precision, backend: as `code_entropy` (logits in fp32).
+        temperature: T > 0 of the softmax whose gradient flows (not of the argmax).
+        hard: True: the value is the code with the highest logit (ties to the lowest index); its
+            gradient reaches the codebook both through the softmax and, as a lookup's, to the chosen
+            code. False: the value is the soft code sum_k p_k c_k itself (gradients of that).
+
+    Returns:
+        quantized: like x (shape, dtype). A token whose logits are not all finite passes x through
+            (value and gradient, as `lookup_codes` does for index -1).
+        indices: int64, (N,) or (H, N): the argmax, -1 for such a token; no gradient.
+    """
+    x3, cb3, precision, backend = _search_prelude(x, codebook, metric, precision, backend)
+    temperature = _check_temperature(temperature)
+    if not isinstance(hard, bool):
+        raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
+    quantized, indices, _, _ = _run(_soft_quantize_op, None, x, x3, cb3, temperature, hard, metric, precision,
+                                    backend)
+    return quantized, indices
