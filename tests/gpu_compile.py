@@ -128,7 +128,61 @@ def code_stats_variants():
             N="i32", K="i32", D="i32"), constexprs, {"num_warps": 4}
 
 
-VARIANTS = [search_variants, code_cross_entropy_variants, code_stats_variants]
+def soft_ops_variants():
+    """The passes of code_entropy and soft_quantize at IBQ's shape (D streamed: every D > 64 compiles the
+    same), LFQ's (D = 18) and every width of a single D tile (16 to 64), fp32 as tf32, bf16 and exact
+    fp32."""
+    module = importlib.import_module("fastvq.ops.triton._softmax_passes")
+    grad_module = importlib.import_module("fastvq.ops.triton._softmax_grad")
+    shapes = [(1024, 262144, 256), (2048, 131072, 16), (8192, 262144, 18), (4096, 16384, 64)]
+    dtypes = [(torch.float32, "tf32"), (torch.bfloat16, "bf16"), (torch.float32, "ieee")]
+    floats = dict(inv_temperature="fp32", clamp_min="fp32", log_clamp_min="fp32")
+    for (n, k, d), (dtype, precision) in itertools.product(shapes, dtypes):
+        t = TORCH_TO_TRITON[dtype]
+        metric = {"tf32": "dot", "bf16": "l2", "ieee": "cosine"}[precision]
+        grad_precision = "ieee" if precision == "ieee" else "tf32"
+        for soft in (False, True):
+            config = module._stats_config(n, k, d, 1, precision, CONFIG_DEVICE, soft)
+            options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            config.pop("splits"), config.pop("codes_per_split")
+            constexprs = dict(METRIC=metric, ENTROPY=not soft, SOFT=soft, GRAD_PRECISION=grad_precision,
+                              **dot_options(precision), **config)
+            pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", max_ptr="fp32", sum_ptr="fp32", aux_ptr="fp32",
+                            arg_ptr="i64", value_ptr="fp32")
+            yield (f"softmax stats soft={soft} {n}x{k}x{d} {t} {precision} {metric}", module._softmax_stats_kernel,
+                   pointers, dict(N="i32", K="i32", D="i32", codes_per_split="i32", d_chunks="i32", **floats),
+                   constexprs, options)
+        config = module.pass_config(search_config(n, k, d, 1, precision, CONFIG_DEVICE, logits=True), d, precision)
+        options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+        config.pop("splits"), config.pop("codes_per_split")
+        for clamped in (False, True):
+            pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", norm_ptr="fp32", value_ptr="fp32", out_ptr="fp32")
+            yield (f"softmax token sums clamped={clamped} {n}x{k}x{d} {t} {precision}", module._token_sums_kernel,
+                   pointers, dict(N="i32", K="i32", D="i32", codes_per_split="i32", **floats),
+                   dict(METRIC=metric, CLAMPED=clamped, **dot_options(precision), **config), options)
+        config = module.pass_config(grad_config(k, n, d, 1, CONFIG_DEVICE, True), d, precision)
+        options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+        config.pop("splits"), config.pop("per_split"), config.pop("BLOCK_DO")
+        pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", norm_ptr="fp32", keep_ptr="fp32", out_ptr="fp32")
+        yield (f"softmax code sums {n}x{k}x{d} {t} {precision}", module._code_sums_kernel, pointers,
+               dict(N="i32", K="i32", D="i32", per_split="i32", **floats),
+               dict(METRIC=metric, **dot_options(precision), **config), options)
+        for code_side, entropy_terms in itertools.product((False, True), (True, False)):
+            config = grad_module.grad_pass_config(n, k, d, 1, precision, CONFIG_DEVICE, code_side, not entropy_terms)
+            options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+            config.pop("splits"), config.pop("per_split")
+            constexprs = dict(CODE_SIDE=code_side, METRIC=metric, LOG_TERM=entropy_terms, MEAN_TERM=entropy_terms,
+                              G_TERM=not entropy_terms, SOFT_VALUES=code_side and not entropy_terms,
+                              GRAD_PRECISION=grad_precision, **dot_options(precision), **config)
+            pointers = dict(x_ptr=t, code_ptr=t, bias_ptr="fp32", norm_ptr="fp32", coef_ptr="fp32", value_ptr="fp32",
+                            g_ptr="fp32", out_ptr="fp32")
+            op = "code_entropy" if entropy_terms else "soft_quantize"
+            yield (f"softmax grad {op} code_side={code_side} {n}x{k}x{d} {t} {precision} {metric}",
+                   grad_module._softmax_grad_kernel, pointers,
+                   dict(N="i32", K="i32", D="i32", per_split="i32", **floats), constexprs, options)
+
+
+VARIANTS = [search_variants, code_cross_entropy_variants, code_stats_variants, soft_ops_variants]
 
 
 def register_usage(ptx: str, capability: int) -> tuple[int, int]:

@@ -201,3 +201,21 @@ BAD_ARGUMENTS = [
 def test_bad_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         F.code_entropy(torch.randn(4, 3), torch.randn(20, 3), **kwargs)
+
+
+@pytest.mark.parametrize("dim", [3, 16, 33, 64, 70, 128, 300])
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16", "fp16"])
+def test_every_triton_pass_cuts_d_the_same_way(dim, precision):
+    """The soft ops' passes recompute the logits; they must be bit-identical across passes (at T = 0.01 a
+    rounding difference is multiplied by 100 in log p), so every pass's configuration cuts D alike."""
+    pytest.importorskip("triton")
+    from fastvq.ops.triton._launch import search_config
+    from fastvq.ops.triton._softmax_grad import grad_pass_config
+    from fastvq.ops.triton._softmax_passes import _stats_config, pass_config
+
+    device = torch.device("cpu")
+    configs = [_stats_config(4096, 16384, dim, 2, precision, device, soft) for soft in (False, True)]
+    configs.append(pass_config(search_config(4096, 16384, dim, 2, precision, device, logits=True), dim, precision))
+    configs += [grad_pass_config(4096, 16384, dim, 2, precision, device, code_side, g_term)
+                for code_side in (False, True) for g_term in (False, True)]
+    assert len({(c["SINGLE_D_TILE"], c["BLOCK_D"]) for c in configs}) == 1

@@ -32,16 +32,16 @@ def grad_precision(precision: str) -> str:
 def pass_config(cfg: dict, dim: int, precision: str) -> dict:
     """A pass's tiles from `search_config` / `grad_config`, with one rule for how D is cut, so that every
     pass of an op computes bit-identical logits (at temperature 0.01 a rounding difference between
-    two passes' logits is multiplied by 100 in log p): one D tile up to 128 (64 for exact fp32
-    products, as `search_config`), else chunks of STREAMED_BLOCK_D. Exact products on a GPU run on
-    CUDA cores with both operands in registers, and every pass here keeps per-pair softmax terms too,
-    so they take 32 x 32 tiles at 4 warps and one D tile only up to 32 (one pipeline stage when D is
-    streamed): the largest without register spills on sm_90 (tests/gpu_compile.py). Splits stay
-    multiples of the blocks (the old ones are multiples of 32)."""
-    exact = precision == "ieee"
+    two passes' logits is multiplied by 100 in log p): one D tile up to 64, else chunks of
+    STREAMED_BLOCK_D (a 128-wide tile, which search_config and grad_config allow, spills registers in
+    these kernels on sm_90). Exact products on a GPU run on CUDA cores with both operands in registers,
+    and every pass here keeps per-pair softmax terms too, so they take 32 x 32 tiles at 4 warps and
+    one D tile only up to 32 (one pipeline stage when D is streamed). All without register spills on
+    sm_90 under triton 3.6 and 3.9 (tests/gpu_compile.py). Splits stay multiples of the blocks (the
+    old ones are multiples of 32)."""
     padded_d = max(16, triton.next_power_of_2(dim))
-    single = padded_d <= (64 if exact else 128)
-    if exact and not INTERPRETED:
+    single = padded_d <= 64
+    if precision == "ieee" and not INTERPRETED:
         single = padded_d <= 32
         cfg.update(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2 if single else 1)
     cfg.update(SINGLE_D_TILE=single, BLOCK_D=padded_d if single else STREAMED_BLOCK_D)
@@ -149,15 +149,12 @@ def _softmax_stats_kernel(
 def _stats_config(n_tokens, n_codes, dim, heads, precision, device, soft: bool) -> dict:
     """`pass_config`'s tiles (from search_config) for per-pair logits. With soft values a (BLOCK_N,
     BLOCK_DV) accumulator joins them, leaving D cut as every pass cuts it: the whole row when D is one
-    tile (32 tokens per block when that row is 128 wide), else chunks of 64, one program per chunk;
-    code blocks of at most 64."""
+    tile, else chunks of 64, one program per chunk; code blocks of at most 64."""
     cfg = pass_config(search_config(n_tokens, n_codes, dim, heads, precision, device, logits=True), dim, precision)
     cfg["BLOCK_DV"] = 16
     if soft:
         cfg["BLOCK_DV"] = cfg["BLOCK_D"] if cfg["SINGLE_D_TILE"] else 64
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
-        if cfg["BLOCK_DV"] > 64 and not INTERPRETED:
-            cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
     return cfg
 
 
