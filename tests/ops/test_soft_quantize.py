@@ -168,3 +168,22 @@ def test_bad_arguments_are_named(kwargs, error, match):
         F.soft_quantize(torch.randn(4, 3), torch.randn(20, 3), **kwargs)
     with pytest.raises(ValueError, match="x and codebook must share the last dimension D"):
         F.soft_quantize(torch.randn(4, 3), torch.randn(20, 2))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
+def test_torch_compile_fullgraph(device, backend):
+    """An IBQ-like step through both soft ops compiles to one graph, forward and backward, and gives
+    eager's loss and gradients."""
+    def step(x, codebook):
+        quantized, _ = F.soft_quantize(x, codebook, metric="dot", backend=backend)
+        entropy, mean_probs = F.code_entropy(x, codebook, metric="dot", temperature=0.1, backend=backend)
+        return (quantized - x).square().mean() + entropy.mean() + (mean_probs * mean_probs.log()).sum()
+
+    x = torch.randn(20, 8, device=device, requires_grad=True)
+    codebook = torch.randn(12, 8, device=device, requires_grad=True)
+    compiled_loss = torch.compile(step, backend="aot_eager", fullgraph=True)(x, codebook)
+    compiled_grads = torch.autograd.grad(compiled_loss, (x, codebook))
+    loss = step(x, codebook)
+    torch.testing.assert_close(compiled_loss, loss)
+    for got, want in zip(compiled_grads, torch.autograd.grad(loss, (x, codebook))):
+        torch.testing.assert_close(got, want)
