@@ -785,8 +785,8 @@ def test_vqgan_with_taming_quantizer(capsys, folder, tmp_path):
     assert meta["kind"] == "vqgan" and model.config["quantizer"] == "taming"
 
 
-def test_readme_taming_example_runs_and_the_demo_preset_error_names_the_flags(capsys, tmp_path):
-    readme = (REPO / "README.md").read_text()
+def test_docs_taming_example_runs_and_the_demo_preset_error_names_the_flags(capsys, tmp_path):
+    readme = (REPO / "docs" / "cli.md").read_text()
     (line,) = [line for line in readme.splitlines() if line.startswith("fastvq train") and "--quantizer taming" in line]
     argv = shlex.split(line.split("#")[0])[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "taming")
