@@ -21,7 +21,7 @@ from conftest import default_sigint, needs_vqp
 from PIL import Image
 
 import fastvq
-from fastvq.app import checkpoint, runlog, training
+from fastvq.app import checkpoint, loop, runlog, training
 from fastvq.app.cli import build_parser, main
 from fastvq.app.config import make_config
 from fastvq.app.data import (
@@ -575,18 +575,18 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_r
 def test_a_torchrun_worker_takes_every_sigint_as_one_stop_request():
     """A worker gets a terminal's SIGINT and torchrun's copy of it: neither may stop it mid-step.
     Alone, a second Ctrl-C stops at once; SIGTERM is a stop request too."""
-    with training.StopRequest(forwarded=True, announce=False) as stop:
+    with loop.StopRequest(forwarded=True, announce=False) as stop:
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
         assert stop.requested
     with pytest.raises(KeyboardInterrupt):  # alone, a second Ctrl-C stops at once
-        with training.StopRequest(announce=False) as stop:
+        with loop.StopRequest(announce=False) as stop:
             signal.raise_signal(signal.SIGINT)
             assert stop.requested
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     before = signal.getsignal(signal.SIGTERM)
-    with training.StopRequest(announce=False) as stop:  # SIGTERM: the same request, remembered
+    with loop.StopRequest(announce=False) as stop:  # SIGTERM: the same request, remembered
         signal.raise_signal(signal.SIGTERM)
         assert stop.requested and stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before

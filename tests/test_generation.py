@@ -2,6 +2,7 @@
 `fastvq sample` and `fastvq eval-samples`, on MNIST with a tiny tokenizer."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -188,19 +189,16 @@ def test_eval_samples_judges_images_beside_real_digits(capsys, tmp_path, monkeyp
 
 @pytest.mark.usefixtures("sigint_delivered")
 def test_ctrl_c_checkpoints_the_step_and_resume_matches(capsys, tokenizer, tmp_path, monkeypatch):
-    import os
     import signal
-
-    from fastvq.app import generation
 
     full, _ = train_generator(capsys, "diffusion", tokenizer, tmp_path / "full")
 
-    def ctrl_c_in_the_second_step(history, row, step, append=generation.append_history):
-        append(history, row, step)
+    def ctrl_c_in_the_second_step(self, step, batch, real_step=generation.GeneratorTraining.step):
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, step, batch)
 
-    monkeypatch.setattr(generation, "append_history", ctrl_c_in_the_second_step)
+    monkeypatch.setattr(generation.GeneratorTraining, "step", ctrl_c_in_the_second_step)
     code, text = run(capsys, "train", "--model", "diffusion", "--tokenizer", tokenizer, "--out", tmp_path / "cut",
                      "--steps", 6, "--ckpt-every", 3, "--batch-size", 8, "--max-images", 64, "--num-eval", 16,
                      "--threads", 1, "--no-progress", *SMALL["diffusion"])

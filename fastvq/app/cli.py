@@ -38,10 +38,11 @@ from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
 from .files import write_atomic
 from .generation import class_index, grid_layout, load_generator, sample_images, train_generator
+from .loop import TrainingInterrupted
 from .metrics import InceptionFeatures
 from .state import CHECKPOINT, checkpoint_file, load_model, read_checkpoint
 from .step import PRECISIONS
-from .training import TrainingInterrupted, train
+from .training import train
 
 MANIFEST_FORMAT = "fastvq-indices/1"
 
