@@ -11,8 +11,11 @@ from PIL import Image
 
 from fastvq.app import generation, sample_quality
 from fastvq.app.cli import main
+from fastvq.app.config import make_config
 from fastvq.app.data import FileImages, class_labels, split_images
+from fastvq.app.errors import SettingError
 from fastvq.app.generation import Generator
+from fastvq.app.runlock import RunFolderLock
 from fastvq.app.state import CHECKPOINT, load, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +84,19 @@ def test_training_writes_outputs_and_resumes_exactly(capsys, tokenizer, tmp_path
     assert (tmp_path / "part" / "metrics.json").read_bytes() == written  # a finished run: nothing rewritten
     full, part = (read_checkpoint(tmp_path / r / CHECKPOINT)[0] for r in ("full", "part"))
     assert all(torch.equal(full[k], part[k]) for k in full if k.startswith("model."))
+
+
+def test_a_second_run_into_the_same_out_fails_at_once(capsys, tokenizer, tmp_path):
+    """A prior or diffusion run goes through the tokenizers' training loop, and its run-folder lock."""
+    out = tmp_path / "prior"
+    with RunFolderLock(out):
+        code, text = run(capsys, "train", "--model", "prior", "--tokenizer", tokenizer, "--out", out, "--steps", 2,
+                         "--no-progress", *SMALL["prior"])
+        assert code == 2 and f"--out {out}: another run (process {os.getpid()}) is writing there" in text, text
+        config = make_config("prior", tokenizer=str(tokenizer), steps=2, threads=1)
+        with pytest.raises(SettingError, match=f"out_dir {out}: another run"):  # past the command line's check
+            generation.train_generator(config, out, progress=False)
+    assert not out.exists()  # nothing was written there
 
 
 def test_sample_writes_a_grid_and_an_array_reproducibly(capsys, tokenizer, tmp_path):

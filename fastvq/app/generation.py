@@ -50,9 +50,9 @@ def train_generator(config: RunConfig, out_dir: str | Path, resume: bool = False
                     tensorboard: bool | None = None) -> dict[str, Any]:
     """Train ``config.model`` ('prior' or 'diffusion') over the tokenizer ``config.tokenizer`` (a
     run folder or checkpoint of ``fastvq train``), writing to ``out_dir`` through the same loop as
-    `fastvq.app.training.train` (checkpoints, exact resume, Ctrl-C and SIGTERM checkpoints,
-    metrics.json, loss.png, TensorBoard event files per ``tensorboard``) plus samples.png. Returns
-    the metrics dict."""
+    `fastvq.app.training.train` (checkpoints, exact resume, Ctrl-C and SIGTERM checkpoints, the
+    run-folder lock, metrics.json, loss.png, TensorBoard event files per ``tensorboard``) plus
+    samples.png. Returns the metrics dict."""
     return loop.run(GeneratorTraining, config, out_dir, resume, progress, tensorboard)
 
 

@@ -1,5 +1,5 @@
 """The one training loop of ``fastvq train``, for every model it trains (tokenizers, priors,
-diffusion): settings checks, resume, Ctrl-C and SIGTERM, progress, checkpoint
+diffusion): settings checks, the run-folder lock, resume, Ctrl-C and SIGTERM, progress, checkpoint
 and evaluation cadence, history, timing, TensorBoard and metrics.json.
 
 What differs between models is a `TrainingTask`: its data and model, its step, its evaluation and
@@ -7,8 +7,8 @@ its metrics (`fastvq.app.training.TokenizerTraining`, `fastvq.app.generation.Gen
 `run` drives one through a whole run:
 
 1. check the settings (counts >= 1, then the task's own checks); join torchrun's process group;
-2. refuse a run folder that holds a checkpoint unless resuming, read the checkpoint's step (a
-   finished run returns its metrics.json and rewrites nothing);
+2. lock the run folder (process 0), refuse one that holds a checkpoint unless resuming, read the
+   checkpoint's step (a finished run returns its metrics.json and rewrites nothing);
 3. build the task, restore the checkpoint into its model, optimizers, loss scaler and RNG;
 4. step from the checkpoint's step to ``steps``: evaluate every ``eval_every`` steps, checkpoint
    every ``ckpt_every`` steps, at the end and when asked to stop (then raise `TrainingInterrupted`);
@@ -36,6 +36,7 @@ from .config import RunConfig
 from .device import now, peak_memory_mib, resolve_device, torch_threads
 from .errors import SettingError
 from .progress import Progress
+from .runlock import RunFolderLock
 from .runlog import RunLog, tensorboard_enabled
 from .state import CHECKPOINT, read_checkpoint, restore_training_state, save_training_state
 
@@ -207,11 +208,11 @@ def run(task_type: type[TrainingTask], config: RunConfig, out_dir: str | Path, r
                                value=config.batch_size, world=ranks.world)
         tensorboard = tensorboard_enabled(tensorboard, announce=ranks.main)
         with contextlib.ExitStack() as scope:
+            if ranks.main:  # the others write nothing
+                scope.enter_context(RunFolderLock(out))
             start = resume_point(out, config, ranks.world, resume)
             if start is None:
                 return json.loads((out / "metrics.json").read_text())  # finished: nothing to train or rewrite
-            if ranks.main:  # the others write nothing
-                out.mkdir(parents=True, exist_ok=True)
             with torch_threads(config.threads, device) as threads:
                 config = dataclasses.replace(config, threads=threads, world_size=ranks.world)  # a resume uses them
                 log = scope.enter_context(RunLog(out / "tensorboard" if tensorboard and ranks.main else None,

@@ -33,8 +33,8 @@ def train(
     TensorBoard event files in tensorboard/. ``resume`` continues from the checkpoint there;
     batches depend only on (seed, step), so the losses match an uninterrupted run exactly; resuming
     a finished run returns its metrics.json and rewrites nothing. Ctrl-C (SIGINT) or SIGTERM
-    finishes the step in progress, checkpoints it and raises ``loop.TrainingInterrupted``. Returns
-    the metrics dict."""
+    finishes the step in progress, checkpoints it and raises ``loop.TrainingInterrupted``; another
+    run writing to ``out_dir`` raises SettingError. Returns the metrics dict."""
     return loop.run(TokenizerTraining, config, out_dir, resume, progress, tensorboard)
 
 

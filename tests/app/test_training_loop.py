@@ -1,19 +1,27 @@
-"""The one training loop (fastvq.app.loop) driven by a toy task. The real trainers' end-to-end
-behaviour through the same loop is tested in test_cli.py (tokenizers) and test_generation.py
-(prior, diffusion)."""
+"""The one training loop (fastvq.app.loop) driven by a toy task, and the run-folder lock
+(fastvq.app.runlock). The real trainers' end-to-end behaviour through the same loop is tested in
+test_cli.py (tokenizers) and test_generation.py (prior, diffusion)."""
 
+import fcntl
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from fastvq.app import loop, report
+from fastvq.app import loop, report, runlock
 from fastvq.app.config import RunConfig
 from fastvq.app.errors import SettingError
+from fastvq.app.runlock import LOCK_FILE, RunFolderLock, check_unlocked
 from fastvq.app.state import CHECKPOINT, read_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Weights(nn.Module):
@@ -102,7 +110,7 @@ def test_checkpoints_evaluations_history_and_timing_follow_their_cadence(toy, tm
     assert history["step"] == list(range(1, 8)) and all(math.isfinite(v) for v in history["loss"])
     assert [math.isnan(v) for v in history["eval_norm"]] == [True, False, True, False, True, False, True]
     assert metrics["timing"]["steps_timed"] == 6 and metrics["timing"]["step_s"] > 0  # the warm-up step left out
-    assert written == ["metrics.json"]
+    assert written == ["metrics.json"] and not (tmp_path / "run" / LOCK_FILE).exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 7
 
 
@@ -118,7 +126,7 @@ def test_resume_from_a_middle_step_matches_an_uninterrupted_run_exactly(toy, tmp
     with pytest.raises(RuntimeError, match="crash"):
         train(tmp_path / "cut", eval_every=2)
     assert read_checkpoint(tmp_path / "cut" / CHECKPOINT)[1]["step"] == 3  # steps 4 and 5 lost
-    assert not (tmp_path / "cut" / "metrics.json").exists()
+    assert not (tmp_path / "cut" / "metrics.json").exists() and not (tmp_path / "cut" / LOCK_FILE).exists()
     toy.crash_at = None
     resumed = train(tmp_path / "cut", resume=True, eval_every=2)
     assert toy.built[-1].steps == [3, 4, 5, 6] and toy.built[-1].evaluations == [4, 6, None]
@@ -143,7 +151,7 @@ def test_a_stop_request_mid_step_finishes_the_step_checkpoints_it_and_stops(toy,
     assert (stopped.value.step, stopped.value.signum, stopped.value.path) == (3, signum, tmp_path / "run" / CHECKPOINT)
     assert toy.saved == [3] and toy.built[0].steps == [0, 1, 2] and toy.built[0].finished is None
     assert read_checkpoint(tmp_path / "run" / CHECKPOINT)[1]["step"] == 3
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / LOCK_FILE).exists()
     assert [signal.getsignal(s) for s in loop.STOP_SIGNALS] == handlers
     assert "saving a checkpoint after this step" in capsys.readouterr().err
 
@@ -168,3 +176,77 @@ def test_settings_and_resume_errors_come_before_any_work(toy, tmp_path):
         train(tmp_path / "run", resume=True, steps=5)
     assert len(toy.built) == 1 and sorted(p.name for p in (tmp_path / "run").iterdir()) == [CHECKPOINT,
                                                                                              "metrics.json"]
+
+
+def test_a_run_into_a_folder_another_run_writes_to_fails_at_once(toy, tmp_path):
+    out = tmp_path / "run"
+    with RunFolderLock(out):
+        assert (out / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        for attempt in (lambda: train(out), lambda: check_unlocked(out)):
+            with pytest.raises(SettingError) as busy:
+                attempt()
+            assert str(busy.value).startswith(f"out_dir {out}: another run (process {os.getpid()}) is writing there")
+            assert "which ends with that process" in str(busy.value)
+    assert not toy.built and not out.exists()  # the lock made the folder, and nothing else was written
+    check_unlocked(out)
+    train(out)
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(toy, tmp_path):
+    out = tmp_path / "run"
+    script = ("import sys, time\nfrom fastvq.app.runlock import RunFolderLock\n"
+              "RunFolderLock(sys.argv[1]).__enter__()\nprint('locked', flush=True)\ntime.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(SettingError, match=f"another run \\(process {holder.pid}\\)"):
+        check_unlocked(out)
+    holder.kill()
+    holder.wait(timeout=60)
+    assert (out / LOCK_FILE).read_text().split()[0] == str(holder.pid)  # the file stays; its lock died with it
+    check_unlocked(out)
+    assert train(out)["step"] == 7 and not (out / LOCK_FILE).exists()
+
+
+def test_a_lock_won_on_a_file_its_holder_removed_is_taken_again(tmp_path, monkeypatch):
+    """A holder removes the lock file, then releases it: a process that opened the file before the
+    removal and locks it after the release holds a lock on a file no one else sees. It must
+    notice and take the lock of the file now there."""
+    first = RunFolderLock(tmp_path).__enter__()
+    locked, flock = [], fcntl.flock
+
+    def holder_leaves_between_open_and_lock(fd, operation):
+        if not locked:
+            first.__exit__(None, None, None)
+        locked.append(fd)
+        return flock(fd, operation)
+
+    monkeypatch.setattr(runlock.fcntl, "flock", holder_leaves_between_open_and_lock)
+    with RunFolderLock(tmp_path):
+        assert len(locked) == 2  # the first lock was on the removed file: taken again on the new one
+        assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        with pytest.raises(SettingError, match="another run"):
+            check_unlocked(tmp_path)
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_symlink_in_place_of_the_lock_file_is_refused_untouched(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).symlink_to(target)
+    for attempt in (lambda: RunFolderLock(out).__enter__(), lambda: check_unlocked(out)):
+        with pytest.raises(SettingError, match=f"its lock file {LOCK_FILE} is a symbolic link; remove it"):
+            attempt()
+    assert target.read_text() == "keep" and (out / LOCK_FILE).is_symlink()
+
+
+def test_the_end_of_a_run_removes_its_own_lock_file_only(tmp_path):
+    first = RunFolderLock(tmp_path).__enter__()
+    (tmp_path / LOCK_FILE).unlink()  # deleted by hand while the first run holds it: a second one can start
+    with RunFolderLock(tmp_path):
+        first.__exit__(None, None, None)
+        with pytest.raises(SettingError, match=f"another run \\(process {os.getpid()}\\)"):
+            check_unlocked(tmp_path)  # the second run's lock file is still there
+    assert not (tmp_path / LOCK_FILE).exists()
