@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from conftest import default_sigint, needs_vqp
 from PIL import Image
 
 import fastvq
-from fastvq.app import checkpoint, runlog, training
+from fastvq.app import checkpoint, loop, runlog, training
 from fastvq.app.cli import build_parser, main
 from fastvq.app.config import make_config
 from fastvq.app.data import (
@@ -39,6 +40,7 @@ from fastvq.app.evaluation import evaluate, reconstruct
 from fastvq.app.files import write_atomic
 from fastvq.app.metrics import codebook_stats, psnr, ssim
 from fastvq.app.progress import Progress
+from fastvq.app.runlock import LOCK_FILE
 from fastvq.app.state import CHECKPOINT, load_model
 from fastvq.app.step import make_optimizers, train_step
 from fastvq.models import VQGAN, VQVAE
@@ -204,6 +206,36 @@ def test_sigterm_checkpoints_the_step(folder, tmp_path):
     step = checkpoint.load(out / CHECKPOINT)[1]["step"]
     assert 1 <= step < 500 and "SIGTERM: saving a checkpoint after this step" in stderr
     assert f"interrupted after step {step}, saved in {out / CHECKPOINT}" in stderr and "Traceback" not in stderr
+
+
+def test_a_second_run_into_the_same_out_fails_at_once_and_the_first_one_keeps_its_outputs(capsys, folder, tmp_path):
+    """Two runs into one --out: the second fails at once, naming --out and the first run's process,
+    with or without --resume, before or after the first has checkpointed; the first one goes on.
+    Without the run-folder lock both trained and exited 0, and the first one's outputs were lost."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fastvq", "train", "--data", str(folder), "--steps", "500", "--ckpt-every",
+               "2", "--out", str(out), *map(str, TINY)]
+    command.remove("--no-progress")  # the progress line says that the loop has started
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    for line in first.stderr:
+        if line.startswith("train: "):
+            break
+    busy = f"--out {out}: another run (process {first.pid}) is writing there"
+    for checkpointed in (False, True):
+        while checkpointed and not (out / CHECKPOINT).exists() and first.poll() is None:
+            time.sleep(0.1)
+        for extra in ([], ["--resume"]):
+            code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, *TINY, *extra)
+            assert code == 2 and busy in text and "choose another --out" in text, text
+    first.send_signal(signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, stdout + stderr
+    meta = checkpoint.load(out / CHECKPOINT)[1]
+    assert meta["config"]["steps"] == 500 and not (out / "metrics.json").exists()  # the first run's alone
+    assert not (out / LOCK_FILE).exists()
+    code, text = run(capsys, "train", "--out", out, "--resume", "--steps", meta["step"] + 1, "--no-progress")
+    assert code == 0, text  # the lock ended with its process
 
 
 def test_rerunning_a_finished_run_reports_it_or_offers_resume_and_another_out(capsys, folder, tmp_path):
@@ -575,18 +607,18 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_r
 def test_a_torchrun_worker_takes_every_sigint_as_one_stop_request():
     """A worker gets a terminal's SIGINT and torchrun's copy of it: neither may stop it mid-step.
     Alone, a second Ctrl-C stops at once; SIGTERM is a stop request too."""
-    with training.StopRequest(forwarded=True, announce=False) as stop:
+    with loop.StopRequest(forwarded=True, announce=False) as stop:
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
         assert stop.requested
     with pytest.raises(KeyboardInterrupt):  # alone, a second Ctrl-C stops at once
-        with training.StopRequest(announce=False) as stop:
+        with loop.StopRequest(announce=False) as stop:
             signal.raise_signal(signal.SIGINT)
             assert stop.requested
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     before = signal.getsignal(signal.SIGTERM)
-    with training.StopRequest(announce=False) as stop:  # SIGTERM: the same request, remembered
+    with loop.StopRequest(announce=False) as stop:  # SIGTERM: the same request, remembered
         signal.raise_signal(signal.SIGTERM)
         assert stop.requested and stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before

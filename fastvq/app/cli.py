@@ -38,10 +38,12 @@ from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
 from .files import write_atomic
 from .generation import class_index, grid_layout, load_generator, sample_images, train_generator
+from .loop import TrainingInterrupted
 from .metrics import InceptionFeatures
+from .runlock import check_unlocked
 from .state import CHECKPOINT, checkpoint_file, load_model, read_checkpoint
 from .step import PRECISIONS
-from .training import TrainingInterrupted, train
+from .training import train
 
 MANIFEST_FORMAT = "fastvq-indices/1"
 
@@ -294,6 +296,7 @@ def _train_config(args: argparse.Namespace, out: Path) -> tuple[RunConfig, int]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "-".join(filter(None, (args.model or "vqvae", args.preset)))
+    check_unlocked(out)  # a run writing there: say so, not what its unfinished checkpoint looks like
     config, resumed_step = _train_config(args, out)
     if not args.resume and (out / CHECKPOINT).is_file():
         metrics = _finished_run(out, config)
