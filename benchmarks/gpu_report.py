@@ -1,7 +1,7 @@
 """What the GPU check brings back: one archive of its work folder and one short summary, written atomically.
 
-The output folder holds at most three files, none in a sub-folder: summary.md, check.tar.gz and, only
-while an archive is being written or if the check is killed right then, check.tar.gz.partial. The
+The output folder holds at most four files, none in a sub-folder: summary.md, check.tar.gz and, only
+while one of them is being written or if the check is killed right then, its .partial twin. The
 archive holds the work folder `check/`: env.json, driver.log, logs/<stage>.log, smoke/ and smoke-cuda/
 (one JSON line per check), bench/ (records.jsonl, results.json, results.md, plots), tests/ (junit
 files), summary.md and summary.json. Every stage's detail line is read back from those files, so a
@@ -21,9 +21,11 @@ ARCHIVE = "check.tar.gz"
 SUMMARY = "summary.md"
 MAX_ARCHIVE_BYTES = 15 << 20
 """Under the device tool's 16 MiB per file; a larger archive is packed again without the plots."""
-TEST_LINE = re.compile(r"(?:^|\s)(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
-                       r"|\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(tests/\S+::\S+)")
-"""A test's outcome line: `nodeid OUTCOME` (pytest -v) or `OUTCOME nodeid` (-v with xdist, -rA summaries)."""
+OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+TEST_LINE = re.compile(rf"^(tests/\S+?::.+?) ({OUTCOMES})(?: +\[ *\d+%\])? *$"
+                       rf"|(?:^|\] )({OUTCOMES}) (tests/\S+?::.+?)(?: - .*| *)$")
+"""A test's outcome line: `nodeid OUTCOME [ nn%]` (pytest -v) or `[gw0] [ nn%] OUTCOME nodeid` (-v with
+xdist) or `OUTCOME nodeid - message` (the -rfE summary). Parametrised ids may hold spaces."""
 SHOWN = 8
 """Failures listed per stage in the summary (the archive has them all)."""
 

@@ -17,6 +17,7 @@ tests/test_a.py::test_two[N1-K1-D1-H1-fp32-l2-cuda-cuda] FAILED            [ 28%
 [gw0] [ 57%] SKIPPED tests/test_b.py::test_four
 [gw0] [ 71%] ERROR tests/test_b.py::test_five[cuda-triton]
 tests/test_b.py::test_six PASSED
+tests/test_c.py::test_rejects[args1-ValueError-backend must be one of ('auto', 'torch'), got] PASSED      [ 86%]
 =========================== short test summary info ============================
 FAILED tests/test_a.py::test_two[N1-K1-D1-H1-fp32-l2-cuda-cuda] - AssertionError: regret
 ERROR tests/test_b.py::test_five[cuda-triton] - RuntimeError: CUDA error
@@ -34,7 +35,7 @@ def report(monkeypatch):
 def test_test_outcomes_are_read_from_verbose_xdist_and_summary_lines_once_each(report, tmp_path):
     (tmp_path / "tests.log").write_text(PYTEST_LOG)
     detail, failed = report.test_results(tmp_path / "tests.log")
-    assert detail == "6 tests: 1 error, 1 failed, 3 passed, 1 skipped"
+    assert detail == "7 tests: 1 error, 1 failed, 4 passed, 1 skipped"
     assert failed == ["tests/test_a.py::test_two[N1-K1-D1-H1-fp32-l2-cuda-cuda] FAILED",
                       "tests/test_b.py::test_five[cuda-triton] ERROR"]
     assert report.test_results(tmp_path / "missing.log") == ("0 tests", [])
