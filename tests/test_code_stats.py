@@ -1,4 +1,5 @@
-"""code_stats: per-code counts and sums against bincount / index_add_, both backends; bitwise determinism."""
+"""code_stats: per-code counts and sums against the oracle (`fastvq.ops.naive`: a one-hot matrix in float64), every
+backend; bitwise determinism."""
 
 import importlib
 
@@ -7,20 +8,14 @@ import torch
 from conftest import REFERENCE_ON_CPU, backend_cases
 
 import fastvq
-from fastvq.ops.backend import triton_unavailable_reason
+from fastvq.ops import naive
+from fastvq.ops.backend import unavailable_reason
 
 
 def _expected(x, indices, num_codes, mask):
-    """bincount / index_add_ per head on canonical (H, N, D), (H, N), (H, N)."""
-    counts, sums = [], []
-    for h in range(x.shape[0]):
-        keep = indices[h] >= 0
-        if mask is not None:
-            keep &= mask[h]
-        idx = indices[h][keep]
-        counts.append(torch.bincount(idx, minlength=num_codes).float())
-        sums.append(torch.zeros(num_codes, x.shape[-1], dtype=torch.float64).index_add_(0, idx, x[h][keep].double()))
-    return torch.stack(counts), torch.stack(sums)
+    """The oracle's counts (as fp32: exact integers) and float64 sums on canonical (H, N, D), (H, N), (H, N)."""
+    counts, sums = naive.code_stats(x, indices, num_codes, mask=mask)
+    return counts.float(), sums
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
@@ -114,7 +109,7 @@ def test_cuda_sums_are_bitwise_the_same_every_run(device, backend):
     for _ in range(3):
         again = fastvq.code_stats(x, indices, 40, backend=backend)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-    if not triton_unavailable_reason(x.device):
+    if not unavailable_reason("triton", x.device):
         triton = fastvq.code_stats(x, indices, 40, backend="triton")
         assert torch.equal(first[0], triton[0]) and torch.equal(first[1], triton[1])
     want_counts, want_sums = _expected(x.cpu()[None], indices.cpu()[None], 40, None)

@@ -219,14 +219,14 @@ def _chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
                  precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.ops.reference.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
+    """Triton twin of `fastvq.ops.chunked.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
     indices (H, N) int64 (-1: no finite distance), distances (H, N) fp32."""
     return _chosen_distance(x, codebook, _search(x, codebook, metric, precision), metric)
 
 
 def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
                precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.ops.reference.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
+    """Triton twin of `fastvq.ops.chunked.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
     indices (H, N, k) int64 nearest first (-1 past the finite ones), distances (H, N, k) fp32."""
     indices = _search(x, codebook, metric, precision, topk=k).reshape(*x.shape[:2], k)
     return _chosen_distance(x, codebook, indices, metric)
@@ -234,7 +234,7 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
 
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
                 k: int | None = None, metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
-    """Triton twin of `fastvq.ops.reference.sample_code`: x (H, N, D), codebook (Hc, K, D), temperature > 0
+    """Triton twin of `fastvq.ops.chunked.sample_code`: x (H, N, D), codebook (Hc, K, D), temperature > 0
     -> indices (H, N) int64 drawn from softmax(logits / temperature), or with k (H, N, k) int64 by
     Gumbel top-k, highest first (-1: no finite logit)."""
     if k is None:
