@@ -13,6 +13,10 @@ so the extra memory is bounded by about 3 * SCORE_TILE_ELEMENTS * 4 bytes (score
 output, comparison temporaries: 6 MiB) + one fp32 copy of the codebook (K * D * 4 bytes) + O(N * D)
 for the exact distance of the chosen codes. Exceptions, still O(tile): `topk_codes` sorts a tile with
 its int64 indices (about twice that), and `sample_code` adds an int64 tile of noise counters.
+Scores are fp32 products of operands rounded to the precision, except when some product x.c could
+overflow fp32 in some order of its additions (`_products_may_overflow`: values near the fp32
+limit): then the call ranks with float64 products rounded to fp32, so that whether a score is finite
+(a code whose score is not is never chosen) does not depend on where a token sits in its tile.
 This module never imports triton; the math it shares with the kernels is in `fastvq.ops.common`.
 """
 
@@ -30,6 +34,7 @@ from .common import (
     gumbel_scales,
     mark_unassigned,
     round_operand,
+    valid_first,
 )
 
 SCORE_TILE_ELEMENTS = 1 << 19
@@ -59,13 +64,31 @@ def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tens
     return mark_unassigned(indices, dist)
 
 
-def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str) -> torch.Tensor:
-    """Scores (n, k) of rounded fp32 rows (n, D) against rounded fp32 codes (k, D); NaN -> +inf."""
+PRODUCT_LIMIT = 2.0**126
+"""Below it, no partial sum of 2 x.c (nor 2 x itself) can overflow fp32, whatever the order of the additions."""
+
+
+def _products_may_overflow(x: torch.Tensor, codebook: torch.Tensor) -> bool:
+    """True when 2 D max|x| max|c| or max(max|x|, max|c|), over the finite entries, reaches PRODUCT_LIMIT
+    (one device sync). Non-finite entries make their scores non-finite in any order."""
+    def finite_max(t: torch.Tensor) -> float:
+        return t.detach().abs().nan_to_num(nan=0.0, posinf=0.0).amax().double().item() if t.numel() else 0.0
+
+    x_max, code_max = finite_max(x), finite_max(codebook)
+    return max(2.0 * x.shape[-1] * x_max * code_max, x_max, code_max) >= PRODUCT_LIMIT
+
+
+def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str,
+                wide: bool) -> torch.Tensor:
+    """Scores (n, k) fp32 of rounded fp32 rows (n, D) against rounded fp32 codes (k, D); NaN and
+    +-inf -> +inf. wide: computed in float64, then rounded to fp32 (see the module doc)."""
+    if wide:
+        x_rows, codes, bias = x_rows.double(), codes.double(), bias.double()
     if metric == "cosine":
         score = (x_rows @ codes.T).mul_(bias).neg_()
     else:  # l2: |c|^2 - 2 x.c; dot: 0 - x.c (bias NaN for a non-finite code)
         score = torch.addmm(bias, x_rows, codes.T, alpha=-2.0 if metric == "l2" else -1.0)
-    return _never_chosen_if_not_finite(score)
+    return _never_chosen_if_not_finite(score.float())
 
 
 def _never_chosen_if_not_finite(score: torch.Tensor) -> torch.Tensor:
@@ -126,8 +149,9 @@ def _select(x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor, precisi
 def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str, k: int) -> torch.Tensor:
     """The k lowest scores' codes per token, (H, N, k) int64 (see `_select`)."""
     bias = code_bias(codebook, metric, precision)
+    wide = _products_may_overflow(x, codebook)
     return _select(x, codebook, bias, precision, k,
-                   lambda h, token_slice, rows, k0, codes, b: _score_tile(rows, codes, b, metric))
+                   lambda h, token_slice, rows, k0, codes, b: _score_tile(rows, codes, b, metric, wide))
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
@@ -216,12 +240,12 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
     """The k nearest codes of every token, nearest first, ties to the lowest index.
 
     x (H, N, D), codebook (Hc, K, D), 1 <= k <= K -> indices (H, N, k) int64 and distances (H, N, k)
-    fp32 (as `nearest_code`: recomputed exactly for each chosen code). Slots beyond the number of
-    codes with a finite distance get -1 / NaN.
+    fp32 (as `nearest_code`: recomputed exactly for each chosen code). Slots past the codes with a
+    finite score, and codes whose distance is not finite, get -1 / NaN, after the valid ones.
     """
     indices = _search(x, codebook, metric, precision, k)
     pairs = [chosen_distance(x, codebook, indices[..., j], metric) for j in range(k)]
-    return torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1)
+    return valid_first(torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1))
 
 
 def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",

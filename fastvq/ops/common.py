@@ -96,6 +96,13 @@ def mark_unassigned(indices: torch.Tensor, distances: torch.Tensor) -> tuple[tor
     return indices.masked_fill(bad, -1), distances.masked_fill(bad, float("nan"))
 
 
+def valid_first(indices: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k lists (..., k) with their -1 entries (distance NaN) moved behind the valid ones, which keep
+    their order: a chosen code whose exact distance is not finite leaves no hole before a valid one."""
+    order = (indices < 0).to(torch.int8).argsort(dim=-1, stable=True)
+    return indices.gather(-1, order), distances.gather(-1, order)
+
+
 def counted_tokens(indices: torch.Tensor, num_codes: int, mask: torch.Tensor | None) -> torch.Tensor:
     """Which tokens `code_stats` adds up, (H, N) bool: index in [0, num_codes) and mask True. An index
     out of range (possible only with check_indices=False) is skipped, never written outside the outputs."""

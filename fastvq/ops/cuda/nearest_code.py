@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import METRICS, PRECISIONS, code_bias, target_programs
+from ..common import METRICS, PRECISIONS, code_bias, target_programs, valid_first
 from ._build import load_extension
 from ._launch import current_stream, kernel_operands
 
@@ -39,5 +39,5 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
 def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
                precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA twin of `fastvq.ops.chunked.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= 16 ->
-    indices (H, N, k) int64 nearest first (-1 past the finite ones), distances (H, N, k) fp32."""
-    return _search(x, codebook, metric, precision, k)
+    indices (H, N, k) int64 nearest first, distances (H, N, k) fp32; -1 / NaN after the valid entries."""
+    return valid_first(*_search(x, codebook, metric, precision, k))

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import code_bias, gumbel_scales, mark_unassigned
+from ..common import code_bias, gumbel_scales, mark_unassigned, valid_first
 from ._launch import distance_config, interpreted_precision, search_config
 from ._tiles import COSINE_NORM_EPS, dot_options, dot_tile, load_tile, logits, rank_score, resident_tile
 
@@ -227,9 +227,9 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
 def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
                precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `fastvq.ops.chunked.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
-    indices (H, N, k) int64 nearest first (-1 past the finite ones), distances (H, N, k) fp32."""
+    indices (H, N, k) int64 nearest first, distances (H, N, k) fp32; -1 / NaN after the valid entries."""
     indices = _search(x, codebook, metric, precision, topk=k).reshape(*x.shape[:2], k)
-    return _chosen_distance(x, codebook, indices, metric)
+    return valid_first(*_chosen_distance(x, codebook, indices, metric))
 
 
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
