@@ -88,6 +88,20 @@ def test_cosine_of_tiny_vectors_keeps_their_direction(device, backend):
     torch.testing.assert_close(distance, want_distance, rtol=1e-5, atol=1e-5)
 
 
+def test_one_index_range_check_names_the_bound():
+    """`check_index_range` (the ops' check, public for the layers) names the bound it was given and
+    the values it found, for every integer dtype, uint8 included."""
+    from fastvq.ops.functional import check_index_range
+
+    check_index_range(torch.tensor([-1, 0, 4]), 5)
+    check_index_range(torch.tensor([0, 255], dtype=torch.uint8), 256, bound="codebook_size")
+    with pytest.raises(ValueError, match=r"^indices must be in \[-1, codebook_size=256\), got values in \[3, 256\]$"):
+        check_index_range(torch.tensor([3, 256], dtype=torch.int16), 256, bound="codebook_size")
+    with pytest.raises(ValueError, match=r"^indices must be in \[-1, num_codes=4\), got values in \[0, 4\]$"):
+        check_index_range(torch.tensor([0, 4], dtype=torch.uint8), 4)
+    check_index_range(torch.tensor([99], device="meta"), 4)  # no values to check
+
+
 def test_lookup_codes_checks_indices_as_every_op():
     """The one check of code indices (as code_stats and code_cross_entropy): int64 or int32, shaped like
     x without D; int32 gives the int64 answer."""

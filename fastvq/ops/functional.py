@@ -38,19 +38,25 @@ def _check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: st
 
 
 def _check_code_indices(indices, x: torch.Tensor, num_codes: int, check_range: bool) -> None:
-    """The one check of code indices: an int64 or int32 tensor shaped x.shape[:-1] on x's device; with
-    check_range, every value in [-1, num_codes) (one device sync; meta tensors have no values)."""
+    """The one check of the ops' code indices: an int64 or int32 tensor shaped x.shape[:-1] on x's device;
+    with check_range, `check_index_range`."""
     _check_tensor(indices, "indices", floating=False)
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"indices must be an integer tensor (int64 or int32), got dtype {indices.dtype}")
     if indices.shape != x.shape[:-1]:
         raise ValueError(f"indices must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(indices.shape)}")
     _check_same_device(x, "x", indices, "indices")
-    if check_range and indices.numel() > 0 and indices.device.type != "meta":
-        low, high = torch.aminmax(indices)
-        if low.item() < -1 or high.item() >= num_codes:
-            raise ValueError(f"indices must be in [-1, num_codes={num_codes}), got values in "
-                             f"[{low.item()}, {high.item()}]")
+    if check_range:
+        check_index_range(indices, num_codes)
+
+
+def check_index_range(indices: torch.Tensor, num_codes: int, bound: str = "num_codes") -> None:
+    """The one range check of code indices, for the ops and the layers: every value in [-1, num_codes), else
+    a ValueError naming `bound` and the values found (one device sync; meta tensors have no values)."""
+    if indices.numel() > 0 and indices.device.type != "meta":
+        low, high = (int(value) for value in torch.aminmax(indices))
+        if low < -1 or high >= num_codes:
+            raise ValueError(f"indices must be in [-1, {bound}={num_codes}), got values in [{low}, {high}]")
 
 
 def _canonical_args(x, codebook) -> tuple[torch.Tensor, torch.Tensor]:
