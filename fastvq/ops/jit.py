@@ -4,7 +4,8 @@ the CUDA backend (`fastvq.ops.cuda`), both built by `torch.utils.cpp_extension` 
 Cache: each build has its own folder under one root: $FASTVQ_CACHE_DIR, else $FASTVQ_CUDA_CACHE (its
     older name), else $XDG_CACHE_HOME/fastvq, else ~/.cache/fastvq. The folder is named after the
     extension, and the name carries what the binary depends on besides its sources and flags (Python,
-    torch and CUDA versions, the CPU's vector unit); ninja rebuilds only what changed.
+    torch and CUDA versions, the CPU's vector unit, where torch is installed); ninja rebuilds only what
+    changed.
 Lock: a build holds an exclusive `fcntl.flock` on <folder>/build.lock from start to end, so other
     processes (and threads) building the same extension wait, then load what it built. The kernel
     frees that lock when a builder dies, however it dies; so torch's own lock file (<folder>/lock,
@@ -20,6 +21,7 @@ Nothing here runs at import: `import fastvq` never compiles.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import re
@@ -56,9 +58,12 @@ def cache_root() -> Path:
 
 
 def extension_name(stem: str, cuda: bool = False) -> str:
-    """fastvq_<stem>_py<X><Y>_torch<version>[_cu<version>], as a Python identifier."""
+    """fastvq_<stem>_py<X><Y>_torch<version>[_cu<version>]_<where torch is installed, hashed>, as a Python
+    identifier. Two environments with the same versions build apart: the compiler's command names torch's
+    headers by path, so one shared folder would be rebuilt at every switch between them."""
     name = f"fastvq_{stem}_py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}"
-    return re.sub(r"\W", "_", name + (f"_cu{torch.version.cuda}" if cuda else ""))
+    name += f"_cu{torch.version.cuda}" if cuda else ""
+    return re.sub(r"\W", "_", f"{name}_{hashlib.sha1(str(Path(torch.__file__).parent).encode()).hexdigest()[:8]}")
 
 
 def missing_sources(sources: tuple[Path, ...]) -> str:

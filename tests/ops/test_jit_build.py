@@ -49,7 +49,8 @@ def _python(code: str, cache, timeout: float) -> subprocess.CompletedProcess:
 
 def test_cache_folder_and_names(monkeypatch, tmp_path):
     """One root for both builds ($FASTVQ_CACHE_DIR, else the older $FASTVQ_CUDA_CACHE, else
-    $XDG_CACHE_HOME/fastvq), one folder per extension named by what the binary depends on."""
+    $XDG_CACHE_HOME/fastvq), one folder per extension named by what the binary depends on (down to
+    where torch is installed)."""
     for variable in ("FASTVQ_CACHE_DIR", "FASTVQ_CUDA_CACHE"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -63,7 +64,9 @@ def test_cache_folder_and_names(monkeypatch, tmp_path):
     assert cpu_build.name.startswith(f"fastvq_cpu_search_avx2_{python}_torch") and cpu_build.name.isidentifier()
     assert cpu_build.folder == tmp_path / "new" / cpu_build.name
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    assert jit.extension_name("cuda", cuda=True).endswith("_cu13_0")
+    assert "_cu13_0_" in jit.extension_name("cuda", cuda=True)
+    monkeypatch.setattr(torch, "__file__", "/another/environment/torch/__init__.py")
+    assert jit.extension_name("cpu_search_avx2") != cpu_build.name, "another torch installation builds apart"
     assert _build.extension().folder.parent == tmp_path / "new"
 
 
