@@ -304,7 +304,7 @@ class Check:
                    PYTHONPATH=os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p]),
                    PATH=os.pathsep.join([str(self.build / "site" / "bin"), os.environ.get("PATH", "")]),
                    TORCH_EXTENSIONS_DIR=str(self.build / "torch_extensions"),  # fresh: no stale lock from elsewhere
-                   FASTVQ_CUDA_CACHE=str(self.build / "cuda"),
+                   FASTVQ_CACHE_DIR=str(self.build / "fastvq"),
                    MAX_JOBS=str(max(1, (self.facts.get("cores") or os.cpu_count() or 2) - 2)))
         if self.dry and stage.kind == "smoke":
             env["TRITON_INTERPRET"] = "1"

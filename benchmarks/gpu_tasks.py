@@ -118,21 +118,21 @@ def describe(facts: dict) -> str:
 
 
 def build_cuda() -> int:
-    """Build the CUDA C++ extension into FASTVQ_CUDA_CACHE (the driver points it into its work folder)."""
+    """Build the CUDA C++ extension into FASTVQ_CACHE_DIR (the driver points it into its work folder)."""
     path, present = python_header()
     if not present:
         print(f"cannot build: {path} is missing (the C++ extension builds need Python's headers)", flush=True)
         return SKIP
     import torch
 
-    from fastvq.ops.backend import cuda_unavailable_reason
+    from fastvq.ops.backend import unavailable_reason
 
     device = torch.device("cuda")
-    reason = cuda_unavailable_reason(device, build=False)
+    reason = unavailable_reason("cuda", device, build=False)
     if reason:
         print(f"cannot build here: {reason}", flush=True)
         return SKIP
-    reason = cuda_unavailable_reason(device, build=True)
+    reason = unavailable_reason("cuda", device, build=True)
     print(f"build failed: {reason}" if reason else "built", flush=True)
     return 1 if reason else 0
 

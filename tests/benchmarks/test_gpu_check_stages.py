@@ -174,12 +174,12 @@ PLUGGED = """
 import time
 import torch
 import fastvq
-from fastvq.ops.backend import cpu_unavailable_reason
+from fastvq.ops.backend import unavailable_reason
 
 
 def test_the_cpu_kernels_are_reported_unavailable_without_a_build():
     assert "cpu" not in fastvq.available_backends("cpu")
-    assert "not built in the GPU check" in cpu_unavailable_reason(torch.device("cpu"))
+    assert "not built in the GPU check" in unavailable_reason("cpu", torch.device("cpu"))
 
 
 def test_sleeps():
