@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import backend_cases, case
 
-from fastvq.nn import Codebook, LearnedCodebook, TokenQuantizer
+from fastvq.nn import Codebook, LearnedCodebook, TokenQuantizer, VectorQuantize
 from fastvq.nn.token_quantizer import finite_rows
 
 N, K, D = 37, 19, 5
@@ -273,3 +273,15 @@ def test_bad_settings_and_inputs_raise_naming_them():
         quantizer.update_(torch.randn(2, N, D), torch.zeros(N, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"targets must be an integer tensor of shape \(2, 37\)"):
         quantizer.cross_entropy(torch.randn(2, N, D), torch.zeros(2, N))
+
+
+def test_layers_share_one_token_quantizer_through_use_codebook():
+    first, second = VectorQuantize(dim=D, codebook_size=K), VectorQuantize(dim=D, codebook_size=K, decay=0.5)
+    second.use_codebook(first.token_quantizer)
+    assert second.token_quantizer is first.token_quantizer
+    second.train()(torch.randn(2, 8, D))
+    assert torch.equal(first.codebook, second.codebook) and float(first.codebook_health()["usage"]) > 0
+    with pytest.raises(ValueError, match=r"codebook must be a Codebook of \(dim, codebook_size, num_codebooks\)"):
+        VectorQuantize(dim=D, codebook_size=K + 1).use_codebook(first.token_quantizer)
+    with pytest.raises(ValueError, match="got LearnedCodebook"):
+        first.use_codebook(LearnedCodebook(D, K))
