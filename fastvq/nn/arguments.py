@@ -162,10 +162,3 @@ def is_integer_tensor(t) -> bool:
     """A tensor of an integer dtype (not bool, float or complex)."""
     return isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and not t.dtype.is_complex \
         and t.dtype != torch.bool
-
-
-def check_index_range(indices: torch.Tensor, codebook_size: int) -> None:
-    """Codes given by a caller must lie in [-1, codebook_size) (-1: no code); one host sync."""
-    if indices.numel() and not bool(((indices >= -1) & (indices < codebook_size)).all()):
-        low, high = int(indices.min()), int(indices.max())
-        raise ValueError(f"indices must be in [-1, codebook_size={codebook_size}), got values in [{low}, {high}]")

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..ops.backend import check_backend
 from ..ops.functional import (
+    check_index_range,
     check_precision,
     code_cross_entropy,
     code_stats,
@@ -38,7 +39,7 @@ from ..ops.functional import (
     topk_codes,
 )
 from . import distributed
-from .arguments import check_arguments, check_index_range, describe, is_integer_tensor
+from .arguments import check_arguments, describe, is_integer_tensor
 from .kmeans import l2norm
 
 
@@ -166,7 +167,7 @@ class TokenQuantizer(nn.Module, abc.ABC):
             raise TypeError(f"indices must be an integer tensor (H, N[, k]), got {describe(indices)}")
         self._check_heads(indices.shape[0], "indices")
         if check_indices:
-            check_index_range(indices, self.codebook_size)
+            check_index_range(indices, self.codebook_size, bound="codebook_size")
         indices = indices.long()
         codes, safe = self.codes, indices.clamp_min(0)
         if self.num_codebooks == 1:

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from ..ops.common import MAX_TOPK
+from ..ops.functional import check_index_range
 from . import distributed
 from .arguments import (
     check_arguments,
     check_exclusive,
-    check_index_range,
     describe,
     is_integer_tensor,
     unsupported_defaults,
@@ -218,7 +218,7 @@ class VectorQuantize(nn.Module):
         if not is_integer_tensor(indices) or indices.numel() != batch * seq * self.heads:
             raise ValueError(f"indices must be an integer tensor with {batch * seq * self.heads} entries "
                              f"({expected} after flattening the layout), got {describe(indices)}")
-        check_index_range(indices, self.codebook_size)
+        check_index_range(indices, self.codebook_size, bound="codebook_size")
         with torch.no_grad():
             self._codebook.update_(self._per_head(self._codebook_input(tokens)), self._per_head(indices),
                                    None if mask is None else mask.reshape(-1))
