@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import report
-from .config import GENERATORS, RunConfig, check_model_args
+from .config import GENERATORS, RunConfig, check_model_args, check_run_config
 from .data import ImageSource, class_labels, split_images, to_uint8
 from .device import now, peak_memory_mib, resolve_device, torch_threads
 from .errors import SettingError
@@ -30,6 +30,7 @@ from .evaluation import encode_images
 from .generators import Generator
 from .progress import Progress
 from .runlog import RunLog, tensorboard_enabled
+from .settings import check_setting
 from .state import CHECKPOINT, load_model, read_checkpoint, restore_training_state, save_training_state
 from .training import StopRequest, TrainingInterrupted, append_history
 
@@ -55,6 +56,7 @@ def train_generator(config: RunConfig, out_dir: str | Path, resume: bool = False
     does (checkpoints, exact resume, Ctrl-C checkpoint, metrics.json, loss.png, TensorBoard event
     files per ``tensorboard``) plus samples.png. Returns the metrics dict."""
     out = Path(out_dir)
+    check_run_config(config, training=True)
     if config.model not in GENERATORS:
         raise SettingError("{model} must be one of {choices} here, got {value!r}", choices=", ".join(GENERATORS),
                            value=config.model)
@@ -282,6 +284,7 @@ def sample_images(generator: Generator, num: int, *, batch_size: int = 64, label
     for name, value in (("num", num), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingError("{%s} must be an int >= 1, got {value!r}" % name, value=value)
+    check_setting("seed", seed)  # the batches' seeds below stay under 2^63
     if label is None:
         labels = balanced_labels(num, len(generator.class_names))
     else:

@@ -18,7 +18,7 @@ import torch
 from fastvq.models import LPIPS, VQModel
 
 from . import distributed, report
-from .config import RunConfig, build_model
+from .config import RunConfig, build_model, check_run_config
 from .data import CropDataset, batch_loader, default_workers, fixed_crops, split_images, to_model_input
 from .device import QuantizerTimer, now, peak_memory_mib, resolve_device, torch_threads
 from .errors import SettingError
@@ -131,6 +131,7 @@ def train(
     checkpoints it and raises ``TrainingInterrupted``. Returns the metrics dict."""
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
+    check_run_config(config, training=True)
     if not resume and ckpt_path.exists():
         raise SettingError("{out_dir} {out} already holds {checkpoint}; set {resume} to continue it or choose "
                            "another {out_dir}", out=out, checkpoint=CHECKPOINT)

@@ -25,6 +25,8 @@ from torch import nn
 
 from .checks import check_choice, check_int, check_number, check_seed
 
+SAMPLE_STEPS = 50
+"""DDIM steps of a draw by default (fewer when the model was trained with fewer diffusion steps)."""
 MAX_GUIDANCE = 100.0
 """The largest classifier-free guidance scale `LatentDiffusion.sample` takes (1: none; the usual
 scales are 1-10; far beyond, eps_u + w (eps_c - eps_u) only amplifies the difference's error)."""
@@ -208,9 +210,10 @@ class LatentDiffusion(nn.Module):
         return F.mse_loss(self.denoiser(self.schedule.add_noise(x0, noise, t), t, labels), noise)
 
     @torch.no_grad()
-    def sample(self, num: int, size: tuple[int, int], *, steps: int = 50, labels: torch.Tensor | None = None,
+    def sample(self, num: int, size: tuple[int, int], *, steps: int | None = None, labels: torch.Tensor | None = None,
                guidance: float = 1.0, eta: float = 0.0, seed: int | None = None) -> torch.Tensor:
-        """num latents (num, C, *size) by DDIM over `steps` evenly spaced steps; guidance w > 1
+        """num latents (num, C, *size) by DDIM over `steps` evenly spaced steps (None: SAMPLE_STEPS, at
+        most the schedule's); guidance w > 1
         extrapolates from the unconditional prediction (eps_u + w (eps_c - eps_u)), w in [0,
         MAX_GUIDANCE]; eta in [0, 1] (0: deterministic, 1: DDPM's noise); seed: see `check_seed`."""
         check_int("num", num)
@@ -218,6 +221,7 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"size must be (H, W), got {size!r}")
         for name, value in zip(("H", "W"), size):
             check_int(f"size {name}", value)
+        steps = min(SAMPLE_STEPS, self.schedule.steps) if steps is None else steps
         check_int("steps", steps, 1, self.schedule.steps)
         check_number("guidance", guidance, 0.0, MAX_GUIDANCE)
         check_number("eta", eta, 0.0, 1.0)

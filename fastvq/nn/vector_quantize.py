@@ -536,9 +536,13 @@ class VectorQuantize(nn.Module):
         return idx.masked_fill(~(whole if idx.dim() == 2 else whole.unsqueeze(-1)), -1)
 
     def _check_index_range(self, indices: torch.Tensor) -> None:
-        """Codes given by the caller must lie in [-1, codebook_size) (one host sync)."""
-        if indices.numel() and not bool(((indices >= -1) & (indices < self.codebook_size)).all()):
-            low, high = int(indices.min()), int(indices.max())
+        """Codes given by the caller must lie in [-1, codebook_size) (one host sync); unsigned ones
+        (encode's uint8) are compared as the ints they are, not against a -1 wrapped to 255."""
+        if not indices.numel():
+            return
+        wide = indices if indices.dtype.is_signed or indices.dtype == torch.uint8 else indices.long()  # uint16..64
+        low, high = (int(v) for v in torch.aminmax(wide))
+        if low < -1 or high >= self.codebook_size:
             raise ValueError(f"indices must be in [-1, codebook_size={self.codebook_size}), got values in "
                              f"[{low}, {high}]")
 
