@@ -1,12 +1,13 @@
-"""Math that both backends share: constants, operand rounding, the per-code score term, marking
-tokens with no code. The reference (`fastvq.ops.reference`) and the Triton kernels
-(`fastvq.ops.triton`) import this module; neither imports the other.
+"""Math every backend shares: constants, operand rounding, the per-code score term, which tokens
+count, marking tokens with no code, how many programs fill a GPU. The backends (`fastvq.ops.chunked`,
+`fastvq.ops.triton`, `fastvq.ops.cuda`, `fastvq.ops.cpu`) import this module; none imports another.
 
 Shapes are canonical (see `fastvq.ops.functional`): codebook (Hc, K, D), indices (H, N) int64.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -96,6 +97,29 @@ def mark_unassigned(indices: torch.Tensor, distances: torch.Tensor) -> tuple[tor
     return indices.masked_fill(bad, -1), distances.masked_fill(bad, float("nan"))
 
 
+def valid_first(indices: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k lists (..., k) with their -1 entries (distance NaN) moved behind the valid ones, which keep
+    their order: a chosen code whose exact distance is not finite leaves no hole before a valid one."""
+    order = (indices < 0).to(torch.int8).argsort(dim=-1, stable=True)
+    return indices.gather(-1, order), distances.gather(-1, order)
+
+
+def counted_tokens(indices: torch.Tensor, num_codes: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Which tokens `code_stats` adds up, (H, N) bool: index in [0, num_codes) and mask True. An index
+    out of range (possible only with check_indices=False) is skipped, never written outside the outputs."""
+    counted = (indices >= 0) & (indices < num_codes)
+    return counted if mask is None else counted & mask
+
+
+@functools.cache
+def target_programs(device: torch.device) -> int:
+    """Programs (CUDA blocks) one launch needs to keep every SM of `device` busy: two per SM. 8 where
+    there are no SMs (Triton's interpreter on CPU): few, so that small test shapes also split the codes."""
+    if device.type != "cuda":
+        return 8
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def softmax_kept(norm: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Tokens (H, N) bool that the soft ops over codes count: unmasked (mask True or None) and with a
     finite normaliser `norm` (2, H, N) = (max_k s_nk, log sum_k exp(s_nk - max)) of their scaled logits
@@ -127,7 +151,7 @@ def soft_grad_inputs(x: torch.Tensor, norm: torch.Tensor, kept: torch.Tensor) ->
 
 def entropy_grad_coefs(kept: torch.Tensor, entropy: torch.Tensor, kept_mass: torch.Tensor, grad_entropy: torch.Tensor,
                        expectation: torch.Tensor | None) -> torch.Tensor:
-    """The gradient coefficients (5, H, N) fp32 (see `fastvq.ops.reference_soft`) of
+    """The gradient coefficients (5, H, N) fp32 (see `fastvq.ops.chunked_soft`) of
     L = sum_n a_n entropy_n + sum_k b_k mean_probs_k of `code_entropy` (a = grad_entropy, b the gradient
     of mean_probs): u = -a, Psi = kept_mass - entropy (= sum_k p psi), w = 1 / count (the mean's
     weight), B = expectation (sum_k p_nk b_k; 0 when b is 0, given as None), G . z = 0. All 0 on the

@@ -2,7 +2,7 @@
 and its mean over the batch) and `soft_quantize` (IBQ's index backpropagation: the hard code's value,
 the softmax's gradient). Argument checks, backend dispatch and `torch.library` custom ops as in
 `fastvq.ops.functional` (whose checks they share); neither forward nor backward holds an N x K tensor.
-The math, shared by every backend, is in the docstring of `fastvq.ops.reference_soft`.
+The math, shared by every backend, is in the docstring of `fastvq.ops.chunked_soft`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .backend import backend_module
+from .backend import implementation
 from .common import gather_codes
 from .functional import _check_same_device, _check_tensor, _run, _search_prelude
 
@@ -49,8 +49,8 @@ def _code_entropy_op(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor
                      log_clamp_min: float | None, metric: str, precision: str,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(entropy (H, N), mean_probs (H, K), norm (2, H, N), kept_mass (H, N)), all fp32."""
-    return backend_module(backend).code_entropy(x, codebook, mask, temperature=temperature,
-                                                log_clamp_min=log_clamp_min, metric=metric, precision=precision)
+    return implementation(backend, "code_entropy")(x, codebook, mask, temperature=temperature,
+                                                   log_clamp_min=log_clamp_min, metric=metric, precision=precision)
 
 
 @_code_entropy_op.register_fake
@@ -66,7 +66,7 @@ def _code_entropy_grad_op(x: torch.Tensor, codebook: torch.Tensor, mask: torch.T
                           grad_mean_probs: torch.Tensor | None, temperature: float, log_clamp_min: float | None,
                           metric: str, precision: str, backend: str, x_grad: bool,
                           codebook_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_module(backend).code_entropy_grad(
+    return implementation(backend, "code_entropy_grad")(
         x, codebook, mask, norm, entropy, kept_mass, grad_entropy, grad_mean_probs, temperature=temperature,
         log_clamp_min=log_clamp_min, metric=metric, precision=precision, x_grad=x_grad, codebook_grad=codebook_grad)
 
@@ -88,7 +88,7 @@ def _code_entropy_setup(ctx, inputs, output):
 
 
 def _code_entropy_backward(ctx, grad_entropy, grad_mean_probs, _grad_norm, _grad_kept_mass):
-    """Two streamed passes (fastvq.ops.reference_soft); the mean's pass is skipped when it has no gradient."""
+    """Two streamed passes (fastvq.ops.chunked_soft); the mean's pass is skipped when it has no gradient."""
     x, codebook, mask, norm, entropy, kept_mass = ctx.saved_tensors
     x_grad, codebook_grad = ctx.needs_input_grad[:2]
     if grad_entropy is None and grad_mean_probs is None or not (x_grad or codebook_grad):
@@ -153,8 +153,8 @@ def code_entropy(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float 
 def _soft_quantize_op(x: torch.Tensor, codebook: torch.Tensor, temperature: float, hard: bool, metric: str,
                       precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(quantized (H, N, D) in x's dtype, indices (H, N) int64, norm (2, H, N) fp32, soft values (H, N, D) fp32)."""
-    indices, norm, soft_values = backend_module(backend).soft_quantize(x, codebook, temperature=temperature,
-                                                                       metric=metric, precision=precision)
+    indices, norm, soft_values = implementation(backend, "soft_quantize")(x, codebook, temperature=temperature,
+                                                                          metric=metric, precision=precision)
     value = gather_codes(codebook, indices) if hard else soft_values
     return torch.where((indices < 0)[..., None], x, value.to(x.dtype)), indices, norm, soft_values
 
@@ -170,7 +170,7 @@ def _soft_quantize_grad_op(x: torch.Tensor, codebook: torch.Tensor, indices: tor
                            soft_values: torch.Tensor, grad: torch.Tensor, hard: bool, temperature: float, metric: str,
                            precision: str, backend: str, x_grad: bool,
                            codebook_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_module(backend).soft_quantize_grad(
+    return implementation(backend, "soft_quantize_grad")(
         x, codebook, indices, norm, soft_values, grad, hard=hard, temperature=temperature, metric=metric,
         precision=precision, x_grad=x_grad, codebook_grad=codebook_grad)
 
@@ -190,7 +190,7 @@ def _soft_quantize_setup(ctx, inputs, output):
 
 
 def _soft_quantize_backward(ctx, grad, _grad_indices, _grad_norm, _grad_soft_values):
-    """Streamed as attention's backward with the codebook as keys and values (fastvq.ops.reference_soft)."""
+    """Streamed as attention's backward with the codebook as keys and values (fastvq.ops.chunked_soft)."""
     x, codebook, indices, norm, soft_values = ctx.saved_tensors
     x_grad, codebook_grad = ctx.needs_input_grad[:2]
     if not (x_grad or codebook_grad):

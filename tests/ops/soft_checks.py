@@ -1,7 +1,7 @@
 """What the soft-op tests share: the tolerance rule and the cases.
 
 Tolerance rule (flash-attention's): the ops compute their logits and sums in fp32, so an output's
-largest error against the dense float64 oracle (`fastvq.ops.naive_soft`) must stay within FACTOR
+largest error against the dense float64 oracle (`fastvq.ops.naive`) must stay within FACTOR
 times the largest error of the same dense formulas run in fp32 on the same inputs (PyTorch's own
 fp32 error there), plus a floor of a few fp32 ulps of the output's scale; an output the op returns in
 a 16-bit dtype also gets that dtype's rounding of each value. NaNs must sit exactly where the

@@ -1,5 +1,5 @@
 """code_entropy: the per-token entropy of softmax(logits / T) and its mean over the batch, forward and
-both gradients, against the dense float64 oracle (`fastvq.ops.naive_soft`) on every backend that runs
+both gradients, against the dense float64 oracle (`fastvq.ops.naive`) on every backend that runs
 here (tolerances: tests/ops/soft_checks.py)."""
 
 import pytest
@@ -8,7 +8,7 @@ from conftest import REFERENCE_ON_CPU, backend_cases, needs_vqp
 from soft_checks import CASES, assert_close_to_oracle
 
 import fastvq.ops.functional_soft as F
-from fastvq.ops import naive_soft
+from fastvq.ops import naive
 from fastvq.ops.common import METRICS
 
 TEMPERATURES = [
@@ -33,7 +33,7 @@ def run_and_compare(x, codebook, mask, device, backend, *, grad_entropy=None, gr
     oracle = {}
     for dtype in (torch.float64, torch.float32):
         xo, co = x.detach().to(dtype).requires_grad_(), codebook.detach().to(dtype).requires_grad_()
-        entropy, mean_probs = naive_soft.code_entropy(xo, co, mask, dtype=dtype, **options)
+        entropy, mean_probs = naive.code_entropy(xo, co, mask, dtype=dtype, **options)
         loss = _loss(entropy, mean_probs, grad_entropy.to(dtype), grad_mean_probs.to(dtype))
         oracle[dtype] = (entropy, mean_probs, *torch.autograd.grad(loss, (xo, co)))
     xd, cd = x.detach().to(device).requires_grad_(), codebook.detach().to(device).requires_grad_()

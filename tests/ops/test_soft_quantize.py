@@ -1,5 +1,5 @@
 """soft_quantize (IBQ's index backpropagation: the hard code's value, the softmax's gradient), forward
-and both gradients, against the dense float64 oracle of IBQ's formula (`fastvq.ops.naive_soft`:
+and both gradients, against the dense float64 oracle of IBQ's formula (`fastvq.ops.naive`:
 one_hot = hard - soft.detach() + soft, quantized = one_hot @ codebook) on every backend that runs here
 (tolerances: tests/ops/soft_checks.py)."""
 
@@ -9,7 +9,7 @@ from conftest import REFERENCE_ON_CPU, backend_cases
 from soft_checks import CASES, FACTOR, assert_close_to_oracle
 
 import fastvq.ops.functional_soft as F
-from fastvq.ops import naive_soft
+from fastvq.ops import naive
 from fastvq.ops.common import METRICS
 
 
@@ -17,8 +17,8 @@ def check_indices(x, codebook, indices, metric):
     """indices (H, N) are the argmax of the float64 logits up to fp32 rounding: the chosen logit is
     within the dense fp32 logits' error of the largest, and is the largest where the runner-up is
     farther than that; -1 exactly for tokens with a non-finite entry."""
-    logits64 = naive_soft.logits(x, codebook, metric)
-    logits32 = naive_soft.logits(x, codebook, metric, torch.float32).double()
+    logits64 = naive.logits(x, codebook, metric)
+    logits32 = naive.logits(x, codebook, metric, dtype=torch.float32).double()
     error = FACTOR * (logits32 - logits64).nan_to_num().abs().max()
     finite = x.isfinite().all(-1)
     assert torch.equal(indices < 0, ~finite), "index -1 exactly for the tokens with a non-finite entry"
@@ -44,7 +44,7 @@ def run_and_compare(x, codebook, device, backend, *, hard, metric, temperature):
     oracle = {}
     for dtype in (torch.float64, torch.float32):
         xo, co = x.detach().to(dtype).requires_grad_(), codebook.detach().to(dtype).requires_grad_()
-        want, _ = naive_soft.soft_quantize(xo, co, temperature=temperature, metric=metric, hard=hard, indices=indices,
+        want, _ = naive.soft_quantize(xo, co, temperature=temperature, metric=metric, hard=hard, indices=indices,
                                            dtype=dtype)
         oracle[dtype] = (want, *torch.autograd.grad((want * grad.to(dtype)).sum(), (xo, co)))
     for name, value, want, dense32 in zip(("quantized", "grad_x", "grad_codebook"), got, oracle[torch.float64],

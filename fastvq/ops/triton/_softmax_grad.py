@@ -1,7 +1,7 @@
 """The gradient pass of the soft ops over a codebook (`code_softmax`): kernel and launcher.
 
 As code_cross_entropy's gradient, with other weights: every tile recomputes its logits and
-    dL/dl = p (u (psi - Psi) + w (b - B) + G . c - G . z) / T      (`fastvq.ops.reference_soft`),
+    dL/dl = p (u (psi - Psi) + w (b - B) + G . c - G . z) / T      (`fastvq.ops.chunked_soft`),
 then programs that own tokens stream the codes and accumulate sum_k m c - x sum_k q, or programs that
 own codes stream the tokens and accumulate sum_n m x - c sum_n q (plus sum_n p G_n for the soft value
 path), m and q from `logit_grad_factors`. Splits of the streamed side write partials added in a fixed
@@ -222,7 +222,7 @@ def softmax_grad(x, codebook, bias, norm, coefs, metric, precision, inv_temperat
                  codebook_grad=True):
     """Gradients (fp32) w.r.t. x (H, N, D) and the codebook (Hc, K, D) (empty when not asked for) of
     dL/dl_nk = p_nk (u_n (psi_nk - Psi_n) + w_n (b_k - B_n) + G_n . c_k - G_n . z_n) / T
-    (`fastvq.ops.reference_soft`): coefs (5, H, N) fp32 = (u, Psi, w, B, G . z); the first term only
+    (`fastvq.ops.chunked_soft`): coefs (5, H, N) fp32 = (u, Psi, w, B, G . z); the first term only
     with log_term, the second with b = code_values (H, K), the third with G = grad_values (H, N, D)
     fp32; soft_value_path adds sum_n p_nk G_n to the codebook's. Tokens without gradient: norm's max
     +inf and finite rows of x."""

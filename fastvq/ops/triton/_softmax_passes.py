@@ -1,5 +1,5 @@
 """The streamed passes of the soft ops over a codebook (`code_softmax`): kernels and their launchers.
-None writes an N x K tensor; notation and the gradient's form are in `fastvq.ops.reference_soft`.
+None writes an N x K tensor; notation and the gradient's form are in `fastvq.ops.chunked_soft`.
 
 - `softmax_stats` (programs own tokens, stream the codes of a split): online max m of s = logit / T,
   sum S of exp(s - m) and, for the exact entropy, A = sum exp(s - m)(s - m); or the argmax of the

@@ -1,4 +1,4 @@
-"""Triton twins of `fastvq.ops.reference_soft` (canonical shapes): `code_entropy`, `soft_quantize` and
+"""Triton twins of `fastvq.ops.chunked_soft` (canonical shapes): `code_entropy`, `soft_quantize` and
 their gradients, each a sequence of the streamed passes of `_softmax_passes`.
 
 code_entropy: stats (normaliser, exact entropy) -> [token sums: clamped entropy] -> code sums (mean of p).
@@ -28,7 +28,7 @@ from .code_stats import code_stats
 
 def code_entropy(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | None, *, temperature: float,
                  log_clamp_min: float | None, metric: str = "l2", precision: str = "ieee"):
-    """Triton twin of `fastvq.ops.reference_soft.code_entropy`: (entropy (H, N), mean_probs (H, K), norm
+    """Triton twin of `fastvq.ops.chunked_soft.code_entropy`: (entropy (H, N), mean_probs (H, K), norm
     (2, H, N), kept_mass (H, N)), fp32."""
     precision = interpreted_precision(precision)
     norm = torch.full((2, *x.shape[:2]), float("nan"), device=x.device)
@@ -54,7 +54,7 @@ def code_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tenso
                       grad_mean_probs: torch.Tensor | None, *, temperature: float, log_clamp_min: float | None,
                       metric: str = "l2", precision: str = "ieee", x_grad: bool = True,
                       codebook_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.ops.reference_soft.code_entropy_grad`."""
+    """Triton twin of `fastvq.ops.chunked_soft.code_entropy_grad`."""
     precision = interpreted_precision(precision)
     bias = code_bias(codebook, metric, precision)
     kept = softmax_kept(norm, mask)
@@ -71,7 +71,7 @@ def code_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tenso
 
 def soft_quantize(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, metric: str = "l2",
                   precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.ops.reference_soft.soft_quantize`: (indices (H, N) int64, norm (2, H, N)
+    """Triton twin of `fastvq.ops.chunked_soft.soft_quantize`: (indices (H, N) int64, norm (2, H, N)
     fp32, soft values (H, N, D) fp32)."""
     if not x.shape[1]:
         return (torch.empty(x.shape[:2], dtype=torch.int64, device=x.device),
@@ -88,7 +88,7 @@ def soft_quantize_grad(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
                        soft_values: torch.Tensor, grad: torch.Tensor, *, hard: bool, temperature: float,
                        metric: str = "l2", precision: str = "ieee", x_grad: bool = True,
                        codebook_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.ops.reference_soft.soft_quantize_grad`."""
+    """Triton twin of `fastvq.ops.chunked_soft.soft_quantize_grad`."""
     precision = interpreted_precision(precision)
     kept, x_kept, norm, grad_kept, coefs = soft_quantize_grad_inputs(x, indices, norm, soft_values, grad)
     bias = code_bias(codebook, metric, precision)

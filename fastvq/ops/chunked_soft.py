@@ -1,9 +1,9 @@
 """The soft ops over a codebook on the "torch" backend: `code_entropy`, `soft_quantize` and their
-gradients, in plain PyTorch on the tiles of `fastvq.ops.reference` (the same backend, split in two
+gradients, in plain PyTorch on the tiles of `fastvq.ops.chunked` (the same backend, split in two
 files), never an N x K tensor.
 
-Notation shared by every backend (canonical shapes, see `fastvq.ops.reference`): l_nk the fp32
-logits of `reference._logit_tile`, s = l / T, the normaliser norm (2, H, N) = (m_n = max_k s_nk,
+Notation shared by every backend (canonical shapes, see `fastvq.ops.chunked`): l_nk the fp32
+logits of `chunked._logit_tile`, s = l / T, the normaliser norm (2, H, N) = (m_n = max_k s_nk,
 log S_n = log sum_k exp(s_nk - m_n)), p_nk = exp((s_nk - m_n) - log S_n) (`common.softmax_kept`).
 Both ops' gradients are one streamed computation (`_softmax_grad`): a loss whose derivative w.r.t.
 p_nk is u_n psi_nk + w_n b_k + G_n . c_k, with psi = log(max(p, clamp)) + [p >= clamp] (clamp 0:
@@ -11,7 +11,7 @@ log p + 1), has
     dL/dl_nk = p_nk (u_n (psi_nk - Psi_n) + w_n (b_k - B_n) + G_n . c_k - G_n . z_n) / T,
 where Psi, B and G . z are the per-token expectations under p of psi, b and G . c (each term centred
 on its own, so that a one-hot token's terms cancel exactly, as autograd's p (g - sum p g) does).
-grad_x_n = sum_k dL/dl_nk dl_nk/dx_n, grad_c_k = sum_n dL/dl_nk dl_nk/dc_k (`reference.logit_vjp`),
+grad_x_n = sum_k dL/dl_nk dl_nk/dx_n, grad_c_k = sum_n dL/dl_nk dl_nk/dc_k (`chunked.logit_vjp`),
 plus the value path of `soft_quantize`. The coefficients are one (5, H, N) tensor (u, Psi, w, B,
 G . z): `common.entropy_grad_coefs` for `code_entropy` (b = the gradient of mean_probs, no G);
 `common.soft_quantize_grad_inputs` for `soft_quantize` (G = the gradient of quantized, z its soft
@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from .chunked import _logit_tile, _tiles, code_stats, logit_vjp
 from .common import (
     chosen_code_sums,
     code_bias,
@@ -33,11 +34,10 @@ from .common import (
     soft_quantize_grad_inputs,
     softmax_kept,
 )
-from .reference import _logit_tile, _tiles, code_stats, logit_vjp
 
 
 def _scaled_tiles(x, codebook, metric, precision, inv_temperature):
-    """Yield (h, hc, token slice, rows, code tiles) as `reference._tiles` does, each code tile being
+    """Yield (h, hc, token slice, rows, code tiles) as `chunked._tiles` does, each code tile being
     (k0, codes, code bias, logit, active, s = logit / T)."""
     bias = code_bias(codebook, metric, precision)
     for h, hc, token_slice, rows, code_tiles in _tiles(x, codebook, bias, precision):
