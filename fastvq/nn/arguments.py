@@ -28,9 +28,10 @@ class Spec:
     """What one argument accepts.
 
     kind: "int" (an int, not a bool, in [low, high]), "number" (a finite real number, not a bool,
-    in [low, high]), "choice" (one of `choices`) or "unsupported" (a 1.32.0 argument fastvq does
-    not implement: only `default` is accepted, any other value raises NotImplementedError).
-    optional: None is accepted too. meaning: what the argument is, for error messages and docs.
+    in [low, high]; in (low, high] with positive=True, low 0), "choice" (one of `choices`) or
+    "unsupported" (a 1.32.0 argument fastvq does not implement: only `default` is accepted, any
+    other value raises NotImplementedError). optional: None is accepted too. meaning: what the
+    argument is, for error messages and docs.
     """
 
     kind: str
@@ -40,6 +41,7 @@ class Spec:
     optional: bool = False
     choices: tuple = ()
     default: object = None
+    positive: bool = False
 
     def expected(self) -> str:
         """The accepted values in words: 'an int >= 1', 'a number in [0, 1]', 'None or ...'."""
@@ -49,7 +51,12 @@ class Spec:
             return f"only {self.default!r} (fastvq does not implement other values)"
         else:
             noun = "an int" if self.kind == "int" else "a number"
-            text = f"{noun} >= {self.low:g}" if math.isinf(self.high) else f"{noun} in [{self.low:g}, {self.high:g}]"
+            if self.positive:
+                text = f"{noun} > {self.low:g}"
+            elif math.isinf(self.high):
+                text = f"{noun} >= {self.low:g}"
+            else:
+                text = f"{noun} in [{self.low:g}, {self.high:g}]"
         return f"None or {text}" if self.optional else text
 
     def accepts(self, value) -> bool:
@@ -61,15 +68,15 @@ class Spec:
             return value == self.default
         kind = int if self.kind == "int" else numbers.Real
         return (not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
-                and self.low <= value <= self.high)
+                and self.low <= value <= self.high and not (self.positive and value == self.low))
 
 
 def _int(meaning: str, low: int = 1, **kwargs) -> Spec:
     return Spec("int", meaning, low=low, **kwargs)
 
 
-def _number(meaning: str, high: float = math.inf) -> Spec:
-    return Spec("number", meaning, high=high)
+def _number(meaning: str, high: float = math.inf, positive: bool = False) -> Spec:
+    return Spec("number", meaning, high=high, positive=positive)
 
 
 def _unsupported(default, meaning: str) -> Spec:
@@ -105,6 +112,11 @@ ARGUMENTS: dict[str, Spec] = {
     "quantize_dropout_multiple_of": _int("quantize dropout keeps a multiple of this many stages"),
     "beam_size": _int("paths kept by the beam search over stages in training (None: greedy)", optional=True),
     "eval_beam_size": _int("paths kept by the beam search in eval (None: beam_size)", optional=True),
+    # IBQ
+    "beta": _number("weight of the codebook term of IBQ's quantization loss"),
+    "entropy_temperature": _number("temperature of the softmax of IBQ's entropy loss", positive=True),
+    "sample_minimization_weight": _number("weight of the per-token entropy in IBQ's entropy loss"),
+    "batch_maximization_weight": _number("weight of the batch-mean entropy in IBQ's entropy loss"),
     # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
     "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
     "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from fastvq.nn import Codebook, CodeHead, GroupedResidualVQ, LearnedCodebook, ResidualVQ, VectorQuantize
+from fastvq.nn import IBQ, Codebook, CodeHead, GroupedResidualVQ, LearnedCodebook, ResidualVQ, VectorQuantize
 from fastvq.nn.arguments import ARGUMENTS, check_arguments
 
 
@@ -17,8 +17,8 @@ def accepted_and_rejected(spec):
         return list(spec.choices), ["bogus", None]
     if spec.kind == "unsupported":
         return [spec.default], [object()]
-    good = [spec.low] + ([spec.high] if math.isfinite(spec.high) else [spec.low + 1000])
-    bad = [spec.low - 1, True, "1", float("nan")]
+    good = ([] if spec.positive else [spec.low]) + ([spec.high] if math.isfinite(spec.high) else [spec.low + 1000])
+    bad = [spec.low - 1, True, "1", float("nan")] + ([spec.low] if spec.positive else [])
     if spec.kind == "int":
         bad.append(spec.low + 0.5)
     else:
@@ -56,6 +56,8 @@ def test_each_spec_accepts_its_range_and_names_what_it_expects(name):
     (lambda **kw: CodeHead(8, **kw), "num_codes", 0),
     (lambda **kw: Codebook(4, 16, **kw), "eps", float("inf")),
     (lambda **kw: LearnedCodebook(4, **kw), "codebook_size", 2.0),
+    (lambda **kw: IBQ(8, 16, **kw), "entropy_temperature", 0.0),
+    (lambda **kw: IBQ(8, 16, **kw), "sample_minimization_weight", -0.5),
 ])
 def test_layers_check_their_arguments_through_the_table(build, name, value):
     with pytest.raises((ValueError, NotImplementedError)) as info:

@@ -1,6 +1,7 @@
 """IBQ (TencentARC SEED-Voken `IndexPropagationQuantize` and its `compute_entropy_loss`), written densely
-in float64 as its source reads, against what a layer computes from fastvq's soft ops (`soft_quantize`
-for the value and its gradient, `code_entropy` for the entropy loss, a lookup for the hard code):
+in float64 as its source reads (tests/ibq_checks.py), against what a layer computes from fastvq's soft
+ops (`soft_quantize` for the value and its gradient, `code_entropy` for the entropy loss, a lookup for
+the hard code):
 the quantized value and indices, the three-term quantization loss, the sample and batch entropies,
 the entropy loss, and the gradients to z and the codebook, within 1e-5, at small sizes."""
 
@@ -8,33 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as tF
 from conftest import REFERENCE_ON_CPU, backend_cases
+from ibq_checks import EPS, ibq_reference
 
 import fastvq
 
-BETA, TEMPERATURE, EPS = 0.25, 0.01, 1e-5
-SAMPLE_WEIGHT, BATCH_WEIGHT = 1.0, 1.0
-
-
-def ibq_reference(z, embedding):
-    """SEED-Voken's forward on z (B, D, H, W) with the codebook embedding (K, D), float64: (z_q,
-    indices, quant_loss, sample_entropy, avg_entropy, entropy_loss)."""
-    logits = torch.einsum("bdhw,nd->bnhw", z, embedding)
-    soft_one_hot = tF.softmax(logits, dim=1)
-    ind = soft_one_hot.max(1, keepdim=True)[1]
-    hard_one_hot = torch.zeros_like(logits).scatter_(1, ind, 1.0)
-    one_hot = hard_one_hot - soft_one_hot.detach() + soft_one_hot
-    z_q = torch.einsum("bnhw,nd->bdhw", one_hot, embedding)
-    z_q_2 = torch.einsum("bnhw,nd->bdhw", hard_one_hot, embedding)
-    quant_loss = (torch.mean((z_q - z) ** 2) + torch.mean((z_q_2.detach() - z) ** 2)
-                  + BETA * torch.mean((z_q_2 - z.detach()) ** 2))
-    flat = logits.permute(0, 2, 3, 1).reshape(-1, embedding.shape[0])  # compute_entropy_loss
-    probs = tF.softmax(flat / TEMPERATURE, -1)
-    log_probs = tF.log_softmax(flat / TEMPERATURE + EPS, -1)
-    avg_probs = probs.mean(0)
-    avg_entropy = -torch.sum(avg_probs * torch.log(avg_probs + EPS))
-    sample_entropy = torch.mean(-torch.sum(probs * log_probs, -1))
-    entropy_loss = SAMPLE_WEIGHT * sample_entropy - BATCH_WEIGHT * avg_entropy
-    return z_q, ind.flatten(), quant_loss, sample_entropy, avg_entropy, entropy_loss
+BETA, TEMPERATURE, SAMPLE_WEIGHT, BATCH_WEIGHT = 0.25, 0.01, 1.0, 1.0
 
 
 def ibq_from_ops(z, embedding, backend):
