@@ -91,7 +91,8 @@ class IBQ(TokenQuantizer):
         one_hot @ E to z and to every code; indices int64 shaped as z without its channel dim;
         loss 0-d fp32 = quant_loss (+ entropy_loss), as SEED-Voken computes it in training and eval.
         Masked tokens and tokens with a NaN/inf value get index -1, pass through unchanged and
-        count in no loss, mean or statistic (the means are over the other tokens).
+        count in no loss, mean or statistic (the means are over the other tokens: NaN when there is
+        none, as torch's mean of nothing).
         """
         tokens, layout = to_tokens(z, self.dim, accept_image_fmap=isinstance(z, torch.Tensor) and z.dim() == 4)
         batch, seq = tokens.shape[:2]
