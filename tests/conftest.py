@@ -32,6 +32,14 @@ REFERENCE_ON_CPU = ("torch", "triton", "cuda")
 cross-entropy): testing "cpu" there would rerun the "torch" cases."""
 
 
+def pytest_collection_modifyitems(items):
+    """Mark the tests that run Triton code (`-m triton`): the cases of the Triton backend (ids with
+    "triton") and the sm_90 / sm_80 compile check. CI runs them under each supported triton."""
+    for item in items:
+        if "triton" in item.name or item.path.name == "test_gpu_compile.py":
+            item.add_marker(pytest.mark.triton)
+
+
 def backend_cases(backends=("torch", "triton", "cuda", "cpu")):
     """(device, backend) pairs ("cuda", the CUDA C++ backend, only on CUDA tensors; "cpu", the C++
     CPU backend, only on CPU tensors); a pair that cannot run here is a skip with the reason."""

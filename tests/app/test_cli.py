@@ -45,7 +45,7 @@ from fastvq.app.state import CHECKPOINT, load_model
 from fastvq.app.step import make_optimizers, train_step
 from fastvq.models import VQGAN, VQVAE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VQT = "vector-quantize-pytorch"
 TINY = ["--device", "cpu", "--image-size", "16", "--batch-size", "8", "--num-eval", "4",
         "--set", "channels=32", "--set", "res_channels=8", "--set", "num_res_blocks=1",
