@@ -45,9 +45,10 @@ class CodeStatsArgs(ctypes.Structure):  # kernels/launchers.h
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    library = build(REPO / "tests" / "tools" / "cuda_emulator" / "emulated_kernels.cpp", tmp_path_factory.mktemp("emulated"),
+    emulator = REPO / "tests" / "tools" / "cuda_emulator"
+    library = build(emulator / "emulated_kernels.cpp", tmp_path_factory.mktemp("emulated"),
                     "-std=c++20", "-O1", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
-                    f"-I{REPO / 'tests' / 'tools' / 'cuda_emulator'}")
+                    f"-I{emulator}")
     library.fastvq_emulated_search_splits.restype = I64
     library.fastvq_emulated_mma_calls.restype = ctypes.c_uint64
     library.fastvq_emulated_set_capability.argtypes = [ctypes.c_int]
