@@ -28,7 +28,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 REFERENCE_ON_CPU = ("torch", "triton", "cuda")
-"""Backends to test for an op that the "cpu" backend runs with the reference (code_stats,
+"""Backends to test for an op that the "cpu" backend runs with the torch backend's (code_stats,
 cross-entropy): testing "cpu" there would rerun the "torch" cases."""
 
 
