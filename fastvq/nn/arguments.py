@@ -28,8 +28,9 @@ class Spec:
     """What one argument accepts.
 
     kind: "int" (an int, not a bool, in [low, high]), "number" (a finite real number, not a bool,
-    in [low, high]), "choice" (one of `choices`) or "unsupported" (a 1.32.0 argument fastvq does
-    not implement: only `default` is accepted, any other value raises NotImplementedError).
+    in [low, high]), "ints" (a non-empty list or tuple of such ints), "choice" (one of `choices`) or
+    "unsupported" (a 1.32.0 argument fastvq does not implement: only `default` is accepted, any
+    other value raises NotImplementedError).
     optional: None is accepted too. meaning: what the argument is, for error messages and docs.
     """
 
@@ -48,7 +49,7 @@ class Spec:
         elif self.kind == "unsupported":
             return f"only {self.default!r} (fastvq does not implement other values)"
         else:
-            noun = "an int" if self.kind == "int" else "a number"
+            noun = {"int": "an int", "ints": "a non-empty list of ints", "number": "a number"}[self.kind]
             text = f"{noun} >= {self.low:g}" if math.isinf(self.high) else f"{noun} in [{self.low:g}, {self.high:g}]"
         return f"None or {text}" if self.optional else text
 
@@ -59,7 +60,12 @@ class Spec:
             return value in self.choices
         if self.kind == "unsupported":
             return value == self.default
-        kind = int if self.kind == "int" else numbers.Real
+        if self.kind == "ints":
+            return isinstance(value, (list, tuple)) and len(value) > 0 and all(map(self._accepts_one, value))
+        return self._accepts_one(value)
+
+    def _accepts_one(self, value) -> bool:
+        kind = numbers.Real if self.kind == "number" else int
         return (not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
                 and self.low <= value <= self.high)
 
@@ -82,10 +88,12 @@ ARGUMENTS: dict[str, Spec] = {
     "codebook_size": _int("number of codes K in a codebook"),
     "codebook_dim": _int("size of a code (None: dim, or dim / heads per head)", optional=True),
     "heads": _int("heads a token is split into, each quantized on its own"),
-    "num_codebooks": _int("codebooks of a token quantizer: 1 (shared by every head) or one per head"),
+    "num_codebooks": _int("codebooks of a token quantizer: 1 (shared by every head) or one per head; of a "
+                          "scalar quantizer: groups of len(levels) channels a token is split into"),
     "num_quantizers": _int("residual stages (None: one per entry of a codebook_size tuple)", optional=True),
     "groups": _int("independent residual quantizers, each on dim / groups channels"),
     "num_codes": _int("codes (output classes) of a CodeHead"),
+    "levels": Spec("ints", "quantization levels of each code dimension of a scalar quantizer", low=2),
     # metric
     "metric": Spec("choice", "how tokens and codes are compared", choices=METRICS),
     # the EMA codebook
@@ -105,6 +113,8 @@ ARGUMENTS: dict[str, Spec] = {
     "quantize_dropout_multiple_of": _int("quantize dropout keeps a multiple of this many stages"),
     "beam_size": _int("paths kept by the beam search over stages in training (None: greedy)", optional=True),
     "eval_beam_size": _int("paths kept by the beam search in eval (None: beam_size)", optional=True),
+    # scalar quantizers
+    "noise_dropout": _number("fraction of FSQ code values moved by uniform noise in training", high=1.0),
     # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
     "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
     "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),
