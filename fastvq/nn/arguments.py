@@ -113,8 +113,14 @@ ARGUMENTS: dict[str, Spec] = {
     "quantize_dropout_multiple_of": _int("quantize dropout keeps a multiple of this many stages"),
     "beam_size": _int("paths kept by the beam search over stages in training (None: greedy)", optional=True),
     "eval_beam_size": _int("paths kept by the beam search in eval (None: beam_size)", optional=True),
-    # scalar quantizers
+    # scalar quantizers (FSQ, LatentQuantize, FSP)
     "noise_dropout": _number("fraction of FSQ code values moved by uniform noise in training", high=1.0),
+    "commitment_loss_weight": _number("weight of LatentQuantize's commitment loss"),
+    "quantization_loss_weight": _number("weight of LatentQuantize's quantization loss"),
+    "quantize_rate": _number("fraction of FSP values quantized in training (the rest perturbed)", high=1.0),
+    "act_name": Spec("choice", "FSP's CDF activation", choices=("tanh", "sigmoid", "normal", "laplace", "cauchy")),
+    "vector_norm": Spec("choice", "FSP's preset of moment targets for its norm loss",
+                        choices=("none", "var", "kurt", "var_tanh", "var_sigmoid", "var_laplace")),
     # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
     "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
     "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),
