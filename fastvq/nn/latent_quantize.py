@@ -5,9 +5,9 @@ state_dict keys.
 Each code dimension i has its own values (a learnable `values_per_latent[i]` of levels[i] values in
 [-0.5, 0.5]); a latent takes the nearest value per dimension. fastvq takes the level index from that
 search (the first nearest on ties) and the index from the level indices by int64 arithmetic, and
-decodes from `values_per_latent`; 1.32.0 truncates a float sum of the straight-through output
-(wrong for about 4-8 % of the tokens with levels such as [3, 6, 9] or [10, 12]) and decodes from a
-fixed grid. Both are exact where 1.32.0 is (levels whose values are dyadic, e.g. [5, 5, 8]).
+decodes from `values_per_latent`. 1.32.0 maps the chosen values back through the grid the values
+started on and truncates a float sum: the same indices while the values are that grid, wrong
+indices (and decodes that are not its output) once the values have moved.
 """
 
 from __future__ import annotations

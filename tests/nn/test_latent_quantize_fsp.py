@@ -1,7 +1,7 @@
 """fastvq.LatentQuantize and fastvq.FSP against vector-quantize-pytorch 1.32.0 (the anchor), by the
 protocol of scalar_checks (training steps within 1e-5, eval bit-identical), then what fastvq does
-where 1.32.0 loses codes: exact indices for levels whose values are not dyadic (LatentQuantize) and
-for bf16 inputs (FSP)."""
+where 1.32.0 loses codes: indices of the values LatentQuantize chose once they have moved, and
+exact indices for bf16 inputs (FSP)."""
 
 import pytest
 import torch
@@ -53,9 +53,15 @@ def test_training_steps_and_eval_match_anchor(config):
 
 
 def test_latent_quantize_indices_are_the_nearest_values_for_any_levels():
-    """levels [3, 6, 9]: values such as 1/6 are not exact in binary; every index decodes to the
-    values nearest to the projected input (checked against a float64 search), and back."""
+    """levels [3, 6, 9] with values moved off their initial grid (as training moves them): every
+    index is that of the values nearest to the input (a float64 search) and decodes to the output.
+    1.32.0 indexes through the initial grid: its indices differ and do not decode to its output."""
+    anchor = anchor_module.LatentQuantize(levels=[3, 6, 9], dim=3).eval()
+    with torch.no_grad():
+        for values in anchor.values_per_latent:
+            values.add_(0.03 * torch.randn_like(values))
     lq = LatentQuantize(levels=[3, 6, 9], dim=3).eval()
+    lq.load_state_dict(anchor.state_dict())
     z = torch.rand(4, 3, 400) - 0.5
     out, indices, loss = lq(z)
     values = [v.detach().double() for v in lq.values]
@@ -64,6 +70,10 @@ def test_latent_quantize_indices_are_the_nearest_values_for_any_levels():
     assert torch.equal(indices.long(), expected) and float(loss) == 0.0
     assert torch.equal(lq.indices_to_codes(indices), out)
     assert torch.equal(lq.codes_to_indices(out.movedim(1, -1)), indices)
+    anchor_out, anchor_indices, _ = anchor(z)
+    assert torch.allclose(anchor_out, out, atol=1e-6)
+    assert (anchor_indices != indices).float().mean() > 0.2
+    assert not torch.allclose(anchor.indices_to_codes(anchor_indices), anchor_out, atol=1e-3)
 
 
 def test_fsp_bf16_inputs_give_the_indices_of_their_fp32_values():
