@@ -5,6 +5,8 @@ ops (what a call does):
     train   -- one training step of a VQ layer (forward, backward, codebook update) on x (1, N, D)
                with a random upstream gradient;
     residual -- the same for a residual quantizer of `stages` stages (EnCodec / DAC shapes);
+    fsq     -- forward and backward of a scalar quantizer of the shape's `levels` on x (1, N, D): FSQ
+               (one stage, one group), ResidualFSQ (`stages`) or GroupedResidualFSQ (`groups`);
     head    -- a prior's output layer over K codes: mean cross-entropy of (N, D) hidden states against
                targets, forward and backward (fastvq's CodeHead against nn.Linear + F.cross_entropy);
     scaling -- the scaling figure at fixed N and D against K: the search (fastvq's C++ CPU kernel,
@@ -58,7 +60,7 @@ except Exception as err:  # not installed, or its triton import failed
     FLASH_KMEANS_MISSING = f"flash-kmeans==0.3.1 not importable ({err})"
 
 DTYPES = (torch.float32, torch.bfloat16)
-TRAIN_OPS = ("train", "residual")  # ops whose inputs are (x (1, N, D) requiring grad, upstream gradient)
+TRAIN_OPS = ("train", "residual", "fsq")  # ops whose inputs are (x (1, N, D) requiring grad, upstream gradient)
 EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
 TAMING_BETA = 0.25
 TAMING_LR = 1e-4
@@ -71,7 +73,8 @@ limit); above it the record says oom, not run, with the estimate."""
 class Shape:
     """One benchmark shape: N tokens, K codes, D dimensions, the input dtypes it runs in, whether
     the device's matrix runs it without being named in --shapes, and the ops it is measured on;
-    residual shapes also give the stages and the codebook dim (projections from D when set)."""
+    residual shapes also give the stages and the codebook dim (projections from D when set); fsq
+    shapes give the levels (K = their product), the stages and the groups."""
 
     name: str
     n: int
@@ -82,13 +85,16 @@ class Shape:
     ops: tuple[str, ...] = ("search", "train")
     stages: int = 1
     codebook_dim: int | None = None
+    levels: tuple[int, ...] = ()
+    groups: int = 1
 
 
 @dataclass(frozen=True)
 class Impl:
     """One competitor. `setup(shape, dtype, device)` returns the callable to time, fed by the
     inputs of `op` (see `make_inputs`). `nk_bytes`: peak extra bytes per (token, code) pair, for the
-    out-of-memory estimate made before running. `why_not(device)`: '' or why it cannot run there."""
+    out-of-memory estimate made before running; `k_bytes`: bytes per code (and stage and group) that
+    do not depend on N (an implicit codebook). `why_not(device)`: '' or why it cannot run there."""
 
     name: str
     op: str
@@ -97,6 +103,7 @@ class Impl:
     dtypes: tuple[torch.dtype, ...] = DTYPES
     precision: str | None = None
     nk_bytes: float = 0.0
+    k_bytes: float = 0.0
     why_not: Callable[[torch.device], str] = lambda device: ""
     compiles: bool = False  # pays a long first-call compilation (skipped by --quick)
 
@@ -281,6 +288,28 @@ def _residual_layer(cls_of: Callable[[], type], **kwargs):
     return setup
 
 
+def _scalar_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    """Forward and backward of a scalar quantizer (no loss, nothing to update)."""
+    x.grad = None
+    layer(x)[0].backward(grad)
+
+
+def _scalar_layer(module_of: Callable[[], object]):
+    """The scalar quantizer of an fsq shape from `module_of()` (fastvq or vector_quantize_pytorch), its
+    projections in the input dtype (a bf16 model)."""
+    def setup(shape, dtype, device):
+        module, levels = module_of(), list(shape.levels)
+        if shape.groups > 1:
+            layer = module.GroupedResidualFSQ(dim=shape.d, groups=shape.groups, levels=levels,
+                                              num_quantizers=shape.stages)
+        elif shape.stages > 1:
+            layer = module.ResidualFSQ(dim=shape.d, levels=levels, num_quantizers=shape.stages)
+        else:
+            layer = module.FSQ(levels=levels, dim=shape.d)
+        return functools.partial(_scalar_step, layer.to(device=device, dtype=dtype).train())
+    return setup
+
+
 def _head(make: Callable[[Shape, torch.device], Callable]):
     """Loss + backward of an output layer over K codes; make(shape, device) -> loss(hidden, targets)."""
     def setup(shape, dtype, device):
@@ -402,6 +431,11 @@ IMPLS: list[Impl] = [
     Impl("fastvq-rvq[torch]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="torch")),
     Impl("vqp-rvq", "residual", "alternative", _residual_layer(lambda: vector_quantize_pytorch.ResidualVQ),
          nk_bytes=8, why_not=_VQP),  # nk_bytes per stage: measured 3.4 GiB at 8 x 65536 x 1024
+    Impl("fastvq-fsq", "fsq", "fastvq", _scalar_layer(lambda: fastvq)),
+    # 1.32.0 builds arange(K) int64, (K, d) int64 level indices and a (K, d) fp32 codebook per stage in
+    # its constructor: 8 + 12 d bytes a code, bounded here for d <= 16
+    Impl("vqp-fsq", "fsq", "alternative", _scalar_layer(lambda: vector_quantize_pytorch), k_bytes=8 + 12 * 16,
+         why_not=_VQP),
     Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
     Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),
     Impl("linear+cross_entropy", "head", "alternative", _head(_linear_head), nk_bytes=12),
@@ -423,6 +457,8 @@ CEILINGS: list[Impl] = [
 
 
 def estimate_bytes(impl: Impl, shape: Shape, dtype: torch.dtype, copies: int) -> int:
-    """Rough peak memory of one measurement: inputs, N x K temporaries (per stage), 1 GiB for the rest."""
+    """Rough peak memory of one measurement: inputs, N x K temporaries and K-sized tables (per stage
+    and group), 1 GiB for the rest."""
     inputs = copies * input_bytes(impl.op, shape, dtype)
-    return inputs + math.ceil(impl.nk_bytes * shape.n * shape.k * shape.stages) + (1 << 30)
+    per_code = impl.nk_bytes * shape.n + impl.k_bytes
+    return inputs + math.ceil(per_code * shape.k * shape.stages * shape.groups) + (1 << 30)

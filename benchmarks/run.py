@@ -53,6 +53,19 @@ def residual_shapes(frames: int) -> list[Shape]:
         Shape("dac-9q", frames, 1024, 1024, FP32, ops=("residual",), stages=9, codebook_dim=8)]
 
 
+def fsq_shapes(frames: int) -> list[Shape]:
+    """Scalar quantizers over `frames` tokens: FSQ [8, 5, 5, 5] from D = 64 (the FSQ paper's 1000
+    codes), 8-stage ResidualFSQ, fish-speech's GroupedResidualFSQ (D = 512, 8 groups of one stage
+    [8, 5, 5, 5]), ChatTTS's DVAE (D = 1024, 2 groups of 2 stages [5, 5, 5, 5]), and FSQ [4] * 16
+    (2^32 codes, whose implicit codebook 1.32.0 builds in its constructor)."""
+    fsq = dict(ops=("fsq",))
+    return [Shape("fsq-8555", frames, 1000, 64, levels=(8, 5, 5, 5), **fsq),
+            Shape("rfsq-8q", frames, 1000, 64, FP32, levels=(8, 5, 5, 5), stages=8, **fsq),
+            Shape("fish-speech-grfsq", frames, 1000, 512, levels=(8, 5, 5, 5), groups=8, **fsq),
+            Shape("chattts-grfsq", frames, 625, 1024, FP32, levels=(5, 5, 5, 5), stages=2, groups=2, **fsq),
+            Shape("fsq-4x16", frames, 4**16, 16, FP32, levels=(4,) * 16, **fsq)]
+
+
 def head_shapes(positions: int) -> list[Shape]:
     """A prior's output layer (width 256) over `positions` code positions and K = 1k, 16k, 262k codes."""
     return [Shape(f"head-{k >> 10}k", positions, k, 256, FP32, ops=("head",)) for k in (1024, 16384, 262144)]
@@ -72,6 +85,7 @@ SHAPES = {
         Shape("large-codebook", 16384, 262144, 32),
         Shape("small-n", 1024, 262144, 32),
         *residual_shapes(65536),
+        *fsq_shapes(65536),
         *head_shapes(16384),
     ],
     "cpu": [
@@ -82,12 +96,14 @@ SHAPES = {
         # the N x K peers need 4-12 GiB and ~10-50 s a call here: only when named in --shapes
         Shape("large-cpu", 65536, 16384, 32, FP32, default=False),
         *residual_shapes(8192),
+        *fsq_shapes(16384),
         *head_shapes(4096),
         *scaling_shapes(16384, 32, (1024, 4096, 16384, 65536, 262144)),
     ],
     "quick": [Shape("tiny", 2048, 256, 16, FP32),
               Shape("tiny-rvq", 2048, 256, 16, FP32, ops=("residual",), stages=3, codebook_dim=8),
               Shape("tiny-head", 512, 2048, 32, FP32, ops=("head",)),
+              Shape("tiny-grfsq", 2048, 1000, 16, FP32, ops=("fsq",), levels=(8, 5, 5, 5), stages=2, groups=2),
               *scaling_shapes(512, 16, (256, 1024))],
 }
 # square matmul (N = K = D) and copy (N x D fp32) for the measured ceilings
@@ -119,7 +135,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
     parser.add_argument("--out", help="parent folder of the <device>-<date> results folder (default: "
                         "benchmarks/results, or the git-ignored benchmarks/scratch with --quick)")
-    parser.add_argument("--only", choices=("search", "train", "residual", "head", "scaling"),
+    parser.add_argument("--only", choices=("search", "train", "residual", "fsq", "head", "scaling"),
                         help="only this op (ceilings always run)")
     parser.add_argument("--shapes", help="comma-separated shape names of the device's matrix (also runs "
                         "shapes left out by default, e.g. large-cpu)")
@@ -278,7 +294,8 @@ def run_one(impl: Impl, shape: Shape, dtype: torch.dtype, settings: Settings, me
     device = settings.device
     copies = rotation_copies(impl, shape, dtype, device)
     record = dict(meta, op=impl.op, impl=impl.name, role=impl.role, shape=shape.name, N=shape.n, K=shape.k,
-                  D=shape.d, stages=shape.stages, codebook_dim=shape.codebook_dim,
+                  D=shape.d, stages=shape.stages, codebook_dim=shape.codebook_dim, levels=list(shape.levels) or None,
+                  groups=shape.groups,
                   dtype=str(dtype).removeprefix("torch."), precision=impl.precision, copies=copies,
                   median_ms=None, p20_ms=None, p80_ms=None, reps=0, peak_mem_bytes=None)
     estimate = impls.estimate_bytes(impl, shape, dtype, copies)

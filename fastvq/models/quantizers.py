@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvq.nn import VectorQuantize
+from fastvq.nn import FSQ, VectorQuantize
 
-QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming")
+QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming", "fsq")
+FSQ_LEVEL_RANGE = (3, 8)
+"""Levels `fsq_levels` picks from: the FSQ paper's recommended levels are 5 to 8 (its table
+A.4.1: [8, 5, 5, 5] for about 2^10 codes); 2 would need preserve_symmetry."""
 
 
 class TamingQuantizer(nn.Module):
@@ -54,6 +57,45 @@ class TamingQuantizer(nn.Module):
         return self.embedding(indices)
 
 
+def fsq_levels(codebook_size: int) -> list[int]:
+    """FSQ levels whose product is exactly ``codebook_size``: the fewest levels in FSQ_LEVEL_RANGE,
+    and of those the most even (largest first), e.g. 512 -> [8, 8, 8], 1000 -> [8, 5, 5, 5],
+    1024 -> [8, 8, 4, 4]. ValueError when there is none (a prime above 8, a factor 2 alone ...)."""
+    low, high = FSQ_LEVEL_RANGE
+
+    def splits(n: int, parts: int, largest: int) -> list[list[int]]:
+        if parts == 0:
+            return [[]] if n == 1 else []
+        return [[f, *rest] for f in range(min(largest, n), low - 1, -1) if n % f == 0
+                for rest in splits(n // f, parts - 1, f)]
+
+    if isinstance(codebook_size, int) and codebook_size >= low:
+        for parts in range(1, codebook_size.bit_length()):
+            if found := splits(codebook_size, parts, high):
+                return min(found, key=lambda levels: (levels[0] - levels[-1], [-f for f in levels]))
+    raise ValueError(f"quantizer 'fsq' needs a codebook_size that is a product of levels in [{low}, {high}], got "
+                     f"{codebook_size!r}; for example 512 ([8, 8, 8]), 1000 ([8, 5, 5, 5]) or 4096 ([8, 8, 8, 8])")
+
+
+class FSQQuantizer(nn.Module):
+    """`fastvq.nn.FSQ` in the models' calling convention: levels `fsq_levels(codebook_size)`, a
+    projection from ``dim`` channels to len(levels) and back. No codebook is learned and there is
+    no quantizer loss (it is a 0-d zero); the gradient passes straight through the rounding."""
+
+    def __init__(self, dim: int, codebook_size: int):
+        super().__init__()
+        self.fsq = FSQ(fsq_levels(codebook_size), dim=dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, D) -> quantized (B, N, D) like x, indices (B, N) int64, loss () float32 (zero)."""
+        quantized, indices = self.fsq(x)
+        return quantized, indices.long(), torch.zeros((), device=x.device)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (B, N) int -> codes (B, N, D) float32."""
+        return self.fsq.indices_to_codes(indices)
+
+
 def make_quantizer(
     name: str,
     dim: int,
@@ -69,8 +111,12 @@ def make_quantizer(
 
     'fastvq' and 'vector-quantize-pytorch' are EMA-codebook ``VectorQuantize`` layers given the
     same explicit arguments; 'taming' is a learnable codebook (no EMA, k-means init, dead-code
-    replacement or rotation trick).
+    replacement or rotation trick); 'fsq' is `FSQQuantizer`, which has no codebook to learn: the
+    codebook settings (decay, commitment_weight, rotation_trick, kmeans_init,
+    threshold_ema_dead_code) do not apply to it and are not used.
     """
+    if name == "fsq":
+        return FSQQuantizer(dim, codebook_size)
     if name == "taming":
         unsupported = {
             "rotation_trick": rotation_trick,

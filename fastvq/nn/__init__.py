@@ -3,14 +3,21 @@ vector-quantize-pytorch 1.32.0), `IBQ` (index backpropagation over a learned cod
 ops) and `CodeHead` (an output layer over codes without logits), built on
 the token-level core `TokenQuantizer` (quantize, decode, statistics, health on canonical tokens
 (H, N, D)) and its codebooks: the EMA `Codebook` (k-means init, dead codes) and `LearnedCodebook`
-(a parameter trained by gradient descent). See docs/layers.md."""
+(a parameter trained by gradient descent). The scalar quantizers, drop-ins for 1.32.0's too, need no
+codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize` and `FSP`. See docs/layers.md and
+docs/quantizers.md."""
 
 from .code_head import CodeHead
 from .codebook import Codebook
+from .fsp import FSP
+from .fsq import FSQ
 from .ibq import IBQ, IBQLossBreakdown
+from .latent_quantize import LatentQuantize
+from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .token_quantizer import LearnedCodebook, TokenCodes, TokenQuantizer
 from .vector_quantize import LossBreakdown, VectorQuantize
 
-__all__ = ["CodeHead", "Codebook", "GroupedResidualVQ", "IBQ", "IBQLossBreakdown", "LearnedCodebook", "LossBreakdown",
-           "ResidualVQ", "TokenCodes", "TokenQuantizer", "VectorQuantize"]
+__all__ = ["CodeHead", "Codebook", "FSP", "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "IBQ", "IBQLossBreakdown",
+           "LatentQuantize", "LearnedCodebook", "LossBreakdown", "ResidualFSQ", "ResidualVQ", "TokenCodes",
+           "TokenQuantizer", "VectorQuantize"]

@@ -28,10 +28,10 @@ class Spec:
     """What one argument accepts.
 
     kind: "int" (an int, not a bool, in [low, high]), "number" (a finite real number, not a bool,
-    in [low, high]; in (low, high] with positive=True, low 0), "choice" (one of `choices`) or
-    "unsupported" (a 1.32.0 argument fastvq does not implement: only `default` is accepted, any
-    other value raises NotImplementedError). optional: None is accepted too. meaning: what the
-    argument is, for error messages and docs.
+    in [low, high]; in (low, high] with positive=True, low 0), "ints" (a non-empty list or tuple of
+    such ints), "choice" (one of `choices`) or "unsupported" (a 1.32.0 argument fastvq does not
+    implement: only `default` is accepted, any other value raises NotImplementedError). optional: None
+    is accepted too. meaning: what the argument is, for error messages and docs.
     """
 
     kind: str
@@ -50,7 +50,7 @@ class Spec:
         elif self.kind == "unsupported":
             return f"only {self.default!r} (fastvq does not implement other values)"
         else:
-            noun = "an int" if self.kind == "int" else "a number"
+            noun = {"int": "an int", "ints": "a non-empty list of ints", "number": "a number"}[self.kind]
             if self.positive:
                 text = f"{noun} > {self.low:g}"
             elif math.isinf(self.high):
@@ -66,7 +66,12 @@ class Spec:
             return value in self.choices
         if self.kind == "unsupported":
             return value == self.default
-        kind = int if self.kind == "int" else numbers.Real
+        if self.kind == "ints":
+            return isinstance(value, (list, tuple)) and len(value) > 0 and all(map(self._accepts_one, value))
+        return self._accepts_one(value)
+
+    def _accepts_one(self, value) -> bool:
+        kind = numbers.Real if self.kind == "number" else int
         return (not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
                 and self.low <= value <= self.high and not (self.positive and value == self.low))
 
@@ -89,10 +94,12 @@ ARGUMENTS: dict[str, Spec] = {
     "codebook_size": _int("number of codes K in a codebook"),
     "codebook_dim": _int("size of a code (None: dim, or dim / heads per head)", optional=True),
     "heads": _int("heads a token is split into, each quantized on its own"),
-    "num_codebooks": _int("codebooks of a token quantizer: 1 (shared by every head) or one per head"),
+    "num_codebooks": _int("codebooks of a token quantizer: 1 (shared by every head) or one per head; of a "
+                          "scalar quantizer: groups of len(levels) channels a token is split into"),
     "num_quantizers": _int("residual stages (None: one per entry of a codebook_size tuple)", optional=True),
     "groups": _int("independent residual quantizers, each on dim / groups channels"),
     "num_codes": _int("codes (output classes) of a CodeHead"),
+    "levels": Spec("ints", "quantization levels of each code dimension of a scalar quantizer", low=2),
     # metric
     "metric": Spec("choice", "how tokens and codes are compared", choices=METRICS),
     # the EMA codebook
@@ -117,6 +124,14 @@ ARGUMENTS: dict[str, Spec] = {
     "entropy_temperature": _number("temperature of the softmax of IBQ's entropy loss", positive=True),
     "sample_minimization_weight": _number("weight of the per-token entropy in IBQ's entropy loss"),
     "batch_maximization_weight": _number("weight of the batch-mean entropy in IBQ's entropy loss"),
+    # scalar quantizers (FSQ, LatentQuantize, FSP)
+    "noise_dropout": _number("fraction of FSQ code values moved by uniform noise in training", high=1.0),
+    "commitment_loss_weight": _number("weight of LatentQuantize's commitment loss"),
+    "quantization_loss_weight": _number("weight of LatentQuantize's quantization loss"),
+    "quantize_rate": _number("fraction of FSP values quantized in training (the rest perturbed)", high=1.0),
+    "act_name": Spec("choice", "FSP's CDF activation", choices=("tanh", "sigmoid", "normal", "laplace", "cauchy")),
+    "vector_norm": Spec("choice", "FSP's preset of moment targets for its norm loss",
+                        choices=("none", "var", "kurt", "var_tanh", "var_sigmoid", "var_laplace")),
     # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
     "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
     "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),

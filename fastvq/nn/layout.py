@@ -83,3 +83,19 @@ def sequence_mask(mask, lens, layout: Layout, batch: int, seq: int) -> torch.Ten
 def expand_like(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """mask (B, S) broadcast to t (B, S, ...)."""
     return mask.reshape(*mask.shape, *([1] * (t.dim() - 2))).expand_as(t)
+
+
+def channels_last(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Channel-first x (B, C, ...) -> tokens (B, S, C) (S = the product of the trailing dims, 1 for
+    (B, C)) and those trailing dims, for `channels_first` to restore."""
+    return x.flatten(2).transpose(1, 2) if x.dim() > 2 else x.unsqueeze(1), tuple(x.shape[2:])
+
+
+def channels_first(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """(B, S, C) -> (B, C, *spatial), the inverse of `channels_last` (spatial () gives (B, C))."""
+    return t.movedim(-1, 1).reshape(t.shape[0], t.shape[-1], *spatial)
+
+
+def token_values(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Per-token values (B, S, ...) -> (B, *spatial, ...), the token layout of `channels_last`'s input."""
+    return t.reshape(t.shape[0], *spatial, *t.shape[2:])

@@ -36,6 +36,18 @@ def synced_seed(device: torch.device, high: int = 10_000) -> int:
     return int(seed.item())
 
 
+def last_stage(num_quantizers: int, dropout: bool, fixed_seed: int | None, device: torch.device, cutoff_index: int,
+               multiple_of: int) -> int:
+    """The last stage a residual quantizer runs: with quantize dropout (in training) a random one in
+    [cutoff_index, num_quantizers), rounded up to end a multiple of `multiple_of` stages, as 1.32.0
+    (from `random.Random(seed)`, the seed drawn by `synced_seed` unless given); else the last."""
+    if not dropout:
+        return num_quantizers - 1
+    seed = synced_seed(device) if fixed_seed is None else fixed_seed
+    last = random.Random(seed).randrange(cutoff_index, num_quantizers)
+    return last if multiple_of == 1 else math.ceil((last + 1) / multiple_of) * multiple_of - 1
+
+
 class ResidualVQ(nn.Module):
     """Residual vector quantization (Zeghidour et al. 2021, arXiv:2107.03312, algorithm 1);
     arguments as vector-quantize-pytorch 1.32.0, the rest passed to each stage's `VectorQuantize`.
@@ -161,7 +173,9 @@ class ResidualVQ(nn.Module):
             return self._teacher_forced(tokens, z, mask, indices, layout, stage_kwargs)
         check_arguments(beam_size=beam_size)
         beam = beam_size or (self.beam_size if self.training else self.eval_beam_size)
-        last = self._last_stage(rand_quantize_dropout_fixed_seed, x.device)
+        dropout = self.training and self.quantize_dropout
+        last = last_stage(self.num_quantizers, dropout, rand_quantize_dropout_fixed_seed, x.device,
+                          self.quantize_dropout_cutoff_index, self.quantize_dropout_multiple_of)
         if beam is not None and beam > 1:
             quantized, idx, losses, inputs = self._beam_search(z, mask, beam, last, stage_kwargs)
         else:
@@ -179,16 +193,6 @@ class ResidualVQ(nn.Module):
         if not return_all_codes:
             return out, idx, losses
         return out, idx, losses, self.get_codes_from_indices(idx)
-
-    def _last_stage(self, fixed_seed, device: torch.device) -> int:
-        """The last stage to run: a random one with quantize dropout in training (as 1.32.0, from
-        `random.Random(seed)`, the seed drawn from the device generator unless given), else the last."""
-        if not (self.training and self.quantize_dropout):
-            return self.num_quantizers - 1
-        seed = synced_seed(device) if fixed_seed is None else fixed_seed
-        last = random.Random(seed).randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
-        multiple = self.quantize_dropout_multiple_of
-        return last if multiple == 1 else math.ceil((last + 1) / multiple) * multiple - 1
 
     def _greedy(self, z, mask, last, stage_kwargs):
         """Stages 0..last on z (B, S, codebook_dim): quantized sum, indices (B, S, stages), losses

@@ -7,7 +7,16 @@ import re
 import pytest
 import torch
 
-from fastvq.nn import IBQ, Codebook, CodeHead, GroupedResidualVQ, LearnedCodebook, ResidualVQ, VectorQuantize
+from fastvq.nn import (
+    FSQ,
+    IBQ,
+    Codebook,
+    CodeHead,
+    GroupedResidualVQ,
+    LearnedCodebook,
+    ResidualVQ,
+    VectorQuantize,
+)
 from fastvq.nn.arguments import ARGUMENTS, check_arguments
 
 
@@ -17,6 +26,9 @@ def accepted_and_rejected(spec):
         return list(spec.choices), ["bogus", None]
     if spec.kind == "unsupported":
         return [spec.default], [object()]
+    if spec.kind == "ints":
+        low = int(spec.low)
+        return [[low], [low, low + 1000], (low, low)], [[], [low - 1], [True], [low + 0.5], low, "1", None]
     good = ([] if spec.positive else [spec.low]) + ([spec.high] if math.isfinite(spec.high) else [spec.low + 1000])
     bad = [spec.low - 1, True, "1", float("nan")] + ([spec.low] if spec.positive else [])
     if spec.kind == "int":
@@ -58,6 +70,8 @@ def test_each_spec_accepts_its_range_and_names_what_it_expects(name):
     (lambda **kw: LearnedCodebook(4, **kw), "codebook_size", 2.0),
     (lambda **kw: IBQ(8, 16, **kw), "entropy_temperature", 0.0),
     (lambda **kw: IBQ(8, 16, **kw), "sample_minimization_weight", -0.5),
+    (lambda **kw: FSQ(**{"levels": [8, 5], **kw}), "levels", [8, 1]),
+    (lambda **kw: FSQ([8, 5], preserve_symmetry=True, **kw), "noise_dropout", 1.5),
 ])
 def test_layers_check_their_arguments_through_the_table(build, name, value):
     with pytest.raises((ValueError, NotImplementedError)) as info:

@@ -3,15 +3,18 @@
     PYTHONPATH=tests/tools python -m pytest -p vqp_swap -p no:cacheprovider PATH/TO/vector-quantize-pytorch/tests
 
 Every class that `vector_quantize_pytorch` exports and `fastvq` (or `fastvq.nn`) also defines is
-swapped in the package's namespace before the test modules import it (`from vector_quantize_pytorch
-import X` then gets fastvq's X); the classes fastvq lacks stay vector-quantize-pytorch's, and the
-header of the run lists both. The upstream tests are not part of this repository: fetch them from
-the package's source repository (the README of docs/testing.md says which snapshot was used).
+swapped in the package's namespace and in the submodule that defines it before the test modules
+import it (`from vector_quantize_pytorch import X` and `from vector_quantize_pytorch.<module> import
+X` then get fastvq's X; what vector-quantize-pytorch's own modules imported before stays theirs);
+the classes fastvq lacks stay vector-quantize-pytorch's, and the header of the run lists both. The
+upstream tests are not part of this repository: fetch them from the package's source repository
+(the README of docs/testing.md says which snapshot was used).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 
 def swapped_classes() -> tuple[list[str], list[str]]:
@@ -23,9 +26,13 @@ def swapped_classes() -> tuple[list[str], list[str]]:
         replacement = next((getattr(module, name) for module in ours if hasattr(module, name)), None)
         if replacement is None:
             kept.append(name)
-        else:
-            setattr(upstream, name, replacement)
-            swapped.append(name)
+            continue
+        original = getattr(upstream, name)
+        defining = sys.modules.get(getattr(original, "__module__", ""))
+        if defining is not None and getattr(defining, name, None) is original:
+            setattr(defining, name, replacement)
+        setattr(upstream, name, replacement)
+        swapped.append(name)
     return swapped, kept
 
 
