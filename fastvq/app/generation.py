@@ -29,6 +29,7 @@ from .errors import SettingError
 from .evaluation import encode_images
 from .generators import Generator
 from .progress import Progress
+from .settings import check_setting
 from .state import load_model
 
 WARMUP_STEPS = 100
@@ -260,6 +261,7 @@ def sample_images(generator: Generator, num: int, *, batch_size: int = 64, label
     for name, value in (("num", num), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingError("{%s} must be an int >= 1, got {value!r}" % name, value=value)
+    check_setting("seed", seed)  # the batches' seeds below stay under 2^63
     if label is None:
         labels = balanced_labels(num, len(generator.class_names))
     else:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import distributed, report
-from .config import RunConfig
+from .config import RunConfig, check_run_config
 from .device import now, peak_memory_mib, resolve_device, torch_threads
 from .errors import SettingError
 from .progress import Progress
@@ -177,8 +177,10 @@ OPTIONAL_COUNTS = frozenset({"eval_every", "max_images"})
 
 
 def check_settings(config: RunConfig, task_type: type[TrainingTask]) -> None:
-    """Raise SettingError naming the first unusable setting: a count below 1, a negative number
-    of workers, then the task's own checks."""
+    """Raise SettingError naming the first unusable setting: a setting of the wrong type or out of
+    range (`fastvq.app.config.check_run_config`), a count below 1, a negative number of workers,
+    then the task's own checks."""
+    check_run_config(config, training=True)
     for name in COUNT_SETTINGS:
         value = getattr(config, name)
         if value is None and name in OPTIONAL_COUNTS | task_type.optional:
