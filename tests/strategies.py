@@ -67,6 +67,11 @@ class SearchCase:
     codebook: torch.Tensor
     layout: str
 
+    def on(self, device: str) -> SearchCase:
+        """The same case on `device`, in the same layout."""
+        return dataclasses.replace(self, x=strided(self.x.contiguous().to(device), self.layout, transpose=False),
+                                   codebook=strided(self.codebook.contiguous().to(device), self.layout, transpose=True))
+
     @property
     def x3(self) -> torch.Tensor:
         """x as (H, N, D)."""
@@ -85,7 +90,7 @@ def strided(t: torch.Tensor, layout: str, transpose: bool) -> torch.Tensor:
         return t
     if transpose:
         return t.mT.contiguous().mT
-    wide = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], t.shape[-1] + 1, dtype=t.dtype)
+    wide = torch.zeros(*t.shape[:-2], 2 * t.shape[-2], t.shape[-1] + 1, dtype=t.dtype, device=t.device)
     wide[..., ::2, 1:] = t
     return wide[..., ::2, 1:]
 
@@ -202,6 +207,13 @@ class StatsCase:
     num_codes: int
     mask: torch.Tensor | None
     check_indices: bool
+    layout: str
+
+    def on(self, device: str) -> StatsCase:
+        """The same case on `device`, x in the same layout."""
+        return dataclasses.replace(
+            self, x=strided(self.x.contiguous().to(device), self.layout, transpose=False),
+            indices=self.indices.to(device), mask=None if self.mask is None else self.mask.to(device))
 
     def skipped(self) -> torch.Tensor:
         """Tokens that code_stats leaves out: index outside [0, K) or mask False."""
@@ -228,7 +240,7 @@ def stats_cases(draw, max_tokens: int = 60, max_codes: int = 40, max_dim: int = 
         wild = wild[torch.randint(0, len(wild), indices.shape, generator=generator)]
         indices = torch.where(torch.rand(indices.shape, generator=generator) < 0.2, wild, indices)
     mask = torch.rand(heads, n_tokens, generator=generator) > 0.3 if with_mask else None
-    case = StatsCase(x, indices.to(index_dtype), num_codes, mask, check_indices=not out_of_range)
+    case = StatsCase(x, indices.to(index_dtype), num_codes, mask, check_indices=not out_of_range, layout=layout)
     _plant_non_finite(generator, x, 0.5, rows=case.skipped().flatten())  # only where code_stats must not look
     case.x = strided(x.to(dtype), layout, transpose=False)
     if heads == 1 and draw(st.booleans()):

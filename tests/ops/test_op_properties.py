@@ -27,10 +27,9 @@ from strategies import (
     stats_cases,
     topk_ks,
 )
-from test_code_cross_entropy import assert_close_scaled
 from test_fp32_limits import _assert_valid_first, _check_against_oracle, assert_unambiguous
 from test_topk_codes import check_topk
-from vq_checks import check_nearest, tolerance
+from vq_checks import UNIT_ROUNDOFF, check_nearest, tolerance
 
 import fastvq
 from fastvq.ops import naive, philox
@@ -61,9 +60,12 @@ def with_heads(t: torch.Tensor, case: SearchCase) -> torch.Tensor:
     return t if case.x.dim() == 3 else t.unsqueeze(0)
 
 
-def assert_output(t: torch.Tensor, case: SearchCase, dtype: torch.dtype, *trailing: int) -> None:
+def output_on_cpu(t: torch.Tensor, case: SearchCase, device: str, dtype: torch.dtype, *trailing: int) -> torch.Tensor:
+    """Asserts that an op's output is shaped x.shape[:-1] (+ trailing), of `dtype`, on `device`; returns it
+    on the CPU."""
     assert t.shape == (*case.x.shape[:-1], *trailing), f"shape {tuple(t.shape)} for x {tuple(case.x.shape)}"
-    assert t.dtype == dtype and t.device == case.x.device
+    assert t.dtype == dtype and t.device.type == torch.device(device).type, f"{t.dtype} on {t.device}"
+    return t.cpu()
 
 
 def usable_tokens(x3: torch.Tensor) -> torch.Tensor:
@@ -140,11 +142,12 @@ def check_search(case: SearchCase, indices: torch.Tensor, distances: torch.Tenso
 @backend_property(ALL_BACKENDS, case=search_cases(), precision=st.sampled_from(PRECISIONS))
 def test_nearest_code(device, backend, case, precision):
     """nearest_code: `check_search` with k = 1 and vq_checks' nearest-code rule on the usable tokens and codes."""
-    with inputs_kept(case.x, case.codebook):
-        indices, distances = fastvq.nearest_code(case.x, case.codebook, metric=case.metric, precision=precision,
-                                                 backend=backend)
-    assert_output(indices, case, torch.int64)
-    assert_output(distances, case, torch.float32)
+    on_device = case.on(device)
+    with inputs_kept(on_device.x, on_device.codebook):
+        indices, distances = fastvq.nearest_code(on_device.x, on_device.codebook, metric=case.metric,
+                                                 precision=precision, backend=backend)
+    indices = output_on_cpu(indices, case, device, torch.int64)
+    distances = output_on_cpu(distances, case, device, torch.float32)
     used = used_precision(case, precision, backend)
     indices, distances = with_heads(indices, case), with_heads(distances, case)
     check_search(case, indices[..., None], distances[..., None], used)
@@ -157,14 +160,14 @@ def test_nearest_code(device, backend, case, precision):
 @backend_property(ALL_BACKENDS, data=st.data(), case=search_cases(), precision=st.sampled_from(PRECISIONS))
 def test_topk_codes(device, backend, data, case, precision):
     """topk_codes: `check_search`, and the first slot is nearest_code's answer, bit for bit."""
-    k = data.draw(topk_ks(case), label="k")
-    with inputs_kept(case.x, case.codebook):
-        indices, distances = fastvq.topk_codes(case.x, case.codebook, k, metric=case.metric, precision=precision,
-                                               backend=backend)
-        nearest, nearest_distances = fastvq.nearest_code(case.x, case.codebook, metric=case.metric,
+    k, on_device = data.draw(topk_ks(case), label="k"), case.on(device)
+    with inputs_kept(on_device.x, on_device.codebook):
+        indices, distances = fastvq.topk_codes(on_device.x, on_device.codebook, k, metric=case.metric,
+                                               precision=precision, backend=backend)
+        nearest, nearest_distances = fastvq.nearest_code(on_device.x, on_device.codebook, metric=case.metric,
                                                          precision=precision, backend=backend)
-    assert_output(indices, case, torch.int64, k)
-    assert_output(distances, case, torch.float32, k)
+    indices, nearest = output_on_cpu(indices, case, device, torch.int64, k), nearest.cpu()
+    distances, nearest_distances = output_on_cpu(distances, case, device, torch.float32, k), nearest_distances.cpu()
     check_search(case, with_heads(indices, case), with_heads(distances, case), used_precision(case, precision, backend))
     assert torch.equal(indices[..., 0], nearest), "the first slot is not nearest_code's answer"
     torch.testing.assert_close(distances[..., 0], nearest_distances, rtol=0, atol=0, equal_nan=True)
@@ -176,10 +179,11 @@ def test_near_the_fp32_limit(device, backend, data, k):
     identical tokens get identical answers, -1 entries (only they NaN) after the valid ones, never a
     code whose |c|^2 overflows, nearest_code's valid answer first in the top-k list."""
     x, codebook, metric = data
-    k = min(k, codebook.shape[0])
-    with inputs_kept(x, codebook):
-        indices, distances = fastvq.topk_codes(x, codebook, k, metric=metric, backend=backend)
-        nearest, nearest_distances = fastvq.nearest_code(x, codebook, metric=metric, backend=backend)
+    k, x_on_device, codebook_on_device = min(k, codebook.shape[0]), x.to(device), codebook.to(device)
+    with inputs_kept(x_on_device, codebook_on_device):
+        answers = (*fastvq.topk_codes(x_on_device, codebook_on_device, k, metric=metric, backend=backend),
+                   *fastvq.nearest_code(x_on_device, codebook_on_device, metric=metric, backend=backend))
+    indices, distances, nearest, nearest_distances = (answer.cpu() for answer in answers)
     first = (x[:, None] == x[None]).all(-1).long().argmax(1)  # the first row equal to each row
     for got in (indices, distances, nearest, nearest_distances):
         torch.testing.assert_close(got, got[first], rtol=0, atol=0, equal_nan=True,
@@ -230,23 +234,23 @@ def test_sample_code(device, backend, data, case, precision, seed, temperature, 
     """sample_code: the oracle's draw (it replays the Philox stream) wherever fp32 rounding cannot reorder
     the perturbed logits; -1 exactly where the oracle has no code; with k, distinct codes, valid ones
     first, the first one the k=None draw; temperature <= 0: topk_codes' codes."""
-    k = data.draw(topk_ks(case), label="k") if with_k else None
-    with inputs_kept(case.x, case.codebook):
-        got = fastvq.sample_code(case.x, case.codebook, temperature=temperature, k=k, metric=case.metric, seed=seed,
-                                 precision=precision, backend=backend)
-        single = fastvq.sample_code(case.x, case.codebook, temperature=temperature, metric=case.metric, seed=seed,
-                                    precision=precision, backend=backend)
-    assert_output(got, case, torch.int64, *([k] if k else []))
+    k, on_device = data.draw(topk_ks(case), label="k") if with_k else None, case.on(device)
+    with inputs_kept(on_device.x, on_device.codebook):
+        got = fastvq.sample_code(on_device.x, on_device.codebook, temperature=temperature, k=k, metric=case.metric,
+                                 seed=seed, precision=precision, backend=backend)
+        single = fastvq.sample_code(on_device.x, on_device.codebook, temperature=temperature, metric=case.metric,
+                                    seed=seed, precision=precision, backend=backend)
+    got = output_on_cpu(got, case, device, torch.int64, *([k] if k else []))
     got = with_heads(got, case).reshape(*case.x3.shape[:2], k or 1)
-    assert torch.equal(got[..., 0], with_heads(single, case)), "the first of the k draws is not the k=None draw"
+    assert torch.equal(got[..., 0], with_heads(single.cpu(), case)), "the first of the k draws is not the k=None draw"
     _assert_valid_first(got, torch.where(got >= 0, 0.0, float("nan")))
     ordered = got.sort(dim=-1).values
     assert not ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(), "a code drawn twice"
     used = used_precision(case, precision, backend)
     if temperature <= 0:
-        want, _ = fastvq.topk_codes(case.x, case.codebook, k or 1, metric=case.metric, precision=precision,
-                                    backend=backend)
-        assert torch.equal(got, with_heads(want, case))
+        want, _ = fastvq.topk_codes(on_device.x, on_device.codebook, k or 1, metric=case.metric,
+                                    precision=precision, backend=backend)
+        assert torch.equal(got, with_heads(want.cpu(), case))
         return
     want = naive.sample_code(case.x3, case.codebook3, temperature=temperature, seed=seed, k=k or 1,
                              metric=case.metric, precision=used)
@@ -255,38 +259,84 @@ def test_sample_code(device, backend, data, case, precision, seed, temperature, 
     assert torch.equal(got[clear], want[clear]), f"{int((got != want)[clear].any(-1).sum())} clear draws differ"
 
 
+def cross_entropy_rounding_bounds(case: SearchCase, indices3: torch.Tensor, grad3: torch.Tensor,
+                                  precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bounds (float64) on the error that fp32 rounding of the l2 logit -sqrt(|x|^2 + |c|^2 - 2 x.c) causes
+    in code_cross_entropy, of the loss (H, N), the x gradient (H, N, 1) and the codebook gradient
+    (Hc, K, 1); zero for cosine and dot, which the scale-relative tolerance covers. The squared
+    distance d^2 is off by up to e = 4 (D + 2) u (|x|^2 + |c|^2) (`vq_checks`' rule), which cancels
+    near a code: the logit moves by up to min(e / 2d, sqrt(e)), the direction (x - c) / d of its
+    gradient by up to min(e / 2d^2, 2), and the softmax weights p by up to twice the largest move."""
+    heads, n_tokens, dim = case.x3.shape
+    n_codes = case.codebook3.shape[1]
+    zeros = (torch.zeros(heads, n_tokens, dtype=torch.float64), torch.zeros(heads, n_tokens, 1, dtype=torch.float64),
+             torch.zeros(case.codebook3.shape[0], n_codes, 1, dtype=torch.float64))
+    if case.metric != "l2" or not indices3.numel():
+        return zeros
+    logit = naive.logits(case.x3, case.codebook3, case.metric, precision)
+    p = (logit - logit.logsumexp(-1, keepdim=True)).exp()
+    w = (p - torch.nn.functional.one_hot(indices3.clamp_min(0), n_codes)).abs()
+    g = torch.where(indices3 < 0, 0.0, grad3.double()).abs().unsqueeze(-1)  # (H, N, 1)
+    sq_x, sq_c = case.x3.double().square().sum(-1), case.codebook3.double().square().sum(-1)
+    e = 4 * (dim + 2) * UNIT_ROUNDOFF[precision] * (sq_x.unsqueeze(-1) + sq_c[torch.arange(heads) % len(sq_c)][:, None])
+    distance = -logit  # sqrt(max(d^2, L2_LOGIT_EPS))
+    logit_move = torch.minimum(e / (2 * distance), e.sqrt())
+    weight_move = (2 * logit_move.amax(-1, keepdim=True)).clamp_max(2)
+    direction_move = (e / (2 * distance.square())).clamp_max(2)
+    loss = torch.where(indices3 < 0, 0.0, 2 * logit_move.amax(-1))
+    x_grad = (g * (w * direction_move + p * weight_move)).sum(-1, keepdim=True)
+    per_code = (g * (w * direction_move + p * weight_move)).sum(1)  # (H, K), then over the heads sharing a code
+    codebook_grad = torch.zeros(case.codebook3.shape[:2], dtype=torch.float64).index_add_(
+        0, torch.arange(heads) % case.codebook3.shape[0], per_code)
+    return loss, x_grad, codebook_grad.unsqueeze(-1)
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, rel: float, bound: torch.Tensor) -> None:
+    """|got - want| <= rel (max|want| + 1) + bound, elementwise (bound broadcast to want); NaN fails."""
+    scale = want.abs().max().item() if want.numel() else 0.0
+    error = (got.double() - want).abs()
+    outside = ~(error <= rel * (scale + 1) + bound)
+    assert not outside.any(), (f"{int(outside.sum())} of {outside.numel()} off, first at "
+                               f"{outside.nonzero()[0].tolist()}: {error[outside][0].item():.3g} (scale {scale:.3g})")
+
+
 @backend_property(REFERENCE_BACKENDS, case=search_cases(regimes=("random",), max_tokens=24, max_codes=30, max_dim=24),
                   precision=st.sampled_from(PRECISIONS), codebook_grad=st.booleans(), seed=seeds)
 def test_code_cross_entropy(device, backend, case, precision, codebook_grad, seed):
     """code_cross_entropy: loss and both gradients against the oracle (2e-5 of their scale in fp32, 1e-2
-    where an input is 16-bit, whose gradient comes back rounded to it); index -1 gives 0; gradients
-    in the inputs' dtypes and shapes; no codebook gradient unless it requires one."""
+    where an input is 16-bit, whose gradient comes back rounded to it; for l2 also the bound of
+    `cross_entropy_rounding_bounds` near a code); index -1 gives 0; gradients in the inputs'
+    dtypes, shapes and device; no codebook gradient unless it requires one."""
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randint(-1, case.codebook3.shape[1], case.x.shape[:-1], generator=generator)
     grad = torch.randn(case.x.shape[:-1], generator=generator)
-    x, codebook = case.x.detach().requires_grad_(), case.codebook.detach().requires_grad_(codebook_grad)
-    with inputs_kept(case.x, case.codebook, indices):
-        loss = fastvq.code_cross_entropy(x, codebook, indices, metric=case.metric, precision=precision,
+    on_device = case.on(device)
+    x, codebook = on_device.x.detach().requires_grad_(), on_device.codebook.detach().requires_grad_(codebook_grad)
+    indices_on_device = indices.to(device)
+    with inputs_kept(on_device.x, on_device.codebook, indices_on_device):
+        loss = fastvq.code_cross_entropy(x, codebook, indices_on_device, metric=case.metric, precision=precision,
                                          backend=backend)
-        (loss * grad).sum().backward()
-    assert_output(loss, case, torch.float32)
+        (loss * grad.to(device)).sum().backward()
+    loss = output_on_cpu(loss.detach(), case, device, torch.float32)
     assert (loss[indices < 0] == 0).all()
     used = used_precision(case, precision, backend)
     indices3, grad3 = with_heads(indices, case), with_heads(grad, case)
     want_loss, lse = naive.code_cross_entropy(case.x3, case.codebook3, indices3, metric=case.metric, precision=used)
     rel = 2e-5 if case.x.dtype == case.codebook.dtype == torch.float32 else 1e-2
-    assert_close_scaled(with_heads(loss.detach(), case), want_loss, rel)
-    assert x.grad.dtype == x.dtype and x.grad.shape == x.shape
+    loss_bound, x_bound, codebook_bound = cross_entropy_rounding_bounds(case, indices3, grad3, used)
+    assert_within(with_heads(loss, case), want_loss, rel, loss_bound)
+    assert x.grad.dtype == x.dtype and x.grad.shape == x.shape and x.grad.device == x.device
     want_x = naive.code_cross_entropy_grad(case.x3, case.codebook3, indices3, lse, grad3, "x", metric=case.metric,
                                            precision=used)
-    assert_close_scaled(with_heads(x.grad, case), want_x, rel)
+    assert_within(with_heads(x.grad.cpu(), case), want_x, rel, x_bound)
     if not codebook_grad:
         assert codebook.grad is None
         return
     assert codebook.grad.dtype == codebook.dtype and codebook.grad.shape == codebook.shape
+    assert codebook.grad.device == codebook.device
     want_codebook = naive.code_cross_entropy_grad(case.x3, case.codebook3, indices3, lse, grad3, "codebook",
                                                   metric=case.metric, precision=used)
-    assert_close_scaled(codebook.grad.reshape(case.codebook3.shape), want_codebook, rel)
+    assert_within(codebook.grad.cpu().reshape(case.codebook3.shape), want_codebook, rel, codebook_bound)
 
 
 def assert_sums_close(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, terms: int,
@@ -303,20 +353,20 @@ def test_code_stats(device, backend, case):
     """code_stats: the oracle's counts exactly and its sums within the fp32 bound, with index -1, mask
     False and (check_indices=False) indices out of range left out, also where such tokens hold NaN or
     inf; bitwise the same on a second call; with the check, an index out of range raises naming it."""
-    inputs = [t for t in (case.x, case.indices, case.mask) if t is not None]
-    out_of_range = ((case.indices < -1) | (case.indices >= case.num_codes)).any()
-    if out_of_range:
+    on_device = case.on(device)
+    arguments = dict(x=on_device.x, indices=on_device.indices, num_codes=case.num_codes, mask=on_device.mask,
+                     backend=backend)
+    if ((case.indices < -1) | (case.indices >= case.num_codes)).any():
         with pytest.raises(ValueError, match=r"indices must be in \[-1, num_codes="):
-            fastvq.code_stats(case.x, case.indices, case.num_codes, mask=case.mask, backend=backend)
-    with inputs_kept(*inputs):
-        counts, sums = fastvq.code_stats(case.x, case.indices, case.num_codes, mask=case.mask, backend=backend,
-                                         check_indices=case.check_indices)
-        again = fastvq.code_stats(case.x, case.indices, case.num_codes, mask=case.mask, backend=backend,
-                                  check_indices=case.check_indices)
+            fastvq.code_stats(**arguments)
+    with inputs_kept(*[t for t in (on_device.x, on_device.indices, on_device.mask) if t is not None]):
+        counts, sums = fastvq.code_stats(**arguments, check_indices=case.check_indices)
+        again = fastvq.code_stats(**arguments, check_indices=case.check_indices)
     heads = case.x.shape[:-2]
     assert counts.shape == (*heads, case.num_codes) and sums.shape == (*heads, case.num_codes, case.x.shape[-1])
-    assert counts.dtype == sums.dtype == torch.float32 and counts.device == sums.device == case.x.device
+    assert counts.dtype == sums.dtype == torch.float32 and counts.device == sums.device == on_device.x.device
     assert torch.equal(counts, again[0]) and torch.equal(sums, again[1]), "a second call gave other bits"
+    counts, sums = counts.cpu(), sums.cpu()
     x3 = case.x if case.x.dim() == 3 else case.x[None]
     indices3 = (case.indices if case.indices.dim() == 2 else case.indices[None]).long()
     mask3 = None if case.mask is None else case.mask.view(indices3.shape)
@@ -334,26 +384,29 @@ def test_quantize_and_lookup_codes(device, backend, case, precision, seed):
     in x's dtype, and x itself (bit for bit, NaN included) where the index is -1; backward: the output
     gradient straight through to x, and to each code the sum of the gradients of the tokens that chose
     it (over every head for a shared codebook), in the codebook's dtype."""
-    x, codebook = case.x.detach().requires_grad_(), case.codebook.detach().requires_grad_()
+    on_device = case.on(device)
+    x, codebook = on_device.x.detach().requires_grad_(), on_device.codebook.detach().requires_grad_()
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
-    with inputs_kept(case.x, case.codebook):
+    with inputs_kept(on_device.x, on_device.codebook):
         quantized, indices, distances = fastvq.quantize(x, codebook, metric=case.metric, precision=precision,
                                                         backend=backend)
-        nearest, nearest_distances = fastvq.nearest_code(case.x, case.codebook, metric=case.metric,
+        nearest, nearest_distances = fastvq.nearest_code(on_device.x, on_device.codebook, metric=case.metric,
                                                          precision=precision, backend=backend)
-        quantized.backward(grad)
+        quantized.backward(grad.to(device))
     assert torch.equal(indices, nearest)
     torch.testing.assert_close(distances, nearest_distances, rtol=0, atol=0, equal_nan=True)
     assert quantized.shape == x.shape and quantized.dtype == x.dtype and quantized.device == x.device
+    assert x.grad.device == x.device and codebook.grad.device == codebook.device
+    indices, quantized = indices.cpu(), quantized.detach().cpu()
     indices3, codebook3 = with_heads(indices, case), case.codebook3.detach()
     heads = torch.arange(indices3.shape[0])[:, None] % codebook3.shape[0]
     codes = codebook3[heads, indices3.clamp_min(0)].to(x.dtype)
-    torch.testing.assert_close(with_heads(quantized.detach(), case),
+    torch.testing.assert_close(with_heads(quantized, case),
                                torch.where(indices3.unsqueeze(-1) < 0, case.x3, codes), rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(x.grad, grad), "the gradient to x is not the output gradient"
+    assert torch.equal(x.grad.cpu(), grad), "the gradient to x is not the output gradient"
     per_code = codebook3.shape[:1] + (-1, x.shape[-1])  # a shared codebook adds up the tokens of every head
     grad3, chosen = with_heads(grad, case).reshape(per_code), indices3.reshape(per_code[:2])
     want = naive.code_stats(grad3, chosen, codebook3.shape[1])[1]
     magnitude = naive.code_stats(grad3.abs(), chosen, codebook3.shape[1])[1]
     assert codebook.grad.dtype == codebook.dtype and codebook.grad.shape == codebook.shape
-    assert_sums_close(codebook.grad.reshape(want.shape), want, magnitude, grad3.shape[1], codebook.dtype)
+    assert_sums_close(codebook.grad.cpu().reshape(want.shape), want, magnitude, grad3.shape[1], codebook.dtype)
