@@ -261,31 +261,40 @@ def test_sample_code(device, backend, data, case, precision, seed, temperature, 
 
 def cross_entropy_rounding_bounds(case: SearchCase, indices3: torch.Tensor, grad3: torch.Tensor,
                                   precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bounds (float64) on the error that fp32 rounding of the l2 logit -sqrt(|x|^2 + |c|^2 - 2 x.c) causes
-    in code_cross_entropy, of the loss (H, N), the x gradient (H, N, 1) and the codebook gradient
-    (Hc, K, 1); zero for cosine and dot, which the scale-relative tolerance covers. The squared
-    distance d^2 is off by up to e = 4 (D + 2) u (|x|^2 + |c|^2) (`vq_checks`' rule), which cancels
-    near a code: the logit moves by up to min(e / 2d, sqrt(e)), the direction (x - c) / d of its
-    gradient by up to min(e / 2d^2, 2), and the softmax weights p by up to twice the largest move."""
+    """Bounds (float64) on the error that fp32 rounding of the logits causes in code_cross_entropy, of
+    the loss (H, N), the x gradient (H, N, 1) and the codebook gradient (Hc, K, 1), where a
+    scale-relative tolerance does not cover it: near a code (l2) and where the softmax weights cancel
+    against a large shared mean. With unit roundoff u and fp32 sums of D terms (`vq_checks`' rule),
+    x.c is off by up to e = 4 (D + 2) u |x| |c| (cosine: e / (|x| |c|)), |x - c|^2 by up to
+    4 (D + 2) u (|x|^2 + |c|^2), which moves the l2 logit -|x - c| = -d by min(e / 2d, sqrt(e)) and
+    the direction (x - c) / d of its gradient by min(e / 2d^2, 2); the softmax weights p move by up
+    to twice the largest logit move. A logit's gradient is at most 1 (l2), |c| or |x| (dot), 2 / |x|
+    or 2 / |c| (cosine) in x and in c."""
     heads, n_tokens, dim = case.x3.shape
-    n_codes = case.codebook3.shape[1]
-    zeros = (torch.zeros(heads, n_tokens, dtype=torch.float64), torch.zeros(heads, n_tokens, 1, dtype=torch.float64),
-             torch.zeros(case.codebook3.shape[0], n_codes, 1, dtype=torch.float64))
-    if case.metric != "l2" or not indices3.numel():
-        return zeros
     logit = naive.logits(case.x3, case.codebook3, case.metric, precision)
     p = (logit - logit.logsumexp(-1, keepdim=True)).exp()
-    w = (p - torch.nn.functional.one_hot(indices3.clamp_min(0), n_codes)).abs()
     g = torch.where(indices3 < 0, 0.0, grad3.double()).abs().unsqueeze(-1)  # (H, N, 1)
-    sq_x, sq_c = case.x3.double().square().sum(-1), case.codebook3.double().square().sum(-1)
-    e = 4 * (dim + 2) * UNIT_ROUNDOFF[precision] * (sq_x.unsqueeze(-1) + sq_c[torch.arange(heads) % len(sq_c)][:, None])
-    distance = -logit  # sqrt(max(d^2, L2_LOGIT_EPS))
-    logit_move = torch.minimum(e / (2 * distance), e.sqrt())
+    sq_x = case.x3.double().square().sum(-1).unsqueeze(-1)  # (H, N, 1)
+    sq_c = case.codebook3.double().square().sum(-1)[torch.arange(heads) % case.codebook3.shape[0]][:, None]  # (H, 1, K)
+    u = 4 * (dim + 2) * UNIT_ROUNDOFF[precision]
+    direction_move = torch.zeros_like(logit)
+    if case.metric == "l2":
+        e, distance = u * (sq_x + sq_c), -logit  # distance: sqrt(max(d^2, L2_LOGIT_EPS))
+        logit_move = torch.minimum(e / (2 * distance), e.sqrt())
+        direction_move = (e / (2 * distance.square())).clamp_max(2)
+        slope_x, slope_c = torch.ones_like(logit), torch.ones_like(logit)
+    elif case.metric == "dot":
+        logit_move = u * (sq_x * sq_c).sqrt()
+        slope_x, slope_c = sq_c.sqrt().expand_as(logit), sq_x.sqrt().expand_as(logit)
+    else:
+        logit_move = torch.full_like(logit, u)
+        slope_x = (2 / sq_x.sqrt().clamp_min(1e-12)).expand_as(logit)
+        slope_c = (2 / sq_c.sqrt().clamp_min(1e-12)).expand_as(logit)
     weight_move = (2 * logit_move.amax(-1, keepdim=True)).clamp_max(2)
-    direction_move = (e / (2 * distance.square())).clamp_max(2)
+    w = (p - torch.nn.functional.one_hot(indices3.clamp_min(0), logit.shape[-1])).abs()
     loss = torch.where(indices3 < 0, 0.0, 2 * logit_move.amax(-1))
-    x_grad = (g * (w * direction_move + p * weight_move)).sum(-1, keepdim=True)
-    per_code = (g * (w * direction_move + p * weight_move)).sum(1)  # (H, K), then over the heads sharing a code
+    x_grad = (g * (w * direction_move + p * weight_move) * slope_x).sum(-1, keepdim=True)
+    per_code = (g * (w * direction_move + p * weight_move) * slope_c).sum(1)  # (H, K), then over heads sharing a code
     codebook_grad = torch.zeros(case.codebook3.shape[:2], dtype=torch.float64).index_add_(
         0, torch.arange(heads) % case.codebook3.shape[0], per_code)
     return loss, x_grad, codebook_grad.unsqueeze(-1)
@@ -304,8 +313,8 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, rel: float, bound: torc
                   precision=st.sampled_from(PRECISIONS), codebook_grad=st.booleans(), seed=seeds)
 def test_code_cross_entropy(device, backend, case, precision, codebook_grad, seed):
     """code_cross_entropy: loss and both gradients against the oracle (2e-5 of their scale in fp32, 1e-2
-    where an input is 16-bit, whose gradient comes back rounded to it; for l2 also the bound of
-    `cross_entropy_rounding_bounds` near a code); index -1 gives 0; gradients in the inputs'
+    where an input is 16-bit, whose gradient comes back rounded to it; plus the bound of
+    `cross_entropy_rounding_bounds` where the logits' rounding is amplified); index -1 gives 0; gradients in the inputs'
     dtypes, shapes and device; no codebook gradient unless it requires one."""
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randint(-1, case.codebook3.shape[1], case.x.shape[:-1], generator=generator)
