@@ -4,7 +4,7 @@ Hypothesis draws a configuration (`tests/strategies.py`: dim, codebook size, hea
 separate, cosine, codebook_dim projections, EMA options, learnable codebooks, layouts, padding
 masks; for ResidualVQ and GroupedResidualVQ stages, per-stage sizes, shared codebooks, quantize
 dropout, groups). Both layers start from the same state and see the same inputs and the same global
-RNG state at each step, the protocol of tests/test_layer_parity.py whose helpers run it: each
+RNG state at each step, the protocol of tests/nn/test_layer_parity.py whose helpers run it: each
 training step compares quantized, indices, loss, input and parameter gradients and every state_dict
 entry (the EMA buffers) within that file's tolerance, then eval must be bit-identical. k-means init
 and dead-code replacement draw differently by design and are left to the parity tests.
