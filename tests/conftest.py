@@ -11,12 +11,23 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastvq import available_backends  # noqa: E402  (after TRITON_INTERPRET)
 from fastvq.ops import backend as backend_choice  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+"""The property suites in CI: few examples, the same ones every run (derived from each test's code)."""
+settings.register_profile(
+    "long", max_examples=2000, deadline=None, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow])
+"""HYPOTHESIS_PROFILE=long: fresh random examples, 80 times as many (docs/testing.md records a run)."""
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 needs_vqp = pytest.mark.skipif(
     importlib.util.find_spec("vector_quantize_pytorch") is None,

@@ -129,7 +129,8 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, 
     int64; with k, the k largest, largest first, (H, N, k). Codes whose logit is not finite in fp32
     (or whose |c|^2 is not, or of a token with a non-finite entry) are never drawn: -1 past them."""
     heads, n_tokens, _ = x.shape
-    counters = torch.arange(heads * n_tokens * codebook.shape[1], device=x.device).view(heads, n_tokens, -1)
+    n_codes = codebook.shape[1]
+    counters = torch.arange(heads * n_tokens * n_codes, device=x.device).view(heads, n_tokens, n_codes)
     gumbel = -torch.log(-torch.log(philox.uniform(seed, counters).double()))
     xr, cr = _rounded(x, codebook, precision)
     logit = _logits(xr, cr, metric)

@@ -63,10 +63,14 @@ def close(actual, expected, what):
         assert mismatch.numel() == 0, \
             f"{what}: {mismatch.shape[0]} mismatches, first at {mismatch[0].tolist()}"
         return
-    err = (actual.double() - expected.double()).abs()
-    bad = err > ATOL + RTOL * expected.double().abs().max()
-    assert not bad.any(), (f"{what}: max error {err.max().item():.3g}, first mismatch at "
-                           f"{bad.nonzero()[0].tolist()}")
+    actual, expected = actual.double(), expected.double()
+    finite = expected[expected.isfinite()]
+    err = (actual - expected).abs()
+    # a NaN or inf only where the other has the same; an error is NaN there, and NaN > tol is False
+    bad = ~((err <= ATOL + RTOL * (finite.abs().max() if finite.numel() else 0)) | (actual == expected)
+            | (actual.isnan() & expected.isnan()))
+    assert not bad.any(), (f"{what}: max error {err[bad].max().item():.3g}, first mismatch at "
+                           f"{bad.nonzero()[0].tolist()}: {actual[bad][0].item()} vs {expected[bad][0].item()}")
 
 
 def make_pair(backend="torch", device="cpu", **kwargs):

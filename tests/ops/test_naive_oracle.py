@@ -143,3 +143,16 @@ def test_sample_code_never_draws_a_non_finite_code():
     drawn = naive.sample_code(x, codebook, temperature=2.0, seed=1, k=3)
     assert set(drawn[0, :, :2].flatten().tolist()) - {-1} == {0, 2} and (drawn[0, :, 2] == -1).all()
     assert (drawn[0, 5] == -1).all()
+
+
+def test_no_tokens_give_empty_results():
+    """N = 0 (as the ops promise): every op of the oracle answers with empty results of the right shapes
+    (the sampler once failed to shape its empty counter tensor)."""
+    x, codebook, indices = torch.randn(2, 0, 3), torch.randn(2, 5, 3), torch.zeros(2, 0, dtype=torch.int64)
+    assert naive.sample_code(x, codebook, temperature=1.0, seed=1).shape == (2, 0)
+    assert naive.sample_code(x, codebook, temperature=1.0, seed=1, k=3).shape == (2, 0, 3)
+    assert [t.shape for t in naive.topk_codes(x, codebook, 2)] == [(2, 0, 2)] * 2
+    assert [t.shape for t in naive.nearest_code(x, codebook)] == [(2, 0)] * 2
+    assert [t.shape for t in naive.code_cross_entropy(x, codebook, indices)] == [(2, 0)] * 2
+    counts, sums = naive.code_stats(x, indices, 5)
+    assert counts.shape == (2, 5) and sums.shape == (2, 5, 3) and counts.abs().sum() == sums.abs().sum() == 0
