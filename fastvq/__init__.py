@@ -9,7 +9,8 @@ Ops (each with Triton kernels and a chunked plain-PyTorch twin, chosen by `backe
     sample_code(x, codebook, temperature=...)   -> indices drawn by Gumbel-max over the code logits
                                                    (k=... : k codes by Gumbel top-k)
     code_cross_entropy(x, codebook, indices)    -> per-token cross-entropy over the code logits
-Layer: VectorQuantize, a drop-in for vector_quantize_pytorch.VectorQuantize (1.32.0).
+Layers, drop-ins for vector-quantize-pytorch 1.32.0's: VectorQuantize, ResidualVQ, GroupedResidualVQ,
+SimVQ, ResidualSimVQ.
 Trained tokenizers: load(run) -> the model of a `fastvq train` run, for model.encode / model.decode.
 Packages, imports pointing one way: fastvq.ops < fastvq.nn < fastvq.models < fastvq.app (the
 command line). `import fastvq` needs neither a GPU nor triton, and loads neither models nor app.
@@ -23,7 +24,8 @@ _EXPORTS = {
     **dict.fromkeys(("code_cross_entropy", "code_stats", "lookup_codes", "nearest_code", "quantize",
                      "resolve_precision", "sample_code", "topk_codes"), "fastvq.ops.functional"),
     "available_backends": "fastvq.ops.backend",
-    **dict.fromkeys(("GroupedResidualVQ", "LossBreakdown", "ResidualVQ", "VectorQuantize"), "fastvq.nn"),
+    **dict.fromkeys(("GroupedResidualVQ", "LossBreakdown", "ResidualSimVQ", "ResidualVQ", "SimVQ", "VectorQuantize"),
+                    "fastvq.nn"),
     "load": "fastvq.app.state",
 }
 """Public names and the module that defines each, imported at first use: `import fastvq.ops.chunked`

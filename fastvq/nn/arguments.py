@@ -105,6 +105,9 @@ ARGUMENTS: dict[str, Spec] = {
     "quantize_dropout_multiple_of": _int("quantize dropout keeps a multiple of this many stages"),
     "beam_size": _int("paths kept by the beam search over stages in training (None: greedy)", optional=True),
     "eval_beam_size": _int("paths kept by the beam search in eval (None: beam_size)", optional=True),
+    # SimVQ
+    "frozen_codebook_dim": _int("size of SimVQ's frozen codes (None: dim)", optional=True),
+    "input_to_quantize_commit_loss_weight": _number("weight of SimVQ's commitment of the input to its code"),
     # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
     "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
     "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),

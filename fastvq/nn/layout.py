@@ -4,6 +4,7 @@ tokens (B, S, dim), as vector-quantize-pytorch 1.32.0 accepts them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -83,3 +84,24 @@ def sequence_mask(mask, lens, layout: Layout, batch: int, seq: int) -> torch.Ten
 def expand_like(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """mask (B, S) broadcast to t (B, S, ...)."""
     return mask.reshape(*mask.shape, *([1] * (t.dim() - 2))).expand_as(t)
+
+
+def pack_tokens(x, dim: int, *, channel_first: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x (B, *spatial, dim), or (B, dim, *spatial) with channel_first, any number of spatial dims
+    (none: one token per sample) -> tokens (B, S, dim) with S = prod(spatial), and spatial."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() < 2:
+        raise TypeError(f"x must be a floating-point tensor with at least 2 dims, got {describe(x)}")
+    if channel_first:
+        if x.shape[1] != dim:
+            raise ValueError(f"x must have shape (B, dim={dim}, ...) (channel_first), got {tuple(x.shape)}")
+        x = x.movedim(1, -1)
+    elif x.shape[-1] != dim:
+        raise ValueError(f"x must have shape (B, ..., dim={dim}), got {tuple(x.shape)}")
+    spatial = tuple(x.shape[1:-1])
+    return x.reshape(x.shape[0], math.prod(spatial), dim), spatial
+
+
+def unpack_tokens(t: torch.Tensor, spatial: tuple[int, ...], *, channel_first: bool) -> torch.Tensor:
+    """Inverse of `pack_tokens`: (B, S, C) -> (B, *spatial, C), or (B, C, *spatial) with channel_first."""
+    t = t.reshape(t.shape[0], *spatial, t.shape[-1])
+    return t.movedim(-1, 1) if channel_first else t

@@ -36,6 +36,13 @@ def synced_seed(device: torch.device, high: int = 10_000) -> int:
     return int(seed.item())
 
 
+def quantize_dropout_last_stage(seed: int, num_quantizers: int, cutoff_index: int, multiple_of: int) -> int:
+    """The last stage quantize dropout keeps (as 1.32.0): `random.Random(seed).randrange(cutoff_index,
+    num_quantizers)`, rounded up so that a multiple of `multiple_of` stages run."""
+    last = random.Random(seed).randrange(cutoff_index, num_quantizers)
+    return last if multiple_of == 1 else math.ceil((last + 1) / multiple_of) * multiple_of - 1
+
+
 class ResidualVQ(nn.Module):
     """Residual vector quantization (Zeghidour et al. 2021, arXiv:2107.03312, algorithm 1);
     arguments as vector-quantize-pytorch 1.32.0, the rest passed to each stage's `VectorQuantize`.
@@ -186,9 +193,8 @@ class ResidualVQ(nn.Module):
         if not (self.training and self.quantize_dropout):
             return self.num_quantizers - 1
         seed = synced_seed(device) if fixed_seed is None else fixed_seed
-        last = random.Random(seed).randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
-        multiple = self.quantize_dropout_multiple_of
-        return last if multiple == 1 else math.ceil((last + 1) / multiple) * multiple - 1
+        return quantize_dropout_last_stage(seed, self.num_quantizers, self.quantize_dropout_cutoff_index,
+                                           self.quantize_dropout_multiple_of)
 
     def _greedy(self, z, mask, last, stage_kwargs):
         """Stages 0..last on z (B, S, codebook_dim): quantized sum, indices (B, S, stages), losses
