@@ -36,6 +36,7 @@ from . import report, sample_quality
 from .config import (
     GENERATORS,
     MODELS,
+    PRECISIONS,
     PRESETS,
     RESUMABLE,
     RunConfig,
@@ -56,7 +57,6 @@ from .metrics import InceptionFeatures
 from .runlock import check_unlocked
 from .settings import check_setting, named
 from .state import CHECKPOINT, checkpoint_file, load_model, read_meta
-from .step import PRECISIONS
 from .training import train
 
 # train flags that map onto RunConfig fields; None means "not given".
