@@ -10,7 +10,7 @@ Ops (each with Triton kernels and a chunked plain-PyTorch twin, chosen by `backe
                                                    (k=... : k codes by Gumbel top-k)
     code_cross_entropy(x, codebook, indices)    -> per-token cross-entropy over the code logits
 Layers, drop-ins for vector-quantize-pytorch 1.32.0's: VectorQuantize, ResidualVQ, GroupedResidualVQ,
-SimVQ, ResidualSimVQ, RandomProjectionQuantizer.
+SimVQ, ResidualSimVQ, RandomProjectionQuantizer, HierarchicalVQ, Sequential.
 Trained tokenizers: load(run) -> the model of a `fastvq train` run, for model.encode / model.decode.
 Packages, imports pointing one way: fastvq.ops < fastvq.nn < fastvq.models < fastvq.app (the
 command line). `import fastvq` needs neither a GPU nor triton, and loads neither models nor app.
@@ -24,8 +24,8 @@ _EXPORTS = {
     **dict.fromkeys(("code_cross_entropy", "code_stats", "lookup_codes", "nearest_code", "quantize",
                      "resolve_precision", "sample_code", "topk_codes"), "fastvq.ops.functional"),
     "available_backends": "fastvq.ops.backend",
-    **dict.fromkeys(("GroupedResidualVQ", "LossBreakdown", "RandomProjectionQuantizer", "ResidualSimVQ", "ResidualVQ",
-                     "SimVQ", "VectorQuantize"), "fastvq.nn"),
+    **dict.fromkeys(("GroupedResidualVQ", "HierarchicalVQ", "LossBreakdown", "RandomProjectionQuantizer",
+                     "ResidualSimVQ", "ResidualVQ", "Sequential", "SimVQ", "VectorQuantize"), "fastvq.nn"),
     "load": "fastvq.app.state",
 }
 """Public names and the module that defines each, imported at first use: `import fastvq.ops.chunked`
