@@ -20,7 +20,8 @@ EXPECTED = {("ceiling", "peak-mm[ieee]"), ("ceiling", "copy"), ("matmul", "dense
             ("train", "taming-vq2"), ("residual", "fastvq-rvq[torch]"), ("residual", "fastvq-rvq[triton]"),
             ("residual", "vqp-rvq"), ("head", "fastvq-head[torch]"), ("head", "fastvq-head[triton]"),
             ("head", "linear+cross_entropy"), ("scaling", "fastvq-cpu"), ("scaling", "faiss-cpu"),
-            ("scaling", "fastvq-layer-eval[cpu]"), ("scaling", "vqp-layer-eval")}
+            ("scaling", "fastvq-layer-eval[cpu]"), ("scaling", "vqp-layer-eval"), ("simvq", "fastvq-simvq[torch]"),
+            ("simvq", "fastvq-simvq[triton]"), ("simvq", "vqp-simvq")}
 
 
 def _run_quick(out: Path) -> Path:
@@ -51,7 +52,8 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
     ok = [r for r in records if r["status"] == "ok"]
     assert {r["impl"] for r in ok} >= {"fastvq-torch", "naive", "cdist", "vqp-cdist", "fastvq-layer[torch]",
                                        "vqp-layer", "taming-vq2", "dense-mm[ieee]", "copy", "fastvq-rvq[torch]",
-                                       "vqp-rvq", "fastvq-head[torch]", "linear+cross_entropy", "vqp-layer-eval"}
+                                       "vqp-rvq", "fastvq-head[torch]", "linear+cross_entropy", "vqp-layer-eval",
+                                       "fastvq-simvq[torch]", "vqp-simvq"}
     for r in ok:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
         assert r["reps"] >= 2 and isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0, r

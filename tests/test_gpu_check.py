@@ -88,9 +88,9 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
         "tests-cuda", "tests-triton", "bench-compile"}
     _assert_finished_stages_kept_their_records(stages, check)
     records = _bench_records(check)
-    assert {r["op"] for r in records} == {"ceiling", "matmul", "search", "train", "residual", "head"}
+    assert {r["op"] for r in records} == {"ceiling", "matmul", "search", "train", "residual", "head", "simvq"}
     assert not [r for r in records if r["status"] == "error"]
-    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 6
+    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 7
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| smoke | ok |" in summary and "66 checks: 66 ok, 0 failed" in summary
     assert "Every stage ran to its end: nothing to retry." in summary
