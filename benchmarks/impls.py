@@ -7,6 +7,8 @@ ops (what a call does):
     residual -- the same for a residual quantizer of `stages` stages (EnCodec / DAC shapes);
     fsq     -- forward and backward of a scalar quantizer of the shape's `levels` on x (1, N, D): FSQ
                (one stage, one group), ResidualFSQ (`stages`) or GroupedResidualFSQ (`groups`);
+    simvq   -- a training step of SimVQ (codes = a learned linear map of a frozen random codebook; the map
+               trained by Adam);
     head    -- a prior's output layer over K codes: mean cross-entropy of (N, D) hidden states against
                targets, forward and backward (fastvq's CodeHead against nn.Linear + F.cross_entropy);
     scaling -- the scaling figure at fixed N and D against K: the search (fastvq's C++ CPU kernel,
@@ -60,7 +62,7 @@ except Exception as err:  # not installed, or its triton import failed
     FLASH_KMEANS_MISSING = f"flash-kmeans==0.3.1 not importable ({err})"
 
 DTYPES = (torch.float32, torch.bfloat16)
-TRAIN_OPS = ("train", "residual", "fsq")  # ops whose inputs are (x (1, N, D) requiring grad, upstream gradient)
+TRAIN_OPS = ("train", "residual", "fsq", "simvq")  # inputs: (x (1, N, D) requiring grad, upstream gradient)
 EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
 TAMING_BETA = 0.25
 TAMING_LR = 1e-4
@@ -310,6 +312,19 @@ def _scalar_layer(module_of: Callable[[], object]):
     return setup
 
 
+def _sim_vq_layer(cls_of: Callable[[], type]):
+    """SimVQ's training step (and Adam on its map); every layer of a shape starts from the same frozen
+    codebook (`initial_codebook`) and the same map."""
+    def setup(shape, dtype, device):
+        torch.manual_seed(shape.k)
+        layer = cls_of()(dim=shape.d, codebook_size=shape.k).to(device).train()
+        with torch.no_grad():
+            layer.frozen_codebook.copy_(initial_codebook(shape, device))
+        optimizer = torch.optim.Adam(layer.parameters(), lr=TAMING_LR)
+        return functools.partial(_train_step, layer, optimizer)
+    return setup
+
+
 def _head(make: Callable[[Shape, torch.device], Callable]):
     """Loss + backward of an output layer over K codes; make(shape, device) -> loss(hidden, targets)."""
     def setup(shape, dtype, device):
@@ -436,6 +451,13 @@ IMPLS: list[Impl] = [
     # its constructor: 8 + 12 d bytes a code, bounded here for d <= 16
     Impl("vqp-fsq", "fsq", "alternative", _scalar_layer(lambda: vector_quantize_pytorch), k_bytes=8 + 12 * 16,
          why_not=_VQP),
+    *[Impl(f"fastvq-simvq[{backend}]", "simvq", "fastvq", _sim_vq_layer(lambda b=backend: functools.partial(
+        fastvq.SimVQ, backend=b)), why_not=why_not) for backend, why_not in (
+            ("triton", _triton_missing), ("cpu", _cpu_kernels_missing), ("torch", lambda device: ""))],
+    # 1.32.0's cdist holds N x K fp32 (measured 3.97 bytes per pair at N = 4096, K = 65536 on CPU); it
+    # fails on 16-bit input (cdist of a 16-bit x and the fp32 codebook): fp32 only
+    Impl("vqp-simvq", "simvq", "alternative", _sim_vq_layer(lambda: vector_quantize_pytorch.SimVQ), dtypes=FP32,
+         nk_bytes=5, why_not=_VQP),
     Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
     Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),
     Impl("linear+cross_entropy", "head", "alternative", _head(_linear_head), nk_bytes=12),

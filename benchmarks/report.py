@@ -25,9 +25,10 @@ import fastvq
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-BAR_OPS = ("search", "train", "residual", "fsq", "head")  # drawn as bars per shape in time.png / memory.png
+BAR_OPS = ("search", "train", "residual", "fsq", "simvq", "head")  # drawn as bars per shape in time.png / memory.png
 OPS = BAR_OPS + ("scaling",)  # scaling.png draws the last one against K
-VQP_LAYER = {"train": "vqp-layer", "residual": "vqp-rvq", "fsq": "vqp-fsq", "scaling": "vqp-layer-eval"}  # per op
+VQP_LAYER = {"train": "vqp-layer", "residual": "vqp-rvq", "fsq": "vqp-fsq", "simvq": "vqp-simvq",
+             "scaling": "vqp-layer-eval"}  # per op
 SHORT = {"skipped": "skip", "oom": "oom", "error": "error"}
 EPILOGUE_INSTRUCTIONS = 3  # CUDA-core instructions per (token, code) pair: score, compare, select
 LINEAR_MEMORY_FACTOR = 32  # train-step goal: extra bytes <= 32 (N + K) (D + 1) fp32 words + 64 MiB
@@ -232,6 +233,7 @@ def markdown(meta: dict, records: list[dict]) -> str:
                           "dim in the shape's name and results.json)",
               "fsq": "Scalar quantizers (FSQ, ResidualFSQ, GroupedResidualFSQ): forward + backward (N tokens, "
                      "K = prod(levels), D = input dim; levels, stages and groups in results.json)",
+              "simvq": "SimVQ training step (forward, backward, Adam on the map; N tokens, K codes, D)",
               "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)",
               "scaling": "Scaling with K (fixed N and D): search, and a layer's eval forward"}
     for op in OPS:

@@ -66,6 +66,12 @@ def fsq_shapes(frames: int) -> list[Shape]:
             Shape("fsq-4x16", frames, 4**16, 16, FP32, levels=(4,) * 16, **fsq)]
 
 
+def simvq_shapes(n: int, ks: tuple[int, ...], large: bool) -> list[Shape]:
+    """SimVQ's training step over n tokens of D = 32 for each K in ks (fp32 and bf16); the last, where
+    vector-quantize-pytorch's N x K matrix does not fit, runs by default only when `large`."""
+    return [Shape(f"simvq-{k >> 10}k", n, k, 32, ops=("simvq",), default=large or k != ks[-1]) for k in ks]
+
+
 def head_shapes(positions: int) -> list[Shape]:
     """A prior's output layer (width 256) over `positions` code positions and K = 1k, 16k, 262k codes."""
     return [Shape(f"head-{k >> 10}k", positions, k, 256, FP32, ops=("head",)) for k in (1024, 16384, 262144)]
@@ -86,6 +92,7 @@ SHAPES = {
         Shape("small-n", 1024, 262144, 32),
         *residual_shapes(65536),
         *fsq_shapes(65536),
+        *simvq_shapes(65536, (16384, 65536, 1 << 20), large=True),  # K = 1M: 1.32.0 needs 256 GiB
         *head_shapes(16384),
     ],
     "cpu": [
@@ -97,6 +104,8 @@ SHAPES = {
         Shape("large-cpu", 65536, 16384, 32, FP32, default=False),
         *residual_shapes(8192),
         *fsq_shapes(16384),
+        # K = 1M: 1.32.0 needs 16 GiB per call; fastvq's step takes ~a minute on CPU: only when named
+        *simvq_shapes(4096, (16384, 65536, 1 << 20), large=False),
         *head_shapes(4096),
         *scaling_shapes(16384, 32, (1024, 4096, 16384, 65536, 262144)),
     ],
@@ -104,6 +113,7 @@ SHAPES = {
               Shape("tiny-rvq", 2048, 256, 16, FP32, ops=("residual",), stages=3, codebook_dim=8),
               Shape("tiny-head", 512, 2048, 32, FP32, ops=("head",)),
               Shape("tiny-grfsq", 2048, 1000, 16, FP32, ops=("fsq",), levels=(8, 5, 5, 5), stages=2, groups=2),
+              Shape("tiny-simvq", 1024, 512, 16, FP32, ops=("simvq",)),
               *scaling_shapes(512, 16, (256, 1024))],
 }
 # square matmul (N = K = D) and copy (N x D fp32) for the measured ceilings
@@ -135,7 +145,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
     parser.add_argument("--out", help="parent folder of the <device>-<date> results folder (default: "
                         "benchmarks/results, or the git-ignored benchmarks/scratch with --quick)")
-    parser.add_argument("--only", choices=("search", "train", "residual", "fsq", "head", "scaling"),
+    parser.add_argument("--only", choices=("search", "train", "residual", "fsq", "simvq", "head", "scaling"),
                         help="only this op (ceilings always run)")
     parser.add_argument("--shapes", help="comma-separated shape names of the device's matrix (also runs "
                         "shapes left out by default, e.g. large-cpu)")

@@ -12,9 +12,10 @@ Ops (each with Triton kernels and a chunked plain-PyTorch twin, chosen by `backe
     code_entropy(x, codebook, temperature=...)  -> (per-token entropy, mean distribution over codes)
     soft_quantize(x, codebook, temperature=...) -> (quantized, indices): the hard code's value with the
                                                    softmax's gradient (IBQ's index backpropagation)
-Layers, drop-ins for vector-quantize-pytorch 1.32.0's: VectorQuantize, ResidualVQ, GroupedResidualVQ;
-the scalar quantizers FSQ, ResidualFSQ, GroupedResidualFSQ, LatentQuantize, FSP. IBQ: index
-backpropagation over a learned codebook (SEED-Voken's IndexPropagationQuantize) on the soft ops.
+Layers, drop-ins for vector-quantize-pytorch 1.32.0's: VectorQuantize, ResidualVQ, GroupedResidualVQ,
+SimVQ, ResidualSimVQ, RandomProjectionQuantizer, HierarchicalVQ, Sequential; the scalar quantizers
+FSQ, ResidualFSQ, GroupedResidualFSQ, LatentQuantize, FSP. IBQ: index backpropagation over a learned
+codebook (SEED-Voken's IndexPropagationQuantize) on the soft ops.
 Trained tokenizers: load(run) -> the model of a `fastvq train` run, for model.encode / model.decode.
 Packages, imports pointing one way: fastvq.ops < fastvq.nn < fastvq.models < fastvq.app (the
 command line). `import fastvq` needs neither a GPU nor triton, and loads neither models nor app.
@@ -29,8 +30,9 @@ _EXPORTS = {
                      "resolve_precision", "sample_code", "topk_codes"), "fastvq.ops.functional"),
     **dict.fromkeys(("code_entropy", "soft_quantize"), "fastvq.ops.functional_soft"),
     "available_backends": "fastvq.ops.backend",
-    **dict.fromkeys(("FSP", "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "IBQ", "LatentQuantize",
-                     "LossBreakdown", "ResidualFSQ", "ResidualVQ", "VectorQuantize"), "fastvq.nn"),
+    **dict.fromkeys(("FSP", "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "HierarchicalVQ", "IBQ",
+                     "LatentQuantize", "LossBreakdown", "RandomProjectionQuantizer", "ResidualFSQ", "ResidualSimVQ",
+                     "ResidualVQ", "Sequential", "SimVQ", "VectorQuantize"), "fastvq.nn"),
     "load": "fastvq.app.state",
 }
 """Public names and the module that defines each, imported at first use: `import fastvq.ops.chunked`

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastvq.models import QUANTIZERS, VQGAN, VQVAE, CodePrior, LatentDiffusion, VQModel
+from fastvq.models.quantizers import WITHOUT_EMA
 
 from .errors import SettingError
 from .settings import check_choice_setting, check_setting, conforms, describe, parse_text
@@ -278,18 +279,21 @@ def _check_image_size(size: int, factor: int) -> None:
                            % (size, factor, max(smallest, size // factor * factor)))
 
 
-TAMING_UNSUPPORTED = {"rotation_trick": "false", "kmeans_init": "false", "threshold_ema_dead_code": "0"}
-"""Model arguments of the EMA quantizers that the taming quantizer lacks, and their 'off' values."""
+OFF_VALUES = {"rotation_trick": "false", "kmeans_init": "false", "threshold_ema_dead_code": "0"}
+"""Model arguments of the EMA quantizers that the quantizers without EMA lack, and their 'off' values."""
+
+WITHOUT_EMA_KIND = {"taming": "a learnable codebook without EMA", "simvq": "a learned map of a frozen codebook"}
 
 
 def check_quantizer_args(quantizer: str, model_args: dict[str, Any]) -> None:
     """Raise SettingError naming the settings that turn off what ``quantizer`` cannot do."""
-    used = [key for key in TAMING_UNSUPPORTED if model_args.get(key)] if quantizer == "taming" else []
+    used = [key for key in WITHOUT_EMA.get(quantizer, ()) if model_args.get(key)]
     if used:
-        fix = " ".join("{model_args} %s=%s" % (key, TAMING_UNSUPPORTED[key]) for key in used)
-        raise SettingError("{quantizer} taming has no %s (a learnable codebook without EMA); turn %s off with %s, "
+        fix = " ".join("{model_args} %s=%s" % (key, OFF_VALUES[key]) for key in used)
+        raise SettingError("{quantizer} %s has no %s (%s); turn %s off with %s, "
                            "or choose {quantizer} fastvq or vector-quantize-pytorch"
-                           % (", ".join(used), "it" if len(used) == 1 else "them", fix))
+                           % (quantizer, ", ".join(used), WITHOUT_EMA_KIND[quantizer],
+                              "it" if len(used) == 1 else "them", fix))
 
 
 def build_model(kind: str, model_args: dict[str, Any], quantizer: str) -> VQModel:

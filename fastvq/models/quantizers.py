@@ -12,12 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvq.nn import FSQ, VectorQuantize
+from fastvq.nn import FSQ, SimVQ, VectorQuantize
 
-QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming", "fsq")
+QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming", "fsq", "simvq")
 FSQ_LEVEL_RANGE = (3, 8)
 """Levels `fsq_levels` picks from: the FSQ paper's recommended levels are 5 to 8 (its table
 A.4.1: [8, 5, 5, 5] for about 2^10 codes); 2 would need preserve_symmetry."""
+
+WITHOUT_EMA = {
+    "taming": ("rotation_trick", "kmeans_init", "threshold_ema_dead_code"),
+    "simvq": ("kmeans_init", "threshold_ema_dead_code"),
+}
+"""The learned-codebook quantizers without an EMA codebook, and the settings each of them lacks."""
 
 
 class TamingQuantizer(nn.Module):
@@ -111,24 +117,26 @@ def make_quantizer(
 
     'fastvq' and 'vector-quantize-pytorch' are EMA-codebook ``VectorQuantize`` layers given the
     same explicit arguments; 'taming' is a learnable codebook (no EMA, k-means init, dead-code
-    replacement or rotation trick); 'fsq' is `FSQQuantizer`, which has no codebook to learn: the
+    replacement or rotation trick); 'simvq' is ``fastvq.SimVQ``, a learned map of a frozen random
+    codebook (no EMA, k-means init or dead-code replacement; loss mse(sg[z], q) + commitment_weight *
+    mse(z, sg[q]); decay unused); 'fsq' is `FSQQuantizer`, which has no codebook to learn: the
     codebook settings (decay, commitment_weight, rotation_trick, kmeans_init,
     threshold_ema_dead_code) do not apply to it and are not used.
     """
     if name == "fsq":
         return FSQQuantizer(dim, codebook_size)
-    if name == "taming":
-        unsupported = {
-            "rotation_trick": rotation_trick,
-            "kmeans_init": kmeans_init,
-            "threshold_ema_dead_code": threshold_ema_dead_code,
-        }
-        used = [key for key, value in unsupported.items() if value]
+    if name in WITHOUT_EMA:
+        settings = dict(rotation_trick=rotation_trick, kmeans_init=kmeans_init,
+                        threshold_ema_dead_code=threshold_ema_dead_code)
+        used = [key for key in WITHOUT_EMA[name] if settings[key]]
         if used:
             raise ValueError(
-                f"quantizer 'taming' does not support {', '.join(used)}; set them off/0 or use "
+                f"quantizer {name!r} does not support {', '.join(used)}; set them off/0 or use "
                 "quantizer 'fastvq' or 'vector-quantize-pytorch'"
             )
+        if name == "simvq":  # beta weighs the commitment of the input, as in taming's loss
+            return SimVQ(dim, codebook_size, rotation_trick=rotation_trick,
+                         input_to_quantize_commit_loss_weight=commitment_weight)
         return TamingQuantizer(dim, codebook_size, commitment_weight)
     if name == "fastvq":
         layer = VectorQuantize

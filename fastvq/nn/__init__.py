@@ -1,6 +1,7 @@
-"""Layers on the fused ops: `VectorQuantize`, `ResidualVQ` and `GroupedResidualVQ` (drop-ins for
-vector-quantize-pytorch 1.32.0), `IBQ` (index backpropagation over a learned codebook, on the soft
-ops) and `CodeHead` (an output layer over codes without logits), built on
+"""Layers on the fused ops: `VectorQuantize`, `ResidualVQ`, `GroupedResidualVQ`, `SimVQ`, `ResidualSimVQ`,
+`RandomProjectionQuantizer`, `HierarchicalVQ` and `Sequential` (drop-ins for vector-quantize-pytorch
+1.32.0), `IBQ` (index backpropagation over a learned codebook, on the soft ops) and `CodeHead` (an
+output layer over codes without logits), built on
 the token-level core `TokenQuantizer` (quantize, decode, statistics, health on canonical tokens
 (H, N, D)) and its codebooks: the EMA `Codebook` (k-means init, dead codes) and `LearnedCodebook`
 (a parameter trained by gradient descent). The scalar quantizers, drop-ins for 1.32.0's too, need no
@@ -11,13 +12,18 @@ from .code_head import CodeHead
 from .codebook import Codebook
 from .fsp import FSP
 from .fsq import FSQ
+from .hierarchical_vq import HierarchicalVQ
 from .ibq import IBQ, IBQLossBreakdown
 from .latent_quantize import LatentQuantize
+from .random_projection_quantizer import RandomProjectionQuantizer
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
+from .sequential import Sequential
+from .sim_vq import ResidualSimVQ, SimVQ
 from .token_quantizer import LearnedCodebook, TokenCodes, TokenQuantizer
 from .vector_quantize import LossBreakdown, VectorQuantize
 
-__all__ = ["CodeHead", "Codebook", "FSP", "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "IBQ", "IBQLossBreakdown",
-           "LatentQuantize", "LearnedCodebook", "LossBreakdown", "ResidualFSQ", "ResidualVQ", "TokenCodes",
+__all__ = ["CodeHead", "Codebook", "FSP", "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "HierarchicalVQ", "IBQ",
+           "IBQLossBreakdown", "LatentQuantize", "LearnedCodebook", "LossBreakdown", "RandomProjectionQuantizer",
+           "ResidualFSQ", "ResidualSimVQ", "ResidualVQ", "Sequential", "SimVQ", "TokenCodes",
            "TokenQuantizer", "VectorQuantize"]

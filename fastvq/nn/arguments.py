@@ -132,6 +132,14 @@ ARGUMENTS: dict[str, Spec] = {
     "act_name": Spec("choice", "FSP's CDF activation", choices=("tanh", "sigmoid", "normal", "laplace", "cauchy")),
     "vector_norm": Spec("choice", "FSP's preset of moment targets for its norm loss",
                         choices=("none", "var", "kurt", "var_tanh", "var_sigmoid", "var_laplace")),
+    # SimVQ
+    "frozen_codebook_dim": _int("size of SimVQ's frozen codes (None: dim)", optional=True),
+    "input_to_quantize_commit_loss_weight": _number("weight of SimVQ's commitment of the input to its code"),
+    # multi-scale (VAR-style) quantization
+    "quant_resi": _number("weight of the convolution on each upsampled scale (0: none)"),
+    "share_quant_resi": _int("convolutions shared by the scales (1: one; 0: one per scale)", low=0),
+    "nested_dropout": _number("probability of keeping only the coarsest scales in a training step", high=1.0),
+    "nested_dropout_min_levels": _int("scales nested dropout always keeps"),
     # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
     "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
     "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),

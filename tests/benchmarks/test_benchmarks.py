@@ -21,7 +21,8 @@ EXPECTED = {("ceiling", "peak-mm[ieee]"), ("ceiling", "copy"), ("matmul", "dense
             ("residual", "vqp-rvq"), ("fsq", "fastvq-fsq"), ("fsq", "vqp-fsq"),
             ("head", "fastvq-head[torch]"), ("head", "fastvq-head[triton]"),
             ("head", "linear+cross_entropy"), ("scaling", "fastvq-cpu"), ("scaling", "faiss-cpu"),
-            ("scaling", "fastvq-layer-eval[cpu]"), ("scaling", "vqp-layer-eval")}
+            ("scaling", "fastvq-layer-eval[cpu]"), ("scaling", "vqp-layer-eval"), ("simvq", "fastvq-simvq[torch]"),
+            ("simvq", "fastvq-simvq[triton]"), ("simvq", "vqp-simvq")}
 
 
 def _run_quick(out: Path) -> Path:
@@ -53,7 +54,7 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
     assert {r["impl"] for r in ok} >= {"fastvq-torch", "naive", "cdist", "vqp-cdist", "fastvq-layer[torch]",
                                        "vqp-layer", "taming-vq2", "dense-mm[ieee]", "copy", "fastvq-rvq[torch]",
                                        "vqp-rvq", "fastvq-fsq", "vqp-fsq", "fastvq-head[torch]",
-                                       "linear+cross_entropy", "vqp-layer-eval"}
+                                       "linear+cross_entropy", "vqp-layer-eval", "fastvq-simvq[torch]", "vqp-simvq"}
     for r in ok:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
         assert r["reps"] >= 2 and isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0, r

@@ -76,8 +76,7 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
     check = tmp_path / "unpacked" / "check"
     assert list(stages) == [stage.name for stage in gpu_plan.PLAN]
     reasons = {"install": "no wheels in benchmarks/wheels", "build-cuda": "this torch build",
-               "smoke-cuda": "no CPU stand-in", "bench-lfq": "no rows", "bench-ibq": "no rows",
-               "bench-simvq": "no rows"}
+               "smoke-cuda": "no CPU stand-in", "bench-lfq": "no rows", "bench-ibq": "no rows"}
     for name, outcome in stages.items():
         if outcome["status"] == "skipped":
             assert name in reasons and reasons[name] in outcome["detail"], (name, outcome)
@@ -85,12 +84,12 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
             assert outcome["status"] == "ok", (name, outcome)
     assert {name for name, o in stages.items() if o["status"] == "ok"} >= {
         "env", "warm", "smoke", "bench-search", "bench-search-cuda", "bench-train", "bench-residual", "bench-fsq",
-        "bench-head", "tests-cuda", "tests-triton", "bench-compile"}
+        "bench-simvq", "bench-head", "tests-cuda", "tests-triton", "bench-compile"}
     _assert_finished_stages_kept_their_records(stages, check)
     records = _bench_records(check)
-    assert {r["op"] for r in records} == {"ceiling", "matmul", "search", "train", "residual", "fsq", "head"}
+    assert {r["op"] for r in records} == {"ceiling", "matmul", "search", "train", "residual", "fsq", "simvq", "head"}
     assert not [r for r in records if r["status"] == "error"]
-    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 7
+    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 8
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| smoke | ok |" in summary and "66 checks: 66 ok, 0 failed" in summary
     assert "Every stage ran to its end: nothing to retry." in summary
