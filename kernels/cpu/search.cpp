@@ -1,25 +1,29 @@
 // Fused nearest-code / top-k search on CPU: the score tile and the running best codes stay in cache.
 //
-// search(x (H, N, D) float any strides, codebook (Hc, K, D) fp32, codes (Hc, K, D) fp32 rounded to
-// the precision, bias (Hc, K) fp32, metric (0 l2, 1 cosine, 2 dot: `fastvq.ops.common.METRICS`),
-// precision, k, threads) -> indices (H, N, k) int64, the k lowest scores per token, lowest first, ties
-// to the lowest index, and distances (H, N, k) fp32, the exact fp32 distance of each chosen code to the
-// unrounded token (squared l2, 1 - cosine with norms clamped to COSINE_NORM_EPS, or -(x . c)); -1 / NaN
-// where fewer than k codes score finitely or where the distance is not finite
+// search(x (H, N, D) and codebook (Hc, K, D), any float dtype and strides, metric (0 l2, 1 cosine,
+// 2 dot: `fastvq.ops.common.METRICS`), precision (`PRECISIONS`), k, threads, splits = 0: chosen here)
+// -> indices (H, N, k) int64, the k lowest scores per token, lowest first, ties to the lowest index,
+// and distances (H, N, k) fp32, the exact fp32 distance of each chosen code to the unrounded token
+// (squared l2, 1 - cosine with norms clamped to COSINE_NORM_EPS, or -(x . c)); -1 / NaN where fewer
+// than k codes score finitely or where the distance is not finite
 // (`fastvq.ops.common.chosen_distance`'s rule).
 //
 // score = bias + sum_d (-2 x_d) c_d (l2, bias = |c|^2), -(x . c) / |c| (cosine, bias = 1 / |c|) or
-// bias + sum_d (-x_d) c_d (dot, bias = 0), on
-// x rounded as the codes were (`fastvq.ops.common.round_operand`). A NaN or -inf score never wins
-// (as the reference's nan_to_num to +inf); a NaN bias (code with a non-finite entry) makes every
-// score of that code NaN.
+// bias + sum_d (-x_d) c_d (dot, bias = 0), on x and c rounded to the precision
+// (`fastvq.ops.common.round_operand`), the bias from the rounded code (`code_term`). A NaN or -inf
+// score never wins (as the reference's nan_to_num to +inf); a NaN bias (code with a non-finite
+// entry) makes every score of that code NaN.
 //
-// Work: tasks of TOKEN_BLOCK tokens of one head, taken from a shared counter by each thread (so a
-// thread slowed by another process takes fewer). A task copies its tokens, rounded and scaled, into
-// a buffer, then walks the codes in L2-sized tiles; inside, TN tokens x CV code vectors of W codes
-// are scored in registers, written to a small score buffer (one sub-tile of codes per token) and
-// reduced to a per-token minimum; only when that minimum beats the token's current k-th score is the
-// sub-tile rescanned in code order to insert its codes (strict <, so ties keep the lower index).
+// Work: items of (head, block of TOKEN_BLOCK tokens, split of the codes), handed out in that order from
+// a shared counter to threads that the call starts itself and joins (`run_threads`): no thread waits
+// by spinning, so one that another process slows down takes fewer items and one that waits gives its
+// core away. An item copies its tokens, rounded and scaled, into a buffer, then walks its codes in
+// L2-sized tiles; inside, TN tokens x CV code vectors of W codes are scored in registers, written to
+// a small score buffer (one sub-tile of codes per token) and reduced to a per-token minimum; only when
+// that minimum beats the token's current k-th score is the sub-tile rescanned in code order to insert
+// its codes (strict <, so ties keep the lower index). The last item of a token block to finish merges
+// the splits' lists in code order (`merge_splits`), so the answer is the same for every thread count
+// and work split, bit for bit.
 //
 // Operands: fp32, one dimension per FMA; or, for precision bf16 on a CPU with AVX512-BF16 (built with
 // -mavx512bf16), bf16 pairs, two dimensions per vdpbf16ps: the operands are bf16 values already, their
@@ -28,7 +32,6 @@
 
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -37,8 +40,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <condition_variable>
+#include <exception>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <system_error>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -151,17 +159,36 @@ inline T operand_step(const scalar_t* v, int64_t stride, int64_t D, int64_t s, f
   }
 }
 
-// Code vector `v` (codes vW .. vW + W - 1 of (K, D)) -> packed[v][steps][W] and bias -> packed_bias[vW ..]
-// (l2, dot: bias, cosine: -bias); padding codes (past K) are zero with a NaN bias, so never chosen.
-template <typename T>
-void pack_code_vector(const float* codes, const float* bias, int64_t K, int64_t D, int64_t v, bool cosine,
-                      T* packed, float* packed_bias) {
+// The score's per-code term from the rounded code's squared norm `sq` (fp64 sum): |c|^2 (l2), -1 / |c|
+// with |c| clamped to COSINE_NORM_EPS (cosine: the minus sign because x is not scaled there), 0
+// (dot); NaN when |c|^2 is not finite in fp32 (a NaN or infinite entry, or an overflow), so that
+// every score of that code is NaN (`fastvq.ops.common.code_bias`).
+inline float code_term(double sq, int metric) {
+  if (!std::isfinite(static_cast<float>(sq))) return NAN;
+  if (metric == L2) return static_cast<float>(sq);
+  if (metric == COSINE) return static_cast<float>(-1.0 / std::max(std::sqrt(sq), static_cast<double>(COSINE_NORM_EPS)));
+  return 0.0f;
+}
+
+// Code vector `v` (codes vW .. vW + W - 1 of one head's codes, `head` with strides s_k, s_d) ->
+// packed[v][steps][W] operands rounded to the precision and packed_bias[vW ..] (`code_term`); the
+// unrounded fp32 values into fp32_copy (K, D) unless null. Padding codes (past K) are zero with a
+// NaN term, so never chosen. `row`: D floats of scratch.
+template <typename T, typename code_t>
+void pack_code_vector(const code_t* head, int64_t s_k, int64_t s_d, int64_t K, int64_t D, int64_t v, int metric,
+                      int precision, float* row, T* packed, float* packed_bias, float* fp32_copy) {
   const int64_t S = steps<T>(D);
   for (int64_t k = v * W; k < (v + 1) * W; ++k) {
-    const bool real = k < K;
     T* dst = packed + v * S * W + k % W;
-    for (int64_t s = 0; s < S; ++s) dst[s * W] = real ? operand_step<T>(codes + k * D, 1, D, s, 1.0f, IEEE) : T(0);
-    packed_bias[k] = real ? (cosine ? -bias[k] : bias[k]) : std::numeric_limits<float>::quiet_NaN();
+    double sq = 0.0;
+    for (int64_t d = 0; d < D && k < K; ++d) {
+      const float value = static_cast<float>(head[k * s_k + d * s_d]);
+      if (fp32_copy) fp32_copy[k * D + d] = value;
+      row[d] = round_operand(value, precision);
+      sq += static_cast<double>(row[d]) * row[d];
+    }
+    for (int64_t s = 0; s < S; ++s) dst[s * W] = k < K ? operand_step<T>(row, 1, D, s, 1.0f, IEEE) : T(0);
+    packed_bias[k] = k < K ? code_term(sq, metric) : NAN;
   }
 }
 
@@ -232,139 +259,319 @@ inline float exact_distance(const scalar_t* x, int64_t sx_d, const float* code, 
   return 1.0f - dot / (std::max(std::sqrt(xx), COSINE_NORM_EPS) * std::max(std::sqrt(cc), COSINE_NORM_EPS));
 }
 
-template <typename scalar_t, int METRIC, typename T>
-void search_kernel(const at::Tensor& x, const float* codebook, const T* packed, const float* packed_bias,
-                   int64_t heads_c, int64_t K, int64_t K_pad, int precision, int k, int threads, int64_t* out,
-                   float* out_distance) {
-  const int64_t heads = x.size(0), n_tokens = x.size(1), D = x.size(2);
-  const int64_t sx_h = x.stride(0), sx_n = x.stride(1), sx_d = x.stride(2);
-  const scalar_t* x_data = x.data_ptr<scalar_t>();
-  const int64_t blocks = (n_tokens + TOKEN_BLOCK - 1) / TOKEN_BLOCK;
-  const int64_t n_tasks = heads * blocks;
-  const int64_t S = steps<T>(D);
-  const int64_t tile_codes =
-      std::max<int64_t>(SUB, TILE_BYTES / (S * sizeof(T) * SUB) * SUB);  // codes per L2 tile, a multiple of SUB
-  const float x_scale = METRIC == COSINE ? 1.0f : METRIC == DOT ? -1.0f : -2.0f;
-  std::atomic<int64_t> next_task{0};
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<T> xs(TOKEN_BLOCK * S);
-    std::vector<float> scores(TN * SUB), best(TOKEN_BLOCK * k);
-    std::vector<int64_t> best_index(TOKEN_BLOCK * k);
-    vec minima[TN];
-    for (int64_t task = next_task++; task < n_tasks; task = next_task++) {
-      const int64_t h = task / blocks, n0 = (task % blocks) * TOKEN_BLOCK;
-      const int64_t rows = std::min<int64_t>(TOKEN_BLOCK, n_tokens - n0);
-      const int64_t padded_rows = (rows + TN - 1) / TN * TN;
-      for (int64_t r = 0; r < padded_rows; ++r)
-        for (int64_t s = 0; s < S; ++s)
-          xs[(r / TN * S + s) * TN + r % TN] =
-              r < rows ? operand_step<T>(x_data + h * sx_h + (n0 + r) * sx_n, sx_d, D, s, x_scale, precision) : T(0);
-      std::fill(best.begin(), best.end(), INF);
-      std::fill(best_index.begin(), best_index.end(), -1);
-      const int64_t hc = heads_c == 1 ? 0 : h;
-      const T* head_codes = packed + hc * K_pad * S;
-      const float* head_bias = packed_bias + hc * K_pad;
-      for (int64_t tile0 = 0; tile0 < K_pad; tile0 += tile_codes) {
-        const int64_t tile_end = std::min(K_pad, tile0 + tile_codes);
-        for (int64_t r0 = 0; r0 < padded_rows; r0 += TN) {
-          for (int64_t k0 = tile0; k0 < tile_end; k0 += SUB) {
-            const int n_codes = static_cast<int>(std::min<int64_t>(SUB, tile_end - k0));
-            score_sub_tile<METRIC == COSINE>(xs.data() + r0 * S, S, head_codes + k0 * S, head_bias + k0, n_codes / W,
-                                             scores.data(), minima);
-            for (int t = 0; t < TN && r0 + t < rows; ++t) {
-              float* token_best = best.data() + (r0 + t) * k;
-              int64_t* token_index = best_index.data() + (r0 + t) * k;
-              if (!any_below(minima[t], token_best[k - 1])) continue;
-              const float* s = scores.data() + t * SUB;
-              if (k == 1) {  // the first code with the sub-tile's minimum, unless that is -inf
-                const float m = horizontal_min(minima[t]);
-                if (m != -INF) {
-                  token_best[0] = m;
-                  token_index[0] = k0 + first_equal(s, n_codes, m);
-                  continue;
-                }
-              }
-              for (int l = 0; l < n_codes; ++l)  // code order: strict < keeps the lower index on ties
-                if (s[l] < token_best[k - 1] && s[l] != -INF) insert(token_best, token_index, k, s[l], k0 + l);
-            }
-          }
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const scalar_t* token = x_data + h * sx_h + (n0 + r) * sx_n;
-        for (int j = 0; j < k; ++j) {
-          int64_t index = best_index[r * k + j];
-          float distance = index < 0 ? NAN : exact_distance<scalar_t, METRIC>(token, sx_d, codebook + (hc * K + index) * D, D);
-          if (!std::isfinite(distance)) index = -1, distance = NAN;
-          out[(h * n_tokens + n0 + r) * k + j] = index;
-          out_distance[(h * n_tokens + n0 + r) * k + j] = distance;
-        }
-      }
-    }
-  });
+// How a call's work is cut: items (head, token block, code split), the split varying fastest. Codes
+// are split only when there are too few token blocks to keep every thread busy with a few items each.
+struct WorkPlan {
+  int64_t heads, blocks, splits, split_codes;  // split_codes: codes per split, a multiple of SUB
+  int threads;                                 // threads the call runs on, the caller's included
+  int64_t items() const { return heads * blocks * splits; }
+};
+
+constexpr int ITEMS_PER_THREAD = 8;         // items per thread at least, when codes can be split
+constexpr int64_t MIN_SPLIT_SUB_TILES = 4;  // sub-tiles of codes per split at least (1024 codes)
+constexpr int64_t MIN_THREAD_WORK = 1 << 22;  // multiply-adds per thread at least (~0.3 ms): a thread costs ~30 us
+
+// `splits` > 0 forces that many code splits (tests: the answer does not depend on it).
+WorkPlan plan_work(int64_t heads, int64_t n_tokens, int64_t K_pad, int64_t D, int threads, int64_t splits) {
+  const int64_t blocks = ceil_div(n_tokens, TOKEN_BLOCK), sub_tiles = ceil_div(K_pad, SUB);
+  const int64_t work = heads * n_tokens * K_pad * D;
+  threads = static_cast<int>(std::clamp<int64_t>(work / MIN_THREAD_WORK, 1, threads));
+  if (splits <= 0)
+    splits = std::min(ceil_div(ITEMS_PER_THREAD * threads, heads * blocks), sub_tiles / MIN_SPLIT_SUB_TILES);
+  splits = std::clamp<int64_t>(splits, 1, sub_tiles);
+  const int64_t split_codes = ceil_div(sub_tiles, splits) * SUB;
+  splits = ceil_div(K_pad, split_codes);  // no empty split
+  threads = static_cast<int>(std::min<int64_t>(threads, heads * blocks * splits));
+  return {heads, blocks, splits, split_codes, threads};
 }
 
-// The codes packed as operands of type T, then the search of every token.
-template <typename T>
-void search_operands(const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& codes, const at::Tensor& bias,
-                     int64_t metric, int64_t precision, int64_t k, int64_t threads, at::Tensor& out,
-                     at::Tensor& out_distance) {
-  const int64_t heads_c = codes.size(0), K = codes.size(1), D = codes.size(2);
-  const int64_t K_pad = (K + W * CV - 1) / (W * CV) * (W * CV);
-  const std::unique_ptr<T[]> packed(new T[heads_c * K_pad * steps<T>(D)]);  // filled in parallel below
-  const std::unique_ptr<float[]> packed_bias(new float[heads_c * K_pad]);
-  const int64_t S = steps<T>(D), vectors = K_pad / W;
-  at::parallel_for(0, heads_c * vectors, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t hc = i / vectors;
-      pack_code_vector(codes.data_ptr<float>() + hc * K * D, bias.data_ptr<float>() + hc * K, K, D, i % vectors,
-                       metric == COSINE, packed.get() + hc * K_pad * S, packed_bias.get() + hc * K_pad);
+// Runs `work()` on the calling thread and on `count - 1` threads started here, then joins them. A
+// thread that finishes first blocks in join (no spinning: it gives its core to the others); fewer
+// threads when the system refuses to start one (the work is handed out dynamically anyway). Rethrows
+// the first exception a thread raised.
+template <typename F>
+void run_threads(int count, const F& work) {
+  std::mutex mutex;
+  std::exception_ptr error;
+  const auto guarded = [&] {
+    try {
+      work();
+    } catch (...) {
+      const std::lock_guard<std::mutex> lock(mutex);
+      if (!error) error = std::current_exception();
     }
-  });
+  };
+  std::vector<std::thread> helpers;
+  for (int i = 1; i < count; ++i) {
+    try {
+      helpers.emplace_back(guarded);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  guarded();
+  for (std::thread& helper : helpers) helper.join();
+  if (error) std::rethrow_exception(error);
+}
+
+// Counts finished steps of a phase; `wait` blocks (no spinning) until all `total` are done.
+class Latch {
+ public:
+  explicit Latch(int64_t total) : left_(total) {}
+  void count_down() {
+    if (left_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    done_.notify_all();
+  }
+  void wait() {
+    if (left_.load(std::memory_order_acquire) == 0) return;
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return left_.load(std::memory_order_acquire) == 0; });
+  }
+
+ private:
+  std::atomic<int64_t> left_;
+  std::mutex mutex_;
+  std::condition_variable done_;
+};
+
+// One thread's buffers: its tokens' operands, a sub-tile's scores and the running lists.
+template <typename T>
+struct ThreadBuffers {
+  std::vector<T> xs;
+  std::vector<float> scores, best;
+  std::vector<int64_t> best_index;
+  ThreadBuffers(int64_t S, int k) : xs(TOKEN_BLOCK * S), scores(TN * SUB), best(TOKEN_BLOCK * k), best_index(TOKEN_BLOCK * k) {}
+};
+
+// The search of every item of `plan`: x (H, N, D) strided, codes packed as operands of type T.
+template <typename scalar_t, int METRIC, typename T>
+struct Search {
+  const scalar_t* x;
+  int64_t sx_h, sx_n, sx_d, n_tokens, D, S;
+  const float* codebook;  // (Hc, K, D) fp32, for the exact distances
+  const T* packed;        // (Hc, K_pad / W, S, W)
+  const float* packed_bias;
+  int64_t heads_c, K, K_pad, tile_codes;
+  int precision, k;
+  WorkPlan plan;
+  float* split_best;        // (H, blocks, splits, TOKEN_BLOCK, k) when splits > 1
+  int64_t* split_index;
+  std::atomic<int64_t>* splits_done;  // (H, blocks)
+  int64_t* out;
+  float* out_distance;
+
+  static constexpr float x_scale = METRIC == COSINE ? 1.0f : METRIC == DOT ? -1.0f : -2.0f;
+
+  void run_item(int64_t item, ThreadBuffers<T>& buf) const {
+    const int64_t block = item / plan.splits, split = item % plan.splits;
+    const int64_t h = block / plan.blocks, n0 = (block % plan.blocks) * TOKEN_BLOCK;
+    const int rows = static_cast<int>(std::min<int64_t>(TOKEN_BLOCK, n_tokens - n0));
+    load_tokens(h, n0, rows, buf.xs.data());
+    std::fill(buf.best.begin(), buf.best.end(), INF);
+    std::fill(buf.best_index.begin(), buf.best_index.end(), -1);
+    const int64_t k_begin = split * plan.split_codes, k_end = std::min(K_pad, k_begin + plan.split_codes);
+    scan(h, rows, k_begin, k_end, buf);
+    if (plan.splits == 1) return finish_block(h, n0, rows, buf.best.data(), buf.best_index.data());
+    const int64_t list = (block * plan.splits + split) * TOKEN_BLOCK * k;
+    std::copy_n(buf.best.data(), rows * k, split_best + list);
+    std::copy_n(buf.best_index.data(), rows * k, split_index + list);
+    if (splits_done[block].fetch_add(1, std::memory_order_acq_rel) != plan.splits - 1) return;
+    merge_splits(block, rows, buf);  // this item finished the block last
+    finish_block(h, n0, rows, buf.best.data(), buf.best_index.data());
+  }
+
+  // Tokens n0 .. n0 + rows of head h, rounded and scaled, into xs (TN-token groups of S steps).
+  void load_tokens(int64_t h, int64_t n0, int rows, T* xs) const {
+    const int padded_rows = (rows + TN - 1) / TN * TN;
+    for (int r = 0; r < padded_rows; ++r)
+      for (int64_t s = 0; s < S; ++s)
+        xs[(r / TN * S + s) * TN + r % TN] =
+            r < rows ? operand_step<T>(x + h * sx_h + (n0 + r) * sx_n, sx_d, D, s, x_scale, precision) : T(0);
+  }
+
+  // The lists of the block's tokens over codes k_begin .. k_end of head h's packed codes.
+  void scan(int64_t h, int rows, int64_t k_begin, int64_t k_end, ThreadBuffers<T>& buf) const {
+    const int64_t hc = heads_c == 1 ? 0 : h;
+    const T* head_codes = packed + hc * K_pad * S;
+    const float* head_bias = packed_bias + hc * K_pad;
+    vec minima[TN];
+    for (int64_t tile0 = k_begin; tile0 < k_end; tile0 += tile_codes) {
+      const int64_t tile_end = std::min(k_end, tile0 + tile_codes);
+      for (int r0 = 0; r0 < rows; r0 += TN) {
+        for (int64_t k0 = tile0; k0 < tile_end; k0 += SUB) {
+          const int n_codes = static_cast<int>(std::min<int64_t>(SUB, tile_end - k0));
+          score_sub_tile<METRIC == COSINE>(buf.xs.data() + r0 * S, S, head_codes + k0 * S, head_bias + k0, n_codes / W,
+                                           buf.scores.data(), minima);
+          for (int t = 0; t < TN && r0 + t < rows; ++t)
+            update_list(buf.scores.data() + t * SUB, minima[t], n_codes, k0, buf.best.data() + (r0 + t) * k,
+                        buf.best_index.data() + (r0 + t) * k);
+        }
+      }
+    }
+  }
+
+  // One token's list with the sub-tile of n_codes scores s (codes k0 ..), whose minimum is in `minima`.
+  void update_list(const float* s, vec minima, int n_codes, int64_t k0, float* best, int64_t* best_index) const {
+    if (!any_below(minima, best[k - 1])) return;
+    if (k == 1) {  // the first code with the sub-tile's minimum, unless that is -inf
+      const float m = horizontal_min(minima);
+      if (m != -INF) {
+        best[0] = m;
+        best_index[0] = k0 + first_equal(s, n_codes, m);
+        return;
+      }
+    }
+    for (int l = 0; l < n_codes; ++l)  // code order: strict < keeps the lower index on ties
+      if (s[l] < best[k - 1] && s[l] != -INF) insert(best, best_index, k, s[l], k0 + l);
+  }
+
+  // The block's lists over all splits, in split (code) order, into buf.best / buf.best_index.
+  void merge_splits(int64_t block, int rows, ThreadBuffers<T>& buf) const {
+    std::fill(buf.best.begin(), buf.best.end(), INF);
+    std::fill(buf.best_index.begin(), buf.best_index.end(), -1);
+    for (int64_t split = 0; split < plan.splits; ++split) {
+      const int64_t list = (block * plan.splits + split) * TOKEN_BLOCK * k;
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < k; ++j) {
+          const float score = split_best[list + r * k + j];
+          if (!(score < buf.best[r * k + k - 1])) break;  // the split's list is sorted: no later entry enters
+          insert(buf.best.data() + r * k, buf.best_index.data() + r * k, k, score, split_index[list + r * k + j]);
+        }
+    }
+  }
+
+  // Exact distances of the block's chosen codes, and the outputs.
+  void finish_block(int64_t h, int64_t n0, int rows, const float* best, const int64_t* best_index) const {
+    const int64_t hc = heads_c == 1 ? 0 : h;
+    for (int r = 0; r < rows; ++r) {
+      const scalar_t* token = x + h * sx_h + (n0 + r) * sx_n;
+      for (int j = 0; j < k; ++j) {
+        int64_t index = best_index[r * k + j];
+        float distance = index < 0 ? NAN : exact_distance<scalar_t, METRIC>(token, sx_d, codebook + (hc * K + index) * D, D);
+        if (!std::isfinite(distance)) index = -1, distance = NAN;
+        out[(h * n_tokens + n0 + r) * k + j] = index;
+        out_distance[(h * n_tokens + n0 + r) * k + j] = distance;
+      }
+    }
+  }
+};
+
+// The codebook (Hc, K, D), any float dtype and strides, packed for the kernel by `pack_step` (steps
+// of PACK_VECTORS code vectors, run by every thread of the call): operands rounded to the precision
+// (Hc, K_pad / W, S, W), per-code terms (Hc, K_pad), and the unrounded fp32 codes for the exact
+// distances (the codebook's own data when it is fp32 and contiguous, else a copy).
+template <typename T>
+struct PackedCodes {
+  static constexpr int64_t PACK_VECTORS = 64;
+  const at::Tensor& codebook;
+  int metric, precision;
+  int64_t heads_c, K, D, S, K_pad;
+  std::unique_ptr<T[]> operands;
+  std::unique_ptr<float[]> bias;
+  std::vector<float> copy;
+  const float* fp32;
+
+  PackedCodes(const at::Tensor& codebook, int metric, int precision)
+      : codebook(codebook), metric(metric), precision(precision), heads_c(codebook.size(0)), K(codebook.size(1)),
+        D(codebook.size(2)), S(steps<T>(D)), K_pad(ceil_div(K, W * CV) * (W * CV)),
+        operands(new T[heads_c * K_pad * S]), bias(new float[heads_c * K_pad]) {  // filled by pack_step
+    const bool own = codebook.scalar_type() == at::kFloat && codebook.is_contiguous();
+    if (!own) copy.resize(heads_c * K * D);
+    fp32 = own ? codebook.data_ptr<float>() : copy.data();
+  }
+  int64_t vectors() const { return K_pad / W; }
+  int64_t pack_steps() const { return heads_c * ceil_div(vectors(), PACK_VECTORS); }
+
+  void pack_step(int64_t step) {
+    const int64_t hc = step % heads_c, v0 = step / heads_c * PACK_VECTORS;
+    std::vector<float> row(D);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "fastvq_cpu_pack", [&] {
+      const scalar_t* head = codebook.data_ptr<scalar_t>() + hc * codebook.stride(0);
+      for (int64_t v = v0; v < std::min(vectors(), v0 + PACK_VECTORS); ++v)
+        pack_code_vector(head, codebook.stride(1), codebook.stride(2), K, D, v, metric, precision, row.data(),
+                         operands.get() + hc * K_pad * S, bias.get() + hc * K_pad,
+                         copy.empty() ? nullptr : copy.data() + hc * K * D);
+    });
+  }
+};
+
+// The codes packed as operands of type T (every thread packs steps of code vectors, then waits for
+// the rest), then the search of every item.
+template <typename T>
+void search_operands(const at::Tensor& x, const at::Tensor& codebook, int64_t metric, int64_t precision, int64_t k,
+                     int64_t threads, int64_t splits, at::Tensor& out, at::Tensor& out_distance) {
+  PackedCodes<T> codes(codebook, static_cast<int>(metric), static_cast<int>(precision));
+  const WorkPlan plan = plan_work(x.size(0), x.size(1), codes.K_pad, codes.D, static_cast<int>(threads), splits);
+  const bool split = plan.splits > 1;
+  std::vector<float> split_best(split ? plan.items() * TOKEN_BLOCK * k : 0);
+  std::vector<int64_t> split_index(split_best.size());
+  const std::unique_ptr<std::atomic<int64_t>[]> splits_done(new std::atomic<int64_t>[plan.heads * plan.blocks]());
+  std::atomic<int64_t> next_pack{0}, next_item{0};
+  Latch packing(codes.pack_steps());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastvq_cpu_search", [&] {
-    const auto run = [&](auto kernel) {
-      kernel(x, codebook.data_ptr<float>(), packed.get(), packed_bias.get(), heads_c, K, K_pad,
-             static_cast<int>(precision), static_cast<int>(k), static_cast<int>(threads), out.data_ptr<int64_t>(),
-             out_distance.data_ptr<float>());
+    const auto run = [&](auto search) {
+      search.x = x.data_ptr<scalar_t>();
+      search.sx_h = x.stride(0), search.sx_n = x.stride(1), search.sx_d = x.stride(2);
+      search.n_tokens = x.size(1), search.D = codes.D, search.S = codes.S;
+      search.codebook = codes.fp32, search.packed = codes.operands.get(), search.packed_bias = codes.bias.get();
+      search.heads_c = codes.heads_c, search.K = codes.K, search.K_pad = codes.K_pad;
+      search.tile_codes = std::max<int64_t>(SUB, TILE_BYTES / (codes.S * sizeof(T) * SUB) * SUB);  // a multiple of SUB
+      search.precision = static_cast<int>(precision), search.k = static_cast<int>(k), search.plan = plan;
+      search.split_best = split_best.data(), search.split_index = split_index.data();
+      search.splits_done = splits_done.get();
+      search.out = out.data_ptr<int64_t>(), search.out_distance = out_distance.data_ptr<float>();
+      run_threads(plan.threads, [&] {
+        for (int64_t step = next_pack++; step < codes.pack_steps(); step = next_pack++)
+          codes.pack_step(step), packing.count_down();
+        packing.wait();
+        ThreadBuffers<T> buf(codes.S, static_cast<int>(k));
+        for (int64_t item = next_item++; item < plan.items(); item = next_item++) search.run_item(item, buf);
+      });
     };
     if (metric == COSINE)
-      run(search_kernel<scalar_t, COSINE, T>);
+      run(Search<scalar_t, COSINE, T>{});
     else if (metric == DOT)
-      run(search_kernel<scalar_t, DOT, T>);
+      run(Search<scalar_t, DOT, T>{});
     else
-      run(search_kernel<scalar_t, L2, T>);
+      run(Search<scalar_t, L2, T>{});
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& codes,
-                                          const at::Tensor& bias, int64_t metric, int64_t precision, int64_t k,
-                                          int64_t threads) {
-  TORCH_CHECK(x.dim() == 3 && codes.dim() == 3 && bias.dim() == 2, "search: x (H, N, D), codes (Hc, K, D), bias (Hc, K)");
-  TORCH_CHECK(codes.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat &&
-              codebook.scalar_type() == at::kFloat, "search: codebook, codes and bias must be fp32");
-  TORCH_CHECK(codebook.sizes() == codes.sizes(), "search: codebook and codes must have one shape");
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && bias.device().is_cpu(), "search: CPU tensors only");
+std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor& codebook, int64_t metric,
+                                          int64_t precision, int64_t k, int64_t threads, int64_t splits) {
+  TORCH_CHECK(x.dim() == 3 && codebook.dim() == 3, "search: x (H, N, D), codebook (Hc, K, D)");
+  TORCH_CHECK(x.device().is_cpu() && codebook.device().is_cpu(), "search: CPU tensors only");
   TORCH_CHECK(k >= 1 && threads >= 1, "search: k >= 1 and threads >= 1");
   TORCH_CHECK(metric == L2 || metric == COSINE || metric == DOT, "search: metric 0 (l2), 1 (cosine) or 2 (dot)");
-  const at::Tensor codes_c = codes.contiguous(), bias_c = bias.contiguous(), codebook_c = codebook.contiguous();
-  const int64_t heads_c = codes.size(0), D = codes.size(2);
-  TORCH_CHECK(x.size(2) == D && (heads_c == 1 || heads_c == x.size(0)), "search: shapes of x and codes disagree");
+  TORCH_CHECK(precision >= IEEE && precision <= FP16, "search: precision 0 (ieee), 1 (tf32), 2 (bf16) or 3 (fp16)");
+  const int64_t heads_c = codebook.size(0), D = codebook.size(2);
+  TORCH_CHECK(x.size(2) == D && codebook.size(1) >= 1 && (heads_c == 1 || heads_c == x.size(0)),
+              "search: shapes of x and codebook disagree");
   at::Tensor out = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kLong));
   at::Tensor out_distance = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kFloat));
   if (x.size(1) == 0) return {out, out_distance};
 #ifdef __AVX512BF16__
   if (precision == BF16) {
-    search_operands<bf16_pair>(x, codebook_c, codes_c, bias_c, metric, precision, k, threads, out, out_distance);
+    search_operands<bf16_pair>(x, codebook, metric, precision, k, threads, splits, out, out_distance);
     return {out, out_distance};
   }
 #endif
-  search_operands<float>(x, codebook_c, codes_c, bias_c, metric, precision, k, threads, out, out_distance);
+  search_operands<float>(x, codebook, metric, precision, k, threads, splits, out, out_distance);
   return {out, out_distance};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("search", &search, "Fused nearest-code / top-k search on CPU (see kernels/cpu/search.cpp)");
+  m.def("search", &search, "Fused nearest-code / top-k search on CPU (see kernels/cpu/search.cpp)", py::arg("x"),
+        py::arg("codebook"), py::arg("metric"), py::arg("precision"), py::arg("k"), py::arg("threads"),
+        py::arg("splits") = 0);
+  m.def("work_plan", [](int64_t heads, int64_t n_tokens, int64_t K, int64_t D, int64_t threads, int64_t splits) {
+    const WorkPlan plan = plan_work(heads, n_tokens, ceil_div(K, W * CV) * (W * CV), D, static_cast<int>(threads), splits);
+    return std::make_tuple(plan.threads, plan.splits, plan.items());
+  }, "(threads, code splits, work items) of a search of x (H, N, D) against K codes", py::arg("heads"),
+        py::arg("n_tokens"), py::arg("K"), py::arg("D"), py::arg("threads"), py::arg("splits") = 0);
 }

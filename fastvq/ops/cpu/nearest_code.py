@@ -3,16 +3,17 @@
 The C++ kernel ranks codes by the reference's scores (l2: |c|^2 - 2 x.c; cosine: -(x.c) / |c|; dot: -(x.c)) on
 operands rounded to the precision, keeping per token only its running best codes, then computes
 the exact fp32 distance of each chosen code (as the reference's `chosen_distance`, in the same
-parallel region: no extra pass of small PyTorch ops); this file gives it the rounded codebook and
-the per-code term (`fastvq.ops.common`). Extra memory: fp32 and packed copies of the codebook, one
-thread's buffers (96 tokens x D, 6 x 256 scores) per thread and the outputs.
+threads: no extra pass of small PyTorch ops). It takes x and the codebook as they are (any float
+dtype and strides) and rounds, packs and sums the codes itself, so a call runs no PyTorch op.
+Extra memory: a packed copy of the codebook (and an fp32 one unless it is fp32 and contiguous),
+one thread's buffers (96 tokens x D, 6 x 256 scores) per thread and the outputs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..common import METRICS, PRECISIONS, code_bias, round_operand
+from ..common import METRICS, PRECISIONS
 from ._extension import load_extension
 
 
@@ -26,10 +27,8 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
             k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (H, N, k) int64 of the k lowest scores per token, lowest first, ties to the lowest index,
     and their exact distances (H, N, k) fp32; -1 / NaN past the codes with a finite distance."""
-    bias = code_bias(codebook, metric, precision)
-    codes = round_operand(codebook, precision)
-    return load_extension().search(x, codebook.float(), codes, bias, METRICS.index(metric),
-                                   PRECISIONS.index(precision), k, search_threads())
+    return load_extension().search(x, codebook, METRICS.index(metric), PRECISIONS.index(precision), k,
+                                   search_threads())
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
