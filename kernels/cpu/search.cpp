@@ -3,10 +3,10 @@
 // search(x (H, N, D) and codebook (Hc, K, D), any float dtype and strides, metric (0 l2, 1 cosine,
 // 2 dot: `fastvq.ops.common.METRICS`), precision (`PRECISIONS`), k, threads, splits = 0: chosen here)
 // -> indices (H, N, k) int64, the k lowest scores per token, lowest first, ties to the lowest index,
-// and distances (H, N, k) fp32, the exact fp32 distance of each chosen code to the unrounded token
-// (squared l2, 1 - cosine with norms clamped to COSINE_NORM_EPS, or -(x . c)); -1 / NaN where fewer
-// than k codes score finitely or where the distance is not finite
-// (`fastvq.ops.common.chosen_distance`'s rule).
+// and distances (H, N, k) fp32, the distance of each chosen code to the unrounded token (squared l2,
+// 1 - cosine with norms clamped to COSINE_NORM_EPS, or -(x . c)) computed in fp64 and rounded once
+// (`exact_distance`). A chosen code whose distance is not finite in fp32 gives way: a token's list
+// holds its valid codes first, then -1 / NaN (also where fewer than k codes score finitely).
 //
 // score = bias + sum_d (-2 x_d) c_d (l2, bias = |c|^2), -(x . c) / |c| (cosine, bias = 1 / |c|) or
 // bias + sum_d (-x_d) c_d (dot, bias = 0), on x and c rounded to the precision
@@ -240,23 +240,31 @@ inline void insert(float* best, int64_t* best_index, int k, float score, int64_t
   best_index[slot] = index;
 }
 
-// Exact fp32 distance of token `x` (D values, stride sx_d) to `code` (D contiguous fp32 values).
+// Distance of token `x` (D values, stride sx_d, taken as fp32) to `code` (D contiguous fp32 values),
+// rounded once to fp32 from fp64 sums: products and differences of fp32 values are exact in fp64, and
+// LANES running sums in a fixed order keep the error near D 2^-53, so the result is the fp32 value
+// nearest the exact distance at any D (an fp32 sum drifted by ~D 2^-24). Its intermediate values do
+// not overflow: only a distance past the fp32 range is not finite.
 template <typename scalar_t, int METRIC>
 inline float exact_distance(const scalar_t* x, int64_t sx_d, const float* code, int64_t D) {
-  float dot = 0.0f, xx = 0.0f, cc = 0.0f, sq = 0.0f;
-  for (int64_t d = 0; d < D; ++d) {
-    const float xv = static_cast<float>(x[d * sx_d]), cv = code[d];
-    if (METRIC == L2) {
-      sq += (xv - cv) * (xv - cv);
-    } else {
-      dot += xv * cv;
-      xx += xv * xv;
-      cc += cv * cv;
+  constexpr int LANES = 8;
+  double acc[LANES] = {}, x_sq[LANES] = {}, c_sq[LANES] = {};  // acc: (x - c)^2 (l2) or x c
+  for (int64_t d0 = 0; d0 < D; d0 += LANES)
+    for (int l = 0; l < LANES && d0 + l < D; ++l) {
+      const double xv = static_cast<float>(x[(d0 + l) * sx_d]), cv = code[d0 + l];
+      if (METRIC == L2) {
+        acc[l] += (xv - cv) * (xv - cv);
+      } else {
+        acc[l] += xv * cv;
+        if (METRIC == COSINE) x_sq[l] += xv * xv, c_sq[l] += cv * cv;
+      }
     }
-  }
-  if (METRIC == L2) return sq;
-  if (METRIC == DOT) return -dot;
-  return 1.0f - dot / (std::max(std::sqrt(xx), COSINE_NORM_EPS) * std::max(std::sqrt(cc), COSINE_NORM_EPS));
+  double sum = 0.0, x_norm = 0.0, c_norm = 0.0;
+  for (int l = 0; l < LANES; ++l) sum += acc[l], x_norm += x_sq[l], c_norm += c_sq[l];
+  if (METRIC == L2) return static_cast<float>(sum);
+  if (METRIC == DOT) return static_cast<float>(-sum);
+  const double eps = COSINE_NORM_EPS;
+  return static_cast<float>(1.0 - sum / (std::max(std::sqrt(x_norm), eps) * std::max(std::sqrt(c_norm), eps)));
 }
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -443,18 +451,25 @@ struct Search {
     }
   }
 
-  // Exact distances of the block's chosen codes, and the outputs.
+  // Exact distances of the block's chosen codes, and the outputs: a chosen code whose distance is not
+  // finite gives way, so a token's list holds its valid codes first (ascending score, ties to the
+  // lower index) and -1 / NaN only after them.
   void finish_block(int64_t h, int64_t n0, int rows, const float* best, const int64_t* best_index) const {
-    const int64_t hc = heads_c == 1 ? 0 : h;
+    const float* head_codes = codebook + (heads_c == 1 ? 0 : h) * K * D;
     for (int r = 0; r < rows; ++r) {
       const scalar_t* token = x + h * sx_h + (n0 + r) * sx_n;
-      for (int j = 0; j < k; ++j) {
-        int64_t index = best_index[r * k + j];
-        float distance = index < 0 ? NAN : exact_distance<scalar_t, METRIC>(token, sx_d, codebook + (hc * K + index) * D, D);
-        if (!std::isfinite(distance)) index = -1, distance = NAN;
-        out[(h * n_tokens + n0 + r) * k + j] = index;
-        out_distance[(h * n_tokens + n0 + r) * k + j] = distance;
+      int64_t* token_out = out + (h * n_tokens + n0 + r) * k;
+      float* token_distance = out_distance + (h * n_tokens + n0 + r) * k;
+      int valid = 0;
+      for (int j = 0; j < k && best_index[r * k + j] >= 0; ++j) {
+        const int64_t index = best_index[r * k + j];
+        const float distance = exact_distance<scalar_t, METRIC>(token, sx_d, head_codes + index * D, D);
+        if (!std::isfinite(distance)) continue;
+        token_out[valid] = index;
+        token_distance[valid++] = distance;
       }
+      std::fill(token_out + valid, token_out + k, -1);
+      std::fill(token_distance + valid, token_distance + k, NAN);
     }
   }
 };
