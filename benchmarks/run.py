@@ -4,13 +4,18 @@
     python benchmarks/run.py --device cpu --quick # a tiny shape, seconds
     python benchmarks/run.py --only search --shapes vqvae,llamagen
     python benchmarks/run.py --device cpu --only scaling  # time and memory against K (scaling.png)
+    python benchmarks/run.py --only search --impls triton --results-dir DIR  # one slice, added to DIR's records
 
 Writes benchmarks/results/<device>-<date>/ (a partial run adds -quick, -<op>, -<shapes>; a --quick
 run goes to the git-ignored benchmarks/scratch/ instead, as it records nothing worth keeping) with
 results.json (one record per measurement), results.md (tables) and time.png / memory.png, plus
-scaling.png with the scaling op (see report.py). On CPU every measurement runs in a
+scaling.png with the scaling op (see report.py). With --results-dir the records go to that folder,
+after the ones already there, and the reports cover them all: several slices of the matrix (separate
+processes, separate time limits) make one report. records.jsonl gets each record as it is measured;
+SIGTERM (a time limit) abandons the measurement in progress and the reports are written from the
+records so far. On CPU every measurement runs in a
 forked child process, so that its peak resident memory is its own and an out-of-memory kill ends
-only that child; on CUDA they run in this process.
+only that child; on CUDA (or with --in-process) they run in this process.
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ class Settings:
     mem_limit: int
     threads: int | None
     child_timeout_s: float = 900.0
+    in_process: bool = False  # measure in this process (always on CUDA); else in a forked child
 
     def timing_args(self) -> dict:
         return dict(warmup_ms=self.warmup_ms, budget_ms=self.budget_ms, min_reps=self.min_reps,
@@ -124,6 +130,16 @@ def parse_args(argv):
     parser.add_argument("--mem-limit", type=float, help="GiB a measurement may need (estimated before it "
                         "runs; more is recorded as oom). Default: 90%% of free GPU memory, 80%% of "
                         "available RAM")
+    parser.add_argument("--impls", action="append", default=[], metavar="REGEX",
+                        help="only implementations whose name matches (re.search; repeat: all must match)")
+    parser.add_argument("--skip-impls", action="append", default=[], metavar="REGEX",
+                        help="leave out implementations whose name matches (repeatable)")
+    parser.add_argument("--results-dir", help="write into this folder exactly, after the records already in "
+                        "its records.jsonl (the reports cover all of them): slices of one run")
+    parser.add_argument("--compile-only", action="store_true", help="call each planned implementation once "
+                        "(compiling its kernels into the on-disk caches) and time nothing, write nothing")
+    parser.add_argument("--in-process", action="store_true", help="measure in this process on CPU too "
+                        "(as on CUDA) instead of a forked child per measurement")
     args = parser.parse_args(argv)
     args.out = args.out or str(REPO / "benchmarks" / ("scratch" if args.quick else "results"))
     return args
@@ -167,7 +183,7 @@ def run_meta(device: torch.device, mode: str, threads: int | None) -> dict:
                 load_avg_1min=round(os.getloadavg()[0], 2), torch=torch.__version__,
                 triton=_version("triton"), cuda=torch.version.cuda, fastvq=_version("fastvq"),
                 vector_quantize_pytorch=_version("vector-quantize-pytorch"),
-                git_commit=_git("rev-parse", "HEAD"),
+                git_commit=_git("rev-parse", "HEAD") or os.environ.get("FASTVQ_COMMIT") or None,
                 git_dirty=None if status is None else bool(status),
                 date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
                 mode=mode)
@@ -224,6 +240,7 @@ def measure(impl: Impl, shape: Shape, dtype: torch.dtype, copies: int, settings:
 
 
 def _child(conn, impl, shape, dtype, copies, settings) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a stopped run's parent reports; the child just ends
     if settings.threads:
         torch.set_num_threads(settings.threads)
     conn.send(measure(impl, shape, dtype, copies, settings))
@@ -237,15 +254,18 @@ def measure_in_child(impl: Impl, shape: Shape, dtype: torch.dtype, copies: int, 
     child = context.Process(target=_child, args=(sender, impl, shape, dtype, copies, settings))
     child.start()
     sender.close()
-    if not receiver.poll(settings.child_timeout_s):
-        child.kill()
-        child.join()
-        return dict(status="error", reason=f"timed out after {settings.child_timeout_s:.0f} s")
     try:
-        result = receiver.recv()
-    except EOFError:  # the child died before sending
-        result = None
-    child.join()
+        if not receiver.poll(settings.child_timeout_s):
+            return dict(status="error", reason=f"timed out after {settings.child_timeout_s:.0f} s")
+        try:
+            result = receiver.recv()
+        except EOFError:  # the child died before sending
+            result = None
+        child.join()
+    finally:  # also when the run is stopped while the child measures
+        if child.is_alive():
+            child.kill()
+            child.join()
     if result is not None:
         return result
     if child.exitcode == -9:
@@ -272,7 +292,7 @@ def run_one(impl: Impl, shape: Shape, dtype: torch.dtype, settings: Settings, me
         record.update(status="oom", reason=f"not run: needs about {estimate / 2**30:.1f} GiB, limit "
                                            f"{limit / 2**30:.1f} GiB")
     else:
-        run = measure_in_child if device.type == "cpu" else measure
+        run = measure if settings.in_process or device.type == "cuda" else measure_in_child
         record.update(run(impl, shape, dtype, copies, settings))
     return record
 
@@ -292,20 +312,49 @@ def select_shapes(matrix: str, names: str | None) -> list[Shape]:
     return [s for s in shapes if s.name in wanted]
 
 
-def plan(matrix: str, shapes: list[Shape], only: str | None) -> list[tuple[Impl, Shape, torch.dtype]]:
+def plan(matrix: str, shapes: list[Shape], only: str | None, wanted=(), unwanted=(),
+         ceilings: bool = True) -> list[tuple[Impl, Shape, torch.dtype]]:
     """(implementation, shape, dtype) in run order: ceilings, then per shape its dense products and,
-    per input dtype, each op."""
+    per input dtype, each op; only implementations whose name matches every regex of `wanted` and
+    none of `unwanted`."""
+    def chosen(impl: Impl) -> bool:
+        return all(re.search(p, impl.name) for p in wanted) and not any(re.search(p, impl.name) for p in unwanted)
+
     mm, copy_bytes = CEILING_SIZES[matrix]
     ceiling_shapes = {"copy": Shape(f"copy-{copy_bytes >> 20}MiB", copy_bytes // 64, 1, 16)}
     tasks = [(c, ceiling_shapes.get(c.name, Shape(f"mm-{mm}", mm, mm, mm)), c.dtypes[0])
-             for c in impls.CEILINGS]
+             for c in impls.CEILINGS if ceilings]
     for shape in shapes:
         ops = [op for op in shape.ops if only in (None, op)]
         if "search" in ops:  # the dense product of the shape in every precision, whatever the input dtype
             tasks += [(impl, shape, impl.dtypes[0]) for impl in impls.IMPLS if impl.op == "matmul"]
         for dtype in shape.dtypes:
             tasks += [(impl, shape, dtype) for impl in impls.IMPLS if impl.op in ops and dtype in impl.dtypes]
-    return tasks
+    return [(impl, shape, dtype) for impl, shape, dtype in tasks if chosen(impl)]
+
+
+def compile_only(tasks, settings: Settings) -> None:
+    """Call each task's implementation once on one input set (its kernels compile into Triton's and
+    inductor's on-disk caches, so that a later measuring process finds them); print what it took."""
+    device = settings.device
+    for impl, shape, dtype in tasks:
+        if impl.why_not(device) or impls.estimate_bytes(impl, shape, dtype, 1) > settings.mem_limit:
+            continue
+        start = time.perf_counter()
+        try:
+            args = impls.make_inputs(impl.op, shape, dtype, device, 1)[0]
+            impl.setup(shape, dtype, device)(*args)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            outcome = "ok"
+        except Exception as err:  # the measuring run records it properly
+            outcome = f"{type(err).__name__}: {err}"[:200]
+        args = None
+        gc.collect()
+        if impl.compiles:
+            torch.compiler.reset()
+        print(f"  compiled {impl.name} {shape.name} {str(dtype).removeprefix('torch.')} in "
+              f"{time.perf_counter() - start:.1f} s: {outcome}", flush=True)
 
 
 def main(argv=None) -> Path:
@@ -323,23 +372,34 @@ def main(argv=None) -> Path:
         budget, min_reps, max_reps, warmup = 2000.0, 5, 20, 0.0
     settings = Settings(device, warmup, budget, min_reps, args.repeats or max_reps, args.quick,
                         int(args.mem_limit * 2**30) if args.mem_limit else default_mem_limit(device),
-                        args.threads)
-    mode = "quick" if args.quick else "partial" if args.only or args.shapes else "full"
+                        args.threads, in_process=args.in_process)
+    if args.threads and (args.in_process or args.compile_only):
+        torch.set_num_threads(args.threads)
+    shapes = select_shapes(matrix, args.shapes)
+    if args.compile_only:
+        compile_only(plan(matrix, shapes, args.only, args.impls, args.skip_impls, ceilings=False), settings)
+        return None
+    mode = "quick" if args.quick else "partial" if args.only or args.shapes or args.impls else "full"
     meta = run_meta(device, mode, args.threads)
     slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-") if use_cuda else "cpu"
     # a partial run (--quick, --shapes, --only) never overwrites the full run of the day
     parts = [slug, meta["date"], "quick" if args.quick else "", args.only or "",
              args.shapes.replace(",", "+") if args.shapes else ""]
-    out_dir = Path(args.out) / "-".join(p for p in parts if p)
+    out_dir = Path(args.results_dir) if args.results_dir else Path(args.out) / "-".join(p for p in parts if p)
     out_dir.mkdir(parents=True, exist_ok=True)
+    earlier, slices = _earlier_slices(out_dir) if args.results_dir else ([], [])
 
-    tasks = plan(matrix, select_shapes(matrix, args.shapes), args.only)
+    # ceilings once per results folder
+    tasks = plan(matrix, shapes, args.only, args.impls, args.skip_impls,
+                 ceilings=not any(r["op"] == "ceiling" and r["status"] == "ok" for r in earlier))
     print(f"{meta['device']}: {len(tasks)} measurements -> {out_dir}", flush=True)
     start = time.perf_counter()
     records, stopped = [], None
     signal.signal(signal.SIGTERM, _stop)  # `timeout` ends a slice: keep what was measured
     try:
-        with open(out_dir / "records.jsonl", "w") as log:
+        with open(out_dir / "records.jsonl", "a" if args.results_dir else "w") as log:
+            if log.tell() and (out_dir / "records.jsonl").read_bytes()[-1:] != b"\n":
+                log.write("\n")  # after a line cut short by a kill
             for impl, shape, dtype in tasks:
                 record = run_one(impl, shape, dtype, settings, meta)
                 records.append(record)
@@ -351,15 +411,37 @@ def main(argv=None) -> Path:
     except (KeyboardInterrupt, _Stopped) as err:
         stopped = f"stopped after {len(records)} of {len(tasks)} measurements ({type(err).__name__})"
         print(stopped, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the reports are written whatever arrives now
     run_seconds = time.perf_counter() - start
-    report.write(dict(meta, run_seconds=run_seconds, load_avg_1min_end=round(os.getloadavg()[0], 2),
-                      argv=sys.argv[1:] if argv is None else argv, stopped=stopped), records, out_dir)
+    this = dict(argv=sys.argv[1:] if argv is None else argv, run_seconds=run_seconds, stopped=stopped,
+                measurements=len(records))
+    report.write(dict(meta, run_seconds=run_seconds + sum(s["run_seconds"] for s in slices),
+                      load_avg_1min_end=round(os.getloadavg()[0], 2), argv=this["argv"], stopped=stopped,
+                      slices=slices + [this]), earlier + records, out_dir)
     print(f"done in {run_seconds:.0f} s: {out_dir}", flush=True)
     return out_dir
 
 
-class _Stopped(Exception):
-    """SIGTERM arrived (a time limit): the records so far are still reported."""
+def _earlier_slices(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The records already in out_dir/records.jsonl (a line cut short by a kill is left out) and the
+    slices that wrote them (from results.json)."""
+    records = []
+    if (out_dir / "records.jsonl").exists():
+        for line in (out_dir / "records.jsonl").read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    try:
+        slices = json.loads((out_dir / "results.json").read_text())["meta"].get("slices", [])
+    except (OSError, ValueError, KeyError):
+        slices = []
+    return records, slices
+
+
+class _Stopped(BaseException):
+    """SIGTERM arrived (a time limit): the records so far are still reported. A BaseException, so
+    that `measure`'s `except Exception` (which records a failed measurement and goes on) lets it through."""
 
 
 def _stop(signum, frame):

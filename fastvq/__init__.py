@@ -1,6 +1,6 @@
 """fastvq: fused vector quantization for VQ-VAE / VQGAN tokenizers.
 
-Ops (each with a Triton kernel and a plain-PyTorch reference, chosen by `backend=`):
+Ops (each with Triton kernels and a chunked plain-PyTorch twin, chosen by `backend=`):
     nearest_code(x, codebook)                   -> (indices, distances)
     code_stats(x, indices, num_codes)           -> (counts, sums)
     lookup_codes(x, codebook, indices)          -> quantized (straight-through; codebook grad by scatter)
@@ -26,7 +26,7 @@ _EXPORTS = {
     **dict.fromkeys(("GroupedResidualVQ", "LossBreakdown", "ResidualVQ", "VectorQuantize"), "fastvq.nn"),
     "load": "fastvq.app.state",
 }
-"""Public names and the module that defines each, imported at first use: `import fastvq.ops.reference`
+"""Public names and the module that defines each, imported at first use: `import fastvq.ops.chunked`
 then loads no more than it needs (the custom ops' registration imports torch._dynamo, and with it triton)."""
 
 __all__ = sorted(_EXPORTS)

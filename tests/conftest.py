@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastvq import available_backends  # noqa: E402  (after TRITON_INTERPRET)
-from fastvq.ops.backend import cpu_unavailable_reason, cuda_unavailable_reason, triton_unavailable_reason  # noqa: E402
+from fastvq.ops import backend as backend_choice  # noqa: E402
 
 needs_vqp = pytest.mark.skipif(
     importlib.util.find_spec("vector_quantize_pytorch") is None,
@@ -51,9 +51,7 @@ def backend_cases(backends=("torch", "triton", "cuda", "cpu")):
 
 
 def _unavailable_reason(backend: str, device: str) -> str:
-    if backend == "cuda":
-        return cuda_unavailable_reason(torch.device(device), build=False)
-    reason = (cpu_unavailable_reason if backend == "cpu" else triton_unavailable_reason)(torch.device(device))
+    reason = backend_choice.unavailable_reason(backend, device, build=device == "cpu")  # as available_backends
     if backend == "triton" and device == "cpu":
         reason += " (CPU needs TRITON_INTERPRET=1 at start-up; the GPU runs it without)"
     return reason
@@ -75,6 +73,15 @@ def case(**fields):
         else:
             parts.append(DTYPE_NAMES.get(value, str(value)))
     return pytest.param(*fields.values(), id="-".join(parts))
+
+
+@pytest.fixture
+def fresh_backends(monkeypatch):
+    """For a test that sets FASTVQ_BACKEND or swaps a record of `fastvq.ops.backend.REGISTRY` (with
+    monkeypatch.setitem): the backend choices are forgotten before and after it, so that none leaks."""
+    backend_choice.clear_cache()
+    yield backend_choice
+    backend_choice.clear_cache()
 
 
 @pytest.fixture(autouse=True)

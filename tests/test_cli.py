@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from conftest import default_sigint, needs_vqp
 from PIL import Image
 
 import fastvq
-from fastvq.app import checkpoint, runlog, training
+from fastvq.app import checkpoint, loop, runlog, training
 from fastvq.app.cli import build_parser, main
 from fastvq.app.config import make_config
 from fastvq.app.data import (
@@ -39,6 +40,7 @@ from fastvq.app.evaluation import evaluate, reconstruct
 from fastvq.app.files import write_atomic
 from fastvq.app.metrics import codebook_stats, psnr, ssim
 from fastvq.app.progress import Progress
+from fastvq.app.runlock import LOCK_FILE
 from fastvq.app.state import CHECKPOINT, load_model
 from fastvq.app.step import make_optimizers, train_step
 from fastvq.models import VQGAN, VQVAE
@@ -206,6 +208,36 @@ def test_sigterm_checkpoints_the_step(folder, tmp_path):
     assert f"interrupted after step {step}, saved in {out / CHECKPOINT}" in stderr and "Traceback" not in stderr
 
 
+def test_a_second_run_into_the_same_out_fails_at_once_and_the_first_one_keeps_its_outputs(capsys, folder, tmp_path):
+    """Two runs into one --out: the second fails at once, naming --out and the first run's process,
+    with or without --resume, before or after the first has checkpointed; the first one goes on.
+    Without the run-folder lock both trained and exited 0, and the first one's outputs were lost."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fastvq", "train", "--data", str(folder), "--steps", "500", "--ckpt-every",
+               "2", "--out", str(out), *map(str, TINY)]
+    command.remove("--no-progress")  # the progress line says that the loop has started
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    for line in first.stderr:
+        if line.startswith("train: "):
+            break
+    busy = f"--out {out}: another run (process {first.pid}) is writing there"
+    for checkpointed in (False, True):
+        while checkpointed and not (out / CHECKPOINT).exists() and first.poll() is None:
+            time.sleep(0.1)
+        for extra in ([], ["--resume"]):
+            code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, *TINY, *extra)
+            assert code == 2 and busy in text and "choose another --out" in text, text
+    first.send_signal(signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, stdout + stderr
+    meta = checkpoint.load(out / CHECKPOINT)[1]
+    assert meta["config"]["steps"] == 500 and not (out / "metrics.json").exists()  # the first run's alone
+    assert not (out / LOCK_FILE).exists()
+    code, text = run(capsys, "train", "--out", out, "--resume", "--steps", meta["step"] + 1, "--no-progress")
+    assert code == 0, text  # the lock ended with its process
+
+
 def test_rerunning_a_finished_run_reports_it_or_offers_resume_and_another_out(capsys, folder, tmp_path):
     out = tmp_path / "run"
     metrics = train_tiny(capsys, folder, out)
@@ -273,7 +305,7 @@ def test_ckpt_takes_a_run_folder_and_threads_are_set_and_recorded(capsys, folder
     code, text = run(capsys, "eval", "--ckpt", tmp_path, "--data", folder)
     assert code == 2 and f"{tmp_path}: a folder without {CHECKPOINT}" in text
     code, text = run(capsys, "encode", "--ckpt", out, "--data", folder, "--out", tmp_path / "c", "--threads", 0)
-    assert code == 2 and "error: --threads must be an int >= 1, got 0" in text
+    assert code == 2 and "error: --threads must be an int in [1, " in text and "got 0" in text
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))  # busier than every CPU
@@ -409,7 +441,7 @@ def test_periodic_eval_writes_grids_and_history_without_changing_training(capsys
     assert grids == ["step_0000003.png", "step_0000006.png"]
     assert Image.open(out / "samples" / grids[0]).size[0] > 120 + 4 * 16 * 6
     code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "x", *TINY, "--eval-every", 0)
-    assert code == 2 and "--eval-every must be >= 1, got 0" in text
+    assert code == 2 and "--eval-every must be an int >= 1, got 0" in text
 
     code, text = run(capsys, "encode", "--ckpt", out, "--data", folder, "--out", tmp_path / "c", "--batch-size", 4)
     assert code == 0, text
@@ -575,18 +607,18 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_r
 def test_a_torchrun_worker_takes_every_sigint_as_one_stop_request():
     """A worker gets a terminal's SIGINT and torchrun's copy of it: neither may stop it mid-step.
     Alone, a second Ctrl-C stops at once; SIGTERM is a stop request too."""
-    with training.StopRequest(forwarded=True, announce=False) as stop:
+    with loop.StopRequest(forwarded=True, announce=False) as stop:
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
         assert stop.requested
     with pytest.raises(KeyboardInterrupt):  # alone, a second Ctrl-C stops at once
-        with training.StopRequest(announce=False) as stop:
+        with loop.StopRequest(announce=False) as stop:
             signal.raise_signal(signal.SIGINT)
             assert stop.requested
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     before = signal.getsignal(signal.SIGTERM)
-    with training.StopRequest(announce=False) as stop:  # SIGTERM: the same request, remembered
+    with loop.StopRequest(announce=False) as stop:  # SIGTERM: the same request, remembered
         signal.raise_signal(signal.SIGTERM)
         assert stop.requested and stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
@@ -658,7 +690,7 @@ def test_errors_name_arguments_in_python_and_flags_on_the_command_line(capsys, f
     with pytest.raises(SettingError, match="^give at most one of resize and crop$"):
         load_images(str(folder), resize=8, crop=8)
     code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "a", *TINY, "--holdout", 1.5)
-    assert code == 2 and "error: --holdout must lie in [0, 1), got 1.5" in text
+    assert code == 2 and "error: --holdout must be a finite number in [0, 1), got 1.5" in text
     code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "g", *TINY, "--device", "gpu")
     assert code == 2 and "error: --device 'gpu' is not a device name: use auto, cpu or cuda[:N]" in text
     code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "b", *TINY, "--resize", 8, "--crop", 8)
@@ -785,8 +817,8 @@ def test_vqgan_with_taming_quantizer(capsys, folder, tmp_path):
     assert meta["kind"] == "vqgan" and model.config["quantizer"] == "taming"
 
 
-def test_readme_taming_example_runs_and_the_demo_preset_error_names_the_flags(capsys, tmp_path):
-    readme = (REPO / "README.md").read_text()
+def test_docs_taming_example_runs_and_the_demo_preset_error_names_the_flags(capsys, tmp_path):
+    readme = (REPO / "docs" / "cli.md").read_text()
     (line,) = [line for line in readme.splitlines() if line.startswith("fastvq train") and "--quantizer taming" in line]
     argv = shlex.split(line.split("#")[0])[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "taming")

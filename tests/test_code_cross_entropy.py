@@ -1,4 +1,5 @@
-"""code_cross_entropy: forward and both gradients against F.cross_entropy on dense float64 logits.
+"""code_cross_entropy: forward and both gradients against the dense float64 oracle (`fastvq.ops.naive`,
+itself checked against F.cross_entropy in tests/ops/test_naive_oracle.py).
 
 Tolerances: logits are computed in fp32 from fp32 (or rounded 16-bit) operands, so the loss and
 the gradients are compared at 2e-5 relative to their scale plus 2e-5 absolute for fp32 inputs, and
@@ -11,6 +12,7 @@ import torch.nn.functional as tF
 from conftest import REFERENCE_ON_CPU, backend_cases, case
 
 import fastvq.ops.functional as F
+from fastvq.ops import naive
 from fastvq.ops.common import METRICS
 
 CASES = [
@@ -20,26 +22,11 @@ CASES = [
 ]
 
 
-def dense_logits(x, codebook, metric):
-    """vector-quantize-pytorch 1.32.0's logits, differentiable, (H, N, K) from canonical (H, N, D) and (Hc, K, D)."""
-    cd = codebook.expand(x.shape[0], -1, -1)
-    if metric == "l2":
-        sq = x.pow(2).sum(-1, keepdim=True) + cd.pow(2).sum(-1).unsqueeze(1) - 2 * x @ cd.transpose(1, 2)
-        return -sq.clamp(min=1e-8).sqrt()
-    if metric == "dot":
-        return x @ cd.transpose(1, 2)
-    return tF.normalize(x, dim=-1) @ tF.normalize(cd, dim=-1).transpose(1, 2)
-
-
 def dense_loss_and_grads(x, codebook, indices, grad, metric):
-    """float64 per-token loss and the gradients of sum(grad * loss), via F.cross_entropy."""
-    x64 = x.detach().double().requires_grad_()
-    cb64 = codebook.detach().double().requires_grad_()
-    logits = dense_logits(x64, cb64, metric)
-    loss = tF.cross_entropy(logits.flatten(0, 1), indices.flatten(), ignore_index=-1, reduction="none")
-    loss = loss.view(indices.shape)
-    grad_x, grad_codebook = torch.autograd.grad((loss * grad.double()).sum(), (x64, cb64))
-    return loss.detach(), grad_x, grad_codebook
+    """The oracle's per-token loss and the gradients of sum(grad * loss) w.r.t. x and the codebook, float64."""
+    loss, lse = naive.code_cross_entropy(x, codebook, indices, metric=metric)
+    return loss, *(naive.code_cross_entropy_grad(x, codebook, indices, lse, grad, wrt, metric=metric)
+                   for wrt in ("x", "codebook"))
 
 
 def assert_close_scaled(got, want, rel):
@@ -93,8 +80,7 @@ def test_far_logits_are_stable(device, backend):
     x = torch.randn(50, 8) * 3 + 200.0
     codebook = torch.randn(90, 8) * 30
     indices = torch.randint(-1, 90, (50,))
-    want = tF.cross_entropy(dense_logits(x[None].double(), codebook[None].double(), "l2")[0], indices,
-                            ignore_index=-1)
+    want = tF.cross_entropy(naive.logits(x[None], codebook[None], "l2")[0], indices, ignore_index=-1)
     loss = F.code_cross_entropy(x.to(device), codebook.to(device), indices.to(device), backend=backend)
     assert loss.isfinite().all()
     got = loss.sum() / (indices >= 0).sum().to(device)

@@ -1,4 +1,5 @@
-"""code_stats: per-code counts and sums against bincount / index_add_, both backends; bitwise determinism."""
+"""code_stats: per-code counts and sums against the oracle (`fastvq.ops.naive`: a one-hot matrix in float64), every
+backend; bitwise determinism; the sorted reduction's order of additions."""
 
 import importlib
 
@@ -7,20 +8,14 @@ import torch
 from conftest import REFERENCE_ON_CPU, backend_cases
 
 import fastvq
-from fastvq.ops.backend import triton_unavailable_reason
+from fastvq.ops import naive
+from fastvq.ops.backend import unavailable_reason
 
 
 def _expected(x, indices, num_codes, mask):
-    """bincount / index_add_ per head on canonical (H, N, D), (H, N), (H, N)."""
-    counts, sums = [], []
-    for h in range(x.shape[0]):
-        keep = indices[h] >= 0
-        if mask is not None:
-            keep &= mask[h]
-        idx = indices[h][keep]
-        counts.append(torch.bincount(idx, minlength=num_codes).float())
-        sums.append(torch.zeros(num_codes, x.shape[-1], dtype=torch.float64).index_add_(0, idx, x[h][keep].double()))
-    return torch.stack(counts), torch.stack(sums)
+    """The oracle's counts (as fp32: exact integers) and float64 sums on canonical (H, N, D), (H, N), (H, N)."""
+    counts, sums = naive.code_stats(x, indices, num_codes, mask=mask)
+    return counts.float(), sums
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
@@ -114,7 +109,7 @@ def test_cuda_sums_are_bitwise_the_same_every_run(device, backend):
     for _ in range(3):
         again = fastvq.code_stats(x, indices, 40, backend=backend)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-    if not triton_unavailable_reason(x.device):
+    if not unavailable_reason("triton", x.device):
         triton = fastvq.code_stats(x, indices, 40, backend="triton")
         assert torch.equal(first[0], triton[0]) and torch.equal(first[1], triton[1])
     want_counts, want_sums = _expected(x.cpu()[None], indices.cpu()[None], 40, None)
@@ -171,6 +166,38 @@ def test_sorted_reduction_does_not_depend_on_block_sizes(device, backend):
     atomic_counts, atomic_sums = triton_code_stats.code_stats(x, indices, 40, deterministic=False)
     torch.testing.assert_close(atomic_counts, results[0][0], rtol=0, atol=0)
     torch.testing.assert_close(atomic_sums, results[0][1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
+def test_sorted_reduction_adds_each_code_in_token_order(device, backend):
+    """The order of the additions is part of the result: each code's rows in token order, CHUNK at a
+    time, then the chunk sums in chunk order. Rows of mixed magnitudes make fp32 sums depend on that
+    order, so the result equals that sequential sum bitwise and differs from the same rows added in
+    reverse (a lost stable sort, or chunks taken out of order, would show)."""
+    triton_code_stats = importlib.import_module("fastvq.ops.triton.code_stats")  # the module, not the op
+    chunk, n = triton_code_stats.CHUNK, 2 * triton_code_stats.CHUNK + 37
+    x = torch.randn(1, n, 4) * 10.0 ** torch.randint(-4, 5, (1, n, 4))
+    indices = torch.where(torch.rand(1, n) < 0.9, 1, torch.randint(-1, 3, (1, n)))
+    counts, sums = triton_code_stats.code_stats(x.to(device), indices.to(device), 3)
+
+    def in_order(rows):
+        chunk_sums = []
+        for start in range(0, len(rows), chunk):
+            total = torch.zeros(4)
+            for row in rows[start:start + chunk]:
+                total = total + row
+            chunk_sums.append(total)
+        total = torch.zeros(4)
+        for partial in chunk_sums:
+            total = total + partial
+        return total
+
+    for code in range(3):
+        rows = x[0, indices[0] == code]
+        assert counts[0, code] == len(rows)
+        assert torch.equal(sums[0, code].cpu(), in_order(rows)), f"code {code}"
+    reversed_sum = in_order(x[0, indices[0] == 1].flip(0))
+    assert not torch.equal(sums[0, 1].cpu(), reversed_sum), "the rows must tell the orders apart"
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))

@@ -18,8 +18,8 @@ from host_build import REPO, build, needs_cxx, pointer
 from test_cuda_host_check import host_check_library, host_search
 from vq_checks import check_nearest
 
-from fastvq.ops import reference
-from fastvq.ops.backend import triton_unavailable_reason
+from fastvq.ops import chunked
+from fastvq.ops.backend import unavailable_reason
 from fastvq.ops.common import METRICS, PRECISIONS, code_bias
 
 pytestmark = needs_cxx
@@ -156,7 +156,7 @@ def test_search_kernel_ties_and_non_finite_values(emu, metric, precision):
     x[0, :4] = codebook[0, [3, 64, 3, 64]]
     x[0, 5, 1] = float("nan")
     x[0, 6, 4] = float("inf")
-    want = reference.topk_codes(x, codebook, 4, metric=metric, precision=precision)
+    want = chunked.topk_codes(x, codebook, 4, metric=metric, precision=precision)
     for target_blocks in (1, 64):
         indices, distances, _ = emulated_search(emu, x, codebook, metric, precision, 4, target_blocks)
         assert torch.equal(indices, want[0])
@@ -198,7 +198,7 @@ def emulated_code_stats(emu, x, indices, num_codes, mask):
 def triton_code_stats():
     """The Triton backend's code_stats module (its deterministic sorted reduction), run by Triton's
     interpreter on CPU."""
-    reason = triton_unavailable_reason(torch.device("cpu"))
+    reason = unavailable_reason("triton", "cpu")
     if reason:
         pytest.skip(reason)
     return importlib.import_module("fastvq.ops.triton.code_stats")
@@ -234,7 +234,7 @@ def test_code_stats_kernel_is_bitwise_the_triton_result(emu, triton_code_stats, 
     assert torch.equal(counts, want_counts) and torch.equal(sums, want_sums)
     again = emulated_code_stats(emu, x, indices, K, mask)
     assert torch.equal(again[0], counts) and torch.equal(again[1], sums)
-    ref_counts, ref_sums = reference.code_stats(x, indices, K, mask=mask)
+    ref_counts, ref_sums = chunked.code_stats(x, indices, K, mask=mask)
     assert torch.equal(counts, ref_counts)
     torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=N * 4 * 2.0**-23)
     if on_few:

@@ -7,8 +7,8 @@ import torch
 from host_build import CXX, REPO
 from vq_checks import check_nearest
 
-from fastvq.ops import reference
-from fastvq.ops.backend import triton_unavailable_reason
+from fastvq.ops import chunked
+from fastvq.ops.backend import unavailable_reason
 from fastvq.ops.common import METRICS, PRECISIONS, code_bias
 
 DEVICE_CHECK = 'TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");'
@@ -49,7 +49,7 @@ def test_search_through_the_glue(glue, heads, code_heads, n, k, d, dtype, metric
     x = torch.randn(heads, n, 2 * d).to(dtype)[..., ::2]
     codebook = torch.randn(code_heads, k, d).to(dtype)
     bias = code_bias(codebook, metric, precision)
-    want = reference.topk_codes(x, codebook, topk, metric=metric, precision=precision)
+    want = chunked.topk_codes(x, codebook, topk, metric=metric, precision=precision)
     for target_blocks in (1, 64):
         indices, distances = glue.search(x, codebook, bias, METRICS.index(metric), PRECISIONS.index(precision), topk,
                                          target_blocks, 0)
@@ -60,7 +60,7 @@ def test_search_through_the_glue(glue, heads, code_heads, n, k, d, dtype, metric
 
 
 def test_code_stats_through_the_glue(glue):
-    """The glue's sort, scratch and three launches: integer rows give the reference's exact sums;
+    """The glue's sort, scratch and three launches: integer rows give the torch backend's exact sums;
     random rows with runs over one chunk (and a collapsed head) give the Triton backend's bits."""
     import importlib
 
@@ -69,9 +69,9 @@ def test_code_stats_through_the_glue(glue):
     mask = torch.rand(2, 9000) > 0.3
     for m in (None, mask):
         counts, sums = glue.code_stats(x, indices, m, 300, 0)
-        want_counts, want_sums = reference.code_stats(x, indices, 300, mask=m)
+        want_counts, want_sums = chunked.code_stats(x, indices, 300, mask=m)
         assert torch.equal(counts, want_counts) and torch.equal(sums, want_sums)
-    reason = triton_unavailable_reason(torch.device("cpu"))
+    reason = unavailable_reason("triton", "cpu")
     if reason:
         pytest.skip(reason)
     triton_code_stats = importlib.import_module("fastvq.ops.triton.code_stats")
@@ -93,22 +93,23 @@ def test_glue_rejects_mismatched_shapes(glue):
 
 
 @pytest.fixture
-def emulated_cuda_backend(glue, monkeypatch):
+def emulated_cuda_backend(glue, monkeypatch, fresh_backends):
     """backend="cuda" on CPU tensors: the public ops, the dispatch, the launchers of fastvq/ops/cuda and
-    the glue run as written; only the extension (the emulated build), the device guard, the stream and
-    the SM count are stand-ins."""
+    the glue run as written; only the extension (the emulated build), the record's devices and reason,
+    the device guard, the stream and the SM count are stand-ins."""
     import contextlib
+    import dataclasses
     import importlib
 
-    from fastvq.ops import backend
-    from fastvq.ops.cuda import _build
-
-    monkeypatch.setattr(_build, "_extension", glue)
-    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device, build=True: "")
+    registry = fresh_backends.REGISTRY
+    monkeypatch.setitem(registry, "cuda", dataclasses.replace(registry["cuda"], devices=None,
+                                                              why_not=lambda device, build: ""))
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     for name in ("nearest_code", "code_stats"):
-        monkeypatch.setattr(importlib.import_module(f"fastvq.ops.cuda.{name}"), "current_stream", lambda device: 0)
-    monkeypatch.setattr(importlib.import_module("fastvq.ops.cuda.nearest_code"), "target_blocks", lambda device: 16)
+        launcher = importlib.import_module(f"fastvq.ops.cuda.{name}")
+        monkeypatch.setattr(launcher, "load_extension", lambda: glue)
+        monkeypatch.setattr(launcher, "current_stream", lambda device: 0)
+    monkeypatch.setattr(importlib.import_module("fastvq.ops.cuda.nearest_code"), "target_programs", lambda device: 16)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
@@ -152,19 +153,9 @@ def test_vector_quantize_training_step_on_the_cuda_backend(emulated_cuda_backend
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_torch_compile_keeps_the_cuda_ops_in_one_graph(emulated_cuda_backend, monkeypatch):
-    """fullgraph=True: the backend check (as fastvq.ops.backend's, without its device test: run once
-    while tracing) and the custom ops trace."""
-    import importlib
-
+def test_torch_compile_keeps_the_cuda_ops_in_one_graph(emulated_cuda_backend):
+    """fullgraph=True: the backend choice (run once while tracing) and the custom ops trace."""
     import fastvq
-    from fastvq.ops import backend
-
-    @torch.compiler.assume_constant_result
-    def reason(device, build=True):
-        return importlib.import_module("fastvq.ops.cuda").unavailable_reason(build=build)
-
-    monkeypatch.setattr(backend, "cuda_unavailable_reason", reason)
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def step(x, codebook):

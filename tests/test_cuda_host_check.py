@@ -14,7 +14,7 @@ from host_build import REPO, build, needs_cxx
 from host_build import pointer as _ptr
 from vq_checks import check_nearest
 
-from fastvq.ops import reference
+from fastvq.ops import chunked
 from fastvq.ops.common import METRICS, PRECISIONS, code_bias, round_operand
 
 pytestmark = needs_cxx
@@ -94,7 +94,7 @@ def test_nearest_matches_the_float64_brute_force(lib, N, K, D, H, shared, dtype,
     codebook = torch.randn(1 if shared else H, K, D).to(dtype)
     indices, distances = host_search(lib, x, codebook, metric, precision, 1, 64)
     check_nearest(x, codebook, indices[..., 0], distances[..., 0], metric, precision)
-    ref_indices, ref_distances = reference.nearest_code(x, codebook, metric=metric, precision=precision)
+    ref_indices, ref_distances = chunked.nearest_code(x, codebook, metric=metric, precision=precision)
     assert (indices[..., 0] == ref_indices).float().mean() > 0.97  # differ only at near-ties (summation order)
 
 
@@ -112,7 +112,7 @@ def test_exact_data_gives_the_reference_answer_bitwise(lib, metric, precision, k
     codebook[0, 65] = codebook[0, 64]
     x = torch.randint(-3, 4, (1, 23, d)).float()
     x[0, :4] = codebook[0, [3, 64, 3, 64]]
-    want = reference.topk_codes(x, codebook, k, metric=metric, precision=precision)
+    want = chunked.topk_codes(x, codebook, k, metric=metric, precision=precision)
     for codes_per_split in (64, 128, n_codes):
         got = host_search(lib, x, codebook, metric, precision, k, codes_per_split)
         assert torch.equal(got[0], want[0]), codes_per_split
@@ -132,7 +132,7 @@ def test_non_finite_rules(lib, metric):
     codebook[0, 0, 3] = float("nan")
     codebook[0, 2, 1] = float("inf")
     indices, distances = host_search(lib, x, codebook, metric, "ieee", 4, 64)
-    want_indices, want_distances = reference.topk_codes(x, codebook, 4, metric=metric)
+    want_indices, want_distances = chunked.topk_codes(x, codebook, 4, metric=metric)
     assert torch.equal(indices, want_indices)
     assert torch.equal(distances.isnan(), want_distances.isnan())
     assert (indices[0, [1, 4]] == -1).all() and (indices[0, [0, 2, 3, 5], 3] == -1).all()
@@ -150,7 +150,7 @@ def test_code_stats_matches_the_reference(lib, splits):
     mask = torch.rand(heads, n) > 0.3
     for m in (None, mask):
         counts, sums = host_code_stats(lib, x, indices, k, m, splits)
-        want_counts, want_sums = reference.code_stats(x, indices, k, mask=m)
+        want_counts, want_sums = chunked.code_stats(x, indices, k, mask=m)
         assert torch.equal(counts, want_counts) and torch.equal(sums, want_sums)
 
 
@@ -160,6 +160,6 @@ def test_overflowing_scores_never_win(lib):
     x = torch.tensor([[[1.9e19]]])
     codebook = torch.tensor([[[1.8e19], [0.0]]])  # |c0|^2 is finite, x.c0 overflows; |x - c1|^2 overflows
     indices, distances = host_search(lib, x, codebook, "l2", "ieee", 2, 64)
-    want_indices, want_distances = reference.topk_codes(x, codebook, 2)
+    want_indices, want_distances = chunked.topk_codes(x, codebook, 2)
     assert torch.equal(indices, want_indices) and indices.tolist() == [[[-1, -1]]]
     assert distances.isnan().all() and want_distances.isnan().all()

@@ -92,7 +92,7 @@ def test_sampling_is_seeded_and_guidance_matters():
     assert torch.equal(a, model.sample(3, (3, 5), steps=10, labels=labels, guidance=3.0, seed=1))
     assert not torch.equal(a, model.sample(3, (3, 5), steps=10, labels=labels, guidance=1.0, seed=1))
     assert not torch.equal(a, model.sample(3, (3, 5), steps=10, labels=labels, guidance=3.0, seed=2))
-    with pytest.raises(ValueError, match=r"steps must be in \[1, 50\]"):
+    with pytest.raises(ValueError, match=r"steps must be an int in \[1, 50\]"):
         model.sample(1, (2, 2), steps=51)
     with pytest.raises(ValueError, match="labels must be a"):
         model.loss(torch.randn(2, 2, 3, 3), torch.tensor([0, 3]))

@@ -1,5 +1,6 @@
 """Public API: argument errors, backend choice, autograd of the quantize step, torch.library ops."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -87,19 +88,41 @@ def test_cosine_of_tiny_vectors_keeps_their_direction(device, backend):
     torch.testing.assert_close(distance, want_distance, rtol=1e-5, atol=1e-5)
 
 
-def test_lookup_codes_rejects_bad_indices():
-    with pytest.raises(ValueError, match=r"indices must be int64 of shape \(4,\), got torch.int32"):
-        fastvq.lookup_codes(X, CB, torch.zeros(4, dtype=torch.int32))
+def test_one_index_range_check_names_the_bound():
+    """`check_index_range` (the ops' check, public for the layers) names the bound it was given and
+    the values it found, for every integer dtype, uint8 included."""
+    from fastvq.ops.functional import check_index_range
+
+    check_index_range(torch.tensor([-1, 0, 4]), 5)
+    check_index_range(torch.tensor([0, 255], dtype=torch.uint8), 256, bound="codebook_size")
+    with pytest.raises(ValueError, match=r"^indices must be in \[-1, codebook_size=256\), got values in \[3, 256\]$"):
+        check_index_range(torch.tensor([3, 256], dtype=torch.int16), 256, bound="codebook_size")
+    with pytest.raises(ValueError, match=r"^indices must be in \[-1, num_codes=4\), got values in \[0, 4\]$"):
+        check_index_range(torch.tensor([0, 4], dtype=torch.uint8), 4)
+    check_index_range(torch.tensor([99], device="meta"), 4)  # no values to check
+
+
+def test_lookup_codes_checks_indices_as_every_op():
+    """The one check of code indices (as code_stats and code_cross_entropy): int64 or int32, shaped like
+    x without D; int32 gives the int64 answer."""
+    with pytest.raises(TypeError, match=r"indices must be an integer tensor \(int64 or int32\), got dtype torch.int16"):
+        fastvq.lookup_codes(X, CB, torch.zeros(4, dtype=torch.int16))
+    with pytest.raises(ValueError, match=r"indices must have shape x.shape\[:-1\] = \(4,\), got \(3,\)"):
+        fastvq.lookup_codes(X, CB, torch.zeros(3, dtype=torch.int64))
+    indices = torch.tensor([0, 4, -1, 2])
+    assert torch.equal(fastvq.lookup_codes(X, CB, indices.int()), fastvq.lookup_codes(X, CB, indices))
 
 
 # ---------------------------------------------------------------------------------------------
 # backend choice
 # ---------------------------------------------------------------------------------------------
 
-def test_env_override_and_bad_env(monkeypatch):
+def test_env_override_and_bad_env(monkeypatch, fresh_backends):
     monkeypatch.setenv("FASTVQ_BACKEND", "torch")
+    fresh_backends.clear_cache()  # FASTVQ_BACKEND is read once
     assert resolve_backend("triton", torch.device("cpu")) == "torch"
     monkeypatch.setenv("FASTVQ_BACKEND", "gpu")
+    fresh_backends.clear_cache()
     with pytest.raises(ValueError, match=r"FASTVQ_BACKEND must be one of .*'gpu'"):
         fastvq.nearest_code(X, CB)
 
@@ -184,62 +207,48 @@ def test_cuda_backend_on_cpu_tensors_says_why_and_what_to_use():
         layer(torch.randn(1, 4, 3))
 
 
-def test_cuda_build_prerequisites_name_the_fix(monkeypatch, tmp_path):
-    """Each missing piece of the JIT build gives its own cause and fix, before anything compiles."""
-    from torch.utils import cpp_extension
-
-    from fastvq.ops.cuda import _build
-
-    monkeypatch.setattr(torch.version, "cuda", None)
-    reason = _build.missing_prerequisite()
-    assert "this torch build" in reason and "install a CUDA build of torch" in reason
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
-    reason = _build.missing_prerequisite()
-    assert "nvcc was not found" in reason and "CUDA_HOME" in reason and "FASTVQ_FORCE_BUILD=1" in reason
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
-    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
-    assert _build.missing_prerequisite() == "ninja is not installed; install it with `pip install ninja`"
-    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
-    assert _build.missing_prerequisite() == ""
-    monkeypatch.setattr(_build, "KERNELS_DIR", tmp_path)
-    assert "CUDA sources are not installed" in _build.missing_prerequisite()
-    assert _build.cache_dir().name == "cuda-torch{}-cu13.0".format(torch.__version__)
+def _swap(monkeypatch, registry, name, **changes):
+    """Replace backend `name`'s record for this test (dataclasses.replace of its fields)."""
+    monkeypatch.setitem(registry, name, dataclasses.replace(registry[name], **changes))
 
 
-def test_auto_never_picks_cuda(monkeypatch):
+def test_auto_never_picks_cuda(monkeypatch, fresh_backends):
     """The CUDA backend runs only when named (argument or FASTVQ_BACKEND), even where it is available."""
-    from fastvq.ops import backend
-
     gpu = torch.device("cuda")
-    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device, build=True: "")
-    monkeypatch.setattr(backend, "triton_unavailable_reason", lambda device: "")
+    registry = fresh_backends.REGISTRY
+    for name in ("cuda", "triton"):
+        _swap(monkeypatch, registry, name, why_not=lambda device, build: "")
     assert resolve_backend("auto", gpu) == "triton" and resolve_backend("cuda", gpu) == "cuda"
-    monkeypatch.setattr(backend, "triton_unavailable_reason", lambda device: "no triton")
+    _swap(monkeypatch, registry, "triton", why_not=lambda device, build: "no triton")
+    fresh_backends.clear_cache()
     assert resolve_backend("auto", gpu) == "torch"
     monkeypatch.setenv("FASTVQ_BACKEND", "cuda")
+    fresh_backends.clear_cache()
     assert resolve_backend("auto", gpu) == "cuda"
 
 
-def test_cuda_backend_runs_other_ops_on_triton(monkeypatch):
+def test_cuda_backend_runs_other_ops_on_triton(monkeypatch, fresh_backends):
     """backend='cuda' has CUDA kernels for CUDA_OPS only; every other op is the Triton backend's,
     and says so when Triton cannot run."""
-    from fastvq.ops import backend, cuda
+    from fastvq.ops import cuda
 
-    module = backend.backend_module("cuda")
-    assert backend.CUDA_OPS == ("nearest_code", "topk_codes", "code_stats")
-    assert module.nearest_code is cuda.nearest_code and module.code_stats is cuda.code_stats
+    registry = fresh_backends.REGISTRY
+    ops = registry["cuda"].ops
+    assert fresh_backends.CUDA_OPS == ("nearest_code", "topk_codes", "code_stats")
     x, codebook = torch.randn(1, 5, 3), torch.randn(1, 7, 3)
-    monkeypatch.setattr(backend, "triton_unavailable_reason", lambda device: "triton is broken here")
+    calls = []
+    for op in fresh_backends.CUDA_OPS:  # `fastvq.ops.cuda`'s functions, looked up at the call
+        monkeypatch.setattr(cuda, op, lambda *args, op=op, **kwargs: calls.append((f"cuda.{op}", args, kwargs)))
+        ops[op](x, codebook, metric="dot")
+        assert calls[-1] == (f"cuda.{op}", (x, codebook), {"metric": "dot"})
+    _swap(monkeypatch, registry, "triton", why_not=lambda device, build: "triton is broken here")
     with pytest.raises(RuntimeError, match="backend='cuda' runs sample_code on the Triton backend .* cannot run: "
                                            "triton is broken here"):
-        module.sample_code(x, codebook, temperature=1.0, seed=3)
-    monkeypatch.setattr(backend, "triton_unavailable_reason", lambda device: "")
-    calls = []
-    monkeypatch.setattr(backend, "backend_module", lambda name: type("Fake", (), {
-        "code_cross_entropy": staticmethod(lambda *args, **kwargs: calls.append((name, args, kwargs)))}))
-    module.code_cross_entropy(x, codebook, "indices", metric="cosine")
-    assert calls == [("triton", (x, codebook, "indices"), {"metric": "cosine"})]
+        ops["sample_code"](x, codebook, temperature=1.0, seed=3)
+    _swap(monkeypatch, registry, "triton", why_not=lambda device, build: "", ops={
+        "code_cross_entropy": lambda *args, **kwargs: calls.append(("triton", args, kwargs))})
+    ops["code_cross_entropy"](x, codebook, "indices", metric="cosine")
+    assert calls[-1] == ("triton", (x, codebook, "indices"), {"metric": "cosine"})
 
 
 def test_import_builds_nothing():
@@ -342,24 +351,3 @@ def test_cuda_kernels_get_operands_of_one_compiled_dtype():
     mixed = kernel_operands(half, bf16)
     assert [t.dtype for t in mixed] == [torch.float32] * 2 and torch.equal(mixed[0], half.float())
     assert kernel_operands(double)[0].dtype == torch.float32
-
-
-def test_cuda_build_failure_is_reported_once_with_the_compiler_output(monkeypatch):
-    from fastvq.ops.cuda import _build
-
-    monkeypatch.setattr(_build, "_failure", "")
-    monkeypatch.setattr(_build, "_extension", None)
-    monkeypatch.setattr(_build, "missing_prerequisite", lambda: "")
-    calls = []
-
-    def failing_build():
-        calls.append(1)
-        raise RuntimeError("Error building extension: nearest_code.cu(12): error: identifier undefined")
-
-    monkeypatch.setattr(_build, "_build", failing_build)
-    reason = _build.unavailable_reason()
-    assert "building the CUDA extension" in reason and "identifier undefined" in reason
-    assert "delete" in reason and str(_build.cache_dir()) in reason
-    with pytest.raises(RuntimeError, match="fastvq backend 'cuda' cannot run: building the CUDA extension"):
-        _build.load_extension()
-    assert _build.unavailable_reason(build=False) == reason and len(calls) == 1  # not retried per call

@@ -2,6 +2,7 @@
 `fastvq sample` and `fastvq eval-samples`, on MNIST with a tiny tokenizer."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,8 +11,11 @@ from PIL import Image
 
 from fastvq.app import generation, sample_quality
 from fastvq.app.cli import main
+from fastvq.app.config import make_config
 from fastvq.app.data import FileImages, class_labels, split_images
+from fastvq.app.errors import SettingError
 from fastvq.app.generation import Generator
+from fastvq.app.runlock import RunFolderLock
 from fastvq.app.state import CHECKPOINT, load, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,6 +84,19 @@ def test_training_writes_outputs_and_resumes_exactly(capsys, tokenizer, tmp_path
     assert (tmp_path / "part" / "metrics.json").read_bytes() == written  # a finished run: nothing rewritten
     full, part = (read_checkpoint(tmp_path / r / CHECKPOINT)[0] for r in ("full", "part"))
     assert all(torch.equal(full[k], part[k]) for k in full if k.startswith("model."))
+
+
+def test_a_second_run_into_the_same_out_fails_at_once(capsys, tokenizer, tmp_path):
+    """A prior or diffusion run goes through the tokenizers' training loop, and its run-folder lock."""
+    out = tmp_path / "prior"
+    with RunFolderLock(out):
+        code, text = run(capsys, "train", "--model", "prior", "--tokenizer", tokenizer, "--out", out, "--steps", 2,
+                         "--no-progress", *SMALL["prior"])
+        assert code == 2 and f"--out {out}: another run (process {os.getpid()}) is writing there" in text, text
+        config = make_config("prior", tokenizer=str(tokenizer), steps=2, threads=1)
+        with pytest.raises(SettingError, match=f"out_dir {out}: another run"):  # past the command line's check
+            generation.train_generator(config, out, progress=False)
+    assert not out.exists()  # nothing was written there
 
 
 def test_sample_writes_a_grid_and_an_array_reproducibly(capsys, tokenizer, tmp_path):
@@ -188,19 +205,16 @@ def test_eval_samples_judges_images_beside_real_digits(capsys, tmp_path, monkeyp
 
 @pytest.mark.usefixtures("sigint_delivered")
 def test_ctrl_c_checkpoints_the_step_and_resume_matches(capsys, tokenizer, tmp_path, monkeypatch):
-    import os
     import signal
-
-    from fastvq.app import generation
 
     full, _ = train_generator(capsys, "diffusion", tokenizer, tmp_path / "full")
 
-    def ctrl_c_in_the_second_step(history, row, step, append=generation.append_history):
-        append(history, row, step)
+    def ctrl_c_in_the_second_step(self, step, batch, real_step=generation.GeneratorTraining.step):
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, step, batch)
 
-    monkeypatch.setattr(generation, "append_history", ctrl_c_in_the_second_step)
+    monkeypatch.setattr(generation.GeneratorTraining, "step", ctrl_c_in_the_second_step)
     code, text = run(capsys, "train", "--model", "diffusion", "--tokenizer", tokenizer, "--out", tmp_path / "cut",
                      "--steps", 6, "--ckpt-every", 3, "--batch-size", 8, "--max-images", 64, "--num-eval", 16,
                      "--threads", 1, "--no-progress", *SMALL["diffusion"])

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from conftest import backend_cases
 from vq_checks import LargestTensor
 
+from fastvq.nn.gradient_estimators import SAFE_DIV_EPS, rotate_to
 from fastvq.nn.kmeans import sample_rows
-from fastvq.nn.vector_quantize import SAFE_DIV_EPS, UNSUPPORTED, VectorQuantize, rotate_to
+from fastvq.nn.vector_quantize import UNSUPPORTED, VectorQuantize
 
 DIM, CODES = 8, 32
 

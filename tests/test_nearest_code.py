@@ -1,4 +1,4 @@
-"""nearest_code: both backends against a float64 brute force and each other.
+"""nearest_code: every backend against the dense float64 oracle (`fastvq.ops.naive`).
 
 The Triton backend runs on CPU under TRITON_INTERPRET=1 (set by conftest.py) and on CUDA natively.
 """
@@ -9,10 +9,11 @@ import itertools
 import pytest
 import torch
 from conftest import backend_cases, case
-from vq_checks import brute_force_distances, check_nearest
+from vq_checks import check_nearest
 
 import fastvq
-from fastvq.ops.backend import cuda_unavailable_reason
+from fastvq.ops import naive
+from fastvq.ops.backend import unavailable_reason
 from fastvq.ops.common import METRICS
 from fastvq.ops.functional import resolve_precision
 from fastvq.ops.triton import _launch
@@ -59,17 +60,18 @@ def test_matches_float64_brute_force(device, backend, N, K, D, H, shared, dtype,
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", [1, 3])
-def test_backends_agree(device, backend, metric, dtype, heads):
-    """Same answer as the reference (exact index where the margin is clear) at an odd shape."""
+def test_agrees_with_the_oracle(device, backend, metric, dtype, heads):
+    """The oracle's answer (ranking operands rounded as the backend rounded them) at an odd shape:
+    the same index wherever the oracle's two lowest scores are clearly apart, its distance to 1e-5."""
     x, codebook = _inputs(heads, 301, 259, 33, dtype, device)
     indices, distances, used = _run(x, codebook, metric, backend)
-    ref_indices, ref_distances, _ = _run(x.cpu(), codebook.cpu(), metric, "torch")
     check_nearest(x, codebook, indices, distances, metric, used)
-    dense = brute_force_distances(x.cpu(), codebook.cpu(), metric)
-    top2 = dense.topk(2, dim=-1, largest=False).values
+    want_indices, want_distances = naive.nearest_code(x.cpu(), codebook.cpu(), metric=metric, precision=used)
+    top2 = naive.scores(x.cpu(), codebook.cpu(), metric, used).topk(2, dim=-1, largest=False).values
     clear = (top2[..., 1] - top2[..., 0]) > 1e-3
-    assert torch.equal(indices.cpu()[clear], ref_indices[clear])
-    torch.testing.assert_close(distances.cpu()[clear], ref_distances[clear], rtol=1e-5, atol=1e-5)
+    assert clear.float().mean() > 0.9, "the test must compare most tokens"
+    assert torch.equal(indices.cpu()[clear], want_indices[clear])
+    torch.testing.assert_close(distances.cpu()[clear].double(), want_distances[clear], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
@@ -105,7 +107,7 @@ def test_exact_ties_go_to_lowest_index(device, backend, metric, n, k, precision)
         low, _ = twins[i % len(twins)]
         x[0, i] = codebook[0, low] * (1 + i % 2)
     if metric != "cosine":
-        dense = brute_force_distances(x, codebook, metric)  # exact: integers
+        dense = naive.distances(x, codebook, metric)  # exact: integers
     else:  # a score with the cosine ranking, exact for a copy scaled by 2
         cd = codebook.double()
         dense = -(x.double() @ cd.transpose(1, 2)) / cd.norm(dim=-1).unsqueeze(1)
@@ -135,7 +137,7 @@ def test_code_splits_do_not_change_the_answer(device, backend, monkeypatch):
     config = _launch.search_config(7, 1000, 24, 2, "ieee", x.device)
     assert config["splits"] > 1, "this shape must exercise the split path"
     split = fastvq.nearest_code(x, codebook, backend=backend)
-    monkeypatch.setattr(_launch, "num_programs_target", lambda device: 1)
+    monkeypatch.setattr(_launch, "target_programs", lambda device: 1)
     assert _launch.search_config(7, 1000, 24, 2, "ieee", x.device)["splits"] == 1
     whole = fastvq.nearest_code(x, codebook, backend=backend)
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
@@ -149,7 +151,7 @@ def test_cuda_code_splits_do_not_change_the_answer(device, backend, k, monkeypat
     cuda_search = importlib.import_module("fastvq.ops.cuda.nearest_code")  # the module, not the function
     x, codebook = _inputs(2, 7, 1000, 24, torch.float32, device)
     split = fastvq.topk_codes(x, codebook, k, backend=backend)
-    monkeypatch.setattr(cuda_search, "target_blocks", lambda device: 1)  # one split
+    monkeypatch.setattr(cuda_search, "target_programs", lambda device: 1)  # one split
     whole = fastvq.topk_codes(x, codebook, k, backend=backend)
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
     assert torch.equal(fastvq.nearest_code(x, codebook, backend=backend)[0], whole[0][..., 0])
@@ -163,7 +165,7 @@ def test_non_finite_inputs(device, backend, metric):
     x[1, 3] = float("nan")
     x[4, 0] = float("inf")
     codebook = torch.randn(40, 9)
-    nearest_plain = brute_force_distances(x[None, [0, 2, 3, 5]], codebook[None], metric).argmin(-1)[0]
+    nearest_plain = naive.distances(x[None, [0, 2, 3, 5]], codebook[None], metric).argmin(-1)[0]
     codebook[nearest_plain[0]] = float("nan")  # the best code of token 0 becomes unusable
     codebook[nearest_plain[1], 2] = float("-inf")
     indices, distances, _ = _run(x.to(device), codebook.to(device), metric, backend)
@@ -233,7 +235,7 @@ def test_large_dim(device, backend, metric):
 def test_offsets_past_two_to_the_31(backend):
     """x with more than 2^31 elements: the last tokens must be answered like the first."""
     if backend not in fastvq.available_backends("cuda"):
-        pytest.skip(cuda_unavailable_reason(torch.device("cuda"), build=False))
+        pytest.skip(unavailable_reason(backend, "cuda", build=False))
     n, d = (1 << 21) + 3, 1040  # 2.18e9 bf16 elements, 4.4 GB
     x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
     codebook = torch.randn(64, d, device="cuda", dtype=torch.bfloat16)

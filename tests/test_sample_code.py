@@ -1,5 +1,5 @@
-"""sample_code: draws follow softmax(logits / temperature), are reproducible by seed, and agree
-between backends (the reference replays Triton's Philox stream).
+"""sample_code: draws follow softmax(logits / temperature), are reproducible by seed, and are the
+oracle's (`fastvq.ops.naive.sample_code` replays the Philox stream of the kernels densely).
 
 Distribution rule: N identical tokens against K = 5 codes give multinomial counts; the chi-square
 statistic against N softmax(logit / T) (float64 logits) must stay below 43, the 1 - 1e-8 quantile
@@ -14,21 +14,10 @@ import torch
 from conftest import backend_cases
 
 import fastvq.ops.functional as F
-from fastvq.ops import reference
+from fastvq.ops import naive, philox
 from fastvq.ops.common import METRICS
 
 CHI2_LIMIT = 43.0
-
-
-def dense_logits(x, codebook, metric):
-    """The anchor's logits in float64, (H, N, K) from canonical (H, N, D) and (Hc, K, D)."""
-    xd, cd = x.double(), codebook.double().expand(x.shape[0], -1, -1)
-    if metric == "l2":
-        return -torch.cdist(xd, cd).pow(2).clamp_min(1e-8).sqrt()
-    if metric == "dot":
-        return xd @ cd.transpose(1, 2)
-    return torch.nn.functional.normalize(xd, dim=-1) @ torch.nn.functional.normalize(cd,
-                                                                                     dim=-1).transpose(1, 2)
 
 
 def _five_codes(heads, d, metric):
@@ -56,7 +45,7 @@ def test_frequencies_match_softmax(device, backend, metric, temperature, _seed):
     x = token.expand(2, n, 3)
     indices = F.sample_code(x.to(device), codebook.to(device), temperature=temperature, metric=metric,
                             seed=_seed, backend=backend).cpu()
-    probs = (dense_logits(token, codebook, metric)[:, 0] / temperature).softmax(dim=-1)  # (2, 5)
+    probs = (naive.logits(token, codebook, metric)[:, 0] / temperature).softmax(dim=-1)  # (2, 5)
     assert probs.min() * n > 50, "every cell needs a large expected count"
     for h in range(2):  # one codebook per head: each head follows its own softmax
         counts = torch.bincount(indices[h], minlength=5).double()
@@ -88,13 +77,13 @@ def test_seeds(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("metric", METRICS)
-def test_backends_draw_the_same_codes(device, backend, metric):
-    """The reference replays Triton's Philox stream, so both backends draw the same code for a seed
-    (up to float rounding where two perturbed logits nearly tie)."""
+def test_draws_the_oracles_codes(device, backend, metric):
+    """Every backend draws with the Philox stream that the oracle replays densely, so it draws the
+    oracle's code for a seed (up to float rounding where two perturbed logits nearly tie)."""
     x, codebook = torch.randn(2, 301, 33), torch.randn(2, 259, 33)
     got = F.sample_code(x.to(device), codebook.to(device), temperature=0.7, metric=metric, seed=11,
                         backend=backend).cpu()
-    want = F.sample_code(x, codebook, temperature=0.7, metric=metric, seed=11, backend="torch")
+    want = naive.sample_code(x, codebook, temperature=0.7, metric=metric, seed=11)
     assert (got == want).float().mean() >= 0.99
 
 
@@ -109,8 +98,7 @@ def test_gumbel_topk_extends_the_single_draw(device, backend, metric):
     assert got.shape == (2, 301, 5) and got.dtype == torch.int64
     assert torch.equal(got[..., 0], single)
     assert (got.sort(dim=-1).values.diff(dim=-1) > 0).all(), "the k codes must be distinct"
-    want = F.sample_code(x.cpu(), codebook.cpu(), temperature=0.7, k=5, metric=metric, seed=11,
-                         backend="torch")
+    want = naive.sample_code(x.cpu(), codebook.cpu(), temperature=0.7, k=5, metric=metric, seed=11)
     assert (got.cpu() == want).all(dim=-1).float().mean() >= 0.99
     assert torch.equal(F.sample_code(x, codebook, temperature=0.7, k=1, metric=metric, seed=11,
                                      backend=backend)[..., 0], single)
@@ -123,8 +111,8 @@ def test_gumbel_topk_ranks_the_perturbed_logits(device, backend):
     got = F.sample_code(x.to(device), codebook.to(device), temperature=0.5, k=4, seed=3,
                         backend=backend).cpu()
     offsets = torch.arange(40)[:, None] * 30 + torch.arange(30)
-    gumbel = -torch.log(-torch.log(reference.philox_uniform(3, offsets))).double()
-    perturbed = dense_logits(x, codebook, "l2")[0] / 0.5 + gumbel
+    gumbel = -torch.log(-torch.log(philox.uniform(3, offsets))).double()
+    perturbed = naive.logits(x, codebook, "l2")[0] / 0.5 + gumbel
     assert (got[0] == perturbed.topk(4, dim=-1).indices).all(dim=-1).float().mean() >= 0.95
 
 
@@ -138,7 +126,7 @@ def test_gumbel_top2_frequencies(device, backend, _seed):
     token, codebook = _five_codes(1, 3, "l2")
     got = F.sample_code(token.expand(1, n, 3).to(device), codebook.to(device), temperature=1.0, k=2,
                         seed=_seed, backend=backend).cpu()[0]
-    p = dense_logits(token, codebook, "l2")[0, 0].softmax(dim=-1)
+    p = naive.logits(token, codebook, "l2")[0, 0].softmax(dim=-1)
     pairs = p[:, None] * p[None, :] / (1 - p[:, None])
     off_diagonal = ~torch.eye(5, dtype=torch.bool)
     counts = torch.bincount(got[:, 0] * 5 + got[:, 1], minlength=25).view(5, 5).double()
@@ -163,12 +151,12 @@ def test_gumbel_topk_edges(device, backend):
     assert F.sample_code(x[:, :0], codebook, k=3, seed=4, backend=backend).shape == (2, 0, 3)
 
 
-def test_reference_noise_is_triton_philox():
+def test_noise_stream_is_triton_philox():
     """Bit-exact against values of `tl.rand(123, 2**33 + arange(4))` (triton 3.6-3.9)."""
     offsets = torch.arange(4) + 2**33
     expected = torch.tensor([0.154929385, 0.142340347, 0.650659084, 0.846028626])
-    torch.testing.assert_close(reference.philox_uniform(123, offsets), expected, rtol=0, atol=1e-9)
-    u = reference.philox_uniform(2**40 + 5, torch.arange(200_000))
+    torch.testing.assert_close(philox.uniform(123, offsets), expected, rtol=0, atol=1e-9)
+    u = philox.uniform(2**40 + 5, torch.arange(200_000))
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
 
 

@@ -1,4 +1,4 @@
-"""topk_codes: both backends against a float64 brute force (a stable sort of the dense distances).
+"""topk_codes: every backend against the dense float64 oracle (a stable sort of `fastvq.ops.naive.distances`).
 
 Tolerance rule: as `vq_checks` (a score's rounding error is at most `tolerance`), so the j-th
 returned distance is within 2 tolerances of the true j-th smallest, the returned set is exact
@@ -10,9 +10,10 @@ wherever every consecutive gap is.
 import pytest
 import torch
 from conftest import backend_cases, case
-from vq_checks import brute_force_distances, distance_scale, tolerance
+from vq_checks import distance_scale, tolerance
 
 import fastvq.ops.functional as F
+from fastvq.ops import naive
 from fastvq.ops.common import METRICS
 from fastvq.ops.triton import _launch
 from fastvq.ops.triton._launch import interpreted_precision
@@ -30,7 +31,7 @@ def _run(x, codebook, k, metric, backend, precision=None):
 def check_topk(x, codebook, indices, distances, k, metric, precision):
     """Assert (H, N, k) indices/distances are a correct top-k answer for canonical inputs."""
     x, codebook, indices, distances = x.cpu(), codebook.cpu(), indices.cpu(), distances.cpu()
-    dense = brute_force_distances(x, codebook, metric)
+    dense = naive.distances(x, codebook, metric)
     tol = 2 * tolerance(x, codebook, metric, precision)[..., None]
     true_sorted, true_index = dense.sort(dim=-1, stable=True)
     assert indices.shape == distances.shape == (*x.shape[:2], k)
@@ -96,7 +97,7 @@ def test_exact_ties_go_to_lowest_index(device, backend, metric, n_codes):
         codebook[high] = codebook[low] * (2.0 if metric == "cosine" else 1.0)  # same cosine when scaled
     x[::2] = codebook[[3, 64, 10, 127, 0]].repeat(4, 1)  # tokens sitting on the twins
     if metric != "cosine":
-        score = brute_force_distances(x[None], codebook[None], metric)[0]  # exact: integers
+        score = naive.distances(x[None], codebook[None], metric)[0]  # exact: integers
     else:  # a score with the cosine ranking, exact for a copy scaled by 2
         score = -(x.double() @ codebook.double().T) / codebook.double().norm(dim=-1).clamp_min(1e-12)
     expected = score.sort(dim=-1, stable=True).indices[:, :9]
@@ -111,7 +112,7 @@ def test_code_splits_do_not_change_the_answer(device, backend, monkeypatch):
     x, codebook = torch.randn(2, 7, 24, device=device), torch.randn(2, 1000, 24, device=device)
     assert _launch.search_config(7, 1000, 24, 2, "ieee", x.device, 8)["splits"] > 1
     split = F.topk_codes(x, codebook, 8, backend=backend)
-    monkeypatch.setattr(_launch, "num_programs_target", lambda device: 1)
+    monkeypatch.setattr(_launch, "target_programs", lambda device: 1)
     assert _launch.search_config(7, 1000, 24, 2, "ieee", x.device, 8)["splits"] == 1
     whole = F.topk_codes(x, codebook, 8, backend=backend)
     assert torch.equal(split[0], whole[0]) and torch.equal(split[1], whole[1])
@@ -131,7 +132,7 @@ def test_non_finite_inputs(device, backend):
     assert (indices[finite, 4:] == -1).all() and distances[finite, 4:].isnan().all()
     assert (indices[3] == -1).all() and distances[3].isnan().all()
     good = torch.tensor([0, 2, 3, 5])
-    dense = brute_force_distances(x[None, finite], codebook[None, good], "l2")[0]
+    dense = naive.distances(x[None, finite], codebook[None, good], "l2")[0]
     assert torch.equal(indices[finite, :4], good[dense.sort(dim=-1, stable=True).indices])
 
 

@@ -1,4 +1,4 @@
-"""Float64 brute force and the comparison rules the kernel tests share.
+"""The comparison rules the kernel tests share, against the dense float64 oracle `fastvq.ops.naive`.
 
 Tolerance rule for "nearest": with unit roundoff u of the precision the ranking used (2^-24 for
 exact fp32 products, 2^-11 tf32/fp16 operands, 2^-8 bf16 operands) and fp32 accumulation over D
@@ -10,19 +10,9 @@ cosine. A chosen code must be within that tolerance of the true (float64) minimu
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastvq.ops import naive
+
 UNIT_ROUNDOFF = {"ieee": 2.0**-24, "tf32": 2.0**-11, "fp16": 2.0**-11, "bf16": 2.0**-8}
-
-
-def brute_force_distances(x, codebook, metric):
-    """Dense float64 distances (H, N, K) from canonical (H, N, D) and (Hc, K, D)."""
-    xd, cd = x.double(), codebook.double().expand(x.shape[0], -1, -1)
-    if metric == "l2":
-        return (xd.unsqueeze(2) - cd.unsqueeze(1)).pow(2).sum(-1)
-    if metric == "dot":
-        return -(xd @ cd.transpose(1, 2))
-    xn = xd / xd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    cn = cd / cd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return 1.0 - xn @ cn.transpose(1, 2)
 
 
 def tolerance(x, codebook, metric, precision):
@@ -48,7 +38,7 @@ def check_nearest(x, codebook, indices, distances, metric, precision):
     """Assert indices/distances (H, N) are a correct nearest-code answer for canonical inputs."""
     x, codebook = x.cpu(), codebook.cpu()
     indices, distances = indices.cpu(), distances.cpu()
-    dense = brute_force_distances(x, codebook, metric)
+    dense = naive.distances(x, codebook, metric)
     tol = tolerance(x, codebook, metric, precision)
     true_min, true_arg = dense.min(-1)
     assert indices.dtype == torch.int64 and distances.dtype == torch.float32

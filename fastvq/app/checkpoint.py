@@ -3,7 +3,10 @@
 A checkpoint holds named tensors plus JSON metadata. Nested states (optimizer state dicts) are
 split by ``pack`` into tensors and a JSON skeleton and rebuilt by ``unpack``. A SHA-256 of all
 tensor bytes and of the metadata is stored beside them, so that a truncated or altered file is
-reported as corrupt rather than loaded.
+reported as corrupt rather than loaded. The checksum is no signature: whoever can write a file can
+recompute it, so what a file says is data, checked before use (`read_header` gives the tensors'
+shapes and the metadata without reading any tensor; `fastvq.app.state` checks both against the
+model they describe before anything is allocated). Every problem raises `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
 from .files import write_atomic
 
 FORMAT = "fastvq-checkpoint/2"
@@ -48,29 +52,85 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     write_atomic(path, lambda f: f.write(data))
 
 
-def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint written by ``save``: (tensors on CPU, meta). Raises FileNotFoundError
-    for a missing file and ValueError for a corrupt file or one that is not a fastvq checkpoint."""
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+"""Torch dtypes of safetensors' dtype names."""
+MAX_DEPTH = 64
+"""The deepest nesting of a checkpoint's JSON metadata (an optimizer state's skeleton is about 12)."""
+
+
+def read_header(path: str | Path) -> tuple[dict[str, tuple[torch.dtype | None, tuple[int, ...]]], dict[str, Any]]:
+    """The header of a checkpoint written by ``save``, no tensor read: (name -> (dtype, shape) of
+    every tensor, dtype None when torch has none of that name; meta). FileNotFoundError for a
+    missing file, CheckpointError for one that is not a readable fastvq checkpoint."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            layout = {}
+            for name in f.keys():
+                view = f.get_slice(name)
+                layout[name] = (DTYPES.get(view.get_dtype()), tuple(view.get_shape()))
+    except Exception as err:  # safetensors raises several types for unreadable files
+        raise CheckpointError(path, f"is corrupt or not a safetensors file: {err}") from err
+    return layout, _meta(path, metadata)
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by ``save``: (tensors on CPU, meta). Raises FileNotFoundError
+    for a missing file and CheckpointError for a corrupt file or one that is not a fastvq
+    checkpoint. Tensors take what the file holds: their sizes are bounded by its length."""
+    from safetensors import safe_open
+
+    path = _existing(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:  # safetensors raises several types for unreadable files
-        raise ValueError(f"checkpoint {path} is corrupt or not a safetensors file: {err}") from err
+        raise CheckpointError(path, f"is corrupt or not a safetensors file: {err}") from err
+    meta = _meta(path, metadata)
+    covered = metadata["meta"] if metadata["format"] == FORMAT else None
+    if _digest(tensors, covered) != metadata.get("sha256"):
+        raise CheckpointError(path, "is corrupt: its tensors or metadata do not match their checksum")
+    return tensors, meta
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    return path
+
+
+def _meta(path: Path, metadata: dict[str, str]) -> Any:
+    """The JSON metadata of a fastvq checkpoint's header, nested at most MAX_DEPTH deep."""
     if metadata.get("format") not in (FORMAT, LEGACY_FORMAT):
-        raise ValueError(
-            f"checkpoint {path} is not a fastvq checkpoint (format {metadata.get('format')!r}, "
-            f"expected {FORMAT!r})"
-        )
-    covered = metadata.get("meta") if metadata["format"] == FORMAT else None
-    if "meta" not in metadata or _digest(tensors, covered) != metadata.get("sha256"):
-        raise ValueError(f"checkpoint {path} is corrupt: its tensors or metadata do not match their checksum")
-    return tensors, json.loads(metadata["meta"])
+        raise CheckpointError(path, f"is not a fastvq checkpoint (format {metadata.get('format')!r}, "
+                                    f"expected {FORMAT!r})")
+    if "meta" not in metadata:
+        raise CheckpointError(path, "is corrupt: it has no metadata")
+    try:
+        meta = json.loads(metadata["meta"])
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(path, f"is corrupt: its metadata is not JSON ({str(err)[:200]})") from None
+    if _depth(meta) > MAX_DEPTH:
+        raise CheckpointError(path, f"is corrupt: its metadata is nested deeper than {MAX_DEPTH} levels")
+    return meta
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and dicts nest in a JSON value (a scalar: 0), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, (list, dict)) and depth <= MAX_DEPTH:
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def pack(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -86,12 +146,28 @@ def pack(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     return {"value": obj}
 
 
-def unpack(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of ``pack`` (tuples come back as lists)."""
-    if "tensor" in skeleton:
-        return tensors[skeleton["tensor"]]
-    if "dict" in skeleton:
-        return {k: unpack(v, tensors) for k, v in skeleton["dict"]}
-    if "list" in skeleton:
-        return [unpack(v, tensors) for v in skeleton["list"]]
-    return skeleton["value"]
+def unpack(skeleton: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    """Inverse of ``pack`` (tuples come back as lists). A skeleton that ``pack`` could not have
+    written (another shape, a missing tensor, JSON nested deeper than MAX_DEPTH) raises ValueError
+    saying what is wrong."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    if not isinstance(skeleton, dict) or len(skeleton) != 1:
+        raise ValueError(f"expected one of {{tensor|dict|list|value: ...}}, got {_short(skeleton)}")
+    (kind, content), = skeleton.items()
+    if kind == "tensor" and isinstance(content, str) and content in tensors:
+        return tensors[content]
+    if kind == "dict" and isinstance(content, list) and all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], (str, int)) and not isinstance(p[0], bool)
+            for p in content):
+        return {k: unpack(v, tensors, depth + 1) for k, v in content}
+    if kind == "list" and isinstance(content, list):
+        return [unpack(v, tensors, depth + 1) for v in content]
+    if kind == "value" and (content is None or isinstance(content, (bool, int, float, str))):
+        return content
+    raise ValueError(f"a malformed or dangling entry {_short(skeleton)}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -29,21 +29,35 @@ from PIL import Image
 
 from fastvq import __version__
 from fastvq.models import QUANTIZERS
+from fastvq.models.checks import check_int
+from fastvq.models.prior import check_sampling
 
 from . import report, sample_quality
-from .config import GENERATORS, MODELS, PRESETS, RESUMABLE, RunConfig, make_config, model_arg_names
+from .config import (
+    GENERATORS,
+    MODELS,
+    PRESETS,
+    RESUMABLE,
+    RunConfig,
+    make_config,
+    model_arg_names,
+    parse_model_args,
+    preset_config,
+)
 from .data import builtin_images, fixed_crops, load_images, open_images, stack_images
-from .device import resolve_device, torch_threads
+from .device import machine_cpus, resolve_device, torch_threads
 from .errors import SettingError
 from .evaluation import decode_indices, encode_images, evaluate
 from .files import write_atomic
 from .generation import class_index, grid_layout, load_generator, sample_images, train_generator
+from .loop import TrainingInterrupted
+from .manifest import MANIFEST_FORMAT, output_names, read_manifest
 from .metrics import InceptionFeatures
-from .state import CHECKPOINT, checkpoint_file, load_model, read_checkpoint
+from .runlock import check_unlocked
+from .settings import check_setting, named
+from .state import CHECKPOINT, checkpoint_file, load_model, read_meta
 from .step import PRECISIONS
-from .training import TrainingInterrupted, train
-
-MANIFEST_FORMAT = "fastvq-indices/1"
+from .training import train
 
 # train flags that map onto RunConfig fields; None means "not given".
 RUN_FLAGS = (
@@ -91,14 +105,12 @@ def flag(setting: str) -> str:
     return FLAG_OF_SETTING.get(setting, "--" + setting.replace("_", "-"))
 
 
-def _model_arg(text: str) -> tuple[str, Any]:
+def _model_arg(text: str) -> tuple[str, str]:
+    """KEY=VALUE -> (KEY, VALUE); the value is typed once the model is known (`parse_model_args`)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+    return key, value
 
 
 def _model_arg_default(model: str, setting: str, config: RunConfig) -> Any:
@@ -113,7 +125,7 @@ def default_text(setting: str) -> str:
     models = MODELS if setting in ("codebook_size", "codebook_dim") else (*MODELS, *GENERATORS)
     for model in models:
         for preset in (None, *(p for p in PRESETS if model in PRESETS[p])):
-            config = make_config(model, preset)
+            config = preset_config(model, preset)
             if setting in ("codebook_size", "codebook_dim"):
                 value = _model_arg_default(model, setting, config)
             else:
@@ -157,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         what = "number of codes K" if name == "codebook_size" else "code width D"
         p.add_argument(flag(name), type=int, help=f"{what} ({default_text(name)})")
     p.add_argument("--set", dest="model_args", type=_model_arg, action="append", default=[],
-                   metavar="KEY=VALUE", help="model constructor argument (JSON value), repeatable (default: the "
-                                             f"model's and the preset's values); keys: {model_arg_keys()}")
+                   metavar="KEY=VALUE", help="model constructor argument, repeatable, typed as the constructor "
+                   "declares it: true/false (also yes/no, 1/0, any case), a number, a list (1,2,2 or [1, 2, 2]), "
+                   f"none where allowed (default: the model's and the preset's values); keys: {model_arg_keys()}")
     p.add_argument("--out", type=Path, help="output folder (default: runs/MODEL[-PRESET])")
     p.add_argument("--resume", action="store_true", help="continue from OUT/" + CHECKPOINT)
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
@@ -240,7 +253,8 @@ SAMPLE_OPTIONS = (
                                                        "(default: 1.0)"}),
     ("--top-k", "prior", {"type": int, "help": "draw among the k most likely codes only, k <= 16 (default: all "
                                                "codes)"}),
-    ("--steps", "diffusion", {"type": int, "help": "DDIM steps (default: 50)"}),
+    ("--steps", "diffusion", {"type": int, "help": "DDIM steps (default: 50, or the model's diffusion steps when "
+                                                   "fewer)"}),
     ("--guidance", "diffusion", {"type": float, "help": "classifier-free guidance scale (models with classes), 1 "
                                                         "for none (default: 1.0)"}),
     ("--eta", "diffusion", {"type": float, "help": "DDIM eta, 0 deterministic, 1 as noisy as DDPM (default: 0.0)"}),
@@ -272,14 +286,18 @@ def _train_config(args: argparse.Namespace, out: Path) -> tuple[RunConfig, int]:
     for key in ("quantizer", "precision"):
         if getattr(args, key):
             given[key] = getattr(args, key)
-    model_args = dict(args.model_args)
+    meta = read_meta(out / CHECKPOINT, args.model) if args.resume else None
+    model_args = parse_model_args(meta["kind"] if meta else args.model or "vqvae", args.model_args)
     for key in ("codebook_size", "codebook_dim"):
         if getattr(args, key) is not None:
             model_args[key] = getattr(args, key)
     if not args.resume:
         return make_config(args.model or "vqvae", args.preset, model_args=model_args, **given), 0
-    _, meta = read_checkpoint(out / CHECKPOINT, args.model)
     stored = meta["config"]
+    if "threads" not in given and (stored.get("threads") or 1) > machine_cpus():
+        raise SettingError("{out_dir} {out} was trained with %d CPU threads, more than the %d of this machine: "
+                           "resume with {threads} N, N <= %d (the last bits of the results depend on the count)"
+                           % (stored["threads"], machine_cpus(), machine_cpus()), out=out)
     for key, value in {**given, **{f"model_args.{k}": v for k, v in model_args.items()}}.items():
         old = stored["model_args"].get(key[11:]) if key.startswith("model_args.") else stored[key]
         if key not in RESUMABLE and json.dumps(value) != json.dumps(old):
@@ -294,6 +312,7 @@ def _train_config(args: argparse.Namespace, out: Path) -> tuple[RunConfig, int]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / "-".join(filter(None, (args.model or "vqvae", args.preset)))
+    check_unlocked(out)  # a run writing there: say so, not what its unfinished checkpoint looks like
     config, resumed_step = _train_config(args, out)
     if not args.resume and (out / CHECKPOINT).is_file():
         metrics = _finished_run(out, config)
@@ -327,7 +346,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _finished_run(out: Path, config: RunConfig) -> dict[str, Any]:
     """The metrics of the finished run in ``out`` if ``config`` would train it again (settings that
     do not change results aside); otherwise an error that offers --resume or another --out."""
-    _, meta = read_checkpoint(out / CHECKPOINT)
+    meta = read_meta(out / CHECKPOINT)
     stored, wanted = meta["config"], config.to_dict()
     # a generator's run resolves data, image_size and num_classes (None: from the tokenizer and the data)
     settings = {k: v for k, v in wanted.items()
@@ -346,6 +365,8 @@ def _finished_run(out: Path, config: RunConfig) -> dict[str, Any]:
 def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_model(args.ckpt, device, args.quantizer)
+    out = args.out or checkpoint_file(args.ckpt).parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made fails now
     if args.data == "builtin":
         size = args.image_size or meta["config"]["image_size"]
         images = fixed_crops(builtin_images("eval")[1], size, args.num_eval)
@@ -354,8 +375,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     inception = InceptionFeatures(args.inception_weights, device) if args.inception_weights else None
     metrics, inputs, recons, counts = evaluate(model, images, args.batch_size, device, inception,
                                                not args.no_progress)
-    out = args.out or checkpoint_file(args.ckpt).parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "metrics.json", {
         "checkpoint": str(args.ckpt), "step": meta["step"], "kind": meta["kind"],
         "quantizer": model.config["quantizer"], "data": args.data, **metrics,
@@ -370,9 +389,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_model(args.ckpt, device)
     images = open_images(args.data, args.resize, args.crop)  # read batch by batch
+    args.out.mkdir(parents=True, exist_ok=True)
     indices = encode_images(model, images, args.batch_size, device, not args.no_progress)
     names = images.names
-    args.out.mkdir(parents=True, exist_ok=True)
     compact = indices.astype(np.min_scalar_type(model.codebook_size - 1))
     write_atomic(args.out / "indices.npy", lambda f: np.save(f, compact))
     report.write_json(args.out / "manifest.json", {
@@ -383,32 +402,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def output_names(images: list, manifest_path: Path) -> list[str]:
-    """PNG file names for a manifest's image names: the stem of each (its base name when stems
-    collide) + ".png". A name is data, never a path: no folder part survives, so every output stays
-    inside the output folder; empty, '.', '..' or colliding names raise ValueError."""
-    if not isinstance(images, list) or not all(isinstance(n, str) for n in images):
-        raise ValueError(f"{manifest_path}: 'images' must be a list of names")
-    base = [n.replace("\\", "/").rsplit("/", 1)[-1] for n in images]
-    if any(b in ("", ".", "..") for b in base):
-        raise ValueError(f"{manifest_path}: image names must end in a file name, got {images!r}")
-    for candidates in ([Path(b).stem + ".png" for b in base], [b + ".png" for b in base]):
-        if len(set(candidates)) == len(candidates):
-            return candidates
-    raise ValueError(f"{manifest_path}: image names collide once their folders are dropped")
-
-
 def cmd_decode(args: argparse.Namespace) -> int:
-    manifest_path = args.indices / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"--indices {args.indices}: no manifest.json (run fastvq encode)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest_path}: not a JSON manifest ({err})") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{manifest_path}: format {found!r}, expected {MANIFEST_FORMAT!r}")
+    manifest = read_manifest(args.indices)
     device = resolve_device(args.device)
     model, meta = load_model(args.ckpt, device)
     if (manifest["kind"], manifest["codebook_size"]) != (meta["kind"], model.codebook_size):
@@ -417,19 +412,32 @@ def cmd_decode(args: argparse.Namespace) -> int:
             f"{manifest['codebook_size']} codes, but --ckpt {args.ckpt} is a {meta['kind']} "
             f"with {model.codebook_size}"
         )
-    indices = np.load(args.indices / "indices.npy", allow_pickle=False)
+    path = args.indices / "indices.npy"
+    indices = np.load(path, allow_pickle=False, mmap_mode="r")  # a header larger than the file fails here
     if indices.shape != tuple(manifest["shape"]):
-        raise ValueError(f"{args.indices / 'indices.npy'} has shape {indices.shape}, the manifest "
-                         f"says {tuple(manifest['shape'])}")
+        raise ValueError(f"{path} has shape {indices.shape}, the manifest says {tuple(manifest['shape'])}")
     if not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{args.indices / 'indices.npy'} holds {indices.dtype} values; code indices are integers")
-    names = output_names(manifest["images"], manifest_path)
-    images = decode_indices(model, indices, args.batch_size, device, not args.no_progress)
+        raise ValueError(f"{path} holds {indices.dtype} values; code indices are integers")
+    indices = np.array(indices)
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= model.codebook_size):
+        raise ValueError(f"{path} holds codes in [{int(indices.min())}, {int(indices.max())}]; this "
+                         f"{meta['kind']}'s codes are in [0, {model.codebook_size})")
+    names = output_names(manifest["images"], args.indices / "manifest.json")
     args.out.mkdir(parents=True, exist_ok=True)
+    images = decode_indices(model, indices, args.batch_size, device, not args.no_progress)
     for name, image in zip(names, images):
         write_atomic(args.out / name, lambda f, image=image: Image.fromarray(image).save(f, format="PNG"))
     print(f"decoded {len(names)} images to {args.out}")
     return 0
+
+
+def output_file(path: Path, setting: str) -> Path:
+    """``path``, a file to write at the end of a command, with its folder made now: a folder that
+    cannot be made, or a folder at ``path`` itself, fails before any work."""
+    if path.is_dir():
+        raise SettingError("{%s} {path} is a folder; name a file" % setting, path=path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -446,20 +454,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
         options[name] = value
     if options.pop("no_quantize", False):
         options["quantize"] = False
+    if generator.kind == "prior":
+        with named("top_k"):
+            check_sampling(1, options.get("top_k"), generator.codebook_size)
+    elif "steps" in options:
+        with named("steps"):
+            check_int("steps", options["steps"], 1, generator.model.schedule.steps)
+    if "guidance" in options and not generator.class_names:
+        raise SettingError("{guidance} applies to a model trained with classes; {ckpt} %s has none" % args.ckpt)
     out = args.out or checkpoint_file(args.ckpt).parent / f"samples-seed{args.seed}.png"
     if out.suffix.lower() != ".png":
         raise SettingError("{out} {path}: the grid is a PNG file; end the name in .png", path=out)
+    output_file(out, "out")
+    if args.npy:
+        output_file(args.npy, "npy")
     label = None if args.class_ is None else class_index(args.class_, generator.class_names)
     start = time.perf_counter()
     images = sample_images(generator, args.num, batch_size=args.batch_size, label=label, seed=args.seed,
                            progress=not args.no_progress, **options)
     seconds = time.perf_counter() - start
     what = "" if label is None else f", class {generator.class_names[label]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
     report.save_samples(images, out, *grid_layout(generator.class_names, label),
                         title=f"{generator.kind}, step {meta['step']}, seed {args.seed}{what}")
     if args.npy:
-        args.npy.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.npy, lambda f: np.save(f, images))
     print(f"{len(images)} {generator.kind} samples in {out}{f' and {args.npy}' if args.npy else ''}: "
           f"{1000 * seconds / len(images):.1f} ms per image on {device}")
@@ -469,6 +486,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_samples(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        output_file(args.out, "out")
     images = stack_images(*load_images(args.data))
     _report_quality(images, args.out)
     return 0
@@ -493,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``fastvq`` command with ``argv`` (default sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        for name, value in vars(args).items():  # every number in range before any work
+            check_setting(name, value)
         if args.command == "train":  # its threads are a run setting
             return args.func(args)
         with torch_threads(args.threads, resolve_device(args.device)):

@@ -7,13 +7,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import typing
 from typing import Any
 
+import torch
 from torch import nn
 
-from fastvq.models import VQGAN, VQVAE, CodePrior, LatentDiffusion, VQModel
+from fastvq.models import QUANTIZERS, VQGAN, VQVAE, CodePrior, LatentDiffusion, VQModel
 
 from .errors import SettingError
+from .settings import check_choice_setting, check_setting, conforms, describe, parse_text
 
 MODELS: dict[str, type[VQModel]] = {"vqvae": VQVAE, "vqgan": VQGAN}
 """Tokenizers: trained on images."""
@@ -24,9 +27,12 @@ its codes (prior) or its pre-quantization latents (diffusion)."""
 
 GENERATOR_DERIVED = {"num_codes", "grid", "codebook", "channels", "backend", "precision"}
 """Constructor arguments of GENERATORS that come from the tokenizer, not from --set."""
-GENERATOR_EXTRA = {"prior": {"codebook_init"}, "diffusion": set()}
-"""--set keys of GENERATORS that are not constructor arguments: codebook_init (bool) starts the
-prior's output layer from the tokenizer's codebook."""
+GENERATOR_EXTRA: dict[str, dict[str, Any]] = {"prior": {"codebook_init": bool}, "diffusion": {}}
+"""--set keys of GENERATORS that are not constructor arguments, and their types: codebook_init
+starts the prior's output layer from the tokenizer's codebook."""
+MIN_IMAGE_SIZE = 11
+"""The smallest training crop: the final evaluation's SSIM slides an 11-pixel Gaussian window
+(sigma 1.5, `fastvq.app.metrics.ssim`) over the images."""
 
 # Per-model run defaults: Adam settings of the two papers' reference code.
 RUN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -136,7 +142,16 @@ class RunConfig:
 
 def make_config(model: str = "vqvae", preset: str | None = None, **overrides: Any) -> RunConfig:
     """Defaults for ``model``, then ``preset``, then ``overrides`` (``model_args`` merged key by
-    key). Unknown models, presets, settings or model arguments raise ValueError."""
+    key). Unknown models, presets, settings or model arguments, and settings out of range or that
+    a run could not finish with (`check_run_config`), raise ValueError (SettingError)."""
+    config = preset_config(model, preset, **overrides)
+    check_run_config(config, training=True)
+    return RunConfig(**config.to_dict())
+
+
+def preset_config(model: str = "vqvae", preset: str | None = None, **overrides: Any) -> RunConfig:
+    """`make_config` without `check_run_config` (which builds the model on the meta device): the
+    defaults that --help shows."""
     if model not in MODELS and model not in GENERATORS:
         raise SettingError("{model} must be one of {choices}, got {value!r}",
                            choices=", ".join([*MODELS, *GENERATORS]), value=model)
@@ -152,10 +167,7 @@ def make_config(model: str = "vqvae", preset: str | None = None, **overrides: An
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown run settings {unknown}; known: {sorted(known)}")
-    config = RunConfig(model=model, model_args=model_args, **{**settings, **overrides})
-    check_model_args(model, model_args)
-    check_quantizer_args(config.quantizer, model_args)
-    return RunConfig(**config.to_dict())
+    return RunConfig(model=model, model_args=model_args, **{**settings, **overrides})
 
 
 def model_arg_names(model: str) -> list[str]:
@@ -166,12 +178,102 @@ def model_arg_names(model: str) -> list[str]:
     return params + sorted(GENERATOR_EXTRA[model])
 
 
+def model_arg_types(model: str) -> dict[str, Any]:
+    """The declared type of each --set key of ``model`` (its constructor's annotations)."""
+    hints = typing.get_type_hints((MODELS.get(model) or GENERATORS[model]).__init__)
+    if model in GENERATORS:
+        hints.update(GENERATOR_EXTRA[model], num_classes=int | None)  # None: the classes of the data
+    return {name: hints.get(name, Any) for name in model_arg_names(model)}
+
+
 def check_model_args(model: str, model_args: dict[str, Any]) -> None:
-    """Raise ValueError naming any argument that ``model`` does not take."""
-    valid = set(model_arg_names(model))
-    unknown = sorted(set(model_args) - valid)
+    """Raise ValueError naming any argument that ``model`` does not take, and SettingError naming
+    one whose value is not of its declared type."""
+    types = model_arg_types(model)
+    unknown = sorted(set(model_args) - set(types))
     if unknown:
-        raise ValueError(f"{model} takes no argument {unknown}; valid: {sorted(valid)}")
+        raise ValueError(f"{model} takes no argument {unknown}; valid: {sorted(types)}")
+    for key, value in model_args.items():
+        if not conforms(value, types[key]):
+            raise SettingError("{model_args} %s=%s: expected %s"
+                               % (key, _escaped(json.dumps(value)), describe(types[key])))
+
+
+def parse_model_args(model: str, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """--set KEY=TEXT pairs of ``model`` as typed values, each parsed by its declared type (a
+    boolean takes true/false, yes/no or 1/0 in any case; none where None is allowed); an unknown
+    key or a value that is not of its type raises naming it and what was expected."""
+    types = model_arg_types(model)
+    check_model_args(model, {key: None for key, _ in pairs if key not in types})
+    values = {}
+    for key, text in pairs:
+        try:
+            values[key] = parse_text(text, types[key])
+        except ValueError as err:
+            raise SettingError("{model_args} %s=%s: %s" % (key, _escaped(text), err)) from None
+    return values
+
+
+def _escaped(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def check_run_config(config: RunConfig, training: bool = False) -> None:
+    """Raise SettingError naming the first setting of ``config`` of the wrong type or out of range,
+    among them a model argument the model's constructor refuses (the model is built on the meta
+    device: nothing is allocated, whatever the arguments ask for). ``training``: also what a run here
+    needs: the image size (at least MIN_IMAGE_SIZE for the final evaluation, a multiple of the model's
+    factor) and threads no more than this machine's CPUs."""
+    hints = typing.get_type_hints(RunConfig)
+    for field in dataclasses.fields(RunConfig):
+        value = getattr(config, field.name)
+        if not conforms(value, hints[field.name]):
+            raise SettingError("{%s} must be %s, got {value!r}" % (field.name, describe(hints[field.name])),
+                               value=value)
+        if training or field.name != "threads":  # a run recorded on a machine of more CPUs is still valid
+            check_setting(field.name, value)
+    from .step import PRECISIONS  # step imports this module
+
+    for name, choices in (("model", [*MODELS, *GENERATORS]), ("quantizer", QUANTIZERS), ("precision", PRECISIONS)):
+        check_choice_setting(name, getattr(config, name), list(choices))
+    check_model_args(config.model, config.model_args)
+    for name in ("codebook_size", "codebook_dim"):  # flags of their own
+        check_setting(name, config.model_args.get(name))
+    if config.model in MODELS:
+        check_quantizer_args(config.quantizer, config.model_args)
+        for name in ("data", "image_size"):
+            if getattr(config, name) is None:
+                raise SettingError("{%s} is needed by {model} %s" % (name, config.model))
+    model = _meta_model(config)
+    if training and config.model in MODELS:
+        _check_image_size(config.image_size, model.downsample)
+
+
+def _meta_model(config: RunConfig) -> nn.Module:
+    """The model ``config`` describes, built on the meta device (generators with placeholder code
+    counts, grids and channels: those come from the tokenizer)."""
+    args = {k: v for k, v in config.model_args.items() if k not in GENERATOR_EXTRA.get(config.model, {})}
+    if config.model == "prior":
+        args = {"num_codes": 2, "grid": (1, 1), **{k: v for k, v in args.items() if v is not None}}
+    elif config.model == "diffusion":
+        args = {"channels": 1, **{k: v for k, v in args.items() if v is not None}}
+    try:
+        with torch.device("meta"):
+            if config.model in MODELS:
+                return MODELS[config.model](**args, quantizer=config.quantizer)
+            return GENERATORS[config.model](**args)
+    except (ValueError, TypeError, RuntimeError) as err:  # the last two: sizes torch refuses even on meta
+        raise SettingError("{model_args} %s" % _escaped(str(err).splitlines()[0])) from None
+
+
+def _check_image_size(size: int, factor: int) -> None:
+    smallest = -(-MIN_IMAGE_SIZE // factor) * factor
+    if size < MIN_IMAGE_SIZE:
+        raise SettingError("{image_size} %d is below %d, the side the final evaluation needs (SSIM's window); the "
+                           "smallest size for this model is %d" % (size, MIN_IMAGE_SIZE, smallest))
+    if size % factor:
+        raise SettingError("{image_size} %d is not a multiple of the model's downsampling factor %d (try %d)"
+                           % (size, factor, max(smallest, size // factor * factor)))
 
 
 TAMING_UNSUPPORTED = {"rotation_trick": "false", "kmeans_init": "false", "threshold_ema_dead_code": "0"}

@@ -29,6 +29,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def machine_cpus() -> int:
+    """The CPUs of this machine: the most CPU threads a command may ask for (more only wait for
+    each other: a tiny model's step took 150 s with 1000 threads on 2 CPUs)."""
+    return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> None:
+    """``threads`` must be None (the default) or an int in [1, machine_cpus()]."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= machine_cpus()):
+        raise SettingError("{threads} must be an int in [1, {cpus}] (the CPUs of this machine), got {value!r}",
+                           cpus=machine_cpus(), value=threads)
+
+
 def default_threads(device: torch.device) -> int:
     """CPU threads for torch on ``device``: on CPU, the CPUs this process may use minus the load
     average (other processes' runnable threads), at least 1 -- oversubscribed cores made a tiny model
@@ -41,10 +55,9 @@ def default_threads(device: torch.device) -> int:
 
 @contextlib.contextmanager
 def torch_threads(threads: int | None, device: torch.device) -> Iterator[int]:
-    """Run the body with ``threads`` CPU threads (None: ``default_threads(device)``); yields the
-    number used and restores torch's setting afterwards."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise SettingError("{threads} must be an int >= 1, got {value!r}", value=threads)
+    """Run the body with ``threads`` CPU threads (None: ``default_threads(device)``; at most
+    ``machine_cpus()``); yields the number used and restores torch's setting afterwards."""
+    check_threads(threads)
     before = torch.get_num_threads()
     used = threads if threads is not None else default_threads(device)
     torch.set_num_threads(used)

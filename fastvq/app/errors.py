@@ -35,3 +35,16 @@ def _rebuild(cls: type[SettingError], template: str, values: dict[str, Any]) -> 
 
 class SettingFileNotFoundError(SettingError, FileNotFoundError):
     """A setting names a file or folder that does not exist."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupt, not a fastvq checkpoint, or whose
+    metadata does not describe a valid model that fits its tensors. The message names the file
+    (``path``) and what is wrong."""
+
+    def __init__(self, path: Any, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"checkpoint {path} {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.problem)

@@ -11,27 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import report
+from . import loop, report
 from .config import GENERATORS, RunConfig, check_model_args
 from .data import ImageSource, class_labels, split_images, to_uint8
-from .device import now, peak_memory_mib, resolve_device, torch_threads
+from .device import now
 from .errors import SettingError
 from .evaluation import encode_images
 from .generators import Generator
 from .progress import Progress
-from .runlog import RunLog, tensorboard_enabled
-from .state import CHECKPOINT, load_model, read_checkpoint, restore_training_state, save_training_state
-from .training import StopRequest, TrainingInterrupted, append_history
+from .settings import check_setting
+from .state import load_model
 
 WARMUP_STEPS = 100
 """Steps of linear learning-rate warm-up (a fixed count, so --steps may change on resume)."""
@@ -51,36 +50,11 @@ def generator_width(model_args: dict[str, Any]) -> int:
 def train_generator(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
                     tensorboard: bool | None = None) -> dict[str, Any]:
     """Train ``config.model`` ('prior' or 'diffusion') over the tokenizer ``config.tokenizer`` (a
-    run folder or checkpoint of ``fastvq train``), writing to ``out_dir`` as `fastvq.app.training.train`
-    does (checkpoints, exact resume, Ctrl-C checkpoint, metrics.json, loss.png, TensorBoard event
-    files per ``tensorboard``) plus samples.png. Returns the metrics dict."""
-    out = Path(out_dir)
-    if config.model not in GENERATORS:
-        raise SettingError("{model} must be one of {choices} here, got {value!r}", choices=", ".join(GENERATORS),
-                           value=config.model)
-    if not config.tokenizer:
-        raise SettingError("{model} %s needs {tokenizer}: a run folder (or checkpoint) of fastvq train with "
-                           "{model} vqvae or vqgan" % config.model)
-    if not resume and (out / CHECKPOINT).exists():
-        raise SettingError("{out_dir} {out} already holds {checkpoint}; set {resume} to continue it or choose "
-                           "another {out_dir}", out=out, checkpoint=CHECKPOINT)
-    for name in ("steps", "batch_size", "ckpt_every", "log_every", "num_eval", "max_images", "image_size"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise SettingError("{%s} must be >= 1, got {value}" % name, value=value)
-    if config.eval_every is not None and config.eval_every < 1:
-        raise SettingError("{eval_every} must be >= 1, got {value}", value=config.eval_every)
-    for name, default in (("precision", "fp32"), ("quantizer", "fastvq"), ("lpips_weights", None)):
-        if getattr(config, name) != default:
-            raise SettingError("{%s} applies to the tokenizers (vqvae, vqgan), not to {model} %s"
-                               % (name, config.model))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SettingError("{model} %s trains in one process; run it without torchrun" % config.model)
-    check_model_args(config.model, config.model_args)
-    device = resolve_device(config.device)
-    tensorboard = tensorboard_enabled(tensorboard)
-    with torch_threads(config.threads, device) as threads:  # stored: a resume uses the same count
-        return _train(dataclasses.replace(config, threads=threads), out, device, resume, progress, tensorboard)
+    run folder or checkpoint of ``fastvq train``), writing to ``out_dir`` through the same loop as
+    `fastvq.app.training.train` (checkpoints, exact resume, Ctrl-C and SIGTERM checkpoints, the
+    run-folder lock, metrics.json, loss.png, TensorBoard event files per ``tensorboard``) plus
+    samples.png. Returns the metrics dict."""
+    return loop.run(GeneratorTraining, config, out_dir, resume, progress, tensorboard)
 
 
 def training_data(config: RunConfig, tokenizer_meta: dict[str, Any]
@@ -145,108 +119,113 @@ def eval_loss(generator: Generator, targets: torch.Tensor, labels: torch.Tensor 
     return total / len(targets)
 
 
-def _train(config: RunConfig, out: Path, device: torch.device, resume: bool, progress: bool,
-           tensorboard: bool) -> dict[str, Any]:
-    ckpt_path = out / CHECKPOINT
-    finished = resume and (out / "metrics.json").is_file() and \
-        read_checkpoint(ckpt_path, config.model)[1]["step"] == config.steps
-    if finished:  # nothing to encode, train or rewrite
-        return json.loads((out / "metrics.json").read_text())
-    tokenizer, tokenizer_meta = load_model(config.tokenizer, device)
-    if tokenizer_meta["kind"] in GENERATORS:
-        raise SettingError("{tokenizer} {path} holds a %s model, not a tokenizer (vqvae or vqgan)"
-                           % tokenizer_meta["kind"], path=config.tokenizer)
-    config, train_images, eval_images, class_names = training_data(config, tokenizer_meta)
-    model_args, class_names = _num_classes(config, class_names)
-    config = dataclasses.replace(config, model_args=model_args)
-    t0 = now(device)
-    batch = config.batch_size
-    targets = _encode(config.model, tokenizer, train_images, batch, device, progress)
-    eval_targets = _encode(config.model, tokenizer, eval_images, batch, device, progress)
-    labels, eval_labels = labels_of(train_images, class_names), labels_of(eval_images, class_names)
-    encode_seconds = now(device) - t0
+class GeneratorTraining(loop.TrainingTask):
+    """A prior or diffusion model trained on the codes or latents of ``config.tokenizer``'s
+    encoding of the training images (encoded once, held in memory), each step's batch drawn by an
+    RNG seeded by (seed, step); evaluated by its loss on the held-out images."""
 
-    if config.model == "diffusion" and targets.shape[1] > generator_width(model_args) // LATENT_CHANNELS_PER_WIDTH:
+    optional = frozenset({"image_size"})  # None: the tokenizer's
+
+    @classmethod
+    def check(cls, config: RunConfig) -> None:
+        if config.model not in GENERATORS:
+            raise SettingError("{model} must be one of {choices} here, got {value!r}", choices=", ".join(GENERATORS),
+                               value=config.model)
+        if not config.tokenizer:
+            raise SettingError("{model} %s needs {tokenizer}: a run folder (or checkpoint) of fastvq train with "
+                               "{model} vqvae or vqgan" % config.model)
+        for name, default in (("precision", "fp32"), ("quantizer", "fastvq"), ("lpips_weights", None)):
+            if getattr(config, name) != default:
+                raise SettingError("{%s} applies to the tokenizers (vqvae, vqgan), not to {model} %s"
+                                   % (name, config.model))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SettingError("{model} %s trains in one process; run it without torchrun" % config.model)
+        check_model_args(config.model, config.model_args)
+
+    def __init__(self, config: RunConfig, run: loop.RunContext):
+        self.run, self.description = run, f"train {config.model}"
+        device = run.device
+        tokenizer, tokenizer_meta = load_model(config.tokenizer, device)
+        if tokenizer_meta["kind"] in GENERATORS:
+            raise SettingError("{tokenizer} {path} holds a %s model, not a tokenizer (vqvae or vqgan)"
+                               % tokenizer_meta["kind"], path=config.tokenizer)
+        config, train_images, eval_images, class_names = training_data(config, tokenizer_meta)
+        model_args, self.class_names = _num_classes(config, class_names)
+        self.config = config = dataclasses.replace(config, model_args=model_args)
+        t0 = now(device)
+        self.targets = _encode(config.model, tokenizer, train_images, config.batch_size, device, run.progress)
+        self.eval_targets = _encode(config.model, tokenizer, eval_images, config.batch_size, device, run.progress)
+        self.labels = labels_of(train_images, self.class_names)
+        self.eval_labels = labels_of(eval_images, self.class_names)
+        self.encode_seconds = now(device) - t0
+        _note_latent_channels(config.model, self.targets, model_args)
+        torch.manual_seed(config.seed)
+        self.model = Generator(config.model, tokenizer, model_args, tuple(self.targets.shape[1:]),
+                               self.class_names).to(device)
+        if config.model == "diffusion":
+            self.model.model.fit_scale(self.targets)
+        self.optimizers = [torch.optim.Adam(self.model.model.parameters(), lr=config.lr, betas=tuple(config.betas))]
+
+    def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(targets, labels or None) of each step: ``batch_size`` training items drawn with
+        replacement by an RNG seeded by (seed, step)."""
+        for step in range(start, self.config.steps):
+            rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+            take = torch.randint(len(self.targets), (self.config.batch_size,), generator=rng)
+            yield (self.targets[take].to(self.run.device),
+                   None if self.labels is None else self.labels[take].to(self.run.device))
+
+    def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor | None]) -> dict[str, float]:
+        """Adam on the loss, after a linear learning-rate warm-up over WARMUP_STEPS and gradient
+        clipping at GRAD_CLIP."""
+        (optimizer,) = self.optimizers
+        for group in optimizer.param_groups:
+            group["lr"] = self.config.lr * min(1.0, (step + 1) / WARMUP_STEPS)
+        loss = self.model.loss(*batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        return {"loss": float(loss.detach())}
+
+    def evaluate(self, step: int | None) -> tuple[dict[str, float], float]:
+        loss = eval_loss(self.model, self.eval_targets, self.eval_labels, self.config.batch_size, self.config.seed)
+        return {"eval_loss": loss}, loss
+
+    def finish(self, evaluation: float, history: dict[str, list[float]], timing: dict[str, Any],
+               logged: bool) -> dict[str, Any]:
+        """samples.png (SAMPLE_GRID images, timed) and loss.png; the metrics with held-out bits per
+        code for a prior."""
+        config, device = self.config, self.run.device
+        self.model.eval()
+        t0 = now(device)
+        samples = sample_images(self.model, SAMPLE_GRID, batch_size=SAMPLE_GRID, seed=config.seed)
+        sample_seconds = now(device) - t0
+        metrics = {
+            "kind": config.model,
+            "step": config.steps,
+            "config": config.to_dict(),
+            "data": {"train_images": len(self.targets), "eval_images": len(self.eval_targets),
+                     "target_shape": list(self.targets.shape[1:]), "classes": self.class_names},
+            "eval": {"loss": evaluation,
+                     **({"bits_per_code": evaluation / math.log(2)} if config.model == "prior" else {})},
+            "train": {"loss": history["loss"][-1]} if history.get("loss") else {},
+            "timing": {**timing, "encode_s": self.encode_seconds, "sample_s_per_image": sample_seconds / SAMPLE_GRID},
+            "history": history,
+        }
+        report.save_samples(samples, self.run.out / "samples.png", *grid_layout(self.class_names),
+                            title=f"{config.model}, step {config.steps}, seed {config.seed}")
+        report.plot_curves(history, self.run.out, panels=(("loss.png", ("loss", "eval_loss"), "loss", True),))
+        return metrics
+
+
+def _note_latent_channels(kind: str, targets: torch.Tensor, model_args: dict[str, Any]) -> None:
+    """Warn on stderr when diffusion latents have too many channels for the denoiser's width."""
+    if kind == "diffusion" and targets.shape[1] > generator_width(model_args) // LATENT_CHANNELS_PER_WIDTH:
         print(f"note: the latents have {targets.shape[1]} channels against a denoiser width of "
               f"{generator_width(model_args)}; at 64 against 64 the demo's samples were noise. Diffusion suits "
               "latents of few channels (LDM's D = 3-4): train the tokenizer with --codebook-dim 4, or raise "
               "--set width", file=sys.stderr)
-    torch.manual_seed(config.seed)
-    generator = Generator(config.model, tokenizer, model_args, tuple(targets.shape[1:]), class_names).to(device)
-    if config.model == "diffusion":
-        generator.model.fit_scale(targets)
-    optimizer = torch.optim.Adam(generator.model.parameters(), lr=config.lr, betas=tuple(config.betas))
-    history: dict[str, list[float]] = {}
-    start = 0
-    if resume:
-        start, history = restore_training_state(ckpt_path, generator, [optimizer])
-        if start > config.steps:
-            raise SettingError("{steps} {value} is below the checkpoint's step {start}", value=config.steps,
-                               start=start)
-    out.mkdir(parents=True, exist_ok=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    generator.train()
-    step_seconds = []
-    with RunLog(out / "tensorboard" if tensorboard else None, continues_at=start + 1 if start else None) as log, \
-            StopRequest() as stop:
-        bar = Progress(range(start, config.steps), total=config.steps, desc=f"train {config.model}", unit="step",
-                       initial=start, enabled=progress)
-        for step in bar:
-            t0 = now(device)
-            rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            take = torch.randint(len(targets), (batch,), generator=rng)
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * min(1.0, (step + 1) / WARMUP_STEPS)
-            loss = generator.loss(targets[take].to(device), None if labels is None else labels[take].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(generator.model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            row = {"step": step + 1, "loss": float(loss.detach())}
-            step_seconds.append(now(device) - t0)
-            if config.eval_every and (step + 1) % config.eval_every == 0:
-                row["eval_loss"] = eval_loss(generator, eval_targets, eval_labels, batch, config.seed)
-            append_history(history, row, step)
-            log.scalars(step + 1, {k: v for k, v in row.items() if k != "step"})
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-            last = step + 1 == config.steps
-            if (step + 1) % config.ckpt_every == 0 or last or stop.requested:
-                save_training_state(ckpt_path, generator, [optimizer], step + 1, history, config)
-            if stop.requested and not last:
-                bar.close()
-                raise TrainingInterrupted(step + 1, ckpt_path, stop.signum)
-    bar.close()
-
-    evaluated_last = config.eval_every and config.steps % config.eval_every == 0
-    final_loss = (history["eval_loss"][-1] if evaluated_last  # the last step's, of the same final model
-                  else eval_loss(generator, eval_targets, eval_labels, batch, config.seed))
-    generator.eval()
-    t0 = now(device)
-    samples = sample_images(generator, SAMPLE_GRID, batch_size=SAMPLE_GRID, seed=config.seed)
-    sample_seconds = now(device) - t0
-    timed = step_seconds[1:] if len(step_seconds) > 1 else step_seconds  # skip the warm-up step
-    metrics = {
-        "kind": config.model,
-        "step": config.steps,
-        "config": config.to_dict(),
-        "data": {"train_images": len(targets), "eval_images": len(eval_targets),
-                 "target_shape": list(targets.shape[1:]), "classes": class_names},
-        "eval": {"loss": final_loss,
-                 **({"bits_per_code": final_loss / math.log(2)} if config.model == "prior" else {})},
-        "train": {"loss": history["loss"][-1]} if history.get("loss") else {},
-        "timing": {"device": str(device), "threads": config.threads, "encode_s": encode_seconds,
-                   "steps_timed": len(timed), "steps_per_s": len(timed) / sum(timed) if sum(timed) else None,
-                   "sample_s_per_image": sample_seconds / SAMPLE_GRID, "peak_memory_mib": peak_memory_mib(device)},
-        "history": history,
-    }
-    report.write_json(out / "metrics.json", metrics)
-    report.save_samples(samples, out / "samples.png", *grid_layout(class_names),
-                        title=f"{config.model}, step {config.steps}, seed {config.seed}")
-    report.plot_curves(history, out, panels=(("loss.png", ("loss", "eval_loss"), "loss", True),))
-    return metrics
 
 
 def balanced_labels(num: int, num_classes: int) -> torch.Tensor | None:
@@ -282,6 +261,7 @@ def sample_images(generator: Generator, num: int, *, batch_size: int = 64, label
     for name, value in (("num", num), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SettingError("{%s} must be an int >= 1, got {value!r}" % name, value=value)
+    check_setting("seed", seed)  # the batches' seeds below stay under 2^63
     if label is None:
         labels = balanced_labels(num, len(generator.class_names))
     else:

@@ -22,6 +22,11 @@ def encode_targets(kind: str, tokenizer: VQModel, x: torch.Tensor) -> torch.Tens
     return tokenizer.encode(x) if kind == "prior" else tokenizer.encode_latents(x).float()
 
 
+MAX_LATENT_SIDE = 1024
+"""The longest side of a generator's code grid or latents (images of 16k pixels at a factor of 16):
+a bound on what a checkpoint can ask sampling to allocate."""
+
+
 class Generator(nn.Module):
     """``tokenizer`` (a trained VQModel: frozen, always in eval mode) and ``model``, the GENERATORS
     ``kind`` built from ``model_args`` (--set keys) for targets of shape ``shape`` ((h, w) codes or
@@ -33,13 +38,21 @@ class Generator(nn.Module):
         super().__init__()
         if kind not in GENERATORS:
             raise ValueError(f"kind must be one of {sorted(GENERATORS)}, got {kind!r}")
+        dims = 2 if kind == "prior" else 3
+        if len(shape) != dims or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape) \
+                or max(shape[-2:]) > MAX_LATENT_SIDE:
+            raise ValueError(f"shape of a {kind} must be {dims} ints >= 1, sides at most {MAX_LATENT_SIDE}, "
+                             f"got {shape!r}")
         self.kind, self.shape, self.class_names = kind, tuple(shape), list(class_names)
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         args = {k: v for k, v in model_args.items() if k not in GENERATOR_EXTRA[kind]}
         if kind == "prior":
             codebook = None
-            if model_args.get("codebook_init"):
-                codes = torch.arange(tokenizer.codebook_size, device=next(tokenizer.parameters()).device)
+            device = next(tokenizer.parameters()).device
+            if model_args.get("codebook_init") and device.type == "meta":  # a build that checks shapes
+                codebook = torch.empty(tokenizer.codebook_size, tokenizer.config["codebook_dim"], device=device)
+            elif model_args.get("codebook_init"):
+                codes = torch.arange(tokenizer.codebook_size, device=device)
                 codebook = tokenizer.quantizer.get_output_from_indices(codes[None])[0].float().cpu()
             self.model = GENERATORS[kind](tokenizer.codebook_size, self.shape, codebook=codebook, **args)
         else:
@@ -71,19 +84,26 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def generate(self, num: int, *, labels: torch.Tensor | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, steps: int = 50, guidance: float = 1.0, eta: float = 0.0,
+                 top_k: int | None = None, steps: int | None = None, guidance: float = 1.0, eta: float = 0.0,
                  quantize: bool = True, seed: int | None = None) -> torch.Tensor:
         """num new images (num, 3, H, W) float32 in about [-1, 1], decoded by the tokenizer.
-        Prior: temperature, top_k (see `CodePrior.sample`). Diffusion: DDIM ``steps``, ``eta``,
+        Prior: temperature, top_k (see `CodePrior.sample`). Diffusion: DDIM ``steps`` (None: see
+        `LatentDiffusion.sample`), ``eta``,
         classifier-free ``guidance`` (with labels), and ``quantize`` the latents before decoding (as
-        LDM does) or not. ``seed`` makes the draw reproducible."""
+        LDM does) or not. ``seed`` makes the draw reproducible. Images that are not finite raise
+        ValueError (saved, they would be black)."""
         device = next(self.model.parameters()).device
         if labels is not None:
             labels = labels.to(device)
         if self.kind == "prior":
             codes = self.model.sample(num, labels=labels, temperature=temperature, top_k=top_k, seed=seed,
                                       device=device)
-            return self.tokenizer.decode(codes)
-        latents = self.model.sample(num, self.shape[1:], steps=steps, labels=labels, guidance=guidance, eta=eta,
-                                    seed=seed)
-        return decode_latents(self.tokenizer, latents, quantize=quantize)
+            images = self.tokenizer.decode(codes)
+        else:
+            latents = self.model.sample(num, self.shape[1:], steps=steps, labels=labels, guidance=guidance, eta=eta,
+                                        seed=seed)
+            images = decode_latents(self.tokenizer, latents, quantize=quantize)
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"the {self.kind} model generated images that are not finite (NaN or inf), which would "
+                             "be saved black: its weights or the sampling options make it diverge")
+        return images

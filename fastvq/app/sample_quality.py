@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..models.classifier import DigitClassifier
 from . import checkpoint
+from .errors import CheckpointError
 from .mnist import load_mnist
 
 CLASSIFIER_VERSION = "digit-classifier/1"  # bump when the architecture or its training changes
@@ -89,9 +90,13 @@ def digit_classifier(progress: Callable[[str], None] = print) -> DigitClassifier
     path = cache_dir() / "digit-classifier.safetensors"
     if path.is_file():
         tensors, meta = checkpoint.load(path)
-        if meta.get("version") == CLASSIFIER_VERSION:
+        if isinstance(meta, dict) and meta.get("version") == CLASSIFIER_VERSION:
             model = DigitClassifier()
-            model.load_state_dict(tensors)
+            try:
+                model.load_state_dict(tensors)
+            except RuntimeError as err:
+                raise CheckpointError(path, f"does not hold the digit classifier ({str(err).splitlines()[0]}); "
+                                            "delete it to train the classifier again") from None
             return model.eval()
     progress(f"training the MNIST digit classifier once (cached at {path})")
     model = train_digit_classifier(*load_mnist("train"), progress=progress)

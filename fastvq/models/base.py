@@ -7,10 +7,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastvq.models.checks import check_bool, check_int, check_number
 from fastvq.models.quantizers import make_quantizer
 
 QUANTIZER_ARGS = ("decay", "commitment_weight", "rotation_trick", "kmeans_init", "threshold_ema_dead_code")
 """Constructor arguments of every model that configure the codebook it builds."""
+
+
+def check_codebook_args(config: dict[str, Any]) -> None:
+    """The codebook settings every model takes: codebook_dim, codebook_size >= 1, decay in [0, 1],
+    commitment_weight >= 0, rotation_trick and kmeans_init bools, threshold_ema_dead_code >= 0."""
+    check_int("codebook_dim", config["codebook_dim"])
+    check_int("codebook_size", config["codebook_size"])
+    check_number("decay", config["decay"], 0.0, 1.0)
+    check_number("commitment_weight", config["commitment_weight"], minimum=0.0)
+    check_bool("rotation_trick", config["rotation_trick"])
+    check_bool("kmeans_init", config["kmeans_init"])
+    check_number("threshold_ema_dead_code", config["threshold_ema_dead_code"], minimum=0.0)
 
 
 class VQModel(nn.Module):
@@ -28,6 +41,7 @@ class VQModel(nn.Module):
 
     def __init__(self, config: dict[str, Any], quantizer: nn.Module | str | None):
         super().__init__()
+        check_codebook_args(config)
         if isinstance(quantizer, nn.Module):
             self.quantizer = quantizer
             config["quantizer"] = None

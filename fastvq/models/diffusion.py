@@ -23,6 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_choice, check_int, check_number, check_seed
+
+SAMPLE_STEPS = 50
+"""DDIM steps of a draw by default (fewer when the model was trained with fewer diffusion steps)."""
+MAX_GUIDANCE = 100.0
+"""The largest classifier-free guidance scale `LatentDiffusion.sample` takes (1: none; the usual
+scales are 1-10; far beyond, eps_u + w (eps_c - eps_u) only amplifies the difference's error)."""
+
 
 def cosine_alphas_cumprod(steps: int, offset: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     """alpha_bar_t for t = 0 .. steps - 1 of the cosine schedule, float64 (steps,):
@@ -56,8 +64,7 @@ class NoiseSchedule(nn.Module):
 
     def __init__(self, steps: int = 1000, kind: str = "linear"):
         super().__init__()
-        if kind not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {kind!r}")
+        check_choice("schedule", kind, SCHEDULES)
         self.steps, self.kind = steps, kind
         self.register_buffer("alphas_cumprod", SCHEDULES[kind](steps).float())
 
@@ -94,13 +101,24 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], -1)
 
 
+class _GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that also takes a batch whose groups hold one value in all (a batch of one 1x1
+    map with one channel per group, as width 8 gives at 1x1 and 2x2 latents), which torch refuses:
+    normalised alone a value is 0, so the output is the bias. Torch computes it for two copies."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] * (x.shape[1] // self.num_groups) * math.prod(x.shape[2:]) == 1:
+            return super().forward(torch.cat([x, x]))[:1]
+        return super().forward(x)
+
+
 class _ResBlock(nn.Module):
     def __init__(self, channels_in: int, channels: int, embed: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(min(8, channels_in), channels_in)
+        self.norm1 = _GroupNorm(min(8, channels_in), channels_in)
         self.conv1 = nn.Conv2d(channels_in, channels, 3, padding=1)
         self.embed = nn.Linear(embed, channels)
-        self.norm2 = nn.GroupNorm(min(8, channels), channels)
+        self.norm2 = _GroupNorm(min(8, channels), channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         self.skip = nn.Conv2d(channels_in, channels, 1) if channels_in != channels else nn.Identity()
 
@@ -116,6 +134,8 @@ class Denoiser(nn.Module):
 
     def __init__(self, channels: int, width: int = 64, num_classes: int = 0):
         super().__init__()
+        check_int("channels", channels)
+        check_int("num_classes", num_classes, minimum=0)
         if isinstance(width, bool) or not isinstance(width, int) or width < 8 or width % 8:
             raise ValueError(f"width must be a positive multiple of 8 (group norms of 8 groups), got {width!r}")
         embed = 4 * width
@@ -127,7 +147,7 @@ class Denoiser(nn.Module):
         self.downsample = nn.Conv2d(width, width, 3, stride=2, padding=1)
         self.middle = _ResBlock(2 * width, 2 * width, embed)
         self.up = _ResBlock(3 * width, width, embed)
-        self.out = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
+        self.out = nn.Sequential(_GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
@@ -156,6 +176,7 @@ class LatentDiffusion(nn.Module):
     def __init__(self, channels: int, *, width: int = 64, num_classes: int = 0, steps: int = 1000,
                  schedule: str = "linear", label_dropout: float = 0.1):
         super().__init__()
+        check_number("label_dropout", label_dropout, 0.0, 1.0, below_maximum=True)
         self.channels, self.num_classes, self.label_dropout = channels, num_classes, label_dropout
         self.denoiser = Denoiser(channels, width, num_classes)
         self.schedule = NoiseSchedule(steps, schedule)
@@ -189,12 +210,22 @@ class LatentDiffusion(nn.Module):
         return F.mse_loss(self.denoiser(self.schedule.add_noise(x0, noise, t), t, labels), noise)
 
     @torch.no_grad()
-    def sample(self, num: int, size: tuple[int, int], *, steps: int = 50, labels: torch.Tensor | None = None,
+    def sample(self, num: int, size: tuple[int, int], *, steps: int | None = None, labels: torch.Tensor | None = None,
                guidance: float = 1.0, eta: float = 0.0, seed: int | None = None) -> torch.Tensor:
-        """num latents (num, C, *size) by DDIM over `steps` evenly spaced steps; guidance w > 1
-        extrapolates from the unconditional prediction (eps_u + w (eps_c - eps_u))."""
-        if not 1 <= steps <= self.schedule.steps:
-            raise ValueError(f"steps must be in [1, {self.schedule.steps}], got {steps}")
+        """num latents (num, C, *size) by DDIM over `steps` evenly spaced steps (None: SAMPLE_STEPS, at
+        most the schedule's); guidance w > 1
+        extrapolates from the unconditional prediction (eps_u + w (eps_c - eps_u)), w in [0,
+        MAX_GUIDANCE]; eta in [0, 1] (0: deterministic, 1: DDPM's noise); seed: see `check_seed`."""
+        check_int("num", num)
+        if not isinstance(size, (tuple, list)) or len(size) != 2:
+            raise ValueError(f"size must be (H, W), got {size!r}")
+        for name, value in zip(("H", "W"), size):
+            check_int(f"size {name}", value)
+        steps = min(SAMPLE_STEPS, self.schedule.steps) if steps is None else steps
+        check_int("steps", steps, 1, self.schedule.steps)
+        check_number("guidance", guidance, 0.0, MAX_GUIDANCE)
+        check_number("eta", eta, 0.0, 1.0)
+        check_seed(seed)
         device = self.latent_scale.device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         x = torch.randn(num, self.channels, *size, generator=generator, device=device)

@@ -11,6 +11,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvq.nn.code_head import CodeHead
+from fastvq.ops.common import MAX_TOPK
+
+from .checks import check_int, check_number, check_seed
+
+MIN_TEMPERATURE = 1e-3
+"""The smallest positive sampling temperature: 0 takes the most likely code, and below 1e-3 a draw
+is that already for any logit gap of 0.01 or more (exp(-10)), while logits / T near 1e-40 overflow
+fp32."""
+
+
+def check_sampling(temperature, top_k, num_codes: int | None = None) -> None:
+    """The one rule of a prior's sampling options: ``temperature`` 0 (the most likely code) or a
+    finite number >= MIN_TEMPERATURE; ``top_k`` None (all codes) or an int in [1, min(16, num_codes)]."""
+    if temperature != 0:
+        check_number("temperature", temperature, minimum=MIN_TEMPERATURE)
+    if top_k is not None:
+        check_int("top_k", top_k, 1, MAX_TOPK if num_codes is None else min(MAX_TOPK, num_codes))
 
 
 class _Attention(nn.Module):
@@ -50,6 +67,10 @@ class _Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+MAX_DEPTH = 1000
+"""The most transformer blocks a prior may have (a bound on what a checkpoint can ask to build)."""
+
+
 class CodePrior(nn.Module):
     """Autoregressive prior p(c_1 .. c_L | class) over code grids of shape `grid` (e.g. (7, 7)).
 
@@ -69,10 +90,15 @@ class CodePrior(nn.Module):
         self.grid = (grid,) if isinstance(grid, int) else tuple(grid)
         if not self.grid or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in self.grid):
             raise ValueError(f"grid must be a positive int or a tuple of them, got {grid!r}")
+        check_int("num_codes", num_codes)
+        for name, value in (("dim", dim), ("heads", heads)):
+            check_int(name, value)
+        check_int("depth", depth, 1, MAX_DEPTH)
         if dim % heads:
             raise ValueError(f"dim must be a multiple of heads={heads}, got dim={dim}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        check_number("mlp_ratio", mlp_ratio, minimum=1 / dim)
+        check_int("num_classes", num_classes, minimum=0)
+        check_number("dropout", dropout, 0.0, 1.0, below_maximum=True)
         self.num_codes, self.num_classes, self.seq_len = num_codes, num_classes, math.prod(self.grid)
         self.code_embed = nn.Embedding(num_codes, dim)
         self.start = nn.Embedding(max(num_classes, 1), dim)  # row 0 is the start vector without classes
@@ -129,8 +155,12 @@ class CodePrior(nn.Module):
                top_k: int | None = None, seed: int | None = None, device: torch.device | str | None = None
                ) -> torch.Tensor:
         """Draw `num` code grids position by position (a key/value cache per block): codes
-        (num, *grid) int64. temperature, top_k: as `CodeHead.sample`; seed makes the draw
-        reproducible (one seed per position derived from it)."""
+        (num, *grid) int64. temperature 0 takes the most likely code, else draws from
+        softmax(logits / temperature) (see `check_sampling`), among the top_k most likely codes
+        only when given; seed makes the draw reproducible (one seed per position derived from it)."""
+        check_int("num", num)
+        check_sampling(temperature, top_k, self.num_codes)
+        check_seed(seed)
         device = torch.device(device) if device is not None else self.pos_embed.device
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         caches = [[] for _ in self.blocks]

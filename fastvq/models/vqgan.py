@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvq.models.base import VQModel
+from fastvq.models.checks import check_choice, check_int, check_number
 from fastvq.models.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss
+
+MAX_LEVELS = 8
+"""The most resolution levels (ch_mult entries, discriminator layers): a factor of 128."""
+MAX_BLOCKS = 64
+"""The most residual blocks per level (a bound on what a checkpoint can ask to build)."""
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -192,16 +198,24 @@ class VQGAN(VQModel):
         perceptual_weight: float = 1.0,
         quantizer: nn.Module | str | None = None,
     ):
+        if not isinstance(ch_mult, Sequence) or isinstance(ch_mult, str) or not 1 <= len(ch_mult) <= MAX_LEVELS:
+            raise ValueError(f"ch_mult must be a list of 1 to {MAX_LEVELS} ints >= 1, got {ch_mult!r}")
+        for m in ch_mult:
+            check_int("every ch_mult entry", m)
         ch_mult = [int(m) for m in ch_mult]
-        config = {k: v for k, v in locals().items() if k not in ("self", "quantizer", "__class__")}
+        config = {k: v for k, v in locals().items() if k not in ("self", "quantizer", "__class__", "m")}
         super().__init__(config, quantizer)
-        if pixel_loss not in ("l1", "l2"):
-            raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {pixel_loss!r}")
-        if not ch_mult or not 0 <= num_attn_levels <= len(ch_mult):
-            raise ValueError(
-                f"need a non-empty ch_mult and 0 <= num_attn_levels <= len(ch_mult), got "
-                f"ch_mult={ch_mult}, num_attn_levels={num_attn_levels}"
-            )
+        for name, value in (("in_channels", in_channels), ("channels", channels), ("z_channels", z_channels),
+                            ("norm_groups", norm_groups), ("disc_channels", disc_channels)):
+            check_int(name, value)
+        check_int("num_res_blocks", num_res_blocks, 1, MAX_BLOCKS)
+        check_int("disc_layers", disc_layers, 1, MAX_LEVELS)
+        check_int("disc_start", disc_start, minimum=0)
+        check_number("dropout", dropout, 0.0, 1.0, below_maximum=True)
+        for name, value in (("disc_weight", disc_weight), ("perceptual_weight", perceptual_weight)):
+            check_number(name, value, minimum=0.0)
+        check_choice("pixel_loss", pixel_loss, ("l1", "l2"))
+        check_int("num_attn_levels", num_attn_levels, 0, len(ch_mult))
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.disc_start, self.disc_weight = disc_start, disc_weight
         self.pixel_loss, self.perceptual_weight = pixel_loss, perceptual_weight

@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastvq.models.base import VQModel
+from fastvq.models.checks import check_int
+
+MAX_BLOCKS = 64
+"""The most residual blocks per stack (a bound on what a checkpoint can ask to build)."""
+MAX_DOWNSAMPLE = 256
 
 
 class ResidualStack(nn.Module):
@@ -61,7 +66,11 @@ class VQVAE(VQModel):
     ):
         config = {k: v for k, v in locals().items() if k not in ("self", "quantizer", "__class__")}
         super().__init__(config, quantizer)
-        if downsample < 2 or downsample & (downsample - 1):
+        for name, value in (("in_channels", in_channels), ("channels", channels), ("res_channels", res_channels)):
+            check_int(name, value)
+        check_int("num_res_blocks", num_res_blocks, 0, MAX_BLOCKS)
+        check_int("downsample", downsample, 2, MAX_DOWNSAMPLE)
+        if downsample & (downsample - 1):
             raise ValueError(f"downsample must be a power of two >= 2, got {downsample}")
         if channels % 2:
             raise ValueError(f"channels must be even, got {channels}")

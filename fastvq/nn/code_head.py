@@ -12,7 +12,9 @@ import math
 import torch
 from torch import nn
 
-from ..ops.functional import code_cross_entropy, nearest_code, sample_code, topk_codes
+from ..ops.backend import check_backend
+from ..ops.functional import check_precision, code_cross_entropy, nearest_code, sample_code, topk_codes
+from .arguments import check_arguments
 
 
 class CodeHead(nn.Module):
@@ -25,9 +27,9 @@ class CodeHead(nn.Module):
     def __init__(self, dim: int, num_codes: int, *, bias: bool = True, backend: str = "auto",
                  precision: str | None = None):
         super().__init__()
-        for name, value in (("dim", dim), ("num_codes", num_codes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_arguments(dim=dim, num_codes=num_codes)
+        check_backend(backend)
+        check_precision(precision)
         self.dim, self.num_codes, self.backend, self.precision = dim, num_codes, backend, precision
         self.weight = nn.Parameter(torch.empty(num_codes, dim))
         self.bias = nn.Parameter(torch.empty(num_codes)) if bias else None

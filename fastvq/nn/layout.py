@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .arguments import describe
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -16,11 +18,6 @@ class Layout:
     only_one: bool
     channel_first: bool
     spatial: tuple[int, ...] | None
-
-
-def describe(t) -> str:
-    """dtype and shape of a tensor, or the type of anything else (for error messages)."""
-    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def to_tokens(x, dim: int, *, channel_last: bool = True, accept_image_fmap: bool = False,

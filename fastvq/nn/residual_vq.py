@@ -16,12 +16,10 @@ import torch
 from torch import nn
 
 from . import distributed
-from .layout import describe, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
-from .vector_quantize import VectorQuantize, _check_int, _is_integer_tensor
-
-# 1.32.0 ResidualVQ arguments fastvq does not implement: any true value raises. (mlp_kwargs, used
-# only by implicit_neural_codebook, is accepted and ignored, as 1.32.0 does without it.)
-UNSUPPORTED = ("diveq", "implicit_neural_codebook")
+from .arguments import check_arguments, describe, is_integer_tensor
+from .layout import expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
+from .projection import project, projections
+from .vector_quantize import VectorQuantize
 
 
 def frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
@@ -42,11 +40,17 @@ class ResidualVQ(nn.Module):
     """Residual vector quantization (Zeghidour et al. 2021, arXiv:2107.03312, algorithm 1);
     arguments as vector-quantize-pytorch 1.32.0, the rest passed to each stage's `VectorQuantize`.
 
-    x in the stages' layout ((B, N, dim), (B, dim), (B, dim, N) with channel_last=False,
-    (B, dim, H, W) with accept_image_fmap, (B, dim, D, H, W) with accept_3d_fmap); any float dtype.
-    forward -> quantized (like x), indices int64 (x's token layout + a last dim of num_quantizers;
-    -1 for dropped-out stages, masked and non-finite tokens) and losses (num_quantizers,) float32,
-    plus all_codes (num_quantizers, *token layout, codebook_dim) with return_all_codes.
+    x in the layout the layout keywords say ((B, N, dim), (B, dim), (B, dim, N) with
+    channel_last=False, (B, dim, H, W) with accept_image_fmap, (B, dim, D, H, W) with
+    accept_3d_fmap); any float dtype. forward -> quantized (like x), indices int64 (x's token layout
+    + a last dim of num_quantizers; -1 for dropped-out stages, masked and non-finite tokens) and
+    losses (num_quantizers,) float32, plus all_codes (num_quantizers, *token layout, codebook_dim)
+    with return_all_codes.
+
+    The layout is parsed once: every stage is a `VectorQuantize` on token sequences (B, S,
+    codebook_dim), driven through its public forward. `diveq` and `implicit_neural_codebook` raise
+    NotImplementedError (`mlp_kwargs`, used only by the latter, is accepted and ignored, as 1.32.0
+    does without it).
     """
 
     def __init__(self, *, dim, num_quantizers=None, codebook_size, codebook_dim=None, shared_codebook=False,
@@ -55,60 +59,48 @@ class ResidualVQ(nn.Module):
                  mlp_kwargs=None, beam_size=None, eval_beam_size=None, beam_score_quantizer_weights=None,
                  quant_grad_frac=0.0, return_zeros_for_masked_padding=True, **vq_kwargs):
         super().__init__()
-        given = dict(locals())
-        for name in UNSUPPORTED:
-            if given[name]:
-                raise NotImplementedError(f"fastvq.ResidualVQ does not implement {name} (got {given[name]!r}, "
-                                          "supported: False)")
+        check_arguments(diveq=bool(diveq), implicit_neural_codebook=bool(implicit_neural_codebook))
         if heads != 1:
             raise ValueError(f"ResidualVQ needs heads=1 (as vector-quantize-pytorch), got heads={heads!r}")
-        _check_int("dim", dim, minimum=1)
         sizes = tuple(codebook_size) if isinstance(codebook_size, (tuple, list)) else None
         if num_quantizers is None and sizes is None:
             raise ValueError("pass num_quantizers, or codebook_size as a tuple of one size per quantizer")
-        if num_quantizers is not None:
-            _check_int("num_quantizers", num_quantizers, minimum=1)
+        check_arguments(dim=dim, num_quantizers=num_quantizers, beam_size=beam_size, eval_beam_size=eval_beam_size,
+                        quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+                        quantize_dropout_multiple_of=quantize_dropout_multiple_of)
         sizes = sizes or (codebook_size,) * num_quantizers
         if num_quantizers is not None and len(sizes) != num_quantizers:
             raise ValueError(f"codebook_size must have num_quantizers={num_quantizers} entries, got {len(sizes)}")
         for size in sizes:
-            _check_int("codebook_size", size, minimum=1)
-        _check_int("quantize_dropout_cutoff_index", quantize_dropout_cutoff_index, minimum=0)
-        _check_int("quantize_dropout_multiple_of", quantize_dropout_multiple_of, minimum=1)
-        for name in ("beam_size", "eval_beam_size"):
-            if given[name] is not None:
-                _check_int(name, given[name], minimum=1)
+            check_arguments(codebook_size=size)
         if eval_beam_size is not None and beam_size is None:
             raise ValueError("eval_beam_size needs beam_size (as vector-quantize-pytorch)")
         weights = [1.0] * len(sizes) if beam_score_quantizer_weights is None else list(beam_score_quantizer_weights)
         if len(weights) != len(sizes):
             raise ValueError(f"beam_score_quantizer_weights must have one weight per quantizer ({len(sizes)}), "
                              f"got {len(weights)}")
+        if shared_codebook and len(set(sizes)) > 1:
+            raise ValueError(f"shared_codebook needs one codebook_size for every quantizer, got {sizes}")
 
-        self.dim = dim
-        self.num_quantizers, self.codebook_sizes = len(sizes), sizes
+        self.dim, self.num_quantizers, self.codebook_sizes = dim, len(sizes), sizes
         self.uniform_codebook_size = len(set(sizes)) == 1
         self.codebook_dim = dim if codebook_dim is None else codebook_dim
         self.has_projections = self.codebook_dim != dim
-        self.project_in = nn.Linear(dim, self.codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.project_in, self.project_out = projections(dim, self.codebook_dim)
         self.accept_image_fmap = accept_image_fmap
-        self.channel_last = vq_kwargs.get("channel_last", True)
-        self.accept_3d_fmap = vq_kwargs.get("accept_3d_fmap", False)
+        self.channel_last = vq_kwargs.pop("channel_last", True)
+        self.accept_3d_fmap = vq_kwargs.pop("accept_3d_fmap", False)
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.shared_codebook = shared_codebook
         if shared_codebook:
-            if not self.uniform_codebook_size:
-                raise ValueError(f"shared_codebook needs one codebook_size for every quantizer, got {sizes}")
             vq_kwargs["manual_ema_update"] = True
         self.layers = nn.ModuleList(
             VectorQuantize(dim=self.codebook_dim, codebook_size=size, codebook_dim=self.codebook_dim,
-                           accept_image_fmap=accept_image_fmap,
                            return_zeros_for_masked_padding=return_zeros_for_masked_padding, **vq_kwargs)
             for size in sizes)
         if shared_codebook:
             for layer in self.layers[1:]:
-                layer._codebook = self.layers[0]._codebook
+                layer.use_codebook(self.layers[0].token_quantizer)
         self.quantize_dropout = bool(quantize_dropout) and self.num_quantizers > 1
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
@@ -135,20 +127,19 @@ class ResidualVQ(nn.Module):
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, ..., q <= num_quantizers; -1: dropped) -> codes (num_quantizers, B, ..., codebook_dim),
         zeros for -1 and for the quantizers beyond q (given only with quantize_dropout)."""
-        if not _is_integer_tensor(indices) or indices.dim() < 2:
+        if not is_integer_tensor(indices) or indices.dim() < 2:
             raise TypeError(f"indices must be an integer tensor (B, ..., num_quantizers), got {describe(indices)}")
         given = indices.shape[-1]
         if given > self.num_quantizers or (given < self.num_quantizers and not self.quantize_dropout):
             raise ValueError(f"indices must have a last dim of num_quantizers={self.num_quantizers} (fewer only "
                              f"with quantize_dropout), got shape {tuple(indices.shape)}")
-        codes = [layer._codes_from_indices(indices[..., q]) for q, layer in enumerate(self.layers[:given])]
+        codes = [layer.get_codes_from_indices(indices[..., q]) for q, layer in enumerate(self.layers[:given])]
         codes += [codes[0].new_zeros(codes[0].shape)] * (self.num_quantizers - given)
         return torch.stack(codes)
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """What forward returns as quantized for these indices, channel last: (B, ..., dim)."""
-        codes = self.get_codes_from_indices(indices).sum(0)
-        return self.project_out(codes.to(VectorQuantize._param_dtype(self.project_out, codes)))
+        return project(self.project_out, self.get_codes_from_indices(indices).sum(0))
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -164,12 +155,11 @@ class ResidualVQ(nn.Module):
                                    accept_image_fmap=self.accept_image_fmap, accept_3d_fmap=self.accept_3d_fmap)
         batch, seq = tokens.shape[:2]
         mask = sequence_mask(mask, None, layout, batch, seq)
-        z = self.project_in(tokens.to(VectorQuantize._param_dtype(self.project_in, tokens)))
-        stage_kwargs = dict(temperature=sample_codebook_temp, freeze=freeze_codebook)
+        z = project(self.project_in, tokens)
+        stage_kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
         if indices is not None:
             return self._teacher_forced(tokens, z, mask, indices, layout, stage_kwargs)
-        if beam_size is not None:
-            _check_int("beam_size", beam_size, minimum=1)
+        check_arguments(beam_size=beam_size)
         beam = beam_size or (self.beam_size if self.training else self.eval_beam_size)
         last = self._last_stage(rand_quantize_dropout_fixed_seed, x.device)
         if beam is not None and beam > 1:
@@ -177,9 +167,8 @@ class ResidualVQ(nn.Module):
         else:
             quantized, idx, losses, inputs = self._greedy(z, mask, last, stage_kwargs)
         if self.training and self.shared_codebook:
-            codebook = self.layers[0]._codebook
             if self.vq_is_ema_updating:
-                codebook.update_ema()
+                self.layers[0].token_quantizer.update_ema()
             flat = torch.stack(inputs, 2).flatten(1, 2)  # (B, S * stages, codebook_dim)
             self.layers[0].expire_codes_(flat, None if mask is None else mask.repeat_interleave(len(inputs), 1))
         dropped = self.num_quantizers - idx.shape[-1]
@@ -208,11 +197,11 @@ class ResidualVQ(nn.Module):
         indices, losses, inputs = [], [], []
         for layer in self.layers[:last + 1]:
             inputs.append(residual)
-            result = layer._quantize_tokens(residual, mask, **stage_kwargs)
-            residual = residual - frac_gradient(result.quantized, self.quant_grad_frac)
-            total = total + result.quantized
-            indices.append(result.indices)
-            losses.append(result.losses.loss)
+            quantized, stage_indices, loss = layer(residual, mask=mask, **stage_kwargs)
+            residual = residual - frac_gradient(quantized, self.quant_grad_frac)
+            total = total + quantized
+            indices.append(stage_indices)
+            losses.append(loss)
         return total, torch.stack(indices, -1), torch.stack(losses), inputs
 
     def _beam_search(self, z, mask, beam, last, stage_kwargs):
@@ -227,16 +216,15 @@ class ResidualVQ(nn.Module):
         for q, layer in enumerate(self.layers[:last + 1]):
             paths = residual.shape[2]
             flat_mask = None if mask is None else mask.repeat_interleave(paths, 1)
-            result = layer._quantize_tokens(residual.flatten(1, 2), flat_mask, topk=layer._check_topk(beam),
-                                            **stage_kwargs)
-            k = result.indices.shape[-1]
-            quantized = result.quantized.unflatten(1, (seq, paths))  # (B, S, paths, k, D)
-            loss = result.losses.loss.expand(batch, seq * paths, k).unflatten(1, (seq, paths))
+            quantized, stage_indices, loss = layer(residual.flatten(1, 2), mask=flat_mask, topk=beam, **stage_kwargs)
+            k = stage_indices.shape[-1]
+            quantized = quantized.unflatten(1, (seq, paths))  # (B, S, paths, k, D)
+            loss = loss.expand(batch, seq * paths, k).unflatten(1, (seq, paths))
             scores = (scores.unsqueeze(-1) - loss * self.beam_score_weights[q]).flatten(2)
             residual = (residual.unsqueeze(3) - frac_gradient(quantized, self.quant_grad_frac)).flatten(2, 3)
             total = (total.unsqueeze(3) + quantized).flatten(2, 3)
             indices = torch.cat([indices.repeat_interleave(k, 2),
-                                 result.indices.reshape(batch, seq, paths * k, 1)], -1)
+                                 stage_indices.reshape(batch, seq, paths * k, 1)], -1)
             losses = torch.cat([losses.repeat_interleave(k, 2), loss.reshape(batch, seq, paths * k, 1)], -1)
             keep = beam if q < last else 1
             if scores.shape[-1] > keep:
@@ -251,9 +239,9 @@ class ResidualVQ(nn.Module):
         else:
             losses = torch.where(expand_like(mask, losses), losses, 0.0).sum((0, 1)) / mask.sum().clamp_min(1e-4)
         inputs = self._stage_inputs(z.detach(), indices)
-        if self.training and not stage_kwargs["freeze"]:
+        if self.training and not stage_kwargs["freeze_codebook"]:
             for layer, stage_input, stage_indices in zip(self.layers, inputs, indices.unbind(-1)):
-                layer._update_tokens(stage_input, stage_indices, mask)
+                layer.update_indices(stage_input, stage_indices, mask)
         return total, indices, losses, inputs
 
     def _stage_inputs(self, z: torch.Tensor, indices: torch.Tensor) -> list[torch.Tensor]:
@@ -262,15 +250,15 @@ class ResidualVQ(nn.Module):
         inputs, residual = [], z
         for layer, stage_indices in zip(self.layers, indices.unbind(-1)):
             inputs.append(residual)
-            codes = layer._codebook.embed[0][stage_indices.clamp_min(0)]
-            residual = residual - codes.masked_fill((stage_indices < 0).unsqueeze(-1), 0.0).to(residual.dtype)
+            codes = layer.token_quantizer.codes_from_indices(stage_indices.reshape(1, -1), check_indices=False)[0]
+            residual = residual - codes.reshape(residual.shape).to(residual.dtype)
         return inputs
 
     def _teacher_forced(self, tokens, z, mask, targets, layout, stage_kwargs):
         """(quantized from the targets, summed cross-entropy), stage q given z minus the codes of
         targets 0..q-1."""
         expected = (tokens.shape[0], tokens.shape[1], self.num_quantizers)
-        if not _is_integer_tensor(targets) or targets.numel() != math.prod(expected):
+        if not is_integer_tensor(targets) or targets.numel() != math.prod(expected):
             raise ValueError(f"indices must be an integer tensor shaped as the returned indices "
                              f"({math.prod(expected)} entries), got {describe(targets)}")
         targets = targets.reshape(expected)
@@ -279,16 +267,16 @@ class ResidualVQ(nn.Module):
                              "eval mode to compute the cross-entropy")
         residual, total, cross_entropy = z, torch.zeros_like(z), 0.0
         for q, layer in enumerate(self.layers):
-            result = layer._quantize_tokens(residual, mask, targets=targets[..., q], **stage_kwargs)
-            codes = layer._codes_from_indices(targets[..., q]).to(residual.dtype)
+            _, stage_cross_entropy = layer(residual, mask=mask, indices=targets[..., q], **stage_kwargs)
+            codes = layer.get_codes_from_indices(targets[..., q]).to(residual.dtype)
             residual = residual - frac_gradient(codes, self.quant_grad_frac)
             total = total + codes
-            cross_entropy = cross_entropy + result.cross_entropy
+            cross_entropy = cross_entropy + stage_cross_entropy
         return from_tokens(self._output(total, tokens, mask), layout), cross_entropy
 
     def _output(self, total: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Summed codes (B, S, codebook_dim) -> projected out, masked positions zero (or the input)."""
-        out = self.project_out(total.to(VectorQuantize._param_dtype(self.project_out, total)))
+        out = project(self.project_out, total)
         if mask is None:
             return out
         fill = torch.zeros_like(out) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
@@ -303,7 +291,7 @@ class GroupedResidualVQ(nn.Module):
 
     def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
         super().__init__()
-        _check_int("groups", groups, minimum=1)
+        check_arguments(groups=groups)
         if not isinstance(dim, int) or dim % groups:
             raise ValueError(f"dim must be a multiple of groups={groups}, got {dim!r}")
         self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap

@@ -1,12 +1,13 @@
-"""Math that both backends share: constants, operand rounding, the per-code score term, marking
-tokens with no code. The reference (`fastvq.ops.reference`) and the Triton kernels
-(`fastvq.ops.triton`) import this module; neither imports the other.
+"""Math every backend shares: constants, operand rounding, the per-code score term, which tokens
+count, marking tokens with no code, how many programs fill a GPU. The backends (`fastvq.ops.chunked`,
+`fastvq.ops.triton`, `fastvq.ops.cuda`, `fastvq.ops.cpu`) import this module; none imports another.
 
 Shapes are canonical (see `fastvq.ops.functional`): codebook (Hc, K, D), indices (H, N) int64.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -93,3 +94,26 @@ def mark_unassigned(indices: torch.Tensor, distances: torch.Tensor) -> tuple[tor
     """Give index -1 and distance NaN to tokens whose search found no finite distance."""
     bad = (indices < 0) | ~torch.isfinite(distances)
     return indices.masked_fill(bad, -1), distances.masked_fill(bad, float("nan"))
+
+
+def valid_first(indices: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k lists (..., k) with their -1 entries (distance NaN) moved behind the valid ones, which keep
+    their order: a chosen code whose exact distance is not finite leaves no hole before a valid one."""
+    order = (indices < 0).to(torch.int8).argsort(dim=-1, stable=True)
+    return indices.gather(-1, order), distances.gather(-1, order)
+
+
+def counted_tokens(indices: torch.Tensor, num_codes: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """Which tokens `code_stats` adds up, (H, N) bool: index in [0, num_codes) and mask True. An index
+    out of range (possible only with check_indices=False) is skipped, never written outside the outputs."""
+    counted = (indices >= 0) & (indices < num_codes)
+    return counted if mask is None else counted & mask
+
+
+@functools.cache
+def target_programs(device: torch.device) -> int:
+    """Programs (CUDA blocks) one launch needs to keep every SM of `device` busy: two per SM. 8 where
+    there are no SMs (Triton's interpreter on CPU): few, so that small test shapes also split the codes."""
+    if device.type != "cuda":
+        return 8
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count

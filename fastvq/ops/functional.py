@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .backend import backend_module, resolve_backend
+from .backend import implementation, resolve_backend
 from .common import MAX_TOPK, METRICS, PRECISIONS, gather_codes
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -38,8 +38,8 @@ def _check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: st
 
 
 def _check_code_indices(indices, x: torch.Tensor, num_codes: int, check_range: bool) -> None:
-    """indices: an int64 or int32 tensor shaped x.shape[:-1] on x's device; with check_range, every
-    value in [-1, num_codes) (one device sync)."""
+    """The one check of the ops' code indices: an int64 or int32 tensor shaped x.shape[:-1] on x's device;
+    with check_range, `check_index_range`."""
     _check_tensor(indices, "indices", floating=False)
     if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"indices must be an integer tensor (int64 or int32), got dtype {indices.dtype}")
@@ -47,16 +47,16 @@ def _check_code_indices(indices, x: torch.Tensor, num_codes: int, check_range: b
         raise ValueError(f"indices must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(indices.shape)}")
     _check_same_device(x, "x", indices, "indices")
     if check_range:
-        _check_index_range(indices, num_codes)
+        check_index_range(indices, num_codes)
 
 
-def _check_index_range(indices: torch.Tensor, num_codes: int) -> None:
-    """Every index in [-1, num_codes) (one device sync; meta tensors have no values to check)."""
+def check_index_range(indices: torch.Tensor, num_codes: int, bound: str = "num_codes") -> None:
+    """The one range check of code indices, for the ops and the layers: every value in [-1, num_codes), else
+    a ValueError naming `bound` and the values found (one device sync; meta tensors have no values)."""
     if indices.numel() > 0 and indices.device.type != "meta":
-        low, high = torch.aminmax(indices)
-        if low.item() < -1 or high.item() >= num_codes:
-            raise ValueError(f"indices must be in [-1, num_codes={num_codes}), got values in "
-                             f"[{low.item()}, {high.item()}]")
+        low, high = (int(value) for value in torch.aminmax(indices))
+        if low < -1 or high >= num_codes:
+            raise ValueError(f"indices must be in [-1, {bound}={num_codes}), got values in [{low}, {high}]")
 
 
 def _canonical_args(x, codebook) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +139,7 @@ def _run(op: Callable, empty: Callable | None, x: torch.Tensor, x3: torch.Tensor
 @torch.library.custom_op("fastvq::nearest_code", mutates_args=())
 def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_module(backend).nearest_code(x, codebook, metric=metric, precision=precision)
+    return implementation(backend, "nearest_code")(x, codebook, metric=metric, precision=precision)
 
 
 @_nearest_code_op.register_fake
@@ -151,7 +151,7 @@ def _nearest_code_empty(x, codebook, metric, precision, backend):
 @torch.library.custom_op("fastvq::code_stats", mutates_args=())
 def _code_stats_op(x: torch.Tensor, indices: torch.Tensor, num_codes: int, mask: torch.Tensor | None,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_module(backend).code_stats(x, indices, num_codes, mask=mask)
+    return implementation(backend, "code_stats")(x, indices, num_codes, mask=mask)
 
 
 @_code_stats_op.register_fake
@@ -265,22 +265,17 @@ def lookup_codes(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
                  backend: str = "auto", check_indices: bool = True) -> torch.Tensor:
     """The code rows chosen for x, differentiable as the quantize step of a VQ layer.
 
-    x: (N, D) or (H, N, D); codebook (K, D) or (H, K, D); indices int64 shaped x.shape[:-1].
+    x: (N, D) or (H, N, D); codebook (K, D) or (H, K, D); indices int64 or int32 shaped x.shape[:-1].
     Returns codebook[indices] in x's dtype, shaped like x (rows with index -1 pass x through).
     Backward: the gradient goes straight through to x and, when the codebook requires grad, to
     each code as the sum of the gradients of the rows that chose it. check_indices: verify that every
     index is in [-1, K) (one device sync; off inside a training loop, for indices from a search).
     """
     x3, cb3 = _canonical_args(x, codebook)
-    _check_tensor(indices, "indices", floating=False)
-    if indices.dtype != torch.int64 or indices.shape != x.shape[:-1]:
-        raise ValueError(f"indices must be int64 of shape {tuple(x.shape[:-1])}, got {indices.dtype} "
-                         f"{tuple(indices.shape)}")
-    _check_same_device(x, "x", indices, "indices")
-    if check_indices:
-        _check_index_range(indices, cb3.shape[1])
+    _check_code_indices(indices, x, cb3.shape[1], check_indices)
     backend = resolve_backend(backend, x.device)
-    return _run(_lookup_codes_op, None, x, x3, cb3, indices if indices.dim() == 2 else indices.unsqueeze(0), backend)
+    indices3 = (indices if indices.dim() == 2 else indices.unsqueeze(0)).long()
+    return _run(_lookup_codes_op, None, x, x3, cb3, indices3, backend)
 
 
 def quantize(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str | None = None,
@@ -305,7 +300,7 @@ def _check_k(k, n_codes: int) -> None:
 def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, temperature: float, seed: int, k: int, metric: str,
                     precision: str, backend: str) -> torch.Tensor:
     """k = 0: one draw per token, (H, N); k >= 1: the k best perturbed logits, (H, N, k)."""
-    return backend_module(backend).sample_code(x, codebook, temperature=temperature, seed=seed, k=k or None,
+    return implementation(backend, "sample_code")(x, codebook, temperature=temperature, seed=seed, k=k or None,
                                                metric=metric, precision=precision)
 
 
@@ -317,7 +312,7 @@ def _sample_code_empty(x, codebook, temperature, seed, k, metric, precision, bac
 @torch.library.custom_op("fastvq::topk_codes", mutates_args=())
 def _topk_codes_op(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, precision: str,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_module(backend).topk_codes(x, codebook, k, metric=metric, precision=precision)
+    return implementation(backend, "topk_codes")(x, codebook, k, metric=metric, precision=precision)
 
 
 @_topk_codes_op.register_fake
@@ -329,7 +324,7 @@ def _topk_codes_empty(x, codebook, k, metric, precision, backend):
 @torch.library.custom_op("fastvq::code_cross_entropy", mutates_args=())
 def _code_cross_entropy_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str,
                            precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend_module(backend).code_cross_entropy(x, codebook, indices, metric=metric,
+    return implementation(backend, "code_cross_entropy")(x, codebook, indices, metric=metric,
                                                       precision=precision)
 
 
@@ -342,7 +337,7 @@ def _(x, codebook, indices, metric, precision, backend):
 def _code_cross_entropy_grad_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
                                 lse: torch.Tensor, grad: torch.Tensor, wrt: str, metric: str, precision: str,
                                 backend: str) -> torch.Tensor:
-    return backend_module(backend).code_cross_entropy_grad(x, codebook, indices, lse, grad, wrt,
+    return implementation(backend, "code_cross_entropy_grad")(x, codebook, indices, lse, grad, wrt,
                                                            metric=metric, precision=precision)
 
 
@@ -360,7 +355,7 @@ def _code_cross_entropy_setup(ctx, inputs, output):
 
 
 def _code_cross_entropy_backward(ctx, grad_loss, _grad_lse):
-    """Streamed softmax-weighted sums (see `fastvq.ops.reference.code_cross_entropy_grad`); no N x K tensor."""
+    """Streamed softmax-weighted sums (see `fastvq.ops.chunked.code_cross_entropy_grad`); no N x K tensor."""
     x, codebook, indices, lse = ctx.saved_tensors
     grads = [None, None]
     for i, wrt, like in ((0, "x", x), (1, "codebook", codebook)):

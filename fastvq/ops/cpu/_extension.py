@@ -1,23 +1,19 @@
-"""Builds and loads the C++ CPU kernels (kernels/cpu/*.cpp) at first use, never at import.
+"""The C++ CPU kernels (kernels/cpu/*.cpp) as a JIT-built extension, loaded at first use, never at import.
 
-`torch.utils.cpp_extension.load` compiles them once with ninja and the system C++ compiler and caches
-the result (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); later processes load the cached
-library in milliseconds. The build is specialised for the CPU's vector unit (AVX512 with or without
-BF16 / AVX2 / plain), whose name is part of the cached library's name, so one cache can serve
-different machines.
+Built by the policy of `fastvq.ops.jit` (cache folder, build lock, error text): once per machine
+with ninja and the system C++ compiler; later processes load the cached library in milliseconds.
+The build is specialised for the CPU's vector unit (AVX512 with or without BF16 / AVX2 / plain),
+whose name is part of the extension's name, so one cache can serve different machines.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import shutil
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from ..jit import JitExtension, extension_name, missing_compiler, missing_ninja, missing_sources
 from ..kernel_sources import kernel_sources_dir
 
 SOURCES = kernel_sources_dir() / "cpu"
@@ -36,45 +32,22 @@ def vector_unit() -> str:
     return isa
 
 
-class CpuKernelsUnavailable(RuntimeError):
-    """The C++ CPU kernels cannot be built or loaded here; the message says why and what to do."""
-
-
-def _build_problem() -> str:
-    """Why a build cannot even start ('' when it can)."""
-    if not (SOURCES / "search.cpp").is_file():
-        return f"the C++ sources are not in {SOURCES} (an install without the kernel sources)"
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler!r} is not on PATH; install g++ or clang, or set CXX)"
-    if shutil.which("ninja") is None:
-        return "ninja is not installed (pip install ninja)"
-    return ""
-
-
 @functools.cache
-def load_extension(isa: str | None = None) -> ModuleType:
-    """The compiled `search` module, built for `isa` (default: `vector_unit()`, this CPU's; the tests
-    also build the narrower ones this CPU runs, so that every code path is checked); raises
-    CpuKernelsUnavailable naming the cause and the fix."""
-    problem = _build_problem()
-    if problem:
-        raise CpuKernelsUnavailable(f"fastvq's C++ CPU kernels cannot be built: {problem}. Use "
-                                    "backend='torch' (or FASTVQ_BACKEND=torch) to run the plain-PyTorch path.")
-    from torch.utils import cpp_extension
-
+def extension(isa: str | None = None) -> JitExtension:
+    """The C++ CPU search built for `isa` (default: `vector_unit()`, this CPU's; the tests also build the
+    narrower ones this CPU runs, so that every code path is checked)."""
     isa = isa or vector_unit()
-    name = f"fastvq_cpu_search_{isa.lower()}"
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    if not (build_dir / f"{name}.so").exists():
-        print(f"fastvq: compiling the C++ CPU kernels ({isa}) once into {build_dir} ...", file=sys.stderr, flush=True)
-    try:
-        return cpp_extension.load(
-            name=name, sources=[str(SOURCES / "search.cpp")],
-            extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
-            extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as err:  # compiler errors, a broken cache, a missing header
-        raise CpuKernelsUnavailable(
-            f"fastvq's C++ CPU kernels failed to build in {build_dir}: {err}. Check the compiler output above "
-            "(rerun with a clean cache: delete that folder), or use backend='torch' (or FASTVQ_BACKEND=torch) "
-            "for the plain-PyTorch path.") from err
+    sources = (SOURCES / "search.cpp",)
+    return JitExtension(
+        name=extension_name(f"cpu_search_{isa.lower()}"), what="C++ CPU kernels",
+        alternative="Use backend='torch' (or FASTVQ_BACKEND=torch) to run the plain-PyTorch path.",
+        sources=sources,
+        missing_prerequisite=lambda: missing_sources(sources) or missing_compiler() or missing_ninja(),
+        options=dict(extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
+                     extra_ldflags=["-fopenmp"]))
+
+
+def load_extension(isa: str | None = None) -> ModuleType:
+    """The compiled `search` module for `isa` (see `extension`); `fastvq.ops.jit.JitBuildError` naming the
+    cause and the fix when it cannot be built."""
+    return extension(isa).load()

@@ -1,8 +1,7 @@
-"""What every CUDA launcher passes the extension: dtypes it compiles for, blocks per launch, the stream."""
+"""What every CUDA launcher passes the extension: the dtypes it is compiled for, the stream. (Blocks
+per launch: `fastvq.ops.common.target_programs`, the Triton launchers' rule too.)"""
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -16,12 +15,6 @@ def kernel_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if len(dtypes) == 1 and tensors[0].dtype in KERNEL_DTYPES:
         return tensors
     return tuple(t.float() for t in tensors)
-
-
-@functools.cache
-def target_blocks(device: torch.device) -> int:
-    """Blocks a launch needs to keep every SM busy (two per SM)."""
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def current_stream(device: torch.device) -> int:

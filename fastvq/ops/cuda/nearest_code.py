@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..common import METRICS, PRECISIONS, code_bias
+from ..common import METRICS, PRECISIONS, code_bias, target_programs, valid_first
 from ._build import load_extension
-from ._launch import current_stream, kernel_operands, target_blocks
+from ._launch import current_stream, kernel_operands
 
 
 def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str,
@@ -25,12 +25,12 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
     extension = load_extension()
     with torch.cuda.device(x.device):
         return extension.search(x, codebook, bias, METRICS.index(metric), PRECISIONS.index(precision), k,
-                                target_blocks(x.device), current_stream(x.device))
+                                target_programs(x.device), current_stream(x.device))
 
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
                  precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA twin of `fastvq.ops.reference.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
+    """CUDA twin of `fastvq.ops.chunked.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
     indices (H, N) int64 (-1: no finite distance), distances (H, N) fp32."""
     indices, distances = _search(x, codebook, metric, precision, 1)
     return indices[..., 0], distances[..., 0]
@@ -38,6 +38,6 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
 
 def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
                precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA twin of `fastvq.ops.reference.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= 16 ->
-    indices (H, N, k) int64 nearest first (-1 past the finite ones), distances (H, N, k) fp32."""
-    return _search(x, codebook, metric, precision, k)
+    """CUDA twin of `fastvq.ops.chunked.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= 16 ->
+    indices (H, N, k) int64 nearest first, distances (H, N, k) fp32; -1 / NaN after the valid entries."""
+    return valid_first(*_search(x, codebook, metric, precision, k))

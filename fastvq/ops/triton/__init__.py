@@ -1,4 +1,4 @@
-"""Triton backend: fused kernels with the signatures of `fastvq.ops.reference` (canonical shapes).
+"""Triton backend: fused kernels with the signatures of every backend (canonical shapes; `fastvq.ops.naive`).
 
 Importing this module imports triton; `fastvq.ops.backend` does so lazily, so `import fastvq` works
 without triton.

@@ -3,26 +3,13 @@ and code splits of a search (shared by every kernel that streams codes)."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
-from ..common import triton_interpret_requested
+from ..common import target_programs, triton_interpret_requested
 
 INTERPRETED = triton_interpret_requested()
 """True when this process loaded the kernels under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
-
-_INTERPRETER_PROGRAMS = 8  # small, so that CI's small shapes also exercise the split-over-codes path
-
-
-@functools.cache
-def num_programs_target(device: torch.device) -> int:
-    """Programs a launch needs to keep every SM busy (two per SM)."""
-    if INTERPRETED or device.type != "cuda":
-        return _INTERPRETER_PROGRAMS
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-
 
 def interpreted_precision(precision: str) -> str:
     """The precision the kernels really rank with: under the interpreter, TF32 is not emulated and
@@ -65,7 +52,7 @@ def search_config(n_tokens: int, n_codes: int, dim: int, heads: int, precision: 
         stages = 3 if single_d_tile else 2
     token_programs = triton.cdiv(n_tokens, block_n) * heads
     code_tiles = triton.cdiv(n_codes, block_k)
-    splits = min(code_tiles, max(1, triton.cdiv(num_programs_target(device), token_programs)))
+    splits = min(code_tiles, max(1, triton.cdiv(target_programs(device), token_programs)))
     codes_per_split = triton.cdiv(code_tiles, splits) * block_k
     splits = triton.cdiv(n_codes, codes_per_split)
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, SINGLE_D_TILE=single_d_tile,
@@ -87,7 +74,7 @@ def grad_config(n_rows: int, n_stream: int, dim: int, heads: int, device: torch.
         stages = 2
     row_programs = triton.cdiv(n_rows, block) * triton.cdiv(dim, block_d) * heads
     stream_tiles = triton.cdiv(n_stream, block)
-    splits = min(stream_tiles, max(1, triton.cdiv(num_programs_target(device), row_programs)))
+    splits = min(stream_tiles, max(1, triton.cdiv(target_programs(device), row_programs)))
     per_split = triton.cdiv(stream_tiles, splits) * block
     return dict(BLOCK_N=block, BLOCK_K=block, BLOCK_D=block_d, SINGLE_D_TILE=single_d_tile, BLOCK_DO=block_d,
                 num_warps=warps, num_stages=stages, splits=triton.cdiv(n_stream, per_split), per_split=per_split)

@@ -196,7 +196,7 @@ def _ce_grad_kernel(
 
 def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",
                        precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.ops.reference.code_cross_entropy`: x (H, N, D), codebook (Hc, K, D), indices
+    """Triton twin of `fastvq.ops.chunked.code_cross_entropy`: x (H, N, D), codebook (Hc, K, D), indices
     (H, N) int64 in [-1, K) -> loss (H, N) fp32 (0 where the index is -1), log-sum-exp (H, N) fp32."""
     heads, n_tokens, dim = x.shape
     n_codes = codebook.shape[1]
@@ -228,7 +228,7 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
 def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
                             grad: torch.Tensor, wrt: str, *, metric: str = "l2",
                             precision: str = "ieee") -> torch.Tensor:
-    """Triton twin of `fastvq.ops.reference.code_cross_entropy_grad`: the gradient w.r.t. x (wrt="x",
+    """Triton twin of `fastvq.ops.chunked.code_cross_entropy_grad`: the gradient w.r.t. x (wrt="x",
     (H, N, D) fp32) or the codebook (wrt="codebook", (Hc, K, D) fp32); lse and grad are (H, N)."""
     code_side = wrt == "codebook"
     precision = interpreted_precision(precision)

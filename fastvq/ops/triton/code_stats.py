@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import counted_tokens
 from ._launch import INTERPRETED
 
 CHUNK = 256
@@ -101,9 +102,7 @@ def _sorted_runs(indices: torch.Tensor, num_codes: int, mask: torch.Tensor | Non
     """Kept tokens sorted by (head, code), stable: (order (M,) int64 flat h N + n indices of the kept
     tokens, run keys (R,) h K + code, run lengths (R,) int64), one run per code that has tokens."""
     heads = indices.shape[0]
-    keep = (indices >= 0) & (indices < num_codes)  # out of range only with check_indices=False: skipped
-    if mask is not None:
-        keep = keep & mask
+    keep = counted_tokens(indices, num_codes, mask)
     head_base = torch.arange(heads, device=indices.device)[:, None] * num_codes
     keys = torch.where(keep, head_base + indices, heads * num_codes).reshape(-1)  # skipped: sorted last
     sorted_keys, order = torch.sort(keys, stable=True)
@@ -116,7 +115,7 @@ def _sorted_runs(indices: torch.Tensor, num_codes: int, mask: torch.Tensor | Non
 def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
                mask: torch.Tensor | None = None, deterministic: bool = True,
                block_sizes: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.ops.reference.code_stats`: x (H, N, D), indices (H, N), mask (H, N) bool ->
+    """Triton twin of `fastvq.ops.chunked.code_stats`: x (H, N, D), indices (H, N), mask (H, N) bool ->
     counts (H, K) fp32, sums (H, K, D) fp32.
 
     deterministic: the sorted segmented reduction (default) or fp32 atomics (see the module doc).

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import code_bias, gumbel_scales, mark_unassigned
+from ..common import code_bias, gumbel_scales, mark_unassigned, valid_first
 from ._launch import distance_config, interpreted_precision, search_config
 from ._tiles import COSINE_NORM_EPS, dot_options, dot_tile, load_tile, logits, rank_score, resident_tile
 
@@ -219,22 +219,22 @@ def _chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
 
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
                  precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.ops.reference.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
+    """Triton twin of `fastvq.ops.chunked.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
     indices (H, N) int64 (-1: no finite distance), distances (H, N) fp32."""
     return _chosen_distance(x, codebook, _search(x, codebook, metric, precision), metric)
 
 
 def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
                precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `fastvq.ops.reference.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
-    indices (H, N, k) int64 nearest first (-1 past the finite ones), distances (H, N, k) fp32."""
+    """Triton twin of `fastvq.ops.chunked.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
+    indices (H, N, k) int64 nearest first, distances (H, N, k) fp32; -1 / NaN after the valid entries."""
     indices = _search(x, codebook, metric, precision, topk=k).reshape(*x.shape[:2], k)
-    return _chosen_distance(x, codebook, indices, metric)
+    return valid_first(*_chosen_distance(x, codebook, indices, metric))
 
 
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
                 k: int | None = None, metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
-    """Triton twin of `fastvq.ops.reference.sample_code`: x (H, N, D), codebook (Hc, K, D), temperature > 0
+    """Triton twin of `fastvq.ops.chunked.sample_code`: x (H, N, D), codebook (Hc, K, D), temperature > 0
     -> indices (H, N) int64 drawn from softmax(logits / temperature), or with k (H, N, k) int64 by
     Gumbel top-k, highest first (-1: no finite logit)."""
     if k is None:

@@ -1,6 +1,9 @@
-"""Plain-PyTorch reference of every fastvq op; also the CPU (and any-device) fallback backend.
+"""The "torch" backend: every fastvq op in plain PyTorch, chunked into tiles of scores.
 
-Same signatures as the Triton launchers in `fastvq.ops.triton`, on canonical shapes:
+It runs on any device, so it is the fallback where no kernel backend can (CPU without a C++
+compiler, a GPU without triton), and the ops that the C++ CPU backend has no kernel for. Like every
+backend it is tested against the dense float64 oracle `fastvq.ops.naive`. Same signatures as the
+other backends, on canonical shapes:
     x: (H, N, D) float, codebook: (Hc, K, D) float with Hc == H (one codebook per head) or Hc == 1
     (shared), indices: (H, N) int64, mask: (H, N) bool.
 The public functions in `fastvq.ops.functional` validate arguments and reshape to these.
@@ -10,6 +13,10 @@ so the extra memory is bounded by about 3 * SCORE_TILE_ELEMENTS * 4 bytes (score
 output, comparison temporaries: 6 MiB) + one fp32 copy of the codebook (K * D * 4 bytes) + O(N * D)
 for the exact distance of the chosen codes. Exceptions, still O(tile): `topk_codes` sorts a tile with
 its int64 indices (about twice that), and `sample_code` adds an int64 tile of noise counters.
+Scores are fp32 products of operands rounded to the precision, except when some product x.c could
+overflow fp32 in some order of its additions (`_products_may_overflow`: values near the fp32
+limit): then the call ranks with float64 products rounded to fp32, so that whether a score is finite
+(a code whose score is not is never chosen) does not depend on where a token sits in its tile.
 This module never imports triton; the math it shares with the kernels is in `fastvq.ops.common`.
 """
 
@@ -17,14 +24,17 @@ from __future__ import annotations
 
 import torch
 
+from . import philox
 from .common import (
     COSINE_NORM_EPS,
     L2_LOGIT_EPS,
     code_bias,
+    counted_tokens,
     gather_codes,
     gumbel_scales,
     mark_unassigned,
     round_operand,
+    valid_first,
 )
 
 SCORE_TILE_ELEMENTS = 1 << 19
@@ -54,13 +64,31 @@ def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tens
     return mark_unassigned(indices, dist)
 
 
-def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str) -> torch.Tensor:
-    """Scores (n, k) of rounded fp32 rows (n, D) against rounded fp32 codes (k, D); NaN -> +inf."""
+PRODUCT_LIMIT = 2.0**126
+"""Below it, no partial sum of 2 x.c (nor 2 x itself) can overflow fp32, whatever the order of the additions."""
+
+
+def _products_may_overflow(x: torch.Tensor, codebook: torch.Tensor) -> bool:
+    """True when 2 D max|x| max|c| or max(max|x|, max|c|), over the finite entries, reaches PRODUCT_LIMIT
+    (one device sync). Non-finite entries make their scores non-finite in any order."""
+    def finite_max(t: torch.Tensor) -> float:
+        return t.detach().abs().nan_to_num(nan=0.0, posinf=0.0).amax().double().item() if t.numel() else 0.0
+
+    x_max, code_max = finite_max(x), finite_max(codebook)
+    return max(2.0 * x.shape[-1] * x_max * code_max, x_max, code_max) >= PRODUCT_LIMIT
+
+
+def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str,
+                wide: bool) -> torch.Tensor:
+    """Scores (n, k) fp32 of rounded fp32 rows (n, D) against rounded fp32 codes (k, D); NaN and
+    +-inf -> +inf. wide: computed in float64, then rounded to fp32 (see the module doc)."""
+    if wide:
+        x_rows, codes, bias = x_rows.double(), codes.double(), bias.double()
     if metric == "cosine":
         score = (x_rows @ codes.T).mul_(bias).neg_()
     else:  # l2: |c|^2 - 2 x.c; dot: 0 - x.c (bias NaN for a non-finite code)
         score = torch.addmm(bias, x_rows, codes.T, alpha=-2.0 if metric == "l2" else -1.0)
-    return _never_chosen_if_not_finite(score)
+    return _never_chosen_if_not_finite(score.float())
 
 
 def _never_chosen_if_not_finite(score: torch.Tensor) -> torch.Tensor:
@@ -118,18 +146,23 @@ def _select(x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor, precisi
     return indices
 
 
+def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str, k: int) -> torch.Tensor:
+    """The k lowest scores' codes per token, (H, N, k) int64 (see `_select`)."""
+    bias = code_bias(codebook, metric, precision)
+    wide = _products_may_overflow(x, codebook)
+    return _select(x, codebook, bias, precision, k,
+                   lambda h, token_slice, rows, k0, codes, b: _score_tile(rows, codes, b, metric, wide))
+
+
 def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
                  precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest code per token, never holding the N x K score matrix.
 
     x (H, N, D) and codebook (Hc, K, D), any float dtype -> indices (H, N) int64 and distances
-    (H, N) fp32 (squared L2, or 1 - cosine similarity). Ties go to the lowest index; tokens with no
-    finite distance get -1 / NaN.
+    (H, N) fp32 (squared L2, or 1 - cosine similarity). Ties go to the lowest index; codes with a
+    non-finite score are never chosen; tokens with no finite distance get -1 / NaN.
     """
-    bias = code_bias(codebook, metric, precision)
-    indices = _select(x, codebook, bias, precision, 1,
-                      lambda h, token_slice, rows, k0, codes, b: _score_tile(rows, codes, b, metric))
-    return chosen_distance(x, codebook, indices[..., 0], metric)
+    return chosen_distance(x, codebook, _search(x, codebook, metric, precision, 1)[..., 0], metric)
 
 
 def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
@@ -140,9 +173,7 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     -1 (or out of [0, K): never written outside the outputs) or mask False are skipped.
     """
     heads, n, dim = x.shape
-    keep = (indices >= 0) & (indices < num_codes)  # out of range only with check_indices=False: skipped
-    if mask is not None:
-        keep = keep & mask
+    keep = counted_tokens(indices, num_codes, mask)
     # rows h * K + code of every head's codes, then one spare row that takes the skipped tokens
     offsets = torch.arange(heads, device=x.device).unsqueeze(1) * num_codes
     rows = torch.where(keep, indices + offsets, heads * num_codes).reshape(-1)
@@ -178,53 +209,12 @@ def _logit_tile(rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor,
     return dot.mul_(bias).div_(row_norm.clamp_min(COSINE_NORM_EPS)), row_norm >= COSINE_NORM_EPS
 
 
-_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
-_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
-_LOW32 = 0xFFFFFFFF
-
-
-def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """High and low 32 bits of a * b for uint32 values a (held in int64) and a 32-bit constant b,
-    without int64 overflow."""
-    low_part, high_part = a * (b & 0xFFFF), a * (b >> 16)  # each < 2^48
-    low = low_part + ((high_part & 0xFFFF) << 16)
-    return ((high_part >> 16) + (low >> 32)) & _LOW32, low & _LOW32
-
-
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Uniform fp32 in [0, 1) for int64 counters `offsets`: Philox-4x32-10 keyed by the 64-bit seed,
-    the same stream as `triton.language.rand(seed, offsets)` with int64 offsets (triton 3.6-3.9).
-
-    About 250 integer tensor ops per draw; on CPU they run on chunks of 2^15 counters, which stay in
-    cache and below torch's threading threshold (about 10x faster than whole tiles).
-    """
-    flat = offsets.reshape(-1)
-    out = torch.empty(flat.shape, dtype=torch.float32, device=offsets.device)
-    chunk = 1 << 15 if offsets.device.type == "cpu" else max(flat.numel(), 1)
-    for start in range(0, flat.numel(), chunk):
-        out[start:start + chunk] = _philox(seed, flat[start:start + chunk])
-    return out.view(offsets.shape)
-
-
-def _philox(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    c0, c1 = offsets & _LOW32, (offsets >> 32) & _LOW32
-    c2 = c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND[1])
-        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND[0])
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _PHILOX_KEY[0]) & _LOW32, (k1 + _PHILOX_KEY[1]) & _LOW32
-    signed = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # the bits as int32
-    return torch.where(signed < 0, -signed - 1, signed).float() * 4.6566127342e-10
-
-
 def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
                 k: int | None = None, metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
     """One code per token drawn from softmax(logits / temperature) by the Gumbel-max trick.
 
     x (H, N, D), codebook (Hc, K, D), temperature > 0, seed in [0, 2^63) -> indices (H, N) int64:
-    argmax_k(logit_nk / temperature + g_nk) with g = -log(-log(u)) and u = `philox_uniform(seed,
+    argmax_k(logit_nk / temperature + g_nk) with g = -log(-log(u)) and u = `philox.uniform(seed,
     (h N + n) K + k)`, computed per tile (no N x K noise). With k (1 <= k <= K): (H, N, k) int64,
     the k highest perturbed logits, highest first (Gumbel top-k). Codes with a non-finite logit are
     never drawn; -1 for a token with none finite (or in the slots past the finite ones).
@@ -237,7 +227,7 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, 
         tokens = torch.arange(token_slice.start, token_slice.start + rows.shape[0], device=x.device)
         offsets = (h * n_tokens + tokens)[:, None] * n_codes + torch.arange(k0, k0 + codes.shape[0],
                                                                              device=x.device)
-        gumbel = -torch.log(-torch.log(philox_uniform(seed, offsets)))
+        gumbel = -torch.log(-torch.log(philox.uniform(seed, offsets)))
         return _never_chosen_if_not_finite((logit * logit_scale + gumbel * noise_scale).neg_())
 
     bias = code_bias(codebook, metric, precision)
@@ -250,14 +240,12 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
     """The k nearest codes of every token, nearest first, ties to the lowest index.
 
     x (H, N, D), codebook (Hc, K, D), 1 <= k <= K -> indices (H, N, k) int64 and distances (H, N, k)
-    fp32 (as `nearest_code`: recomputed exactly for each chosen code). Slots beyond the number of
-    codes with a finite distance get -1 / NaN.
+    fp32 (as `nearest_code`: recomputed exactly for each chosen code). Slots past the codes with a
+    finite score, and codes whose distance is not finite, get -1 / NaN, after the valid ones.
     """
-    bias = code_bias(codebook, metric, precision)
-    indices = _select(x, codebook, bias, precision, k,
-                      lambda h, token_slice, rows, k0, codes, b: _score_tile(rows, codes, b, metric))
+    indices = _search(x, codebook, metric, precision, k)
     pairs = [chosen_distance(x, codebook, indices[..., j], metric) for j in range(k)]
-    return torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1)
+    return valid_first(torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1))
 
 
 def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",

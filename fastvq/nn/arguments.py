@@ -1,0 +1,164 @@
+"""The layers' argument checks: one table of argument specs (kind, range, meaning) and the checks
+built on it, used by every layer (`VectorQuantize`, `ResidualVQ`, `GroupedResidualVQ`, `CodeHead`)
+and token quantizer (`TokenQuantizer`, `Codebook`, `LearnedCodebook`).
+
+An argument is checked where it is used, by `check_arguments(name=value, ...)`, so every error has
+one form, naming the argument, what was expected and what the argument is:
+
+    ValueError: decay must be a number in [0, 1], got 1.5 (decay: EMA decay of the codebook statistics)
+
+`backend` and `precision` are the ops' settings and are checked by the ops' own functions
+(`fastvq.ops.backend.check_backend`, `fastvq.ops.functional.check_precision`). Flags (True/False
+arguments) are read by truthiness, as in vector-quantize-pytorch 1.32.0, and need no entry.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.common import METRICS
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one argument accepts.
+
+    kind: "int" (an int, not a bool, in [low, high]), "number" (a finite real number, not a bool,
+    in [low, high]), "choice" (one of `choices`) or "unsupported" (a 1.32.0 argument fastvq does
+    not implement: only `default` is accepted, any other value raises NotImplementedError).
+    optional: None is accepted too. meaning: what the argument is, for error messages and docs.
+    """
+
+    kind: str
+    meaning: str
+    low: float = 0
+    high: float = math.inf
+    optional: bool = False
+    choices: tuple = ()
+    default: object = None
+
+    def expected(self) -> str:
+        """The accepted values in words: 'an int >= 1', 'a number in [0, 1]', 'None or ...'."""
+        if self.kind == "choice":
+            text = f"one of {self.choices}"
+        elif self.kind == "unsupported":
+            return f"only {self.default!r} (fastvq does not implement other values)"
+        else:
+            noun = "an int" if self.kind == "int" else "a number"
+            text = f"{noun} >= {self.low:g}" if math.isinf(self.high) else f"{noun} in [{self.low:g}, {self.high:g}]"
+        return f"None or {text}" if self.optional else text
+
+    def accepts(self, value) -> bool:
+        if value is None and self.optional:
+            return True
+        if self.kind == "choice":
+            return value in self.choices
+        if self.kind == "unsupported":
+            return value == self.default
+        kind = int if self.kind == "int" else numbers.Real
+        return (not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
+                and self.low <= value <= self.high)
+
+
+def _int(meaning: str, low: int = 1, **kwargs) -> Spec:
+    return Spec("int", meaning, low=low, **kwargs)
+
+
+def _number(meaning: str, high: float = math.inf) -> Spec:
+    return Spec("number", meaning, high=high)
+
+
+def _unsupported(default, meaning: str) -> Spec:
+    return Spec("unsupported", meaning, default=default)
+
+
+ARGUMENTS: dict[str, Spec] = {
+    # sizes
+    "dim": _int("channels of an input token (of a token quantizer: the size of a code)"),
+    "codebook_size": _int("number of codes K in a codebook"),
+    "codebook_dim": _int("size of a code (None: dim, or dim / heads per head)", optional=True),
+    "heads": _int("heads a token is split into, each quantized on its own"),
+    "num_codebooks": _int("codebooks of a token quantizer: 1 (shared by every head) or one per head"),
+    "num_quantizers": _int("residual stages (None: one per entry of a codebook_size tuple)", optional=True),
+    "groups": _int("independent residual quantizers, each on dim / groups channels"),
+    "num_codes": _int("codes (output classes) of a CodeHead"),
+    # metric
+    "metric": Spec("choice", "how tokens and codes are compared", choices=METRICS),
+    # the EMA codebook
+    "decay": _number("EMA decay of the codebook statistics", high=1.0),
+    "eps": _number("Laplace smoothing of the EMA cluster sizes"),
+    "kmeans_iters": _int("Lloyd iterations of the k-means initialisation"),
+    "threshold_ema_dead_code": _number("EMA cluster size below which a code is dead and replaced (0: never)"),
+    # losses and sampling
+    "commitment_weight": _number("weight of the commitment loss"),
+    "orthogonal_reg_weight": _number("weight of the orthogonal regularisation of the codes"),
+    "orthogonal_reg_max_codes": _int("codes sampled for the orthogonal regularisation (None: all)",
+                                     optional=True),
+    "sample_codebook_temp": _number("temperature of stochastic code sampling (0: the nearest code)"),
+    "topk": _int("candidates returned per token (capped at codebook_size; at most 16)"),
+    # residual quantization
+    "quantize_dropout_cutoff_index": _int("first stage quantize dropout may stop at", low=0),
+    "quantize_dropout_multiple_of": _int("quantize dropout keeps a multiple of this many stages"),
+    "beam_size": _int("paths kept by the beam search over stages in training (None: greedy)", optional=True),
+    "eval_beam_size": _int("paths kept by the beam search in eval (None: beam_size)", optional=True),
+    # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
+    "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
+    "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),
+    "codebook_diversity_temperature": _unsupported(100.0, "temperature of the codebook diversity loss"),
+    "directional_reparam": _unsupported(False, "directional reparametrisation of the gradient"),
+    "directional_reparam_variance": _unsupported(5e-3, "variance of the directional reparametrisation"),
+    "sync_affine_param": _unsupported(False, "synchronised affine codebook parameters"),
+    "vq_bridge": _unsupported(None, "VQBridge codebook transform"),
+    "in_place_codebook_optimizer": _unsupported(None, "optimizer applied to the codebook in forward"),
+    "manual_in_place_optimizer_update": _unsupported(False, "stepping the in-place optimizer by hand"),
+    "affine_param": _unsupported(False, "affine reparametrisation of the codebook"),
+    "affine_param_batch_decay": _unsupported(0.99, "EMA decay of the affine batch statistics"),
+    "affine_param_codebook_decay": _unsupported(0.9, "EMA decay of the affine codebook statistics"),
+    "sync_update_v": _unsupported(0.0, "synchronised update rule of the codebook"),
+    "diveq": _unsupported(False, "DiVeQ differentiable quantization"),
+    "implicit_neural_codebook": _unsupported(False, "QINCo implicit neural codebooks"),
+}
+
+
+def check_arguments(**values) -> None:
+    """Check each name=value against its spec in ARGUMENTS: ValueError naming the argument, the
+    expected values and its meaning (NotImplementedError for an unsupported 1.32.0 argument)."""
+    for name, value in values.items():
+        spec = ARGUMENTS[name]
+        if spec.accepts(value):
+            continue
+        if spec.kind == "unsupported":
+            raise NotImplementedError(f"fastvq does not implement {name}={value!r}, only {spec.default!r} "
+                                      f"({name}: {spec.meaning})")
+        raise ValueError(f"{name} must be {spec.expected()}, got {value!r} ({name}: {spec.meaning})")
+
+
+def unsupported_defaults(*names: str) -> dict[str, object]:
+    """{name: the only accepted value} of unsupported 1.32.0 arguments."""
+    return {name: ARGUMENTS[name].default for name in names}
+
+
+def check_exclusive(**flags) -> None:
+    """Two flags that cannot both be on: ValueError naming both."""
+    (a, va), (b, vb) = flags.items()
+    if va and vb:
+        raise ValueError(f"{a} and {b} cannot both be on (as in vector-quantize-pytorch); turn one off")
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+# ---------------------------------------------------------------------------------------------
+
+def describe(t) -> str:
+    """dtype and shape of a tensor, or the type of anything else (for error messages)."""
+    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def is_integer_tensor(t) -> bool:
+    """A tensor of an integer dtype (not bool, float or complex)."""
+    return isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and not t.dtype.is_complex \
+        and t.dtype != torch.bool

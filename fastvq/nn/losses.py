@@ -1,0 +1,36 @@
+"""Auxiliary losses of the quantizer layers, in fp32: the commitment loss (codes vs tokens) and the
+orthogonal regularisation of a codebook. Neither builds an N x K or K x K tensor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .kmeans import l2norm
+from .layout import expand_like
+
+
+def commitment_loss(codes: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None, *,
+                    per_token: bool = False) -> torch.Tensor:
+    """Mean squared error between codes and z (B, S, G, D) fp32 (G heads or top-k candidates):
+    over the tokens where mask (B, S) is True (all without a mask) -> () fp32; with per_token, per
+    (token, head or candidate) -> (B, S, G) fp32, 0 where masked."""
+    sq = F.mse_loss(codes, z, reduction="none")  # saves its inputs, no (codes - z) tensor
+    if per_token:
+        loss = sq.mean(-1)
+        return loss if mask is None else torch.where(expand_like(mask, loss), loss, 0.0)
+    if mask is None:
+        return sq.mean()
+    return torch.where(expand_like(mask, sq), sq, 0.0).sum() / (mask.sum() * math.prod(sq.shape[2:]))
+
+
+def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
+    """Orthogonal regularisation (Shin et al. 2021, arXiv:2112.00384, eq. 2) of codes (H, n, D):
+    mean squared cosine similarity over all code pairs minus 1/n, from the (H, D, D) Gram matrix
+    (sum_ij (c_i . c_j)^2 = |C^T C|_F^2), never the n x n one."""
+    heads, n = codes.shape[:2]
+    normed = l2norm(codes)
+    gram = normed.transpose(1, 2) @ normed
+    return gram.pow(2).sum() / (heads * n ** 2) - 1 / n
