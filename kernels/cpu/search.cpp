@@ -11,7 +11,7 @@
 // score = bias + sum_d (-2 x_d) c_d (l2, bias = |c|^2), -(x . c) / |c| (cosine, bias = 1 / |c|) or
 // bias + sum_d (-x_d) c_d (dot, bias = 0), on x and c rounded to the precision
 // (`fastvq.ops.common.round_operand`), the bias from the rounded code (`code_term`). A NaN or -inf
-// score never wins (as the reference's nan_to_num to +inf); a NaN bias (code with a non-finite
+// score never wins (as the torch backend's nan_to_num to +inf); a NaN bias (code with a non-finite
 // entry) makes every score of that code NaN.
 //
 // Work: items of (head, block of TOKEN_BLOCK tokens, split of the codes), handed out in that order from

@@ -1,26 +1,26 @@
 """The distance of a chosen code is exact: within 1e-6 relative of a float64 computation at D = 8192,
 on every backend that runs here (an fp32 sum of D terms drifts by about D 2^-24; the C++ CPU search
-sums in fp64, the reference and Triton in fp32 trees). Small N and K: Triton runs in its interpreter.
+sums in fp64, the torch backend and Triton in fp32 trees). Small N and K: Triton runs in its interpreter.
 
-The reference's and Triton's fp32 sums of x.c miss it for dot: their error scales with sum |x_d c_d|
+The torch backend's and Triton's fp32 sums of x.c miss it for dot: their error scales with sum |x_d c_d|
 (~5000 here), not with |x.c| (~90 for a typical code, near 0 for some of the 13 that top-k returns,
 where the error is relative 1e-4 and more). They pass once
-their chosen distance sums in fp64 too (`fastvq.ops.reference.chosen_distance`,
+their chosen distance sums in fp64 too (`fastvq.ops.chunked.chosen_distance`,
 `fastvq.ops.triton.nearest_code._chosen_distance_kernel`), which the strict xfail will report.
 """
 
 import pytest
 import torch
 from conftest import backend_cases
-from vq_checks import brute_force_distances
 
 import fastvq
+from fastvq.ops import naive
 from fastvq.ops.common import METRICS
 
 D = 8192
 
 
-FP32_SUMS = pytest.mark.xfail(strict=True, reason="the reference and Triton sum x.c in fp32 (module docstring)")
+FP32_SUMS = pytest.mark.xfail(strict=True, reason="the torch backend and Triton sum x.c in fp32 (module docstring)")
 
 
 def _cases():
@@ -34,7 +34,7 @@ def _cases():
 def test_distances_of_chosen_codes_are_exact_at_large_d(device, backend, metric):
     generator = torch.Generator().manual_seed(8192)
     x, codebook = torch.randn(2, 9, D, generator=generator), torch.randn(2, 13, D, generator=generator)
-    exact = brute_force_distances(x, codebook, metric)  # (H, N, K) float64
+    exact = naive.distances(x, codebook, metric)  # (H, N, K) float64
     nearest, nearest_distances = fastvq.nearest_code(x.to(device), codebook.to(device), metric=metric, backend=backend)
     indices, distances = fastvq.topk_codes(x.to(device), codebook.to(device), 13, metric=metric, backend=backend)
     nearest, nearest_distances = nearest.cpu()[..., None], nearest_distances.cpu()[..., None]

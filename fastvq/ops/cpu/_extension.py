@@ -43,8 +43,8 @@ def extension(isa: str | None = None) -> JitExtension:
         alternative="Use backend='torch' (or FASTVQ_BACKEND=torch) to run the plain-PyTorch path.",
         sources=sources,
         missing_prerequisite=lambda: missing_sources(sources) or missing_compiler() or missing_ninja(),
-        options=dict(extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
-                     extra_ldflags=["-fopenmp"]))
+        options=dict(extra_cflags=["-O3", "-ffp-contract=fast", "-pthread", *_ISA_FLAGS.get(isa, [])],
+                     extra_ldflags=["-pthread"]))
 
 
 def load_extension(isa: str | None = None) -> ModuleType:
