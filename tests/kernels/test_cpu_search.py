@@ -14,6 +14,7 @@ import fastvq
 from fastvq.ops import naive
 from fastvq.ops.backend import unavailable_reason
 from fastvq.ops.common import METRICS, PRECISIONS
+from fastvq.ops.cpu._extension import vector_unit
 
 UNAVAILABLE = unavailable_reason("cpu", "cpu")
 pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE or "")
@@ -75,6 +76,53 @@ def test_any_codebook_dtype_and_strides(search, precision):
         want = search.search(x, codebook.float().contiguous(), 0, PRECISIONS.index(precision), 3, 2)
         got = search.search(x, codebook, 0, PRECISIONS.index(precision), 3, 2)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the bf16 prefilter (AVX512-BF16 builds, precisions other than bf16): codes ranked first by bf16
+# pairs, then the candidates within the error bound of a token's k-th fp32 score scored in fp32:
+# the answer is the fp32 ranking's, bit for bit
+# ---------------------------------------------------------------------------------------------
+
+def _prefilter_cases():
+    """(name, x, codebook): near ties below bf16's resolution, wide magnitudes, entries past the bound's
+    limit (2^50: the prefilter gives way), clustered codes (many candidates per token)."""
+    generator = torch.Generator().manual_seed(27)
+    x, codebook = torch.randn(2, 301, 12, generator=generator), torch.randn(1, 3000, 12, generator=generator)
+    near = codebook.clone()
+    near[0, 1::2] = near[0, ::2][:, :] + 1e-4 * torch.randn(1500, 12, generator=generator)  # pairs 1e-4 apart
+    wide = codebook * torch.logspace(-12, 12, 3000)[None, :, None]
+    past = codebook.clone()
+    past[0, 5, 3] = 2.0**51
+    cluster = 1.0 + 1e-3 * torch.randn(1, 2048, 12, generator=generator)
+    return [("random", x, codebook), ("near ties", x, near), ("wide magnitudes", x * 1e3, wide),
+            ("past the limit", x, past), ("clustered", 1.0 + 1e-3 * x, cluster),
+            ("tied integers", *_tied_inputs(1, 97, 700, 16, seed=5))]
+
+
+@pytest.mark.parametrize("topk", [1, 7])
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "fp16"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_prefilter_gives_the_fp32_ranking_bit_for_bit(search, metric, precision, topk):
+    for name, x, codebook in _prefilter_cases():
+        args = (x, codebook, METRICS.index(metric), PRECISIONS.index(precision), topk, 2)
+        want = search.search(*args, 0, False)
+        got = search.search(*args, 0, True)
+        assert torch.equal(got[0], want[0]), f"{name}: the prefilter chose other codes"
+        assert torch.equal(got[1].nan_to_num(-7.0), want[1].nan_to_num(-7.0)), f"{name}: other distances"
+
+
+@pytest.mark.skipif(vector_unit() != "AVX512_BF16", reason="the prefilter runs in AVX512-BF16 builds only")
+def test_prefilter_runs_and_gives_way_where_it_should(search):
+    """On random codes it filters every work item and scores few candidates in fp32; with an entry
+    past 2^50 (its error bound's limit) or for precision bf16 (ranked by bf16 pairs already) it is not used."""
+    generator = torch.Generator().manual_seed(3)
+    x, codebook = torch.randn(1, 960, 16, generator=generator), torch.randn(1, 4096, 16, generator=generator)
+    items, left, evaluations = search.prefilter_stats(x, codebook, 0, 0, 1, 2)
+    assert items >= 1 and left == 0 and 0 < evaluations < 0.05 * 960 * 4096
+    codebook[0, 9, 0] = 2.0**51
+    assert search.prefilter_stats(x, codebook, 0, 0, 1, 2)[2] == 0
+    assert search.prefilter_stats(x, codebook[:, :4000], 0, PRECISIONS.index("bf16"), 1, 2)[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------
