@@ -40,11 +40,11 @@ class Stage:
     options: dict = field(default_factory=dict)
 
 
-OP_TEST_FILES = ("tests/test_nearest_code.py", "tests/test_topk_codes.py", "tests/test_code_stats.py")
-LAYER_TEST_FILES = ("tests/test_sample_code.py", "tests/test_code_cross_entropy.py", "tests/test_functional.py",
-                    "tests/test_layer.py", "tests/test_layer_parity.py", "tests/test_residual_vq.py",
-                    "tests/test_prior.py", "tests/test_memory.py")
-DRY_TEST_FILES = ("tests/test_code_stats.py",)
+OP_TEST_FILES = ("tests/ops/test_nearest_code.py", "tests/ops/test_topk_codes.py", "tests/ops/test_code_stats.py")
+LAYER_TEST_FILES = ("tests/ops/test_sample_code.py", "tests/ops/test_code_cross_entropy.py", "tests/ops/test_functional.py",
+                    "tests/nn/test_layer.py", "tests/nn/test_layer_parity.py", "tests/nn/test_residual_vq.py",
+                    "tests/models/test_prior.py", "tests/ops/test_memory.py")
+DRY_TEST_FILES = ("tests/ops/test_code_stats.py",)
 
 
 def _slice(name: str, estimate_s: tuple[int, int], cap_s: int, note: str, **options) -> Stage:

@@ -301,7 +301,7 @@ def main(argv: list[str]) -> int:
             stopped = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the reports are written whatever arrives now
     try:
-        resources = kernel_resources() if args.backend == "triton" else []  # CUDA C++: tests/cuda_compile.py
+        resources = kernel_resources() if args.backend == "triton" else []  # CUDA C++: tests/tools/cuda_compile.py
     except Exception as err:  # a triton version without these caches
         resources = [dict(kernel="?", warps=None, stages=None, shared=None, registers=None, spills=None,
                           error=f"{type(err).__name__}: {err}")]

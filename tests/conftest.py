@@ -28,8 +28,16 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 REFERENCE_ON_CPU = ("torch", "triton", "cuda")
-"""Backends to test for an op that the "cpu" backend runs with the reference (code_stats,
+"""Backends to test for an op that the "cpu" backend runs with the torch backend's (code_stats,
 cross-entropy): testing "cpu" there would rerun the "torch" cases."""
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the tests that run Triton code (`-m triton`): the cases of the Triton backend (ids with
+    "triton") and the sm_90 / sm_80 compile check. CI runs them under each supported triton."""
+    for item in items:
+        if "triton" in item.name or item.path.name == "test_gpu_compile.py":
+            item.add_marker(pytest.mark.triton)
 
 
 def backend_cases(backends=("torch", "triton", "cuda", "cpu")):

@@ -18,6 +18,9 @@ from fastvq.models import QUANTIZERS, VQGAN, VQVAE, CodePrior, LatentDiffusion, 
 from .errors import SettingError
 from .settings import check_choice_setting, check_setting, conforms, describe, parse_text
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""--precision: the autocast dtype of the model's forward and losses (None: no autocast)."""
+
 MODELS: dict[str, type[VQModel]] = {"vqvae": VQVAE, "vqgan": VQGAN}
 """Tokenizers: trained on images."""
 
@@ -232,7 +235,6 @@ def check_run_config(config: RunConfig, training: bool = False) -> None:
                                value=value)
         if training or field.name != "threads":  # a run recorded on a machine of more CPUs is still valid
             check_setting(field.name, value)
-    from .step import PRECISIONS  # step imports this module
 
     for name, choices in (("model", [*MODELS, *GENERATORS]), ("quantizer", QUANTIZERS), ("precision", PRECISIONS)):
         check_choice_setting(name, getattr(config, name), list(choices))

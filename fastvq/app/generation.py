@@ -124,7 +124,6 @@ class GeneratorTraining(loop.TrainingTask):
     encoding of the training images (encoded once, held in memory), each step's batch drawn by an
     RNG seeded by (seed, step); evaluated by its loss on the held-out images."""
 
-    optional = frozenset({"image_size"})  # None: the tokenizer's
 
     @classmethod
     def check(cls, config: RunConfig) -> None:

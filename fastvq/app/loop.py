@@ -121,8 +121,6 @@ class TrainingTask:
     """The progress line's label."""
     shown: dict[str, str] = {"loss": ".4f"}
     """Logged values shown on the progress line, and their formats."""
-    optional: frozenset[str] = frozenset()
-    """Count settings (`COUNT_SETTINGS`) that this kind accepts as None, beyond `OPTIONAL_COUNTS`."""
 
     model: nn.Module  # with ``kind`` and ``config``, as `save_training_state` records them
     optimizers: list[torch.optim.Optimizer]
@@ -169,26 +167,10 @@ class TrainingTask:
         raise NotImplementedError
 
 
-COUNT_SETTINGS = ("steps", "batch_size", "image_size", "ckpt_every", "log_every", "num_eval", "eval_every",
-                  "max_images")
-"""Settings that count something and must be ints >= 1."""
-OPTIONAL_COUNTS = frozenset({"eval_every", "max_images"})
-"""Count settings whose None means "not used": no evaluation during training, every image."""
-
-
 def check_settings(config: RunConfig, task_type: type[TrainingTask]) -> None:
     """Raise SettingError naming the first unusable setting: a setting of the wrong type or out of
-    range (`fastvq.app.config.check_run_config`), a count below 1, a negative number of workers,
-    then the task's own checks."""
+    range for a training run (`fastvq.app.config.check_run_config`), then the task's own checks."""
     check_run_config(config, training=True)
-    for name in COUNT_SETTINGS:
-        value = getattr(config, name)
-        if value is None and name in OPTIONAL_COUNTS | task_type.optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SettingError("{%s} must be >= 1, got {value!r}" % name, value=value)
-    if config.workers is not None and config.workers < 0:
-        raise SettingError("{workers} must be >= 0, got {value}", value=config.workers)
     task_type.check(config)
 
 

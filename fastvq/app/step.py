@@ -8,7 +8,7 @@ from torch import nn
 from fastvq.models import VQGAN, VQModel
 
 from . import distributed
-from .config import RunConfig
+from .config import PRECISIONS, RunConfig
 
 
 def make_optimizers(model: VQModel, config: RunConfig) -> list[torch.optim.Optimizer]:
@@ -21,9 +21,6 @@ def make_optimizers(model: VQModel, config: RunConfig) -> list[torch.optim.Optim
         ]
     return [torch.optim.Adam(model.parameters(), **adam)]
 
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""--precision: the autocast dtype of the model's forward and losses (None: no autocast)."""
 
 
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:

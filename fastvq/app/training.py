@@ -13,13 +13,13 @@ import torch
 from fastvq.models import LPIPS
 
 from . import distributed, loop, report
-from .config import MODELS, RunConfig, build_model
+from .config import MODELS, PRECISIONS, RunConfig, build_model
 from .data import CropDataset, batch_loader, default_workers, fixed_crops, split_images, to_model_input
 from .device import QuantizerTimer
 from .errors import SettingError
 from .evaluation import evaluate
 from .metrics import batch_psnr
-from .step import PRECISIONS, make_optimizers, make_scaler, train_step
+from .step import make_optimizers, make_scaler, train_step
 
 
 def train(

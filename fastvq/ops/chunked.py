@@ -179,7 +179,7 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     rows = torch.where(keep, indices + offsets, heads * num_codes).reshape(-1)
     counts = torch.zeros(heads * num_codes + 1, device=x.device)
     sums = torch.zeros(heads * num_codes + 1, dim, device=x.device)
-    # on CPU the same bits every run and thread count (tests/test_code_stats.py)
+    # on CPU the same bits every run and thread count (tests/ops/test_code_stats.py)
     counts.index_add_(0, rows, torch.ones(heads * n, device=x.device))
     sums.index_add_(0, rows, x.reshape(heads * n, dim).float())
     return counts[:-1].view(heads, num_codes), sums[:-1].view(heads, num_codes, dim)

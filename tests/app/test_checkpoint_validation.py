@@ -80,7 +80,7 @@ def test_an_impossible_codebook_is_a_clear_error_everywhere(capsys, tmp_path, co
         assert code == 2 and f"error: checkpoint {path} " in text, text
 
 
-def test_tensors_must_fit_the_model_of_the_metadata(tmp_path, tokenizer_run):  # noqa: F811
+def test_tensors_must_fit_the_model_of_the_metadata(tmp_path, tokenizer_run):
     tensors, meta = checkpoint.load(tokenizer_run / CHECKPOINT)
     name = "model.quantizer._codebook.embed"
     for label, edit in (("extra", lambda t: t.update({"model.extra": torch.zeros(3)})),
@@ -129,7 +129,7 @@ CRAFTED = [  # what the issue saw raise KeyError, TypeError, RuntimeError or Rec
 
 
 @pytest.mark.parametrize("label,edit,message", CRAFTED, ids=[c[0] for c in CRAFTED])
-def test_tampered_metadata_is_a_checkpoint_error_in_load_and_resume(capsys, tmp_path, tokenizer_run,  # noqa: F811
+def test_tampered_metadata_is_a_checkpoint_error_in_load_and_resume(capsys, tmp_path, tokenizer_run,
                                                                      label, edit, message):
     run_dir = tmp_path / "run"
     shutil.copytree(tokenizer_run, run_dir)
@@ -142,7 +142,7 @@ def test_tampered_metadata_is_a_checkpoint_error_in_load_and_resume(capsys, tmp_
             fastvq.load(run_dir)
 
 
-def test_restoring_a_state_of_other_shapes_is_refused_before_loading_anything(tmp_path, tokenizer_run):  # noqa: F811
+def test_restoring_a_state_of_other_shapes_is_refused_before_loading_anything(tmp_path, tokenizer_run):
     model = fastvq.load(tokenizer_run).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adam = torch.optim.Adam(model.parameters())

@@ -83,7 +83,7 @@ def test_every_number_is_range_checked_before_any_work_naming_its_flag(capsys, n
     assert code == 2 and f"error: {message}" in text, text
 
 
-def test_set_values_are_typed_by_their_definition(capsys, tmp_path, image_folder):  # noqa: F811
+def test_set_values_are_typed_by_their_definition(capsys, tmp_path, image_folder):
     """--set kmeans_init=False used to be the (truthy) string 'False': it switched k-means on."""
     typed = parse_model_args("vqgan", [("kmeans_init", "False"), ("rotation_trick", "YES"), ("channels", "32"),
                                        ("decay", "0.9"), ("ch_mult", "1,2,2"), ("pixel_loss", "l2")])
@@ -140,7 +140,7 @@ def test_a_run_that_could_not_finish_is_refused_before_training(capsys, no_work,
     assert code == 2 and "--image-size 14 is not a multiple of the model's downsampling factor 4 (try 12)" in text
 
 
-def test_diffusion_samples_a_batch_of_one_on_1x1_latents(capsys, tmp_path, diffusion_run):  # noqa: F811
+def test_diffusion_samples_a_batch_of_one_on_1x1_latents(capsys, tmp_path, diffusion_run):
     """sample --num 1 on a model of width 8 over 1x1 latents crashed (as did the run's final
     evaluation of one item, which the fixture's --num-eval 1 makes)."""
     code, text = run(capsys, "sample", "--ckpt", diffusion_run, "--num", 1, "--steps", 3, "--eta", 1,
@@ -149,7 +149,7 @@ def test_diffusion_samples_a_batch_of_one_on_1x1_latents(capsys, tmp_path, diffu
     assert np.load(tmp_path / "one.npy").shape == (1, 16, 16, 3)
 
 
-def test_sampling_that_diverges_is_an_error_not_black_images(capsys, tmp_path, diffusion_run):  # noqa: F811
+def test_sampling_that_diverges_is_an_error_not_black_images(capsys, tmp_path, diffusion_run):
     tensors, meta = checkpoint.load(diffusion_run / CHECKPOINT)
     name = next(k for k in tensors if k.startswith("model.model.denoiser.inp.weight"))
     tensors[name] = torch.full_like(tensors[name], float("nan"))
@@ -161,7 +161,7 @@ def test_sampling_that_diverges_is_an_error_not_black_images(capsys, tmp_path, d
     assert not out.exists()
 
 
-def test_sampling_options_that_do_not_fit_the_model_are_named(capsys, tmp_path, prior_run, diffusion_run):  # noqa: F811
+def test_sampling_options_that_do_not_fit_the_model_are_named(capsys, tmp_path, prior_run, diffusion_run):
     code, text = run(capsys, "sample", "--ckpt", prior_run, "--top-k", 9, "--out", tmp_path / "a.png")
     assert code == 2 and "error: --top-k must be an int in [1, 8], got 9" in text, text
     code, text = run(capsys, "sample", "--ckpt", diffusion_run, "--steps", 21, "--out", tmp_path / "b.png")
@@ -197,8 +197,8 @@ def test_uint8_indices_in_range_are_codes_and_the_range_error_does_not_contradic
         small.get_output_from_indices(torch.tensor([[0, 200]], dtype=torch.uint8))
 
 
-def test_decode_takes_encodes_uint8_indices_and_names_a_file_out_of_range(capsys, tmp_path, image_folder,  # noqa: F811
-                                                                         tokenizer_run):  # noqa: F811
+def test_decode_takes_encodes_uint8_indices_and_names_a_file_out_of_range(capsys, tmp_path, image_folder,
+                                                                         tokenizer_run):
     codes = tmp_path / "codes"
     code, text = run(capsys, "encode", "--ckpt", tokenizer_run, "--data", image_folder, "--out", codes,
                      "--crop", 16, "--no-progress")
@@ -216,7 +216,7 @@ def test_decode_takes_encodes_uint8_indices_and_names_a_file_out_of_range(capsys
     assert code == 2 and "manifest.json: missing or malformed shape (a list of ints)" in text, text
 
 
-def test_threads_are_bounded_by_the_machine_and_a_new_count_applies_on_resume(capsys, tmp_path, image_folder,  # noqa: F811
+def test_threads_are_bounded_by_the_machine_and_a_new_count_applies_on_resume(capsys, tmp_path, image_folder,
                                                                               monkeypatch):
     """--threads 1000 was accepted (a step took 150 s) and kept on every resume. A resume takes a
     new --threads; without one it keeps the recorded count when this machine has the CPUs, and

@@ -1,5 +1,6 @@
-"""Tiny trained runs shared by the app tests (session fixtures; import the fixture names): a VQ-VAE
-whose 16-pixel crops become 1x1 latents (factor 16), and a prior and a diffusion model over it."""
+"""What the app tests share (import the fixture names): images of flat colour blocks, the command run
+in this process, the tiny settings of a tokenizer run, and tiny trained runs (session fixtures): a
+VQ-VAE whose 16-pixel crops become 1x1 latents (factor 16), and a prior and a diffusion model over it."""
 
 import json
 
@@ -13,6 +14,11 @@ TOKENIZER_ARGS = ["--device", "cpu", "--image-size", 16, "--batch-size", 4, "--n
                   "--set", "channels=8", "--set", "res_channels=4", "--set", "num_res_blocks=1",
                   "--set", "downsample=16", "--codebook-dim", 2, "--codebook-size", 8, "--threads", 1,
                   "--workers", 0, "--no-progress"]
+TINY = ["--device", "cpu", "--image-size", "16", "--batch-size", "8", "--num-eval", "4",
+        "--set", "channels=32", "--set", "res_channels=8", "--set", "num_res_blocks=1",
+        "--set", "decay=0.8", "--codebook-dim", "8", "--codebook-size", "32", "--lr", "3e-3",
+        "--threads", "1", "--workers", "0", "--no-progress"]
+"""A tokenizer run of a few seconds on 16-pixel crops (`train_tiny`)."""
 GENERATOR_ARGS = {"prior": ["--set", "dim=16", "--set", "depth=1", "--set", "heads=2"],
                   "diffusion": ["--set", "width=8", "--set", "steps=20"]}
 
@@ -24,14 +30,32 @@ def run(capsys, *argv):
     return code, out + err
 
 
-def write_images(folder, count=6, height=24, width=20, seed=0):
-    """``count`` PNG images of flat 4x4-pixel colour blocks in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
+def smooth_images(n, h, w, seed=0):
+    """(n, h, w, 3) uint8 images of flat 4x4-pixel colour blocks."""
     rng = np.random.default_rng(seed)
-    for i in range(count):
-        low = rng.integers(0, 256, ((height + 3) // 4, (width + 3) // 4, 3), dtype=np.uint8)
-        Image.fromarray(np.ascontiguousarray(low.repeat(4, 0).repeat(4, 1)[:height, :width])).save(folder / f"{i}.png")
+    low = rng.integers(0, 256, (n, (h + 3) // 4, (w + 3) // 4, 3), dtype=np.uint8)
+    return np.ascontiguousarray(low.repeat(4, 1).repeat(4, 2)[:, :h, :w])
+
+
+def write_images(folder, count=6, height=24, width=20, seed=0):
+    """``count`` PNG images of `smooth_images`, img0.png ..., in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(smooth_images(count, height, width, seed)):
+        Image.fromarray(image).save(folder / f"img{i}.png")
     return folder
+
+
+def train_tiny(capsys, folder, out, *extra):
+    """The metrics of a 6-step `TINY` tokenizer run on ``folder`` into ``out`` (checkpoints every 3)."""
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY, *extra)
+    assert code == 0, text
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A folder of six 24 x 20 images for one test."""
+    return write_images(tmp_path / "images")
 
 
 def _train(argv):

@@ -50,6 +50,29 @@ def test_rotate_to_matches_the_float64_formula(dtype, tolerance):
     torch.testing.assert_close(got_leaf.grad.double() / scale, leaf.grad / scale, rtol=tolerance, atol=tolerance)
 
 
+def test_rotate_to_at_zero_tokens_zero_codes_and_codes_on_the_tokens_direction():
+    """rotate_to's forward and backward (from three row reductions) against autograd of the rotation
+    trick as the paper writes it, in float64: values and gradients, also for a zero token, a zero
+    code and a code on the token's own direction."""
+    torch.manual_seed(0)
+    src = torch.randn(200, 1, 33, dtype=torch.float64)
+    tgt = src + torch.randn_like(src)
+    src[0], tgt[1], tgt[2] = 0.0, 0.0, 3 * src[2]
+    grad = torch.randn_like(src)
+
+    results = []
+    for f in (rotation_written_out, rotate_to):
+        leaf = src.clone().requires_grad_()
+        out = f(leaf, tgt)
+        out.backward(grad)
+        results.append((out.detach(), leaf.grad))
+    (want, want_grad), (got, got_grad) = results
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[3:], tgt[3:], rtol=1e-9, atol=1e-9)  # the values are the codes'
+    scale = 1 + src.norm(dim=-1, keepdim=True).clamp_min(SAFE_DIV_EPS).reciprocal() * tgt.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(got_grad / scale, want_grad / scale, rtol=1e-9, atol=1e-9)
+
+
 def test_rotate_to_saves_the_inputs_and_six_numbers_per_row():
     src, tgt = torch.randn(64, 9, requires_grad=True), torch.randn(64, 9)
     saved = []

@@ -10,7 +10,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def kernel_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors in one dtype the kernels are compiled for: unchanged when they share fp32, fp16 or
-    bf16, else fp32 copies (exact for fp16/bf16; fp64 is rounded to fp32 as the reference does)."""
+    bf16, else fp32 copies (exact for fp16/bf16; fp64 is rounded to fp32 as the torch backend does)."""
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) == 1 and tensors[0].dtype in KERNEL_DTYPES:
         return tensors

@@ -3,7 +3,7 @@
 The kernel keeps a running (score, index) list per token in registers (ties to the lowest index,
 non-finite scores never win), splits the codes over blocks when the tokens alone cannot fill the
 GPU and merges the splits' lists in a fixed order, then recomputes the exact fp32 distance of each
-chosen code. Operands are rounded to the precision as the reference rounds them; tf32, bf16 and
+chosen code. Operands are rounded to the precision as the torch backend (ops/chunked.py) rounds them; tf32, bf16 and
 fp16 products run on tensor cores (WMMA, fp32 accumulators; sm_80+), ieee (and any precision on an
 older GPU) as fp32 FMAs on CUDA cores: the kernel's `uses_tensor_cores` rule.
 """

@@ -29,7 +29,7 @@ def search_config(n_tokens: int, n_codes: int, dim: int, heads: int, precision: 
 
     logits: the kernel computes every pair's logit (sampling, cross-entropy), not only a ranking
     score. Tiles are the largest that compile without register spills on sm_90 and sm_80 under
-    triton 3.6 and 3.9 (checked by tests/gpu_compile.py): exact fp32 products run on CUDA cores
+    triton 3.6 and 3.9 (checked by tests/tools/gpu_compile.py): exact fp32 products run on CUDA cores
     and keep both operands in registers, so they get smaller tiles and stream D past 64; a running
     top-k list or per-pair logits (Philox, sqrt, exp) take a smaller token block.
     """
@@ -62,7 +62,7 @@ def search_config(n_tokens: int, n_codes: int, dim: int, heads: int, precision: 
 def grad_config(n_rows: int, n_stream: int, dim: int, heads: int, device: torch.device, code_side: bool) -> dict:
     """Tile sizes, D chunks and splits of the streamed axis for one cross-entropy gradient launch:
     programs own `n_rows` rows (codes when code_side, else tokens) and stream `n_stream` of the other
-    side. The largest tiles without register spills (tests/gpu_compile.py checks it): the
+    side. The largest tiles without register spills (tests/tools/gpu_compile.py checks it): the
     accumulator (block, BLOCK_DO) fp32 lives in registers beside a resident row tile."""
     padded_d = max(16, triton.next_power_of_2(dim))
     single_d_tile = padded_d <= 128

@@ -5,7 +5,7 @@ mismatches), so CI also lowers every kernel, with the launch configurations the 
 to a cubin for Hopper (sm_90) and Ampere (sm_80), and reads each variant's registers and spills
 from ptxas. Run as a script, without TRITON_INTERPRET:
 
-    python tests/gpu_compile.py [CAPABILITY ...]      # default: 90 80
+    python tests/tools/gpu_compile.py [CAPABILITY ...]      # default: 90 80
 
 prints one line per compiled variant (shared memory, registers, spill bytes) and exits non-zero on
 the first failure, or at the end when a variant spills registers to local memory on a GPU the

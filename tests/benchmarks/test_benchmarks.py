@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REQUIRED = {"device", "torch", "triton", "git_commit", "date", "op", "impl", "role", "shape", "N", "K", "D",
             "dtype", "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "status", "reason"}
 EXPECTED = {("ceiling", "peak-mm[ieee]"), ("ceiling", "copy"), ("matmul", "dense-mm[ieee]"),

@@ -7,8 +7,8 @@ vector unit run tested code. Each unit is a separate build (about 30 s, cached l
 import importlib
 
 import pytest
-import test_nearest_code as nearest_tests
-import test_topk_codes as topk_tests
+from ops import test_nearest_code as nearest_tests  # tests/ops, a namespace package on pytest's path
+from ops import test_topk_codes as topk_tests
 
 from fastvq.ops.backend import unavailable_reason
 from fastvq.ops.common import METRICS

@@ -7,8 +7,8 @@
 
 #include <cstring>
 
-#include "../../kernels/code_stats.cu"
-#include "../../kernels/nearest_code.cu"
+#include "../../../kernels/code_stats.cu"
+#include "../../../kernels/nearest_code.cu"
 
 extern "C" {
 

@@ -1,4 +1,5 @@
-"""The CUDA kernels' per-element logic (kernels/vq_tile.cuh), built for the host, against the reference.
+"""The CUDA kernels' per-element logic (kernels/vq_tile.cuh), built for the host, against the torch
+backend (ops/chunked.py).
 
 CI has no GPU: kernels/host_check.cpp runs the same operand rounding, scores, (score, index) order,
 top-k insertion, split merge, exact distance and non-finite rules as the kernels, in plain loops,

@@ -1,9 +1,9 @@
 """The CUDA kernels themselves (kernels/*.cu, thread mapping, shared memory, warp shuffles, code
-splits, code_stats' chunks), run on the host by tests/cuda_emulator/ and compared with the reference.
+splits, code_stats' chunks), run on the host by tests/tools/cuda_emulator/ and compared with the reference.
 
 The emulation gives each CUDA thread a fiber and implements __syncthreads and the warp shuffles with
 barriers, and the WMMA fragments of the tensor-core search (precision tf32, bf16, fp16) as whole
-tiles multiplied in fp32 (tests/cuda_emulator/mma.h), so the launchers and kernels run as written,
+tiles multiplied in fp32 (tests/tools/cuda_emulator/mma.h), so the launchers and kernels run as written,
 without a GPU (slowly: keep shapes small). On a GPU the same kernels run through backend="cuda" in
 the main test matrix.
 """
@@ -45,9 +45,10 @@ class CodeStatsArgs(ctypes.Structure):  # kernels/launchers.h
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    library = build(REPO / "tests" / "cuda_emulator" / "emulated_kernels.cpp", tmp_path_factory.mktemp("emulated"),
+    emulator = REPO / "tests" / "tools" / "cuda_emulator"
+    library = build(emulator / "emulated_kernels.cpp", tmp_path_factory.mktemp("emulated"),
                     "-std=c++20", "-O1", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
-                    f"-I{REPO / 'tests' / 'cuda_emulator'}")
+                    f"-I{emulator}")
     library.fastvq_emulated_search_splits.restype = I64
     library.fastvq_emulated_mma_calls.restype = ctypes.c_uint64
     library.fastvq_emulated_set_capability.argtypes = [ctypes.c_int]

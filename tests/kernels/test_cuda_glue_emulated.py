@@ -1,6 +1,6 @@
 """The torch glue of the CUDA backend (kernels/torch_glue.cpp: checks, scratch allocation, argument
 wiring to the launchers) built as a CPU torch extension over the emulated kernels
-(tests/cuda_emulator/), with its one CUDA-tensor check removed, and called on CPU tensors."""
+(tests/tools/cuda_emulator/), with its one CUDA-tensor check removed, and called on CPU tensors."""
 
 import pytest
 import torch
@@ -35,8 +35,8 @@ def glue(tmp_path_factory):
     (folder / "torch_glue_cpu.cpp").write_text(source.replace(DEVICE_CHECK, "(void)name;"))
     return cpp_extension.load(
         name="fastvq_glue_emulated", sources=[str(folder / "torch_glue_cpu.cpp"),
-                                              str(REPO / "tests" / "cuda_emulator" / "emulated_kernels.cpp")],
-        extra_include_paths=[str(REPO / "tests" / "cuda_emulator"), str(REPO / "kernels")],
+                                              str(REPO / "tests" / "tools" / "cuda_emulator" / "emulated_kernels.cpp")],
+        extra_include_paths=[str(REPO / "tests" / "tools" / "cuda_emulator"), str(REPO / "kernels")],
         extra_cflags=["-O1", "-Wno-unknown-pragmas"], build_directory=str(folder), verbose=False)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("gpu_compile.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "gpu_compile.py"
 
 
 @pytest.mark.slow

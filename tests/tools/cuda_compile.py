@@ -4,7 +4,7 @@ nvcc (CUDA_HOME, PATH or /usr/local/cuda) compiles each `.cu` file for Hopper (s
 (sm_80) with warnings as errors, and ptxas reports every kernel's registers and spills. The files
 include no torch header, so no CUDA build of torch is needed. Run as a script:
 
-    python tests/cuda_compile.py [CAPABILITY ...]      # default: 90 80
+    python tests/tools/cuda_compile.py [CAPABILITY ...]      # default: 90 80
 
 prints one line per kernel and capability and exits non-zero when a file does not compile, or
 when a kernel spills registers on a capability of ptxas.SPILL_FREE. Nothing is written to the tree.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ptxas import SPILL_FREE, usage
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-Wall,-Wextra,-Werror", "--Werror", "all-warnings", "-Xptxas", "-v"]
 
 
