@@ -1,6 +1,6 @@
 """fastvq's C++ CPU search against faiss-cpu over a grid of shapes, on an idle CPU and with one busy thread.
 
-    python benchmarks/cpu_sweep.py                  # the full grid (~15 min on an idle 2-core machine)
+    python benchmarks/cpu_sweep.py                  # the full grid (estimated 10-15 min on an idle 2-core machine)
     python benchmarks/cpu_sweep.py --quick          # a small grid, about a minute
     python benchmarks/cpu_sweep.py --committed      # the CPU matrix's search shapes (benchmarks/run.py)
     python benchmarks/run.py --only cpu-sweep       # the same full grid through run.py

@@ -30,12 +30,13 @@ def cpu_sweep():
 
 
 def test_tiny_sweep_writes_positive_finite_ratios_and_heat_maps(cpu_sweep, tmp_path):
-    threads = torch.get_num_threads()
+    threads, faiss_threads = torch.get_num_threads(), cpu_sweep.impls.faiss.omp_get_max_threads()
     try:
         out_dir = cpu_sweep.main(["--n", "33,7", "--d", "4,9", "--k", "40", "--repeats", "3", "--threads", "1",
                                   "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
+        cpu_sweep.impls.faiss.omp_set_num_threads(faiss_threads)
     result = json.loads((out_dir / "sweep.json").read_text())
     points = result["points"]
     assert {(p["load"], p["dtype"], p["n"], p["d"]) for p in points} == {
