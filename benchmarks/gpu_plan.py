@@ -41,9 +41,9 @@ class Stage:
 
 
 OP_TEST_FILES = ("tests/ops/test_nearest_code.py", "tests/ops/test_topk_codes.py", "tests/ops/test_code_stats.py")
-LAYER_TEST_FILES = ("tests/ops/test_sample_code.py", "tests/ops/test_code_cross_entropy.py", "tests/ops/test_functional.py",
-                    "tests/nn/test_layer.py", "tests/nn/test_layer_parity.py", "tests/nn/test_residual_vq.py",
-                    "tests/models/test_prior.py", "tests/ops/test_memory.py")
+LAYER_TEST_FILES = ("tests/ops/test_sample_code.py", "tests/ops/test_code_cross_entropy.py",
+                    "tests/ops/test_functional.py", "tests/nn/test_layer.py", "tests/nn/test_layer_parity.py",
+                    "tests/nn/test_residual_vq.py", "tests/models/test_prior.py", "tests/ops/test_memory.py")
 DRY_TEST_FILES = ("tests/ops/test_code_stats.py",)
 
 

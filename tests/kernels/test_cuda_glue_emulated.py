@@ -75,11 +75,11 @@ def test_code_stats_through_the_glue(glue):
     if reason:
         pytest.skip(reason)
     triton_code_stats = importlib.import_module("fastvq.ops.triton.code_stats")
-    x = torch.randn(2, 700, 2 * 9)[..., ::2].bfloat16()
-    indices = torch.where(torch.rand(2, 700) < 0.5, 3, torch.randint(-1, 50, (2, 700)))
+    x = torch.randn(2, 1000, 2 * 9)[..., ::2].bfloat16()
+    indices = torch.where(torch.rand(2, 1000) < 0.8, 3, torch.randint(-1, 50, (2, 1000)))  # code 3: ~560 kept
     indices[1] = 7  # every token of head 1 on one code
-    got = glue.code_stats(x, indices, mask[:, :700], 50, 0)
-    want = triton_code_stats.code_stats(x, indices, 50, mask=mask[:, :700])
+    got = glue.code_stats(x, indices, mask[:, :1000], 50, 0)
+    want = triton_code_stats.code_stats(x, indices, 50, mask=mask[:, :1000])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert got[0][0, 3] > triton_code_stats.CHUNK and got[0][1, 7] > 2 * triton_code_stats.CHUNK
 
