@@ -1,0 +1,226 @@
+// The register tile of the C++ CPU search (search.cpp): vectors of W codes, operands rounded to the
+// precision, TN tokens x CV code vectors scored in registers per step of the dot product.
+//
+// Operands: fp32, one dimension per FMA; or, on a CPU with AVX512-BF16 (built with -mavx512bf16),
+// bf16 pairs, two dimensions per vdpbf16ps: products of bf16 values are exact in fp32 and the two
+// sums round as two FMAs would, at twice the FMA's rate (bf16 subnormals, below 1.2e-38, count as
+// zero there, and results below 1.2e-38 are flushed to zero).
+
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace fastvq_cpu {
+
+constexpr int W = 16;  // codes per vector
+constexpr float INF = std::numeric_limits<float>::infinity();
+
+// One vector of W floats and the operations the kernel needs: intrinsics with AVX-512 (GCC's
+// register allocator spills the generic version's accumulators there), GCC vectors elsewhere.
+#ifdef __AVX512F__
+typedef __m512 vec;
+constexpr int TN = 6;  // tokens per register tile: TN * CV accumulators + TN minima in 32 zmm
+inline vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec splat(float v) { return _mm512_set1_ps(v); }
+inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec magnitude(vec a) { return _mm512_abs_ps(a); }
+inline uint32_t below_mask(vec a, vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }  // bit l: a[l] < b[l]
+inline vec min_keep_first(vec a, vec b) { return _mm512_min_ps(a, b); }  // b where a is NaN
+inline float horizontal_min(vec v) { return _mm512_reduce_min_ps(v); }
+inline bool any_below(vec v, float bound) { return _mm512_cmp_ps_mask(v, splat(bound), _CMP_LT_OQ) != 0; }
+inline int first_equal(const float* s, int n, float value) {  // n a multiple of W; value is in s
+  int l = 0;
+  for (; l < n; l += W) {
+    const __mmask16 hit = _mm512_cmp_ps_mask(load(s + l), splat(value), _CMP_EQ_OQ);
+    if (hit) return l + __builtin_ctz(hit);
+  }
+  return -1;
+}
+#else
+typedef float vec __attribute__((vector_size(W * sizeof(float))));
+typedef float vec_unaligned __attribute__((vector_size(W * sizeof(float)), aligned(4)));
+constexpr int TN = 2;  // 16 ymm registers: each vec is two of them
+inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
+inline void store(float* p, vec v) { *reinterpret_cast<vec_unaligned*>(p) = v; }
+inline vec splat(float v) { return vec{} + v; }
+inline vec fma(vec a, vec b, vec c) { return a * b + c; }
+inline vec mul(vec a, vec b) { return a * b; }
+inline vec add(vec a, vec b) { return a + b; }
+inline vec magnitude(vec a) { return a < 0 ? -a : a; }
+inline uint32_t below_mask(vec a, vec b) {
+  uint32_t mask = 0;
+  for (int l = 0; l < W; ++l) mask |= static_cast<uint32_t>(a[l] < b[l]) << l;
+  return mask;
+}
+inline vec min_keep_first(vec a, vec b) { return a < b ? a : b; }
+inline float horizontal_min(vec v) {  // v holds no NaN
+  float m = v[0];
+  for (int l = 1; l < W; ++l) m = v[l] < m ? v[l] : m;
+  return m;
+}
+inline bool any_below(vec v, float bound) { return horizontal_min(v) < bound; }
+inline int first_equal(const float* s, int n, float value) {
+  for (int l = 0; l < n; ++l)
+    if (s[l] == value) return l;
+  return -1;
+}
+#endif
+
+// Scalar twins of the vector operations, so that one expression serves both (fma: fused, as the
+// vector FMA, so that both give the same bits).
+inline float fma(float a, float b, float c) { return std::fma(a, b, c); }
+inline vec splat_like(float v, vec) { return splat(v); }
+inline float splat_like(float v, float) { return v; }
+
+// The smallest of n values (a multiple of W), NaN left out (INF when all are NaN).
+inline float row_min(const float* s, int n) {
+  vec m = splat(std::numeric_limits<float>::infinity());
+  for (int l = 0; l < n; l += W) m = min_keep_first(load(s + l), m);
+  return horizontal_min(m);
+}
+
+// One step of the dot product: a token's operand (x scaled) times a vector of W codes' operands.
+inline vec load_codes(const float* p) { return load(p); }
+inline vec multiply_add(vec acc, float x, vec codes) { return fma(splat(x), codes, acc); }
+typedef uint32_t bf16_pair;  // two bf16 values: dimension 2s in the low half, 2s + 1 in the high half
+#ifdef __AVX512BF16__
+constexpr bool BF16_PAIRS = true;  // this build multiplies bf16 pairs (vdpbf16ps)
+inline __m512i load_codes(const bf16_pair* p) { return _mm512_loadu_si512(p); }
+inline vec multiply_add(vec acc, bf16_pair x, __m512i codes) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(x)), (__m512bh)codes);
+}
+#else
+constexpr bool BF16_PAIRS = false;
+#endif
+constexpr int CV = 2;     // code vectors per register tile
+constexpr int SUB = 256;  // codes per sub-tile (score buffer row)
+
+enum Precision { IEEE = 0, TF32 = 1, BF16 = 2, FP16 = 3 };  // positions in `fastvq.ops.common.PRECISIONS`
+
+// `fastvq.ops.common.round_operand` for one value.
+inline float round_operand(float v, int precision) {
+  switch (precision) {
+    case TF32: {
+      if (!std::isfinite(v)) return v;
+      uint32_t bits;
+      std::memcpy(&bits, &v, 4);
+      bits = (bits + 0x1000u) & ~0x1FFFu;
+      std::memcpy(&v, &bits, 4);
+      return v;
+    }
+    case BF16: return static_cast<float>(c10::BFloat16(v));
+    case FP16: return static_cast<float>(c10::Half(v));
+    default: return v;
+  }
+}
+
+// Dot-product steps of D dimensions: D fp32 values, or ceil(D / 2) bf16 pairs.
+template <typename T>
+constexpr int64_t steps(int64_t D) { return std::is_same_v<T, float> ? D : (D + 1) / 2; }
+
+// Step s of the D values at `v` (stride `stride`), each rounded to the precision and times `scale`:
+// the value of dimension s, or the bf16 pair of dimensions 2s and 2s + 1 (zero past D).
+template <typename T, typename scalar_t>
+inline T operand_step(const scalar_t* v, int64_t stride, int64_t D, int64_t s, float scale, int precision) {
+  const auto value = [&](int64_t d) {
+    return d < D ? scale * round_operand(static_cast<float>(v[d * stride]), precision) : 0.0f;
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    return value(s);
+  } else {  // the values are bf16 already (scale is a power of two): conversion keeps them
+    return static_cast<T>(c10::BFloat16(value(2 * s)).x) | static_cast<T>(c10::BFloat16(value(2 * s + 1)).x) << 16;
+  }
+}
+
+// Scores of the TN tokens of `xs` (S steps of TN operands) against `n_vec` code vectors (a multiple of
+// CV), and each token's minimum over them into `minima_out`. With STORE the scores go to `scores` (TN
+// rows of SUB); without, they are not kept (storing them cost 22 % of the time at D = 8, where a
+// sub-tile's dot products are short), and `score_row` recomputes a token's when its minimum matters.
+// The minima live in a local array until the end: GCC keeps an array it was given by pointer in
+// memory and stored it after every code vector (11 % of the time at D = 8, 19 % with bf16 pairs).
+template <bool COSINE, bool STORE, typename T>
+inline void sub_tile_minima(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec, float* scores,
+                            vec* minima_out) {
+  vec minima[TN];
+  for (int t = 0; t < TN; ++t) minima[t] = splat(INF);
+  for (int j = 0; j < n_vec; j += CV) {
+    vec acc[TN][CV];
+    for (int c = 0; c < CV; ++c) {
+      const vec init = COSINE ? splat(0.0f) : load(bias + (j + c) * W);
+      for (int t = 0; t < TN; ++t) acc[t][c] = init;
+    }
+    const T* code = codes + static_cast<int64_t>(j) * S * W;
+    const T* xd = xs;
+#pragma GCC unroll 8
+    for (int64_t s = 0; s < S; ++s, xd += TN, code += W) {
+      decltype(load_codes(code)) cv[CV];
+      for (int c = 0; c < CV; ++c) cv[c] = load_codes(code + c * S * W);
+      for (int t = 0; t < TN; ++t)
+        for (int c = 0; c < CV; ++c) acc[t][c] = multiply_add(acc[t][c], xd[t], cv[c]);
+    }
+    for (int c = 0; c < CV; ++c) {
+      const vec scale = COSINE ? load(bias + (j + c) * W) : splat(1.0f);
+      for (int t = 0; t < TN; ++t) {
+        const vec s = COSINE ? mul(acc[t][c], scale) : acc[t][c];
+        if (STORE) store(scores + t * SUB + (j + c) * W, s);
+        minima[t] = min_keep_first(s, minima[t]);  // a NaN score never becomes the minimum
+      }
+    }
+  }
+  for (int t = 0; t < TN; ++t) minima_out[t] = minima[t];
+}
+
+// Scores of one token (x: its S operands, TN apart) against the C code vectors at `codes` into `scores`.
+template <bool COSINE, int C, typename T>
+inline void score_vectors(const T* x, int64_t S, const T* codes, const float* bias, float* scores) {
+  vec acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = COSINE ? splat(0.0f) : load(bias + c * W);
+  for (int64_t s = 0; s < S; ++s, codes += W)
+    for (int c = 0; c < C; ++c) acc[c] = multiply_add(acc[c], x[s * TN], load_codes(codes + c * S * W));
+  for (int c = 0; c < C; ++c) store(scores + c * W, COSINE ? mul(acc[c], load(bias + c * W)) : acc[c]);
+}
+
+// One token's scores against `n_vec` code vectors (a multiple of CV) into `scores`, bit for bit those of
+// `sub_tile_minima` (the same operations in the same order), four code vectors at a time.
+template <bool COSINE, typename T>
+inline void score_row(const T* x, int64_t S, const T* codes, const float* bias, int n_vec, float* scores) {
+  int j = 0;
+  for (; j + 4 <= n_vec; j += 4)
+    score_vectors<COSINE, 4>(x, S, codes + static_cast<int64_t>(j) * S * W, bias + j * W, scores + j * W);
+  for (; j < n_vec; j += CV)
+    score_vectors<COSINE, CV>(x, S, codes + static_cast<int64_t>(j) * S * W, bias + j * W, scores + j * W);
+}
+
+// Insert `score` of code `index` into the list (k long, sorted by score then index; empty slots are
+// INF / -1) unless it is not before the last entry: with codes taken in index order, a tie keeps the
+// lower index, and in any order the list ends up the k least (score, index) pairs.
+inline void insert(float* best, int64_t* best_index, int k, float score, int64_t index) {
+  const auto before = [&](int slot) {
+    return score < best[slot] || (score == best[slot] && index < best_index[slot]);
+  };
+  if (!before(k - 1)) return;
+  int slot = k - 1;
+  for (; slot > 0 && before(slot - 1); --slot) {
+    best[slot] = best[slot - 1];
+    best_index[slot] = best_index[slot - 1];
+  }
+  best[slot] = score;
+  best_index[slot] = index;
+}
+
+}  // namespace fastvq_cpu
