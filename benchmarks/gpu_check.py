@@ -66,17 +66,29 @@ class Job:
 
     def launch(self) -> None:
         """Start the next commands while fewer than `parallel` run (none once the job is being ended)."""
-        while (self.term_at is None and len(self.procs) < len(self.commands)
-               and sum(p.poll() is None for p in self.procs) < self.parallel):
+        while (
+            self.term_at is None
+            and len(self.procs) < len(self.commands)
+            and sum(p.poll() is None for p in self.procs) < self.parallel
+        ):
             with open(self.logs[len(self.procs)], "w") as log:
-                self.procs.append(subprocess.Popen(self.commands[len(self.procs)], cwd=REPO, env=self.env, stdout=log,
-                                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                   process_group=0))
+                self.procs.append(
+                    subprocess.Popen(
+                        self.commands[len(self.procs)],
+                        cwd=REPO,
+                        env=self.env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        process_group=0,
+                    )
+                )
 
     def running(self) -> bool:
         self.launch()
-        return any(p.poll() is None for p in self.procs) or (self.term_at is None
-                                                             and len(self.procs) < len(self.commands))
+        return any(p.poll() is None for p in self.procs) or (
+            self.term_at is None and len(self.procs) < len(self.commands)
+        )
 
 
 class Check:
@@ -91,8 +103,9 @@ class Check:
         self.mode = "dry run" if self.dry else "retry" if args.retry else "run"
         self.cap_scale = args.cap_scale if args.cap_scale is not None else (10.0 if self.dry else 1.0)
         self.commit = args.commit or os.environ.get("FASTVQ_COMMIT") or _git_commit()
-        self.stages = select(args.stages.split(",") if args.stages else
-                             list(gpu_plan.DEFAULT_RETRY) if args.retry else None)
+        self.stages = select(
+            args.stages.split(",") if args.stages else list(gpu_plan.DEFAULT_RETRY) if args.retry else None
+        )
         self.outcomes = {stage.name: Outcome() for stage in self.stages}
         self.background: dict[str, Job] = {}
         self.facts: dict = {}
@@ -107,8 +120,10 @@ class Check:
         return self.budget - (time.monotonic() - self.start)
 
     def run(self) -> int:
-        self.say(f"GPU check ({self.mode}): budget {self.budget:.0f} s, work folder {self.root}, commit "
-                 f"{self.commit or 'unknown'}; stages {', '.join(s.name for s in self.stages)}")
+        self.say(
+            f"GPU check ({self.mode}): budget {self.budget:.0f} s, work folder {self.root}, commit "
+            f"{self.commit or 'unknown'}; stages {', '.join(s.name for s in self.stages)}"
+        )
         for stage in self.stages:
             if self.stop:
                 break
@@ -125,9 +140,13 @@ class Check:
         print(self.summary()[0], flush=True)  # the end of the output is what the device call's reply shows
         if self.stop:
             return 143
-        finished = all(self.outcomes[s.name].status != "failed" if s.background else
-                       self.outcomes[s.name].status in ("ok", "skipped") and "no time left" not in
-                       self.outcomes[s.name].detail for s in self.stages)
+        finished = all(
+            self.outcomes[s.name].status != "failed"
+            if s.background
+            else self.outcomes[s.name].status in ("ok", "skipped")
+            and "no time left" not in self.outcomes[s.name].detail
+            for s in self.stages
+        )
         return 0 if finished else 1
 
     def run_stage(self, stage: Stage) -> None:
@@ -152,8 +171,10 @@ class Check:
         job = Job(stage, commands, logs, self.child_env(stage), self.parallel(), started, limit, mark)
         job.launch()
         self.outcomes[stage.name] = Outcome("running", limit_s=limit)
-        self.say(f"{stage.name}: started ({len(commands)} process{'es' if len(commands) > 1 else ''}, "
-                 f"{min(job.parallel, len(commands))} at a time, limit {limit:.0f} s)")
+        self.say(
+            f"{stage.name}: started ({len(commands)} process{'es' if len(commands) > 1 else ''}, "
+            f"{min(job.parallel, len(commands))} at a time, limit {limit:.0f} s)"
+        )
         if stage.background:
             self.background[stage.name] = job
             return
@@ -242,8 +263,12 @@ class Check:
         if not isinstance(rows, list):
             return True
         only, wanted, unwanted = (stage.options.get(key) for key in ("only", "impls", "skip"))
-        return any((only is None or op == only) and all(re.search(p, name) for p in wanted or ())
-                   and not any(re.search(p, name) for p in unwanted or ()) for op, name in rows)
+        return any(
+            (only is None or op == only)
+            and all(re.search(p, name) for p in wanted or ())
+            and not any(re.search(p, name) for p in unwanted or ())
+            for op, name in rows
+        )
 
     def warm_slices(self) -> list[Stage]:
         return [s for s in self.stages if s.kind == "bench" and s.options.get("warm") and self.has_rows(s)]
@@ -264,21 +289,46 @@ class Check:
         """The argv of each process of the stage (several run side by side)."""
         python, bench = sys.executable, str(REPO / "benchmarks")
         if stage.kind == "install":
-            return [[python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
-                     "--target", str(self.build / "site"), *map(str, sorted((REPO / "benchmarks" / "wheels")
-                                                                            .glob("*.whl")))]]
+            return [
+                [
+                    python,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-index",
+                    "--no-deps",
+                    "--no-compile",
+                    "--upgrade",
+                    "--target",
+                    str(self.build / "site"),
+                    *map(str, sorted((REPO / "benchmarks" / "wheels").glob("*.whl"))),
+                ]
+            ]
         if stage.kind == "env":
             return [[python, f"{bench}/gpu_tasks.py", "env", str(self.work / "env.json")]]
         if stage.kind == "build":
             return [[python, f"{bench}/gpu_tasks.py", "build-cuda"]]
         if stage.kind == "warm":  # a dry run has nothing to compile (no Triton rows on CPU): one slice shows the way
-            return [[python, f"{bench}/run.py", "--compile-only", *self.bench_args(s), "--impls", "triton|flash-kmeans"]
-                    for s in self.warm_slices()[:1 if self.dry else None]]
+            return [
+                [python, f"{bench}/run.py", "--compile-only", *self.bench_args(s), "--impls", "triton|flash-kmeans"]
+                for s in self.warm_slices()[: 1 if self.dry else None]
+            ]
         if stage.kind == "smoke":
             shards = min(stage.options["shards"], self.parallel())
-            return [[python, f"{bench}/gpu_smoke.py", str(self.work / stage.name), "--backend",
-                     stage.options["backend"], "--shard", f"{i}/{shards}", *(["--device", "cpu"] if self.dry else [])]
-                    for i in range(1, shards + 1)]
+            return [
+                [
+                    python,
+                    f"{bench}/gpu_smoke.py",
+                    str(self.work / stage.name),
+                    "--backend",
+                    stage.options["backend"],
+                    "--shard",
+                    f"{i}/{shards}",
+                    *(["--device", "cpu"] if self.dry else []),
+                ]
+                for i in range(1, shards + 1)
+            ]
         if stage.kind == "bench":
             return [[python, f"{bench}/run.py", "--results-dir", str(self.work / "bench"), *self.bench_args(stage)]]
         if stage.kind == "tests":
@@ -292,20 +342,37 @@ class Check:
             select = f"({select}) and not cuda-cuda and not two_to_the_31[cuda]"
         versions = self.facts.get("versions") if isinstance(self.facts.get("versions"), dict) else {}
         workers = min(8, (self.facts.get("cores") or 2) - 2)
-        return [sys.executable, "-m", "pytest", "-p", "gpu_pytest", "-p", "no:cacheprovider", "-v", "-rfE",
-                "--durations=15", f"--junitxml={self.work / 'tests' / stage.name}.xml",
-                *(["-n", str(workers)] if versions.get("pytest-xdist") and workers > 1 else []),
-                *(["--timeout=180"] if versions.get("pytest-timeout") else []), *files, "-k", select]
+        return [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "gpu_pytest",
+            "-p",
+            "no:cacheprovider",
+            "-v",
+            "-rfE",
+            "--durations=15",
+            f"--junitxml={self.work / 'tests' / stage.name}.xml",
+            *(["-n", str(workers)] if versions.get("pytest-xdist") and workers > 1 else []),
+            *(["--timeout=180"] if versions.get("pytest-timeout") else []),
+            *files,
+            "-k",
+            select,
+        ]
 
     def child_env(self, stage: Stage) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVQ_BACKEND")}
         paths = [str(REPO), str(REPO / "benchmarks"), str(self.build / "site")]
-        env.update(PYTHONUNBUFFERED="1", FASTVQ_COMMIT=self.commit or "",
-                   PYTHONPATH=os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-                   PATH=os.pathsep.join([str(self.build / "site" / "bin"), os.environ.get("PATH", "")]),
-                   TORCH_EXTENSIONS_DIR=str(self.build / "torch_extensions"),  # fresh: no stale lock from elsewhere
-                   FASTVQ_CACHE_DIR=str(self.build / "fastvq"),
-                   MAX_JOBS=str(max(1, (self.facts.get("cores") or os.cpu_count() or 2) - 2)))
+        env.update(
+            PYTHONUNBUFFERED="1",
+            FASTVQ_COMMIT=self.commit or "",
+            PYTHONPATH=os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+            PATH=os.pathsep.join([str(self.build / "site" / "bin"), os.environ.get("PATH", "")]),
+            TORCH_EXTENSIONS_DIR=str(self.build / "torch_extensions"),  # fresh: no stale lock from elsewhere
+            FASTVQ_CACHE_DIR=str(self.build / "fastvq"),
+            MAX_JOBS=str(max(1, (self.facts.get("cores") or os.cpu_count() or 2) - 2)),
+        )
         if self.dry and stage.kind == "smoke":
             env["TRITON_INTERPRET"] = "1"
         return env
@@ -332,7 +399,7 @@ class Check:
         if stage.kind == "smoke":
             return gpu_report.smoke_results(self.work / stage.name)[0]
         if stage.kind == "bench":
-            return gpu_report.bench_results(gpu_report.read_jsonl(self.work / "bench" / "records.jsonl")[job.mark:])[0]
+            return gpu_report.bench_results(gpu_report.read_jsonl(self.work / "bench" / "records.jsonl")[job.mark :])[0]
         if stage.kind == "tests":
             return gpu_report.test_results(job.logs[0])[0]
         if stage.kind == "warm":
@@ -372,26 +439,50 @@ class Check:
         records = gpu_report.read_jsonl(self.work / "bench" / "records.jsonl")
         failures["bench"] = gpu_report.bench_results(records)[1]
         gpu = self.facts.get("gpu")
-        head = dict(mode=self.mode, device=(gpu.get("name") or "no GPU") if isinstance(gpu, dict) else "unknown",
-                    date=time.strftime("%Y-%m-%d", time.gmtime()), commit=self.commit, budget_s=self.budget,
-                    ran_s=time.monotonic() - self.start, ended="; ".join(filter(None, [self.ended, *self.notes])),
-                    env=gpu_report.env_line(self.facts))
-        rows = [dict(name=s.name + (" (background)" if s.background else ""), estimate=f"{s.estimate_s[0]}-"
-                     f"{s.estimate_s[1]}", **vars(self.outcomes[s.name])) for s in self.stages]
-        return (gpu_report.summary_markdown(head, rows, failures, missed, self.retry_hint()),
-                gpu_report.summary_json(head, self.outcomes))
+        head = dict(
+            mode=self.mode,
+            device=(gpu.get("name") or "no GPU") if isinstance(gpu, dict) else "unknown",
+            date=time.strftime("%Y-%m-%d", time.gmtime()),
+            commit=self.commit,
+            budget_s=self.budget,
+            ran_s=time.monotonic() - self.start,
+            ended="; ".join(filter(None, [self.ended, *self.notes])),
+            env=gpu_report.env_line(self.facts),
+        )
+        rows = [
+            dict(
+                name=s.name + (" (background)" if s.background else ""),
+                estimate=f"{s.estimate_s[0]}-{s.estimate_s[1]}",
+                **vars(self.outcomes[s.name]),
+            )
+            for s in self.stages
+        ]
+        return (
+            gpu_report.summary_markdown(head, rows, failures, missed, self.retry_hint()),
+            gpu_report.summary_json(head, self.outcomes),
+        )
 
     def retry_hint(self) -> str:
-        unfinished = [s.name for s in self.stages if not s.background and s.kind not in ("install", "env") and (
-            self.outcomes[s.name].status in ("stopped", "running")
-            or self.outcomes[s.name].status == "not reached" and not self.skip_reason(s)
-            or "no time left" in self.outcomes[s.name].detail)]
+        unfinished = [
+            s.name
+            for s in self.stages
+            if not s.background
+            and s.kind not in ("install", "env")
+            and (
+                self.outcomes[s.name].status in ("stopped", "running")
+                or self.outcomes[s.name].status == "not reached"
+                and not self.skip_reason(s)
+                or "no time left" in self.outcomes[s.name].detail
+            )
+        ]
         if not unfinished:
             return "Every stage ran to its end: nothing to retry."
-        return (f"Stages that did not finish: {', '.join(unfinished)}. A second try in the same lease "
-                f"(docs/gpu-check.md): `FASTVQ_COMMIT={self.commit or 'HASH'} bash benchmarks/gpu_check.sh $OUT "
-                f"B --retry --stages {','.join(unfinished)}` with B = min(240, budget_left_s - 150) and "
-                "timeout_s B + 50, if budget_left_s >= 270")
+        return (
+            f"Stages that did not finish: {', '.join(unfinished)}. A second try in the same lease "
+            f"(docs/gpu-check.md): `FASTVQ_COMMIT={self.commit or 'HASH'} bash benchmarks/gpu_check.sh $OUT "
+            f"B --retry --stages {','.join(unfinished)}` with B = min(240, budget_left_s - 150) and "
+            "timeout_s B + 50, if budget_left_s >= 270"
+        )
 
     def say(self, text: str) -> None:
         line = f"[{time.monotonic() - self.start:6.1f} s] {text}"
@@ -429,8 +520,9 @@ def _load_json(path: Path) -> dict:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -439,10 +531,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output folder: summary.md and check.tar.gz (what the device tool brings back)")
     parser.add_argument("budget", nargs="?", type=float, default=450.0, help="seconds the whole check may take")
-    parser.add_argument("--retry", action="store_true", help=f"a second try: {', '.join(gpu_plan.DEFAULT_RETRY)}, "
-                        "or the --stages named (the summary of the first try names the unfinished ones)")
-    parser.add_argument("--stages", help="comma-separated stage names to run (install, env and the background "
-                        "stages they use are added)")
+    parser.add_argument(
+        "--retry",
+        action="store_true",
+        help=f"a second try: {', '.join(gpu_plan.DEFAULT_RETRY)}, "
+        "or the --stages named (the summary of the first try names the unfinished ones)",
+    )
+    parser.add_argument(
+        "--stages",
+        help="comma-separated stage names to run (install, env and the background stages they use are added)",
+    )
     parser.add_argument("--commit", help="the commit checked (default: FASTVQ_COMMIT, else git)")
     parser.add_argument("--dry-run", action="store_true", help="every stage's CPU stand-in (tiny, on CPU)")
     parser.add_argument("--work", help="work folder (default: a fresh folder under the temporary directory)")

@@ -22,8 +22,10 @@ SUMMARY = "summary.md"
 MAX_ARCHIVE_BYTES = 15 << 20
 """Under the device tool's 16 MiB per file; a larger archive is packed again without the plots."""
 OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
-TEST_LINE = re.compile(rf"^(tests/\S+?::.+?) ({OUTCOMES})(?: +\[ *\d+%\])? *$"
-                       rf"|(?:^|\] )({OUTCOMES}) (tests/\S+?::.+?)(?: - .*| *)$")
+TEST_LINE = re.compile(
+    rf"^(tests/\S+?::.+?) ({OUTCOMES})(?: +\[ *\d+%\])? *$"
+    rf"|(?:^|\] )({OUTCOMES}) (tests/\S+?::.+?)(?: - .*| *)$"
+)
 """A test's outcome line: `nodeid OUTCOME [ nn%]` (pytest -v) or `[gw0] [ nn%] OUTCOME nodeid` (-v with
 xdist) or `OUTCOME nodeid - message` (the -rfE summary). Parametrised ids may hold spaces."""
 SHOWN = 8
@@ -63,8 +65,7 @@ def smoke_results(folder: Path) -> tuple[str, list[str], list[str]]:
 
     detail = f"{len(records)} checks: {len(records) - len(failed)} ok, {len(failed)} failed"
     detail += f", {len(missed)} missed a performance goal" if missed else ""
-    return (detail, [f"{name(r)}: {r.get('detail')}" for r in failed],
-            [f"{name(r)}: {r['goal']}" for r in missed])
+    return (detail, [f"{name(r)}: {r.get('detail')}" for r in failed], [f"{name(r)}: {r['goal']}" for r in missed])
 
 
 def bench_results(records: list[dict]) -> tuple[str, list[str]]:
@@ -72,10 +73,16 @@ def bench_results(records: list[dict]) -> tuple[str, list[str]]:
     counts = {}
     for r in records:
         counts[r.get("status")] = counts.get(r.get("status"), 0) + 1
-    detail = f"{len(records)} measurements" + (": " if counts else "") + ", ".join(
-        f"{n} {status}" for status, n in sorted(counts.items(), key=lambda item: str(item[0])))
-    errors = [f"{r.get('impl')} {r.get('shape')} {r.get('dtype')}: {r.get('reason')}" for r in records
-              if r.get("status") == "error"]
+    detail = (
+        f"{len(records)} measurements"
+        + (": " if counts else "")
+        + ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda item: str(item[0])))
+    )
+    errors = [
+        f"{r.get('impl')} {r.get('shape')} {r.get('dtype')}: {r.get('reason')}"
+        for r in records
+        if r.get("status") == "error"
+    ]
     return detail, errors
 
 
@@ -91,8 +98,11 @@ def test_results(log: Path) -> tuple[str, list[str]]:
     counts = {}
     for outcome in outcomes.values():
         counts[outcome] = counts.get(outcome, 0) + 1
-    detail = f"{len(outcomes)} tests" + (": " if counts else "") + ", ".join(
-        f"{n} {outcome.lower()}" for outcome, n in sorted(counts.items()))
+    detail = (
+        f"{len(outcomes)} tests"
+        + (": " if counts else "")
+        + ", ".join(f"{n} {outcome.lower()}" for outcome, n in sorted(counts.items()))
+    )
     return detail, [f"{node} {outcome}" for node, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
 
 
@@ -110,25 +120,40 @@ def env_line(facts: dict) -> str:
         return "not read (the env stage did not finish)"
     gpu = facts.get("gpu") if isinstance(facts.get("gpu"), dict) else {}
     versions = facts.get("versions") if isinstance(facts.get("versions"), dict) else {}
-    header = ("Python.h present" if facts.get("python_h_present")
-              else f"**Python.h MISSING** at {facts.get('python_h')} (both C++ extension builds need it)")
-    return (f"python3 {facts.get('python')}, {header}, {facts.get('cores')} cores, "
-            f"GPU {gpu.get('name') or gpu.get('reason', '?')}, torch {versions.get('torch')}, "
-            f"triton {versions.get('triton')}, nvcc {' '.join(facts.get('nvcc') or []) or 'none'}, "
-            f"vector-quantize-pytorch {versions.get('vector-quantize-pytorch')}")
+    header = (
+        "Python.h present"
+        if facts.get("python_h_present")
+        else f"**Python.h MISSING** at {facts.get('python_h')} (both C++ extension builds need it)"
+    )
+    return (
+        f"python3 {facts.get('python')}, {header}, {facts.get('cores')} cores, "
+        f"GPU {gpu.get('name') or gpu.get('reason', '?')}, torch {versions.get('torch')}, "
+        f"triton {versions.get('triton')}, nvcc {' '.join(facts.get('nvcc') or []) or 'none'}, "
+        f"vector-quantize-pytorch {versions.get('vector-quantize-pytorch')}"
+    )
 
 
-def summary_markdown(head: dict, rows: list[dict], failures: dict[str, list[str]], missed: list[str],
-                     retry: str) -> str:
+def summary_markdown(
+    head: dict, rows: list[dict], failures: dict[str, list[str]], missed: list[str], retry: str
+) -> str:
     """The short summary: header, environment, one row per stage, failures, missed goals, the retry command."""
-    lines = [f"# GPU check {head['mode']}: {head['device']}, {head['date']}, commit {head['commit'] or 'unknown'}",
-             "", f"Budget {head['budget_s']:.0f} s, ran {head['ran_s']:.0f} s"
-             + (f" ({head['ended']})" if head.get("ended") else "") + ".",
-             "", f"Environment: {head['env']}", "",
-             "| stage | status | took s | limit s | H100 estimate s | result |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check {head['mode']}: {head['device']}, {head['date']}, commit {head['commit'] or 'unknown'}",
+        "",
+        f"Budget {head['budget_s']:.0f} s, ran {head['ran_s']:.0f} s"
+        + (f" ({head['ended']})" if head.get("ended") else "")
+        + ".",
+        "",
+        f"Environment: {head['env']}",
+        "",
+        "| stage | status | took s | limit s | H100 estimate s | result |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row['name']} | {row['status']} | {row['took_s']:.0f} | {row['limit_s']:.0f} | "
-                     f"{row['estimate']} | {row['detail'].replace('|', '/')} |")
+        lines.append(
+            f"| {row['name']} | {row['status']} | {row['took_s']:.0f} | {row['limit_s']:.0f} | "
+            f"{row['estimate']} | {row['detail'].replace('|', '/')} |"
+        )
     if any(failures.values()):
         lines += ["", "## Failures (the archive has every record and log)", ""]
         for name, items in failures.items():
@@ -137,8 +162,14 @@ def summary_markdown(head: dict, rows: list[dict], failures: dict[str, list[str]
     lines += ["", "## Missed performance goals (reported, not failures)", ""]
     lines += [f"- {item}" for item in missed] or ["- none in the smoke checks"]
     lines += ["- benchmark goals: check/bench/results.md (its goal columns)"]
-    lines += ["", "## Retry", "", retry, "",
-              f"Everything else: `tar xzf {ARCHIVE}` (the folder check/; benchmarks: check/bench/)."]
+    lines += [
+        "",
+        "## Retry",
+        "",
+        retry,
+        "",
+        f"Everything else: `tar xzf {ARCHIVE}` (the folder check/; benchmarks: check/bench/).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -154,8 +185,9 @@ def pack(work: Path, out: Path) -> str:
     note = ""
     for skip_plots in (False, True):
         with tarfile.open(partial, "w:gz") as tar:
-            tar.add(work, arcname=work.name,
-                    filter=lambda info: None if skip_plots and info.name.endswith(".png") else info)
+            tar.add(
+                work, arcname=work.name, filter=lambda info: None if skip_plots and info.name.endswith(".png") else info
+            )
         if partial.stat().st_size <= MAX_ARCHIVE_BYTES:
             break
         note = "plots left out of the archive (over 15 MiB with them)"

@@ -86,8 +86,10 @@ def groups(device: torch.device) -> list[tuple]:
 def group_checks(group: tuple, device: torch.device, n: int, k: int, repeats: int, backend: str):
     """Yield (the fields naming a check, a callable returning its result fields) for each check of a group."""
     if group == ("layer",):
-        yield dict(op="VectorQuantize train step", N=4096, K=4099, D=64, dtype="float32"), functools.partial(
-            layer_check, device, repeats, backend)
+        yield (
+            dict(op="VectorQuantize train step", N=4096, K=4099, D=64, dtype="float32"),
+            functools.partial(layer_check, device, repeats, backend),
+        )
         return
     d, dtype = group
     x = torch.randn(n, d, device=device).to(dtype)
@@ -96,13 +98,17 @@ def group_checks(group: tuple, device: torch.device, n: int, k: int, repeats: in
     base = dict(N=n, K=k, D=d, dtype=str(dtype).removeprefix("torch."))
     for metric in METRICS:
         for op in ("nearest_code", "topk_codes", "sample_code", "code_cross_entropy"):
-            yield dict(base, op=op, metric=metric, precision=precision), functools.partial(
-                op_check, op, x, codebook, metric, precision, backend, device, repeats)
+            yield (
+                dict(base, op=op, metric=metric, precision=precision),
+                functools.partial(op_check, op, x, codebook, metric, precision, backend, device, repeats),
+            )
     yield dict(base, op="code_stats"), functools.partial(code_stats_check, x, codebook, backend, device, repeats)
     if backend == "triton":
         for batch in ("searched", "collapsed"):
-            yield dict(base, op=f"code_stats_{batch}"), functools.partial(
-                code_stats_variant, batch, x, codebook, device, repeats)
+            yield (
+                dict(base, op=f"code_stats_{batch}"),
+                functools.partial(code_stats_variant, batch, x, codebook, device, repeats),
+            )
 
 
 def op_check(op, x, codebook, metric, precision, backend, device, repeats) -> dict:
@@ -113,12 +119,14 @@ def op_check(op, x, codebook, metric, precision, backend, device, repeats) -> di
         "topk_codes": lambda b: fastvq.topk_codes(x, codebook, 4, metric=metric, backend=b),
         "sample_code": lambda b: fastvq.sample_code(x, codebook, temperature=0.5, metric=metric, seed=7, backend=b),
         "code_cross_entropy": lambda b: fastvq.code_cross_entropy(
-            x, codebook, torch.arange(n, device=device) % k, metric=metric, backend=b),
+            x, codebook, torch.arange(n, device=device) % k, metric=metric, backend=b
+        ),
     }
     first, steady, got = timed(lambda: calls[op](backend), device, repeats)
     want = calls[op]("torch")
-    return dict(first_s=first, steady_ms=steady * 1e3, **compare(op, got, want, x, codebook, metric, precision,
-                                                                 backend))
+    return dict(
+        first_s=first, steady_ms=steady * 1e3, **compare(op, got, want, x, codebook, metric, precision, backend)
+    )
 
 
 def code_stats_check(x, codebook, backend, device, repeats) -> dict:
@@ -134,13 +142,14 @@ def code_stats_check(x, codebook, backend, device, repeats) -> dict:
         again = fastvq.code_stats(x, indices, k, backend=backend)
         kernels = importlib.import_module("fastvq.ops.triton.code_stats")
         _, triton_time, triton = timed(lambda: kernels.code_stats(x[None], indices[None], k), device, repeats)
-        atomic = timed(lambda: kernels.code_stats(x[None], indices[None], k, deterministic=False), device,
-                       repeats)[1]
+        atomic = timed(lambda: kernels.code_stats(x[None], indices[None], k, deterministic=False), device, repeats)[1]
         repeatable = torch.equal(got[1], again[1])
         as_triton = torch.equal(got[0], triton[0][0]) and torch.equal(got[1], triton[1][0])
         ok = ok and repeatable and as_triton
-        detail += (f", bitwise repeatable {repeatable}, bitwise Triton's {as_triton}, "
-                   f"{steady / triton_time:.2f}x Triton's time, {steady / atomic:.2f}x atomic time")
+        detail += (
+            f", bitwise repeatable {repeatable}, bitwise Triton's {as_triton}, "
+            f"{steady / triton_time:.2f}x Triton's time, {steady / atomic:.2f}x atomic time"
+        )
     return dict(first_s=first, steady_ms=steady * 1e3, ok=ok, detail=detail)
 
 
@@ -155,11 +164,17 @@ def code_stats_variant(batch: str, x, codebook, device, repeats) -> dict:
     times, results = {}, {}
     for deterministic in (True, False):
         first, times[deterministic], results[deterministic] = timed(
-            lambda: kernels.code_stats(x[None], idx[None], k, deterministic=deterministic), device, repeats)
+            lambda: kernels.code_stats(x[None], idx[None], k, deterministic=deterministic), device, repeats
+        )
     bitwise = torch.equal(kernels.code_stats(x[None], idx[None], k)[1], results[True][1])
     ratio = times[True] / times[False]
-    record = dict(first_s=first, steady_ms=times[True] * 1e3, atomic_ms=times[False] * 1e3, ok=bitwise,
-                  detail=f"deterministic / atomic {ratio:.2f}x, rerun bitwise equal: {bitwise}")
+    record = dict(
+        first_s=first,
+        steady_ms=times[True] * 1e3,
+        atomic_ms=times[False] * 1e3,
+        ok=bitwise,
+        detail=f"deterministic / atomic {ratio:.2f}x, rerun bitwise equal: {bitwise}",
+    )
     if device.type == "cuda":
         record["goal"] = "met" if ratio <= 1.2 else f"missed: {ratio:.2f}x the atomic time (goal <= 1.2x)"
     return record
@@ -176,8 +191,7 @@ def compare(op, got, want, x, codebook, metric, precision, backend) -> dict:
         nearest = fastvq.nearest_code(x, codebook, metric=metric, backend=backend)[0]
         ordered = bool((got[1].diff(dim=-1) >= 0).all())
         agree = float((got[0] == want[0]).float().mean())
-        return dict(ok=ordered and torch.equal(got[0][:, 0], nearest) and agree > 0.9,
-                    detail=f"agreement {agree:.4f}")
+        return dict(ok=ordered and torch.equal(got[0][:, 0], nearest) and agree > 0.9, detail=f"agreement {agree:.4f}")
     if op == "sample_code":
         agree = float((got == want).float().mean())
         return dict(ok=agree > 0.97, detail=f"same draw as torch {agree:.4f}")
@@ -202,8 +216,13 @@ def layer_check(device: torch.device, repeats: int, kernels: str) -> dict:
         first, steady, indices = timed(step, device, repeats)
         out[backend] = (first, steady, indices, layer.codebook.detach().clone())
     agree = float((out[kernels][2] == out["torch"][2]).float().mean())
-    return dict(first_s=out[kernels][0], steady_ms=out[kernels][1] * 1e3, torch_steady_ms=out["torch"][1] * 1e3,
-                ok=agree > 0.97, detail=f"first-step index agreement {agree:.4f}")
+    return dict(
+        first_s=out[kernels][0],
+        steady_ms=out[kernels][1] * 1e3,
+        torch_steady_ms=out["torch"][1] * 1e3,
+        ok=agree > 0.97,
+        detail=f"first-step index agreement {agree:.4f}",
+    )
 
 
 def kernel_resources() -> list[dict]:
@@ -212,17 +231,26 @@ def kernel_resources() -> list[dict]:
     import triton
 
     rows = []
-    for module in (importlib.import_module(f"fastvq.ops.triton.{name}")  # the modules, not the ops
-                   for name in ("nearest_code", "code_cross_entropy", "code_stats")):
+    for module in (
+        importlib.import_module(f"fastvq.ops.triton.{name}")  # the modules, not the ops
+        for name in ("nearest_code", "code_cross_entropy", "code_stats")
+    ):
         for name, fn in vars(module).items():
             if not isinstance(fn, triton.runtime.JITFunction):
                 continue
             for caches in getattr(fn, "device_caches", {}).values():
                 for compiled in caches[0].values():
                     meta = compiled.metadata
-                    rows.append(dict(kernel=name, warps=meta.num_warps, stages=meta.num_stages, shared=meta.shared,
-                                     registers=getattr(compiled, "n_regs", None),
-                                     spills=getattr(compiled, "n_spills", None)))
+                    rows.append(
+                        dict(
+                            kernel=name,
+                            warps=meta.num_warps,
+                            stages=meta.num_stages,
+                            shared=meta.shared,
+                            registers=getattr(compiled, "n_regs", None),
+                            spills=getattr(compiled, "n_spills", None),
+                        )
+                    )
     return rows
 
 
@@ -234,10 +262,12 @@ def _stop(signum, frame):
     raise _Stopped()
 
 
-def run_checks(chosen: list[tuple], device: torch.device, n: int, k: int, repeats: int, backend: str,
-               log, records: list[dict]) -> None:
+def run_checks(
+    chosen: list[tuple], device: torch.device, n: int, k: int, repeats: int, backend: str, log, records: list[dict]
+) -> None:
     """Run the checks of the chosen groups, each guarded, appending every record to `records` and to
     `log` (flushed) as it finishes."""
+
     def keep(record: dict) -> None:
         records.append(record)
         log.write(json.dumps(record) + "\n")
@@ -261,8 +291,9 @@ def run_checks(chosen: list[tuple], device: torch.device, n: int, k: int, repeat
 
 
 def _failure(err: Exception) -> dict:
-    return dict(detail=f"{type(err).__name__}: {err}".splitlines()[0][:300],
-                error=traceback.format_exc(limit=6)[-3000:])
+    return dict(
+        detail=f"{type(err).__name__}: {err}".splitlines()[0][:300], error=traceback.format_exc(limit=6)[-3000:]
+    )
 
 
 def print_table(records: list[dict], resources: list[dict]) -> None:
@@ -270,12 +301,18 @@ def print_table(records: list[dict], resources: list[dict]) -> None:
     for r in records:
         first, steady = r.get("first_s"), r.get("steady_ms")
         goal = f" [goal {r['goal']}]" if "goal" in r else ""
-        print(f"{r['op']:<28}{r['D']:>5} {r['dtype']:<9}{r.get('metric', ''):<8}"
-              f"{'' if first is None else f'{first:.2f}':>9}{'' if steady is None else f'{steady:.3f}':>11}  "
-              f"{'ok' if r['ok'] else 'FAIL'}  {r['detail']}{goal}")
+        print(
+            f"{r['op']:<28}{r['D']:>5} {r['dtype']:<9}{r.get('metric', ''):<8}"
+            f"{'' if first is None else f'{first:.2f}':>9}{'' if steady is None else f'{steady:.3f}':>11}  "
+            f"{'ok' if r['ok'] else 'FAIL'}  {r['detail']}{goal}"
+        )
     spilling = [r for r in resources if r["spills"]]
-    print(f"{len(resources)} compiled kernels, {len(spilling)} with spills" + "".join(
-        f"\n  {r['kernel']} warps={r['warps']}: {r['registers']} registers, {r['spills']} spills" for r in spilling))
+    print(
+        f"{len(resources)} compiled kernels, {len(spilling)} with spills"
+        + "".join(
+            f"\n  {r['kernel']} warps={r['warps']}: {r['registers']} registers, {r['spills']} spills" for r in spilling
+        )
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -296,21 +333,32 @@ def main(argv: list[str]) -> int:
     records, stopped = [], False
     with open(args.out / f"smoke{suffix}.jsonl", "w") as log:
         try:
-            run_checks(groups(device)[index - 1::count], device, n, k, repeats, args.backend, log, records)
+            run_checks(groups(device)[index - 1 :: count], device, n, k, repeats, args.backend, log, records)
         except (_Stopped, KeyboardInterrupt):
             stopped = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the reports are written whatever arrives now
     try:
         resources = kernel_resources() if args.backend == "triton" else []  # CUDA C++: tests/tools/cuda_compile.py
     except Exception as err:  # a triton version without these caches
-        resources = [dict(kernel="?", warps=None, stages=None, shared=None, registers=None, spills=None,
-                          error=f"{type(err).__name__}: {err}")]
+        resources = [
+            dict(
+                kernel="?",
+                warps=None,
+                stages=None,
+                shared=None,
+                registers=None,
+                spills=None,
+                error=f"{type(err).__name__}: {err}",
+            )
+        ]
     (args.out / f"kernels{suffix}.json").write_text(json.dumps(resources, indent=1) + "\n")
     print_table(records, resources)
     failed = [r for r in records if not r["ok"]]
     missed = [r for r in records if r.get("goal", "met") != "met"]
-    print(f"{len(records) - len(failed)} passed, {len(failed)} failed, {len(missed)} missed a performance goal"
-          + (" (stopped before the end)" if stopped else ""))
+    print(
+        f"{len(records) - len(failed)} passed, {len(failed)} failed, {len(missed)} missed a performance goal"
+        + (" (stopped before the end)" if stopped else "")
+    )
     return 1 if failed else 2 if stopped else 0
 
 

@@ -21,8 +21,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SKIP = 3
 """Exit status of a task that cannot run here (not a failure: the summary says why)."""
-PACKAGES = ("torch", "triton", "numpy", "fastvq", "vector-quantize-pytorch", "flash-kmeans", "faiss-cpu", "pytest",
-            "pytest-xdist", "pytest-timeout", "ninja", "matplotlib")
+PACKAGES = (
+    "torch",
+    "triton",
+    "numpy",
+    "fastvq",
+    "vector-quantize-pytorch",
+    "flash-kmeans",
+    "faiss-cpu",
+    "pytest",
+    "pytest-xdist",
+    "pytest-timeout",
+    "ninja",
+    "matplotlib",
+)
 
 
 def python_header() -> tuple[str, bool]:
@@ -65,9 +77,15 @@ def _gpu() -> dict:
     if not torch.cuda.is_available():
         return dict(name=None, reason="torch sees no CUDA GPU", torch_cuda=torch.version.cuda)
     props = torch.cuda.get_device_properties(0)
-    return dict(name=props.name, capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
-                memory_gib=round(props.total_memory / 2**30, 1), l2_mib=getattr(props, "L2_cache_size", 0) >> 20,
-                torch_cuda=torch.version.cuda, count=torch.cuda.device_count())
+    return dict(
+        name=props.name,
+        capability=f"{props.major}.{props.minor}",
+        multiprocessors=props.multi_processor_count,
+        memory_gib=round(props.total_memory / 2**30, 1),
+        l2_mib=getattr(props, "L2_cache_size", 0) >> 20,
+        torch_cuda=torch.version.cuda,
+        count=torch.cuda.device_count(),
+    )
 
 
 def _bench_rows() -> list[list[str]]:
@@ -90,8 +108,9 @@ def env_facts() -> dict:
     facts["commit"] = os.environ.get("FASTVQ_COMMIT") or None
     _read(facts, "versions", _versions)
     _read(facts, "gpu", _gpu)
-    facts["nvidia_smi"] = _command("nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                                   "--format=csv,noheader")
+    facts["nvidia_smi"] = _command(
+        "nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"
+    )
     facts["nvcc"] = _command("nvcc", "--version").splitlines()[-1:]
     facts["ninja"] = _command("ninja", "--version")
     _read(facts, "bench_rows", _bench_rows)
@@ -102,18 +121,23 @@ def describe(facts: dict) -> str:
     """Readable lines of the facts (the archive's env.txt and the stage's log)."""
     gpu = facts.get("gpu") if isinstance(facts.get("gpu"), dict) else {}
     versions = facts.get("versions") if isinstance(facts.get("versions"), dict) else {}
-    lines = [f"python3 {facts['python']} ({facts['python_executable']})",
-             f"Python.h {'present' if facts['python_h_present'] else 'MISSING'}: {facts['python_h']}",
-             f"cores {facts['cores']} (usable {facts.get('cores_usable')}), memory {facts.get('memory_gib')} GiB, "
-             f"disk free {facts.get('disk_free_gib')} GiB",
-             f"GPU {gpu.get('name') or gpu.get('reason') or facts.get('gpu')}"
-             + (f", sm {gpu['capability']}, {gpu['multiprocessors']} SMs, {gpu['memory_gib']} GiB, L2 {gpu['l2_mib']} "
-                f"MiB" if gpu.get("name") else ""),
-             f"nvidia-smi: {facts['nvidia_smi']}",
-             f"nvcc: {' '.join(facts['nvcc']) or 'none'}; ninja {facts['ninja']}",
-             "versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
-             f"commit {facts['commit'] or 'unknown (pass FASTVQ_COMMIT or --commit)'}",
-             f"benchmark rows: {len(rows) if isinstance(rows := facts['bench_rows'], list) else rows}"]
+    lines = [
+        f"python3 {facts['python']} ({facts['python_executable']})",
+        f"Python.h {'present' if facts['python_h_present'] else 'MISSING'}: {facts['python_h']}",
+        f"cores {facts['cores']} (usable {facts.get('cores_usable')}), memory {facts.get('memory_gib')} GiB, "
+        f"disk free {facts.get('disk_free_gib')} GiB",
+        f"GPU {gpu.get('name') or gpu.get('reason') or facts.get('gpu')}"
+        + (
+            f", sm {gpu['capability']}, {gpu['multiprocessors']} SMs, {gpu['memory_gib']} GiB, L2 {gpu['l2_mib']} MiB"
+            if gpu.get("name")
+            else ""
+        ),
+        f"nvidia-smi: {facts['nvidia_smi']}",
+        f"nvcc: {' '.join(facts['nvcc']) or 'none'}; ninja {facts['ninja']}",
+        "versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
+        f"commit {facts['commit'] or 'unknown (pass FASTVQ_COMMIT or --commit)'}",
+        f"benchmark rows: {len(rows) if isinstance(rows := facts['bench_rows'], list) else rows}",
+    ]
     return "\n".join(lines)
 
 

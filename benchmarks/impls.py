@@ -114,6 +114,7 @@ class Impl:
 # inputs
 # ---------------------------------------------------------------------------------------------
 
+
 def input_bytes(op: str, shape: Shape, dtype: torch.dtype) -> int:
     """Bytes of one input set of `op`."""
     size = dtype.itemsize
@@ -133,14 +134,22 @@ def make_inputs(op: str, shape: Shape, dtype: torch.dtype, device: torch.device,
     sets = []
     for _ in range(copies):
         if op == "head":
-            sets.append((torch.randn(shape.n, shape.d, device=device).to(dtype).requires_grad_(),
-                         torch.randint(0, shape.k, (shape.n,), device=device)))
+            sets.append(
+                (
+                    torch.randn(shape.n, shape.d, device=device).to(dtype).requires_grad_(),
+                    torch.randint(0, shape.k, (shape.n,), device=device),
+                )
+            )
         elif op in TRAIN_OPS:
             x = torch.randn(1, shape.n, shape.d, device=device).to(dtype).requires_grad_()
             sets.append((x, torch.randn(1, shape.n, shape.d, device=device).to(dtype)))
         else:
-            sets.append((torch.randn(shape.n, shape.d, device=device).to(dtype),
-                         torch.randn(shape.k, shape.d, device=device).to(dtype)))
+            sets.append(
+                (
+                    torch.randn(shape.n, shape.d, device=device).to(dtype),
+                    torch.randn(shape.k, shape.d, device=device).to(dtype),
+                )
+            )
     return sets
 
 
@@ -155,6 +164,7 @@ def initial_codebook(shape: Shape, device: torch.device, stage: int = 0) -> torc
 # ---------------------------------------------------------------------------------------------
 # search
 # ---------------------------------------------------------------------------------------------
+
 
 def naive_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The textbook formula: |x|^2 - 2 x c^T + |c|^2 (an N x K matrix), then argmin."""
@@ -190,6 +200,7 @@ def faiss_search(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 def _fastvq_search(backend: str, precision: str | None):
     def setup(shape, dtype, device):
         return functools.partial(fastvq.nearest_code, precision=precision, backend=backend)
+
     return setup
 
 
@@ -232,15 +243,19 @@ def _cpu_kernels_missing(device: torch.device) -> str:
 
 
 _VQP = _first_reason(lambda device: VQP_MISSING)
-_FAISS = _first_reason(lambda device: FAISS_MISSING,
-                       lambda device: "" if device.type == "cpu" else "faiss-cpu runs on CPU tensors")
-_FLASH_KMEANS = _first_reason(lambda device: FLASH_KMEANS_MISSING,
-                              lambda device: "" if device.type == "cuda" else "flash-kmeans runs on CUDA only")
+_FAISS = _first_reason(
+    lambda device: FAISS_MISSING, lambda device: "" if device.type == "cpu" else "faiss-cpu runs on CPU tensors"
+)
+_FLASH_KMEANS = _first_reason(
+    lambda device: FLASH_KMEANS_MISSING,
+    lambda device: "" if device.type == "cuda" else "flash-kmeans runs on CUDA only",
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # train step
 # ---------------------------------------------------------------------------------------------
+
 
 def _train_step(layer: nn.Module, optimizer, x: torch.Tensor, grad: torch.Tensor) -> None:
     """Forward, backward of (quantized . grad + loss) (a residual quantizer's losses summed), then
@@ -260,12 +275,14 @@ def _layer(make: Callable[[Shape], nn.Module], learnable: bool = False):
             layer.codebook.copy_(initial_codebook(shape, device))  # every layer's codebook is a (K, D) view
         optimizer = torch.optim.Adam(layer.parameters(), lr=TAMING_LR) if learnable else None
         return functools.partial(_train_step, layer, optimizer)
+
     return setup
 
 
 def _layer_eval(make: Callable[[Shape], nn.Module]):
     """A layer's eval forward (its search and code lookup) on x (N, D) as one (1, N, D) batch; the
     codebook input is not used: the layer searches its own `initial_codebook` of the same size."""
+
     def setup(shape, dtype, device):
         layer = make(shape).to(device).eval()
         with torch.no_grad():
@@ -274,19 +291,33 @@ def _layer_eval(make: Callable[[Shape], nn.Module]):
         @torch.no_grad()
         def forward(x, codebook):
             return layer(x[None])
+
         return forward
+
     return setup
 
 
 def _residual_layer(cls_of: Callable[[], type], **kwargs):
     """A residual quantizer's training step; every stage starts from `initial_codebook`."""
+
     def setup(shape, dtype, device):
-        layer = cls_of()(dim=shape.d, num_quantizers=shape.stages, codebook_size=shape.k,
-                         codebook_dim=shape.codebook_dim, decay=EMA_DECAY, **kwargs).to(device).train()
+        layer = (
+            cls_of()(
+                dim=shape.d,
+                num_quantizers=shape.stages,
+                codebook_size=shape.k,
+                codebook_dim=shape.codebook_dim,
+                decay=EMA_DECAY,
+                **kwargs,
+            )
+            .to(device)
+            .train()
+        )
         with torch.no_grad():
             for stage, vq in enumerate(layer.layers):
                 vq.codebook.copy_(initial_codebook(shape, device, stage))
         return functools.partial(_train_step, layer, None)
+
     return setup
 
 
@@ -299,22 +330,26 @@ def _scalar_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
 def _scalar_layer(module_of: Callable[[], object]):
     """The scalar quantizer of an fsq shape from `module_of()` (fastvq or vector_quantize_pytorch), its
     projections in the input dtype (a bf16 model)."""
+
     def setup(shape, dtype, device):
         module, levels = module_of(), list(shape.levels)
         if shape.groups > 1:
-            layer = module.GroupedResidualFSQ(dim=shape.d, groups=shape.groups, levels=levels,
-                                              num_quantizers=shape.stages)
+            layer = module.GroupedResidualFSQ(
+                dim=shape.d, groups=shape.groups, levels=levels, num_quantizers=shape.stages
+            )
         elif shape.stages > 1:
             layer = module.ResidualFSQ(dim=shape.d, levels=levels, num_quantizers=shape.stages)
         else:
             layer = module.FSQ(levels=levels, dim=shape.d)
         return functools.partial(_scalar_step, layer.to(device=device, dtype=dtype).train())
+
     return setup
 
 
 def _sim_vq_layer(cls_of: Callable[[], type]):
     """SimVQ's training step (and Adam on its map); every layer of a shape starts from the same frozen
     codebook (`initial_codebook`) and the same map."""
+
     def setup(shape, dtype, device):
         torch.manual_seed(shape.k)
         layer = cls_of()(dim=shape.d, codebook_size=shape.k).to(device).train()
@@ -322,18 +357,22 @@ def _sim_vq_layer(cls_of: Callable[[], type]):
             layer.frozen_codebook.copy_(initial_codebook(shape, device))
         optimizer = torch.optim.Adam(layer.parameters(), lr=TAMING_LR)
         return functools.partial(_train_step, layer, optimizer)
+
     return setup
 
 
 def _head(make: Callable[[Shape, torch.device], Callable]):
     """Loss + backward of an output layer over K codes; make(shape, device) -> loss(hidden, targets)."""
+
     def setup(shape, dtype, device):
         loss_of = make(shape, device)
 
         def step(hidden, targets):
             hidden.grad = None
             loss_of(hidden, targets).backward()
+
         return step
+
     return setup
 
 
@@ -341,6 +380,7 @@ def _fastvq_head(backend: str):
     def make(shape, device):
         head = CodeHead(shape.d, shape.k, backend=backend).to(device)
         return lambda hidden, targets: head.loss(hidden, targets).mean()
+
     return _head(make)
 
 
@@ -350,13 +390,17 @@ def _linear_head(shape, device):
 
 
 def _fastvq_layer(backend: str, precision: str | None):
-    return _layer(lambda s: fastvq.VectorQuantize(dim=s.d, codebook_size=s.k, decay=EMA_DECAY, backend=backend,
-                                                  precision=precision))
+    return _layer(
+        lambda s: fastvq.VectorQuantize(
+            dim=s.d, codebook_size=s.k, decay=EMA_DECAY, backend=backend, precision=precision
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # dense products and ceilings
 # ---------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def matmul_precision(precision: str | None):
@@ -377,6 +421,7 @@ def chunk_bytes(device: torch.device) -> int:
 
 def _dense_mm(precision: str):
     """x @ codebook.T in blocks of rows into one reused output block, in `precision`."""
+
     def setup(shape, dtype, device):
         rows = max(1, min(shape.n, chunk_bytes(device) // (shape.k * dtype.itemsize)))
         out = torch.empty(rows, shape.k, dtype=dtype, device=device)
@@ -384,9 +429,11 @@ def _dense_mm(precision: str):
         def run(x, codebook):
             with matmul_precision(precision):
                 for n0 in range(0, shape.n, rows):
-                    block = x[n0:n0 + rows]
-                    torch.mm(block, codebook.T, out=out[:block.shape[0]])
+                    block = x[n0 : n0 + rows]
+                    torch.mm(block, codebook.T, out=out[: block.shape[0]])
+
         return run
+
     return setup
 
 
@@ -398,8 +445,15 @@ def _copy(shape, dtype, device):
 
 def _dense_mm_impl(op: str, prefix: str, precision: str) -> Impl:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return Impl(f"{prefix}[{precision}]", op, "ceiling", _dense_mm(precision), dtypes=(dtype,),
-                precision=precision, why_not=_tf32_missing if precision == "tf32" else _first_reason())
+    return Impl(
+        f"{prefix}[{precision}]",
+        op,
+        "ceiling",
+        _dense_mm(precision),
+        dtypes=(dtype,),
+        precision=precision,
+        why_not=_tf32_missing if precision == "tf32" else _first_reason(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,14 +463,30 @@ def _dense_mm_impl(op: str, prefix: str, precision: str) -> Impl:
 FP32 = (torch.float32,)
 
 IMPLS: list[Impl] = [
-    *[Impl(f"fastvq-triton[{p}]", "search", "fastvq", _fastvq_search("triton", p), precision=p,
-           dtypes=DTYPES if p in ("ieee", "bf16") else FP32,
-           why_not=_first_reason(_triton_missing, *([_tf32_missing] if p == "tf32" else [])))
-      for p in ("ieee", "tf32", "bf16", "fp16")],
-    *[Impl(f"fastvq-cuda[{p}]", "search", "fastvq", _fastvq_search("cuda", p), precision=p,
-           dtypes=DTYPES if p in ("ieee", "bf16") else FP32,
-           why_not=_first_reason(_cuda_missing, *([_tf32_missing] if p == "tf32" else [])))
-      for p in ("ieee", "tf32", "bf16", "fp16")],
+    *[
+        Impl(
+            f"fastvq-triton[{p}]",
+            "search",
+            "fastvq",
+            _fastvq_search("triton", p),
+            precision=p,
+            dtypes=DTYPES if p in ("ieee", "bf16") else FP32,
+            why_not=_first_reason(_triton_missing, *([_tf32_missing] if p == "tf32" else [])),
+        )
+        for p in ("ieee", "tf32", "bf16", "fp16")
+    ],
+    *[
+        Impl(
+            f"fastvq-cuda[{p}]",
+            "search",
+            "fastvq",
+            _fastvq_search("cuda", p),
+            precision=p,
+            dtypes=DTYPES if p in ("ieee", "bf16") else FP32,
+            why_not=_first_reason(_cuda_missing, *([_tf32_missing] if p == "tf32" else [])),
+        )
+        for p in ("ieee", "tf32", "bf16", "fp16")
+    ],
     Impl("fastvq-cpu", "search", "fastvq", _fastvq_search("cpu", None), why_not=_cpu_kernels_missing),
     Impl("fastvq-torch", "search", "fastvq", _fastvq_search("torch", None)),
     Impl("faiss-cpu", "search", "alternative", _plain(faiss_search), why_not=_FAISS),
@@ -424,52 +494,128 @@ IMPLS: list[Impl] = [
     Impl("cdist", "search", "alternative", _plain(cdist_search), nk_bytes=12),
     Impl("compile(naive)", "search", "alternative", _compiled(naive_search), nk_bytes=8, compiles=True),
     Impl("vqp-cdist", "search", "alternative", _plain(vqp_search), nk_bytes=12, why_not=_VQP),
-    *[Impl(f"flash-kmeans[{p}]", "search", "alternative", _plain(flash_kmeans_search), dtypes=(dtype,), precision=p,
-           why_not=_FLASH_KMEANS) for p, dtype in (("tf32", torch.float32), ("bf16", torch.bfloat16))],
+    *[
+        Impl(
+            f"flash-kmeans[{p}]",
+            "search",
+            "alternative",
+            _plain(flash_kmeans_search),
+            dtypes=(dtype,),
+            precision=p,
+            why_not=_FLASH_KMEANS,
+        )
+        for p, dtype in (("tf32", torch.float32), ("bf16", torch.bfloat16))
+    ],
     *[_dense_mm_impl("matmul", "dense-mm", p) for p in ("ieee", "tf32", "bf16")],
-    Impl("fastvq-layer[triton]", "train", "fastvq", _fastvq_layer("triton", None),
-         why_not=_triton_missing),
-    Impl("fastvq-layer[triton,tf32]", "train", "fastvq", _fastvq_layer("triton", "tf32"), precision="tf32",
-         why_not=_first_reason(_triton_missing, _tf32_missing)),
+    Impl("fastvq-layer[triton]", "train", "fastvq", _fastvq_layer("triton", None), why_not=_triton_missing),
+    Impl(
+        "fastvq-layer[triton,tf32]",
+        "train",
+        "fastvq",
+        _fastvq_layer("triton", "tf32"),
+        precision="tf32",
+        why_not=_first_reason(_triton_missing, _tf32_missing),
+    ),
     Impl("fastvq-layer[cuda]", "train", "fastvq", _fastvq_layer("cuda", None), why_not=_cuda_missing),
     Impl("fastvq-layer[cpu]", "train", "fastvq", _fastvq_layer("cpu", None), why_not=_cpu_kernels_missing),
     Impl("fastvq-layer[torch]", "train", "fastvq", _fastvq_layer("torch", None)),
-    Impl("vqp-layer", "train", "alternative", _layer(lambda s: vector_quantize_pytorch.VectorQuantize(
-        dim=s.d, codebook_size=s.k, decay=EMA_DECAY)), nk_bytes=28, why_not=_VQP),
-    Impl("taming-vq2", "train", "alternative",
-         _layer(lambda s: TamingQuantizer(s.d, s.k, commitment_weight=TAMING_BETA), learnable=True),
-         nk_bytes=12),
-    Impl("fastvq-rvq[triton]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="triton"),
-         why_not=_triton_missing),
-    Impl("fastvq-rvq[cpu]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="cpu"),
-         why_not=_cpu_kernels_missing),
+    Impl(
+        "vqp-layer",
+        "train",
+        "alternative",
+        _layer(lambda s: vector_quantize_pytorch.VectorQuantize(dim=s.d, codebook_size=s.k, decay=EMA_DECAY)),
+        nk_bytes=28,
+        why_not=_VQP,
+    ),
+    Impl(
+        "taming-vq2",
+        "train",
+        "alternative",
+        _layer(lambda s: TamingQuantizer(s.d, s.k, commitment_weight=TAMING_BETA), learnable=True),
+        nk_bytes=12,
+    ),
+    Impl(
+        "fastvq-rvq[triton]",
+        "residual",
+        "fastvq",
+        _residual_layer(lambda: fastvq.ResidualVQ, backend="triton"),
+        why_not=_triton_missing,
+    ),
+    Impl(
+        "fastvq-rvq[cpu]",
+        "residual",
+        "fastvq",
+        _residual_layer(lambda: fastvq.ResidualVQ, backend="cpu"),
+        why_not=_cpu_kernels_missing,
+    ),
     Impl("fastvq-rvq[torch]", "residual", "fastvq", _residual_layer(lambda: fastvq.ResidualVQ, backend="torch")),
-    Impl("vqp-rvq", "residual", "alternative", _residual_layer(lambda: vector_quantize_pytorch.ResidualVQ),
-         nk_bytes=8, why_not=_VQP),  # nk_bytes per stage: measured 3.4 GiB at 8 x 65536 x 1024
+    Impl(
+        "vqp-rvq",
+        "residual",
+        "alternative",
+        _residual_layer(lambda: vector_quantize_pytorch.ResidualVQ),
+        nk_bytes=8,
+        why_not=_VQP,
+    ),  # nk_bytes per stage: measured 3.4 GiB at 8 x 65536 x 1024
     Impl("fastvq-fsq", "fsq", "fastvq", _scalar_layer(lambda: fastvq)),
     # 1.32.0 builds arange(K) int64, (K, d) int64 level indices and a (K, d) fp32 codebook per stage in
     # its constructor: 8 + 12 d bytes a code, bounded here for d <= 16
-    Impl("vqp-fsq", "fsq", "alternative", _scalar_layer(lambda: vector_quantize_pytorch), k_bytes=8 + 12 * 16,
-         why_not=_VQP),
-    *[Impl(f"fastvq-simvq[{backend}]", "simvq", "fastvq", _sim_vq_layer(lambda b=backend: functools.partial(
-        fastvq.SimVQ, backend=b)), why_not=why_not) for backend, why_not in (
-            ("triton", _triton_missing), ("cpu", _cpu_kernels_missing), ("torch", lambda device: ""))],
+    Impl(
+        "vqp-fsq",
+        "fsq",
+        "alternative",
+        _scalar_layer(lambda: vector_quantize_pytorch),
+        k_bytes=8 + 12 * 16,
+        why_not=_VQP,
+    ),
+    *[
+        Impl(
+            f"fastvq-simvq[{backend}]",
+            "simvq",
+            "fastvq",
+            _sim_vq_layer(lambda b=backend: functools.partial(fastvq.SimVQ, backend=b)),
+            why_not=why_not,
+        )
+        for backend, why_not in (
+            ("triton", _triton_missing),
+            ("cpu", _cpu_kernels_missing),
+            ("torch", lambda device: ""),
+        )
+    ],
     # 1.32.0's cdist holds N x K fp32 (measured 3.97 bytes per pair at N = 4096, K = 65536 on CPU); it
     # fails on 16-bit input (cdist of a 16-bit x and the fp32 codebook): fp32 only
-    Impl("vqp-simvq", "simvq", "alternative", _sim_vq_layer(lambda: vector_quantize_pytorch.SimVQ), dtypes=FP32,
-         nk_bytes=5, why_not=_VQP),
+    Impl(
+        "vqp-simvq",
+        "simvq",
+        "alternative",
+        _sim_vq_layer(lambda: vector_quantize_pytorch.SimVQ),
+        dtypes=FP32,
+        nk_bytes=5,
+        why_not=_VQP,
+    ),
     Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
     Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),
     Impl("linear+cross_entropy", "head", "alternative", _head(_linear_head), nk_bytes=12),
     # the scaling figure: time and memory against K at fixed N and D (fp32)
     Impl("fastvq-cpu", "scaling", "fastvq", _fastvq_search("cpu", None), dtypes=FP32, why_not=_cpu_kernels_missing),
     Impl("faiss-cpu", "scaling", "alternative", _plain(faiss_search), dtypes=FP32, why_not=_FAISS),
-    Impl("fastvq-layer-eval[cpu]", "scaling", "fastvq",
-         _layer_eval(lambda s: fastvq.VectorQuantize(dim=s.d, codebook_size=s.k, backend="cpu")), dtypes=FP32,
-         why_not=_cpu_kernels_missing),
-    Impl("vqp-layer-eval", "scaling", "alternative",
-         _layer_eval(lambda s: vector_quantize_pytorch.VectorQuantize(dim=s.d, codebook_size=s.k)), dtypes=FP32,
-         nk_bytes=24, why_not=_VQP),  # its training step measured 24-24.5 bytes per (token, code) pair
+    Impl(
+        "fastvq-layer-eval[cpu]",
+        "scaling",
+        "fastvq",
+        _layer_eval(lambda s: fastvq.VectorQuantize(dim=s.d, codebook_size=s.k, backend="cpu")),
+        dtypes=FP32,
+        why_not=_cpu_kernels_missing,
+    ),
+    Impl(
+        "vqp-layer-eval",
+        "scaling",
+        "alternative",
+        _layer_eval(lambda s: vector_quantize_pytorch.VectorQuantize(dim=s.d, codebook_size=s.k)),
+        dtypes=FP32,
+        nk_bytes=24,
+        why_not=_VQP,
+    ),  # its training step measured 24-24.5 bytes per (token, code) pair
 ]
 
 CEILINGS: list[Impl] = [

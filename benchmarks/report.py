@@ -27,8 +27,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
 BAR_OPS = ("search", "train", "residual", "fsq", "simvq", "head")  # drawn as bars per shape in time.png / memory.png
 OPS = BAR_OPS + ("scaling",)  # scaling.png draws the last one against K
-VQP_LAYER = {"train": "vqp-layer", "residual": "vqp-rvq", "fsq": "vqp-fsq", "simvq": "vqp-simvq",
-             "scaling": "vqp-layer-eval"}  # per op
+VQP_LAYER = {
+    "train": "vqp-layer",
+    "residual": "vqp-rvq",
+    "fsq": "vqp-fsq",
+    "simvq": "vqp-simvq",
+    "scaling": "vqp-layer-eval",
+}  # per op
 SHORT = {"skipped": "skip", "oom": "oom", "error": "error"}
 EPILOGUE_INSTRUCTIONS = 3  # CUDA-core instructions per (token, code) pair: score, compare, select
 LINEAR_MEMORY_FACTOR = 32  # train-step goal: extra bytes <= 32 (N + K) (D + 1) fp32 words + 64 MiB
@@ -40,9 +45,13 @@ def write(meta: dict, records: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "results.json", json.dumps(dict(meta=meta, records=records), indent=1) + "\n")
     _write_atomic(out_dir / "results.md", markdown(meta, records))
-    figures = [("time.png", lambda path: plot(records, path, "median_ms", 1.0, "median time per call (ms, log)")),
-               ("memory.png", lambda path: plot(records, path, "peak_mem_bytes", 2.0 ** -20,
-                                                "peak memory above inputs (MiB, log)"))]
+    figures = [
+        ("time.png", lambda path: plot(records, path, "median_ms", 1.0, "median time per call (ms, log)")),
+        (
+            "memory.png",
+            lambda path: plot(records, path, "peak_mem_bytes", 2.0**-20, "peak memory above inputs (MiB, log)"),
+        ),
+    ]
     if any(r["op"] == "scaling" for r in records):
         figures.append(("scaling.png", lambda path: plot_scaling(records, path)))
     for name, draw in figures:
@@ -66,6 +75,7 @@ def _write_atomic(path: Path, text: str) -> None:
 # derived numbers
 # ---------------------------------------------------------------------------------------------
 
+
 def _key(r: dict) -> tuple:
     return r["shape"], r["dtype"]
 
@@ -84,8 +94,9 @@ def ceilings(records: list[dict]) -> dict[str, float]:
     for r in records:
         if r["op"] == "ceiling" and _ok(r):
             seconds = r["median_ms"] * 1e-3
-            out[r["impl"]] = (2 * r["N"] * r["D"] * 4 / seconds / 1e9 if r["impl"] == "copy"
-                              else _flops(r) / seconds / 1e12)
+            out[r["impl"]] = (
+                2 * r["N"] * r["D"] * 4 / seconds / 1e9 if r["impl"] == "copy" else _flops(r) / seconds / 1e12
+            )
     return out
 
 
@@ -140,6 +151,7 @@ def _find(records: list[dict], **match) -> dict | None:
 # markdown
 # ---------------------------------------------------------------------------------------------
 
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -165,27 +177,44 @@ def _impl_table(records: list[dict], op: str, cell, extra_header: list[str] = ()
 def _header(meta: dict, count: int) -> list[str]:
     cuda = meta["device_type"] == "cuda"
     commit = (meta["git_commit"] or "unknown")[:10] + (" + uncommitted changes" if meta["git_dirty"] else "")
-    slices = meta.get("slices") or [dict(argv=meta["argv"], measurements=count, run_seconds=meta["run_seconds"],
-                                         stopped=meta.get("stopped"))]
-    commands = "; ".join(f"`python benchmarks/run.py {' '.join(s['argv'])}`"
-                         + (f" ({s['measurements']} in {s['run_seconds']:.0f} s, {s['stopped']})" if s.get("stopped")
-                            else f" ({s['measurements']} in {s['run_seconds']:.0f} s)" if len(slices) > 1 else "")
-                         for s in slices)
-    run = (f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, fastvq {meta['fastvq']}, "
-           f"vector-quantize-pytorch {meta['vector_quantize_pytorch']}; commit {commit}; {meta['mode']} "
-           f"matrix, {count} measurements in {meta['run_seconds']:.0f} s ({commands}).")
+    slices = meta.get("slices") or [
+        dict(argv=meta["argv"], measurements=count, run_seconds=meta["run_seconds"], stopped=meta.get("stopped"))
+    ]
+    commands = "; ".join(
+        f"`python benchmarks/run.py {' '.join(s['argv'])}`"
+        + (
+            f" ({s['measurements']} in {s['run_seconds']:.0f} s, {s['stopped']})"
+            if s.get("stopped")
+            else f" ({s['measurements']} in {s['run_seconds']:.0f} s)"
+            if len(slices) > 1
+            else ""
+        )
+        for s in slices
+    )
+    run = (
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, fastvq {meta['fastvq']}, "
+        f"vector-quantize-pytorch {meta['vector_quantize_pytorch']}; commit {commit}; {meta['mode']} "
+        f"matrix, {count} measurements in {meta['run_seconds']:.0f} s ({commands})."
+    )
     if not cuda:
         busy = max(meta["load_avg_1min"], meta["load_avg_1min_end"]) > meta["threads"]
-        run += (f" {meta['threads']} CPU thread(s); 1-minute load average {meta['load_avg_1min']} at the "
-                f"start, {meta['load_avg_1min_end']} at the end"
-                + (" (above the thread count: other processes shared the cores and the times are noisy)."
-                   if busy else "."))
-    method = ("Times are medians over repetitions after warm-up (p20/p80 in results.json), each call on the "
-              "next of several input copies" + (", L2 flushed before each (CUDA events)" if cuda else "")
-              + ". Memory is the peak above what was allocated before the call (inputs, layer state): "
-              + ("`torch.cuda.max_memory_allocated`." if cuda
-                 else "resident-set high-water mark of a forked child per measurement.")
-              + " `oom`: ran out of memory, or estimated not to fit and not run (see Not run).")
+        run += (
+            f" {meta['threads']} CPU thread(s); 1-minute load average {meta['load_avg_1min']} at the "
+            f"start, {meta['load_avg_1min_end']} at the end"
+            + (" (above the thread count: other processes shared the cores and the times are noisy)." if busy else ".")
+        )
+    method = (
+        "Times are medians over repetitions after warm-up (p20/p80 in results.json), each call on the "
+        "next of several input copies"
+        + (", L2 flushed before each (CUDA events)" if cuda else "")
+        + ". Memory is the peak above what was allocated before the call (inputs, layer state): "
+        + (
+            "`torch.cuda.max_memory_allocated`."
+            if cuda
+            else "resident-set high-water mark of a forked child per measurement."
+        )
+        + " `oom`: ran out of memory, or estimated not to fit and not run (see Not run)."
+    )
     return [f"# fastvq benchmarks: {meta['device']}, {meta['date']}", "", run, "", method]
 
 
@@ -195,8 +224,9 @@ def _ceiling_table(records: list[dict], ceiling: dict[str, float]) -> list[str]:
         if r["op"] == "ceiling":
             copy = r["impl"] == "copy"
             size = f"{r['N'] * r['D'] * 4 >> 20} MiB" if copy else f"{r['N']}³ {r['dtype']}"
-            measured = (f"{_fmt(ceiling[r['impl']])} {'GB/s' if copy else 'TFLOP/s'}" if r["impl"] in ceiling
-                        else r["reason"])
+            measured = (
+                f"{_fmt(ceiling[r['impl']])} {'GB/s' if copy else 'TFLOP/s'}" if r["impl"] in ceiling else r["reason"]
+            )
             rows.append([r["impl"], size, _fmt(r["median_ms"]) if _ok(r) else r["status"], measured])
     return _table(["ceiling", "size", "median ms", "measured"], rows)
 
@@ -228,19 +258,27 @@ def markdown(meta: dict, records: list[dict]) -> str:
         return SHORT.get(r["status"], "n/a")
 
     lines = _header(meta, len(records)) + ["", "## Measured ceilings", ""] + _ceiling_table(records, ceiling)
-    titles = {"search": "Nearest-code search", "train": "Training step (forward, backward, codebook update)",
-              "residual": "Residual VQ training step (N frames, K codes, D = input dim; stages and codebook "
-                          "dim in the shape's name and results.json)",
-              "fsq": "Scalar quantizers (FSQ, ResidualFSQ, GroupedResidualFSQ): forward + backward (N tokens, "
-                     "K = prod(levels), D = input dim; levels, stages and groups in results.json)",
-              "simvq": "SimVQ training step (forward, backward, Adam on the map; N tokens, K codes, D)",
-              "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)",
-              "scaling": "Scaling with K (fixed N and D): search, and a layer's eval forward"}
+    titles = {
+        "search": "Nearest-code search",
+        "train": "Training step (forward, backward, codebook update)",
+        "residual": "Residual VQ training step (N frames, K codes, D = input dim; stages and codebook "
+        "dim in the shape's name and results.json)",
+        "fsq": "Scalar quantizers (FSQ, ResidualFSQ, GroupedResidualFSQ): forward + backward (N tokens, "
+        "K = prod(levels), D = input dim; levels, stages and groups in results.json)",
+        "simvq": "SimVQ training step (forward, backward, Adam on the map; N tokens, K codes, D)",
+        "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)",
+        "scaling": "Scaling with K (fixed N and D): search, and a layer's eval forward",
+    }
     for op in OPS:
         if any(r["op"] == op for r in records):
             versus = ", and over vector-quantize-pytorch's layer" if op in VQP_LAYER else ""
-            lines += ["", f"## {titles[op]}: median ms", "",
-                      f"(n×): fastvq's speedup over the best alternative in the same row{versus}.", ""]
+            lines += [
+                "",
+                f"## {titles[op]}: median ms",
+                "",
+                f"(n×): fastvq's speedup over the best alternative in the same row{versus}.",
+                "",
+            ]
             lines += _impl_table(records, op, time_cell, ["best alternative (ms)"], best_cell)
     if any(r["op"] == "search" and r["role"] == "fastvq" and _ok(r) for r in records):
         lines += ["", "## fastvq search against the hardware", "", _hardware_legend(cuda), ""]
@@ -255,14 +293,18 @@ def markdown(meta: dict, records: list[dict]) -> str:
 
 
 def _hardware_legend(cuda: bool) -> str:
-    text = ("TFLOP/s counts 2·N·K·D. % of peak: against the square matmul of the same precision. "
-            "dense mm: the same (N, D)×(D, K) product by torch.mm in that precision, writing its N×K output "
-            "in blocks (fp16 uses the bf16 one). Floor: the largest of compute (D padded to 16 for 16-bit, "
-            "8 for TF32), memory (read inputs, write outputs at the copy rate)")
+    text = (
+        "TFLOP/s counts 2·N·K·D. % of peak: against the square matmul of the same precision. "
+        "dense mm: the same (N, D)×(D, K) product by torch.mm in that precision, writing its N×K output "
+        "in blocks (fp16 uses the bf16 one). Floor: the largest of compute (D padded to 16 for 16-bit, "
+        "8 for TF32), memory (read inputs, write outputs at the copy rate)"
+    )
     if cuda:
-        text += (f" and epilogue ({EPILOGUE_INSTRUCTIONS} CUDA-core instructions per (token, code) pair at "
-                 "half the measured fp32 FMA FLOP rate). Goals: ≥ 70 % of the dense mm at D ≥ 64; ≤ 2× the "
-                 "epilogue floor at D ≤ 32; never slower than the best alternative")
+        text += (
+            f" and epilogue ({EPILOGUE_INSTRUCTIONS} CUDA-core instructions per (token, code) pair at "
+            "half the measured fp32 FMA FLOP rate). Goals: ≥ 70 % of the dense mm at D ≥ 64; ≤ 2× the "
+            "epilogue floor at D ≤ 32; never slower than the best alternative"
+        )
     return text + "."
 
 
@@ -277,17 +319,33 @@ def _hardware_table(records, ceiling, best, cuda) -> list[str]:
         mm = _find(records, op="matmul", shape=r["shape"], precision=_mm_precision(precision))
         bounds = floors(r, ceiling, cuda)
         bound = max(bounds, key=bounds.get) if bounds else None
-        row = [r["shape"], r["dtype"], r["impl"], _fmt(r["median_ms"]), f"{tflops:.3g}",
-               f"{100 * tflops / peak:.0f} %" if peak else "n/a",
-               _fmt(mm["median_ms"]) if _ok(mm) else (mm["status"] if mm else "n/a"),
-               f"{100 * mm['median_ms'] / r['median_ms']:.0f} %" if _ok(mm) else "n/a",
-               f"{_fmt(bounds[bound])} ({bound})" if bound else "n/a",
-               f"{100 * bounds[bound] / r['median_ms']:.0f} %" if bound else "n/a"]
+        row = [
+            r["shape"],
+            r["dtype"],
+            r["impl"],
+            _fmt(r["median_ms"]),
+            f"{tflops:.3g}",
+            f"{100 * tflops / peak:.0f} %" if peak else "n/a",
+            _fmt(mm["median_ms"]) if _ok(mm) else (mm["status"] if mm else "n/a"),
+            f"{100 * mm['median_ms'] / r['median_ms']:.0f} %" if _ok(mm) else "n/a",
+            f"{_fmt(bounds[bound])} ({bound})" if bound else "n/a",
+            f"{100 * bounds[bound] / r['median_ms']:.0f} %" if bound else "n/a",
+        ]
         if cuda:
             row.append(_search_goal(r, mm, bounds, best.get(("search", *_key(r)))))
         rows.append(row)
-    header = ["shape", "dtype", "impl", "ms", "TFLOP/s", "% of peak", "dense mm ms", "% of dense mm",
-              "floor ms", "% of floor"] + (["goal"] if cuda else [])
+    header = [
+        "shape",
+        "dtype",
+        "impl",
+        "ms",
+        "TFLOP/s",
+        "% of peak",
+        "dense mm ms",
+        "% of dense mm",
+        "floor ms",
+        "% of floor",
+    ] + (["goal"] if cuda else [])
     return _table(header, rows)
 
 
@@ -311,13 +369,30 @@ def _train_goals(records) -> list[str]:
         speedup = vqp["median_ms"] / r["median_ms"] if _ok(vqp) else None
         linear = LINEAR_MEMORY_FACTOR * (r["N"] + r["K"]) * (r["D"] + 1) * 4 + (64 << 20)
         peak = r["peak_mem_bytes"]
-        rows.append([r["shape"], r["dtype"], r["impl"], _fmt(r["median_ms"]),
-                     f"{speedup:.2g}× ({'met' if speedup >= 3 else 'missed'})" if speedup else
-                     f"vqp {vqp['status'] if vqp else 'not run'}",
-                     f"{peak / 2**20:.3g} MiB = {peak / (r['N'] * r['K'] * 4):.2g} N·K fp32 "
-                     f"({'met' if peak <= linear else 'missed'})"])
-    return _table(["shape", "dtype", "impl", "ms", "vs vqp (goal ≥ 3×)",
-                   f"peak extra (goal ≤ {LINEAR_MEMORY_FACTOR}·(N+K)·(D+1)·4 B + 64 MiB)"], rows)
+        rows.append(
+            [
+                r["shape"],
+                r["dtype"],
+                r["impl"],
+                _fmt(r["median_ms"]),
+                f"{speedup:.2g}× ({'met' if speedup >= 3 else 'missed'})"
+                if speedup
+                else f"vqp {vqp['status'] if vqp else 'not run'}",
+                f"{peak / 2**20:.3g} MiB = {peak / (r['N'] * r['K'] * 4):.2g} N·K fp32 "
+                f"({'met' if peak <= linear else 'missed'})",
+            ]
+        )
+    return _table(
+        [
+            "shape",
+            "dtype",
+            "impl",
+            "ms",
+            "vs vqp (goal ≥ 3×)",
+            f"peak extra (goal ≤ {LINEAR_MEMORY_FACTOR}·(N+K)·(D+1)·4 B + 64 MiB)",
+        ],
+        rows,
+    )
 
 
 def _not_run(records) -> list[str]:
@@ -327,9 +402,13 @@ def _not_run(records) -> list[str]:
             groups[(r["impl"], r["status"], r["reason"])].append(f"{r['shape']} {r['dtype']}")
     if not groups:
         return ["Every measurement ran."]
-    return _table(["impl", "status", "reason", "where"],
-                  [[impl, status, reason.replace("|", "/"), ", ".join(where)]
-                   for (impl, status, reason), where in groups.items()])
+    return _table(
+        ["impl", "status", "reason", "where"],
+        [
+            [impl, status, reason.replace("|", "/"), ", ".join(where)]
+            for (impl, status, reason), where in groups.items()
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,12 +445,19 @@ def plot(records: list[dict], path: Path, field: str, scale: float, ylabel: str)
                 r = _find(rows, impl=name, shape=shape)
                 x = i - 0.4 + (j + 0.5) * width
                 if r is not None and _ok(r) and r[field] is not None:
-                    ax.bar(x, max(r[field] * scale, floor), width, color=colors[name],
-                           label=None if labelled else name)
+                    ax.bar(x, max(r[field] * scale, floor), width, color=colors[name], label=None if labelled else name)
                     labelled = True
                 elif r is not None:
-                    ax.text(x, floor * 1.1, SHORT.get(r["status"], "n/a"), rotation=90, ha="center",
-                            va="bottom", fontsize=7, color=colors[name])
+                    ax.text(
+                        x,
+                        floor * 1.1,
+                        SHORT.get(r["status"], "n/a"),
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        color=colors[name],
+                    )
         ax.set_yscale("log")
         ax.set_ylim(bottom=floor)
         ax.set_xlim(-0.5, len(dims) - 0.5)
@@ -395,15 +481,25 @@ def plot_scaling(records: list[dict], path: Path) -> None:
     palettes = {"fastvq": iter(FASTVQ_COLORS), "alternative": iter(OTHER_COLORS)}
     colors = {name: next(palettes[_find(rows, impl=name)["role"]]) for name in names}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, (field, scale, label) in zip(axes, [("median_ms", 1.0, "median time per call (ms)"),
-                                                ("peak_mem_bytes", 2.0 ** -20, "peak memory above inputs (MiB)")]):
+    for ax, (field, scale, label) in zip(
+        axes,
+        [
+            ("median_ms", 1.0, "median time per call (ms)"),
+            ("peak_mem_bytes", 2.0**-20, "peak memory above inputs (MiB)"),
+        ],
+    ):
         for name in names:
             mine = sorted((r for r in rows if r["impl"] == name), key=lambda r: r["K"])
             ran = [r for r in mine if _ok(r) and r[field] is not None]
             missing = [f"{r['K']}: {SHORT.get(r['status'], r['status'])}" for r in mine if not _ok(r)]
             legend = name + (f" (not at K = {', '.join(missing)})" if missing else "")
-            ax.plot([r["K"] for r in ran], [max(r[field] * scale, 1e-3) for r in ran], "o-", color=colors[name],
-                    label=legend)
+            ax.plot(
+                [r["K"] for r in ran],
+                [max(r[field] * scale, 1e-3) for r in ran],
+                "o-",
+                color=colors[name],
+                label=legend,
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("K (codes)", fontsize=8)

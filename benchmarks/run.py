@@ -51,7 +51,8 @@ def residual_shapes(frames: int) -> list[Shape]:
     """Codec quantizers over `frames` frames: EnCodec-like (K = 1024, D = 128; 8 and 32 stages) and
     DAC-like (9 stages, K = 1024, codebook dim 8 projected from D = 1024)."""
     return [Shape(f"encodec-{q}q", frames, 1024, 128, FP32, ops=("residual",), stages=q) for q in (8, 32)] + [
-        Shape("dac-9q", frames, 1024, 1024, FP32, ops=("residual",), stages=9, codebook_dim=8)]
+        Shape("dac-9q", frames, 1024, 1024, FP32, ops=("residual",), stages=9, codebook_dim=8)
+    ]
 
 
 def fsq_shapes(frames: int) -> list[Shape]:
@@ -60,11 +61,13 @@ def fsq_shapes(frames: int) -> list[Shape]:
     [8, 5, 5, 5]), ChatTTS's DVAE (D = 1024, 2 groups of 2 stages [5, 5, 5, 5]), and FSQ [4] * 16
     (2^32 codes, whose implicit codebook 1.32.0 builds in its constructor)."""
     fsq = dict(ops=("fsq",))
-    return [Shape("fsq-8555", frames, 1000, 64, levels=(8, 5, 5, 5), **fsq),
-            Shape("rfsq-8q", frames, 1000, 64, FP32, levels=(8, 5, 5, 5), stages=8, **fsq),
-            Shape("fish-speech-grfsq", frames, 1000, 512, levels=(8, 5, 5, 5), groups=8, **fsq),
-            Shape("chattts-grfsq", frames, 625, 1024, FP32, levels=(5, 5, 5, 5), stages=2, groups=2, **fsq),
-            Shape("fsq-4x16", frames, 4**16, 16, FP32, levels=(4,) * 16, **fsq)]
+    return [
+        Shape("fsq-8555", frames, 1000, 64, levels=(8, 5, 5, 5), **fsq),
+        Shape("rfsq-8q", frames, 1000, 64, FP32, levels=(8, 5, 5, 5), stages=8, **fsq),
+        Shape("fish-speech-grfsq", frames, 1000, 512, levels=(8, 5, 5, 5), groups=8, **fsq),
+        Shape("chattts-grfsq", frames, 625, 1024, FP32, levels=(5, 5, 5, 5), stages=2, groups=2, **fsq),
+        Shape("fsq-4x16", frames, 4**16, 16, FP32, levels=(4,) * 16, **fsq),
+    ]
 
 
 def simvq_shapes(n: int, ks: tuple[int, ...], large: bool) -> list[Shape]:
@@ -110,12 +113,14 @@ SHAPES = {
         *head_shapes(4096),
         *scaling_shapes(16384, 32, (1024, 4096, 16384, 65536, 262144)),
     ],
-    "quick": [Shape("tiny", 2048, 256, 16, FP32),
-              Shape("tiny-rvq", 2048, 256, 16, FP32, ops=("residual",), stages=3, codebook_dim=8),
-              Shape("tiny-head", 512, 2048, 32, FP32, ops=("head",)),
-              Shape("tiny-grfsq", 2048, 1000, 16, FP32, ops=("fsq",), levels=(8, 5, 5, 5), stages=2, groups=2),
-              Shape("tiny-simvq", 1024, 512, 16, FP32, ops=("simvq",)),
-              *scaling_shapes(512, 16, (256, 1024))],
+    "quick": [
+        Shape("tiny", 2048, 256, 16, FP32),
+        Shape("tiny-rvq", 2048, 256, 16, FP32, ops=("residual",), stages=3, codebook_dim=8),
+        Shape("tiny-head", 512, 2048, 32, FP32, ops=("head",)),
+        Shape("tiny-grfsq", 2048, 1000, 16, FP32, ops=("fsq",), levels=(8, 5, 5, 5), stages=2, groups=2),
+        Shape("tiny-simvq", 1024, 512, 16, FP32, ops=("simvq",)),
+        *scaling_shapes(512, 16, (256, 1024)),
+    ],
 }
 # square matmul (N = K = D) and copy (N x D fp32) for the measured ceilings
 CEILING_SIZES = {"cuda": (8192, 1 << 30), "cpu": (2048, 256 << 20), "quick": (512, 16 << 20)}
@@ -135,40 +140,77 @@ class Settings:
     in_process: bool = False  # measure in this process (always on CUDA); else in a forked child
 
     def timing_args(self) -> dict:
-        return dict(warmup_ms=self.warmup_ms, budget_ms=self.budget_ms, min_reps=self.min_reps,
-                    max_reps=self.max_reps)
+        return dict(warmup_ms=self.warmup_ms, budget_ms=self.budget_ms, min_reps=self.min_reps, max_reps=self.max_reps)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
-    parser.add_argument("--out", help="parent folder of the <device>-<date> results folder (default: "
-                        "benchmarks/results, or the git-ignored benchmarks/scratch with --quick)")
-    parser.add_argument("--only", choices=("search", "train", "residual", "fsq", "simvq", "head", "scaling",
-                                           "cpu-sweep"),
-                        help="only this op (ceilings always run); cpu-sweep: benchmarks/cpu_sweep.py's grid "
-                        "(--quick, --threads and --repeats passed on)")
-    parser.add_argument("--shapes", help="comma-separated shape names of the device's matrix (also runs "
-                        "shapes left out by default, e.g. large-cpu)")
-    parser.add_argument("--repeats", type=int, help="most timed repetitions per measurement "
-                        "(default: 100 on CUDA, 20 on CPU, 3 with --quick)")
-    parser.add_argument("--threads", type=int, help="CPU threads per measurement (default: torch's, "
-                        "one per core); 1 is steadier when other processes share the cores")
-    parser.add_argument("--mem-limit", type=float, help="GiB a measurement may need (estimated before it "
-                        "runs; more is recorded as oom). Default: 90%% of free GPU memory, 80%% of "
-                        "available RAM")
-    parser.add_argument("--impls", action="append", default=[], metavar="REGEX",
-                        help="only implementations whose name matches (re.search; repeat: all must match)")
-    parser.add_argument("--skip-impls", action="append", default=[], metavar="REGEX",
-                        help="leave out implementations whose name matches (repeatable)")
-    parser.add_argument("--results-dir", help="write into this folder exactly, after the records already in "
-                        "its records.jsonl (the reports cover all of them): slices of one run")
-    parser.add_argument("--compile-only", action="store_true", help="call each planned implementation once "
-                        "(compiling its kernels into the on-disk caches) and time nothing, write nothing")
-    parser.add_argument("--in-process", action="store_true", help="measure in this process on CPU too "
-                        "(as on CUDA) instead of a forked child per measurement")
+    parser.add_argument(
+        "--out",
+        help="parent folder of the <device>-<date> results folder (default: "
+        "benchmarks/results, or the git-ignored benchmarks/scratch with --quick)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("search", "train", "residual", "fsq", "simvq", "head", "scaling", "cpu-sweep"),
+        help="only this op (ceilings always run); cpu-sweep: benchmarks/cpu_sweep.py's grid "
+        "(--quick, --threads and --repeats passed on)",
+    )
+    parser.add_argument(
+        "--shapes",
+        help="comma-separated shape names of the device's matrix (also runs "
+        "shapes left out by default, e.g. large-cpu)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="most timed repetitions per measurement (default: 100 on CUDA, 20 on CPU, 3 with --quick)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per measurement (default: torch's, "
+        "one per core); 1 is steadier when other processes share the cores",
+    )
+    parser.add_argument(
+        "--mem-limit",
+        type=float,
+        help="GiB a measurement may need (estimated before it "
+        "runs; more is recorded as oom). Default: 90%% of free GPU memory, 80%% of "
+        "available RAM",
+    )
+    parser.add_argument(
+        "--impls",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="only implementations whose name matches (re.search; repeat: all must match)",
+    )
+    parser.add_argument(
+        "--skip-impls",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="leave out implementations whose name matches (repeatable)",
+    )
+    parser.add_argument(
+        "--results-dir",
+        help="write into this folder exactly, after the records already in "
+        "its records.jsonl (the reports cover all of them): slices of one run",
+    )
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="call each planned implementation once "
+        "(compiling its kernels into the on-disk caches) and time nothing, write nothing",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure in this process on CPU too (as on CUDA) instead of a forked child per measurement",
+    )
     args = parser.parse_args(argv)
     args.out = args.out or str(REPO / "benchmarks" / ("scratch" if args.quick else "results"))
     return args
@@ -177,6 +219,7 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------------------------
 # the run's context
 # ---------------------------------------------------------------------------------------------
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -198,8 +241,9 @@ def _version(package: str) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True,
-                              timeout=30).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -207,15 +251,21 @@ def _git(*args: str) -> str | None:
 def run_meta(device: torch.device, mode: str, threads: int | None) -> dict:
     """Fields every record carries."""
     status = _git("status", "--porcelain")
-    return dict(device=device_name(device), device_type=device.type,
-                threads=None if device.type == "cuda" else threads or torch.get_num_threads(),
-                load_avg_1min=round(os.getloadavg()[0], 2), torch=torch.__version__,
-                triton=_version("triton"), cuda=torch.version.cuda, fastvq=_version("fastvq"),
-                vector_quantize_pytorch=_version("vector-quantize-pytorch"),
-                git_commit=_git("rev-parse", "HEAD") or os.environ.get("FASTVQ_COMMIT") or None,
-                git_dirty=None if status is None else bool(status),
-                date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-                mode=mode)
+    return dict(
+        device=device_name(device),
+        device_type=device.type,
+        threads=None if device.type == "cuda" else threads or torch.get_num_threads(),
+        load_avg_1min=round(os.getloadavg()[0], 2),
+        torch=torch.__version__,
+        triton=_version("triton"),
+        cuda=torch.version.cuda,
+        fastvq=_version("fastvq"),
+        vector_quantize_pytorch=_version("vector-quantize-pytorch"),
+        git_commit=_git("rev-parse", "HEAD") or os.environ.get("FASTVQ_COMMIT") or None,
+        git_dirty=None if status is None else bool(status),
+        date=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        mode=mode,
+    )
 
 
 def default_mem_limit(device: torch.device) -> int:
@@ -240,10 +290,12 @@ def rotation_copies(impl: Impl, shape: Shape, dtype: torch.dtype, device: torch.
 # one measurement
 # ---------------------------------------------------------------------------------------------
 
+
 def _is_oom(err: BaseException) -> bool:
     message = str(err).lower()
     return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
+        isinstance(err, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    )
 
 
 def measure(impl: Impl, shape: Shape, dtype: torch.dtype, copies: int, settings: Settings) -> dict:
@@ -257,8 +309,9 @@ def measure(impl: Impl, shape: Shape, dtype: torch.dtype, copies: int, settings:
     except Exception as err:  # recorded, never dropped
         if _is_oom(err):
             return dict(status="oom", reason=str(err).strip().splitlines()[0][:300])
-        return dict(status="error", reason=f"{type(err).__name__}: {err}"[:300],
-                    traceback=traceback.format_exc(limit=4))
+        return dict(
+            status="error", reason=f"{type(err).__name__}: {err}"[:300], traceback=traceback.format_exc(limit=4)
+        )
     finally:
         fn = arg_sets = None
         gc.collect()
@@ -306,21 +359,40 @@ def run_one(impl: Impl, shape: Shape, dtype: torch.dtype, settings: Settings, me
     """The record of one (implementation, shape, dtype): measured, or skipped / oom with the reason."""
     device = settings.device
     copies = rotation_copies(impl, shape, dtype, device)
-    record = dict(meta, op=impl.op, impl=impl.name, role=impl.role, shape=shape.name, N=shape.n, K=shape.k,
-                  D=shape.d, stages=shape.stages, codebook_dim=shape.codebook_dim, levels=list(shape.levels) or None,
-                  groups=shape.groups,
-                  dtype=str(dtype).removeprefix("torch."), precision=impl.precision, copies=copies,
-                  median_ms=None, p20_ms=None, p80_ms=None, reps=0, peak_mem_bytes=None)
+    record = dict(
+        meta,
+        op=impl.op,
+        impl=impl.name,
+        role=impl.role,
+        shape=shape.name,
+        N=shape.n,
+        K=shape.k,
+        D=shape.d,
+        stages=shape.stages,
+        codebook_dim=shape.codebook_dim,
+        levels=list(shape.levels) or None,
+        groups=shape.groups,
+        dtype=str(dtype).removeprefix("torch."),
+        precision=impl.precision,
+        copies=copies,
+        median_ms=None,
+        p20_ms=None,
+        p80_ms=None,
+        reps=0,
+        peak_mem_bytes=None,
+    )
     estimate = impls.estimate_bytes(impl, shape, dtype, copies)
     limit = min(settings.mem_limit, impls.SCALING_MEM_CAP) if impl.op == "scaling" else settings.mem_limit
     if reason := impl.why_not(device):
         record.update(status="skipped", reason=reason)
     elif settings.quick and impl.compiles:
-        record.update(status="skipped", reason="--quick skips torch.compile (a cold inductor compile takes "
-                                               "~40 s on a 2-core CPU)")
+        record.update(
+            status="skipped", reason="--quick skips torch.compile (a cold inductor compile takes ~40 s on a 2-core CPU)"
+        )
     elif estimate > limit:
-        record.update(status="oom", reason=f"not run: needs about {estimate / 2**30:.1f} GiB, limit "
-                                           f"{limit / 2**30:.1f} GiB")
+        record.update(
+            status="oom", reason=f"not run: needs about {estimate / 2**30:.1f} GiB, limit {limit / 2**30:.1f} GiB"
+        )
     else:
         run = measure if settings.in_process or device.type == "cuda" else measure_in_child
         record.update(run(impl, shape, dtype, copies, settings))
@@ -330,6 +402,7 @@ def run_one(impl: Impl, shape: Shape, dtype: torch.dtype, settings: Settings, me
 # ---------------------------------------------------------------------------------------------
 # the matrix
 # ---------------------------------------------------------------------------------------------
+
 
 def select_shapes(matrix: str, names: str | None) -> list[Shape]:
     shapes = SHAPES[matrix]
@@ -342,18 +415,21 @@ def select_shapes(matrix: str, names: str | None) -> list[Shape]:
     return [s for s in shapes if s.name in wanted]
 
 
-def plan(matrix: str, shapes: list[Shape], only: str | None, wanted=(), unwanted=(),
-         ceilings: bool = True) -> list[tuple[Impl, Shape, torch.dtype]]:
+def plan(
+    matrix: str, shapes: list[Shape], only: str | None, wanted=(), unwanted=(), ceilings: bool = True
+) -> list[tuple[Impl, Shape, torch.dtype]]:
     """(implementation, shape, dtype) in run order: ceilings, then per shape its dense products and,
     per input dtype, each op; only implementations whose name matches every regex of `wanted` and
     none of `unwanted`."""
+
     def chosen(impl: Impl) -> bool:
         return all(re.search(p, impl.name) for p in wanted) and not any(re.search(p, impl.name) for p in unwanted)
 
     mm, copy_bytes = CEILING_SIZES[matrix]
     ceiling_shapes = {"copy": Shape(f"copy-{copy_bytes >> 20}MiB", copy_bytes // 64, 1, 16)}
-    tasks = [(c, ceiling_shapes.get(c.name, Shape(f"mm-{mm}", mm, mm, mm)), c.dtypes[0])
-             for c in impls.CEILINGS if ceilings]
+    tasks = [
+        (c, ceiling_shapes.get(c.name, Shape(f"mm-{mm}", mm, mm, mm)), c.dtypes[0]) for c in impls.CEILINGS if ceilings
+    ]
     for shape in shapes:
         ops = [op for op in shape.ops if only in (None, op)]
         if "search" in ops:  # the dense product of the shape in every precision, whatever the input dtype
@@ -383,8 +459,11 @@ def compile_only(tasks, settings: Settings) -> None:
         gc.collect()
         if impl.compiles:
             torch.compiler.reset()
-        print(f"  compiled {impl.name} {shape.name} {str(dtype).removeprefix('torch.')} in "
-              f"{time.perf_counter() - start:.1f} s: {outcome}", flush=True)
+        print(
+            f"  compiled {impl.name} {shape.name} {str(dtype).removeprefix('torch.')} in "
+            f"{time.perf_counter() - start:.1f} s: {outcome}",
+            flush=True,
+        )
 
 
 def main(argv=None) -> Path:
@@ -405,9 +484,17 @@ def main(argv=None) -> Path:
         budget, min_reps, max_reps, warmup = 100.0, 5, 100, 25.0
     else:
         budget, min_reps, max_reps, warmup = 2000.0, 5, 20, 0.0
-    settings = Settings(device, warmup, budget, min_reps, args.repeats or max_reps, args.quick,
-                        int(args.mem_limit * 2**30) if args.mem_limit else default_mem_limit(device),
-                        args.threads, in_process=args.in_process)
+    settings = Settings(
+        device,
+        warmup,
+        budget,
+        min_reps,
+        args.repeats or max_reps,
+        args.quick,
+        int(args.mem_limit * 2**30) if args.mem_limit else default_mem_limit(device),
+        args.threads,
+        in_process=args.in_process,
+    )
     if args.threads and (args.in_process or args.compile_only):
         torch.set_num_threads(args.threads)
     shapes = select_shapes(matrix, args.shapes)
@@ -418,15 +505,26 @@ def main(argv=None) -> Path:
     meta = run_meta(device, mode, args.threads)
     slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-") if use_cuda else "cpu"
     # a partial run (--quick, --shapes, --only) never overwrites the full run of the day
-    parts = [slug, meta["date"], "quick" if args.quick else "", args.only or "",
-             args.shapes.replace(",", "+") if args.shapes else ""]
+    parts = [
+        slug,
+        meta["date"],
+        "quick" if args.quick else "",
+        args.only or "",
+        args.shapes.replace(",", "+") if args.shapes else "",
+    ]
     out_dir = Path(args.results_dir) if args.results_dir else Path(args.out) / "-".join(p for p in parts if p)
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier, slices = _earlier_slices(out_dir) if args.results_dir else ([], [])
 
     # ceilings once per results folder
-    tasks = plan(matrix, shapes, args.only, args.impls, args.skip_impls,
-                 ceilings=not any(r["op"] == "ceiling" and r["status"] == "ok" for r in earlier))
+    tasks = plan(
+        matrix,
+        shapes,
+        args.only,
+        args.impls,
+        args.skip_impls,
+        ceilings=not any(r["op"] == "ceiling" and r["status"] == "ok" for r in earlier),
+    )
     print(f"{meta['device']}: {len(tasks)} measurements -> {out_dir}", flush=True)
     start = time.perf_counter()
     records, stopped = [], None
@@ -441,18 +539,30 @@ def main(argv=None) -> Path:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 value = f"{record['median_ms']:.4g} ms" if record["status"] == "ok" else record["reason"]
-                print(f"  {impl.op:7} {impl.name:26} {shape.name:15} {record['dtype']:9} {record['status']:7} "
-                      f"{value}", flush=True)
+                print(
+                    f"  {impl.op:7} {impl.name:26} {shape.name:15} {record['dtype']:9} {record['status']:7} {value}",
+                    flush=True,
+                )
     except (KeyboardInterrupt, _Stopped) as err:
         stopped = f"stopped after {len(records)} of {len(tasks)} measurements ({type(err).__name__})"
         print(stopped, flush=True)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the reports are written whatever arrives now
     run_seconds = time.perf_counter() - start
-    this = dict(argv=sys.argv[1:] if argv is None else argv, run_seconds=run_seconds, stopped=stopped,
-                measurements=len(records))
-    report.write(dict(meta, run_seconds=run_seconds + sum(s["run_seconds"] for s in slices),
-                      load_avg_1min_end=round(os.getloadavg()[0], 2), argv=this["argv"], stopped=stopped,
-                      slices=slices + [this]), earlier + records, out_dir)
+    this = dict(
+        argv=sys.argv[1:] if argv is None else argv, run_seconds=run_seconds, stopped=stopped, measurements=len(records)
+    )
+    report.write(
+        dict(
+            meta,
+            run_seconds=run_seconds + sum(s["run_seconds"] for s in slices),
+            load_avg_1min_end=round(os.getloadavg()[0], 2),
+            argv=this["argv"],
+            stopped=stopped,
+            slices=slices + [this],
+        ),
+        earlier + records,
+        out_dir,
+    )
     print(f"done in {run_seconds:.0f} s: {out_dir}", flush=True)
     return out_dir
 

@@ -46,16 +46,23 @@ def inputs(request):
 @pytest.mark.parametrize("inputs", SEARCH_SHAPES, ids=_shape_id, indirect=True)
 def test_nearest_code(benchmark, inputs, dtype, backend):
     x, codebook = (t.to(dtype) for t in inputs)
-    indices, _ = _run(benchmark, f"nearest_code {_shape_id((len(x), len(codebook), x.shape[1]))} {dtype}",
-                      lambda: fastvq.nearest_code(x, codebook, backend=backend), dtype=str(dtype))
+    indices, _ = _run(
+        benchmark,
+        f"nearest_code {_shape_id((len(x), len(codebook), x.shape[1]))} {dtype}",
+        lambda: fastvq.nearest_code(x, codebook, backend=backend),
+        dtype=str(dtype),
+    )
     assert (indices >= 0).all()
 
 
 @pytest.mark.parametrize("inputs", SEARCH_SHAPES[:2], ids=_shape_id, indirect=True)
 def test_topk_codes(benchmark, inputs, backend="cpu"):  # the reference's top-k takes 2-12 s a call here
     x, codebook = inputs
-    indices, _ = _run(benchmark, f"topk_codes k=4 {_shape_id((len(x), len(codebook), x.shape[1]))}",
-                      lambda: fastvq.topk_codes(x, codebook, 4, backend=backend))
+    indices, _ = _run(
+        benchmark,
+        f"topk_codes k=4 {_shape_id((len(x), len(codebook), x.shape[1]))}",
+        lambda: fastvq.topk_codes(x, codebook, 4, backend=backend),
+    )
     assert (indices >= 0).all()
 
 
@@ -63,8 +70,11 @@ def test_topk_codes(benchmark, inputs, backend="cpu"):  # the reference's top-k 
 def test_code_stats(benchmark, inputs):
     x, codebook = inputs
     indices = torch.randint(0, len(codebook), (len(x),), generator=torch.Generator().manual_seed(1))
-    counts, _ = _run(benchmark, f"code_stats {_shape_id((len(x), len(codebook), x.shape[1]))}",
-                     lambda: fastvq.code_stats(x, indices, len(codebook), check_indices=False))
+    counts, _ = _run(
+        benchmark,
+        f"code_stats {_shape_id((len(x), len(codebook), x.shape[1]))}",
+        lambda: fastvq.code_stats(x, indices, len(codebook), check_indices=False),
+    )
     assert counts.sum() == len(x)
 
 
@@ -78,8 +88,9 @@ def _layers():
     if importlib.util.find_spec("vector_quantize_pytorch") is not None:
         from vector_quantize_pytorch import VectorQuantize
 
-        layers.append(pytest.param(lambda d, k: VectorQuantize(dim=d, codebook_size=k, decay=0.8),
-                                   id="vector-quantize-pytorch"))
+        layers.append(
+            pytest.param(lambda d, k: VectorQuantize(dim=d, codebook_size=k, decay=0.8), id="vector-quantize-pytorch")
+        )
     return layers
 
 

@@ -68,8 +68,9 @@ def _memory_peak(device: torch.device, mark: int | None) -> int | None:
     return max(0, _proc_status_bytes("VmHWM") - mark)
 
 
-def bench(fn, arg_sets: list[tuple], device: torch.device, *, warmup_ms: float, budget_ms: float,
-          min_reps: int, max_reps: int) -> Timing:
+def bench(
+    fn, arg_sets: list[tuple], device: torch.device, *, warmup_ms: float, budget_ms: float, min_reps: int, max_reps: int
+) -> Timing:
     """Time `fn(*args)` with args cycling through `arg_sets`: repetitions = budget_ms / (one call),
     clamped to [min_reps, max_reps], after warmup_ms of warm-up calls."""
     cuda = device.type == "cuda"

@@ -26,13 +26,41 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    **dict.fromkeys(("code_cross_entropy", "code_stats", "lookup_codes", "nearest_code", "quantize",
-                     "resolve_precision", "sample_code", "topk_codes"), "fastvq.ops.functional"),
+    **dict.fromkeys(
+        (
+            "code_cross_entropy",
+            "code_stats",
+            "lookup_codes",
+            "nearest_code",
+            "quantize",
+            "resolve_precision",
+            "sample_code",
+            "topk_codes",
+        ),
+        "fastvq.ops.functional",
+    ),
     **dict.fromkeys(("code_entropy", "soft_quantize"), "fastvq.ops.functional_soft"),
     "available_backends": "fastvq.ops.backend",
-    **dict.fromkeys(("FSP", "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "HierarchicalVQ", "IBQ",
-                     "LatentQuantize", "LossBreakdown", "RandomProjectionQuantizer", "ResidualFSQ", "ResidualSimVQ",
-                     "ResidualVQ", "Sequential", "SimVQ", "VectorQuantize"), "fastvq.nn"),
+    **dict.fromkeys(
+        (
+            "FSP",
+            "FSQ",
+            "GroupedResidualFSQ",
+            "GroupedResidualVQ",
+            "HierarchicalVQ",
+            "IBQ",
+            "LatentQuantize",
+            "LossBreakdown",
+            "RandomProjectionQuantizer",
+            "ResidualFSQ",
+            "ResidualSimVQ",
+            "ResidualVQ",
+            "Sequential",
+            "SimVQ",
+            "VectorQuantize",
+        ),
+        "fastvq.nn",
+    ),
     "load": "fastvq.app.state",
 }
 """Public names and the module that defines each, imported at first use: `import fastvq.ops.chunked`

@@ -20,19 +20,31 @@ from fastvq import available_backends  # noqa: E402  (after TRITON_INTERPRET)
 from fastvq.ops import backend as backend_choice  # noqa: E402
 
 settings.register_profile(
-    "ci", max_examples=25, deadline=None, derandomize=True, database=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow])
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 """The property suites in CI: few examples, the same ones every run (derived from each test's code)."""
 settings.register_profile(
-    "long", max_examples=2000, deadline=None, database=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow])
+    "long",
+    max_examples=2000,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 """HYPOTHESIS_PROFILE=long: fresh random examples, 80 times as many (docs/testing.md records a run)."""
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 needs_vqp = pytest.mark.skipif(
     importlib.util.find_spec("vector_quantize_pytorch") is None,
     reason="vector-quantize-pytorch==1.32.0 is not installed (pip install -e '.[test]'; the GPU check "
-           "installs it from the wheels it carries)")
+    "installs it from the wheels it carries)",
+)
 """Marks a test that compares with, or runs, vector-quantize-pytorch 1.32.0."""
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -63,8 +75,12 @@ def backend_cases(backends=("torch", "triton", "cuda", "cpu")):
             if device == "cuda" and not torch.cuda.is_available():
                 marks.append(pytest.mark.skip(reason="needs a CUDA GPU (the GPU run of this matrix)"))
             elif backend not in available_backends(device):
-                marks.append(pytest.mark.skip(reason=f"{backend} backend unavailable on {device} in this process: "
-                                              + _unavailable_reason(backend, device)))
+                marks.append(
+                    pytest.mark.skip(
+                        reason=f"{backend} backend unavailable on {device} in this process: "
+                        + _unavailable_reason(backend, device)
+                    )
+                )
             cases.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return cases
 

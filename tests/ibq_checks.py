@@ -18,8 +18,11 @@ def ibq_reference(z, embedding, *, beta=0.25, temperature=0.01, sample_weight=1.
     one_hot = hard_one_hot - soft_one_hot.detach() + soft_one_hot
     z_q = torch.einsum("bnhw,nd->bdhw", one_hot, embedding)
     z_q_2 = torch.einsum("bnhw,nd->bdhw", hard_one_hot, embedding)
-    quant_loss = (torch.mean((z_q - z) ** 2) + torch.mean((z_q_2.detach() - z) ** 2)
-                  + beta * torch.mean((z_q_2 - z.detach()) ** 2))
+    quant_loss = (
+        torch.mean((z_q - z) ** 2)
+        + torch.mean((z_q_2.detach() - z) ** 2)
+        + beta * torch.mean((z_q_2 - z.detach()) ** 2)
+    )
     flat = logits.permute(0, 2, 3, 1).reshape(-1, embedding.shape[0])  # compute_entropy_loss
     probs = tF.softmax(flat / temperature, -1)
     log_probs = tF.log_softmax(flat / temperature + EPS, -1)

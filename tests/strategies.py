@@ -43,6 +43,7 @@ def backend_property(backends, *, share: float = 1.0, interpreter_share: float =
     """Decorator: a pytest test over the (device, backend) params `backends` that runs
     `body(device, backend, **examples of drawn)` under hypothesis, with `share` of the profile's
     examples (`interpreter_share` on the Triton backend, whose interpreter is slower per call)."""
+
     def decorate(body):
         full = fewer_examples(share)(given(**drawn)(body))
         few = fewer_examples(interpreter_share)(given(**drawn)(body))
@@ -53,6 +54,7 @@ def backend_property(backends, *, share: float = 1.0, interpreter_share: float =
 
         test.__name__, test.__qualname__, test.__doc__ = body.__name__, body.__qualname__, body.__doc__
         return test
+
     return decorate
 
 
@@ -69,8 +71,11 @@ class SearchCase:
 
     def on(self, device: str) -> SearchCase:
         """The same case on `device`, in the same layout."""
-        return dataclasses.replace(self, x=strided(self.x.contiguous().to(device), self.layout, transpose=False),
-                                   codebook=strided(self.codebook.contiguous().to(device), self.layout, transpose=True))
+        return dataclasses.replace(
+            self,
+            x=strided(self.x.contiguous().to(device), self.layout, transpose=False),
+            codebook=strided(self.codebook.contiguous().to(device), self.layout, transpose=True),
+        )
 
     @property
     def x3(self) -> torch.Tensor:
@@ -109,7 +114,7 @@ def _plant_twins(generator: torch.Generator, x: torch.Tensor, codebook: torch.Te
         return
     originals = []
     for head in range(codebook.shape[0]):
-        pairs = torch.randperm(n_codes, generator=generator)[:min(8, n_codes // 2 * 2)].view(-1, 2).sort(dim=-1).values
+        pairs = torch.randperm(n_codes, generator=generator)[: min(8, n_codes // 2 * 2)].view(-1, 2).sort(dim=-1).values
         for low, high in pairs.tolist():
             codebook[head, high] = codebook[head, low] * (2.0 if metric == "cosine" else 1.0)
         originals.append(pairs[:, 0].tolist())
@@ -119,8 +124,9 @@ def _plant_twins(generator: torch.Generator, x: torch.Tensor, codebook: torch.Te
             x[head, token] = codebook[head % codebook.shape[0], codes[token // 3 % len(codes)]]
 
 
-def _plant_non_finite(generator: torch.Generator, t: torch.Tensor, share: float,
-                      rows: torch.Tensor | None = None) -> None:
+def _plant_non_finite(
+    generator: torch.Generator, t: torch.Tensor, share: float, rows: torch.Tensor | None = None
+) -> None:
     """Set one entry of about `share` of the rows of t (..., rows, D) (of those where `rows` is True)
     to NaN, +inf or -inf."""
     if t.shape[-1] == 0:
@@ -144,8 +150,11 @@ def search_cases(draw, regimes=REGIMES, max_tokens: int = 40, max_codes: int = 4
     regime, metric = draw(st.sampled_from(regimes)), draw(st.sampled_from(METRICS))
     heads = draw(st.integers(1, 3))
     codebook_heads = draw(st.sampled_from((1, heads)))
-    n_tokens, n_codes, dim = draw(st.integers(0, max_tokens)), draw(st.integers(1, max_codes)), draw(
-        st.integers(1, max_dim))
+    n_tokens, n_codes, dim = (
+        draw(st.integers(0, max_tokens)),
+        draw(st.integers(1, max_codes)),
+        draw(st.integers(1, max_dim)),
+    )
     dtype = draw(st.sampled_from(DTYPES))
     codebook_dtype = draw(st.sampled_from(DTYPES)) if draw(st.integers(0, 3)) == 0 else dtype
     scale, offset = draw(st.sampled_from((1.0, 1e-3, 30.0))), draw(st.sampled_from((0.0, 3.0)))
@@ -162,8 +171,9 @@ def search_cases(draw, regimes=REGIMES, max_tokens: int = 40, max_codes: int = 4
     x, codebook = x.to(dtype), codebook.to(codebook_dtype)
     if flat:
         x, codebook = x[0], codebook[0]
-    return SearchCase(regime, metric, strided(x, layout, transpose=False), strided(codebook, layout, transpose=True),
-                      layout)
+    return SearchCase(
+        regime, metric, strided(x, layout, transpose=False), strided(codebook, layout, transpose=True), layout
+    )
 
 
 def topk_ks(case: SearchCase):
@@ -212,8 +222,11 @@ class StatsCase:
     def on(self, device: str) -> StatsCase:
         """The same case on `device`, x in the same layout."""
         return dataclasses.replace(
-            self, x=strided(self.x.contiguous().to(device), self.layout, transpose=False),
-            indices=self.indices.to(device), mask=None if self.mask is None else self.mask.to(device))
+            self,
+            x=strided(self.x.contiguous().to(device), self.layout, transpose=False),
+            indices=self.indices.to(device),
+            mask=None if self.mask is None else self.mask.to(device),
+        )
 
     def skipped(self) -> torch.Tensor:
         """Tokens that code_stats leaves out: index outside [0, K) or mask False."""
@@ -284,13 +297,19 @@ def vector_quantize_cases(draw) -> LayerCase:
     mask only where 1.32.0's masked loss is right (tokens, one head, no projection, l2:
     docs/quantizers.md)."""
     heads = draw(st.integers(1, 3))
-    kwargs = dict(dim=draw(st.integers(1, 10)), codebook_size=draw(st.integers(1, 30)), heads=heads,
-                  separate_codebook_per_head=heads > 1 and draw(st.booleans()),
-                  codebook_dim=draw(st.one_of(st.none(), st.integers(1, 6))),
-                  use_cosine_sim=draw(st.booleans()), rotation_trick=draw(st.sampled_from((None, False))),
-                  decay=draw(st.sampled_from((0.8, 0.5, 0.99))), eps=draw(st.sampled_from((1e-5, 1e-3))),
-                  commitment_weight=draw(st.sampled_from((1.0, 0.25, 0.0))),
-                  orthogonal_reg_weight=draw(st.sampled_from((0.0, 0.5))))
+    kwargs = dict(
+        dim=draw(st.integers(1, 10)),
+        codebook_size=draw(st.integers(1, 30)),
+        heads=heads,
+        separate_codebook_per_head=heads > 1 and draw(st.booleans()),
+        codebook_dim=draw(st.one_of(st.none(), st.integers(1, 6))),
+        use_cosine_sim=draw(st.booleans()),
+        rotation_trick=draw(st.sampled_from((None, False))),
+        decay=draw(st.sampled_from((0.8, 0.5, 0.99))),
+        eps=draw(st.sampled_from((1e-5, 1e-3))),
+        commitment_weight=draw(st.sampled_from((1.0, 0.25, 0.0))),
+        orthogonal_reg_weight=draw(st.sampled_from((0.0, 0.5))),
+    )
     projected = (kwargs["codebook_dim"] or kwargs["dim"]) * heads != kwargs["dim"]
     if projected:
         kwargs["layernorm_after_project_in"] = draw(st.booleans())
@@ -306,8 +325,9 @@ def vector_quantize_cases(draw) -> LayerCase:
         lengths = draw(st.lists(st.integers(0, tokens), min_size=batch, max_size=batch))
         forward["mask"] = torch.arange(tokens) < torch.tensor(lengths)[:, None]
         kwargs["return_zeros_for_masked_padding"] = draw(st.booleans())
-    return LayerCase("VectorQuantize", {**kwargs, **layout_kwargs}, shape(batch, tokens, kwargs["dim"]), forward,
-                     draw(seeds))
+    return LayerCase(
+        "VectorQuantize", {**kwargs, **layout_kwargs}, shape(batch, tokens, kwargs["dim"]), forward, draw(seeds)
+    )
 
 
 @st.composite
@@ -317,14 +337,19 @@ def residual_cases(draw) -> LayerCase:
     straight-through estimator, 1-2 groups; tokens of dim 2..10 (a multiple of the groups)."""
     groups = draw(st.sampled_from((None, 1, 2)))
     stages = draw(st.integers(1, 3))
-    kwargs = dict(dim=draw(st.integers(1, 5)) * (groups or 1) * draw(st.sampled_from((1, 2))),
-                  use_cosine_sim=draw(st.booleans()), rotation_trick=draw(st.sampled_from((None, False))),
-                  decay=draw(st.sampled_from((0.8, 0.5))), quant_grad_frac=draw(st.sampled_from((0.0, 0.3))))
+    kwargs = dict(
+        dim=draw(st.integers(1, 5)) * (groups or 1) * draw(st.sampled_from((1, 2))),
+        use_cosine_sim=draw(st.booleans()),
+        rotation_trick=draw(st.sampled_from((None, False))),
+        decay=draw(st.sampled_from((0.8, 0.5))),
+        quant_grad_frac=draw(st.sampled_from((0.0, 0.3))),
+    )
     if draw(st.booleans()) and not groups:
         kwargs["codebook_size"] = tuple(draw(st.lists(st.integers(1, 20), min_size=stages, max_size=stages)))
     else:
-        kwargs.update(num_quantizers=stages, codebook_size=draw(st.integers(1, 20)),
-                      shared_codebook=draw(st.booleans()))
+        kwargs.update(
+            num_quantizers=stages, codebook_size=draw(st.integers(1, 20)), shared_codebook=draw(st.booleans())
+        )
     if draw(st.booleans()):
         kwargs["codebook_dim"] = draw(st.integers(1, 5))
     if stages > 1 and draw(st.booleans()):
@@ -332,5 +357,6 @@ def residual_cases(draw) -> LayerCase:
     if groups:
         kwargs["groups"] = groups
     batch, tokens = draw(st.integers(1, 3)), draw(st.integers(1, 8))
-    return LayerCase("GroupedResidualVQ" if groups else "ResidualVQ", kwargs, (batch, tokens, kwargs["dim"]), {},
-                     draw(seeds))
+    return LayerCase(
+        "GroupedResidualVQ" if groups else "ResidualVQ", kwargs, (batch, tokens, kwargs["dim"]), {}, draw(seeds)
+    )

@@ -13,8 +13,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").rglob("*.md"))]
-SNIPPETS = [(page, code) for page in PAGES
-            for code in re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M)]
+SNIPPETS = [
+    (page, code) for page in PAGES for code in re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M)
+]
 
 
 def test_readme_has_python_snippets():
@@ -26,8 +27,9 @@ def test_readme_is_a_front_page():
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize(("page", "code"), SNIPPETS,
-                         ids=[f"{page.relative_to(REPO)}-{i}" for i, (page, _) in enumerate(SNIPPETS)])
+@pytest.mark.parametrize(
+    ("page", "code"), SNIPPETS, ids=[f"{page.relative_to(REPO)}-{i}" for i, (page, _) in enumerate(SNIPPETS)]
+)
 def test_snippet_runs(page, code, monkeypatch):
     monkeypatch.chdir(REPO)  # paths in the pages are relative to the repository
     namespace = {"__name__": "readme"}
@@ -39,10 +41,17 @@ def test_snippet_runs(page, code, monkeypatch):
             assert torch.isfinite(value.detach()).all(), f"{name} has non-finite values"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
-                    reason="mkdocs is not installed (pip install -e '.[docs]'; CI installs it with '.[all]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None,
+    reason="mkdocs is not installed (pip install -e '.[docs]'; CI installs it with '.[all]')",
+)
 def test_docs_site_builds_strictly(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
-                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "api" / "ops" / "index.html").exists()

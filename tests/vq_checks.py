@@ -45,18 +45,22 @@ def check_nearest(x, codebook, indices, distances, metric, precision):
     assert ((indices >= 0) & (indices < codebook.shape[1])).all(), "index out of range"
     chosen = dense.gather(-1, indices.unsqueeze(-1)).squeeze(-1)
     regret = chosen - true_min
-    assert (regret <= tol).all(), f"regret {regret.max().item():.3g} above tolerance at token " \
-        f"{tuple(torch.nonzero(regret > tol)[0].tolist())}"
+    assert (regret <= tol).all(), (
+        f"regret {regret.max().item():.3g} above tolerance at token {tuple(torch.nonzero(regret > tol)[0].tolist())}"
+    )
     if dense.shape[-1] > 1:
         runner_up = dense.topk(2, dim=-1, largest=False).values[..., 1]
         clear = (runner_up - true_min) > tol
         wrong = clear & (indices != true_arg)
-        assert not wrong.any(), f"{int(wrong.sum())} tokens with a clear nearest code got another, " \
+        assert not wrong.any(), (
+            f"{int(wrong.sum())} tokens with a clear nearest code got another, "
             f"first at {tuple(torch.nonzero(wrong)[0].tolist())}"
+        )
     # distances are recomputed exactly in fp32 for the chosen code
     err = (distances.double() - chosen).abs()
-    dist_tol = 1e-5 * (1 + chosen.abs()) + (8 * x.shape[-1] * 2.0**-24 * distance_scale(x, codebook, metric)
-                                            if metric != "cosine" else 1e-6)
+    dist_tol = 1e-5 * (1 + chosen.abs()) + (
+        8 * x.shape[-1] * 2.0**-24 * distance_scale(x, codebook, metric) if metric != "cosine" else 1e-6
+    )
     assert (err <= dist_tol).all(), f"distance error {err.max().item():.3g}"
 
 

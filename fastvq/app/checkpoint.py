@@ -52,9 +52,18 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
     write_atomic(path, lambda f: f.write(data))
 
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 """Torch dtypes of safetensors' dtype names."""
 MAX_DEPTH = 64
 """The deepest nesting of a checkpoint's JSON metadata (an optimizer state's skeleton is about 12)."""
@@ -109,8 +118,9 @@ def _existing(path: str | Path) -> Path:
 def _meta(path: Path, metadata: dict[str, str]) -> Any:
     """The JSON metadata of a fastvq checkpoint's header, nested at most MAX_DEPTH deep."""
     if metadata.get("format") not in (FORMAT, LEGACY_FORMAT):
-        raise CheckpointError(path, f"is not a fastvq checkpoint (format {metadata.get('format')!r}, "
-                                    f"expected {FORMAT!r})")
+        raise CheckpointError(
+            path, f"is not a fastvq checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})"
+        )
     if "meta" not in metadata:
         raise CheckpointError(path, "is corrupt: it has no metadata")
     try:
@@ -154,12 +164,17 @@ def unpack(skeleton: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> A
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if not isinstance(skeleton, dict) or len(skeleton) != 1:
         raise ValueError(f"expected one of {{tensor|dict|list|value: ...}}, got {_short(skeleton)}")
-    (kind, content), = skeleton.items()
+    ((kind, content),) = skeleton.items()
     if kind == "tensor" and isinstance(content, str) and content in tensors:
         return tensors[content]
-    if kind == "dict" and isinstance(content, list) and all(
+    if (
+        kind == "dict"
+        and isinstance(content, list)
+        and all(
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], (str, int)) and not isinstance(p[0], bool)
-            for p in content):
+            for p in content
+        )
+    ):
         return {k: unpack(v, tensors, depth + 1) for k, v in content}
     if kind == "list" and isinstance(content, list):
         return [unpack(v, tensors, depth + 1) for v in content]

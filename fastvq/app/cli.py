@@ -55,8 +55,7 @@ from .training import train
 def _train_config(args: argparse.Namespace, out: Path) -> tuple[RunConfig, int]:
     """The run's settings from the flags (on --resume, from the checkpoint, with the flags that may
     change applied) and the step of the checkpoint resumed from (0 for a new run)."""
-    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-             for flag, _, _ in flags.RUN_FLAGS}
+    given = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in flags.RUN_FLAGS}
     given = {k: v for k, v in given.items() if v is not None}
     for key in ("quantizer", "precision"):
         if getattr(args, key):
@@ -70,9 +69,12 @@ def _train_config(args: argparse.Namespace, out: Path) -> tuple[RunConfig, int]:
         return make_config(args.model or "vqvae", args.preset, model_args=model_args, **given), 0
     stored = meta["config"]
     if "threads" not in given and (stored.get("threads") or 1) > machine_cpus():
-        raise SettingError("{out_dir} {out} was trained with %d CPU threads, more than the %d of this machine: "
-                           "resume with {threads} N, N <= %d (the last bits of the results depend on the count)"
-                           % (stored["threads"], machine_cpus(), machine_cpus()), out=out)
+        raise SettingError(
+            "{out_dir} {out} was trained with %d CPU threads, more than the %d of this machine: "
+            "resume with {threads} N, N <= %d (the last bits of the results depend on the count)"
+            % (stored["threads"], machine_cpus(), machine_cpus()),
+            out=out,
+        )
     for key, value in {**given, **{f"model_args.{k}": v for k, v in model_args.items()}}.items():
         old = stored["model_args"].get(key[11:]) if key.startswith("model_args.") else stored[key]
         if key not in RESUMABLE and json.dumps(value) != json.dumps(old):
@@ -91,8 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, resumed_step = _train_config(args, out)
     if not args.resume and (out / CHECKPOINT).is_file():
         metrics = _finished_run(out, config)
-        print(f"{out} already holds this run, finished at step {metrics['step']}: nothing trained. To train "
-              f"further add --resume --steps N; for a new run choose another --out.")
+        print(
+            f"{out} already holds this run, finished at step {metrics['step']}: nothing trained. To train "
+            f"further add --resume --steps N; for a new run choose another --out."
+        )
     else:
         if args.resume and resumed_step == config.steps:
             print(f"{out} is finished at step {resumed_step}: nothing trained (raise --steps to train further)")
@@ -102,10 +106,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if config.model in GENERATORS:
         bits = metrics["eval"].get("bits_per_code")
-        print(f"{config.model}, step {metrics['step']}: held-out loss {metrics['eval']['loss']:.4f}"
-              f"{'' if bits is None else f' ({bits:.3f} bits per code)'} on {metrics['data']['eval_images']} "
-              f"images, trained on {metrics['data']['train_images']}; samples in {out / 'samples.png'} (more: "
-              f"fastvq sample --ckpt {out})")
+        print(
+            f"{config.model}, step {metrics['step']}: held-out loss {metrics['eval']['loss']:.4f}"
+            f"{'' if bits is None else f' ({bits:.3f} bits per code)'} on {metrics['data']['eval_images']} "
+            f"images, trained on {metrics['data']['train_images']}; samples in {out / 'samples.png'} (more: "
+            f"fastvq sample --ckpt {out})"
+        )
         return 0
     ev, timing = metrics["eval"], metrics["timing"]
     share = timing["quantizer_share"]
@@ -124,8 +130,11 @@ def _finished_run(out: Path, config: RunConfig) -> dict[str, Any]:
     meta = read_meta(out / CHECKPOINT)
     stored, wanted = meta["config"], config.to_dict()
     # a generator's run resolves data, image_size and num_classes (None: from the tokenizer and the data)
-    settings = {k: v for k, v in wanted.items()
-                if k not in RESUMABLE and k != "model_args" and not (v is None and k in ("data", "image_size"))}
+    settings = {
+        k: v
+        for k, v in wanted.items()
+        if k not in RESUMABLE and k != "model_args" and not (v is None and k in ("data", "image_size"))
+    }
     model_args = {k: v for k, v in wanted["model_args"].items() if not (v is None and k == "num_classes")}
     stored_args = {k: v for k, v in stored["model_args"].items() if k in model_args or k != "num_classes"}
     same = all(stored.get(k) == v for k, v in settings.items()) and stored_args == model_args
@@ -133,8 +142,10 @@ def _finished_run(out: Path, config: RunConfig) -> dict[str, Any]:
         return json.loads((out / "metrics.json").read_text())
     state = "finished" if meta["step"] == stored["steps"] else f"stopped at step {meta['step']} of {stored['steps']}"
     differs = "" if same else " with other settings"
-    raise ValueError(f"--out {out} already holds a {meta['kind']} run{differs} ({state}): add --resume to "
-                     f"continue it, or choose another --out for a new run")
+    raise ValueError(
+        f"--out {out} already holds a {meta['kind']} run{differs} ({state}): add --resume to "
+        f"continue it, or choose another --out for a new run"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -148,12 +159,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         images = open_images(args.data, args.resize, args.crop)  # read batch by batch
     inception = InceptionFeatures(args.inception_weights, device) if args.inception_weights else None
-    metrics, inputs, recons, counts = evaluate(model, images, args.batch_size, device, inception,
-                                               not args.no_progress)
-    report.write_json(out / "metrics.json", {
-        "checkpoint": str(args.ckpt), "step": meta["step"], "kind": meta["kind"],
-        "quantizer": model.config["quantizer"], "data": args.data, **metrics,
-    })
+    metrics, inputs, recons, counts = evaluate(model, images, args.batch_size, device, inception, not args.no_progress)
+    report.write_json(
+        out / "metrics.json",
+        {
+            "checkpoint": str(args.ckpt),
+            "step": meta["step"],
+            "kind": meta["kind"],
+            "quantizer": model.config["quantizer"],
+            "data": args.data,
+            **metrics,
+        },
+    )
     report.save_grid(inputs, recons, out / "reconstructions.png")
     report.plot_code_histogram(counts, out / "codebook_usage.png")
     print(", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; outputs in {out}")
@@ -169,10 +186,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
     names = images.names
     compact = indices.astype(np.min_scalar_type(model.codebook_size - 1))
     write_atomic(args.out / "indices.npy", lambda f: np.save(f, compact))
-    report.write_json(args.out / "manifest.json", {
-        "format": MANIFEST_FORMAT, "checkpoint": str(args.ckpt), "kind": meta["kind"],
-        "codebook_size": model.codebook_size, "shape": list(indices.shape), "images": names,
-    })
+    report.write_json(
+        args.out / "manifest.json",
+        {
+            "format": MANIFEST_FORMAT,
+            "checkpoint": str(args.ckpt),
+            "kind": meta["kind"],
+            "codebook_size": model.codebook_size,
+            "shape": list(indices.shape),
+            "images": names,
+        },
+    )
     print(f"encoded {len(names)} images to {args.out / 'indices.npy'} {tuple(indices.shape)}")
     return 0
 
@@ -195,8 +219,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise ValueError(f"{path} holds {indices.dtype} values; code indices are integers")
     indices = np.array(indices)
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= model.codebook_size):
-        raise ValueError(f"{path} holds codes in [{int(indices.min())}, {int(indices.max())}]; this "
-                         f"{meta['kind']}'s codes are in [0, {model.codebook_size})")
+        raise ValueError(
+            f"{path} holds codes in [{int(indices.min())}, {int(indices.max())}]; this "
+            f"{meta['kind']}'s codes are in [0, {model.codebook_size})"
+        )
     names = output_names(manifest["images"], args.indices / "manifest.json")
     args.out.mkdir(parents=True, exist_ok=True)
     images = decode_indices(model, indices, args.batch_size, device, not args.no_progress)
@@ -224,8 +250,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if value is None or value is False:
             continue
         if kind != generator.kind:
-            raise SettingError("{%s} applies to %s models; {ckpt} %s holds a %s" % (name, kind, args.ckpt,
-                                                                                  generator.kind))
+            raise SettingError(
+                "{%s} applies to %s models; {ckpt} %s holds a %s" % (name, kind, args.ckpt, generator.kind)
+            )
         options[name] = value
     if options.pop("no_quantize", False):
         options["quantize"] = False
@@ -245,16 +272,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
         output_file(args.npy, "npy")
     label = None if args.class_ is None else class_index(args.class_, generator.class_names)
     start = time.perf_counter()
-    images = sample_images(generator, args.num, batch_size=args.batch_size, label=label, seed=args.seed,
-                           progress=not args.no_progress, **options)
+    images = sample_images(
+        generator,
+        args.num,
+        batch_size=args.batch_size,
+        label=label,
+        seed=args.seed,
+        progress=not args.no_progress,
+        **options,
+    )
     seconds = time.perf_counter() - start
     what = "" if label is None else f", class {generator.class_names[label]}"
-    report.save_samples(images, out, *grid_layout(generator.class_names, label),
-                        title=f"{generator.kind}, step {meta['step']}, seed {args.seed}{what}")
+    report.save_samples(
+        images,
+        out,
+        *grid_layout(generator.class_names, label),
+        title=f"{generator.kind}, step {meta['step']}, seed {args.seed}{what}",
+    )
     if args.npy:
         write_atomic(args.npy, lambda f: np.save(f, images))
-    print(f"{len(images)} {generator.kind} samples in {out}{f' and {args.npy}' if args.npy else ''}: "
-          f"{1000 * seconds / len(images):.1f} ms per image on {device}")
+    print(
+        f"{len(images)} {generator.kind} samples in {out}{f' and {args.npy}' if args.npy else ''}: "
+        f"{1000 * seconds / len(images):.1f} ms per image on {device}"
+    )
     if args.eval:
         _report_quality(images, out.with_suffix(".json"))
     return 0
@@ -276,8 +316,10 @@ def _report_quality(images: np.ndarray, out: Path | None) -> None:
     print(f"{'classifier confidence':28}{samples['confidence']:>12.3f}{real['confidence']:>14.3f}")
     print(f"{'coverage of the 10 digits':28}{samples['coverage']:>12.0%}{real['coverage']:>14.0%}")
     print(f"{'Frechet distance':28}{samples['frechet_distance']:>12.2f}{real['frechet_distance']:>14.2f}")
-    print(f"class histogram of the samples: {samples['histogram']} ({samples['count']} images, compared with "
-          f"{result['reference_count']} held-out test digits)")
+    print(
+        f"class histogram of the samples: {samples['histogram']} ({samples['count']} images, compared with "
+        f"{result['reference_count']} held-out test digits)"
+    )
     if out is not None:
         report.write_json(out, result)
         print(f"numbers in {out}")
@@ -285,9 +327,17 @@ def _report_quality(images: np.ndarray, out: Path | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the ``fastvq`` command (`fastvq.app.flags`), each command with its handler."""
-    return flags.build_parser(__doc__, {"train": cmd_train, "eval": cmd_eval, "encode": cmd_encode,
-                                        "decode": cmd_decode, "sample": cmd_sample,
-                                        "eval-samples": cmd_eval_samples})
+    return flags.build_parser(
+        __doc__,
+        {
+            "train": cmd_train,
+            "eval": cmd_eval,
+            "encode": cmd_encode,
+            "decode": cmd_decode,
+            "sample": cmd_sample,
+            "eval-samples": cmd_eval_samples,
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,13 +355,15 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")):  # one message for a torchrun launch
             return code
         if isinstance(err, TrainingInterrupted):
-            print(f"fastvq train: interrupted after step {err.step}, saved in {err.path}; continue with the "
-                  "same command and --resume", file=sys.stderr)
+            print(
+                f"fastvq train: interrupted after step {err.step}, saved in {err.path}; continue with the "
+                "same command and --resume",
+                file=sys.stderr,
+            )
         else:
             print(f"fastvq {args.command}: interrupted", file=sys.stderr)
             if args.command == "train":
-                print("the last checkpoint is intact; continue with the same command and --resume",
-                      file=sys.stderr)
+                print("the last checkpoint is intact; continue with the same command and --resume", file=sys.stderr)
         return code
     except (ValueError, OSError, ImportError) as err:
         message = err.spelled(flags.flag) if isinstance(err, SettingError) else err

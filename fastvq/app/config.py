@@ -43,10 +43,15 @@ RUN_DEFAULTS: dict[str, dict[str, Any]] = {
     "vqvae": {"image_size": 64, "batch_size": 32, "lr": 2e-4, "betas": [0.9, 0.999]},
     "vqgan": {"image_size": 128, "batch_size": 8, "lr": 1e-4, "betas": [0.5, 0.9]},
     # image_size None: the tokenizer's training size. num_eval: held-out images scored by the loss.
-    "prior": {"data": None, "image_size": None, "batch_size": 64, "lr": 3e-4, "betas": [0.9, 0.95],
-              "num_eval": 1000},
-    "diffusion": {"data": None, "image_size": None, "batch_size": 64, "lr": 2e-4, "betas": [0.9, 0.999],
-                  "num_eval": 1000},
+    "prior": {"data": None, "image_size": None, "batch_size": 64, "lr": 3e-4, "betas": [0.9, 0.95], "num_eval": 1000},
+    "diffusion": {
+        "data": None,
+        "image_size": None,
+        "batch_size": 64,
+        "lr": 2e-4,
+        "betas": [0.9, 0.999],
+        "num_eval": 1000,
+    },
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -55,19 +60,43 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # depend on the thread count) do not depend on the machine's load.
     "demo": {
         "vqvae": {
-            "image_size": 32, "batch_size": 32, "steps": 2000, "lr": 1e-3, "ckpt_every": 500, "threads": 1,
+            "image_size": 32,
+            "batch_size": 32,
+            "steps": 2000,
+            "lr": 1e-3,
+            "ckpt_every": 500,
+            "threads": 1,
             "model_args": {
-                "channels": 64, "res_channels": 32, "num_res_blocks": 2, "downsample": 4,
-                "codebook_dim": 64, "codebook_size": 512, "kmeans_init": True,
+                "channels": 64,
+                "res_channels": 32,
+                "num_res_blocks": 2,
+                "downsample": 4,
+                "codebook_dim": 64,
+                "codebook_size": 512,
+                "kmeans_init": True,
                 "threshold_ema_dead_code": 2,
             },
         },
         "vqgan": {
-            "image_size": 32, "batch_size": 16, "steps": 600, "lr": 5e-4, "ckpt_every": 200, "threads": 1,
+            "image_size": 32,
+            "batch_size": 16,
+            "steps": 600,
+            "lr": 5e-4,
+            "ckpt_every": 200,
+            "threads": 1,
             "model_args": {
-                "channels": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "z_channels": 64,
-                "norm_groups": 8, "codebook_dim": 64, "codebook_size": 512, "disc_channels": 32,
-                "disc_layers": 2, "disc_start": 400, "disc_weight": 0.1, "kmeans_init": True,
+                "channels": 32,
+                "ch_mult": [1, 2, 2],
+                "num_res_blocks": 1,
+                "z_channels": 64,
+                "norm_groups": 8,
+                "codebook_dim": 64,
+                "codebook_size": 512,
+                "disc_channels": 32,
+                "disc_layers": 2,
+                "disc_start": 400,
+                "disc_weight": 0.1,
+                "kmeans_init": True,
                 "threshold_ema_dead_code": 2,
             },
         },
@@ -76,29 +105,53 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # these models are matmul- and conv-bound (about 1.8x faster than one on an idle 2-core
         # machine), and a fixed count keeps the results independent of the machine's load.
         "prior": {
-            "batch_size": 32, "steps": 2000, "lr": 1e-3, "ckpt_every": 500, "threads": 2,
+            "batch_size": 32,
+            "steps": 2000,
+            "lr": 1e-3,
+            "ckpt_every": 500,
+            "threads": 2,
             "model_args": {"dim": 128, "depth": 4, "heads": 4},
         },
         "diffusion": {
-            "batch_size": 64, "steps": 1500, "lr": 1e-3, "ckpt_every": 500, "threads": 2,
+            "batch_size": 64,
+            "steps": 1500,
+            "lr": 1e-3,
+            "ckpt_every": 500,
+            "threads": 2,
             "model_args": {"width": 64},
         },
     },
     # Sized for one GPU: 128 px crops, 16x16 codes.
     "gpu": {
         "vqvae": {
-            "image_size": 128, "batch_size": 64, "steps": 20000, "ckpt_every": 1000,
+            "image_size": 128,
+            "batch_size": 64,
+            "steps": 20000,
+            "ckpt_every": 1000,
             "model_args": {
-                "channels": 256, "res_channels": 64, "downsample": 8, "codebook_dim": 64,
-                "codebook_size": 1024, "kmeans_init": True, "threshold_ema_dead_code": 2,
+                "channels": 256,
+                "res_channels": 64,
+                "downsample": 8,
+                "codebook_dim": 64,
+                "codebook_size": 1024,
+                "kmeans_init": True,
+                "threshold_ema_dead_code": 2,
             },
         },
         "vqgan": {
-            "image_size": 128, "batch_size": 16, "steps": 20000, "ckpt_every": 1000,
+            "image_size": 128,
+            "batch_size": 16,
+            "steps": 20000,
+            "ckpt_every": 1000,
             "model_args": {
-                "channels": 128, "ch_mult": [1, 1, 2, 4], "num_res_blocks": 2,
-                "codebook_dim": 256, "codebook_size": 1024, "disc_start": 5000,
-                "kmeans_init": True, "threshold_ema_dead_code": 2,
+                "channels": 128,
+                "ch_mult": [1, 1, 2, 4],
+                "num_res_blocks": 2,
+                "codebook_dim": 256,
+                "codebook_size": 1024,
+                "disc_start": 5000,
+                "kmeans_init": True,
+                "threshold_ema_dead_code": 2,
             },
         },
     },
@@ -157,14 +210,16 @@ def preset_config(model: str = "vqvae", preset: str | None = None, **overrides: 
     """`make_config` without `check_run_config` (which builds the model on the meta device): the
     defaults that --help shows."""
     if model not in MODELS and model not in GENERATORS:
-        raise SettingError("{model} must be one of {choices}, got {value!r}",
-                           choices=", ".join([*MODELS, *GENERATORS]), value=model)
+        raise SettingError(
+            "{model} must be one of {choices}, got {value!r}", choices=", ".join([*MODELS, *GENERATORS]), value=model
+        )
     if preset is not None and preset not in PRESETS:
-        raise SettingError("{preset} must be one of {choices}, got {value!r}", choices=", ".join(PRESETS),
-                           value=preset)
+        raise SettingError("{preset} must be one of {choices}, got {value!r}", choices=", ".join(PRESETS), value=preset)
     if preset is not None and model not in PRESETS[preset]:
-        raise SettingError("{preset} %s has no settings for {model} %s; presets for it: %s"
-                           % (preset, model, ", ".join(p for p in PRESETS if model in PRESETS[p]) or "none"))
+        raise SettingError(
+            "{preset} %s has no settings for {model} %s; presets for it: %s"
+            % (preset, model, ", ".join(p for p in PRESETS if model in PRESETS[p]) or "none")
+        )
     settings: dict[str, Any] = {**RUN_DEFAULTS[model], **(PRESETS[preset][model] if preset else {})}
     model_args = {**settings.pop("model_args", {}), **overrides.pop("model_args", {})}
     known = {f.name for f in dataclasses.fields(RunConfig)}
@@ -199,8 +254,9 @@ def check_model_args(model: str, model_args: dict[str, Any]) -> None:
         raise ValueError(f"{model} takes no argument {unknown}; valid: {sorted(types)}")
     for key, value in model_args.items():
         if not conforms(value, types[key]):
-            raise SettingError("{model_args} %s=%s: expected %s"
-                               % (key, _escaped(json.dumps(value)), describe(types[key])))
+            raise SettingError(
+                "{model_args} %s=%s: expected %s" % (key, _escaped(json.dumps(value)), describe(types[key]))
+            )
 
 
 def parse_model_args(model: str, pairs: list[tuple[str, str]]) -> dict[str, Any]:
@@ -232,8 +288,9 @@ def check_run_config(config: RunConfig, training: bool = False) -> None:
     for field in dataclasses.fields(RunConfig):
         value = getattr(config, field.name)
         if not conforms(value, hints[field.name]):
-            raise SettingError("{%s} must be %s, got {value!r}" % (field.name, describe(hints[field.name])),
-                               value=value)
+            raise SettingError(
+                "{%s} must be %s, got {value!r}" % (field.name, describe(hints[field.name])), value=value
+            )
         if training or field.name != "threads":  # a run recorded on a machine of more CPUs is still valid
             check_setting(field.name, value)
 
@@ -272,11 +329,15 @@ def _meta_model(config: RunConfig) -> nn.Module:
 def _check_image_size(size: int, factor: int) -> None:
     smallest = -(-MIN_IMAGE_SIZE // factor) * factor
     if size < MIN_IMAGE_SIZE:
-        raise SettingError("{image_size} %d is below %d, the side the final evaluation needs (SSIM's window); the "
-                           "smallest size for this model is %d" % (size, MIN_IMAGE_SIZE, smallest))
+        raise SettingError(
+            "{image_size} %d is below %d, the side the final evaluation needs (SSIM's window); the "
+            "smallest size for this model is %d" % (size, MIN_IMAGE_SIZE, smallest)
+        )
     if size % factor:
-        raise SettingError("{image_size} %d is not a multiple of the model's downsampling factor %d (try %d)"
-                           % (size, factor, max(smallest, size // factor * factor)))
+        raise SettingError(
+            "{image_size} %d is not a multiple of the model's downsampling factor %d (try %d)"
+            % (size, factor, max(smallest, size // factor * factor))
+        )
 
 
 OFF_VALUES = {"rotation_trick": "false", "kmeans_init": "false", "threshold_ema_dead_code": "0"}
@@ -290,10 +351,11 @@ def check_quantizer_args(quantizer: str, model_args: dict[str, Any]) -> None:
     used = [key for key in WITHOUT_EMA.get(quantizer, ()) if model_args.get(key)]
     if used:
         fix = " ".join("{model_args} %s=%s" % (key, OFF_VALUES[key]) for key in used)
-        raise SettingError("{quantizer} %s has no %s (%s); turn %s off with %s, "
-                           "or choose {quantizer} fastvq or vector-quantize-pytorch"
-                           % (quantizer, ", ".join(used), WITHOUT_EMA_KIND[quantizer],
-                              "it" if len(used) == 1 else "them", fix))
+        raise SettingError(
+            "{quantizer} %s has no %s (%s); turn %s off with %s, "
+            "or choose {quantizer} fastvq or vector-quantize-pytorch"
+            % (quantizer, ", ".join(used), WITHOUT_EMA_KIND[quantizer], "it" if len(used) == 1 else "them", fix)
+        )
 
 
 def build_model(kind: str, model_args: dict[str, Any], quantizer: str) -> VQModel:

@@ -27,8 +27,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 
 # scikit-image sample photographs that ship inside its wheel (no pooch download).
 BUILTIN_TRAIN = (
-    "astronaut", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-    "camera", "brick", "grass", "gravel", "moon",
+    "astronaut",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
 )
 BUILTIN_EVAL = ("coffee", "motorcycle")
 
@@ -92,8 +101,13 @@ def _fit(image: np.ndarray, name: str, resize: int | None, crop: int | None) -> 
     if crop is not None:
         h, w = image.shape[:2]
         if h < crop or w < crop:
-            raise SettingError("{name}: image of size {h}x{w} is smaller than {crop} {size}; use {resize} {size}",
-                               name=name, h=h, w=w, size=crop)
+            raise SettingError(
+                "{name}: image of size {h}x{w} is smaller than {crop} {size}; use {resize} {size}",
+                name=name,
+                h=h,
+                w=w,
+                size=crop,
+            )
         top, left = (h - crop) // 2, (w - crop) // 2
         image = image[top : top + crop, left : left + crop]
     return np.ascontiguousarray(image)
@@ -168,8 +182,9 @@ class FileImages(ImageSource):
             with Image.open(path) as im:
                 return _rgb_pixels(im, self._names[j])
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-            raise SettingError("{data} {spec}: cannot read image {file}: {err}", spec=self.spec,
-                               file=self._names[j], err=str(err)) from err
+            raise SettingError(
+                "{data} {spec}: cannot read image {file}: {err}", spec=self.spec, file=self._names[j], err=str(err)
+            ) from err
 
 
 def find_images(folder: Path) -> list[str]:
@@ -179,8 +194,9 @@ def find_images(folder: Path) -> list[str]:
     for top, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel = Path(top).relative_to(folder)
-        found += [(rel / f).as_posix() for f in files
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        found += [
+            (rel / f).as_posix() for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
+        ]
     return sorted(found)
 
 
@@ -208,15 +224,19 @@ def _open_array(path: Path, spec: str, resize: int | None, crop: int | None) -> 
             elif len(keys) == 1:
                 array = loaded[keys[0]]
             else:
-                raise SettingError("{data} {path}: the .npz holds arrays {keys}; name the images array 'images'",
-                                   path=path, keys=keys)
+                raise SettingError(
+                    "{data} {path}: the .npz holds arrays {keys}; name the images array 'images'", path=path, keys=keys
+                )
     else:
         array = loaded
     if array.ndim == 4 and array.shape[1] in (1, 3) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
     if array.ndim not in (3, 4) or len(array) == 0:
-        raise SettingError("{data} {path}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W), "
-                           "got {shape}", path=path, shape=array.shape)
+        raise SettingError(
+            "{data} {path}: expected images of shape (N, H, W), (N, H, W, C) or (N, C, H, W), got {shape}",
+            path=path,
+            shape=array.shape,
+        )
     names = [f"{path.stem}_{i:05d}" for i in range(len(array))]
     return ArrayImages(spec, names, array, resize, crop)
 
@@ -240,19 +260,25 @@ def open_images(spec: str, resize: int | None = None, crop: int | None = None) -
     if path.is_dir():
         names = find_images(path)
         if not names:
-            raise SettingError("{data} {folder}: no images found (looked for {extensions} in it and its "
-                               "subfolders)", folder=path, extensions=", ".join(IMAGE_EXTENSIONS))
+            raise SettingError(
+                "{data} {folder}: no images found (looked for {extensions} in it and its subfolders)",
+                folder=path,
+                extensions=", ".join(IMAGE_EXTENSIONS),
+            )
         return FileImages(spec, path, names, resize, crop)
     if path.suffix.lower() in (".npy", ".npz"):
         return _open_array(path, spec, resize, crop)
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return FileImages(spec, path.parent, [path.name], resize, crop)
-    raise SettingError("{data} {spec}: expected 'builtin', 'mnist', a folder of images, an image file "
-                       "({extensions}) or a .npy/.npz file", spec=spec, extensions=", ".join(IMAGE_EXTENSIONS))
+    raise SettingError(
+        "{data} {spec}: expected 'builtin', 'mnist', a folder of images, an image file "
+        "({extensions}) or a .npy/.npz file",
+        spec=spec,
+        extensions=", ".join(IMAGE_EXTENSIONS),
+    )
 
 
-def class_labels(source: ImageSource, class_names: Sequence[str] | None = None
-                 ) -> tuple[np.ndarray, list[str]] | None:
+def class_labels(source: ImageSource, class_names: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]] | None:
     """Class labels of ``source``'s images, (N,) int64, and the class names they index: an MNIST
     image's digit (class names '0' to '9'), a folder image's parent folder (relative to the folder
     given, e.g. ``cat`` for ``cat/0001.jpg``). The names are ``class_names`` when given (a class
@@ -273,14 +299,16 @@ def class_labels(source: ImageSource, class_names: Sequence[str] | None = None
     index = {name: i for i, name in enumerate(class_names)}
     unknown = sorted(set(classes) - set(index))
     if unknown:
-        raise SettingError("{data} {spec}: classes {unknown} are not among the training classes {known}",
-                           spec=source.spec, unknown=unknown, known=list(class_names))
+        raise SettingError(
+            "{data} {spec}: classes {unknown} are not among the training classes {known}",
+            spec=source.spec,
+            unknown=unknown,
+            known=list(class_names),
+        )
     return np.array([index[c] for c in classes], dtype=np.int64), list(class_names)
 
 
-def load_images(
-    spec: str, resize: int | None = None, crop: int | None = None
-) -> tuple[list[str], list[np.ndarray]]:
+def load_images(spec: str, resize: int | None = None, crop: int | None = None) -> tuple[list[str], list[np.ndarray]]:
     """Names and (H, W, 3) uint8 images of ``open_images(spec, resize, crop)``, all read."""
     source = open_images(spec, resize, crop)
     return source.names, [source[i] for i in range(len(source))]
@@ -291,9 +319,13 @@ def stack_images(names: list[str], images: list[np.ndarray]) -> np.ndarray:
     first = images[0].shape
     for name, image in zip(names, images):
         if image.shape != first:
-            raise SettingError("images have mixed sizes: {first_name} is {first} but {name} is {size}; pass "
-                               "{resize} S or {crop} S", first_name=names[0], first=f"{first[0]}x{first[1]}",
-                               name=name, size=f"{image.shape[0]}x{image.shape[1]}")
+            raise SettingError(
+                "images have mixed sizes: {first_name} is {first} but {name} is {size}; pass {resize} S or {crop} S",
+                first_name=names[0],
+                first=f"{first[0]}x{first[1]}",
+                name=name,
+                size=f"{image.shape[0]}x{image.shape[1]}",
+            )
     return np.stack(images)
 
 
@@ -315,11 +347,15 @@ def split_images(
     ``holdout`` fraction (at least one image when there are two or more), chosen by ``seed``; a
     single image is both trained on and held out."""
     if spec == "builtin":
-        return (ArrayImages("builtin", *builtin_images("train"), resize, crop),
-                ArrayImages("builtin", *builtin_images("eval"), resize, crop))
+        return (
+            ArrayImages("builtin", *builtin_images("train"), resize, crop),
+            ArrayImages("builtin", *builtin_images("eval"), resize, crop),
+        )
     if spec == "mnist":
-        return (ArrayImages("mnist", *mnist_digits("train"), resize, crop),
-                ArrayImages("mnist", *mnist_digits("test"), resize, crop))
+        return (
+            ArrayImages("mnist", *mnist_digits("train"), resize, crop),
+            ArrayImages("mnist", *mnist_digits("test"), resize, crop),
+        )
     if not 0.0 <= holdout < 1.0:
         raise SettingError("{holdout} must lie in [0, 1), got {value}", value=holdout)
     source = open_images(spec, resize, crop)
@@ -334,8 +370,14 @@ def split_images(
 
 def _check_size(image: np.ndarray, size: int, what: str) -> None:
     if min(image.shape[:2]) < size:
-        raise SettingError("{what} is {h}x{w}, smaller than the {size}x{size} crops requested; lower {image_size} "
-                           "or pass {resize} {size}", what=what, h=image.shape[0], w=image.shape[1], size=size)
+        raise SettingError(
+            "{what} is {h}x{w}, smaller than the {size}x{size} crops requested; lower {image_size} "
+            "or pass {resize} {size}",
+            what=what,
+            h=image.shape[0],
+            w=image.shape[1],
+            size=size,
+        )
 
 
 def fixed_crops(images: Sequence[np.ndarray], size: int, count: int, seed: int = 0) -> np.ndarray:
@@ -410,8 +452,9 @@ class CropDataset(torch.utils.data.Dataset):
         return to_model_input(images)
 
 
-def collate(items: list[tuple[torch.Tensor | None, SettingError | None]]
-            ) -> tuple[torch.Tensor | None, SettingError | None]:
+def collate(
+    items: list[tuple[torch.Tensor | None, SettingError | None]],
+) -> tuple[torch.Tensor | None, SettingError | None]:
     """``CropDataset`` items -> (crops stacked as (B, 3, size, size) uint8, None), or (None, the
     first error): raised by the training process, since from a DataLoader worker an exception
     would arrive as a traceback in text."""
@@ -446,14 +489,24 @@ def default_workers(images: ImageSource) -> int:
     return 0 if images.in_memory else max(0, min(8, cpus - 1))
 
 
-def batch_loader(dataset: CropDataset, start: int, steps: int, batch_size: int, workers: int,
-                 pin_memory: bool, items: range | None = None) -> torch.utils.data.DataLoader:
+def batch_loader(
+    dataset: CropDataset,
+    start: int,
+    steps: int,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+    items: range | None = None,
+) -> torch.utils.data.DataLoader:
     """The batches of steps ``start`` .. ``steps - 1`` (their ``items``, default all ``batch_size``)
     as ``collate`` gives them, read by ``workers`` processes (0: in this one), which ignore Ctrl-C."""
     items = range(batch_size) if items is None else items
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(start, steps, items), num_workers=workers,
-        collate_fn=collate, pin_memory=pin_memory,
+        dataset,
+        batch_sampler=StepBatches(start, steps, items),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
         worker_init_fn=_ignore_sigint if workers else None,
         generator=torch.Generator(),  # its own: drawing the workers' base seed must not move torch's RNG
     )

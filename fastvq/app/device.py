@@ -22,8 +22,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as err:
-        raise SettingError("{device} {name!r} is not a device name: use auto, cpu or cuda[:N] ({err})", name=name,
-                           err=str(err).splitlines()[0]) from err
+        raise SettingError(
+            "{device} {name!r} is not a device name: use auto, cpu or cuda[:N] ({err})",
+            name=name,
+            err=str(err).splitlines()[0],
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SettingError("{device} {name}: CUDA is not available on this machine", name=name)
     return device
@@ -37,10 +40,14 @@ def machine_cpus() -> int:
 
 def check_threads(threads: int | None) -> None:
     """``threads`` must be None (the default) or an int in [1, machine_cpus()]."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or not 1 <= threads <= machine_cpus()):
-        raise SettingError("{threads} must be an int in [1, {cpus}] (the CPUs of this machine), got {value!r}",
-                           cpus=machine_cpus(), value=threads)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= machine_cpus()
+    ):
+        raise SettingError(
+            "{threads} must be an int in [1, {cpus}] (the CPUs of this machine), got {value!r}",
+            cpus=machine_cpus(),
+            value=threads,
+        )
 
 
 def default_threads(device: torch.device) -> int:

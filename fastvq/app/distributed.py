@@ -72,8 +72,9 @@ def average_gradients(optimizer: torch.optim.Optimizer) -> None:
         grad.copy_(mean)
 
 
-def agree(ranks: Ranks, logs: dict[str, float], indices: torch.Tensor, codebook_size: int, stop: bool
-          ) -> tuple[dict[str, float], float, bool]:
+def agree(
+    ranks: Ranks, logs: dict[str, float], indices: torch.Tensor, codebook_size: int, stop: bool
+) -> tuple[dict[str, float], float, bool]:
     """(``logs`` averaged over the processes, the fraction of codes used in the global batch,
     whether any process was asked to stop), from one all_reduce and one all_gather."""
     if ranks.world == 1:
@@ -84,8 +85,7 @@ def agree(ranks: Ranks, logs: dict[str, float], indices: torch.Tensor, codebook_
     gathered = [torch.empty_like(indices) for _ in range(ranks.world)]
     dist.all_gather(gathered, indices.contiguous())
     usage = torch.unique(torch.cat(gathered)).numel() / codebook_size
-    return ({k: float(v) / ranks.world for k, v in zip(keys, values[:-1].tolist())}, usage,
-            bool(values[-1] > 0))
+    return ({k: float(v) / ranks.world for k, v in zip(keys, values[:-1].tolist())}, usage, bool(values[-1] > 0))
 
 
 def barrier(ranks: Ranks) -> None:

@@ -23,8 +23,15 @@ def _batches(count: int, batch_size: int, desc: str, progress: bool) -> Progress
     return Progress(starts, total=len(starts), desc=desc, unit="batch", enabled=progress)
 
 
-def _encoded(model: VQModel, images: np.ndarray | ImageSource, batch_size: int, device: torch.device, desc: str,
-             progress: bool, latents: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def _encoded(
+    model: VQModel,
+    images: np.ndarray | ImageSource,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+    progress: bool,
+    latents: bool = False,
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """(images (B, H, W, 3) uint8, their code indices (B, H/f, W/f) int64 on ``device``, or with
     ``latents`` their pre-quantization latents (B, D, H/f, W/f) float32) for each batch of
     ``batch_size`` consecutive images, read when reached (with ``progress``, reported on stderr as
@@ -44,16 +51,23 @@ def _encoded(model: VQModel, images: np.ndarray | ImageSource, batch_size: int, 
 
 
 def encode_images(
-    model: VQModel, images: np.ndarray | ImageSource, batch_size: int, device: torch.device, progress: bool = False,
+    model: VQModel,
+    images: np.ndarray | ImageSource,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = False,
     latents: bool = False,
 ) -> np.ndarray:
     """(N, H, W, 3) uint8, or an ImageSource of same-sized images read batch by batch (memory
     does not grow with N) -> code indices (N, H/f, W/f) int64 (with ``latents``: the
     pre-quantization latents (N, D, H/f, W/f) float32 instead), in batches of ``batch_size`` (with
     ``progress``, reported on stderr). Puts the model in eval mode (no codebook updates)."""
-    return np.concatenate([
-        encoded.cpu().numpy() for _, encoded in _encoded(model, images, batch_size, device, "encode", progress, latents)
-    ])
+    return np.concatenate(
+        [
+            encoded.cpu().numpy()
+            for _, encoded in _encoded(model, images, batch_size, device, "encode", progress, latents)
+        ]
+    )
 
 
 def decode_indices(
@@ -63,10 +77,9 @@ def decode_indices(
     (with ``progress``, reported on stderr). Puts the model in eval mode."""
     model.eval()
     with _batches(len(indices), batch_size, "decode", progress) as starts:
-        return np.concatenate([
-            to_uint8(model.decode(torch.from_numpy(indices[i : i + batch_size]).long().to(device)))
-            for i in starts
-        ])
+        return np.concatenate(
+            [to_uint8(model.decode(torch.from_numpy(indices[i : i + batch_size]).long().to(device))) for i in starts]
+        )
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -19,38 +19,63 @@ from .state import CHECKPOINT
 
 # train flags that map onto RunConfig fields; None means "not given".
 RUN_FLAGS = (
-    ("--data", str, "builtin (scikit-image photos), mnist (digits padded to 32x32: train split for training, "
-                    "test split held out), a folder of images (searched recursively, e.g. class/image.jpg), "
-                    "one image file or a .npy/.npz; prior, diffusion: none means the tokenizer's"),
+    (
+        "--data",
+        str,
+        "builtin (scikit-image photos), mnist (digits padded to 32x32: train split for training, "
+        "test split held out), a folder of images (searched recursively, e.g. class/image.jpg), "
+        "one image file or a .npy/.npz; prior, diffusion: none means the tokenizer's",
+    ),
     ("--steps", int, "number of training steps"),
     ("--batch-size", int, "images per step"),
-    ("--image-size", int, "side of the square training crops (a multiple of the model's factor); prior, "
-                          "diffusion: of the center crops encoded, none means the tokenizer's"),
+    (
+        "--image-size",
+        int,
+        "side of the square training crops (a multiple of the model's factor); prior, "
+        "diffusion: of the center crops encoded, none means the tokenizer's",
+    ),
     ("--lr", float, "Adam learning rate"),
     ("--seed", int, "seed of initialisation and batch sampling"),
     ("--ckpt-every", int, "steps between checkpoints"),
     ("--log-every", int, "steps between progress-bar updates"),
-    ("--eval-every", int, "steps between held-out evaluations during training (metrics in the history as "
-                          "eval_*, a grid of inputs and reconstructions in OUT/samples/); none: at the end only"),
+    (
+        "--eval-every",
+        int,
+        "steps between held-out evaluations during training (metrics in the history as "
+        "eval_*, a grid of inputs and reconstructions in OUT/samples/); none: at the end only",
+    ),
     ("--holdout", float, "fraction of PATH images held out for evaluation (builtin, mnist: a fixed split)"),
     ("--num-eval", int, "held-out crops evaluated at the end"),
     ("--resize", int, "resize the shorter side to S then center-crop SxS before cropping"),
     ("--crop", int, "center-crop SxS before cropping"),
     ("--lpips-weights", str, "VGG16-LPIPS weights file; adds the perceptual loss (VQGAN)"),
     ("--device", str, "auto (CUDA when present), cpu or cuda[:N]"),
-    ("--workers", int, "data-loading processes; auto: 0 for builtin and array data (in memory), else one "
-                       "per CPU but one, at most 8"),
-    ("--threads", int, "CPU threads of torch; auto: the CPUs not busy with other work (the load "
-                       "average), at least 1; on CUDA, torch's default"),
-    ("--tokenizer", str, "prior, diffusion: the trained tokenizer, a run folder (or checkpoint) of fastvq train; "
-                         "--data and --image-size default to its own"),
+    (
+        "--workers",
+        int,
+        "data-loading processes; auto: 0 for builtin and array data (in memory), else one per CPU but one, at most 8",
+    ),
+    (
+        "--threads",
+        int,
+        "CPU threads of torch; auto: the CPUs not busy with other work (the load "
+        "average), at least 1; on CUDA, torch's default",
+    ),
+    (
+        "--tokenizer",
+        str,
+        "prior, diffusion: the trained tokenizer, a run folder (or checkpoint) of fastvq train; "
+        "--data and --image-size default to its own",
+    ),
     ("--max-images", int, "prior, diffusion: encode at most this many training images, chosen by --seed"),
 )
 
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda[:N] (default: %(default)s)"
 THREADS_HELP = "CPU threads of torch (default: the CPUs not busy with other work, at least 1)"
-NO_PROGRESS_HELP = ("no progress output (on a terminal a live bar; in a log, a line at the start, at most one "
-                    "every 30 s, and one at the end)")
+NO_PROGRESS_HELP = (
+    "no progress output (on a terminal a live bar; in a log, a line at the start, at most one "
+    "every 30 s, and one at the end)"
+)
 CKPT_HELP = "a run folder of fastvq train, or its checkpoint.safetensors"
 
 
@@ -100,12 +125,12 @@ def model_arg_keys() -> str:
     return "; ".join(f"{model}: {', '.join(model_arg_names(model))}" for model in (*MODELS, *GENERATORS))
 
 
-def build_parser(description: str, handlers: dict[str, Callable[[argparse.Namespace], int]]
-                 ) -> argparse.ArgumentParser:
+def build_parser(description: str, handlers: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
     """The parser of the ``fastvq`` command; each command's parsed arguments carry its handler
     (``args.func``, from ``handlers``: command name -> function)."""
-    parser = argparse.ArgumentParser(prog="fastvq", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fastvq", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"fastvq {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_encode, _add_decode, _add_sample, _add_eval_samples):
@@ -116,52 +141,80 @@ def build_parser(description: str, handlers: dict[str, Callable[[argparse.Namesp
 
 
 def _add_train(commands) -> None:
-    p = commands.add_parser("train", help="train a VQ-VAE or VQGAN, or a prior or diffusion model over one",
-                            description="Train a tokenizer (VQ-VAE, VQGAN) on images, or a generative model over "
-                                        "a trained tokenizer (--tokenizer): an autoregressive prior over its codes "
-                                        "or latent diffusion over its latents. Defaults depend on --model and "
-                                        "--preset; each option's help lists them.")
-    p.add_argument("--model", choices=[*MODELS, *GENERATORS],
-                   help="vqvae, vqgan: tokenizers; prior: a transformer over a tokenizer's codes; diffusion: a "
-                        "DDPM over its pre-quantization latents (default: vqvae)")
-    p.add_argument("--preset", choices=list(PRESETS),
-                   help="demo: minutes on a 2-core CPU; gpu: 128 px, sized for one GPU (default: none, the "
-                        "model's own defaults)")
+    p = commands.add_parser(
+        "train",
+        help="train a VQ-VAE or VQGAN, or a prior or diffusion model over one",
+        description="Train a tokenizer (VQ-VAE, VQGAN) on images, or a generative model over "
+        "a trained tokenizer (--tokenizer): an autoregressive prior over its codes "
+        "or latent diffusion over its latents. Defaults depend on --model and "
+        "--preset; each option's help lists them.",
+    )
+    p.add_argument(
+        "--model",
+        choices=[*MODELS, *GENERATORS],
+        help="vqvae, vqgan: tokenizers; prior: a transformer over a tokenizer's codes; diffusion: a "
+        "DDPM over its pre-quantization latents (default: vqvae)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="demo: minutes on a 2-core CPU; gpu: 128 px, sized for one GPU (default: none, the model's own defaults)",
+    )
     p.add_argument("--quantizer", choices=QUANTIZERS, help="quantizer implementation (default: fastvq)")
-    p.add_argument("--precision", choices=list(PRECISIONS),
-                   help="mixed precision: the model's forward and losses under autocast in bf16 or fp16 (fp16 "
-                        "with a loss scaler); the quantizer keeps its own rules for 16-bit latents (default: fp32)")
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help="mixed precision: the model's forward and losses under autocast in bf16 or fp16 (fp16 "
+        "with a loss scaler); the quantizer keeps its own rules for 16-bit latents (default: fp32)",
+    )
     for name, kind, text in RUN_FLAGS:
         p.add_argument(name, type=kind, help=f"{text} ({default_text(name[2:].replace('-', '_'))})")
     for name in ("codebook_size", "codebook_dim"):
         what = "number of codes K" if name == "codebook_size" else "code width D"
         p.add_argument(flag(name), type=int, help=f"{what} ({default_text(name)})")
-    p.add_argument("--set", dest="model_args", type=_model_arg, action="append", default=[],
-                   metavar="KEY=VALUE", help="model constructor argument, repeatable, typed as the constructor "
-                   "declares it: true/false (also yes/no, 1/0, any case), a number, a list (1,2,2 or [1, 2, 2]), "
-                   f"none where allowed (default: the model's and the preset's values); keys: {model_arg_keys()}")
+    p.add_argument(
+        "--set",
+        dest="model_args",
+        type=_model_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model constructor argument, repeatable, typed as the constructor "
+        "declares it: true/false (also yes/no, 1/0, any case), a number, a list (1,2,2 or [1, 2, 2]), "
+        f"none where allowed (default: the model's and the preset's values); keys: {model_arg_keys()}",
+    )
     p.add_argument("--out", type=Path, help="output folder (default: runs/MODEL[-PRESET])")
     p.add_argument("--resume", action="store_true", help="continue from OUT/" + CHECKPOINT)
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
-    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction,
-                   help="TensorBoard event files in OUT/tensorboard/ (tensorboard --logdir OUT); --tensorboard fails "
-                        "if the tensorboard package is missing (default: written when it is installed)")
+    p.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="TensorBoard event files in OUT/tensorboard/ (tensorboard --logdir OUT); --tensorboard fails "
+        "if the tensorboard package is missing (default: written when it is installed)",
+    )
 
 
 def _add_eval(commands) -> None:
     p = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (and rFID) on held-out images")
     p.add_argument("--ckpt", type=Path, required=True, help=CKPT_HELP)
-    p.add_argument("--data", default="builtin",
-                   help="builtin (held-out photos), mnist (the test digits), a folder of images (recursively), an "
-                        "image file or a .npy/.npz (default: %(default)s)")
+    p.add_argument(
+        "--data",
+        default="builtin",
+        help="builtin (held-out photos), mnist (the test digits), a folder of images (recursively), an "
+        "image file or a .npy/.npz (default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, help="output folder (default: CKPT's run folder/eval)")
-    p.add_argument("--num-eval", type=int, default=64,
-                   help="crops of the builtin held-out photos (default: %(default)s)")
+    p.add_argument(
+        "--num-eval", type=int, default=64, help="crops of the builtin held-out photos (default: %(default)s)"
+    )
     p.add_argument("--image-size", type=int, help="side of those crops (default: the training size)")
-    p.add_argument("--inception-weights", type=Path,
-                   help="TorchScript Inception feature extractor (inception-2015-12-05.pt) for rFID. "
-                        "TorchScript is a program, not data: fastvq runs it, so pass only a file you "
-                        "trust (never one from an untrusted source); without this flag nothing is run (default: none)")
+    p.add_argument(
+        "--inception-weights",
+        type=Path,
+        help="TorchScript Inception feature extractor (inception-2015-12-05.pt) for rFID. "
+        "TorchScript is a program, not data: fastvq runs it, so pass only a file you "
+        "trust (never one from an untrusted source); without this flag nothing is run (default: none)",
+    )
     _shared(p, "evaluate with this quantizer instead of the checkpoint's (default: the checkpoint's)")
 
 
@@ -185,23 +238,36 @@ def _add_decode(commands) -> None:
 
 
 def _add_sample(commands) -> None:
-    p = commands.add_parser("sample", help="new images from a prior or diffusion run (a grid PNG, optionally .npy)",
-                            description="Draw new images from a model trained by fastvq train --model prior or "
-                                        "diffusion, decoded by its tokenizer.")
-    p.add_argument("--ckpt", type=Path, required=True, help="a run folder of fastvq train --model prior or "
-                                                            "diffusion, or its checkpoint.safetensors")
+    p = commands.add_parser(
+        "sample",
+        help="new images from a prior or diffusion run (a grid PNG, optionally .npy)",
+        description="Draw new images from a model trained by fastvq train --model prior or "
+        "diffusion, decoded by its tokenizer.",
+    )
+    p.add_argument(
+        "--ckpt",
+        type=Path,
+        required=True,
+        help="a run folder of fastvq train --model prior or diffusion, or its checkpoint.safetensors",
+    )
     p.add_argument("--num", type=int, default=64, help="images to draw (default: %(default)s)")
     p.add_argument("--out", type=Path, help="the grid PNG (default: CKPT's run folder/samples-seedS.png)")
-    p.add_argument("--npy", type=Path, help="also write the images as an (N, H, W, 3) uint8 .npy array "
-                                            "(default: none)")
-    p.add_argument("--class", dest="class_", metavar="CLASS",
-                   help="draw this class only: one of the training classes (a digit for mnist, a folder name) or "
-                        "its index (default: every class equally often, one column each)")
+    p.add_argument("--npy", type=Path, help="also write the images as an (N, H, W, 3) uint8 .npy array (default: none)")
+    p.add_argument(
+        "--class",
+        dest="class_",
+        metavar="CLASS",
+        help="draw this class only: one of the training classes (a digit for mnist, a folder name) or "
+        "its index (default: every class equally often, one column each)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: %(default)s)")
     for name, kind, options in SAMPLE_OPTIONS:
         p.add_argument(name, **{**options, "help": f"{kind}: {options['help']}"})
-    p.add_argument("--eval", action="store_true", help="also judge the samples as eval-samples does (MNIST "
-                                                       "digits), writing OUT with .json")
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="also judge the samples as eval-samples does (MNIST digits), writing OUT with .json",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, help=THREADS_HELP)
@@ -209,28 +275,50 @@ def _add_sample(commands) -> None:
 
 
 def _add_eval_samples(commands) -> None:
-    p = commands.add_parser("eval-samples", help="judge generated MNIST digits beside real ones (a digit "
-                                                 "classifier's confidence, coverage, Frechet distance)",
-                            description=sample_quality.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="the images: a .npy/.npz (fastvq sample --npy), a folder of "
-                                                 "images or an image file")
+    p = commands.add_parser(
+        "eval-samples",
+        help="judge generated MNIST digits beside real ones (a digit "
+        "classifier's confidence, coverage, Frechet distance)",
+        description=sample_quality.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="the images: a .npy/.npz (fastvq sample --npy), a folder of images or an image file",
+    )
     p.add_argument("--out", type=Path, help="also write the numbers to this JSON file (default: none)")
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.add_argument("--device", default="cpu", help="the classifier runs on the CPU (default: %(default)s)")
 
 
 SAMPLE_OPTIONS = (
-    ("--temperature", "prior", {"type": float, "help": "softmax temperature; 0 takes the most likely code "
-                                                       "(default: 1.0)"}),
-    ("--top-k", "prior", {"type": int, "help": "draw among the k most likely codes only, k <= 16 (default: all "
-                                               "codes)"}),
-    ("--steps", "diffusion", {"type": int, "help": "DDIM steps (default: 50, or the model's diffusion steps when "
-                                                   "fewer)"}),
-    ("--guidance", "diffusion", {"type": float, "help": "classifier-free guidance scale (models with classes), 1 "
-                                                        "for none (default: 1.0)"}),
+    (
+        "--temperature",
+        "prior",
+        {"type": float, "help": "softmax temperature; 0 takes the most likely code (default: 1.0)"},
+    ),
+    (
+        "--top-k",
+        "prior",
+        {"type": int, "help": "draw among the k most likely codes only, k <= 16 (default: all codes)"},
+    ),
+    (
+        "--steps",
+        "diffusion",
+        {"type": int, "help": "DDIM steps (default: 50, or the model's diffusion steps when fewer)"},
+    ),
+    (
+        "--guidance",
+        "diffusion",
+        {"type": float, "help": "classifier-free guidance scale (models with classes), 1 for none (default: 1.0)"},
+    ),
     ("--eta", "diffusion", {"type": float, "help": "DDIM eta, 0 deterministic, 1 as noisy as DDPM (default: 0.0)"}),
-    ("--no-quantize", "diffusion", {"action": "store_true", "help": "decode the latents as they are (default: "
-                                                                     "quantize them first, as LDM does)"}),
+    (
+        "--no-quantize",
+        "diffusion",
+        {"action": "store_true", "help": "decode the latents as they are (default: quantize them first, as LDM does)"},
+    ),
 )
 """The options of `fastvq sample` that apply to one model kind: (flag, kind, argparse keywords)."""
 SAMPLE_KIND = {flag[2:].replace("-", "_"): kind for flag, kind, _ in SAMPLE_OPTIONS}

@@ -47,8 +47,9 @@ def generator_width(model_args: dict[str, Any]) -> int:
     return model_args.get("width", inspect.signature(GENERATORS["diffusion"]).parameters["width"].default)
 
 
-def train_generator(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-                    tensorboard: bool | None = None) -> dict[str, Any]:
+def train_generator(
+    config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, tensorboard: bool | None = None
+) -> dict[str, Any]:
     """Train ``config.model`` ('prior' or 'diffusion') over the tokenizer ``config.tokenizer`` (a
     run folder or checkpoint of ``fastvq train``), writing to ``out_dir`` through the same loop as
     `fastvq.app.training.train` (checkpoints, exact resume, Ctrl-C and SIGTERM checkpoints, the
@@ -57,17 +58,21 @@ def train_generator(config: RunConfig, out_dir: str | Path, resume: bool = False
     return loop.run(GeneratorTraining, config, out_dir, resume, progress, tensorboard)
 
 
-def training_data(config: RunConfig, tokenizer_meta: dict[str, Any]
-                  ) -> tuple[RunConfig, ImageSource, ImageSource, list[str]]:
+def training_data(
+    config: RunConfig, tokenizer_meta: dict[str, Any]
+) -> tuple[RunConfig, ImageSource, ImageSource, list[str]]:
     """The run's images (training ones limited to ``max_images``, chosen by ``seed``; the first
     ``num_eval`` held-out ones) and their class names ([] without classes), with ``data`` and
     ``image_size`` resolved from the tokenizer's run where not given."""
-    config = dataclasses.replace(config, data=config.data or tokenizer_meta["config"]["data"],
-                                 image_size=config.image_size or tokenizer_meta["config"]["image_size"])
+    config = dataclasses.replace(
+        config,
+        data=config.data or tokenizer_meta["config"]["data"],
+        image_size=config.image_size or tokenizer_meta["config"]["image_size"],
+    )
     crop = config.crop if config.resize or config.crop else config.image_size
     train_images, eval_images = split_images(config.data, config.holdout, config.seed, config.resize, crop)
     if config.max_images is not None and config.max_images < len(train_images):
-        chosen = np.random.default_rng(config.seed).permutation(len(train_images))[:config.max_images]
+        chosen = np.random.default_rng(config.seed).permutation(len(train_images))[: config.max_images]
         train_images = train_images.select(np.sort(chosen))
     eval_images = eval_images.select(np.arange(min(config.num_eval, len(eval_images))))
     classes = class_labels(train_images)
@@ -89,20 +94,24 @@ def _num_classes(config: RunConfig, class_names: list[str]) -> tuple[dict[str, A
         wanted = len(class_names)
     elif wanted and wanted != len(class_names):
         found = f"{len(class_names)} classes" if class_names else "no classes (images in class folders, or mnist)"
-        raise SettingError("{model_args} num_classes=%d, but {data} {data_value} has %s; use num_classes=0 for an "
-                           "unconditional model" % (wanted, found), data_value=config.data)
+        raise SettingError(
+            "{model_args} num_classes=%d, but {data} {data_value} has %s; use num_classes=0 for an "
+            "unconditional model" % (wanted, found),
+            data_value=config.data,
+        )
     return {**config.model_args, "num_classes": wanted}, class_names if wanted else []
 
 
-def _encode(kind: str, tokenizer, images: ImageSource, batch_size: int, device: torch.device,
-            progress: bool) -> torch.Tensor:
-    return torch.from_numpy(encode_images(tokenizer, images, batch_size, device, progress,
-                                          latents=kind == "diffusion"))
+def _encode(
+    kind: str, tokenizer, images: ImageSource, batch_size: int, device: torch.device, progress: bool
+) -> torch.Tensor:
+    return torch.from_numpy(encode_images(tokenizer, images, batch_size, device, progress, latents=kind == "diffusion"))
 
 
 @torch.no_grad()
-def eval_loss(generator: Generator, targets: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
-              seed: int) -> float:
+def eval_loss(
+    generator: Generator, targets: torch.Tensor, labels: torch.Tensor | None, batch_size: int, seed: int
+) -> float:
     """Mean loss over held-out targets, its noise (diffusion) drawn from ``seed``: the same number
     at every evaluation. Leaves torch's RNG and the training mode as they were."""
     training = generator.training
@@ -112,8 +121,8 @@ def eval_loss(generator: Generator, targets: torch.Tensor, labels: torch.Tensor 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(targets), batch_size):
-            batch = targets[i:i + batch_size].to(device)
-            label = None if labels is None else labels[i:i + batch_size].to(device)
+            batch = targets[i : i + batch_size].to(device)
+            label = None if labels is None else labels[i : i + batch_size].to(device)
             total += float(generator.loss(batch, label)) * len(batch)
     generator.train(training)
     return total / len(targets)
@@ -124,19 +133,24 @@ class GeneratorTraining(loop.TrainingTask):
     encoding of the training images (encoded once, held in memory), each step's batch drawn by an
     RNG seeded by (seed, step); evaluated by its loss on the held-out images."""
 
-
     @classmethod
     def check(cls, config: RunConfig) -> None:
         if config.model not in GENERATORS:
-            raise SettingError("{model} must be one of {choices} here, got {value!r}", choices=", ".join(GENERATORS),
-                               value=config.model)
+            raise SettingError(
+                "{model} must be one of {choices} here, got {value!r}",
+                choices=", ".join(GENERATORS),
+                value=config.model,
+            )
         if not config.tokenizer:
-            raise SettingError("{model} %s needs {tokenizer}: a run folder (or checkpoint) of fastvq train with "
-                               "{model} vqvae or vqgan" % config.model)
+            raise SettingError(
+                "{model} %s needs {tokenizer}: a run folder (or checkpoint) of fastvq train with "
+                "{model} vqvae or vqgan" % config.model
+            )
         for name, default in (("precision", "fp32"), ("quantizer", "fastvq"), ("lpips_weights", None)):
             if getattr(config, name) != default:
-                raise SettingError("{%s} applies to the tokenizers (vqvae, vqgan), not to {model} %s"
-                                   % (name, config.model))
+                raise SettingError(
+                    "{%s} applies to the tokenizers (vqvae, vqgan), not to {model} %s" % (name, config.model)
+                )
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise SettingError("{model} %s trains in one process; run it without torchrun" % config.model)
         check_model_args(config.model, config.model_args)
@@ -146,8 +160,10 @@ class GeneratorTraining(loop.TrainingTask):
         device = run.device
         tokenizer, tokenizer_meta = load_model(config.tokenizer, device)
         if tokenizer_meta["kind"] in GENERATORS:
-            raise SettingError("{tokenizer} {path} holds a %s model, not a tokenizer (vqvae or vqgan)"
-                               % tokenizer_meta["kind"], path=config.tokenizer)
+            raise SettingError(
+                "{tokenizer} {path} holds a %s model, not a tokenizer (vqvae or vqgan)" % tokenizer_meta["kind"],
+                path=config.tokenizer,
+            )
         config, train_images, eval_images, class_names = training_data(config, tokenizer_meta)
         model_args, self.class_names = _num_classes(config, class_names)
         self.config = config = dataclasses.replace(config, model_args=model_args)
@@ -159,8 +175,9 @@ class GeneratorTraining(loop.TrainingTask):
         self.encode_seconds = now(device) - t0
         _note_latent_channels(config.model, self.targets, model_args)
         torch.manual_seed(config.seed)
-        self.model = Generator(config.model, tokenizer, model_args, tuple(self.targets.shape[1:]),
-                               self.class_names).to(device)
+        self.model = Generator(config.model, tokenizer, model_args, tuple(self.targets.shape[1:]), self.class_names).to(
+            device
+        )
         if config.model == "diffusion":
             self.model.model.fit_scale(self.targets)
         self.optimizers = [torch.optim.Adam(self.model.model.parameters(), lr=config.lr, betas=tuple(config.betas))]
@@ -171,8 +188,10 @@ class GeneratorTraining(loop.TrainingTask):
         for step in range(start, self.config.steps):
             rng = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
             take = torch.randint(len(self.targets), (self.config.batch_size,), generator=rng)
-            yield (self.targets[take].to(self.run.device),
-                   None if self.labels is None else self.labels[take].to(self.run.device))
+            yield (
+                self.targets[take].to(self.run.device),
+                None if self.labels is None else self.labels[take].to(self.run.device),
+            )
 
     def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor | None]) -> dict[str, float]:
         """Adam on the loss, after a linear learning-rate warm-up over WARMUP_STEPS and gradient
@@ -191,8 +210,9 @@ class GeneratorTraining(loop.TrainingTask):
         loss = eval_loss(self.model, self.eval_targets, self.eval_labels, self.config.batch_size, self.config.seed)
         return {"eval_loss": loss}, loss
 
-    def finish(self, evaluation: float, history: dict[str, list[float]], timing: dict[str, Any],
-               logged: bool) -> dict[str, Any]:
+    def finish(
+        self, evaluation: float, history: dict[str, list[float]], timing: dict[str, Any], logged: bool
+    ) -> dict[str, Any]:
         """samples.png (SAMPLE_GRID images, timed) and loss.png; the metrics with held-out bits per
         code for a prior."""
         config, device = self.config, self.run.device
@@ -204,16 +224,26 @@ class GeneratorTraining(loop.TrainingTask):
             "kind": config.model,
             "step": config.steps,
             "config": config.to_dict(),
-            "data": {"train_images": len(self.targets), "eval_images": len(self.eval_targets),
-                     "target_shape": list(self.targets.shape[1:]), "classes": self.class_names},
-            "eval": {"loss": evaluation,
-                     **({"bits_per_code": evaluation / math.log(2)} if config.model == "prior" else {})},
+            "data": {
+                "train_images": len(self.targets),
+                "eval_images": len(self.eval_targets),
+                "target_shape": list(self.targets.shape[1:]),
+                "classes": self.class_names,
+            },
+            "eval": {
+                "loss": evaluation,
+                **({"bits_per_code": evaluation / math.log(2)} if config.model == "prior" else {}),
+            },
             "train": {"loss": history["loss"][-1]} if history.get("loss") else {},
             "timing": {**timing, "encode_s": self.encode_seconds, "sample_s_per_image": sample_seconds / SAMPLE_GRID},
             "history": history,
         }
-        report.save_samples(samples, self.run.out / "samples.png", *grid_layout(self.class_names),
-                            title=f"{config.model}, step {config.steps}, seed {config.seed}")
+        report.save_samples(
+            samples,
+            self.run.out / "samples.png",
+            *grid_layout(self.class_names),
+            title=f"{config.model}, step {config.steps}, seed {config.seed}",
+        )
         report.plot_curves(history, self.run.out, panels=(("loss.png", ("loss", "eval_loss"), "loss", True),))
         return metrics
 
@@ -221,10 +251,13 @@ class GeneratorTraining(loop.TrainingTask):
 def _note_latent_channels(kind: str, targets: torch.Tensor, model_args: dict[str, Any]) -> None:
     """Warn on stderr when diffusion latents have too many channels for the denoiser's width."""
     if kind == "diffusion" and targets.shape[1] > generator_width(model_args) // LATENT_CHANNELS_PER_WIDTH:
-        print(f"note: the latents have {targets.shape[1]} channels against a denoiser width of "
-              f"{generator_width(model_args)}; at 64 against 64 the demo's samples were noise. Diffusion suits "
-              "latents of few channels (LDM's D = 3-4): train the tokenizer with --codebook-dim 4, or raise "
-              "--set width", file=sys.stderr)
+        print(
+            f"note: the latents have {targets.shape[1]} channels against a denoiser width of "
+            f"{generator_width(model_args)}; at 64 against 64 the demo's samples were noise. Diffusion suits "
+            "latents of few channels (LDM's D = 3-4): train the tokenizer with --codebook-dim 4, or raise "
+            "--set width",
+            file=sys.stderr,
+        )
 
 
 def balanced_labels(num: int, num_classes: int) -> torch.Tensor | None:
@@ -248,12 +281,21 @@ def class_index(value: str, class_names: list[str]) -> int:
         return class_names.index(value)
     if value.isdigit() and int(value) < len(class_names):
         return int(value)
-    raise SettingError("{class_} {value!r} is not one of the model's classes: {names}", value=value,
-                       names=", ".join(class_names))
+    raise SettingError(
+        "{class_} {value!r} is not one of the model's classes: {names}", value=value, names=", ".join(class_names)
+    )
 
 
-def sample_images(generator: Generator, num: int, *, batch_size: int = 64, label: int | None = None,
-                  seed: int = 0, progress: bool = False, **options: Any) -> np.ndarray:
+def sample_images(
+    generator: Generator,
+    num: int,
+    *,
+    batch_size: int = 64,
+    label: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **options: Any,
+) -> np.ndarray:
     """``num`` new images (num, H, W, 3) uint8 in batches of ``batch_size``; with classes, all of
     class ``label``, or balanced over the classes when None. The same (num, batch_size, seed,
     options) give the same images. ``options`` go to `Generator.generate`."""
@@ -270,9 +312,10 @@ def sample_images(generator: Generator, num: int, *, batch_size: int = 64, label
     with Progress(starts, total=len(starts), desc="sample", unit="batch", enabled=progress) as bar:
         for i, start in enumerate(bar):
             count = min(batch_size, num - start)
-            batch_labels = None if labels is None else labels[start:start + count]
-            images.append(to_uint8(generator.generate(count, labels=batch_labels, seed=seed * 1_000_003 + i,
-                                                      **options)))
+            batch_labels = None if labels is None else labels[start : start + count]
+            images.append(
+                to_uint8(generator.generate(count, labels=batch_labels, seed=seed * 1_000_003 + i, **options))
+            )
     return np.concatenate(images)
 
 
@@ -281,6 +324,9 @@ def load_generator(path: str | Path, device: torch.device) -> tuple[Generator, d
     checkpoint of a prior or diffusion run; a tokenizer's raises SettingError saying what to do."""
     model, meta = load_model(path, device)
     if not isinstance(model, Generator):
-        raise SettingError("{ckpt} {path} holds a %s tokenizer; sample from a prior or diffusion run trained on "
-                           "it (fastvq train --model prior --tokenizer %s)" % (meta["kind"], path), path=path)
+        raise SettingError(
+            "{ckpt} {path} holds a %s tokenizer; sample from a prior or diffusion run trained on "
+            "it (fastvq train --model prior --tokenizer %s)" % (meta["kind"], path),
+            path=path,
+        )
     return model, meta

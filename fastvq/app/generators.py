@@ -33,16 +33,21 @@ class Generator(nn.Module):
     (D, h, w) latents) and ``class_names`` (empty: unconditional; else ``model_args['num_classes']``
     must be their number). ``config`` (JSON) rebuilds it with ``from_config``."""
 
-    def __init__(self, kind: str, tokenizer: VQModel, model_args: dict[str, Any], shape: tuple[int, ...],
-                 class_names: list[str]):
+    def __init__(
+        self, kind: str, tokenizer: VQModel, model_args: dict[str, Any], shape: tuple[int, ...], class_names: list[str]
+    ):
         super().__init__()
         if kind not in GENERATORS:
             raise ValueError(f"kind must be one of {sorted(GENERATORS)}, got {kind!r}")
         dims = 2 if kind == "prior" else 3
-        if len(shape) != dims or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape) \
-                or max(shape[-2:]) > MAX_LATENT_SIDE:
-            raise ValueError(f"shape of a {kind} must be {dims} ints >= 1, sides at most {MAX_LATENT_SIDE}, "
-                             f"got {shape!r}")
+        if (
+            len(shape) != dims
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)
+            or max(shape[-2:]) > MAX_LATENT_SIDE
+        ):
+            raise ValueError(
+                f"shape of a {kind} must be {dims} ints >= 1, sides at most {MAX_LATENT_SIDE}, got {shape!r}"
+            )
         self.kind, self.shape, self.class_names = kind, tuple(shape), list(class_names)
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         args = {k: v for k, v in model_args.items() if k not in GENERATOR_EXTRA[kind]}
@@ -57,8 +62,12 @@ class Generator(nn.Module):
             self.model = GENERATORS[kind](tokenizer.codebook_size, self.shape, codebook=codebook, **args)
         else:
             self.model = GENERATORS[kind](self.shape[0], **args)
-        self.config = {"tokenizer": {"kind": tokenizer.kind, "model_config": tokenizer.config},
-                       "model_args": dict(model_args), "shape": list(self.shape), "class_names": self.class_names}
+        self.config = {
+            "tokenizer": {"kind": tokenizer.kind, "model_config": tokenizer.config},
+            "model_args": dict(model_args),
+            "shape": list(self.shape),
+            "class_names": self.class_names,
+        }
 
     @classmethod
     def from_config(cls, kind: str, config: dict[str, Any]) -> Generator:
@@ -83,9 +92,19 @@ class Generator(nn.Module):
         return self.model(targets, labels) if self.kind == "prior" else self.model.loss(targets, labels)
 
     @torch.no_grad()
-    def generate(self, num: int, *, labels: torch.Tensor | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, steps: int | None = None, guidance: float = 1.0, eta: float = 0.0,
-                 quantize: bool = True, seed: int | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        num: int,
+        *,
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        steps: int | None = None,
+        guidance: float = 1.0,
+        eta: float = 0.0,
+        quantize: bool = True,
+        seed: int | None = None,
+    ) -> torch.Tensor:
         """num new images (num, 3, H, W) float32 in about [-1, 1], decoded by the tokenizer.
         Prior: temperature, top_k (see `CodePrior.sample`). Diffusion: DDIM ``steps`` (None: see
         `LatentDiffusion.sample`), ``eta``,
@@ -96,14 +115,18 @@ class Generator(nn.Module):
         if labels is not None:
             labels = labels.to(device)
         if self.kind == "prior":
-            codes = self.model.sample(num, labels=labels, temperature=temperature, top_k=top_k, seed=seed,
-                                      device=device)
+            codes = self.model.sample(
+                num, labels=labels, temperature=temperature, top_k=top_k, seed=seed, device=device
+            )
             images = self.tokenizer.decode(codes)
         else:
-            latents = self.model.sample(num, self.shape[1:], steps=steps, labels=labels, guidance=guidance, eta=eta,
-                                        seed=seed)
+            latents = self.model.sample(
+                num, self.shape[1:], steps=steps, labels=labels, guidance=guidance, eta=eta, seed=seed
+            )
             images = decode_latents(self.tokenizer, latents, quantize=quantize)
         if not bool(torch.isfinite(images).all()):
-            raise ValueError(f"the {self.kind} model generated images that are not finite (NaN or inf), which would "
-                             "be saved black: its weights or the sampling options make it diverge")
+            raise ValueError(
+                f"the {self.kind} model generated images that are not finite (NaN or inf), which would "
+                "be saved black: its weights or the sampling options make it diverge"
+            )
         return images

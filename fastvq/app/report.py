@@ -29,31 +29,34 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, lambda f: f.write(text))
 
 
-def save_grid(inputs: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8,
-              title: str | None = None) -> np.ndarray:
+def save_grid(
+    inputs: np.ndarray, reconstructions: np.ndarray, path: Path, columns: int = 8, title: str | None = None
+) -> np.ndarray:
     """Save ``grid_image(inputs, reconstructions, columns, title)`` as a PNG; returns it."""
     grid = grid_image(inputs, reconstructions, columns, title)
     _save_png(grid, path)
     return grid
 
 
-def grid_image(inputs: np.ndarray, reconstructions: np.ndarray, columns: int = 8,
-               title: str | None = None) -> np.ndarray:
+def grid_image(
+    inputs: np.ndarray, reconstructions: np.ndarray, columns: int = 8, title: str | None = None
+) -> np.ndarray:
     """(N, H, W, 3) uint8 ``inputs`` (odd rows, labelled 'input') above their ``reconstructions``
     (even rows, labelled 'reconstruction'), ``columns`` per row, as one image (see ``rows_image``)."""
     columns = min(columns, len(inputs))
     rows, labels = [], []
     for start in range(0, len(inputs), columns):
-        rows += [inputs[start:start + columns], reconstructions[start:start + columns]]
+        rows += [inputs[start : start + columns], reconstructions[start : start + columns]]
         labels += ["input", "reconstruction"]
     return rows_image(rows, labels, title)
 
 
-def save_samples(images: np.ndarray, path: Path, columns: int = 8, column_labels: list[str] | None = None,
-                 title: str | None = None) -> None:
+def save_samples(
+    images: np.ndarray, path: Path, columns: int = 8, column_labels: list[str] | None = None, title: str | None = None
+) -> None:
     """Save a PNG of (N, H, W, 3) uint8 ``images``, ``columns`` per row (see ``rows_image``)."""
     columns = min(columns, len(images))
-    rows = [images[i:i + columns] for i in range(0, len(images), columns)]
+    rows = [images[i : i + columns] for i in range(0, len(images), columns)]
     _save_png(rows_image(rows, None, title, column_labels), path)
 
 
@@ -63,8 +66,9 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
-def rows_image(rows: list[np.ndarray], labels: list[str] | None, title: str | None = None,
-               column_labels: list[str] | None = None) -> np.ndarray:
+def rows_image(
+    rows: list[np.ndarray], labels: list[str] | None, title: str | None = None, column_labels: list[str] | None = None
+) -> np.ndarray:
     """Image rows (each (n, H, W, 3) uint8, n >= 1, same H and W) as one (H', W', 3) uint8 image,
     upscaled (nearest) so tiles are at least 96 px, each row labelled on the left by ``labels`` and
     each column on top by ``column_labels`` (None: no labels), with an optional ``title`` line on top."""
@@ -80,9 +84,7 @@ def rows_image(rows: list[np.ndarray], labels: list[str] | None, title: str | No
             x = pad + c * (w + pad)
             canvas[y : y + h, x : x + w] = image
     scale = max(1, math.ceil(96 / h))
-    tiles = Image.fromarray(canvas).resize(
-        (canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST
-    )
+    tiles = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST)
     try:
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1: the small bitmap font
@@ -94,8 +96,12 @@ def rows_image(rows: list[np.ndarray], labels: list[str] | None, title: str | No
     if title:
         draw.text((4, 4), title, fill="black", font=font)
     for column, label in enumerate(column_labels or []):
-        draw.text((margin + (pad + column * (w + pad) + w // 2) * scale - 4 * len(label), top - 18), label,
-                  fill="black", font=font)
+        draw.text(
+            (margin + (pad + column * (w + pad) + w // 2) * scale - 4 * len(label), top - 18),
+            label,
+            fill="black",
+            font=font,
+        )
     for row, label in enumerate(labels or []):
         y = top + (pad + row * (h + pad) + h // 2) * scale
         draw.text((4, y - 7), label, fill="black", font=font)

@@ -119,8 +119,11 @@ def _open(path: Path, setting: str) -> int:
 
 def _unusable(path: Path, setting: str, err: OSError) -> OSError | SettingError:
     if err.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
-        return SettingError("{%s} {folder}: its lock file {lock} is a symbolic link; remove it (fastvq never makes "
-                            "one)" % setting, folder=path.parent, lock=path.name)
+        return SettingError(
+            "{%s} {folder}: its lock file {lock} is a symbolic link; remove it (fastvq never makes one)" % setting,
+            folder=path.parent,
+            lock=path.name,
+        )
     return err
 
 
@@ -136,6 +139,10 @@ def _holder(fd: int) -> str:
 
 
 def _busy(path: Path, setting: str, holder: str) -> SettingError:
-    return SettingError("{%s} {folder}: another run ({holder}) is writing there (it holds the lock {lock}, which "
-                        "ends with that process); wait for it to end or choose another {%s}" % (setting, setting),
-                        folder=path.parent, holder=holder, lock=path)
+    return SettingError(
+        "{%s} {folder}: another run ({holder}) is writing there (it holds the lock {lock}, which "
+        "ends with that process); wait for it to end or choose another {%s}" % (setting, setting),
+        folder=path.parent,
+        holder=holder,
+        lock=path,
+    )

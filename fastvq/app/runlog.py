@@ -32,8 +32,9 @@ def tensorboard_enabled(requested: bool | None, announce: bool = True) -> bool:
         importlib.import_module("torch.utils.tensorboard")  # raises ImportError without the tensorboard package
     except ImportError:
         if requested:
-            raise SettingError("{tensorboard} needs the tensorboard package, which is not installed: %s"
-                               % INSTALL_HINT) from None
+            raise SettingError(
+                "{tensorboard} needs the tensorboard package, which is not installed: %s" % INSTALL_HINT
+            ) from None
         global _told
         if announce and not _told:
             print(f"note: no TensorBoard event files ({INSTALL_HINT} to get them)", file=sys.stderr, flush=True)
@@ -87,7 +88,8 @@ def _after_earlier_files(folder: Path) -> None:
     ``folder`` was created. TensorBoard reads a folder's event files in name order, and a name starts
     with its creation second (then host, process id and a counter, which do not order runs), so a
     resumed run's file must start in a later second to be read after the files it continues."""
-    seconds = [int(f.name.split(".")[3]) for f in folder.glob("events.out.tfevents.*")
-               if f.name.split(".")[3].isdigit()]
+    seconds = [
+        int(f.name.split(".")[3]) for f in folder.glob("events.out.tfevents.*") if f.name.split(".")[3].isdigit()
+    ]
     if seconds:
         time.sleep(max(0.0, max(seconds) + 1 - time.time()))

@@ -53,11 +53,18 @@ def to_digit_batch(images) -> torch.Tensor:
 
 @torch.no_grad()
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)]) if x.shape[0] else fn(x)
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)]) if x.shape[0] else fn(x)
 
 
-def train_digit_classifier(images: np.ndarray, labels: np.ndarray, *, epochs: int = 2, batch: int = 128,
-                           seed: int = 0, progress: Callable[[str], None] = print) -> DigitClassifier:
+def train_digit_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: int = 2,
+    batch: int = 128,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+) -> DigitClassifier:
     """Adam, one-cycle learning rate, random 2-pixel shifts; images (N, 28, 28) uint8."""
     torch.manual_seed(seed)
     model = DigitClassifier()
@@ -68,7 +75,7 @@ def train_digit_classifier(images: np.ndarray, labels: np.ndarray, *, epochs: in
     for epoch in range(epochs):
         order = torch.randperm(x.shape[0])
         for i in range(0, x.shape[0], batch):
-            take = order[i:i + batch]
+            take = order[i : i + batch]
             shift = [int(s) for s in torch.randint(-2, 3, (2,))]
             loss = F.cross_entropy(model(torch.roll(x[take], shifts=shift, dims=(2, 3))), y[take])
             optimizer.zero_grad(set_to_none=True)
@@ -95,15 +102,20 @@ def digit_classifier(progress: Callable[[str], None] = print) -> DigitClassifier
             try:
                 model.load_state_dict(tensors)
             except RuntimeError as err:
-                raise CheckpointError(path, f"does not hold the digit classifier ({str(err).splitlines()[0]}); "
-                                            "delete it to train the classifier again") from None
+                raise CheckpointError(
+                    path,
+                    f"does not hold the digit classifier ({str(err).splitlines()[0]}); "
+                    "delete it to train the classifier again",
+                ) from None
             return model.eval()
     progress(f"training the MNIST digit classifier once (cached at {path})")
     model = train_digit_classifier(*load_mnist("train"), progress=progress)
     test_accuracy = accuracy(model, *load_mnist("test"))
     if test_accuracy < MIN_TEST_ACCURACY:
-        raise RuntimeError(f"the digit classifier reached {test_accuracy:.2%} on MNIST test, below "
-                           f"{MIN_TEST_ACCURACY:.0%}; its judgements would not be trustworthy")
+        raise RuntimeError(
+            f"the digit classifier reached {test_accuracy:.2%} on MNIST test, below "
+            f"{MIN_TEST_ACCURACY:.0%}; its judgements would not be trustworthy"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.save(path, model.state_dict(), {"version": CLASSIFIER_VERSION, "test_accuracy": test_accuracy})
     progress(f"digit classifier: {test_accuracy:.2%} on MNIST test")
@@ -133,16 +145,19 @@ def quality(images, model: DigitClassifier, reference_images) -> dict:
     histogram = torch.bincount(probs.argmax(-1), minlength=10)
     features = _batched(model.features, x)
     reference = _batched(model.features, to_digit_batch(reference_images))
-    return {"count": int(x.shape[0]), "confidence": float(probs.max(-1).values.mean()),
-            "histogram": histogram.tolist(),
-            "coverage": int((histogram >= COVERAGE_SHARE * x.shape[0]).sum()) / len(histogram),
-            "frechet_distance": frechet_distance(features, reference)}
+    return {
+        "count": int(x.shape[0]),
+        "confidence": float(probs.max(-1).values.mean()),
+        "histogram": histogram.tolist(),
+        "coverage": int((histogram >= COVERAGE_SHARE * x.shape[0]).sum()) / len(histogram),
+        "frechet_distance": frechet_distance(features, reference),
+    }
 
 
 def reference_quality(model: DigitClassifier, count: int = 1000) -> dict:
     """`quality` of `count` real test digits against `count` other test digits."""
     images, _ = load_mnist("test")
-    return quality(images[:count], model, images[count:2 * count])
+    return quality(images[:count], model, images[count : 2 * count])
 
 
 MAX_REFERENCE = 5000
@@ -160,6 +175,9 @@ def evaluate_samples(images, progress: Callable[[str], None] = print) -> dict:
     model = digit_classifier(progress)
     test, _ = load_mnist("test")
     n = min(count, MAX_REFERENCE)
-    reference = test[len(test) - n:]  # disjoint from the real digits below while n <= 5000
-    return {"samples": quality(images, model, reference), "real": quality(test[:n], model, reference),
-            "reference_count": n}
+    reference = test[len(test) - n :]  # disjoint from the real digits below while n <= 5000
+    return {
+        "samples": quality(images, model, reference),
+        "real": quality(test[:n], model, reference),
+        "reference_count": n,
+    }

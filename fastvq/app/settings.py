@@ -90,8 +90,9 @@ def conforms(value: Any, annotation: Any, depth: int = 0) -> bool:
             ok = isinstance(value, list) and all(conforms(v, item, depth + 1) for v in value)
         elif origin is dict or option is dict:
             item = (typing.get_args(option) or (str, Any))[1]
-            ok = isinstance(value, dict) and all(isinstance(k, str) and conforms(v, item, depth + 1)
-                                                 for k, v in value.items())
+            ok = isinstance(value, dict) and all(
+                isinstance(k, str) and conforms(v, item, depth + 1) for k, v in value.items()
+            )
         else:
             ok = False
         if ok:
@@ -169,18 +170,37 @@ def _threads(name: str, value: Any) -> None:
 
 
 def _betas(name: str, value: Any) -> None:
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or any(
-            isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0 <= b < 1 for b in value):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or any(isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0 <= b < 1 for b in value)
+    ):
         raise ValueError(f"{name} must be two numbers in [0, 1), got {value!r}")
 
 
 RULES: dict[str, Callable[[str, Any], None]] = {
-    "steps": _int(), "batch_size": _int(), "image_size": _int(), "ckpt_every": _int(), "log_every": _int(),
-    "eval_every": _int(), "num_eval": _int(), "resize": _int(), "crop": _int(), "max_images": _int(),
-    "world_size": _int(), "codebook_size": _int(), "codebook_dim": _int(), "workers": _int(0), "threads": _threads,
-    "num": _int(), "seed": _int(0, MAX_SEED),
-    "lr": _positive, "betas": _betas, "holdout": _number(0.0, 1.0, below_maximum=True),
-    "guidance": _number(0.0, MAX_GUIDANCE), "eta": _number(0.0, 1.0),
+    "steps": _int(),
+    "batch_size": _int(),
+    "image_size": _int(),
+    "ckpt_every": _int(),
+    "log_every": _int(),
+    "eval_every": _int(),
+    "num_eval": _int(),
+    "resize": _int(),
+    "crop": _int(),
+    "max_images": _int(),
+    "world_size": _int(),
+    "codebook_size": _int(),
+    "codebook_dim": _int(),
+    "workers": _int(0),
+    "threads": _threads,
+    "num": _int(),
+    "seed": _int(0, MAX_SEED),
+    "lr": _positive,
+    "betas": _betas,
+    "holdout": _number(0.0, 1.0, below_maximum=True),
+    "guidance": _number(0.0, MAX_GUIDANCE),
+    "eta": _number(0.0, 1.0),
     "temperature": lambda name, value: check_sampling(value, None),
     "top_k": lambda name, value: check_sampling(1, value),
 }
@@ -198,7 +218,7 @@ def named(name: str) -> Iterator[None]:
         raise
     except ValueError as err:
         text = str(err)
-        detail = text[len(name):] if text.startswith(name) else f": {text}"
+        detail = text[len(name) :] if text.startswith(name) else f": {text}"
         raise SettingError("{%s}%s" % (name, detail.replace("{", "{{").replace("}", "}}"))) from None
 
 

@@ -29,8 +29,13 @@ from .errors import CheckpointError, SettingError
 from .generators import Generator
 from .settings import conforms, describe
 
-TRAINING_META = {"kind": str, "config": dict[str, Any], "model_config": dict[str, Any], "step": int,
-                 "optimizers": list[Any]}
+TRAINING_META = {
+    "kind": str,
+    "config": dict[str, Any],
+    "model_config": dict[str, Any],
+    "step": int,
+    "optimizers": list[Any],
+}
 """The metadata every training checkpoint holds, and its types ("scaler": None or a mapping, too)."""
 MAX_STEP = 2**53
 
@@ -57,13 +62,21 @@ def save_training_state(
             tensors[f"rng.cuda.{i}"] = state
     for key, values in history.items():
         tensors[f"history.{key}"] = torch.tensor(values, dtype=torch.float64)
-    meta = {"kind": model.kind, "config": config.to_dict(), "model_config": model.config,
-            "step": step, "optimizers": skeletons, "scaler": scaler.state_dict() if scaler else None}
+    meta = {
+        "kind": model.kind,
+        "config": config.to_dict(),
+        "model_config": model.config,
+        "step": step,
+        "optimizers": skeletons,
+        "scaler": scaler.state_dict() if scaler else None,
+    }
     checkpoint.save(path, tensors, meta)
 
 
 def restore_training_state(
-    path: Path, model: VQModel | Generator, optimizers: list[torch.optim.Optimizer],
+    path: Path,
+    model: VQModel | Generator,
+    optimizers: list[torch.optim.Optimizer],
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[int, dict[str, list[float]]]:
     """Load what ``save_training_state`` wrote into ``model``, ``optimizers``, ``scaler`` and the
@@ -73,8 +86,9 @@ def restore_training_state(
     _check_fit(path, model, layout)
     tensors, _ = checkpoint.load(path)
     if len(meta["optimizers"]) != len(optimizers):
-        raise CheckpointError(path, f"holds {len(meta['optimizers'])} optimizer states, this run has "
-                                    f"{len(optimizers)} optimizers")
+        raise CheckpointError(
+            path, f"holds {len(meta['optimizers'])} optimizer states, this run has {len(optimizers)} optimizers"
+        )
     states = []
     for opt, skeleton in zip(optimizers, meta["optimizers"]):
         try:
@@ -86,16 +100,22 @@ def restore_training_state(
     if scaler_state:
         _check_like(path, "scaler state", scaler_state, scaler.state_dict())
     rng = {"rng.torch": torch.get_rng_state()}
-    rng.update({f"rng.cuda.{i}": torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())
-                if f"rng.cuda.{i}" in tensors})
+    rng.update(
+        {
+            f"rng.cuda.{i}": torch.cuda.get_rng_state(i)
+            for i in range(torch.cuda.device_count())
+            if f"rng.cuda.{i}" in tensors
+        }
+    )
     for name, like in rng.items():
         if name not in tensors or tensors[name].dtype != like.dtype or tensors[name].shape != like.shape:
             raise CheckpointError(path, f"has no usable {name} (a {like.dtype} tensor of shape {tuple(like.shape)})")
-    history = {k[len("history."):]: v for k, v in tensors.items() if k.startswith("history.")}
+    history = {k[len("history.") :]: v for k, v in tensors.items() if k.startswith("history.")}
     for key, values in history.items():
         if values.dim() != 1 or len(values) != meta["step"] or not values.dtype.is_floating_point:
-            raise CheckpointError(path, f"has a history.{key} of shape {tuple(values.shape)}, not {meta['step']} "
-                                        "numbers (one per step)")
+            raise CheckpointError(
+                path, f"has a history.{key} of shape {tuple(values.shape)}, not {meta['step']} numbers (one per step)"
+            )
 
     _load_model_state(model, tensors, path)
     for opt, state in zip(optimizers, states):
@@ -115,22 +135,36 @@ def _check_optimizer_state(path: Path, opt: torch.optim.Optimizer, state: Any) -
     parameter ids, settings of the same kinds, per-parameter tensors shaped as their parameter
     (or scalars, as Adam's step)."""
     live = opt.state_dict()
-    if not isinstance(state, dict) or set(state) != {"state", "param_groups"} \
-            or not isinstance(state["param_groups"], list) or not isinstance(state["state"], dict):
+    if (
+        not isinstance(state, dict)
+        or set(state) != {"state", "param_groups"}
+        or not isinstance(state["param_groups"], list)
+        or not isinstance(state["state"], dict)
+    ):
         raise CheckpointError(path, "has a malformed optimizer state (not a state and param_groups mapping)")
     if len(state["param_groups"]) != len(live["param_groups"]):
-        raise CheckpointError(path, f"has {len(state['param_groups'])} optimizer parameter groups, this run "
-                                    f"{len(live['param_groups'])}")
+        raise CheckpointError(
+            path, f"has {len(state['param_groups'])} optimizer parameter groups, this run {len(live['param_groups'])}"
+        )
     params = {}
     for group, live_group, opt_group in zip(state["param_groups"], live["param_groups"], opt.param_groups):
         if not isinstance(group, dict) or group.get("params") != live_group["params"]:
             raise CheckpointError(path, "has optimizer parameter groups that do not fit this model's parameters")
-        _check_like(path, "optimizer setting", {k: v for k, v in group.items() if k in live_group},
-                    {k: v for k, v in live_group.items() if k in group})
+        _check_like(
+            path,
+            "optimizer setting",
+            {k: v for k, v in group.items() if k in live_group},
+            {k: v for k, v in live_group.items() if k in group},
+        )
         params.update(zip(live_group["params"], opt_group["params"]))
     for key, entry in state["state"].items():
-        if key not in params or not isinstance(entry, dict) or not all(
-                isinstance(v, torch.Tensor) and v.shape in (params[key].shape, torch.Size()) for v in entry.values()):
+        if (
+            key not in params
+            or not isinstance(entry, dict)
+            or not all(
+                isinstance(v, torch.Tensor) and v.shape in (params[key].shape, torch.Size()) for v in entry.values()
+            )
+        ):
             raise CheckpointError(path, f"has an optimizer state for parameter {key!r} that does not fit it")
 
 
@@ -142,8 +176,9 @@ def _check_like(path: Path, what: str, given: dict[str, Any], live: dict[str, An
         raise CheckpointError(path, f"has a {what} mapping with other keys than {sorted(live)}")
     for key, value in given.items():
         if not _same_kind(value, live[key]):
-            raise CheckpointError(path, f"has {what} {key} = {checkpoint._short(value)} where this run has "
-                                        f"{live[key]!r}")
+            raise CheckpointError(
+                path, f"has {what} {key} = {checkpoint._short(value)} where this run has {live[key]!r}"
+            )
 
 
 def _same_kind(value: Any, like: Any) -> bool:
@@ -159,7 +194,7 @@ def _same_kind(value: Any, like: Any) -> bool:
 
 
 def _load_model_state(model: VQModel | Generator, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -178,8 +213,11 @@ def _check_fit(path: Path, model: nn.Module, layout: dict[str, tuple[torch.dtype
     found = {k: v for k, v in layout.items() if k.startswith("model.")}
     problems = [f"{k} is missing" for k in sorted(expected.keys() - found.keys())]
     problems += [f"{k} is not in the model" for k in sorted(found.keys() - expected.keys())]
-    problems += [f"{k} is {_layout_text(found[k])} in the file, {_layout_text(expected[k])} in the model"
-                 for k in sorted(expected.keys() & found.keys()) if found[k] != expected[k]]
+    problems += [
+        f"{k} is {_layout_text(found[k])} in the file, {_layout_text(expected[k])} in the model"
+        for k in sorted(expected.keys() & found.keys())
+        if found[k] != expected[k]
+    ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(path, f"does not fit a {_described(model)}: {'; '.join(problems[:3])}{more}")
@@ -196,8 +234,9 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.is_dir():
         return path
     if not (path / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"checkpoint {path}: a folder without {CHECKPOINT} (pass a run folder of "
-                                f"fastvq train or a checkpoint file)")
+        raise FileNotFoundError(
+            f"checkpoint {path}: a folder without {CHECKPOINT} (pass a run folder of fastvq train or a checkpoint file)"
+        )
     return path / CHECKPOINT
 
 
@@ -227,8 +266,9 @@ def _checked_header(path: Path, kind: str | None) -> tuple[dict[str, Any], dict[
         described = {"kind": meta["kind"], "model_config": {**config.model_args, "quantizer": config.quantizer}}
         same = _build(path, described, None, on_meta=True).config == model.config
     if not same:
-        raise CheckpointError(path, "has invalid metadata: its run settings describe another model than its "
-                                    "model_config")
+        raise CheckpointError(
+            path, "has invalid metadata: its run settings describe another model than its model_config"
+        )
     return layout, meta
 
 
@@ -236,10 +276,12 @@ def _check_meta(path: Path, meta: Any, kind: str | None) -> None:
     """The schema of a training checkpoint's metadata (CheckpointError naming what is wrong)."""
     missing = [key for key in TRAINING_META if key not in meta] if isinstance(meta, dict) else list(TRAINING_META)
     if missing:
-        raise CheckpointError(path, f"is not a training checkpoint of the fastvq command (its metadata lacks "
-                                    f"{missing})")
-    wrong = [f"{key} is not {describe(type_)}" for key, type_ in TRAINING_META.items()
-             if not conforms(meta[key], type_)]
+        raise CheckpointError(
+            path, f"is not a training checkpoint of the fastvq command (its metadata lacks {missing})"
+        )
+    wrong = [
+        f"{key} is not {describe(type_)}" for key, type_ in TRAINING_META.items() if not conforms(meta[key], type_)
+    ]
     if not conforms(meta.get("scaler"), dict[str, Any] | None):
         wrong.append("scaler is not none or a mapping")
     if wrong:
@@ -274,15 +316,20 @@ def _check_model_config(kind: str, model_config: dict[str, Any]) -> None:
     fields = {"tokenizer": dict[str, Any], "model_args": dict[str, Any], "shape": list[int], "class_names": list[str]}
     wrong = [key for key, type_ in fields.items() if key not in model_config or not conforms(model_config[key], type_)]
     tokenizer = model_config.get("tokenizer", {})
-    if wrong or set(tokenizer) != {"kind", "model_config"} or tokenizer["kind"] not in MODELS \
-            or not isinstance(tokenizer["model_config"], dict):
+    if (
+        wrong
+        or set(tokenizer) != {"kind", "model_config"}
+        or tokenizer["kind"] not in MODELS
+        or not isinstance(tokenizer["model_config"], dict)
+    ):
         raise ValueError(f"model_config of a {kind} needs {fields} with a tokenizer's kind and model_config")
     _check_model_config(tokenizer["kind"], tokenizer["model_config"])
     check_model_args(kind, model_config["model_args"])
     num_classes = model_config["model_args"].get("num_classes", 0)
     if num_classes != len(model_config["class_names"]):
-        raise ValueError(f"model_config has {len(model_config['class_names'])} class names for num_classes="
-                         f"{num_classes}")
+        raise ValueError(
+            f"model_config has {len(model_config['class_names'])} class names for num_classes={num_classes}"
+        )
 
 
 def _build(path: Path, meta: dict[str, Any], quantizer: str | None, on_meta: bool) -> VQModel | Generator:
@@ -296,8 +343,9 @@ def _build(path: Path, meta: dict[str, Any], quantizer: str | None, on_meta: boo
             args = {k: v for k, v in meta["model_config"].items() if k != "quantizer"}
             return build_model(meta["kind"], args, quantizer or meta["model_config"]["quantizer"])
     except refused as err:
-        raise CheckpointError(path, f"describes a {meta['kind']} that cannot be built: "
-                                    f"{str(err).splitlines()[0]}") from None
+        raise CheckpointError(
+            path, f"describes a {meta['kind']} that cannot be built: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def load_model(

@@ -22,7 +22,6 @@ def make_optimizers(model: VQModel, config: RunConfig) -> list[torch.optim.Optim
     return [torch.optim.Adam(model.parameters(), **adam)]
 
 
-
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16 (its small range needs a scaled loss); None otherwise."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None

@@ -23,7 +23,10 @@ from .step import make_optimizers, make_scaler, train_step
 
 
 def train(
-    config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+    config: RunConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
     tensorboard: bool | None = None,
 ) -> dict[str, Any]:
     """Train a tokenizer per ``config``, writing to ``out_dir``: checkpoint.safetensors (every
@@ -40,8 +43,12 @@ def train(
 
 def eval_entries(metrics: dict[str, float]) -> dict[str, float]:
     """The history entries of ``evaluate``'s metrics: eval_psnr, eval_ssim, eval_usage, eval_perplexity."""
-    return {"eval_psnr": metrics["psnr"], "eval_ssim": metrics["ssim"], "eval_usage": metrics["codebook_usage"],
-            "eval_perplexity": metrics["perplexity"]}
+    return {
+        "eval_psnr": metrics["psnr"],
+        "eval_ssim": metrics["ssim"],
+        "eval_usage": metrics["codebook_usage"],
+        "eval_perplexity": metrics["perplexity"],
+    }
 
 
 class TokenizerTraining(loop.TrainingTask):
@@ -54,11 +61,15 @@ class TokenizerTraining(loop.TrainingTask):
     @classmethod
     def check(cls, config: RunConfig) -> None:
         if config.model not in MODELS:
-            raise SettingError("{model} must be one of {choices} here, got {value!r}", choices=", ".join(MODELS),
-                               value=config.model)
+            raise SettingError(
+                "{model} must be one of {choices} here, got {value!r}", choices=", ".join(MODELS), value=config.model
+            )
         if config.precision not in PRECISIONS:
-            raise SettingError("{precision} must be one of {choices}, got {value!r}", choices=", ".join(PRECISIONS),
-                               value=config.precision)
+            raise SettingError(
+                "{precision} must be one of {choices}, got {value!r}",
+                choices=", ".join(PRECISIONS),
+                value=config.precision,
+            )
         if config.lpips_weights and config.model != "vqgan":
             raise SettingError("{lpips_weights} applies to {model} vqgan only, not {value}", value=config.model)
 
@@ -84,9 +95,17 @@ class TokenizerTraining(loop.TrainingTask):
         """(B, 3, H, W) float32 model inputs on the run's device: this process's share of each batch."""
         share = self.config.batch_size // self.run.ranks.world
         rank = self.run.ranks.rank
-        loader = iter(batch_loader(self.dataset, start, self.config.steps, self.config.batch_size, self.workers,
-                                   pin_memory=self.run.device.type == "cuda",
-                                   items=range(rank * share, (rank + 1) * share)))  # starts its processes now
+        loader = iter(
+            batch_loader(
+                self.dataset,
+                start,
+                self.config.steps,
+                self.config.batch_size,
+                self.workers,
+                pin_memory=self.run.device.type == "cuda",
+                items=range(rank * share, (rank + 1) * share),
+            )
+        )  # starts its processes now
         return (self._model_input(*batch) for batch in loader)
 
     def _model_input(self, images: torch.Tensor | None, error: SettingError | None) -> torch.Tensor:
@@ -95,16 +114,18 @@ class TokenizerTraining(loop.TrainingTask):
         return to_model_input(images.to(self.run.device, non_blocking=True))
 
     def step(self, step: int, x: torch.Tensor) -> dict[str, float]:
-        logs, self._indices, reconstruction = train_step(self.model, self.optimizers, x, step, self.perceptual,
-                                                         precision=self.config.precision, scaler=self.scaler)
+        logs, self._indices, reconstruction = train_step(
+            self.model, self.optimizers, x, step, self.perceptual, precision=self.config.precision, scaler=self.scaler
+        )
         logs["psnr"] = batch_psnr(x, reconstruction)
         return logs
 
     def agree(self, logs: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
         """The logs averaged over the processes, plus ``usage``: the fraction of codes used in the
         global batch."""
-        logs, logs["usage"], stopping = distributed.agree(self.run.ranks, logs, self._indices,
-                                                          self.model.codebook_size, stop)
+        logs, logs["usage"], stopping = distributed.agree(
+            self.run.ranks, logs, self._indices, self.model.codebook_size, stop
+        )
         return logs, stopping
 
     def evaluate(self, step: int | None) -> tuple[dict[str, float], tuple]:
@@ -118,13 +139,18 @@ class TokenizerTraining(loop.TrainingTask):
         metrics, inputs, recons, _ = result
         if step is not None and self.run.ranks.main:
             (self.run.out / "samples").mkdir(parents=True, exist_ok=True)
-            grid = report.save_grid(inputs, recons, self.run.out / "samples" / f"step_{step:07d}.png",
-                                    title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB")
+            grid = report.save_grid(
+                inputs,
+                recons,
+                self.run.out / "samples" / f"step_{step:07d}.png",
+                title=f"step {step}: held-out PSNR {metrics['psnr']:.2f} dB",
+            )
             self.run.log.images(step, {"reconstructions": grid})
         return eval_entries(metrics), result
 
-    def finish(self, evaluation: tuple, history: dict[str, list[float]], timing: dict[str, Any],
-               logged: bool) -> dict[str, Any]:
+    def finish(
+        self, evaluation: tuple, history: dict[str, list[float]], timing: dict[str, Any], logged: bool
+    ) -> dict[str, Any]:
         """reconstructions.png, loss.png, codebook_usage.png; the metrics with the quantizer's share
         of the step time."""
         self.timer.close()

@@ -47,8 +47,9 @@ class VQModel(nn.Module):
             config["quantizer"] = None
         else:
             name = quantizer or "fastvq"
-            self.quantizer = make_quantizer(name, config["codebook_dim"], config["codebook_size"],
-                                            **{key: config[key] for key in QUANTIZER_ARGS})
+            self.quantizer = make_quantizer(
+                name, config["codebook_dim"], config["codebook_size"], **{key: config[key] for key in QUANTIZER_ARGS}
+            )
             config["quantizer"] = name
         self.config = config
         self.codebook_size = config["codebook_size"]
@@ -92,8 +93,7 @@ class VQModel(nn.Module):
         """indices (B, h, w) int -> images (B, 3, h*f, w*f) float32 in about [-1, 1]."""
         if indices.min() < 0 or indices.max() >= self.codebook_size:
             raise ValueError(
-                f"indices must lie in [0, {self.codebook_size}), got "
-                f"[{int(indices.min())}, {int(indices.max())}]"
+                f"indices must lie in [0, {self.codebook_size}), got [{int(indices.min())}, {int(indices.max())}]"
             )
         b, h, w = indices.shape
         codes = self.quantizer.get_output_from_indices(indices.reshape(b, h * w).long())

@@ -15,18 +15,29 @@ bits."""
 
 def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
     """``value`` must be an int (not a bool) in [minimum, maximum]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum \
-            or (maximum is not None and value > maximum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be an int {bound}, got {value!r}")
 
 
-def check_number(name: str, value: Any, minimum: float = -math.inf, maximum: float = math.inf, *,
-                 below_maximum: bool = False) -> None:
+def check_number(
+    name: str, value: Any, minimum: float = -math.inf, maximum: float = math.inf, *, below_maximum: bool = False
+) -> None:
     """``value`` must be a finite real number (not a bool) in [minimum, maximum] ([minimum,
     maximum) with ``below_maximum``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value < minimum or value > maximum or (below_maximum and value == maximum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < minimum
+        or value > maximum
+        or (below_maximum and value == maximum)
+    ):
         if math.isinf(maximum):
             bound = "" if math.isinf(minimum) else f" >= {minimum:g}"
         else:

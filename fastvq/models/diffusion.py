@@ -78,8 +78,15 @@ class NoiseSchedule(nn.Module):
         a = self._alpha(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def ddim_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-                  eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def ddim_step(
+        self,
+        x_t: torch.Tensor,
+        eps: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        eta: float = 0.0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One DDIM update from step t to t_prev (< t; -1 ends at x_0) given the predicted noise:
         x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), then
         x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s noise with
@@ -173,8 +180,16 @@ class LatentDiffusion(nn.Module):
     the tokenizer's units.
     """
 
-    def __init__(self, channels: int, *, width: int = 64, num_classes: int = 0, steps: int = 1000,
-                 schedule: str = "linear", label_dropout: float = 0.1):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        width: int = 64,
+        num_classes: int = 0,
+        steps: int = 1000,
+        schedule: str = "linear",
+        label_dropout: float = 0.1,
+    ):
         super().__init__()
         check_number("label_dropout", label_dropout, 0.0, 1.0, below_maximum=True)
         self.channels, self.num_classes, self.label_dropout = channels, num_classes, label_dropout
@@ -194,10 +209,15 @@ class LatentDiffusion(nn.Module):
     def _check(self, latents: torch.Tensor, labels: torch.Tensor | None) -> None:
         if latents.dim() != 4 or latents.shape[1] != self.channels:
             raise ValueError(f"latents must have shape (B, {self.channels}, H, W), got {tuple(latents.shape)}")
-        if labels is not None and (not self.num_classes or labels.shape != latents.shape[:1]
-                                   or bool(((labels < 0) | (labels >= self.num_classes)).any())):
-            raise ValueError(f"labels must be a (B,) tensor in [0, num_classes={self.num_classes}) (and only for "
-                             f"a model with classes), got {tuple(labels.shape)}")
+        if labels is not None and (
+            not self.num_classes
+            or labels.shape != latents.shape[:1]
+            or bool(((labels < 0) | (labels >= self.num_classes)).any())
+        ):
+            raise ValueError(
+                f"labels must be a (B,) tensor in [0, num_classes={self.num_classes}) (and only for "
+                f"a model with classes), got {tuple(labels.shape)}"
+            )
 
     def loss(self, latents: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self._check(latents, labels)
@@ -210,8 +230,17 @@ class LatentDiffusion(nn.Module):
         return F.mse_loss(self.denoiser(self.schedule.add_noise(x0, noise, t), t, labels), noise)
 
     @torch.no_grad()
-    def sample(self, num: int, size: tuple[int, int], *, steps: int | None = None, labels: torch.Tensor | None = None,
-               guidance: float = 1.0, eta: float = 0.0, seed: int | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        num: int,
+        size: tuple[int, int],
+        *,
+        steps: int | None = None,
+        labels: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        eta: float = 0.0,
+        seed: int | None = None,
+    ) -> torch.Tensor:
         """num latents (num, C, *size) by DDIM over `steps` evenly spaced steps (None: SAMPLE_STEPS, at
         most the schedule's); guidance w > 1
         extrapolates from the unconditional prediction (eps_u + w (eps_c - eps_u)), w in [0,

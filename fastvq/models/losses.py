@@ -25,8 +25,9 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, num_layers + 1):
             prev, mult = mult, min(2**n, 8)
             layers += [
-                nn.Conv2d(channels * prev, channels * mult, 4, stride=2 if n < num_layers else 1,
-                          padding=1, bias=False),
+                nn.Conv2d(
+                    channels * prev, channels * mult, 4, stride=2 if n < num_layers else 1, padding=1, bias=False
+                ),
                 nn.BatchNorm2d(channels * mult),
                 nn.LeakyReLU(0.2),
             ]
@@ -48,9 +49,7 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def adaptive_weight(
-    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor
-) -> torch.Tensor:
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
     """lambda = ||grad rec_loss|| / (||grad g_loss|| + 1e-4) at ``last_layer``, clamped to
     [0, 1e4] and detached: a 0-d float32 tensor. Both losses must still have their graphs."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]

@@ -77,8 +77,7 @@ class LPIPS(nn.Module):
         for key, value in expected.items():
             if state[key].shape != value.shape:
                 raise ValueError(
-                    f"LPIPS weights {path}: {key} has shape {tuple(state[key].shape)}, "
-                    f"expected {tuple(value.shape)}"
+                    f"LPIPS weights {path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}"
                 )
         model.load_state_dict({key: state[key] for key in expected})
         return model

@@ -49,8 +49,9 @@ class _Attention(nn.Module):
             if cache:
                 k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
             cache[:] = [k, v]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=cache is None, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.out(out.transpose(1, 2).reshape(batch, steps, dim))
 
 
@@ -83,9 +84,21 @@ class CodePrior(nn.Module):
     sample(num, ...) -> codes (num, *grid) int64.
     """
 
-    def __init__(self, num_codes: int, grid: tuple[int, ...] | int, *, dim: int = 256, depth: int = 6,
-                 heads: int = 8, mlp_ratio: float = 4.0, num_classes: int = 0, dropout: float = 0.0,
-                 codebook: torch.Tensor | None = None, backend: str = "auto", precision: str | None = None):
+    def __init__(
+        self,
+        num_codes: int,
+        grid: tuple[int, ...] | int,
+        *,
+        dim: int = 256,
+        depth: int = 6,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        dropout: float = 0.0,
+        codebook: torch.Tensor | None = None,
+        backend: str = "auto",
+        precision: str | None = None,
+    ):
         super().__init__()
         self.grid = (grid,) if isinstance(grid, int) else tuple(grid)
         if not self.grid or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in self.grid):
@@ -117,8 +130,10 @@ class CodePrior(nn.Module):
     def _start(self, batch: int, labels: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         if self.num_classes:
             if labels is None or labels.shape != (batch,) or labels.dtype.is_floating_point:
-                raise ValueError(f"labels must be an integer tensor of shape ({batch},) for a prior with "
-                                 f"num_classes={self.num_classes}, got {labels if labels is None else labels.shape}")
+                raise ValueError(
+                    f"labels must be an integer tensor of shape ({batch},) for a prior with "
+                    f"num_classes={self.num_classes}, got {labels if labels is None else labels.shape}"
+                )
             if bool(((labels < 0) | (labels >= self.num_classes)).any()):
                 raise ValueError(f"labels must be in [0, num_classes={self.num_classes})")
             return self.start(labels.to(device))
@@ -127,11 +142,16 @@ class CodePrior(nn.Module):
         return self.start.weight[0].expand(batch, -1)
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dim() < 2 \
-                or tuple(codes.shape[1:]) != self.grid:
+        if (
+            not isinstance(codes, torch.Tensor)
+            or codes.dtype.is_floating_point
+            or codes.dim() < 2
+            or tuple(codes.shape[1:]) != self.grid
+        ):
             got = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
-            raise ValueError(f"codes must be an integer tensor of shape (B, {', '.join(map(str, self.grid))}), "
-                             f"got {got}")
+            raise ValueError(
+                f"codes must be an integer tensor of shape (B, {', '.join(map(str, self.grid))}), got {got}"
+            )
         flat = codes.reshape(codes.shape[0], -1).long()
         if bool(((flat < 0) | (flat >= self.num_codes)).any()):
             raise ValueError(f"codes must be in [0, num_codes={self.num_codes})")
@@ -151,9 +171,16 @@ class CodePrior(nn.Module):
         return self.head.loss(self.hidden_states(codes, labels), flat).mean()
 
     @torch.no_grad()
-    def sample(self, num: int, *, labels: torch.Tensor | None = None, temperature: float = 1.0,
-               top_k: int | None = None, seed: int | None = None, device: torch.device | str | None = None
-               ) -> torch.Tensor:
+    def sample(
+        self,
+        num: int,
+        *,
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
         """Draw `num` code grids position by position (a key/value cache per block): codes
         (num, *grid) int64. temperature 0 takes the most likely code, else draws from
         softmax(logits / temperature) (see `check_sampling`), among the top_k most likely codes
@@ -171,7 +198,8 @@ class CodePrior(nn.Module):
             for block, cache in zip(self.blocks, caches):
                 h = block(h, cache)
             step_seed = int(torch.randint(0, 2**62, (), generator=generator))
-            codes[:, t] = self.head.sample(self.to_head(self.norm(h))[:, 0], temperature=temperature, top_k=top_k,
-                                           seed=step_seed)
+            codes[:, t] = self.head.sample(
+                self.to_head(self.norm(h))[:, 0], temperature=temperature, top_k=top_k, seed=step_seed
+            )
             x = self.code_embed(codes[:, t]).unsqueeze(1)
         return codes.view(num, *self.grid)

@@ -72,15 +72,21 @@ def fsq_levels(codebook_size: int) -> list[int]:
     def splits(n: int, parts: int, largest: int) -> list[list[int]]:
         if parts == 0:
             return [[]] if n == 1 else []
-        return [[f, *rest] for f in range(min(largest, n), low - 1, -1) if n % f == 0
-                for rest in splits(n // f, parts - 1, f)]
+        return [
+            [f, *rest]
+            for f in range(min(largest, n), low - 1, -1)
+            if n % f == 0
+            for rest in splits(n // f, parts - 1, f)
+        ]
 
     if isinstance(codebook_size, int) and codebook_size >= low:
         for parts in range(1, codebook_size.bit_length()):
             if found := splits(codebook_size, parts, high):
                 return min(found, key=lambda levels: (levels[0] - levels[-1], [-f for f in levels]))
-    raise ValueError(f"quantizer 'fsq' needs a codebook_size that is a product of levels in [{low}, {high}], got "
-                     f"{codebook_size!r}; for example 512 ([8, 8, 8]), 1000 ([8, 5, 5, 5]) or 4096 ([8, 8, 8, 8])")
+    raise ValueError(
+        f"quantizer 'fsq' needs a codebook_size that is a product of levels in [{low}, {high}], got "
+        f"{codebook_size!r}; for example 512 ([8, 8, 8]), 1000 ([8, 5, 5, 5]) or 4096 ([8, 8, 8, 8])"
+    )
 
 
 class FSQQuantizer(nn.Module):
@@ -126,8 +132,9 @@ def make_quantizer(
     if name == "fsq":
         return FSQQuantizer(dim, codebook_size)
     if name in WITHOUT_EMA:
-        settings = dict(rotation_trick=rotation_trick, kmeans_init=kmeans_init,
-                        threshold_ema_dead_code=threshold_ema_dead_code)
+        settings = dict(
+            rotation_trick=rotation_trick, kmeans_init=kmeans_init, threshold_ema_dead_code=threshold_ema_dead_code
+        )
         used = [key for key in WITHOUT_EMA[name] if settings[key]]
         if used:
             raise ValueError(
@@ -135,8 +142,12 @@ def make_quantizer(
                 "quantizer 'fastvq' or 'vector-quantize-pytorch'"
             )
         if name == "simvq":  # beta weighs the commitment of the input, as in taming's loss
-            return SimVQ(dim, codebook_size, rotation_trick=rotation_trick,
-                         input_to_quantize_commit_loss_weight=commitment_weight)
+            return SimVQ(
+                dim,
+                codebook_size,
+                rotation_trick=rotation_trick,
+                input_to_quantize_commit_loss_weight=commitment_weight,
+            )
         return TamingQuantizer(dim, codebook_size, commitment_weight)
     if name == "fastvq":
         layer = VectorQuantize

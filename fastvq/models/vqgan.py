@@ -105,16 +105,14 @@ class Encoder(nn.Module):
     """(B, in_channels, H, W) -> (B, z_channels, H/2^(L-1), W/2^(L-1)) with L = len(ch_mult);
     attention in the last ``num_attn_levels`` levels and the middle."""
 
-    def __init__(self, in_channels, channels, ch_mult, num_res_blocks, num_attn_levels,
-                 z_channels, dropout, groups):
+    def __init__(self, in_channels, channels, ch_mult, num_res_blocks, num_attn_levels, z_channels, dropout, groups):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         levels = len(ch_mult)
         self.levels = nn.ModuleList()
         c_in = channels
         for i, mult in enumerate(ch_mult):
-            level = _level(c_in, channels * mult, num_res_blocks, i >= levels - num_attn_levels,
-                           dropout, groups)
+            level = _level(c_in, channels * mult, num_res_blocks, i >= levels - num_attn_levels, dropout, groups)
             c_in = channels * mult
             if i < levels - 1:
                 level.append(Downsample(c_in))
@@ -135,8 +133,7 @@ class Decoder(nn.Module):
     """(B, z_channels, h, w) -> (B, out_channels, h*2^(L-1), w*2^(L-1)); mirror of Encoder with
     ``num_res_blocks + 1`` blocks per level. ``conv_out`` is the layer of the adaptive weight."""
 
-    def __init__(self, out_channels, channels, ch_mult, num_res_blocks, num_attn_levels,
-                 z_channels, dropout, groups):
+    def __init__(self, out_channels, channels, ch_mult, num_res_blocks, num_attn_levels, z_channels, dropout, groups):
         super().__init__()
         levels = len(ch_mult)
         c_in = channels * ch_mult[-1]
@@ -144,8 +141,9 @@ class Decoder(nn.Module):
         self.mid = _mid(c_in, dropout, groups)
         self.levels = nn.ModuleList()
         for i in reversed(range(levels)):
-            level = _level(c_in, channels * ch_mult[i], num_res_blocks + 1,
-                           i >= levels - num_attn_levels, dropout, groups)
+            level = _level(
+                c_in, channels * ch_mult[i], num_res_blocks + 1, i >= levels - num_attn_levels, dropout, groups
+            )
             c_in = channels * ch_mult[i]
             if i > 0:
                 level.append(Upsample(c_in))
@@ -205,8 +203,13 @@ class VQGAN(VQModel):
         ch_mult = [int(m) for m in ch_mult]
         config = {k: v for k, v in locals().items() if k not in ("self", "quantizer", "__class__", "m")}
         super().__init__(config, quantizer)
-        for name, value in (("in_channels", in_channels), ("channels", channels), ("z_channels", z_channels),
-                            ("norm_groups", norm_groups), ("disc_channels", disc_channels)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("channels", channels),
+            ("z_channels", z_channels),
+            ("norm_groups", norm_groups),
+            ("disc_channels", disc_channels),
+        ):
             check_int(name, value)
         check_int("num_res_blocks", num_res_blocks, 1, MAX_BLOCKS)
         check_int("disc_layers", disc_layers, 1, MAX_LEVELS)

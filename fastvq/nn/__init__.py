@@ -23,7 +23,26 @@ from .sim_vq import ResidualSimVQ, SimVQ
 from .token_quantizer import LearnedCodebook, TokenCodes, TokenQuantizer
 from .vector_quantize import LossBreakdown, VectorQuantize
 
-__all__ = ["CodeHead", "Codebook", "FSP", "FSQ", "GroupedResidualFSQ", "GroupedResidualVQ", "HierarchicalVQ", "IBQ",
-           "IBQLossBreakdown", "LatentQuantize", "LearnedCodebook", "LossBreakdown", "RandomProjectionQuantizer",
-           "ResidualFSQ", "ResidualSimVQ", "ResidualVQ", "Sequential", "SimVQ", "TokenCodes",
-           "TokenQuantizer", "VectorQuantize"]
+__all__ = [
+    "CodeHead",
+    "Codebook",
+    "FSP",
+    "FSQ",
+    "GroupedResidualFSQ",
+    "GroupedResidualVQ",
+    "HierarchicalVQ",
+    "IBQ",
+    "IBQLossBreakdown",
+    "LatentQuantize",
+    "LearnedCodebook",
+    "LossBreakdown",
+    "RandomProjectionQuantizer",
+    "ResidualFSQ",
+    "ResidualSimVQ",
+    "ResidualVQ",
+    "Sequential",
+    "SimVQ",
+    "TokenCodes",
+    "TokenQuantizer",
+    "VectorQuantize",
+]

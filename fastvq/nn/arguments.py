@@ -72,8 +72,13 @@ class Spec:
 
     def _accepts_one(self, value) -> bool:
         kind = numbers.Real if self.kind == "number" else int
-        return (not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
-                and self.low <= value <= self.high and not (self.positive and value == self.low))
+        return (
+            not isinstance(value, bool)
+            and isinstance(value, kind)
+            and math.isfinite(value)
+            and self.low <= value <= self.high
+            and not (self.positive and value == self.low)
+        )
 
 
 def _int(meaning: str, low: int = 1, **kwargs) -> Spec:
@@ -94,8 +99,10 @@ ARGUMENTS: dict[str, Spec] = {
     "codebook_size": _int("number of codes K in a codebook"),
     "codebook_dim": _int("size of a code (None: dim, or dim / heads per head)", optional=True),
     "heads": _int("heads a token is split into, each quantized on its own"),
-    "num_codebooks": _int("codebooks of a token quantizer: 1 (shared by every head) or one per head; of a "
-                          "scalar quantizer: groups of len(levels) channels a token is split into"),
+    "num_codebooks": _int(
+        "codebooks of a token quantizer: 1 (shared by every head) or one per head; of a "
+        "scalar quantizer: groups of len(levels) channels a token is split into"
+    ),
     "num_quantizers": _int("residual stages (None: one per entry of a codebook_size tuple)", optional=True),
     "groups": _int("independent residual quantizers, each on dim / groups channels"),
     "num_codes": _int("codes (output classes) of a CodeHead"),
@@ -110,8 +117,7 @@ ARGUMENTS: dict[str, Spec] = {
     # losses and sampling
     "commitment_weight": _number("weight of the commitment loss"),
     "orthogonal_reg_weight": _number("weight of the orthogonal regularisation of the codes"),
-    "orthogonal_reg_max_codes": _int("codes sampled for the orthogonal regularisation (None: all)",
-                                     optional=True),
+    "orthogonal_reg_max_codes": _int("codes sampled for the orthogonal regularisation (None: all)", optional=True),
     "sample_codebook_temp": _number("temperature of stochastic code sampling (0: the nearest code)"),
     "topk": _int("candidates returned per token (capped at codebook_size; at most 16)"),
     # residual quantization
@@ -130,8 +136,11 @@ ARGUMENTS: dict[str, Spec] = {
     "quantization_loss_weight": _number("weight of LatentQuantize's quantization loss"),
     "quantize_rate": _number("fraction of FSP values quantized in training (the rest perturbed)", high=1.0),
     "act_name": Spec("choice", "FSP's CDF activation", choices=("tanh", "sigmoid", "normal", "laplace", "cauchy")),
-    "vector_norm": Spec("choice", "FSP's preset of moment targets for its norm loss",
-                        choices=("none", "var", "kurt", "var_tanh", "var_sigmoid", "var_laplace")),
+    "vector_norm": Spec(
+        "choice",
+        "FSP's preset of moment targets for its norm loss",
+        choices=("none", "var", "kurt", "var_tanh", "var_sigmoid", "var_laplace"),
+    ),
     # SimVQ
     "frozen_codebook_dim": _int("size of SimVQ's frozen codes (None: dim)", optional=True),
     "input_to_quantize_commit_loss_weight": _number("weight of SimVQ's commitment of the input to its code"),
@@ -167,8 +176,9 @@ def check_arguments(**values) -> None:
         if spec.accepts(value):
             continue
         if spec.kind == "unsupported":
-            raise NotImplementedError(f"fastvq does not implement {name}={value!r}, only {spec.default!r} "
-                                      f"({name}: {spec.meaning})")
+            raise NotImplementedError(
+                f"fastvq does not implement {name}={value!r}, only {spec.default!r} ({name}: {spec.meaning})"
+            )
         raise ValueError(f"{name} must be {spec.expected()}, got {value!r} ({name}: {spec.meaning})")
 
 
@@ -188,6 +198,7 @@ def check_exclusive(**flags) -> None:
 # tensors
 # ---------------------------------------------------------------------------------------------
 
+
 def describe(t) -> str:
     """dtype and shape of a tensor, or the type of anything else (for error messages)."""
     return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -195,5 +206,9 @@ def describe(t) -> str:
 
 def is_integer_tensor(t) -> bool:
     """A tensor of an integer dtype (not bool, float or complex)."""
-    return isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and not t.dtype.is_complex \
+    return (
+        isinstance(t, torch.Tensor)
+        and not t.dtype.is_floating_point
+        and not t.dtype.is_complex
         and t.dtype != torch.bool
+    )

@@ -24,8 +24,9 @@ class CodeHead(nn.Module):
     to the ops (see `fastvq.nearest_code`).
     """
 
-    def __init__(self, dim: int, num_codes: int, *, bias: bool = True, backend: str = "auto",
-                 precision: str | None = None):
+    def __init__(
+        self, dim: int, num_codes: int, *, bias: bool = True, backend: str = "auto", precision: str | None = None
+    ):
         super().__init__()
         check_arguments(dim=dim, num_codes=num_codes)
         check_backend(backend)
@@ -53,13 +54,15 @@ class CodeHead(nn.Module):
         rows, codes = self._operands(hidden)
         if targets.shape != hidden.shape[:-1]:
             raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
-        loss = code_cross_entropy(rows, codes, targets.reshape(-1), metric="dot", precision=self.precision,
-                                  backend=self.backend)
+        loss = code_cross_entropy(
+            rows, codes, targets.reshape(-1), metric="dot", precision=self.precision, backend=self.backend
+        )
         return loss.reshape(targets.shape)
 
     @torch.no_grad()
-    def sample(self, hidden: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-               seed: int | None = None) -> torch.Tensor:
+    def sample(
+        self, hidden: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, seed: int | None = None
+    ) -> torch.Tensor:
         """One code per row of hidden (..., dim) -> (...) int64, drawn from softmax((h W^T + b) / T):
         temperature <= 0 takes the most likely code; top_k (<= 16) draws among the k most likely
         only. seed (int) makes the draw reproducible; None draws it from torch's generator."""
@@ -67,11 +70,19 @@ class CodeHead(nn.Module):
         if temperature <= 0:
             indices = nearest_code(rows, codes, metric="dot", precision=self.precision, backend=self.backend)[0]
         elif top_k is None:
-            indices = sample_code(rows, codes, temperature=temperature, metric="dot", seed=seed,
-                                  precision=self.precision, backend=self.backend)
+            indices = sample_code(
+                rows,
+                codes,
+                temperature=temperature,
+                metric="dot",
+                seed=seed,
+                precision=self.precision,
+                backend=self.backend,
+            )
         else:
-            candidates, distances = topk_codes(rows, codes, top_k, metric="dot", precision=self.precision,
-                                               backend=self.backend)
+            candidates, distances = topk_codes(
+                rows, codes, top_k, metric="dot", precision=self.precision, backend=self.backend
+            )
             probs = torch.softmax(-distances / temperature, dim=-1)  # distance = -logit
             generator = None
             if seed is not None:

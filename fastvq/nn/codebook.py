@@ -41,13 +41,35 @@ class Codebook(TokenQuantizer):
     (`.to(torch.bfloat16)`, `.half()`) moves the buffers but keeps them fp32.
     """
 
-    def __init__(self, dim: int, codebook_size: int, num_codebooks: int = 1, *, metric: str = "l2",
-                 kmeans_init: bool = False, kmeans_iters: int = 10, sync_kmeans: bool = True, decay: float = 0.8,
-                 eps: float = 1e-5, threshold_ema_dead_code: float = 0, sync_codebook: bool = False,
-                 learnable_codebook: bool = False, ema_update: bool = True, manual_ema_update: bool = False,
-                 precision: str | None = None, backend: str = "auto"):
-        super().__init__(dim, codebook_size, num_codebooks, metric=metric, precision=precision, backend=backend,
-                         sync_codebook=sync_codebook)
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        num_codebooks: int = 1,
+        *,
+        metric: str = "l2",
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        sync_kmeans: bool = True,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        threshold_ema_dead_code: float = 0,
+        sync_codebook: bool = False,
+        learnable_codebook: bool = False,
+        ema_update: bool = True,
+        manual_ema_update: bool = False,
+        precision: str | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            dim,
+            codebook_size,
+            num_codebooks,
+            metric=metric,
+            precision=precision,
+            backend=backend,
+            sync_codebook=sync_codebook,
+        )
         check_arguments(decay=decay, eps=eps, threshold_ema_dead_code=threshold_ema_dead_code)
         if kmeans_init:
             check_arguments(kmeans_iters=kmeans_iters)
@@ -78,8 +100,7 @@ class Codebook(TokenQuantizer):
 
     def _apply(self, fn, recurse=True):
         """Module.to / .half() / .bfloat16() move the buffers but keep the EMA state in fp32."""
-        before = {name: buf for name, buf in self._buffers.items()
-                  if buf is not None and buf.is_floating_point()}
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.is_floating_point()}
         super()._apply(fn, recurse)
         for name, buf in before.items():
             moved = self._buffers[name]
@@ -118,15 +139,30 @@ class Codebook(TokenQuantizer):
         if sync:
             distributed.all_reduce_sum_(num_valid)
         if bool((num_valid == 0).any()):
-            warnings.warn("k-means init received no finite, unmasked vector for some codebook; the "
-                          "codebook stays uninitialised until a later batch", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "k-means init received no finite, unmasked vector for some codebook; the "
+                "codebook stays uninitialised until a later batch",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return
         if bool((num_valid < self.codebook_size).any()):
-            warnings.warn(f"k-means init received {int(num_valid.min())} vectors for a codebook of "
-                          f"{self.codebook_size} codes: some initial means are duplicates",
-                          RuntimeWarning, stacklevel=3)
-        means, counts = kmeans(rows, valid, self.codebook_size, self.kmeans_iters, metric=self.metric, sync=sync,
-                               precision=self.precision, backend=self.backend)
+            warnings.warn(
+                f"k-means init received {int(num_valid.min())} vectors for a codebook of "
+                f"{self.codebook_size} codes: some initial means are duplicates",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        means, counts = kmeans(
+            rows,
+            valid,
+            self.codebook_size,
+            self.kmeans_iters,
+            metric=self.metric,
+            sync=sync,
+            precision=self.precision,
+            backend=self.backend,
+        )
         self.embed_avg.copy_(means * counts.unsqueeze(-1))
         self.cluster_size.copy_(counts)
         self.update_ema()
@@ -138,8 +174,16 @@ class Codebook(TokenQuantizer):
     # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def update_(self, tokens: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None, *,
-                ema_update: bool | None = None, weight: EmaWeight = None, accumulate: bool = False) -> None:
+    def update_(
+        self,
+        tokens: torch.Tensor,
+        indices: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        ema_update: bool | None = None,
+        weight: EmaWeight = None,
+        accumulate: bool = False,
+    ) -> None:
         """One EMA step on a batch (what vector-quantize-pytorch does after each training forward).
 
         tokens (H, N, D) any float dtype, indices (H, N) int64 (-1: skip), mask (N,) bool or None;
@@ -156,9 +200,13 @@ class Codebook(TokenQuantizer):
         """
         ema_update = self.ema_update if ema_update is None else ema_update
         rows, keep, num_nonfinite = self._usable_rows(tokens, mask)
-        counts, sums = self._batch_statistics_(rows, self._rows(self._check_indices(indices, tokens)), keep,
-                                               num_nonfinite,
-                                               with_sums=bool(ema_update or self.threshold_ema_dead_code))
+        counts, sums = self._batch_statistics_(
+            rows,
+            self._rows(self._check_indices(indices, tokens)),
+            keep,
+            num_nonfinite,
+            with_sums=bool(ema_update or self.threshold_ema_dead_code),
+        )
         if sums is None:
             return
         if callable(weight):
@@ -187,8 +235,10 @@ class Codebook(TokenQuantizer):
         if weight.dim() == 1:
             weight = weight.unsqueeze(0)
         if weight.dim() != 2 or weight.shape[1] != shape[1] or weight.shape[0] not in (1, shape[0]):
-            raise ValueError(f"ema_update_weight must be a float, a tensor of shape ({shape[1]},) or "
-                             f"{shape}, or a callable returning one; got shape {tuple(weight.shape)}")
+            raise ValueError(
+                f"ema_update_weight must be a float, a tensor of shape ({shape[1]},) or "
+                f"{shape}, or a callable returning one; got shape {tuple(weight.shape)}"
+            )
         return (1.0 - self.decay) * weight.to(self.cluster_size)
 
     @torch.no_grad()

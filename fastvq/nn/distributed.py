@@ -22,7 +22,7 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
     dist.all_reduce(flat)
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 

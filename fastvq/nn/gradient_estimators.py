@@ -29,7 +29,7 @@ def _rotation(src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, ...]:
     src_tgt = (src * tgt).sum(-1, keepdim=True)
     src_safe, tgt_safe = src_norm.clamp_min(SAFE_DIV_EPS), tgt_norm.clamp_min(SAFE_DIV_EPS)
     inv_st = 1 / (src_safe * tgt_safe)
-    n = ((src_norm / src_safe).square() + 2 * src_tgt * inv_st + (tgt_norm / tgt_safe).square())
+    n = (src_norm / src_safe).square() + 2 * src_tgt * inv_st + (tgt_norm / tgt_safe).square()
     n = n.clamp_min(0).sqrt().clamp_min(L2NORM_EPS)
     return 1 / (src_safe * n), 1 / (tgt_safe * n), inv_st, tgt_norm / src_safe, src_norm.square(), src_tgt
 

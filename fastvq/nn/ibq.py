@@ -62,13 +62,26 @@ class IBQ(TokenQuantizer):
     `health()` / `codebook_health()` report the usage of the last training batch.
     """
 
-    def __init__(self, dim: int, codebook_size: int, *, beta: float = 0.25, use_entropy_loss: bool = False,
-                 entropy_temperature: float = 0.01, sample_minimization_weight: float = 1.0,
-                 batch_maximization_weight: float = 1.0, precision: str | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        beta: float = 0.25,
+        use_entropy_loss: bool = False,
+        entropy_temperature: float = 0.01,
+        sample_minimization_weight: float = 1.0,
+        batch_maximization_weight: float = 1.0,
+        precision: str | None = None,
+        backend: str = "auto",
+    ):
         super().__init__(dim, codebook_size, 1, metric="dot", precision=precision, backend=backend)
-        check_arguments(beta=beta, entropy_temperature=entropy_temperature,
-                        sample_minimization_weight=sample_minimization_weight,
-                        batch_maximization_weight=batch_maximization_weight)
+        check_arguments(
+            beta=beta,
+            entropy_temperature=entropy_temperature,
+            sample_minimization_weight=sample_minimization_weight,
+            batch_maximization_weight=batch_maximization_weight,
+        )
         self.beta, self.use_entropy_loss, self.entropy_temperature = beta, bool(use_entropy_loss), entropy_temperature
         self.sample_minimization_weight = sample_minimization_weight
         self.batch_maximization_weight = batch_maximization_weight
@@ -111,8 +124,7 @@ class IBQ(TokenQuantizer):
         def mean_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return commitment_loss(a.view(1, -1, 1, self.dim), b.view(1, -1, 1, self.dim), keep.view(1, -1))
 
-        quant_loss = (mean_sq(soft.float(), z32) + mean_sq(hard.detach(), z32)
-                      + self.beta * mean_sq(hard, z32.detach()))
+        quant_loss = mean_sq(soft.float(), z32) + mean_sq(hard.detach(), z32) + self.beta * mean_sq(hard, z32.detach())
         zero = torch.zeros((), device=flat.device)
         terms = IBQLossBreakdown(quant_loss, zero, zero, zero)
         if self.use_entropy_loss:
@@ -124,12 +136,14 @@ class IBQ(TokenQuantizer):
         out = (from_tokens(quantized, layout), to_index_layout(indices.view(batch, seq), layout), loss)
         return (*out, terms) if return_loss_breakdown else out
 
-    def _entropy_terms(self, kept: torch.Tensor, keep: torch.Tensor, quant_loss: torch.Tensor,
-                       settings: dict) -> IBQLossBreakdown:
+    def _entropy_terms(
+        self, kept: torch.Tensor, keep: torch.Tensor, quant_loss: torch.Tensor, settings: dict
+    ) -> IBQLossBreakdown:
         """SEED-Voken's `compute_entropy_loss` over the kept tokens: its log_softmax(l / T + eps) is
         log p exactly (a constant shift), so the exact entropy of `code_entropy` is its sample entropy."""
-        entropy, mean_probs = code_entropy(kept, self.embedding.weight, temperature=self.entropy_temperature,
-                                           mask=keep, **settings)
+        entropy, mean_probs = code_entropy(
+            kept, self.embedding.weight, temperature=self.entropy_temperature, mask=keep, **settings
+        )
         sample_entropy = entropy.sum() / keep.sum()
         avg_entropy = -(mean_probs * torch.log(mean_probs + AVG_ENTROPY_EPS)).sum()
         entropy_loss = self.sample_minimization_weight * sample_entropy - self.batch_maximization_weight * avg_entropy

@@ -23,8 +23,9 @@ def l2norm(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t.float(), dim=-1, eps=L2NORM_EPS)
 
 
-def sample_rows(x: torch.Tensor, valid: torch.Tensor, num: int, *,
-                sync: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_rows(
+    x: torch.Tensor, valid: torch.Tensor, num: int, *, sync: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw `num` rows per head uniformly without replacement from the valid rows.
 
     Every valid row gets a uniform random key and the rows with the largest keys win, so no host
@@ -49,9 +50,17 @@ def sample_rows(x: torch.Tensor, valid: torch.Tensor, num: int, *,
     return rows, (keys >= 0).sum(1)
 
 
-def kmeans(x: torch.Tensor, valid: torch.Tensor, num_clusters: int, num_iters: int, *, metric: str = "l2",
-           sync: bool = False, precision: str | None = None,
-           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    num_clusters: int,
+    num_iters: int,
+    *,
+    metric: str = "l2",
+    sync: bool = False,
+    precision: str | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means per head on the valid rows of x (H, N, D).
 
     The initial means are distinct random valid rows (repeated cyclically when there are fewer

@@ -20,8 +20,9 @@ class Layout:
     spatial: tuple[int, ...] | None
 
 
-def to_tokens(x, dim: int, *, channel_last: bool = True, accept_image_fmap: bool = False,
-              accept_3d_fmap: bool = False) -> tuple[torch.Tensor, Layout]:
+def to_tokens(
+    x, dim: int, *, channel_last: bool = True, accept_image_fmap: bool = False, accept_3d_fmap: bool = False
+) -> tuple[torch.Tensor, Layout]:
     """x in the input layout -> tokens (B, S, dim) (a view) and how to restore the layout."""
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
@@ -40,8 +41,7 @@ def to_tokens(x, dim: int, *, channel_last: bool = True, accept_image_fmap: bool
             raise ValueError(f"x must have shape (B, N, dim={dim}) or (B, dim), got {tuple(x.shape)}")
         return x, Layout(False, False, None)
     if x.dim() != 3 or x.shape[1] != dim:
-        raise ValueError(f"x must have shape (B, dim={dim}, N) (channel_last=False) or (B, dim), got "
-                         f"{tuple(x.shape)}")
+        raise ValueError(f"x must have shape (B, dim={dim}, N) (channel_last=False) or (B, dim), got {tuple(x.shape)}")
     return x.transpose(1, 2), Layout(False, True, None)
 
 
@@ -69,8 +69,9 @@ def sequence_mask(mask, lens, layout: Layout, batch: int, seq: int) -> torch.Ten
     if mask is not None and lens is not None:
         raise ValueError("pass at most one of mask and lens")
     if layout.only_one or layout.spatial is not None:
-        raise ValueError("mask and lens need sequence input (B, N, dim) or (B, dim, N); not one token "
-                         "per sample or feature maps")
+        raise ValueError(
+            "mask and lens need sequence input (B, N, dim) or (B, dim, N); not one token per sample or feature maps"
+        )
     if lens is not None:
         if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype.is_floating_point:
             raise ValueError(f"lens must be an integer tensor of shape ({batch},), got {describe(lens)}")

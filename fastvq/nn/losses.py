@@ -12,8 +12,9 @@ from .kmeans import l2norm
 from .layout import expand_like
 
 
-def commitment_loss(codes: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None, *,
-                    per_token: bool = False) -> torch.Tensor:
+def commitment_loss(
+    codes: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None, *, per_token: bool = False
+) -> torch.Tensor:
     """Mean squared error between codes and z (B, S, G, D) fp32 (G heads or top-k candidates):
     over the tokens where mask (B, S) is True (all without a mask) -> () fp32; with per_token, per
     (token, head or candidate) -> (B, S, G) fp32, 0 where masked."""
@@ -33,4 +34,4 @@ def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
     heads, n = codes.shape[:2]
     normed = l2norm(codes)
     gram = normed.transpose(1, 2) @ normed
-    return gram.pow(2).sum() / (heads * n ** 2) - 1 / n
+    return gram.pow(2).sum() / (heads * n**2) - 1 / n

@@ -36,8 +36,14 @@ def synced_seed(device: torch.device, high: int = 10_000) -> int:
     return int(seed.item())
 
 
-def last_stage(num_quantizers: int, dropout: bool, fixed_seed: int | None, device: torch.device, cutoff_index: int,
-               multiple_of: int) -> int:
+def last_stage(
+    num_quantizers: int,
+    dropout: bool,
+    fixed_seed: int | None,
+    device: torch.device,
+    cutoff_index: int,
+    multiple_of: int,
+) -> int:
     """The last stage a residual quantizer runs: with quantize dropout (in training) a random one in
     [cutoff_index, num_quantizers), rounded up to end a multiple of `multiple_of` stages, as 1.32.0
     (from `random.Random(seed)`, the seed drawn by `synced_seed` unless given); else the last."""
@@ -65,11 +71,29 @@ class ResidualVQ(nn.Module):
     does without it).
     """
 
-    def __init__(self, *, dim, num_quantizers=None, codebook_size, codebook_dim=None, shared_codebook=False,
-                 diveq=False, heads=1, quantize_dropout=False, quantize_dropout_cutoff_index=0,
-                 quantize_dropout_multiple_of=1, accept_image_fmap=False, implicit_neural_codebook=False,
-                 mlp_kwargs=None, beam_size=None, eval_beam_size=None, beam_score_quantizer_weights=None,
-                 quant_grad_frac=0.0, return_zeros_for_masked_padding=True, **vq_kwargs):
+    def __init__(
+        self,
+        *,
+        dim,
+        num_quantizers=None,
+        codebook_size,
+        codebook_dim=None,
+        shared_codebook=False,
+        diveq=False,
+        heads=1,
+        quantize_dropout=False,
+        quantize_dropout_cutoff_index=0,
+        quantize_dropout_multiple_of=1,
+        accept_image_fmap=False,
+        implicit_neural_codebook=False,
+        mlp_kwargs=None,
+        beam_size=None,
+        eval_beam_size=None,
+        beam_score_quantizer_weights=None,
+        quant_grad_frac=0.0,
+        return_zeros_for_masked_padding=True,
+        **vq_kwargs,
+    ):
         super().__init__()
         check_arguments(diveq=bool(diveq), implicit_neural_codebook=bool(implicit_neural_codebook))
         if heads != 1:
@@ -77,9 +101,14 @@ class ResidualVQ(nn.Module):
         sizes = tuple(codebook_size) if isinstance(codebook_size, (tuple, list)) else None
         if num_quantizers is None and sizes is None:
             raise ValueError("pass num_quantizers, or codebook_size as a tuple of one size per quantizer")
-        check_arguments(dim=dim, num_quantizers=num_quantizers, beam_size=beam_size, eval_beam_size=eval_beam_size,
-                        quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
-                        quantize_dropout_multiple_of=quantize_dropout_multiple_of)
+        check_arguments(
+            dim=dim,
+            num_quantizers=num_quantizers,
+            beam_size=beam_size,
+            eval_beam_size=eval_beam_size,
+            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+        )
         sizes = sizes or (codebook_size,) * num_quantizers
         if num_quantizers is not None and len(sizes) != num_quantizers:
             raise ValueError(f"codebook_size must have num_quantizers={num_quantizers} entries, got {len(sizes)}")
@@ -89,8 +118,9 @@ class ResidualVQ(nn.Module):
             raise ValueError("eval_beam_size needs beam_size (as vector-quantize-pytorch)")
         weights = [1.0] * len(sizes) if beam_score_quantizer_weights is None else list(beam_score_quantizer_weights)
         if len(weights) != len(sizes):
-            raise ValueError(f"beam_score_quantizer_weights must have one weight per quantizer ({len(sizes)}), "
-                             f"got {len(weights)}")
+            raise ValueError(
+                f"beam_score_quantizer_weights must have one weight per quantizer ({len(sizes)}), got {len(weights)}"
+            )
         if shared_codebook and len(set(sizes)) > 1:
             raise ValueError(f"shared_codebook needs one codebook_size for every quantizer, got {sizes}")
 
@@ -107,9 +137,15 @@ class ResidualVQ(nn.Module):
         if shared_codebook:
             vq_kwargs["manual_ema_update"] = True
         self.layers = nn.ModuleList(
-            VectorQuantize(dim=self.codebook_dim, codebook_size=size, codebook_dim=self.codebook_dim,
-                           return_zeros_for_masked_padding=return_zeros_for_masked_padding, **vq_kwargs)
-            for size in sizes)
+            VectorQuantize(
+                dim=self.codebook_dim,
+                codebook_size=size,
+                codebook_dim=self.codebook_dim,
+                return_zeros_for_masked_padding=return_zeros_for_masked_padding,
+                **vq_kwargs,
+            )
+            for size in sizes
+        )
         if shared_codebook:
             for layer in self.layers[1:]:
                 layer.use_codebook(self.layers[0].token_quantizer)
@@ -143,8 +179,10 @@ class ResidualVQ(nn.Module):
             raise TypeError(f"indices must be an integer tensor (B, ..., num_quantizers), got {describe(indices)}")
         given = indices.shape[-1]
         if given > self.num_quantizers or (given < self.num_quantizers and not self.quantize_dropout):
-            raise ValueError(f"indices must have a last dim of num_quantizers={self.num_quantizers} (fewer only "
-                             f"with quantize_dropout), got shape {tuple(indices.shape)}")
+            raise ValueError(
+                f"indices must have a last dim of num_quantizers={self.num_quantizers} (fewer only "
+                f"with quantize_dropout), got shape {tuple(indices.shape)}"
+            )
         codes = [layer.get_codes_from_indices(indices[..., q]) for q, layer in enumerate(self.layers[:given])]
         codes += [codes[0].new_zeros(codes[0].shape)] * (self.num_quantizers - given)
         return torch.stack(codes)
@@ -157,14 +195,28 @@ class ResidualVQ(nn.Module):
     # forward
     # ------------------------------------------------------------------------------------------
 
-    def forward(self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
-                freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None):
+    def forward(
+        self,
+        x,
+        mask=None,
+        indices=None,
+        return_all_codes=False,
+        sample_codebook_temp=None,
+        freeze_codebook=False,
+        beam_size=None,
+        rand_quantize_dropout_fixed_seed=None,
+    ):
         """Quantize x stage by stage (see the class docstring for shapes); in training also update
         the codebooks. With `indices` (target codes, (B, ..., num_quantizers)): (quantized, the sum
         over stages of the cross-entropy of each stage's code logits against its target), each
         stage seeing the residual left by the previous targets (1.32.0 raises there)."""
-        tokens, layout = to_tokens(x, self.dim, channel_last=self.channel_last,
-                                   accept_image_fmap=self.accept_image_fmap, accept_3d_fmap=self.accept_3d_fmap)
+        tokens, layout = to_tokens(
+            x,
+            self.dim,
+            channel_last=self.channel_last,
+            accept_image_fmap=self.accept_image_fmap,
+            accept_3d_fmap=self.accept_3d_fmap,
+        )
         batch, seq = tokens.shape[:2]
         mask = sequence_mask(mask, None, layout, batch, seq)
         z = project(self.project_in, tokens)
@@ -174,8 +226,14 @@ class ResidualVQ(nn.Module):
         check_arguments(beam_size=beam_size)
         beam = beam_size or (self.beam_size if self.training else self.eval_beam_size)
         dropout = self.training and self.quantize_dropout
-        last = last_stage(self.num_quantizers, dropout, rand_quantize_dropout_fixed_seed, x.device,
-                          self.quantize_dropout_cutoff_index, self.quantize_dropout_multiple_of)
+        last = last_stage(
+            self.num_quantizers,
+            dropout,
+            rand_quantize_dropout_fixed_seed,
+            x.device,
+            self.quantize_dropout_cutoff_index,
+            self.quantize_dropout_multiple_of,
+        )
         if beam is not None and beam > 1:
             quantized, idx, losses, inputs = self._beam_search(z, mask, beam, last, stage_kwargs)
         else:
@@ -199,7 +257,7 @@ class ResidualVQ(nn.Module):
         (stages,), and each stage's input."""
         residual, total = z, torch.zeros_like(z)
         indices, losses, inputs = [], [], []
-        for layer in self.layers[:last + 1]:
+        for layer in self.layers[: last + 1]:
             inputs.append(residual)
             quantized, stage_indices, loss = layer(residual, mask=mask, **stage_kwargs)
             residual = residual - frac_gradient(quantized, self.quant_grad_frac)
@@ -217,7 +275,7 @@ class ResidualVQ(nn.Module):
         residual, total = z.unsqueeze(2), torch.zeros_like(z).unsqueeze(2)  # (B, S, paths, D)
         indices = torch.zeros(batch, seq, 1, 0, dtype=torch.long, device=z.device)
         losses = torch.zeros(batch, seq, 1, 0, device=z.device)
-        for q, layer in enumerate(self.layers[:last + 1]):
+        for q, layer in enumerate(self.layers[: last + 1]):
             paths = residual.shape[2]
             flat_mask = None if mask is None else mask.repeat_interleave(paths, 1)
             quantized, stage_indices, loss = layer(residual.flatten(1, 2), mask=flat_mask, topk=beam, **stage_kwargs)
@@ -227,16 +285,17 @@ class ResidualVQ(nn.Module):
             scores = (scores.unsqueeze(-1) - loss * self.beam_score_weights[q]).flatten(2)
             residual = (residual.unsqueeze(3) - frac_gradient(quantized, self.quant_grad_frac)).flatten(2, 3)
             total = (total.unsqueeze(3) + quantized).flatten(2, 3)
-            indices = torch.cat([indices.repeat_interleave(k, 2),
-                                 stage_indices.reshape(batch, seq, paths * k, 1)], -1)
+            indices = torch.cat([indices.repeat_interleave(k, 2), stage_indices.reshape(batch, seq, paths * k, 1)], -1)
             losses = torch.cat([losses.repeat_interleave(k, 2), loss.reshape(batch, seq, paths * k, 1)], -1)
             keep = beam if q < last else 1
             if scores.shape[-1] > keep:
                 scores, chosen = scores.topk(keep, dim=-1)
                 residual, total, indices, losses = (
-                    t.gather(2, chosen.reshape(*chosen.shape, *([1] * (t.dim() - 3))).expand(
-                        *chosen.shape, *t.shape[3:]))
-                    for t in (residual, total, indices, losses))
+                    t.gather(
+                        2, chosen.reshape(*chosen.shape, *([1] * (t.dim() - 3))).expand(*chosen.shape, *t.shape[3:])
+                    )
+                    for t in (residual, total, indices, losses)
+                )
         total, indices, losses = total[:, :, 0], indices[:, :, 0], losses[:, :, 0]
         if mask is None:
             losses = losses.mean((0, 1))
@@ -263,12 +322,16 @@ class ResidualVQ(nn.Module):
         targets 0..q-1."""
         expected = (tokens.shape[0], tokens.shape[1], self.num_quantizers)
         if not is_integer_tensor(targets) or targets.numel() != math.prod(expected):
-            raise ValueError(f"indices must be an integer tensor shaped as the returned indices "
-                             f"({math.prod(expected)} entries), got {describe(targets)}")
+            raise ValueError(
+                f"indices must be an integer tensor shaped as the returned indices "
+                f"({math.prod(expected)} entries), got {describe(targets)}"
+            )
         targets = targets.reshape(expected)
         if bool((targets < 0).any()):
-            raise ValueError("indices contain -1 (quantizers dropped out): take target codes from the module in "
-                             "eval mode to compute the cross-entropy")
+            raise ValueError(
+                "indices contain -1 (quantizers dropped out): take target codes from the module in "
+                "eval mode to compute the cross-entropy"
+            )
         residual, total, cross_entropy = z, torch.zeros_like(z), 0.0
         for q, layer in enumerate(self.layers):
             _, stage_cross_entropy = layer(residual, mask=mask, indices=targets[..., q], **stage_kwargs)
@@ -299,8 +362,9 @@ class GroupedResidualVQ(nn.Module):
         if not isinstance(dim, int) or dim % groups:
             raise ValueError(f"dim must be a multiple of groups={groups}, got {dim!r}")
         self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
-        self.rvqs = nn.ModuleList(ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
-                                  for _ in range(groups))
+        self.rvqs = nn.ModuleList(
+            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs) for _ in range(groups)
+        )
 
     @property
     def codebooks(self) -> torch.Tensor:
@@ -317,18 +381,27 @@ class GroupedResidualVQ(nn.Module):
     def get_output_from_indices(self, indices) -> torch.Tensor:
         return torch.cat([rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)], dim=-1)
 
-    def forward(self, x, indices=None, return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False,
-                mask=None):
+    def forward(
+        self, x, indices=None, return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False, mask=None
+    ):
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[self.split_dim] != self.dim:
             raise ValueError(f"x must have dim={self.dim} channels at dim {self.split_dim}, got {describe(x)}")
         targets = tuple(indices) if indices is not None else (None,) * self.groups
         if len(targets) != self.groups:
             raise ValueError(f"indices must hold one tensor per group ({self.groups}), got {len(targets)}")
         seed = synced_seed(x.device) if self.training else None
-        outs = [rvq(chunk, indices=target, return_all_codes=return_all_codes,
-                    sample_codebook_temp=sample_codebook_temp, mask=mask, freeze_codebook=freeze_codebook,
-                    rand_quantize_dropout_fixed_seed=seed)
-                for rvq, chunk, target in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim), targets)]
+        outs = [
+            rvq(
+                chunk,
+                indices=target,
+                return_all_codes=return_all_codes,
+                sample_codebook_temp=sample_codebook_temp,
+                mask=mask,
+                freeze_codebook=freeze_codebook,
+                rand_quantize_dropout_fixed_seed=seed,
+            )
+            for rvq, chunk, target in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim), targets)
+        ]
         quantized = torch.cat([out[0] for out in outs], dim=self.split_dim)
         if indices is not None:
             return quantized, sum(out[1] for out in outs)

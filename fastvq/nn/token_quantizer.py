@@ -89,8 +89,17 @@ class TokenQuantizer(nn.Module, abc.ABC):
     num_nonfinite_tokens (see `health`).
     """
 
-    def __init__(self, dim: int, codebook_size: int, num_codebooks: int = 1, *, metric: str = "l2",
-                 precision: str | None = None, backend: str = "auto", sync_codebook: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        num_codebooks: int = 1,
+        *,
+        metric: str = "l2",
+        precision: str | None = None,
+        backend: str = "auto",
+        sync_codebook: bool = False,
+    ):
         super().__init__()
         check_arguments(dim=dim, codebook_size=codebook_size, num_codebooks=num_codebooks, metric=metric)
         check_backend(backend)
@@ -119,8 +128,14 @@ class TokenQuantizer(nn.Module, abc.ABC):
     # quantize, decode, score
     # ------------------------------------------------------------------------------------------
 
-    def quantize(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, topk: int | None = None,
-                 temperature: float = 0.0) -> TokenCodes:
+    def quantize(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        topk: int | None = None,
+        temperature: float = 0.0,
+    ) -> TokenCodes:
         """Codes for tokens (H, N, D), any float dtype; mask (N,) bool, False: no code (index -1).
 
         Default: the nearest code. topk=k (1 <= k <= min(16, K)): the k nearest, nearest first.
@@ -155,8 +170,9 @@ class TokenQuantizer(nn.Module, abc.ABC):
             return self._from_rows(chosen, heads)
         k = indices.shape[-1]  # top-k: one row per (token, candidate)
         x = x.unsqueeze(2).expand(-1, -1, k, -1).flatten(1, 2)
-        chosen = lookup_codes(self._rows(x), codes, self._rows(indices.flatten(1, 2)), backend=self.backend,
-                              check_indices=False)
+        chosen = lookup_codes(
+            self._rows(x), codes, self._rows(indices.flatten(1, 2)), backend=self.backend, check_indices=False
+        )
         return self._from_rows(chosen, heads).unflatten(1, (-1, k))
 
     def codes_from_indices(self, indices: torch.Tensor, *, check_indices: bool = True) -> torch.Tensor:
@@ -173,23 +189,32 @@ class TokenQuantizer(nn.Module, abc.ABC):
         if self.num_codebooks == 1:
             chosen = codes[0][safe]
         else:
-            chosen = codes[torch.arange(indices.shape[0], device=indices.device).view(-1, *[1] * (indices.dim() - 1)),
-                           safe]
+            chosen = codes[
+                torch.arange(indices.shape[0], device=indices.device).view(-1, *[1] * (indices.dim() - 1)), safe
+            ]
         return chosen.masked_fill((indices < 0).unsqueeze(-1), 0.0)
 
-    def cross_entropy(self, tokens: torch.Tensor, targets: torch.Tensor, *,
-                      codes: torch.Tensor | None = None) -> torch.Tensor:
+    def cross_entropy(
+        self, tokens: torch.Tensor, targets: torch.Tensor, *, codes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-token cross-entropy (H, N) fp32 of softmax over the code logits of tokens (H, N, D)
         against target codes (H, N) int64 in [-1, K) (-1: 0), by an online log-sum-exp;
         differentiable in tokens and codes. codes: the codes to score (default `codes`; pass a
         clone when `update_` will change them in place before the backward)."""
         heads = self._check_tokens(tokens)
         if not is_integer_tensor(targets) or targets.shape != tokens.shape[:2]:
-            raise ValueError(f"targets must be an integer tensor of shape {tuple(tokens.shape[:2])}, got "
-                             f"{describe(targets)}")
+            raise ValueError(
+                f"targets must be an integer tensor of shape {tuple(tokens.shape[:2])}, got {describe(targets)}"
+            )
         codes = self.codes if codes is None else codes
-        loss = code_cross_entropy(self._rows(tokens), codes, self._rows(targets.long()), metric=self.metric,
-                                  precision=self.precision, backend=self.backend)
+        loss = code_cross_entropy(
+            self._rows(tokens),
+            codes,
+            self._rows(targets.long()),
+            metric=self.metric,
+            precision=self.precision,
+            backend=self.backend,
+        )
         return self._from_rows(loss, heads)
 
     # ------------------------------------------------------------------------------------------
@@ -201,8 +226,9 @@ class TokenQuantizer(nn.Module, abc.ABC):
         """Record a batch's code usage and non-finite tokens (see `health`) without changing the
         codes: tokens (H, N, D), indices (H, N) int64 (-1: none), mask (N,) bool or None."""
         rows, keep, num_nonfinite = self._usable_rows(tokens, mask)
-        self._batch_statistics_(rows, self._rows(self._check_indices(indices, tokens)), keep, num_nonfinite,
-                                with_sums=False)
+        self._batch_statistics_(
+            rows, self._rows(self._check_indices(indices, tokens)), keep, num_nonfinite, with_sums=False
+        )
 
     def update_(self, tokens: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Learn from a batch: tokens (H, N, D) in any float dtype, their codes indices (H, N) int64
@@ -210,15 +236,22 @@ class TokenQuantizer(nn.Module, abc.ABC):
         the base records the batch's statistics (`observe_`); `Codebook` takes an EMA step."""
         self.observe_(tokens, indices, mask)
 
-    def _batch_statistics_(self, rows: torch.Tensor | None, indices: torch.Tensor, keep: torch.Tensor,
-                           num_nonfinite: torch.Tensor, *,
-                           with_sums: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _batch_statistics_(
+        self,
+        rows: torch.Tensor | None,
+        indices: torch.Tensor,
+        keep: torch.Tensor,
+        num_nonfinite: torch.Tensor,
+        *,
+        with_sums: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-code counts (C, K) fp32 of the kept rows (C, M) and, with_sums, their sums (C, K, D)
         fp32 (else None), summed over ranks in one all_reduce that also carries the non-finite
         count; records usage, perplexity, unused codes and `num_nonfinite_tokens`."""
         if with_sums:
-            counts, sums = code_stats(rows, indices, self.codebook_size, mask=keep, backend=self.backend,
-                                      check_indices=False)
+            counts, sums = code_stats(
+                rows, indices, self.codebook_size, mask=keep, backend=self.backend, check_indices=False
+            )
         else:
             counts, sums = code_counts(indices, keep, self.codebook_size), None
         num_nonfinite = num_nonfinite.float().reshape(1)
@@ -243,8 +276,13 @@ class TokenQuantizer(nn.Module, abc.ABC):
         nonfinite_tokens: unmasked tokens left out of the statistics for a NaN/inf value, in total.
         NaN before the first batch.
         """
-        return {"usage": self.usage, "perplexity": self.perplexity, "dead_codes": self.dead_codes,
-                "replaced_codes": self.replaced_codes, "nonfinite_tokens": self.num_nonfinite_tokens}
+        return {
+            "usage": self.usage,
+            "perplexity": self.perplexity,
+            "dead_codes": self.dead_codes,
+            "replaced_codes": self.replaced_codes,
+            "nonfinite_tokens": self.num_nonfinite_tokens,
+        }
 
     # ------------------------------------------------------------------------------------------
     # canonical tokens <-> the rows the ops see
@@ -263,8 +301,9 @@ class TokenQuantizer(nn.Module, abc.ABC):
             return r
         return r.reshape(-1, heads, *r.shape[2:]).transpose(0, 1)
 
-    def _usable_rows(self, tokens: torch.Tensor,
-                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _usable_rows(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows of tokens, rows of the unmasked tokens finite in every head (C, M) bool, the number
         of unmasked tokens with a non-finite value () float32)."""
         heads = self._check_tokens(tokens)
@@ -279,29 +318,36 @@ class TokenQuantizer(nn.Module, abc.ABC):
 
     def _check_heads(self, heads: int, name: str) -> None:
         if self.num_codebooks > 1 and heads != self.num_codebooks:
-            raise ValueError(f"{name} must have one head per codebook (num_codebooks={self.num_codebooks}) "
-                             f"in dim 0, got {heads}")
+            raise ValueError(
+                f"{name} must have one head per codebook (num_codebooks={self.num_codebooks}) in dim 0, got {heads}"
+            )
 
     def _check_tokens(self, tokens) -> int:
         """tokens must be float (H, N, D=dim); returns H."""
-        if not isinstance(tokens, torch.Tensor) or not tokens.dtype.is_floating_point or tokens.dim() != 3 \
-                or tokens.shape[-1] != self.dim:
+        if (
+            not isinstance(tokens, torch.Tensor)
+            or not tokens.dtype.is_floating_point
+            or tokens.dim() != 3
+            or tokens.shape[-1] != self.dim
+        ):
             raise ValueError(f"tokens must be a floating-point tensor (H, N, D={self.dim}), got {describe(tokens)}")
         self._check_heads(tokens.shape[0], "tokens")
         return tokens.shape[0]
 
     @staticmethod
     def _check_mask(mask, tokens: torch.Tensor) -> torch.Tensor | None:
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
-                                 or mask.shape != tokens.shape[1:2]):
+        if mask is not None and (
+            not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape[1:2]
+        ):
             raise ValueError(f"mask must be a bool tensor of shape ({tokens.shape[1]},), got {describe(mask)}")
         return mask
 
     @staticmethod
     def _check_indices(indices, tokens: torch.Tensor) -> torch.Tensor:
         if not is_integer_tensor(indices) or indices.shape != tokens.shape[:2]:
-            raise ValueError(f"indices must be an integer tensor of shape {tuple(tokens.shape[:2])}, got "
-                             f"{describe(indices)}")
+            raise ValueError(
+                f"indices must be an integer tensor of shape {tuple(tokens.shape[:2])}, got {describe(indices)}"
+            )
         return indices.long()
 
 

@@ -32,14 +32,23 @@ from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_la
 from .losses import commitment_loss, orthogonal_loss
 from .projection import project, projections
 
-LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg",
-                                             "inplace_optimize"])
+LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
 UNSUPPORTED = unsupported_defaults(
-    "commitment_use_cross_entropy_loss", "codebook_diversity_loss_weight", "codebook_diversity_temperature",
-    "directional_reparam", "directional_reparam_variance", "sync_affine_param", "vq_bridge",
-    "in_place_codebook_optimizer", "manual_in_place_optimizer_update", "affine_param", "affine_param_batch_decay",
-    "affine_param_codebook_decay", "sync_update_v")
+    "commitment_use_cross_entropy_loss",
+    "codebook_diversity_loss_weight",
+    "codebook_diversity_temperature",
+    "directional_reparam",
+    "directional_reparam_variance",
+    "sync_affine_param",
+    "vq_bridge",
+    "in_place_codebook_optimizer",
+    "manual_in_place_optimizer_update",
+    "affine_param",
+    "affine_param_batch_decay",
+    "affine_param_codebook_decay",
+    "sync_update_v",
+)
 """1.32.0 arguments fastvq does not implement, with the only value accepted (their default)."""
 
 _Losses = namedtuple("_Losses", ["loss", "commitment", "orthogonal"])
@@ -65,33 +74,82 @@ class VectorQuantize(nn.Module):
     outputs.
     """
 
-    def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False,
-                 decay=0.8, eps=1e-5, freeze_codebook=False, kmeans_init=False, kmeans_iters=10,
-                 sync_kmeans=True, use_cosine_sim=False, layernorm_after_project_in=False,
-                 threshold_ema_dead_code=0, channel_last=True, accept_image_fmap=False, accept_3d_fmap=False,
-                 commitment_weight=1.0, commitment_use_cross_entropy_loss=False, orthogonal_reg_weight=0.0,
-                 orthogonal_reg_active_codes_only=False, orthogonal_reg_max_codes=None,
-                 codebook_diversity_loss_weight=0.0, codebook_diversity_temperature=100.0,
-                 stochastic_sample_codes=False, sample_codebook_temp=1.0, straight_through=False,
-                 rotation_trick=None, directional_reparam=False, directional_reparam_variance=5e-3,
-                 sync_codebook=None, sync_affine_param=False, ema_update=None, vq_bridge=None,
-                 manual_ema_update=False, learnable_codebook=None, in_place_codebook_optimizer=None,
-                 manual_in_place_optimizer_update=False, affine_param=False, affine_param_batch_decay=0.99,
-                 affine_param_codebook_decay=0.9, sync_update_v=0.0, return_zeros_for_masked_padding=True,
-                 route_gradients_to_input=True, *, backend="auto", precision=None):
+    def __init__(
+        self,
+        dim,
+        codebook_size,
+        codebook_dim=None,
+        heads=1,
+        separate_codebook_per_head=False,
+        decay=0.8,
+        eps=1e-5,
+        freeze_codebook=False,
+        kmeans_init=False,
+        kmeans_iters=10,
+        sync_kmeans=True,
+        use_cosine_sim=False,
+        layernorm_after_project_in=False,
+        threshold_ema_dead_code=0,
+        channel_last=True,
+        accept_image_fmap=False,
+        accept_3d_fmap=False,
+        commitment_weight=1.0,
+        commitment_use_cross_entropy_loss=False,
+        orthogonal_reg_weight=0.0,
+        orthogonal_reg_active_codes_only=False,
+        orthogonal_reg_max_codes=None,
+        codebook_diversity_loss_weight=0.0,
+        codebook_diversity_temperature=100.0,
+        stochastic_sample_codes=False,
+        sample_codebook_temp=1.0,
+        straight_through=False,
+        rotation_trick=None,
+        directional_reparam=False,
+        directional_reparam_variance=5e-3,
+        sync_codebook=None,
+        sync_affine_param=False,
+        ema_update=None,
+        vq_bridge=None,
+        manual_ema_update=False,
+        learnable_codebook=None,
+        in_place_codebook_optimizer=None,
+        manual_in_place_optimizer_update=False,
+        affine_param=False,
+        affine_param_batch_decay=0.99,
+        affine_param_codebook_decay=0.9,
+        sync_update_v=0.0,
+        return_zeros_for_masked_padding=True,
+        route_gradients_to_input=True,
+        *,
+        backend="auto",
+        precision=None,
+    ):
         super().__init__()
         check_arguments(
             commitment_use_cross_entropy_loss=commitment_use_cross_entropy_loss,
             codebook_diversity_loss_weight=codebook_diversity_loss_weight,
-            codebook_diversity_temperature=codebook_diversity_temperature, directional_reparam=directional_reparam,
-            directional_reparam_variance=directional_reparam_variance, sync_affine_param=sync_affine_param,
-            vq_bridge=vq_bridge, in_place_codebook_optimizer=in_place_codebook_optimizer,
-            manual_in_place_optimizer_update=manual_in_place_optimizer_update, affine_param=affine_param,
-            affine_param_batch_decay=affine_param_batch_decay, affine_param_codebook_decay=affine_param_codebook_decay,
-            sync_update_v=sync_update_v)
-        check_arguments(dim=dim, codebook_size=codebook_size, codebook_dim=codebook_dim, heads=heads,
-                        commitment_weight=commitment_weight, orthogonal_reg_weight=orthogonal_reg_weight,
-                        orthogonal_reg_max_codes=orthogonal_reg_max_codes, sample_codebook_temp=sample_codebook_temp)
+            codebook_diversity_temperature=codebook_diversity_temperature,
+            directional_reparam=directional_reparam,
+            directional_reparam_variance=directional_reparam_variance,
+            sync_affine_param=sync_affine_param,
+            vq_bridge=vq_bridge,
+            in_place_codebook_optimizer=in_place_codebook_optimizer,
+            manual_in_place_optimizer_update=manual_in_place_optimizer_update,
+            affine_param=affine_param,
+            affine_param_batch_decay=affine_param_batch_decay,
+            affine_param_codebook_decay=affine_param_codebook_decay,
+            sync_update_v=sync_update_v,
+        )
+        check_arguments(
+            dim=dim,
+            codebook_size=codebook_size,
+            codebook_dim=codebook_dim,
+            heads=heads,
+            commitment_weight=commitment_weight,
+            orthogonal_reg_weight=orthogonal_reg_weight,
+            orthogonal_reg_max_codes=orthogonal_reg_max_codes,
+            sample_codebook_temp=sample_codebook_temp,
+        )
         ema_update = True if ema_update is None else ema_update
         learnable_codebook = bool(learnable_codebook)
         rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
@@ -101,16 +159,19 @@ class VectorQuantize(nn.Module):
         check_exclusive(ema_update=ema_update, learnable_codebook=learnable_codebook)
         check_exclusive(accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap)
         if orthogonal_reg_active_codes_only and heads > 1 and separate_codebook_per_head:
-            raise ValueError("orthogonal_reg_active_codes_only does not support separate_codebook_per_head "
-                             "with heads > 1 (as vector-quantize-pytorch)")
+            raise ValueError(
+                "orthogonal_reg_active_codes_only does not support separate_codebook_per_head "
+                "with heads > 1 (as vector-quantize-pytorch)"
+            )
 
         # shapes and projections
         self.dim, self.heads, self.codebook_size = dim, heads, codebook_size
         self.codebook_dim = dim if codebook_dim is None else codebook_dim
         self.separate_codebook_per_head = separate_codebook_per_head
         self.has_projections = self.codebook_dim * heads != dim
-        self.project_in, self.project_out = projections(dim, self.codebook_dim * heads,
-                                                        layernorm=layernorm_after_project_in)
+        self.project_in, self.project_out = projections(
+            dim, self.codebook_dim * heads, layernorm=layernorm_after_project_in
+        )
         # input layout
         self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
@@ -125,12 +186,23 @@ class VectorQuantize(nn.Module):
         self.eps, self.use_cosine_sim = eps, use_cosine_sim
         # the token quantizer: state, updates and op settings
         self._codebook = Codebook(
-            self.codebook_dim, codebook_size, heads if separate_codebook_per_head else 1,
-            metric="cosine" if use_cosine_sim else "l2", kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
-            sync_kmeans=sync_kmeans, decay=decay, eps=eps, threshold_ema_dead_code=threshold_ema_dead_code,
+            self.codebook_dim,
+            codebook_size,
+            heads if separate_codebook_per_head else 1,
+            metric="cosine" if use_cosine_sim else "l2",
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            sync_kmeans=sync_kmeans,
+            decay=decay,
+            eps=eps,
+            threshold_ema_dead_code=threshold_ema_dead_code,
             sync_codebook=distributed.is_distributed() if sync_codebook is None else bool(sync_codebook),
-            learnable_codebook=learnable_codebook or orthogonal_reg_weight > 0, ema_update=ema_update,
-            manual_ema_update=manual_ema_update, precision=precision, backend=backend)
+            learnable_codebook=learnable_codebook or orthogonal_reg_weight > 0,
+            ema_update=ema_update,
+            manual_ema_update=manual_ema_update,
+            precision=precision,
+            backend=backend,
+        )
 
     # ------------------------------------------------------------------------------------------
     # codebook access
@@ -147,11 +219,15 @@ class VectorQuantize(nn.Module):
         shared by both layers (ResidualVQ's shared_codebook). It must have this layer's code size,
         number of codes and number of codebooks."""
         expected = (self.codebook_dim, self.codebook_size, self.heads if self.separate_codebook_per_head else 1)
-        got = (codebook.dim, codebook.codebook_size, codebook.num_codebooks) if isinstance(codebook, Codebook) \
+        got = (
+            (codebook.dim, codebook.codebook_size, codebook.num_codebooks)
+            if isinstance(codebook, Codebook)
             else type(codebook).__name__
+        )
         if got != expected:
-            raise ValueError(f"codebook must be a Codebook of (dim, codebook_size, num_codebooks) = {expected}, "
-                             f"got {got}")
+            raise ValueError(
+                f"codebook must be a Codebook of (dim, codebook_size, num_codebooks) = {expected}, got {got}"
+            )
         self._codebook = codebook
 
     @property
@@ -197,8 +273,9 @@ class VectorQuantize(nn.Module):
         if not is_integer_tensor(indices):
             raise TypeError(f"indices must be an integer tensor, got {describe(indices)}")
         if self.heads > 1 and (indices.dim() < 1 or indices.shape[-1] != self.heads):
-            raise ValueError(f"indices must have a last dimension of heads={self.heads}, got shape "
-                             f"{tuple(indices.shape)}")
+            raise ValueError(
+                f"indices must have a last dimension of heads={self.heads}, got shape {tuple(indices.shape)}"
+            )
         codes = self._codebook.codes_from_indices(self._per_head(indices))  # (heads, T, codebook_dim)
         leading = indices.shape[:-1] if self.heads > 1 else indices.shape
         return codes.transpose(0, 1).reshape(*leading, self.heads * self.codebook_dim)
@@ -207,8 +284,7 @@ class VectorQuantize(nn.Module):
     # EMA helpers of 1.32.0
     # ------------------------------------------------------------------------------------------
 
-    def update_indices(self, x: torch.Tensor, indices: torch.Tensor,
-                       mask: torch.Tensor | None = None) -> None:
+    def update_indices(self, x: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """EMA step from given codes: x in the input layout, indices shaped as forward returns them
         (-1: skip), mask (B, N) bool or None. Non-finite tokens are left out (and counted)."""
         tokens, layout = self._to_tokens(x)
@@ -216,12 +292,17 @@ class VectorQuantize(nn.Module):
         mask = sequence_mask(mask, None, layout, batch, seq)
         expected = (batch, seq) + ((self.heads,) if self.heads > 1 else ())
         if not is_integer_tensor(indices) or indices.numel() != batch * seq * self.heads:
-            raise ValueError(f"indices must be an integer tensor with {batch * seq * self.heads} entries "
-                             f"({expected} after flattening the layout), got {describe(indices)}")
+            raise ValueError(
+                f"indices must be an integer tensor with {batch * seq * self.heads} entries "
+                f"({expected} after flattening the layout), got {describe(indices)}"
+            )
         check_index_range(indices, self.codebook_size, bound="codebook_size")
         with torch.no_grad():
-            self._codebook.update_(self._per_head(self._codebook_input(tokens)), self._per_head(indices),
-                                   None if mask is None else mask.reshape(-1))
+            self._codebook.update_(
+                self._per_head(self._codebook_input(tokens)),
+                self._per_head(indices),
+                None if mask is None else mask.reshape(-1),
+            )
 
     update_ema_indices = update_indices
 
@@ -240,9 +321,21 @@ class VectorQuantize(nn.Module):
     # forward
     # ------------------------------------------------------------------------------------------
 
-    def forward(self, x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
-                freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
-                ema_update_weight: EmaWeight = None, accum_ema_update=False, ema_update=None):
+    def forward(
+        self,
+        x,
+        indices=None,
+        mask=None,
+        lens=None,
+        topk=None,
+        sample_codebook_temp=None,
+        freeze_codebook=None,
+        return_loss_breakdown=False,
+        codebook_transform_fn=None,
+        ema_update_weight: EmaWeight = None,
+        accum_ema_update=False,
+        ema_update=None,
+    ):
         """Quantize x (see the class docstring for shapes); in training also update the codebook.
 
         Returns (quantized, indices, loss), plus a LossBreakdown with return_loss_breakdown. With
@@ -256,9 +349,17 @@ class VectorQuantize(nn.Module):
         tokens, layout = self._to_tokens(x)
         mask = sequence_mask(mask, lens, layout, *tokens.shape[:2])
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        result = self._quantize_tokens(tokens, mask, targets=indices, topk=self._check_topk(topk),
-                                       temperature=sample_codebook_temp, freeze=freeze, ema_update=ema_update,
-                                       ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update)
+        result = self._quantize_tokens(
+            tokens,
+            mask,
+            targets=indices,
+            topk=self._check_topk(topk),
+            temperature=sample_codebook_temp,
+            freeze=freeze,
+            ema_update=ema_update,
+            ema_update_weight=ema_update_weight,
+            accum_ema_update=accum_ema_update,
+        )
         out = from_tokens(result.quantized, layout)
         if indices is not None:
             return out, result.cross_entropy
@@ -270,10 +371,19 @@ class VectorQuantize(nn.Module):
         zero = torch.zeros((), device=x.device)
         return out, out_indices, loss, LossBreakdown(result.losses.commitment, zero, result.losses.orthogonal, zero)
 
-    def _quantize_tokens(self, tokens: torch.Tensor, mask: torch.Tensor | None, *, targets=None,
-                         topk: int | None = None, temperature: float | None = None, freeze: bool = False,
-                         ema_update=None, ema_update_weight: EmaWeight = None,
-                         accum_ema_update: bool = False) -> _Result:
+    def _quantize_tokens(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        targets=None,
+        topk: int | None = None,
+        temperature: float | None = None,
+        freeze: bool = False,
+        ema_update=None,
+        ema_update_weight: EmaWeight = None,
+        accum_ema_update: bool = False,
+    ) -> _Result:
         """The forward on tokens (B, S, dim) in any float dtype, mask (B, S) bool or None; topk
         checked by `_check_topk`; temperature None: `sample_codebook_temp`. In training also
         updates the codebook (not for top-k).
@@ -296,15 +406,21 @@ class VectorQuantize(nn.Module):
             if freeze:
                 codebook.observe_(per_head, found.indices, token_mask)
             else:
-                codebook.update_(per_head, found.indices, token_mask, ema_update=ema_update,
-                                 weight=ema_update_weight, accumulate=accum_ema_update)
+                codebook.update_(
+                    per_head,
+                    found.indices,
+                    token_mask,
+                    ema_update=ema_update,
+                    weight=ema_update_weight,
+                    accumulate=accum_ema_update,
+                )
 
         # (B, S, G, codebook_dim): G = heads, or the k candidates of top-k (heads = 1)
         z = z.float() if topk is None else z.float().expand(-1, -1, topk, -1)
         codes = (found.codes.transpose(0, 1) if topk is None else found.codes[0]).unflatten(0, (batch, seq))
         quantized = self._output(codes, z, tokens, mask, tokens.requires_grad, topk is not None)
         losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, tokens.device)
-        indices = (found.indices.transpose(0, 1) if topk is None else found.indices[0])
+        indices = found.indices.transpose(0, 1) if topk is None else found.indices[0]
         indices = indices.reshape(batch, seq, topk or self.heads)
         if topk is None and self.heads == 1:
             indices = indices[..., 0]
@@ -312,8 +428,15 @@ class VectorQuantize(nn.Module):
             indices = indices.masked_fill(~expand_like(mask, indices), -1)
         return _Result(quantized, indices, losses, cross_entropy)
 
-    def _output(self, codes: torch.Tensor, z: torch.Tensor, tokens: torch.Tensor,
-                mask: torch.Tensor | None, input_requires_grad: bool, is_topk: bool) -> torch.Tensor:
+    def _output(
+        self,
+        codes: torch.Tensor,
+        z: torch.Tensor,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None,
+        input_requires_grad: bool,
+        is_topk: bool,
+    ) -> torch.Tensor:
         """Quantized tokens (B, S, [k,] dim) in the input dtype from codes and z (B, S, G, D) fp32:
         gradient to the input (rotation trick or straight-through), projection, masked padding."""
         quantized = codes
@@ -326,8 +449,16 @@ class VectorQuantize(nn.Module):
         fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
         return torch.where(expand_like(mask, out), out, fill.unsqueeze(2) if is_topk else fill)
 
-    def _losses(self, codes: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None,
-                idx: torch.Tensor, freeze: bool, is_topk: bool, device: torch.device) -> _Losses:
+    def _losses(
+        self,
+        codes: torch.Tensor,
+        z: torch.Tensor,
+        mask: torch.Tensor | None,
+        idx: torch.Tensor,
+        freeze: bool,
+        is_topk: bool,
+        device: torch.device,
+    ) -> _Losses:
         """The loss as 1.32.0 adds it up: 0 in eval (per-candidate commitment for top-k), else
         commitment (codes vs z, fp32) and orthogonal regularisation, each times its weight."""
         loss = torch.zeros((), device=device).requires_grad_(self.training)
@@ -352,8 +483,9 @@ class VectorQuantize(nn.Module):
             raise ValueError(f"topk needs heads=1 (as vector-quantize-pytorch), got heads={self.heads}")
         topk = min(topk, self.codebook_size)
         if topk > MAX_TOPK:
-            raise ValueError(f"topk must be <= {MAX_TOPK} (the fused search keeps its candidates in "
-                             f"registers), got {topk}")
+            raise ValueError(
+                f"topk must be <= {MAX_TOPK} (the fused search keeps its candidates in registers), got {topk}"
+            )
         return topk
 
     def _sampling_temperature(self, temperature: float, tokens: torch.Tensor, z: torch.Tensor) -> float:
@@ -366,15 +498,19 @@ class VectorQuantize(nn.Module):
         """
         if not (self.training and temperature > 0):
             return 0.0
-        soft_gradient = (self.straight_through and torch.is_grad_enabled()
-                         and not (tokens.requires_grad and self.route_gradients_to_input)
-                         and (z.requires_grad or self._codebook.learnable_codebook))
+        soft_gradient = (
+            self.straight_through
+            and torch.is_grad_enabled()
+            and not (tokens.requires_grad and self.route_gradients_to_input)
+            and (z.requires_grad or self._codebook.learnable_codebook)
+        )
         if soft_gradient:
             raise NotImplementedError(
                 "straight_through=True sends a softmax gradient through the code logits when the input gets "
                 "no straight-through gradient (input without requires_grad, or route_gradients_to_input="
                 "False); fastvq does not implement that path. Use straight_through=False, or an input that "
-                "requires grad")
+                "requires grad"
+            )
         return temperature if self.stochastic_sample_codes else 0.0
 
     def _cross_entropy(self, per_head: torch.Tensor, targets, num_tokens: int) -> torch.Tensor:
@@ -383,8 +519,10 @@ class VectorQuantize(nn.Module):
         learnable codebook), on the codes before this step's (in-place) EMA update."""
         count = num_tokens * self.heads
         if not is_integer_tensor(targets) or targets.numel() != count:
-            raise ValueError(f"indices must be an integer tensor shaped as the returned indices ({count} "
-                             f"entries), got {describe(targets)}")
+            raise ValueError(
+                f"indices must be an integer tensor shaped as the returned indices ({count} "
+                f"entries), got {describe(targets)}"
+            )
         targets = self._per_head(targets)
         codes = self._codebook.codes.clone() if self.training else self._codebook.codes
         return self._codebook.cross_entropy(per_head, targets, codes=codes).sum() / (targets >= 0).sum()
@@ -395,7 +533,7 @@ class VectorQuantize(nn.Module):
             codes = codes[:, torch.unique(idx[idx >= 0])]
         num_codes = codes.shape[1]
         if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
-            codes = codes[:, torch.randperm(num_codes, device=codes.device)[:self.orthogonal_reg_max_codes]]
+            codes = codes[:, torch.randperm(num_codes, device=codes.device)[: self.orthogonal_reg_max_codes]]
         return orthogonal_loss(codes)
 
     # ------------------------------------------------------------------------------------------
@@ -404,8 +542,13 @@ class VectorQuantize(nn.Module):
 
     def _to_tokens(self, x) -> tuple[torch.Tensor, Layout]:
         """x in this layer's input layout -> tokens (B, S, dim) and how to restore the layout."""
-        return to_tokens(x, self.dim, channel_last=self.channel_last, accept_image_fmap=self.accept_image_fmap,
-                         accept_3d_fmap=self.accept_3d_fmap)
+        return to_tokens(
+            x,
+            self.dim,
+            channel_last=self.channel_last,
+            accept_image_fmap=self.accept_image_fmap,
+            accept_3d_fmap=self.accept_3d_fmap,
+        )
 
     def _channel_first(self, t: torch.Tensor) -> torch.Tensor:
         channel_first = not self.channel_last or self.accept_image_fmap or self.accept_3d_fmap

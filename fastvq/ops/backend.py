@@ -77,13 +77,16 @@ class Backend:
         """Why this backend cannot run on `device` ('' when it can)."""
         if self.devices is not None and device.type not in self.devices:
             takes = " or ".join(sorted(d.upper() for d in self.devices))
-            return (f"backend='{self.name}' needs {takes} tensors (got device '{device.type}'); use "
-                    "backend='torch' (any device) or backend='auto'")
+            return (
+                f"backend='{self.name}' needs {takes} tensors (got device '{device.type}'); use "
+                "backend='torch' (any device) or backend='auto'"
+            )
         return self.why_not(device, build)
 
 
 def _deferred(module: str, op: str) -> Callable:
     """`module.op`, imported at its first call: choosing a backend imports neither triton nor the CUDA launchers."""
+
     def run(*args, **kwargs):
         return getattr(importlib.import_module(module), op)(*args, **kwargs)
 
@@ -93,12 +96,15 @@ def _deferred(module: str, op: str) -> Callable:
 
 def _on_triton(op: str) -> Callable:
     """backend='cuda''s `op` without a CUDA C++ kernel: the Triton backend's, or an error saying why it cannot run."""
+
     def run(x: torch.Tensor, *args, **kwargs):
         triton_backend = REGISTRY["triton"]
         reason = triton_backend.unavailable_reason(x.device)
         if reason:
-            raise RuntimeError(f"backend='cuda' runs {op} on the Triton backend (it has no CUDA C++ kernel), which "
-                               f"cannot run: {reason}")
+            raise RuntimeError(
+                f"backend='cuda' runs {op} on the Triton backend (it has no CUDA C++ kernel), which "
+                f"cannot run: {reason}"
+            )
         return triton_backend.ops[op](x, *args, **kwargs)
 
     return run
@@ -110,14 +116,20 @@ def _triton_why_not(device: torch.device, build: bool) -> str:
     except ImportError as err:  # triton missing or broken
         return f"triton could not be imported ({err}); install it with `pip install triton`"
     if device.type == "cuda" and interpreted:
-        return ("the Triton kernels were loaded under TRITON_INTERPRET=1, which runs them on CPU tensors only; "
-                "unset TRITON_INTERPRET to run them on the GPU")
+        return (
+            "the Triton kernels were loaded under TRITON_INTERPRET=1, which runs them on CPU tensors only; "
+            "unset TRITON_INTERPRET to run them on the GPU"
+        )
     if device.type == "cpu" and not interpreted:
         if triton_interpret_requested():
-            return ("TRITON_INTERPRET=1 was set after fastvq's Triton kernels were imported; set it before the "
-                    "first fastvq call (e.g. in the environment of the process)")
-        return ("backend='triton' needs CUDA tensors (got device 'cpu'); start the process with TRITON_INTERPRET=1 "
-                "to run the kernels on CPU through Triton's interpreter, or use backend='torch'")
+            return (
+                "TRITON_INTERPRET=1 was set after fastvq's Triton kernels were imported; set it before the "
+                "first fastvq call (e.g. in the environment of the process)"
+            )
+        return (
+            "backend='triton' needs CUDA tensors (got device 'cpu'); start the process with TRITON_INTERPRET=1 "
+            "to run the kernels on CPU through Triton's interpreter, or use backend='torch'"
+        )
     return ""
 
 
@@ -136,15 +148,25 @@ def _ops(module, names=OPS) -> dict[str, Callable]:
 _TORCH_OPS = {**_ops(chunked), **_ops(chunked_soft, SOFT_OPS)}
 
 
-REGISTRY: dict[str, Backend] = {backend.name: backend for backend in (
-    Backend("torch", None, _TORCH_OPS, lambda device, build: ""),
-    Backend("triton", frozenset({"cuda", "cpu"}), {op: _deferred("fastvq.ops.triton", op) for op in ALL_OPS},
-            _triton_why_not),
-    Backend("cuda", frozenset({"cuda"}),
+REGISTRY: dict[str, Backend] = {
+    backend.name: backend
+    for backend in (
+        Backend("torch", None, _TORCH_OPS, lambda device, build: ""),
+        Backend(
+            "triton",
+            frozenset({"cuda", "cpu"}),
+            {op: _deferred("fastvq.ops.triton", op) for op in ALL_OPS},
+            _triton_why_not,
+        ),
+        Backend(
+            "cuda",
+            frozenset({"cuda"}),
             {op: _deferred("fastvq.ops.cuda", op) if op in CUDA_OPS else _on_triton(op) for op in ALL_OPS},
-            _cuda_why_not),
-    Backend("cpu", frozenset({"cpu"}), {**_TORCH_OPS, **_ops(cpu, CPU_KERNEL_OPS)}, _cpu_why_not),
-)}
+            _cuda_why_not,
+        ),
+        Backend("cpu", frozenset({"cpu"}), {**_TORCH_OPS, **_ops(cpu, CPU_KERNEL_OPS)}, _cpu_why_not),
+    )
+}
 """Every backend but "auto", by name."""
 
 
@@ -173,8 +195,11 @@ def _resolve(requested: str, device: torch.device) -> tuple[str, str]:
             reason = REGISTRY["cpu"].unavailable_reason(device)
             if not reason:
                 return "cpu", ""
-            warnings.warn(f"fastvq: running the plain-PyTorch CPU path, slower than the C++ kernels: {reason}",
-                          RuntimeWarning, stacklevel=5)
+            warnings.warn(
+                f"fastvq: running the plain-PyTorch CPU path, slower than the C++ kernels: {reason}",
+                RuntimeWarning,
+                stacklevel=5,
+            )
         return "torch", ""
     reason = REGISTRY[requested].unavailable_reason(device)
     return ("", f"fastvq backend '{requested}' cannot run: {reason}") if reason else (requested, "")
@@ -209,8 +234,9 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device` in this process. On CPU this builds the C++ kernels the
     first time (seconds); the CUDA backend is listed when it could be built, without compiling it."""
     device = torch.device(device)
-    return [name for name, backend in REGISTRY.items()
-            if not backend.unavailable_reason(device, build=device.type == "cpu")]
+    return [
+        name for name, backend in REGISTRY.items() if not backend.unavailable_reason(device, build=device.type == "cpu")
+    ]
 
 
 def clear_cache() -> None:

@@ -45,8 +45,9 @@ CODES_PER_TILE = 512
 """Codes per tile (at most); the tile takes as many tokens as SCORE_TILE_ELEMENTS allows."""
 
 
-def chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
-                    metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+def chosen_distance(
+    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fp32 distance from each token to its chosen code, and the final indices.
 
     x (H, N, D), codebook (Hc, K, D), indices (H, N) int64 with -1 for "no code found" ->
@@ -71,6 +72,7 @@ PRODUCT_LIMIT = 2.0**126
 def _products_may_overflow(x: torch.Tensor, codebook: torch.Tensor) -> bool:
     """True when 2 D max|x| max|c| or max(max|x|, max|c|), over the finite entries, reaches PRODUCT_LIMIT
     (one device sync). Non-finite entries make their scores non-finite in any order."""
+
     def finite_max(t: torch.Tensor) -> float:
         return t.detach().abs().nan_to_num(nan=0.0, posinf=0.0).amax().double().item() if t.numel() else 0.0
 
@@ -78,8 +80,7 @@ def _products_may_overflow(x: torch.Tensor, codebook: torch.Tensor) -> bool:
     return max(2.0 * x.shape[-1] * x_max * code_max, x_max, code_max) >= PRODUCT_LIMIT
 
 
-def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str,
-                wide: bool) -> torch.Tensor:
+def _score_tile(x_rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str, wide: bool) -> torch.Tensor:
     """Scores (n, k) fp32 of rounded fp32 rows (n, D) against rounded fp32 codes (k, D); NaN and
     +-inf -> +inf. wide: computed in float64, then rounded to fp32 (see the module doc)."""
     if wide:
@@ -111,15 +112,18 @@ def _tiles(x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor, precisio
     for h in range(heads):
         hc = h if codebook.shape[0] > 1 else 0
         codes = round_operand(codebook[hc], precision)
-        code_tiles = [(k0, codes[k0:k0 + codes_per_tile], bias[hc, k0:k0 + codes_per_tile])
-                      for k0 in range(0, n_codes, codes_per_tile)]
+        code_tiles = [
+            (k0, codes[k0 : k0 + codes_per_tile], bias[hc, k0 : k0 + codes_per_tile])
+            for k0 in range(0, n_codes, codes_per_tile)
+        ]
         for n0 in range(0, n_tokens, rows_per_tile):
             rows = slice(n0, n0 + rows_per_tile)
             yield h, hc, rows, round_operand(x[h, rows], precision), code_tiles
 
 
-def _select(x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor, precision: str, k: int,
-            score_fn) -> torch.Tensor:
+def _select(
+    x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor, precision: str, k: int, score_fn
+) -> torch.Tensor:
     """The k lowest-scoring codes of every token, (H, N, k) int64, lowest score first, ties to the
     lowest index; -1 where fewer than k codes have a finite score.
 
@@ -150,12 +154,19 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
     """The k lowest scores' codes per token, (H, N, k) int64 (see `_select`)."""
     bias = code_bias(codebook, metric, precision)
     wide = _products_may_overflow(x, codebook)
-    return _select(x, codebook, bias, precision, k,
-                   lambda h, token_slice, rows, k0, codes, b: _score_tile(rows, codes, b, metric, wide))
+    return _select(
+        x,
+        codebook,
+        bias,
+        precision,
+        k,
+        lambda h, token_slice, rows, k0, codes, b: _score_tile(rows, codes, b, metric, wide),
+    )
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
-                 precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_code(
+    x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest code per token, never holding the N x K score matrix.
 
     x (H, N, D) and codebook (Hc, K, D), any float dtype -> indices (H, N) int64 and distances
@@ -165,8 +176,9 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
     return chosen_distance(x, codebook, _search(x, codebook, metric, precision, 1)[..., 0], metric)
 
 
-def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def code_stats(
+    x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-code counts (H, K) and sums of assigned rows (H, K, D), both fp32, without a one-hot.
 
     x (H, N, D) float, indices (H, N) int64 in [-1, K), mask (H, N) bool or None. Tokens with index
@@ -189,8 +201,10 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
 # logits: sampling, cross-entropy, top-k
 # ---------------------------------------------------------------------------------------------
 
-def _logit_tile(rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor,
-                metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _logit_tile(
+    rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """vector-quantize-pytorch 1.32.0's logits (n, k) fp32 of rounded rows (n, D) against rounded codes (k, D), and
     where the clamp inside them is inactive (so gradients flow): (n, k) for l2, (n, 1) for cosine.
 
@@ -209,8 +223,16 @@ def _logit_tile(rows: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor,
     return dot.mul_(bias).div_(row_norm.clamp_min(COSINE_NORM_EPS)), row_norm >= COSINE_NORM_EPS
 
 
-def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
-                k: int | None = None, metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
+def sample_code(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    temperature: float,
+    seed: int,
+    k: int | None = None,
+    metric: str = "l2",
+    precision: str = "ieee",
+) -> torch.Tensor:
     """One code per token drawn from softmax(logits / temperature) by the Gumbel-max trick.
 
     x (H, N, D), codebook (Hc, K, D), temperature > 0, seed in [0, 2^63) -> indices (H, N) int64:
@@ -225,8 +247,7 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, 
     def score(h, token_slice, rows, k0, codes, bias):
         logit, _ = _logit_tile(rows, codes, bias, metric)
         tokens = torch.arange(token_slice.start, token_slice.start + rows.shape[0], device=x.device)
-        offsets = (h * n_tokens + tokens)[:, None] * n_codes + torch.arange(k0, k0 + codes.shape[0],
-                                                                             device=x.device)
+        offsets = (h * n_tokens + tokens)[:, None] * n_codes + torch.arange(k0, k0 + codes.shape[0], device=x.device)
         gumbel = -torch.log(-torch.log(philox.uniform(seed, offsets)))
         return _never_chosen_if_not_finite((logit * logit_scale + gumbel * noise_scale).neg_())
 
@@ -235,8 +256,9 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, 
     return indices[..., 0] if k is None else indices
 
 
-def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
-               precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_codes(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest codes of every token, nearest first, ties to the lowest index.
 
     x (H, N, D), codebook (Hc, K, D), 1 <= k <= K -> indices (H, N, k) int64 and distances (H, N, k)
@@ -248,8 +270,9 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
     return valid_first(torch.stack([p[0] for p in pairs], dim=-1), torch.stack([p[1] for p in pairs], dim=-1))
 
 
-def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",
-                       precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def code_cross_entropy(
+    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the logits against target codes, by an online log-sum-exp over code tiles.
 
     x (H, N, D), codebook (Hc, K, D), indices (H, N) int64 in [-1, K) -> loss (H, N) fp32 =
@@ -275,9 +298,17 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
     return torch.where(indices < 0, 0.0, lse - target), lse
 
 
-def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
-                            grad: torch.Tensor, wrt: str, *, metric: str = "l2",
-                            precision: str = "ieee") -> torch.Tensor:
+def code_cross_entropy_grad(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    wrt: str,
+    *,
+    metric: str = "l2",
+    precision: str = "ieee",
+) -> torch.Tensor:
     """Gradient of sum(grad * loss) of `code_cross_entropy` w.r.t. x (wrt="x": (H, N, D) fp32) or the
     codebook (wrt="codebook": (Hc, K, D) fp32), from softmax weights recomputed per tile.
 
@@ -298,12 +329,20 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
             if wrt == "x":
                 out[h, token_slice] += grad_tile
             else:
-                out[hc, k0:k0 + codes.shape[0]] += grad_tile
+                out[hc, k0 : k0 + codes.shape[0]] += grad_tile
     return out
 
 
-def logit_vjp(w: torch.Tensor, logit: torch.Tensor, active: torch.Tensor, rows: torch.Tensor, codes: torch.Tensor,
-              code_bias_tile: torch.Tensor, metric: str, wrt: str) -> torch.Tensor:
+def logit_vjp(
+    w: torch.Tensor,
+    logit: torch.Tensor,
+    active: torch.Tensor,
+    rows: torch.Tensor,
+    codes: torch.Tensor,
+    code_bias_tile: torch.Tensor,
+    metric: str,
+    wrt: str,
+) -> torch.Tensor:
     """sum_k w_nk dlogit_nk/dx_n (wrt="x": (n, D)) or sum_n w_nk dlogit_nk/dc_k (wrt="codebook": (k, D)),
     fp32, of one tile of `_logit_tile` (logit and active from it, w (n, k)).
 

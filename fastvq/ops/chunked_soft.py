@@ -76,8 +76,16 @@ def _log_probs(s: torch.Tensor, norm: torch.Tensor, h: int, token_slice: slice) 
     return (s - norm[0, h, token_slice, None]) - norm[1, h, token_slice, None]
 
 
-def code_entropy(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | None, *, temperature: float,
-                 log_clamp_min: float | None, metric: str = "l2", precision: str = "ieee"):
+def code_entropy(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    temperature: float,
+    log_clamp_min: float | None,
+    metric: str = "l2",
+    precision: str = "ieee",
+):
     """Per-token entropy of p and the mean of p over the kept tokens, in two passes over the tiles.
 
     x (H, N, D), codebook (Hc, K, D), mask (H, N) bool or None -> entropy (H, N) fp32 (-sum p log p, or
@@ -103,7 +111,7 @@ def code_entropy(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | N
         for k0, codes, _, _, _, s in code_tiles:
             log_p = _log_probs(s, norm, h, token_slice)
             probs = log_p.exp()
-            prob_sums[h, k0:k0 + codes.shape[0]] += torch.where(kept[h, token_slice, None], probs, 0.0).sum(dim=0)
+            prob_sums[h, k0 : k0 + codes.shape[0]] += torch.where(kept[h, token_slice, None], probs, 0.0).sum(dim=0)
             if log_clamp_min is None:
                 entropy[h, token_slice] -= (probs * log_p).nan_to_num_(nan=0.0).sum(dim=1)
             else:
@@ -113,11 +121,23 @@ def code_entropy(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | N
     return *entropy_outputs(entropy, prob_sums, norm, mask), norm, kept_mass
 
 
-def code_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | None, norm: torch.Tensor,
-                      entropy: torch.Tensor, kept_mass: torch.Tensor, grad_entropy: torch.Tensor,
-                      grad_mean_probs: torch.Tensor | None, *, temperature: float, log_clamp_min: float | None,
-                      metric: str = "l2", precision: str = "ieee", x_grad: bool = True,
-                      codebook_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def code_entropy_grad(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    mask: torch.Tensor | None,
+    norm: torch.Tensor,
+    entropy: torch.Tensor,
+    kept_mass: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_mean_probs: torch.Tensor | None,
+    *,
+    temperature: float,
+    log_clamp_min: float | None,
+    metric: str = "l2",
+    precision: str = "ieee",
+    x_grad: bool = True,
+    codebook_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (fp32) of sum(grad_entropy * entropy) + sum(grad_mean_probs * mean_probs) of
     `code_entropy` w.r.t. x (H, N, D) and the codebook (Hc, K, D) (an output not asked for is empty):
     one pass for expectation_n = sum_k p_nk b_k (when grad_mean_probs is given), one for the gradients."""
@@ -129,15 +149,27 @@ def code_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tenso
         for h, _, token_slice, _, code_tiles in _scaled_tiles(x, codebook, metric, precision, 1.0 / temperature):
             for k0, codes, _, _, _, s in code_tiles:
                 probs = _log_probs(s, norm, h, token_slice).exp()
-                expectation[h, token_slice] += probs @ grad_mean_probs[h, k0:k0 + codes.shape[0]].float()
+                expectation[h, token_slice] += probs @ grad_mean_probs[h, k0 : k0 + codes.shape[0]].float()
     coefs = entropy_grad_coefs(kept, entropy, kept_mass, grad_entropy, expectation)
-    return _softmax_grad(x, codebook, norm, coefs, log_term=True, code_values=grad_mean_probs,
-                         temperature=temperature, log_clamp_min=log_clamp_min, metric=metric, precision=precision,
-                         x_grad=x_grad, codebook_grad=codebook_grad)
+    return _softmax_grad(
+        x,
+        codebook,
+        norm,
+        coefs,
+        log_term=True,
+        code_values=grad_mean_probs,
+        temperature=temperature,
+        log_clamp_min=log_clamp_min,
+        metric=metric,
+        precision=precision,
+        x_grad=x_grad,
+        codebook_grad=codebook_grad,
+    )
 
 
-def soft_quantize(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, metric: str = "l2",
-                  precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def soft_quantize(
+    x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest code by logit and the softmax-weighted mean of the codes, in one online pass (attention
     with the codebook as keys and values).
 
@@ -166,25 +198,62 @@ def soft_quantize(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float
     return indices.masked_fill_(~kept, -1), norm, values.masked_fill_(~kept[..., None], 0.0)
 
 
-def soft_quantize_grad(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, norm: torch.Tensor,
-                       soft_values: torch.Tensor, grad: torch.Tensor, *, hard: bool, temperature: float,
-                       metric: str = "l2", precision: str = "ieee", x_grad: bool = True,
-                       codebook_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_quantize_grad(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    norm: torch.Tensor,
+    soft_values: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    hard: bool,
+    temperature: float,
+    metric: str = "l2",
+    precision: str = "ieee",
+    x_grad: bool = True,
+    codebook_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (fp32) of sum(grad * quantized) of `soft_quantize` w.r.t. x (H, N, D) and the codebook
     (Hc, K, D) (an output not asked for is empty). Logit path: dL/dl_nk = p_nk (G_n . c_k - G_n .
     soft_n) / T. Value path to the codebook: sum of G_n over the tokens that chose code k (hard), or
     sum_n p_nk G_n (soft). Tokens with index -1 pass G straight through to x."""
     kept, x_kept, norm, grad_kept, coefs = soft_quantize_grad_inputs(x, indices, norm, soft_values, grad)
-    out_x, out_c = _softmax_grad(x_kept, codebook, norm, coefs, grad_values=grad_kept, soft_value_path=not hard,
-                                 temperature=temperature, log_clamp_min=None, metric=metric, precision=precision,
-                                 x_grad=x_grad, codebook_grad=codebook_grad)
+    out_x, out_c = _softmax_grad(
+        x_kept,
+        codebook,
+        norm,
+        coefs,
+        grad_values=grad_kept,
+        soft_value_path=not hard,
+        temperature=temperature,
+        log_clamp_min=None,
+        metric=metric,
+        precision=precision,
+        x_grad=x_grad,
+        codebook_grad=codebook_grad,
+    )
     if codebook_grad and hard:
         out_c += chosen_code_sums(code_stats, grad_kept, indices, codebook.shape)
     return (torch.where(kept[..., None], out_x, grad.float()) if x_grad else out_x), out_c
 
 
-def _softmax_grad(x, codebook, norm, coefs, *, log_term=False, code_values=None, grad_values=None,
-                  soft_value_path=False, temperature, log_clamp_min, metric, precision, x_grad, codebook_grad):
+def _softmax_grad(
+    x,
+    codebook,
+    norm,
+    coefs,
+    *,
+    log_term=False,
+    code_values=None,
+    grad_values=None,
+    soft_value_path=False,
+    temperature,
+    log_clamp_min,
+    metric,
+    precision,
+    x_grad,
+    codebook_grad,
+):
     """Gradients w.r.t. x and the codebook for dL/dl_nk = p_nk (u_n (psi_nk - Psi_n) + w_n (b_k - B_n) +
     G_n . c_k - G_n . z_n) / T (module docstring): coefs (5, H, N) = (u, Psi, w, B, G . z); the first
     term only with log_term, the second with b = code_values (H, K), the third with G = grad_values
@@ -204,7 +273,7 @@ def _softmax_grad(x, codebook, norm, coefs, *, log_term=False, code_values=None,
                 psi = torch.where(probs >= clamp, log_p + 1.0, math.log(clamp) if clamp else 0.0)
                 phi += u[h, token_slice, None] * (psi - psi_mean[h, token_slice, None])
             if code_values is not None:
-                b = code_values[h, None, k0:k0 + codes.shape[0]].float()
+                b = code_values[h, None, k0 : k0 + codes.shape[0]].float()
                 phi += w[h, token_slice, None] * (b - b_mean[h, token_slice, None])
             if g_rows is not None:
                 phi += g_rows @ codes.T - g_mean[h, token_slice, None]
@@ -215,5 +284,5 @@ def _softmax_grad(x, codebook, norm, coefs, *, log_term=False, code_values=None,
                 tile = logit_vjp(weight, logit, active, rows, codes, code_bias_tile, metric, "codebook")
                 if soft_value_path:
                     tile += probs.T @ g_rows
-                out_c[hc, k0:k0 + codes.shape[0]] += tile
+                out_c[hc, k0 : k0 + codes.shape[0]] += tile
     return out_x, out_c

@@ -130,8 +130,9 @@ def softmax_kept(norm: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return kept if mask is None else kept & mask
 
 
-def entropy_outputs(entropy: torch.Tensor, prob_sums: torch.Tensor, norm: torch.Tensor,
-                    mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def entropy_outputs(
+    entropy: torch.Tensor, prob_sums: torch.Tensor, norm: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The rule of `code_entropy` applied to raw per-token entropies (H, N) and per-code sums of the
     kept tokens' probabilities (H, K): masked tokens get entropy 0, unmasked non-finite ones NaN;
     the mean over the kept tokens of each head (NaN for a head without one, as torch's empty mean)."""
@@ -149,8 +150,13 @@ def soft_grad_inputs(x: torch.Tensor, norm: torch.Tensor, kept: torch.Tensor) ->
     return torch.where(kept[..., None], x, 0.0), torch.where(kept, norm, excluded)
 
 
-def entropy_grad_coefs(kept: torch.Tensor, entropy: torch.Tensor, kept_mass: torch.Tensor, grad_entropy: torch.Tensor,
-                       expectation: torch.Tensor | None) -> torch.Tensor:
+def entropy_grad_coefs(
+    kept: torch.Tensor,
+    entropy: torch.Tensor,
+    kept_mass: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    expectation: torch.Tensor | None,
+) -> torch.Tensor:
     """The gradient coefficients (5, H, N) fp32 (see `fastvq.ops.chunked_soft`) of
     L = sum_n a_n entropy_n + sum_k b_k mean_probs_k of `code_entropy` (a = grad_entropy, b the gradient
     of mean_probs): u = -a, Psi = kept_mass - entropy (= sum_k p psi), w = 1 / count (the mean's
@@ -166,8 +172,9 @@ def entropy_grad_coefs(kept: torch.Tensor, entropy: torch.Tensor, kept_mass: tor
     return coefs
 
 
-def soft_quantize_grad_inputs(x: torch.Tensor, indices: torch.Tensor, norm: torch.Tensor, soft_values: torch.Tensor,
-                              grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def soft_quantize_grad_inputs(
+    x: torch.Tensor, indices: torch.Tensor, norm: torch.Tensor, soft_values: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """What `soft_quantize`'s gradient pass takes: (kept = indices >= 0, x and norm cleaned as
     `soft_grad_inputs`, G = grad (H, N, D) fp32 with 0 on the other tokens, the coefficients (5, H, N)
     with G . z = G . soft_values and the others 0)."""

@@ -24,12 +24,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # argument checks
 # ---------------------------------------------------------------------------------------------
 
+
 def _check_tensor(t, name: str, *, floating: bool) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), "
-                        f"got dtype {t.dtype}")
+        raise TypeError(
+            f"{name} must be a floating tensor (float32, float16, bfloat16 or float64), got dtype {t.dtype}"
+        )
 
 
 def _check_same_device(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
@@ -68,16 +70,22 @@ def _canonical_args(x, codebook) -> tuple[torch.Tensor, torch.Tensor]:
     if codebook.dim() not in (2, 3):
         raise ValueError(f"codebook must have shape (K, D) or (H, K, D), got {tuple(codebook.shape)}")
     if codebook.dim() == 3 and x.dim() == 2:
-        raise ValueError(f"codebook has one codebook per head, shape {tuple(codebook.shape)}, so x must have "
-                         f"shape (H, N, D) with H={codebook.shape[0]}; got {tuple(x.shape)}")
+        raise ValueError(
+            f"codebook has one codebook per head, shape {tuple(codebook.shape)}, so x must have "
+            f"shape (H, N, D) with H={codebook.shape[0]}; got {tuple(x.shape)}"
+        )
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     cb3 = codebook if codebook.dim() == 3 else codebook.unsqueeze(0)
     if cb3.shape[0] not in (1, x3.shape[0]):
-        raise ValueError(f"codebook heads ({cb3.shape[0]}) must match x heads ({x3.shape[0]}): "
-                         f"x {tuple(x.shape)}, codebook {tuple(codebook.shape)}")
+        raise ValueError(
+            f"codebook heads ({cb3.shape[0]}) must match x heads ({x3.shape[0]}): "
+            f"x {tuple(x.shape)}, codebook {tuple(codebook.shape)}"
+        )
     if cb3.shape[-1] != x3.shape[-1]:
-        raise ValueError(f"x and codebook must share the last dimension D, got x {tuple(x.shape)} "
-                         f"and codebook {tuple(codebook.shape)}")
+        raise ValueError(
+            f"x and codebook must share the last dimension D, got x {tuple(x.shape)} "
+            f"and codebook {tuple(codebook.shape)}"
+        )
     if cb3.shape[1] == 0:
         raise ValueError(f"codebook is empty: expected (K, D) with K >= 1, got {tuple(codebook.shape)}")
     if x3.shape[-1] == 0:
@@ -113,8 +121,9 @@ def check_precision(precision: str | None) -> None:
         raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
 
 
-def _search_prelude(x, codebook, metric: str, precision: str | None,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, str, str]:
+def _search_prelude(
+    x, codebook, metric: str, precision: str | None, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, str, str]:
     """What every op that scores codes does first: check x, codebook and metric, resolve the
     precision and the backend -> (x (H, N, D), codebook (Hc, K, D), precision, backend)."""
     x3, cb3 = _canonical_args(x, codebook)
@@ -136,9 +145,11 @@ def _run(op: Callable, empty: Callable | None, x: torch.Tensor, x3: torch.Tensor
 # custom ops (canonical shapes; the public functions below check and reshape)
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastvq::nearest_code", mutates_args=())
-def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest_code_op(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation(backend, "nearest_code")(x, codebook, metric=metric, precision=precision)
 
 
@@ -149,21 +160,22 @@ def _nearest_code_empty(x, codebook, metric, precision, backend):
 
 
 @torch.library.custom_op("fastvq::code_stats", mutates_args=())
-def _code_stats_op(x: torch.Tensor, indices: torch.Tensor, num_codes: int, mask: torch.Tensor | None,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _code_stats_op(
+    x: torch.Tensor, indices: torch.Tensor, num_codes: int, mask: torch.Tensor | None, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation(backend, "code_stats")(x, indices, num_codes, mask=mask)
 
 
 @_code_stats_op.register_fake
 def _(x, indices, num_codes, mask, backend):
     heads, _, dim = x.shape
-    return x.new_empty((heads, num_codes), dtype=torch.float32), x.new_empty((heads, num_codes, dim),
-                                                                             dtype=torch.float32)
+    return x.new_empty((heads, num_codes), dtype=torch.float32), x.new_empty(
+        (heads, num_codes, dim), dtype=torch.float32
+    )
 
 
 @torch.library.custom_op("fastvq::lookup_codes", mutates_args=())
-def _lookup_codes_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
-                     backend: str) -> torch.Tensor:
+def _lookup_codes_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
     codes = gather_codes(codebook, indices).to(x.dtype)
     return torch.where((indices < 0).unsqueeze(-1), x, codes)
 
@@ -186,8 +198,7 @@ def _lookup_codes_backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         heads, num_codes, dim = ctx.codebook_shape
         # a shared codebook (Hc == 1) takes the gradients of every head
-        _, sums = _code_stats_op(grad.reshape(heads, -1, dim), indices.reshape(heads, -1), num_codes, None,
-                                 ctx.backend)
+        _, sums = _code_stats_op(grad.reshape(heads, -1, dim), indices.reshape(heads, -1), num_codes, None, ctx.backend)
         grad_codebook = sums.to(ctx.codebook_dtype)
     return grad, grad_codebook, None, None
 
@@ -199,8 +210,10 @@ _lookup_codes_op.register_autograd(_lookup_codes_backward, setup_context=_lookup
 # public API
 # ---------------------------------------------------------------------------------------------
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str | None = None,
-                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+
+def nearest_code(
+    x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str | None = None, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of and distance to the nearest code of every token, never building an N x K tensor.
 
     Args:
@@ -227,8 +240,15 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
     return _run(_nearest_code_op, _nearest_code_empty, x, x3.detach(), cb3.detach(), metric, precision, backend)
 
 
-def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: torch.Tensor | None = None,
-               backend: str = "auto", check_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def code_stats(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    num_codes: int,
+    *,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    check_indices: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-code counts and sums of the vectors assigned to each code, without a one-hot matrix.
 
     Args:
@@ -251,8 +271,9 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: 
     if mask is not None:
         _check_tensor(mask, "mask", floating=False)
         if mask.dtype != torch.bool or mask.shape != indices.shape:
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(indices.shape)}, got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(indices.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+            )
         _check_same_device(x, "x", mask, "mask")
     backend = resolve_backend(backend, x.device)
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
@@ -261,8 +282,9 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: 
     return _run(_code_stats_op, None, x, x3, indices3, num_codes, mask3, backend)
 
 
-def lookup_codes(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *,
-                 backend: str = "auto", check_indices: bool = True) -> torch.Tensor:
+def lookup_codes(
+    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, backend: str = "auto", check_indices: bool = True
+) -> torch.Tensor:
     """The code rows chosen for x, differentiable as the quantize step of a VQ layer.
 
     x: (N, D) or (H, N, D); codebook (K, D) or (H, K, D); indices int64 or int32 shaped x.shape[:-1].
@@ -278,8 +300,9 @@ def lookup_codes(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
     return _run(_lookup_codes_op, None, x, x3, cb3, indices3, backend)
 
 
-def quantize(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str | None = None,
-             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str | None = None, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`nearest_code` followed by `lookup_codes`: (quantized like x, indices, distances)."""
     indices, distances = nearest_code(x, codebook, metric=metric, precision=precision, backend=backend)
     return lookup_codes(x, codebook, indices, backend=backend, check_indices=False), indices, distances
@@ -289,6 +312,7 @@ def quantize(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", pre
 # ops on the logits: sampling, top-k, cross-entropy
 # ---------------------------------------------------------------------------------------------
 
+
 def _check_k(k, n_codes: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -297,11 +321,20 @@ def _check_k(k, n_codes: int) -> None:
 
 
 @torch.library.custom_op("fastvq::sample_code", mutates_args=())
-def _sample_code_op(x: torch.Tensor, codebook: torch.Tensor, temperature: float, seed: int, k: int, metric: str,
-                    precision: str, backend: str) -> torch.Tensor:
+def _sample_code_op(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    temperature: float,
+    seed: int,
+    k: int,
+    metric: str,
+    precision: str,
+    backend: str,
+) -> torch.Tensor:
     """k = 0: one draw per token, (H, N); k >= 1: the k best perturbed logits, (H, N, k)."""
-    return implementation(backend, "sample_code")(x, codebook, temperature=temperature, seed=seed, k=k or None,
-                                               metric=metric, precision=precision)
+    return implementation(backend, "sample_code")(
+        x, codebook, temperature=temperature, seed=seed, k=k or None, metric=metric, precision=precision
+    )
 
 
 @_sample_code_op.register_fake
@@ -310,8 +343,9 @@ def _sample_code_empty(x, codebook, temperature, seed, k, metric, precision, bac
 
 
 @torch.library.custom_op("fastvq::topk_codes", mutates_args=())
-def _topk_codes_op(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, precision: str,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_codes_op(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, precision: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation(backend, "topk_codes")(x, codebook, k, metric=metric, precision=precision)
 
 
@@ -322,10 +356,10 @@ def _topk_codes_empty(x, codebook, k, metric, precision, backend):
 
 
 @torch.library.custom_op("fastvq::code_cross_entropy", mutates_args=())
-def _code_cross_entropy_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str,
-                           precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return implementation(backend, "code_cross_entropy")(x, codebook, indices, metric=metric,
-                                                      precision=precision)
+def _code_cross_entropy_op(
+    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str, precision: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation(backend, "code_cross_entropy")(x, codebook, indices, metric=metric, precision=precision)
 
 
 @_code_cross_entropy_op.register_fake
@@ -334,11 +368,20 @@ def _(x, codebook, indices, metric, precision, backend):
 
 
 @torch.library.custom_op("fastvq::code_cross_entropy_grad", mutates_args=())
-def _code_cross_entropy_grad_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
-                                lse: torch.Tensor, grad: torch.Tensor, wrt: str, metric: str, precision: str,
-                                backend: str) -> torch.Tensor:
-    return implementation(backend, "code_cross_entropy_grad")(x, codebook, indices, lse, grad, wrt,
-                                                           metric=metric, precision=precision)
+def _code_cross_entropy_grad_op(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    wrt: str,
+    metric: str,
+    precision: str,
+    backend: str,
+) -> torch.Tensor:
+    return implementation(backend, "code_cross_entropy_grad")(
+        x, codebook, indices, lse, grad, wrt, metric=metric, precision=precision
+    )
 
 
 @_code_cross_entropy_grad_op.register_fake
@@ -360,18 +403,26 @@ def _code_cross_entropy_backward(ctx, grad_loss, _grad_lse):
     grads = [None, None]
     for i, wrt, like in ((0, "x", x), (1, "codebook", codebook)):
         if ctx.needs_input_grad[i]:
-            grads[i] = _code_cross_entropy_grad_op(x, codebook, indices, lse, grad_loss, wrt, ctx.metric,
-                                                   ctx.precision, ctx.backend).to(like.dtype)
+            grads[i] = _code_cross_entropy_grad_op(
+                x, codebook, indices, lse, grad_loss, wrt, ctx.metric, ctx.precision, ctx.backend
+            ).to(like.dtype)
     return grads[0], grads[1], None, None, None, None
 
 
-_code_cross_entropy_op.register_autograd(_code_cross_entropy_backward,
-                                         setup_context=_code_cross_entropy_setup)
+_code_cross_entropy_op.register_autograd(_code_cross_entropy_backward, setup_context=_code_cross_entropy_setup)
 
 
-def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, k: int | None = None,
-                metric: str = "l2", seed: int | None = None, precision: str | None = None,
-                backend: str = "auto") -> torch.Tensor:
+def sample_code(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    k: int | None = None,
+    metric: str = "l2",
+    seed: int | None = None,
+    precision: str | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Draw one code per token from softmax(logits / temperature) (vector-quantize-pytorch 1.32.0's
     Gumbel sampling),
     or k codes without replacement (Gumbel top-k), without an N x K tensor of logits or noise.
@@ -410,16 +461,23 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float =
     if temperature <= 0:
         if k is not None:
             return _run(_topk_codes_op, _topk_codes_empty, x, x3, cb3, k, metric, precision, backend)[0]
-        return _run(_nearest_code_op, _nearest_code_empty, x, x3.detach(), cb3.detach(), metric, precision,
-                        backend)[0]
+        return _run(_nearest_code_op, _nearest_code_empty, x, x3.detach(), cb3.detach(), metric, precision, backend)[0]
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
-    return _run(_sample_code_op, _sample_code_empty, x, x3, cb3, float(temperature), seed, k or 0, metric,
-                precision, backend)
+    return _run(
+        _sample_code_op, _sample_code_empty, x, x3, cb3, float(temperature), seed, k or 0, metric, precision, backend
+    )
 
 
-def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
-               precision: str | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_codes(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    k: int,
+    *,
+    metric: str = "l2",
+    precision: str | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest codes of every token, nearest first, without an N x K tensor.
 
     Args:
@@ -437,9 +495,16 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
     return _run(_topk_codes_op, _topk_codes_empty, x, x3, cb3, k, metric, precision, backend)
 
 
-def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",
-                       precision: str | None = None, backend: str = "auto",
-                       check_indices: bool = True) -> torch.Tensor:
+def code_cross_entropy(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    metric: str = "l2",
+    precision: str | None = None,
+    backend: str = "auto",
+    check_indices: bool = True,
+) -> torch.Tensor:
     """Per-token cross-entropy of the code logits against target codes (vector-quantize-pytorch
     1.32.0's cross-entropy loss),
     with an online log-sum-exp: no N x K tensor, forward or backward.

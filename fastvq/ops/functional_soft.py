@@ -30,8 +30,10 @@ def _check_mask(mask, x: torch.Tensor) -> torch.Tensor | None:
         return None
     _check_tensor(mask, "mask", floating=False)
     if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
-        raise ValueError(f"mask must be a bool tensor of shape x.shape[:-1] = {tuple(x.shape[:-1])}, got "
-                         f"{mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be a bool tensor of shape x.shape[:-1] = {tuple(x.shape[:-1])}, got "
+            f"{mask.dtype} {tuple(mask.shape)}"
+        )
     _check_same_device(x, "x", mask, "mask")
     return mask if mask.dim() == 2 else mask.unsqueeze(0)
 
@@ -44,36 +46,89 @@ def _empty_grad(like: torch.Tensor, needed: bool) -> torch.Tensor:
 # code_entropy
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastvq::code_entropy", mutates_args=())
-def _code_entropy_op(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | None, temperature: float,
-                     log_clamp_min: float | None, metric: str, precision: str,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _code_entropy_op(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    log_clamp_min: float | None,
+    metric: str,
+    precision: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(entropy (H, N), mean_probs (H, K), norm (2, H, N), kept_mass (H, N)), all fp32."""
-    return implementation(backend, "code_entropy")(x, codebook, mask, temperature=temperature,
-                                                   log_clamp_min=log_clamp_min, metric=metric, precision=precision)
+    return implementation(backend, "code_entropy")(
+        x, codebook, mask, temperature=temperature, log_clamp_min=log_clamp_min, metric=metric, precision=precision
+    )
 
 
 @_code_entropy_op.register_fake
 def _(x, codebook, mask, temperature, log_clamp_min, metric, precision, backend):
     per_token = x.new_empty(x.shape[:2], dtype=torch.float32)
-    return (per_token, x.new_empty((x.shape[0], codebook.shape[1]), dtype=torch.float32),
-            x.new_empty((2, *x.shape[:2]), dtype=torch.float32), per_token.clone())
+    return (
+        per_token,
+        x.new_empty((x.shape[0], codebook.shape[1]), dtype=torch.float32),
+        x.new_empty((2, *x.shape[:2]), dtype=torch.float32),
+        per_token.clone(),
+    )
 
 
 @torch.library.custom_op("fastvq::code_entropy_grad", mutates_args=())
-def _code_entropy_grad_op(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | None, norm: torch.Tensor,
-                          entropy: torch.Tensor, kept_mass: torch.Tensor, grad_entropy: torch.Tensor,
-                          grad_mean_probs: torch.Tensor | None, temperature: float, log_clamp_min: float | None,
-                          metric: str, precision: str, backend: str, x_grad: bool,
-                          codebook_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _code_entropy_grad_op(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    mask: torch.Tensor | None,
+    norm: torch.Tensor,
+    entropy: torch.Tensor,
+    kept_mass: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_mean_probs: torch.Tensor | None,
+    temperature: float,
+    log_clamp_min: float | None,
+    metric: str,
+    precision: str,
+    backend: str,
+    x_grad: bool,
+    codebook_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation(backend, "code_entropy_grad")(
-        x, codebook, mask, norm, entropy, kept_mass, grad_entropy, grad_mean_probs, temperature=temperature,
-        log_clamp_min=log_clamp_min, metric=metric, precision=precision, x_grad=x_grad, codebook_grad=codebook_grad)
+        x,
+        codebook,
+        mask,
+        norm,
+        entropy,
+        kept_mass,
+        grad_entropy,
+        grad_mean_probs,
+        temperature=temperature,
+        log_clamp_min=log_clamp_min,
+        metric=metric,
+        precision=precision,
+        x_grad=x_grad,
+        codebook_grad=codebook_grad,
+    )
 
 
 @_code_entropy_grad_op.register_fake
-def _(x, codebook, mask, norm, entropy, kept_mass, grad_entropy, grad_mean_probs, temperature, log_clamp_min, metric,
-      precision, backend, x_grad, codebook_grad):
+def _(
+    x,
+    codebook,
+    mask,
+    norm,
+    entropy,
+    kept_mass,
+    grad_entropy,
+    grad_mean_probs,
+    temperature,
+    log_clamp_min,
+    metric,
+    precision,
+    backend,
+    x_grad,
+    codebook_grad,
+):
     return _empty_grad(x, x_grad), _empty_grad(codebook, codebook_grad)
 
 
@@ -81,8 +136,9 @@ def _code_entropy_setup(ctx, inputs, output):
     x, codebook, mask, temperature, log_clamp_min, metric, precision, backend = inputs
     entropy, _, norm, kept_mass = output
     ctx.save_for_backward(x, codebook, mask, norm, entropy, kept_mass)
-    ctx.options = dict(temperature=temperature, log_clamp_min=log_clamp_min, metric=metric, precision=precision,
-                       backend=backend)
+    ctx.options = dict(
+        temperature=temperature, log_clamp_min=log_clamp_min, metric=metric, precision=precision, backend=backend
+    )
     ctx.mark_non_differentiable(norm, kept_mass)
     ctx.set_materialize_grads(False)
 
@@ -97,18 +153,48 @@ def _code_entropy_backward(ctx, grad_entropy, grad_mean_probs, _grad_norm, _grad
         grad_entropy = torch.zeros_like(entropy)
     opts = ctx.options
     grad_x, grad_codebook = _code_entropy_grad_op(
-        x, codebook, mask, norm, entropy, kept_mass, grad_entropy, grad_mean_probs, opts["temperature"],
-        opts["log_clamp_min"], opts["metric"], opts["precision"], opts["backend"], x_grad, codebook_grad)
-    return (grad_x.to(x.dtype) if x_grad else None, grad_codebook.to(codebook.dtype) if codebook_grad else None,
-            None, None, None, None, None, None)
+        x,
+        codebook,
+        mask,
+        norm,
+        entropy,
+        kept_mass,
+        grad_entropy,
+        grad_mean_probs,
+        opts["temperature"],
+        opts["log_clamp_min"],
+        opts["metric"],
+        opts["precision"],
+        opts["backend"],
+        x_grad,
+        codebook_grad,
+    )
+    return (
+        grad_x.to(x.dtype) if x_grad else None,
+        grad_codebook.to(codebook.dtype) if codebook_grad else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _code_entropy_op.register_autograd(_code_entropy_backward, setup_context=_code_entropy_setup)
 
 
-def code_entropy(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, metric: str = "l2",
-                 mask: torch.Tensor | None = None, log_clamp_min: float | None = None, precision: str | None = None,
-                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def code_entropy(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    metric: str = "l2",
+    mask: torch.Tensor | None = None,
+    log_clamp_min: float | None = None,
+    precision: str | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy of every token's distribution over the codes, p = softmax(logits / temperature), and that
     distribution's mean over the batch, without an N x K tensor, forward or backward.
 
@@ -140,8 +226,9 @@ def code_entropy(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float 
             raise ValueError(f"log_clamp_min must be None or a float in (0, 1), got {log_clamp_min!r}")
         log_clamp_min = float(log_clamp_min)
     mask3 = _check_mask(mask, x)
-    entropy, mean_probs, _, _ = _run(_code_entropy_op, None, x, x3, cb3, mask3, temperature, log_clamp_min, metric,
-                                     precision, backend)
+    entropy, mean_probs, _, _ = _run(
+        _code_entropy_op, None, x, x3, cb3, mask3, temperature, log_clamp_min, metric, precision, backend
+    )
     return entropy, mean_probs
 
 
@@ -149,35 +236,65 @@ def code_entropy(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float 
 # soft_quantize
 # ---------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("fastvq::soft_quantize", mutates_args=())
-def _soft_quantize_op(x: torch.Tensor, codebook: torch.Tensor, temperature: float, hard: bool, metric: str,
-                      precision: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _soft_quantize_op(
+    x: torch.Tensor, codebook: torch.Tensor, temperature: float, hard: bool, metric: str, precision: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(quantized (H, N, D) in x's dtype, indices (H, N) int64, norm (2, H, N) fp32, soft values (H, N, D) fp32)."""
-    indices, norm, soft_values = implementation(backend, "soft_quantize")(x, codebook, temperature=temperature,
-                                                                          metric=metric, precision=precision)
+    indices, norm, soft_values = implementation(backend, "soft_quantize")(
+        x, codebook, temperature=temperature, metric=metric, precision=precision
+    )
     value = gather_codes(codebook, indices) if hard else soft_values
     return torch.where((indices < 0)[..., None], x, value.to(x.dtype)), indices, norm, soft_values
 
 
 @_soft_quantize_op.register_fake
 def _(x, codebook, temperature, hard, metric, precision, backend):
-    return (torch.empty_like(x), x.new_empty(x.shape[:2], dtype=torch.int64),
-            x.new_empty((2, *x.shape[:2]), dtype=torch.float32), x.new_empty(x.shape, dtype=torch.float32))
+    return (
+        torch.empty_like(x),
+        x.new_empty(x.shape[:2], dtype=torch.int64),
+        x.new_empty((2, *x.shape[:2]), dtype=torch.float32),
+        x.new_empty(x.shape, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("fastvq::soft_quantize_grad", mutates_args=())
-def _soft_quantize_grad_op(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, norm: torch.Tensor,
-                           soft_values: torch.Tensor, grad: torch.Tensor, hard: bool, temperature: float, metric: str,
-                           precision: str, backend: str, x_grad: bool,
-                           codebook_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _soft_quantize_grad_op(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    norm: torch.Tensor,
+    soft_values: torch.Tensor,
+    grad: torch.Tensor,
+    hard: bool,
+    temperature: float,
+    metric: str,
+    precision: str,
+    backend: str,
+    x_grad: bool,
+    codebook_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation(backend, "soft_quantize_grad")(
-        x, codebook, indices, norm, soft_values, grad, hard=hard, temperature=temperature, metric=metric,
-        precision=precision, x_grad=x_grad, codebook_grad=codebook_grad)
+        x,
+        codebook,
+        indices,
+        norm,
+        soft_values,
+        grad,
+        hard=hard,
+        temperature=temperature,
+        metric=metric,
+        precision=precision,
+        x_grad=x_grad,
+        codebook_grad=codebook_grad,
+    )
 
 
 @_soft_quantize_grad_op.register_fake
-def _(x, codebook, indices, norm, soft_values, grad, hard, temperature, metric, precision, backend, x_grad,
-      codebook_grad):
+def _(
+    x, codebook, indices, norm, soft_values, grad, hard, temperature, metric, precision, backend, x_grad, codebook_grad
+):
     return _empty_grad(x, x_grad), _empty_grad(codebook, codebook_grad)
 
 
@@ -195,18 +312,33 @@ def _soft_quantize_backward(ctx, grad, _grad_indices, _grad_norm, _grad_soft_val
     x_grad, codebook_grad = ctx.needs_input_grad[:2]
     if not (x_grad or codebook_grad):
         return None, None, None, None, None, None, None
-    grad_x, grad_codebook = _soft_quantize_grad_op(x, codebook, indices, norm, soft_values, grad, *ctx.options,
-                                                   x_grad, codebook_grad)
-    return (grad_x.to(x.dtype) if x_grad else None, grad_codebook.to(codebook.dtype) if codebook_grad else None,
-            None, None, None, None, None)
+    grad_x, grad_codebook = _soft_quantize_grad_op(
+        x, codebook, indices, norm, soft_values, grad, *ctx.options, x_grad, codebook_grad
+    )
+    return (
+        grad_x.to(x.dtype) if x_grad else None,
+        grad_codebook.to(codebook.dtype) if codebook_grad else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _soft_quantize_op.register_autograd(_soft_quantize_backward, setup_context=_soft_quantize_setup)
 
 
-def soft_quantize(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, metric: str = "l2",
-                  hard: bool = True, precision: str | None = None,
-                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def soft_quantize(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    metric: str = "l2",
+    hard: bool = True,
+    precision: str | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Index backpropagation (IBQ): the nearest code as the value, the gradient of the soft code
     softmax(logits / temperature) @ codebook, to x and to every code, without an N x K tensor.
 
@@ -231,6 +363,5 @@ def soft_quantize(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float
     temperature = _check_temperature(temperature)
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
-    quantized, indices, _, _ = _run(_soft_quantize_op, None, x, x3, cb3, temperature, hard, metric, precision,
-                                    backend)
+    quantized, indices, _, _ = _run(_soft_quantize_op, None, x, x3, cb3, temperature, hard, metric, precision, backend)
     return quantized, indices

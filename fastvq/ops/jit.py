@@ -71,8 +71,10 @@ def missing_sources(sources: tuple[Path, ...]) -> str:
     missing = [str(path) for path in sources if not path.is_file()]
     if not missing:
         return ""
-    return (f"the sources are not installed with this copy of fastvq (missing: {', '.join(missing)}); reinstall "
-            "fastvq (its wheel ships them as fastvq/kernels/) or install it from a source checkout (pip install -e .)")
+    return (
+        f"the sources are not installed with this copy of fastvq (missing: {', '.join(missing)}); reinstall "
+        "fastvq (its wheel ships them as fastvq/kernels/) or install it from a source checkout (pip install -e .)"
+    )
 
 
 def missing_ninja() -> str:
@@ -154,12 +156,19 @@ class JitExtension:
             with build_lock(folder):
                 if not (folder / f"{self.name}.so").exists():  # later processes load it without a word
                     print(f"fastvq: compiling the {self.what} once into {folder} ...", file=sys.stderr, flush=True)
-                return cpp_extension.load(name=self.name, sources=[str(path) for path in self.sources],
-                                          build_directory=str(folder), verbose=False, **self.options)
+                return cpp_extension.load(
+                    name=self.name,
+                    sources=[str(path) for path in self.sources],
+                    build_directory=str(folder),
+                    verbose=False,
+                    **self.options,
+                )
         except Exception as err:  # a compiler or linker error, an unwritable cache, a broken library
             log = str(err).strip()
-            return (f"fastvq's {self.what} failed to build in {folder} ({type(err).__name__}: {log[-1500:]}); "
-                    f"fix the cause and delete {folder} to rebuild. {self.alternative}")
+            return (
+                f"fastvq's {self.what} failed to build in {folder} ({type(err).__name__}: {log[-1500:]}); "
+                f"fix the cause and delete {folder} to rebuild. {self.alternative}"
+            )
 
 
 @contextlib.contextmanager
@@ -175,4 +184,3 @@ def build_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-

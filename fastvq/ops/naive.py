@@ -37,8 +37,10 @@ INF = float("inf")
 
 def _rounded(x: torch.Tensor, codebook: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x (H, N, D) and the codebook broadcast to (H, K, D), rounded to `precision`, as float64."""
-    return (round_operand(x, precision).double(),
-            round_operand(codebook, precision).double().expand(x.shape[0], -1, -1))
+    return (
+        round_operand(x, precision).double(),
+        round_operand(codebook, precision).double().expand(x.shape[0], -1, -1),
+    )
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
@@ -73,8 +75,9 @@ def scores(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str 
     return score.masked_fill(~(_finite_fp32(score) & _finite_fp32(code_sq)), INF)
 
 
-def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
-               precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_codes(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k lowest scores' codes, lowest first (stable sort: ties to the lowest index) -> indices
     (H, N, k) int64 and their `distances` (H, N, k) float64; -1 / NaN entries after the valid ones."""
     ranked = scores(x, codebook, metric, precision).sort(dim=-1, stable=True)
@@ -85,15 +88,17 @@ def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str =
     return indices.masked_fill(bad, -1).gather(-1, order), dist.masked_fill(bad, float("nan")).gather(-1, order)
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
-                 precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_code(
+    x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`topk_codes` with k = 1: indices (H, N) int64, distances (H, N) float64."""
     indices, dist = topk_codes(x, codebook, 1, metric=metric, precision=precision)
     return indices[..., 0], dist[..., 0]
 
 
-def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def code_stats(
+    x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts (H, K) and sums (H, K, D), float64, through a one-hot matrix; tokens with an index
     outside [0, K) or mask False are left out."""
     onehot = indices.unsqueeze(-1) == torch.arange(num_codes, device=indices.device)
@@ -103,8 +108,9 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     return onehot.sum(1), onehot.mT @ x.double()
 
 
-def logits(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee",
-           dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def logits(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee", dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """vector-quantize-pytorch 1.32.0's logits (H, N, K) float64, differentiable: l2
     -sqrt(max(|x|^2 + |c|^2 - 2 x.c, 1e-8)), cosine x.c / (max(|x|, eps) max(|c|, eps)), dot x.c.
     dtype=torch.float32 computes the same formulas in fp32 (how far they drift there is what the soft
@@ -123,8 +129,16 @@ def _logits(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tenso
     return _unit(x) @ _unit(codebook).mT
 
 
-def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
-                k: int | None = None, metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
+def sample_code(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    temperature: float,
+    seed: int,
+    k: int | None = None,
+    metric: str = "l2",
+    precision: str = "ieee",
+) -> torch.Tensor:
     """argmax_k(logit_k / temperature + g_k), g = -log(-log(u)) with u the Philox stream: (H, N)
     int64; with k, the k largest, largest first, (H, N, k). Codes whose logit is not finite in fp32
     (or whose |c|^2 is not, or of a token with a non-finite entry) are never drawn: -1 past them."""
@@ -134,15 +148,17 @@ def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, 
     gumbel = -torch.log(-torch.log(philox.uniform(seed, counters).double()))
     xr, cr = _rounded(x, codebook, precision)
     logit = _logits(xr, cr, metric)
-    usable = (_finite_fp32(logit) & _finite_fp32(cr.square().sum(-1)).unsqueeze(1)
-              & torch.isfinite(x).all(-1, keepdim=True))
+    usable = (
+        _finite_fp32(logit) & _finite_fp32(cr.square().sum(-1)).unsqueeze(1) & torch.isfinite(x).all(-1, keepdim=True)
+    )
     ranked = (logit / temperature + gumbel).masked_fill(~usable, -INF).sort(dim=-1, descending=True, stable=True)
-    indices = ranked.indices[..., :k or 1].masked_fill(ranked.values[..., :k or 1] == -INF, -1)
+    indices = ranked.indices[..., : k or 1].masked_fill(ranked.values[..., : k or 1] == -INF, -1)
     return indices[..., 0] if k is None else indices
 
 
-def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",
-                       precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def code_cross_entropy(
+    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """loss (H, N) = logsumexp_k(logit_k) - logit_target (0 where the index is -1), and the
     logsumexp (H, N); float64."""
     logit = logits(x, codebook, metric, precision)
@@ -151,9 +167,17 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
     return torch.where(indices < 0, 0.0, lse - target), lse
 
 
-def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
-                            grad: torch.Tensor, wrt: str, *, metric: str = "l2",
-                            precision: str = "ieee") -> torch.Tensor:
+def code_cross_entropy_grad(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    wrt: str,
+    *,
+    metric: str = "l2",
+    precision: str = "ieee",
+) -> torch.Tensor:
     """Gradient of sum(grad * loss) w.r.t. x (wrt="x", (H, N, D)) or the codebook ((Hc, K, D)), float64:
     sum_nk grad_n (exp(logit_nk - lse_n) - [k = target_n]) dlogit_nk, by autograd through `logits`
     (the rounding to `precision` passes the gradient straight through)."""
@@ -161,8 +185,9 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
     code_leaf = round_operand(codebook.detach(), precision).double().requires_grad_()
     logit = _logits(x_leaf, code_leaf.expand(x.shape[0], -1, -1), metric)
     onehot = indices.unsqueeze(-1) == torch.arange(logit.shape[-1], device=x.device)
-    weight = torch.where(indices < 0, 0.0, grad.double()).unsqueeze(-1) * ((logit - lse.double().unsqueeze(-1)).exp()
-                                                                            - onehot.double())
+    weight = torch.where(indices < 0, 0.0, grad.double()).unsqueeze(-1) * (
+        (logit - lse.double().unsqueeze(-1)).exp() - onehot.double()
+    )
     (out,) = torch.autograd.grad((weight.detach() * logit).sum(), x_leaf if wrt == "x" else code_leaf)
     return out
 
@@ -176,9 +201,16 @@ def _kept_tokens(x, codebook, mask, metric, temperature, dtype):
     return kept, torch.where(kept[..., None], x.to(dtype), 0.0)
 
 
-def code_entropy(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | None = None, *,
-                 temperature: float = 1.0, log_clamp_min: float | None = None,
-                 metric: str = "l2", dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def code_entropy(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    log_clamp_min: float | None = None,
+    metric: str = "l2",
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token entropy (H, N) of p = softmax(logits / T): -sum p log p, or -sum p log(max(p,
     log_clamp_min)); 0 for a masked token, NaN for a non-finite one. And the mean of p over the
     kept tokens of each head (H, K)."""
@@ -192,9 +224,16 @@ def code_entropy(x: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor | N
     return entropy, mean_probs
 
 
-def soft_quantize(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float = 1.0, metric: str = "l2",
-                  hard: bool = True, indices: torch.Tensor | None = None,
-                  dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_quantize(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    metric: str = "l2",
+    hard: bool = True,
+    indices: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """IBQ's index backpropagation (SEED-Voken `IndexPropagationQuantize`): soft = softmax(logits / T),
     hard = one_hot(argmax logits), quantized = (hard - soft.detach() + soft) @ codebook (hard=False:
     soft @ codebook). indices (H, N) replaces the argmax when given (a test's tie-break). Non-finite

@@ -26,7 +26,7 @@ def uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     out = torch.empty(flat.shape, dtype=torch.float32, device=offsets.device)
     chunk = 1 << 15 if offsets.device.type == "cpu" else max(flat.numel(), 1)
     for start in range(0, flat.numel(), chunk):
-        out[start:start + chunk] = _philox(seed, flat[start:start + chunk])
+        out[start : start + chunk] = _philox(seed, flat[start : start + chunk])
     return out.view(offsets.shape)
 
 

@@ -73,8 +73,9 @@ def test_temporary_names_are_unpredictable_and_files_get_the_usual_permissions(t
     monkeypatch.setattr(files.os, "replace", spy)
     for _ in range(3):
         write_atomic(tmp_path / "out.png", write(b"png"))
-    assert len(set(names)) == 3 and all(re.fullmatch(rf"\.out\.png\.{os.getpid()}\.[0-9a-f]{{16}}\.tmp", n)
-                                        for n in names), names
+    assert len(set(names)) == 3 and all(
+        re.fullmatch(rf"\.out\.png\.{os.getpid()}\.[0-9a-f]{{16}}\.tmp", n) for n in names
+    ), names
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "out.png").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600

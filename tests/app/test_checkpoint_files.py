@@ -56,10 +56,12 @@ def test_corrupt_or_foreign_checkpoint(capsys, folder, tmp_path):
 
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(2)}, foreign)
-    for path, message in ((truncated, "corrupt or not a safetensors file"),
-                          (flipped, "do not match their checksum"),
-                          (foreign, "not a fastvq checkpoint"),
-                          (tmp_path / "missing.safetensors", "no such file")):
+    for path, message in (
+        (truncated, "corrupt or not a safetensors file"),
+        (flipped, "do not match their checksum"),
+        (foreign, "not a fastvq checkpoint"),
+        (tmp_path / "missing.safetensors", "no such file"),
+    ):
         code, text = run(capsys, "eval", "--ckpt", path, "--data", folder)
         assert code == 2 and message in text, text
     code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder, "--quantizer", "taming")

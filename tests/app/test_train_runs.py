@@ -51,8 +51,11 @@ def assert_resumed_exactly(resumed, full, out, full_out):
 def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_path, monkeypatch, quantizer):
     """fastvq's layer with k-means init and dead-code replacement draws from torch's RNG at every
     step, so its bitwise check also proves that --resume restores the RNG."""
-    extra = ("--quantizer", VQT) if quantizer == VQT else ("--set", "kmeans_init=true",
-                                                          "--set", "threshold_ema_dead_code=2")
+    extra = (
+        ("--quantizer", VQT)
+        if quantizer == VQT
+        else ("--set", "kmeans_init=true", "--set", "threshold_ema_dead_code=2")
+    )
     full = train_tiny(capsys, folder, tmp_path / "full", *extra)
 
     real_step = training.train_step
@@ -64,13 +67,13 @@ def test_resume_after_interrupt_reproduces_losses_exactly(capsys, folder, tmp_pa
 
     monkeypatch.setattr(training, "train_step", interrupted)
     out = tmp_path / "resumed"
-    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6,
-                     "--ckpt-every", 3, *TINY, *extra)
+    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY, *extra)
     assert code == 130 and "--resume" in text
     assert checkpoint.load(out / CHECKPOINT)[1]["step"] == 3  # lost only steps 4 and 5
     monkeypatch.setattr(training, "train_step", real_step)
-    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6,
-                     "--ckpt-every", 3, *TINY, *extra, "--resume")
+    code, text = run(
+        capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY, *extra, "--resume"
+    )
     assert code == 0, text
     resumed = json.loads((out / "metrics.json").read_text())
     for key in ("loss", "rec_loss", "vq_loss", "psnr", "usage"):
@@ -86,8 +89,20 @@ def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(cap
     """A real SIGINT to a training process: it finishes its step, checkpoints it (--ckpt-every is
     beyond the run, so no other checkpoint exists) and exits 130; --resume then reproduces the
     uninterrupted run bit for bit. Resuming the finished run again rewrites nothing."""
-    argv = ["train", "--data", folder, "--steps", 60, "--ckpt-every", 1000, "--set", "kmeans_init=true",
-            "--set", "threshold_ema_dead_code=2", *TINY]
+    argv = [
+        "train",
+        "--data",
+        folder,
+        "--steps",
+        60,
+        "--ckpt-every",
+        1000,
+        "--set",
+        "kmeans_init=true",
+        "--set",
+        "threshold_ema_dead_code=2",
+        *TINY,
+    ]
     code, text = run(capsys, *argv, "--out", tmp_path / "full")
     assert code == 0, text
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
@@ -96,8 +111,9 @@ def test_ctrl_c_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(cap
     # 2 data-loading workers here, none in the other runs: the batches do not depend on them
     command = [sys.executable, "-m", "fastvq", *map(str, argv), "--out", str(out), "--workers", "2"]
     command.remove("--no-progress")  # the progress line says that the loop has started
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             preexec_fn=default_sigint)
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint
+    )
     for line in child.stderr:
         if line.startswith("train: "):
             child.send_signal(signal.SIGINT)
@@ -124,11 +140,27 @@ def test_sigterm_checkpoints_the_step(folder, tmp_path):
     """SIGTERM to the training process (`kill PID`, Kubernetes, torchrun): it finishes its step,
     checkpoints it and exits 143; its data-loading processes are shut down as on any exit."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "fastvq", "train", "--data", str(folder), "--steps", "500", "--ckpt-every",
-               "1000", "--workers", "2", "--out", str(out), *map(str, TINY)]
+    command = [
+        sys.executable,
+        "-m",
+        "fastvq",
+        "train",
+        "--data",
+        str(folder),
+        "--steps",
+        "500",
+        "--ckpt-every",
+        "1000",
+        "--workers",
+        "2",
+        "--out",
+        str(out),
+        *map(str, TINY),
+    ]
     command.remove("--no-progress")  # the progress line says that the loop has started
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     for line in child.stderr:
         if line.startswith("train: "):
             child.send_signal(signal.SIGTERM)
@@ -145,11 +177,25 @@ def test_a_second_run_into_the_same_out_fails_at_once_and_the_first_one_keeps_it
     with or without --resume, before or after the first has checkpointed; the first one goes on.
     Without the run-folder lock both trained and exited 0, and the first one's outputs were lost."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "fastvq", "train", "--data", str(folder), "--steps", "500", "--ckpt-every",
-               "2", "--out", str(out), *map(str, TINY)]
+    command = [
+        sys.executable,
+        "-m",
+        "fastvq",
+        "train",
+        "--data",
+        str(folder),
+        "--steps",
+        "500",
+        "--ckpt-every",
+        "2",
+        "--out",
+        str(out),
+        *map(str, TINY),
+    ]
     command.remove("--no-progress")  # the progress line says that the loop has started
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    first = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     for line in first.stderr:
         if line.startswith("train: "):
             break
@@ -183,9 +229,11 @@ def test_rerunning_a_finished_run_reports_it_or_offers_resume_and_another_out(ca
 
 
 # Runs the command in argv[1:] and prints its peak RSS in KiB (with the children it waited for) last.
-PEAK_RSS = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[1:]); "
-            "_, status, usage = os.wait4(child.pid, 0); print(usage.ru_maxrss); "
-            "sys.exit(os.waitstatus_to_exitcode(status))")
+PEAK_RSS = (
+    "import os, subprocess, sys; child = subprocess.Popen(sys.argv[1:]); "
+    "_, status, usage = os.wait4(child.pid, 0); print(usage.ru_maxrss); "
+    "sys.exit(os.waitstatus_to_exitcode(status))"
+)
 
 
 @pytest.mark.slow
@@ -207,10 +255,20 @@ def test_training_encoding_and_eval_memory_does_not_grow_with_the_number_of_imag
             Image.fromarray(tiles[i % 16]).save(path, quality=50)
 
     def peak_rss(command, count, *argv):  # MiB
-        argv = [sys.executable, "-m", "fastvq", command, "--data", str(tmp_path / f"n{count}"), "--out",
-                str(tmp_path / f"{command}{count}"), *map(str, argv)]
-        result = subprocess.run([sys.executable, "-c", PEAK_RSS, *argv], capture_output=True, text=True, env=env,
-                                timeout=300)
+        argv = [
+            sys.executable,
+            "-m",
+            "fastvq",
+            command,
+            "--data",
+            str(tmp_path / f"n{count}"),
+            "--out",
+            str(tmp_path / f"{command}{count}"),
+            *map(str, argv),
+        ]
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, *argv], capture_output=True, text=True, env=env, timeout=300
+        )
         assert result.returncode == 0, result.stderr
         return int(result.stdout.split()[-1]) / 1024
 
@@ -278,10 +336,13 @@ def test_periodic_eval_writes_grids_and_history_without_changing_training(capsys
     assert len(lines) == 2 and lines[0].startswith("encode: 0/2 (") and lines[1].startswith("encode: 2/2 (")
 
 
-def test_tensorboard_event_files_hold_every_step_once_across_an_interrupted_resume(capsys, folder, tmp_path,
-                                                                                   monkeypatch):
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
-                                      reason="TensorBoard logging needs the tensorboard package")
+def test_tensorboard_event_files_hold_every_step_once_across_an_interrupted_resume(
+    capsys, folder, tmp_path, monkeypatch
+):
+    accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="TensorBoard logging needs the tensorboard package",
+    )
     full = train_tiny(capsys, folder, tmp_path / "full", "--eval-every", 3)["history"]
     real_step = training.train_step
 
@@ -292,12 +353,27 @@ def test_tensorboard_event_files_hold_every_step_once_across_an_interrupted_resu
 
     monkeypatch.setattr(training, "train_step", interrupted)
     out = tmp_path / "resumed"
-    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY,
-                     "--eval-every", 3)
+    code, text = run(
+        capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY, "--eval-every", 3
+    )
     assert code == 130, text
     monkeypatch.setattr(training, "train_step", real_step)
-    code, text = run(capsys, "train", "--data", folder, "--out", out, "--steps", 6, "--ckpt-every", 3, *TINY,
-                     "--eval-every", 3, "--resume")
+    code, text = run(
+        capsys,
+        "train",
+        "--data",
+        folder,
+        "--out",
+        out,
+        "--steps",
+        6,
+        "--ckpt-every",
+        3,
+        *TINY,
+        "--eval-every",
+        3,
+        "--resume",
+    )
     assert code == 0, text
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per process run
 
@@ -307,8 +383,10 @@ def test_tensorboard_event_files_hold_every_step_once_across_an_interrupted_resu
         logged = events.Scalars(key)
         assert [e.step for e in logged] == list(range(1, 7)), key  # step 4 of the first run discarded
         assert [e.value for e in logged] == list(np.float32(full[key])), key  # stored as float32
-    assert [(e.step, e.value) for e in events.Scalars("eval_psnr")] == [(3, np.float32(full["eval_psnr"][2])),
-                                                                        (6, np.float32(full["eval_psnr"][5]))]
+    assert [(e.step, e.value) for e in events.Scalars("eval_psnr")] == [
+        (3, np.float32(full["eval_psnr"][2])),
+        (6, np.float32(full["eval_psnr"][5])),
+    ]
     grids = events.Images("reconstructions")
     assert [e.step for e in grids] == [3, 6]
     assert (grids[1].width, grids[1].height) == Image.open(out / "samples" / "step_0000006.png").size
@@ -321,8 +399,10 @@ def test_training_without_tensorboard_says_once_how_to_get_it(capsys, folder, tm
     note = "note: no TensorBoard event files (pip install tensorboard"
     code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / "a", "--steps", 2, *TINY, "--tensorboard")
     assert code == 2 and not (tmp_path / "a").exists()
-    assert text == "fastvq train: error: --tensorboard needs the tensorboard package, which is not installed: " \
-                   "pip install tensorboard (or fastvq[tensorboard])\n"
+    assert (
+        text == "fastvq train: error: --tensorboard needs the tensorboard package, which is not installed: "
+        "pip install tensorboard (or fastvq[tensorboard])\n"
+    )
     for out, extra, told in (("b", ["--no-tensorboard"], False), ("c", [], True), ("d", [], False)):
         code, text = run(capsys, "train", "--data", folder, "--out", tmp_path / out, "--steps", 2, *TINY, *extra)
         assert code == 0 and (note in text) == told, (out, text)
@@ -340,8 +420,9 @@ def test_bf16_autocast_runs_the_model_in_bf16_and_the_quantizer_on_its_output():
     logs, indices, reconstruction = train_step(model, optimizers, x, 0, precision="bf16")
     assert seen == {"conv": torch.bfloat16, "tokens": torch.bfloat16, "codes": torch.bfloat16}
     assert reconstruction.dtype == torch.float32 and np.isfinite(logs["loss"]) and indices.shape == (4, 4, 4)
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters()
-               if p.grad is not None)
+    assert all(
+        p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None
+    )
     train_step(model, optimizers, x, 1)
     assert seen["conv"] == torch.float32  # fp32 by default
     with pytest.raises(ValueError, match="'fp16' needs a GradScaler"):
@@ -373,10 +454,23 @@ def test_torchrun_two_processes_match_one_and_resume_exactly(capsys, folder, tmp
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
 
     def torchrun(out, *extra):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   "-m", "fastvq", *map(str, argv), "--out", str(out), *map(str, extra)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "fastvq",
+            *map(str, argv),
+            "--out",
+            str(out),
+            *map(str, extra),
+        ]
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert result.stdout.count("held-out PSNR") == 1  # process 0 alone reports
         return json.loads((out / "metrics.json").read_text())
@@ -401,8 +495,23 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_r
     """A terminal's Ctrl-C: SIGINT to the launcher and its 2 gloo workers at once, torchrun then
     forwarding a second SIGINT to each worker. The workers finish their step together, process 0
     checkpoints it, and a --resume reproduces the uninterrupted 2-process run bit for bit."""
-    argv = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fastvq", "train",
-            "--data", folder, "--steps", 60, "--ckpt-every", 1000, *TINY]
+    argv = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "fastvq",
+        "train",
+        "--data",
+        folder,
+        "--steps",
+        60,
+        "--ckpt-every",
+        1000,
+        *TINY,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def torchrun(out, *extra):
@@ -415,8 +524,15 @@ def test_ctrl_c_under_torchrun_checkpoints_and_resume_matches_an_uninterrupted_r
     out = tmp_path / "stopped"
     command = [sys.executable, *map(str, argv), "--out", str(out)]
     command.remove("--no-progress")  # process 0's progress line says that every process handles Ctrl-C
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True, preexec_fn=default_sigint)  # own process group, as a job
+    launcher = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=default_sigint,
+    )  # own process group, as a job
     for line in launcher.stderr:
         if line.startswith("train: "):
             os.killpg(launcher.pid, signal.SIGINT)

@@ -72,8 +72,7 @@ class ToyTask(loop.TrainingTask):
 
     def finish(self, evaluation, history, timing, logged):
         self.finished = evaluation, logged
-        return {"step": self.config.steps, "history": history, "timing": timing,
-                "weight": self.model.weight.tolist()}
+        return {"step": self.config.steps, "history": history, "timing": timing, "weight": self.model.weight.tolist()}
 
 
 @pytest.fixture
@@ -83,8 +82,11 @@ def toy(monkeypatch):
     monkeypatch.setattr(ToyTask, "signals", {})
     monkeypatch.setattr(ToyTask, "crash_at", None)
     saved, save = [], loop.save_training_state
-    monkeypatch.setattr(loop, "save_training_state", lambda path, model, opt, step, *a: saved.append(step)
-                        or save(path, model, opt, step, *a))
+    monkeypatch.setattr(
+        loop,
+        "save_training_state",
+        lambda path, model, opt, step, *a: saved.append(step) or save(path, model, opt, step, *a),
+    )
     monkeypatch.setattr(ToyTask, "saved", saved, raising=False)
     # a checkpoint is read back as the header says, unchecked against a real model's description: the
     # toy's 3-vector describes no VQ-VAE (tests/app/test_checkpoint_validation.py tests those checks)
@@ -160,12 +162,14 @@ def test_a_stop_request_mid_step_finishes_the_step_checkpoints_it_and_stops(toy,
 
 
 def test_settings_and_resume_errors_come_before_any_work(toy, tmp_path):
-    for settings, message in (({"steps": 0}, "steps must be an int >= 1, got 0"),
-                              ({"eval_every": 0}, "eval_every must be an int >= 1, got 0"),
-                              ({"max_images": -2}, "max_images must be an int >= 1, got -2"),
-                              ({"image_size": None}, "image_size is needed by model vqvae"),
-                              ({"ckpt_every": 2.5}, "ckpt_every must be an int, got 2.5"),
-                              ({"workers": -1}, "workers must be an int >= 0, got -1")):
+    for settings, message in (
+        ({"steps": 0}, "steps must be an int >= 1, got 0"),
+        ({"eval_every": 0}, "eval_every must be an int >= 1, got 0"),
+        ({"max_images": -2}, "max_images must be an int >= 1, got -2"),
+        ({"image_size": None}, "image_size is needed by model vqvae"),
+        ({"ckpt_every": 2.5}, "ckpt_every must be an int, got 2.5"),
+        ({"workers": -1}, "workers must be an int >= 0, got -1"),
+    ):
         with pytest.raises(SettingError, match=message):
             train(tmp_path / "new", **settings)
     with pytest.raises(FileNotFoundError):
@@ -177,8 +181,7 @@ def test_settings_and_resume_errors_come_before_any_work(toy, tmp_path):
         train(tmp_path / "run")
     with pytest.raises(SettingError, match="steps 5 is below the checkpoint's step 7"):
         train(tmp_path / "run", resume=True, steps=5)
-    assert len(toy.built) == 1 and sorted(p.name for p in (tmp_path / "run").iterdir()) == [CHECKPOINT,
-                                                                                             "metrics.json"]
+    assert len(toy.built) == 1 and sorted(p.name for p in (tmp_path / "run").iterdir()) == [CHECKPOINT, "metrics.json"]
 
 
 def test_a_run_into_a_folder_another_run_writes_to_fails_at_once(toy, tmp_path):
@@ -197,10 +200,16 @@ def test_a_run_into_a_folder_another_run_writes_to_fails_at_once(toy, tmp_path):
 
 def test_a_lock_left_by_a_killed_process_does_not_block(toy, tmp_path):
     out = tmp_path / "run"
-    script = ("import sys, time\nfrom fastvq.app.runlock import RunFolderLock\n"
-              "RunFolderLock(sys.argv[1]).__enter__()\nprint('locked', flush=True)\ntime.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    script = (
+        "import sys, time\nfrom fastvq.app.runlock import RunFolderLock\n"
+        "RunFolderLock(sys.argv[1]).__enter__()\nprint('locked', flush=True)\ntime.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert holder.stdout.readline() == "locked\n"
     with pytest.raises(SettingError, match=f"another run \\(process {holder.pid}\\)"):
         check_unlocked(out)

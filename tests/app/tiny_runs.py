@@ -10,17 +10,69 @@ from PIL import Image
 
 from fastvq.app.cli import main
 
-TOKENIZER_ARGS = ["--device", "cpu", "--image-size", 16, "--batch-size", 4, "--num-eval", 2, "--steps", 2,
-                  "--set", "channels=8", "--set", "res_channels=4", "--set", "num_res_blocks=1",
-                  "--set", "downsample=16", "--codebook-dim", 2, "--codebook-size", 8, "--threads", 1,
-                  "--workers", 0, "--no-progress"]
-TINY = ["--device", "cpu", "--image-size", "16", "--batch-size", "8", "--num-eval", "4",
-        "--set", "channels=32", "--set", "res_channels=8", "--set", "num_res_blocks=1",
-        "--set", "decay=0.8", "--codebook-dim", "8", "--codebook-size", "32", "--lr", "3e-3",
-        "--threads", "1", "--workers", "0", "--no-progress"]
+TOKENIZER_ARGS = [
+    "--device",
+    "cpu",
+    "--image-size",
+    16,
+    "--batch-size",
+    4,
+    "--num-eval",
+    2,
+    "--steps",
+    2,
+    "--set",
+    "channels=8",
+    "--set",
+    "res_channels=4",
+    "--set",
+    "num_res_blocks=1",
+    "--set",
+    "downsample=16",
+    "--codebook-dim",
+    2,
+    "--codebook-size",
+    8,
+    "--threads",
+    1,
+    "--workers",
+    0,
+    "--no-progress",
+]
+TINY = [
+    "--device",
+    "cpu",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--num-eval",
+    "4",
+    "--set",
+    "channels=32",
+    "--set",
+    "res_channels=8",
+    "--set",
+    "num_res_blocks=1",
+    "--set",
+    "decay=0.8",
+    "--codebook-dim",
+    "8",
+    "--codebook-size",
+    "32",
+    "--lr",
+    "3e-3",
+    "--threads",
+    "1",
+    "--workers",
+    "0",
+    "--no-progress",
+]
 """A tokenizer run of a few seconds on 16-pixel crops (`train_tiny`)."""
-GENERATOR_ARGS = {"prior": ["--set", "dim=16", "--set", "depth=1", "--set", "heads=2"],
-                  "diffusion": ["--set", "width=8", "--set", "steps=20"]}
+GENERATOR_ARGS = {
+    "prior": ["--set", "dim=16", "--set", "depth=1", "--set", "heads=2"],
+    "diffusion": ["--set", "width=8", "--set", "steps=20"],
+}
 
 
 def run(capsys, *argv):
@@ -77,8 +129,27 @@ def tokenizer_run(tmp_path_factory, image_folder):
 def _generator_run(tmp_path_factory, tokenizer_run, kind):
     out = tmp_path_factory.mktemp("runs") / kind
     # --num-eval 1: the final evaluation is a batch of one item of 1x1 latents
-    _train(["train", "--model", kind, "--tokenizer", tokenizer_run, "--out", out, "--steps", 2, "--batch-size", 4,
-            "--num-eval", 1, "--threads", 1, "--no-progress", *GENERATOR_ARGS[kind]])
+    _train(
+        [
+            "train",
+            "--model",
+            kind,
+            "--tokenizer",
+            tokenizer_run,
+            "--out",
+            out,
+            "--steps",
+            2,
+            "--batch-size",
+            4,
+            "--num-eval",
+            1,
+            "--threads",
+            1,
+            "--no-progress",
+            *GENERATOR_ARGS[kind],
+        ]
+    )
     assert json.loads((out / "metrics.json").read_text())["data"]["target_shape"][-2:] == [1, 1]
     return out
 

@@ -9,27 +9,78 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-REQUIRED = {"device", "torch", "triton", "git_commit", "date", "op", "impl", "role", "shape", "N", "K", "D",
-            "dtype", "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "status", "reason"}
-EXPECTED = {("ceiling", "peak-mm[ieee]"), ("ceiling", "copy"), ("matmul", "dense-mm[ieee]"),
-            ("search", "fastvq-triton[ieee]"), ("search", "fastvq-triton[bf16]"), ("search", "fastvq-torch"),
-            ("search", "naive"), ("search", "cdist"), ("search", "compile(naive)"), ("search", "vqp-cdist"),
-            ("search", "fastvq-cuda[ieee]"), ("search", "fastvq-cuda[bf16]"),
-            ("train", "fastvq-layer[triton]"), ("train", "fastvq-layer[cuda]"), ("train", "fastvq-layer[torch]"),
-            ("train", "vqp-layer"),
-            ("train", "taming-vq2"), ("residual", "fastvq-rvq[torch]"), ("residual", "fastvq-rvq[triton]"),
-            ("residual", "vqp-rvq"), ("fsq", "fastvq-fsq"), ("fsq", "vqp-fsq"),
-            ("head", "fastvq-head[torch]"), ("head", "fastvq-head[triton]"),
-            ("head", "linear+cross_entropy"), ("scaling", "fastvq-cpu"), ("scaling", "faiss-cpu"),
-            ("scaling", "fastvq-layer-eval[cpu]"), ("scaling", "vqp-layer-eval"), ("simvq", "fastvq-simvq[torch]"),
-            ("simvq", "fastvq-simvq[triton]"), ("simvq", "vqp-simvq")}
+REQUIRED = {
+    "device",
+    "torch",
+    "triton",
+    "git_commit",
+    "date",
+    "op",
+    "impl",
+    "role",
+    "shape",
+    "N",
+    "K",
+    "D",
+    "dtype",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "reps",
+    "peak_mem_bytes",
+    "status",
+    "reason",
+}
+EXPECTED = {
+    ("ceiling", "peak-mm[ieee]"),
+    ("ceiling", "copy"),
+    ("matmul", "dense-mm[ieee]"),
+    ("search", "fastvq-triton[ieee]"),
+    ("search", "fastvq-triton[bf16]"),
+    ("search", "fastvq-torch"),
+    ("search", "naive"),
+    ("search", "cdist"),
+    ("search", "compile(naive)"),
+    ("search", "vqp-cdist"),
+    ("search", "fastvq-cuda[ieee]"),
+    ("search", "fastvq-cuda[bf16]"),
+    ("train", "fastvq-layer[triton]"),
+    ("train", "fastvq-layer[cuda]"),
+    ("train", "fastvq-layer[torch]"),
+    ("train", "vqp-layer"),
+    ("train", "taming-vq2"),
+    ("residual", "fastvq-rvq[torch]"),
+    ("residual", "fastvq-rvq[triton]"),
+    ("residual", "vqp-rvq"),
+    ("fsq", "fastvq-fsq"),
+    ("fsq", "vqp-fsq"),
+    ("head", "fastvq-head[torch]"),
+    ("head", "fastvq-head[triton]"),
+    ("head", "linear+cross_entropy"),
+    ("scaling", "fastvq-cpu"),
+    ("scaling", "faiss-cpu"),
+    ("scaling", "fastvq-layer-eval[cpu]"),
+    ("scaling", "vqp-layer-eval"),
+    ("simvq", "fastvq-simvq[torch]"),
+    ("simvq", "fastvq-simvq[triton]"),
+    ("simvq", "vqp-simvq"),
+}
 
 
 def _run_quick(out: Path) -> Path:
     # the interpreter that conftest enables for the kernel tests must not reach the benchmark
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVQ_BACKEND")}
-    command = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--device", "cpu",
-               "--threads", "1", "--out", str(out)]
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "run.py"),
+        "--quick",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     (folder,) = out.iterdir()
@@ -51,10 +102,26 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
     assert not errors
 
     ok = [r for r in records if r["status"] == "ok"]
-    assert {r["impl"] for r in ok} >= {"fastvq-torch", "naive", "cdist", "vqp-cdist", "fastvq-layer[torch]",
-                                       "vqp-layer", "taming-vq2", "dense-mm[ieee]", "copy", "fastvq-rvq[torch]",
-                                       "vqp-rvq", "fastvq-fsq", "vqp-fsq", "fastvq-head[torch]",
-                                       "linear+cross_entropy", "vqp-layer-eval", "fastvq-simvq[torch]", "vqp-simvq"}
+    assert {r["impl"] for r in ok} >= {
+        "fastvq-torch",
+        "naive",
+        "cdist",
+        "vqp-cdist",
+        "fastvq-layer[torch]",
+        "vqp-layer",
+        "taming-vq2",
+        "dense-mm[ieee]",
+        "copy",
+        "fastvq-rvq[torch]",
+        "vqp-rvq",
+        "fastvq-fsq",
+        "vqp-fsq",
+        "fastvq-head[torch]",
+        "linear+cross_entropy",
+        "vqp-layer-eval",
+        "fastvq-simvq[torch]",
+        "vqp-simvq",
+    }
     for r in ok:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
         assert r["reps"] >= 2 and isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0, r
@@ -69,8 +136,16 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
     assert naive["peak_mem_bytes"] >= naive["N"] * naive["K"] * 4
 
     markdown = (folder / "results.md").read_text()
-    for title in ("## Measured ceilings", "## Nearest-code search", "## Training step", "## Residual VQ training",
-                  "## Prior output head", "## Scaling with K", "## Peak memory", "## Not run"):
+    for title in (
+        "## Measured ceilings",
+        "## Nearest-code search",
+        "## Training step",
+        "## Residual VQ training",
+        "## Prior output head",
+        "## Scaling with K",
+        "## Peak memory",
+        "## Not run",
+    ):
         assert title in markdown
     assert "| tiny | 2048, 256, 16 | float32 |" in markdown
     assert sorted(r["K"] for r in records if r["impl"] == "vqp-layer-eval") == [256, 1024]

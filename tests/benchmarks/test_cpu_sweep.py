@@ -32,16 +32,21 @@ def cpu_sweep():
 def test_tiny_sweep_writes_positive_finite_ratios_and_heat_maps(cpu_sweep, tmp_path):
     threads, faiss_threads = torch.get_num_threads(), cpu_sweep.impls.faiss.omp_get_max_threads()
     try:
-        out_dir = cpu_sweep.main(["--n", "33,7", "--d", "4,9", "--k", "40", "--repeats", "3", "--threads", "1",
-                                  "--out", str(tmp_path)])
+        out_dir = cpu_sweep.main(
+            ["--n", "33,7", "--d", "4,9", "--k", "40", "--repeats", "3", "--threads", "1", "--out", str(tmp_path)]
+        )
     finally:
         torch.set_num_threads(threads)
         cpu_sweep.impls.faiss.omp_set_num_threads(faiss_threads)
     result = json.loads((out_dir / "sweep.json").read_text())
     points = result["points"]
     assert {(p["load"], p["dtype"], p["n"], p["d"]) for p in points} == {
-        (load, dtype, n, d) for load in ("idle", "busy") for dtype in ("float32", "bfloat16")
-        for n in (33, 7) for d in (4, 9)}
+        (load, dtype, n, d)
+        for load in ("idle", "busy")
+        for dtype in ("float32", "bfloat16")
+        for n in (33, 7)
+        for d in (4, 9)
+    }
     for point in points:
         assert point["k"] == 40 and 3 <= len(point["fastvq_ms"]) == len(point["faiss_ms"])
         assert 0 < point["ratio"] < math.inf and 0 < point["fastvq_median_ms"] < math.inf

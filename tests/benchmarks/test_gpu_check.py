@@ -20,15 +20,27 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_plan  # noqa: E402  (benchmarks/ is not a package)
 
 sys.path.remove(str(REPO / "benchmarks"))
-SMOKE_OPS = {"nearest_code", "topk_codes", "sample_code", "code_cross_entropy", "code_stats", "code_stats_searched",
-             "code_stats_collapsed"}
+SMOKE_OPS = {
+    "nearest_code",
+    "topk_codes",
+    "sample_code",
+    "code_cross_entropy",
+    "code_stats",
+    "code_stats_searched",
+    "code_stats_collapsed",
+}
 
 
 def _start(out: Path, work: Path, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVQ_BACKEND")}
     env["PYTHON"] = sys.executable  # the image's python3 there; this environment's python here
-    return subprocess.Popen(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), *args, "--dry-run", "--work",
-                             str(work)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), *args, "--dry-run", "--work", str(work)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _brought_back(out: Path, unpacked: Path) -> dict:
@@ -75,16 +87,33 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
     stages = _brought_back(tmp_path / "out", tmp_path / "unpacked")
     check = tmp_path / "unpacked" / "check"
     assert list(stages) == [stage.name for stage in gpu_plan.PLAN]
-    reasons = {"install": "no wheels in benchmarks/wheels", "build-cuda": "this torch build",
-               "smoke-cuda": "no CPU stand-in", "bench-lfq": "no rows", "bench-ibq": "no rows"}
+    reasons = {
+        "install": "no wheels in benchmarks/wheels",
+        "build-cuda": "this torch build",
+        "smoke-cuda": "no CPU stand-in",
+        "bench-lfq": "no rows",
+        "bench-ibq": "no rows",
+    }
     for name, outcome in stages.items():
         if outcome["status"] == "skipped":
             assert name in reasons and reasons[name] in outcome["detail"], (name, outcome)
         else:
             assert outcome["status"] == "ok", (name, outcome)
     assert {name for name, o in stages.items() if o["status"] == "ok"} >= {
-        "env", "warm", "smoke", "bench-search", "bench-search-cuda", "bench-train", "bench-residual", "bench-fsq",
-        "bench-simvq", "bench-head", "tests-cuda", "tests-triton", "bench-compile"}
+        "env",
+        "warm",
+        "smoke",
+        "bench-search",
+        "bench-search-cuda",
+        "bench-train",
+        "bench-residual",
+        "bench-fsq",
+        "bench-simvq",
+        "bench-head",
+        "tests-cuda",
+        "tests-triton",
+        "bench-compile",
+    }
     _assert_finished_stages_kept_their_records(stages, check)
     records = _bench_records(check)
     assert {r["op"] for r in records} == {"ceiling", "matmul", "search", "train", "residual", "fsq", "simvq", "head"}
@@ -112,6 +141,7 @@ def test_gpu_check_killed_half_way_keeps_the_finished_stages(tmp_path):
     assert any(o["status"] == "not reached" for o in stages.values())
     if stages["smoke"]["status"] == "stopped":  # cut in the middle: the checks that finished are kept
         assert (check / "smoke" / "smoke.jsonl").read_text().count("\n") == int(
-            re.search(r"(\d+) checks", stages["smoke"]["detail"])[1])
+            re.search(r"(\d+) checks", stages["smoke"]["detail"])[1]
+        )
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "stopped by SIGTERM" in summary and "--retry --stages " in summary

@@ -44,8 +44,9 @@ def _stand_ins(driver, monkeypatch, plan, programs):
 
 
 def _run(driver, tmp_path, *args):
-    check = driver.Check(driver.parse_args([str(tmp_path / "out"), *args, "--work", str(tmp_path / "work"),
-                                            "--commit", "0123abc"]))
+    check = driver.Check(
+        driver.parse_args([str(tmp_path / "out"), *args, "--work", str(tmp_path / "work"), "--commit", "0123abc"])
+    )
     return check, check.run()
 
 
@@ -62,27 +63,34 @@ print("facts written")
 
 def test_a_stage_past_its_cap_is_stopped_and_the_next_one_runs(driver, monkeypatch, tmp_path):
     Stage = driver.gpu_plan.Stage
-    plan = [Stage("install", "install", (1, 1), 30, ""), Stage("env", "env", (1, 1), 30, ""),
-            Stage("slow", "build", (1, 2), 2, "sleeps past its cap"),
-            Stage("deaf", "build", (1, 2), 2, "ignores SIGTERM"),
-            Stage("after", "build", (1, 2), 30, "runs after them")]
-    programs = dict(install="print('nothing to install')",
-                    env=ENV.format(path=str(tmp_path / "work" / "check" / "env.json")),
-                    slow="import time; print('started', flush=True); time.sleep(60)",
-                    deaf="""
+    plan = [
+        Stage("install", "install", (1, 1), 30, ""),
+        Stage("env", "env", (1, 1), 30, ""),
+        Stage("slow", "build", (1, 2), 2, "sleeps past its cap"),
+        Stage("deaf", "build", (1, 2), 2, "ignores SIGTERM"),
+        Stage("after", "build", (1, 2), 30, "runs after them"),
+    ]
+    programs = dict(
+        install="print('nothing to install')",
+        env=ENV.format(path=str(tmp_path / "work" / "check" / "env.json")),
+        slow="import time; print('started', flush=True); time.sleep(60)",
+        deaf="""
                          import signal, time
                          signal.signal(signal.SIGTERM, signal.SIG_IGN)
                          print('deaf', flush=True); time.sleep(60)""",
-                    after="print('the last stage ran')")
+        after="print('the last stage ran')",
+    )
     _stand_ins(driver, monkeypatch, plan, programs)
     check, code = _run(driver, tmp_path, "100", "--cap-scale", "1")
     outcomes = _outcomes(tmp_path)
     assert code == 1
     assert outcomes["slow"]["status"] == "stopped" and outcomes["slow"]["detail"].startswith(
-        "stopped at its limit of 2 s; started")
+        "stopped at its limit of 2 s; started"
+    )
     assert outcomes["deaf"]["status"] == "stopped" and 2 <= outcomes["deaf"]["took_s"] < 10  # SIGKILL after the grace
-    assert outcomes["after"] == dict(status="ok", took_s=outcomes["after"]["took_s"], limit_s=30,
-                                     detail="the last stage ran")
+    assert outcomes["after"] == dict(
+        status="ok", took_s=outcomes["after"]["took_s"], limit_s=30, detail="the last stage ran"
+    )
     assert check.facts["cores"] == 8 and check.parallel() == 2
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| slow | stopped | 2 | 2 | 1-2 | stopped at its limit of 2 s; started |" in summary
@@ -95,10 +103,16 @@ def test_a_stage_past_its_cap_is_stopped_and_the_next_one_runs(driver, monkeypat
 
 def test_the_budget_limits_the_stages_and_what_is_left_is_skipped(driver, monkeypatch, tmp_path):
     Stage = driver.gpu_plan.Stage
-    plan = [Stage("env", "env", (1, 1), 30, ""), Stage("long", "build", (1, 2), 600, "sleeps"),
-            Stage("later", "build", (1, 2), 30, "never has time")]
-    programs = dict(env=ENV.format(path=str(tmp_path / "work" / "check" / "env.json")),
-                    long="import time; time.sleep(60)", later="print('ran')")
+    plan = [
+        Stage("env", "env", (1, 1), 30, ""),
+        Stage("long", "build", (1, 2), 600, "sleeps"),
+        Stage("later", "build", (1, 2), 30, "never has time"),
+    ]
+    programs = dict(
+        env=ENV.format(path=str(tmp_path / "work" / "check" / "env.json")),
+        long="import time; time.sleep(60)",
+        later="print('ran')",
+    )
     _stand_ins(driver, monkeypatch, plan, programs)
     _, code = _run(driver, tmp_path, "8")
     outcomes = _outcomes(tmp_path)
@@ -110,22 +124,31 @@ def test_the_budget_limits_the_stages_and_what_is_left_is_skipped(driver, monkey
 def test_a_failed_background_build_skips_what_needs_it(driver, monkeypatch, tmp_path):
     Stage = driver.gpu_plan.Stage
     bench, tests = driver.gpu_plan.stage("bench-train"), driver.gpu_plan.stage("tests-triton")
-    plan = [Stage("env", "env", (1, 1), 30, ""),
-            Stage("build-cuda", "build", (1, 2), 30, "", background=True),
-            Stage("independent", "build", (1, 2), 30, ""),
-            Stage("needs-it", "build", (1, 2), 30, "", needs=("build-cuda",)),
-            Stage("runs-after-it", "build", (1, 2), 30, "", after=("build-cuda",))]
-    programs = {"env": ENV.format(path=str(tmp_path / "work" / "check" / "env.json")),
-                "build-cuda": "import time, sys; time.sleep(2); print('build failed: nvcc error'); sys.exit(1)",
-                "independent": "print('ran beside the build')", "needs-it": "print('never')",
-                "runs-after-it": "print('ran without the CUDA rows')"}
+    plan = [
+        Stage("env", "env", (1, 1), 30, ""),
+        Stage("build-cuda", "build", (1, 2), 30, "", background=True),
+        Stage("independent", "build", (1, 2), 30, ""),
+        Stage("needs-it", "build", (1, 2), 30, "", needs=("build-cuda",)),
+        Stage("runs-after-it", "build", (1, 2), 30, "", after=("build-cuda",)),
+    ]
+    programs = {
+        "env": ENV.format(path=str(tmp_path / "work" / "check" / "env.json")),
+        "build-cuda": "import time, sys; time.sleep(2); print('build failed: nvcc error'); sys.exit(1)",
+        "independent": "print('ran beside the build')",
+        "needs-it": "print('never')",
+        "runs-after-it": "print('ran without the CUDA rows')",
+    }
     _stand_ins(driver, monkeypatch, plan, programs)
     check, code = _run(driver, tmp_path, "60")
     outcomes = _outcomes(tmp_path)
     assert code == 1 and outcomes["build-cuda"]["status"] == "failed"
     assert outcomes["independent"]["status"] == "ok" and outcomes["independent"]["took_s"] < 2
-    assert outcomes["needs-it"] == dict(status="skipped", took_s=0.0, limit_s=0.0,
-                                        detail="needs build-cuda, which is failed: exit 1; build failed: nvcc error")
+    assert outcomes["needs-it"] == dict(
+        status="skipped",
+        took_s=0.0,
+        limit_s=0.0,
+        detail="needs build-cuda, which is failed: exit 1; build failed: nvcc error",
+    )
     assert outcomes["runs-after-it"]["status"] == "ok"
     args = check.bench_args(bench)
     assert args[args.index("--skip-impls") + 1] == "cuda"
@@ -135,7 +158,12 @@ def test_a_failed_background_build_skips_what_needs_it(driver, monkeypatch, tmp_
 def test_the_selection_adds_install_env_and_the_background_stages_used(driver):
     assert [s.name for s in driver.select(["bench-train"])] == ["install", "env", "build-cuda", "warm", "bench-train"]
     assert [s.name for s in driver.select(list(driver.gpu_plan.DEFAULT_RETRY))] == [
-        "install", "env", "warm", "smoke", "bench-search"]
+        "install",
+        "env",
+        "warm",
+        "smoke",
+        "bench-search",
+    ]
     assert [s.name for s in driver.select(["tests-cuda"])] == ["install", "env", "build-cuda", "tests-cuda"]
     with pytest.raises(ValueError, match="no stage 'bench-nothing' in the plan; it has install, env"):
         driver.select(["bench-nothing"])
@@ -193,10 +221,22 @@ def test_the_test_stages_plugin_ends_on_sigterm_with_a_summary_and_builds_no_cpu
     (tmp_path / "test_plugged.py").write_text(PLUGGED)
     extensions = tmp_path / "extensions"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVQ_BACKEND")}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]), TORCH_EXTENSIONS_DIR=str(extensions),
-               PYTHONUNBUFFERED="1")
-    argv = [sys.executable, "-m", "pytest", "-p", "gpu_pytest", "-p", "no:cacheprovider", "-v", "-s",
-            f"--junitxml={tmp_path / 'junit.xml'}", str(tmp_path / "test_plugged.py")]
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]), TORCH_EXTENSIONS_DIR=str(extensions), PYTHONUNBUFFERED="1"
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "gpu_pytest",
+        "-p",
+        "no:cacheprovider",
+        "-v",
+        "-s",
+        f"--junitxml={tmp_path / 'junit.xml'}",
+        str(tmp_path / "test_plugged.py"),
+    ]
     process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     for line in process.stdout:

@@ -44,9 +44,14 @@ def test_a_check_that_raises_is_one_failed_record_and_the_next_checks_run(smoke,
     chosen = [(8, torch.float32), (33, torch.bfloat16), (64, torch.float32)]
     smoke.run_checks(chosen, torch.device("cpu"), 5, 7, 1, "triton", log, records)
     assert [(r["op"], r["D"], r["dtype"], r["ok"]) for r in records] == [
-        ("first", 8, "float32", True), ("second", 8, "float32", False), ("third", 8, "float32", True),
+        ("first", 8, "float32", True),
+        ("second", 8, "float32", False),
+        ("third", 8, "float32", True),
         ("inputs", 33, "bfloat16", False),
-        ("first", 64, "float32", True), ("second", 64, "float32", False), ("third", 64, "float32", True)]
+        ("first", 64, "float32", True),
+        ("second", 64, "float32", False),
+        ("third", 64, "float32", True),
+    ]
     assert records[1]["detail"] == "ZeroDivisionError: division by zero" and "1 / 0" in records[1]["error"]
     assert records[3]["detail"].startswith("RuntimeError: CUDA error: an illegal memory access")
     assert [json.loads(line) for line in log.getvalue().splitlines()] == records
@@ -62,10 +67,28 @@ def test_shards_split_the_groups_without_overlap(smoke):
 
 def test_a_missed_goal_is_reported_and_does_not_fail_the_smoke(smoke, monkeypatch, tmp_path, capsys):
     def fake_run(chosen, device, n, k, repeats, backend, log, records):
-        records += [dict(op="code_stats_collapsed", D=64, dtype="float32", ok=True, first_s=0.1, steady_ms=2.0,
-                         detail="deterministic / atomic 1.50x", goal="missed: 1.50x the atomic time (goal <= 1.2x)"),
-                    dict(op="nearest_code", D=64, dtype="float32", metric="l2", ok=True, first_s=0.1, steady_ms=1.0,
-                         detail="regret/bound 0.01")]
+        records += [
+            dict(
+                op="code_stats_collapsed",
+                D=64,
+                dtype="float32",
+                ok=True,
+                first_s=0.1,
+                steady_ms=2.0,
+                detail="deterministic / atomic 1.50x",
+                goal="missed: 1.50x the atomic time (goal <= 1.2x)",
+            ),
+            dict(
+                op="nearest_code",
+                D=64,
+                dtype="float32",
+                metric="l2",
+                ok=True,
+                first_s=0.1,
+                steady_ms=1.0,
+                detail="regret/bound 0.01",
+            ),
+        ]
 
     monkeypatch.setattr(smoke, "run_checks", fake_run)
     monkeypatch.setattr(smoke, "kernel_resources", lambda: [])
@@ -79,9 +102,14 @@ def test_a_missed_goal_is_reported_and_does_not_fail_the_smoke(smoke, monkeypatc
 @pytest.mark.slow
 def test_sigterm_keeps_the_records_written_so_far_and_prints_their_table(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    process = subprocess.Popen([sys.executable, str(BENCH / "gpu_smoke.py"), str(tmp_path), "--device", "cpu",
-                                "--shard", "1/2"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(BENCH / "gpu_smoke.py"), str(tmp_path), "--device", "cpu", "--shard", "1/2"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     records = tmp_path / "smoke-1of2.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (records.exists() and records.read_text().count("\n") >= 2):

@@ -45,8 +45,12 @@ def test_plan_keeps_only_the_implementations_the_filters_select(run_module):
     assert {impl.name for impl, _, _ in chosen} == {"fastvq-triton[ieee]", "fastvq-triton[bf16]"}
     assert len(chosen) == 2  # the one quick search shape has fp32 inputs only
     both = run_module.plan("quick", shapes, "search", wanted=["fastvq", r"\[(ieee|bf16)\]"])
-    assert {impl.name for impl, _, _ in both} == {"fastvq-triton[ieee]", "fastvq-triton[bf16]", "fastvq-cuda[ieee]",
-                                                   "fastvq-cuda[bf16]"}
+    assert {impl.name for impl, _, _ in both} == {
+        "fastvq-triton[ieee]",
+        "fastvq-triton[bf16]",
+        "fastvq-cuda[ieee]",
+        "fastvq-cuda[bf16]",
+    }
     assert not [t for t in run_module.plan("quick", shapes, "search", ceilings=False) if t[0].op == "ceiling"]
 
 
@@ -60,12 +64,19 @@ def test_slices_add_up_in_one_results_folder_with_the_ceilings_measured_once(run
 
     records = data["records"]
     lines = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
-    assert records == lines and records[:len(first["records"])] == first["records"]
-    assert [r["impl"] for r in records if r["op"] == "head"] == ["fastvq-head[torch]", "fastvq-head[triton]",
-                                                                 "linear+cross_entropy"]
+    assert records == lines and records[: len(first["records"])] == first["records"]
+    assert [r["impl"] for r in records if r["op"] == "head"] == [
+        "fastvq-head[torch]",
+        "fastvq-head[triton]",
+        "linear+cross_entropy",
+    ]
     assert not [r for r in first["records"] if r["op"] == "ceiling"], "--impls torch selects no ceiling"
-    assert sorted(r["impl"] for r in records if r["op"] == "ceiling") == ["copy", "peak-mm[bf16]", "peak-mm[ieee]",
-                                                                          "peak-mm[tf32]"]
+    assert sorted(r["impl"] for r in records if r["op"] == "ceiling") == [
+        "copy",
+        "peak-mm[bf16]",
+        "peak-mm[ieee]",
+        "peak-mm[tf32]",
+    ]
     assert [s["measurements"] for s in data["meta"]["slices"]] == [1, 6]
     markdown = (folder / "results.md").read_text()
     assert markdown.count("`python benchmarks/run.py ") == 2 and "--skip-impls torch" in markdown
@@ -76,18 +87,50 @@ def test_a_line_cut_short_by_a_kill_is_dropped_and_the_next_slice_starts_a_new_l
     folder = tmp_path / "bench"
     folder.mkdir()
     (folder / "records.jsonl").write_text('{"op": "head", "impl": "cut')  # a kill in the middle of a write
-    run_module.main(["--quick", "--device", "cpu", "--in-process", "--threads", "1", "--results-dir", str(folder),
-                     "--only", "head", "--impls", "linear"])
+    run_module.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--in-process",
+            "--threads",
+            "1",
+            "--results-dir",
+            str(folder),
+            "--only",
+            "head",
+            "--impls",
+            "linear",
+        ]
+    )
     lines = (folder / "records.jsonl").read_text().splitlines()
-    assert lines[0] == '{"op": "head", "impl": "cut' and [json.loads(line)["impl"] for line in lines[1:]][-1] == \
-        "linear+cross_entropy"
-    assert [r["impl"] for r in json.loads((folder / "results.json").read_text())["records"]][-1] == \
-        "linear+cross_entropy"
+    assert (
+        lines[0] == '{"op": "head", "impl": "cut'
+        and [json.loads(line)["impl"] for line in lines[1:]][-1] == "linear+cross_entropy"
+    )
+    assert [r["impl"] for r in json.loads((folder / "results.json").read_text())["records"]][
+        -1
+    ] == "linear+cross_entropy"
 
 
 def test_compile_only_calls_each_implementation_once_and_writes_nothing(run_module, tmp_path, capsys):
-    assert run_module.main(["--quick", "--device", "cpu", "--compile-only", "--only", "head", "--out", str(tmp_path),
-                            "--impls", "torch|linear"]) is None
+    assert (
+        run_module.main(
+            [
+                "--quick",
+                "--device",
+                "cpu",
+                "--compile-only",
+                "--only",
+                "head",
+                "--out",
+                str(tmp_path),
+                "--impls",
+                "torch|linear",
+            ]
+        )
+        is None
+    )
     printed = capsys.readouterr().out
     assert printed.count("  compiled ") == 2 and "compiled fastvq-head[torch] tiny-head float32 in" in printed
     assert ": ok" in printed and not list(tmp_path.iterdir())
@@ -117,8 +160,9 @@ def test_sigterm_during_an_in_process_measurement_stops_the_run_and_writes_the_r
     folder = tmp_path / "bench"
     script = tmp_path / "slow_run.py"
     script.write_text(textwrap.dedent(SLOW_RUN.format(bench=str(BENCH), out=str(folder))))
-    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script)], cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output = []
     for line in process.stdout:
         output.append(line)

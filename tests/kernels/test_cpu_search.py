@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE or "")
 @pytest.fixture(scope="module")
 def search():
     from fastvq.ops.cpu import load_extension
+
     return load_extension()
 
 
@@ -31,7 +32,7 @@ def _tied_inputs(heads, n, k, d, seed):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randint(-2, 3, (heads, n, d), generator=generator).float()
     codebook = torch.randint(-2, 3, (1, k, d), generator=generator).float()
-    codebook[0, k - 7:] = codebook[0, :7]  # copies in the last split of every split count
+    codebook[0, k - 7 :] = codebook[0, :7]  # copies in the last split of every split count
     return x, codebook
 
 
@@ -71,8 +72,12 @@ def test_any_codebook_dtype_and_strides(search, precision):
     gives the answer of its fp32 contiguous copy."""
     x = torch.randn(2, 50, 12)
     wide = torch.randn(2, 300, 24)
-    for codebook in (wide[:, ::3, 1::2], wide[:, :, :12].to(torch.bfloat16), wide[:, :, :12].half(),
-                     wide[:, :, :12].double()):
+    for codebook in (
+        wide[:, ::3, 1::2],
+        wide[:, :, :12].to(torch.bfloat16),
+        wide[:, :, :12].half(),
+        wide[:, :, :12].double(),
+    ):
         want = search.search(x, codebook.float().contiguous(), 0, PRECISIONS.index(precision), 3, 2)
         got = search.search(x, codebook, 0, PRECISIONS.index(precision), 3, 2)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -83,6 +88,7 @@ def test_any_codebook_dtype_and_strides(search, precision):
 # pairs, then the candidates within the error bound of a token's k-th fp32 score scored in fp32:
 # the answer is the fp32 ranking's, bit for bit
 # ---------------------------------------------------------------------------------------------
+
 
 def _prefilter_cases():
     """(name, x, codebook): near ties below bf16's resolution, wide magnitudes, entries past the bound's
@@ -95,9 +101,14 @@ def _prefilter_cases():
     past = codebook.clone()
     past[0, 5, 3] = 2.0**51
     cluster = 1.0 + 1e-3 * torch.randn(1, 2048, 12, generator=generator)
-    return [("random", x, codebook), ("near ties", x, near), ("wide magnitudes", x * 1e3, wide),
-            ("past the limit", x, past), ("clustered", 1.0 + 1e-3 * x, cluster),
-            ("tied integers", *_tied_inputs(1, 97, 700, 16, seed=5))]
+    return [
+        ("random", x, codebook),
+        ("near ties", x, near),
+        ("wide magnitudes", x * 1e3, wide),
+        ("past the limit", x, past),
+        ("clustered", 1.0 + 1e-3 * x, cluster),
+        ("tied integers", *_tied_inputs(1, 97, 700, 16, seed=5)),
+    ]
 
 
 @pytest.mark.parametrize("topk", [1, 7])
@@ -129,6 +140,7 @@ def test_prefilter_runs_and_gives_way_where_it_should(search):
 # values near the fp32 limit (issue 24 item 12): a code whose score is not finite in fp32 is never
 # chosen; a chosen code whose distance is not finite gives way (-1 / NaN after the valid codes)
 # ---------------------------------------------------------------------------------------------
+
 
 def _search_cpu(x, codebook, k, metric):
     nearest = fastvq.nearest_code(x, codebook, metric=metric, backend="cpu")
@@ -226,7 +238,13 @@ def test_values_near_the_fp32_limit(metric, dim):
         assert (score[rows, chosen].abs() <= flt_max * (1 + 1e-6)).all(), "a code with an overflowing score was chosen"
         torch.testing.assert_close(distances[rows, slots].double(), exact[rows, chosen], rtol=1e-6, atol=0)
         listed = score.gather(1, indices.clamp_min(0)).masked_fill(~valid, float("inf"))
-        slack = 2.0**-21 * {"l2": code_sq[indices.clamp_min(0)] + 2 * dot.gather(1, indices.clamp_min(0)).abs(),
-                            "dot": dot.gather(1, indices.clamp_min(0)).abs(), "cosine": listed.abs()}[metric]
+        slack = (
+            2.0**-21
+            * {
+                "l2": code_sq[indices.clamp_min(0)] + 2 * dot.gather(1, indices.clamp_min(0)).abs(),
+                "dot": dot.gather(1, indices.clamp_min(0)).abs(),
+                "cosine": listed.abs(),
+            }[metric]
+        )
         step = listed.diff(dim=1)
         assert ((step >= -slack[:, 1:]) | ~valid[:, 1:]).all(), "valid codes out of score order"

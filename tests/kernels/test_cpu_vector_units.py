@@ -22,8 +22,17 @@ UNAVAILABLE = unavailable_reason("cpu", "cpu")
 UNITS = [] if UNAVAILABLE else NARROWER.get(vector_unit(), [])
 
 
-@pytest.fixture(params=UNITS or [pytest.param(None, marks=pytest.mark.skip(
-    reason=UNAVAILABLE or f"this CPU's vector unit ({vector_unit()}) is the plainest one"))])
+@pytest.fixture(
+    params=UNITS
+    or [
+        pytest.param(
+            None,
+            marks=pytest.mark.skip(
+                reason=UNAVAILABLE or f"this CPU's vector unit ({vector_unit()}) is the plainest one"
+            ),
+        )
+    ]
+)
 def unit_build(request, monkeypatch):
     """The `cpu` backend runs the build for `request.param` while the test runs; the list of calls shows it did."""
     build, calls = load_extension(request.param), []
@@ -33,6 +42,7 @@ def unit_build(request, monkeypatch):
     def load_unit_build():
         calls.append(request.param)
         return build
+
     monkeypatch.setattr(search_module, "load_extension", load_unit_build)
     return calls
 

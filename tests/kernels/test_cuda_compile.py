@@ -6,8 +6,10 @@ from cuda_compile import compile_all, nvcc_path, sources
 from ptxas import SPILL_FREE
 
 CAPABILITIES = (90, 80)
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (CUDA_HOME, PATH or /usr/local/cuda)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(nvcc_path() is None, reason="needs nvcc (CUDA_HOME, PATH or /usr/local/cuda)"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,13 @@ def test_every_cuda_source_compiles(compiled):
 
 
 def test_no_register_spills_where_the_kernels_are_tuned(compiled):
-    spilling = [f"sm_{capability} {source} {name}: {spills} B"
-                for (source, capability), (_, _, entries) in compiled.items() if capability in SPILL_FREE
-                for name, _, spills in entries if spills]
+    spilling = [
+        f"sm_{capability} {source} {name}: {spills} B"
+        for (source, capability), (_, _, entries) in compiled.items()
+        if capability in SPILL_FREE
+        for name, _, spills in entries
+        if spills
+    ]
     assert not spilling, "\n".join(spilling)
 
 

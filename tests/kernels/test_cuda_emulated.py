@@ -28,27 +28,70 @@ I64 = ctypes.c_int64
 
 
 class SearchArgs(ctypes.Structure):  # kernels/launchers.h
-    _fields_ = [("x", ctypes.c_void_p), ("codes", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("dtype", ctypes.c_int),
-                *[(name, I64) for name in ("heads", "n_tokens", "n_codes", "dim", "x_stride_h", "x_stride_n",
-                                           "x_stride_d", "code_stride_h", "code_stride_k", "code_stride_d",
-                                           "bias_stride_h")],
-                ("metric", ctypes.c_int), ("precision", ctypes.c_int), ("k", ctypes.c_int)]
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("codes", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("dtype", ctypes.c_int),
+        *[
+            (name, I64)
+            for name in (
+                "heads",
+                "n_tokens",
+                "n_codes",
+                "dim",
+                "x_stride_h",
+                "x_stride_n",
+                "x_stride_d",
+                "code_stride_h",
+                "code_stride_k",
+                "code_stride_d",
+                "bias_stride_h",
+            )
+        ],
+        ("metric", ctypes.c_int),
+        ("precision", ctypes.c_int),
+        ("k", ctypes.c_int),
+    ]
 
 
 class CodeStatsArgs(ctypes.Structure):  # kernels/launchers.h
-    _fields_ = [("x", ctypes.c_void_p), ("dtype", ctypes.c_int), ("indices", ctypes.c_void_p),
-                ("mask", ctypes.c_void_p),
-                *[(name, I64) for name in ("heads", "n_tokens", "n_codes", "dim", "x_stride_h", "x_stride_n",
-                                           "x_stride_d", "index_stride_h", "index_stride_n", "mask_stride_h",
-                                           "mask_stride_n")]]
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("dtype", ctypes.c_int),
+        ("indices", ctypes.c_void_p),
+        ("mask", ctypes.c_void_p),
+        *[
+            (name, I64)
+            for name in (
+                "heads",
+                "n_tokens",
+                "n_codes",
+                "dim",
+                "x_stride_h",
+                "x_stride_n",
+                "x_stride_d",
+                "index_stride_h",
+                "index_stride_n",
+                "mask_stride_h",
+                "mask_stride_n",
+            )
+        ],
+    ]
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     emulator = REPO / "tests" / "tools" / "cuda_emulator"
-    library = build(emulator / "emulated_kernels.cpp", tmp_path_factory.mktemp("emulated"),
-                    "-std=c++20", "-O1", "-Wno-unknown-pragmas", "-Wno-unused-parameter",
-                    f"-I{emulator}")
+    library = build(
+        emulator / "emulated_kernels.cpp",
+        tmp_path_factory.mktemp("emulated"),
+        "-std=c++20",
+        "-O1",
+        "-Wno-unknown-pragmas",
+        "-Wno-unused-parameter",
+        f"-I{emulator}",
+    )
     library.fastvq_emulated_search_splits.restype = I64
     library.fastvq_emulated_mma_calls.restype = ctypes.c_uint64
     library.fastvq_emulated_set_capability.argtypes = [ctypes.c_int]
@@ -66,41 +109,68 @@ def emulated_search(emu, x, codebook, metric, precision, k, target_blocks):
     heads, n, d = x.shape
     bias = code_bias(codebook, metric, precision).contiguous()
     shared = codebook.shape[0] == 1
-    args = SearchArgs(x.data_ptr(), codebook.data_ptr(), bias.data_ptr(), DTYPES[x.dtype], heads, n,
-                      codebook.shape[1], d, *x.stride(), 0 if shared else codebook.stride(0), codebook.stride(1),
-                      codebook.stride(2), 0 if shared else bias.stride(0), METRICS.index(metric),
-                      PRECISIONS.index(precision), k)
+    args = SearchArgs(
+        x.data_ptr(),
+        codebook.data_ptr(),
+        bias.data_ptr(),
+        DTYPES[x.dtype],
+        heads,
+        n,
+        codebook.shape[1],
+        d,
+        *x.stride(),
+        0 if shared else codebook.stride(0),
+        codebook.stride(1),
+        codebook.stride(2),
+        0 if shared else bias.stride(0),
+        METRICS.index(metric),
+        PRECISIONS.index(precision),
+        k,
+    )
     splits = emu.fastvq_emulated_search_splits(ctypes.byref(args), target_blocks)
     slots = emu.fastvq_emulated_search_list_size(k)
     partial_score = torch.empty(heads, splits, n, slots)
     partial_index = torch.empty(heads, splits, n, slots, dtype=torch.int32)
     indices = torch.empty(heads, n, k, dtype=torch.int64)
     distances = torch.empty(heads, n, k)
-    assert emu.fastvq_emulated_search(ctypes.byref(args), target_blocks, pointer(partial_score),
-                                      pointer(partial_index), pointer(indices), pointer(distances)) == 0
+    assert (
+        emu.fastvq_emulated_search(
+            ctypes.byref(args),
+            target_blocks,
+            pointer(partial_score),
+            pointer(partial_index),
+            pointer(indices),
+            pointer(distances),
+        )
+        == 0
+    )
     return indices, distances, splits
 
 
-SEARCH_CASES = [case(N=n, K=k, D=d, H=h, shared=shared, dtype=dtype, metric=metric, precision=precision, k=topk)
-                for n, k, d, h, shared, dtype, metric, precision, topk in [
-                    (37, 259, 33, 1, False, torch.float32, "l2", "ieee", 1),
-                    (25, 90, 12, 2, True, torch.float32, "dot", "ieee", 2),
-                    # tensor cores (tf32, bf16, fp16): N over one 128-token block, D < 16, D > 32 in
-                    # two chunks, D not a multiple of the fragment depth (8 tf32, 16 bf16/fp16)
-                    (70, 130, 8, 2, True, torch.float32, "cosine", "tf32", 1),
-                    (37, 259, 33, 1, False, torch.float32, "l2", "tf32", 1),
-                    (25, 90, 6, 2, True, torch.float16, "dot", "tf32", 2),
-                    (20, 200, 5, 2, False, torch.float16, "l2", "fp16", 3),
-                    (130, 70, 12, 2, False, torch.float16, "cosine", "fp16", 1),
-                    (9, 140, 40, 1, False, torch.float32, "cosine", "fp16", 16),
-                    (9, 140, 40, 1, False, torch.bfloat16, "cosine", "bf16", 16),
-                    (17, 70, 3, 1, False, torch.float32, "l2", "bf16", 8),
-                    (20, 200, 24, 2, True, torch.bfloat16, "dot", "bf16", 4)]]
+SEARCH_CASES = [
+    case(N=n, K=k, D=d, H=h, shared=shared, dtype=dtype, metric=metric, precision=precision, k=topk)
+    for n, k, d, h, shared, dtype, metric, precision, topk in [
+        (37, 259, 33, 1, False, torch.float32, "l2", "ieee", 1),
+        (25, 90, 12, 2, True, torch.float32, "dot", "ieee", 2),
+        # tensor cores (tf32, bf16, fp16): N over one 128-token block, D < 16, D > 32 in
+        # two chunks, D not a multiple of the fragment depth (8 tf32, 16 bf16/fp16)
+        (70, 130, 8, 2, True, torch.float32, "cosine", "tf32", 1),
+        (37, 259, 33, 1, False, torch.float32, "l2", "tf32", 1),
+        (25, 90, 6, 2, True, torch.float16, "dot", "tf32", 2),
+        (20, 200, 5, 2, False, torch.float16, "l2", "fp16", 3),
+        (130, 70, 12, 2, False, torch.float16, "cosine", "fp16", 1),
+        (9, 140, 40, 1, False, torch.float32, "cosine", "fp16", 16),
+        (9, 140, 40, 1, False, torch.bfloat16, "cosine", "bf16", 16),
+        (17, 70, 3, 1, False, torch.float32, "l2", "bf16", 8),
+        (20, 200, 24, 2, True, torch.bfloat16, "dot", "bf16", 4),
+    ]
+]
 
 
 @pytest.mark.parametrize("N,K,D,H,shared,dtype,metric,precision,k", SEARCH_CASES)
-def test_search_kernel_matches_the_host_check_and_the_reference(emu, host_lib, N, K, D, H, shared, dtype, metric,
-                                                                 precision, k):
+def test_search_kernel_matches_the_host_check_and_the_reference(
+    emu, host_lib, N, K, D, H, shared, dtype, metric, precision, k
+):
     """Same indices as the host build of the per-element logic (the same fp32 sums in the same
     order: the emulated tensor cores sum D ascending too), whatever the split of the codes;
     distances to fp32 rounding; nearest within the regret bound of the float64 brute force (what
@@ -174,24 +244,56 @@ def emulated_code_stats(emu, x, indices, num_codes, mask):
     (a stable sort of the keys, a prefix sum of the chunk counts): -> counts (H, K), sums (H, K, D)."""
     heads, n, d = x.shape
     mask_bytes = None if mask is None else mask.view(torch.uint8)
-    args = CodeStatsArgs(x.data_ptr(), DTYPES[x.dtype], indices.data_ptr(),
-                         None if mask is None else mask_bytes.data_ptr(), heads, n, num_codes, d, *x.stride(),
-                         *indices.stride(), *(mask_bytes.stride() if mask is not None else (0, 0)))
+    args = CodeStatsArgs(
+        x.data_ptr(),
+        DTYPES[x.dtype],
+        indices.data_ptr(),
+        None if mask is None else mask_bytes.data_ptr(),
+        heads,
+        n,
+        num_codes,
+        d,
+        *x.stride(),
+        *indices.stride(),
+        *(mask_bytes.stride() if mask is not None else (0, 0)),
+    )
     keys = torch.empty(heads * n, dtype=torch.int64)
     assert emu.fastvq_emulated_code_stats_keys(ctypes.byref(args), pointer(keys)) == 0
     sorted_keys, order = torch.sort(keys, stable=True)
-    run_start, run_end = torch.zeros(heads * num_codes, dtype=torch.int64), torch.zeros(heads * num_codes,
-                                                                                         dtype=torch.int64)
+    run_start, run_end = (
+        torch.zeros(heads * num_codes, dtype=torch.int64),
+        torch.zeros(heads * num_codes, dtype=torch.int64),
+    )
     run_chunks = torch.empty(heads * num_codes, dtype=torch.int64)
     counts, sums = torch.empty(heads, num_codes), torch.empty(heads, num_codes, d)
-    assert emu.fastvq_emulated_code_stats_runs(ctypes.byref(args), pointer(sorted_keys), pointer(order),
-                                               pointer(run_start), pointer(run_end), pointer(run_chunks),
-                                               pointer(counts), pointer(sums)) == 0
+    assert (
+        emu.fastvq_emulated_code_stats_runs(
+            ctypes.byref(args),
+            pointer(sorted_keys),
+            pointer(order),
+            pointer(run_start),
+            pointer(run_end),
+            pointer(run_chunks),
+            pointer(counts),
+            pointer(sums),
+        )
+        == 0
+    )
     chunk_end = run_chunks.cumsum(0)
     partial = torch.empty(emu.fastvq_emulated_code_stats_max_chunks(ctypes.byref(args)), d)
-    assert emu.fastvq_emulated_code_stats_long_runs(ctypes.byref(args), pointer(order), pointer(run_start),
-                                                    pointer(run_end), pointer(run_chunks), pointer(chunk_end),
-                                                    pointer(partial), pointer(sums)) == 0
+    assert (
+        emu.fastvq_emulated_code_stats_long_runs(
+            ctypes.byref(args),
+            pointer(order),
+            pointer(run_start),
+            pointer(run_end),
+            pointer(run_chunks),
+            pointer(chunk_end),
+            pointer(partial),
+            pointer(sums),
+        )
+        == 0
+    )
     return counts, sums
 
 
@@ -212,18 +314,20 @@ def skewed_indices(heads, n, num_codes, on_few):
     return torch.where(torch.rand(heads, n) < on_few, torch.randint(0, 2, (heads, n)), spread)
 
 
-CODE_STATS_CASES = [case(N=n, K=k, D=d, H=h, dtype=dtype, masked=masked, on_few=on_few)
-                    for n, k, d, h, dtype, masked, on_few in [
-                        (900, 40, 33, 2, torch.float32, True, 0.9),   # runs of 2 chunks, 2 column blocks
-                        (700, 30, 5, 1, torch.float16, False, 0.9),   # 8 columns per code
-                        (1000, 20, 12, 2, torch.bfloat16, True, 0.8),
-                        (50, 1000, 7, 2, torch.float32, False, 0.0),  # K > N: most codes empty
-                        (800, 9, 0, 2, torch.float32, True, 0.9)]]    # D = 0: counts only
+CODE_STATS_CASES = [
+    case(N=n, K=k, D=d, H=h, dtype=dtype, masked=masked, on_few=on_few)
+    for n, k, d, h, dtype, masked, on_few in [
+        (900, 40, 33, 2, torch.float32, True, 0.9),  # runs of 2 chunks, 2 column blocks
+        (700, 30, 5, 1, torch.float16, False, 0.9),  # 8 columns per code
+        (1000, 20, 12, 2, torch.bfloat16, True, 0.8),
+        (50, 1000, 7, 2, torch.float32, False, 0.0),  # K > N: most codes empty
+        (800, 9, 0, 2, torch.float32, True, 0.9),
+    ]
+]  # D = 0: counts only
 
 
 @pytest.mark.parametrize("N,K,D,H,dtype,masked,on_few", CODE_STATS_CASES)
-def test_code_stats_kernel_is_bitwise_the_triton_result(emu, triton_code_stats, N, K, D, H, dtype, masked,
-                                                        on_few):
+def test_code_stats_kernel_is_bitwise_the_triton_result(emu, triton_code_stats, N, K, D, H, dtype, masked, on_few):
     """Random rows (the order of the fp32 additions shows in the bits): bitwise equal to the Triton
     backend's deterministic result (same sort, chunks and addition order) and to a rerun, within fp32
     rounding of the reference; strided x, index -1 and past K, mask, heads, runs over one chunk."""

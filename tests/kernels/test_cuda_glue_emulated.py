@@ -20,9 +20,12 @@ def _ninja_available() -> bool:
     return cpp_extension.is_ninja_available()
 
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CXX is None or not _ninja_available(),
-                                 reason="needs a host C++ compiler and ninja (pip install ninja)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CXX is None or not _ninja_available(), reason="needs a host C++ compiler and ninja (pip install ninja)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +37,36 @@ def glue(tmp_path_factory):
     assert source.count(DEVICE_CHECK) == 1, "the glue's device check changed: update this test"
     (folder / "torch_glue_cpu.cpp").write_text(source.replace(DEVICE_CHECK, "(void)name;"))
     return cpp_extension.load(
-        name="fastvq_glue_emulated", sources=[str(folder / "torch_glue_cpu.cpp"),
-                                              str(REPO / "tests" / "tools" / "cuda_emulator" / "emulated_kernels.cpp")],
+        name="fastvq_glue_emulated",
+        sources=[
+            str(folder / "torch_glue_cpu.cpp"),
+            str(REPO / "tests" / "tools" / "cuda_emulator" / "emulated_kernels.cpp"),
+        ],
         extra_include_paths=[str(REPO / "tests" / "tools" / "cuda_emulator"), str(REPO / "kernels")],
-        extra_cflags=["-O1", "-Wno-unknown-pragmas"], build_directory=str(folder), verbose=False)
+        extra_cflags=["-O1", "-Wno-unknown-pragmas"],
+        build_directory=str(folder),
+        verbose=False,
+    )
 
 
-@pytest.mark.parametrize("heads,code_heads,n,k,d,dtype,metric,precision,topk", [
-    (2, 1, 37, 259, 33, torch.float32, "l2", "ieee", 1),
-    (2, 2, 20, 130, 8, torch.bfloat16, "cosine", "bf16", 5),
-    (1, 1, 9, 40, 70, torch.float16, "l2", "fp16", 16),
-    (2, 1, 15, 50, 6, torch.float32, "dot", "tf32", 3)])
+@pytest.mark.parametrize(
+    "heads,code_heads,n,k,d,dtype,metric,precision,topk",
+    [
+        (2, 1, 37, 259, 33, torch.float32, "l2", "ieee", 1),
+        (2, 2, 20, 130, 8, torch.bfloat16, "cosine", "bf16", 5),
+        (1, 1, 9, 40, 70, torch.float16, "l2", "fp16", 16),
+        (2, 1, 15, 50, 6, torch.float32, "dot", "tf32", 3),
+    ],
+)
 def test_search_through_the_glue(glue, heads, code_heads, n, k, d, dtype, metric, precision, topk):
     x = torch.randn(heads, n, 2 * d).to(dtype)[..., ::2]
     codebook = torch.randn(code_heads, k, d).to(dtype)
     bias = code_bias(codebook, metric, precision)
     want = chunked.topk_codes(x, codebook, topk, metric=metric, precision=precision)
     for target_blocks in (1, 64):
-        indices, distances = glue.search(x, codebook, bias, METRICS.index(metric), PRECISIONS.index(precision), topk,
-                                         target_blocks, 0)
+        indices, distances = glue.search(
+            x, codebook, bias, METRICS.index(metric), PRECISIONS.index(precision), topk, target_blocks, 0
+        )
         assert indices.shape == distances.shape == (heads, n, topk)
         check_nearest(x, codebook, indices[..., 0], distances[..., 0], metric, precision)
         assert (indices == want[0]).float().mean() > 0.97
@@ -102,8 +116,9 @@ def emulated_cuda_backend(glue, monkeypatch, fresh_backends):
     import importlib
 
     registry = fresh_backends.REGISTRY
-    monkeypatch.setitem(registry, "cuda", dataclasses.replace(registry["cuda"], devices=None,
-                                                              why_not=lambda device, build: ""))
+    monkeypatch.setitem(
+        registry, "cuda", dataclasses.replace(registry["cuda"], devices=None, why_not=lambda device, build: "")
+    )
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     for name in ("nearest_code", "code_stats"):
         launcher = importlib.import_module(f"fastvq.ops.cuda.{name}")

@@ -31,8 +31,22 @@ def host_check_library(folder):
     """kernels/host_check.cpp built into `folder` and loaded, with its C signatures."""
     library = build(REPO / "kernels" / "host_check.cpp", folder, "-std=c++17", "-O2")
     library.fastvq_host_round_operand.argtypes = [PTR, PTR, I64, ctypes.c_int]
-    library.fastvq_host_search.argtypes = [PTR, PTR, PTR, I64, I64, I64, I64, I64, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_int, I64, PTR, PTR]
+    library.fastvq_host_search.argtypes = [
+        PTR,
+        PTR,
+        PTR,
+        I64,
+        I64,
+        I64,
+        I64,
+        I64,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        I64,
+        PTR,
+        PTR,
+    ]
     library.fastvq_host_code_stats.argtypes = [PTR, PTR, PTR, I64, I64, I64, I64, I64, PTR, PTR]
     return library
 
@@ -44,9 +58,22 @@ def host_search(lib, x, codebook, metric, precision, k, codes_per_split):
     xf, cf = x.float().contiguous(), codebook.float().contiguous()
     indices = torch.empty(heads, n, k, dtype=torch.int64)
     distances = torch.empty(heads, n, k)
-    lib.fastvq_host_search(_ptr(xf), _ptr(cf), _ptr(bias), heads, codebook.shape[0], n, codebook.shape[1], d,
-                           METRICS.index(metric), PRECISIONS.index(precision), k, codes_per_split,
-                           _ptr(indices), _ptr(distances))
+    lib.fastvq_host_search(
+        _ptr(xf),
+        _ptr(cf),
+        _ptr(bias),
+        heads,
+        codebook.shape[0],
+        n,
+        codebook.shape[1],
+        d,
+        METRICS.index(metric),
+        PRECISIONS.index(precision),
+        k,
+        codes_per_split,
+        _ptr(indices),
+        _ptr(distances),
+    )
     return indices, distances
 
 
@@ -55,37 +82,68 @@ def host_code_stats(lib, x, indices, num_codes, mask=None, splits=1):
     xf, idx = x.float().contiguous(), indices.contiguous()
     mask_bytes = None if mask is None else mask.to(torch.uint8).contiguous()
     counts, sums = torch.empty(heads, num_codes), torch.empty(heads, num_codes, d)
-    lib.fastvq_host_code_stats(_ptr(xf), _ptr(idx), _ptr(mask_bytes), heads, n,
-                               num_codes, d, splits, _ptr(counts), _ptr(sums))
+    lib.fastvq_host_code_stats(
+        _ptr(xf), _ptr(idx), _ptr(mask_bytes), heads, n, num_codes, d, splits, _ptr(counts), _ptr(sums)
+    )
     return counts, sums
 
 
 def test_operand_rounding_matches_the_reference(lib):
     """Every precision, on random magnitudes and the edge cases: subnormals, fp16/bf16/tf32
     overflow, halfway points, signed zeros, inf and NaN."""
-    values = torch.cat([
-        torch.randn(4000) * torch.logspace(-30, 30, 4000),
-        torch.randn(1000) * 1e-6, torch.rand(1000) * 70000,
-        torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 6.1035e-05, 5.96e-08, 2.98e-08, 2.99e-08,
-                      3.4028235e38, -3.4028235e38, 3.3961776e38, 1.0 + 2**-11, 1.0 + 3 * 2**-11, 1.0 + 2**-8,
-                      float("inf"), float("-inf"), float("nan")]),
-    ]).float()
+    values = torch.cat(
+        [
+            torch.randn(4000) * torch.logspace(-30, 30, 4000),
+            torch.randn(1000) * 1e-6,
+            torch.rand(1000) * 70000,
+            torch.tensor(
+                [
+                    0.0,
+                    -0.0,
+                    65504.0,
+                    65519.99,
+                    65520.0,
+                    -65520.0,
+                    6.1035e-05,
+                    5.96e-08,
+                    2.98e-08,
+                    2.99e-08,
+                    3.4028235e38,
+                    -3.4028235e38,
+                    3.3961776e38,
+                    1.0 + 2**-11,
+                    1.0 + 3 * 2**-11,
+                    1.0 + 2**-8,
+                    float("inf"),
+                    float("-inf"),
+                    float("nan"),
+                ]
+            ),
+        ]
+    ).float()
     for precision in PRECISIONS:
         got = torch.empty_like(values)
         lib.fastvq_host_round_operand(_ptr(values), _ptr(got), values.numel(), PRECISIONS.index(precision))
         want = round_operand(values, precision)
         assert torch.equal(got.isnan(), want.isnan()), precision
         same = got[~want.isnan()].view(torch.int32) == want[~want.isnan()].view(torch.int32)
-        assert same.all(), f"{precision}: {values[~want.isnan()][~same][:5].tolist()} -> " \
+        assert same.all(), (
+            f"{precision}: {values[~want.isnan()][~same][:5].tolist()} -> "
             f"{got[~want.isnan()][~same][:5].tolist()} vs {want[~want.isnan()][~same][:5].tolist()}"
+        )
 
 
-SEARCH_CASES = [case(N=n, K=k, D=d, H=h, shared=shared, dtype=dtype, metric=metric)
-                for n, k, d, h, shared, dtype, metric in [
-                    (37, 259, 33, 1, False, torch.float32, "l2"), (37, 259, 33, 3, True, torch.float32, "cosine"),
-                    (20, 130, 3, 2, False, torch.float16, "l2"), (20, 130, 64, 2, False, torch.bfloat16, "cosine"),
-                    (25, 90, 12, 2, True, torch.float32, "dot"),
-                    (9, 1, 5, 1, False, torch.float32, "l2")]]
+SEARCH_CASES = [
+    case(N=n, K=k, D=d, H=h, shared=shared, dtype=dtype, metric=metric)
+    for n, k, d, h, shared, dtype, metric in [
+        (37, 259, 33, 1, False, torch.float32, "l2"),
+        (37, 259, 33, 3, True, torch.float32, "cosine"),
+        (20, 130, 3, 2, False, torch.float16, "l2"),
+        (20, 130, 64, 2, False, torch.bfloat16, "cosine"),
+        (25, 90, 12, 2, True, torch.float32, "dot"),
+        (9, 1, 5, 1, False, torch.float32, "l2"),
+    ]
+]
 
 
 @pytest.mark.parametrize("N,K,D,H,shared,dtype,metric", SEARCH_CASES)

@@ -30,9 +30,11 @@ def test_cosine_schedule_is_the_closed_form():
 @pytest.mark.parametrize("steps", [1000, 100])
 def test_linear_schedule_is_ldms_and_noises_as_far_for_any_step_count(steps):
     scale = 1000 / steps
-    betas = [((0.00085 * scale) ** 0.5 + i / (steps - 1) * ((0.012 * scale) ** 0.5 - (0.00085 * scale) ** 0.5)) ** 2
-             for i in range(steps)]
-    expected = torch.tensor([math.prod(1 - b for b in betas[:t + 1]) for t in range(steps)], dtype=torch.float64)
+    betas = [
+        ((0.00085 * scale) ** 0.5 + i / (steps - 1) * ((0.012 * scale) ** 0.5 - (0.00085 * scale) ** 0.5)) ** 2
+        for i in range(steps)
+    ]
+    expected = torch.tensor([math.prod(1 - b for b in betas[: t + 1]) for t in range(steps)], dtype=torch.float64)
     torch.testing.assert_close(linear_alphas_cumprod(steps), expected)
     assert 0.003 < float(expected[-1]) < 0.008  # LDM's 1000-step schedule ends at alpha_bar ~0.0047
     with pytest.raises(ValueError, match="schedule must be one of"):

@@ -15,8 +15,17 @@ NAN = float("nan")
 PRIOR = {"num_codes": 8, "grid": (2, 2), "dim": 16, "depth": 1, "heads": 2}
 DIFFUSION = {"channels": 2, "width": 8}
 VQVAE_SMALL = {"channels": 8, "res_channels": 4, "num_res_blocks": 1, "codebook_dim": 4, "codebook_size": 8}
-VQGAN_SMALL = {"channels": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 8, "norm_groups": 4,
-               "codebook_dim": 4, "codebook_size": 8, "disc_channels": 8, "disc_layers": 1}
+VQGAN_SMALL = {
+    "channels": 8,
+    "ch_mult": [1, 2],
+    "num_res_blocks": 1,
+    "z_channels": 8,
+    "norm_groups": 4,
+    "codebook_dim": 4,
+    "codebook_size": 8,
+    "disc_channels": 8,
+    "disc_layers": 1,
+}
 
 CASES = [
     (CodePrior, PRIOR, "num_codes", 0, r"num_codes must be an int >= 1, got 0"),
@@ -61,16 +70,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("cls,base,name,value,message", CASES,
-                         ids=[f"{c.__name__}-{n}={v!r}" for c, _, n, v, _ in CASES])
+@pytest.mark.parametrize(
+    "cls,base,name,value,message", CASES, ids=[f"{c.__name__}-{n}={v!r}" for c, _, n, v, _ in CASES]
+)
 def test_a_bad_argument_is_named_before_anything_is_built(cls, base, name, value, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         with torch.device("meta"):  # nothing real is allocated, whatever the arguments ask for
             cls(**{**base, name: value})
 
 
-@pytest.mark.parametrize("cls,base", [(CodePrior, PRIOR), (LatentDiffusion, DIFFUSION), (VQVAE, VQVAE_SMALL),
-                                      (VQGAN, VQGAN_SMALL)])
+@pytest.mark.parametrize(
+    "cls,base", [(CodePrior, PRIOR), (LatentDiffusion, DIFFUSION), (VQVAE, VQVAE_SMALL), (VQGAN, VQGAN_SMALL)]
+)
 def test_good_arguments_build_and_their_config_is_kept(cls, base):
     model = cls(**base)
     assert sum(p.numel() for p in model.parameters()) > 0

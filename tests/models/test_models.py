@@ -14,11 +14,22 @@ from fastvq.models import LPIPS, VQGAN, VQVAE, TamingQuantizer, make_quantizer
 from fastvq.models.losses import PatchDiscriminator, adaptive_weight, hinge_d_loss
 
 VQT = "vector-quantize-pytorch"
-TINY_VQVAE = dict(channels=32, res_channels=8, num_res_blocks=1, downsample=4, codebook_dim=8,
-                  codebook_size=32, decay=0.8)
-TINY_VQGAN = dict(channels=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, norm_groups=4,
-                  codebook_dim=8, codebook_size=32, decay=0.8, disc_channels=8, disc_layers=2,
-                  disc_start=0)
+TINY_VQVAE = dict(
+    channels=32, res_channels=8, num_res_blocks=1, downsample=4, codebook_dim=8, codebook_size=32, decay=0.8
+)
+TINY_VQGAN = dict(
+    channels=8,
+    ch_mult=[1, 2, 2],
+    num_res_blocks=1,
+    z_channels=8,
+    norm_groups=4,
+    codebook_dim=8,
+    codebook_size=32,
+    decay=0.8,
+    disc_channels=8,
+    disc_layers=2,
+    disc_start=0,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,15 +78,17 @@ def loss_ratio(logs):
 
 
 # bounds: ~0.6 (EMA codebook) and ~0.85 (learnable codebook) measured, with margin
-@pytest.mark.parametrize("quantizer, bound", [("fastvq", 0.75), pytest.param(VQT, 0.75, marks=needs_vqp),
-                                              ("taming", 0.93)])
+@pytest.mark.parametrize(
+    "quantizer, bound", [("fastvq", 0.75), pytest.param(VQT, 0.75, marks=needs_vqp), ("taming", 0.93)]
+)
 def test_vqvae_training_lowers_loss(quantizer, bound):
     model = build("vqvae", quantizer)
     assert loss_ratio(run_steps(model, batch(8), 40)) < bound
 
 
-@pytest.mark.parametrize("quantizer, bound", [("fastvq", 0.8), pytest.param(VQT, 0.8, marks=needs_vqp),
-                                              ("taming", 0.9)])
+@pytest.mark.parametrize(
+    "quantizer, bound", [("fastvq", 0.8), pytest.param(VQT, 0.8, marks=needs_vqp), ("taming", 0.9)]
+)
 def test_vqgan_training_lowers_loss(quantizer, bound):
     model = build("vqgan", quantizer)
     logs = run_steps(model, batch(8), 30)
@@ -97,8 +110,7 @@ def test_vqvae_fastvq_matches_vector_quantize_pytorch():
 
 
 def test_vqvae_architecture_and_downsample():
-    model = VQVAE(channels=32, res_channels=8, downsample=8, codebook_dim=4, codebook_size=16,
-                  quantizer="fastvq")
+    model = VQVAE(channels=32, res_channels=8, downsample=8, codebook_dim=4, codebook_size=16, quantizer="fastvq")
     strided = [m for m in model.encoder if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
     assert len(strided) == 3
     assert model(batch(2, 32))[1].shape == (2, 4, 4)
@@ -111,8 +123,17 @@ def test_vqvae_architecture_and_downsample():
 
 
 def test_vqgan_structure():
-    model = VQGAN(channels=8, ch_mult=[1, 2, 2], num_res_blocks=1, num_attn_levels=1,
-                  z_channels=8, norm_groups=4, codebook_dim=4, codebook_size=16, quantizer="fastvq")
+    model = VQGAN(
+        channels=8,
+        ch_mult=[1, 2, 2],
+        num_res_blocks=1,
+        num_attn_levels=1,
+        z_channels=8,
+        norm_groups=4,
+        codebook_dim=4,
+        codebook_size=16,
+        quantizer="fastvq",
+    )
     assert model.downsample == 4
     attn = [name for name, _ in model.encoder.named_modules() if type(_).__name__ == "AttnBlock"]
     # attention only in the lowest-resolution level and the middle block

@@ -23,8 +23,9 @@ def test_head_loss_and_gradients_match_linear_cross_entropy(device, backend, bia
     hidden = torch.randn(3, 13, 19, device=device, requires_grad=True)
     targets = torch.randint(0, 301, (3, 13), device=device)
     targets[0, 0] = -1
-    want = F.cross_entropy(dense_logits(head, hidden).flatten(0, 1), targets.flatten(), ignore_index=-1,
-                           reduction="none").view(3, 13)
+    want = F.cross_entropy(
+        dense_logits(head, hidden).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none"
+    ).view(3, 13)
     params = [hidden, head.weight] + ([head.bias] if bias else [])
     want_grads = torch.autograd.grad(want.sum(), params)
     got = head.loss(hidden, targets)
@@ -52,8 +53,15 @@ def test_head_sampling_rules():
 
 def _prior(**kwargs):
     torch.manual_seed(0)
-    return CodePrior(num_codes=kwargs.pop("num_codes", 32), grid=kwargs.pop("grid", (3, 4)), dim=32, depth=2,
-                     heads=4, backend="torch", **kwargs)
+    return CodePrior(
+        num_codes=kwargs.pop("num_codes", 32),
+        grid=kwargs.pop("grid", (3, 4)),
+        dim=32,
+        depth=2,
+        heads=4,
+        backend="torch",
+        **kwargs,
+    )
 
 
 def test_prior_loss_is_the_dense_cross_entropy():

@@ -122,17 +122,20 @@ def _diffusion():
     return model
 
 
-@pytest.mark.parametrize("option,value,message", [
-    ("eta", float("nan"), r"eta must be a finite number in \[0, 1\], got nan"),
-    ("eta", -1.0, r"eta must be a finite number in \[0, 1\], got -1.0"),
-    ("eta", 1.5, r"eta must be a finite number in \[0, 1\], got 1.5"),
-    ("guidance", float("nan"), r"guidance must be a finite number in \[0, 100\], got nan"),
-    ("guidance", float("inf"), r"guidance must be a finite number in \[0, 100\], got inf"),
-    ("guidance", 1e30, r"guidance must be a finite number in \[0, 100\], got 1e\+30"),
-    ("guidance", -2.0, r"guidance must be a finite number in \[0, 100\], got -2.0"),
-    ("steps", 0, r"steps must be an int in \[1, 20\], got 0"),
-    ("seed", -3, r"seed must be an int in \[0, 9223372036854775807\], got -3"),
-])
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("eta", float("nan"), r"eta must be a finite number in \[0, 1\], got nan"),
+        ("eta", -1.0, r"eta must be a finite number in \[0, 1\], got -1.0"),
+        ("eta", 1.5, r"eta must be a finite number in \[0, 1\], got 1.5"),
+        ("guidance", float("nan"), r"guidance must be a finite number in \[0, 100\], got nan"),
+        ("guidance", float("inf"), r"guidance must be a finite number in \[0, 100\], got inf"),
+        ("guidance", 1e30, r"guidance must be a finite number in \[0, 100\], got 1e\+30"),
+        ("guidance", -2.0, r"guidance must be a finite number in \[0, 100\], got -2.0"),
+        ("steps", 0, r"steps must be an int in \[1, 20\], got 0"),
+        ("seed", -3, r"seed must be an int in \[0, 9223372036854775807\], got -3"),
+    ],
+)
 def test_diffusion_sampling_options_out_of_range_are_refused(option, value, message):
     """nan eta or guidance, or guidance 1e30, gave all-NaN latents (black images) with no error."""
     with pytest.raises(ValueError, match=f"^{message}$"):

@@ -57,22 +57,25 @@ def test_each_spec_accepts_its_range_and_names_what_it_expects(name):
             assert message.startswith(f"{name} must be {spec.expected()}, got {value!r}"), message
 
 
-@pytest.mark.parametrize("build,name,value", [
-    (lambda **kw: VectorQuantize(dim=8, codebook_size=16, **kw), "decay", 1.5),
-    (lambda **kw: VectorQuantize(dim=8, codebook_size=16, **kw), "orthogonal_reg_max_codes", 0),
-    (lambda **kw: VectorQuantize(dim=8, codebook_size=16, **kw), "vq_bridge", "on"),
-    (lambda **kw: ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **kw), "quantize_dropout_multiple_of", 0),
-    (lambda **kw: ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **kw), "eval_beam_size", -1),
-    (lambda **kw: ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **kw), "threshold_ema_dead_code", -2),
-    (lambda **kw: GroupedResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **kw), "groups", 0),
-    (lambda **kw: CodeHead(8, **kw), "num_codes", 0),
-    (lambda **kw: Codebook(4, 16, **kw), "eps", float("inf")),
-    (lambda **kw: LearnedCodebook(4, **kw), "codebook_size", 2.0),
-    (lambda **kw: IBQ(8, 16, **kw), "entropy_temperature", 0.0),
-    (lambda **kw: IBQ(8, 16, **kw), "sample_minimization_weight", -0.5),
-    (lambda **kw: FSQ(**{"levels": [8, 5], **kw}), "levels", [8, 1]),
-    (lambda **kw: FSQ([8, 5], preserve_symmetry=True, **kw), "noise_dropout", 1.5),
-])
+@pytest.mark.parametrize(
+    "build,name,value",
+    [
+        (lambda **kw: VectorQuantize(dim=8, codebook_size=16, **kw), "decay", 1.5),
+        (lambda **kw: VectorQuantize(dim=8, codebook_size=16, **kw), "orthogonal_reg_max_codes", 0),
+        (lambda **kw: VectorQuantize(dim=8, codebook_size=16, **kw), "vq_bridge", "on"),
+        (lambda **kw: ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **kw), "quantize_dropout_multiple_of", 0),
+        (lambda **kw: ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **kw), "eval_beam_size", -1),
+        (lambda **kw: ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **kw), "threshold_ema_dead_code", -2),
+        (lambda **kw: GroupedResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **kw), "groups", 0),
+        (lambda **kw: CodeHead(8, **kw), "num_codes", 0),
+        (lambda **kw: Codebook(4, 16, **kw), "eps", float("inf")),
+        (lambda **kw: LearnedCodebook(4, **kw), "codebook_size", 2.0),
+        (lambda **kw: IBQ(8, 16, **kw), "entropy_temperature", 0.0),
+        (lambda **kw: IBQ(8, 16, **kw), "sample_minimization_weight", -0.5),
+        (lambda **kw: FSQ(**{"levels": [8, 5], **kw}), "levels", [8, 1]),
+        (lambda **kw: FSQ([8, 5], preserve_symmetry=True, **kw), "noise_dropout", 1.5),
+    ],
+)
 def test_layers_check_their_arguments_through_the_table(build, name, value):
     with pytest.raises((ValueError, NotImplementedError)) as info:
         build(**{name: value})

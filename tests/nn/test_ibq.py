@@ -17,8 +17,17 @@ import fastvq
 from fastvq.nn import IBQ
 
 OPTIONS = dict(beta=0.3, entropy_temperature=0.01, sample_minimization_weight=0.7, batch_maximization_weight=1.3)
-NAMES = ("quantized", "indices", "quant_loss", "sample_entropy", "avg_entropy", "entropy_loss", "loss", "grad_z",
-         "grad_codebook")
+NAMES = (
+    "quantized",
+    "indices",
+    "quant_loss",
+    "sample_entropy",
+    "avg_entropy",
+    "entropy_loss",
+    "loss",
+    "grad_z",
+    "grad_codebook",
+)
 
 
 def make_layer(embedding, backend, **options):
@@ -32,8 +41,13 @@ def reference_run(z, embedding, decoder_grad, **options):
     """The reference in float64: its outputs, loss and the gradients of loss + <decoder_grad, z_q>."""
     z, embedding = z.double().requires_grad_(), embedding.double().requires_grad_()
     z_q, indices, quant_loss, sample_entropy, avg_entropy, entropy_loss = ibq_reference(
-        z, embedding, beta=options["beta"], temperature=options["entropy_temperature"],
-        sample_weight=options["sample_minimization_weight"], batch_weight=options["batch_maximization_weight"])
+        z,
+        embedding,
+        beta=options["beta"],
+        temperature=options["entropy_temperature"],
+        sample_weight=options["sample_minimization_weight"],
+        batch_weight=options["batch_maximization_weight"],
+    )
     loss = quant_loss + entropy_loss
     grads = torch.autograd.grad(loss + (z_q * decoder_grad.double()).sum(), (z, embedding))
     return (z_q, indices, quant_loss, sample_entropy, avg_entropy, entropy_loss, loss, *grads)
@@ -54,8 +68,9 @@ def assert_matches(got, want):
             continue
         assert value.dtype == torch.float32, name
         scale = expected.abs().max().item()
-        torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-5, atol=1e-5 * scale,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            value.double(), expected.detach(), rtol=1e-5, atol=1e-5 * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
@@ -65,8 +80,9 @@ def test_outputs_losses_and_gradients_match_ibq_formula(device, backend, scale):
     output; codes of scale 1 / K (softmaxes near uniform) and 0.3 (logits / 0.01 in the tens)."""
     batch, dim, height, width, n_codes = 2, 16, 5, 7, 300
     z = torch.randn(batch, dim, height, width) * (1.0 if scale == "near-uniform" else 0.3)
-    embedding = (torch.rand(n_codes, dim) * 2 - 1) / n_codes if scale == "near-uniform" else \
-        torch.randn(n_codes, dim) * 0.3
+    embedding = (
+        (torch.rand(n_codes, dim) * 2 - 1) / n_codes if scale == "near-uniform" else torch.randn(n_codes, dim) * 0.3
+    )
     decoder_grad = torch.randn(batch, dim, height, width)
     got = layer_run(make_layer(embedding, backend, **OPTIONS), z, decoder_grad, device)
     assert got[0].shape == z.shape and got[1].dtype == torch.int64
@@ -109,8 +125,14 @@ def test_masked_and_non_finite_tokens_are_left_out():
     torch.testing.assert_close(quantized[~kept].detach(), z[~kept], rtol=0, atol=0, equal_nan=True)
     assert torch.equal(grad_z[~kept], decoder_grad[~kept]) and grad_codebook.isfinite().all()
     want = reference_run(z[kept].T[None, :, None, :], embedding, decoder_grad[kept].T[None, :, None, :], **OPTIONS)
-    got = (quantized[kept].T[None, :, None, :], indices[kept], *terms, loss, grad_z[kept].T[None, :, None, :],
-           grad_codebook)
+    got = (
+        quantized[kept].T[None, :, None, :],
+        indices[kept],
+        *terms,
+        loss,
+        grad_z[kept].T[None, :, None, :],
+        grad_codebook,
+    )
     assert_matches(got, want)
     assert float(layer.codebook_health()["nonfinite_tokens"]) == 1
 
@@ -132,7 +154,9 @@ N, K, D = 2048, 131072, 16
 NK_BYTES = N * K * 4  # one fp32 N x K table: 1 GiB; the reference holds at least six (logits, soft, hard,
 LIMIT_BYTES = 3 * 2**30 // 10  # one_hot, probs, log_probs) and their gradients: >= 10x this bound
 
-_STEP = PEAK_RSS_SOURCE + f"""
+_STEP = (
+    PEAK_RSS_SOURCE
+    + f"""
 import json, torch, fastvq
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -147,6 +171,7 @@ after = peak_rss()
 print(json.dumps(dict(before=before, after=after, finite=bool(z.grad.isfinite().all()
                       and layer.embedding.weight.grad.isfinite().all()), used=int(indices.unique().numel()))))
 """
+)
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ def assert_state_close(a, b, atol=1e-6):
 # arguments and inputs
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", UNSUPPORTED)
 def test_unsupported_arguments_raise_naming_them(name):
     default = UNSUPPORTED[name]
@@ -48,37 +49,52 @@ def test_codebook_transform_fn_raises():
         vq()(torch.randn(1, 4, DIM), codebook_transform_fn=lambda e: e)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dim=0), "dim"),
-    (dict(codebook_size=1.5), "codebook_size"),
-    (dict(heads=0), "heads"),
-    (dict(codebook_dim=-1), "codebook_dim"),
-    (dict(decay=1.5), "decay"),
-    (dict(eps=-1.0), "eps"),
-    (dict(kmeans_init=True, kmeans_iters=0), "kmeans_iters"),
-    (dict(threshold_ema_dead_code=-1), "threshold_ema_dead_code"),
-    (dict(straight_through=True), "rotation_trick"),
-    (dict(use_cosine_sim=True, learnable_codebook=True, ema_update=False), "learnable_codebook"),
-    (dict(learnable_codebook=True), "ema_update"),
-    (dict(straight_through=True, rotation_trick=False, learnable_codebook=True, ema_update=False),
-     "learnable_codebook"),
-    (dict(accept_image_fmap=True, accept_3d_fmap=True), "accept_3d_fmap"),
-    (dict(orthogonal_reg_weight=1.0, orthogonal_reg_active_codes_only=True, heads=2,
-          separate_codebook_per_head=True), "orthogonal_reg_active_codes_only"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dim=0), "dim"),
+        (dict(codebook_size=1.5), "codebook_size"),
+        (dict(heads=0), "heads"),
+        (dict(codebook_dim=-1), "codebook_dim"),
+        (dict(decay=1.5), "decay"),
+        (dict(eps=-1.0), "eps"),
+        (dict(kmeans_init=True, kmeans_iters=0), "kmeans_iters"),
+        (dict(threshold_ema_dead_code=-1), "threshold_ema_dead_code"),
+        (dict(straight_through=True), "rotation_trick"),
+        (dict(use_cosine_sim=True, learnable_codebook=True, ema_update=False), "learnable_codebook"),
+        (dict(learnable_codebook=True), "ema_update"),
+        (
+            dict(straight_through=True, rotation_trick=False, learnable_codebook=True, ema_update=False),
+            "learnable_codebook",
+        ),
+        (dict(accept_image_fmap=True, accept_3d_fmap=True), "accept_3d_fmap"),
+        (
+            dict(
+                orthogonal_reg_weight=1.0,
+                orthogonal_reg_active_codes_only=True,
+                heads=2,
+                separate_codebook_per_head=True,
+            ),
+            "orthogonal_reg_active_codes_only",
+        ),
+    ],
+)
 def test_bad_arguments_raise_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
         vq(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,shape,match", [
-    ({}, (2, 5, DIM + 1), r"\(B, N, dim=8\)"),
-    ({}, (2, 3, 5, DIM), r"\(B, N, dim=8\)"),
-    ({}, (2, DIM + 1), r"\(B, dim=8\)"),
-    (dict(channel_last=False), (2, 5, DIM), r"\(B, dim=8, N\)"),
-    (dict(accept_image_fmap=True), (2, DIM, 4), r"\(B, dim, H, W\) with dim=8"),
-    (dict(accept_3d_fmap=True), (2, DIM + 1, 2, 2, 2), r"\(B, dim, D, H, W\) with dim=8"),
-])
+@pytest.mark.parametrize(
+    "kwargs,shape,match",
+    [
+        ({}, (2, 5, DIM + 1), r"\(B, N, dim=8\)"),
+        ({}, (2, 3, 5, DIM), r"\(B, N, dim=8\)"),
+        ({}, (2, DIM + 1), r"\(B, dim=8\)"),
+        (dict(channel_last=False), (2, 5, DIM), r"\(B, dim=8, N\)"),
+        (dict(accept_image_fmap=True), (2, DIM, 4), r"\(B, dim, H, W\) with dim=8"),
+        (dict(accept_3d_fmap=True), (2, DIM + 1, 2, 2, 2), r"\(B, dim, D, H, W\) with dim=8"),
+    ],
+)
 def test_bad_input_shapes_name_the_expected_shape(kwargs, shape, match):
     with pytest.raises(ValueError, match=match):
         vq(**kwargs)(torch.randn(shape))
@@ -113,6 +129,7 @@ def test_bad_inputs_raise():
 # dtypes
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kwargs", [{}, dict(codebook_dim=4, heads=2)], ids=["plain", "projection"])
 def test_16_bit_inputs_compute_in_fp32(dtype, kwargs):
@@ -145,11 +162,11 @@ def test_casting_the_module_keeps_the_ema_state_in_fp32():
 # non-finite tokens
 # ---------------------------------------------------------------------------------------------
 
+
 def test_nonfinite_tokens_never_reach_the_statistics():
     """Tokens with NaN/inf get index -1, pass through, and leave the codebook as if masked out;
     the counter counts them (a device tensor, not a Python number)."""
-    layer = vq(heads=2, separate_codebook_per_head=True, codebook_dim=4, threshold_ema_dead_code=1.0,
-               decay=0.5).train()
+    layer = vq(heads=2, separate_codebook_per_head=True, codebook_dim=4, threshold_ema_dead_code=1.0, decay=0.5).train()
     twin = copy.deepcopy(layer)
     x = torch.randn(2, 6, DIM)
     bad = torch.zeros(2, 6, dtype=torch.bool)
@@ -187,6 +204,7 @@ def test_nonfinite_tokens_never_seed_kmeans_or_dead_codes():
 # health
 # ---------------------------------------------------------------------------------------------
 
+
 def test_codebook_health_is_device_tensors_matching_the_batch():
     layer = vq(threshold_ema_dead_code=0.9).train()
     health = layer.codebook_health()
@@ -209,8 +227,10 @@ def test_codebook_health_is_device_tensors_matching_the_batch():
 # the anchor's bugs, fixed
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs", [dict(codebook_dim=4, heads=2),
-                                    dict(heads=2, separate_codebook_per_head=True, use_cosine_sim=True)])
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(codebook_dim=4, heads=2), dict(heads=2, separate_codebook_per_head=True, use_cosine_sim=True)]
+)
 def test_masked_loss_uses_the_projected_input(kwargs):
     """With a mask, loss, gradients and EMA state equal those of the unpadded sequences (the anchor
     compares codes with the unprojected input and fails with projections)."""
@@ -229,13 +249,16 @@ def test_masked_loss_uses_the_projected_input(kwargs):
     assert_state_close(state(layer), state(trimmed))
 
 
-@pytest.mark.parametrize("kwargs,shape", [
-    (dict(heads=2), (2, 5, DIM)),
-    (dict(heads=2, codebook_dim=3), (2, 5, DIM)),
-    (dict(heads=2, separate_codebook_per_head=True, codebook_dim=3, channel_last=False), (2, DIM, 5)),
-    (dict(codebook_dim=3, accept_image_fmap=True), (2, DIM, 3, 2)),
-    (dict(codebook_dim=3), (2, DIM)),
-])
+@pytest.mark.parametrize(
+    "kwargs,shape",
+    [
+        (dict(heads=2), (2, 5, DIM)),
+        (dict(heads=2, codebook_dim=3), (2, 5, DIM)),
+        (dict(heads=2, separate_codebook_per_head=True, codebook_dim=3, channel_last=False), (2, DIM, 5)),
+        (dict(codebook_dim=3, accept_image_fmap=True), (2, DIM, 3, 2)),
+        (dict(codebook_dim=3), (2, DIM)),
+    ],
+)
 def test_get_output_from_indices_equals_forward(kwargs, shape):
     """Decoding indices gives exactly the eval output, also for shared multi-head codebooks and
     projected feature maps (where the anchor returns a wrong shape)."""
@@ -271,6 +294,7 @@ def test_lens_follow_the_sequence_axis_when_channel_first():
 # sampling, k-means, dead codes, EMA options
 # ---------------------------------------------------------------------------------------------
 
+
 def test_sample_rows_draws_distinct_valid_rows():
     x = torch.arange(2 * 30 * 3, dtype=torch.float32).view(2, 30, 3)
     valid = torch.rand(2, 30) > 0.5
@@ -279,7 +303,7 @@ def test_sample_rows_draws_distinct_valid_rows():
     samples, found = sample_rows(x, valid, 10)
     assert found.tolist() == [min(10, int(valid[0].sum())), 4]
     for h in range(2):
-        rows = samples[h, :found[h]]
+        rows = samples[h, : found[h]]
         position = (rows[:, 0] - x[h, 0, 0]) / 3  # rows are x[h, i] = base + 3 i + (0, 1, 2)
         assert valid[h, position.long()].all()
         assert position.unique().numel() == rows.shape[0]
@@ -344,8 +368,15 @@ def test_training_step_builds_no_n_by_k_tensor(monkeypatch):
     monkeypatch.setattr(torch, "cdist", forbidden)
     monkeypatch.setattr(F, "one_hot", forbidden)
 
-    layer = vq(dim=16, codebook_size=n_codes, codebook_dim=8, kmeans_init=True, kmeans_iters=2,
-               threshold_ema_dead_code=2.0, orthogonal_reg_weight=0.1).train()
+    layer = vq(
+        dim=16,
+        codebook_size=n_codes,
+        codebook_dim=8,
+        kmeans_init=True,
+        kmeans_iters=2,
+        threshold_ema_dead_code=2.0,
+        orthogonal_reg_weight=0.1,
+    ).train()
     x = torch.randn(2, n_tokens // 2, 16, requires_grad=True)
     with LargestTensor() as record:
         for _ in range(2):
@@ -367,6 +398,7 @@ def test_accumulated_statistics_equal_one_step_on_the_union():
 # ---------------------------------------------------------------------------------------------
 # stochastic sampling, straight-through, top-k, cross-entropy
 # ---------------------------------------------------------------------------------------------
+
 
 def test_stochastic_sampling_draws_codes_in_training_only():
     layer = vq(stochastic_sample_codes=True, sample_codebook_temp=1.0)
@@ -454,12 +486,16 @@ def test_sampling_is_the_same_draw_on_every_backend(device, backend):
 # adversarial findings (issue 16)
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_a_nonfinite_token_never_reaches_a_sampled_codebook(device, backend, value):
     """Sampling in training: the bad token gets -1, is counted, and the codebook stays finite."""
-    layer = vq(dim=8, codebook_size=16, stochastic_sample_codes=True, sample_codebook_temp=0.5,
-               backend=backend).to(device).train()
+    layer = (
+        vq(dim=8, codebook_size=16, stochastic_sample_codes=True, sample_codebook_temp=0.5, backend=backend)
+        .to(device)
+        .train()
+    )
     x = torch.randn(1, 4, 8, device=device)
     x[0, 1, 2] = value
     _, indices, _ = layer(x)
@@ -471,8 +507,11 @@ def test_a_nonfinite_token_never_reaches_a_sampled_codebook(device, backend, val
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("separate", [False, True])
 def test_a_token_bad_in_one_head_gets_no_code_in_any(device, backend, separate):
-    layer = vq(dim=8, codebook_size=16, heads=2, codebook_dim=4, separate_codebook_per_head=separate,
-               backend=backend).to(device).eval()
+    layer = (
+        vq(dim=8, codebook_size=16, heads=2, codebook_dim=4, separate_codebook_per_head=separate, backend=backend)
+        .to(device)
+        .eval()
+    )
     x = torch.randn(2, 5, 8, device=device)
     x[1, 3, 6] = float("nan")  # the second head's half of token (1, 3)
     quantized, indices, _ = layer(x)
@@ -510,8 +549,14 @@ def test_update_indices_checks_the_range(device, backend):
 @pytest.mark.parametrize("heads", [1, 2])
 def test_zero_tokens_give_empty_outputs(device, backend, shape, heads):
     """As vector-quantize-pytorch 1.32.0: empty quantized and indices, in training and eval."""
-    layer = vq(dim=8, codebook_size=16, heads=heads, codebook_dim=8 // heads, separate_codebook_per_head=heads > 1,
-               backend=backend).to(device)
+    layer = vq(
+        dim=8,
+        codebook_size=16,
+        heads=heads,
+        codebook_dim=8 // heads,
+        separate_codebook_per_head=heads > 1,
+        backend=backend,
+    ).to(device)
     for training, masked in ((True, False), (False, False), (True, True)):
         x = torch.randn(*shape, device=device)
         mask = torch.ones(shape[:2], dtype=torch.bool, device=device) if masked else None
@@ -522,8 +567,11 @@ def test_zero_tokens_give_empty_outputs(device, backend, shape, heads):
     assert torch.isfinite(layer.codebook).all()
 
 
-@pytest.mark.parametrize("kwargs", [dict(learnable_codebook=True, ema_update=False), dict(ema_update=False),
-                                    dict(freeze_codebook=True)], ids=["learnable", "no-ema", "frozen"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(learnable_codebook=True, ema_update=False), dict(ema_update=False), dict(freeze_codebook=True)],
+    ids=["learnable", "no-ema", "frozen"],
+)
 def test_nonfinite_tokens_are_counted_without_an_ema_update(kwargs):
     layer = vq(dim=8, codebook_size=16, **kwargs).train()
     x = torch.randn(1, 6, 8)
@@ -533,9 +581,18 @@ def test_nonfinite_tokens_are_counted_without_an_ema_update(kwargs):
     assert layer.codebook_health()["nonfinite_tokens"] == 2
 
 
-@pytest.mark.parametrize("name,value", [("decay", "0.9"), ("decay", 1.5), ("eps", float("inf")),
-                                        ("commitment_weight", float("inf")), ("eps", -1.0),
-                                        ("backend", "trition"), ("precision", "fp8")])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("decay", "0.9"),
+        ("decay", 1.5),
+        ("eps", float("inf")),
+        ("commitment_weight", float("inf")),
+        ("eps", -1.0),
+        ("backend", "trition"),
+        ("precision", "fp8"),
+    ],
+)
 def test_bad_numbers_and_names_raise_at_construction(name, value):
     with pytest.raises(ValueError, match=name):
         vq(**{name: value})
@@ -548,8 +605,9 @@ def test_kmeans_runs_exactly_its_iterations(monkeypatch):
 
     x = torch.randn(1, 400, 4)
     start = x[:, :16].clone()
-    monkeypatch.setattr(kmeans_module, "sample_rows",
-                        lambda rows, valid, num, sync=False: (start.clone(), torch.full((1,), num)))
+    monkeypatch.setattr(
+        kmeans_module, "sample_rows", lambda rows, valid, num, sync=False: (start.clone(), torch.full((1,), num))
+    )
     results = []
     for iters in (1, 2, 5):
         means, counts = kmeans_module.kmeans(x, torch.ones(1, 400, dtype=torch.bool), 16, iters)

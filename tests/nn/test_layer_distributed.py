@@ -18,8 +18,9 @@ from fastvq.nn.vector_quantize import VectorQuantize
 WORLD, STEPS, DIM, CODES = 2, 3, 8, 16
 SCENARIOS = {
     "ema": dict(heads=2, codebook_dim=4, separate_codebook_per_head=True, decay=0.7),
-    "kmeans-dead-codes": dict(kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=1.0, decay=0.5,
-                              use_cosine_sim=True),
+    "kmeans-dead-codes": dict(
+        kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=1.0, decay=0.5, use_cosine_sim=True
+    ),
 }
 
 
@@ -67,8 +68,9 @@ def _worker(rank, port, out_dir):
         for scenario, kwargs in SCENARIOS.items():
             calls.update(all_reduce=0, all_gather=0)
             layer = train(kwargs, batches(), rank, WORLD)
-            results[scenario] = dict(state=layer.state_dict(), calls=dict(calls),
-                                     nonfinite=int(layer.codebook_health()["nonfinite_tokens"]))
+            results[scenario] = dict(
+                state=layer.state_dict(), calls=dict(calls), nonfinite=int(layer.codebook_health()["nonfinite_tokens"])
+            )
         calls.update(all_reduce=0, all_gather=0)
         layer = train(SCENARIOS["ema"], batches(), rank, WORLD, empty_rank=1)  # a rank with no token
         results["empty-rank"] = dict(state=layer.state_dict(), calls=dict(calls))
@@ -93,8 +95,9 @@ def test_ranks_share_one_codebook(tmp_path):
         assert ema["calls"] == {"all_reduce": STEPS, "all_gather": 0}, f"rank {r}: {ema['calls']}"
         assert ema["nonfinite"] == STEPS  # both ranks count the token of rank 1
         for key, expected in single.state_dict().items():
-            torch.testing.assert_close(ema["state"][key], expected, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, key=key, r=r: f"rank {r} {key}: {m}")
+            torch.testing.assert_close(
+                ema["state"][key], expected, rtol=1e-5, atol=1e-6, msg=lambda m, key=key, r=r: f"rank {r} {key}: {m}"
+            )
 
         empty = result["empty-rank"]
         assert empty["calls"] == {"all_reduce": STEPS, "all_gather": 0}, f"rank {r}: {empty['calls']}"

@@ -14,7 +14,9 @@ from conftest import PEAK_RSS_SOURCE
 
 LIMIT_BYTES = 2 * 2**30
 
-STEP = PEAK_RSS_SOURCE + """
+STEP = (
+    PEAK_RSS_SOURCE
+    + """
 import json, torch
 from fastvq.nn.vector_quantize import VectorQuantize
 torch.manual_seed(0)
@@ -26,13 +28,13 @@ health = {k: float(v) for k, v in layer.codebook_health().items()}
 print(json.dumps(dict(peak=peak_rss(), health=health,
                       grad_finite=bool(torch.isfinite(x.grad).all()), tokens=indices.numel())))
 """
+)
 
 
 @pytest.mark.slow
 def test_training_step_at_n65536_k16384_fits_in_2_gib():
     env = {k: v for k, v in os.environ.items() if k not in ("FASTVQ_BACKEND", "TRITON_INTERPRET")}
-    result = subprocess.run([sys.executable, "-c", STEP], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", STEP], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["peak"] < LIMIT_BYTES, f"peak RSS {report['peak'] / 2**30:.2f} GiB >= 2 GiB"
@@ -41,7 +43,9 @@ def test_training_step_at_n65536_k16384_fits_in_2_gib():
     print(f"peak RSS {report['peak'] / 2**30:.2f} GiB")
 
 
-RESIDUAL_STEP = PEAK_RSS_SOURCE + """
+RESIDUAL_STEP = (
+    PEAK_RSS_SOURCE
+    + """
 import json, sys, torch
 from fastvq.nn.residual_vq import ResidualVQ
 stages, frames = int(sys.argv[1]), int(sys.argv[2])
@@ -55,6 +59,7 @@ print(json.dumps(dict(peak=peak_rss(),
                       grad_finite=bool(torch.isfinite(x.grad).all()), shape=list(indices.shape),
                       used=int((indices >= 0).all()))))
 """
+)
 
 
 @pytest.mark.slow
@@ -65,8 +70,13 @@ def test_residual_training_step_at_codec_shapes(stages, frames, limit_gib):
     2 CPU cores: 8 stages x 65536 frames 1.23 GiB peak RSS (vector-quantize-pytorch 1.32.0:
     3.37 GiB), 32 stages x 16384 frames 1.48 GiB."""
     env = {k: v for k, v in os.environ.items() if k not in ("FASTVQ_BACKEND", "TRITON_INTERPRET")}
-    result = subprocess.run([sys.executable, "-c", RESIDUAL_STEP, str(stages), str(frames)], capture_output=True,
-                            text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", RESIDUAL_STEP, str(stages), str(frames)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["peak"] < limit_gib * 2**30, f"peak RSS {report['peak'] / 2**30:.2f} GiB >= {limit_gib} GiB"

@@ -18,8 +18,10 @@ import fastvq.nn.kmeans
 from fastvq.nn.vector_quantize import VectorQuantize
 
 AnchorVQ = pytest.importorskip(
-    "vector_quantize_pytorch", reason="vector-quantize-pytorch==1.32.0 is not installed (pip install -e "
-    "'.[test]'; the GPU check installs it from the wheels it carries)").VectorQuantize
+    "vector_quantize_pytorch",
+    reason="vector-quantize-pytorch==1.32.0 is not installed (pip install -e "
+    "'.[test]'; the GPU check installs it from the wheels it carries)",
+).VectorQuantize
 
 ATOL = RTOL = 1e-5
 DIM, CODES, BATCH, SEQ = 8, 24, 2, 12
@@ -29,18 +31,26 @@ CONFIGS = {
     "cosine": dict(use_cosine_sim=True),
     "heads-shared-projection": dict(heads=2, codebook_dim=3),
     "heads-separate": dict(heads=2, codebook_dim=4, separate_codebook_per_head=True),
-    "heads-separate-cosine-projection": dict(heads=3, codebook_dim=2, separate_codebook_per_head=True,
-                                             use_cosine_sim=True),
+    "heads-separate-cosine-projection": dict(
+        heads=3, codebook_dim=2, separate_codebook_per_head=True, use_cosine_sim=True
+    ),
     "projection-layernorm": dict(codebook_dim=5, layernorm_after_project_in=True),
     "straight-through-estimator": dict(rotation_trick=False),
     "decay-0.5": dict(decay=0.5),
     "decay-0.99-eps": dict(decay=0.99, eps=1e-3, commitment_weight=0.25),
     "learnable-codebook": dict(learnable_codebook=True, ema_update=False),
-    "learnable-codebook-heads": dict(learnable_codebook=True, ema_update=False, heads=2, codebook_dim=4,
-                                     separate_codebook_per_head=True, rotation_trick=False),
+    "learnable-codebook-heads": dict(
+        learnable_codebook=True,
+        ema_update=False,
+        heads=2,
+        codebook_dim=4,
+        separate_codebook_per_head=True,
+        rotation_trick=False,
+    ),
     "orthogonal-reg": dict(orthogonal_reg_weight=0.5),
-    "orthogonal-reg-active-max": dict(orthogonal_reg_weight=0.5, orthogonal_reg_active_codes_only=True,
-                                      orthogonal_reg_max_codes=10),
+    "orthogonal-reg-active-max": dict(
+        orthogonal_reg_weight=0.5, orthogonal_reg_active_codes_only=True, orthogonal_reg_max_codes=10
+    ),
     "no-commitment": dict(commitment_weight=0.0),
     "manual-ema": dict(manual_ema_update=True),
     "frozen": dict(freeze_codebook=True),
@@ -60,17 +70,21 @@ def close(actual, expected, what):
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     if actual.dtype in (torch.int64, torch.bool):
         mismatch = (actual != expected).nonzero()
-        assert mismatch.numel() == 0, \
-            f"{what}: {mismatch.shape[0]} mismatches, first at {mismatch[0].tolist()}"
+        assert mismatch.numel() == 0, f"{what}: {mismatch.shape[0]} mismatches, first at {mismatch[0].tolist()}"
         return
     actual, expected = actual.double(), expected.double()
     finite = expected[expected.isfinite()]
     err = (actual - expected).abs()
     # a NaN or inf only where the other has the same; an error is NaN there, and NaN > tol is False
-    bad = ~((err <= ATOL + RTOL * (finite.abs().max() if finite.numel() else 0)) | (actual == expected)
-            | (actual.isnan() & expected.isnan()))
-    assert not bad.any(), (f"{what}: max error {err[bad].max().item():.3g}, first mismatch at "
-                           f"{bad.nonzero()[0].tolist()}: {actual[bad][0].item()} vs {expected[bad][0].item()}")
+    bad = ~(
+        (err <= ATOL + RTOL * (finite.abs().max() if finite.numel() else 0))
+        | (actual == expected)
+        | (actual.isnan() & expected.isnan())
+    )
+    assert not bad.any(), (
+        f"{what}: max error {err[bad].max().item():.3g}, first mismatch at "
+        f"{bad.nonzero()[0].tolist()}: {actual[bad][0].item()} vs {expected[bad][0].item()}"
+    )
 
 
 def make_pair(backend="torch", device="cpu", **kwargs):
@@ -131,8 +145,7 @@ def compare_eval(anchor, ours, x, **forward_kwargs):
     with torch.no_grad():
         expected, actual = anchor(x, **forward_kwargs), ours(x, **forward_kwargs)
     for what, e, a in zip(("quantized", "indices", "loss"), expected, actual):
-        assert a.shape == e.shape and a.dtype == e.dtype, \
-            f"eval {what}: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
+        assert a.shape == e.shape and a.dtype == e.dtype, f"eval {what}: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
         assert torch.equal(a, e), f"eval {what} differs"
 
 
@@ -151,8 +164,7 @@ def test_training_steps_match_anchor(config):
 @pytest.mark.parametrize("heads", [1, 2])
 def test_input_layouts_match_anchor(layout, heads):
     kwargs, shape = LAYOUTS[layout]
-    anchor, ours = make_pair(heads=heads, codebook_dim=DIM // heads, separate_codebook_per_head=heads > 1,
-                             **kwargs)
+    anchor, ours = make_pair(heads=heads, codebook_dim=DIM // heads, separate_codebook_per_head=heads > 1, **kwargs)
     compare_steps(anchor, ours, batches(shape))
     compare_eval(anchor, ours, torch.randn(shape))
 
@@ -180,8 +192,9 @@ def test_kmeans_init_matches_anchor_given_the_same_seeds(config, monkeypatch):
     start = torch.randn(heads, CODES, kwargs.get("codebook_dim", DIM))
     if kwargs.get("use_cosine_sim"):
         start = torch.nn.functional.normalize(start, dim=-1)
-    monkeypatch.setattr(fastvq.nn.kmeans, "sample_rows",
-                        lambda rows, valid, num, sync=False: (start.clone(), torch.full((heads,), num)))
+    monkeypatch.setattr(
+        fastvq.nn.kmeans, "sample_rows", lambda rows, valid, num, sync=False: (start.clone(), torch.full((heads,), num))
+    )
     for train in (True, False):
         anchor, ours = make_pair(**kwargs)
         anchor._codebook.sample_fn = lambda samples, num: start.clone()
@@ -228,10 +241,13 @@ def test_dead_code_replacement_invariants():
             assert distance.argmin(dim=1).unique().numel() == new.shape[0], "a batch token was drawn twice"
 
 
-@pytest.mark.parametrize("options", [
-    dict(ema_update=False, threshold_ema_dead_code=0.2),  # statistics tracked; no code dies in 3 steps
-    dict(manual_ema_update=True),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(ema_update=False, threshold_ema_dead_code=0.2),  # statistics tracked; no code dies in 3 steps
+        dict(manual_ema_update=True),
+    ],
+)
 def test_ema_options_match_anchor(options):
     anchor, ours = make_pair(decay=0.6, **options)
     compare_steps(anchor, ours, batches((BATCH, SEQ, DIM)))
@@ -241,8 +257,9 @@ def test_ema_update_weight_and_accumulation_match_anchor():
     anchor, ours = make_pair(decay=0.7)
     weight = torch.rand(CODES)
     compare_steps(anchor, ours, batches((BATCH, SEQ, DIM), 2), ema_update_weight=weight)
-    compare_steps(anchor, ours, batches((BATCH, SEQ, DIM), 2),
-                  ema_update_weight=lambda sums, counts: (counts > 0).float() * 0.5)
+    compare_steps(
+        anchor, ours, batches((BATCH, SEQ, DIM), 2), ema_update_weight=lambda sums, counts: (counts > 0).float() * 0.5
+    )
     compare_steps(anchor, ours, batches((BATCH, SEQ, DIM), 2), accum_ema_update=True)
     compare_steps(anchor, ours, batches((BATCH, SEQ, DIM), 1))  # applies the accumulated statistics
     compare_steps(anchor, ours, batches((BATCH, SEQ, DIM), 2), ema_update=False, freeze_codebook=False)
@@ -274,21 +291,25 @@ def test_codebook_helpers_match_anchor():
 
 
 def test_state_dicts_load_both_ways():
-    for kwargs in (dict(heads=2, codebook_dim=3, layernorm_after_project_in=True),
-                   dict(heads=2, separate_codebook_per_head=True, learnable_codebook=True, ema_update=False),
-                   dict(kmeans_init=True, use_cosine_sim=True)):
+    for kwargs in (
+        dict(heads=2, codebook_dim=3, layernorm_after_project_in=True),
+        dict(heads=2, separate_codebook_per_head=True, learnable_codebook=True, ema_update=False),
+        dict(kmeans_init=True, use_cosine_sim=True),
+    ):
         anchor = AnchorVQ(dim=DIM, codebook_size=CODES, **kwargs)
         ours = VectorQuantize(dim=DIM, codebook_size=CODES, **kwargs)
-        assert {k: v.shape for k, v in anchor.state_dict().items()} == \
-            {k: v.shape for k, v in ours.state_dict().items()}
+        assert {k: v.shape for k, v in anchor.state_dict().items()} == {
+            k: v.shape for k, v in ours.state_dict().items()
+        }
         anchor.load_state_dict(ours.state_dict())
         compare_state(anchor, ours)
         ours.load_state_dict(AnchorVQ(dim=DIM, codebook_size=CODES, **kwargs).state_dict())
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-@pytest.mark.parametrize("config", ["l2", "heads-shared-projection", "heads-separate-cosine-projection",
-                                    "learnable-codebook"])
+@pytest.mark.parametrize(
+    "config", ["l2", "heads-shared-projection", "heads-separate-cosine-projection", "learnable-codebook"]
+)
 def test_backends_match_anchor(device, backend, config):
     """The same parity on each device and backend (Triton on CPU runs under TRITON_INTERPRET=1:
     tiny shapes)."""
@@ -317,13 +338,11 @@ def test_topk_matches_anchor(layout):
 def test_cold_gumbel_topk_matches_anchor(metric):
     """stochastic_sample_codes with topk in training (Gumbel top-k): at temperature 1e-6 the noise
     cannot reorder the logits, so both layers pick the deterministic top-k; everything matches."""
-    anchor, ours = make_pair(codebook_dim=4, stochastic_sample_codes=True, sample_codebook_temp=1e-6,
-                             **CONFIGS[metric])
+    anchor, ours = make_pair(codebook_dim=4, stochastic_sample_codes=True, sample_codebook_temp=1e-6, **CONFIGS[metric])
     compare_steps(anchor, ours, batches((BATCH, SEQ, DIM), 2), topk=3)
 
 
-@pytest.mark.parametrize("config", ["l2", "cosine", "heads-separate", "heads-shared-projection",
-                                    "learnable-codebook"])
+@pytest.mark.parametrize("config", ["l2", "cosine", "heads-separate", "heads-shared-projection", "learnable-codebook"])
 def test_cross_entropy_from_indices_matches_anchor(config):
     """forward(x, indices=targets) -> cross-entropy of the code logits against the targets (-1
     ignored): same value in eval and training (logits of the codebook before the EMA step); same

@@ -24,7 +24,8 @@ from test_layer_parity import compare_eval, compare_steps, train_step
 import fastvq
 
 anchor_package = pytest.importorskip(
-    "vector_quantize_pytorch", reason="vector-quantize-pytorch==1.32.0 is not installed (pip install -e '.[test]')")
+    "vector_quantize_pytorch", reason="vector-quantize-pytorch==1.32.0 is not installed (pip install -e '.[test]')"
+)
 anchor_layer_module = importlib.import_module("vector_quantize_pytorch.vector_quantize_pytorch")
 
 CPU_BACKENDS = [case for case in backend_cases() if case.values[0] == "cpu"]
@@ -101,12 +102,24 @@ def _exact_rotation_gradient(x, code, grad):
     return rotation.T @ grad * code.norm() / x.norm()
 
 
-@pytest.mark.parametrize("package", [
-    pytest.param(anchor_package, id="1.32.0"),
-    pytest.param(fastvq, id="fastvq", marks=pytest.mark.xfail(strict=True, reason=(
-        "fastvq/nn (being rewritten, so not fixed here): the rotation trick takes |u + q| from row reductions, "
-        "sqrt(2 + 2 u.q), which cancels where a token points nearly opposite its code; at 179 degrees the input "
-        "gradient is off by 8e-5 relative (1.32.0, which adds u + q first: 6e-7)")))])
+@pytest.mark.parametrize(
+    "package",
+    [
+        pytest.param(anchor_package, id="1.32.0"),
+        pytest.param(
+            fastvq,
+            id="fastvq",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "open: fastvq's rotation trick takes |u + q| from row reductions, sqrt(2 + 2 u.q), which "
+                    "cancels where a token points nearly opposite its code; at 179 degrees the input gradient "
+                    "is off by 8e-5 relative (1.32.0, which adds u + q first: 6e-7)"
+                ),
+            ),
+        ),
+    ],
+)
 def test_rotation_trick_gradient_of_a_token_nearly_opposite_its_code(package):
     """A token at 179 degrees from the only code (found by the layer properties, where such a token made
     fastvq's input gradient differ from 1.32.0's by 2e-5 in a training step): the input gradient within
@@ -123,23 +136,37 @@ def test_rotation_trick_gradient_of_a_token_nearly_opposite_its_code(package):
     assert error < 1e-5, f"relative error {error.item():.2g}"
 
 
-ZERO_CODEBOOK_GRADIENT = pytest.mark.xfail(strict=True, reason=(
-    "fastvq/nn (being rewritten, so not fixed here): with a learnable codebook, commitment_weight=0 and an input that "
-    "requires grad, 1.32.0's rotation trick detaches the codes, so the codebook gets no gradient (None); fastvq's "
-    "rotation gives it a tensor of zeros, so an optimizer with weight decay or momentum still steps it"))
+ZERO_CODEBOOK_GRADIENT = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "open: with a learnable codebook, commitment_weight=0 and an input that requires grad, 1.32.0's "
+        "rotation trick detaches the codes, so the codebook gets no gradient (None); fastvq's rotation "
+        "gives it a tensor of zeros, so an optimizer with weight decay or momentum still steps it"
+    ),
+)
 
 
-@pytest.mark.parametrize("package,rotation_trick", [
-    pytest.param(anchor_package, True, id="1.32.0-rotation"),
-    pytest.param(fastvq, True, id="fastvq-rotation", marks=ZERO_CODEBOOK_GRADIENT),
-    pytest.param(anchor_package, False, id="1.32.0-straight-through"),
-    pytest.param(fastvq, False, id="fastvq-straight-through")])
+@pytest.mark.parametrize(
+    "package,rotation_trick",
+    [
+        pytest.param(anchor_package, True, id="1.32.0-rotation"),
+        pytest.param(fastvq, True, id="fastvq-rotation", marks=ZERO_CODEBOOK_GRADIENT),
+        pytest.param(anchor_package, False, id="1.32.0-straight-through"),
+        pytest.param(fastvq, False, id="fastvq-straight-through"),
+    ],
+)
 def test_a_learnable_codebook_without_commitment_loss_gets_no_gradient(package, rotation_trick):
     """Found by the layer properties (long profile): VectorQuantize(learnable_codebook=True,
     commitment_weight=0) in a training step leaves the codebook's .grad None, as 1.32.0 does."""
     torch.manual_seed(0)
-    vq = package.VectorQuantize(dim=2, codebook_size=3, learnable_codebook=True, ema_update=False,
-                                commitment_weight=0.0, rotation_trick=rotation_trick).train()
+    vq = package.VectorQuantize(
+        dim=2,
+        codebook_size=3,
+        learnable_codebook=True,
+        ema_update=False,
+        commitment_weight=0.0,
+        rotation_trick=rotation_trick,
+    ).train()
     x = torch.tensor([[2.3115, -0.4401], [0.5, 1.0]], requires_grad=True)
     quantized, _, loss = vq(x)
     (quantized.square().sum() + loss.sum()).backward()
@@ -148,15 +175,32 @@ def test_a_learnable_codebook_without_commitment_loss_gets_no_gradient(package, 
     assert embed.grad is None, f"the codebook got a gradient: {embed.grad}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fastvq/nn (being rewritten, so not fixed here): GroupedResidualVQ's input gradient differs from 1.32.0's by "
-    "1.4e-5 relative (81.0500 vs 81.0511) where a second-stage residual is tiny (|r| = 0.0044 against a code of "
-    "norm 0.14, so the rotation trick scales the gradient by 32); the same in float64, so the formulas differ"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "open: GroupedResidualVQ's input gradient differs from 1.32.0's by "
+        "1.4e-5 relative (81.0500 vs 81.0511) where a second-stage residual is tiny (|r| = 0.0044 against a code of "
+        "norm 0.14, so the rotation trick scales the gradient by 32); the same in float64, so the formulas differ"
+    ),
+)
 def test_grouped_residual_input_gradient_through_a_tiny_residual():
     """Found by the layer properties (long profile): one training step of this GroupedResidualVQ matches 1.32.0
     within the parity tolerance (1e-5 absolute + 1e-5 of the largest value)."""
-    case = LayerCase("GroupedResidualVQ", dict(dim=4, groups=2, num_quantizers=2, codebook_size=17, decay=0.8,
-                                               use_cosine_sim=False, shared_codebook=False, quant_grad_frac=0.0),
-                     (2, 2, 4), {}, seed=199)
+    case = LayerCase(
+        "GroupedResidualVQ",
+        dict(
+            dim=4,
+            groups=2,
+            num_quantizers=2,
+            codebook_size=17,
+            decay=0.8,
+            use_cosine_sim=False,
+            shared_codebook=False,
+            quant_grad_frac=0.0,
+        ),
+        (2, 2, 4),
+        {},
+        seed=199,
+    )
     anchor, ours = make_layers(case, "torch")
     compare_steps(anchor, ours, case.inputs(1))

@@ -33,8 +33,11 @@ def private_accesses(source: str, filename: str = "<source>") -> list[str]:
             names = [alias.name for alias in node.names] + (node.module or "").split(".")
             found += [f"{filename}:{node.lineno}: import of {name}" for name in names if is_private(name)]
         elif isinstance(node, ast.Import):
-            found += [f"{filename}:{node.lineno}: import of {alias.name}" for alias in node.names
-                      if any(is_private(part) for part in alias.name.split("."))]
+            found += [
+                f"{filename}:{node.lineno}: import of {alias.name}"
+                for alias in node.names
+                if any(is_private(part) for part in alias.name.split("."))
+            ]
     return found
 
 
@@ -45,27 +48,33 @@ def test_no_nn_module_touches_private_members_of_others():
     assert not found, "private members touched across fastvq.nn:\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize("code", [
-    "layer._codebook.update_ema()",                     # another object's private attribute
-    "rvq.layers[0]._quantize_tokens(x)",
-    "VectorQuantize._param_dtype(module, t)",           # a private static method through the class
-    "self._codebook._init_pending = None",              # private attribute of one's own attribute
-    "from .vector_quantize import VectorQuantize, _check_int",
-    "from torch import _C",
-    "from ._helpers import lookup",
-    "import torch._dynamo",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "layer._codebook.update_ema()",  # another object's private attribute
+        "rvq.layers[0]._quantize_tokens(x)",
+        "VectorQuantize._param_dtype(module, t)",  # a private static method through the class
+        "self._codebook._init_pending = None",  # private attribute of one's own attribute
+        "from .vector_quantize import VectorQuantize, _check_int",
+        "from torch import _C",
+        "from ._helpers import lookup",
+        "import torch._dynamo",
+    ],
+)
 def test_the_rule_catches_private_access(code):
     assert private_accesses(code), code
 
 
-@pytest.mark.parametrize("code", [
-    "self._codebook.update_ema()",
-    "cls._registry[name] = value",
-    "super()._apply(fn, recurse)",
-    "layer.__class__.__name__",
-    "x.__dict__",
-    "from .codebook import Codebook",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "self._codebook.update_ema()",
+        "cls._registry[name] = value",
+        "super()._apply(fn, recurse)",
+        "layer.__class__.__name__",
+        "x.__dict__",
+        "from .codebook import Codebook",
+    ],
+)
 def test_the_rule_allows_own_and_public_members(code):
     assert not private_accesses(code), code

@@ -18,8 +18,9 @@ from vq_checks import LargestTensor
 from fastvq.nn.residual_vq import GroupedResidualVQ, ResidualVQ
 from fastvq.nn.vector_quantize import VectorQuantize
 
-anchor_module = pytest.importorskip("vector_quantize_pytorch", reason="vector-quantize-pytorch==1.32.0 is not "
-                                    "installed (pip install -e '.[test]')")
+anchor_module = pytest.importorskip(
+    "vector_quantize_pytorch", reason="vector-quantize-pytorch==1.32.0 is not installed (pip install -e '.[test]')"
+)
 
 DIM, CODES, BATCH, SEQ = 8, 24, 2, 12
 
@@ -31,8 +32,9 @@ CONFIGS = {
     "projection": dict(num_quantizers=3, codebook_dim=5),
     "sizes-per-stage": dict(codebook_size=(24, 13, 7)),
     "quantize-dropout": dict(num_quantizers=4, quantize_dropout=True),
-    "quantize-dropout-cutoff-multiple": dict(num_quantizers=6, quantize_dropout=True, quantize_dropout_cutoff_index=1,
-                                             quantize_dropout_multiple_of=2),
+    "quantize-dropout-cutoff-multiple": dict(
+        num_quantizers=6, quantize_dropout=True, quantize_dropout_cutoff_index=1, quantize_dropout_multiple_of=2
+    ),
     "quant-grad-frac": dict(num_quantizers=3, quant_grad_frac=0.3),
     "straight-through-decay": dict(num_quantizers=2, rotation_trick=False, decay=0.5, commitment_weight=0.25),
     "orthogonal-reg": dict(num_quantizers=2, orthogonal_reg_weight=0.5),
@@ -42,8 +44,7 @@ CONFIGS = {
 def make_pair(backend="torch", cls="ResidualVQ", **kwargs):
     kwargs.setdefault("codebook_size", CODES)
     anchor = getattr(anchor_module, cls)(dim=DIM, **kwargs)
-    ours = {"ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ}[cls](dim=DIM, backend=backend,
-                                                                                    **kwargs)
+    ours = {"ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ}[cls](dim=DIM, backend=backend, **kwargs)
     ours.load_state_dict(anchor.state_dict())
     return anchor, ours
 
@@ -103,12 +104,20 @@ def test_shared_codebook_is_one_module():
         ResidualVQ(dim=DIM, codebook_size=(8, 4), shared_codebook=True)
 
 
-@pytest.mark.parametrize("backend,beam_kwargs", [
-    ("torch", dict(beam_size=3)), ("torch", dict(beam_size=4, eval_beam_size=2)),
-    ("torch", dict(beam_size=3, beam_score_quantizer_weights=[1.0, 0.5, 0.25])),
-    ("torch", dict(beam_size=2, shared_codebook=True)),
-    *[pytest.param(backend, dict(beam_size=3), marks=case.marks, id=f"{case.id}-beam3")
-      for case, backend in ((c, c.values[1]) for c in backend_cases(("triton", "cpu"))) if case.values[0] == "cpu"]])
+@pytest.mark.parametrize(
+    "backend,beam_kwargs",
+    [
+        ("torch", dict(beam_size=3)),
+        ("torch", dict(beam_size=4, eval_beam_size=2)),
+        ("torch", dict(beam_size=3, beam_score_quantizer_weights=[1.0, 0.5, 0.25])),
+        ("torch", dict(beam_size=2, shared_codebook=True)),
+        *[
+            pytest.param(backend, dict(beam_size=3), marks=case.marks, id=f"{case.id}-beam3")
+            for case, backend in ((c, c.values[1]) for c in backend_cases(("triton", "cpu")))
+            if case.values[0] == "cpu"
+        ],
+    ],
+)
 def test_beam_search_matches_anchor(backend, beam_kwargs):
     """Outputs, losses and gradients match 1.32.0 in training, and eval is identical. 1.32.0
     updates only the first stage's codebook after a beam search (it unbinds the stage inputs along
@@ -192,11 +201,15 @@ def test_sizes_per_stage_codebooks_is_a_tuple():
     assert indices[..., 2].max() < 7 and indices[..., 1].max() < 13
 
 
-@pytest.mark.parametrize("layout,kwargs,shape", [
-    ("image", dict(accept_image_fmap=True), (BATCH, DIM, 3, 5)),
-    ("video", dict(accept_3d_fmap=True), (BATCH, DIM, 2, 2, 3)),
-    ("channel-first", dict(channel_last=False), (BATCH, DIM, SEQ)),
-    ("one-token", {}, (BATCH, DIM))])
+@pytest.mark.parametrize(
+    "layout,kwargs,shape",
+    [
+        ("image", dict(accept_image_fmap=True), (BATCH, DIM, 3, 5)),
+        ("video", dict(accept_3d_fmap=True), (BATCH, DIM, 2, 2, 3)),
+        ("channel-first", dict(channel_last=False), (BATCH, DIM, SEQ)),
+        ("one-token", {}, (BATCH, DIM)),
+    ],
+)
 def test_layouts_equal_the_same_tokens_as_a_sequence(layout, kwargs, shape):
     """1.32.0's ResidualVQ fails on feature maps; fastvq gives exactly the token-sequence result,
     laid out like the input (indices channel last, with the quantizer dim last)."""
@@ -284,9 +297,11 @@ def test_training_step_builds_no_n_by_k_tensor(monkeypatch):
     monkeypatch.setattr(torch, "cdist", forbidden)
     monkeypatch.setattr(torch.nn.functional, "one_hot", forbidden)
     x = torch.randn(2, n_tokens // 2, 16, requires_grad=True)
-    for kwargs in (dict(codebook_dim=8, kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=2.0),
-                   dict(beam_size=4), dict(shared_codebook=True, threshold_ema_dead_code=2.0,
-                                           quantize_dropout=True)):
+    for kwargs in (
+        dict(codebook_dim=8, kmeans_init=True, kmeans_iters=2, threshold_ema_dead_code=2.0),
+        dict(beam_size=4),
+        dict(shared_codebook=True, threshold_ema_dead_code=2.0, quantize_dropout=True),
+    ):
         rvq = ResidualVQ(dim=16, num_quantizers=3, codebook_size=n_codes, **kwargs).train()
         with LargestTensor() as record:
             quantized, _, losses = rvq(x)
@@ -295,8 +310,15 @@ def test_training_step_builds_no_n_by_k_tensor(monkeypatch):
 
 
 def test_stages_are_vector_quantize_layers_with_passed_keywords():
-    rvq = ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=CODES, decay=0.5, backend="torch", precision="ieee",
-                     threshold_ema_dead_code=1)
+    rvq = ResidualVQ(
+        dim=DIM,
+        num_quantizers=2,
+        codebook_size=CODES,
+        decay=0.5,
+        backend="torch",
+        precision="ieee",
+        threshold_ema_dead_code=1,
+    )
     assert all(isinstance(layer, VectorQuantize) for layer in rvq.layers)
     assert rvq.layers[1]._codebook.decay == 0.5 and rvq.layers[1]._codebook.backend == "torch"
     frozen = copy.deepcopy(rvq).train()

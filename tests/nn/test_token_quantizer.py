@@ -36,10 +36,16 @@ def integer_tokens(heads, dtype=torch.float32, n=N):
     return torch.randint(-3, 4, (heads, n, D)).to(dtype)
 
 
-@pytest.mark.parametrize("heads,num_codebooks,dtype,metric", [
-    case(H=1, C=1, dtype=torch.float32, metric="l2"), case(H=3, C=1, dtype=torch.bfloat16, metric="l2"),
-    case(H=3, C=3, dtype=torch.float16, metric="l2"), case(H=2, C=2, dtype=torch.float32, metric="dot"),
-    case(H=3, C=1, dtype=torch.float32, metric="dot")])
+@pytest.mark.parametrize(
+    "heads,num_codebooks,dtype,metric",
+    [
+        case(H=1, C=1, dtype=torch.float32, metric="l2"),
+        case(H=3, C=1, dtype=torch.bfloat16, metric="l2"),
+        case(H=3, C=3, dtype=torch.float16, metric="l2"),
+        case(H=2, C=2, dtype=torch.float32, metric="dot"),
+        case(H=3, C=1, dtype=torch.float32, metric="dot"),
+    ],
+)
 def test_nearest_codes_equal_the_dense_oracle_with_ties_to_the_lowest_index(heads, num_codebooks, dtype, metric):
     torch.manual_seed(0)
     quantizer = integer_quantizer(metric, num_codebooks)
@@ -166,9 +172,11 @@ def test_cross_entropy_equals_the_dense_log_softmax(metric):
     grad = torch.rand_like(loss)
     (loss * grad).sum().backward()
     x64, c64 = tokens.detach().double().requires_grad_(), quantizer.weight.detach().double().requires_grad_()
-    logits = {"l2": lambda: -dense_distances(x64, c64, "l2").clamp_min(1e-8).sqrt(),
-              "cosine": lambda: 1 - dense_distances(x64, c64, "cosine"),
-              "dot": lambda: -dense_distances(x64, c64, "dot")}[metric]()
+    logits = {
+        "l2": lambda: -dense_distances(x64, c64, "l2").clamp_min(1e-8).sqrt(),
+        "cosine": lambda: 1 - dense_distances(x64, c64, "cosine"),
+        "dot": lambda: -dense_distances(x64, c64, "dot"),
+    }[metric]()
     want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none").view(2, N)
     (want * grad.double()).sum().backward()
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)

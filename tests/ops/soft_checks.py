@@ -31,8 +31,9 @@ def assert_close_to_oracle(name: str, got: torch.Tensor, want: torch.Tensor, den
     got, want, dense32 = got.detach().cpu().double(), want.detach().cpu(), dense32.detach().cpu().double()
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     nan = want.isnan()
-    assert torch.equal(got.isnan(), nan), (f"{name}: NaN at {got.isnan().nonzero()[:4].tolist()}, expected at "
-                                           f"{nan.nonzero()[:4].tolist()}")
+    assert torch.equal(got.isnan(), nan), (
+        f"{name}: NaN at {got.isnan().nonzero()[:4].tolist()}, expected at {nan.nonzero()[:4].tolist()}"
+    )
     got, want, dense32 = got[~nan], want[~nan], dense32[~nan]
     if want.numel() == 0:
         return
@@ -40,5 +41,7 @@ def assert_close_to_oracle(name: str, got: torch.Tensor, want: torch.Tensor, den
     tol = FACTOR * fp32_error + FLOOR * want.abs().max().item()
     err = (got - want).abs()
     bad = err > tol + rounding * want.abs()
-    assert not bad.any(), (f"{name}: error {err.max().item():.3g} above tolerance {tol:.3g} (dense fp32 error "
-                           f"{fp32_error:.3g}) at flat indices {bad.nonzero()[:4].flatten().tolist()}")
+    assert not bad.any(), (
+        f"{name}: error {err.max().item():.3g} above tolerance {tol:.3g} (dense fp32 error "
+        f"{fp32_error:.3g}) at flat indices {bad.nonzero()[:4].flatten().tolist()}"
+    )

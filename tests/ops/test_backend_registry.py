@@ -32,8 +32,10 @@ def test_every_backend_is_a_record_of_every_op():
         assert all(callable(function) for function in backend.ops.values())
     assert all(REGISTRY["torch"].ops[op] is getattr(chunked, op) for op in OPS)
     assert all(REGISTRY[name].ops[op] is getattr(chunked_soft, op) for op in SOFT_OPS for name in ("torch", "cpu"))
-    assert REGISTRY["cpu"].ops["nearest_code"] is cpu.nearest_code and REGISTRY["cpu"].ops["sample_code"] is \
-        chunked.sample_code
+    assert (
+        REGISTRY["cpu"].ops["nearest_code"] is cpu.nearest_code
+        and REGISTRY["cpu"].ops["sample_code"] is chunked.sample_code
+    )
     assert implementation("cpu", "topk_codes") is cpu.topk_codes
     assert REGISTRY["torch"].devices is None and REGISTRY["cuda"].devices == {"cuda"}
 
@@ -46,17 +48,21 @@ def test_cuda_runs_the_soft_ops_on_triton(monkeypatch, op):
     _swap(monkeypatch, "triton", why_not=lambda device, build: "", ops={op: lambda *args, **kwargs: (op, args, kwargs)})
     assert REGISTRY["cuda"].ops[op](x, "codebook", metric="dot") == (op, (x, "codebook"), {"metric": "dot"})
     _swap(monkeypatch, "triton", why_not=lambda device, build: "triton is broken here")
-    with pytest.raises(RuntimeError, match=f"backend='cuda' runs {op} on the Triton backend .* cannot run: triton is "
-                                           "broken here"):
+    with pytest.raises(
+        RuntimeError, match=f"backend='cuda' runs {op} on the Triton backend .* cannot run: triton is broken here"
+    ):
         REGISTRY["cuda"].ops[op](x, "codebook")
 
 
-@pytest.mark.parametrize("name,device,takes", [("cuda", "cpu", "CUDA"), ("cpu", "cuda", "CPU"),
-                                                ("triton", "meta", "CPU or CUDA")])
+@pytest.mark.parametrize(
+    "name,device,takes", [("cuda", "cpu", "CUDA"), ("cpu", "cuda", "CPU"), ("triton", "meta", "CPU or CUDA")]
+)
 def test_a_device_a_backend_does_not_take_is_named_with_the_way_out(name, device, takes):
     reason = REGISTRY[name].unavailable_reason(torch.device(device), build=False)
-    assert reason == (f"backend='{name}' needs {takes} tensors (got device '{device}'); use backend='torch' "
-                      "(any device) or backend='auto'")
+    assert reason == (
+        f"backend='{name}' needs {takes} tensors (got device '{device}'); use backend='torch' "
+        "(any device) or backend='auto'"
+    )
     assert REGISTRY["torch"].unavailable_reason(torch.device(device)) == ""
 
 

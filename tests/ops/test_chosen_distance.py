@@ -24,10 +24,16 @@ FP32_SUMS = pytest.mark.xfail(strict=True, reason="the torch backend and Triton 
 
 
 def _cases():
-    return [pytest.param(*case.values, metric, marks=case.marks + ([FP32_SUMS] if metric == "dot"
-                                                                     and case.values[1] != "cpu" else []),
-                         id=f"{case.id}-{metric}")
-            for case in backend_cases() for metric in METRICS]
+    return [
+        pytest.param(
+            *case.values,
+            metric,
+            marks=case.marks + ([FP32_SUMS] if metric == "dot" and case.values[1] != "cpu" else []),
+            id=f"{case.id}-{metric}",
+        )
+        for case in backend_cases()
+        for metric in METRICS
+    ]
 
 
 @pytest.mark.parametrize("device,backend,metric", _cases())

@@ -25,8 +25,9 @@ CASES = [
 def dense_loss_and_grads(x, codebook, indices, grad, metric):
     """The oracle's per-token loss and the gradients of sum(grad * loss) w.r.t. x and the codebook, float64."""
     loss, lse = naive.code_cross_entropy(x, codebook, indices, metric=metric)
-    return loss, *(naive.code_cross_entropy_grad(x, codebook, indices, lse, grad, wrt, metric=metric)
-                   for wrt in ("x", "codebook"))
+    return loss, *(
+        naive.code_cross_entropy_grad(x, codebook, indices, lse, grad, wrt, metric=metric) for wrt in ("x", "codebook")
+    )
 
 
 def assert_close_scaled(got, want, rel):
@@ -61,8 +62,9 @@ def test_16_bit_inputs(device, backend, dtype):
     x = torch.randn(40, 16).to(dtype)
     codebook = torch.randn(70, 16).to(dtype)
     indices = torch.randint(0, 70, (40,))
-    want_loss, want_grad_x, want_grad_codebook = dense_loss_and_grads(x[None], codebook[None], indices[None],
-                                                                      torch.ones(1, 40), "l2")
+    want_loss, want_grad_x, want_grad_codebook = dense_loss_and_grads(
+        x[None], codebook[None], indices[None], torch.ones(1, 40), "l2"
+    )
     xd = x.to(device).requires_grad_()
     cbd = codebook.to(device).requires_grad_()
     loss = F.code_cross_entropy(xd, cbd, indices.to(device), backend=backend)
@@ -92,13 +94,13 @@ def test_gradient_only_where_required(device, backend):
     """A frozen codebook gets no gradient (and no second pass); x still gets its own."""
     x = torch.randn(20, 6, device=device, requires_grad=True)
     codebook = torch.randn(30, 6, device=device)
-    F.code_cross_entropy(x, codebook, torch.randint(0, 30, (20,), device=device),
-                         backend=backend).mean().backward()
+    F.code_cross_entropy(x, codebook, torch.randint(0, 30, (20,), device=device), backend=backend).mean().backward()
     assert codebook.grad is None and x.grad is not None and x.grad.abs().sum() > 0
     codebook.requires_grad_()
     x.grad = None
-    F.code_cross_entropy(x.detach(), codebook, torch.randint(0, 30, (20,), device=device),
-                         backend=backend).mean().backward()
+    F.code_cross_entropy(
+        x.detach(), codebook, torch.randint(0, 30, (20,), device=device), backend=backend
+    ).mean().backward()
     assert codebook.grad.abs().sum() > 0
 
 
@@ -109,8 +111,7 @@ def test_non_contiguous_inputs_and_shapes(device, backend):
     codebook = torch.randn(33, 70, device=device).t()
     indices = torch.randint(-1, 70, (2, 25), device=device)
     got = F.code_cross_entropy(x, codebook, indices, metric="cosine", backend=backend)
-    want = F.code_cross_entropy(x.contiguous(), codebook.contiguous(), indices, metric="cosine",
-                                backend=backend)
+    want = F.code_cross_entropy(x.contiguous(), codebook.contiguous(), indices, metric="cosine", backend=backend)
     torch.testing.assert_close(got, want)
     assert F.code_cross_entropy(x[0], codebook, indices[0].int(), backend=backend).shape == (25,)
     empty = torch.randn(2, 0, 33, device=device, requires_grad=True)
@@ -123,9 +124,9 @@ def test_non_contiguous_inputs_and_shapes(device, backend):
 def test_non_finite_token_gives_nan_loss(device, backend):
     x = torch.randn(4, 5)
     x[2, 1] = float("nan")
-    loss = F.code_cross_entropy(x.to(device), torch.randn(9, 5, device=device), torch.tensor([0, 1, 2, 3],
-                                                                                             device=device),
-                                backend=backend).cpu()
+    loss = F.code_cross_entropy(
+        x.to(device), torch.randn(9, 5, device=device), torch.tensor([0, 1, 2, 3], device=device), backend=backend
+    ).cpu()
     assert loss[2].isnan() and loss[[0, 1, 3]].isfinite().all()
 
 
@@ -160,8 +161,13 @@ def test_dot_metric_is_a_fused_linear_cross_entropy_with_bias(device, backend):
     want = tF.cross_entropy(linear(hidden), targets, reduction="none")
     want_grads = torch.autograd.grad(want.sum(), (hidden, linear.weight, linear.bias))
     ones = torch.ones(37, 1, device=device)
-    loss = F.code_cross_entropy(torch.cat([hidden, ones], 1), torch.cat([linear.weight, linear.bias[:, None]], 1),
-                                targets, metric="dot", backend=backend)
+    loss = F.code_cross_entropy(
+        torch.cat([hidden, ones], 1),
+        torch.cat([linear.weight, linear.bias[:, None]], 1),
+        targets,
+        metric="dot",
+        backend=backend,
+    )
     grads = torch.autograd.grad(loss.sum(), (hidden, linear.weight, linear.bias))
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     for got, expected in zip(grads, want_grads):

@@ -41,8 +41,9 @@ def run_and_compare(x, codebook, mask, device, backend, *, grad_entropy=None, gr
     assert got[0].dtype == got[1].dtype == torch.float32
     got = (*got, *torch.autograd.grad(_loss(*got, grad_entropy.to(device), grad_mean_probs.to(device)), (xd, cd)))
     assert got[2].dtype == x.dtype and got[3].dtype == codebook.dtype
-    for name, value, want, dense32 in zip(("entropy", "mean_probs", "grad_x", "grad_codebook"), got,
-                                          oracle[torch.float64], oracle[torch.float32]):
+    for name, value, want, dense32 in zip(
+        ("entropy", "mean_probs", "grad_x", "grad_codebook"), got, oracle[torch.float64], oracle[torch.float32]
+    ):
         assert_close_to_oracle(name, value, want, dense32)
     return got
 
@@ -51,12 +52,14 @@ def run_and_compare(x, codebook, mask, device, backend, *, grad_entropy=None, gr
 @pytest.mark.parametrize("H,shared,N,K,D", CASES)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("temperature,log_clamp_min", TEMPERATURES)
-def test_forward_and_gradients_match_dense_float64(device, backend, H, shared, N, K, D, metric, temperature,
-                                                   log_clamp_min):
+def test_forward_and_gradients_match_dense_float64(
+    device, backend, H, shared, N, K, D, metric, temperature, log_clamp_min
+):
     x = torch.randn(H, N, D)
     codebook = torch.randn(1 if shared else H, K, D)
-    entropy, mean_probs, _, _ = run_and_compare(x, codebook, None, device, backend, metric=metric,
-                                                temperature=temperature, log_clamp_min=log_clamp_min)
+    entropy, mean_probs, _, _ = run_and_compare(
+        x, codebook, None, device, backend, metric=metric, temperature=temperature, log_clamp_min=log_clamp_min
+    )
     assert (entropy >= -1e-6).all() and torch.allclose(mean_probs.sum(-1).cpu(), torch.ones(H), atol=1e-5)
 
 
@@ -64,8 +67,16 @@ def test_forward_and_gradients_match_dense_float64(device, backend, H, shared, N
 @pytest.mark.parametrize("temperature,log_clamp_min", [(0.01, None), (1.0, 1e-5), (0.3, 0.02)])
 def test_other_temperatures_and_clamps(device, backend, temperature, log_clamp_min):
     """The crossings TEMPERATURES leaves out, and a clamp above many probabilities (0.02 of 61 codes)."""
-    run_and_compare(torch.randn(2, 45, 12), torch.randn(2, 61, 12), None, device, backend, metric="l2",
-                    temperature=temperature, log_clamp_min=log_clamp_min)
+    run_and_compare(
+        torch.randn(2, 45, 12),
+        torch.randn(2, 61, 12),
+        None,
+        device,
+        backend,
+        metric="l2",
+        temperature=temperature,
+        log_clamp_min=log_clamp_min,
+    )
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
@@ -79,7 +90,8 @@ def test_masks_and_non_finite_tokens(device, backend, log_clamp_min):
     mask[0, 3], mask[0, 4], mask[1, 7], mask[1, 8] = True, False, True, False
     x[1, 8, 5] = float("nan")  # masked and non-finite: 0
     entropy, mean_probs, grad_x, grad_codebook = run_and_compare(
-        x, torch.randn(1, 50, 6), mask, device, backend, metric="cosine", temperature=0.5, log_clamp_min=log_clamp_min)
+        x, torch.randn(1, 50, 6), mask, device, backend, metric="cosine", temperature=0.5, log_clamp_min=log_clamp_min
+    )
     entropy, grad_x = entropy.cpu(), grad_x.cpu()
     assert entropy[0, 3].isnan() and entropy[1, 7].isnan()
     assert (entropy[~mask] == 0).all() and entropy[mask].isnan().sum() == 2
@@ -106,8 +118,16 @@ def test_a_head_with_every_token_left_out(device, backend):
 def test_16_bit_inputs(device, backend, dtype):
     """Logits of the 16-bit values in fp32 (the oracle sees the same values); gradients come back in the
     inputs' dtype, so they may differ by its rounding too."""
-    run_and_compare(torch.randn(2, 37, 16).to(dtype), torch.randn(1, 70, 16).to(dtype), None, device, backend,
-                    metric="dot", temperature=0.1, log_clamp_min=None)
+    run_and_compare(
+        torch.randn(2, 37, 16).to(dtype),
+        torch.randn(1, 70, 16).to(dtype),
+        None,
+        device,
+        backend,
+        metric="dot",
+        temperature=0.1,
+        log_clamp_min=None,
+    )
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
@@ -119,9 +139,9 @@ def test_one_output_s_gradient_alone(device, backend):
     run_and_compare(x, codebook, None, device, backend, grad_mean_probs=torch.zeros(1, 40), temperature=0.2)
     xd = x.to(device).requires_grad_()
     _, mean_probs = F.code_entropy(xd, codebook.to(device), backend=backend)
-    grad_mean_only, = torch.autograd.grad(mean_probs[0, 3], xd)
+    (grad_mean_only,) = torch.autograd.grad(mean_probs[0, 3], xd)
     entropy, _ = F.code_entropy(xd, codebook.to(device), backend=backend)
-    grad_entropy_only, = torch.autograd.grad(entropy.sum(), xd)
+    (grad_entropy_only,) = torch.autograd.grad(entropy.sum(), xd)
     assert grad_mean_only.abs().sum() > 0 and grad_entropy_only.abs().sum() > 0
 
 
@@ -168,8 +188,9 @@ def test_lfq_entropies_of_vector_quantize_pytorch():
     codebook = (((torch.arange(2**dim)[:, None] >> torch.arange(dim - 1, -1, -1)) & 1) * 2 - 1).float()
     x = torch.randn(300, dim) * 0.1
     probs = (-(-2 * x @ codebook.T) * inv_temperature).softmax(-1)
-    entropy, mean_probs = F.code_entropy(x, codebook, metric="dot", temperature=1 / (2 * inv_temperature),
-                                         log_clamp_min=1e-5, backend="torch")
+    entropy, mean_probs = F.code_entropy(
+        x, codebook, metric="dot", temperature=1 / (2 * inv_temperature), log_clamp_min=1e-5, backend="torch"
+    )
     torch.testing.assert_close(entropy.mean(), vqp_entropy(probs).mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(vqp_entropy(mean_probs), vqp_entropy(probs.mean(0)), rtol=1e-5, atol=1e-6)
 
@@ -180,8 +201,9 @@ def test_opcheck(with_mask):
     x = torch.randn(2, 9, 4, requires_grad=True)
     codebook = torch.randn(1, 7, 4, requires_grad=True)
     mask = torch.rand(2, 9) > 0.2 if with_mask else None
-    torch.library.opcheck(F._code_entropy_op, (x, codebook, mask, 0.5, 1e-5 if with_mask else None, "l2", "ieee",
-                                               "torch"))
+    torch.library.opcheck(
+        F._code_entropy_op, (x, codebook, mask, 0.5, 1e-5 if with_mask else None, "l2", "ieee", "torch")
+    )
 
 
 BAD_ARGUMENTS = [
@@ -190,8 +212,11 @@ BAD_ARGUMENTS = [
     (dict(temperature="1"), TypeError, "temperature must be a float, got str"),
     (dict(log_clamp_min=1.0), ValueError, r"log_clamp_min must be None or a float in \(0, 1\), got 1.0"),
     (dict(log_clamp_min=0.0), ValueError, r"log_clamp_min must be None or a float in \(0, 1\)"),
-    (dict(mask=torch.ones(5, dtype=torch.bool)), ValueError,
-     r"mask must be a bool tensor of shape x.shape\[:-1\] = \(4,\)"),
+    (
+        dict(mask=torch.ones(5, dtype=torch.bool)),
+        ValueError,
+        r"mask must be a bool tensor of shape x.shape\[:-1\] = \(4,\)",
+    ),
     (dict(mask=torch.ones(4)), ValueError, "mask must be a bool tensor"),
     (dict(metric="hamming"), ValueError, "metric must be one of"),
 ]
@@ -216,6 +241,9 @@ def test_every_triton_pass_cuts_d_the_same_way(dim, precision):
     device = torch.device("cpu")
     configs = [_stats_config(4096, 16384, dim, 2, precision, device, soft) for soft in (False, True)]
     configs.append(pass_config(search_config(4096, 16384, dim, 2, precision, device, logits=True), dim, precision))
-    configs += [grad_pass_config(4096, 16384, dim, 2, precision, device, code_side, g_term)
-                for code_side in (False, True) for g_term in (False, True)]
+    configs += [
+        grad_pass_config(4096, 16384, dim, 2, precision, device, code_side, g_term)
+        for code_side in (False, True)
+        for g_term in (False, True)
+    ]
     assert len({(c["SINGLE_D_TILE"], c["BLOCK_D"]) for c in configs}) == 1

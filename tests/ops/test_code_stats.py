@@ -28,8 +28,9 @@ def test_matches_bincount_and_index_add(device, backend, n, k, d, dtype, heads, 
     indices = torch.randint(-1, k, (heads, n))
     mask = torch.rand(heads, n) > 0.3 if with_mask else None
     want_counts, want_sums = _expected(x, indices, k, mask)
-    counts, sums = fastvq.code_stats(x.to(device), indices.to(device), k,
-                                     mask=None if mask is None else mask.to(device), backend=backend)
+    counts, sums = fastvq.code_stats(
+        x.to(device), indices.to(device), k, mask=None if mask is None else mask.to(device), backend=backend
+    )
     assert counts.shape == (heads, k) and sums.shape == (heads, k, d)
     assert counts.dtype == sums.dtype == torch.float32
     torch.testing.assert_close(counts.cpu(), want_counts, rtol=0, atol=0)
@@ -64,11 +65,13 @@ def test_skips_unassigned_tokens_from_nearest_code(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_empty_and_unused_codes(device, backend):
-    counts, sums = fastvq.code_stats(torch.randn(0, 4, device=device), torch.zeros(0, dtype=torch.long,
-                                     device=device), 6, backend=backend)
+    counts, sums = fastvq.code_stats(
+        torch.randn(0, 4, device=device), torch.zeros(0, dtype=torch.long, device=device), 6, backend=backend
+    )
     assert counts.shape == (6,) and sums.shape == (6, 4) and counts.abs().sum() == 0 and sums.abs().sum() == 0
-    counts, _ = fastvq.code_stats(torch.randn(5, 4, device=device), torch.full((5,), 2, device=device), 6,
-                                  backend=backend)
+    counts, _ = fastvq.code_stats(
+        torch.randn(5, 4, device=device), torch.full((5,), 2, device=device), 6, backend=backend
+    )
     assert counts.tolist() == [0, 0, 5, 0, 0, 0]
 
 
@@ -94,8 +97,9 @@ def test_out_of_range_indices_are_skipped_without_the_check(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
 def test_zero_width_rows_are_still_counted(device, backend):
-    counts, sums = fastvq.code_stats(torch.randn(5, 0, device=device), torch.tensor([0, 1, 1, -1, 2], device=device),
-                                     4, backend=backend)
+    counts, sums = fastvq.code_stats(
+        torch.randn(5, 0, device=device), torch.tensor([0, 1, 1, -1, 2], device=device), 4, backend=backend
+    )
     assert counts.tolist() == [1.0, 2.0, 1.0, 0.0] and sums.shape == (4, 0)
 
 
@@ -127,8 +131,11 @@ def test_meta_tensors_give_shapes():
 def _skewed_batch(heads, n, num_codes, d, device):
     """Most tokens on a few codes (runs longer than the deterministic kernel's CHUNK), some skipped."""
     x = torch.randn(heads, n, d, device=device)
-    indices = torch.where(torch.rand(heads, n, device=device) < 0.8, torch.randint(0, 3, (heads, n), device=device),
-                          torch.randint(-1, num_codes, (heads, n), device=device))
+    indices = torch.where(
+        torch.rand(heads, n, device=device) < 0.8,
+        torch.randint(0, 3, (heads, n), device=device),
+        torch.randint(-1, num_codes, (heads, n), device=device),
+    )
     return x, indices
 
 
@@ -159,8 +166,9 @@ def test_sorted_reduction_does_not_depend_on_block_sizes(device, backend):
     triton_code_stats = importlib.import_module("fastvq.ops.triton.code_stats")  # the module, not the op
     x, indices = _skewed_batch(2, 1200, 40, 19, device)
     assert torch.bincount(indices[0][indices[0] >= 0]).max() > triton_code_stats.CHUNK
-    results = [triton_code_stats.code_stats(x, indices, 40, block_sizes=sizes)
-               for sizes in [(32, 16), (8, 32), (64, 64)]]
+    results = [
+        triton_code_stats.code_stats(x, indices, 40, block_sizes=sizes) for sizes in [(32, 16), (8, 32), (64, 64)]
+    ]
     for counts, sums in results[1:]:
         assert torch.equal(counts, results[0][0]) and torch.equal(sums, results[0][1])
     atomic_counts, atomic_sums = triton_code_stats.code_stats(x, indices, 40, deterministic=False)
@@ -184,7 +192,7 @@ def test_sorted_reduction_adds_each_code_in_token_order(device, backend):
         chunk_sums = []
         for start in range(0, len(rows), chunk):
             total = torch.zeros(4)
-            for row in rows[start:start + chunk]:
+            for row in rows[start : start + chunk]:
                 total = total + row
             chunk_sums.append(total)
         total = torch.zeros(4)

@@ -34,8 +34,12 @@ def assert_unambiguous(x, codebook, metric):
     code_sq = cd.square().sum(-1).unsqueeze(1)
     score = {"l2": code_sq - 2 * dot, "dot": -dot, "cosine": -dot / code_sq.sqrt()}[metric]
     product = 2 * dot if metric == "l2" else dot  # what the backends compute before the score
-    for name, value in (("|c|^2", code_sq), ("product", product), ("score", score),
-                        ("distance", naive.distances(x, codebook, metric))):
+    for name, value in (
+        ("|c|^2", code_sq),
+        ("product", product),
+        ("score", score),
+        ("distance", naive.distances(x, codebook, metric)),
+    ):
         near = ((value.abs() / FLT_MAX - 1).abs() < MARGIN) & value.isfinite()
         assert not near.any(), f"{name} too near the fp32 limit: {value[near].tolist()}"
     fits = (score.abs() < FLT_MAX) & (code_sq < FLT_MAX)
@@ -50,8 +54,7 @@ def assert_unambiguous(x, codebook, metric):
 
 def _run(x, codebook, metric, backend, device, k):
     indices, distances = fastvq.topk_codes(x.to(device), codebook.to(device), k, metric=metric, backend=backend)
-    nearest, nearest_distances = fastvq.nearest_code(x.to(device), codebook.to(device), metric=metric,
-                                                     backend=backend)
+    nearest, nearest_distances = fastvq.nearest_code(x.to(device), codebook.to(device), metric=metric, backend=backend)
     return indices.cpu(), distances.cpu(), nearest.cpu(), nearest_distances.cpu()
 
 
@@ -163,8 +166,14 @@ def test_rules_that_hold_in_any_order(device, backend, metric, dim):
         indices, distances, nearest, nearest_distances = _run(x, codebook, metric, backend, device, 4)
         half = x.shape[0] // 2
         for got in (indices, distances, nearest, nearest_distances):
-            torch.testing.assert_close(got[:half], got[half:], rtol=0, atol=0, equal_nan=True,
-                                       msg=lambda m: f"seed {seed}: identical tokens differ: {m}")
+            torch.testing.assert_close(
+                got[:half],
+                got[half:],
+                rtol=0,
+                atol=0,
+                equal_nan=True,
+                msg=lambda m: f"seed {seed}: identical tokens differ: {m}",
+            )
         _assert_valid_first(indices, distances)
         valid = indices >= 0
         overflowing = ~torch.isfinite(codebook.double().square().sum(-1).float())

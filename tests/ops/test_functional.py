@@ -20,38 +20,61 @@ from fastvq.ops.backend import available_backends, resolve_backend
 X, CB = torch.randn(4, 3), torch.randn(5, 3)
 
 
-@pytest.mark.parametrize("args,kwargs,error,match", [
-    ((X.long(), CB), {}, TypeError, r"x must be a floating tensor.*int64"),
-    ((X, CB.int()), {}, TypeError, r"codebook must be a floating tensor.*int32"),
-    ((X.numpy(), CB), {}, TypeError, r"x must be a torch.Tensor, got ndarray"),
-    ((torch.randn(4), CB), {}, ValueError, r"x must have shape \(N, D\) or \(H, N, D\), got \(4,\)"),
-    ((X, torch.randn(1, 1, 5, 3)), {}, ValueError, r"codebook must have shape \(K, D\) or \(H, K, D\)"),
-    ((X, torch.randn(2, 5, 3)), {}, ValueError, r"x must have shape \(H, N, D\) with H=2; got \(4, 3\)"),
-    ((torch.randn(3, 4, 3), torch.randn(2, 5, 3)), {}, ValueError, r"codebook heads \(2\) must match x heads \(3\)"),
-    ((X, torch.randn(5, 4)), {}, ValueError, r"share the last dimension D.*\(4, 3\).*\(5, 4\)"),
-    ((X, torch.randn(0, 3)), {}, ValueError, r"codebook is empty.*K >= 1, got \(0, 3\)"),
-    ((X, CB.to("meta")), {}, ValueError, r"same device, got cpu and meta"),
-    ((X, CB), {"metric": "hamming"}, ValueError, r"metric must be one of \('l2', 'cosine', 'dot'\), got 'hamming'"),
-    ((X, CB), {"precision": "fp8"}, ValueError, r"precision must be None or one of .*'fp8'"),
-    ((X, CB), {"backend": "gpu"}, ValueError,
-     r"backend must be one of \('auto', 'torch', 'triton', 'cuda', 'cpu'\), got"),
-])
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((X.long(), CB), {}, TypeError, r"x must be a floating tensor.*int64"),
+        ((X, CB.int()), {}, TypeError, r"codebook must be a floating tensor.*int32"),
+        ((X.numpy(), CB), {}, TypeError, r"x must be a torch.Tensor, got ndarray"),
+        ((torch.randn(4), CB), {}, ValueError, r"x must have shape \(N, D\) or \(H, N, D\), got \(4,\)"),
+        ((X, torch.randn(1, 1, 5, 3)), {}, ValueError, r"codebook must have shape \(K, D\) or \(H, K, D\)"),
+        ((X, torch.randn(2, 5, 3)), {}, ValueError, r"x must have shape \(H, N, D\) with H=2; got \(4, 3\)"),
+        (
+            (torch.randn(3, 4, 3), torch.randn(2, 5, 3)),
+            {},
+            ValueError,
+            r"codebook heads \(2\) must match x heads \(3\)",
+        ),
+        ((X, torch.randn(5, 4)), {}, ValueError, r"share the last dimension D.*\(4, 3\).*\(5, 4\)"),
+        ((X, torch.randn(0, 3)), {}, ValueError, r"codebook is empty.*K >= 1, got \(0, 3\)"),
+        ((X, CB.to("meta")), {}, ValueError, r"same device, got cpu and meta"),
+        ((X, CB), {"metric": "hamming"}, ValueError, r"metric must be one of \('l2', 'cosine', 'dot'\), got 'hamming'"),
+        ((X, CB), {"precision": "fp8"}, ValueError, r"precision must be None or one of .*'fp8'"),
+        (
+            (X, CB),
+            {"backend": "gpu"},
+            ValueError,
+            r"backend must be one of \('auto', 'torch', 'triton', 'cuda', 'cpu'\), got",
+        ),
+    ],
+)
 def test_nearest_code_rejects_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastvq.nearest_code(*args, **kwargs)
 
 
-@pytest.mark.parametrize("args,kwargs,error,match", [
-    ((X, torch.rand(4), 5), {}, TypeError, r"indices must be an integer tensor.*float32"),
-    ((X, torch.zeros(3, dtype=torch.long), 5), {}, ValueError,
-     r"indices must have shape x.shape\[:-1\] = \(4,\), got \(3,\)"),
-    ((X, torch.zeros(4, dtype=torch.long), 0), {}, ValueError, r"num_codes must be an int >= 1, got 0"),
-    ((X, torch.tensor([0, 1, 5, 2]), 5), {}, ValueError, r"indices must be in \[-1, num_codes=5\).*\[0, 5\]"),
-    ((X, torch.tensor([0, -2, 1, 2]), 5), {}, ValueError, r"indices must be in \[-1, num_codes=5\).*\[-2, 2\]"),
-    ((X, torch.zeros(4, dtype=torch.long), 5), {"mask": torch.ones(4)}, ValueError, r"mask must be a bool tensor"),
-    ((X, torch.zeros(4, dtype=torch.long), 5), {"mask": torch.ones(3, dtype=torch.bool)}, ValueError,
-     r"mask must be a bool tensor of shape \(4,\)"),
-])
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((X, torch.rand(4), 5), {}, TypeError, r"indices must be an integer tensor.*float32"),
+        (
+            (X, torch.zeros(3, dtype=torch.long), 5),
+            {},
+            ValueError,
+            r"indices must have shape x.shape\[:-1\] = \(4,\), got \(3,\)",
+        ),
+        ((X, torch.zeros(4, dtype=torch.long), 0), {}, ValueError, r"num_codes must be an int >= 1, got 0"),
+        ((X, torch.tensor([0, 1, 5, 2]), 5), {}, ValueError, r"indices must be in \[-1, num_codes=5\).*\[0, 5\]"),
+        ((X, torch.tensor([0, -2, 1, 2]), 5), {}, ValueError, r"indices must be in \[-1, num_codes=5\).*\[-2, 2\]"),
+        ((X, torch.zeros(4, dtype=torch.long), 5), {"mask": torch.ones(4)}, ValueError, r"mask must be a bool tensor"),
+        (
+            (X, torch.zeros(4, dtype=torch.long), 5),
+            {"mask": torch.ones(3, dtype=torch.bool)},
+            ValueError,
+            r"mask must be a bool tensor of shape \(4,\)",
+        ),
+    ],
+)
 def test_code_stats_rejects_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         fastvq.code_stats(*args, **kwargs)
@@ -70,8 +93,9 @@ def test_lookup_codes_checks_the_range(device, backend):
 def test_tf32_rounding_is_to_nearest_ties_away_on_known_bits():
     """tf32 keeps 10 mantissa bits: 1 + 2^-11 is exactly half an ulp and rounds away from zero,
     just below half rounds down, just above rounds up; inf and NaN pass through."""
-    values = torch.tensor([1 + 2**-11, -(1 + 2**-11), 1 + 2**-11 - 2**-23, 1 + 2**-11 + 2**-23, 1 + 3 * 2**-11,
-                           float("inf"), 3.0])
+    values = torch.tensor(
+        [1 + 2**-11, -(1 + 2**-11), 1 + 2**-11 - 2**-23, 1 + 2**-11 + 2**-23, 1 + 3 * 2**-11, float("inf"), 3.0]
+    )
     want = torch.tensor([1 + 2**-10, -(1 + 2**-10), 1.0, 1 + 2**-10, 1 + 2 * 2**-10, float("inf"), 3.0])
     assert torch.equal(common.round_operand(values, "tf32"), want)
     assert torch.isnan(common.round_operand(torch.tensor([float("nan")]), "tf32")).all()
@@ -117,6 +141,7 @@ def test_lookup_codes_checks_indices_as_every_op():
 # backend choice
 # ---------------------------------------------------------------------------------------------
 
+
 def test_env_override_and_bad_env(monkeypatch, fresh_backends):
     monkeypatch.setenv("FASTVQ_BACKEND", "torch")
     fresh_backends.clear_cache()  # FASTVQ_BACKEND is read once
@@ -127,8 +152,19 @@ def test_env_override_and_bad_env(monkeypatch, fresh_backends):
         fastvq.nearest_code(X, CB)
 
 
-@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("YES", True), ("On", True),
-                                            ("0", False), ("", False), ("off", False), (None, False)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("1", True),
+        ("true", True),
+        ("YES", True),
+        ("On", True),
+        ("0", False),
+        ("", False),
+        ("off", False),
+        (None, False),
+    ],
+)
 def test_interpreter_mode_is_read_from_the_environment(monkeypatch, value, expected):
     if value is None:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -158,7 +194,8 @@ def test_import_and_fallback_without_triton():
         "try:\n"
         "    fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3), backend='triton')\n"
         "except RuntimeError as err:\n"
-        "    print('error:', err)\n")
+        "    print('error:', err)\n"
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] in ("['torch']", "['torch', 'cpu']") and lines[1] == "[0, 0]"
@@ -178,29 +215,36 @@ def test_cpu_kernels_fall_back_to_torch_by_one_rule():
         "try:\n"
         "    fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3), backend='cpu')\n"
         "except RuntimeError as err:\n"
-        "    print('error:', err)\n", CXX="no-such-compiler-fastvq")
+        "    print('error:', err)\n",
+        CXX="no-such-compiler-fastvq",
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[:2] == ["[0, 0]", "[0, 0]"]
     assert lines[2].startswith("1 fastvq: running the plain-PyTorch CPU path") and "no C++ compiler" in lines[2]
-    assert lines[3].startswith("error: fastvq backend 'cpu' cannot run: fastvq's C++ CPU kernels cannot be built: "
-                               "no C++ compiler ('no-such-compiler-fastvq' is not on PATH")
+    assert lines[3].startswith(
+        "error: fastvq backend 'cpu' cannot run: fastvq's C++ CPU kernels cannot be built: "
+        "no C++ compiler ('no-such-compiler-fastvq' is not on PATH"
+    )
     assert "backend='torch'" in lines[3]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for CPU tensors without a GPU")
 def test_triton_on_cpu_without_interpreter_says_how():
-    result = _python(
-        "import torch, fastvq\n"
-        "fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3), backend='triton')\n")
+    result = _python("import torch, fastvq\nfastvq.nearest_code(torch.zeros(2, 3), torch.eye(3), backend='triton')\n")
     assert result.returncode != 0
-    assert "backend='triton' needs CUDA tensors (got device 'cpu'); start the process with " \
-           "TRITON_INTERPRET=1" in result.stderr
+    assert (
+        "backend='triton' needs CUDA tensors (got device 'cpu'); start the process with "
+        "TRITON_INTERPRET=1" in result.stderr
+    )
 
 
 def test_cuda_backend_on_cpu_tensors_says_why_and_what_to_use():
-    with pytest.raises(RuntimeError, match=r"fastvq backend 'cuda' cannot run: backend='cuda' needs CUDA tensors "
-                                           r"\(got device 'cpu'\); use backend='torch'"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"fastvq backend 'cuda' cannot run: backend='cuda' needs CUDA tensors "
+        r"\(got device 'cpu'\); use backend='torch'",
+    ):
         fastvq.nearest_code(X, CB, backend="cuda")
     layer = fastvq.VectorQuantize(dim=3, codebook_size=5, backend="cuda")  # the name is accepted
     with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
@@ -242,19 +286,27 @@ def test_cuda_backend_runs_other_ops_on_triton(monkeypatch, fresh_backends):
         ops[op](x, codebook, metric="dot")
         assert calls[-1] == (f"cuda.{op}", (x, codebook), {"metric": "dot"})
     _swap(monkeypatch, registry, "triton", why_not=lambda device, build: "triton is broken here")
-    with pytest.raises(RuntimeError, match="backend='cuda' runs sample_code on the Triton backend .* cannot run: "
-                                           "triton is broken here"):
+    with pytest.raises(
+        RuntimeError, match="backend='cuda' runs sample_code on the Triton backend .* cannot run: triton is broken here"
+    ):
         ops["sample_code"](x, codebook, temperature=1.0, seed=3)
-    _swap(monkeypatch, registry, "triton", why_not=lambda device, build: "", ops={
-        "code_cross_entropy": lambda *args, **kwargs: calls.append(("triton", args, kwargs))})
+    _swap(
+        monkeypatch,
+        registry,
+        "triton",
+        why_not=lambda device, build: "",
+        ops={"code_cross_entropy": lambda *args, **kwargs: calls.append(("triton", args, kwargs))},
+    )
     ops["code_cross_entropy"](x, codebook, "indices", metric="cosine")
     assert calls[-1] == ("triton", (x, codebook, "indices"), {"metric": "cosine"})
 
 
 def test_import_builds_nothing():
-    result = _python("import sys, torch, fastvq\n"
-                     "fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3))\n"
-                     "print('fastvq.ops.cuda' in sys.modules)\n")
+    result = _python(
+        "import sys, torch, fastvq\n"
+        "fastvq.nearest_code(torch.zeros(2, 3), torch.eye(3))\n"
+        "print('fastvq.ops.cuda' in sys.modules)\n"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
@@ -262,6 +314,7 @@ def test_import_builds_nothing():
 # ---------------------------------------------------------------------------------------------
 # autograd of the quantize step
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("heads,shared", [(1, True), (3, True), (3, False)])
@@ -311,20 +364,23 @@ def test_codebook_without_grad_gets_none():
 # torch.library registration: schema, fake kernels, autograd; torch.compile keeps one graph
 # ---------------------------------------------------------------------------------------------
 
+
 def test_custom_ops_pass_opcheck():
     x, codebook = torch.randn(2, 9, 5), torch.randn(2, 6, 5, requires_grad=True)
     indices = torch.randint(0, 6, (2, 9))
     torch.library.opcheck(torch.ops.fastvq.nearest_code.default, (x, codebook.detach(), "l2", "ieee", "torch"))
     torch.library.opcheck(torch.ops.fastvq.code_stats.default, (x, indices, 6, None, "torch"))
     for k in (0, 3):  # 0: one draw per token, (H, N); k: Gumbel top-k, (H, N, k)
-        torch.library.opcheck(torch.ops.fastvq.sample_code.default,
-                              (x, codebook.detach(), 0.5, 7, k, "l2", "ieee", "torch"))
+        torch.library.opcheck(
+            torch.ops.fastvq.sample_code.default, (x, codebook.detach(), 0.5, 7, k, "l2", "ieee", "torch")
+        )
     torch.library.opcheck(torch.ops.fastvq.lookup_codes.default, (x.requires_grad_(), codebook, indices, "torch"))
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
 def test_torch_compile_fullgraph(device, backend):
     """One graph, with the backend check run once while tracing (it imports modules)."""
+
     @torch.compile(backend="aot_eager", fullgraph=True)
     def step(x, codebook):
         quantized, indices, distances = fastvq.quantize(x, codebook, metric="cosine", backend=backend)

@@ -20,8 +20,9 @@ int answer() { return 42; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
 """
 
-needs_toolchain = pytest.mark.skipif(bool(jit.missing_compiler() or jit.missing_ninja()),
-                                     reason=jit.missing_compiler() or jit.missing_ninja() or "")
+needs_toolchain = pytest.mark.skipif(
+    bool(jit.missing_compiler() or jit.missing_ninja()), reason=jit.missing_compiler() or jit.missing_ninja() or ""
+)
 
 
 @pytest.fixture
@@ -98,9 +99,11 @@ def test_both_extensions_word_their_errors_alike(monkeypatch, fresh_outcomes):
     monkeypatch.setenv("CXX", "no-such-compiler-fastvq")
     monkeypatch.setattr(torch.version, "cuda", None)
     cpu_reason = _extension.extension("DEFAULT").unavailable_reason()
-    assert cpu_reason == ("fastvq's C++ CPU kernels cannot be built: no C++ compiler ('no-such-compiler-fastvq' is "
-                          "not on PATH); install g++ or clang, or set CXX. Use backend='torch' (or "
-                          "FASTVQ_BACKEND=torch) to run the plain-PyTorch path.")
+    assert cpu_reason == (
+        "fastvq's C++ CPU kernels cannot be built: no C++ compiler ('no-such-compiler-fastvq' is "
+        "not on PATH); install g++ or clang, or set CXX. Use backend='torch' (or "
+        "FASTVQ_BACKEND=torch) to run the plain-PyTorch path."
+    )
     cuda_reason = backend.REGISTRY["cuda"].why_not(torch.device("cuda"), False)
     assert cuda_reason.startswith("fastvq's CUDA kernels cannot be built: this torch build")
     assert cuda_reason.endswith(". Use backend='triton' (the fused Triton kernels) or backend='torch'.")
@@ -114,8 +117,13 @@ def test_a_failed_build_is_reported_once_with_the_compiler_output(monkeypatch, f
 
     source = tmp_path / "broken.cpp"
     source.write_text("int main() { return undeclared_name_fastvq; }\n")
-    extension = jit.JitExtension(name="fastvq_jit_broken_test", what="test kernels", alternative="Use the other path.",
-                                 sources=(source,), missing_prerequisite=lambda: "")
+    extension = jit.JitExtension(
+        name="fastvq_jit_broken_test",
+        what="test kernels",
+        alternative="Use the other path.",
+        sources=(source,),
+        missing_prerequisite=lambda: "",
+    )
     builds = []
     real_load = cpp_extension.load
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: builds.append(kwargs) or real_load(**kwargs))
@@ -137,20 +145,29 @@ def test_a_build_killed_midway_leaves_no_lock_that_blocks_later_loads(tmp_path):
     source = tmp_path / "tiny.cpp"
     source.write_text(TINY_SOURCE)
     cache, name = tmp_path / "cache", "fastvq_jit_lock_test"
-    killed = _python(_extension_code(name, source) + textwrap.dedent("""
+    killed = _python(
+        _extension_code(name, source)
+        + textwrap.dedent("""
         import os, signal
         from torch.utils import cpp_extension
         def die(*args, **kwargs):  # a build killed while ninja runs
             os.kill(os.getpid(), signal.SIGKILL)
         cpp_extension._write_ninja_file_and_build_library = die
         extension.load()
-        """), cache, timeout=300)
+        """),
+        cache,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
     folder = cache / name
     assert (folder / jit.TORCH_LOCK_FILE).exists(), "the killed build must leave torch's lock file"
     with pytest.raises(subprocess.TimeoutExpired) as waited:  # torch on its own waits on the leftover
-        _python(f"from torch.utils import cpp_extension\nprint('loading', flush=True)\ncpp_extension.load("
-                f"name={name!r}, sources=[{str(source)!r}], build_directory={str(folder)!r})", cache, timeout=30)
+        _python(
+            f"from torch.utils import cpp_extension\nprint('loading', flush=True)\ncpp_extension.load("
+            f"name={name!r}, sources=[{str(source)!r}], build_directory={str(folder)!r})",
+            cache,
+            timeout=30,
+        )
     assert b"loading" in waited.value.stdout, "torch must have been waiting, not still importing"
     loaded = _python(_extension_code(name, source) + "print(extension.load().answer())", cache, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
@@ -184,8 +201,12 @@ def test_concurrent_builders_wait_for_one_another(tmp_path):
         """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FASTVQ_CACHE_DIR"] = str(cache)
-    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=600) for process in processes]
     assert all(process.returncode == 0 for process in processes), [err[-2000:] for _, err in outputs]
     assert [out.strip() for out, _ in outputs] == ["[42, 42, 42] 1"] * 2

@@ -15,7 +15,9 @@ import fastvq
 N, K, D = 65536, 16384, 32
 NK_BYTES = N * K * 4  # one fp32 N x K matrix: 4 GiB
 
-_RSS_SCRIPT = PEAK_RSS_SOURCE + f"""
+_RSS_SCRIPT = (
+    PEAK_RSS_SOURCE
+    + f"""
 import json, sys, torch, fastvq
 backend = sys.argv[1]
 torch.manual_seed(0)
@@ -30,16 +32,19 @@ counts, sums = fastvq.code_stats(x, indices, {K}, backend=backend)
 after = peak_rss()
 print(json.dumps(dict(before=before, after=after, assigned=int(counts.sum()), valid=bool((indices >= 0).all()))))
 """
+)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device,backend", [case for case in backend_cases(("torch", "cpu"))
-                                            if case.values[0] == "cpu"])
+@pytest.mark.parametrize(
+    "device,backend", [case for case in backend_cases(("torch", "cpu")) if case.values[0] == "cpu"]
+)
 def test_cpu_peak_rss_is_bounded(device, backend):
     """N=65536, K=16384, D=32 on CPU: the N x K scores alone would be 4 GiB."""
     env = {k: v for k, v in os.environ.items() if k != "FASTVQ_BACKEND"}
-    result = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, backend], capture_output=True, text=True, env=env,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, backend], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout.strip().splitlines()[-1])
     assert stats["valid"] and stats["assigned"] == N

@@ -19,12 +19,14 @@ def test_distances_are_the_definitions():
     for h in range(2):
         for n in range(5):
             for k in range(4):
-                assert l2[h, n, k] == pytest.approx((x[h, n].double() - codebook[0, k].double()).pow(2).sum().item(),
-                                                    rel=1e-12)
+                assert l2[h, n, k] == pytest.approx(
+                    (x[h, n].double() - codebook[0, k].double()).pow(2).sum().item(), rel=1e-12
+                )
     cosine = 1 - tF.cosine_similarity(x.double().unsqueeze(2), codebook.double().unsqueeze(1), dim=-1)
     torch.testing.assert_close(naive.distances(x, codebook, "cosine"), cosine, rtol=0, atol=1e-12)
-    torch.testing.assert_close(naive.distances(x, codebook, "dot"),
-                               -torch.einsum("hnd,kd->hnk", x.double(), codebook[0].double()))
+    torch.testing.assert_close(
+        naive.distances(x, codebook, "dot"), -torch.einsum("hnd,kd->hnk", x.double(), codebook[0].double())
+    )
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -177,8 +177,14 @@ def test_non_finite_inputs(device, backend, metric):
     bad_codes = {nearest_plain[0].item(), nearest_plain[1].item()}
     assert not bad_codes & set(indices[finite_tokens].tolist())
     good = [k for k in range(40) if k not in bad_codes]
-    check_nearest(x[None, finite_tokens], codebook[None, good], torch.tensor(
-        [[good.index(i) for i in indices[finite_tokens].tolist()]]), distances[None, finite_tokens], metric, "ieee")
+    check_nearest(
+        x[None, finite_tokens],
+        codebook[None, good],
+        torch.tensor([[good.index(i) for i in indices[finite_tokens].tolist()]]),
+        distances[None, finite_tokens],
+        metric,
+        "ieee",
+    )
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

@@ -130,8 +130,15 @@ def check_search(case: SearchCase, indices: torch.Tensor, distances: torch.Tenso
         assert (got[:, :valid] >= 0).all() and (got[:, valid:] == -1).all(), f"head {head}: {got.tolist()}"
         if valid:
             assert (position[got[:, :valid]] >= 0).all(), "a code with a non-finite |c|^2 was chosen"
-            check_topk(case.x3[head:head + 1, tokens], case.codebook3[code_head:code_head + 1, codes],
-                       position[got[:, :valid]][None], got_distances[None, :, :valid], valid, case.metric, precision)
+            check_topk(
+                case.x3[head : head + 1, tokens],
+                case.codebook3[code_head : code_head + 1, codes],
+                position[got[:, :valid]][None],
+                got_distances[None, :, :valid],
+                valid,
+                case.metric,
+                precision,
+            )
     assert_lowest_index_on_ties(case, indices)
     if case.regime == "ties" and case.metric != "cosine":
         want, want_distances = naive.topk_codes(case.x3, case.codebook3, k, metric=case.metric, precision=precision)
@@ -144,8 +151,9 @@ def test_nearest_code(device, backend, case, precision):
     """nearest_code: `check_search` with k = 1 and vq_checks' nearest-code rule on the usable tokens and codes."""
     on_device = case.on(device)
     with inputs_kept(on_device.x, on_device.codebook):
-        indices, distances = fastvq.nearest_code(on_device.x, on_device.codebook, metric=case.metric,
-                                                 precision=precision, backend=backend)
+        indices, distances = fastvq.nearest_code(
+            on_device.x, on_device.codebook, metric=case.metric, precision=precision, backend=backend
+        )
     indices = output_on_cpu(indices, case, device, torch.int64)
     distances = output_on_cpu(distances, case, device, torch.float32)
     used = used_precision(case, precision, backend)
@@ -153,8 +161,14 @@ def test_nearest_code(device, backend, case, precision):
     check_search(case, indices[..., None], distances[..., None], used)
     for head, code_head, tokens, codes, position in per_head_subsets(case):
         if codes.numel():
-            check_nearest(case.x3[head:head + 1, tokens], case.codebook3[code_head:code_head + 1, codes],
-                          position[indices[head, tokens]][None], distances[head, tokens][None], case.metric, used)
+            check_nearest(
+                case.x3[head : head + 1, tokens],
+                case.codebook3[code_head : code_head + 1, codes],
+                position[indices[head, tokens]][None],
+                distances[head, tokens][None],
+                case.metric,
+                used,
+            )
 
 
 @backend_property(ALL_BACKENDS, data=st.data(), case=search_cases(), precision=st.sampled_from(PRECISIONS))
@@ -162,10 +176,12 @@ def test_topk_codes(device, backend, data, case, precision):
     """topk_codes: `check_search`, and the first slot is nearest_code's answer, bit for bit."""
     k, on_device = data.draw(topk_ks(case), label="k"), case.on(device)
     with inputs_kept(on_device.x, on_device.codebook):
-        indices, distances = fastvq.topk_codes(on_device.x, on_device.codebook, k, metric=case.metric,
-                                               precision=precision, backend=backend)
-        nearest, nearest_distances = fastvq.nearest_code(on_device.x, on_device.codebook, metric=case.metric,
-                                                         precision=precision, backend=backend)
+        indices, distances = fastvq.topk_codes(
+            on_device.x, on_device.codebook, k, metric=case.metric, precision=precision, backend=backend
+        )
+        nearest, nearest_distances = fastvq.nearest_code(
+            on_device.x, on_device.codebook, metric=case.metric, precision=precision, backend=backend
+        )
     indices, nearest = output_on_cpu(indices, case, device, torch.int64, k), nearest.cpu()
     distances, nearest_distances = output_on_cpu(distances, case, device, torch.float32, k), nearest_distances.cpu()
     check_search(case, with_heads(indices, case), with_heads(distances, case), used_precision(case, precision, backend))
@@ -181,13 +197,16 @@ def test_near_the_fp32_limit(device, backend, data, k):
     x, codebook, metric = data
     k, x_on_device, codebook_on_device = min(k, codebook.shape[0]), x.to(device), codebook.to(device)
     with inputs_kept(x_on_device, codebook_on_device):
-        answers = (*fastvq.topk_codes(x_on_device, codebook_on_device, k, metric=metric, backend=backend),
-                   *fastvq.nearest_code(x_on_device, codebook_on_device, metric=metric, backend=backend))
+        answers = (
+            *fastvq.topk_codes(x_on_device, codebook_on_device, k, metric=metric, backend=backend),
+            *fastvq.nearest_code(x_on_device, codebook_on_device, metric=metric, backend=backend),
+        )
     indices, distances, nearest, nearest_distances = (answer.cpu() for answer in answers)
     first = (x[:, None] == x[None]).all(-1).long().argmax(1)  # the first row equal to each row
     for got in (indices, distances, nearest, nearest_distances):
-        torch.testing.assert_close(got, got[first], rtol=0, atol=0, equal_nan=True,
-                                   msg=lambda m: f"identical tokens differ: {m}")
+        torch.testing.assert_close(
+            got, got[first], rtol=0, atol=0, equal_nan=True, msg=lambda m: f"identical tokens differ: {m}"
+        )
     _assert_valid_first(indices, distances)
     _assert_valid_first(nearest[:, None], nearest_distances[:, None])
     assert usable_codes(codebook[None])[0][indices[indices >= 0]].all(), "a code whose |c|^2 overflows was chosen"
@@ -227,19 +246,40 @@ def clear_draws(case: SearchCase, temperature: float, seed: int, precision: str,
     return (-top.values.diff(dim=-1) > 4 * tol[..., None]).all(-1)
 
 
-@backend_property(REFERENCE_BACKENDS, data=st.data(), case=search_cases(), precision=st.sampled_from(PRECISIONS),
-                  seed=st.integers(0, 2**63 - 1), temperature=st.sampled_from((1.0, 0.3, 3.0, 0.01, 0.0, -1.0)),
-                  with_k=st.booleans())
+@backend_property(
+    REFERENCE_BACKENDS,
+    data=st.data(),
+    case=search_cases(),
+    precision=st.sampled_from(PRECISIONS),
+    seed=st.integers(0, 2**63 - 1),
+    temperature=st.sampled_from((1.0, 0.3, 3.0, 0.01, 0.0, -1.0)),
+    with_k=st.booleans(),
+)
 def test_sample_code(device, backend, data, case, precision, seed, temperature, with_k):
     """sample_code: the oracle's draw (it replays the Philox stream) wherever fp32 rounding cannot reorder
     the perturbed logits; -1 exactly where the oracle has no code; with k, distinct codes, valid ones
     first, the first one the k=None draw; temperature <= 0: topk_codes' codes."""
     k, on_device = data.draw(topk_ks(case), label="k") if with_k else None, case.on(device)
     with inputs_kept(on_device.x, on_device.codebook):
-        got = fastvq.sample_code(on_device.x, on_device.codebook, temperature=temperature, k=k, metric=case.metric,
-                                 seed=seed, precision=precision, backend=backend)
-        single = fastvq.sample_code(on_device.x, on_device.codebook, temperature=temperature, metric=case.metric,
-                                    seed=seed, precision=precision, backend=backend)
+        got = fastvq.sample_code(
+            on_device.x,
+            on_device.codebook,
+            temperature=temperature,
+            k=k,
+            metric=case.metric,
+            seed=seed,
+            precision=precision,
+            backend=backend,
+        )
+        single = fastvq.sample_code(
+            on_device.x,
+            on_device.codebook,
+            temperature=temperature,
+            metric=case.metric,
+            seed=seed,
+            precision=precision,
+            backend=backend,
+        )
     got = output_on_cpu(got, case, device, torch.int64, *([k] if k else []))
     got = with_heads(got, case).reshape(*case.x3.shape[:2], k or 1)
     assert torch.equal(got[..., 0], with_heads(single.cpu(), case)), "the first of the k draws is not the k=None draw"
@@ -248,19 +288,22 @@ def test_sample_code(device, backend, data, case, precision, seed, temperature, 
     assert not ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(), "a code drawn twice"
     used = used_precision(case, precision, backend)
     if temperature <= 0:
-        want, _ = fastvq.topk_codes(on_device.x, on_device.codebook, k or 1, metric=case.metric,
-                                    precision=precision, backend=backend)
+        want, _ = fastvq.topk_codes(
+            on_device.x, on_device.codebook, k or 1, metric=case.metric, precision=precision, backend=backend
+        )
         assert torch.equal(got, with_heads(want.cpu(), case))
         return
-    want = naive.sample_code(case.x3, case.codebook3, temperature=temperature, seed=seed, k=k or 1,
-                             metric=case.metric, precision=used)
+    want = naive.sample_code(
+        case.x3, case.codebook3, temperature=temperature, seed=seed, k=k or 1, metric=case.metric, precision=used
+    )
     assert torch.equal(got < 0, want < 0), f"-1 where the oracle has a code, or the reverse: {got} vs {want}"
     clear = clear_draws(case, temperature, seed, used, k or 1) | (want[..., 0] < 0)
     assert torch.equal(got[clear], want[clear]), f"{int((got != want)[clear].any(-1).sum())} clear draws differ"
 
 
-def cross_entropy_rounding_bounds(case: SearchCase, indices3: torch.Tensor, grad3: torch.Tensor,
-                                  precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cross_entropy_rounding_bounds(
+    case: SearchCase, indices3: torch.Tensor, grad3: torch.Tensor, precision: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bounds (float64) on the error that fp32 rounding of the logits causes in code_cross_entropy, of
     the loss (H, N), the x gradient (H, N, 1) and the codebook gradient (Hc, K, 1), where a
     scale-relative tolerance does not cover it: near a code (l2) and where the softmax weights cancel
@@ -296,7 +339,8 @@ def cross_entropy_rounding_bounds(case: SearchCase, indices3: torch.Tensor, grad
     x_grad = (g * (w * direction_move + p * weight_move) * slope_x).sum(-1, keepdim=True)
     per_code = (g * (w * direction_move + p * weight_move) * slope_c).sum(1)  # (H, K), then over heads sharing a code
     codebook_grad = torch.zeros(case.codebook3.shape[:2], dtype=torch.float64).index_add_(
-        0, torch.arange(heads) % case.codebook3.shape[0], per_code)
+        0, torch.arange(heads) % case.codebook3.shape[0], per_code
+    )
     return loss, x_grad, codebook_grad.unsqueeze(-1)
 
 
@@ -305,12 +349,19 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, rel: float, bound: torc
     scale = want.abs().max().item() if want.numel() else 0.0
     error = (got.double() - want).abs()
     outside = ~(error <= rel * (scale + 1) + bound)
-    assert not outside.any(), (f"{int(outside.sum())} of {outside.numel()} off, first at "
-                               f"{outside.nonzero()[0].tolist()}: {error[outside][0].item():.3g} (scale {scale:.3g})")
+    assert not outside.any(), (
+        f"{int(outside.sum())} of {outside.numel()} off, first at "
+        f"{outside.nonzero()[0].tolist()}: {error[outside][0].item():.3g} (scale {scale:.3g})"
+    )
 
 
-@backend_property(REFERENCE_BACKENDS, case=search_cases(regimes=("random",), max_tokens=24, max_codes=30, max_dim=24),
-                  precision=st.sampled_from(PRECISIONS), codebook_grad=st.booleans(), seed=seeds)
+@backend_property(
+    REFERENCE_BACKENDS,
+    case=search_cases(regimes=("random",), max_tokens=24, max_codes=30, max_dim=24),
+    precision=st.sampled_from(PRECISIONS),
+    codebook_grad=st.booleans(),
+    seed=seeds,
+)
 def test_code_cross_entropy(device, backend, case, precision, codebook_grad, seed):
     """code_cross_entropy: loss and both gradients against the oracle (2e-5 of their scale in fp32, 1e-2
     where an input is 16-bit, whose gradient comes back rounded to it; plus the bound of
@@ -323,8 +374,9 @@ def test_code_cross_entropy(device, backend, case, precision, codebook_grad, see
     x, codebook = on_device.x.detach().requires_grad_(), on_device.codebook.detach().requires_grad_(codebook_grad)
     indices_on_device = indices.to(device)
     with inputs_kept(on_device.x, on_device.codebook, indices_on_device):
-        loss = fastvq.code_cross_entropy(x, codebook, indices_on_device, metric=case.metric, precision=precision,
-                                         backend=backend)
+        loss = fastvq.code_cross_entropy(
+            x, codebook, indices_on_device, metric=case.metric, precision=precision, backend=backend
+        )
         (loss * grad.to(device)).sum().backward()
     loss = output_on_cpu(loss.detach(), case, device, torch.float32)
     assert (loss[indices < 0] == 0).all()
@@ -335,21 +387,24 @@ def test_code_cross_entropy(device, backend, case, precision, codebook_grad, see
     loss_bound, x_bound, codebook_bound = cross_entropy_rounding_bounds(case, indices3, grad3, used)
     assert_within(with_heads(loss, case), want_loss, rel, loss_bound)
     assert x.grad.dtype == x.dtype and x.grad.shape == x.shape and x.grad.device == x.device
-    want_x = naive.code_cross_entropy_grad(case.x3, case.codebook3, indices3, lse, grad3, "x", metric=case.metric,
-                                           precision=used)
+    want_x = naive.code_cross_entropy_grad(
+        case.x3, case.codebook3, indices3, lse, grad3, "x", metric=case.metric, precision=used
+    )
     assert_within(with_heads(x.grad.cpu(), case), want_x, rel, x_bound)
     if not codebook_grad:
         assert codebook.grad is None
         return
     assert codebook.grad.dtype == codebook.dtype and codebook.grad.shape == codebook.shape
     assert codebook.grad.device == codebook.device
-    want_codebook = naive.code_cross_entropy_grad(case.x3, case.codebook3, indices3, lse, grad3, "codebook",
-                                                  metric=case.metric, precision=used)
+    want_codebook = naive.code_cross_entropy_grad(
+        case.x3, case.codebook3, indices3, lse, grad3, "codebook", metric=case.metric, precision=used
+    )
     assert_within(codebook.grad.cpu().reshape(case.codebook3.shape), want_codebook, rel, codebook_bound)
 
 
-def assert_sums_close(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, terms: int,
-                      dtype: torch.dtype = torch.float32) -> None:
+def assert_sums_close(
+    got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, terms: int, dtype: torch.dtype = torch.float32
+) -> None:
     """Per-code sums added up in fp32 (then rounded to `dtype`) against float64 ones: within terms * 2^-23
     of the sum of the magnitudes of the terms (`magnitude`), plus one rounding to `dtype`."""
     bound = magnitude * terms * 2.0**-23 + want.abs() * torch.finfo(dtype).eps
@@ -363,8 +418,9 @@ def test_code_stats(device, backend, case):
     False and (check_indices=False) indices out of range left out, also where such tokens hold NaN or
     inf; bitwise the same on a second call; with the check, an index out of range raises naming it."""
     on_device = case.on(device)
-    arguments = dict(x=on_device.x, indices=on_device.indices, num_codes=case.num_codes, mask=on_device.mask,
-                     backend=backend)
+    arguments = dict(
+        x=on_device.x, indices=on_device.indices, num_codes=case.num_codes, mask=on_device.mask, backend=backend
+    )
     if ((case.indices < -1) | (case.indices >= case.num_codes)).any():
         with pytest.raises(ValueError, match=r"indices must be in \[-1, num_codes="):
             fastvq.code_stats(**arguments)
@@ -386,8 +442,12 @@ def test_code_stats(device, backend, case):
     assert_sums_close(sums.view(want_sums.shape), want_sums, magnitude, x3.shape[1])
 
 
-@backend_property(ALL_BACKENDS, case=search_cases(max_tokens=24, max_codes=24, max_dim=24),
-                  precision=st.sampled_from(PRECISIONS), seed=seeds)
+@backend_property(
+    ALL_BACKENDS,
+    case=search_cases(max_tokens=24, max_codes=24, max_dim=24),
+    precision=st.sampled_from(PRECISIONS),
+    seed=seeds,
+)
 def test_quantize_and_lookup_codes(device, backend, case, precision, seed):
     """quantize = nearest_code then lookup_codes: nearest_code's indices and distances; the chosen codes
     in x's dtype, and x itself (bit for bit, NaN included) where the index is -1; backward: the output
@@ -397,10 +457,12 @@ def test_quantize_and_lookup_codes(device, backend, case, precision, seed):
     x, codebook = on_device.x.detach().requires_grad_(), on_device.codebook.detach().requires_grad_()
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
     with inputs_kept(on_device.x, on_device.codebook):
-        quantized, indices, distances = fastvq.quantize(x, codebook, metric=case.metric, precision=precision,
-                                                        backend=backend)
-        nearest, nearest_distances = fastvq.nearest_code(on_device.x, on_device.codebook, metric=case.metric,
-                                                         precision=precision, backend=backend)
+        quantized, indices, distances = fastvq.quantize(
+            x, codebook, metric=case.metric, precision=precision, backend=backend
+        )
+        nearest, nearest_distances = fastvq.nearest_code(
+            on_device.x, on_device.codebook, metric=case.metric, precision=precision, backend=backend
+        )
         quantized.backward(grad.to(device))
     assert torch.equal(indices, nearest)
     torch.testing.assert_close(distances, nearest_distances, rtol=0, atol=0, equal_nan=True)
@@ -410,8 +472,13 @@ def test_quantize_and_lookup_codes(device, backend, case, precision, seed):
     indices3, codebook3 = with_heads(indices, case), case.codebook3.detach()
     heads = torch.arange(indices3.shape[0])[:, None] % codebook3.shape[0]
     codes = codebook3[heads, indices3.clamp_min(0)].to(x.dtype)
-    torch.testing.assert_close(with_heads(quantized, case),
-                               torch.where(indices3.unsqueeze(-1) < 0, case.x3, codes), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(
+        with_heads(quantized, case),
+        torch.where(indices3.unsqueeze(-1) < 0, case.x3, codes),
+        rtol=0,
+        atol=0,
+        equal_nan=True,
+    )
     assert torch.equal(x.grad.cpu(), grad), "the gradient to x is not the output gradient"
     per_code = codebook3.shape[:1] + (-1, x.shape[-1])  # a shared codebook adds up the tokens of every head
     grad3, chosen = with_heads(grad, case).reshape(per_code), indices3.reshape(per_code[:2])

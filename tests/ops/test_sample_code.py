@@ -29,8 +29,7 @@ def _five_codes(heads, d, metric):
     if metric == "l2":
         return token, token + torch.tensor([0.2, 0.5, 0.8, 1.1, 1.4])[:, None] * direction
     unit = torch.nn.functional.normalize(token, dim=-1)
-    across = torch.nn.functional.normalize(direction - (direction * unit).sum(-1, keepdim=True) * unit,
-                                           dim=-1)
+    across = torch.nn.functional.normalize(direction - (direction * unit).sum(-1, keepdim=True) * unit, dim=-1)
     cosines = torch.tensor([0.9, 0.6, 0.3, 0.0, -0.3])[:, None]
     if metric == "dot":  # x . c = cosine exactly, whatever the orthogonal part
         return token, cosines * unit / token.norm(dim=-1, keepdim=True) + across * torch.rand(heads, 5, 1)
@@ -43,8 +42,9 @@ def test_frequencies_match_softmax(device, backend, metric, temperature, _seed):
     n = 6000
     token, codebook = _five_codes(2, 3, metric)
     x = token.expand(2, n, 3)
-    indices = F.sample_code(x.to(device), codebook.to(device), temperature=temperature, metric=metric,
-                            seed=_seed, backend=backend).cpu()
+    indices = F.sample_code(
+        x.to(device), codebook.to(device), temperature=temperature, metric=metric, seed=_seed, backend=backend
+    ).cpu()
     probs = (naive.logits(token, codebook, metric)[:, 0] / temperature).softmax(dim=-1)  # (2, 5)
     assert probs.min() * n > 50, "every cell needs a large expected count"
     for h in range(2):  # one codebook per head: each head follows its own softmax
@@ -81,8 +81,9 @@ def test_draws_the_oracles_codes(device, backend, metric):
     """Every backend draws with the Philox stream that the oracle replays densely, so it draws the
     oracle's code for a seed (up to float rounding where two perturbed logits nearly tie)."""
     x, codebook = torch.randn(2, 301, 33), torch.randn(2, 259, 33)
-    got = F.sample_code(x.to(device), codebook.to(device), temperature=0.7, metric=metric, seed=11,
-                        backend=backend).cpu()
+    got = F.sample_code(
+        x.to(device), codebook.to(device), temperature=0.7, metric=metric, seed=11, backend=backend
+    ).cpu()
     want = naive.sample_code(x, codebook, temperature=0.7, metric=metric, seed=11)
     assert (got == want).float().mean() >= 0.99
 
@@ -100,16 +101,16 @@ def test_gumbel_topk_extends_the_single_draw(device, backend, metric):
     assert (got.sort(dim=-1).values.diff(dim=-1) > 0).all(), "the k codes must be distinct"
     want = naive.sample_code(x.cpu(), codebook.cpu(), temperature=0.7, k=5, metric=metric, seed=11)
     assert (got.cpu() == want).all(dim=-1).float().mean() >= 0.99
-    assert torch.equal(F.sample_code(x, codebook, temperature=0.7, k=1, metric=metric, seed=11,
-                                     backend=backend)[..., 0], single)
+    assert torch.equal(
+        F.sample_code(x, codebook, temperature=0.7, k=1, metric=metric, seed=11, backend=backend)[..., 0], single
+    )
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
 def test_gumbel_topk_ranks_the_perturbed_logits(device, backend):
     """The k codes are the dense top-k of logit / T + g, with g replayed from the Philox stream."""
     x, codebook = torch.randn(1, 40, 6), torch.randn(1, 30, 6)
-    got = F.sample_code(x.to(device), codebook.to(device), temperature=0.5, k=4, seed=3,
-                        backend=backend).cpu()
+    got = F.sample_code(x.to(device), codebook.to(device), temperature=0.5, k=4, seed=3, backend=backend).cpu()
     offsets = torch.arange(40)[:, None] * 30 + torch.arange(30)
     gumbel = -torch.log(-torch.log(philox.uniform(3, offsets))).double()
     perturbed = naive.logits(x, codebook, "l2")[0] / 0.5 + gumbel
@@ -124,8 +125,9 @@ def test_gumbel_top2_frequencies(device, backend, _seed):
     adds about 200 at this N."""
     n = 20000
     token, codebook = _five_codes(1, 3, "l2")
-    got = F.sample_code(token.expand(1, n, 3).to(device), codebook.to(device), temperature=1.0, k=2,
-                        seed=_seed, backend=backend).cpu()[0]
+    got = F.sample_code(
+        token.expand(1, n, 3).to(device), codebook.to(device), temperature=1.0, k=2, seed=_seed, backend=backend
+    ).cpu()[0]
     p = naive.logits(token, codebook, "l2")[0, 0].softmax(dim=-1)
     pairs = p[:, None] * p[None, :] / (1 - p[:, None])
     off_diagonal = ~torch.eye(5, dtype=torch.bool)
@@ -141,8 +143,10 @@ def test_gumbel_top2_frequencies(device, backend, _seed):
 def test_gumbel_topk_edges(device, backend):
     """Non-positive temperature: `topk_codes`; non-finite codes come last as -1; empty and 2-d x."""
     x, codebook = torch.randn(2, 30, 5, device=device), torch.randn(2, 40, 5, device=device)
-    assert torch.equal(F.sample_code(x, codebook, temperature=0.0, k=3, seed=1, backend=backend),
-                       F.topk_codes(x, codebook, 3, backend=backend)[0])
+    assert torch.equal(
+        F.sample_code(x, codebook, temperature=0.0, k=3, seed=1, backend=backend),
+        F.topk_codes(x, codebook, 3, backend=backend)[0],
+    )
     nonfinite = torch.zeros(4, 3, device=device)
     nonfinite[[1, 3], 0] = float("nan")
     got = F.sample_code(torch.randn(50, 3, device=device), nonfinite, k=3, seed=2, backend=backend)
@@ -196,8 +200,9 @@ def test_infinite_tokens_get_no_code(device, backend, metric, k):
     a non-finite logit is never drawn, whatever sign its score overflows to."""
     x, codebook = torch.randn(6, 8), torch.randn(16, 8)
     x[1, 2], x[3, 0], x[4] = float("inf"), float("-inf"), float("nan")
-    got = F.sample_code(x.to(device), codebook.to(device), temperature=0.5, k=k, metric=metric, seed=9,
-                        backend=backend).cpu()
+    got = F.sample_code(
+        x.to(device), codebook.to(device), temperature=0.5, k=k, metric=metric, seed=9, backend=backend
+    ).cpu()
     bad = torch.tensor([1, 3, 4])
     assert (got[bad] == -1).all(), got
     assert (torch.cat([got[:1], got[2:3], got[5:]]) >= 0).all()
@@ -212,8 +217,7 @@ def test_tiny_temperature_is_the_nearest_code(device, backend, temperature):
     nearest = F.nearest_code(x, codebook, backend=backend)[0]
     got = F.sample_code(x, codebook, temperature=temperature, seed=5, backend=backend)
     assert torch.equal(got, nearest)
-    assert torch.equal(F.sample_code(x, codebook, temperature=temperature, k=2, seed=5, backend=backend)[:, 0],
-                       nearest)
+    assert torch.equal(F.sample_code(x, codebook, temperature=temperature, k=2, seed=5, backend=backend)[:, 0], nearest)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

@@ -18,7 +18,9 @@ N, K, D = 2048, 131072, 16
 NK_BYTES = N * K * 4  # one fp32 N x K table: 1 GiB
 LIMIT_BYTES = 3 * 2**30 // 10
 
-_STEP = PEAK_RSS_SOURCE + f"""
+_STEP = (
+    PEAK_RSS_SOURCE
+    + f"""
 import json, torch, fastvq
 torch.set_num_threads(1)  # steadier on a busy machine (two threads there wait on each other); memory is the same
 torch.manual_seed(0)
@@ -36,6 +38,7 @@ after = peak_rss()
 print(json.dumps(dict(before=before, after=after, finite=bool(grad_x.isfinite().all() and grad_codebook.isfinite().all()
                       and entropy.isfinite().all()), used=int(indices.unique().numel()))))
 """
+)
 
 
 @pytest.mark.slow
@@ -61,8 +64,9 @@ def test_triton_peak_cuda_memory_is_linear():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    entropy, mean_probs = fastvq.code_entropy(x, codebook, metric="dot", temperature=0.01, log_clamp_min=1e-5,
-                                              backend="triton")
+    entropy, mean_probs = fastvq.code_entropy(
+        x, codebook, metric="dot", temperature=0.01, log_clamp_min=1e-5, backend="triton"
+    )
     quantized, _ = fastvq.soft_quantize(x, codebook, metric="dot", backend="triton")
     loss = entropy.mean() + (mean_probs * mean_probs.clamp(min=1e-5).log()).sum() + quantized.square().mean()
     torch.autograd.grad(loss, (x, codebook))

@@ -44,11 +44,13 @@ def run_and_compare(x, codebook, device, backend, *, hard, metric, temperature):
     oracle = {}
     for dtype in (torch.float64, torch.float32):
         xo, co = x.detach().to(dtype).requires_grad_(), codebook.detach().to(dtype).requires_grad_()
-        want, _ = naive.soft_quantize(xo, co, temperature=temperature, metric=metric, hard=hard, indices=indices,
-                                           dtype=dtype)
+        want, _ = naive.soft_quantize(
+            xo, co, temperature=temperature, metric=metric, hard=hard, indices=indices, dtype=dtype
+        )
         oracle[dtype] = (want, *torch.autograd.grad((want * grad.to(dtype)).sum(), (xo, co)))
-    for name, value, want, dense32 in zip(("quantized", "grad_x", "grad_codebook"), got, oracle[torch.float64],
-                                          oracle[torch.float32]):
+    for name, value, want, dense32 in zip(
+        ("quantized", "grad_x", "grad_codebook"), got, oracle[torch.float64], oracle[torch.float32]
+    ):
         assert_close_to_oracle(name, value, want, dense32)
     return got, indices
 
@@ -60,8 +62,9 @@ def run_and_compare(x, codebook, device, backend, *, hard, metric, temperature):
 def test_forward_and_gradients_match_dense_float64(device, backend, H, shared, N, K, D, metric, hard):
     x = torch.randn(H, N, D)
     codebook = torch.randn(1 if shared else H, K, D)
-    (quantized, _, _), indices = run_and_compare(x, codebook, device, backend, hard=hard, metric=metric,
-                                                 temperature=0.7 if hard else 1.0)
+    (quantized, _, _), indices = run_and_compare(
+        x, codebook, device, backend, hard=hard, metric=metric, temperature=0.7 if hard else 1.0
+    )
     if hard:  # the value is the chosen code itself, bit for bit
         chosen = codebook.expand(H, -1, -1).gather(1, indices[..., None].expand(-1, -1, D))
         assert torch.equal(quantized.detach().cpu(), chosen)
@@ -72,8 +75,15 @@ def test_forward_and_gradients_match_dense_float64(device, backend, H, shared, N
 def test_temperatures(device, backend, temperature):
     """IBQ's entropy temperature (a near one-hot softmax: its terms must cancel as autograd's do) and a
     warm one."""
-    run_and_compare(torch.randn(2, 40, 12), torch.randn(2, 90, 12), device, backend, hard=True, metric="dot",
-                    temperature=temperature)
+    run_and_compare(
+        torch.randn(2, 40, 12),
+        torch.randn(2, 90, 12),
+        device,
+        backend,
+        hard=True,
+        metric="dot",
+        temperature=temperature,
+    )
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
@@ -97,8 +107,9 @@ def test_non_finite_tokens_pass_through(device, backend, hard):
     lookup_codes does); the others and the codebook's gradient are unaffected (finite)."""
     x = torch.randn(1, 30, 6)
     x[0, 2, 1], x[0, 9, 0], x[0, 10, 5] = float("nan"), float("inf"), -float("inf")
-    (quantized, grad_x, grad_codebook), indices = run_and_compare(x, torch.randn(1, 50, 6), device, backend, hard=hard,
-                                                                  metric="l2", temperature=1.0)
+    (quantized, grad_x, grad_codebook), indices = run_and_compare(
+        x, torch.randn(1, 50, 6), device, backend, hard=hard, metric="l2", temperature=1.0
+    )
     bad = torch.tensor([2, 9, 10])
     assert (indices[0, bad] == -1).all() and (indices[0, [0, 1, 3]] >= 0).all()
     torch.testing.assert_close(quantized[0, bad].cpu(), x[0, bad], equal_nan=True)
@@ -109,8 +120,15 @@ def test_non_finite_tokens_pass_through(device, backend, hard):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_16_bit_inputs(device, backend, dtype):
     """Logits of the 16-bit values in fp32; the value and the gradients come back in the inputs' dtype."""
-    run_and_compare(torch.randn(2, 37, 16).to(dtype), torch.randn(1, 70, 16).to(dtype), device, backend, hard=True,
-                    metric="dot", temperature=1.0)
+    run_and_compare(
+        torch.randn(2, 37, 16).to(dtype),
+        torch.randn(1, 70, 16).to(dtype),
+        device,
+        backend,
+        hard=True,
+        metric="dot",
+        temperature=1.0,
+    )
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(REFERENCE_ON_CPU))
@@ -174,6 +192,7 @@ def test_bad_arguments_are_named(kwargs, error, match):
 def test_torch_compile_fullgraph(device, backend):
     """An IBQ-like step through both soft ops compiles to one graph, forward and backward, and gives
     eager's loss and gradients."""
+
     def step(x, codebook):
         quantized, _ = F.soft_quantize(x, codebook, metric="dot", backend=backend)
         entropy, mean_probs = F.code_entropy(x, codebook, metric="dot", temperature=0.1, backend=backend)

@@ -6,7 +6,6 @@ wherever the k-th and (k+1)-th true distances are farther apart than that, and t
 wherever every consecutive gap is.
 """
 
-
 import pytest
 import torch
 from conftest import backend_cases, case
@@ -44,7 +43,7 @@ def check_topk(x, codebook, indices, distances, k, metric, precision):
     if k < codebook.shape[1]:
         clear_set = (true_sorted[..., k] - true_sorted[..., k - 1]) > tol[..., 0]
         assert torch.equal(indices.sort(-1).values[clear_set], true_index[..., :k].sort(-1).values[clear_set])
-    clear_order = (true_sorted[..., :k + 1].diff(dim=-1) > tol).all(dim=-1)
+    clear_order = (true_sorted[..., : k + 1].diff(dim=-1) > tol).all(dim=-1)
     assert torch.equal(indices[clear_order], true_index[..., :k][clear_order])
     scale = distance_scale(x, codebook, metric)
     dist_tol = 1e-5 * (1 + chosen.abs()) + 8 * x.shape[-1] * 2.0**-24 * scale[..., None]
@@ -57,8 +56,7 @@ def _brute_force_cases():
     for i in range(len(CASES) * len(METRICS)):
         (n, n_codes, d, k), metric = CASES[i // len(METRICS)], METRICS[i % len(METRICS)]
         heads, shared = [(1, False), (3, False), (2, True)][i % 3]
-        cases.append(case(N=n, K=n_codes, D=d, k=k, H=heads, shared=shared, dtype=DTYPES[(i // 2) % 3],
-                          metric=metric))
+        cases.append(case(N=n, K=n_codes, D=d, k=k, H=heads, shared=shared, dtype=DTYPES[(i // 2) % 3], metric=metric))
     return cases
 
 

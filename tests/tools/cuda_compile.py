@@ -27,8 +27,11 @@ FLAGS = ["-std=c++17", "-O3", "-Xcompiler", "-Wall,-Wextra,-Werror", "--Werror",
 
 def nvcc_path() -> str | None:
     """nvcc of $CUDA_HOME, else on PATH, else /usr/local/cuda's; None when there is none."""
-    for candidate in (Path(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc"), shutil.which("nvcc"),
-                      Path("/usr/local/cuda/bin/nvcc")):
+    for candidate in (
+        Path(os.environ.get("CUDA_HOME", "/nonexistent"), "bin", "nvcc"),
+        shutil.which("nvcc"),
+        Path("/usr/local/cuda/bin/nvcc"),
+    ):
         if candidate and Path(candidate).is_file():
             return str(candidate)
     return None
@@ -52,8 +55,19 @@ def compile_source(nvcc: str, source: Path, capability: int) -> tuple[int, str, 
     """(nvcc's return code, its output, [(kernel, registers, spill bytes)]) for one file and GPU."""
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
-            [nvcc, *FLAGS, f"-gencode=arch=compute_{capability},code=sm_{capability}", "-c", str(source),
-             "-o", str(Path(tmp) / "kernel.o")], capture_output=True, text=True, timeout=600)
+            [
+                nvcc,
+                *FLAGS,
+                f"-gencode=arch=compute_{capability},code=sm_{capability}",
+                "-c",
+                str(source),
+                "-o",
+                str(Path(tmp) / "kernel.o"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     output = result.stdout + result.stderr
     entries = usage(output)
     names = _short_names([name for name, _, _ in entries])
@@ -66,8 +80,10 @@ def compile_all(capabilities=(90, 80)) -> dict[tuple[str, int], tuple[int, str, 
     jobs = [(source, capability) for source in sources() for capability in capabilities]
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda job: compile_source(nvcc, *job), jobs)
-        return {(source.relative_to(KERNELS).as_posix(), capability): result
-                for (source, capability), result in zip(jobs, results)}
+        return {
+            (source.relative_to(KERNELS).as_posix(), capability): result
+            for (source, capability), result in zip(jobs, results)
+        }
 
 
 def main(capabilities=(90, 80)):

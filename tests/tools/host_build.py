@@ -9,15 +9,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CXX = shutil.which("g++") or shutil.which("c++")
-needs_cxx = pytest.mark.skipif(CXX is None, reason="needs a host C++ compiler (g++) to build the CUDA kernels' "
-                                                    "host check")
+needs_cxx = pytest.mark.skipif(
+    CXX is None, reason="needs a host C++ compiler (g++) to build the CUDA kernels' host check"
+)
 
 
 def build(source: Path, out_dir: Path, *flags: str) -> ctypes.CDLL:
     """Compile `source` with warnings as errors into out_dir and load it."""
     out = out_dir / (source.stem + ".so")
-    result = subprocess.run([CXX, "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", *flags, str(source), "-o",
-                             str(out)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [CXX, "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", *flags, str(source), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return ctypes.CDLL(str(out))
 

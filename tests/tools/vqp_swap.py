@@ -42,5 +42,7 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     swapped, kept = config._vqp_swap
-    return [f"vqp_swap: fastvq's classes in place of vector-quantize-pytorch's: {', '.join(swapped)}",
-            f"vqp_swap: still vector-quantize-pytorch's: {', '.join(kept) or 'none'}"]
+    return [
+        f"vqp_swap: fastvq's classes in place of vector-quantize-pytorch's: {', '.join(swapped)}",
+        f"vqp_swap: still vector-quantize-pytorch's: {', '.join(kept) or 'none'}",
+    ]

@@ -40,12 +40,15 @@ def extension(isa: str | None = None) -> JitExtension:
     sources = (SOURCES / "search.cpp",)
     headers = (SOURCES / "tile.h", SOURCES / "packed_codes.h")  # included by search.cpp; ninja tracks them
     return JitExtension(
-        name=extension_name(f"cpu_search_{isa.lower()}"), what="C++ CPU kernels",
+        name=extension_name(f"cpu_search_{isa.lower()}"),
+        what="C++ CPU kernels",
         alternative="Use backend='torch' (or FASTVQ_BACKEND=torch) to run the plain-PyTorch path.",
         sources=sources,
         missing_prerequisite=lambda: missing_sources(sources + headers) or missing_compiler() or missing_ninja(),
-        options=dict(extra_cflags=["-O3", "-ffp-contract=fast", "-pthread", *_ISA_FLAGS.get(isa, [])],
-                     extra_ldflags=["-pthread"]))
+        options=dict(
+            extra_cflags=["-O3", "-ffp-contract=fast", "-pthread", *_ISA_FLAGS.get(isa, [])], extra_ldflags=["-pthread"]
+        ),
+    )
 
 
 def load_extension(isa: str | None = None) -> ModuleType:

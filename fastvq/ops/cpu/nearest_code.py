@@ -23,24 +23,26 @@ def search_threads() -> int:
     return torch.get_num_threads()
 
 
-def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str,
-            k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (H, N, k) int64 of the k lowest scores per token, lowest first, ties to the lowest index,
     and their exact distances (H, N, k) fp32; -1 / NaN past the codes with a finite distance."""
-    return load_extension().search(x, codebook, METRICS.index(metric), PRECISIONS.index(precision), k,
-                                   search_threads())
+    return load_extension().search(x, codebook, METRICS.index(metric), PRECISIONS.index(precision), k, search_threads())
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
-                 precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_code(
+    x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """C++ twin of `fastvq.ops.chunked.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
     indices (H, N) int64 (-1: no finite distance), distances (H, N) fp32."""
     indices, distances = _search(x, codebook, metric, precision, 1)
     return indices[..., 0], distances[..., 0]
 
 
-def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
-               precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_codes(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """C++ twin of `fastvq.ops.chunked.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
     indices (H, N, k) int64 nearest first (-1 past the finite ones), distances (H, N, k) fp32."""
     return _search(x, codebook, metric, precision, k)

@@ -21,8 +21,9 @@ KERNELS_DIR = kernel_sources_dir()
 GLUE = "torch_glue.cpp"
 """The extension is every .cu file at the top of kernels/ plus the glue (setup.py builds the same list)."""
 PREBUILT_MODULE = "fastvq.ops.cuda._ext"
-AOT_HINT = ("or build it ahead of time from a source checkout: FASTVQ_FORCE_BUILD=1 pip install "
-            "--no-build-isolation -e .")
+AOT_HINT = (
+    "or build it ahead of time from a source checkout: FASTVQ_FORCE_BUILD=1 pip install --no-build-isolation -e ."
+)
 
 
 def sources() -> list[Path]:
@@ -39,11 +40,15 @@ def missing_prerequisite() -> str:
     if missing:
         return f"{missing}, {AOT_HINT}"
     if torch.version.cuda is None:
-        return (f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build of torch "
-                "(https://pytorch.org/get-started/locally/)")
+        return (
+            f"this torch build ({torch.__version__}) has no CUDA support; install a CUDA build of torch "
+            "(https://pytorch.org/get-started/locally/)"
+        )
     if cpp_extension.CUDA_HOME is None:
-        return (f"nvcc was not found (CUDA_HOME is unset and no nvcc is on PATH); install the CUDA toolkit "
-                f"{torch.version.cuda} (torch's CUDA version) and set CUDA_HOME to it, " + AOT_HINT)
+        return (
+            f"nvcc was not found (CUDA_HOME is unset and no nvcc is on PATH); install the CUDA toolkit "
+            f"{torch.version.cuda} (torch's CUDA version) and set CUDA_HOME to it, " + AOT_HINT
+        )
     return missing_ninja()
 
 
@@ -51,11 +56,14 @@ def missing_prerequisite() -> str:
 def extension() -> JitExtension:
     """The CUDA backend's extension for this Python, torch and CUDA version."""
     return JitExtension(
-        name=extension_name("cuda", cuda=True), what="CUDA kernels",
+        name=extension_name("cuda", cuda=True),
+        what="CUDA kernels",
         alternative="Use backend='triton' (the fused Triton kernels) or backend='torch'.",
-        sources=tuple(sources()), missing_prerequisite=missing_prerequisite,
+        sources=tuple(sources()),
+        missing_prerequisite=missing_prerequisite,
         options=dict(extra_include_paths=[str(KERNELS_DIR)], extra_cflags=["-O3"], extra_cuda_cflags=["-O3"]),
-        prebuilt=PREBUILT_MODULE)
+        prebuilt=PREBUILT_MODULE,
+    )
 
 
 def load_extension() -> ModuleType:

@@ -14,8 +14,9 @@ from ._build import load_extension
 from ._launch import current_stream, kernel_operands
 
 
-def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
-               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def code_stats(
+    x: torch.Tensor, indices: torch.Tensor, num_codes: int, *, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA twin of `fastvq.ops.chunked.code_stats`: x (H, N, D), indices (H, N) int64, mask (H, N)
     bool -> counts (H, K) fp32, sums (H, K, D) fp32."""
     (x,) = kernel_operands(x)

@@ -17,27 +17,38 @@ from ._build import load_extension
 from ._launch import current_stream, kernel_operands
 
 
-def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str,
-            k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """indices (H, N, k) int64 nearest first (-1 past the finite ones) and distances (H, N, k) fp32."""
     x, codebook = kernel_operands(x, codebook)
     bias = code_bias(codebook, metric, precision)  # (Hc, K) fp32, NaN for codes with a non-finite entry
     extension = load_extension()
     with torch.cuda.device(x.device):
-        return extension.search(x, codebook, bias, METRICS.index(metric), PRECISIONS.index(precision), k,
-                                target_programs(x.device), current_stream(x.device))
+        return extension.search(
+            x,
+            codebook,
+            bias,
+            METRICS.index(metric),
+            PRECISIONS.index(precision),
+            k,
+            target_programs(x.device),
+            current_stream(x.device),
+        )
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
-                 precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_code(
+    x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA twin of `fastvq.ops.chunked.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
     indices (H, N) int64 (-1: no finite distance), distances (H, N) fp32."""
     indices, distances = _search(x, codebook, metric, precision, 1)
     return indices[..., 0], distances[..., 0]
 
 
-def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
-               precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_codes(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA twin of `fastvq.ops.chunked.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= 16 ->
     indices (H, N, k) int64 nearest first, distances (H, N, k) fp32; -1 / NaN after the valid entries."""
     return valid_first(*_search(x, codebook, metric, precision, k))

@@ -10,5 +10,16 @@ from .code_softmax import code_entropy, code_entropy_grad, soft_quantize, soft_q
 from .code_stats import code_stats
 from .nearest_code import nearest_code, sample_code, topk_codes
 
-__all__ = ["INTERPRETED", "code_cross_entropy", "code_cross_entropy_grad", "code_entropy", "code_entropy_grad",
-           "code_stats", "nearest_code", "sample_code", "soft_quantize", "soft_quantize_grad", "topk_codes"]
+__all__ = [
+    "INTERPRETED",
+    "code_cross_entropy",
+    "code_cross_entropy_grad",
+    "code_entropy",
+    "code_entropy_grad",
+    "code_stats",
+    "nearest_code",
+    "sample_code",
+    "soft_quantize",
+    "soft_quantize_grad",
+    "topk_codes",
+]

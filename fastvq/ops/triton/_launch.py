@@ -11,6 +11,7 @@ from ..common import target_programs, triton_interpret_requested
 INTERPRETED = triton_interpret_requested()
 """True when this process loaded the kernels under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
 
+
 def interpreted_precision(precision: str) -> str:
     """The precision the kernels really rank with: under the interpreter, TF32 is not emulated and
     bf16 arithmetic is unreliable, so both rank in exact fp32 there."""
@@ -23,8 +24,16 @@ STREAMED_BLOCK_D = 32
 """D chunk when a row does not stay in registers whole (D > 128, or > 64 with exact fp32 products)."""
 
 
-def search_config(n_tokens: int, n_codes: int, dim: int, heads: int, precision: str,
-                  device: torch.device, topk: int = 1, logits: bool = False) -> dict:
+def search_config(
+    n_tokens: int,
+    n_codes: int,
+    dim: int,
+    heads: int,
+    precision: str,
+    device: torch.device,
+    topk: int = 1,
+    logits: bool = False,
+) -> dict:
     """Tile sizes and code splits for one search (see benchmarks/TUNING.md).
 
     logits: the kernel computes every pair's logit (sampling, cross-entropy), not only a ranking
@@ -55,8 +64,16 @@ def search_config(n_tokens: int, n_codes: int, dim: int, heads: int, precision: 
     splits = min(code_tiles, max(1, triton.cdiv(target_programs(device), token_programs)))
     codes_per_split = triton.cdiv(code_tiles, splits) * block_k
     splits = triton.cdiv(n_codes, codes_per_split)
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, SINGLE_D_TILE=single_d_tile,
-                num_warps=warps, num_stages=stages, splits=splits, codes_per_split=codes_per_split)
+    return dict(
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        SINGLE_D_TILE=single_d_tile,
+        num_warps=warps,
+        num_stages=stages,
+        splits=splits,
+        codes_per_split=codes_per_split,
+    )
 
 
 def grad_config(n_rows: int, n_stream: int, dim: int, heads: int, device: torch.device, code_side: bool) -> dict:
@@ -76,8 +93,17 @@ def grad_config(n_rows: int, n_stream: int, dim: int, heads: int, device: torch.
     stream_tiles = triton.cdiv(n_stream, block)
     splits = min(stream_tiles, max(1, triton.cdiv(target_programs(device), row_programs)))
     per_split = triton.cdiv(stream_tiles, splits) * block
-    return dict(BLOCK_N=block, BLOCK_K=block, BLOCK_D=block_d, SINGLE_D_TILE=single_d_tile, BLOCK_DO=block_d,
-                num_warps=warps, num_stages=stages, splits=triton.cdiv(n_stream, per_split), per_split=per_split)
+    return dict(
+        BLOCK_N=block,
+        BLOCK_K=block,
+        BLOCK_D=block_d,
+        SINGLE_D_TILE=single_d_tile,
+        BLOCK_DO=block_d,
+        num_warps=warps,
+        num_stages=stages,
+        splits=triton.cdiv(n_stream, per_split),
+        per_split=per_split,
+    )
 
 
 def distance_config(dim: int) -> dict:

@@ -50,8 +50,14 @@ def pass_config(cfg: dict, dim: int, precision: str) -> dict:
     return cfg
     padded_d = max(16, triton.next_power_of_2(dim))
     single = padded_d <= 32
-    cfg.update(BLOCK_N=32, BLOCK_K=32, num_warps=4, SINGLE_D_TILE=single, BLOCK_D=padded_d if single else 32,
-               num_stages=2 if single else 1)
+    cfg.update(
+        BLOCK_N=32,
+        BLOCK_K=32,
+        num_warps=4,
+        SINGLE_D_TILE=single,
+        BLOCK_D=padded_d if single else 32,
+        num_stages=2 if single else 1,
+    )
     if "BLOCK_DO" in cfg:
         cfg["BLOCK_DO"] = cfg["BLOCK_D"]
     return cfg
@@ -61,20 +67,50 @@ def pass_config(cfg: dict, dim: int, precision: str) -> dict:
 def load_norm(norm_ptr, offs, stride_np, mask):
     """The normaliser (max of s, log sum exp(s - max)) of tokens offs from norm (2, H, N); +inf and 0
     outside the mask (p = 0 there)."""
-    return (tl.load(norm_ptr + offs, mask=mask, other=float("inf")),
-            tl.load(norm_ptr + stride_np + offs, mask=mask, other=0.0))
+    return (
+        tl.load(norm_ptr + offs, mask=mask, other=float("inf")),
+        tl.load(norm_ptr + stride_np + offs, mask=mask, other=0.0),
+    )
 
 
 @triton.jit
 def _softmax_stats_kernel(
-    x_ptr, code_ptr, bias_ptr, max_ptr, sum_ptr, aux_ptr, arg_ptr, value_ptr,
-    N, K, D, codes_per_split, d_chunks, inv_temperature,
-    stride_xh, stride_xn, stride_xd,
-    stride_ch, stride_ck, stride_cd,
-    stride_bh, stride_oh, stride_os, stride_vh, stride_vs, stride_vn,
-    METRIC: tl.constexpr, ENTROPY: tl.constexpr, SOFT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr, CAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
+    x_ptr,
+    code_ptr,
+    bias_ptr,
+    max_ptr,
+    sum_ptr,
+    aux_ptr,
+    arg_ptr,
+    value_ptr,
+    N,
+    K,
+    D,
+    codes_per_split,
+    d_chunks,
+    inv_temperature,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    stride_bh,
+    stride_oh,
+    stride_os,
+    stride_vh,
+    stride_vs,
+    stride_vn,
+    METRIC: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    SOFT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    CAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     """Per split (H, S, N): running max and sum; ENTROPY: aux = A; SOFT: aux = best logit, arg its
@@ -104,9 +140,27 @@ def _softmax_stats_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
         c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE, True)
-        dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
-                             stride_xn, stride_xd, stride_ck, stride_cd,
-                             INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
+        dot, x_sq = dot_tile(
+            x_head,
+            c_head,
+            x_tile,
+            c_tile,
+            offs_n,
+            n_mask,
+            offs_k,
+            k_mask,
+            D,
+            stride_xn,
+            stride_xd,
+            stride_ck,
+            stride_cd,
+            INPUT_PRECISION,
+            CAST,
+            BLOCK_N,
+            BLOCK_K,
+            BLOCK_D,
+            SINGLE_D_TILE,
+        )
         bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
         logit = tl.where(k_mask[None, :], logits(dot, x_sq, bias, METRIC), float("-inf"))
         ranked = tl.where(logit == logit, logit, float("-inf"))  # NaN never wins (it still poisons S)
@@ -171,14 +225,38 @@ def softmax_stats(x, codebook, bias, metric, precision, inv_temperature, *, entr
     values = torch.empty((heads, splits, n_tokens, dim) if soft else (1, 1, 1), dtype=torch.float32, device=x.device)
     shared = codebook.shape[0] == 1
     _softmax_stats_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]) * d_chunks, splits, heads)](
-        x, codebook, bias, run_max, run_sum, aux, arg, values,
-        n_tokens, codebook.shape[1], dim, codes_per_split, d_chunks, inv_temperature,
-        x.stride(0), x.stride(1), x.stride(2),
-        0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        0 if shared else bias.stride(0), run_max.stride(0), run_max.stride(1),
-        values.stride(0), values.stride(1), values.stride(2),
-        METRIC=metric, ENTROPY=entropy, SOFT=soft, GRAD_PRECISION=grad_precision(precision),
-        **dot_options(precision), **cfg,
+        x,
+        codebook,
+        bias,
+        run_max,
+        run_sum,
+        aux,
+        arg,
+        values,
+        n_tokens,
+        codebook.shape[1],
+        dim,
+        codes_per_split,
+        d_chunks,
+        inv_temperature,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        0 if shared else codebook.stride(0),
+        codebook.stride(1),
+        codebook.stride(2),
+        0 if shared else bias.stride(0),
+        run_max.stride(0),
+        run_max.stride(1),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        METRIC=metric,
+        ENTROPY=entropy,
+        SOFT=soft,
+        GRAD_PRECISION=grad_precision(precision),
+        **dot_options(precision),
+        **cfg,
     )
     top = run_max.amax(dim=1, keepdim=True)
     live = run_max != -math.inf  # a split whose codes all have logit -inf weighs 0
@@ -198,13 +276,37 @@ def softmax_stats(x, codebook, bias, metric, precision, inv_temperature, *, entr
 
 @triton.jit
 def _token_sums_kernel(
-    x_ptr, code_ptr, bias_ptr, norm_ptr, value_ptr, out_ptr,
-    N, K, D, codes_per_split, inv_temperature, clamp_min, log_clamp_min,
-    stride_xh, stride_xn, stride_xd,
-    stride_ch, stride_ck, stride_cd,
-    stride_bh, stride_np, stride_op, stride_os,
-    METRIC: tl.constexpr, CLAMPED: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
+    x_ptr,
+    code_ptr,
+    bias_ptr,
+    norm_ptr,
+    value_ptr,
+    out_ptr,
+    N,
+    K,
+    D,
+    codes_per_split,
+    inv_temperature,
+    clamp_min,
+    log_clamp_min,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    stride_bh,
+    stride_np,
+    stride_op,
+    stride_os,
+    METRIC: tl.constexpr,
+    CLAMPED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    CAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
 ):
     """Per split, out (2, S, H, N) fp32: CLAMPED: sum_k p log max(p, clamp_min) and the sum of the
     p >= clamp_min; else sum_k p b_k with b = values (H, K) contiguous (plane 1 unused)."""
@@ -225,9 +327,27 @@ def _token_sums_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
         c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE, True)
-        dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
-                             stride_xn, stride_xd, stride_ck, stride_cd,
-                             INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
+        dot, x_sq = dot_tile(
+            x_head,
+            c_head,
+            x_tile,
+            c_tile,
+            offs_n,
+            n_mask,
+            offs_k,
+            k_mask,
+            D,
+            stride_xn,
+            stride_xd,
+            stride_ck,
+            stride_cd,
+            INPUT_PRECISION,
+            CAST,
+            BLOCK_N,
+            BLOCK_K,
+            BLOCK_D,
+            SINGLE_D_TILE,
+        )
         bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
         log_p = (logits(dot, x_sq, bias, METRIC) * inv_temperature - row_max[:, None]) - log_sum[:, None]
         p = tl.where(k_mask[None, :], tl.exp(log_p), 0.0)
@@ -247,8 +367,9 @@ def token_sums(x, codebook, bias, norm, metric, precision, inv_temperature, *, l
     """(first, second), each (H, N) fp32: with log_clamp_min, sum_k p log max(p, c) and sum of the p >= c;
     with code_values b (H, K), sum_k p b_k (and zeros)."""
     heads, n_tokens, dim = x.shape
-    cfg = pass_config(search_config(n_tokens, codebook.shape[1], dim, heads, precision, x.device, logits=True), dim,
-                       precision)
+    cfg = pass_config(
+        search_config(n_tokens, codebook.shape[1], dim, heads, precision, x.device, logits=True), dim, precision
+    )
     splits, codes_per_split = cfg.pop("splits"), cfg.pop("codes_per_split")
     out = torch.empty((2, splits, heads, n_tokens), dtype=torch.float32, device=x.device)
     norm = norm.contiguous()
@@ -256,26 +377,66 @@ def token_sums(x, codebook, bias, norm, metric, precision, inv_temperature, *, l
     shared = codebook.shape[0] == 1
     clamped = log_clamp_min is not None
     _token_sums_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]), splits, heads)](
-        x, codebook, bias, norm, values, out,
-        n_tokens, codebook.shape[1], dim, codes_per_split, inv_temperature,
-        log_clamp_min if clamped else 0.0, math.log(log_clamp_min) if clamped else 0.0,
-        x.stride(0), x.stride(1), x.stride(2),
-        0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        0 if shared else bias.stride(0), norm.stride(0), out.stride(0), out.stride(1),
-        METRIC=metric, CLAMPED=clamped, **dot_options(precision), **cfg,
+        x,
+        codebook,
+        bias,
+        norm,
+        values,
+        out,
+        n_tokens,
+        codebook.shape[1],
+        dim,
+        codes_per_split,
+        inv_temperature,
+        log_clamp_min if clamped else 0.0,
+        math.log(log_clamp_min) if clamped else 0.0,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        0 if shared else codebook.stride(0),
+        codebook.stride(1),
+        codebook.stride(2),
+        0 if shared else bias.stride(0),
+        norm.stride(0),
+        out.stride(0),
+        out.stride(1),
+        METRIC=metric,
+        CLAMPED=clamped,
+        **dot_options(precision),
+        **cfg,
     )
     return out.sum(dim=1)
 
 
 @triton.jit
 def _code_sums_kernel(
-    x_ptr, code_ptr, bias_ptr, norm_ptr, keep_ptr, out_ptr,
-    N, K, D, per_split, inv_temperature,
-    stride_xh, stride_xn, stride_xd,
-    stride_ch, stride_ck, stride_cd,
-    stride_bh, stride_np, stride_os,
-    METRIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
+    x_ptr,
+    code_ptr,
+    bias_ptr,
+    norm_ptr,
+    keep_ptr,
+    out_ptr,
+    N,
+    K,
+    D,
+    per_split,
+    inv_temperature,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    stride_bh,
+    stride_np,
+    stride_os,
+    METRIC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    CAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
 ):
     """Per split of the tokens, out (S, H, K) fp32 = sum_n keep_n p_nk (keep (H, N) fp32, 0 or 1)."""
     pid_k = tl.program_id(0)
@@ -294,9 +455,27 @@ def _code_sums_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
         x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE, False)
-        dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
-                             stride_xn, stride_xd, stride_ck, stride_cd,
-                             INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
+        dot, x_sq = dot_tile(
+            x_head,
+            c_head,
+            x_tile,
+            c_tile,
+            offs_n,
+            n_mask,
+            offs_k,
+            k_mask,
+            D,
+            stride_xn,
+            stride_xd,
+            stride_ck,
+            stride_cd,
+            INPUT_PRECISION,
+            CAST,
+            BLOCK_N,
+            BLOCK_K,
+            BLOCK_D,
+            SINGLE_D_TILE,
+        )
         row_max, log_sum = load_norm(norm_ptr, pid_h * N + offs_n, stride_np, n_mask)
         keep = tl.load(keep_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
         p = tl.exp((logits(dot, x_sq, bias, METRIC) * inv_temperature - row_max[:, None]) - log_sum[:, None])
@@ -315,11 +494,28 @@ def code_sums(x, codebook, bias, norm, kept, metric, precision, inv_temperature)
     shared = codebook.shape[0] == 1
     norm = norm.contiguous()
     _code_sums_kernel[(triton.cdiv(n_codes, cfg["BLOCK_K"]), splits, heads)](
-        x, codebook, bias, norm, kept.float().contiguous(), out,
-        n_tokens, n_codes, dim, per_split, inv_temperature,
-        x.stride(0), x.stride(1), x.stride(2),
-        0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        0 if shared else bias.stride(0), norm.stride(0), out.stride(0),
-        METRIC=metric, **dot_options(precision), **cfg,
+        x,
+        codebook,
+        bias,
+        norm,
+        kept.float().contiguous(),
+        out,
+        n_tokens,
+        n_codes,
+        dim,
+        per_split,
+        inv_temperature,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        0 if shared else codebook.stride(0),
+        codebook.stride(1),
+        codebook.stride(2),
+        0 if shared else bias.stride(0),
+        norm.stride(0),
+        out.stride(0),
+        METRIC=metric,
+        **dot_options(precision),
+        **cfg,
     )
     return out.sum(dim=0)

@@ -19,15 +19,20 @@ L2_LOGIT_EPS = tl.constexpr(common.L2_LOGIT_EPS)
 
 def dot_options(precision: str) -> dict:
     """The INPUT_PRECISION and CAST constexprs of a product in `precision` (see `fastvq.ops.common.PRECISIONS`)."""
-    return dict(INPUT_PRECISION="tf32" if precision == "tf32" else "ieee",
-                CAST={"ieee": 0, "tf32": 0, "bf16": 1, "fp16": 2}[precision])
+    return dict(
+        INPUT_PRECISION="tf32" if precision == "tf32" else "ieee",
+        CAST={"ieee": 0, "tf32": 0, "bf16": 1, "fp16": 2}[precision],
+    )
 
 
 @triton.jit
 def load_tile(ptr, row_offs, col_offs, row_stride, col_stride, row_mask, col_mask, CAST: tl.constexpr):
     """A (rows, cols) tile, zero-padded, as fp32 (CAST=0), bf16 (1) or fp16 (2) for tl.dot."""
-    tile = tl.load(ptr + row_offs[:, None] * row_stride + col_offs[None, :] * col_stride,
-                   mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    tile = tl.load(
+        ptr + row_offs[:, None] * row_stride + col_offs[None, :] * col_stride,
+        mask=row_mask[:, None] & col_mask[None, :],
+        other=0.0,
+    )
     if CAST == 1:
         return tile.to(tl.bfloat16)
     elif CAST == 2:
@@ -37,8 +42,18 @@ def load_tile(ptr, row_offs, col_offs, row_stride, col_stride, row_mask, col_mas
 
 
 @triton.jit
-def resident_tile(ptr, offs, mask, D, stride_row, stride_d, CAST: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SINGLE_D_TILE: tl.constexpr, AS_CODES: tl.constexpr):
+def resident_tile(
+    ptr,
+    offs,
+    mask,
+    D,
+    stride_row,
+    stride_d,
+    CAST: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    AS_CODES: tl.constexpr,
+):
     """Whole rows `offs` of a (rows, D) matrix: (len, BLOCK_D), or (BLOCK_D, len) when AS_CODES (the
     right operand of the product); None when D is streamed in chunks instead."""
     if SINGLE_D_TILE:
@@ -52,10 +67,27 @@ def resident_tile(ptr, offs, mask, D, stride_row, stride_d, CAST: tl.constexpr, 
 
 
 @triton.jit
-def dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
-             stride_xn, stride_xd, stride_ck, stride_cd,
-             INPUT_PRECISION: tl.constexpr, CAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_D: tl.constexpr, SINGLE_D_TILE: tl.constexpr):
+def dot_tile(
+    x_head,
+    c_head,
+    x_tile,
+    c_tile,
+    offs_n,
+    n_mask,
+    offs_k,
+    k_mask,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_ck,
+    stride_cd,
+    INPUT_PRECISION: tl.constexpr,
+    CAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+):
     """x.c (BLOCK_N, BLOCK_K) and |x|^2 (BLOCK_N,), fp32, both from the operands the product sees.
 
     SINGLE_D_TILE: x_tile (BLOCK_N, BLOCK_D) and c_tile (BLOCK_D, BLOCK_K) hold the whole rows (see
@@ -114,7 +146,6 @@ def logits(dot, x_sq, bias, METRIC: tl.constexpr):
     else:
         sq_dist = x_sq[:, None] + bias[None, :] - 2.0 * dot
         return -tl.sqrt(tl.maximum(sq_dist, L2_LOGIT_EPS, propagate_nan=tl.PropagateNan.ALL))  # NaN stays NaN
-
 
 
 @triton.jit

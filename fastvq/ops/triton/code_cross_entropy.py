@@ -24,13 +24,33 @@ from ._tiles import dot_options, dot_tile, load_tile, logit_grad_factors, logits
 
 @triton.jit
 def _ce_forward_kernel(
-    x_ptr, code_ptr, bias_ptr, index_ptr, max_ptr, sum_ptr, target_ptr,
-    N, K, D, codes_per_split,
-    stride_xh, stride_xn, stride_xd,
-    stride_ch, stride_ck, stride_cd,
-    stride_bh, stride_oh, stride_os,
-    METRIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
+    x_ptr,
+    code_ptr,
+    bias_ptr,
+    index_ptr,
+    max_ptr,
+    sum_ptr,
+    target_ptr,
+    N,
+    K,
+    D,
+    codes_per_split,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    stride_bh,
+    stride_oh,
+    stride_os,
+    METRIC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    CAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
 ):
     """Per split: running max, sum of exp(logit - max) and the target's logit (0 when the target is
     outside the split), each (H, S, N) fp32."""
@@ -43,8 +63,7 @@ def _ce_forward_kernel(
     c_head = code_ptr + pid_h * stride_ch
     k_lo = pid_s.to(tl.int64) * codes_per_split
     k_hi = tl.minimum(k_lo + codes_per_split, K)
-    x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE,
-                           False)
+    x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE, False)
     target = tl.load(index_ptr + pid_h * N + offs_n, mask=n_mask, other=-1)
 
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -53,11 +72,28 @@ def _ce_forward_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
-        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D,
-                               SINGLE_D_TILE, True)
-        dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
-                             stride_xn, stride_xd, stride_ck, stride_cd,
-                             INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
+        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE, True)
+        dot, x_sq = dot_tile(
+            x_head,
+            c_head,
+            x_tile,
+            c_tile,
+            offs_n,
+            n_mask,
+            offs_k,
+            k_mask,
+            D,
+            stride_xn,
+            stride_xd,
+            stride_ck,
+            stride_cd,
+            INPUT_PRECISION,
+            CAST,
+            BLOCK_N,
+            BLOCK_K,
+            BLOCK_D,
+            SINGLE_D_TILE,
+        )
         bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
         logit = tl.where(k_mask[None, :], logits(dot, x_sq, bias, METRIC), float("-inf"))
         new_max = tl.maximum(run_max, tl.max(logit, axis=1))  # finite: every tile has a code
@@ -72,8 +108,9 @@ def _ce_forward_kernel(
 
 
 @triton.jit
-def _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask,
-                  METRIC: tl.constexpr, CODE_SIDE: tl.constexpr):
+def _grad_weights(
+    dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, METRIC: tl.constexpr, CODE_SIDE: tl.constexpr
+):
     """(m, q), fp32 (BLOCK_N, BLOCK_K), of one tile (`logit_grad_factors`) for
     w = dL/dlogit = grad (exp(logit - lse) - onehot)."""
     logit = logits(dot, x_sq, bias, METRIC)
@@ -85,15 +122,37 @@ def _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask,
 
 @triton.jit
 def _ce_grad_kernel(
-    x_ptr, code_ptr, bias_ptr, index_ptr, lse_ptr, grad_ptr, out_ptr,
-    N, K, D, per_split,
-    stride_xh, stride_xn, stride_xd,
-    stride_ch, stride_ck, stride_cd,
-    stride_bh, stride_os, stride_oh, stride_or,
-    CODE_SIDE: tl.constexpr, METRIC: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    CAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    SINGLE_D_TILE: tl.constexpr, BLOCK_DO: tl.constexpr,
+    x_ptr,
+    code_ptr,
+    bias_ptr,
+    index_ptr,
+    lse_ptr,
+    grad_ptr,
+    out_ptr,
+    N,
+    K,
+    D,
+    per_split,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    stride_bh,
+    stride_os,
+    stride_oh,
+    stride_or,
+    CODE_SIDE: tl.constexpr,
+    METRIC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    CAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ):
     """Partial gradient (S, H, rows, D) fp32 of one split: a program owns a block of rows (tokens, or
     codes when CODE_SIDE) and one BLOCK_DO chunk of D (the whole D when SINGLE_D_TILE), and streams
@@ -112,8 +171,7 @@ def _ce_grad_kernel(
     if CODE_SIDE:
         offs_k = pid_row * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D,
-                               SINGLE_D_TILE, True)
+        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE, True)
         bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
         acc = tl.zeros([BLOCK_K, BLOCK_DO], tl.float32)
         q_sum = tl.zeros([BLOCK_K], tl.float32)
@@ -121,21 +179,36 @@ def _ce_grad_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < hi
-            x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D,
-                                   SINGLE_D_TILE, False)
-            dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
-                                 stride_xn, stride_xd, stride_ck, stride_cd,
-                                 INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
+            x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE, False)
+            dot, x_sq = dot_tile(
+                x_head,
+                c_head,
+                x_tile,
+                c_tile,
+                offs_n,
+                n_mask,
+                offs_k,
+                k_mask,
+                D,
+                stride_xn,
+                stride_xd,
+                stride_ck,
+                stride_cd,
+                INPUT_PRECISION,
+                CAST,
+                BLOCK_N,
+                BLOCK_K,
+                BLOCK_D,
+                SINGLE_D_TILE,
+            )
             target = tl.load(index_ptr + pid_h * N + offs_n, mask=n_mask, other=-1)
             lse = tl.load(lse_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
             grad = tl.load(grad_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
-            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, METRIC,
-                                 CODE_SIDE)
+            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, METRIC, CODE_SIDE)
             if SINGLE_D_TILE:
                 x_out = x_tile.to(tl.float32)
             else:
-                x_out = load_tile(x_head, offs_n, offs_do, stride_xn, stride_xd, n_mask, do_mask,
-                                  CAST).to(tl.float32)
+                x_out = load_tile(x_head, offs_n, offs_do, stride_xn, stride_xd, n_mask, do_mask, CAST).to(tl.float32)
             acc = tl.dot(tl.trans(m), x_out, acc, input_precision=GRAD_PRECISION)
             q_sum += tl.sum(q, axis=0)
         rows = load_tile(c_head, offs_k, offs_do, stride_ck, stride_cd, k_mask, do_mask, CAST).to(tl.float32)
@@ -144,8 +217,7 @@ def _ce_grad_kernel(
     else:
         offs_n = pid_row * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D,
-                               SINGLE_D_TILE, False)
+        x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE, False)
         target = tl.load(index_ptr + pid_h * N + offs_n, mask=n_mask, other=-1)
         lse = tl.load(lse_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
         grad = tl.load(grad_ptr + pid_h * N + offs_n, mask=n_mask, other=0.0)
@@ -155,19 +227,34 @@ def _ce_grad_kernel(
         for k0 in range(lo, hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < hi
-            c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D,
-                                   SINGLE_D_TILE, True)
-            dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
-                                 stride_xn, stride_xd, stride_ck, stride_cd,
-                                 INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
+            c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE, True)
+            dot, x_sq = dot_tile(
+                x_head,
+                c_head,
+                x_tile,
+                c_tile,
+                offs_n,
+                n_mask,
+                offs_k,
+                k_mask,
+                D,
+                stride_xn,
+                stride_xd,
+                stride_ck,
+                stride_cd,
+                INPUT_PRECISION,
+                CAST,
+                BLOCK_N,
+                BLOCK_K,
+                BLOCK_D,
+                SINGLE_D_TILE,
+            )
             bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
-            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, METRIC,
-                                 CODE_SIDE)
+            m, q = _grad_weights(dot, x_sq, bias, offs_k, target, lse, grad, n_mask, k_mask, METRIC, CODE_SIDE)
             if SINGLE_D_TILE:
                 c_out = tl.trans(c_tile).to(tl.float32)
             else:
-                c_out = load_tile(c_head, offs_k, offs_do, stride_ck, stride_cd, k_mask, do_mask,
-                                  CAST).to(tl.float32)
+                c_out = load_tile(c_head, offs_k, offs_do, stride_ck, stride_cd, k_mask, do_mask, CAST).to(tl.float32)
             acc = tl.dot(m, c_out, acc, input_precision=GRAD_PRECISION)
             q_sum += tl.sum(q, axis=1)
         rows = load_tile(x_head, offs_n, offs_do, stride_xn, stride_xd, n_mask, do_mask, CAST).to(tl.float32)
@@ -178,8 +265,9 @@ def _ce_grad_kernel(
     tl.store(out_ptr + out, acc - rows * q_sum[:, None], mask=r_mask[:, None] & do_mask[None, :])
 
 
-def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2",
-                       precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def code_cross_entropy(
+    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `fastvq.ops.chunked.code_cross_entropy`: x (H, N, D), codebook (Hc, K, D), indices
     (H, N) int64 in [-1, K) -> loss (H, N) fp32 (0 where the index is -1), log-sum-exp (H, N) fp32."""
     heads, n_tokens, dim = x.shape
@@ -194,24 +282,48 @@ def code_cross_entropy(x: torch.Tensor, codebook: torch.Tensor, indices: torch.T
     codes_per_split = cfg.pop("codes_per_split")
     shared = codebook.shape[0] == 1
     indices = indices.contiguous()
-    run_max, run_sum, target_logit = torch.empty((3, heads, splits, n_tokens), dtype=torch.float32,
-                                                 device=x.device)
+    run_max, run_sum, target_logit = torch.empty((3, heads, splits, n_tokens), dtype=torch.float32, device=x.device)
     _ce_forward_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]), splits, heads)](
-        x, codebook, bias, indices, run_max, run_sum, target_logit,
-        n_tokens, n_codes, dim, codes_per_split,
-        x.stride(0), x.stride(1), x.stride(2),
-        0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        0 if shared else bias.stride(0), run_max.stride(0), run_max.stride(1),
-        METRIC=metric, **dot_options(precision), **cfg,
+        x,
+        codebook,
+        bias,
+        indices,
+        run_max,
+        run_sum,
+        target_logit,
+        n_tokens,
+        n_codes,
+        dim,
+        codes_per_split,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        0 if shared else codebook.stride(0),
+        codebook.stride(1),
+        codebook.stride(2),
+        0 if shared else bias.stride(0),
+        run_max.stride(0),
+        run_max.stride(1),
+        METRIC=metric,
+        **dot_options(precision),
+        **cfg,
     )
     top = run_max.amax(dim=1, keepdim=True)
     lse = top[:, 0] + (run_sum * (run_max - top).exp()).sum(dim=1).log()
     return torch.where(indices < 0, 0.0, lse - target_logit.sum(dim=1)), lse
 
 
-def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
-                            grad: torch.Tensor, wrt: str, *, metric: str = "l2",
-                            precision: str = "ieee") -> torch.Tensor:
+def code_cross_entropy_grad(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    wrt: str,
+    *,
+    metric: str = "l2",
+    precision: str = "ieee",
+) -> torch.Tensor:
     """Triton twin of `fastvq.ops.chunked.code_cross_entropy_grad`: the gradient w.r.t. x (wrt="x",
     (H, N, D) fp32) or the codebook (wrt="codebook", (Hc, K, D) fp32); lse and grad are (H, N)."""
     code_side = wrt == "codebook"
@@ -236,13 +348,31 @@ def code_cross_entropy_grad(x: torch.Tensor, codebook: torch.Tensor, indices: to
     row_blocks = triton.cdiv(n_rows, cfg["BLOCK_K" if code_side else "BLOCK_N"])
     grid = (row_blocks * triton.cdiv(dim, cfg["BLOCK_DO"]), splits, heads)
     _ce_grad_kernel[grid](
-        x, codebook, bias, indices, lse, grad, partial,
-        n_tokens, n_codes, dim, per_split,
-        x.stride(0), x.stride(1), x.stride(2),
-        0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        0 if shared else bias.stride(0), partial.stride(0), partial.stride(1), partial.stride(2),
-        CODE_SIDE=code_side, METRIC=metric,
+        x,
+        codebook,
+        bias,
+        indices,
+        lse,
+        grad,
+        partial,
+        n_tokens,
+        n_codes,
+        dim,
+        per_split,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        0 if shared else codebook.stride(0),
+        codebook.stride(1),
+        codebook.stride(2),
+        0 if shared else bias.stride(0),
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        CODE_SIDE=code_side,
+        METRIC=metric,
         GRAD_PRECISION="ieee" if precision == "ieee" else "tf32",
-        **dot_options(precision), **cfg,
+        **dot_options(precision),
+        **cfg,
     )
     return partial.sum(dim=0) if splits > 1 else partial[0]

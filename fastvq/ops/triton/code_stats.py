@@ -30,9 +30,19 @@ in order. Part of the definition of the result's bits (changing it changes the r
 
 @triton.jit
 def _chunk_sums_kernel(
-    x_ptr, order_ptr, chunk_start_ptr, chunk_len_ptr, partial_ptr, n_chunks, N, D,
-    stride_xh, stride_xn, stride_xd,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    order_ptr,
+    chunk_start_ptr,
+    chunk_len_ptr,
+    partial_ptr,
+    n_chunks,
+    N,
+    D,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """partial[c, :] = sum of the rows x[order[s]] for s in [start_c, start_c + len_c), in that order."""
     offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -46,15 +56,23 @@ def _chunk_sums_kernel(
         live = i < length
         token = tl.load(order_ptr + start + i, mask=live, other=0)  # flat (head, token) index
         row_ptr = x_ptr + (token // N) * stride_xh + (token % N) * stride_xn
-        acc += tl.load(row_ptr[:, None] + offs_d[None, :] * stride_xd, mask=live[:, None] & d_mask[None, :],
-                       other=0.0).to(tl.float32)
+        acc += tl.load(
+            row_ptr[:, None] + offs_d[None, :] * stride_xd, mask=live[:, None] & d_mask[None, :], other=0.0
+        ).to(tl.float32)
     tl.store(partial_ptr + offs_c[:, None] * D + offs_d[None, :], acc, mask=c_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def _run_sums_kernel(
-    partial_ptr, run_first_chunk_ptr, run_chunks_ptr, run_key_ptr, sums_ptr, n_runs, D,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    partial_ptr,
+    run_first_chunk_ptr,
+    run_chunks_ptr,
+    run_key_ptr,
+    sums_ptr,
+    n_runs,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """sums[key_r, :] = sum of partial[first_r + j] for j in [0, chunks_r), in that order."""
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -67,16 +85,32 @@ def _run_sums_kernel(
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for j in range(0, tl.max(chunks, axis=0)):
         live = j < chunks
-        acc += tl.load(partial_ptr + (first + j)[:, None] * D + offs_d[None, :],
-                       mask=live[:, None] & d_mask[None, :], other=0.0)
+        acc += tl.load(
+            partial_ptr + (first + j)[:, None] * D + offs_d[None, :], mask=live[:, None] & d_mask[None, :], other=0.0
+        )
     tl.store(sums_ptr + key[:, None] * D + offs_d[None, :], acc, mask=r_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def _atomic_code_stats_kernel(
-    x_ptr, index_ptr, mask_ptr, counts_ptr, sums_ptr, N, K, D,
-    stride_xh, stride_xn, stride_xd, stride_ih, stride_in, stride_mh, stride_mn,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    index_ptr,
+    mask_ptr,
+    counts_ptr,
+    sums_ptr,
+    N,
+    K,
+    D,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    stride_ih,
+    stride_in,
+    stride_mh,
+    stride_mn,
+    HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -90,8 +124,9 @@ def _atomic_code_stats_kernel(
     if HAS_MASK:
         keep = keep & (tl.load(mask_ptr + pid_h * stride_mh + offs_n * stride_mn, mask=n_mask, other=0) != 0)
     tile_mask = keep[:, None] & d_mask[None, :]
-    rows = tl.load(x_ptr + pid_h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                   mask=tile_mask, other=0.0).to(tl.float32)
+    rows = tl.load(
+        x_ptr + pid_h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=tile_mask, other=0.0
+    ).to(tl.float32)
     safe = tl.where(keep, index, 0)
     tl.atomic_add(sums_ptr + (pid_h * K + safe[:, None]) * D + offs_d[None, :], rows, mask=tile_mask)
     if pid_d == 0:
@@ -109,12 +144,18 @@ def _sorted_runs(indices: torch.Tensor, num_codes: int, mask: torch.Tensor | Non
     run_keys, run_lengths = torch.unique_consecutive(sorted_keys, return_counts=True)
     if run_keys.numel() and run_keys[-1] == heads * num_codes:  # the skipped tokens' run
         run_keys, run_lengths = run_keys[:-1], run_lengths[:-1]
-    return order[:int(run_lengths.sum())], run_keys, run_lengths
+    return order[: int(run_lengths.sum())], run_keys, run_lengths
 
 
-def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
-               mask: torch.Tensor | None = None, deterministic: bool = True,
-               block_sizes: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def code_stats(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    num_codes: int,
+    *,
+    mask: torch.Tensor | None = None,
+    deterministic: bool = True,
+    block_sizes: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `fastvq.ops.chunked.code_stats`: x (H, N, D), indices (H, N), mask (H, N) bool ->
     counts (H, K) fp32, sums (H, K, D) fp32.
 
@@ -145,12 +186,32 @@ def code_stats(x: torch.Tensor, indices: torch.Tensor, num_codes: int, *,
     rows, block_d = block_sizes or (32, min(64, max(16, triton.next_power_of_2(dim))))  # no spills on sm_90
     d_blocks = triton.cdiv(dim, block_d)
     _chunk_sums_kernel[(triton.cdiv(n_chunks, rows), d_blocks)](
-        x, order, chunk_start, chunk_len, partial, n_chunks, n_tokens, dim,
-        x.stride(0), x.stride(1), x.stride(2), BLOCK_C=rows, BLOCK_D=block_d, num_warps=4,
+        x,
+        order,
+        chunk_start,
+        chunk_len,
+        partial,
+        n_chunks,
+        n_tokens,
+        dim,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        BLOCK_C=rows,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     _run_sums_kernel[(triton.cdiv(run_keys.numel(), rows), d_blocks)](
-        partial, run_first_chunk, run_chunks, run_keys, sums, run_keys.numel(), dim,
-        BLOCK_R=rows, BLOCK_D=block_d, num_warps=4,
+        partial,
+        run_first_chunk,
+        run_chunks,
+        run_keys,
+        sums,
+        run_keys.numel(),
+        dim,
+        BLOCK_R=rows,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     return counts, sums
 
@@ -162,9 +223,24 @@ def _atomic_code_stats(x, indices, num_codes, mask, counts, sums):
     mask_bytes = indices if mask is None else mask.view(torch.uint8)
     grid = (triton.cdiv(n_tokens, block_n), max(1, triton.cdiv(dim, block_d)), heads)  # D = 0 still counts
     _atomic_code_stats_kernel[grid](
-        x, indices, mask_bytes, counts, sums, n_tokens, num_codes, dim,
-        x.stride(0), x.stride(1), x.stride(2), indices.stride(0), indices.stride(1),
-        mask_bytes.stride(0), mask_bytes.stride(1),
-        HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        x,
+        indices,
+        mask_bytes,
+        counts,
+        sums,
+        n_tokens,
+        num_codes,
+        dim,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        indices.stride(0),
+        indices.stride(1),
+        mask_bytes.stride(0),
+        mask_bytes.stride(1),
+        HAS_MASK=mask is not None,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     return counts, sums

@@ -47,14 +47,37 @@ def _merge_topk(score, k0, best, best_index, TOPK: tl.constexpr, KPAD: tl.conste
 
 @triton.jit
 def _search_kernel(
-    x_ptr, code_ptr, bias_ptr, best_score_ptr, best_index_ptr,
-    N, K, D, codes_per_split, seed, logit_scale, noise_scale,
-    stride_xh, stride_xn, stride_xd,
-    stride_ch, stride_ck, stride_cd,
-    stride_bh, stride_oh, stride_os,
-    METRIC: tl.constexpr, GUMBEL: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, CAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D_TILE: tl.constexpr,
+    x_ptr,
+    code_ptr,
+    bias_ptr,
+    best_score_ptr,
+    best_index_ptr,
+    N,
+    K,
+    D,
+    codes_per_split,
+    seed,
+    logit_scale,
+    noise_scale,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    stride_bh,
+    stride_oh,
+    stride_os,
+    METRIC: tl.constexpr,
+    GUMBEL: tl.constexpr,
+    TOPK: tl.constexpr,
+    KPAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    CAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
 ):
     """Writes each split's best (score, index) per token: (H, S, N), or (H, S, N, TOPK) when TOPK > 1."""
     pid_n = tl.program_id(0)
@@ -66,8 +89,7 @@ def _search_kernel(
     c_head = code_ptr + pid_h * stride_ch
     k_lo = pid_s.to(tl.int64) * codes_per_split
     k_hi = tl.minimum(k_lo + codes_per_split, K)
-    x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE,
-                           False)
+    x_tile = resident_tile(x_head, offs_n, n_mask, D, stride_xn, stride_xd, CAST, BLOCK_D, SINGLE_D_TILE, False)
 
     if TOPK == 1:
         best = tl.full([BLOCK_N], float("inf"), tl.float32)
@@ -81,11 +103,28 @@ def _search_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
-        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D,
-                               SINGLE_D_TILE, True)
-        dot, x_sq = dot_tile(x_head, c_head, x_tile, c_tile, offs_n, n_mask, offs_k, k_mask, D,
-                             stride_xn, stride_xd, stride_ck, stride_cd,
-                             INPUT_PRECISION, CAST, BLOCK_N, BLOCK_K, BLOCK_D, SINGLE_D_TILE)
+        c_tile = resident_tile(c_head, offs_k, k_mask, D, stride_ck, stride_cd, CAST, BLOCK_D, SINGLE_D_TILE, True)
+        dot, x_sq = dot_tile(
+            x_head,
+            c_head,
+            x_tile,
+            c_tile,
+            offs_n,
+            n_mask,
+            offs_k,
+            k_mask,
+            D,
+            stride_xn,
+            stride_xd,
+            stride_ck,
+            stride_cd,
+            INPUT_PRECISION,
+            CAST,
+            BLOCK_N,
+            BLOCK_K,
+            BLOCK_D,
+            SINGLE_D_TILE,
+        )
         bias = tl.load(bias_ptr + pid_h * stride_bh + offs_k, mask=k_mask, other=0.0)
         if GUMBEL:
             u = tl.rand(seed, (pid_h * N + offs_n)[:, None] * K + offs_k[None, :])
@@ -115,10 +154,22 @@ def _search_kernel(
 
 @triton.jit
 def _chosen_distance_kernel(
-    x_ptr, code_ptr, index_ptr, dist_ptr, N, D, J,
-    stride_xh, stride_xn, stride_xd,
-    stride_ch, stride_ck, stride_cd,
-    METRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    code_ptr,
+    index_ptr,
+    dist_ptr,
+    N,
+    D,
+    J,
+    stride_xh,
+    stride_xn,
+    stride_xd,
+    stride_ch,
+    stride_ck,
+    stride_cd,
+    METRIC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Exact fp32 distance between each token and its j-th chosen code; index and dist are (H, N, J)
     contiguous (code 0 is read for index -1)."""
@@ -158,8 +209,16 @@ def _chosen_distance_kernel(
     tl.store(dist_ptr + out, dist, mask=n_mask)
 
 
-def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str, *, topk: int = 1,
-            seed: int = 0, temperature: float | None = None) -> torch.Tensor:
+def _search(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str,
+    precision: str,
+    *,
+    topk: int = 1,
+    seed: int = 0,
+    temperature: float | None = None,
+) -> torch.Tensor:
     """Launch the search kernel and merge its splits: indices (H, N) int64, or (H, N, topk) lowest
     score first; -1 where no code has a finite score. temperature: None ranks by distance, a
     positive value draws by Gumbel-max with `seed`."""
@@ -176,13 +235,32 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
     best_index = torch.empty(candidates, dtype=torch.int64, device=x.device)
     grid = (triton.cdiv(n_tokens, cfg["BLOCK_N"]), splits, heads)
     _search_kernel[grid](
-        x, codebook, bias, best_score, best_index,
-        n_tokens, n_codes, dim, codes_per_split, seed, *gumbel_scales(temperature or 1.0),
-        x.stride(0), x.stride(1), x.stride(2),
-        0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        0 if shared else bias.stride(0), best_score.stride(0), best_score.stride(1),
-        METRIC=metric, GUMBEL=temperature is not None, TOPK=topk,
-        KPAD=triton.next_power_of_2(topk), **dot_options(precision), **cfg,
+        x,
+        codebook,
+        bias,
+        best_score,
+        best_index,
+        n_tokens,
+        n_codes,
+        dim,
+        codes_per_split,
+        seed,
+        *gumbel_scales(temperature or 1.0),
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        0 if shared else codebook.stride(0),
+        codebook.stride(1),
+        codebook.stride(2),
+        0 if shared else bias.stride(0),
+        best_score.stride(0),
+        best_score.stride(1),
+        METRIC=metric,
+        GUMBEL=temperature is not None,
+        TOPK=topk,
+        KPAD=triton.next_power_of_2(topk),
+        **dot_options(precision),
+        **cfg,
     )
     if topk == 1:
         if splits == 1:
@@ -198,8 +276,9 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
     return index.masked_fill(score[..., :topk] == float("inf"), -1)
 
 
-def _chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
-                     metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _chosen_distance(
+    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fp32 distances of the chosen codes, indices (H, N) or (H, N, J) -> (indices, distances)
     of that shape, with -1 / NaN where no finite distance was found."""
     heads, n_tokens, dim = x.shape
@@ -209,31 +288,52 @@ def _chosen_distance(x: torch.Tensor, codebook: torch.Tensor, indices: torch.Ten
     n_chosen = indices.shape[2] if indices.dim() == 3 else 1
     shared = codebook.shape[0] == 1
     _chosen_distance_kernel[(triton.cdiv(n_tokens, cfg["BLOCK_N"]), n_chosen, heads)](
-        x, codebook, indices, distances, n_tokens, dim, n_chosen,
-        x.stride(0), x.stride(1), x.stride(2),
-        0 if shared else codebook.stride(0), codebook.stride(1), codebook.stride(2),
-        METRIC=metric, **cfg,
+        x,
+        codebook,
+        indices,
+        distances,
+        n_tokens,
+        dim,
+        n_chosen,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        0 if shared else codebook.stride(0),
+        codebook.stride(1),
+        codebook.stride(2),
+        METRIC=metric,
+        **cfg,
     )
     return mark_unassigned(indices, distances)
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
-                 precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_code(
+    x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `fastvq.ops.chunked.nearest_code`: x (H, N, D), codebook (Hc, K, D) ->
     indices (H, N) int64 (-1: no finite distance), distances (H, N) fp32."""
     return _chosen_distance(x, codebook, _search(x, codebook, metric, precision), metric)
 
 
-def topk_codes(x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2",
-               precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_codes(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, *, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `fastvq.ops.chunked.topk_codes`: x (H, N, D), codebook (Hc, K, D), 1 <= k <= K ->
     indices (H, N, k) int64 nearest first, distances (H, N, k) fp32; -1 / NaN after the valid entries."""
     indices = _search(x, codebook, metric, precision, topk=k).reshape(*x.shape[:2], k)
     return valid_first(*_chosen_distance(x, codebook, indices, metric))
 
 
-def sample_code(x: torch.Tensor, codebook: torch.Tensor, *, temperature: float, seed: int,
-                k: int | None = None, metric: str = "l2", precision: str = "ieee") -> torch.Tensor:
+def sample_code(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    temperature: float,
+    seed: int,
+    k: int | None = None,
+    metric: str = "l2",
+    precision: str = "ieee",
+) -> torch.Tensor:
     """Triton twin of `fastvq.ops.chunked.sample_code`: x (H, N, D), codebook (Hc, K, D), temperature > 0
     -> indices (H, N) int64 drawn from softmax(logits / temperature), or with k (H, N, k) int64 by
     Gumbel top-k, highest first (-1: no finite logit)."""
