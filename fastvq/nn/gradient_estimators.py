@@ -21,16 +21,15 @@ def _rotation(src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, ...]:
     src / (|src| n) + tgt / (|tgt| n), n = max(|u + q|, L2NORM_EPS), the rotation R v = v - 2 (v.w) w +
     2 (v.u) q and its transpose (q and u swapped) are v + a src + b tgt, with a and b from v.src and
     v.tgt (`_rotate`). -> 1 / (|src| n), 1 / (|tgt| n), 1 / (|src| |tgt|), the rescaling |tgt| / |src|,
-    src.src and src.tgt. |u + q| comes from the reductions (|u|^2 + 2 u.q + |q|^2): it loses relative
-    precision only where src and tgt point nearly opposite ways (|u + q| << 1).
+    src.src and src.tgt. |u + q| is the norm of the sum itself (a transient (..., D) tensor): from the
+    reductions, sqrt(|u|^2 + 2 u.q + |q|^2) cancels where src and tgt point nearly opposite ways.
     """
     src_norm = torch.linalg.vector_norm(src, dim=-1, keepdim=True)
     tgt_norm = torch.linalg.vector_norm(tgt, dim=-1, keepdim=True)
     src_tgt = (src * tgt).sum(-1, keepdim=True)
     src_safe, tgt_safe = src_norm.clamp_min(SAFE_DIV_EPS), tgt_norm.clamp_min(SAFE_DIV_EPS)
     inv_st = 1 / (src_safe * tgt_safe)
-    n = (src_norm / src_safe).square() + 2 * src_tgt * inv_st + (tgt_norm / tgt_safe).square()
-    n = n.clamp_min(0).sqrt().clamp_min(L2NORM_EPS)
+    n = torch.linalg.vector_norm(src / src_safe + tgt / tgt_safe, dim=-1, keepdim=True).clamp_min(L2NORM_EPS)
     return 1 / (src_safe * n), 1 / (tgt_safe * n), inv_st, tgt_norm / src_safe, src_norm.square(), src_tgt
 
 

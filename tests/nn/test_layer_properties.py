@@ -10,32 +10,25 @@ entry (the EMA buffers) within that file's tolerance, then eval must be bit-iden
 and dead-code replacement draw differently by design and are left to the parity tests.
 """
 
-import importlib
 import math
-from unittest import mock
 
 import pytest
 import torch
 from conftest import backend_cases
-from hypothesis import event, note
 from strategies import LayerCase, backend_property, residual_cases, vector_quantize_cases
-from test_layer_parity import compare_eval, compare_steps, train_step
+from test_layer_parity import compare_eval, compare_steps
 
 import fastvq
 
 anchor_package = pytest.importorskip(
     "vector_quantize_pytorch", reason="vector-quantize-pytorch==1.32.0 is not installed (pip install -e '.[test]')"
 )
-anchor_layer_module = importlib.import_module("vector_quantize_pytorch.vector_quantize_pytorch")
 
 CPU_BACKENDS = [case for case in backend_cases() if case.values[0] == "cpu"]
 TRAINING_STEPS = 2
 LAYER_SHARE, INTERPRETER_SHARE = 0.6, 0.2
 """Each example trains two layers for TRAINING_STEPS steps: these shares of the profile's examples
 (the second under Triton's interpreter)."""
-NEARLY_OPPOSITE = -0.95
-"""Training steps where the rotation trick maps a token onto a code at a cosine below this are not
-compared (eval still is): fastvq's rotation loses precision there (the xfail test below)."""
 
 
 def make_layers(case, backend: str):
@@ -49,34 +42,11 @@ def make_layers(case, backend: str):
     return anchor, ours
 
 
-def smallest_rotation_cosine(case, steps) -> float:
-    """The smallest cosine between a token and its code where 1.32.0's rotation trick maps one onto the
-    other during the training steps (those of `compare_steps`, on a layer of its own): 1 if none."""
-    smallest, rotate_to = [1.0], anchor_layer_module.rotate_to
-
-    def recorded(src, tgt):
-        if src.numel():
-            smallest.append(torch.cosine_similarity(src.detach(), tgt.detach(), dim=-1).min().item())
-        return rotate_to(src, tgt)
-
-    anchor, _ = make_layers(case, "torch")
-    with mock.patch.object(anchor_layer_module, "rotate_to", recorded):
-        for step, x in enumerate(steps):
-            train_step(anchor.train(), x, seed=step, **case.forward)
-    return min(smallest)
-
-
 def check_parity(case, backend: str) -> None:
-    """Training steps within the parity tolerance (unless the rotation trick meets a nearly opposite
-    code, see NEARLY_OPPOSITE), then eval bit-identical."""
+    """Training steps within the parity tolerance, then eval bit-identical."""
     anchor, ours = make_layers(case, backend)
     *steps, final = case.inputs(TRAINING_STEPS + 1)
-    cosine = smallest_rotation_cosine(case, steps)
-    if cosine > NEARLY_OPPOSITE:
-        compare_steps(anchor, ours, steps, **case.forward)
-    else:
-        event("training steps not compared: a token nearly opposite its code")
-        note(f"training steps not compared: the rotation trick meets a cosine of {cosine:.4f}")
+    compare_steps(anchor, ours, steps, **case.forward)
     compare_eval(anchor, ours, final, **case.forward)
 
 
@@ -102,24 +72,7 @@ def _exact_rotation_gradient(x, code, grad):
     return rotation.T @ grad * code.norm() / x.norm()
 
 
-@pytest.mark.parametrize(
-    "package",
-    [
-        pytest.param(anchor_package, id="1.32.0"),
-        pytest.param(
-            fastvq,
-            id="fastvq",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "open: fastvq's rotation trick takes |u + q| from row reductions, sqrt(2 + 2 u.q), which "
-                    "cancels where a token points nearly opposite its code; at 179 degrees the input gradient "
-                    "is off by 8e-5 relative (1.32.0, which adds u + q first: 6e-7)"
-                ),
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("package", [pytest.param(anchor_package, id="1.32.0"), pytest.param(fastvq, id="fastvq")])
 def test_rotation_trick_gradient_of_a_token_nearly_opposite_its_code(package):
     """A token at 179 degrees from the only code (found by the layer properties, where such a token made
     fastvq's input gradient differ from 1.32.0's by 2e-5 in a training step): the input gradient within
