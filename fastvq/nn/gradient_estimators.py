@@ -66,8 +66,9 @@ class _RotateTo(torch.autograd.Function):
 def rotate_to(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """Rotation trick (Fifty et al. 2024, arXiv:2410.06424, sec. 4.2): the values of tgt, with the
     gradient reaching src through the rotation and rescaling that map src onto tgt (treated as
-    constants; tgt gets no gradient). src, tgt (..., D) of one dtype; O(N D), no D x D matrix."""
-    return _RotateTo.apply(src, tgt)
+    constants; tgt gets no gradient, and is detached so that nothing upstream of it runs a backward).
+    src, tgt (..., D) of one dtype; O(N D), no D x D matrix."""
+    return _RotateTo.apply(src, tgt.detach())
 
 
 def straight_through(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

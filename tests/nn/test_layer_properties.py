@@ -89,21 +89,11 @@ def test_rotation_trick_gradient_of_a_token_nearly_opposite_its_code(package):
     assert error < 1e-5, f"relative error {error.item():.2g}"
 
 
-ZERO_CODEBOOK_GRADIENT = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "open: with a learnable codebook, commitment_weight=0 and an input that requires grad, 1.32.0's "
-        "rotation trick detaches the codes, so the codebook gets no gradient (None); fastvq's rotation "
-        "gives it a tensor of zeros, so an optimizer with weight decay or momentum still steps it"
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "package,rotation_trick",
     [
         pytest.param(anchor_package, True, id="1.32.0-rotation"),
-        pytest.param(fastvq, True, id="fastvq-rotation", marks=ZERO_CODEBOOK_GRADIENT),
+        pytest.param(fastvq, True, id="fastvq-rotation"),
         pytest.param(anchor_package, False, id="1.32.0-straight-through"),
         pytest.param(fastvq, False, id="fastvq-straight-through"),
     ],
