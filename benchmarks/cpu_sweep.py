@@ -3,7 +3,6 @@
     python benchmarks/cpu_sweep.py                  # the full grid (estimated 10-15 min on an idle 2-core machine)
     python benchmarks/cpu_sweep.py --quick          # a small grid, about a minute
     python benchmarks/cpu_sweep.py --committed      # the CPU matrix's search shapes (benchmarks/run.py)
-    python benchmarks/run.py --only cpu-sweep       # the same full grid through run.py
 
 Each point: N tokens (odd sizes included) x D dimensions x K codes, fp32 and bf16 inputs, k = 1, l2.
 fastvq: `fastvq.nearest_code(x, codebook, backend="cpu")` on the inputs as they are; faiss-cpu:

@@ -5,7 +5,6 @@
     python benchmarks/run.py --only search --shapes vqvae,llamagen
     python benchmarks/run.py --device cpu --only scaling  # time and memory against K (scaling.png)
     python benchmarks/run.py --only search --impls triton --results-dir DIR  # one slice, added to DIR's records
-    python benchmarks/run.py --only cpu-sweep   # fastvq-cpu vs faiss-cpu heat maps, idle and busy (cpu_sweep.py)
 
 Writes benchmarks/results/<device>-<date>/ (a partial run adds -quick, -<op>, -<shapes>; a --quick
 run goes to the git-ignored benchmarks/scratch/ instead, as it records nothing worth keeping) with
@@ -154,9 +153,8 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--only",
-        choices=("search", "train", "residual", "fsq", "simvq", "head", "scaling", "cpu-sweep"),
-        help="only this op (ceilings always run); cpu-sweep: benchmarks/cpu_sweep.py's grid "
-        "(--quick, --threads and --repeats passed on)",
+        choices=("search", "train", "residual", "fsq", "simvq", "head", "scaling"),
+        help="only this op (ceilings always run; the CPU sweep against faiss is benchmarks/cpu_sweep.py)",
     )
     parser.add_argument(
         "--shapes",
@@ -468,11 +466,6 @@ def compile_only(tasks, settings: Settings) -> None:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    if args.only == "cpu-sweep":
-        import cpu_sweep
-
-        passed_on = [f"--{name}={getattr(args, name)}" for name in ("threads", "repeats") if getattr(args, name)]
-        return cpu_sweep.main(["--quick"] * args.quick + passed_on)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU visible to torch")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

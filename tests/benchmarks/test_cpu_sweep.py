@@ -1,6 +1,6 @@
-"""benchmarks/cpu_sweep.py on a tiny grid: both dtypes, idle and with its busy thread, through
-run.py's --only entry too; the JSON holds every point with positive, finite times and ratios and
-the PNG is an image."""
+"""benchmarks/cpu_sweep.py on a tiny grid: both dtypes, idle and with its busy thread; the JSON holds
+every point with positive, finite times and ratios and the PNG is an image; --committed reruns
+run.py's CPU search shapes."""
 
 import json
 import math
@@ -53,15 +53,6 @@ def test_tiny_sweep_writes_positive_finite_ratios_and_heat_maps(cpu_sweep, tmp_p
         assert point["ratio"] == pytest.approx(point["faiss_median_ms"] / point["fastvq_median_ms"])
     assert result["meta"]["threads"] == 1 and result["meta"]["faiss"]
     assert (out_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_run_py_only_cpu_sweep_runs_the_sweep(cpu_sweep, monkeypatch):
-    import run
-
-    seen = []
-    monkeypatch.setattr(cpu_sweep, "main", lambda argv: seen.append(argv) or Path("sweep"))
-    assert run.main(["--only", "cpu-sweep", "--quick", "--threads", "2"]) == Path("sweep")
-    assert seen == [["--quick", "--threads=2"]]
 
 
 def test_committed_shapes_are_the_cpu_search_rows(cpu_sweep):
