@@ -132,22 +132,26 @@ FASTVQ_UNROLL
 // The code a list slot holds, or -1 when no code with a finite score reached it.
 FASTVQ_HD int64_t slot_code(float score, int32_t index) { return score == INFINITY ? -1 : index; }
 
-// Sums from which the exact fp32 distance of a (token, code) pair is finished.
+// Sums from which the exact fp32 distance of a (token, code) pair is finished: in fp64, where products
+// and differences of fp32 values are exact, rounded once at the end (as every backend), so the
+// distance is the fp32 value nearest the exact one at any D, also for dot and cosine, whose fp32 sums
+// would drift by ~D 2^-24 of sum |x_d c_d|.
 struct DistanceSums {
-  float sq_diff = 0.0f;  // l2: sum (x - c)^2
-  float dot = 0.0f;      // cosine: x.c, |x|^2, |c|^2; dot: x.c
-  float x_sq = 0.0f;
-  float c_sq = 0.0f;
+  double sq_diff = 0.0;  // l2: sum (x - c)^2
+  double dot = 0.0;      // cosine: x.c, |x|^2, |c|^2; dot: x.c
+  double x_sq = 0.0;
+  double c_sq = 0.0;
 };
 
 FASTVQ_HD void accumulate(DistanceSums& sums, float x, float c, int metric) {
+  const double xd = x, cd = c;
   if (metric == kL2) {
-    const float diff = x - c;
+    const double diff = xd - cd;
     sums.sq_diff += diff * diff;
   } else {
-    sums.dot += x * c;
-    sums.x_sq += x * x;
-    sums.c_sq += c * c;
+    sums.dot += xd * cd;
+    sums.x_sq += xd * xd;
+    sums.c_sq += cd * cd;
   }
 }
 
@@ -158,13 +162,13 @@ FASTVQ_HD void add(DistanceSums& sums, const DistanceSums& other) {
   sums.c_sq += other.c_sq;
 }
 
-FASTVQ_HD float clamp_min_eps(float v) { return v < kCosineNormEps ? kCosineNormEps : v; }  // NaN stays NaN
+FASTVQ_HD double clamp_min_eps(double v) { return v < kCosineNormEps ? kCosineNormEps : v; }  // NaN stays NaN
 
 // Squared L2 distance, 1 - cosine similarity with norms clamped at COSINE_NORM_EPS, or -x.c (dot).
 FASTVQ_HD float finish_distance(const DistanceSums& sums, int metric) {
-  if (metric == kL2) return sums.sq_diff;
-  if (metric == kDot) return -sums.dot;
-  return 1.0f - sums.dot / (clamp_min_eps(sqrtf(sums.x_sq)) * clamp_min_eps(sqrtf(sums.c_sq)));
+  if (metric == kL2) return static_cast<float>(sums.sq_diff);
+  if (metric == kDot) return static_cast<float>(-sums.dot);
+  return static_cast<float>(1.0 - sums.dot / (clamp_min_eps(sqrt(sums.x_sq)) * clamp_min_eps(sqrt(sums.c_sq))));
 }
 
 // fastvq.ops.common.mark_unassigned for one token: -1 / NaN when nothing finite was found.

@@ -55,8 +55,8 @@ class _OnlineSoftmax:
     Logits -inf weigh 0 (no NaN from -inf - -inf); a NaN logit makes the normaliser NaN."""
 
     def __init__(self, n_rows: int, device: torch.device):
-        self.max = torch.full((n_rows,), -math.inf, device=device)
-        self.sum = torch.zeros(n_rows, device=device)
+        self.max = torch.full((n_rows,), -math.inf, device=device, dtype=torch.float32)
+        self.sum = torch.zeros(n_rows, device=device, dtype=torch.float32)
 
     def update(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Take one tile s (n, k); return (e (n, k), the factor that rescaled the old sum (n,))."""
@@ -97,15 +97,15 @@ def code_entropy(
     costs more elementwise work than pass 2's product.)
     """
     inv_t = 1.0 / temperature
-    norm = torch.empty((2, *x.shape[:2]), device=x.device)
+    norm = torch.empty((2, *x.shape[:2]), device=x.device, dtype=torch.float32)
     for h, _, token_slice, rows, code_tiles in _scaled_tiles(x, codebook, metric, precision, inv_t):
         online = _OnlineSoftmax(rows.shape[0], x.device)
         for *_, s in code_tiles:
             online.update(s)
         norm[:, h, token_slice] = online.norm()
     kept = softmax_kept(norm, mask)
-    prob_sums = torch.zeros(x.shape[0], codebook.shape[1], device=x.device)
-    entropy = torch.zeros(x.shape[:2], device=x.device)
+    prob_sums = torch.zeros(x.shape[0], codebook.shape[1], device=x.device, dtype=torch.float32)
+    entropy = torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
     kept_mass = torch.zeros_like(entropy) if log_clamp_min is not None else torch.ones_like(entropy)
     for h, _, token_slice, rows, code_tiles in _scaled_tiles(x, codebook, metric, precision, inv_t):
         for k0, codes, _, _, _, s in code_tiles:
@@ -177,13 +177,13 @@ def soft_quantize(
     index; -1 where the normaliser is not finite), norm (2, H, N) fp32, soft_values (H, N, D) fp32 =
     sum_k p_nk c_k (0 where the index is -1), with the codes as `precision` rounds them.
     """
-    norm = torch.empty((2, *x.shape[:2]), device=x.device)
+    norm = torch.empty((2, *x.shape[:2]), device=x.device, dtype=torch.float32)
     indices = torch.empty(x.shape[:2], dtype=torch.int64, device=x.device)
-    values = torch.empty(x.shape, device=x.device)
+    values = torch.empty(x.shape, device=x.device, dtype=torch.float32)
     for h, _, token_slice, rows, code_tiles in _scaled_tiles(x, codebook, metric, precision, 1.0 / temperature):
         online = _OnlineSoftmax(rows.shape[0], x.device)
-        acc = torch.zeros(rows.shape, device=x.device)
-        best = torch.full((rows.shape[0],), -math.inf, device=x.device)
+        acc = torch.zeros(rows.shape, device=x.device, dtype=torch.float32)
+        best = torch.full((rows.shape[0],), -math.inf, device=x.device, dtype=torch.float32)
         best_index = indices[h, token_slice].fill_(-1)
         for k0, codes, _, logit, _, s in code_tiles:
             e, rescale = online.update(s)
@@ -261,8 +261,8 @@ def _softmax_grad(
     inv_t = 1.0 / temperature
     clamp = log_clamp_min or 0.0
     u, psi_mean, w, b_mean, g_mean = coefs
-    out_x = torch.zeros(x.shape if x_grad else 0, device=x.device)
-    out_c = torch.zeros(codebook.shape if codebook_grad else 0, device=x.device)
+    out_x = torch.zeros(x.shape if x_grad else 0, device=x.device, dtype=torch.float32)
+    out_c = torch.zeros(codebook.shape if codebook_grad else 0, device=x.device, dtype=torch.float32)
     for h, hc, token_slice, rows, code_tiles in _scaled_tiles(x, codebook, metric, precision, inv_t):
         g_rows = None if grad_values is None else grad_values[h, token_slice]
         for k0, codes, code_bias_tile, logit, active, s in code_tiles:

@@ -146,7 +146,7 @@ def entropy_outputs(
 def soft_grad_inputs(x: torch.Tensor, norm: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x with the rows of the tokens not kept zeroed and norm (2, H, N) with max +inf and log-sum 0
     there, so that a gradient pass gives them p = 0 and no NaN of theirs reaches a sum (0 * NaN)."""
-    excluded = torch.tensor([math.inf, 0.0], device=norm.device)[:, None, None]
+    excluded = torch.tensor([math.inf, 0.0], device=norm.device, dtype=torch.float32)[:, None, None]
     return torch.where(kept[..., None], x, 0.0), torch.where(kept, norm, excluded)
 
 
@@ -163,7 +163,7 @@ def entropy_grad_coefs(
     weight), B = expectation (sum_k p_nk b_k; 0 when b is 0, given as None), G . z = 0. All 0 on the
     tokens not kept (their entropy is a constant 0 or NaN)."""
     count = kept.sum(-1, keepdim=True)
-    coefs = torch.zeros((5, *kept.shape), device=kept.device)
+    coefs = torch.zeros((5, *kept.shape), device=kept.device, dtype=torch.float32)
     coefs[0] = torch.where(kept, -grad_entropy.float(), 0.0)
     coefs[1] = torch.where(kept, kept_mass - entropy, 0.0)
     coefs[2] = torch.where(kept, 1.0 / count.clamp_min(1), 0.0)
@@ -181,7 +181,7 @@ def soft_quantize_grad_inputs(
     kept = indices >= 0
     x, norm = soft_grad_inputs(x, norm, kept)
     grad = torch.where(kept[..., None], grad.float(), 0.0)
-    coefs = torch.zeros((5, *kept.shape), device=kept.device)
+    coefs = torch.zeros((5, *kept.shape), device=kept.device, dtype=torch.float32)
     coefs[4] = (grad * soft_values).sum(-1)
     return kept, x, norm, grad, coefs
 

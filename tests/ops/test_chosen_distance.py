@@ -1,13 +1,8 @@
 """The distance of a chosen code is exact: within 1e-6 relative of a float64 computation at D = 8192,
-on every backend that runs here (an fp32 sum of D terms drifts by about D 2^-24; the C++ CPU search
-sums in fp64, the torch backend and Triton in fp32 trees). Small N and K: Triton runs in its interpreter.
-
-The torch backend's and Triton's fp32 sums of x.c miss it for dot: their error scales with sum |x_d c_d|
-(~5000 here), not with |x.c| (~90 for a typical code, near 0 for some of the 13 that top-k returns,
-where the error is relative 1e-4 and more). They pass once
-their chosen distance sums in fp64 too (`fastvq.ops.chunked.chosen_distance`,
-`fastvq.ops.triton.nearest_code._chosen_distance_kernel`), which the strict xfail will report.
-"""
+on every backend that runs here. An fp32 sum of D terms drifts by about D 2^-24 relative to
+sum |x_d c_d|, which for dot is ~5000 here against |x.c| ~90 for a typical code and near 0 for some of
+the 13 that top-k returns: every backend sums the chosen code's distance in fp64 instead. Small N and K:
+Triton runs in its interpreter."""
 
 import pytest
 import torch
@@ -20,15 +15,12 @@ from fastvq.ops.common import METRICS
 D = 8192
 
 
-FP32_SUMS = pytest.mark.xfail(strict=True, reason="the torch backend and Triton sum x.c in fp32 (module docstring)")
-
-
 def _cases():
     return [
         pytest.param(
             *case.values,
             metric,
-            marks=case.marks + ([FP32_SUMS] if metric == "dot" and case.values[1] != "cpu" else []),
+            marks=case.marks,
             id=f"{case.id}-{metric}",
         )
         for case in backend_cases()

@@ -39,9 +39,12 @@ def code_entropy(
     """Triton twin of `fastvq.ops.chunked_soft.code_entropy`: (entropy (H, N), mean_probs (H, K), norm
     (2, H, N), kept_mass (H, N)), fp32."""
     precision = interpreted_precision(precision)
-    norm = torch.full((2, *x.shape[:2]), float("nan"), device=x.device)
-    entropy, kept_mass = torch.zeros(x.shape[:2], device=x.device), torch.ones(x.shape[:2], device=x.device)
-    prob_sums = torch.zeros(x.shape[0], codebook.shape[1], device=x.device)
+    norm = torch.full((2, *x.shape[:2]), float("nan"), device=x.device, dtype=torch.float32)
+    entropy, kept_mass = (
+        torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32),
+        torch.ones(x.shape[:2], device=x.device, dtype=torch.float32),
+    )
+    prob_sums = torch.zeros(x.shape[0], codebook.shape[1], device=x.device, dtype=torch.float32)
     if x.shape[1]:
         bias = code_bias(codebook, metric, precision)
         stats = softmax_stats(x, codebook, bias, metric, precision, 1.0 / temperature, entropy=log_clamp_min is None)
@@ -110,8 +113,8 @@ def soft_quantize(
     if not x.shape[1]:
         return (
             torch.empty(x.shape[:2], dtype=torch.int64, device=x.device),
-            torch.empty((2, *x.shape[:2]), device=x.device),
-            torch.empty(x.shape, device=x.device),
+            torch.empty((2, *x.shape[:2]), device=x.device, dtype=torch.float32),
+            torch.empty(x.shape, device=x.device, dtype=torch.float32),
         )
     precision = interpreted_precision(precision)
     stats = softmax_stats(
