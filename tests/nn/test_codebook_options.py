@@ -253,3 +253,20 @@ def test_affine_update_indices_before_any_forward_is_refused():
     vq = VectorQuantize(dim=DIM, codebook_size=CODES, affine_param=True)
     with pytest.raises(RuntimeError, match="run a forward before update_indices"):
         vq.update_indices(torch.randn(BATCH, SEQ, DIM), torch.zeros(BATCH, SEQ, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_train_as_their_fp32_values(dtype):
+    """16-bit tokens give the codes, losses and codebook state of their fp32 values (all the
+    codebook math is fp32), output in the input dtype."""
+    kwargs = dict(CONFIGS["vq-bridge-affine-sync-update"], heads=1, codebook_dim=None)
+    kwargs["vq_bridge"], kwargs["in_place_codebook_optimizer"] = True, SGD
+    _, half = make_pair(**kwargs)
+    full = copy.deepcopy(half)
+    x = torch.randn(BATCH, SEQ, DIM).to(dtype)
+    out_half, out_full = half(x), full(x.float())
+    assert out_half[0].dtype == dtype
+    close(out_half[0], out_full[0].to(dtype), "quantized")
+    close(out_half[1], out_full[1], "indices")
+    close(out_half[2], out_full[2], "loss")
+    compare_state(full, half, "after a 16-bit step")
