@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_layer_parity import batches, close, compare_eval, compare_state, compare_steps
 from torch import nn
+from vq_checks import LargestTensor
 
 from fastvq.nn.arguments import ARGUMENTS
 from fastvq.nn.residual_vq import ResidualVQ
@@ -270,3 +271,24 @@ def test_half_precision_inputs_train_as_their_fp32_values(dtype):
     close(out_half[1], out_full[1], "indices")
     close(out_half[2], out_full[2], "loss")
     compare_state(full, half, "after a 16-bit step")
+
+
+def test_transformed_codes_are_searched_without_an_n_by_k_tensor():
+    """With vq_bridge, affine_param, sync_update_v and the in-place optimizer (two searches per
+    step), no tensor of a training step (forward and backward) comes near N x K elements."""
+    n_tokens, n_codes = 2048, 512
+    layer = VectorQuantize(
+        dim=16,
+        codebook_size=n_codes,
+        codebook_dim=8,
+        vq_bridge=bridge(8),
+        affine_param=True,
+        sync_update_v=0.5,
+        in_place_codebook_optimizer=SGD,
+    ).train()
+    x = torch.randn(2, n_tokens // 2, 16, requires_grad=True)
+    with LargestTensor() as record:
+        for _ in range(2):
+            quantized, _, loss = layer(x)
+            (quantized.sum() + loss).backward()
+    assert 0 < record.largest < n_tokens * n_codes // 8, record.largest
