@@ -292,3 +292,16 @@ def test_transformed_codes_are_searched_without_an_n_by_k_tensor():
             quantized, _, loss = layer(x)
             (quantized.sum() + loss).backward()
     assert 0 < record.largest < n_tokens * n_codes // 8, record.largest
+
+
+def test_update_indices_maps_the_tokens_back_as_1_32_0():
+    """update_indices after a forward: the EMA learns from the tokens under the inverse affine map."""
+    anchor, ours = make_pair(**CONFIGS["affine-heads-separate"])
+    x = torch.randn(BATCH, SEQ, DIM)
+    indices = torch.randint(0, CODES, (BATCH, SEQ, 2))
+    mask = torch.rand(BATCH, SEQ) > 0.3
+    for module in (anchor, ours):
+        module.train()
+        module(x)
+        module.update_indices(x, indices, mask=mask)
+    compare_state(anchor, ours)
