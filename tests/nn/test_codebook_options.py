@@ -305,3 +305,12 @@ def test_update_indices_maps_the_tokens_back_as_1_32_0():
         module(x)
         module.update_indices(x, indices, mask=mask)
     compare_state(anchor, ours)
+
+
+def test_residual_vq_stages_step_their_own_optimizers():
+    kwargs = dict(num_quantizers=2, codebook_size=CODES, learnable_codebook=True, ema_update=False)
+    kwargs.update(in_place_codebook_optimizer=SGD, affine_param=True, sync_update_v=0.5)
+    anchor = anchor_package.ResidualVQ(dim=DIM, **kwargs)
+    ours = ResidualVQ(dim=DIM, backend="torch", **kwargs)
+    ours.load_state_dict(anchor.state_dict())
+    compare_steps(anchor, ours, batches((BATCH, SEQ, DIM), steps=2))
