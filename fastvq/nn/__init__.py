@@ -3,8 +3,9 @@
 1.32.0), `IBQ` (index backpropagation over a learned codebook, on the soft ops) and `CodeHead` (an
 output layer over codes without logits), built on
 the token-level core `TokenQuantizer` (quantize, decode, statistics, health on canonical tokens
-(H, N, D)) and its codebooks: the EMA `Codebook` (k-means init, dead codes) and `LearnedCodebook`
-(a parameter trained by gradient descent). The scalar quantizers, drop-ins for 1.32.0's too, need no
+(H, N, D)) and its codebooks: the EMA `Codebook` (k-means init, dead codes), `TransformedCodebook`
+(one searched through a bridge module and affine statistics) and `LearnedCodebook` (a parameter
+trained by gradient descent). The scalar quantizers, drop-ins for 1.32.0's too, need no
 codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize` and `FSP`. See docs/layers.md and
 docs/quantizers.md."""
 
@@ -21,6 +22,7 @@ from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .sequential import Sequential
 from .sim_vq import ResidualSimVQ, SimVQ
 from .token_quantizer import LearnedCodebook, TokenCodes, TokenQuantizer
+from .transformed_codebook import TransformedCodebook
 from .vector_quantize import LossBreakdown, VectorQuantize
 
 __all__ = [
@@ -44,5 +46,6 @@ __all__ = [
     "SimVQ",
     "TokenCodes",
     "TokenQuantizer",
+    "TransformedCodebook",
     "VectorQuantize",
 ]

@@ -29,7 +29,8 @@ class Spec:
 
     kind: "int" (an int, not a bool, in [low, high]), "number" (a finite real number, not a bool,
     in [low, high]; in (low, high] with positive=True, low 0), "ints" (a non-empty list or tuple of
-    such ints), "choice" (one of `choices`) or "unsupported" (a 1.32.0 argument fastvq does not
+    such ints), "choice" (one of `choices`), "module" (a torch.nn.Module), "callable" (anything
+    callable, such as a class or factory) or "unsupported" (a 1.32.0 argument fastvq does not
     implement: only `default` is accepted, any other value raises NotImplementedError). optional: None
     is accepted too. meaning: what the argument is, for error messages and docs.
     """
@@ -49,6 +50,8 @@ class Spec:
             text = f"one of {self.choices}"
         elif self.kind == "unsupported":
             return f"only {self.default!r} (fastvq does not implement other values)"
+        elif self.kind in ("module", "callable"):
+            text = "an nn.Module" if self.kind == "module" else "a callable"
         else:
             noun = {"int": "an int", "ints": "a non-empty list of ints", "number": "a number"}[self.kind]
             if self.positive:
@@ -66,6 +69,10 @@ class Spec:
             return value in self.choices
         if self.kind == "unsupported":
             return value == self.default
+        if self.kind == "module":
+            return isinstance(value, torch.nn.Module)
+        if self.kind == "callable":
+            return callable(value)
         if self.kind == "ints":
             return isinstance(value, (list, tuple)) and len(value) > 0 and all(map(self._accepts_one, value))
         return self._accepts_one(value)
@@ -149,20 +156,20 @@ ARGUMENTS: dict[str, Spec] = {
     "share_quant_resi": _int("convolutions shared by the scales (1: one; 0: one per scale)", low=0),
     "nested_dropout": _number("probability of keeping only the coarsest scales in a training step", high=1.0),
     "nested_dropout_min_levels": _int("scales nested dropout always keeps"),
+    # codebook reparametrisations and updates of VectorQuantize
+    "affine_param_batch_decay": _number("EMA decay of the affine batch statistics", high=1.0),
+    "affine_param_codebook_decay": _number("EMA decay of the affine codebook statistics", high=1.0),
+    "sync_update_v": _number("weight v of the synchronous update rule (21) of vqtorch (0: off)", high=1.0),
+    "vq_bridge": Spec("module", "module transforming the codes before the search (VQBridge)", optional=True),
+    "in_place_codebook_optimizer": Spec(
+        "callable", "optimizer factory stepped on the codebook parameters in forward", optional=True
+    ),
     # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
     "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
     "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),
     "codebook_diversity_temperature": _unsupported(100.0, "temperature of the codebook diversity loss"),
     "directional_reparam": _unsupported(False, "directional reparametrisation of the gradient"),
     "directional_reparam_variance": _unsupported(5e-3, "variance of the directional reparametrisation"),
-    "sync_affine_param": _unsupported(False, "synchronised affine codebook parameters"),
-    "vq_bridge": _unsupported(None, "VQBridge codebook transform"),
-    "in_place_codebook_optimizer": _unsupported(None, "optimizer applied to the codebook in forward"),
-    "manual_in_place_optimizer_update": _unsupported(False, "stepping the in-place optimizer by hand"),
-    "affine_param": _unsupported(False, "affine reparametrisation of the codebook"),
-    "affine_param_batch_decay": _unsupported(0.99, "EMA decay of the affine batch statistics"),
-    "affine_param_codebook_decay": _unsupported(0.9, "EMA decay of the affine codebook statistics"),
-    "sync_update_v": _unsupported(0.0, "synchronised update rule of the codebook"),
     "diveq": _unsupported(False, "DiVeQ differentiable quantization"),
     "implicit_neural_codebook": _unsupported(False, "QINCo implicit neural codebooks"),
 }

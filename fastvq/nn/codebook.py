@@ -98,6 +98,12 @@ class Codebook(TokenQuantizer):
         """`embed`, (H, K, D) fp32."""
         return self.embed
 
+    def search_codes(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes a batch of tokens (H, N, D) with mask (N,) bool or None is searched against
+        (pass them to `quantize`): `codes` here; a subclass may transform them and first learn
+        from the batch (`fastvq.nn.TransformedCodebook`)."""
+        return self.codes
+
     def _apply(self, fn, recurse=True):
         """Module.to / .half() / .bfloat16() move the buffers but keep the EMA state in fp32."""
         before = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.is_floating_point()}

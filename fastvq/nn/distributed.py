@@ -32,3 +32,10 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, t)
     return torch.cat(gathered, dim=1)
+
+
+def all_reduce_mean_(*tensors: torch.Tensor) -> None:
+    """Average float32 tensors over all ranks, in place, with a single all_reduce."""
+    all_reduce_sum_(*tensors)
+    for t in tensors:
+        t.div_(dist.get_world_size())

@@ -75,3 +75,9 @@ def straight_through(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """The values of codes with the gradient passed to x unchanged: x + (codes - x).detach().
     x, codes (..., D) of one dtype; codes get no gradient."""
     return x + (codes - x).detach()
+
+
+def synchronous_update(quantized: torch.Tensor, v: float) -> torch.Tensor:
+    """The synchronous update rule (21) of vqtorch (Huh et al. 2023): quantized + v (quantized -
+    sg(quantized)), the same values with every gradient through it scaled by 1 + v."""
+    return quantized + v * (quantized - quantized.detach())

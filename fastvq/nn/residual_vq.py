@@ -134,8 +134,8 @@ class ResidualVQ(nn.Module):
         self.accept_3d_fmap = vq_kwargs.pop("accept_3d_fmap", False)
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.shared_codebook = shared_codebook
-        if shared_codebook:
-            vq_kwargs["manual_ema_update"] = True
+        if shared_codebook:  # the shared layer's EMA and in-place optimizer step once per forward
+            vq_kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
         self.layers = nn.ModuleList(
             VectorQuantize(
                 dim=self.codebook_dim,
@@ -241,6 +241,7 @@ class ResidualVQ(nn.Module):
         if self.training and self.shared_codebook:
             if self.vq_is_ema_updating:
                 self.layers[0].token_quantizer.update_ema()
+                self.layers[0].update_in_place_optimizer()
             flat = torch.stack(inputs, 2).flatten(1, 2)  # (B, S * stages, codebook_dim)
             self.layers[0].expire_codes_(flat, None if mask is None else mask.repeat_interleave(len(inputs), 1))
         dropped = self.num_quantizers - idx.shape[-1]

@@ -135,16 +135,20 @@ class TokenQuantizer(nn.Module, abc.ABC):
         *,
         topk: int | None = None,
         temperature: float = 0.0,
+        codes: torch.Tensor | None = None,
     ) -> TokenCodes:
         """Codes for tokens (H, N, D), any float dtype; mask (N,) bool, False: no code (index -1).
 
         Default: the nearest code. topk=k (1 <= k <= min(16, K)): the k nearest, nearest first.
         temperature > 0: a code drawn from softmax(logits / temperature) (Gumbel-max inside the
-        search, seeded from torch's generator), or k codes by Gumbel top-k. -> `TokenCodes`.
+        search, seeded from torch's generator), or k codes by Gumbel top-k. codes: the codes to
+        search and return, (num_codebooks, K, D) float (default `codes`; a transform of them, for
+        one, whose gradient then flows back through it). -> `TokenCodes`.
         """
         heads = self._check_tokens(tokens)
         mask = self._check_mask(mask, tokens)
-        rows, codes = self._rows(tokens.detach()), self.codes
+        codes = self._check_codes(codes)
+        rows = self._rows(tokens.detach())
         settings = dict(metric=self.metric, precision=self.precision, backend=self.backend)
         if temperature > 0:
             indices, distances = sample_code(rows, codes.detach(), temperature=temperature, k=topk, **settings), None
@@ -160,6 +164,15 @@ class TokenQuantizer(nn.Module, abc.ABC):
         if distances is not None:
             distances = self._from_rows(distances, heads).masked_fill(missing, float("nan"))
         return TokenCodes(self._lookup(tokens, codes, indices), indices, distances)
+
+    def _check_codes(self, codes: torch.Tensor | None) -> torch.Tensor:
+        """codes, or `codes` for None; a float tensor shaped as `codes`."""
+        if codes is None:
+            return self.codes
+        expected = (self.num_codebooks, self.codebook_size, self.dim)
+        if not isinstance(codes, torch.Tensor) or not codes.is_floating_point() or tuple(codes.shape) != expected:
+            raise ValueError(f"codes must be a float tensor of shape {expected}, got {describe(codes)}")
+        return codes
 
     def _lookup(self, tokens: torch.Tensor, codes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Codes (H, N, [k,] D) fp32 of indices (H, N[, k]): a gather whose gradient reaches only
@@ -246,12 +259,14 @@ class TokenQuantizer(nn.Module, abc.ABC):
         with_sums: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-code counts (C, K) fp32 of the kept rows (C, M) and, with_sums, their sums (C, K, D)
-        fp32 (else None), summed over ranks in one all_reduce that also carries the non-finite
-        count; records usage, perplexity, unused codes and `num_nonfinite_tokens`."""
+        fp32 (else None; mapped by `_code_space_sums`), summed over ranks in one all_reduce that
+        also carries the non-finite count; records usage, perplexity, unused codes and
+        `num_nonfinite_tokens`."""
         if with_sums:
             counts, sums = code_stats(
                 rows, indices, self.codebook_size, mask=keep, backend=self.backend, check_indices=False
             )
+            sums = self._code_space_sums(counts, sums)
         else:
             counts, sums = code_counts(indices, keep, self.codebook_size), None
         num_nonfinite = num_nonfinite.float().reshape(1)
@@ -263,6 +278,12 @@ class TokenQuantizer(nn.Module, abc.ABC):
         self.perplexity.copy_(torch.exp(-torch.special.xlogy(probs, probs).sum(-1)).mean())
         self.dead_codes.copy_((counts == 0).sum())
         return counts, sums
+
+    def _code_space_sums(self, counts: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        """This rank's per-code sums of tokens (C, K, D) fp32 as the codes learn from them, given
+        their counts (C, K): unchanged here; a subclass whose search sees transformed codes maps
+        them back into the codes' space."""
+        return sums
 
     def health(self) -> dict[str, torch.Tensor]:
         """Codebook health of the last batch given to `update_` / `observe_`, as 0-d device tensors

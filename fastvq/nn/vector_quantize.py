@@ -27,10 +27,12 @@ from .arguments import (
     unsupported_defaults,
 )
 from .codebook import Codebook, EmaWeight
-from .gradient_estimators import rotate_to, straight_through
+from .codebook_optimizer import make_in_place_optimizer, optimize_in_place_, step_in_place_optimizer_
+from .gradient_estimators import rotate_to, straight_through, synchronous_update
 from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
 from .losses import commitment_loss, orthogonal_loss
 from .projection import project, projections
+from .transformed_codebook import TransformedCodebook
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -40,18 +42,10 @@ UNSUPPORTED = unsupported_defaults(
     "codebook_diversity_temperature",
     "directional_reparam",
     "directional_reparam_variance",
-    "sync_affine_param",
-    "vq_bridge",
-    "in_place_codebook_optimizer",
-    "manual_in_place_optimizer_update",
-    "affine_param",
-    "affine_param_batch_decay",
-    "affine_param_codebook_decay",
-    "sync_update_v",
 )
 """1.32.0 arguments fastvq does not implement, with the only value accepted (their default)."""
 
-_Losses = namedtuple("_Losses", ["loss", "commitment", "orthogonal"])
+_Losses = namedtuple("_Losses", ["loss", "commitment", "orthogonal", "in_place"])
 _Result = namedtuple("_Result", ["quantized", "indices", "losses", "cross_entropy"])
 
 
@@ -131,14 +125,6 @@ class VectorQuantize(nn.Module):
             codebook_diversity_temperature=codebook_diversity_temperature,
             directional_reparam=directional_reparam,
             directional_reparam_variance=directional_reparam_variance,
-            sync_affine_param=sync_affine_param,
-            vq_bridge=vq_bridge,
-            in_place_codebook_optimizer=in_place_codebook_optimizer,
-            manual_in_place_optimizer_update=manual_in_place_optimizer_update,
-            affine_param=affine_param,
-            affine_param_batch_decay=affine_param_batch_decay,
-            affine_param_codebook_decay=affine_param_codebook_decay,
-            sync_update_v=sync_update_v,
         )
         check_arguments(
             dim=dim,
@@ -149,15 +135,19 @@ class VectorQuantize(nn.Module):
             orthogonal_reg_weight=orthogonal_reg_weight,
             orthogonal_reg_max_codes=orthogonal_reg_max_codes,
             sample_codebook_temp=sample_codebook_temp,
+            sync_update_v=sync_update_v,
         )
-        ema_update = True if ema_update is None else ema_update
-        learnable_codebook = bool(learnable_codebook)
+        ema_update = vq_bridge is None if ema_update is None else ema_update
+        learnable_codebook = vq_bridge is not None if learnable_codebook is None else bool(learnable_codebook)
         rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
         check_exclusive(use_cosine_sim=use_cosine_sim, learnable_codebook=learnable_codebook)
         check_exclusive(straight_through=straight_through, rotation_trick=rotation_trick)
         check_exclusive(straight_through=straight_through, learnable_codebook=learnable_codebook)
         check_exclusive(ema_update=ema_update, learnable_codebook=learnable_codebook)
         check_exclusive(accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap)
+        for name, on in (("vq_bridge", vq_bridge is not None), ("sync_update_v > 0", sync_update_v > 0)):
+            if on and not learnable_codebook:
+                raise ValueError(f"{name} needs learnable_codebook=True (as vector-quantize-pytorch)")
         if orthogonal_reg_active_codes_only and heads > 1 and separate_codebook_per_head:
             raise ValueError(
                 "orthogonal_reg_active_codes_only does not support separate_codebook_per_head "
@@ -183,9 +173,21 @@ class VectorQuantize(nn.Module):
         self.commitment_weight, self.orthogonal_reg_weight = commitment_weight, orthogonal_reg_weight
         self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
         self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
-        self.eps, self.use_cosine_sim = eps, use_cosine_sim
-        # the token quantizer: state, updates and op settings
-        self._codebook = Codebook(
+        self.eps, self.use_cosine_sim, self.sync_update_v = eps, use_cosine_sim, sync_update_v
+        # the token quantizer: state, updates and op settings; searched through transformed codes
+        codebook_class, transforms = Codebook, {}
+        if affine_param or vq_bridge is not None:
+            codebook_class, transforms = (
+                TransformedCodebook,
+                dict(
+                    vq_bridge=vq_bridge,
+                    affine_param=affine_param,
+                    sync_affine_param=sync_affine_param,
+                    affine_param_batch_decay=affine_param_batch_decay,
+                    affine_param_codebook_decay=affine_param_codebook_decay,
+                ),
+            )
+        self._codebook = codebook_class(
             self.codebook_dim,
             codebook_size,
             heads if separate_codebook_per_head else 1,
@@ -202,7 +204,10 @@ class VectorQuantize(nn.Module):
             manual_ema_update=manual_ema_update,
             precision=precision,
             backend=backend,
+            **transforms,
         )
+        self.in_place_codebook_optimizer = make_in_place_optimizer(in_place_codebook_optimizer, self._codebook)
+        self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
 
     # ------------------------------------------------------------------------------------------
     # codebook access
@@ -306,6 +311,12 @@ class VectorQuantize(nn.Module):
 
     update_ema_indices = update_indices
 
+    def update_in_place_optimizer(self) -> None:
+        """Step the in-place codebook optimizer on the gradients accumulated by the forwards
+        (manual_in_place_optimizer_update) and zero them; nothing without one."""
+        if self.in_place_codebook_optimizer is not None:
+            step_in_place_optimizer_(self.in_place_codebook_optimizer, sync=self._codebook.sync_codebook)
+
     def expire_codes_(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Replace dead codes by vectors of x (B, N, heads * codebook_dim), given in codebook space
         (after project_in, as in 1.32.0), never by those where mask (B, N) is False. Training mode only."""
@@ -369,7 +380,7 @@ class VectorQuantize(nn.Module):
         if not return_loss_breakdown:
             return out, out_indices, loss
         zero = torch.zeros((), device=x.device)
-        return out, out_indices, loss, LossBreakdown(result.losses.commitment, zero, result.losses.orthogonal, zero)
+        return out, out_indices, loss, LossBreakdown(result.losses.commitment, zero, *result.losses[2:])
 
     def _quantize_tokens(
         self,
@@ -399,9 +410,11 @@ class VectorQuantize(nn.Module):
         token_mask = None if mask is None else mask.reshape(-1)
         codebook.init_embed_(per_head, token_mask)
         temperature = self.sample_codebook_temp if temperature is None else temperature
+        temperature = self._sampling_temperature(temperature, tokens, z)
         # no mask: masked tokens get codes too, which count as active codes of the orthogonal loss (as 1.32.0)
-        found = codebook.quantize(per_head, topk=topk, temperature=self._sampling_temperature(temperature, tokens, z))
-        cross_entropy = None if targets is None else self._cross_entropy(per_head, targets, batch * seq)
+        searched = codebook.search_codes(per_head, token_mask)
+        found = codebook.quantize(per_head, topk=topk, temperature=temperature, codes=searched)
+        cross_entropy = None if targets is None else self._cross_entropy(per_head, targets, batch * seq, searched)
         if self.training and topk is None:
             if freeze:
                 codebook.observe_(per_head, found.indices, token_mask)
@@ -414,12 +427,20 @@ class VectorQuantize(nn.Module):
                     weight=ema_update_weight,
                     accumulate=accum_ema_update,
                 )
+        in_place = torch.zeros((), device=tokens.device)
+        if self.in_place_codebook_optimizer is not None and self.training and not freeze:
+            optimizer, manual = self.in_place_codebook_optimizer, self.manual_in_place_optimizer_update
+            in_place = optimize_in_place_(optimizer, found.codes, z, mask, step=not manual, sync=codebook.sync_codebook)
+            searched = codebook.search_codes(per_head, token_mask)
+            found = codebook.quantize(per_head, topk=topk, temperature=temperature, codes=searched)
+            if targets is not None:
+                cross_entropy = self._cross_entropy(per_head, targets, batch * seq, searched)
 
         # (B, S, G, codebook_dim): G = heads, or the k candidates of top-k (heads = 1)
         z = z.float() if topk is None else z.float().expand(-1, -1, topk, -1)
         codes = (found.codes.transpose(0, 1) if topk is None else found.codes[0]).unflatten(0, (batch, seq))
         quantized = self._output(codes, z, tokens, mask, tokens.requires_grad, topk is not None)
-        losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, tokens.device)
+        losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, in_place)
         indices = found.indices.transpose(0, 1) if topk is None else found.indices[0]
         indices = indices.reshape(batch, seq, topk or self.heads)
         if topk is None and self.heads == 1:
@@ -442,6 +463,8 @@ class VectorQuantize(nn.Module):
         quantized = codes
         if self.training and input_requires_grad and self.route_gradients_to_input:
             quantized = rotate_to(z, codes) if self.rotation_trick else straight_through(z, codes)
+        if self.training and self.sync_update_v > 0:
+            quantized = synchronous_update(quantized, self.sync_update_v)
         out = project(self.project_out, quantized if is_topk else quantized.flatten(2))
         out = out.to(tokens.dtype)
         if mask is None:
@@ -457,12 +480,13 @@ class VectorQuantize(nn.Module):
         idx: torch.Tensor,
         freeze: bool,
         is_topk: bool,
-        device: torch.device,
+        in_place: torch.Tensor,
     ) -> _Losses:
         """The loss as 1.32.0 adds it up: 0 in eval (per-candidate commitment for top-k), else
-        commitment (codes vs z, fp32) and orthogonal regularisation, each times its weight."""
-        loss = torch.zeros((), device=device).requires_grad_(self.training)
-        commitment = orthogonal = torch.zeros((), device=device)
+        commitment (codes vs z, fp32) and orthogonal regularisation, each times its weight; with
+        the in-place optimizer's loss (0-d, not added) for the breakdown."""
+        loss = torch.zeros((), device=in_place.device).requires_grad_(self.training)
+        commitment = orthogonal = torch.zeros((), device=in_place.device)
         if is_topk and not self.training:
             commitment = commitment_loss(codes, z, mask, per_token=True)
             loss = commitment * self.commitment_weight if self.commitment_weight > 0 else commitment
@@ -473,12 +497,16 @@ class VectorQuantize(nn.Module):
         if self.training and self.orthogonal_reg_weight > 0:
             orthogonal = self._orthogonal_loss(idx)
             loss = loss + orthogonal * self.orthogonal_reg_weight
-        return _Losses(loss, commitment, orthogonal)
+        return _Losses(loss, commitment, orthogonal, in_place)
 
     def _check_topk(self, topk) -> int | None:
         if topk is None:
             return None
         check_arguments(topk=topk)
+        if self.training and self.in_place_codebook_optimizer is not None:
+            raise ValueError(
+                "topk cannot be used in training with in_place_codebook_optimizer (as vector-quantize-pytorch)"
+            )
         if self.heads > 1:
             raise ValueError(f"topk needs heads=1 (as vector-quantize-pytorch), got heads={self.heads}")
         topk = min(topk, self.codebook_size)
@@ -513,10 +541,10 @@ class VectorQuantize(nn.Module):
             )
         return temperature if self.stochastic_sample_codes else 0.0
 
-    def _cross_entropy(self, per_head: torch.Tensor, targets, num_tokens: int) -> torch.Tensor:
-        """Mean cross-entropy of the code logits of per_head (heads, T, D) against target codes
-        shaped as the forward's indices (-1 ignored): 0-d float32, differentiable w.r.t. x (and a
-        learnable codebook), on the codes before this step's (in-place) EMA update."""
+    def _cross_entropy(self, per_head: torch.Tensor, targets, num_tokens: int, searched: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits of per_head (heads, T, D) to the codes searched against
+        target codes shaped as the forward's indices (-1 ignored): 0-d float32, differentiable
+        w.r.t. x (and a learnable codebook), on the codes before this step's (in-place) EMA update."""
         count = num_tokens * self.heads
         if not is_integer_tensor(targets) or targets.numel() != count:
             raise ValueError(
@@ -524,7 +552,7 @@ class VectorQuantize(nn.Module):
                 f"entries), got {describe(targets)}"
             )
         targets = self._per_head(targets)
-        codes = self._codebook.codes.clone() if self.training else self._codebook.codes
+        codes = searched.clone() if self.training else searched
         return self._codebook.cross_entropy(per_head, targets, codes=codes).sum() / (targets >= 0).sum()
 
     def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:

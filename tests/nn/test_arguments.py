@@ -26,6 +26,10 @@ def accepted_and_rejected(spec):
         return list(spec.choices), ["bogus", None]
     if spec.kind == "unsupported":
         return [spec.default], [object()]
+    if spec.kind == "module":
+        return [torch.nn.Identity(), None], ["module", torch.nn.Identity, 1]
+    if spec.kind == "callable":
+        return [torch.optim.SGD, print, None], ["SGD", 1, True]
     if spec.kind == "ints":
         low = int(spec.low)
         return [[low], [low, low + 1000], (low, low)], [[], [low - 1], [True], [low + 0.5], low, "1", None]

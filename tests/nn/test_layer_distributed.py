@@ -2,7 +2,8 @@
 
 Deterministic updates (EMA with masks and a non-finite token) must give every rank the codebook
 of a single process trained on the whole batches, with one all_reduce per step, also when one
-rank gets no token at all. With k-means init and dead-code replacement (random draws) every rank
+rank gets no token at all; with sync_affine_param, the affine batch statistics too (two more
+all_reduces per step). With k-means init and dead-code replacement (random draws) every rank
 must hold the same codebook.
 """
 
@@ -20,6 +21,9 @@ SCENARIOS = {
     "ema": dict(heads=2, codebook_dim=4, separate_codebook_per_head=True, decay=0.7),
     "kmeans-dead-codes": dict(
         kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=1.0, decay=0.5, use_cosine_sim=True
+    ),
+    "affine-sync": dict(
+        heads=2, codebook_dim=4, separate_codebook_per_head=True, affine_param=True, sync_affine_param=True
     ),
 }
 
@@ -103,6 +107,14 @@ def test_ranks_share_one_codebook(tmp_path):
         assert empty["calls"] == {"all_reduce": STEPS, "all_gather": 0}, f"rank {r}: {empty['calls']}"
         for key, expected in single.state_dict().items():
             torch.testing.assert_close(empty["state"][key], expected, rtol=1e-5, atol=1e-6)
+
+    single = train(SCENARIOS["affine-sync"], batches())
+    for r, result in enumerate(ranks):
+        affine = result["affine-sync"]
+        assert affine["calls"] == {"all_reduce": 3 * STEPS, "all_gather": 0}, f"rank {r}: {affine['calls']}"
+        assert affine["state"].keys() == single.state_dict().keys()
+        for key, expected in single.state_dict().items():
+            torch.testing.assert_close(affine["state"][key], expected, rtol=1e-5, atol=1e-6)
 
     reference = ranks[0]["kmeans-dead-codes"]["state"]
     assert bool(reference["_codebook.initted"]) and torch.isfinite(reference["_codebook.embed"]).all()

@@ -257,7 +257,7 @@ def test_bad_arguments_raise_clear_errors():
         ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=CODES, implicit_neural_codebook=True)
     with pytest.raises(NotImplementedError, match="diveq"):
         ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=CODES, diveq=True)
-    with pytest.raises(NotImplementedError, match="in_place_codebook_optimizer"):
+    with pytest.raises(ValueError, match="in_place_codebook_optimizer needs learnable codes"):
         ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=CODES, in_place_codebook_optimizer=torch.optim.SGD)
     with pytest.raises(ValueError, match="heads=1"):
         ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=CODES, heads=2)
