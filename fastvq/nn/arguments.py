@@ -164,7 +164,6 @@ ARGUMENTS: dict[str, Spec] = {
     "affine_param_codebook_decay": _unsupported(0.9, "EMA decay of the affine codebook statistics"),
     "sync_update_v": _unsupported(0.0, "synchronised update rule of the codebook"),
     "diveq": _unsupported(False, "DiVeQ differentiable quantization"),
-    "implicit_neural_codebook": _unsupported(False, "QINCo implicit neural codebooks"),
 }
 
 

@@ -29,7 +29,7 @@ from .arguments import (
 from .codebook import Codebook, EmaWeight
 from .gradient_estimators import rotate_to, straight_through
 from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
-from .losses import commitment_loss, orthogonal_loss
+from .losses import commitment_loss, orthogonal_reg_loss
 from .projection import project, projections
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
@@ -528,13 +528,12 @@ class VectorQuantize(nn.Module):
         return self._codebook.cross_entropy(per_head, targets, codes=codes).sum() / (targets >= 0).sum()
 
     def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        codes = self._codebook.embed
-        if self.orthogonal_reg_active_codes_only:
-            codes = codes[:, torch.unique(idx[idx >= 0])]
-        num_codes = codes.shape[1]
-        if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
-            codes = codes[:, torch.randperm(num_codes, device=codes.device)[: self.orthogonal_reg_max_codes]]
-        return orthogonal_loss(codes)
+        return orthogonal_reg_loss(
+            self._codebook.embed,
+            idx,
+            active_codes_only=self.orthogonal_reg_active_codes_only,
+            max_codes=self.orthogonal_reg_max_codes,
+        )
 
     # ------------------------------------------------------------------------------------------
     # layouts
