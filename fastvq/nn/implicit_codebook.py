@@ -86,10 +86,16 @@ class ImplicitCodebookMLP(nn.Module):
 
 
 @torch.no_grad()
-def nearest_conditioned_code(
-    mlp: ImplicitCodebookMLP, codebook: torch.Tensor, condition: torch.Tensor, tokens: torch.Tensor
+def search_conditioned_codes(
+    mlp: ImplicitCodebookMLP,
+    codebook: torch.Tensor,
+    condition: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 0.0,
 ) -> torch.Tensor:
-    """Index of the nearest conditioned code per token, blocks of codes at a time.
+    """Index of the nearest conditioned code per token (temperature 0), or one drawn from
+    softmax(-distance / temperature) by Gumbel-max (1.32.0's stochastic sampling, from torch's
+    generator; the same distribution, not the same draws), blocks of codes at a time.
 
     codebook (K, D), condition and tokens (N, D), float32. Distance as 1.32.0's:
     `F.pairwise_distance(token, mlp(code, condition))`; first index on ties; -1 for a token or
@@ -100,14 +106,17 @@ def nearest_conditioned_code(
     block = max(1, min(num_codes, BLOCK_ELEMENTS // max(1, num_tokens * mlp.width)))
     cond_term, code_term = mlp.condition_term(condition).unsqueeze(1), mlp.code_term(codebook)
     query = tokens.unsqueeze(1)
-    best = torch.full((num_tokens,), float("inf"), device=tokens.device)
+    best = torch.full((num_tokens,), float("-inf"), device=tokens.device)
     indices = torch.zeros(num_tokens, dtype=torch.long, device=tokens.device)
     for start in range(0, num_codes, block):
         conditioned = mlp.trunk(cond_term + code_term[start : start + block])  # (N, block, D)
-        distance, offset = F.pairwise_distance(query, conditioned).min(-1)
-        closer = distance < best
-        best = torch.where(closer, distance, best)
-        indices = torch.where(closer, offset + start, indices)
+        score = -F.pairwise_distance(query, conditioned)
+        if temperature > 0:
+            score = score / temperature - torch.rand_like(score).log().neg().log()
+        score, offset = score.max(-1)
+        better = score > best
+        best = torch.where(better, score, best)
+        indices = torch.where(better, offset + start, indices)
     return indices.masked_fill(~(finite_rows(tokens) & finite_rows(condition)), -1)
 
 
@@ -117,13 +126,16 @@ def implicit_stage(
     residual: torch.Tensor,
     condition: torch.Tensor,
     mask: torch.Tensor | None,
-    freeze: bool,
+    *,
+    sample_codebook_temp: float | None = None,
+    freeze_codebook: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One stage q > 0 of an implicit neural codebook residual quantizer, as 1.32.0's
     VectorQuantize forward with `codebook_transform_fn=partial(mlp, condition=condition)`.
 
     layer: the stage (learnable codebook, no EMA, no projections); residual and condition (B, S, D)
-    any float dtype; mask (B, S) bool or None; freeze: freeze_codebook. -> quantized (B, S, D) in
+    any float dtype; mask (B, S) bool or None; sample_codebook_temp (None: the layer's) applies in
+    training with the layer's stochastic_sample_codes. -> quantized (B, S, D) in
     residual's dtype (gradient to residual by the layer's estimator), indices (B, S) int64 (-1:
     masked or non-finite), loss () float32 (commitment and orthogonal terms, 0 in eval). In training
     the stage's usage statistics and dead codes are updated from the residual (unless frozen).
@@ -134,12 +146,16 @@ def implicit_stage(
     quantizer = layer.token_quantizer
     quantizer.init_embed_(z.detach().reshape(1, -1, dim), token_mask)
     codebook, cond = layer.codebook, condition.float().reshape(-1, dim)
-    found = nearest_conditioned_code(mlp, codebook.detach(), cond.detach(), z.detach().reshape(-1, dim))
+    temperature = layer.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+    sampling = layer.training and layer.stochastic_sample_codes and temperature > 0
+    found = search_conditioned_codes(
+        mlp, codebook.detach(), cond.detach(), z.detach().reshape(-1, dim), temperature if sampling else 0.0
+    )
     codes = mlp.conditioned(codebook[found.clamp_min(0)], cond)
     codes = torch.where((found >= 0).unsqueeze(-1), codes, z.detach().reshape(-1, dim)).reshape(batch, seq, dim)
     indices = found.reshape(batch, seq)
     if layer.training:
-        if freeze:
+        if freeze_codebook:
             quantizer.observe_(z.detach().reshape(1, -1, dim), found.unsqueeze(0), token_mask)
         else:
             layer.update_indices(z.detach(), indices, mask)
@@ -149,7 +165,7 @@ def implicit_stage(
     quantized = quantized.to(residual.dtype)
     loss = torch.zeros((), device=residual.device).requires_grad_(layer.training)
     if layer.training and layer.commitment_weight > 0:
-        commit_codes = codes if not freeze else codes.detach()
+        commit_codes = codes if not freeze_codebook else codes.detach()
         loss = loss + commitment_loss(commit_codes.unsqueeze(2), z.unsqueeze(2), mask) * layer.commitment_weight
     if layer.training and layer.orthogonal_reg_weight > 0:
         orthogonal = orthogonal_reg_loss(

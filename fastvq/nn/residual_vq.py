@@ -55,17 +55,6 @@ def last_stage(
     return last if multiple_of == 1 else math.ceil((last + 1) / multiple_of) * multiple_of - 1
 
 
-def check_implicit_codebook_arguments(beam_size, vq_kwargs: dict) -> None:
-    """Refuse what ResidualVQ(implicit_neural_codebook=True) does not take: beam search (1.32.0
-    fails there too) and stochastic code sampling (not implemented over conditioned codes)."""
-    if beam_size is not None and beam_size > 1:
-        raise ValueError(
-            f"beam_size needs implicit_neural_codebook=False (as vector-quantize-pytorch), got {beam_size}"
-        )
-    if vq_kwargs.get("stochastic_sample_codes", False):
-        raise NotImplementedError("stochastic_sample_codes is not implemented with implicit_neural_codebook")
-
-
 class ResidualVQ(nn.Module):
     """Residual vector quantization (Zeghidour et al. 2021, arXiv:2107.03312, algorithm 1);
     arguments as vector-quantize-pytorch 1.32.0, the rest passed to each stage's `VectorQuantize`.
@@ -151,7 +140,10 @@ class ResidualVQ(nn.Module):
             vq_kwargs["manual_ema_update"] = True
         self.implicit_neural_codebook = bool(implicit_neural_codebook)
         if self.implicit_neural_codebook:
-            check_implicit_codebook_arguments(beam_size, vq_kwargs)
+            if beam_size is not None and beam_size > 1:
+                raise ValueError(
+                    f"beam_size needs implicit_neural_codebook=False (as vector-quantize-pytorch), got {beam_size}"
+                )
             vq_kwargs.update(learnable_codebook=True, ema_update=False)
         self.layers = nn.ModuleList(
             VectorQuantize(
@@ -298,9 +290,7 @@ class ResidualVQ(nn.Module):
             if mlp is None:
                 quantized, stage_indices, loss = layer(residual, mask=mask, **stage_kwargs)
             else:
-                quantized, stage_indices, loss = implicit_stage(
-                    layer, mlp, residual, total, mask, stage_kwargs["freeze_codebook"]
-                )
+                quantized, stage_indices, loss = implicit_stage(layer, mlp, residual, total, mask, **stage_kwargs)
             residual = residual - frac_gradient(quantized, self.quant_grad_frac)
             total = total + quantized
             indices.append(stage_indices)

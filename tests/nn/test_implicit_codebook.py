@@ -15,7 +15,7 @@ from test_residual_vq import BATCH, CODES, DIM, SEQ, batches, make_pair
 from vq_checks import LargestTensor
 
 from fastvq.nn import implicit_codebook
-from fastvq.nn.implicit_codebook import ImplicitCodebookMLP, nearest_conditioned_code
+from fastvq.nn.implicit_codebook import ImplicitCodebookMLP, search_conditioned_codes
 from fastvq.nn.residual_vq import GroupedResidualVQ, ResidualVQ
 
 anchor_module = pytest.importorskip(
@@ -162,8 +162,6 @@ def test_bad_arguments_raise_clear_errors():
         ResidualVQ(use_cosine_sim=True, **kwargs)
     with pytest.raises(ValueError, match="straight_through and"):
         ResidualVQ(straight_through=True, rotation_trick=False, **kwargs)
-    with pytest.raises(NotImplementedError, match="stochastic_sample_codes"):
-        ResidualVQ(stochastic_sample_codes=True, **kwargs)
     rvq = ResidualVQ(**kwargs)
     x = torch.randn(BATCH, SEQ, DIM)
     with pytest.raises(ValueError, match="beam search needs implicit_neural_codebook=False"):
@@ -197,7 +195,7 @@ def test_blocked_search_matches_the_dense_float64_oracle(monkeypatch, num_tokens
     )
     codebook[3] = codebook[1]
     condition[2, 0], tokens[4, 1] = float("inf"), float("nan")
-    found = nearest_conditioned_code(mlp, codebook, condition, tokens)
+    found = search_conditioned_codes(mlp, codebook, condition, tokens)
     with torch.no_grad():
         dense = mlp.double()(codebook.double(), condition=condition.double()[None])[0]  # (N, K, D)
     distance = (tokens.double()[:, None] - dense).norm(dim=-1)
@@ -208,6 +206,43 @@ def test_blocked_search_matches_the_dense_float64_oracle(monkeypatch, num_tokens
     clear = second - best > 1e-4
     assert torch.equal(found[valid][clear], distance[valid].argmin(-1)[clear])
     assert not (found == 3).any()
+
+
+def test_sampled_codes_follow_the_softmax_of_the_negative_distances(monkeypatch):
+    """temperature > 0 (stochastic_sample_codes): over 20000 draws for one token and condition,
+    blocks of 2 codes, each code's frequency is within 5 standard errors of softmax(-distance / T)
+    of the float64 distances to the conditioned codes."""
+    num_draws, temperature = 20000, 0.7
+    monkeypatch.setattr(implicit_codebook, "BLOCK_ELEMENTS", num_draws * 4 * 2)
+    torch.manual_seed(0)
+    mlp = ImplicitCodebookMLP(4, depth=1)
+    codebook, condition, token = torch.randn(5, 4) * 0.5, torch.randn(1, 4), torch.randn(1, 4)
+    found = search_conditioned_codes(
+        mlp, codebook, condition.expand(num_draws, -1), token.expand(num_draws, -1), temperature
+    )
+    with torch.no_grad():
+        dense = mlp.double()(codebook.double(), condition=condition.double())[0]  # (K, D)
+    probs = (-(token.double() - dense).norm(dim=-1) / temperature).softmax(-1)
+    freq = torch.bincount(found, minlength=5).double() / num_draws
+    assert ((freq - probs).abs() <= 5 * (probs * (1 - probs) / num_draws).sqrt() + 1e-3).all(), (freq, probs)
+
+
+def test_stochastic_sampling_in_training_only():
+    """stochastic_sample_codes draws codes in training (reproducible from torch's seed, different
+    across seeds); eval and sample_codebook_temp=0 take the nearest codes."""
+    rvq = ResidualVQ(
+        dim=DIM, num_quantizers=3, codebook_size=CODES, implicit_neural_codebook=True, stochastic_sample_codes=True
+    )
+    x = torch.randn(BATCH, SEQ, DIM)
+    with torch.no_grad():
+        nearest = rvq.eval()(x)[1]
+        draws = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            draws.append(rvq.train()(x, freeze_codebook=True)[1])
+        cold = rvq(x, freeze_codebook=True, sample_codebook_temp=0.0)[1]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert not torch.equal(draws[0], nearest) and torch.equal(cold, nearest)
 
 
 def test_training_step_holds_no_tensor_that_grows_with_the_codes(monkeypatch):
