@@ -148,10 +148,11 @@ def implicit_stage(
     codebook, cond = layer.codebook, condition.float().reshape(-1, dim)
     temperature = layer.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
     sampling = layer.training and layer.stochastic_sample_codes and temperature > 0
-    found = search_conditioned_codes(
-        mlp, codebook.detach(), cond.detach(), z.detach().reshape(-1, dim), temperature if sampling else 0.0
-    )
-    codes = mlp.conditioned(codebook[found.clamp_min(0)], cond)
+    with torch.autocast(z.device.type, enabled=False):  # fp32, as 1.32.0's codebook forward
+        found = search_conditioned_codes(
+            mlp, codebook.detach(), cond.detach(), z.detach().reshape(-1, dim), temperature if sampling else 0.0
+        )
+        codes = mlp.conditioned(codebook[found.clamp_min(0)], cond)
     codes = torch.where((found >= 0).unsqueeze(-1), codes, z.detach().reshape(-1, dim)).reshape(batch, seq, dim)
     indices = found.reshape(batch, seq)
     if layer.training:

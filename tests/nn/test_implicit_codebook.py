@@ -140,6 +140,16 @@ def test_bfloat16_input_matches_anchor_in_eval():
     assert quantized.dtype == torch.bfloat16 and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+def test_stages_run_in_fp32_under_autocast():
+    _, ours = implicit_pair(num_quantizers=3)
+    x = torch.randn(BATCH, SEQ, DIM)
+    with torch.no_grad():
+        expected = ours.eval()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = ours(x)
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+
+
 def test_nonfinite_tokens_get_no_code_and_leave_the_others_alone():
     _, ours = implicit_pair(num_quantizers=3)
     ours.eval()
