@@ -171,7 +171,6 @@ ARGUMENTS: dict[str, Spec] = {
     "directional_reparam": _unsupported(False, "directional reparametrisation of the gradient"),
     "directional_reparam_variance": _unsupported(5e-3, "variance of the directional reparametrisation"),
     "diveq": _unsupported(False, "DiVeQ differentiable quantization"),
-    "implicit_neural_codebook": _unsupported(False, "QINCo implicit neural codebooks"),
 }
 
 

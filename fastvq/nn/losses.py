@@ -35,3 +35,17 @@ def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
     normed = l2norm(codes)
     gram = normed.transpose(1, 2) @ normed
     return gram.pow(2).sum() / (heads * n**2) - 1 / n
+
+
+def orthogonal_reg_loss(
+    codes: torch.Tensor, indices: torch.Tensor, *, active_codes_only: bool = False, max_codes: int | None = None
+) -> torch.Tensor:
+    """`orthogonal_loss` of codes (H, K, D) as 1.32.0's VectorQuantize selects them: only the codes
+    in indices (any shape, -1 ignored) with active_codes_only, then at most max_codes of them drawn
+    by torch.randperm (None: all). -> () fp32."""
+    if active_codes_only:
+        codes = codes[:, torch.unique(indices[indices >= 0])]
+    num_codes = codes.shape[1]
+    if max_codes is not None and num_codes > max_codes:
+        codes = codes[:, torch.randperm(num_codes, device=codes.device)[:max_codes]]
+    return orthogonal_loss(codes)

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import distributed
 from .arguments import check_arguments, describe, is_integer_tensor
+from .implicit_codebook import ImplicitCodebookMLP, conditioned_codes_from_indices, implicit_stage
 from .layout import expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
 from .projection import project, projections
 from .vector_quantize import VectorQuantize
@@ -66,9 +67,10 @@ class ResidualVQ(nn.Module):
     with return_all_codes.
 
     The layout is parsed once: every stage is a `VectorQuantize` on token sequences (B, S,
-    codebook_dim), driven through its public forward. `diveq` and `implicit_neural_codebook` raise
-    NotImplementedError (`mlp_kwargs`, used only by the latter, is accepted and ignored, as 1.32.0
-    does without it).
+    codebook_dim), driven through its public forward. With `implicit_neural_codebook` (QINCo)
+    stage q > 0 searches its learnable codebook as conditioned by an MLP (`mlps[q - 1]`, built from
+    `mlp_kwargs`) on the quantized-so-far output, in blocks of codes (`fastvq.nn.implicit_codebook`),
+    never as an (N, K, D) tensor. `diveq` raises NotImplementedError.
     """
 
     def __init__(
@@ -95,7 +97,7 @@ class ResidualVQ(nn.Module):
         **vq_kwargs,
     ):
         super().__init__()
-        check_arguments(diveq=bool(diveq), implicit_neural_codebook=bool(implicit_neural_codebook))
+        check_arguments(diveq=bool(diveq))
         if heads != 1:
             raise ValueError(f"ResidualVQ needs heads=1 (as vector-quantize-pytorch), got heads={heads!r}")
         sizes = tuple(codebook_size) if isinstance(codebook_size, (tuple, list)) else None
@@ -136,6 +138,13 @@ class ResidualVQ(nn.Module):
         self.shared_codebook = shared_codebook
         if shared_codebook:  # the shared layer's EMA and in-place optimizer step once per forward
             vq_kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
+        self.implicit_neural_codebook = bool(implicit_neural_codebook)
+        if self.implicit_neural_codebook:
+            if beam_size is not None and beam_size > 1:
+                raise ValueError(
+                    f"beam_size needs implicit_neural_codebook=False (as vector-quantize-pytorch), got {beam_size}"
+                )
+            vq_kwargs.update(learnable_codebook=True, ema_update=False)
         self.layers = nn.ModuleList(
             VectorQuantize(
                 dim=self.codebook_dim,
@@ -157,6 +166,13 @@ class ResidualVQ(nn.Module):
         self.beam_size = beam_size
         self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
         self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
+        self.mlps = (None,) * (self.num_quantizers - 1)
+        if self.implicit_neural_codebook:
+            l2norm_output = bool(vq_kwargs.get("use_cosine_sim", False))
+            self.mlps = nn.ModuleList(
+                ImplicitCodebookMLP(dim=self.codebook_dim, l2norm_output=l2norm_output, **(mlp_kwargs or {}))
+                for _ in range(self.num_quantizers - 1)
+            )
 
     # ------------------------------------------------------------------------------------------
     # codebooks
@@ -183,7 +199,11 @@ class ResidualVQ(nn.Module):
                 f"indices must have a last dim of num_quantizers={self.num_quantizers} (fewer only "
                 f"with quantize_dropout), got shape {tuple(indices.shape)}"
             )
-        codes = [layer.get_codes_from_indices(indices[..., q]) for q, layer in enumerate(self.layers[:given])]
+        if self.implicit_neural_codebook:
+            flat = conditioned_codes_from_indices(self.layers[:given], self.mlps, indices.reshape(-1, given))
+            codes = [stage_codes.reshape(*indices.shape[:-1], -1) for stage_codes in flat]
+        else:
+            codes = [layer.get_codes_from_indices(indices[..., q]) for q, layer in enumerate(self.layers[:given])]
         codes += [codes[0].new_zeros(codes[0].shape)] * (self.num_quantizers - given)
         return torch.stack(codes)
 
@@ -221,10 +241,18 @@ class ResidualVQ(nn.Module):
         mask = sequence_mask(mask, None, layout, batch, seq)
         z = project(self.project_in, tokens)
         stage_kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
+        if indices is not None and self.implicit_neural_codebook:
+            raise NotImplementedError(
+                "indices (the cross-entropy against target codes) is not implemented with implicit_neural_codebook"
+            )
         if indices is not None:
             return self._teacher_forced(tokens, z, mask, indices, layout, stage_kwargs)
         check_arguments(beam_size=beam_size)
         beam = beam_size or (self.beam_size if self.training else self.eval_beam_size)
+        if beam is not None and beam > 1 and self.implicit_neural_codebook:
+            raise ValueError(
+                f"beam search needs implicit_neural_codebook=False (as vector-quantize-pytorch), got beam_size={beam}"
+            )
         dropout = self.training and self.quantize_dropout
         last = last_stage(
             self.num_quantizers,
@@ -258,9 +286,12 @@ class ResidualVQ(nn.Module):
         (stages,), and each stage's input."""
         residual, total = z, torch.zeros_like(z)
         indices, losses, inputs = [], [], []
-        for layer in self.layers[: last + 1]:
+        for layer, mlp in zip(self.layers[: last + 1], (None, *self.mlps)):
             inputs.append(residual)
-            quantized, stage_indices, loss = layer(residual, mask=mask, **stage_kwargs)
+            if mlp is None:
+                quantized, stage_indices, loss = layer(residual, mask=mask, **stage_kwargs)
+            else:
+                quantized, stage_indices, loss = implicit_stage(layer, mlp, residual, total, mask, **stage_kwargs)
             residual = residual - frac_gradient(quantized, self.quant_grad_frac)
             total = total + quantized
             indices.append(stage_indices)

@@ -30,7 +30,7 @@ from .codebook import Codebook, EmaWeight
 from .codebook_optimizer import make_in_place_optimizer, optimize_in_place_, step_in_place_optimizer_
 from .gradient_estimators import rotate_to, straight_through, synchronous_update
 from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
-from .losses import commitment_loss, orthogonal_loss
+from .losses import commitment_loss, orthogonal_reg_loss
 from .projection import project, projections
 from .transformed_codebook import TransformedCodebook
 
@@ -556,13 +556,12 @@ class VectorQuantize(nn.Module):
         return self._codebook.cross_entropy(per_head, targets, codes=codes).sum() / (targets >= 0).sum()
 
     def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        codes = self._codebook.embed
-        if self.orthogonal_reg_active_codes_only:
-            codes = codes[:, torch.unique(idx[idx >= 0])]
-        num_codes = codes.shape[1]
-        if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
-            codes = codes[:, torch.randperm(num_codes, device=codes.device)[: self.orthogonal_reg_max_codes]]
-        return orthogonal_loss(codes)
+        return orthogonal_reg_loss(
+            self._codebook.embed,
+            idx,
+            active_codes_only=self.orthogonal_reg_active_codes_only,
+            max_codes=self.orthogonal_reg_max_codes,
+        )
 
     # ------------------------------------------------------------------------------------------
     # layouts
