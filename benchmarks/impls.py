@@ -642,15 +642,16 @@ IMPLS: list[Impl] = [
             ("torch", lambda device: ""),
         )
     ],
-    # SEED-Voken's formula holds about a dozen N x K fp32 tables at once (NK_IBQ_BYTES, measured); fp32
-    # only (its einsums take one dtype)
+    # SEED-Voken's formula holds its N x K fp32 tables: measured 32.1 bytes per (token, code) pair of peak
+    # memory on CPU at N = 256, K = 64k and 262k (benchmarks/results/cpu-2026-12-07-ibq); fp32 only (its
+    # einsums take one dtype)
     Impl(
         "seed-voken-ibq",
         "ibq",
         "alternative",
         _ibq_layer(lambda s: DenseIBQ(s.d, s.k)),
         dtypes=FP32,
-        nk_bytes=48,
+        nk_bytes=33,
     ),
     Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
     Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),

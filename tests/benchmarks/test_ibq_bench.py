@@ -1,7 +1,7 @@
 """The ibq benchmark slice: both rows time the same training step (fastvq.IBQ and SEED-Voken's dense
 formula give the same outputs, loss and gradients on the same codebook and tokens), the GPU matrix aims
-at 8x IBQ's per-GPU batch (8192 tokens, K up to 262,144, D = 256) with the dense formula recorded out of
-memory where its N x K tables cannot fit an H100, and the GPU check's bench-ibq slot selects the rows."""
+at 8x IBQ's per-GPU batch (8192 tokens, K up to 262,144, D = 256), where the dense formula's N x K tables
+need most of an H100, and the GPU check's bench-ibq slot selects the rows."""
 
 import sys
 from pathlib import Path
@@ -63,15 +63,15 @@ def test_a_training_step_moves_the_codebook(bench):
         assert not torch.equal(layer.embedding.weight.detach(), before), f"{name}: Adam did not step"
 
 
-def test_gpu_shapes_aim_at_8x_ibq_batch_and_the_dense_formula_is_oom_at_262k(bench):
+def test_gpu_shapes_aim_at_8x_ibq_batch_where_the_dense_formula_fills_an_h100(bench):
     impls, run, gpu_plan = bench
     shapes = {s.name: s for s in run.SHAPES["cuda"] if "ibq" in s.ops}
     assert {(s.n, s.k, s.d) for s in shapes.values()} == {(8192, k, 256) for k in (16384, 65536, 262144)}
     assert all(s.default and torch.bfloat16 in s.dtypes for s in shapes.values())
     dense = next(i for i in impls.IMPLS if i.name == "seed-voken-ibq")
-    h100 = 80 << 30
-    assert impls.estimate_bytes(dense, shapes["ibq-256k"], torch.float32, 1) > h100  # recorded oom, not run
-    assert impls.estimate_bytes(dense, shapes["ibq-16k"], torch.float32, 1) < h100 // 4
+    h100 = 80 << 30  # the dense formula needs most of an H100 at K = 262,144 (and runs out of memory on less)
+    assert 0.75 * h100 < impls.estimate_bytes(dense, shapes["ibq-256k"], torch.float32, 1)
+    assert impls.estimate_bytes(dense, shapes["ibq-16k"], torch.float32, 1) < h100 // 8
     fastvq_rows = [i for i in impls.IMPLS if i.op == "ibq" and i.role == "fastvq"]
     assert all(impls.estimate_bytes(i, shapes["ibq-256k"], torch.bfloat16, 1) < 2 << 30 for i in fastvq_rows)
 
