@@ -37,7 +37,7 @@ def test_ibq_refuses_the_ema_settings_by_name():
     with pytest.raises(ValueError, match="'ibq' does not support rotation_trick"):
         make_quantizer("ibq", 8, 16, rotation_trick=True)
     quantizer = make_quantizer("ibq", 8, 16, commitment_weight=0.3)
-    assert isinstance(quantizer, IBQ) and quantizer.beta == 0.3 and not quantizer.use_entropy_loss
+    assert isinstance(quantizer, IBQ) and quantizer.beta == 0.3 and quantizer.use_entropy_loss
 
 
 def test_ibq_decodes_indices_to_its_codes():
