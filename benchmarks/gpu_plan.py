@@ -141,7 +141,7 @@ PLAN: tuple[Stage, ...] = (
     # the new quantizers' rows: skipped with a note until benchmarks/impls.py has implementations matching
     _slice("bench-lfq", (15, 30), 45, "LFQ rows", impls=("(?i)lfq",), warm=True),
     _slice("bench-fsq", (15, 30), 45, "FSQ rows", impls=("(?i)fsq",), warm=True),
-    _slice("bench-ibq", (15, 30), 45, "IBQ rows", impls=("(?i)ibq",), warm=True),
+    _slice("bench-ibq", (15, 30), 45, "IBQ's training step against SEED-Voken's formula", only="ibq", warm=True),
     _slice("bench-simvq", (15, 30), 45, "SimVQ rows", impls=("(?i)simvq",), warm=True),
     _slice("bench-head", (5, 15), 45, "a prior's output head over K codes", only="head", warm=True),
     Stage(

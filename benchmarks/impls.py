@@ -9,6 +9,9 @@ ops (what a call does):
                (one stage, one group), ResidualFSQ (`stages`) or GroupedResidualFSQ (`groups`);
     simvq   -- a training step of SimVQ (codes = a learned linear map of a frozen random codebook; the map
                trained by Adam);
+    ibq     -- a training step of IBQ with its entropy loss (forward, backward to the tokens and every
+               code, Adam on the codebook): fastvq.IBQ against SEED-Voken's formula as written (its N x K
+               tables; fastvq.nn.ibq_reference);
     head    -- a prior's output layer over K codes: mean cross-entropy of (N, D) hidden states against
                targets, forward and backward (fastvq's CodeHead against nn.Linear + F.cross_entropy);
     scaling -- the scaling figure at fixed N and D against K: the search (fastvq's C++ CPU kernel,
@@ -17,6 +20,7 @@ ops (what a call does):
     ceiling -- the device's own limits: a large square matmul per precision, a device-to-device copy.
 roles: "fastvq" (ours, public API only: the torch, triton, cuda and cpu backends), "alternative" (what
 users would pick instead: the textbook formula, cdist, torch.compile, vector-quantize-pytorch, taming,
+SEED-Voken's IBQ formula,
 faiss-cpu's exact search on CPU,
 flash-kmeans' fused assignment on CUDA), "ceiling".
 """
@@ -36,6 +40,7 @@ from torch import nn
 import fastvq
 from fastvq.models import TamingQuantizer
 from fastvq.nn import CodeHead
+from fastvq.nn.ibq_reference import ibq_reference
 from fastvq.ops.backend import unavailable_reason
 from fastvq.ops.common import triton_interpret_requested
 
@@ -62,7 +67,7 @@ except Exception as err:  # not installed, or its triton import failed
     FLASH_KMEANS_MISSING = f"flash-kmeans==0.3.1 not importable ({err})"
 
 DTYPES = (torch.float32, torch.bfloat16)
-TRAIN_OPS = ("train", "residual", "fsq", "simvq")  # inputs: (x (1, N, D) requiring grad, upstream gradient)
+TRAIN_OPS = ("train", "residual", "fsq", "simvq", "ibq")  # inputs: (x (1, N, D) requiring grad, upstream gradient)
 EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
 TAMING_BETA = 0.25
 TAMING_LR = 1e-4
@@ -361,6 +366,35 @@ def _sim_vq_layer(cls_of: Callable[[], type]):
     return setup
 
 
+class DenseIBQ(nn.Module):
+    """SEED-Voken's IBQ with its entropy loss, computed as its source reads (`ibq_reference`: logits,
+    softmax, one-hots and the entropy's probabilities as N x K tables), in `fastvq.IBQ`'s calling
+    convention: x (B, N, D) -> (quantized (B, N, D), indices (B, N), quant_loss + entropy_loss)."""
+
+    def __init__(self, dim: int, codebook_size: int):
+        super().__init__()
+        self.embedding = nn.Embedding(codebook_size, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = x.transpose(1, 2).unsqueeze(-1)  # SEED-Voken's feature map (B, D, N, 1)
+        z_q, indices, quant_loss, _, _, entropy_loss = ibq_reference(z, self.embedding.weight)
+        return z_q.squeeze(-1).transpose(1, 2), indices.view(x.shape[:2]), quant_loss + entropy_loss
+
+
+def _ibq_layer(make: Callable[[Shape], nn.Module]):
+    """IBQ's training step with the entropy loss (and Adam on the codebook); every layer of a shape
+    starts from the same codebook (`initial_codebook`)."""
+
+    def setup(shape, dtype, device):
+        layer = make(shape).to(device).train()
+        with torch.no_grad():
+            layer.embedding.weight.copy_(initial_codebook(shape, device))
+        optimizer = torch.optim.Adam(layer.parameters(), lr=TAMING_LR)
+        return functools.partial(_train_step, layer, optimizer)
+
+    return setup
+
+
 def _head(make: Callable[[Shape, torch.device], Callable]):
     """Loss + backward of an output layer over K codes; make(shape, device) -> loss(hidden, targets)."""
 
@@ -592,6 +626,32 @@ IMPLS: list[Impl] = [
         dtypes=FP32,
         nk_bytes=5,
         why_not=_VQP,
+    ),
+    *[
+        Impl(
+            f"fastvq-ibq[{backend}]",
+            "ibq",
+            "fastvq",
+            _ibq_layer(lambda s, b=backend: fastvq.IBQ(s.d, s.k, use_entropy_loss=True, backend=b)),
+            why_not=why_not,
+        )
+        for backend, why_not in (
+            ("triton", _triton_missing),
+            ("cuda", _cuda_missing),
+            ("cpu", _cpu_kernels_missing),
+            ("torch", lambda device: ""),
+        )
+    ],
+    # SEED-Voken's formula holds its N x K fp32 tables: measured 32.1 bytes per (token, code) pair of peak
+    # memory on CPU at N = 256, K = 64k and 262k (benchmarks/results/cpu-2026-12-07-ibq); fp32 only (its
+    # einsums take one dtype)
+    Impl(
+        "seed-voken-ibq",
+        "ibq",
+        "alternative",
+        _ibq_layer(lambda s: DenseIBQ(s.d, s.k)),
+        dtypes=FP32,
+        nk_bytes=33,
     ),
     Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
     Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),

@@ -25,7 +25,8 @@ import fastvq
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-BAR_OPS = ("search", "train", "residual", "fsq", "simvq", "head")  # drawn as bars per shape in time.png / memory.png
+# drawn as bars per shape in time.png / memory.png
+BAR_OPS = ("search", "train", "residual", "fsq", "simvq", "ibq", "head")
 OPS = BAR_OPS + ("scaling",)  # scaling.png draws the last one against K
 VQP_LAYER = {
     "train": "vqp-layer",
@@ -266,6 +267,8 @@ def markdown(meta: dict, records: list[dict]) -> str:
         "fsq": "Scalar quantizers (FSQ, ResidualFSQ, GroupedResidualFSQ): forward + backward (N tokens, "
         "K = prod(levels), D = input dim; levels, stages and groups in results.json)",
         "simvq": "SimVQ training step (forward, backward, Adam on the map; N tokens, K codes, D)",
+        "ibq": "IBQ training step with its entropy loss (forward, backward, Adam on the codebook; N tokens, "
+        "K codes, D), against SEED-Voken's formula as written",
         "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)",
         "scaling": "Scaling with K (fixed N and D): search, and a layer's eval forward",
     }

@@ -43,6 +43,7 @@ _EXPORTS = {
     "available_backends": "fastvq.ops.backend",
     **dict.fromkeys(
         (
+            "BinaryMapper",
             "FSP",
             "FSQ",
             "GroupedResidualFSQ",

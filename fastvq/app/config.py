@@ -343,7 +343,11 @@ def _check_image_size(size: int, factor: int) -> None:
 OFF_VALUES = {"rotation_trick": "false", "kmeans_init": "false", "threshold_ema_dead_code": "0"}
 """Model arguments of the EMA quantizers that the quantizers without EMA lack, and their 'off' values."""
 
-WITHOUT_EMA_KIND = {"taming": "a learnable codebook without EMA", "simvq": "a learned map of a frozen codebook"}
+WITHOUT_EMA_KIND = {
+    "taming": "a learnable codebook without EMA",
+    "simvq": "a learned map of a frozen codebook",
+    "ibq": "a learnable codebook trained through a softmax",
+}
 
 
 def check_quantizer_args(quantizer: str, model_args: dict[str, Any]) -> None:

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvq.nn import FSQ, SimVQ, VectorQuantize
+from fastvq.nn import FSQ, IBQ, SimVQ, VectorQuantize
 
-QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming", "fsq", "simvq")
+QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming", "fsq", "simvq", "ibq")
 FSQ_LEVEL_RANGE = (3, 8)
 """Levels `fsq_levels` picks from: the FSQ paper's recommended levels are 5 to 8 (its table
 A.4.1: [8, 5, 5, 5] for about 2^10 codes); 2 would need preserve_symmetry."""
@@ -22,6 +22,7 @@ A.4.1: [8, 5, 5, 5] for about 2^10 codes); 2 would need preserve_symmetry."""
 WITHOUT_EMA = {
     "taming": ("rotation_trick", "kmeans_init", "threshold_ema_dead_code"),
     "simvq": ("kmeans_init", "threshold_ema_dead_code"),
+    "ibq": ("rotation_trick", "kmeans_init", "threshold_ema_dead_code"),
 }
 """The learned-codebook quantizers without an EMA codebook, and the settings each of them lacks."""
 
@@ -125,9 +126,12 @@ def make_quantizer(
     same explicit arguments; 'taming' is a learnable codebook (no EMA, k-means init, dead-code
     replacement or rotation trick); 'simvq' is ``fastvq.SimVQ``, a learned map of a frozen random
     codebook (no EMA, k-means init or dead-code replacement; loss mse(sg[z], q) + commitment_weight *
-    mse(z, sg[q]); decay unused); 'fsq' is `FSQQuantizer`, which has no codebook to learn: the
-    codebook settings (decay, commitment_weight, rotation_trick, kmeans_init,
-    threshold_ema_dead_code) do not apply to it and are not used.
+    mse(z, sg[q]); decay unused); 'ibq' is ``fastvq.IBQ``, a learned codebook trained through the
+    softmax of the dot-product logits, with SEED-Voken's entropy loss at its defaults (temperature 0.01,
+    both weights 1; without it the demo used 5 % of its codes) (no EMA, k-means init, dead-code
+    replacement or rotation trick; commitment_weight is its beta; decay unused); 'fsq' is
+    `FSQQuantizer`, which has no codebook to learn: the codebook settings (decay, commitment_weight,
+    rotation_trick, kmeans_init, threshold_ema_dead_code) do not apply to it and are not used.
     """
     if name == "fsq":
         return FSQQuantizer(dim, codebook_size)
@@ -148,6 +152,8 @@ def make_quantizer(
                 rotation_trick=rotation_trick,
                 input_to_quantize_commit_loss_weight=commitment_weight,
             )
+        if name == "ibq":
+            return IBQ(dim, codebook_size, beta=commitment_weight, use_entropy_loss=True)
         return TamingQuantizer(dim, codebook_size, commitment_weight)
     if name == "fastvq":
         layer = VectorQuantize

@@ -1,7 +1,7 @@
 """Layers on the fused ops: `VectorQuantize`, `ResidualVQ`, `GroupedResidualVQ`, `SimVQ`, `ResidualSimVQ`,
-`RandomProjectionQuantizer`, `HierarchicalVQ` and `Sequential` (drop-ins for vector-quantize-pytorch
-1.32.0), `IBQ` (index backpropagation over a learned codebook, on the soft ops) and `CodeHead` (an
-output layer over codes without logits), built on
+`RandomProjectionQuantizer`, `HierarchicalVQ`, `Sequential` and `BinaryMapper` (bits to a one-hot over
+2^bits codes) (drop-ins for vector-quantize-pytorch 1.32.0), `IBQ` (index backpropagation over a
+learned codebook, on the soft ops) and `CodeHead` (an output layer over codes without logits), built on
 the token-level core `TokenQuantizer` (quantize, decode, statistics, health on canonical tokens
 (H, N, D)) and its codebooks: the EMA `Codebook` (k-means init, dead codes), `TransformedCodebook`
 (one searched through a bridge module and affine statistics) and `LearnedCodebook` (a parameter
@@ -9,6 +9,7 @@ trained by gradient descent). The scalar quantizers, drop-ins for 1.32.0's too, 
 codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize` and `FSP`. See docs/layers.md and
 docs/quantizers.md."""
 
+from .binary_mapper import BinaryMapper
 from .code_head import CodeHead
 from .codebook import Codebook
 from .fsp import FSP
@@ -26,6 +27,7 @@ from .transformed_codebook import TransformedCodebook
 from .vector_quantize import LossBreakdown, VectorQuantize
 
 __all__ = [
+    "BinaryMapper",
     "CodeHead",
     "Codebook",
     "FSP",

@@ -148,6 +148,10 @@ ARGUMENTS: dict[str, Spec] = {
         "FSP's preset of moment targets for its norm loss",
         choices=("none", "var", "kurt", "var_tanh", "var_sigmoid", "var_laplace"),
     ),
+    # BinaryMapper
+    "bits": _int("bits of a BinaryMapper code (2^bits codes)", high=62),
+    "kl_loss_threshold": _number("nats of bit entropy below the uniform's that BinaryMapper's aux loss allows"),
+    "temperature": _number("temperature of BinaryMapper's bit sampling", positive=True),
     # SimVQ
     "frozen_codebook_dim": _int("size of SimVQ's frozen codes (None: dim)", optional=True),
     "input_to_quantize_commit_loss_weight": _number("weight of SimVQ's commitment of the input to its code"),

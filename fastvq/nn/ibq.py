@@ -91,6 +91,10 @@ class IBQ(TokenQuantizer):
     def codes(self) -> torch.Tensor:
         return self.embedding.weight.unsqueeze(0)
 
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (...) int in [-1, K) -> their codes (..., dim) fp32 (zeros for -1), for decoding."""
+        return self.codes_from_indices(indices.reshape(1, -1))[0].view(*indices.shape, self.dim)
+
     def codebook_health(self) -> dict[str, torch.Tensor]:
         """`health()`, under `VectorQuantize`'s name."""
         return self.health()

@@ -64,6 +64,10 @@ EXPECTED = {
     ("simvq", "fastvq-simvq[torch]"),
     ("simvq", "fastvq-simvq[triton]"),
     ("simvq", "vqp-simvq"),
+    ("ibq", "fastvq-ibq[torch]"),
+    ("ibq", "fastvq-ibq[triton]"),
+    ("ibq", "fastvq-ibq[cuda]"),
+    ("ibq", "seed-voken-ibq"),
 }
 
 
@@ -121,6 +125,8 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
         "vqp-layer-eval",
         "fastvq-simvq[torch]",
         "vqp-simvq",
+        "fastvq-ibq[torch]",
+        "seed-voken-ibq",
     }
     for r in ok:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
@@ -141,6 +147,7 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
         "## Nearest-code search",
         "## Training step",
         "## Residual VQ training",
+        "## IBQ training step",
         "## Prior output head",
         "## Scaling with K",
         "## Peak memory",

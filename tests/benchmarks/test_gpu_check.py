@@ -92,7 +92,6 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
         "build-cuda": "this torch build",
         "smoke-cuda": "no CPU stand-in",
         "bench-lfq": "no rows",
-        "bench-ibq": "no rows",
     }
     for name, outcome in stages.items():
         if outcome["status"] == "skipped":
@@ -108,6 +107,7 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
         "bench-train",
         "bench-residual",
         "bench-fsq",
+        "bench-ibq",
         "bench-simvq",
         "bench-head",
         "tests-cuda",
@@ -116,9 +116,19 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
     }
     _assert_finished_stages_kept_their_records(stages, check)
     records = _bench_records(check)
-    assert {r["op"] for r in records} == {"ceiling", "matmul", "search", "train", "residual", "fsq", "simvq", "head"}
+    assert {r["op"] for r in records} == {
+        "ceiling",
+        "matmul",
+        "search",
+        "train",
+        "residual",
+        "fsq",
+        "ibq",
+        "simvq",
+        "head",
+    }
     assert not [r for r in records if r["status"] == "error"]
-    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 8
+    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 9
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| smoke | ok |" in summary and "66 checks: 66 ok, 0 failed" in summary
     assert "Every stage ran to its end: nothing to retry." in summary

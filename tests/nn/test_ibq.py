@@ -1,5 +1,5 @@
 """fastvq.IBQ against IBQ's reference formula (SEED-Voken's `IndexPropagationQuantize`, written out densely
-with its N x K tables in tests/ibq_checks.py): outputs, the loss terms and the gradients to z and the
+with its N x K tables in fastvq/nn/ibq_reference.py): outputs, the loss terms and the gradients to z and the
 codebook within 1e-5 at small sizes; its rules for masks and non-finite tokens; its arguments and
 state_dict; and O(N + K) extra memory for a training step where the dense formula needs >= 10x more."""
 
@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 from conftest import PEAK_RSS_SOURCE, REFERENCE_ON_CPU, backend_cases
-from ibq_checks import ibq_reference
 
 import fastvq
 from fastvq.nn import IBQ
+from fastvq.nn.ibq_reference import ibq_reference
 
 OPTIONS = dict(beta=0.3, entropy_temperature=0.01, sample_minimization_weight=0.7, batch_maximization_weight=1.3)
 NAMES = (

@@ -1,5 +1,5 @@
 """IBQ (TencentARC SEED-Voken `IndexPropagationQuantize` and its `compute_entropy_loss`), written densely
-in float64 as its source reads (tests/ibq_checks.py), against what a layer computes from fastvq's soft
+in float64 as its source reads (fastvq/nn/ibq_reference.py), against what a layer computes from fastvq's soft
 ops (`soft_quantize` for the value and its gradient, `code_entropy` for the entropy loss, a lookup for
 the hard code):
 the quantized value and indices, the three-term quantization loss, the sample and batch entropies,
@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as tF
 from conftest import REFERENCE_ON_CPU, backend_cases
-from ibq_checks import EPS, ibq_reference
 
 import fastvq
+from fastvq.nn.ibq import AVG_ENTROPY_EPS
+from fastvq.nn.ibq_reference import ibq_reference
 
 BETA, TEMPERATURE, SAMPLE_WEIGHT, BATCH_WEIGHT = 0.25, 0.01, 1.0, 1.0
 
@@ -30,7 +31,7 @@ def ibq_from_ops(z, embedding, backend):
     )
     entropy, mean_probs = fastvq.code_entropy(tokens, embedding, metric="dot", temperature=TEMPERATURE, backend=backend)
     sample_entropy = entropy.mean()
-    avg_entropy = -torch.sum(mean_probs * torch.log(mean_probs + EPS))
+    avg_entropy = -torch.sum(mean_probs * torch.log(mean_probs + AVG_ENTROPY_EPS))
     entropy_loss = SAMPLE_WEIGHT * sample_entropy - BATCH_WEIGHT * avg_entropy
     return z_q, indices, quant_loss, sample_entropy, avg_entropy, entropy_loss
 

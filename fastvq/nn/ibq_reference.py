@@ -1,18 +1,23 @@
-"""IBQ's reference formula (TencentARC SEED-Voken `IndexPropagationQuantize.forward` and its
-`compute_entropy_loss`), written densely with its N x K tables as its source reads: what
-tests/ops/test_ibq_formula.py checks the soft ops against and tests/nn/test_ibq.py the `IBQ` layer."""
+"""IBQ's reference formula: TencentARC SEED-Voken's `IndexPropagationQuantize.forward` and its
+`compute_entropy_loss`, written densely with their N x K tables (logits, softmax, hard and straight-
+through one-hots, the entropy's probabilities and log-probabilities) as its source reads. The twin of
+`fastvq.nn.IBQ`, which computes the same without any N x K tensor: what the tests check the soft ops
+and the layer against, and what the benchmarks time it against."""
+
+from __future__ import annotations
 
 import torch
-import torch.nn.functional as tF
+import torch.nn.functional as F
 
-EPS = 1e-5
+from .ibq import AVG_ENTROPY_EPS
 
 
 def ibq_reference(z, embedding, *, beta=0.25, temperature=0.01, sample_weight=1.0, batch_weight=1.0):
     """SEED-Voken's forward on z (B, D, H, W) with the codebook embedding (K, D), in their dtype:
-    (z_q, indices (B H W,), quant_loss, sample_entropy, avg_entropy, entropy_loss)."""
+    (z_q (B, D, H, W), indices (B H W,) int64, quant_loss, sample_entropy, avg_entropy, entropy_loss),
+    the last four 0-d."""
     logits = torch.einsum("bdhw,nd->bnhw", z, embedding)
-    soft_one_hot = tF.softmax(logits, dim=1)
+    soft_one_hot = F.softmax(logits, dim=1)
     ind = soft_one_hot.max(1, keepdim=True)[1]
     hard_one_hot = torch.zeros_like(logits).scatter_(1, ind, 1.0)
     one_hot = hard_one_hot - soft_one_hot.detach() + soft_one_hot
@@ -24,10 +29,10 @@ def ibq_reference(z, embedding, *, beta=0.25, temperature=0.01, sample_weight=1.
         + beta * torch.mean((z_q_2 - z.detach()) ** 2)
     )
     flat = logits.permute(0, 2, 3, 1).reshape(-1, embedding.shape[0])  # compute_entropy_loss
-    probs = tF.softmax(flat / temperature, -1)
-    log_probs = tF.log_softmax(flat / temperature + EPS, -1)
+    probs = F.softmax(flat / temperature, -1)
+    log_probs = F.log_softmax(flat / temperature + AVG_ENTROPY_EPS, -1)
     avg_probs = probs.mean(0)
-    avg_entropy = -torch.sum(avg_probs * torch.log(avg_probs + EPS))
+    avg_entropy = -torch.sum(avg_probs * torch.log(avg_probs + AVG_ENTROPY_EPS))
     sample_entropy = torch.mean(-torch.sum(probs * log_probs, -1))
     entropy_loss = sample_weight * sample_entropy - batch_weight * avg_entropy
     return z_q, ind.flatten(), quant_loss, sample_entropy, avg_entropy, entropy_loss
