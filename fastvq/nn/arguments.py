@@ -119,6 +119,11 @@ ARGUMENTS: dict[str, Spec] = {
     "orthogonal_reg_weight": _number("weight of the orthogonal regularisation of the codes"),
     "orthogonal_reg_max_codes": _int("codes sampled for the orthogonal regularisation (None: all)", optional=True),
     "sample_codebook_temp": _number("temperature of stochastic code sampling (0: the nearest code)"),
+    "codebook_diversity_loss_weight": _number("weight of the codebook diversity loss (minus an entropy over codes)"),
+    "codebook_diversity_temperature": _number(
+        "inverse temperature of the codebook diversity loss (the logits are multiplied by it)", positive=True
+    ),
+    "directional_reparam_variance": _number("variance of the noise on the direction of directional_reparam"),
     "topk": _int("candidates returned per token (capped at codebook_size; at most 16)"),
     # residual quantization
     "quantize_dropout_cutoff_index": _int("first stage quantize dropout may stop at", low=0),
@@ -150,11 +155,6 @@ ARGUMENTS: dict[str, Spec] = {
     "nested_dropout": _number("probability of keeping only the coarsest scales in a training step", high=1.0),
     "nested_dropout_min_levels": _int("scales nested dropout always keeps"),
     # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
-    "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
-    "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),
-    "codebook_diversity_temperature": _unsupported(100.0, "temperature of the codebook diversity loss"),
-    "directional_reparam": _unsupported(False, "directional reparametrisation of the gradient"),
-    "directional_reparam_variance": _unsupported(5e-3, "variance of the directional reparametrisation"),
     "sync_affine_param": _unsupported(False, "synchronised affine codebook parameters"),
     "vq_bridge": _unsupported(None, "VQBridge codebook transform"),
     "in_place_codebook_optimizer": _unsupported(None, "optimizer applied to the codebook in forward"),
@@ -163,7 +163,6 @@ ARGUMENTS: dict[str, Spec] = {
     "affine_param_batch_decay": _unsupported(0.99, "EMA decay of the affine batch statistics"),
     "affine_param_codebook_decay": _unsupported(0.9, "EMA decay of the affine codebook statistics"),
     "sync_update_v": _unsupported(0.0, "synchronised update rule of the codebook"),
-    "diveq": _unsupported(False, "DiVeQ differentiable quantization"),
     "implicit_neural_codebook": _unsupported(False, "QINCo implicit neural codebooks"),
 }
 

@@ -27,19 +27,14 @@ from .arguments import (
     unsupported_defaults,
 )
 from .codebook import Codebook, EmaWeight
-from .gradient_estimators import rotate_to, straight_through
+from .gradient_estimators import directional_reparam, rotate_to, softmax_straight_through, straight_through
 from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
-from .losses import commitment_loss, orthogonal_loss
+from .losses import code_diversity_loss, commitment_loss, orthogonal_loss
 from .projection import project, projections
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
 UNSUPPORTED = unsupported_defaults(
-    "commitment_use_cross_entropy_loss",
-    "codebook_diversity_loss_weight",
-    "codebook_diversity_temperature",
-    "directional_reparam",
-    "directional_reparam_variance",
     "sync_affine_param",
     "vq_bridge",
     "in_place_codebook_optimizer",
@@ -51,7 +46,7 @@ UNSUPPORTED = unsupported_defaults(
 )
 """1.32.0 arguments fastvq does not implement, with the only value accepted (their default)."""
 
-_Losses = namedtuple("_Losses", ["loss", "commitment", "orthogonal"])
+_Losses = namedtuple("_Losses", ["loss", "commitment", "orthogonal", "diversity"])
 _Result = namedtuple("_Result", ["quantized", "indices", "losses", "cross_entropy"])
 
 
@@ -126,11 +121,6 @@ class VectorQuantize(nn.Module):
     ):
         super().__init__()
         check_arguments(
-            commitment_use_cross_entropy_loss=commitment_use_cross_entropy_loss,
-            codebook_diversity_loss_weight=codebook_diversity_loss_weight,
-            codebook_diversity_temperature=codebook_diversity_temperature,
-            directional_reparam=directional_reparam,
-            directional_reparam_variance=directional_reparam_variance,
             sync_affine_param=sync_affine_param,
             vq_bridge=vq_bridge,
             in_place_codebook_optimizer=in_place_codebook_optimizer,
@@ -149,12 +139,22 @@ class VectorQuantize(nn.Module):
             orthogonal_reg_weight=orthogonal_reg_weight,
             orthogonal_reg_max_codes=orthogonal_reg_max_codes,
             sample_codebook_temp=sample_codebook_temp,
+            codebook_diversity_loss_weight=codebook_diversity_loss_weight,
+            codebook_diversity_temperature=codebook_diversity_temperature,
+            directional_reparam_variance=directional_reparam_variance,
         )
-        ema_update = True if ema_update is None else ema_update
-        learnable_codebook = bool(learnable_codebook)
-        rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
+        ema_update = not directional_reparam if ema_update is None else ema_update
+        learnable_codebook = bool(directional_reparam if learnable_codebook is None else learnable_codebook)
+        rotation_trick = dim > 1 and not directional_reparam if rotation_trick is None else rotation_trick
         check_exclusive(use_cosine_sim=use_cosine_sim, learnable_codebook=learnable_codebook)
         check_exclusive(straight_through=straight_through, rotation_trick=rotation_trick)
+        check_exclusive(directional_reparam=directional_reparam, rotation_trick=rotation_trick)
+        check_exclusive(directional_reparam=directional_reparam, straight_through=straight_through)
+        if directional_reparam and threshold_ema_dead_code == 0:
+            raise ValueError(
+                "directional_reparam needs dead-code replacement: set threshold_ema_dead_code > 0 "
+                "(as vector-quantize-pytorch)"
+            )
         check_exclusive(straight_through=straight_through, learnable_codebook=learnable_codebook)
         check_exclusive(ema_update=ema_update, learnable_codebook=learnable_codebook)
         check_exclusive(accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap)
@@ -177,10 +177,15 @@ class VectorQuantize(nn.Module):
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         # gradient estimator, sampling and losses
         self.straight_through, self.rotation_trick = straight_through, rotation_trick
+        self.directional_reparam, self.directional_reparam_variance = directional_reparam, directional_reparam_variance
         self.route_gradients_to_input = route_gradients_to_input
         self.learnable_codebook, self.freeze_codebook = learnable_codebook, freeze_codebook
         self.stochastic_sample_codes, self.sample_codebook_temp = stochastic_sample_codes, sample_codebook_temp
         self.commitment_weight, self.orthogonal_reg_weight = commitment_weight, orthogonal_reg_weight
+        self.has_commitment_loss = commitment_weight > 0 and not directional_reparam
+        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
+        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
+        self.codebook_diversity_temperature = codebook_diversity_temperature
         self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
         self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
         self.eps, self.use_cosine_sim = eps, use_cosine_sim
@@ -368,8 +373,9 @@ class VectorQuantize(nn.Module):
         out_indices = to_index_layout(result.indices, layout)
         if not return_loss_breakdown:
             return out, out_indices, loss
+        losses = result.losses
         zero = torch.zeros((), device=x.device)
-        return out, out_indices, loss, LossBreakdown(result.losses.commitment, zero, result.losses.orthogonal, zero)
+        return out, out_indices, loss, LossBreakdown(losses.commitment, losses.diversity, losses.orthogonal, zero)
 
     def _quantize_tokens(
         self,
@@ -400,8 +406,11 @@ class VectorQuantize(nn.Module):
         codebook.init_embed_(per_head, token_mask)
         temperature = self.sample_codebook_temp if temperature is None else temperature
         # no mask: masked tokens get codes too, which count as active codes of the orthogonal loss (as 1.32.0)
-        found = codebook.quantize(per_head, topk=topk, temperature=self._sampling_temperature(temperature, tokens, z))
+        found = codebook.quantize(per_head, topk=topk, temperature=self._sampling_temperature(temperature, topk))
         cross_entropy = None if targets is None else self._cross_entropy(per_head, targets, batch * seq)
+        # the codes before this step's in-place update, for the losses and gradients over all codes
+        soft_codes = codebook.codes.clone() if self._needs_soft_codes(temperature) else None
+        soft_losses = self._soft_losses(per_head, z, found.indices, token_mask, soft_codes)
         if self.training and topk is None:
             if freeze:
                 codebook.observe_(per_head, found.indices, token_mask)
@@ -418,8 +427,9 @@ class VectorQuantize(nn.Module):
         # (B, S, G, codebook_dim): G = heads, or the k candidates of top-k (heads = 1)
         z = z.float() if topk is None else z.float().expand(-1, -1, topk, -1)
         codes = (found.codes.transpose(0, 1) if topk is None else found.codes[0]).unflatten(0, (batch, seq))
-        quantized = self._output(codes, z, tokens, mask, tokens.requires_grad, topk is not None)
-        losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, tokens.device)
+        soft_gradient = (soft_codes, temperature) if self.straight_through and soft_codes is not None else None
+        quantized = self._output(codes, z, tokens, mask, tokens.requires_grad, topk is not None, soft_gradient)
+        losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, tokens.device, soft_losses)
         indices = found.indices.transpose(0, 1) if topk is None else found.indices[0]
         indices = indices.reshape(batch, seq, topk or self.heads)
         if topk is None and self.heads == 1:
@@ -436,18 +446,41 @@ class VectorQuantize(nn.Module):
         mask: torch.Tensor | None,
         input_requires_grad: bool,
         is_topk: bool,
+        soft_gradient: tuple[torch.Tensor, float] | None = None,
     ) -> torch.Tensor:
         """Quantized tokens (B, S, [k,] dim) in the input dtype from codes and z (B, S, G, D) fp32:
-        gradient to the input (rotation trick or straight-through), projection, masked padding."""
+        gradient to the input (rotation trick, directional reparametrisation or straight-through),
+        projection, masked padding. soft_gradient: (codes (C, K, D), temperature) of
+        straight_through's softmax gradient, which shows where the input gets none of its own."""
         quantized = codes
+        if soft_gradient is not None:
+            settings = dict(metric=self._codebook.metric, precision=self._codebook.precision)
+            quantized = softmax_straight_through(
+                codes, z, soft_gradient[0], temperature=soft_gradient[1], backend=self._codebook.backend, **settings
+            )
         if self.training and input_requires_grad and self.route_gradients_to_input:
-            quantized = rotate_to(z, codes) if self.rotation_trick else straight_through(z, codes)
+            if self.rotation_trick:
+                quantized = rotate_to(z, codes)
+            elif self.directional_reparam:
+                quantized = self._directional_reparam(z, codes)
+            else:
+                quantized = straight_through(z, codes)
         out = project(self.project_out, quantized if is_topk else quantized.flatten(2))
         out = out.to(tokens.dtype)
         if mask is None:
             return out
         fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
         return torch.where(expand_like(mask, out), out, fill.unsqueeze(2) if is_topk else fill)
+
+    def _directional_reparam(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """`directional_reparam` of z toward codes (B, S, G, D), its noise drawn in 1.32.0's layout of
+        the heads ((G, B, S) with separate codebooks, (B, G, S) with a shared one), so that a seed gives
+        1.32.0's values."""
+        if self.heads == 1:
+            return directional_reparam(z, codes, self.directional_reparam_variance)
+        order, inverse = ((2, 0, 1, 3), (1, 2, 0, 3)) if self.separate_codebook_per_head else ((0, 2, 1, 3),) * 2
+        src, tgt = (t.permute(order).contiguous() for t in (z, codes))
+        return directional_reparam(src, tgt, self.directional_reparam_variance).permute(inverse)
 
     def _losses(
         self,
@@ -458,22 +491,29 @@ class VectorQuantize(nn.Module):
         freeze: bool,
         is_topk: bool,
         device: torch.device,
+        soft_losses: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> _Losses:
-        """The loss as 1.32.0 adds it up: 0 in eval (per-candidate commitment for top-k), else
-        commitment (codes vs z, fp32) and orthogonal regularisation, each times its weight."""
+        """The loss as 1.32.0 adds it up: 0 in eval (per-candidate commitment for top-k), else the
+        diversity loss, the commitment (codes vs z, fp32, or the cross-entropy of `_soft_losses`) and
+        orthogonal regularisation, each times its weight."""
         loss = torch.zeros((), device=device).requires_grad_(self.training)
-        commitment = orthogonal = torch.zeros((), device=device)
+        commitment = orthogonal = diversity = torch.zeros((), device=device)
         if is_topk and not self.training:
             commitment = commitment_loss(codes, z, mask, per_token=True)
-            loss = commitment * self.commitment_weight if self.commitment_weight > 0 else commitment
-        if self.training and self.commitment_weight > 0:
+            loss = commitment * self.commitment_weight if self.has_commitment_loss else commitment
+        if self.training and soft_losses[0] is not None:
+            diversity = soft_losses[0]
+            loss = loss + diversity * self.codebook_diversity_loss_weight
+        if self.training and self.has_commitment_loss:
             learnable = self.learnable_codebook and not freeze
-            commitment = commitment_loss(codes if learnable else codes.detach(), z, mask, per_token=is_topk)
+            commitment = soft_losses[1]
+            if commitment is None:
+                commitment = commitment_loss(codes if learnable else codes.detach(), z, mask, per_token=is_topk)
             loss = loss + commitment * self.commitment_weight
         if self.training and self.orthogonal_reg_weight > 0:
             orthogonal = self._orthogonal_loss(idx)
             loss = loss + orthogonal * self.orthogonal_reg_weight
-        return _Losses(loss, commitment, orthogonal)
+        return _Losses(loss, commitment, orthogonal, diversity)
 
     def _check_topk(self, topk) -> int | None:
         if topk is None:
@@ -481,6 +521,10 @@ class VectorQuantize(nn.Module):
         check_arguments(topk=topk)
         if self.heads > 1:
             raise ValueError(f"topk needs heads=1 (as vector-quantize-pytorch), got heads={self.heads}")
+        if self.training and self.commitment_use_cross_entropy_loss:
+            raise ValueError(
+                "topk in training needs commitment_use_cross_entropy_loss=False (as vector-quantize-pytorch)"
+            )
         topk = min(topk, self.codebook_size)
         if topk > MAX_TOPK:
             raise ValueError(
@@ -488,30 +532,52 @@ class VectorQuantize(nn.Module):
             )
         return topk
 
-    def _sampling_temperature(self, temperature: float, tokens: torch.Tensor, z: torch.Tensor) -> float:
-        """The Gumbel temperature of this search (0: nearest code), refusing what fastvq lacks.
-
-        1.32.0 samples in training with stochastic_sample_codes and temperature > 0. With
-        straight_through it also sends a softmax gradient through the code logits, which only shows
-        where the input gets no straight-through gradient; fastvq does not build those N x K
-        softmax weights, so it raises there. With topk the sample is Gumbel top-k.
-        """
+    def _sampling_temperature(self, temperature: float, topk: int | None) -> float:
+        """The Gumbel temperature of this search (0: the nearest code): 1.32.0 samples in training
+        with stochastic_sample_codes and temperature > 0 (Gumbel top-k with topk). Its
+        straight_through softmax gradient has no top-k form (1.32.0 fails there), so that raises."""
         if not (self.training and temperature > 0):
             return 0.0
-        soft_gradient = (
-            self.straight_through
-            and torch.is_grad_enabled()
-            and not (tokens.requires_grad and self.route_gradients_to_input)
-            and (z.requires_grad or self._codebook.learnable_codebook)
-        )
-        if soft_gradient:
-            raise NotImplementedError(
-                "straight_through=True sends a softmax gradient through the code logits when the input gets "
-                "no straight-through gradient (input without requires_grad, or route_gradients_to_input="
-                "False); fastvq does not implement that path. Use straight_through=False, or an input that "
-                "requires grad"
+        if self.straight_through and topk is not None:
+            raise ValueError(
+                "topk in training needs straight_through=False or sample_codebook_temp=0 (1.32.0's "
+                "straight-through softmax has no top-k form)"
             )
         return temperature if self.stochastic_sample_codes else 0.0
+
+    def _needs_soft_codes(self, temperature: float) -> bool:
+        """Whether this step scores every code: the diversity loss, the cross-entropy commitment or
+        straight_through's softmax gradient (training, temperature > 0, autograd on)."""
+        if not self.training:
+            return False
+        soft_gradient = self.straight_through and temperature > 0 and torch.is_grad_enabled()
+        cross_entropy = self.has_commitment_loss and self.commitment_use_cross_entropy_loss
+        return soft_gradient or cross_entropy or self.codebook_diversity_loss_weight > 0
+
+    def _soft_losses(
+        self,
+        per_head: torch.Tensor,
+        z: torch.Tensor,
+        indices: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        codes: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(diversity loss, cross-entropy commitment), each () fp32 or None where off, on codes (C, K, D)
+        from before this step's update: the diversity loss of z (B, S, heads, D); the mean
+        cross-entropy of per_head (heads, T, D)'s code logits against its own indices (heads, T)
+        (-1 and masked tokens ignored), as 1.32.0's commitment_use_cross_entropy_loss."""
+        if codes is None:
+            return None, None
+        diversity = cross_entropy = None
+        if self.codebook_diversity_loss_weight > 0:
+            settings = dict(metric=self._codebook.metric, precision=self._codebook.precision)
+            diversity = code_diversity_loss(
+                z, codes, temperature=self.codebook_diversity_temperature, backend=self._codebook.backend, **settings
+            )
+        if self.has_commitment_loss and self.commitment_use_cross_entropy_loss:
+            targets = indices if token_mask is None else indices.masked_fill(~token_mask, -1)
+            cross_entropy = self._mean_cross_entropy(per_head, targets, codes)
+        return diversity, cross_entropy
 
     def _cross_entropy(self, per_head: torch.Tensor, targets, num_tokens: int) -> torch.Tensor:
         """Mean cross-entropy of the code logits of per_head (heads, T, D) against target codes
@@ -523,8 +589,11 @@ class VectorQuantize(nn.Module):
                 f"indices must be an integer tensor shaped as the returned indices ({count} "
                 f"entries), got {describe(targets)}"
             )
-        targets = self._per_head(targets)
         codes = self._codebook.codes.clone() if self.training else self._codebook.codes
+        return self._mean_cross_entropy(per_head, self._per_head(targets), codes)
+
+    def _mean_cross_entropy(self, per_head: torch.Tensor, targets: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Mean over the targets (heads, T) other than -1 of the cross-entropy of per_head's code logits."""
         return self._codebook.cross_entropy(per_head, targets, codes=codes).sum() / (targets >= 0).sum()
 
     def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:
