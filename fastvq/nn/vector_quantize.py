@@ -26,10 +26,11 @@ from .arguments import (
     is_integer_tensor,
     unsupported_defaults,
 )
+from .code_soft_terms import SoftTerms, mean_cross_entropy
 from .codebook import Codebook, EmaWeight
-from .gradient_estimators import directional_reparam, rotate_to, softmax_straight_through, straight_through
+from .gradient_estimators import directional_reparam, rotate_to, straight_through
 from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
-from .losses import code_diversity_loss, commitment_loss, orthogonal_loss
+from .losses import commitment_loss, orthogonal_loss
 from .projection import project, projections
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
@@ -186,6 +187,12 @@ class VectorQuantize(nn.Module):
         self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
         self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
         self.codebook_diversity_temperature = codebook_diversity_temperature
+        self.soft_terms = SoftTerms(
+            codebook_diversity_loss_weight,
+            codebook_diversity_temperature,
+            self.has_commitment_loss and commitment_use_cross_entropy_loss,
+            straight_through,
+        )
         self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
         self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
         self.eps, self.use_cosine_sim = eps, use_cosine_sim
@@ -408,9 +415,8 @@ class VectorQuantize(nn.Module):
         # no mask: masked tokens get codes too, which count as active codes of the orthogonal loss (as 1.32.0)
         found = codebook.quantize(per_head, topk=topk, temperature=self._sampling_temperature(temperature, topk))
         cross_entropy = None if targets is None else self._cross_entropy(per_head, targets, batch * seq)
-        # the codes before this step's in-place update, for the losses and gradients over all codes
-        soft_codes = codebook.codes.clone() if self._needs_soft_codes(temperature) else None
-        soft_losses = self._soft_losses(per_head, z, found.indices, token_mask, soft_codes)
+        soft_codes = self.soft_terms.codes(codebook, self.training, temperature)  # before the update
+        soft_losses = self.soft_terms.losses(codebook, per_head, z, found.indices, token_mask, soft_codes)
         if self.training and topk is None:
             if freeze:
                 codebook.observe_(per_head, found.indices, token_mask)
@@ -427,8 +433,8 @@ class VectorQuantize(nn.Module):
         # (B, S, G, codebook_dim): G = heads, or the k candidates of top-k (heads = 1)
         z = z.float() if topk is None else z.float().expand(-1, -1, topk, -1)
         codes = (found.codes.transpose(0, 1) if topk is None else found.codes[0]).unflatten(0, (batch, seq))
-        soft_gradient = (soft_codes, temperature) if self.straight_through and soft_codes is not None else None
-        quantized = self._output(codes, z, tokens, mask, tokens.requires_grad, topk is not None, soft_gradient)
+        chosen = self.soft_terms.gradient(codebook, codes, z, soft_codes, temperature)  # + straight_through's softmax
+        quantized = self._output(chosen, z, tokens, mask, tokens.requires_grad, topk is not None)
         losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, tokens.device, soft_losses)
         indices = found.indices.transpose(0, 1) if topk is None else found.indices[0]
         indices = indices.reshape(batch, seq, topk or self.heads)
@@ -446,18 +452,11 @@ class VectorQuantize(nn.Module):
         mask: torch.Tensor | None,
         input_requires_grad: bool,
         is_topk: bool,
-        soft_gradient: tuple[torch.Tensor, float] | None = None,
     ) -> torch.Tensor:
         """Quantized tokens (B, S, [k,] dim) in the input dtype from codes and z (B, S, G, D) fp32:
         gradient to the input (rotation trick, directional reparametrisation or straight-through),
-        projection, masked padding. soft_gradient: (codes (C, K, D), temperature) of
-        straight_through's softmax gradient, which shows where the input gets none of its own."""
+        projection, masked padding."""
         quantized = codes
-        if soft_gradient is not None:
-            settings = dict(metric=self._codebook.metric, precision=self._codebook.precision)
-            quantized = softmax_straight_through(
-                codes, z, soft_gradient[0], temperature=soft_gradient[1], backend=self._codebook.backend, **settings
-            )
         if self.training and input_requires_grad and self.route_gradients_to_input:
             if self.rotation_trick:
                 quantized = rotate_to(z, codes)
@@ -494,7 +493,7 @@ class VectorQuantize(nn.Module):
         soft_losses: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> _Losses:
         """The loss as 1.32.0 adds it up: 0 in eval (per-candidate commitment for top-k), else the
-        diversity loss, the commitment (codes vs z, fp32, or the cross-entropy of `_soft_losses`) and
+        diversity loss, the commitment (codes vs z, fp32, or the cross-entropy of `SoftTerms`) and
         orthogonal regularisation, each times its weight."""
         loss = torch.zeros((), device=device).requires_grad_(self.training)
         commitment = orthogonal = diversity = torch.zeros((), device=device)
@@ -545,40 +544,6 @@ class VectorQuantize(nn.Module):
             )
         return temperature if self.stochastic_sample_codes else 0.0
 
-    def _needs_soft_codes(self, temperature: float) -> bool:
-        """Whether this step scores every code: the diversity loss, the cross-entropy commitment or
-        straight_through's softmax gradient (training, temperature > 0, autograd on)."""
-        if not self.training:
-            return False
-        soft_gradient = self.straight_through and temperature > 0 and torch.is_grad_enabled()
-        cross_entropy = self.has_commitment_loss and self.commitment_use_cross_entropy_loss
-        return soft_gradient or cross_entropy or self.codebook_diversity_loss_weight > 0
-
-    def _soft_losses(
-        self,
-        per_head: torch.Tensor,
-        z: torch.Tensor,
-        indices: torch.Tensor,
-        token_mask: torch.Tensor | None,
-        codes: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(diversity loss, cross-entropy commitment), each () fp32 or None where off, on codes (C, K, D)
-        from before this step's update: the diversity loss of z (B, S, heads, D); the mean
-        cross-entropy of per_head (heads, T, D)'s code logits against its own indices (heads, T)
-        (-1 and masked tokens ignored), as 1.32.0's commitment_use_cross_entropy_loss."""
-        if codes is None:
-            return None, None
-        diversity = cross_entropy = None
-        if self.codebook_diversity_loss_weight > 0:
-            settings = dict(metric=self._codebook.metric, precision=self._codebook.precision)
-            diversity = code_diversity_loss(
-                z, codes, temperature=self.codebook_diversity_temperature, backend=self._codebook.backend, **settings
-            )
-        if self.has_commitment_loss and self.commitment_use_cross_entropy_loss:
-            targets = indices if token_mask is None else indices.masked_fill(~token_mask, -1)
-            cross_entropy = self._mean_cross_entropy(per_head, targets, codes)
-        return diversity, cross_entropy
-
     def _cross_entropy(self, per_head: torch.Tensor, targets, num_tokens: int) -> torch.Tensor:
         """Mean cross-entropy of the code logits of per_head (heads, T, D) against target codes
         shaped as the forward's indices (-1 ignored): 0-d float32, differentiable w.r.t. x (and a
@@ -590,11 +555,7 @@ class VectorQuantize(nn.Module):
                 f"entries), got {describe(targets)}"
             )
         codes = self._codebook.codes.clone() if self.training else self._codebook.codes
-        return self._mean_cross_entropy(per_head, self._per_head(targets), codes)
-
-    def _mean_cross_entropy(self, per_head: torch.Tensor, targets: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Mean over the targets (heads, T) other than -1 of the cross-entropy of per_head's code logits."""
-        return self._codebook.cross_entropy(per_head, targets, codes=codes).sum() / (targets >= 0).sum()
+        return mean_cross_entropy(self._codebook, per_head, self._per_head(targets), codes)
 
     def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:
         codes = self._codebook.embed
