@@ -28,10 +28,12 @@ from .arguments import (
 )
 from .code_soft_terms import SoftTerms, mean_cross_entropy
 from .codebook import Codebook, EmaWeight
+from .codebook_transform import nearest_transformed_codes
 from .gradient_estimators import directional_reparam, rotate_to, straight_through
 from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
 from .losses import commitment_loss, orthogonal_loss
 from .projection import project, projections
+from .token_quantizer import TokenCodes
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -356,8 +358,6 @@ class VectorQuantize(nn.Module):
         With topk=k (heads=1, k <= 16): the k nearest codes, nearest first, as an extra last dim
         of quantized (before the channel dim moves), indices and a per-token loss.
         """
-        if codebook_transform_fn is not None:
-            raise NotImplementedError("fastvq.VectorQuantize does not implement codebook_transform_fn")
         tokens, layout = self._to_tokens(x)
         mask = sequence_mask(mask, lens, layout, *tokens.shape[:2])
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
@@ -371,6 +371,7 @@ class VectorQuantize(nn.Module):
             ema_update=ema_update,
             ema_update_weight=ema_update_weight,
             accum_ema_update=accum_ema_update,
+            transform_fn=codebook_transform_fn,
         )
         out = from_tokens(result.quantized, layout)
         if indices is not None:
@@ -396,6 +397,7 @@ class VectorQuantize(nn.Module):
         ema_update=None,
         ema_update_weight: EmaWeight = None,
         accum_ema_update: bool = False,
+        transform_fn=None,
     ) -> _Result:
         """The forward on tokens (B, S, dim) in any float dtype, mask (B, S) bool or None; topk
         checked by `_check_topk`; temperature None: `sample_codebook_temp`. In training also
@@ -413,7 +415,10 @@ class VectorQuantize(nn.Module):
         codebook.init_embed_(per_head, token_mask)
         temperature = self.sample_codebook_temp if temperature is None else temperature
         # no mask: masked tokens get codes too, which count as active codes of the orthogonal loss (as 1.32.0)
-        found = codebook.quantize(per_head, topk=topk, temperature=self._sampling_temperature(temperature, topk))
+        if transform_fn is None:
+            found = codebook.quantize(per_head, topk=topk, temperature=self._sampling_temperature(temperature, topk))
+        else:
+            found = self._transformed_codes(z, transform_fn, temperature, topk is not None or targets is not None)
         cross_entropy = None if targets is None else self._cross_entropy(per_head, targets, batch * seq)
         soft_codes = self.soft_terms.codes(codebook, self.training, temperature)  # before the update
         soft_losses = self.soft_terms.losses(codebook, per_head, z, found.indices, token_mask, soft_codes)
@@ -470,6 +475,30 @@ class VectorQuantize(nn.Module):
             return out
         fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
         return torch.where(expand_like(mask, out), out, fill.unsqueeze(2) if is_topk else fill)
+
+    def _transformed_codes(self, z: torch.Tensor, transform_fn, temperature: float, scored: bool) -> TokenCodes:
+        """The nearest codes of z (B, S, heads, D) among the per-token codebooks transform_fn(codes)
+        (`nearest_transformed_codes`), in the token quantizer's layout. What would score every
+        transformed code (top-k, target indices, sampling, the `SoftTerms`) raises ValueError."""
+        if not callable(transform_fn):
+            raise TypeError(f"codebook_transform_fn must be callable, got {type(transform_fn).__name__}")
+        terms = self.soft_terms
+        sampled = (self.stochastic_sample_codes or self.straight_through) and temperature > 0
+        soft = sampled or terms.diversity_weight > 0 or terms.cross_entropy_commitment
+        if scored or (self.training and soft):
+            raise ValueError(
+                "codebook_transform_fn supports the nearest code only: not with topk, indices, "
+                "stochastic_sample_codes, straight_through, codebook_diversity_loss_weight or "
+                "commitment_use_cross_entropy_loss in training"
+            )
+        chosen, indices = nearest_transformed_codes(
+            z,
+            self._codebook.codes,
+            transform_fn,
+            separate=self.separate_codebook_per_head,
+            metric=self._codebook.metric,
+        )
+        return TokenCodes(self._per_head(chosen), self._per_head(indices), None)
 
     def _directional_reparam(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """`directional_reparam` of z toward codes (B, S, G, D), its noise drawn in 1.32.0's layout of

@@ -44,11 +44,6 @@ def test_unsupported_arguments_raise_naming_them(name):
     vq(**{name: default})  # the default is accepted
 
 
-def test_codebook_transform_fn_raises():
-    with pytest.raises(NotImplementedError, match="codebook_transform_fn"):
-        vq()(torch.randn(1, 4, DIM), codebook_transform_fn=lambda e: e)
-
-
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -1,6 +1,6 @@
 """VectorQuantize's loss and gradient options against vector-quantize-pytorch 1.32.0 (the anchor):
 the codebook diversity loss, the cross-entropy commitment, straight_through's softmax gradient,
-directional_reparam, and ResidualVQ(diveq=True).
+directional_reparam, forward(codebook_transform_fn=...) and ResidualVQ(diveq=True).
 
 Protocol and tolerance of test_layer_parity (several SGD steps from the same state, every output,
 loss, gradient and state entry within 1e-5; eval identical); noise (directional_reparam) is drawn
@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_layer_parity import BATCH, CODES, DIM, SEQ, batches, close, compare_eval, compare_steps, make_pair, train_step
+from torch import nn
 
 from fastvq.nn.residual_vq import ResidualVQ
 from fastvq.nn.vector_quantize import VectorQuantize
@@ -247,3 +248,79 @@ def test_topk_in_training_refuses_what_1_32_0_cannot_do():
         VectorQuantize(dim=DIM, codebook_size=CODES, straight_through=True, rotation_trick=False).train()(x, topk=2)
     layer = VectorQuantize(dim=DIM, codebook_size=CODES, commitment_use_cross_entropy_loss=True).eval()
     assert layer(x, topk=2)[1].shape == (BATCH, SEQ, 2)  # eval top-k is fine
+
+
+class PerTokenShift(nn.Module):
+    """A codebook transform with parameters: codes (C, K, D) -> scale * codes + an offset per
+    (codebook, batch row, position), (C, B', S, K, D) (the shape 1.32.0 expects)."""
+
+    def __init__(self, codebooks, rows, dim):
+        super().__init__()
+        self.offset = nn.Parameter(torch.randn(codebooks, rows, SEQ, 1, dim) * 0.3)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, codes):
+        return codes[:, None, None] * self.scale + self.offset
+
+
+TRANSFORM_CASES = {  # constructor arguments, (codebooks, batch rows) of 1.32.0's layout
+    "l2": (dict(), (1, BATCH)),
+    "cosine": (dict(use_cosine_sim=True), (1, BATCH)),
+    "learnable": (dict(learnable_codebook=True, ema_update=False), (1, BATCH)),
+    "heads-separate": (HEADS_SEPARATE, (2, BATCH)),
+    "heads-shared-learnable": (
+        dict(heads=2, codebook_dim=4, learnable_codebook=True, ema_update=False, rotation_trick=False),
+        (1, 2 * BATCH),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TRANSFORM_CASES)
+def test_codebook_transform_fn_matches_anchor(case):
+    """Training steps (outputs, losses, the layer's and the transform's gradients, the EMA state) and
+    eval (identical) with per-token codebooks from a transform with parameters."""
+    kwargs, (codebooks, rows) = TRANSFORM_CASES[case]
+    anchor, ours = make_pair(**kwargs)
+    torch.manual_seed(0)
+    anchor_transform = PerTokenShift(codebooks, rows, kwargs.get("codebook_dim", DIM))
+    transform = copy.deepcopy(anchor_transform)
+    for step, x in enumerate(batches((BATCH, SEQ, DIM), 2)):
+        expected = train_step(anchor.train(), x, seed=step, codebook_transform_fn=anchor_transform)
+        actual = train_step(ours.train(), x, seed=step, codebook_transform_fn=transform)
+        for what, e, a in zip(("quantized", "indices", "loss", "input grad"), expected[:4], actual[:4]):
+            close(a, e, f"step {step} {what}")
+        assert actual[4].keys() == expected[4].keys()
+        for name in expected[4]:
+            close(actual[4][name], expected[4][name], f"step {step} grad of {name}")
+        for (name, e), a in zip(anchor_transform.named_parameters(), transform.parameters()):
+            assert (a.grad is None) == (e.grad is None), name
+            if e.grad is not None:
+                close(a.grad, e.grad, f"step {step} transform grad of {name}")
+            e.grad = a.grad = None
+        for key, value in anchor.state_dict().items():
+            close(ours.state_dict()[key], value, f"step {step} state {key}")
+        ours.load_state_dict(anchor.state_dict())
+    anchor.eval()
+    ours.eval()
+    with torch.no_grad():
+        expected, actual = anchor(x, codebook_transform_fn=anchor_transform), ours(x, codebook_transform_fn=transform)
+    for what, e, a in zip(("quantized", "indices", "loss"), expected, actual):
+        assert torch.equal(a, e), f"eval {what}"
+
+
+def test_codebook_transform_fn_errors():
+    layer = VectorQuantize(dim=DIM, codebook_size=CODES)
+    x = torch.randn(BATCH, SEQ, DIM)
+    shift = PerTokenShift(1, BATCH, DIM)
+    with pytest.raises(ValueError, match=r"must return a tensor of shape \(1, 2, 12, 24, 8\)"):
+        layer(x, codebook_transform_fn=lambda codes: codes)
+    with pytest.raises(TypeError, match="callable"):
+        layer(x, codebook_transform_fn="identity")
+    with pytest.raises(ValueError, match="nearest code only"):
+        layer.eval()(x, topk=2, codebook_transform_fn=shift)
+    sampled = VectorQuantize(dim=DIM, codebook_size=CODES, stochastic_sample_codes=True).train()
+    with pytest.raises(ValueError, match="nearest code only"):
+        sampled(x, codebook_transform_fn=shift)
+    assert sampled(x, codebook_transform_fn=shift, sample_codebook_temp=0.0)[1].shape == (BATCH, SEQ)
+    with pytest.raises(ValueError, match="nearest code only"):
+        VectorQuantize(dim=DIM, codebook_size=CODES, codebook_diversity_loss_weight=1.0)(x, codebook_transform_fn=shift)
