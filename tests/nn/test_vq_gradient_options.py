@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from test_layer_parity import BATCH, CODES, DIM, SEQ, batches, close, compare_eval, compare_steps, make_pair, train_step
 from torch import nn
+from vq_checks import LargestTensor
 
 from fastvq.nn.residual_vq import ResidualVQ
 from fastvq.nn.vector_quantize import VectorQuantize
@@ -324,3 +325,26 @@ def test_codebook_transform_fn_errors():
     assert sampled(x, codebook_transform_fn=shift, sample_codebook_temp=0.0)[1].shape == (BATCH, SEQ)
     with pytest.raises(ValueError, match="nearest code only"):
         VectorQuantize(dim=DIM, codebook_size=CODES, codebook_diversity_loss_weight=1.0)(x, codebook_transform_fn=shift)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(codebook_diversity_loss_weight=1.0, commitment_use_cross_entropy_loss=True),
+        dict(codebook_diversity_loss_weight=1.0, learnable_codebook=True, ema_update=False),
+        dict(orthogonal_reg_weight=0.1, sample_codebook_temp=0.5, **NO_ROUTE_ST),
+    ],
+    ids=["diversity-cross-entropy", "diversity-learnable", "softmax-straight-through"],
+)
+def test_soft_terms_build_no_n_by_k_tensor(kwargs):
+    """A training step (forward and backward, the codebook learning where it can) with the terms that
+    score every code holds no tensor of N x K / 4 elements (1.32.0 holds several N x K ones); the
+    diversity loss's per-position means are (positions, K), small here."""
+    n_codes, batch, seq = 1024, 32, 4
+    layer = VectorQuantize(dim=16, codebook_size=n_codes, codebook_dim=6, **kwargs).train()
+    x = torch.randn(batch, seq, 16)
+    with LargestTensor() as record:
+        quantized, _, loss = layer(x)
+        (quantized.square().sum() + loss).backward()
+    assert 0 < record.largest < batch * seq * n_codes // 4, record.largest
+    assert layer.project_in.weight.grad.abs().sum() > 0
