@@ -17,22 +17,8 @@ import torch.nn.functional as F
 
 from .arguments import describe
 from .kmeans import l2norm
+from .layout import from_head_layout, to_head_layout
 from .token_quantizer import finite_rows
-
-
-def to_anchor_layout(t: torch.Tensor, separate: bool) -> torch.Tensor:
-    """(B, S, H, ...) -> 1.32.0's (C, B', S, ...): (H, B, S, ...) with separate codebooks, else
-    (1, B * H, S, ...)."""
-    if separate:
-        return t.movedim(2, 0)
-    return t.transpose(1, 2).flatten(0, 1).unsqueeze(0)
-
-
-def from_anchor_layout(t: torch.Tensor, heads: int, separate: bool) -> torch.Tensor:
-    """Inverse of `to_anchor_layout`."""
-    if separate:
-        return t.movedim(0, 2)
-    return t[0].unflatten(0, (-1, heads)).transpose(1, 2)
 
 
 def nearest_transformed_codes(
@@ -52,7 +38,7 @@ def nearest_transformed_codes(
     with a non-finite value in any head gets index -1 in every head and passes through.
     """
     heads = z.shape[2]
-    tokens = to_anchor_layout(z.float(), separate)  # (C, B', S, D)
+    tokens = to_head_layout(z.float(), separate)  # (C, B', S, D)
     transformed = transform_fn(codes)
     expected = (*tokens.shape[:3], codes.shape[1], codes.shape[2])
     if not isinstance(transformed, torch.Tensor) or tuple(transformed.shape) != expected:
@@ -68,6 +54,6 @@ def nearest_transformed_codes(
         logits = -F.pairwise_distance(tokens.unsqueeze(-2), transformed)
     indices = logits.argmax(-1)
     chosen = transformed.gather(-2, indices[..., None, None].expand(*indices.shape, 1, z.shape[-1])).squeeze(-2)
-    chosen, indices = from_anchor_layout(chosen, heads, separate), from_anchor_layout(indices, heads, separate)
+    chosen, indices = from_head_layout(chosen, heads, separate), from_head_layout(indices, heads, separate)
     finite = finite_rows(z).all(-1, keepdim=True)  # (B, S, 1): every head finite
     return torch.where(finite.unsqueeze(-1), chosen, z.float()), indices.masked_fill(~finite, -1)

@@ -16,6 +16,7 @@ import torch
 
 from ..ops.functional_soft import soft_quantize
 from .kmeans import L2NORM_EPS, l2norm
+from .layout import from_head_layout, to_head_layout
 
 SAFE_DIV_EPS = 1e-6
 
@@ -97,6 +98,18 @@ def directional_reparam(src: torch.Tensor, tgt: torch.Tensor, variance: float = 
     noisy = error + math.sqrt(variance) * torch.randn_like(error)
     direction = l2norm(noisy).to(error.dtype).detach()
     return src + direction * torch.linalg.vector_norm(error, dim=-1, keepdim=True)
+
+
+def directional_reparam_heads(
+    src: torch.Tensor, tgt: torch.Tensor, variance: float, heads: int, separate: bool
+) -> torch.Tensor:
+    """`directional_reparam` of a layer's tokens toward their codes, src, tgt (B, S, G, D), with the
+    noise drawn in 1.32.0's layout of the heads (`to_head_layout`; with one head, G top-k candidates
+    as they are), so that a seed gives 1.32.0's values."""
+    if heads == 1:
+        return directional_reparam(src, tgt, variance)
+    src, tgt = (to_head_layout(t, separate).contiguous() for t in (src, tgt))
+    return from_head_layout(directional_reparam(src, tgt, variance), heads, separate)
 
 
 def softmax_straight_through(

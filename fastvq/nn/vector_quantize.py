@@ -29,7 +29,7 @@ from .arguments import (
 from .code_soft_terms import SoftTerms, mean_cross_entropy
 from .codebook import Codebook, EmaWeight
 from .codebook_transform import nearest_transformed_codes
-from .gradient_estimators import directional_reparam, rotate_to, straight_through
+from .gradient_estimators import directional_reparam_heads, rotate_to, straight_through
 from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
 from .losses import commitment_loss, orthogonal_loss
 from .projection import project, projections
@@ -466,7 +466,8 @@ class VectorQuantize(nn.Module):
             if self.rotation_trick:
                 quantized = rotate_to(z, codes)
             elif self.directional_reparam:
-                quantized = self._directional_reparam(z, codes)
+                args = (self.directional_reparam_variance, self.heads, self.separate_codebook_per_head)
+                quantized = directional_reparam_heads(z, codes, *args)
             else:
                 quantized = straight_through(z, codes)
         out = project(self.project_out, quantized if is_topk else quantized.flatten(2))
@@ -499,16 +500,6 @@ class VectorQuantize(nn.Module):
             metric=self._codebook.metric,
         )
         return TokenCodes(self._per_head(chosen), self._per_head(indices), None)
-
-    def _directional_reparam(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """`directional_reparam` of z toward codes (B, S, G, D), its noise drawn in 1.32.0's layout of
-        the heads ((G, B, S) with separate codebooks, (B, G, S) with a shared one), so that a seed gives
-        1.32.0's values."""
-        if self.heads == 1:
-            return directional_reparam(z, codes, self.directional_reparam_variance)
-        order, inverse = ((2, 0, 1, 3), (1, 2, 0, 3)) if self.separate_codebook_per_head else ((0, 2, 1, 3),) * 2
-        src, tgt = (t.permute(order).contiguous() for t in (z, codes))
-        return directional_reparam(src, tgt, self.directional_reparam_variance).permute(inverse)
 
     def _losses(
         self,
