@@ -348,3 +348,32 @@ def test_soft_terms_build_no_n_by_k_tensor(kwargs):
         (quantized.square().sum() + loss).backward()
     assert 0 < record.largest < batch * seq * n_codes // 4, record.largest
     assert layer.project_in.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(codebook_diversity_loss_weight=0.5, commitment_use_cross_entropy_loss=True),
+        dict(directional_reparam=True, threshold_ema_dead_code=0.5, **HEADS_SEPARATE),
+        dict(sample_codebook_temp=0.5, **NO_ROUTE_ST),
+    ],
+    ids=["diversity-cross-entropy", "directional-reparam", "softmax-straight-through"],
+)
+def test_16_bit_inputs_give_the_fp32_result_of_their_values(kwargs, dtype):
+    """The math is fp32 whatever the input dtype: a 16-bit input gives the losses and input gradient of
+    its values in fp32, and an output in its dtype."""
+    layer = VectorQuantize(dim=DIM, codebook_size=CODES, backend="torch", **kwargs).train()
+    x = torch.randn(BATCH, SEQ, DIM).to(dtype)
+    results = []
+    for inputs in (x, x.float()):
+        inputs = inputs.clone().requires_grad_()
+        torch.manual_seed(0)
+        quantized, _, loss = layer(inputs, freeze_codebook=True)
+        (quantized.float().square().sum() + loss).backward()
+        results.append((quantized, loss, inputs.grad))
+    (q16, loss16, grad16), (q32, loss32, grad32) = results
+    assert q16.dtype == dtype and grad16.dtype == dtype
+    close(loss16, loss32, "loss")
+    close(q16.float(), q32.to(dtype).float(), "quantized")
+    assert torch.allclose(grad16.float(), grad32, atol=1e-2, rtol=1e-2)  # the gradient is rounded to the dtype
