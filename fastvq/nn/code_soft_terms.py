@@ -34,12 +34,15 @@ class SoftTerms:
     cross_entropy_commitment: bool = False
     softmax_gradient: bool = False
 
-    def codes(self, quantizer: TokenQuantizer, training: bool, temperature: float) -> torch.Tensor | None:
+    def codes(
+        self, quantizer: TokenQuantizer, training: bool, temperature: float, estimated: bool
+    ) -> torch.Tensor | None:
         """A copy (C, K, D) of the quantizer's codes, keeping their gradient, when a term is on in this
-        step (training; the softmax gradient also needs temperature > 0 and autograd on); else None."""
+        step (training; the softmax gradient also needs temperature > 0, autograd on and an input
+        that gets no gradient estimator of its own (estimated False), which would cut it); else None."""
         if not training:
             return None
-        softmax_gradient = self.softmax_gradient and temperature > 0 and torch.is_grad_enabled()
+        softmax_gradient = self.softmax_gradient and temperature > 0 and torch.is_grad_enabled() and not estimated
         if not (softmax_gradient or self.cross_entropy_commitment or self.diversity_weight > 0):
             return None
         return quantizer.codes.clone()
@@ -81,10 +84,11 @@ class SoftTerms:
         z: torch.Tensor,
         codes: torch.Tensor | None,
         temperature: float,
+        estimated: bool,
     ) -> torch.Tensor:
         """chosen (B, S, heads, D), with straight_through's softmax gradient added where this step has
-        one (`softmax_straight_through` of z against codes, from `codes`)."""
-        if not self.softmax_gradient or codes is None or temperature <= 0:
+        one (`softmax_straight_through` of z against codes, from `codes`; see `codes` for when)."""
+        if not self.softmax_gradient or codes is None or temperature <= 0 or estimated or not torch.is_grad_enabled():
             return chosen
         return softmax_straight_through(
             chosen,

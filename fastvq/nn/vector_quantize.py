@@ -420,7 +420,8 @@ class VectorQuantize(nn.Module):
         else:
             found = self._transformed_codes(z, transform_fn, temperature, topk is not None or targets is not None)
         cross_entropy = None if targets is None else self._cross_entropy(per_head, targets, batch * seq)
-        soft_codes = self.soft_terms.codes(codebook, self.training, temperature)  # before the update
+        estimated = tokens.requires_grad and self.route_gradients_to_input  # the estimator cuts the softmax
+        soft_codes = self.soft_terms.codes(codebook, self.training, temperature, estimated)  # before the update
         soft_losses = self.soft_terms.losses(codebook, per_head, z, found.indices, token_mask, soft_codes)
         if self.training and topk is None:
             if freeze:
@@ -438,7 +439,9 @@ class VectorQuantize(nn.Module):
         # (B, S, G, codebook_dim): G = heads, or the k candidates of top-k (heads = 1)
         z = z.float() if topk is None else z.float().expand(-1, -1, topk, -1)
         codes = (found.codes.transpose(0, 1) if topk is None else found.codes[0]).unflatten(0, (batch, seq))
-        chosen = self.soft_terms.gradient(codebook, codes, z, soft_codes, temperature)  # + straight_through's softmax
+        chosen = self.soft_terms.gradient(
+            codebook, codes, z, soft_codes, temperature, estimated
+        )  # + straight_through's softmax
         quantized = self._output(chosen, z, tokens, mask, tokens.requires_grad, topk is not None)
         losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, tokens.device, soft_losses)
         indices = found.indices.transpose(0, 1) if topk is None else found.indices[0]

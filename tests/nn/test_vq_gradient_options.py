@@ -20,6 +20,7 @@ from test_layer_parity import BATCH, CODES, DIM, SEQ, batches, close, compare_ev
 from torch import nn
 from vq_checks import LargestTensor
 
+from fastvq.nn import code_soft_terms
 from fastvq.nn.residual_vq import ResidualVQ
 from fastvq.nn.vector_quantize import VectorQuantize
 
@@ -377,3 +378,20 @@ def test_16_bit_inputs_give_the_fp32_result_of_their_values(kwargs, dtype):
     close(loss16, loss32, "loss")
     close(q16.float(), q32.to(dtype).float(), "quantized")
     assert torch.allclose(grad16.float(), grad32, atol=1e-2, rtol=1e-2)  # the gradient is rounded to the dtype
+
+
+def test_softmax_gradient_is_not_computed_where_the_estimator_cuts_it(monkeypatch):
+    """An input that gets straight-through's own gradient makes the softmax term's gradient vanish in
+    1.32.0 (x + (q - x).detach()): fastvq then skips the soft pass altogether."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("softmax_straight_through ran")
+
+    monkeypatch.setattr(code_soft_terms, "softmax_straight_through", forbidden)
+    layer = VectorQuantize(dim=DIM, codebook_size=CODES, straight_through=True, rotation_trick=False).train()
+    x = torch.randn(BATCH, SEQ, DIM, requires_grad=True)
+    quantized, _, loss = layer(x)
+    (quantized.sum() + loss).backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(AssertionError, match="softmax_straight_through ran"):
+        layer(x.detach())  # no input gradient of its own: the soft term is what reaches project_in / the codes
