@@ -28,7 +28,7 @@ from .arguments import (
 )
 from .code_soft_terms import SoftTerms, mean_cross_entropy
 from .codebook import Codebook, EmaWeight
-from .codebook_transform import nearest_transformed_codes
+from .codebook_transform import transformed_codes, transformed_soft_terms
 from .gradient_estimators import directional_reparam_heads, rotate_to, straight_through
 from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
 from .losses import commitment_loss, orthogonal_loss
@@ -415,14 +415,16 @@ class VectorQuantize(nn.Module):
         codebook.init_embed_(per_head, token_mask)
         temperature = self.sample_codebook_temp if temperature is None else temperature
         # no mask: masked tokens get codes too, which count as active codes of the orthogonal loss (as 1.32.0)
+        estimated = tokens.requires_grad and self.route_gradients_to_input  # the estimator cuts the softmax
         if transform_fn is None:
             found = codebook.quantize(per_head, topk=topk, temperature=self._sampling_temperature(temperature, topk))
+            soft_codes = self.soft_terms.codes(codebook, self.training, temperature, estimated)  # before the update
+            soft_losses = self.soft_terms.losses(codebook, per_head, z, found.indices, token_mask, soft_codes)
         else:
-            found = self._transformed_codes(z, transform_fn, temperature, topk is not None or targets is not None)
+            scored = topk is not None or targets is not None
+            found, soft_losses = self._transformed_codes(z, transform_fn, temperature, scored, mask, estimated)
+            soft_codes = None
         cross_entropy = None if targets is None else self._cross_entropy(per_head, targets, batch * seq)
-        estimated = tokens.requires_grad and self.route_gradients_to_input  # the estimator cuts the softmax
-        soft_codes = self.soft_terms.codes(codebook, self.training, temperature, estimated)  # before the update
-        soft_losses = self.soft_terms.losses(codebook, per_head, z, found.indices, token_mask, soft_codes)
         if self.training and topk is None:
             if freeze:
                 codebook.observe_(per_head, found.indices, token_mask)
@@ -439,9 +441,8 @@ class VectorQuantize(nn.Module):
         # (B, S, G, codebook_dim): G = heads, or the k candidates of top-k (heads = 1)
         z = z.float() if topk is None else z.float().expand(-1, -1, topk, -1)
         codes = (found.codes.transpose(0, 1) if topk is None else found.codes[0]).unflatten(0, (batch, seq))
-        chosen = self.soft_terms.gradient(
-            codebook, codes, z, soft_codes, temperature, estimated
-        )  # + straight_through's softmax
+        # plus straight_through's softmax gradient where it shows
+        chosen = self.soft_terms.gradient(codebook, codes, z, soft_codes, temperature, estimated)
         quantized = self._output(chosen, z, tokens, mask, tokens.requires_grad, topk is not None)
         losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, tokens.device, soft_losses)
         indices = found.indices.transpose(0, 1) if topk is None else found.indices[0]
@@ -480,29 +481,30 @@ class VectorQuantize(nn.Module):
         fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
         return torch.where(expand_like(mask, out), out, fill.unsqueeze(2) if is_topk else fill)
 
-    def _transformed_codes(self, z: torch.Tensor, transform_fn, temperature: float, scored: bool) -> TokenCodes:
-        """The nearest codes of z (B, S, heads, D) among the per-token codebooks transform_fn(codes)
-        (`nearest_transformed_codes`), in the token quantizer's layout. What would score every
-        transformed code (top-k, target indices, sampling, the `SoftTerms`) raises ValueError."""
+    def _transformed_codes(
+        self, z: torch.Tensor, transform_fn, temperature: float, scored: bool, mask, estimated: bool
+    ) -> tuple[TokenCodes, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """The codes of z (B, S, heads, D) among the per-token codebooks transform_fn(codes)
+        (`transformed_codes`: nearest, or sampled in training), in the token quantizer's layout, with
+        straight_through's softmax gradient, and the `SoftTerms` losses, from the dense logits. Top-k
+        and target indices (scored) raise ValueError."""
         if not callable(transform_fn):
             raise TypeError(f"codebook_transform_fn must be callable, got {type(transform_fn).__name__}")
-        terms = self.soft_terms
-        sampled = (self.stochastic_sample_codes or self.straight_through) and temperature > 0
-        soft = sampled or terms.diversity_weight > 0 or terms.cross_entropy_commitment
-        if scored or (self.training and soft):
-            raise ValueError(
-                "codebook_transform_fn supports the nearest code only: not with topk, indices, "
-                "stochastic_sample_codes, straight_through, codebook_diversity_loss_weight or "
-                "commitment_use_cross_entropy_loss in training"
-            )
-        chosen, indices = nearest_transformed_codes(
-            z,
-            self._codebook.codes,
-            transform_fn,
-            separate=self.separate_codebook_per_head,
-            metric=self._codebook.metric,
+        if scored:
+            raise ValueError("codebook_transform_fn does not support topk or indices (fastvq)")
+        training = self.training and temperature > 0
+        separate, codes = self.separate_codebook_per_head, self._codebook.codes
+        sample = temperature if training and self.stochastic_sample_codes else 0.0
+        found = transformed_codes(
+            z, codes, transform_fn, separate=separate, metric=self._codebook.metric, sample_temperature=sample
         )
-        return TokenCodes(self._per_head(chosen), self._per_head(indices), None)
+        soft_gradient = training and self.straight_through and torch.is_grad_enabled() and not estimated
+        chosen, losses = found.chosen, (None, None)
+        if self.training:
+            chosen, losses = transformed_soft_terms(
+                self.soft_terms, found, mask, separate=separate, temperature=temperature, softmax_gradient=soft_gradient
+            )
+        return TokenCodes(self._per_head(chosen), self._per_head(found.indices), None), losses
 
     def _losses(
         self,

@@ -265,14 +265,31 @@ class PerTokenShift(nn.Module):
         return codes[:, None, None] * self.scale + self.offset
 
 
-TRANSFORM_CASES = {  # constructor arguments, (codebooks, batch rows) of 1.32.0's layout
-    "l2": (dict(), (1, BATCH)),
-    "cosine": (dict(use_cosine_sim=True), (1, BATCH)),
-    "learnable": (dict(learnable_codebook=True, ema_update=False), (1, BATCH)),
-    "heads-separate": (HEADS_SEPARATE, (2, BATCH)),
+TRANSFORM_CASES = {  # constructor arguments, (codebooks, batch rows) of 1.32.0's layout, forward arguments
+    "l2": (dict(), (1, BATCH), {}),
+    "cosine": (dict(use_cosine_sim=True), (1, BATCH), {}),
+    "learnable": (dict(learnable_codebook=True, ema_update=False), (1, BATCH), {}),
+    "heads-separate": (HEADS_SEPARATE, (2, BATCH), {}),
     "heads-shared-learnable": (
         dict(heads=2, codebook_dim=4, learnable_codebook=True, ema_update=False, rotation_trick=False),
         (1, 2 * BATCH),
+        {},
+    ),
+    "sampled-heads-separate": (
+        dict(stochastic_sample_codes=True, sample_codebook_temp=2.0, **HEADS_SEPARATE),
+        (2, BATCH),
+        {},
+    ),
+    "softmax-straight-through": (dict(sample_codebook_temp=0.5, **NO_ROUTE_ST), (1, BATCH), {}),
+    "diversity-cross-entropy-mask": (
+        dict(codebook_diversity_loss_weight=0.5, commitment_use_cross_entropy_loss=True),
+        (1, BATCH),
+        dict(mask=MASK),
+    ),
+    "diversity-cross-entropy-heads-shared": (
+        dict(codebook_diversity_loss_weight=0.5, commitment_use_cross_entropy_loss=True, **HEADS_SHARED),
+        (1, 2 * BATCH),
+        {},
     ),
 }
 
@@ -281,14 +298,14 @@ TRANSFORM_CASES = {  # constructor arguments, (codebooks, batch rows) of 1.32.0'
 def test_codebook_transform_fn_matches_anchor(case):
     """Training steps (outputs, losses, the layer's and the transform's gradients, the EMA state) and
     eval (identical) with per-token codebooks from a transform with parameters."""
-    kwargs, (codebooks, rows) = TRANSFORM_CASES[case]
+    kwargs, (codebooks, rows), forward_kwargs = TRANSFORM_CASES[case]
     anchor, ours = make_pair(**kwargs)
     torch.manual_seed(0)
     anchor_transform = PerTokenShift(codebooks, rows, kwargs.get("codebook_dim", DIM))
     transform = copy.deepcopy(anchor_transform)
     for step, x in enumerate(batches((BATCH, SEQ, DIM), 2)):
-        expected = train_step(anchor.train(), x, seed=step, codebook_transform_fn=anchor_transform)
-        actual = train_step(ours.train(), x, seed=step, codebook_transform_fn=transform)
+        expected = train_step(anchor.train(), x, seed=step, codebook_transform_fn=anchor_transform, **forward_kwargs)
+        actual = train_step(ours.train(), x, seed=step, codebook_transform_fn=transform, **forward_kwargs)
         for what, e, a in zip(("quantized", "indices", "loss", "input grad"), expected[:4], actual[:4]):
             close(a, e, f"step {step} {what}")
         assert actual[4].keys() == expected[4].keys()
@@ -305,7 +322,8 @@ def test_codebook_transform_fn_matches_anchor(case):
     anchor.eval()
     ours.eval()
     with torch.no_grad():
-        expected, actual = anchor(x, codebook_transform_fn=anchor_transform), ours(x, codebook_transform_fn=transform)
+        expected = anchor(x, codebook_transform_fn=anchor_transform, **forward_kwargs)
+        actual = ours(x, codebook_transform_fn=transform, **forward_kwargs)
     for what, e, a in zip(("quantized", "indices", "loss"), expected, actual):
         assert torch.equal(a, e), f"eval {what}"
 
@@ -318,14 +336,10 @@ def test_codebook_transform_fn_errors():
         layer(x, codebook_transform_fn=lambda codes: codes)
     with pytest.raises(TypeError, match="callable"):
         layer(x, codebook_transform_fn="identity")
-    with pytest.raises(ValueError, match="nearest code only"):
+    with pytest.raises(ValueError, match="does not support topk or indices"):
         layer.eval()(x, topk=2, codebook_transform_fn=shift)
-    sampled = VectorQuantize(dim=DIM, codebook_size=CODES, stochastic_sample_codes=True).train()
-    with pytest.raises(ValueError, match="nearest code only"):
-        sampled(x, codebook_transform_fn=shift)
-    assert sampled(x, codebook_transform_fn=shift, sample_codebook_temp=0.0)[1].shape == (BATCH, SEQ)
-    with pytest.raises(ValueError, match="nearest code only"):
-        VectorQuantize(dim=DIM, codebook_size=CODES, codebook_diversity_loss_weight=1.0)(x, codebook_transform_fn=shift)
+    with pytest.raises(ValueError, match="does not support topk or indices"):
+        layer(x, indices=torch.zeros(BATCH, SEQ, dtype=torch.long), codebook_transform_fn=shift)
 
 
 @pytest.mark.parametrize(
