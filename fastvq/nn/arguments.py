@@ -126,6 +126,11 @@ ARGUMENTS: dict[str, Spec] = {
     "orthogonal_reg_weight": _number("weight of the orthogonal regularisation of the codes"),
     "orthogonal_reg_max_codes": _int("codes sampled for the orthogonal regularisation (None: all)", optional=True),
     "sample_codebook_temp": _number("temperature of stochastic code sampling (0: the nearest code)"),
+    "codebook_diversity_loss_weight": _number("weight of the codebook diversity loss (minus an entropy over codes)"),
+    "codebook_diversity_temperature": _number(
+        "inverse temperature of the codebook diversity loss (the logits are multiplied by it)", positive=True
+    ),
+    "directional_reparam_variance": _number("variance of the noise on the direction of directional_reparam"),
     "topk": _int("candidates returned per token (capped at codebook_size; at most 16)"),
     # residual quantization
     "quantize_dropout_cutoff_index": _int("first stage quantize dropout may stop at", low=0),
@@ -169,12 +174,6 @@ ARGUMENTS: dict[str, Spec] = {
         "callable", "optimizer factory stepped on the codebook parameters in forward", optional=True
     ),
     # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
-    "commitment_use_cross_entropy_loss": _unsupported(False, "cross-entropy commitment loss"),
-    "codebook_diversity_loss_weight": _unsupported(0.0, "weight of the codebook diversity loss"),
-    "codebook_diversity_temperature": _unsupported(100.0, "temperature of the codebook diversity loss"),
-    "directional_reparam": _unsupported(False, "directional reparametrisation of the gradient"),
-    "directional_reparam_variance": _unsupported(5e-3, "variance of the directional reparametrisation"),
-    "diveq": _unsupported(False, "DiVeQ differentiable quantization"),
 }
 
 

@@ -1,15 +1,22 @@
 """Gradient estimators of the quantize step: how the gradient of the quantized output reaches the
-input, whose value it replaces by a code. Both are O(N D) and keep no D x D matrix.
+input, whose value it replaces by a code. All are O(N D) and keep no D x D matrix.
 
 `straight_through`: the identity (van den Oord et al. 2017). `rotate_to`: the rotation trick (Fifty
-et al. 2024), vector-quantize-pytorch 1.32.0's default for dim > 1.
+et al. 2024), vector-quantize-pytorch 1.32.0's default for dim > 1. `directional_reparam`: DiVeQ's
+directional reparametrisation (vector-quantize-pytorch's `directional_reparam` and
+`ResidualVQ(diveq=True)`). `softmax_straight_through`: the codes' values with the gradient of the
+softmax over every code (the straight-through Gumbel softmax of 1.32.0's `straight_through=True`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .kmeans import L2NORM_EPS
+from ..ops.functional_soft import soft_quantize
+from .kmeans import L2NORM_EPS, l2norm
+from .layout import from_head_layout, to_head_layout
 
 SAFE_DIV_EPS = 1e-6
 
@@ -81,3 +88,68 @@ def synchronous_update(quantized: torch.Tensor, v: float) -> torch.Tensor:
     """The synchronous update rule (21) of vqtorch (Huh et al. 2023): quantized + v (quantized -
     sg(quantized)), the same values with every gradient through it scaled by 1 + v."""
     return quantized + v * (quantized - quantized.detach())
+
+
+DIVEQ_VARIANCE = 5e-3
+"""The noise variance of `directional_reparam` (1.32.0's default, which `ResidualVQ(diveq=True)` uses)."""
+
+
+def directional_reparam(src: torch.Tensor, tgt: torch.Tensor, variance: float = DIVEQ_VARIANCE) -> torch.Tensor:
+    """DiVeQ's directional reparametrisation (arXiv openreview KRVnpTbx7R, fig. 1; vector-quantize-pytorch
+    1.32.0's `directional_reparam`): src plus |tgt - src| along the direction of tgt - src with
+    Gaussian noise of `variance` per entry added (drawn with torch.randn_like, then treated as a
+    constant). The value is tgt up to that noise; the gradient reaches src and tgt through the length
+    |tgt - src| only. src, tgt (..., D) of one dtype -> (..., D)."""
+    error = tgt - src
+    noisy = error + math.sqrt(variance) * torch.randn_like(error)
+    direction = l2norm(noisy).to(error.dtype).detach()
+    return src + direction * torch.linalg.vector_norm(error, dim=-1, keepdim=True)
+
+
+def directional_reparam_heads(
+    src: torch.Tensor, tgt: torch.Tensor, variance: float, heads: int, separate: bool
+) -> torch.Tensor:
+    """`directional_reparam` of a layer's tokens toward their codes, src, tgt (B, S, G, D), with the
+    noise drawn in 1.32.0's layout of the heads (`to_head_layout`; with one head, G top-k candidates
+    as they are), so that a seed gives 1.32.0's values."""
+    if heads == 1:
+        return directional_reparam(src, tgt, variance)
+    src, tgt = (to_head_layout(t, separate).contiguous() for t in (src, tgt))
+    return from_head_layout(directional_reparam(src, tgt, variance), heads, separate)
+
+
+def softmax_straight_through(
+    chosen: torch.Tensor,
+    z: torch.Tensor,
+    codes: torch.Tensor,
+    *,
+    temperature: float,
+    metric: str,
+    precision: str | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The values of chosen with the gradient of softmax(logits(z) / temperature) as 1.32.0's
+    `gumbel_sample(straight_through=True)` sends it: (one_hot + p - p.detach()) @ codes, where the
+    gradient reaches z and the codes through p only (the product's value is the one-hot's).
+
+    chosen: (B, S, heads, D) fp32, the chosen (possibly sampled) codes, keeping their own gradient
+    (a lookup's, to the chosen codes); z: (B, S, heads, D) the tokens as the codes are compared with
+    them; codes: (C, K, D), shared (C = 1) or one codebook per head. The term comes from the fused
+    `soft_quantize` (hard=False), whose codebook gradient also has p's value path sum_n p_nk g_n:
+    where the codes need a gradient, it runs on [z, 0] and [codes, codes - codes.detach()] (value 0,
+    identity gradient) and takes the first half minus the second, so that value path cancels while
+    the logits, hence p, are unchanged (the zero half moves no logit or its gradient). No (N, K)
+    tensor, forward or backward.
+    """
+    shared, dim = codes.shape[0] == 1, z.shape[-1]
+    rows = z.reshape(1, -1, dim) if shared else z.flatten(0, 1).transpose(0, 1)
+    if codes.requires_grad:
+        rows = torch.cat([rows, torch.zeros_like(rows)], -1)
+        codes = torch.cat([codes, codes - codes.detach()], -1)
+    soft, _ = soft_quantize(
+        rows, codes, temperature=temperature, metric=metric, hard=False, precision=precision, backend=backend
+    )
+    if soft.shape[-1] > dim:
+        soft = soft[..., :dim] - soft[..., dim:]
+    soft = soft.reshape(z.shape) if shared else soft.transpose(0, 1).reshape(z.shape)
+    return chosen + (soft - soft.detach())

@@ -100,3 +100,19 @@ def channels_first(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
 def token_values(t: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     """Per-token values (B, S, ...) -> (B, *spatial, ...), the token layout of `channels_last`'s input."""
     return t.reshape(t.shape[0], *spatial, *t.shape[2:])
+
+
+def to_head_layout(t: torch.Tensor, separate: bool) -> torch.Tensor:
+    """Per-head values (B, S, H, ...) -> 1.32.0's layout of the heads (C, B', S, ...): (H, B, S, ...)
+    with separate codebooks, else (1, B * H, S, ...) (batch-major; H = 1: (1, B, S, ...)). Where values
+    are drawn in that layout (noise at a seed) or given in it (per-token codebooks)."""
+    if separate:
+        return t.movedim(2, 0)
+    return t.transpose(1, 2).flatten(0, 1).unsqueeze(0)
+
+
+def from_head_layout(t: torch.Tensor, heads: int, separate: bool) -> torch.Tensor:
+    """Inverse of `to_head_layout`."""
+    if separate:
+        return t.movedim(0, 2)
+    return t[0].unflatten(0, (-1, heads)).transpose(1, 2)

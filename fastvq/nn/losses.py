@@ -1,5 +1,6 @@
-"""Auxiliary losses of the quantizer layers, in fp32: the commitment loss (codes vs tokens) and the
-orthogonal regularisation of a codebook. Neither builds an N x K or K x K tensor."""
+"""Auxiliary losses of the quantizer layers, in fp32: the commitment loss (codes vs tokens), the
+orthogonal regularisation of a codebook and the codebook diversity loss (an entropy over the codes).
+None builds an N x K or K x K tensor."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..ops.functional_soft import code_entropy
 from .kmeans import l2norm
 from .layout import expand_like
 
@@ -49,3 +51,40 @@ def orthogonal_reg_loss(
     if max_codes is not None and num_codes > max_codes:
         codes = codes[:, torch.randperm(num_codes, device=codes.device)[:max_codes]]
     return orthogonal_loss(codes)
+
+
+def code_diversity_loss(
+    z: torch.Tensor,
+    codes: torch.Tensor,
+    *,
+    temperature: float,
+    metric: str,
+    precision: str | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """vector-quantize-pytorch 1.32.0's codebook diversity loss: minus the entropy (log clamped at
+    1e-5) of each sequence position's distribution over the codes, p = softmax(logits * temperature),
+    averaged over the batch and the heads, then averaged over the positions -> () fp32.
+
+    z: (B, S, heads, D) tokens as the codes are compared with them; codes: (C, K, D), one codebook
+    shared by the heads (C = 1) or one per head. Logits as `fastvq.code_entropy`'s for `metric`
+    ("l2": minus the distance). Every token counts (1.32.0 applies no mask); a token with a
+    non-finite value is left out of the means. Each position's mean comes from the fused
+    `code_entropy` with the positions as its heads: no (N, K) tensor, only the (S, K) means.
+    """
+    shared = codes.shape[0] == 1
+    groups = [z] if shared else [z[:, :, c : c + 1] for c in range(codes.shape[0])]
+    mean_probs = 0.0
+    for group, codebook in zip(groups, codes.unbind(0)):
+        tokens = group.transpose(0, 1).flatten(1, 2)  # (S, B * heads of this codebook, D)
+        _, probs = code_entropy(
+            tokens,
+            codebook.expand(tokens.shape[0], -1, -1),
+            temperature=1.0 / temperature,
+            metric=metric,
+            precision=precision,
+            backend=backend,
+        )
+        mean_probs = mean_probs + probs / len(groups)
+    entropy = -(mean_probs * mean_probs.clamp_min(1e-5).log()).sum(-1)
+    return -entropy.mean()

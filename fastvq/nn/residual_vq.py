@@ -17,6 +17,7 @@ from torch import nn
 
 from . import distributed
 from .arguments import check_arguments, describe, is_integer_tensor
+from .gradient_estimators import directional_reparam
 from .implicit_codebook import ImplicitCodebookMLP, conditioned_codes_from_indices, implicit_stage
 from .layout import expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
 from .projection import project, projections
@@ -70,7 +71,8 @@ class ResidualVQ(nn.Module):
     codebook_dim), driven through its public forward. With `implicit_neural_codebook` (QINCo)
     stage q > 0 searches its learnable codebook as conditioned by an MLP (`mlps[q - 1]`, built from
     `mlp_kwargs`) on the quantized-so-far output, in blocks of codes (`fastvq.nn.implicit_codebook`),
-    never as an (N, K, D) tensor. `diveq` raises NotImplementedError.
+    never as an (N, K, D) tensor. `diveq=True` (DiVeQ) learns the codebooks by gradient through
+    `directional_reparam` of the summed codes, in training and eval (as 1.32.0).
     """
 
     def __init__(
@@ -97,7 +99,6 @@ class ResidualVQ(nn.Module):
         **vq_kwargs,
     ):
         super().__init__()
-        check_arguments(diveq=bool(diveq))
         if heads != 1:
             raise ValueError(f"ResidualVQ needs heads=1 (as vector-quantize-pytorch), got heads={heads!r}")
         sizes = tuple(codebook_size) if isinstance(codebook_size, (tuple, list)) else None
@@ -145,6 +146,11 @@ class ResidualVQ(nn.Module):
                     f"beam_size needs implicit_neural_codebook=False (as vector-quantize-pytorch), got {beam_size}"
                 )
             vq_kwargs.update(learnable_codebook=True, ema_update=False)
+        self.diveq = bool(diveq)
+        if self.diveq:  # DiVeQ: codebooks learnt through directional_reparam on the summed output
+            vq_kwargs.update(
+                ema_update=False, learnable_codebook=True, route_gradients_to_input=False, commitment_weight=0.0
+            )
         self.layers = nn.ModuleList(
             VectorQuantize(
                 dim=self.codebook_dim,
@@ -162,7 +168,7 @@ class ResidualVQ(nn.Module):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.vq_is_ema_updating = self.layers[0].ema_update
-        self.quant_grad_frac = quant_grad_frac
+        self.quant_grad_frac = 1.0 if self.diveq else quant_grad_frac
         self.beam_size = beam_size
         self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
         self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
@@ -275,6 +281,7 @@ class ResidualVQ(nn.Module):
         dropped = self.num_quantizers - idx.shape[-1]
         idx = torch.cat([idx, idx.new_full((batch, seq, dropped), -1)], -1)
         losses = torch.cat([losses, losses.new_zeros(dropped)])
+        quantized = directional_reparam(z, quantized) if self.diveq else quantized
         out = from_tokens(self._output(quantized, tokens, mask), layout)
         idx = to_index_layout(idx, layout)
         if not return_all_codes:
@@ -371,6 +378,7 @@ class ResidualVQ(nn.Module):
             residual = residual - frac_gradient(codes, self.quant_grad_frac)
             total = total + codes
             cross_entropy = cross_entropy + stage_cross_entropy
+        total = directional_reparam(z, total) if self.diveq else total
         return from_tokens(self._output(total, tokens, mask), layout), cross_entropy
 
     def _output(self, total: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -24,28 +24,21 @@ from .arguments import (
     check_exclusive,
     describe,
     is_integer_tensor,
-    unsupported_defaults,
 )
+from .code_soft_terms import SoftTerms, mean_cross_entropy
 from .codebook import Codebook, EmaWeight
 from .codebook_optimizer import make_in_place_optimizer, optimize_in_place_, step_in_place_optimizer_
-from .gradient_estimators import rotate_to, straight_through, synchronous_update
+from .codebook_transform import transformed_codes, transformed_soft_terms
+from .gradient_estimators import directional_reparam_heads, rotate_to, straight_through, synchronous_update
 from .layout import Layout, expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
 from .losses import commitment_loss, orthogonal_reg_loss
 from .projection import project, projections
+from .token_quantizer import TokenCodes
 from .transformed_codebook import TransformedCodebook
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
-UNSUPPORTED = unsupported_defaults(
-    "commitment_use_cross_entropy_loss",
-    "codebook_diversity_loss_weight",
-    "codebook_diversity_temperature",
-    "directional_reparam",
-    "directional_reparam_variance",
-)
-"""1.32.0 arguments fastvq does not implement, with the only value accepted (their default)."""
-
-_Losses = namedtuple("_Losses", ["loss", "commitment", "orthogonal", "in_place"])
+_Losses = namedtuple("_Losses", ["loss", "commitment", "orthogonal", "diversity", "in_place"])
 _Result = namedtuple("_Result", ["quantized", "indices", "losses", "cross_entropy"])
 
 
@@ -59,8 +52,7 @@ class VectorQuantize(nn.Module):
     loss (0 in eval).
 
     fastvq-only keywords: `backend` ("auto" | "torch" | "triton" | "cuda" | "cpu") and `precision` (see
-    `fastvq.nearest_code`), kept by the codebook, which passes them to the ops. The arguments
-    named in `UNSUPPORTED` raise NotImplementedError when not at their default.
+    `fastvq.nearest_code`), kept by the codebook, which passes them to the ops.
 
     Non-finite tokens (NaN/inf in any head) get index -1 in every head, pass through unchanged,
     and never reach the EMA statistics, k-means or the dead-code sampler;
@@ -120,13 +112,6 @@ class VectorQuantize(nn.Module):
     ):
         super().__init__()
         check_arguments(
-            commitment_use_cross_entropy_loss=commitment_use_cross_entropy_loss,
-            codebook_diversity_loss_weight=codebook_diversity_loss_weight,
-            codebook_diversity_temperature=codebook_diversity_temperature,
-            directional_reparam=directional_reparam,
-            directional_reparam_variance=directional_reparam_variance,
-        )
-        check_arguments(
             dim=dim,
             codebook_size=codebook_size,
             codebook_dim=codebook_dim,
@@ -136,12 +121,23 @@ class VectorQuantize(nn.Module):
             orthogonal_reg_max_codes=orthogonal_reg_max_codes,
             sample_codebook_temp=sample_codebook_temp,
             sync_update_v=sync_update_v,
+            codebook_diversity_loss_weight=codebook_diversity_loss_weight,
+            codebook_diversity_temperature=codebook_diversity_temperature,
+            directional_reparam_variance=directional_reparam_variance,
         )
-        ema_update = vq_bridge is None if ema_update is None else ema_update
-        learnable_codebook = vq_bridge is not None if learnable_codebook is None else bool(learnable_codebook)
-        rotation_trick = dim > 1 if rotation_trick is None else rotation_trick
+        gradient_learnt = directional_reparam or vq_bridge is not None  # 1.32.0's defaults
+        ema_update = not gradient_learnt if ema_update is None else ema_update
+        learnable_codebook = bool(gradient_learnt if learnable_codebook is None else learnable_codebook)
+        rotation_trick = dim > 1 and not directional_reparam if rotation_trick is None else rotation_trick
         check_exclusive(use_cosine_sim=use_cosine_sim, learnable_codebook=learnable_codebook)
         check_exclusive(straight_through=straight_through, rotation_trick=rotation_trick)
+        check_exclusive(directional_reparam=directional_reparam, rotation_trick=rotation_trick)
+        check_exclusive(directional_reparam=directional_reparam, straight_through=straight_through)
+        if directional_reparam and threshold_ema_dead_code == 0:
+            raise ValueError(
+                "directional_reparam needs dead-code replacement: set threshold_ema_dead_code > 0 "
+                "(as vector-quantize-pytorch)"
+            )
         check_exclusive(straight_through=straight_through, learnable_codebook=learnable_codebook)
         check_exclusive(ema_update=ema_update, learnable_codebook=learnable_codebook)
         check_exclusive(accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap)
@@ -167,10 +163,21 @@ class VectorQuantize(nn.Module):
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         # gradient estimator, sampling and losses
         self.straight_through, self.rotation_trick = straight_through, rotation_trick
+        self.directional_reparam, self.directional_reparam_variance = directional_reparam, directional_reparam_variance
         self.route_gradients_to_input = route_gradients_to_input
         self.learnable_codebook, self.freeze_codebook = learnable_codebook, freeze_codebook
         self.stochastic_sample_codes, self.sample_codebook_temp = stochastic_sample_codes, sample_codebook_temp
         self.commitment_weight, self.orthogonal_reg_weight = commitment_weight, orthogonal_reg_weight
+        self.has_commitment_loss = commitment_weight > 0 and not directional_reparam
+        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
+        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
+        self.codebook_diversity_temperature = codebook_diversity_temperature
+        self.soft_terms = SoftTerms(
+            codebook_diversity_loss_weight,
+            codebook_diversity_temperature,
+            self.has_commitment_loss and commitment_use_cross_entropy_loss,
+            straight_through,
+        )
         self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
         self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
         self.eps, self.use_cosine_sim, self.sync_update_v = eps, use_cosine_sim, sync_update_v
@@ -355,8 +362,6 @@ class VectorQuantize(nn.Module):
         With topk=k (heads=1, k <= 16): the k nearest codes, nearest first, as an extra last dim
         of quantized (before the channel dim moves), indices and a per-token loss.
         """
-        if codebook_transform_fn is not None:
-            raise NotImplementedError("fastvq.VectorQuantize does not implement codebook_transform_fn")
         tokens, layout = self._to_tokens(x)
         mask = sequence_mask(mask, lens, layout, *tokens.shape[:2])
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
@@ -370,6 +375,7 @@ class VectorQuantize(nn.Module):
             ema_update=ema_update,
             ema_update_weight=ema_update_weight,
             accum_ema_update=accum_ema_update,
+            transform_fn=codebook_transform_fn,
         )
         out = from_tokens(result.quantized, layout)
         if indices is not None:
@@ -379,8 +385,13 @@ class VectorQuantize(nn.Module):
         out_indices = to_index_layout(result.indices, layout)
         if not return_loss_breakdown:
             return out, out_indices, loss
-        zero = torch.zeros((), device=x.device)
-        return out, out_indices, loss, LossBreakdown(result.losses.commitment, zero, *result.losses[2:])
+        losses = result.losses
+        return (
+            out,
+            out_indices,
+            loss,
+            LossBreakdown(losses.commitment, losses.diversity, losses.orthogonal, losses.in_place),
+        )
 
     def _quantize_tokens(
         self,
@@ -394,6 +405,7 @@ class VectorQuantize(nn.Module):
         ema_update=None,
         ema_update_weight: EmaWeight = None,
         accum_ema_update: bool = False,
+        transform_fn=None,
     ) -> _Result:
         """The forward on tokens (B, S, dim) in any float dtype, mask (B, S) bool or None; topk
         checked by `_check_topk`; temperature None: `sample_codebook_temp`. In training also
@@ -410,10 +422,18 @@ class VectorQuantize(nn.Module):
         token_mask = None if mask is None else mask.reshape(-1)
         codebook.init_embed_(per_head, token_mask)
         temperature = self.sample_codebook_temp if temperature is None else temperature
-        temperature = self._sampling_temperature(temperature, tokens, z)
         # no mask: masked tokens get codes too, which count as active codes of the orthogonal loss (as 1.32.0)
-        searched = codebook.search_codes(per_head, token_mask)
-        found = codebook.quantize(per_head, topk=topk, temperature=temperature, codes=searched)
+        estimated = tokens.requires_grad and self.route_gradients_to_input  # the estimator cuts the softmax
+        sampling = self._sampling_temperature(temperature, topk)
+        if transform_fn is None:
+            searched = codebook.search_codes(per_head, token_mask)  # the codes, or their affine / bridge transform
+            found = codebook.quantize(per_head, topk=topk, temperature=sampling, codes=searched)
+            soft_codes = self.soft_terms.codes(searched, self.training, temperature, estimated)  # before the update
+            soft_losses = self.soft_terms.losses(codebook, per_head, z, found.indices, token_mask, soft_codes)
+        else:
+            scored = topk is not None or targets is not None
+            found, soft_losses = self._transformed_codes(z, transform_fn, temperature, scored, mask, estimated)
+            searched = soft_codes = None
         cross_entropy = None if targets is None else self._cross_entropy(per_head, targets, batch * seq, searched)
         if self.training and topk is None:
             if freeze:
@@ -432,15 +452,17 @@ class VectorQuantize(nn.Module):
             optimizer, manual = self.in_place_codebook_optimizer, self.manual_in_place_optimizer_update
             in_place = optimize_in_place_(optimizer, found.codes, z, mask, step=not manual, sync=codebook.sync_codebook)
             searched = codebook.search_codes(per_head, token_mask)
-            found = codebook.quantize(per_head, topk=topk, temperature=temperature, codes=searched)
+            found = codebook.quantize(per_head, topk=topk, temperature=sampling, codes=searched)
             if targets is not None:
                 cross_entropy = self._cross_entropy(per_head, targets, batch * seq, searched)
 
         # (B, S, G, codebook_dim): G = heads, or the k candidates of top-k (heads = 1)
         z = z.float() if topk is None else z.float().expand(-1, -1, topk, -1)
         codes = (found.codes.transpose(0, 1) if topk is None else found.codes[0]).unflatten(0, (batch, seq))
-        quantized = self._output(codes, z, tokens, mask, tokens.requires_grad, topk is not None)
-        losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, in_place)
+        # plus straight_through's softmax gradient where it shows
+        chosen = self.soft_terms.gradient(codebook, codes, z, soft_codes, temperature, estimated)
+        quantized = self._output(chosen, z, tokens, mask, tokens.requires_grad, topk is not None)
+        losses = self._losses(codes, z, mask, found.indices, freeze, topk is not None, in_place, soft_losses)
         indices = found.indices.transpose(0, 1) if topk is None else found.indices[0]
         indices = indices.reshape(batch, seq, topk or self.heads)
         if topk is None and self.heads == 1:
@@ -459,10 +481,17 @@ class VectorQuantize(nn.Module):
         is_topk: bool,
     ) -> torch.Tensor:
         """Quantized tokens (B, S, [k,] dim) in the input dtype from codes and z (B, S, G, D) fp32:
-        gradient to the input (rotation trick or straight-through), projection, masked padding."""
+        gradient to the input (rotation trick, directional reparametrisation or straight-through),
+        projection, masked padding."""
         quantized = codes
         if self.training and input_requires_grad and self.route_gradients_to_input:
-            quantized = rotate_to(z, codes) if self.rotation_trick else straight_through(z, codes)
+            if self.rotation_trick:
+                quantized = rotate_to(z, codes)
+            elif self.directional_reparam:
+                args = (self.directional_reparam_variance, self.heads, self.separate_codebook_per_head)
+                quantized = directional_reparam_heads(z, codes, *args)
+            else:
+                quantized = straight_through(z, codes)
         if self.training and self.sync_update_v > 0:
             quantized = synchronous_update(quantized, self.sync_update_v)
         out = project(self.project_out, quantized if is_topk else quantized.flatten(2))
@@ -471,6 +500,35 @@ class VectorQuantize(nn.Module):
             return out
         fill = torch.zeros_like(tokens) if self.return_zeros_for_masked_padding else tokens
         return torch.where(expand_like(mask, out), out, fill.unsqueeze(2) if is_topk else fill)
+
+    def _transformed_codes(
+        self, z: torch.Tensor, transform_fn, temperature: float, scored: bool, mask, estimated: bool
+    ) -> tuple[TokenCodes, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """The codes of z (B, S, heads, D) among the per-token codebooks transform_fn(codes)
+        (`transformed_codes`: nearest, or sampled in training), in the token quantizer's layout, with
+        straight_through's softmax gradient, and the `SoftTerms` losses, from the dense logits. Top-k
+        and target indices (scored) raise ValueError."""
+        if not callable(transform_fn):
+            raise TypeError(f"codebook_transform_fn must be callable, got {type(transform_fn).__name__}")
+        if scored:
+            raise ValueError("codebook_transform_fn does not support topk or indices (fastvq)")
+        if isinstance(self._codebook, TransformedCodebook) or self.in_place_codebook_optimizer is not None:
+            raise ValueError(
+                "codebook_transform_fn does not support affine_param, vq_bridge or in_place_codebook_optimizer (fastvq)"
+            )
+        training = self.training and temperature > 0
+        separate, codes = self.separate_codebook_per_head, self._codebook.codes
+        sample = temperature if training and self.stochastic_sample_codes else 0.0
+        found = transformed_codes(
+            z, codes, transform_fn, separate=separate, metric=self._codebook.metric, sample_temperature=sample
+        )
+        soft_gradient = training and self.straight_through and torch.is_grad_enabled() and not estimated
+        chosen, losses = found.chosen, (None, None)
+        if self.training:
+            chosen, losses = transformed_soft_terms(
+                self.soft_terms, found, mask, separate=separate, temperature=temperature, softmax_gradient=soft_gradient
+            )
+        return TokenCodes(self._per_head(chosen), self._per_head(found.indices), None), losses
 
     def _losses(
         self,
@@ -481,23 +539,30 @@ class VectorQuantize(nn.Module):
         freeze: bool,
         is_topk: bool,
         in_place: torch.Tensor,
+        soft_losses: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> _Losses:
-        """The loss as 1.32.0 adds it up: 0 in eval (per-candidate commitment for top-k), else
-        commitment (codes vs z, fp32) and orthogonal regularisation, each times its weight; with
-        the in-place optimizer's loss (0-d, not added) for the breakdown."""
+        """The loss as 1.32.0 adds it up: 0 in eval (per-candidate commitment for top-k), else the
+        diversity loss, the commitment (codes vs z, fp32, or the cross-entropy of `SoftTerms`) and
+        orthogonal regularisation, each times its weight; with the in-place optimizer's loss (0-d,
+        not added) for the breakdown."""
         loss = torch.zeros((), device=in_place.device).requires_grad_(self.training)
-        commitment = orthogonal = torch.zeros((), device=in_place.device)
+        commitment = orthogonal = diversity = torch.zeros((), device=in_place.device)
         if is_topk and not self.training:
             commitment = commitment_loss(codes, z, mask, per_token=True)
-            loss = commitment * self.commitment_weight if self.commitment_weight > 0 else commitment
-        if self.training and self.commitment_weight > 0:
+            loss = commitment * self.commitment_weight if self.has_commitment_loss else commitment
+        if self.training and soft_losses[0] is not None:
+            diversity = soft_losses[0]
+            loss = loss + diversity * self.codebook_diversity_loss_weight
+        if self.training and self.has_commitment_loss:
             learnable = self.learnable_codebook and not freeze
-            commitment = commitment_loss(codes if learnable else codes.detach(), z, mask, per_token=is_topk)
+            commitment = soft_losses[1]
+            if commitment is None:
+                commitment = commitment_loss(codes if learnable else codes.detach(), z, mask, per_token=is_topk)
             loss = loss + commitment * self.commitment_weight
         if self.training and self.orthogonal_reg_weight > 0:
             orthogonal = self._orthogonal_loss(idx)
             loss = loss + orthogonal * self.orthogonal_reg_weight
-        return _Losses(loss, commitment, orthogonal, in_place)
+        return _Losses(loss, commitment, orthogonal, diversity, in_place)
 
     def _check_topk(self, topk) -> int | None:
         if topk is None:
@@ -509,6 +574,10 @@ class VectorQuantize(nn.Module):
             )
         if self.heads > 1:
             raise ValueError(f"topk needs heads=1 (as vector-quantize-pytorch), got heads={self.heads}")
+        if self.training and self.commitment_use_cross_entropy_loss:
+            raise ValueError(
+                "topk in training needs commitment_use_cross_entropy_loss=False (as vector-quantize-pytorch)"
+            )
         topk = min(topk, self.codebook_size)
         if topk > MAX_TOPK:
             raise ValueError(
@@ -516,28 +585,16 @@ class VectorQuantize(nn.Module):
             )
         return topk
 
-    def _sampling_temperature(self, temperature: float, tokens: torch.Tensor, z: torch.Tensor) -> float:
-        """The Gumbel temperature of this search (0: nearest code), refusing what fastvq lacks.
-
-        1.32.0 samples in training with stochastic_sample_codes and temperature > 0. With
-        straight_through it also sends a softmax gradient through the code logits, which only shows
-        where the input gets no straight-through gradient; fastvq does not build those N x K
-        softmax weights, so it raises there. With topk the sample is Gumbel top-k.
-        """
+    def _sampling_temperature(self, temperature: float, topk: int | None) -> float:
+        """The Gumbel temperature of this search (0: the nearest code): 1.32.0 samples in training
+        with stochastic_sample_codes and temperature > 0 (Gumbel top-k with topk). Its
+        straight_through softmax gradient has no top-k form (1.32.0 fails there), so that raises."""
         if not (self.training and temperature > 0):
             return 0.0
-        soft_gradient = (
-            self.straight_through
-            and torch.is_grad_enabled()
-            and not (tokens.requires_grad and self.route_gradients_to_input)
-            and (z.requires_grad or self._codebook.learnable_codebook)
-        )
-        if soft_gradient:
-            raise NotImplementedError(
-                "straight_through=True sends a softmax gradient through the code logits when the input gets "
-                "no straight-through gradient (input without requires_grad, or route_gradients_to_input="
-                "False); fastvq does not implement that path. Use straight_through=False, or an input that "
-                "requires grad"
+        if self.straight_through and topk is not None:
+            raise ValueError(
+                "topk in training needs straight_through=False or sample_codebook_temp=0 (1.32.0's "
+                "straight-through softmax has no top-k form)"
             )
         return temperature if self.stochastic_sample_codes else 0.0
 
@@ -551,9 +608,8 @@ class VectorQuantize(nn.Module):
                 f"indices must be an integer tensor shaped as the returned indices ({count} "
                 f"entries), got {describe(targets)}"
             )
-        targets = self._per_head(targets)
         codes = searched.clone() if self.training else searched
-        return self._codebook.cross_entropy(per_head, targets, codes=codes).sum() / (targets >= 0).sum()
+        return mean_cross_entropy(self._codebook, per_head, self._per_head(targets), codes)
 
     def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:
         return orthogonal_reg_loss(

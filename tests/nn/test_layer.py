@@ -44,11 +44,6 @@ def test_unsupported_arguments_raise_naming_them(name):
     vq(**{name: default})  # the default is accepted
 
 
-def test_codebook_transform_fn_raises():
-    with pytest.raises(NotImplementedError, match="codebook_transform_fn"):
-        vq()(torch.randn(1, 4, DIM), codebook_transform_fn=lambda e: e)
-
-
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -423,18 +418,6 @@ def test_sampled_codes_drive_the_ema_update():
     _, indices, _ = layer(x)
     twin.update_indices(x, indices)
     assert_state_close(state(layer), state(twin))
-
-
-def test_straight_through_gumbel_gradient_case_is_refused():
-    layer = vq(codebook_dim=4, stochastic_sample_codes=True, straight_through=True, rotation_trick=False)
-    layer.train()
-    x = torch.randn(2, 5, DIM)
-    quantized, _, loss = layer(x.clone().requires_grad_())  # gradient routed to the input: supported
-    (quantized.sum() + loss).backward()
-    with pytest.raises(NotImplementedError, match="straight_through"):
-        layer(x)  # no input gradient: the anchor would send a softmax gradient to project_in
-    with torch.no_grad():
-        layer(x)
 
 
 def test_topk_and_cross_entropy_argument_errors():

@@ -253,8 +253,6 @@ def test_cross_entropy_from_indices_is_teacher_forced():
 
 
 def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(NotImplementedError, match="diveq"):
-        ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=CODES, diveq=True)
     with pytest.raises(ValueError, match="in_place_codebook_optimizer needs learnable codes"):
         ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=CODES, in_place_codebook_optimizer=torch.optim.SGD)
     with pytest.raises(ValueError, match="heads=1"):
