@@ -29,10 +29,9 @@ class Spec:
 
     kind: "int" (an int, not a bool, in [low, high]), "number" (a finite real number, not a bool,
     in [low, high]; in (low, high] with positive=True, low 0), "ints" (a non-empty list or tuple of
-    such ints), "choice" (one of `choices`), "module" (a torch.nn.Module), "callable" (anything
-    callable, such as a class or factory) or "unsupported" (a 1.32.0 argument fastvq does not
-    implement: only `default` is accepted, any other value raises NotImplementedError). optional: None
-    is accepted too. meaning: what the argument is, for error messages and docs.
+    such ints), "choice" (one of `choices`), "module" (a torch.nn.Module) or "callable" (anything
+    callable, such as a class or factory). optional: None is accepted too. meaning: what the argument
+    is, for error messages and docs.
     """
 
     kind: str
@@ -41,15 +40,12 @@ class Spec:
     high: float = math.inf
     optional: bool = False
     choices: tuple = ()
-    default: object = None
     positive: bool = False
 
     def expected(self) -> str:
         """The accepted values in words: 'an int >= 1', 'a number in [0, 1]', 'None or ...'."""
         if self.kind == "choice":
             text = f"one of {self.choices}"
-        elif self.kind == "unsupported":
-            return f"only {self.default!r} (fastvq does not implement other values)"
         elif self.kind in ("module", "callable"):
             text = "an nn.Module" if self.kind == "module" else "a callable"
         else:
@@ -67,8 +63,6 @@ class Spec:
             return True
         if self.kind == "choice":
             return value in self.choices
-        if self.kind == "unsupported":
-            return value == self.default
         if self.kind == "module":
             return isinstance(value, torch.nn.Module)
         if self.kind == "callable":
@@ -94,10 +88,6 @@ def _int(meaning: str, low: int = 1, **kwargs) -> Spec:
 
 def _number(meaning: str, high: float = math.inf, positive: bool = False) -> Spec:
     return Spec("number", meaning, high=high, positive=positive)
-
-
-def _unsupported(default, meaning: str) -> Spec:
-    return Spec("unsupported", meaning, default=default)
 
 
 ARGUMENTS: dict[str, Spec] = {
@@ -173,27 +163,17 @@ ARGUMENTS: dict[str, Spec] = {
     "in_place_codebook_optimizer": Spec(
         "callable", "optimizer factory stepped on the codebook parameters in forward", optional=True
     ),
-    # vector-quantize-pytorch 1.32.0 arguments fastvq does not implement
 }
 
 
 def check_arguments(**values) -> None:
     """Check each name=value against its spec in ARGUMENTS: ValueError naming the argument, the
-    expected values and its meaning (NotImplementedError for an unsupported 1.32.0 argument)."""
+    expected values and its meaning."""
     for name, value in values.items():
         spec = ARGUMENTS[name]
         if spec.accepts(value):
             continue
-        if spec.kind == "unsupported":
-            raise NotImplementedError(
-                f"fastvq does not implement {name}={value!r}, only {spec.default!r} ({name}: {spec.meaning})"
-            )
         raise ValueError(f"{name} must be {spec.expected()}, got {value!r} ({name}: {spec.meaning})")
-
-
-def unsupported_defaults(*names: str) -> dict[str, object]:
-    """{name: the only accepted value} of unsupported 1.32.0 arguments."""
-    return {name: ARGUMENTS[name].default for name in names}
 
 
 def check_exclusive(**flags) -> None:

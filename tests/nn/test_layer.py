@@ -2,15 +2,18 @@
 non-finite tokens, codebook health, the fixed anchor bugs, sampling invariants, no N x K tensors."""
 
 import copy
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
+import vector_quantize_pytorch
 from conftest import backend_cases
 from vq_checks import LargestTensor
 
+import fastvq
 from fastvq.nn.kmeans import sample_rows
-from fastvq.nn.vector_quantize import UNSUPPORTED, VectorQuantize
+from fastvq.nn.vector_quantize import VectorQuantize
 
 DIM, CODES = 8, 32
 
@@ -35,13 +38,20 @@ def assert_state_close(a, b, atol=1e-6):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", UNSUPPORTED)
-def test_unsupported_arguments_raise_naming_them(name):
-    default = UNSUPPORTED[name]
-    value = True if isinstance(default, bool) else (object() if default is None else default + 0.5)
-    with pytest.raises(NotImplementedError, match=name):
-        vq(**{name: value})
-    vq(**{name: default})  # the default is accepted
+def _shared_classes():
+    classes = [name for name, value in vars(vector_quantize_pytorch).items() if isinstance(value, type)]
+    return sorted(name for name in classes if hasattr(fastvq, name))
+
+
+@pytest.mark.parametrize("name", _shared_classes())
+def test_every_argument_of_the_anchor_class_exists(name):
+    """Every constructor argument of vector-quantize-pytorch 1.32.0's class is one of fastvq's twin (by
+    name, or taken by its **kwargs and passed on), so no 1.32.0 argument is refused by name."""
+    anchor = inspect.signature(getattr(vector_quantize_pytorch, name).__init__).parameters
+    ours = inspect.signature(getattr(fastvq, name).__init__).parameters
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ours.values())
+    missing = [arg for arg, p in anchor.items() if arg != "self" and p.kind is not p.VAR_KEYWORD and arg not in ours]
+    assert not missing or passes_on, f"fastvq.{name} lacks {missing}"
 
 
 @pytest.mark.parametrize(
