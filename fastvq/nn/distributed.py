@@ -32,3 +32,13 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, t)
     return torch.cat(gathered, dim=1)
+
+
+def differentiable_mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of t over all ranks, with gradients flowing back to every rank's t (t itself when not
+    distributed), as 1.32.0's LFQ averages its batch distribution over codes."""
+    if not is_distributed():
+        return t
+    from torch.distributed import nn as dist_nn
+
+    return dist_nn.all_reduce(t) / dist.get_world_size()

@@ -16,11 +16,11 @@ from .common import gather_codes
 from .functional import _check_same_device, _check_tensor, _run, _search_prelude
 
 
-def _check_temperature(temperature) -> float:
+def _check_temperature(temperature, name: str = "temperature") -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+        raise TypeError(f"{name} must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+        raise ValueError(f"{name} must be a finite float > 0, got {temperature}")
     return float(temperature)
 
 
@@ -365,3 +365,35 @@ def soft_quantize(
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
     quantized, indices, _, _ = _run(_soft_quantize_op, None, x, x3, cb3, temperature, hard, metric, precision, backend)
     return quantized, indices
+
+
+# ---------------------------------------------------------------------------------------------
+# sign_code_entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def sign_code_entropy(x: torch.Tensor, *, scale: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
+    """Exact entropy of every token's distribution over the 2^d sign codes {-scale, +scale}^d (LFQ's and
+    BSQ's codebooks), p = softmax(x . c / temperature), in O(N d) time and memory.
+
+    That softmax factorises into d independent bits: bit j is + with probability sigmoid(u_j),
+    u_j = 2 scale x_j / T, so the entropy is sum_j H(sigmoid(u_j)) with the binary entropy
+    H = log(1 + e^-|u|) + |u| / (1 + e^|u|) (two non-negative terms: no cancellation at large |u|).
+    It equals `code_entropy(x, codebook, metric="dot", temperature=T)`'s exact (unclamped) entropy
+    without visiting a code; the clamped formula (log_clamp_min) does not factorise.
+
+    Args:
+        x: (..., d) tokens, any float dtype and strides; differentiable.
+        scale: s > 0, the codes' absolute value per dimension.
+        temperature: T > 0.
+
+    Returns:
+        entropy (...) float32 (float64 for float64 x), in nats; NaN for a token with a NaN value.
+    """
+    _check_tensor(x, "x", floating=True)
+    if x.dim() < 1:
+        raise ValueError(f"x must have a trailing code dimension (..., d), got shape {tuple(x.shape)}")
+    scale = _check_temperature(scale, "scale")
+    temperature = _check_temperature(temperature)
+    u = (x.to(torch.float64 if x.dtype == torch.float64 else torch.float32) * (2 * scale / temperature)).abs()
+    return (torch.nn.functional.softplus(-u) + u * torch.sigmoid(-u)).sum(-1)
