@@ -14,6 +14,8 @@ Ops (each with Triton kernels and a chunked plain-PyTorch twin, chosen by `backe
                                                    softmax's gradient (IBQ's index backpropagation)
     sign_code_entropy(x, scale=..., temperature=...) -> exact per-token entropy over the 2^d sign codes
                                                    (LFQ's codebook) in O(N d)
+    sign_code_distribution(x, scale=..., temperature=..., log_clamp_min=...) -> code_entropy's outputs for
+                                                   that codebook in O(N 2^(d/2)): LFQ's entropy loss
 Layers, drop-ins for vector-quantize-pytorch 1.32.0's: VectorQuantize, ResidualVQ, GroupedResidualVQ,
 SimVQ, ResidualSimVQ, RandomProjectionQuantizer, HierarchicalVQ, Sequential; the scalar quantizers
 FSQ, ResidualFSQ, GroupedResidualFSQ, LatentQuantize, FSP; lookup-free quantization LFQ (and BSQ).
@@ -41,7 +43,9 @@ _EXPORTS = {
         ),
         "fastvq.ops.functional",
     ),
-    **dict.fromkeys(("code_entropy", "sign_code_entropy", "soft_quantize"), "fastvq.ops.functional_soft"),
+    **dict.fromkeys(
+        ("code_entropy", "sign_code_distribution", "sign_code_entropy", "soft_quantize"), "fastvq.ops.functional_soft"
+    ),
     "available_backends": "fastvq.ops.backend",
     **dict.fromkeys(
         (

@@ -6,9 +6,9 @@ Each of the d = log2(codebook_size) code dimensions is quantized to its sign tim
 a code's index is its bits, most significant first (bit 1 for +). The entropy loss (training) is
 1.32.0's: the mean per-token entropy of p = softmax(2 inv_temperature x . c) over the 2^d codes minus
 diversity_gamma times the entropy of p's batch mean, both with 1.32.0's log(max(p, 1e-5)), computed by
-`fastvq.ops.code_entropy` in streamed passes, never an N x 2^d tensor (1.32.0 holds two). The codes are
-the bits of their index: the (2^d, d) codebook is built only while the entropy loss is computed, and
-read from the `codebook` property. What differs from 1.32.0 is listed in docs/quantizers.md.
+`fastvq.ops.sign_code_distribution` from p's factorisation over the bits in O(N 2^(d/2)) memory, never
+an N x 2^d tensor (1.32.0 holds two). The codes are the bits of their index: no codebook is stored or
+built (the `codebook` property computes it when read). What differs from 1.32.0 is listed in docs/quantizers.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.functional_soft import code_entropy, sign_code_entropy
+from ..ops.functional_soft import sign_code_distribution
 from .arguments import check_arguments, describe
 from .distributed import differentiable_mean_over_ranks
 from .layout import channels_first, channels_last, token_values
@@ -55,7 +55,7 @@ class LFQ(nn.Module):
     and with return_loss_breakdown an LFQLossBreakdown. Losses are computed in training only.
 
     exact_entropy (fastvq only; False: 1.32.0's formula): True takes the exact entropies, -sum p log p,
-    instead of log(max(p, 1e-5)): the per-token entropy by `fastvq.ops.sign_code_entropy` in O(N d).
+    instead of log(max(p, 1e-5)) (the per-token entropy is then a sum of per-bit binary entropies).
     """
 
     def __init__(
@@ -257,16 +257,13 @@ class LFQ(nn.Module):
             sampled = torch.randn(count).argsort(dim=-1) < int(count * self.frac_per_sample_entropy)
             tokens = tokens[sampled.to(tokens.device)]
         heads = tokens.transpose(0, 1).float()  # (c, T, d)
-        every = torch.arange(self.codebook_size, device=z.device)
-        codebook = self.maybe_l2norm(sign_codes(every, self.codebook_dim, self.codebook_scale))
-        temperature = 1.0 / (2.0 * inv_temperature)
-        clamp = None if self.exact_entropy else PROB_LOG_CLAMP
-        per_token, mean_probs = code_entropy(
-            heads, codebook, metric="dot", temperature=temperature, log_clamp_min=clamp, precision="ieee"
+        code_scale = self.codebook_scale / self.codebook_dim**0.5 if self.spherical else self.codebook_scale
+        per_token, mean_probs = sign_code_distribution(
+            heads,
+            scale=code_scale,
+            temperature=1.0 / (2.0 * inv_temperature),
+            log_clamp_min=None if self.exact_entropy else PROB_LOG_CLAMP,
         )
-        if self.exact_entropy:
-            code_scale = self.codebook_scale / self.codebook_dim**0.5 if self.spherical else self.codebook_scale
-            per_token = sign_code_entropy(heads, scale=code_scale, temperature=temperature)
         mean_probs = differentiable_mean_over_ranks(mean_probs)
         if self.exact_entropy:
             batch = -torch.special.xlogy(mean_probs, mean_probs).sum(-1)

@@ -397,3 +397,69 @@ def sign_code_entropy(x: torch.Tensor, *, scale: float = 1.0, temperature: float
     temperature = _check_temperature(temperature)
     u = (x.to(torch.float64 if x.dtype == torch.float64 else torch.float32) * (2 * scale / temperature)).abs()
     return (torch.nn.functional.softplus(-u) + u * torch.sigmoid(-u)).sum(-1)
+
+
+def sign_code_distribution(
+    x: torch.Tensor, *, scale: float = 1.0, temperature: float = 1.0, log_clamp_min: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`code_entropy(x, codebook, metric="dot", temperature=T, log_clamp_min=c)` for the sign codebook
+    {-scale, +scale}^d (index bits most significant first, bit 1 for +) without its O(N K d) work: p
+    factorises over the bits, so over the two halves of an index, p_nk = A_n(h) B_n(l) with h the high
+    d // 2 bits and l the others; every tensor is O(N 2^(d/2)) (2^9 per token at d = 18).
+
+    - mean_probs = A^T B / N, one matrix product per head;
+    - the exact entropy is `sign_code_entropy`'s (per-bit binary entropies);
+    - with log_clamp_min c: -sum p max(log p, log c) = exact - sum_k p_k relu(log c - log p_k), and per
+      token and high half h the codes l with log B_l < log c - log A_h are a prefix of B sorted by
+      value, so the sum is A_h ((log c - log A_h) S1 - S2) with prefix sums S1 of B and S2 of B log B
+      found by a binary search, in float64 (the difference would lose fp32 digits).
+
+    Args:
+        x: (N, d) or (H, N, d) tokens, any float dtype; differentiable (autograd through the above).
+        scale, temperature: s > 0 and T > 0 (logits x . c / T).
+        log_clamp_min: None (exact entropy) or c in (0, 1) (vector-quantize-pytorch's log(max(p, c))).
+
+    Returns:
+        entropy (N,) or (H, N) and mean_probs (K,) or (H, K), float32 (float64 for float64 x); the mean
+        is over the N tokens (NaN for N = 0, as torch's mean of nothing).
+    """
+    _check_tensor(x, "x", floating=True)
+    if x.dim() not in (2, 3) or x.shape[-1] < 1:
+        raise ValueError(f"x must be (N, d) or (H, N, d) with d >= 1, got shape {tuple(x.shape)}")
+    if log_clamp_min is not None and not (
+        isinstance(log_clamp_min, (int, float)) and not isinstance(log_clamp_min, bool) and 0 < log_clamp_min < 1
+    ):
+        raise ValueError(f"log_clamp_min must be None or a float in (0, 1), got {log_clamp_min!r}")
+    scale, temperature = _check_temperature(scale, "scale"), _check_temperature(temperature)
+    x3 = (x if x.dim() == 3 else x.unsqueeze(0)).double()  # float64 inside: the clamped entropy is a difference
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u = x3 * (2 * scale / temperature)  # bit j is + with probability sigmoid(u_j)
+    high = x.shape[-1] // 2
+    log_a, log_b = _half_log_probs(u[..., :high]), _half_log_probs(u[..., high:])  # (H, N, 2^half)
+    mean_probs = (log_a.exp().transpose(1, 2) @ log_b.exp()).flatten(1) / u.shape[1]  # index h 2^low + l
+    entropy = sign_code_entropy(x3, scale=scale, temperature=temperature)
+    if log_clamp_min is not None:
+        entropy = entropy - _mass_below_clamp(log_a, log_b, math.log(log_clamp_min))
+    entropy, mean_probs = entropy.to(dtype), mean_probs.to(dtype)
+    return (entropy, mean_probs) if x.dim() == 3 else (entropy[0], mean_probs[0])
+
+
+def _half_log_probs(u: torch.Tensor) -> torch.Tensor:
+    """Per-bit logits u (H, N, m) -> log-probabilities (H, N, 2^m) of every m-bit pattern (MSB first)."""
+    m = u.shape[-1]
+    bits = (torch.arange(2**m, device=u.device)[:, None] >> torch.arange(m - 1, -1, -1, device=u.device)) & 1
+    # log q(+) = -softplus(-u) = log q(-) + u, log q(-) = -softplus(u)
+    return -torch.nn.functional.softplus(u).sum(-1, keepdim=True) + u @ bits.to(u.dtype).T
+
+
+def _mass_below_clamp(log_a: torch.Tensor, log_b: torch.Tensor, log_c: float) -> torch.Tensor:
+    """sum_(h,l) A_h B_l relu(log_c - log A_h - log B_l) per token (H, N), by sorted prefix sums."""
+    log_b_sorted, _ = log_b.sort(dim=-1)
+    b_sorted = log_b_sorted.exp()
+    zero = log_b_sorted.new_zeros((*log_b_sorted.shape[:-1], 1))
+    mass = torch.cat([zero, b_sorted.cumsum(-1)], -1)  # S1[i]: sum of the i smallest B
+    weighted = torch.cat([zero, (b_sorted * log_b_sorted).cumsum(-1)], -1)  # S2[i]
+    threshold = log_c - log_a  # (H, N, 2^high): B_l counts where log B_l < threshold
+    count = torch.searchsorted(log_b_sorted.detach().contiguous(), threshold.detach().contiguous())
+    below = threshold * mass.gather(-1, count) - weighted.gather(-1, count)
+    return (log_a.exp() * below).sum(-1)

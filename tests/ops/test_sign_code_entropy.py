@@ -80,3 +80,43 @@ def test_bad_arguments_are_named(kwargs, error, match):
     x = args.pop("x")
     with pytest.raises(error, match=match):
         fastvq.sign_code_entropy(x, **args)
+
+
+@pytest.mark.parametrize("d", [1, 4, 7, 10])
+@pytest.mark.parametrize("log_clamp_min", [None, 1e-5, 0.3])
+@pytest.mark.parametrize("spread", [0.02, 0.3, 3.0])
+def test_distribution_matches_the_dense_oracle(d, log_clamp_min, spread):
+    """sign_code_distribution = naive.code_entropy over the materialised sign codebook (dot metric):
+    per-token entropy (exact or clamped) and the mean over tokens, values and gradients, two heads."""
+    torch.manual_seed(d)
+    scale, temperature = 0.7, 0.1
+    x = torch.randn(2, 23, d) * spread
+    x64 = x.double().requires_grad_()
+    codebook = sign_codebook(d, scale)[None].expand(2, -1, -1)
+    expected, expected_mean = naive.code_entropy(
+        x64, codebook, temperature=temperature, metric="dot", log_clamp_min=log_clamp_min
+    )
+    x32 = x.clone().requires_grad_()
+    entropy, mean_probs = fastvq.sign_code_distribution(
+        x32, scale=scale, temperature=temperature, log_clamp_min=log_clamp_min
+    )
+    assert entropy.shape == (2, 23) and mean_probs.shape == (2, 2**d) and mean_probs.dtype == torch.float32
+    torch.testing.assert_close(entropy.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mean_probs.double(), expected_mean, rtol=1e-5, atol=1e-7)
+    w, v = torch.randn(2, 23), torch.randn(2, 2**d)
+    (grad,) = torch.autograd.grad((entropy * w).sum() + (mean_probs * v).sum(), x32)
+    (expected_grad,) = torch.autograd.grad((expected * w.double()).sum() + (expected_mean * v.double()).sum(), x64)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-5 * expected_grad.abs().max().item())
+
+
+def test_distribution_of_one_token_set_and_bad_arguments():
+    """(N, d) gives (N,) and (K,); no token gives a NaN mean; a bad log_clamp_min is named."""
+    entropy, mean_probs = fastvq.sign_code_distribution(torch.randn(5, 3))
+    assert entropy.shape == (5,) and mean_probs.shape == (8,)
+    torch.testing.assert_close(mean_probs.sum(), torch.tensor(1.0))
+    _, empty_mean = fastvq.sign_code_distribution(torch.randn(0, 3))
+    assert empty_mean.isnan().all()
+    with pytest.raises(ValueError, match=r"log_clamp_min must be None or a float in \(0, 1\), got 1.5"):
+        fastvq.sign_code_distribution(torch.randn(5, 3), log_clamp_min=1.5)
+    with pytest.raises(ValueError, match=r"x must be \(N, d\) or \(H, N, d\)"):
+        fastvq.sign_code_distribution(torch.randn(5))
