@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 
 from .backend import implementation
 from .common import gather_codes
@@ -399,13 +400,18 @@ def sign_code_entropy(x: torch.Tensor, *, scale: float = 1.0, temperature: float
     return (torch.nn.functional.softplus(-u) + u * torch.sigmoid(-u)).sum(-1)
 
 
+CHUNK_TOKENS = 1024
+"""Tokens per chunk of sign_code_distribution (its temporaries: ~10 (chunk, 2^(d/2)) float64)."""
+
+
 def sign_code_distribution(
     x: torch.Tensor, *, scale: float = 1.0, temperature: float = 1.0, log_clamp_min: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`code_entropy(x, codebook, metric="dot", temperature=T, log_clamp_min=c)` for the sign codebook
     {-scale, +scale}^d (index bits most significant first, bit 1 for +) without its O(N K d) work: p
     factorises over the bits, so over the two halves of an index, p_nk = A_n(h) B_n(l) with h the high
-    d // 2 bits and l the others; every tensor is O(N 2^(d/2)) (2^9 per token at d = 18).
+    d // 2 bits and l the others; a chunk of CHUNK_TOKENS tokens at a time (recomputed in the backward),
+    so beside the (K,) means only O(chunk 2^(d/2)) is held (2^9 per token at d = 18).
 
     - mean_probs = A^T B / N, one matrix product per head;
     - the exact entropy is `sign_code_entropy`'s (per-bit binary entropies);
@@ -434,14 +440,27 @@ def sign_code_distribution(
     x3 = (x if x.dim() == 3 else x.unsqueeze(0)).double()  # float64 inside: the clamped entropy is a difference
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     u = x3 * (2 * scale / temperature)  # bit j is + with probability sigmoid(u_j)
-    high = x.shape[-1] // 2
-    log_a, log_b = _half_log_probs(u[..., :high]), _half_log_probs(u[..., high:])  # (H, N, 2^half)
-    mean_probs = (log_a.exp().transpose(1, 2) @ log_b.exp()).flatten(1) / u.shape[1]  # index h 2^low + l
+    log_c = None if log_clamp_min is None else math.log(log_clamp_min)
+    # per token chunk, recomputed in the backward: O(chunk 2^(d/2)) temporaries, never O(N 2^(d/2))
+    parts = [
+        torch.utils.checkpoint.checkpoint(_chunk_terms, chunk, log_c, use_reentrant=False)
+        for chunk in u.split(CHUNK_TOKENS, 1)
+    ]
+    mean_probs = sum(part[0] for part in parts).flatten(1) / u.shape[1]  # (H, K), index h 2^low + l
     entropy = sign_code_entropy(x3, scale=scale, temperature=temperature)
-    if log_clamp_min is not None:
-        entropy = entropy - _mass_below_clamp(log_a, log_b, math.log(log_clamp_min))
+    if log_c is not None:
+        entropy = entropy - torch.cat([part[1] for part in parts], 1)
     entropy, mean_probs = entropy.to(dtype), mean_probs.to(dtype)
     return (entropy, mean_probs) if x.dim() == 3 else (entropy[0], mean_probs[0])
+
+
+def _chunk_terms(u: torch.Tensor, log_c: float | None) -> tuple[torch.Tensor, ...]:
+    """Per-bit logits u (H, n, d) of a token chunk -> (sum over its tokens of A^T B (H, 2^high, 2^low),
+    and with log_c the mass below the clamp per token (H, n))."""
+    high = u.shape[-1] // 2
+    log_a, log_b = _half_log_probs(u[..., :high]), _half_log_probs(u[..., high:])  # (H, n, 2^half)
+    summed = log_a.exp().transpose(1, 2) @ log_b.exp()
+    return (summed,) if log_c is None else (summed, _mass_below_clamp(log_a, log_b, log_c))
 
 
 def _half_log_probs(u: torch.Tensor) -> torch.Tensor:
