@@ -7,6 +7,8 @@ ops (what a call does):
     residual -- the same for a residual quantizer of `stages` stages (EnCodec / DAC shapes);
     fsq     -- forward and backward of a scalar quantizer of the shape's `levels` on x (1, N, D): FSQ
                (one stage, one group), ResidualFSQ (`stages`) or GroupedResidualFSQ (`groups`);
+    lfq     -- a training step of LFQ (lookup-free, d = log2 K sign bits, no projections) with its entropy loss
+               over all K codes: forward and backward of (quantized . grad + aux loss);
     simvq   -- a training step of SimVQ (codes = a learned linear map of a frozen random codebook; the map
                trained by Adam);
     ibq     -- a training step of IBQ with its entropy loss (forward, backward to the tokens and every
@@ -67,7 +69,8 @@ except Exception as err:  # not installed, or its triton import failed
     FLASH_KMEANS_MISSING = f"flash-kmeans==0.3.1 not importable ({err})"
 
 DTYPES = (torch.float32, torch.bfloat16)
-TRAIN_OPS = ("train", "residual", "fsq", "simvq", "ibq")  # inputs: (x (1, N, D) requiring grad, upstream gradient)
+# inputs: (x (1, N, D) requiring grad, upstream gradient)
+TRAIN_OPS = ("train", "residual", "fsq", "simvq", "ibq", "lfq")
 EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
 TAMING_BETA = 0.25
 TAMING_LR = 1e-4
@@ -347,6 +350,17 @@ def _scalar_layer(module_of: Callable[[], object]):
         else:
             layer = module.FSQ(levels=levels, dim=shape.d)
         return functools.partial(_scalar_step, layer.to(device=device, dtype=dtype).train())
+
+    return setup
+
+
+def _lfq_layer(cls_of: Callable[[], type]):
+    """LFQ's training step over d = log2(K) = D bits (1.32.0's defaults: entropy loss weight 0.1,
+    inv_temperature 100); nothing to learn, so no optimizer."""
+
+    def setup(shape, dtype, device):
+        layer = cls_of()(dim=shape.d, codebook_size=shape.k).to(device).train()
+        return functools.partial(_train_step, layer, None)
 
     return setup
 
@@ -653,6 +667,9 @@ IMPLS: list[Impl] = [
         dtypes=FP32,
         nk_bytes=33,
     ),
+    Impl("fastvq-lfq", "lfq", "fastvq", _lfq_layer(lambda: fastvq.LFQ)),
+    # 1.32.0 holds the N x K distances and their softmax (fp32) and autograd's copies for the backward
+    Impl("vqp-lfq", "lfq", "alternative", _lfq_layer(lambda: vector_quantize_pytorch.LFQ), nk_bytes=20, why_not=_VQP),
     Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
     Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),
     Impl("linear+cross_entropy", "head", "alternative", _head(_linear_head), nk_bytes=12),

@@ -26,13 +26,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
 # drawn as bars per shape in time.png / memory.png
-BAR_OPS = ("search", "train", "residual", "fsq", "simvq", "ibq", "head")
+BAR_OPS = ("search", "train", "residual", "fsq", "simvq", "ibq", "lfq", "head")
 OPS = BAR_OPS + ("scaling",)  # scaling.png draws the last one against K
 VQP_LAYER = {
     "train": "vqp-layer",
     "residual": "vqp-rvq",
     "fsq": "vqp-fsq",
     "simvq": "vqp-simvq",
+    "lfq": "vqp-lfq",
     "scaling": "vqp-layer-eval",
 }  # per op
 SHORT = {"skipped": "skip", "oom": "oom", "error": "error"}
@@ -269,6 +270,7 @@ def markdown(meta: dict, records: list[dict]) -> str:
         "simvq": "SimVQ training step (forward, backward, Adam on the map; N tokens, K codes, D)",
         "ibq": "IBQ training step with its entropy loss (forward, backward, Adam on the codebook; N tokens, "
         "K codes, D), against SEED-Voken's formula as written",
+        "lfq": "LFQ training step with the entropy loss over all K = 2^D codes (forward + backward; N tokens)",
         "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)",
         "scaling": "Scaling with K (fixed N and D): search, and a layer's eval forward",
     }

@@ -80,6 +80,11 @@ def ibq_shapes(n: int, d: int, ks: tuple[int, ...], dtypes: tuple[torch.dtype, .
     return [Shape(f"ibq-{k >> 10}k", n, k, d, dtypes, ops=("ibq",)) for k in ks]
 
 
+def lfq_shapes(n: int) -> list[Shape]:
+    """LFQ's training step with its entropy loss over n tokens at d = 10, 14, 16, 18 (K = 2^d codes, D = d)."""
+    return [Shape(f"lfq-{d}", n, 2**d, d, ops=("lfq",)) for d in (10, 14, 16, 18)]
+
+
 def head_shapes(positions: int) -> list[Shape]:
     """A prior's output layer (width 256) over `positions` code positions and K = 1k, 16k, 262k codes."""
     return [Shape(f"head-{k >> 10}k", positions, k, 256, FP32, ops=("head",)) for k in (1024, 16384, 262144)]
@@ -103,6 +108,7 @@ SHAPES = {
         *simvq_shapes(65536, (16384, 65536, 1 << 20), large=True),  # K = 1M: 1.32.0 needs 256 GiB
         # 8x IBQ's per-GPU batch (32 images of 16 x 16 tokens) at its codebook sizes, up to 262,144 x 256
         *ibq_shapes(8192, 256, (16384, 65536, 262144)),
+        *lfq_shapes(8192),  # 1.32.0 at d = 18: two 8 GiB N x K tables and their gradients
         *head_shapes(16384),
     ],
     "cpu": [
@@ -118,6 +124,7 @@ SHAPES = {
         *simvq_shapes(4096, (16384, 65536, 1 << 20), large=False),
         # IBQ's codebook sizes at 256 tokens of D = 32, fp32: a step at K = 262,144 takes ~15 s on one loaded core
         *ibq_shapes(256, 32, (16384, 65536, 262144), FP32),
+        *lfq_shapes(1024),
         *head_shapes(4096),
         *scaling_shapes(16384, 32, (1024, 4096, 16384, 65536, 262144)),
     ],
@@ -128,6 +135,7 @@ SHAPES = {
         Shape("tiny-grfsq", 2048, 1000, 16, FP32, ops=("fsq",), levels=(8, 5, 5, 5), stages=2, groups=2),
         Shape("tiny-simvq", 1024, 512, 16, FP32, ops=("simvq",)),
         Shape("tiny-ibq", 256, 1024, 16, FP32, ops=("ibq",)),
+        Shape("tiny-lfq", 512, 256, 8, FP32, ops=("lfq",)),
         *scaling_shapes(512, 16, (256, 1024)),
     ],
 }
@@ -163,7 +171,7 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--only",
-        choices=("search", "train", "residual", "fsq", "simvq", "ibq", "head", "scaling"),
+        choices=("search", "train", "residual", "fsq", "simvq", "ibq", "lfq", "head", "scaling"),
         help="only this op (ceilings always run; the CPU sweep against faiss is benchmarks/cpu_sweep.py)",
     )
     parser.add_argument(

@@ -12,10 +12,14 @@ Ops (each with Triton kernels and a chunked plain-PyTorch twin, chosen by `backe
     code_entropy(x, codebook, temperature=...)  -> (per-token entropy, mean distribution over codes)
     soft_quantize(x, codebook, temperature=...) -> (quantized, indices): the hard code's value with the
                                                    softmax's gradient (IBQ's index backpropagation)
+    sign_code_entropy(x, scale=..., temperature=...) -> exact per-token entropy over the 2^d sign codes
+                                                   (LFQ's codebook) in O(N d)
+    sign_code_distribution(x, scale=..., temperature=..., log_clamp_min=...) -> code_entropy's outputs for
+                                                   that codebook in O(N 2^(d/2)): LFQ's entropy loss
 Layers, drop-ins for vector-quantize-pytorch 1.32.0's: VectorQuantize, ResidualVQ, GroupedResidualVQ,
 SimVQ, ResidualSimVQ, RandomProjectionQuantizer, HierarchicalVQ, Sequential; the scalar quantizers
-FSQ, ResidualFSQ, GroupedResidualFSQ, LatentQuantize, FSP. IBQ: index backpropagation over a learned
-codebook (SEED-Voken's IndexPropagationQuantize) on the soft ops.
+FSQ, ResidualFSQ, GroupedResidualFSQ, LatentQuantize, FSP; lookup-free quantization LFQ (and BSQ).
+IBQ: index backpropagation over a learned codebook (SEED-Voken's IndexPropagationQuantize) on the soft ops.
 Trained tokenizers: load(run) -> the model of a `fastvq train` run, for model.encode / model.decode.
 Packages, imports pointing one way: fastvq.ops < fastvq.nn < fastvq.models < fastvq.app (the
 command line). `import fastvq` needs neither a GPU nor triton, and loads neither models nor app.
@@ -39,7 +43,9 @@ _EXPORTS = {
         ),
         "fastvq.ops.functional",
     ),
-    **dict.fromkeys(("code_entropy", "soft_quantize"), "fastvq.ops.functional_soft"),
+    **dict.fromkeys(
+        ("code_entropy", "sign_code_distribution", "sign_code_entropy", "soft_quantize"), "fastvq.ops.functional_soft"
+    ),
     "available_backends": "fastvq.ops.backend",
     **dict.fromkeys(
         (
@@ -51,6 +57,7 @@ _EXPORTS = {
             "HierarchicalVQ",
             "IBQ",
             "LatentQuantize",
+            "LFQ",
             "LossBreakdown",
             "RandomProjectionQuantizer",
             "ResidualFSQ",

@@ -6,7 +6,8 @@ the token-level core `TokenQuantizer` (quantize, decode, statistics, health on c
 (H, N, D)) and its codebooks: the EMA `Codebook` (k-means init, dead codes), `TransformedCodebook`
 (one searched through a bridge module and affine statistics) and `LearnedCodebook` (a parameter
 trained by gradient descent). The scalar quantizers, drop-ins for 1.32.0's too, need no
-codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize` and `FSP`. See docs/layers.md and
+codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize`, `FSP` and `LFQ`
+(lookup-free, BSQ). See docs/layers.md and
 docs/quantizers.md."""
 
 from .binary_mapper import BinaryMapper
@@ -17,6 +18,7 @@ from .fsq import FSQ
 from .hierarchical_vq import HierarchicalVQ
 from .ibq import IBQ, IBQLossBreakdown
 from .latent_quantize import LatentQuantize
+from .lfq import LFQ, LFQLossBreakdown, LFQReturn
 from .random_projection_quantizer import RandomProjectionQuantizer
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
@@ -39,6 +41,9 @@ __all__ = [
     "IBQLossBreakdown",
     "LatentQuantize",
     "LearnedCodebook",
+    "LFQ",
+    "LFQLossBreakdown",
+    "LFQReturn",
     "LossBreakdown",
     "RandomProjectionQuantizer",
     "ResidualFSQ",

@@ -50,8 +50,12 @@ class Spec:
             text = "an nn.Module" if self.kind == "module" else "a callable"
         else:
             noun = {"int": "an int", "ints": "a non-empty list of ints", "number": "a number"}[self.kind]
-            if self.positive:
+            if self.positive and not math.isinf(self.high):
+                text = f"{noun} in ({self.low:g}, {self.high:g}]"
+            elif self.positive:
                 text = f"{noun} > {self.low:g}"
+            elif math.isinf(self.low):
+                text = f"a finite {noun.split()[-1]}"
             elif math.isinf(self.high):
                 text = f"{noun} >= {self.low:g}"
             else:
@@ -134,7 +138,7 @@ ARGUMENTS: dict[str, Spec] = {
     "batch_maximization_weight": _number("weight of the batch-mean entropy in IBQ's entropy loss"),
     # scalar quantizers (FSQ, LatentQuantize, FSP)
     "noise_dropout": _number("fraction of FSQ code values moved by uniform noise in training", high=1.0),
-    "commitment_loss_weight": _number("weight of LatentQuantize's commitment loss"),
+    "commitment_loss_weight": _number("weight of the commitment loss of LatentQuantize and LFQ"),
     "quantization_loss_weight": _number("weight of LatentQuantize's quantization loss"),
     "quantize_rate": _number("fraction of FSP values quantized in training (the rest perturbed)", high=1.0),
     "act_name": Spec("choice", "FSP's CDF activation", choices=("tanh", "sigmoid", "normal", "laplace", "cauchy")),
@@ -147,6 +151,21 @@ ARGUMENTS: dict[str, Spec] = {
     "bits": _int("bits of a BinaryMapper code (2^bits codes)", high=62),
     "kl_loss_threshold": _number("nats of bit entropy below the uniform's that BinaryMapper's aux loss allows"),
     "temperature": _number("temperature of BinaryMapper's bit sampling", positive=True),
+    # lookup-free quantization (LFQ, BSQ)
+    "entropy_loss_weight": _number("weight of LFQ's entropy loss"),
+    "diversity_gamma": Spec(
+        "number", "weight of the codebook (batch) entropy within LFQ's entropy loss", low=-math.inf
+    ),
+    "codebook_scale": _number("absolute value of every LFQ code dimension", positive=True),
+    "frac_per_sample_entropy": _number("fraction of tokens LFQ's entropy loss samples", high=1.0, positive=True),
+    "soft_clamp_input_value": Spec(
+        "number", "bound of LFQ's tanh soft clamp of the input (None: none)", positive=True, optional=True
+    ),
+    "cosine_sim_project_in_scale": _number(
+        "scale of LFQ's cosine-similarity input projection (None: codebook_scale)", positive=True
+    ),
+    "entropy_loss_offset": Spec("number", "shift of LFQ's entropy loss before its softplus", low=-math.inf),
+    "inv_temperature": _number("inverse temperature of LFQ's softmax over codes", positive=True),
     # SimVQ
     "frozen_codebook_dim": _int("size of SimVQ's frozen codes (None: dim)", optional=True),
     "input_to_quantize_commit_loss_weight": _number("weight of SimVQ's commitment of the input to its code"),

@@ -39,3 +39,13 @@ def all_reduce_mean_(*tensors: torch.Tensor) -> None:
     all_reduce_sum_(*tensors)
     for t in tensors:
         t.div_(dist.get_world_size())
+
+
+def differentiable_mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of t over all ranks, with gradients flowing back to every rank's t (t itself when not
+    distributed), as 1.32.0's LFQ averages its batch distribution over codes."""
+    if not is_distributed():
+        return t
+    from torch.distributed import nn as dist_nn
+
+    return dist_nn.all_reduce(t) / dist.get_world_size()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,3 +22,17 @@ def project(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     any), so 16-bit inputs work with fp32 projections and the reverse."""
     param = next(module.parameters(), None)
     return module(t if param is None else t.to(param.dtype))
+
+
+class CosineSimLinear(nn.Module):
+    """x (..., dim_in) -> scale * cos-similarity projection (..., dim_out): x and every column of
+    `weight` (dim_in, dim_out) normalised to unit length (1.32.0's LFQ `cosine_sim_project_in`; same
+    parameter name and layout, so state_dicts load both ways)."""
+
+    def __init__(self, dim_in: int, dim_out: int, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(torch.randn(dim_in, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=0)) * self.scale

@@ -10,17 +10,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 
 from .backend import implementation
 from .common import gather_codes
 from .functional import _check_same_device, _check_tensor, _run, _search_prelude
 
 
-def _check_temperature(temperature) -> float:
+def _check_temperature(temperature, name: str = "temperature") -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+        raise TypeError(f"{name} must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+        raise ValueError(f"{name} must be a finite float > 0, got {temperature}")
     return float(temperature)
 
 
@@ -365,3 +366,119 @@ def soft_quantize(
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
     quantized, indices, _, _ = _run(_soft_quantize_op, None, x, x3, cb3, temperature, hard, metric, precision, backend)
     return quantized, indices
+
+
+# ---------------------------------------------------------------------------------------------
+# sign_code_entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def sign_code_entropy(x: torch.Tensor, *, scale: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
+    """Exact entropy of every token's distribution over the 2^d sign codes {-scale, +scale}^d (LFQ's and
+    BSQ's codebooks), p = softmax(x . c / temperature), in O(N d) time and memory.
+
+    That softmax factorises into d independent bits: bit j is + with probability sigmoid(u_j),
+    u_j = 2 scale x_j / T, so the entropy is sum_j H(sigmoid(u_j)) with the binary entropy
+    H = log(1 + e^-|u|) + |u| / (1 + e^|u|) (two non-negative terms: no cancellation at large |u|).
+    It equals `code_entropy(x, codebook, metric="dot", temperature=T)`'s exact (unclamped) entropy
+    without visiting a code; the clamped formula (log_clamp_min) does not factorise.
+
+    Args:
+        x: (..., d) tokens, any float dtype and strides; differentiable.
+        scale: s > 0, the codes' absolute value per dimension.
+        temperature: T > 0.
+
+    Returns:
+        entropy (...) float32 (float64 for float64 x), in nats; NaN for a token with a NaN value.
+    """
+    _check_tensor(x, "x", floating=True)
+    if x.dim() < 1:
+        raise ValueError(f"x must have a trailing code dimension (..., d), got shape {tuple(x.shape)}")
+    scale = _check_temperature(scale, "scale")
+    temperature = _check_temperature(temperature)
+    u = (x.to(torch.float64 if x.dtype == torch.float64 else torch.float32) * (2 * scale / temperature)).abs()
+    return (torch.nn.functional.softplus(-u) + u * torch.sigmoid(-u)).sum(-1)
+
+
+CHUNK_TOKENS = 1024
+"""Tokens per chunk of sign_code_distribution (its temporaries: ~10 (chunk, 2^(d/2)) float64)."""
+
+
+def sign_code_distribution(
+    x: torch.Tensor, *, scale: float = 1.0, temperature: float = 1.0, log_clamp_min: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`code_entropy(x, codebook, metric="dot", temperature=T, log_clamp_min=c)` for the sign codebook
+    {-scale, +scale}^d (index bits most significant first, bit 1 for +) without its O(N K d) work: p
+    factorises over the bits, so over the two halves of an index, p_nk = A_n(h) B_n(l) with h the high
+    d // 2 bits and l the others; a chunk of CHUNK_TOKENS tokens at a time (recomputed in the backward),
+    so beside the (K,) means only O(chunk 2^(d/2)) is held (2^9 per token at d = 18).
+
+    - mean_probs = A^T B / N, one matrix product per head;
+    - the exact entropy is `sign_code_entropy`'s (per-bit binary entropies);
+    - with log_clamp_min c: -sum p max(log p, log c) = exact - sum_k p_k relu(log c - log p_k), and per
+      token and high half h the codes l with log B_l < log c - log A_h are a prefix of B sorted by
+      value, so the sum is A_h ((log c - log A_h) S1 - S2) with prefix sums S1 of B and S2 of B log B
+      found by a binary search, in float64 (the difference would lose fp32 digits).
+
+    Args:
+        x: (N, d) or (H, N, d) tokens, any float dtype; differentiable (autograd through the above).
+        scale, temperature: s > 0 and T > 0 (logits x . c / T).
+        log_clamp_min: None (exact entropy) or c in (0, 1) (vector-quantize-pytorch's log(max(p, c))).
+
+    Returns:
+        entropy (N,) or (H, N) and mean_probs (K,) or (H, K), float32 (float64 for float64 x); the mean
+        is over the N tokens (NaN for N = 0, as torch's mean of nothing).
+    """
+    _check_tensor(x, "x", floating=True)
+    if x.dim() not in (2, 3) or x.shape[-1] < 1:
+        raise ValueError(f"x must be (N, d) or (H, N, d) with d >= 1, got shape {tuple(x.shape)}")
+    if log_clamp_min is not None and not (
+        isinstance(log_clamp_min, (int, float)) and not isinstance(log_clamp_min, bool) and 0 < log_clamp_min < 1
+    ):
+        raise ValueError(f"log_clamp_min must be None or a float in (0, 1), got {log_clamp_min!r}")
+    scale, temperature = _check_temperature(scale, "scale"), _check_temperature(temperature)
+    x3 = (x if x.dim() == 3 else x.unsqueeze(0)).double()  # float64 inside: the clamped entropy is a difference
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    u = x3 * (2 * scale / temperature)  # bit j is + with probability sigmoid(u_j)
+    log_c = None if log_clamp_min is None else math.log(log_clamp_min)
+    # per token chunk, recomputed in the backward: O(chunk 2^(d/2)) temporaries, never O(N 2^(d/2))
+    parts = [
+        torch.utils.checkpoint.checkpoint(_chunk_terms, chunk, log_c, use_reentrant=False)
+        for chunk in u.split(CHUNK_TOKENS, 1)
+    ]
+    mean_probs = sum(part[0] for part in parts).flatten(1) / u.shape[1]  # (H, K), index h 2^low + l
+    entropy = sign_code_entropy(x3, scale=scale, temperature=temperature)
+    if log_c is not None:
+        entropy = entropy - torch.cat([part[1] for part in parts], 1)
+    entropy, mean_probs = entropy.to(dtype), mean_probs.to(dtype)
+    return (entropy, mean_probs) if x.dim() == 3 else (entropy[0], mean_probs[0])
+
+
+def _chunk_terms(u: torch.Tensor, log_c: float | None) -> tuple[torch.Tensor, ...]:
+    """Per-bit logits u (H, n, d) of a token chunk -> (sum over its tokens of A^T B (H, 2^high, 2^low),
+    and with log_c the mass below the clamp per token (H, n))."""
+    high = u.shape[-1] // 2
+    log_a, log_b = _half_log_probs(u[..., :high]), _half_log_probs(u[..., high:])  # (H, n, 2^half)
+    summed = log_a.exp().transpose(1, 2) @ log_b.exp()
+    return (summed,) if log_c is None else (summed, _mass_below_clamp(log_a, log_b, log_c))
+
+
+def _half_log_probs(u: torch.Tensor) -> torch.Tensor:
+    """Per-bit logits u (H, N, m) -> log-probabilities (H, N, 2^m) of every m-bit pattern (MSB first)."""
+    m = u.shape[-1]
+    bits = (torch.arange(2**m, device=u.device)[:, None] >> torch.arange(m - 1, -1, -1, device=u.device)) & 1
+    # log q(+) = -softplus(-u) = log q(-) + u, log q(-) = -softplus(u)
+    return -torch.nn.functional.softplus(u).sum(-1, keepdim=True) + u @ bits.to(u.dtype).T
+
+
+def _mass_below_clamp(log_a: torch.Tensor, log_b: torch.Tensor, log_c: float) -> torch.Tensor:
+    """sum_(h,l) A_h B_l relu(log_c - log A_h - log B_l) per token (H, N), by sorted prefix sums."""
+    log_b_sorted, _ = log_b.sort(dim=-1)
+    b_sorted = log_b_sorted.exp()
+    zero = log_b_sorted.new_zeros((*log_b_sorted.shape[:-1], 1))
+    mass = torch.cat([zero, b_sorted.cumsum(-1)], -1)  # S1[i]: sum of the i smallest B
+    weighted = torch.cat([zero, (b_sorted * log_b_sorted).cumsum(-1)], -1)  # S2[i]
+    threshold = log_c - log_a  # (H, N, 2^high): B_l counts where log B_l < threshold
+    count = torch.searchsorted(log_b_sorted.detach().contiguous(), threshold.detach().contiguous())
+    below = threshold * mass.gather(-1, count) - weighted.gather(-1, count)
+    return (log_a.exp() * below).sum(-1)

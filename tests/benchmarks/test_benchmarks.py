@@ -68,6 +68,8 @@ EXPECTED = {
     ("ibq", "fastvq-ibq[triton]"),
     ("ibq", "fastvq-ibq[cuda]"),
     ("ibq", "seed-voken-ibq"),
+    ("lfq", "fastvq-lfq"),
+    ("lfq", "vqp-lfq"),
 }
 
 
@@ -127,6 +129,8 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
         "vqp-simvq",
         "fastvq-ibq[torch]",
         "seed-voken-ibq",
+        "fastvq-lfq",
+        "vqp-lfq",
     }
     for r in ok:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r

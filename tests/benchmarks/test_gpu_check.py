@@ -91,7 +91,6 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
         "install": "no wheels in benchmarks/wheels",
         "build-cuda": "this torch build",
         "smoke-cuda": "no CPU stand-in",
-        "bench-lfq": "no rows",
     }
     for name, outcome in stages.items():
         if outcome["status"] == "skipped":
@@ -109,6 +108,7 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
         "bench-fsq",
         "bench-ibq",
         "bench-simvq",
+        "bench-lfq",
         "bench-head",
         "tests-cuda",
         "tests-triton",
@@ -125,6 +125,7 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
         "fsq",
         "ibq",
         "simvq",
+        "lfq",
         "head",
     }
     assert not [r for r in records if r["status"] == "error"]

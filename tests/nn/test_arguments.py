@@ -10,6 +10,7 @@ import torch
 from fastvq.nn import (
     FSQ,
     IBQ,
+    LFQ,
     Codebook,
     CodeHead,
     GroupedResidualVQ,
@@ -31,6 +32,8 @@ def accepted_and_rejected(spec):
     if spec.kind == "ints":
         low = int(spec.low)
         return [[low], [low, low + 1000], (low, low)], [[], [low - 1], [True], [low + 0.5], low, "1", None]
+    if math.isinf(spec.low):  # any finite number
+        return [-1000.0, 0, 0.25, 1000], [True, "1", float("nan"), float("inf"), -float("inf"), None]
     good = ([] if spec.positive else [spec.low]) + ([spec.high] if math.isfinite(spec.high) else [spec.low + 1000])
     bad = [spec.low - 1, True, "1", float("nan")] + ([spec.low] if spec.positive else [])
     if spec.kind == "int":
@@ -73,6 +76,8 @@ def test_each_spec_accepts_its_range_and_names_what_it_expects(name):
         (lambda **kw: IBQ(8, 16, **kw), "entropy_temperature", 0.0),
         (lambda **kw: IBQ(8, 16, **kw), "sample_minimization_weight", -0.5),
         (lambda **kw: FSQ(**{"levels": [8, 5], **kw}), "levels", [8, 1]),
+        (lambda **kw: LFQ(codebook_size=16, **kw), "frac_per_sample_entropy", 1.5),
+        (lambda **kw: LFQ(codebook_size=16, **kw), "entropy_loss_offset", float("nan")),
         (lambda **kw: FSQ([8, 5], preserve_symmetry=True, **kw), "noise_dropout", 1.5),
     ],
 )
