@@ -248,8 +248,9 @@ class ResidualVQ(nn.Module):
         z = project(self.project_in, tokens)
         stage_kwargs = dict(sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
         if indices is not None and self.implicit_neural_codebook:
-            raise NotImplementedError(
-                "indices (the cross-entropy against target codes) is not implemented with implicit_neural_codebook"
+            raise ValueError(
+                "indices (the cross-entropy against target codes) needs implicit_neural_codebook=False "
+                "(vector-quantize-pytorch 1.32.0 fails on it too)"
             )
         if indices is not None:
             return self._teacher_forced(tokens, z, mask, indices, layout, stage_kwargs)

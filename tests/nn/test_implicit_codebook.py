@@ -176,7 +176,7 @@ def test_bad_arguments_raise_clear_errors():
     x = torch.randn(BATCH, SEQ, DIM)
     with pytest.raises(ValueError, match="beam search needs implicit_neural_codebook=False"):
         rvq(x, beam_size=2)
-    with pytest.raises(NotImplementedError, match="indices"):
+    with pytest.raises(ValueError, match="indices"):
         rvq(x, indices=torch.zeros(BATCH, SEQ, 3, dtype=torch.long))
 
 
