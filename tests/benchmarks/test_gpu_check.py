@@ -129,7 +129,7 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
         "head",
     }
     assert not [r for r in records if r["status"] == "error"]
-    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 9
+    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 10
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| smoke | ok |" in summary and "66 checks: 66 ok, 0 failed" in summary
     assert "Every stage ran to its end: nothing to retry." in summary
