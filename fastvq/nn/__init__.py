@@ -5,8 +5,8 @@ output layer over codes without logits), built on
 the token-level core `TokenQuantizer` (quantize, decode, statistics, health on canonical tokens
 (H, N, D)) and its codebooks: the EMA `Codebook` (k-means init, dead codes) and `LearnedCodebook`
 (a parameter trained by gradient descent). The scalar quantizers, drop-ins for 1.32.0's too, need no
-codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize`, `FSP` and `LFQ` (lookup-free,
-BSQ). See docs/layers.md and docs/quantizers.md."""
+codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize`, `FSP`, `LFQ` (lookup-free,
+BSQ), `ResidualLFQ` and `GroupedResidualLFQ`. See docs/layers.md and docs/quantizers.md."""
 
 from .code_head import CodeHead
 from .codebook import Codebook
@@ -18,6 +18,7 @@ from .latent_quantize import LatentQuantize
 from .lfq import LFQ, LFQLossBreakdown, LFQReturn
 from .random_projection_quantizer import RandomProjectionQuantizer
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
+from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .sequential import Sequential
 from .sim_vq import ResidualSimVQ, SimVQ
@@ -30,6 +31,7 @@ __all__ = [
     "FSP",
     "FSQ",
     "GroupedResidualFSQ",
+    "GroupedResidualLFQ",
     "GroupedResidualVQ",
     "HierarchicalVQ",
     "IBQ",
@@ -42,6 +44,7 @@ __all__ = [
     "LossBreakdown",
     "RandomProjectionQuantizer",
     "ResidualFSQ",
+    "ResidualLFQ",
     "ResidualSimVQ",
     "ResidualVQ",
     "Sequential",
