@@ -19,7 +19,7 @@ Ops (each with Triton kernels and a chunked plain-PyTorch twin, chosen by `backe
 Layers, drop-ins for vector-quantize-pytorch 1.32.0's: VectorQuantize, ResidualVQ, GroupedResidualVQ,
 SimVQ, ResidualSimVQ, RandomProjectionQuantizer, HierarchicalVQ, Sequential; the scalar quantizers
 FSQ, ResidualFSQ, GroupedResidualFSQ, LatentQuantize, FSP; lookup-free quantization LFQ (and BSQ),
-ResidualLFQ, GroupedResidualLFQ.
+ResidualLFQ, GroupedResidualLFQ, EvoLFQ.
 IBQ: index backpropagation over a learned codebook (SEED-Voken's IndexPropagationQuantize) on the soft ops.
 Trained tokenizers: load(run) -> the model of a `fastvq train` run, for model.encode / model.decode.
 Packages, imports pointing one way: fastvq.ops < fastvq.nn < fastvq.models < fastvq.app (the
@@ -50,6 +50,7 @@ _EXPORTS = {
     "available_backends": "fastvq.ops.backend",
     **dict.fromkeys(
         (
+            "EvoLFQ",
             "FSP",
             "FSQ",
             "GroupedResidualFSQ",

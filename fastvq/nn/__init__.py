@@ -6,10 +6,12 @@ the token-level core `TokenQuantizer` (quantize, decode, statistics, health on c
 (H, N, D)) and its codebooks: the EMA `Codebook` (k-means init, dead codes) and `LearnedCodebook`
 (a parameter trained by gradient descent). The scalar quantizers, drop-ins for 1.32.0's too, need no
 codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize`, `FSP`, `LFQ` (lookup-free,
-BSQ), `ResidualLFQ` and `GroupedResidualLFQ`. See docs/layers.md and docs/quantizers.md."""
+BSQ), `ResidualLFQ`, `GroupedResidualLFQ` and
+`EvoLFQ` (an LFQ autoencoder searched by a genetic algorithm). See docs/layers.md and docs/quantizers.md."""
 
 from .code_head import CodeHead
 from .codebook import Codebook
+from .evo_lfq import EvoLFQ, EvoLFQReturn, EvolveResult
 from .fsp import FSP
 from .fsq import FSQ
 from .hierarchical_vq import HierarchicalVQ
@@ -28,6 +30,9 @@ from .vector_quantize import LossBreakdown, VectorQuantize
 __all__ = [
     "CodeHead",
     "Codebook",
+    "EvoLFQ",
+    "EvoLFQReturn",
+    "EvolveResult",
     "FSP",
     "FSQ",
     "GroupedResidualFSQ",
