@@ -15,7 +15,7 @@ from torch import nn
 from .arguments import check_arguments, describe, is_integer_tensor
 from .lfq import LFQ, sign_codes
 from .projection import project, projections
-from .residual_vq import last_stage, synced_seed
+from .residual_vq import grouped_forward, last_stage
 
 
 class ResidualLFQ(nn.Module):
@@ -171,11 +171,4 @@ class GroupedResidualLFQ(nn.Module):
     def forward(self, x, mask=None, return_all_codes=False):
         if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[self.split_dim] != self.dim:
             raise ValueError(f"x must have dim={self.dim} channels at dim {self.split_dim}, got {describe(x)}")
-        seed = synced_seed(x.device) if self.training else None
-        outs = [
-            rvq(chunk, mask=mask, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
-            for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))
-        ]
-        quantized = torch.cat([out[0] for out in outs], dim=self.split_dim)
-        result = (quantized, torch.stack([out[1] for out in outs]), torch.stack([out[2] for out in outs]))
-        return result + ((tuple(out[3] for out in outs),) if return_all_codes else ())
+        return grouped_forward(self.rvqs, x, self.split_dim, return_all_codes, mask=mask)
