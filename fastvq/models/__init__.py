@@ -1,7 +1,7 @@
 """Reference VQ tokenizers wired to a swappable quantizer: ``VQVAE`` (van den Oord et al. 2017)
 and ``VQGAN`` (Esser et al. 2021). Pass ``quantizer='fastvq' | 'vector-quantize-pytorch' |
-'taming' | 'fsq' | 'simvq'`` or a module; see ``fastvq.models.quantizers`` for the calling convention. ``CodePrior``
-is an autoregressive prior over their codes, ``LatentDiffusion`` a diffusion model over their latents."""
+'taming' | 'fsq' | 'simvq' | 'lfq'`` or a module; see ``fastvq.models.quantizers`` for the calling convention.
+``CodePrior`` is an autoregressive prior over their codes, ``LatentDiffusion`` a diffusion model over their latents."""
 
 from fastvq.models.base import VQModel
 from fastvq.models.diffusion import LatentDiffusion

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvq.nn import FSQ, SimVQ, VectorQuantize
+from fastvq.nn import FSQ, LFQ, SimVQ, VectorQuantize
 
-QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming", "fsq", "simvq")
+QUANTIZERS = ("fastvq", "vector-quantize-pytorch", "taming", "fsq", "simvq", "lfq")
 FSQ_LEVEL_RANGE = (3, 8)
 """Levels `fsq_levels` picks from: the FSQ paper's recommended levels are 5 to 8 (its table
 A.4.1: [8, 5, 5, 5] for about 2^10 codes); 2 would need preserve_symmetry."""
@@ -108,6 +108,27 @@ class FSQQuantizer(nn.Module):
         return self.fsq.indices_to_codes(indices)
 
 
+class LFQQuantizer(nn.Module):
+    """`fastvq.nn.LFQ` in the models' calling convention: log2(codebook_size) sign bits, a projection
+    from ``dim`` channels to them and back; loss 0.1 * (MAGVIT-v2's entropy loss over all codes) +
+    commitment_weight * mse(z, sg[q]) (1.32.0's defaults otherwise). No codebook is learned."""
+
+    def __init__(self, dim: int, codebook_size: int, commitment_weight: float = 0.25):
+        super().__init__()
+        if not isinstance(codebook_size, int) or codebook_size < 2 or codebook_size & (codebook_size - 1):
+            raise ValueError(f"quantizer 'lfq' needs a codebook_size that is a power of 2 >= 2, got {codebook_size!r}")
+        self.lfq = LFQ(dim=dim, codebook_size=codebook_size, commitment_loss_weight=commitment_weight)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, D) -> quantized (B, N, D) like x, indices (B, N) int64, loss () float32."""
+        quantized, indices, loss = self.lfq(x)
+        return quantized, indices, loss.float()
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (B, N) int -> codes (B, N, D) float32."""
+        return self.lfq.indices_to_codes(indices)
+
+
 def make_quantizer(
     name: str,
     dim: int,
@@ -127,10 +148,13 @@ def make_quantizer(
     codebook (no EMA, k-means init or dead-code replacement; loss mse(sg[z], q) + commitment_weight *
     mse(z, sg[q]); decay unused); 'fsq' is `FSQQuantizer`, which has no codebook to learn: the
     codebook settings (decay, commitment_weight, rotation_trick, kmeans_init,
-    threshold_ema_dead_code) do not apply to it and are not used.
+    threshold_ema_dead_code) do not apply to it and are not used. 'lfq' is `LFQQuantizer` (lookup-free:
+    sign bits, an entropy loss, commitment_weight), whose other codebook settings are not used either.
     """
     if name == "fsq":
         return FSQQuantizer(dim, codebook_size)
+    if name == "lfq":
+        return LFQQuantizer(dim, codebook_size, commitment_weight)
     if name in WITHOUT_EMA:
         settings = dict(
             rotation_trick=rotation_trick, kmeans_init=kmeans_init, threshold_ema_dead_code=threshold_ema_dead_code
