@@ -196,3 +196,12 @@ def test_inputs_are_not_modified_and_bad_arguments_are_named():
         GroupedResidualLFQ(dim=8, groups=3, codebook_size=16, num_quantizers=2)
     with pytest.raises(ValueError, match="num_quantizers=2 stages"):
         rlfq.get_output_from_indices(torch.zeros(2, 7, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs_match_anchor_in_eval(dtype):
+    """Without projections the stages take the 16-bit residuals, quantize in fp32 and return x's dtype."""
+    anchor, ours = make_pair(dim=4, codebook_size=16, num_quantizers=3)
+    x = torch.randn(BATCH, SEQ, 4).to(dtype)
+    compare_eval(anchor, ours, x, return_all_codes=True)
+    assert ours.eval()(x)[0].dtype == dtype
