@@ -7,6 +7,8 @@ ops (what a call does):
     residual -- the same for a residual quantizer of `stages` stages (EnCodec / DAC shapes);
     fsq     -- forward and backward of a scalar quantizer of the shape's `levels` on x (1, N, D): FSQ
                (one stage, one group), ResidualFSQ (`stages`) or GroupedResidualFSQ (`groups`);
+    lfq     -- a training step of LFQ (lookup-free, d = log2 K sign bits, no projections) with its entropy loss
+               over all K codes: forward and backward of (quantized . grad + aux loss);
     simvq   -- a training step of SimVQ (codes = a learned linear map of a frozen random codebook; the map
                trained by Adam);
     head    -- a prior's output layer over K codes: mean cross-entropy of (N, D) hidden states against
@@ -62,7 +64,7 @@ except Exception as err:  # not installed, or its triton import failed
     FLASH_KMEANS_MISSING = f"flash-kmeans==0.3.1 not importable ({err})"
 
 DTYPES = (torch.float32, torch.bfloat16)
-TRAIN_OPS = ("train", "residual", "fsq", "simvq")  # inputs: (x (1, N, D) requiring grad, upstream gradient)
+TRAIN_OPS = ("train", "residual", "fsq", "simvq", "lfq")  # inputs: (x (1, N, D) requiring grad, upstream gradient)
 EMA_DECAY = 0.8  # vector-quantize-pytorch's default, used by both EMA layers
 TAMING_BETA = 0.25
 TAMING_LR = 1e-4
@@ -346,6 +348,17 @@ def _scalar_layer(module_of: Callable[[], object]):
     return setup
 
 
+def _lfq_layer(cls_of: Callable[[], type]):
+    """LFQ's training step over d = log2(K) = D bits (1.32.0's defaults: entropy loss weight 0.1,
+    inv_temperature 100); nothing to learn, so no optimizer."""
+
+    def setup(shape, dtype, device):
+        layer = cls_of()(dim=shape.d, codebook_size=shape.k).to(device).train()
+        return functools.partial(_train_step, layer, None)
+
+    return setup
+
+
 def _sim_vq_layer(cls_of: Callable[[], type]):
     """SimVQ's training step (and Adam on its map); every layer of a shape starts from the same frozen
     codebook (`initial_codebook`) and the same map."""
@@ -593,6 +606,9 @@ IMPLS: list[Impl] = [
         nk_bytes=5,
         why_not=_VQP,
     ),
+    Impl("fastvq-lfq", "lfq", "fastvq", _lfq_layer(lambda: fastvq.LFQ)),
+    # 1.32.0 holds the N x K distances and their softmax (fp32) and autograd's copies for the backward
+    Impl("vqp-lfq", "lfq", "alternative", _lfq_layer(lambda: vector_quantize_pytorch.LFQ), nk_bytes=20, why_not=_VQP),
     Impl("fastvq-head[triton]", "head", "fastvq", _fastvq_head("triton"), why_not=_triton_missing),
     Impl("fastvq-head[torch]", "head", "fastvq", _fastvq_head("torch")),
     Impl("linear+cross_entropy", "head", "alternative", _head(_linear_head), nk_bytes=12),

@@ -25,13 +25,22 @@ import fastvq
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 
-BAR_OPS = ("search", "train", "residual", "fsq", "simvq", "head")  # drawn as bars per shape in time.png / memory.png
+BAR_OPS = (
+    "search",
+    "train",
+    "residual",
+    "fsq",
+    "simvq",
+    "lfq",
+    "head",
+)  # drawn as bars per shape in time.png / memory.png
 OPS = BAR_OPS + ("scaling",)  # scaling.png draws the last one against K
 VQP_LAYER = {
     "train": "vqp-layer",
     "residual": "vqp-rvq",
     "fsq": "vqp-fsq",
     "simvq": "vqp-simvq",
+    "lfq": "vqp-lfq",
     "scaling": "vqp-layer-eval",
 }  # per op
 SHORT = {"skipped": "skip", "oom": "oom", "error": "error"}
@@ -266,6 +275,7 @@ def markdown(meta: dict, records: list[dict]) -> str:
         "fsq": "Scalar quantizers (FSQ, ResidualFSQ, GroupedResidualFSQ): forward + backward (N tokens, "
         "K = prod(levels), D = input dim; levels, stages and groups in results.json)",
         "simvq": "SimVQ training step (forward, backward, Adam on the map; N tokens, K codes, D)",
+        "lfq": "LFQ training step with the entropy loss over all K = 2^D codes (forward + backward; N tokens)",
         "head": "Prior output head over K codes: cross-entropy forward + backward (N positions, width D)",
         "scaling": "Scaling with K (fixed N and D): search, and a layer's eval forward",
     }

@@ -75,6 +75,11 @@ def simvq_shapes(n: int, ks: tuple[int, ...], large: bool) -> list[Shape]:
     return [Shape(f"simvq-{k >> 10}k", n, k, 32, ops=("simvq",), default=large or k != ks[-1]) for k in ks]
 
 
+def lfq_shapes(n: int) -> list[Shape]:
+    """LFQ's training step with its entropy loss over n tokens at d = 10, 14, 16, 18 (K = 2^d codes, D = d)."""
+    return [Shape(f"lfq-{d}", n, 2**d, d, ops=("lfq",)) for d in (10, 14, 16, 18)]
+
+
 def head_shapes(positions: int) -> list[Shape]:
     """A prior's output layer (width 256) over `positions` code positions and K = 1k, 16k, 262k codes."""
     return [Shape(f"head-{k >> 10}k", positions, k, 256, FP32, ops=("head",)) for k in (1024, 16384, 262144)]
@@ -96,6 +101,7 @@ SHAPES = {
         *residual_shapes(65536),
         *fsq_shapes(65536),
         *simvq_shapes(65536, (16384, 65536, 1 << 20), large=True),  # K = 1M: 1.32.0 needs 256 GiB
+        *lfq_shapes(8192),  # 1.32.0 at d = 18: two 8 GiB N x K tables and their gradients
         *head_shapes(16384),
     ],
     "cpu": [
@@ -109,6 +115,7 @@ SHAPES = {
         *fsq_shapes(16384),
         # K = 1M: 1.32.0 needs 16 GiB per call; fastvq's step takes ~a minute on CPU: only when named
         *simvq_shapes(4096, (16384, 65536, 1 << 20), large=False),
+        *lfq_shapes(1024),
         *head_shapes(4096),
         *scaling_shapes(16384, 32, (1024, 4096, 16384, 65536, 262144)),
     ],
@@ -118,6 +125,7 @@ SHAPES = {
         Shape("tiny-head", 512, 2048, 32, FP32, ops=("head",)),
         Shape("tiny-grfsq", 2048, 1000, 16, FP32, ops=("fsq",), levels=(8, 5, 5, 5), stages=2, groups=2),
         Shape("tiny-simvq", 1024, 512, 16, FP32, ops=("simvq",)),
+        Shape("tiny-lfq", 512, 256, 8, FP32, ops=("lfq",)),
         *scaling_shapes(512, 16, (256, 1024)),
     ],
 }
@@ -153,7 +161,7 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--only",
-        choices=("search", "train", "residual", "fsq", "simvq", "head", "scaling"),
+        choices=("search", "train", "residual", "fsq", "simvq", "lfq", "head", "scaling"),
         help="only this op (ceilings always run; the CPU sweep against faiss is benchmarks/cpu_sweep.py)",
     )
     parser.add_argument(

@@ -64,6 +64,8 @@ EXPECTED = {
     ("simvq", "fastvq-simvq[torch]"),
     ("simvq", "fastvq-simvq[triton]"),
     ("simvq", "vqp-simvq"),
+    ("lfq", "fastvq-lfq"),
+    ("lfq", "vqp-lfq"),
 }
 
 
@@ -121,6 +123,8 @@ def test_quick_cpu_run_writes_complete_records_tables_and_plots(tmp_path):
         "vqp-layer-eval",
         "fastvq-simvq[torch]",
         "vqp-simvq",
+        "fastvq-lfq",
+        "vqp-lfq",
     }
     for r in ok:
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r

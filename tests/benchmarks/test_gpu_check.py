@@ -91,7 +91,6 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
         "install": "no wheels in benchmarks/wheels",
         "build-cuda": "this torch build",
         "smoke-cuda": "no CPU stand-in",
-        "bench-lfq": "no rows",
         "bench-ibq": "no rows",
     }
     for name, outcome in stages.items():
@@ -109,6 +108,7 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
         "bench-residual",
         "bench-fsq",
         "bench-simvq",
+        "bench-lfq",
         "bench-head",
         "tests-cuda",
         "tests-triton",
@@ -116,9 +116,20 @@ def test_gpu_check_dry_run_runs_every_stage_and_brings_back_two_files(tmp_path):
     }
     _assert_finished_stages_kept_their_records(stages, check)
     records = _bench_records(check)
-    assert {r["op"] for r in records} == {"ceiling", "matmul", "search", "train", "residual", "fsq", "simvq", "head"}
+    assert {r["op"] for r in records} == {
+        "ceiling",
+        "matmul",
+        "search",
+        "train",
+        "residual",
+        "fsq",
+        "simvq",
+        "lfq",
+        "head",
+    }
     assert not [r for r in records if r["status"] == "error"]
-    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 8
+    # every bench slice that has rows in impls.py (bench-ibq has none yet)
+    assert len(json.loads((check / "bench" / "results.json").read_text())["meta"]["slices"]) == 9
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| smoke | ok |" in summary and "66 checks: 66 ok, 0 failed" in summary
     assert "Every stage ran to its end: nothing to retry." in summary
