@@ -18,7 +18,8 @@ Ops (each with Triton kernels and a chunked plain-PyTorch twin, chosen by `backe
                                                    that codebook in O(N 2^(d/2)): LFQ's entropy loss
 Layers, drop-ins for vector-quantize-pytorch 1.32.0's: VectorQuantize, ResidualVQ, GroupedResidualVQ,
 SimVQ, ResidualSimVQ, RandomProjectionQuantizer, HierarchicalVQ, Sequential; the scalar quantizers
-FSQ, ResidualFSQ, GroupedResidualFSQ, LatentQuantize, FSP; lookup-free quantization LFQ (and BSQ).
+FSQ, ResidualFSQ, GroupedResidualFSQ, LatentQuantize, FSP; lookup-free quantization LFQ (and BSQ),
+ResidualLFQ, GroupedResidualLFQ, EvoLFQ.
 IBQ: index backpropagation over a learned codebook (SEED-Voken's IndexPropagationQuantize) on the soft ops.
 Trained tokenizers: load(run) -> the model of a `fastvq train` run, for model.encode / model.decode.
 Packages, imports pointing one way: fastvq.ops < fastvq.nn < fastvq.models < fastvq.app (the
@@ -50,9 +51,11 @@ _EXPORTS = {
     **dict.fromkeys(
         (
             "BinaryMapper",
+            "EvoLFQ",
             "FSP",
             "FSQ",
             "GroupedResidualFSQ",
+            "GroupedResidualLFQ",
             "GroupedResidualVQ",
             "HierarchicalVQ",
             "IBQ",
@@ -61,6 +64,7 @@ _EXPORTS = {
             "LossBreakdown",
             "RandomProjectionQuantizer",
             "ResidualFSQ",
+            "ResidualLFQ",
             "ResidualSimVQ",
             "ResidualVQ",
             "Sequential",

@@ -6,13 +6,14 @@ the token-level core `TokenQuantizer` (quantize, decode, statistics, health on c
 (H, N, D)) and its codebooks: the EMA `Codebook` (k-means init, dead codes), `TransformedCodebook`
 (one searched through a bridge module and affine statistics) and `LearnedCodebook` (a parameter
 trained by gradient descent). The scalar quantizers, drop-ins for 1.32.0's too, need no
-codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize`, `FSP` and `LFQ`
-(lookup-free, BSQ). See docs/layers.md and
-docs/quantizers.md."""
+codebook: `FSQ`, `ResidualFSQ`, `GroupedResidualFSQ`, `LatentQuantize`, `FSP`, `LFQ` (lookup-free,
+BSQ), `ResidualLFQ`, `GroupedResidualLFQ` and `EvoLFQ` (an LFQ autoencoder searched by a genetic
+algorithm). See docs/layers.md and docs/quantizers.md."""
 
 from .binary_mapper import BinaryMapper
 from .code_head import CodeHead
 from .codebook import Codebook
+from .evo_lfq import EvoLFQ, EvoLFQReturn, EvolveResult
 from .fsp import FSP
 from .fsq import FSQ
 from .hierarchical_vq import HierarchicalVQ
@@ -21,6 +22,7 @@ from .latent_quantize import LatentQuantize
 from .lfq import LFQ, LFQLossBreakdown, LFQReturn
 from .random_projection_quantizer import RandomProjectionQuantizer
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
+from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .sequential import Sequential
 from .sim_vq import ResidualSimVQ, SimVQ
@@ -32,9 +34,13 @@ __all__ = [
     "BinaryMapper",
     "CodeHead",
     "Codebook",
+    "EvoLFQ",
+    "EvoLFQReturn",
+    "EvolveResult",
     "FSP",
     "FSQ",
     "GroupedResidualFSQ",
+    "GroupedResidualLFQ",
     "GroupedResidualVQ",
     "HierarchicalVQ",
     "IBQ",
@@ -47,6 +53,7 @@ __all__ = [
     "LossBreakdown",
     "RandomProjectionQuantizer",
     "ResidualFSQ",
+    "ResidualLFQ",
     "ResidualSimVQ",
     "ResidualVQ",
     "Sequential",

@@ -151,6 +151,12 @@ ARGUMENTS: dict[str, Spec] = {
     "bits": _int("bits of a BinaryMapper code (2^bits codes)", high=62),
     "kl_loss_threshold": _number("nats of bit entropy below the uniform's that BinaryMapper's aux loss allows"),
     "temperature": _number("temperature of BinaryMapper's bit sampling", positive=True),
+    # EvoLFQ's genetic search
+    "pop_size": _int("genes in an EvoLFQ population"),
+    "mutation_rate": _number("probability that EvoLFQ's mutation flips a gene position", high=1.0),
+    "tournament_size": _int("members drawn per EvoLFQ tournament selection"),
+    "elitism_count": _int("fittest genes EvoLFQ keeps unchanged per generation", low=0),
+    "generations": _int("generations EvoLFQ.evolve runs", low=0),
     # lookup-free quantization (LFQ, BSQ)
     "entropy_loss_weight": _number("weight of LFQ's entropy loss"),
     "diversity_gamma": Spec(

@@ -19,7 +19,7 @@ from .arguments import check_arguments, describe, is_integer_tensor
 from .fsq import FSQ, math_dtype
 from .layout import channels_first, channels_last, token_values
 from .projection import project, projections
-from .residual_vq import last_stage, synced_seed
+from .residual_vq import grouped_forward, last_stage
 from .scalar_codes import checked_levels, indices_of_levels, mixed_radix_basis
 
 
@@ -284,10 +284,4 @@ class GroupedResidualFSQ(nn.Module):
     def forward(self, x, return_all_codes=False):
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[self.split_dim] != self.dim:
             raise ValueError(f"x must have dim={self.dim} channels at dim {self.split_dim}, got {describe(x)}")
-        seed = synced_seed(x.device) if self.training else None
-        outs = [
-            rvq(chunk, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
-            for rvq, chunk in zip(self.rvqs, x.chunk(self.groups, dim=self.split_dim))
-        ]
-        result = (torch.cat([out[0] for out in outs], dim=self.split_dim), torch.stack([out[1] for out in outs]))
-        return result + ((tuple(out[2] for out in outs),) if return_all_codes else ())
+        return grouped_forward(self.rvqs, x, self.split_dim, return_all_codes)

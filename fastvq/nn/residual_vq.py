@@ -38,6 +38,20 @@ def synced_seed(device: torch.device, high: int = 10_000) -> int:
     return int(seed.item())
 
 
+def grouped_forward(rvqs, x: torch.Tensor, split_dim: int, return_all_codes: bool, **forward_kwargs) -> tuple:
+    """Each residual quantizer of rvqs on its chunk of x's channels (at split_dim), all with one quantize
+    dropout seed (drawn by `synced_seed` in training, as 1.32.0): (the outputs concatenated at split_dim,
+    each further output stacked over the groups, with return_all_codes a tuple of each group's all_codes)."""
+    seed = synced_seed(x.device) if rvqs.training else None
+    outs = [
+        rvq(chunk, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed, **forward_kwargs)
+        for rvq, chunk in zip(rvqs, x.chunk(len(rvqs), dim=split_dim))
+    ]
+    parts = list(zip(*outs))
+    all_codes = (parts.pop(),) if return_all_codes else ()
+    return (torch.cat(parts[0], dim=split_dim), *(torch.stack(part) for part in parts[1:]), *all_codes)
+
+
 def last_stage(
     num_quantizers: int,
     dropout: bool,

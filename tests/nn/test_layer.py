@@ -43,6 +43,12 @@ def _shared_classes():
     return sorted(name for name in classes if hasattr(fastvq, name))
 
 
+def test_every_class_of_the_anchor_has_a_twin():
+    """Every class vector-quantize-pytorch 1.32.0 exports is exported by fastvq under its name."""
+    classes = [name for name, value in vars(vector_quantize_pytorch).items() if isinstance(value, type)]
+    assert len(classes) >= 18 and classes == [name for name in classes if hasattr(fastvq, name)]
+
+
 @pytest.mark.parametrize("name", _shared_classes())
 def test_every_argument_of_the_anchor_class_exists(name):
     """Every constructor argument of vector-quantize-pytorch 1.32.0's class is one of fastvq's twin (by
