@@ -226,3 +226,18 @@ def is_integer_tensor(t) -> bool:
         and not t.dtype.is_complex
         and t.dtype != torch.bool
     )
+
+
+def check_stage_indices(indices, num_quantizers: int, quantize_dropout: bool, stage_dim: int = -1) -> int:
+    """The stages q a residual quantizer's indices (B, ..., q at stage_dim) hold: TypeError unless an
+    integer tensor of 2 dims or more, ValueError unless q = num_quantizers (q < num_quantizers only with
+    quantize_dropout, whose dropped stages are left out)."""
+    if not is_integer_tensor(indices) or indices.dim() < 2:
+        raise TypeError(f"indices must be an integer tensor (B, ..., num_quantizers), got {describe(indices)}")
+    given = indices.shape[stage_dim]
+    if given > num_quantizers or (given < num_quantizers and not quantize_dropout):
+        raise ValueError(
+            f"indices must hold num_quantizers={num_quantizers} stages (fewer only with quantize_dropout), "
+            f"got shape {tuple(indices.shape)}"
+        )
+    return given

@@ -15,7 +15,7 @@ import numbers
 import torch
 from torch import nn
 
-from .arguments import check_arguments, describe, is_integer_tensor
+from .arguments import check_arguments, check_stage_indices, describe
 from .fsq import FSQ, math_dtype
 from .layout import channels_first, channels_last, token_values
 from .projection import project, projections
@@ -146,16 +146,9 @@ class ResidualFSQ(nn.Module):
         """indices as forward returns them, with q <= num_quantizers stages (fewer only with
         quantize_dropout; -1: dropped) -> scaled codes (num_quantizers, B, ..., codebook_dim), zeros
         for -1 and for the stages not given."""
-        if not is_integer_tensor(indices) or indices.dim() < 2:
-            raise TypeError(f"indices must be an integer tensor (B, ..., num_quantizers), got {describe(indices)}")
-        if self.is_channel_first:
-            indices = indices.movedim(1, -1)
-        given = indices.shape[-1]
-        if given > self.num_quantizers or (given < self.num_quantizers and not self.quantize_dropout):
-            raise ValueError(
-                f"indices must hold num_quantizers={self.num_quantizers} stages (fewer only with "
-                f"quantize_dropout), got shape {tuple(indices.shape)}"
-            )
+        stage_dim = 1 if self.is_channel_first else -1
+        given = check_stage_indices(indices, self.num_quantizers, self.quantize_dropout, stage_dim)
+        indices = indices.movedim(stage_dim, -1)
         codes = [layer.get_codes_from_indices(indices[..., q]) for q, layer in enumerate(self.layers[:given])]
         codes += [torch.zeros_like(codes[0])] * (self.num_quantizers - given)
         return torch.stack(codes) * self.scales.view(self.num_quantizers, *[1] * (indices.dim() - 1), -1)

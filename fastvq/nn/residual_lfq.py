@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .arguments import check_arguments, describe, is_integer_tensor
+from .arguments import check_arguments, check_stage_indices, describe
 from .lfq import LFQ, sign_codes
 from .projection import project, projections
 from .residual_vq import grouped_forward, last_stage
@@ -83,14 +83,7 @@ class ResidualLFQ(nn.Module):
         """indices (B, ..., q) as forward returns them, q <= num_quantizers (fewer only with
         quantize_dropout; -1: dropped) -> scaled codes (num_quantizers, B, ..., codebook_dim) float32,
         zeros for -1 and for the stages not given."""
-        if not is_integer_tensor(indices) or indices.dim() < 2:
-            raise TypeError(f"indices must be an integer tensor (B, ..., num_quantizers), got {describe(indices)}")
-        given = indices.shape[-1]
-        if given > self.num_quantizers or (given < self.num_quantizers and not self.quantize_dropout):
-            raise ValueError(
-                f"indices must hold num_quantizers={self.num_quantizers} stages (fewer only with "
-                f"quantize_dropout), got shape {tuple(indices.shape)}"
-            )
+        given = check_stage_indices(indices, self.num_quantizers, self.quantize_dropout)
         codes = []
         for q, layer in enumerate(self.layers):
             if q >= given:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .arguments import check_arguments, describe, is_integer_tensor
+from .arguments import check_arguments, check_stage_indices, describe, is_integer_tensor
 from .gradient_estimators import directional_reparam
 from .implicit_codebook import ImplicitCodebookMLP, conditioned_codes_from_indices, implicit_stage
 from .layout import expand_like, from_tokens, sequence_mask, to_index_layout, to_tokens
@@ -211,14 +211,7 @@ class ResidualVQ(nn.Module):
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, ..., q <= num_quantizers; -1: dropped) -> codes (num_quantizers, B, ..., codebook_dim),
         zeros for -1 and for the quantizers beyond q (given only with quantize_dropout)."""
-        if not is_integer_tensor(indices) or indices.dim() < 2:
-            raise TypeError(f"indices must be an integer tensor (B, ..., num_quantizers), got {describe(indices)}")
-        given = indices.shape[-1]
-        if given > self.num_quantizers or (given < self.num_quantizers and not self.quantize_dropout):
-            raise ValueError(
-                f"indices must have a last dim of num_quantizers={self.num_quantizers} (fewer only "
-                f"with quantize_dropout), got shape {tuple(indices.shape)}"
-            )
+        given = check_stage_indices(indices, self.num_quantizers, self.quantize_dropout)
         if self.implicit_neural_codebook:
             flat = conditioned_codes_from_indices(self.layers[:given], self.mlps, indices.reshape(-1, given))
             codes = [stage_codes.reshape(*indices.shape[:-1], -1) for stage_codes in flat]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.functional import check_index_range
-from .arguments import check_arguments, describe, is_integer_tensor
+from .arguments import check_arguments, check_stage_indices, describe, is_integer_tensor
 from .gradient_estimators import rotate_to, straight_through
 from .layout import channels_first, channels_last, token_values
 from .residual_vq import last_stage
@@ -262,14 +262,7 @@ class ResidualSimVQ(nn.Module):
         """indices (B, ..., q <= num_quantizers; -1: dropped) -> codes (num_quantizers, B, ..., dim)
         fp32 (channel first: (num_quantizers, B, dim, ...)), zeros for -1 and for the stages past q
         (fewer than num_quantizers only with quantize_dropout)."""
-        if not is_integer_tensor(indices) or indices.dim() < 2:
-            raise TypeError(f"indices must be an integer tensor (B, ..., num_quantizers), got {describe(indices)}")
-        given = indices.shape[-1]
-        if given > self.num_quantizers or (given < self.num_quantizers and not self.quantize_dropout):
-            raise ValueError(
-                f"indices must have a last dim of num_quantizers={self.num_quantizers} (fewer only "
-                f"with quantize_dropout), got shape {tuple(indices.shape)}"
-            )
+        given = check_stage_indices(indices, self.num_quantizers, self.quantize_dropout)
         leading = tuple(indices.shape[:-1])
         codes = torch.zeros(self.num_quantizers, indices[..., 0].numel(), self.dim, device=indices.device)
         for q, layer in enumerate(self.layers[:given]):

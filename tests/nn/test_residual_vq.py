@@ -190,7 +190,7 @@ def test_codes_from_indices_match_anchor():
     close(ours.codebooks, anchor.codebooks, "codebooks")
     with pytest.raises(ValueError, match="indices must be in"):
         ours.get_codes_from_indices(torch.full((1, 2, 4), CODES))
-    with pytest.raises(ValueError, match="last dim of num_quantizers=4"):
+    with pytest.raises(ValueError, match="num_quantizers=4 stages"):
         ours.get_codes_from_indices(torch.zeros(1, 2, 5, dtype=torch.long))
 
 
