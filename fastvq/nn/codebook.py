@@ -122,7 +122,6 @@ class Codebook(TokenQuantizer):
     # k-means initialisation
     # ------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def init_embed_(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Initialise the codes by k-means on tokens (H, N, D) if not yet `initted` (mask (N,) bool:
         False tokens are left out, as are rows with a non-finite value).
@@ -131,55 +130,55 @@ class Codebook(TokenQuantizer):
         vector-quantize-pytorch); after the first success it costs nothing. A batch with no usable
         row for some codebook leaves the codebook uninitialised (with a warning) until the next.
         """
-        if self._init_pending is None:
-            self._init_pending = not bool(self.initted)  # one host sync, then cached
-        if not self._init_pending:
-            return
-        self._check_tokens(tokens)
-        rows, keep = self._rows(tokens), self._row_mask(self._check_mask(mask, tokens), tokens.shape[0])
-        valid = torch.isfinite(rows).all(-1)  # k-means leaves out non-finite rows, not their tokens' other heads
-        if keep is not None:
-            valid &= keep
-        sync = self.sync_codebook and self.sync_kmeans and distributed.is_distributed()
-        num_valid = valid.sum(1).float()
-        if sync:
-            distributed.all_reduce_sum_(num_valid)
-        if bool((num_valid == 0).any()):
-            warnings.warn(
-                "k-means init received no finite, unmasked vector for some codebook; the "
-                "codebook stays uninitialised until a later batch",
-                RuntimeWarning,
-                stacklevel=3,
+        with torch.no_grad():
+            if self._init_pending is None:
+                self._init_pending = not bool(self.initted)  # one host sync, then cached
+            if not self._init_pending:
+                return
+            self._check_tokens(tokens)
+            rows, keep = self._rows(tokens), self._row_mask(self._check_mask(mask, tokens), tokens.shape[0])
+            valid = torch.isfinite(rows).all(-1)  # k-means leaves out non-finite rows, not their tokens' other heads
+            if keep is not None:
+                valid &= keep
+            sync = self.sync_codebook and self.sync_kmeans and distributed.is_distributed()
+            num_valid = valid.sum(1).float()
+            if sync:
+                distributed.all_reduce_sum_(num_valid)
+            if bool((num_valid == 0).any()):
+                warnings.warn(
+                    "k-means init received no finite, unmasked vector for some codebook; the "
+                    "codebook stays uninitialised until a later batch",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return
+            if bool((num_valid < self.codebook_size).any()):
+                warnings.warn(
+                    f"k-means init received {int(num_valid.min())} vectors for a codebook of "
+                    f"{self.codebook_size} codes: some initial means are duplicates",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            means, counts = kmeans(
+                rows,
+                valid,
+                self.codebook_size,
+                self.kmeans_iters,
+                metric=self.metric,
+                sync=sync,
+                precision=self.precision,
+                backend=self.backend,
             )
-            return
-        if bool((num_valid < self.codebook_size).any()):
-            warnings.warn(
-                f"k-means init received {int(num_valid.min())} vectors for a codebook of "
-                f"{self.codebook_size} codes: some initial means are duplicates",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        means, counts = kmeans(
-            rows,
-            valid,
-            self.codebook_size,
-            self.kmeans_iters,
-            metric=self.metric,
-            sync=sync,
-            precision=self.precision,
-            backend=self.backend,
-        )
-        self.embed_avg.copy_(means * counts.unsqueeze(-1))
-        self.cluster_size.copy_(counts)
-        self.update_ema()
-        self.initted.fill_(True)
-        self._init_pending = False
+            self.embed_avg.copy_(means * counts.unsqueeze(-1))
+            self.cluster_size.copy_(counts)
+            self.update_ema()
+            self.initted.fill_(True)
+            self._init_pending = False
 
     # ------------------------------------------------------------------------------------------
     # EMA
     # ------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def update_(
         self,
         tokens: torch.Tensor,
@@ -204,32 +203,33 @@ class Codebook(TokenQuantizer):
         cluster_size and embed_avg move toward them at rate (1 - decay) * weight, embed is recomputed
         (unless ema_update is off or manual) and dead codes are replaced.
         """
-        ema_update = self.ema_update if ema_update is None else ema_update
-        rows, keep, num_nonfinite = self._usable_rows(tokens, mask)
-        counts, sums = self._batch_statistics_(
-            rows,
-            self._rows(self._check_indices(indices, tokens)),
-            keep,
-            num_nonfinite,
-            with_sums=bool(ema_update or self.threshold_ema_dead_code),
-        )
-        if sums is None:
-            return
-        if callable(weight):
-            weight = weight(sums, counts)
-        if accumulate:
-            self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
-            self._pending_sums = sums if self._pending_sums is None else self._pending_sums + sums
-            return
-        if self._pending_counts is not None:
-            counts, sums = counts + self._pending_counts, sums + self._pending_sums
-            self._pending_counts = self._pending_sums = None
-        rate = self._ema_rate(weight)
-        self.cluster_size.lerp_(counts, rate)
-        self.embed_avg.lerp_(sums, rate if isinstance(rate, float) else rate.unsqueeze(-1))
-        if ema_update and not self.manual_ema_update:
-            self.update_ema()
-        self._expire_rows_(rows, keep)
+        with torch.no_grad():
+            ema_update = self.ema_update if ema_update is None else ema_update
+            rows, keep, num_nonfinite = self._usable_rows(tokens, mask)
+            counts, sums = self._batch_statistics_(
+                rows,
+                self._rows(self._check_indices(indices, tokens)),
+                keep,
+                num_nonfinite,
+                with_sums=bool(ema_update or self.threshold_ema_dead_code),
+            )
+            if sums is None:
+                return
+            if callable(weight):
+                weight = weight(sums, counts)
+            if accumulate:
+                self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
+                self._pending_sums = sums if self._pending_sums is None else self._pending_sums + sums
+                return
+            if self._pending_counts is not None:
+                counts, sums = counts + self._pending_counts, sums + self._pending_sums
+                self._pending_counts = self._pending_sums = None
+            rate = self._ema_rate(weight)
+            self.cluster_size.lerp_(counts, rate)
+            self.embed_avg.lerp_(sums, rate if isinstance(rate, float) else rate.unsqueeze(-1))
+            if ema_update and not self.manual_ema_update:
+                self.update_ema()
+            self._expire_rows_(rows, keep)
 
     def _ema_rate(self, weight) -> float | torch.Tensor:
         """(1 - decay) * weight: a float, or an (H, K) / (1, K) tensor."""
@@ -247,22 +247,21 @@ class Codebook(TokenQuantizer):
             )
         return (1.0 - self.decay) * weight.to(self.cluster_size)
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """embed = embed_avg / Laplace-smoothed cluster_size (l2-normalised for the cosine metric)."""
-        total = self.cluster_size.sum(dim=-1, keepdim=True)
-        smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
-        # .data: EMA writes stay invisible to autograd graphs that saved the codebook (as 1.32.0)
-        if self.metric == "cosine":
-            self.embed.data.copy_(l2norm(self.embed_avg / smoothed.unsqueeze(-1)))
-        else:
-            torch.div(self.embed_avg, smoothed.unsqueeze(-1), out=self.embed.data)
+        with torch.no_grad():
+            total = self.cluster_size.sum(dim=-1, keepdim=True)
+            smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
+            # .data: EMA writes stay invisible to autograd graphs that saved the codebook (as 1.32.0)
+            if self.metric == "cosine":
+                self.embed.data.copy_(l2norm(self.embed_avg / smoothed.unsqueeze(-1)))
+            else:
+                torch.div(self.embed_avg, smoothed.unsqueeze(-1), out=self.embed.data)
 
     # ------------------------------------------------------------------------------------------
     # dead codes
     # ------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def expire_codes_(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Replace codes whose cluster_size is below `threshold_ema_dead_code` by random tokens.
 
@@ -272,8 +271,9 @@ class Codebook(TokenQuantizer):
         codes are replaced now and the others on later steps. Costs one host sync (the number of
         dead codes); under torch.distributed all ranks draw the same rows from all ranks' batches.
         """
-        self._check_tokens(tokens)
-        self._expire_rows_(self._rows(tokens), self._row_mask(self._check_mask(mask, tokens), tokens.shape[0]))
+        with torch.no_grad():
+            self._check_tokens(tokens)
+            self._expire_rows_(self._rows(tokens), self._row_mask(self._check_mask(mask, tokens), tokens.shape[0]))
 
     def _expire_rows_(self, rows: torch.Tensor, keep: torch.Tensor | None) -> None:
         """`expire_codes_` on the rows (C, M, D) of the codebooks, keep (C, M) bool or None."""

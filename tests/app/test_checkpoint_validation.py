@@ -171,6 +171,19 @@ def test_restoring_a_state_of_other_shapes_is_refused_before_loading_anything(tm
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not adam.state
 
 
+def test_an_optimizer_state_that_is_not_a_state_and_param_groups_mapping_is_named(tmp_path, tokenizer_run):
+    model = fastvq.load(tokenizer_run).train()
+    tensors, meta = checkpoint.load(tokenizer_run / CHECKPOINT)
+    meta["optimizers"][0] = {"dict": [["state", {"dict": []}]]}  # no param_groups
+    path = tmp_path / "no-groups.safetensors"
+    checkpoint.save(path, tensors, meta)
+    with pytest.raises(CheckpointError) as refused:
+        restore_training_state(path, model, [torch.optim.Adam(model.parameters())])
+    assert str(refused.value) == (
+        f"checkpoint {path} has a malformed optimizer state (not a state and param_groups mapping)"
+    )
+
+
 def mutations(meta, rng, count):
     """``count`` copies of ``meta``, each with one node of its JSON tree deleted or replaced by a
     hostile value (wrong types, huge and non-finite numbers, deep nesting, dangling skeletons); the

@@ -115,6 +115,7 @@ def test_checkpoints_evaluations_history_and_timing_follow_their_cadence(toy, tm
     assert history["step"] == list(range(1, 8)) and all(math.isfinite(v) for v in history["loss"])
     assert [math.isnan(v) for v in history["eval_norm"]] == [True, False, True, False, True, False, True]
     assert metrics["timing"]["steps_timed"] == 6 and metrics["timing"]["step_s"] > 0  # the warm-up step left out
+    assert metrics["timing"]["device"] == "cpu" and metrics["timing"]["threads"] == 1
     assert written == ["metrics.json"] and not (tmp_path / "run" / LOCK_FILE).exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 7
 
@@ -181,6 +182,12 @@ def test_settings_and_resume_errors_come_before_any_work(toy, tmp_path):
         train(tmp_path / "run")
     with pytest.raises(SettingError, match="steps 5 is below the checkpoint's step 7"):
         train(tmp_path / "run", resume=True, steps=5)
+    with pytest.raises(SettingError) as other_world:
+        loop.resume_point(tmp_path / "run", config(), 2, resume=True)
+    assert str(other_world.value) == (
+        f"out_dir {tmp_path / 'run'} was trained by 1 processes, this run has 2; resume with the same number "
+        "(torchrun --nproc-per-node 1)"
+    )
     assert len(toy.built) == 1 and sorted(p.name for p in (tmp_path / "run").iterdir()) == [CHECKPOINT, "metrics.json"]
 
 

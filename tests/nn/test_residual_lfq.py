@@ -177,6 +177,12 @@ def test_grouped_matches_anchor(config):
     assert torch.equal(ours.codebooks, anchor.codebooks)
 
 
+def test_grouped_sample_mask_reaches_every_group_as_in_the_anchor():
+    kwargs = dict(GROUPED["groups"], commitment_loss_weight=0.5)
+    _, ours = make_pair("GroupedResidualLFQ", **kwargs)
+    compare_training("GroupedResidualLFQ", kwargs, ours, batches((BATCH, SEQ, 8)), mask=torch.tensor([True, False]))
+
+
 def test_inputs_are_not_modified_and_bad_arguments_are_named():
     rlfq = ResidualLFQ(dim=6, codebook_size=16, num_quantizers=2).train()
     x = torch.randn(2, 7, 6)

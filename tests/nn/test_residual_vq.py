@@ -159,6 +159,18 @@ def test_beam_search_finds_a_path_no_worse_than_greedy():
     assert beam_error.mean() < greedy_error.mean()
 
 
+def test_masked_beam_search_equals_the_search_on_the_unmasked_tokens():
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=DIM, num_quantizers=3, codebook_size=16, beam_size=4).eval()
+    x, mask = torch.randn(2, 9, DIM), torch.rand(2, 9) > 0.4
+    quantized, indices, losses = rvq(x, mask=mask)
+    kept_quantized, kept_indices, kept_losses = rvq(x[mask][None])
+    close(quantized[mask], kept_quantized[0], "quantized")
+    assert torch.equal(indices[mask], kept_indices[0]) and (indices[~mask] == -1).all()
+    assert (quantized[~mask] == 0).all()
+    close(losses, kept_losses, "losses")
+
+
 @pytest.mark.parametrize("config", ["ema", "projection", "quantize-dropout"])
 def test_grouped_matches_anchor(config):
     kwargs = dict(CONFIGS[config], groups=2)
@@ -174,6 +186,22 @@ def test_grouped_matches_anchor(config):
         close(a, e, f"all codes of group {group}")
     close(ours.codebooks, anchor.codebooks, "codebooks")
     close(ours.get_output_from_indices(actual[1]), anchor.get_output_from_indices(expected[1]), "output")
+    close(ours.get_codes_from_indices(actual[1]), anchor.get_codes_from_indices(expected[1]), "codes")
+
+
+def test_grouped_feature_maps_equal_the_same_tokens_as_a_sequence():
+    """1.32.0 fails on feature maps here too; each group quantizes its channels of every pixel."""
+    torch.manual_seed(0)
+    ours = GroupedResidualVQ(dim=DIM, groups=2, num_quantizers=2, codebook_size=CODES, accept_image_fmap=True).eval()
+    seq = GroupedResidualVQ(dim=DIM, groups=2, num_quantizers=2, codebook_size=CODES).eval()
+    seq.load_state_dict(ours.state_dict())
+    x = torch.randn(BATCH, DIM, 3, 5)
+    quantized, indices, losses = ours(x)
+    q_seq, i_seq, l_seq = seq(x.flatten(2).transpose(1, 2))
+    assert quantized.shape == x.shape and indices.shape == (2, BATCH, 3, 5, 2)
+    close(quantized.flatten(2).transpose(1, 2), q_seq, "quantized")
+    close(indices.reshape(i_seq.shape), i_seq, "indices")
+    close(losses, l_seq, "losses")
 
 
 def test_codes_from_indices_match_anchor():
