@@ -1,7 +1,8 @@
 // Fused nearest-code / top-k search on CPU: the score tile and the running best codes stay in cache.
 //
 // search(x (H, N, D) and codebook (Hc, K, D), any float dtype and strides, metric (0 l2, 1 cosine,
-// 2 dot: `fastvq.ops.common.METRICS`), precision (`PRECISIONS`), k, threads, splits = 0: chosen here)
+// 2 dot: `fastvq.ops.common.METRICS`), precision (`PRECISIONS`), k, threads, splits = 0: chosen here,
+// prefilter = `PrefilterUse`)
 // -> indices (H, N, k) int64, the k lowest scores per token, lowest first, ties to the lowest index,
 // and distances (H, N, k) fp32, the distance of each chosen code to the unrounded token (squared l2,
 // 1 - cosine with norms clamped to COSINE_NORM_EPS, or -(x . c)) computed in fp64 and rounded once
@@ -21,7 +22,10 @@
 // L2-sized tiles; inside, TN tokens x CV code vectors of W codes are scored in registers, written to
 // a small score buffer (one sub-tile of codes per token) and reduced to a per-token minimum; only when
 // that minimum beats the token's current k-th score is the sub-tile rescanned in code order to insert
-// its codes (strict <, so ties keep the lower index). The last item of a token block to finish merges
+// its codes (strict <, so ties keep the lower index). For k = 1 in splits of up to ARGMIN_MAX_CODES
+// codes, each token keeps instead a running minimum per lane and the code vector it came from
+// (`sub_tile_argmin`, strict <), reduced once at the end of the item to the lowest code among the
+// lanes' equal minima: no rescans, the same answer. The last item of a token block to finish merges
 // the splits' lists in code order (`merge_splits`), so the answer is the same for every thread count
 // and work split, bit for bit.
 //
@@ -34,7 +38,8 @@
 // pairs (twice the rate of fp32 FMAs) and scores in fp32 only the candidates whose bf16 score is below
 // the token's k-th fp32 score plus a proven error bound (`PrefilterBound`), so the answer is the fp32
 // ranking's, bit for bit; it gives way (fp32 operands for the rest of the item) when an entry is past
-// PREFILTER_LIMIT or when candidates are so many that the fp32 scores cost more than it saves.
+// PREFILTER_LIMIT or when candidates are so many that the fp32 scores cost more than it saves, and for
+// k = 1 it is not used on short dot products over few codes (PREFILTER_MIN_WORK), where it costs more.
 // Layout: tile.h holds the register tile (vectors, the TN x CV scores, list insertion), packed_codes.h
 // the packed codebook and per-code terms, this file the work plan, threads, prefilter and outputs.
 
@@ -46,6 +51,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <system_error>
@@ -68,6 +74,17 @@ constexpr int64_t TILE_BYTES = 256 * 1024;  // packed codes per L2 tile
 constexpr int64_t EVALUATION_COST = 20, PREFILTER_GRACE = 1024;
 constexpr int64_t SHORT_STEPS = 4;  // dot products of at most this many steps keep no scores (`sub_tile_scores`)
 constexpr int EXACT_CHAINS = 4;  // the prefilter's candidates scored at once (independent FMA chains)
+// k = 1 keeps each token's argmin in registers (`sub_tile_argmin`: two more operations per code vector, no
+// rescans) in splits of at most ARGMIN_MAX_CODES codes, where a sub-tile's minimum improves often (about
+// half the time with 4 sub-tiles; 2.2x faster at D = 4, 1.3x at D = 16, K = 1024, single-thread CPU time
+// on Zen 4); in longer splits it improves rarely and the minimum alone (`sub_tile_minima`) is cheaper.
+constexpr int64_t ARGMIN_MAX_CODES = 2048;
+// The prefilter pays for k = 1 only past PREFILTER_MIN_WORK (dimensions x codes per split): below, its
+// first sub-tile per token (list empty: every code a candidate) and rescans cost more than the bf16 pairs
+// save (D = 4, K = 16384: 1.4x slower than fp32 operands; D = 8: 1.2x faster; K = 1024: even at D = 64,
+// 2.8x slower at D = 4).
+constexpr int64_t PREFILTER_MIN_WORK = 65536;
+enum PrefilterUse { PREFILTER_NEVER = 0, PREFILTER_WHERE_IT_PAYS = 1, PREFILTER_ALWAYS = 2 };  // `search`'s argument
 
 // Distance of token `x` (D values, stride sx_d, taken as fp32) to `code` (D contiguous fp32 values),
 // rounded once to fp32 from fp64 sums: products and differences of fp32 values are exact in fp64, and
@@ -200,13 +217,15 @@ struct ThreadBuffers {
   std::vector<bf16_pair> xs_bf16;
   std::vector<float> scores, row, best, x_norm, error, limit;  // error, limit: the prefilter's, per token
   std::vector<int64_t> best_index;
+  std::vector<float> lane_best;  // k = 1: each token's running argmin per lane (`sub_tile_argmin`)
+  std::vector<int32_t> lane_number;
   bool fits = false;  // the tokens' operands are within PREFILTER_LIMIT
   std::vector<int> pending_rows;  // the prefilter's candidates still to score: token row, code
   std::vector<int64_t> pending_codes;
   ThreadBuffers(int64_t D, int k, bool prefilter)
       : xs(TOKEN_BLOCK * steps<T>(D)), xs_bf16(prefilter ? TOKEN_BLOCK * steps<bf16_pair>(D) : 0),
         scores(TN * SUB), row(SUB), best(TOKEN_BLOCK * k), x_norm(TOKEN_BLOCK), error(TOKEN_BLOCK), limit(TOKEN_BLOCK),
-        best_index(TOKEN_BLOCK * k) {
+        best_index(TOKEN_BLOCK * k), lane_best(k == 1 ? TOKEN_BLOCK * W : 0), lane_number(lane_best.size()) {
     pending_rows.reserve(prefilter ? TN * SUB : 0);
     pending_codes.reserve(pending_rows.capacity());
   }
@@ -283,8 +302,11 @@ struct Search {
     const int64_t hc = codes->heads_c == 1 ? 0 : h;
     const int64_t tile_codes = std::max<int64_t>(SUB, TILE_BYTES / (D() * sizeof(float) * SUB) * SUB);
     bool prefilter = CAN_PREFILTER && buf.fits && codes->prefilter_fits;
+    const bool argmin = k == 1 && k_end - k_begin <= ARGMIN_MAX_CODES;
     stats[0] += prefilter;
     if (prefilter) set_limits(hc, rows, k_begin, k_end, buf);
+    std::fill(buf.lane_best.begin(), buf.lane_best.end(), INF);
+    std::fill(buf.lane_number.begin(), buf.lane_number.end(), -1);
     int64_t pairs = 0, evaluations = 0;  // (token, code) pairs through the prefilter, fp32 scores it asked for
     for (int64_t tile0 = k_begin; tile0 < k_end; tile0 += tile_codes)
       for (int r0 = 0; r0 < rows; r0 += TN)
@@ -292,7 +314,7 @@ struct Search {
           const int n_codes = static_cast<int>(std::min<int64_t>(SUB, k_end - k0));
           const int tokens = std::min(TN, rows - r0);
           if (!prefilter) {
-            ranked_sub_tile(hc, r0, tokens, k0, n_codes, buf);
+            ranked_sub_tile(hc, r0, tokens, k0, n_codes, argmin, buf);
             continue;
           }
           evaluations += prefiltered_sub_tile(hc, r0, tokens, k0, n_codes, buf);
@@ -303,6 +325,22 @@ struct Search {
           }
         }
     stats[2] += evaluations + score_pending(hc, buf);
+    if (k == 1) take_lane_argmins(rows, buf);
+  }
+
+  // k = 1: each token's code of the lowest score among its lanes' (`sub_tile_argmin`), the lowest code
+  // among equal ones, into its list.
+  void take_lane_argmins(int rows, ThreadBuffers<T>& buf) const {
+    for (int r = 0; r < rows; ++r) {
+      const float* lowest = buf.lane_best.data() + r * W;
+      const int32_t* number = buf.lane_number.data() + r * W;
+      const float m = *std::min_element(lowest, lowest + W);  // no NaN there
+      if (!(m < INF)) continue;
+      int64_t code = std::numeric_limits<int64_t>::max();
+      for (int l = 0; l < W; ++l)
+        if (lowest[l] == m) code = std::min(code, static_cast<int64_t>(number[l]) * W + l);
+      insert(buf.best.data() + r, buf.best_index.data() + r, 1, m, code);
+    }
   }
 
   // For the prefilter: each token's error bound over codes k_begin .. k_end of head hc (from their largest
@@ -325,13 +363,16 @@ struct Search {
     buf.limit[r] = sum + std::abs(sum) * 0x1p-22f;
   }
 
-  // Tokens r0 .. r0 + tokens against codes k0 .. k0 + n_codes, ranked by the operands of type T.
-  void ranked_sub_tile(int64_t hc, int r0, int tokens, int64_t k0, int n_codes, ThreadBuffers<T>& buf) const {
+  // Tokens r0 .. r0 + tokens against codes k0 .. k0 + n_codes, ranked by the operands of type T (with
+  // `argmin`, k = 1, into the tokens' running argmins).
+  void ranked_sub_tile(int64_t hc, int r0, int tokens, int64_t k0, int n_codes, bool argmin,
+                       ThreadBuffers<T>& buf) const {
     const int64_t S = steps<T>(D()), K_pad = codes->K_pad;
     const T* ops;
     if constexpr (std::is_same_v<T, float>) ops = codes->f32_operands() + hc * K_pad * S;
     else ops = codes->bf16.get() + hc * K_pad * S;
     const float* bias = codes->bias.get() + hc * K_pad + k0;
+    if (argmin) return argmin_sub_tile(buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, k0, r0, buf);
     vec minima[TN];
     const float* scores = sub_tile_scores(buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, buf, minima);
     for (int t = 0; t < tokens; ++t) {
@@ -340,6 +381,30 @@ struct Search {
       update_list(token_scores(scores, t, buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, buf), minima[t],
                   n_codes, k0, best, buf.best_index.data() + (r0 + t) * k);
     }
+  }
+
+  // k = 1: the running argmin (`sub_tile_argmin`) of tokens r0 .. r0 + TN over codes k0 .. k0 + n_codes,
+  // with the dot product's length fixed at compile time for the short ones (D = 4, 8, 16 in fp32 or bf16
+  // pairs); a sub-tile where a lane's minimum would be -inf is taken again without it.
+  static void argmin_sub_tile(const T* xs, int64_t S, const T* ops, const float* bias, int n_codes, int64_t k0,
+                              int r0, ThreadBuffers<T>& buf) {
+    const int n_vec = n_codes / W;
+    const int32_t number0 = static_cast<int32_t>(k0 / W);
+    float* best = buf.lane_best.data() + r0 * W;
+    int32_t* number = buf.lane_number.data() + r0 * W;
+    const auto fast = [&](auto fixed_s) {
+      return sub_tile_argmin<METRIC == COSINE, false, decltype(fixed_s)::value>(xs, S, ops, bias, n_vec, number0,
+                                                                               best, number);
+    };
+    bool done;
+    switch (S) {
+      case 2: done = fast(std::integral_constant<int, 2>{}); break;
+      case 4: done = fast(std::integral_constant<int, 4>{}); break;
+      case 8: done = fast(std::integral_constant<int, 8>{}); break;
+      case 16: done = fast(std::integral_constant<int, 16>{}); break;
+      default: done = fast(std::integral_constant<int, 0>{});
+    }
+    if (!done) sub_tile_argmin<METRIC == COSINE, true, 0>(xs, S, ops, bias, n_vec, number0, best, number);
   }
 
   // `sub_tile_minima` of TN tokens (operands xs, S steps) against n_codes codes: the scores are stored
@@ -567,20 +632,25 @@ void search_operands(const at::Tensor& x, PackedCodes& codes, int metric, int k,
 // The search's outputs and, in `stats`, (items through the prefilter, items that left it, exact scores).
 std::tuple<at::Tensor, at::Tensor> search_with_stats(const at::Tensor& x, const at::Tensor& codebook, int64_t metric,
                                                      int64_t precision, int64_t k, int64_t threads, int64_t splits,
-                                                     bool prefilter, std::atomic<int64_t>* stats) {
+                                                     int64_t prefilter, std::atomic<int64_t>* stats) {
   TORCH_CHECK(x.dim() == 3 && codebook.dim() == 3, "search: x (H, N, D), codebook (Hc, K, D)");
   TORCH_CHECK(x.device().is_cpu() && codebook.device().is_cpu(), "search: CPU tensors only");
   TORCH_CHECK(k >= 1 && threads >= 1, "search: k >= 1 and threads >= 1");
   TORCH_CHECK(metric == L2 || metric == COSINE || metric == DOT, "search: metric 0 (l2), 1 (cosine) or 2 (dot)");
   TORCH_CHECK(precision >= IEEE && precision <= FP16, "search: precision 0 (ieee), 1 (tf32), 2 (bf16) or 3 (fp16)");
+  TORCH_CHECK(prefilter >= PREFILTER_NEVER && prefilter <= PREFILTER_ALWAYS,
+              "search: prefilter 0 (never), 1 (where it pays) or 2 (always)");
   const int64_t heads_c = codebook.size(0), D = codebook.size(2);
   TORCH_CHECK(x.size(2) == D && codebook.size(1) >= 1 && (heads_c == 1 || heads_c == x.size(0)),
               "search: shapes of x and codebook disagree");
   at::Tensor out = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kLong));
   at::Tensor out_distance = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kFloat));
   if (x.size(1) == 0) return {out, out_distance};
-  PackedCodes codes(codebook, static_cast<int>(metric), static_cast<int>(precision), prefilter);
-  const WorkPlan plan = plan_work(x.size(0), x.size(1), codes.K_pad, D, static_cast<int>(threads), splits);
+  const int64_t K_pad = ceil_div(codebook.size(1), W * CV) * (W * CV);
+  const WorkPlan plan = plan_work(x.size(0), x.size(1), K_pad, D, static_cast<int>(threads), splits);
+  const bool pays = k > 1 || D * plan.split_codes > PREFILTER_MIN_WORK;
+  PackedCodes codes(codebook, static_cast<int>(metric), static_cast<int>(precision),
+                    prefilter == PREFILTER_ALWAYS || (prefilter == PREFILTER_WHERE_IT_PAYS && pays));
   if constexpr (BF16_PAIRS) {  // bf16 pairs are multiplied only where the build has vdpbf16ps
     if (codes.bf16_ranks) {
       search_operands<bf16_pair>(x, codes, static_cast<int>(metric), static_cast<int>(k), plan, out, out_distance,
@@ -594,7 +664,7 @@ std::tuple<at::Tensor, at::Tensor> search_with_stats(const at::Tensor& x, const 
 
 std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& x, const at::Tensor& codebook, int64_t metric,
                                           int64_t precision, int64_t k, int64_t threads, int64_t splits,
-                                          bool prefilter) {
+                                          int64_t prefilter) {
   std::atomic<int64_t> stats[3] = {};
   return search_with_stats(x, codebook, metric, precision, k, threads, splits, prefilter, stats);
 }
@@ -605,7 +675,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fastvq_cpu;
   m.def("search", &search, "Fused nearest-code / top-k search on CPU (see kernels/cpu/search.cpp)", py::arg("x"),
         py::arg("codebook"), py::arg("metric"), py::arg("precision"), py::arg("k"), py::arg("threads"),
-        py::arg("splits") = 0, py::arg("prefilter") = true);
+        py::arg("splits") = 0, py::arg("prefilter") = static_cast<int64_t>(PREFILTER_WHERE_IT_PAYS));
   m.def("work_plan", [](int64_t heads, int64_t n_tokens, int64_t K, int64_t D, int64_t threads, int64_t splits) {
     const WorkPlan plan = plan_work(heads, n_tokens, ceil_div(K, W * CV) * (W * CV), D, static_cast<int>(threads), splits);
     return std::make_tuple(plan.threads, plan.splits, plan.items());
@@ -614,7 +684,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefilter_stats", [](const at::Tensor& x, const at::Tensor& codebook, int64_t metric, int64_t precision,
                               int64_t k, int64_t threads) {
     std::atomic<int64_t> stats[3] = {};
-    search_with_stats(x, codebook, metric, precision, k, threads, 0, true, stats);
+    search_with_stats(x, codebook, metric, precision, k, threads, 0, PREFILTER_WHERE_IT_PAYS, stats);
     return std::make_tuple(stats[0].load(), stats[1].load(), stats[2].load());
   }, "(work items through the bf16 prefilter, items that left it for too many candidates, fp32 scores computed "
         "for its candidates) of a search", py::arg("x"), py::arg("codebook"), py::arg("metric"), py::arg("precision"),

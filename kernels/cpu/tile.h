@@ -43,6 +43,19 @@ inline uint32_t below_mask(vec a, vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_
 inline vec min_keep_first(vec a, vec b) { return _mm512_min_ps(a, b); }  // b where a is NaN
 inline float horizontal_min(vec v) { return _mm512_reduce_min_ps(v); }
 inline bool any_below(vec v, float bound) { return _mm512_cmp_ps_mask(v, splat(bound), _CMP_LT_OQ) != 0; }
+typedef __m512i ivec;  // W int32 lanes
+inline ivec splat_index(int32_t v) { return _mm512_set1_epi32(v); }
+inline ivec load_index(const int32_t* p) { return _mm512_loadu_si512(p); }
+inline void store_index(int32_t* p, ivec v) { _mm512_storeu_si512(p, v); }
+inline bool any_equal(vec v, float value) { return _mm512_cmp_ps_mask(v, splat(value), _CMP_EQ_OQ) != 0; }
+// Lanes where s < best (NaN never), and with SKIP_MINUS_INF not -inf either, take s and `number`.
+template <bool SKIP_MINUS_INF>
+inline void keep_lower(vec s, ivec number, vec& best, ivec& best_number) {
+  __mmask16 lower = _mm512_cmp_ps_mask(s, best, _CMP_LT_OQ);
+  if (SKIP_MINUS_INF) lower = _mm512_mask_cmp_ps_mask(lower, s, splat(-INF), _CMP_NEQ_OQ);
+  best = _mm512_mask_mov_ps(best, lower, s);
+  best_number = _mm512_mask_mov_epi32(best_number, lower, number);
+}
 inline int first_equal(const float* s, int n, float value) {  // n a multiple of W; value is in s
   int l = 0;
   for (; l < n; l += W) {
@@ -74,6 +87,23 @@ inline float horizontal_min(vec v) {  // v holds no NaN
   return m;
 }
 inline bool any_below(vec v, float bound) { return horizontal_min(v) < bound; }
+typedef int32_t ivec __attribute__((vector_size(W * sizeof(int32_t))));
+typedef int32_t ivec_unaligned __attribute__((vector_size(W * sizeof(int32_t)), aligned(4)));
+inline ivec splat_index(int32_t v) { return ivec{} + v; }
+inline ivec load_index(const int32_t* p) { return *reinterpret_cast<const ivec_unaligned*>(p); }
+inline void store_index(int32_t* p, ivec v) { *reinterpret_cast<ivec_unaligned*>(p) = v; }
+inline bool any_equal(vec v, float value) {
+  for (int l = 0; l < W; ++l)
+    if (v[l] == value) return true;
+  return false;
+}
+template <bool SKIP_MINUS_INF>
+inline void keep_lower(vec s, ivec number, vec& best, ivec& best_number) {
+  auto lower = s < best;
+  if (SKIP_MINUS_INF) lower &= s != -INF;
+  best = lower ? s : best;
+  best_number = lower ? number : best_number;
+}
 inline int first_equal(const float* s, int n, float value) {
   for (int l = 0; l < n; ++l)
     if (s[l] == value) return l;
@@ -147,42 +177,72 @@ inline T operand_step(const scalar_t* v, int64_t stride, int64_t D, int64_t s, f
   }
 }
 
-// Scores of the TN tokens of `xs` (S steps of TN operands) against `n_vec` code vectors (a multiple of
-// CV), and each token's minimum over them into `minima_out`. With STORE the scores go to `scores` (TN
-// rows of SUB); without, they are not kept (storing them cost 22 % of the time at D = 8, where a
-// sub-tile's dot products are short), and `score_row` recomputes a token's when its minimum matters.
-// The minima live in a local array until the end: GCC keeps an array it was given by pointer in
-// memory and stored it after every code vector (11 % of the time at D = 8, 19 % with bf16 pairs).
-template <bool COSINE, bool STORE, typename T>
-inline void sub_tile_minima(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec, float* scores,
-                            vec* minima_out) {
-  vec minima[TN];
-  for (int t = 0; t < TN; ++t) minima[t] = splat(INF);
+// Scores of the TN tokens of `xs` (S steps of TN operands; FIXED_S steps when it is not 0, so that the
+// dot product unrolls fully) against `n_vec` code vectors (a multiple of CV), CV code vectors at a time,
+// each vector of W scores handed to take(code vector, token, scores) in code order.
+template <bool COSINE, int FIXED_S, typename T, typename F>
+inline void for_each_score_vector(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec, F&& take) {
+  const int64_t n_steps = FIXED_S > 0 ? FIXED_S : S;
   for (int j = 0; j < n_vec; j += CV) {
     vec acc[TN][CV];
     for (int c = 0; c < CV; ++c) {
       const vec init = COSINE ? splat(0.0f) : load(bias + (j + c) * W);
       for (int t = 0; t < TN; ++t) acc[t][c] = init;
     }
-    const T* code = codes + static_cast<int64_t>(j) * S * W;
+    const T* code = codes + static_cast<int64_t>(j) * n_steps * W;
     const T* xd = xs;
 #pragma GCC unroll 8
-    for (int64_t s = 0; s < S; ++s, xd += TN, code += W) {
+    for (int64_t s = 0; s < n_steps; ++s, xd += TN, code += W) {
       decltype(load_codes(code)) cv[CV];
-      for (int c = 0; c < CV; ++c) cv[c] = load_codes(code + c * S * W);
+      for (int c = 0; c < CV; ++c) cv[c] = load_codes(code + c * n_steps * W);
       for (int t = 0; t < TN; ++t)
         for (int c = 0; c < CV; ++c) acc[t][c] = multiply_add(acc[t][c], xd[t], cv[c]);
     }
     for (int c = 0; c < CV; ++c) {
       const vec scale = COSINE ? load(bias + (j + c) * W) : splat(1.0f);
-      for (int t = 0; t < TN; ++t) {
-        const vec s = COSINE ? mul(acc[t][c], scale) : acc[t][c];
-        if (STORE) store(scores + t * SUB + (j + c) * W, s);
-        minima[t] = min_keep_first(s, minima[t]);  // a NaN score never becomes the minimum
-      }
+      for (int t = 0; t < TN; ++t) take(j + c, t, COSINE ? mul(acc[t][c], scale) : acc[t][c]);
     }
   }
+}
+
+// Scores of the TN tokens of `xs` against `n_vec` code vectors (`for_each_score_vector`), and each
+// token's minimum over them into `minima_out`. With STORE the scores go to `scores` (TN rows of SUB);
+// without, they are not kept (storing them cost 22 % of the time at D = 8, where a sub-tile's dot
+// products are short), and `score_row` recomputes a token's when its minimum matters. The minima live
+// in a local array until the end: GCC keeps an array it was given by pointer in memory and stored it
+// after every code vector (11 % of the time at D = 8, 19 % with bf16 pairs).
+template <bool COSINE, bool STORE, typename T>
+inline void sub_tile_minima(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec, float* scores,
+                            vec* minima_out) {
+  vec minima[TN];
+  for (int t = 0; t < TN; ++t) minima[t] = splat(INF);
+  for_each_score_vector<COSINE, 0>(xs, S, codes, bias, n_vec, [&](int j, int t, vec s) {
+    if (STORE) store(scores + t * SUB + j * W, s);
+    minima[t] = min_keep_first(s, minima[t]);  // a NaN score never becomes the minimum
+  });
   for (int t = 0; t < TN; ++t) minima_out[t] = minima[t];
+}
+
+// The TN tokens' running argmin (k = 1) over `n_vec` more code vectors, numbered from `number0`: lane l
+// of token t's row of `best` (TN rows of W, in memory between calls) holds the lowest score of its
+// codes in lane l so far, the same row of `best_number` the code vector it came from. Codes come in
+// increasing order and only a strictly lower score replaces (a tie keeps the lower code); a NaN score
+// never does, nor with SKIP_MINUS_INF does -inf. Without SKIP_MINUS_INF, returns false and leaves the
+// rows as they were when a lane would hold -inf (the caller then calls again with it); else true.
+template <bool COSINE, bool SKIP_MINUS_INF, int FIXED_S, typename T>
+inline bool sub_tile_argmin(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec, int32_t number0,
+                            float* best, int32_t* best_number) {
+  vec lowest[TN];
+  ivec number[TN];
+  for (int t = 0; t < TN; ++t) lowest[t] = load(best + t * W), number[t] = load_index(best_number + t * W);
+  for_each_score_vector<COSINE, FIXED_S>(xs, S, codes, bias, n_vec, [&](int j, int t, vec s) {
+    keep_lower<SKIP_MINUS_INF>(s, splat_index(number0 + j), lowest[t], number[t]);
+  });
+  if (!SKIP_MINUS_INF)
+    for (int t = 0; t < TN; ++t)
+      if (any_equal(lowest[t], -INF)) return false;
+  for (int t = 0; t < TN; ++t) store(best + t * W, lowest[t]), store_index(best_number + t * W, number[t]);
+  return true;
 }
 
 // Scores of one token (x: its S operands, TN apart) against the C code vectors at `codes` into `scores`.

@@ -117,8 +117,8 @@ def _prefilter_cases():
 def test_prefilter_gives_the_fp32_ranking_bit_for_bit(search, metric, precision, topk):
     for name, x, codebook in _prefilter_cases():
         args = (x, codebook, METRICS.index(metric), PRECISIONS.index(precision), topk, 2)
-        want = search.search(*args, 0, False)
-        got = search.search(*args, 0, True)
+        want = search.search(*args, 0, 0)  # prefilter never
+        got = search.search(*args, 0, 2)  # always (k = 1 on these short rows: not where it pays)
         assert torch.equal(got[0], want[0]), f"{name}: the prefilter chose other codes"
         assert torch.equal(got[1].nan_to_num(-7.0), want[1].nan_to_num(-7.0)), f"{name}: other distances"
 
@@ -126,11 +126,14 @@ def test_prefilter_gives_the_fp32_ranking_bit_for_bit(search, metric, precision,
 @pytest.mark.skipif(vector_unit() != "AVX512_BF16", reason="the prefilter runs in AVX512-BF16 builds only")
 def test_prefilter_runs_and_gives_way_where_it_should(search):
     """On random codes it filters every work item and scores few candidates in fp32; with an entry
-    past 2^50 (its error bound's limit) or for precision bf16 (ranked by bf16 pairs already) it is not used."""
+    past 2^50 (its error bound's limit), for precision bf16 (ranked by bf16 pairs already), or for k = 1
+    on a short split (D x codes per split <= 65536: it costs more there) it is not used; for k > 1 it is."""
     generator = torch.Generator().manual_seed(3)
-    x, codebook = torch.randn(1, 960, 16, generator=generator), torch.randn(1, 4096, 16, generator=generator)
+    x, codebook = torch.randn(1, 960, 64, generator=generator), torch.randn(1, 4096, 64, generator=generator)
     items, left, evaluations = search.prefilter_stats(x, codebook, 0, 0, 1, 2)
     assert items >= 1 and left == 0 and 0 < evaluations < 0.05 * 960 * 4096
+    assert search.prefilter_stats(x[..., :16], codebook[..., :16], 0, 0, 1, 2)[0] == 0
+    assert search.prefilter_stats(x[..., :16], codebook[..., :16], 0, 0, 2, 2)[0] >= 1
     codebook[0, 9, 0] = 2.0**51
     assert search.prefilter_stats(x, codebook, 0, 0, 1, 2)[2] == 0
     assert search.prefilter_stats(x, codebook[:, :4000], 0, PRECISIONS.index("bf16"), 1, 2)[0] == 0

@@ -7,6 +7,7 @@ vector unit run tested code. Each unit is a separate build (about 30 s, cached l
 import importlib
 
 import pytest
+import test_cpu_argmin as argmin_tests  # tests/kernels, this file's folder
 from ops import test_nearest_code as nearest_tests  # tests/ops, a namespace package on pytest's path
 from ops import test_topk_codes as topk_tests
 
@@ -66,4 +67,12 @@ def test_exact_ties_and_non_finite_rules(unit_build, metric):
     nearest_tests.test_all_codes_non_finite(*CPU)
     topk_tests.test_non_finite_inputs(*CPU)
     nearest_tests.test_non_contiguous_inputs(*CPU)
+    assert unit_build
+
+
+def test_k1_path(unit_build):
+    """The register argmin of k = 1 (test_cpu_argmin.py's checks: ties, non-finite scores, every D)."""
+    build = importlib.import_module("fastvq.ops.cpu.nearest_code").load_extension()  # the unit's build
+    for check in argmin_tests.CHECKS:
+        check(build)
     assert unit_build

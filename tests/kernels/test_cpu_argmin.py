@@ -1,0 +1,130 @@
+"""The C++ CPU search's k = 1 path (kernels/cpu/tile.h `sub_tile_argmin`): each token keeps a running
+minimum per lane of W = 16 codes and the code vector it came from, reduced once per work item to the
+lowest code among the lanes' equal minima. It must give the answer of the list path (k = 2's first
+column), bit for bit: ties to the lowest index across lanes, sub-tiles of 256 codes and code splits,
+-inf / NaN / overflowing scores never chosen wherever they fall, at every D (the dot product's length
+is fixed at compile time for 2, 4, 8 and 16 steps: D = 4, 8, 16 in fp32, D = 3-4, 7-8, 15-16, 31-32
+in bf16 pairs) and for K not a multiple of 16.
+
+The checks take the extension module as an argument, so that test_cpu_vector_units.py runs them on the
+narrower vector-unit builds too.
+"""
+
+import pytest
+import torch
+
+from fastvq.ops.backend import unavailable_reason
+from fastvq.ops.common import METRICS, PRECISIONS
+
+UNAVAILABLE = unavailable_reason("cpu", "cpu")
+pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE or "")
+
+L2, IEEE, BF16 = METRICS.index("l2"), PRECISIONS.index("ieee"), PRECISIONS.index("bf16")
+NEVER, ALWAYS = 0, 2  # the search's prefilter argument: never, where it pays (default), always
+PLANS = [(1, 1), (2, 0), (3, 3), (2, 5)]  # (threads, code splits; 0: the search's choice)
+
+
+@pytest.fixture(scope="module")
+def search():
+    from fastvq.ops.cpu import load_extension
+
+    return load_extension()
+
+
+def _integers(shape, generator, low=-2, high=3):
+    return torch.randint(low, high, shape, generator=generator).float()
+
+
+def _lowest_l2(x, codebook):
+    """(1, N): each token's index of the lowest |c|^2 - 2 x.c in float64 (exact for small integers), the
+    first on ties (as torch.argmin)."""
+    xd, cd = x.double(), codebook.double()
+    return (cd.square().sum(-1)[:, None] - 2 * xd @ cd.mT).argmin(-1)
+
+
+def _same_for_every_plan(search, x, codebook, metric, precision, prefilter=NEVER):
+    """The k = 1 indices (1, N), checked equal to k = 2's first column under every plan in PLANS."""
+    want = search.search(x, codebook, metric, precision, 2, 1, 1, prefilter)
+    for threads, splits in PLANS:
+        got = search.search(x, codebook, metric, precision, 1, threads, splits, prefilter)
+        assert torch.equal(got[0][..., 0], want[0][..., 0]), f"threads {threads}, splits {splits}: other indices"
+        assert torch.equal(got[1][..., 0].nan_to_num(-7.0), want[1][..., 0].nan_to_num(-7.0)), "other distances"
+    return got[0][..., 0]
+
+
+def check_every_d_and_odd_k(search):
+    """Integer tokens and codes (exact scores, many ties) at D around each fixed length, K around 16 and 256."""
+    generator = torch.Generator().manual_seed(11)
+    for d in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33):
+        for k in (1, 17, 31, 33, 257, 700):
+            x, codebook = _integers((1, 53, d), generator), _integers((1, k, d), generator)
+            for precision in (IEEE, BF16):
+                for dtype in (torch.float32, torch.bfloat16):  # bf16 inputs with precision bf16: bf16 pairs
+                    got = _same_for_every_plan(search, x.to(dtype), codebook.to(dtype), L2, precision)
+                    assert torch.equal(got, _lowest_l2(x, codebook)), f"D {d}, K {k}: not the lowest index"
+
+
+def check_ties_across_lanes_sub_tiles_and_splits(search):
+    """Every token's nearest code has copies in other lanes, sub-tiles (256 codes) and splits, before
+    and after it: the lowest index wins, for every metric."""
+    generator = torch.Generator().manual_seed(12)
+    d, k = 6, 1500
+    codebook = _integers((1, k, d), generator) + 10.0  # no code near the tokens except the copies below
+    x = _integers((1, 40, d), generator)
+    for t in range(40):
+        first = (37 * t + 5) % 1200
+        codebook[0, first] = x[0, t]
+        for copy in (first + 1, first + 16, first + 33, first + 256, first + 259):  # lanes, vectors, sub-tiles
+            codebook[0, copy % k] = x[0, t]
+    for metric in range(len(METRICS)):
+        got = _same_for_every_plan(search, x, codebook, metric, IEEE)
+        if METRICS[metric] == "l2":
+            assert torch.equal(got, _lowest_l2(x, codebook))
+
+
+def check_non_finite_scores_at_every_lane(search):
+    """dot, tokens (x0 >= 2.5e19, 0, 0, 0) against codes (c0, ...): the score -(x.c) is lowest for the
+    largest c0, but codes with c0 = 1.5e19 score -inf (overflow; |c|^2 = 2.25e38 is finite) and codes
+    with a NaN entry score NaN: neither is ever chosen, wherever it falls (every lane, before and after
+    the best code in its lane, other sub-tiles); when every code is such a code the answer is -1 / NaN."""
+    generator = torch.Generator().manual_seed(13)
+    x = torch.zeros(1, 7, 4)
+    x[0, :, 0] = torch.tensor([3e19, 2.5e19, 1e20, 4e19, 3e19, 1e21, 3e19])
+    dot = METRICS.index("dot")
+    for k in (40, 600):
+        codebook = torch.randn(1, k, 4, generator=generator)
+        best = int(codebook[0, :, 0].argmax())
+        for lane in range(16):
+            for bad in (lane, best - 16 + lane, best + 16 + lane, best + 272 + lane):
+                if 0 <= bad < k and bad != best:
+                    codebook[0, bad, 0] = 1.5e19 if lane % 3 else float("nan")
+        assert (codebook[0, :, 0] == 1.5e19).sum() >= 10
+        got = _same_for_every_plan(search, x, codebook, dot, IEEE)
+        assert got.tolist() == [[best] * 7], f"K {k}: a non-finite score was chosen"
+    codebook[0, :, 0] = 1.5e19
+    indices, distances = search.search(x, codebook, dot, IEEE, 1, 2, 0, NEVER)
+    assert (indices == -1).all() and distances.isnan().all()
+
+
+def check_the_prefilter_choice_does_not_change_the_answer(search):
+    """k = 1 with the prefilter never, where it pays and always: the same bits (fp32 ranking)."""
+    generator = torch.Generator().manual_seed(14)
+    for d, k in [(4, 3000), (8, 300), (33, 2100)]:
+        x, codebook = torch.randn(1, 211, d, generator=generator), torch.randn(1, k, d, generator=generator)
+        want = search.search(x, codebook, L2, IEEE, 1, 2, 0, NEVER)
+        for prefilter in (1, ALWAYS):
+            got = search.search(x, codebook, L2, IEEE, 1, 2, 0, prefilter)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"D {d}, K {k}, {prefilter}"
+
+
+CHECKS = [
+    check_every_d_and_odd_k,
+    check_ties_across_lanes_sub_tiles_and_splits,
+    check_non_finite_scores_at_every_lane,
+    check_the_prefilter_choice_does_not_change_the_answer,
+]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda check: check.__name__.removeprefix("check_"))
+def test_k1_path(search, check):
+    check(search)
