@@ -12,7 +12,7 @@ import torch.nn.functional as tF
 from conftest import REFERENCE_ON_CPU, backend_cases, case
 
 import fastvq.ops.functional as F
-from fastvq.ops import naive
+from fastvq.ops import chunked, naive
 from fastvq.ops.common import METRICS
 
 CASES = [
@@ -172,3 +172,22 @@ def test_dot_metric_is_a_fused_linear_cross_entropy_with_bias(device, backend):
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     for got, expected in zip(grads, want_grads):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_torch_backend_across_code_and_token_tiles(metric):
+    """The torch backend's tiles (`chunked.CODES_PER_TILE` codes, `chunked.SCORE_TILE_ELEMENTS` scores):
+    K spans two code tiles and N two token tiles, with targets on both sides of the code tiles' border."""
+    k = chunked.CODES_PER_TILE + 70
+    n = chunked.SCORE_TILE_ELEMENTS // chunked.CODES_PER_TILE + 6
+    x, codebook = torch.randn(1, n, 5), torch.randn(1, k, 5)
+    indices = torch.randint(-1, k, (1, n))
+    indices[:, :4] = torch.tensor([0, chunked.CODES_PER_TILE - 1, chunked.CODES_PER_TILE, k - 1])
+    grad = torch.randn(1, n)
+    want_loss, want_grad_x, want_grad_codebook = dense_loss_and_grads(x, codebook, indices, grad, metric)
+    xd, cbd = x.clone().requires_grad_(), codebook.clone().requires_grad_()
+    loss = F.code_cross_entropy(xd, cbd, indices, metric=metric, backend="torch")
+    (loss * grad).sum().backward()
+    assert_close_scaled(loss.detach(), want_loss, 2e-5)
+    assert_close_scaled(xd.grad, want_grad_x, 2e-5)
+    assert_close_scaled(cbd.grad, want_grad_codebook, 2e-5)

@@ -8,7 +8,7 @@ from conftest import REFERENCE_ON_CPU, backend_cases, needs_vqp
 from soft_checks import CASES, assert_close_to_oracle
 
 import fastvq.ops.functional_soft as F
-from fastvq.ops import naive
+from fastvq.ops import chunked, naive
 from fastvq.ops.common import METRICS
 
 TEMPERATURES = [
@@ -247,3 +247,14 @@ def test_every_triton_pass_cuts_d_the_same_way(dim, precision):
         for g_term in (False, True)
     ]
     assert len({(c["SINGLE_D_TILE"], c["BLOCK_D"]) for c in configs}) == 1
+
+
+@pytest.mark.parametrize("log_clamp_min", [None, 1e-3])
+def test_torch_backend_across_code_and_token_tiles(log_clamp_min):
+    """The torch backend's tiles (`chunked.CODES_PER_TILE` codes, `chunked.SCORE_TILE_ELEMENTS` scores):
+    K spans two code tiles and N two token tiles, one codebook per head, with a mask."""
+    k = chunked.CODES_PER_TILE + 70
+    n = chunked.SCORE_TILE_ELEMENTS // chunked.CODES_PER_TILE + 6
+    x, codebook = torch.randn(2, n, 5), torch.randn(2, k, 5)
+    mask = torch.rand(2, n) < 0.8
+    run_and_compare(x, codebook, mask, "cpu", "torch", metric="l2", temperature=0.5, log_clamp_min=log_clamp_min)

@@ -9,7 +9,7 @@ from conftest import REFERENCE_ON_CPU, backend_cases
 from soft_checks import CASES, FACTOR, assert_close_to_oracle
 
 import fastvq.ops.functional_soft as F
-from fastvq.ops import naive
+from fastvq.ops import chunked, naive
 from fastvq.ops.common import METRICS
 
 
@@ -206,3 +206,13 @@ def test_torch_compile_fullgraph(device, backend):
     torch.testing.assert_close(compiled_loss, loss)
     for got, want in zip(compiled_grads, torch.autograd.grad(loss, (x, codebook))):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("hard", [True, False], ids=["hard", "soft"])
+def test_torch_backend_across_code_and_token_tiles(hard):
+    """The torch backend's tiles (`chunked.CODES_PER_TILE` codes, `chunked.SCORE_TILE_ELEMENTS` scores):
+    K spans two code tiles and N two token tiles, with a shared codebook."""
+    k = chunked.CODES_PER_TILE + 70
+    n = chunked.SCORE_TILE_ELEMENTS // chunked.CODES_PER_TILE + 6
+    x, codebook = torch.randn(2, n, 5), torch.randn(1, k, 5)
+    run_and_compare(x, codebook, "cpu", "torch", hard=hard, metric="cosine", temperature=0.5)
