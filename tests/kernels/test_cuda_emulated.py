@@ -358,3 +358,19 @@ def test_code_stats_kernel_on_a_collapsed_batch(emu, triton_code_stats):
     assert counts[0].tolist() == [0.0] * 7 + [float(n)] + [0.0] * 8
     whole = torch.randint(-8, 9, (1, n, d)).float()
     assert torch.equal(emulated_code_stats(emu, whole, indices, k, None)[1][0, 7], whole[0].sum(0))
+
+
+def test_code_stats_launchers_refuse_sizes_past_the_grid(emu):
+    """The launchers check the sizes before any work: up to 2^31 - 1 blocks of 256 tokens or codes
+    and 65535 blocks of 32 columns are accepted, one more is cudaErrorInvalidValue (1). Without tokens
+    nothing is launched, so the largest accepted sizes run on no data."""
+    most_items, most_dim = (2**31 - 1) * 256, 65535 * 32
+
+    def keys_status(heads, n_codes, dim):
+        args = CodeStatsArgs(None, DTYPES[torch.float32], None, None, heads, 0, n_codes, dim, *[0] * 7)
+        return emu.fastvq_emulated_code_stats_keys(ctypes.byref(args), None)
+
+    assert keys_status(1, most_items, most_dim) == 0 and keys_status(2, most_items // 2, 0) == 0
+    assert keys_status(1, most_items + 1, 0) == 1 and keys_status(2, most_items // 2 + 1, 0) == 1
+    assert keys_status(1, 10, most_dim + 1) == 1
+    assert keys_status(1, 0, 4) == 1 and keys_status(-1, 10, 4) == 1 and keys_status(1, 10, -1) == 1

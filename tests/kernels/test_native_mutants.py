@@ -78,7 +78,8 @@ def test_wilson_interval():
 def test_outcome_of_a_test_run():
     assert outcome(0, "12 passed") == "survived"
     assert outcome(1, "1 failed, 3 passed\nAssertionError: assert False") == "killed"
-    assert outcome(1, "search.cu:3:4: error: expected ';'\n1 error") == "no-compile"
+    assert outcome(1, "E   search.cu:3:4: error: expected ';'\n1 error") == "no-compile"
+    assert outcome(-11, "Fatal Python error: Segmentation fault") == "killed"
     assert outcome(0, "SKIPPED [3] fastvq's C++ CPU kernels failed to build in /x") == "no-compile"
 
 

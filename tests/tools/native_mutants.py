@@ -273,6 +273,7 @@ def prepare_copy(workdir: Path) -> Path:
 def run_one(mutant: Mutant | None, copy: Path, workdir: Path, tests: list[str], timeout: float) -> dict:
     """Plant `mutant` (None: the clean code) in the copy, run the tests there, restore the file."""
     shutil.rmtree(workdir / "cache" / "tmp", ignore_errors=True)  # pytest's tmp_path: the emulator's builds
+    (workdir / "cache").mkdir(parents=True, exist_ok=True)
     environment = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
@@ -306,12 +307,12 @@ def run_one(mutant: Mutant | None, copy: Path, workdir: Path, tests: list[str], 
 def outcome(returncode: int, output: str) -> str:
     """killed / survived / no-compile from a finished pytest run. no-compile: the C++ CPU search failed
     to build (its tests then skip, with that reason: the run passes -rs), or the first failure is a
-    compiler's error and nothing passed before it."""
+    compiler's error (file:line:column: error:) and nothing passed before it; a crash is a kill."""
     if "failed to build" in output:
         return "no-compile"
     if returncode == 0:
         return "survived"
-    compiler_error = re.search(r"\berror:|Error building extension", output)
+    compiler_error = re.search(r"\S+:\d+:\d+: (?:fatal )?error:|Error building extension", output)
     return "no-compile" if compiler_error and not re.search(r"\b\d+ passed", output) else "killed"
 
 
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's test run")
-    run.add_argument("--ids", nargs="*", default=None, help="only these mutant ids")
+    run.add_argument("--id", action="append", dest="ids", help="only this mutant (repeatable)")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     args, tests = parser.parse_args(argv[:split]), argv[split + 1 :]  # pytest's arguments follow --
