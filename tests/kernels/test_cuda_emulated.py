@@ -156,6 +156,7 @@ SEARCH_CASES = [
         # two chunks, D not a multiple of the fragment depth (8 tf32, 16 bf16/fp16)
         (70, 130, 8, 2, True, torch.float32, "cosine", "tf32", 1),
         (37, 259, 33, 1, False, torch.float32, "l2", "tf32", 1),
+        (20, 150, 40, 1, False, torch.float32, "l2", "tf32", 2),  # a second chunk of exactly one fragment depth
         (25, 90, 6, 2, True, torch.float16, "dot", "tf32", 2),
         (20, 200, 5, 2, False, torch.float16, "l2", "fp16", 3),
         (130, 70, 12, 2, False, torch.float16, "cosine", "fp16", 1),
