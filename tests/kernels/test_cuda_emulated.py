@@ -375,3 +375,15 @@ def test_code_stats_launchers_refuse_sizes_past_the_grid(emu):
     assert keys_status(1, most_items + 1, 0) == 1 and keys_status(2, most_items // 2 + 1, 0) == 1
     assert keys_status(1, 10, most_dim + 1) == 1
     assert keys_status(1, 0, 4) == 1 and keys_status(-1, 10, 4) == 1 and keys_status(1, 10, -1) == 1
+
+
+def test_search_launcher_refuses_bad_sizes_before_any_work(emu):
+    """k outside [1, 16], more than 65535 heads or 2^31 - 1 codes: cudaErrorInvalidValue (1), with no
+    data read (every pointer is null); k = 1 and k = 16 are accepted (the cases above)."""
+
+    def status(heads=1, n_codes=10, k=1):
+        args = SearchArgs(None, None, None, DTYPES[torch.float32], heads, 1, n_codes, 4, *[0] * 7, 0, 0, k)
+        return emu.fastvq_emulated_search(ctypes.byref(args), 1, None, None, None, None)
+
+    assert status(k=0) == 1 and status(k=-1) == 1 and status(k=17) == 1
+    assert status(heads=65536) == 1 and status(n_codes=2**31 - 1) == 1
