@@ -387,3 +387,14 @@ def test_search_launcher_refuses_bad_sizes_before_any_work(emu):
 
     assert status(k=0) == 1 and status(k=-1) == 1 and status(k=17) == 1
     assert status(heads=65536) == 1 and status(n_codes=2**31 - 1) == 1
+
+
+def test_code_stats_kernel_with_more_columns_than_a_block_has_threads(emu):
+    """D = 300 > 256 threads per block: the columns go to groups of 32 over several column blocks (a
+    group wider than a block would leave no item per block); counts exact, sums within fp32 rounding."""
+    x = torch.randn(1, 40, 300)
+    indices = torch.randint(0, 5, (1, 40))
+    counts, sums = emulated_code_stats(emu, x, indices, 5, None)
+    want_counts, want_sums = chunked.code_stats(x, indices, 5)
+    assert torch.equal(counts, want_counts)
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-5)
