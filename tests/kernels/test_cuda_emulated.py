@@ -156,6 +156,7 @@ SEARCH_CASES = [
         # two chunks, D not a multiple of the fragment depth (8 tf32, 16 bf16/fp16)
         (70, 130, 8, 2, True, torch.float32, "cosine", "tf32", 1),
         (37, 259, 33, 1, False, torch.float32, "l2", "tf32", 1),
+        (20, 150, 40, 1, False, torch.float32, "l2", "tf32", 2),  # a second chunk of exactly one fragment depth
         (25, 90, 6, 2, True, torch.float16, "dot", "tf32", 2),
         (20, 200, 5, 2, False, torch.float16, "l2", "fp16", 3),
         (130, 70, 12, 2, False, torch.float16, "cosine", "fp16", 1),
@@ -358,3 +359,42 @@ def test_code_stats_kernel_on_a_collapsed_batch(emu, triton_code_stats):
     assert counts[0].tolist() == [0.0] * 7 + [float(n)] + [0.0] * 8
     whole = torch.randint(-8, 9, (1, n, d)).float()
     assert torch.equal(emulated_code_stats(emu, whole, indices, k, None)[1][0, 7], whole[0].sum(0))
+
+
+def test_code_stats_launchers_refuse_sizes_past_the_grid(emu):
+    """The launchers check the sizes before any work: up to 2^31 - 1 blocks of 256 tokens or codes
+    and 65535 blocks of 32 columns are accepted, one more is cudaErrorInvalidValue (1). Without tokens
+    nothing is launched, so the largest accepted sizes run on no data."""
+    most_items, most_dim = (2**31 - 1) * 256, 65535 * 32
+
+    def keys_status(heads, n_codes, dim):
+        args = CodeStatsArgs(None, DTYPES[torch.float32], None, None, heads, 0, n_codes, dim, *[0] * 7)
+        return emu.fastvq_emulated_code_stats_keys(ctypes.byref(args), None)
+
+    assert keys_status(1, most_items, most_dim) == 0 and keys_status(2, most_items // 2, 0) == 0
+    assert keys_status(1, most_items + 1, 0) == 1 and keys_status(2, most_items // 2 + 1, 0) == 1
+    assert keys_status(1, 10, most_dim + 1) == 1
+    assert keys_status(1, 0, 4) == 1 and keys_status(-1, 10, 4) == 1 and keys_status(1, 10, -1) == 1
+
+
+def test_search_launcher_refuses_bad_sizes_before_any_work(emu):
+    """k outside [1, 16], more than 65535 heads or 2^31 - 1 codes: cudaErrorInvalidValue (1), with no
+    data read (every pointer is null); k = 1 and k = 16 are accepted (the cases above)."""
+
+    def status(heads=1, n_codes=10, k=1):
+        args = SearchArgs(None, None, None, DTYPES[torch.float32], heads, 1, n_codes, 4, *[0] * 7, 0, 0, k)
+        return emu.fastvq_emulated_search(ctypes.byref(args), 1, None, None, None, None)
+
+    assert status(k=0) == 1 and status(k=-1) == 1 and status(k=17) == 1
+    assert status(heads=65536) == 1 and status(n_codes=2**31 - 1) == 1
+
+
+def test_code_stats_kernel_with_more_columns_than_a_block_has_threads(emu):
+    """D = 300 > 256 threads per block: the columns go to groups of 32 over several column blocks (a
+    group wider than a block would leave no item per block); counts exact, sums within fp32 rounding."""
+    x = torch.randn(1, 40, 300)
+    indices = torch.randint(0, 5, (1, 40))
+    counts, sums = emulated_code_stats(emu, x, indices, 5, None)
+    want_counts, want_sums = chunked.code_stats(x, indices, 5)
+    assert torch.equal(counts, want_counts)
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-5)

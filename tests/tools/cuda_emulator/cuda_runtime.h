@@ -102,9 +102,11 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 threads_per_block, Args..
   auto body = [&] { kernel(args...); };
   Launch<decltype(body)> state{&body};
   const uintptr_t bits = reinterpret_cast<uintptr_t>(&state);
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
+  // blocks, and threads within a round, run in descending index order: a GPU keeps no order, and a
+  // kernel whose answer depends on it (a last write winning) then fails here rather than passing by luck
+  for (unsigned z = grid.z; z-- > 0;)
+    for (unsigned y = grid.y; y-- > 0;)
+      for (unsigned x = grid.x; x-- > 0;) {
         block_index = dim3(x, y, z);
         block_barrier = Barrier{threads};
         warp_barriers.assign(threads / 32, Barrier{32});
@@ -114,7 +116,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 threads_per_block, Args..
         }
         for (unsigned running = threads; running > 0;) {
           running = 0;
-          for (Fiber& fiber : fibers) {
+          for (auto fiber_it = fibers.rbegin(); fiber_it != fibers.rend(); ++fiber_it) {
+            Fiber& fiber = *fiber_it;
             if (fiber.done) continue;
             current = &fiber;
             swapcontext(&scheduler, &fiber.context);
