@@ -22,6 +22,8 @@ constexpr int L2 = 0, COSINE = 1, DOT = 2;  // positions in `fastvq.ops.common.M
 constexpr float PREFILTER_LIMIT = 0x1p50f;  // |operands| the prefilter's error bound covers (no overflow below)
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The codes a search walks: K rounded up to whole register tiles (CV vectors of W codes).
+constexpr int64_t padded_codes(int64_t K) { return ceil_div(K, W * CV) * (W * CV); }
 
 // The score's per-code term from the rounded code's squared norm `sq` (fp64 sum): |c|^2 (l2), -1 / |c|
 // with |c| clamped to COSINE_NORM_EPS (cosine: the minus sign because x is not scaled there), 0
@@ -56,6 +58,7 @@ inline void put_code_operands(T* head_ops, int64_t S, int64_t D, int64_t k, cons
 // - `fp32`: the unrounded fp32 codes (Hc, K, D), the codebook's own data when it is fp32 and contiguous.
 struct PackedCodes {
   static constexpr int64_t PACK_VECTORS = 64;  // a multiple of SUB / W: a step packs whole sub-tiles
+  static_assert(PACK_VECTORS % (SUB / W) == 0, "a packing step must cover whole sub-tiles");
   const at::Tensor& codebook;
   int metric, precision;
   int64_t heads_c, K, D, K_pad, sub_tiles;
@@ -69,7 +72,7 @@ struct PackedCodes {
 
   PackedCodes(const at::Tensor& codebook, int metric, int precision, bool use_prefilter)
       : codebook(codebook), metric(metric), precision(precision), heads_c(codebook.size(0)), K(codebook.size(1)),
-        D(codebook.size(2)), K_pad(ceil_div(K, W * CV) * (W * CV)), sub_tiles(ceil_div(K_pad, SUB)),
+        D(codebook.size(2)), K_pad(padded_codes(K)), sub_tiles(ceil_div(K_pad, SUB)),
         bf16_ranks(BF16_PAIRS && precision == BF16), prefilter(BF16_PAIRS && precision != BF16 && use_prefilter),
         bias(new float[heads_c * K_pad]), norm(new float[heads_c * K_pad]), norm_bound(new float[heads_c * sub_tiles]),
         bias_bound(new float[heads_c * sub_tiles]) {  // filled by pack_step

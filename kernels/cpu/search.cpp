@@ -646,7 +646,7 @@ std::tuple<at::Tensor, at::Tensor> search_with_stats(const at::Tensor& x, const 
   at::Tensor out = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kLong));
   at::Tensor out_distance = at::empty({x.size(0), x.size(1), k}, x.options().dtype(at::kFloat));
   if (x.size(1) == 0) return {out, out_distance};
-  const int64_t K_pad = ceil_div(codebook.size(1), W * CV) * (W * CV);
+  const int64_t K_pad = padded_codes(codebook.size(1));
   const WorkPlan plan = plan_work(x.size(0), x.size(1), K_pad, D, static_cast<int>(threads), splits);
   const bool pays = k > 1 || D * plan.split_codes > PREFILTER_MIN_WORK;
   PackedCodes codes(codebook, static_cast<int>(metric), static_cast<int>(precision),
@@ -677,7 +677,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("codebook"), py::arg("metric"), py::arg("precision"), py::arg("k"), py::arg("threads"),
         py::arg("splits") = 0, py::arg("prefilter") = static_cast<int64_t>(PREFILTER_WHERE_IT_PAYS));
   m.def("work_plan", [](int64_t heads, int64_t n_tokens, int64_t K, int64_t D, int64_t threads, int64_t splits) {
-    const WorkPlan plan = plan_work(heads, n_tokens, ceil_div(K, W * CV) * (W * CV), D, static_cast<int>(threads), splits);
+    const WorkPlan plan = plan_work(heads, n_tokens, padded_codes(K), D, static_cast<int>(threads), splits);
     return std::make_tuple(plan.threads, plan.splits, plan.items());
   }, "(threads, code splits, work items) of a search of x (H, N, D) against K codes", py::arg("heads"),
         py::arg("n_tokens"), py::arg("K"), py::arg("D"), py::arg("threads"), py::arg("splits") = 0);
