@@ -8,8 +8,9 @@ Each point: N tokens (odd sizes included) x D dimensions x K codes, fp32 and bf1
 fastvq: `fastvq.nearest_code(x, codebook, backend="cpu")` on the inputs as they are; faiss-cpu:
 `IndexFlatL2.search(x, 1)` on fp32 copies (what a user converts bf16 to; building the index is
 counted), both with --threads threads. The two run in turn within each repetition (interleaved, so
-both see the same load), and a point's ratio is faiss's median time over fastvq's: above 1, fastvq is
-faster. "busy" repeats the grid while a process started here spins on one core.
+both see the same load; each timed call after an untimed one of the same library), and a point's
+ratio is faiss's median time over fastvq's: above 1, fastvq is faster. "busy" repeats the grid while
+a process started here spins on one core.
 
 Writes <out>/cpu-sweep-<date>[-quick|-committed]/sweep.json (every point's times and ratio, with the
 machine, threads, load and commit) and sweep.png (heat maps of the ratio: a row per dtype and K, idle
@@ -113,13 +114,16 @@ class BusyThread:
 
 
 def time_pair(fastvq_call, faiss_call, repeats: int, budget_s: float) -> tuple[list[float], list[float]]:
-    """Seconds of each call, taken in turn (the first call of each untimed), until `repeats` pairs or,
-    after 3, `budget_s` seconds of either."""
-    fastvq_call(), faiss_call()
+    """Seconds of each call, the two in turn (which goes first alternates), until `repeats` pairs or,
+    after 3, `budget_s` seconds of either. Each timed call follows an untimed call of the same
+    library: faiss's OpenMP threads keep spinning after a call, which made a fastvq call timed right
+    after it up to 3x slower (999 x 1024, D = 16, bf16: 1.49 against 0.49 ms), so each is timed in
+    its own steady state, as in a loop of its calls."""
     times = ([], [])
     for rep in range(repeats):
         order = ((0, fastvq_call), (1, faiss_call)) if rep % 2 == 0 else ((1, faiss_call), (0, fastvq_call))
         for slot, call in order:
+            call()
             start = time.perf_counter()
             call()
             times[slot].append(time.perf_counter() - start)
