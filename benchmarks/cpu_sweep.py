@@ -8,7 +8,7 @@ Each point: N tokens (odd sizes included) x D dimensions x K codes, fp32 and bf1
 fastvq: `fastvq.nearest_code(x, codebook, backend="cpu")` on the inputs as they are; faiss-cpu:
 `IndexFlatL2.search(x, 1)` on fp32 copies (what a user converts bf16 to; building the index is
 counted), both with --threads threads. The two run in turn within each repetition (interleaved, so
-both see the same load; each timed call after an untimed one of the same library), and a point's
+both see the same load; each timed call after a pause and an untimed one of the same library), and a point's
 ratio is faiss's median time over fastvq's: above 1, fastvq is faster. "busy" repeats the grid while
 a process started here spins on one core.
 
@@ -113,16 +113,22 @@ class BusyThread:
         self.process.join()
 
 
+SETTLE_S = 0.02
+"""Pause before each library's calls (see `time_pair`)."""
+
+
 def time_pair(fastvq_call, faiss_call, repeats: int, budget_s: float) -> tuple[list[float], list[float]]:
     """Seconds of each call, the two in turn (which goes first alternates), until `repeats` pairs or,
-    after 3, `budget_s` seconds of either. Each timed call follows an untimed call of the same
-    library: faiss's OpenMP threads keep spinning after a call, which made a fastvq call timed right
-    after it up to 3x slower (999 x 1024, D = 16, bf16: 1.49 against 0.49 ms), so each is timed in
-    its own steady state, as in a loop of its calls."""
+    after 3, `budget_s` seconds of either. Each library's turn starts with a pause of SETTLE_S, then an
+    untimed call, then the timed one, so that each is timed in its own steady state, as in a loop of its
+    calls: faiss's OpenMP threads keep spinning for a few ms after a call, and a fastvq call timed in
+    that window ran 1.5-3x slower (32769 x 1024, D = 8, fp32, 2 threads: 6.7 against 3.7 ms; with a
+    pause of 5 ms or more, 3.8 ms)."""
     times = ([], [])
     for rep in range(repeats):
         order = ((0, fastvq_call), (1, faiss_call)) if rep % 2 == 0 else ((1, faiss_call), (0, fastvq_call))
         for slot, call in order:
+            time.sleep(SETTLE_S)
             call()
             start = time.perf_counter()
             call()

@@ -135,14 +135,21 @@ struct PackedCodes {
       const scalar_t* head = codebook.data_ptr<scalar_t>() + hc * codebook.stride(0);
       const int64_t s_k = codebook.stride(1), s_d = codebook.stride(2);
       for (int64_t k = k0; k < k_end; ++k) {
-        double sq = k < K ? 0.0 : NAN;
-        for (int64_t d = 0; d < D && k < K; ++d) {
+        if (k >= K) {
+          visit(k, NAN);
+          continue;
+        }
+        constexpr int LANES = 8;  // independent fp64 sums (one chain of D dependent adds was the packing's cost)
+        double sq[LANES] = {};
+        for (int64_t d = 0; d < D; ++d) {
           const float value = static_cast<float>(head[k * s_k + d * s_d]);
           if (copy_codes) copy[(hc * K + k) * D + d] = value;
-          row[d] = round_operand(value, precision);
-          sq += static_cast<double>(row[d]) * row[d];
+          row[d] = precision == IEEE ? value : round_operand(value, precision);
+          sq[d % LANES] += static_cast<double>(row[d]) * row[d];
         }
-        visit(k, sq);
+        double sum = 0.0;
+        for (const double lane : sq) sum += lane;
+        visit(k, sum);
       }
     });
   }

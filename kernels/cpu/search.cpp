@@ -16,16 +16,16 @@
 // entry) makes every score of that code NaN.
 //
 // Work: items of (head, block of TOKEN_BLOCK tokens, split of the codes), handed out in that order from
-// a shared counter to threads that the call starts itself and joins (`run_threads`): no thread waits
+// a shared counter to the caller's thread and the process's helper threads (workers.h): no thread waits
 // by spinning, so one that another process slows down takes fewer items and one that waits gives its
 // core away. An item copies its tokens, rounded and scaled, into a buffer, then walks its codes in
 // L2-sized tiles; inside, TN tokens x CV code vectors of W codes are scored in registers, written to
 // a small score buffer (one sub-tile of codes per token) and reduced to a per-token minimum; only when
 // that minimum beats the token's current k-th score is the sub-tile rescanned in code order to insert
-// its codes (strict <, so ties keep the lower index). For k = 1 in splits of up to ARGMIN_MAX_CODES
-// codes, each token keeps instead a running minimum per lane and the code vector it came from
-// (`sub_tile_argmin`, strict <), reduced once at the end of the item to the lowest code among the
-// lanes' equal minima: no rescans, the same answer. The last item of a token block to finish merges
+// its codes (strict <, so ties keep the lower index). For k = 1 each token keeps instead a running
+// minimum per lane and the pair of code vectors it came from (`sub_tile_argmin`, strict <), reduced
+// once at the end of the item to the lowest code among the lanes' equal minima (`lane_argmin`): no
+// rescans, the same answer. The last item of a token block to finish merges
 // the splits' lists in code order (`merge_splits`), so the answer is the same for every thread count
 // and work split, bit for bit.
 //
@@ -41,7 +41,8 @@
 // PREFILTER_LIMIT or when candidates are so many that the fp32 scores cost more than it saves, and for
 // k = 1 it is not used on short dot products over few codes (PREFILTER_MIN_WORK), where it costs more.
 // Layout: tile.h holds the register tile (vectors, the TN x CV scores, list insertion), packed_codes.h
-// the packed codebook and per-code terms, this file the work plan, threads, prefilter and outputs.
+// the packed codebook and per-code terms, workers.h the helper threads, this file the work plan,
+// prefilter and outputs.
 
 #include <torch/extension.h>
 
@@ -50,12 +51,9 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
-#include <exception>
 #include <limits>
 #include <memory>
 #include <mutex>
-#include <system_error>
-#include <thread>
 #include <tuple>
 #include <utility>
 #include <type_traits>
@@ -63,6 +61,7 @@
 
 #include "packed_codes.h"
 #include "tile.h"
+#include "workers.h"
 
 namespace fastvq_cpu {
 
@@ -74,11 +73,6 @@ constexpr int64_t TILE_BYTES = 256 * 1024;  // packed codes per L2 tile
 constexpr int64_t EVALUATION_COST = 20, PREFILTER_GRACE = 1024;
 constexpr int64_t SHORT_STEPS = 4;  // dot products of at most this many steps keep no scores (`sub_tile_scores`)
 constexpr int EXACT_CHAINS = 4;  // the prefilter's candidates scored at once (independent FMA chains)
-// k = 1 keeps each token's argmin in registers (`sub_tile_argmin`: two more operations per code vector, no
-// rescans) in splits of at most ARGMIN_MAX_CODES codes, where a sub-tile's minimum improves often (about
-// half the time with 4 sub-tiles; 2.2x faster at D = 4, 1.3x at D = 16, K = 1024, single-thread CPU time
-// on Zen 4); in longer splits it improves rarely and the minimum alone (`sub_tile_minima`) is cheaper.
-constexpr int64_t ARGMIN_MAX_CODES = 2048;
 // The prefilter pays for k = 1 only past PREFILTER_MIN_WORK (dimensions x codes per split): below, its
 // first sub-tile per token (list empty: every code a candidate) and rescans cost more than the bf16 pairs
 // save (D = 4, K = 16384: 1.4x slower than fp32 operands; D = 8: 1.2x faster; K = 1024: even at D = 64,
@@ -139,35 +133,6 @@ WorkPlan plan_work(int64_t heads, int64_t n_tokens, int64_t K_pad, int64_t D, in
   return {heads, blocks, splits, split_codes, threads};
 }
 
-// Runs `work()` on the calling thread and on `count - 1` threads started here, then joins them. A
-// thread that finishes first blocks in join (no spinning: it gives its core to the others); fewer
-// threads when the system refuses to start one (the work is handed out dynamically anyway). Rethrows
-// the first exception a thread raised.
-template <typename F>
-void run_threads(int count, const F& work) {
-  std::mutex mutex;
-  std::exception_ptr error;
-  const auto guarded = [&] {
-    try {
-      work();
-    } catch (...) {
-      const std::lock_guard<std::mutex> lock(mutex);
-      if (!error) error = std::current_exception();
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (int i = 1; i < count; ++i) {
-    try {
-      helpers.emplace_back(guarded);
-    } catch (const std::system_error&) {
-      break;
-    }
-  }
-  guarded();
-  for (std::thread& helper : helpers) helper.join();
-  if (error) std::rethrow_exception(error);
-}
-
 // Counts finished steps of a phase; `wait` blocks (no spinning) until all `total` are done.
 class Latch {
  public:
@@ -218,14 +183,14 @@ struct ThreadBuffers {
   std::vector<float> scores, row, best, x_norm, error, limit;  // error, limit: the prefilter's, per token
   std::vector<int64_t> best_index;
   std::vector<float> lane_best;  // k = 1: each token's running argmin per lane (`sub_tile_argmin`)
-  std::vector<int32_t> lane_number;
+  std::vector<int32_t> lane_pair;
   bool fits = false;  // the tokens' operands are within PREFILTER_LIMIT
   std::vector<int> pending_rows;  // the prefilter's candidates still to score: token row, code
   std::vector<int64_t> pending_codes;
   ThreadBuffers(int64_t D, int k, bool prefilter)
       : xs(TOKEN_BLOCK * steps<T>(D)), xs_bf16(prefilter ? TOKEN_BLOCK * steps<bf16_pair>(D) : 0),
         scores(TN * SUB), row(SUB), best(TOKEN_BLOCK * k), x_norm(TOKEN_BLOCK), error(TOKEN_BLOCK), limit(TOKEN_BLOCK),
-        best_index(TOKEN_BLOCK * k), lane_best(k == 1 ? TOKEN_BLOCK * W : 0), lane_number(lane_best.size()) {
+        best_index(TOKEN_BLOCK * k), lane_best(k == 1 ? TOKEN_BLOCK * W : 0), lane_pair(lane_best.size()) {
     pending_rows.reserve(prefilter ? TN * SUB : 0);
     pending_codes.reserve(pending_rows.capacity());
   }
@@ -283,13 +248,15 @@ struct Search {
         buf.xs[(r / TN * S + s) * TN + r % TN] =
             r < rows ? operand_step<T>(token, sx_d, D(), s, x_scale, codes->precision) : T(0);
       if (buf.xs_bf16.empty()) continue;
-      double sq = 0.0;
+      constexpr int LANES = 8;  // independent fp64 sums
+      double sq[LANES] = {}, sum = 0.0;
       for (int64_t d = 0; d < D(); ++d) {
         operands[d] = r < rows ? x_scale * round_operand(static_cast<float>(token[d * sx_d]), codes->precision) : 0.0f;
         buf.fits = buf.fits && std::abs(operands[d]) <= PREFILTER_LIMIT;
-        sq += static_cast<double>(operands[d]) * operands[d];
+        sq[d % LANES] += static_cast<double>(operands[d]) * operands[d];
       }
-      buf.x_norm[r] = static_cast<float>(std::sqrt(sq) * (1 + 0x1p-20));
+      for (const double lane : sq) sum += lane;
+      buf.x_norm[r] = static_cast<float>(std::sqrt(sum) * (1 + 0x1p-20));
       for (int64_t s = 0; s < S2; ++s)
         buf.xs_bf16[(r / TN * S2 + s) * TN + r % TN] = operand_step<bf16_pair>(operands.data(), 1, D(), s, 1.0f, IEEE);
     }
@@ -302,11 +269,10 @@ struct Search {
     const int64_t hc = codes->heads_c == 1 ? 0 : h;
     const int64_t tile_codes = std::max<int64_t>(SUB, TILE_BYTES / (D() * sizeof(float) * SUB) * SUB);
     bool prefilter = CAN_PREFILTER && buf.fits && codes->prefilter_fits;
-    const bool argmin = k == 1 && k_end - k_begin <= ARGMIN_MAX_CODES;
     stats[0] += prefilter;
     if (prefilter) set_limits(hc, rows, k_begin, k_end, buf);
     std::fill(buf.lane_best.begin(), buf.lane_best.end(), INF);
-    std::fill(buf.lane_number.begin(), buf.lane_number.end(), -1);
+    std::fill(buf.lane_pair.begin(), buf.lane_pair.end(), -1);
     int64_t pairs = 0, evaluations = 0;  // (token, code) pairs through the prefilter, fp32 scores it asked for
     for (int64_t tile0 = k_begin; tile0 < k_end; tile0 += tile_codes)
       for (int r0 = 0; r0 < rows; r0 += TN)
@@ -314,7 +280,7 @@ struct Search {
           const int n_codes = static_cast<int>(std::min<int64_t>(SUB, k_end - k0));
           const int tokens = std::min(TN, rows - r0);
           if (!prefilter) {
-            ranked_sub_tile(hc, r0, tokens, k0, n_codes, argmin, buf);
+            ranked_sub_tile(hc, r0, tokens, k0, n_codes, buf);
             continue;
           }
           evaluations += prefiltered_sub_tile(hc, r0, tokens, k0, n_codes, buf);
@@ -325,21 +291,26 @@ struct Search {
           }
         }
     stats[2] += evaluations + score_pending(hc, buf);
-    if (k == 1) take_lane_argmins(rows, buf);
+    if (k == 1 && !prefilter) take_lane_argmins(hc, rows, buf);  // the argmins of the ranked sub-tiles
   }
 
-  // k = 1: each token's code of the lowest score among its lanes' (`sub_tile_argmin`), the lowest code
-  // among equal ones, into its list.
-  void take_lane_argmins(int rows, ThreadBuffers<T>& buf) const {
+  // k = 1: each token's code of the lowest score among its lanes' (`sub_tile_argmin`, `lane_argmin`), the
+  // lowest code among equal ones, into its list.
+  void take_lane_argmins(int64_t hc, int rows, ThreadBuffers<T>& buf) const {
+    const int64_t S = steps<T>(D());
+    const T* ops = ranking_operands(hc);
+    const float* bias = codes->bias.get() + hc * codes->K_pad;
     for (int r = 0; r < rows; ++r) {
-      const float* lowest = buf.lane_best.data() + r * W;
-      const int32_t* number = buf.lane_number.data() + r * W;
-      const float m = *std::min_element(lowest, lowest + W);  // no NaN there
-      if (!(m < INF)) continue;
-      int64_t code = std::numeric_limits<int64_t>::max();
-      for (int l = 0; l < W; ++l)
-        if (lowest[l] == m) code = std::min(code, static_cast<int64_t>(number[l]) * W + l);
-      insert(buf.best.data() + r, buf.best_index.data() + r, 1, m, code);
+      const T* x = buf.xs.data() + r / TN * S * TN + r % TN;
+      float m;
+      const int64_t code = lane_argmin(load(buf.lane_best.data() + r * W), buf.lane_pair.data() + r * W, m,
+                                       [&](int64_t vector, int lane) {
+                                         vec scores;
+                                         score_vectors<METRIC == COSINE, 1>(x, S, ops + vector * S * W, bias + vector * W,
+                                                                            &scores);
+                                         return (equal_mask(scores, m) >> lane) & 1;
+                                       });
+      if (code >= 0) insert(buf.best.data() + r, buf.best_index.data() + r, 1, m, code);
     }
   }
 
@@ -363,23 +334,27 @@ struct Search {
     buf.limit[r] = sum + std::abs(sum) * 0x1p-22f;
   }
 
-  // Tokens r0 .. r0 + tokens against codes k0 .. k0 + n_codes, ranked by the operands of type T (with
-  // `argmin`, k = 1, into the tokens' running argmins).
-  void ranked_sub_tile(int64_t hc, int r0, int tokens, int64_t k0, int n_codes, bool argmin,
-                       ThreadBuffers<T>& buf) const {
-    const int64_t S = steps<T>(D()), K_pad = codes->K_pad;
-    const T* ops;
-    if constexpr (std::is_same_v<T, float>) ops = codes->f32_operands() + hc * K_pad * S;
-    else ops = codes->bf16.get() + hc * K_pad * S;
-    const float* bias = codes->bias.get() + hc * K_pad + k0;
-    if (argmin) return argmin_sub_tile(buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, k0, r0, buf);
+  // The operands of type T that rank head hc's codes, (K_pad / W, S, W).
+  const T* ranking_operands(int64_t hc) const {
+    const int64_t offset = hc * codes->K_pad * steps<T>(D());
+    if constexpr (std::is_same_v<T, float>) return codes->f32_operands() + offset;
+    else return codes->bf16.get() + offset;
+  }
+
+  // Tokens r0 .. r0 + tokens against codes k0 .. k0 + n_codes, ranked by the operands of type T (k = 1:
+  // into the tokens' running argmins).
+  void ranked_sub_tile(int64_t hc, int r0, int tokens, int64_t k0, int n_codes, ThreadBuffers<T>& buf) const {
+    const int64_t S = steps<T>(D());
+    const T* ops = ranking_operands(hc);
+    const float* bias = codes->bias.get() + hc * codes->K_pad + k0;
+    if (k == 1) return argmin_sub_tile(buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, k0, r0, buf);
     vec minima[TN];
     const float* scores = sub_tile_scores(buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, buf, minima);
     for (int t = 0; t < tokens; ++t) {
       float* best = buf.best.data() + (r0 + t) * k;
       if (!any_below(minima[t], best[k - 1])) continue;
-      update_list(token_scores(scores, t, buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, buf), minima[t],
-                  n_codes, k0, best, buf.best_index.data() + (r0 + t) * k);
+      update_list(token_scores(scores, t, buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, buf), n_codes, k0,
+                  best, buf.best_index.data() + (r0 + t) * k);
     }
   }
 
@@ -391,10 +366,10 @@ struct Search {
     const int n_vec = n_codes / W;
     const int32_t number0 = static_cast<int32_t>(k0 / W);
     float* best = buf.lane_best.data() + r0 * W;
-    int32_t* number = buf.lane_number.data() + r0 * W;
+    int32_t* pair = buf.lane_pair.data() + r0 * W;
     const auto fast = [&](auto fixed_s) {
       return sub_tile_argmin<METRIC == COSINE, false, decltype(fixed_s)::value>(xs, S, ops, bias, n_vec, number0,
-                                                                               best, number);
+                                                                               best, pair);
     };
     bool done;
     switch (S) {
@@ -404,7 +379,7 @@ struct Search {
       case 16: done = fast(std::integral_constant<int, 16>{}); break;
       default: done = fast(std::integral_constant<int, 0>{});
     }
-    if (!done) sub_tile_argmin<METRIC == COSINE, true, 0>(xs, S, ops, bias, n_vec, number0, best, number);
+    if (!done) sub_tile_argmin<METRIC == COSINE, true, 0>(xs, S, ops, bias, n_vec, number0, best, pair);
   }
 
   // `sub_tile_minima` of TN tokens (operands xs, S steps) against n_codes codes: the scores are stored
@@ -432,17 +407,9 @@ struct Search {
     return buf.row.data();
   }
 
-  // One token's list with the sub-tile of n_codes scores s (codes k0 ..), whose minimum is in `minima` and
-  // below the list's last score.
-  void update_list(const float* s, vec minima, int n_codes, int64_t k0, float* best, int64_t* best_index) const {
-    if (k == 1) {  // the first code with the sub-tile's minimum, unless that is -inf
-      const float m = horizontal_min(minima);
-      if (m != -INF) {
-        best[0] = m;
-        best_index[0] = k0 + first_equal(s, n_codes, m);
-        return;
-      }
-    }
+  // One token's list (k > 1) with the sub-tile of n_codes scores s (codes k0 ..), whose minimum is below
+  // the list's last score.
+  void update_list(const float* s, int n_codes, int64_t k0, float* best, int64_t* best_index) const {
     for (int l = 0; l < n_codes; ++l)  // code order: strict < keeps the lower index on ties
       if (s[l] < best[k - 1] && s[l] != -INF) insert(best, best_index, k, s[l], k0 + l);
   }
@@ -612,7 +579,7 @@ void search_operands(const at::Tensor& x, PackedCodes& codes, int metric, int k,
       search.split_best = split_best.data(), search.split_index = split_index.data();
       search.splits_done = splits_done.get(), search.stats = stats;
       search.out = out.data_ptr<int64_t>(), search.out_distance = out_distance.data_ptr<float>();
-      run_threads(plan.threads, [&] {
+      Workers::instance().run(plan.threads, [&] {
         for (int64_t step = next_pack++; step < codes.pack_steps(); step = next_pack++)
           codes.pack_step(step), packing.count_down();
         packing.wait();
@@ -675,7 +642,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fastvq_cpu;
   m.def("search", &search, "Fused nearest-code / top-k search on CPU (see kernels/cpu/search.cpp)", py::arg("x"),
         py::arg("codebook"), py::arg("metric"), py::arg("precision"), py::arg("k"), py::arg("threads"),
-        py::arg("splits") = 0, py::arg("prefilter") = static_cast<int64_t>(PREFILTER_WHERE_IT_PAYS));
+        py::arg("splits") = 0, py::arg("prefilter") = static_cast<int64_t>(PREFILTER_WHERE_IT_PAYS),
+        py::call_guard<py::gil_scoped_release>());  // touches no Python object: other Python threads run meanwhile
   m.def("work_plan", [](int64_t heads, int64_t n_tokens, int64_t K, int64_t D, int64_t threads, int64_t splits) {
     const WorkPlan plan = plan_work(heads, n_tokens, padded_codes(K), D, static_cast<int>(threads), splits);
     return std::make_tuple(plan.threads, plan.splits, plan.items());

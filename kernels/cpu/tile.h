@@ -31,7 +31,10 @@ constexpr float INF = std::numeric_limits<float>::infinity();
 // register allocator spills the generic version's accumulators there), GCC vectors elsewhere.
 #ifdef __AVX512F__
 typedef __m512 vec;
-constexpr int TN = 6;  // tokens per register tile: TN * CV accumulators + TN minima in 32 zmm
+// Tokens per register tile: the k = 1 argmin holds TN x CV accumulators and 3 TN minima / pair numbers
+// in the 32 zmm registers without spilling (TN = 6 spilled: 13-16 % slower at D = 4-8, K = 1024; the
+// list path runs as fast with 4 as with 6).
+constexpr int TN = 4;
 inline vec load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline vec splat(float v) { return _mm512_set1_ps(v); }
@@ -47,14 +50,14 @@ typedef __m512i ivec;  // W int32 lanes
 inline ivec splat_index(int32_t v) { return _mm512_set1_epi32(v); }
 inline ivec load_index(const int32_t* p) { return _mm512_loadu_si512(p); }
 inline void store_index(int32_t* p, ivec v) { _mm512_storeu_si512(p, v); }
-inline bool any_equal(vec v, float value) { return _mm512_cmp_ps_mask(v, splat(value), _CMP_EQ_OQ) != 0; }
-// Lanes where s < best (NaN never), and with SKIP_MINUS_INF not -inf either, take s and `number`.
-template <bool SKIP_MINUS_INF>
-inline void keep_lower(vec s, ivec number, vec& best, ivec& best_number) {
-  __mmask16 lower = _mm512_cmp_ps_mask(s, best, _CMP_LT_OQ);
-  if (SKIP_MINUS_INF) lower = _mm512_mask_cmp_ps_mask(lower, s, splat(-INF), _CMP_NEQ_OQ);
-  best = _mm512_mask_mov_ps(best, lower, s);
-  best_number = _mm512_mask_mov_epi32(best_number, lower, number);
+inline uint32_t equal_mask(vec v, float value) { return _mm512_cmp_ps_mask(v, splat(value), _CMP_EQ_OQ); }
+// Lanes where s is -inf become NaN (never kept by `lower_of`).
+inline vec drop_minus_inf(vec s) { return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(s, splat(-INF), _CMP_EQ_OQ), splat(NAN)); }
+// Per lane: s where s < lowest, else lowest (a NaN s never replaces; lowest is never NaN).
+inline vec lower_of(vec s, vec lowest) { return _mm512_min_ps(s, lowest); }
+// Lanes where `lower` < `lowest` take `number` into `best_number`.
+inline void mark_lower(vec lower, vec lowest, ivec number, ivec& best_number) {
+  best_number = _mm512_mask_mov_epi32(best_number, _mm512_cmp_ps_mask(lower, lowest, _CMP_LT_OQ), number);
 }
 inline int first_equal(const float* s, int n, float value) {  // n a multiple of W; value is in s
   int l = 0;
@@ -92,17 +95,15 @@ typedef int32_t ivec_unaligned __attribute__((vector_size(W * sizeof(int32_t)), 
 inline ivec splat_index(int32_t v) { return ivec{} + v; }
 inline ivec load_index(const int32_t* p) { return *reinterpret_cast<const ivec_unaligned*>(p); }
 inline void store_index(int32_t* p, ivec v) { *reinterpret_cast<ivec_unaligned*>(p) = v; }
-inline bool any_equal(vec v, float value) {
-  for (int l = 0; l < W; ++l)
-    if (v[l] == value) return true;
-  return false;
+inline uint32_t equal_mask(vec v, float value) {
+  uint32_t mask = 0;
+  for (int l = 0; l < W; ++l) mask |= static_cast<uint32_t>(v[l] == value) << l;
+  return mask;
 }
-template <bool SKIP_MINUS_INF>
-inline void keep_lower(vec s, ivec number, vec& best, ivec& best_number) {
-  auto lower = s < best;
-  if (SKIP_MINUS_INF) lower &= s != -INF;
-  best = lower ? s : best;
-  best_number = lower ? number : best_number;
+inline vec drop_minus_inf(vec s) { return s == -INF ? splat(NAN) : s; }
+inline vec lower_of(vec s, vec lowest) { return s < lowest ? s : lowest; }
+inline void mark_lower(vec lower, vec lowest, ivec number, ivec& best_number) {
+  best_number = lower < lowest ? number : best_number;
 }
 inline int first_equal(const float* s, int n, float value) {
   for (int l = 0; l < n; ++l)
@@ -223,47 +224,81 @@ inline void sub_tile_minima(const T* xs, int64_t S, const T* codes, const float*
   for (int t = 0; t < TN; ++t) minima_out[t] = minima[t];
 }
 
-// The TN tokens' running argmin (k = 1) over `n_vec` more code vectors, numbered from `number0`: lane l
-// of token t's row of `best` (TN rows of W, in memory between calls) holds the lowest score of its
-// codes in lane l so far, the same row of `best_number` the code vector it came from. Codes come in
-// increasing order and only a strictly lower score replaces (a tie keeps the lower code); a NaN score
-// never does, nor with SKIP_MINUS_INF does -inf. Without SKIP_MINUS_INF, returns false and leaves the
-// rows as they were when a lane would hold -inf (the caller then calls again with it); else true.
+// The TN tokens' running argmin (k = 1) over `n_vec` more code vectors, numbered from `number0`, kept
+// per lane and per pair of code vectors (the CV = 2 vectors of a register tile): lane l of token t's row
+// of `best` (TN rows of W, in memory between calls) holds the lowest score of its codes in lane l so
+// far, the same row of `best_pair` the number of the first vector of the pair it came from. Per code
+// vector this costs one min; per pair, one compare and one masked move. Codes come in increasing order
+// and only a strictly lower score replaces (a tie keeps the lower code, the pair's first vector being
+// resolved by `lane_code`); a NaN score never does, nor with SKIP_MINUS_INF does -inf. Without
+// SKIP_MINUS_INF, returns false and leaves the rows as they were when a lane would hold -inf (the
+// caller then calls again with it); else true.
 template <bool COSINE, bool SKIP_MINUS_INF, int FIXED_S, typename T>
 inline bool sub_tile_argmin(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec, int32_t number0,
-                            float* best, int32_t* best_number) {
-  vec lowest[TN];
-  ivec number[TN];
-  for (int t = 0; t < TN; ++t) lowest[t] = load(best + t * W), number[t] = load_index(best_number + t * W);
+                            float* best, int32_t* best_pair) {
+  static_assert(CV == 2, "a pair of code vectors per register tile");
+  vec lowest[TN], lower[TN];
+  ivec pair[TN];
+  for (int t = 0; t < TN; ++t) lowest[t] = load(best + t * W), pair[t] = load_index(best_pair + t * W);
   for_each_score_vector<COSINE, FIXED_S>(xs, S, codes, bias, n_vec, [&](int j, int t, vec s) {
-    keep_lower<SKIP_MINUS_INF>(s, splat_index(number0 + j), lowest[t], number[t]);
+    if (SKIP_MINUS_INF) s = drop_minus_inf(s);
+    if (j % CV == 0) {
+      lower[t] = lower_of(s, lowest[t]);
+      return;
+    }
+    lower[t] = lower_of(s, lower[t]);
+    mark_lower(lower[t], lowest[t], splat_index(number0 + j - 1), pair[t]);
+    lowest[t] = lower[t];
   });
   if (!SKIP_MINUS_INF)
     for (int t = 0; t < TN; ++t)
-      if (any_equal(lowest[t], -INF)) return false;
-  for (int t = 0; t < TN; ++t) store(best + t * W, lowest[t]), store_index(best_number + t * W, number[t]);
+      if (equal_mask(lowest[t], -INF)) return false;
+  for (int t = 0; t < TN; ++t) store(best + t * W, lowest[t]), store_index(best_pair + t * W, pair[t]);
   return true;
 }
 
-// Scores of one token (x: its S operands, TN apart) against the C code vectors at `codes` into `scores`.
+// A token's argmin from its row of `sub_tile_argmin` (lane minima `lowest`, pair numbers `pair`): the
+// lowest score m and the lowest code among the lanes that hold it, each lane's code in the first vector
+// of its pair where `holds_m(vector number, lane)` (the token's score there equals m), else the second;
+// -1 when m is INF.
+template <typename F>
+inline int64_t lane_argmin(vec lowest, const int32_t* pair, float& m, const F& holds_m) {
+  m = horizontal_min(lowest);
+  if (!(m < INF)) return -1;
+  int64_t code = std::numeric_limits<int64_t>::max();
+  uint32_t lanes = equal_mask(lowest, m);  // not empty
+  do {  // usually one lane; no branch on which vector of the pair (a coin flip for the predictor)
+    const int l = __builtin_ctz(lanes);
+    const int64_t vector = pair[l] + static_cast<int64_t>(!holds_m(pair[l], l));
+    code = std::min(code, vector * W + l);
+    lanes &= lanes - 1;
+  } while (lanes);
+  return code;
+}
+
+// Scores of one token (x: its S operands, TN apart) against the C code vectors at `codes` into `out`.
 template <bool COSINE, int C, typename T>
-inline void score_vectors(const T* x, int64_t S, const T* codes, const float* bias, float* scores) {
+inline void score_vectors(const T* x, int64_t S, const T* codes, const float* bias, vec* out) {
   vec acc[C];
   for (int c = 0; c < C; ++c) acc[c] = COSINE ? splat(0.0f) : load(bias + c * W);
   for (int64_t s = 0; s < S; ++s, codes += W)
     for (int c = 0; c < C; ++c) acc[c] = multiply_add(acc[c], x[s * TN], load_codes(codes + c * S * W));
-  for (int c = 0; c < C; ++c) store(scores + c * W, COSINE ? mul(acc[c], load(bias + c * W)) : acc[c]);
+  for (int c = 0; c < C; ++c) out[c] = COSINE ? mul(acc[c], load(bias + c * W)) : acc[c];
 }
 
 // One token's scores against `n_vec` code vectors (a multiple of CV) into `scores`, bit for bit those of
 // `sub_tile_minima` (the same operations in the same order), four code vectors at a time.
 template <bool COSINE, typename T>
 inline void score_row(const T* x, int64_t S, const T* codes, const float* bias, int n_vec, float* scores) {
+  const auto score = [&](auto vectors, int j) {
+    constexpr int C = decltype(vectors)::value;
+    vec out[C];
+    score_vectors<COSINE, C>(x, S, codes + static_cast<int64_t>(j) * S * W, bias + j * W, out);
+    for (int c = 0; c < C; ++c) store(scores + (j + c) * W, out[c]);
+  };
   int j = 0;
-  for (; j + 4 <= n_vec; j += 4)
-    score_vectors<COSINE, 4>(x, S, codes + static_cast<int64_t>(j) * S * W, bias + j * W, scores + j * W);
-  for (; j < n_vec; j += CV)
-    score_vectors<COSINE, CV>(x, S, codes + static_cast<int64_t>(j) * S * W, bias + j * W, scores + j * W);
+  for (; j + 4 <= n_vec; j += 4) score(std::integral_constant<int, 4>{}, j);
+  for (; j < n_vec; j += CV) score(std::integral_constant<int, CV>{}, j);
 }
 
 // Insert `score` of code `index` into the list (k long, sorted by score then index; empty slots are

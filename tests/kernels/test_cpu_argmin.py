@@ -1,6 +1,7 @@
-"""The C++ CPU search's k = 1 path (kernels/cpu/tile.h `sub_tile_argmin`): each token keeps a running
-minimum per lane of W = 16 codes and the code vector it came from, reduced once per work item to the
-lowest code among the lanes' equal minima. It must give the answer of the list path (k = 2's first
+"""The C++ CPU search's k = 1 path (kernels/cpu/tile.h `sub_tile_argmin`, `lane_argmin`): each token
+keeps a running minimum per lane of W = 16 codes and the pair of code vectors it came from, reduced once
+per work item to the lowest code among the lanes' equal minima, the vector of the pair resolved by
+scoring the first again. It must give the answer of the list path (k = 2's first
 column), bit for bit: ties to the lowest index across lanes, sub-tiles of 256 codes and code splits,
 -inf / NaN / overflowing scores never chosen wherever they fall, at every D (the dot product's length
 is fixed at compile time for 2, 4, 8 and 16 steps: D = 4, 8, 16 in fp32, D = 3-4, 7-8, 15-16, 31-32
@@ -82,6 +83,35 @@ def check_ties_across_lanes_sub_tiles_and_splits(search):
             assert torch.equal(got, _lowest_l2(x, codebook))
 
 
+def check_which_vector_of_a_pair(search):
+    """Per token, its exact copy (distance 0) sits in lane l of a pair of code vectors (codes 32 p + l and
+    32 p + 16 + l), every other code far away: in the first with a second copy in the second; in the
+    second with a near decoy or a NaN code in the first; in the second with a copy in the next pair's
+    first. The lowest index of an exact copy wins."""
+    generator = torch.Generator().manual_seed(15)
+    d, k, n = 5, 600, 64
+    codebook = _integers((1, k, d), generator) + 20.0
+    x = _integers((1, n, d), generator)
+    want = []
+    for t in range(n):
+        first = 32 * (t % 18) + t % 16
+        second = first + 16
+        case = t % 4
+        codebook[0, second] = x[0, t]
+        if case == 0:
+            codebook[0, first] = x[0, t]
+        elif case == 1:
+            codebook[0, first] = x[0, t] + 1.0
+        elif case == 2:
+            codebook[0, first, 0] = float("nan")
+        else:
+            codebook[0, second + 16] = x[0, t]
+        want.append(first if case == 0 else second)
+    got = _same_for_every_plan(search, x, codebook, L2, IEEE)
+    assert got.tolist() == [want]
+    assert got.tolist() == _lowest_l2(x, codebook.nan_to_num(1e6)).tolist()
+
+
 def check_non_finite_scores_at_every_lane(search):
     """dot, tokens (x0 >= 2.5e19, 0, 0, 0) against codes (c0, ...): the score -(x.c) is lowest for the
     largest c0, but codes with c0 = 1.5e19 score -inf (overflow; |c|^2 = 2.25e38 is finite) and codes
@@ -120,6 +150,7 @@ def check_the_prefilter_choice_does_not_change_the_answer(search):
 CHECKS = [
     check_every_d_and_odd_k,
     check_ties_across_lanes_sub_tiles_and_splits,
+    check_which_vector_of_a_pair,
     check_non_finite_scores_at_every_lane,
     check_the_prefilter_choice_does_not_change_the_answer,
 ]

@@ -2,10 +2,15 @@
 test_topk_codes.py check on every backend: how it cuts and schedules its work, and its rules at the
 fp32 limit.
 
-The search hands out items of (head, token block, code split) to threads it starts itself; the lists
-of a token block's splits are merged in code order, so the answer must not depend on the thread count
-or on the split, bit for bit, ties included.
+The search hands out items of (head, token block, code split) to the caller's thread and the
+process's helper threads (kernels/cpu/workers.h); the lists of a token block's splits are merged in
+code order, so the answer must not depend on the thread count or on the split, bit for bit, ties
+included, nor on other calls running at the same time or on a fork.
 """
+
+import multiprocessing
+import os
+import threading
 
 import pytest
 import torch
@@ -64,6 +69,55 @@ def test_small_calls_run_on_one_thread(search):
     """A call too small to pay for starting a thread runs on the caller's alone."""
     assert search.work_plan(1, 7, 100, 8, 16, 0)[0] == 1
     assert search.work_plan(1, 16384, 16384, 8, 2, 0)[:2] == (2, 1)
+
+
+def test_calls_from_several_python_threads_at_once(search):
+    """The search releases the GIL, so four Python threads search at the same time: one call holds the
+    helper threads, the others run on their callers' threads alone. Every answer is the one-thread one."""
+    x, codebook = _tied_inputs(2, 3001, 2500, 16, seed=5)
+    want = search.search(x, codebook, 0, 0, 3, 1, 0)
+    answers = [None] * 4
+
+    def run(slot):
+        answers[slot] = [search.search(x, codebook, 0, 0, 3, 2, 0) for _ in range(3)]
+
+    workers = [threading.Thread(target=run, args=(slot,)) for slot in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for got in (answer for calls in answers for answer in calls):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _search_in_child(connection, x, codebook):
+    from fastvq.ops.cpu import load_extension
+
+    connection.send(load_extension().search(x, codebook, 0, 0, 1, 2, 0)[0].tolist())
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork on this platform")
+def test_a_forked_child_starts_its_own_helper_threads(search):
+    """A child forked after the parent's helper threads started (a DataLoader worker, a fork Pool) has
+    none of them: its searches start their own and give the parent's answer (and do not hang)."""
+    x, codebook = _tied_inputs(1, 2001, 3000, 8, seed=6)
+    want = search.search(x, codebook, 0, 0, 1, 2, 0)[0].tolist()  # the parent's helpers are running now
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.get_context("fork").Process(target=_search_in_child, args=(sender, x, codebook))
+    child.start()
+    assert receiver.poll(120), "the forked child's search did not finish"
+    assert receiver.recv() == want
+    child.join(30)
+    assert child.exitcode == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_the_callers_cpu_affinity_is_left_alone(search):
+    """The helpers are bound to cores for a call; the calling thread never is."""
+    before = os.sched_getaffinity(0)
+    x, codebook = _tied_inputs(1, 4001, 3000, 8, seed=7)
+    search.search(x, codebook, 0, 0, 1, 2, 0)
+    assert os.sched_getaffinity(0) == before
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -38,7 +38,8 @@ def extension(isa: str | None = None) -> JitExtension:
     narrower ones this CPU runs, so that every code path is checked)."""
     isa = isa or vector_unit()
     sources = (SOURCES / "search.cpp",)
-    headers = (SOURCES / "tile.h", SOURCES / "packed_codes.h")  # included by search.cpp; ninja tracks them
+    # included by search.cpp; ninja tracks them
+    headers = (SOURCES / "tile.h", SOURCES / "packed_codes.h", SOURCES / "workers.h")
     return JitExtension(
         name=extension_name(f"cpu_search_{isa.lower()}"),
         what="C++ CPU kernels",
