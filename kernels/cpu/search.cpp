@@ -22,10 +22,10 @@
 // L2-sized tiles; inside, TN tokens x CV code vectors of W codes are scored in registers, written to
 // a small score buffer (one sub-tile of codes per token) and reduced to a per-token minimum; only when
 // that minimum beats the token's current k-th score is the sub-tile rescanned in code order to insert
-// its codes (strict <, so ties keep the lower index). For k = 1 each token keeps instead a running
-// minimum per lane and the pair of code vectors it came from (`sub_tile_argmin`, strict <), reduced
-// once at the end of the item to the lowest code among the lanes' equal minima (`lane_argmin`): no
-// rescans, the same answer. The last item of a token block to finish merges
+// its codes (strict <, so ties keep the lower index). For k = 1 in splits of up to ARGMIN_MAX_CODES
+// codes, each token keeps instead a running minimum per lane and the pair of code vectors it came from
+// (`sub_tile_argmin`, strict <), reduced once at the end of the item to the lowest code among the
+// lanes' equal minima (`lane_argmin`): no rescans, the same answer. The last item of a token block to finish merges
 // the splits' lists in code order (`merge_splits`), so the answer is the same for every thread count
 // and work split, bit for bit.
 //
@@ -73,6 +73,12 @@ constexpr int64_t TILE_BYTES = 256 * 1024;  // packed codes per L2 tile
 constexpr int64_t EVALUATION_COST = 20, PREFILTER_GRACE = 1024;
 constexpr int64_t SHORT_STEPS = 4;  // dot products of at most this many steps keep no scores (`sub_tile_scores`)
 constexpr int EXACT_CHAINS = 4;  // the prefilter's candidates scored at once (independent FMA chains)
+// k = 1 keeps each token's argmin in registers (`sub_tile_argmin`: a min per code vector, a compare and a
+// masked move per pair, no rescans) in splits of at most ARGMIN_MAX_CODES codes, where a sub-tile's
+// minimum improves often (about half the time with 4 sub-tiles); in longer splits it improves rarely and
+// the minimum alone (`sub_tile_minima`, rescanned when it improves) is cheaper (65536 x 16384, D = 8,
+// bf16 pairs: 10 % less time).
+constexpr int64_t ARGMIN_MAX_CODES = 2048;
 // The prefilter pays for k = 1 only past PREFILTER_MIN_WORK (dimensions x codes per split): below, its
 // first sub-tile per token (list empty: every code a candidate) and rescans cost more than the bf16 pairs
 // save (D = 4, K = 16384: 1.4x slower than fp32 operands; D = 8: 1.2x faster; K = 1024: even at D = 64,
@@ -269,6 +275,7 @@ struct Search {
     const int64_t hc = codes->heads_c == 1 ? 0 : h;
     const int64_t tile_codes = std::max<int64_t>(SUB, TILE_BYTES / (D() * sizeof(float) * SUB) * SUB);
     bool prefilter = CAN_PREFILTER && buf.fits && codes->prefilter_fits;
+    const bool argmin = k == 1 && k_end - k_begin <= ARGMIN_MAX_CODES;
     stats[0] += prefilter;
     if (prefilter) set_limits(hc, rows, k_begin, k_end, buf);
     std::fill(buf.lane_best.begin(), buf.lane_best.end(), INF);
@@ -280,7 +287,7 @@ struct Search {
           const int n_codes = static_cast<int>(std::min<int64_t>(SUB, k_end - k0));
           const int tokens = std::min(TN, rows - r0);
           if (!prefilter) {
-            ranked_sub_tile(hc, r0, tokens, k0, n_codes, buf);
+            ranked_sub_tile(hc, r0, tokens, k0, n_codes, argmin, buf);
             continue;
           }
           evaluations += prefiltered_sub_tile(hc, r0, tokens, k0, n_codes, buf);
@@ -291,26 +298,48 @@ struct Search {
           }
         }
     stats[2] += evaluations + score_pending(hc, buf);
-    if (k == 1 && !prefilter) take_lane_argmins(hc, rows, buf);  // the argmins of the ranked sub-tiles
+    if (argmin && !prefilter) take_lane_argmins(hc, rows, buf);  // the argmins of the ranked sub-tiles
   }
 
   // k = 1: each token's code of the lowest score among its lanes' (`sub_tile_argmin`, `lane_argmin`), the
-  // lowest code among equal ones, into its list.
+  // lowest code among equal ones, into its list. The first vector of the pair in each token's first
+  // lane at its minimum is scored for TN tokens at once (independent chains: one token's chain of S
+  // dependent FMAs cost 6 % of the search at D = 64, K = 1024); other lanes at the minimum (ties) one by one.
   void take_lane_argmins(int64_t hc, int rows, ThreadBuffers<T>& buf) const {
     const int64_t S = steps<T>(D());
     const T* ops = ranking_operands(hc);
     const float* bias = codes->bias.get() + hc * codes->K_pad;
-    for (int r = 0; r < rows; ++r) {
-      const T* x = buf.xs.data() + r / TN * S * TN + r % TN;
-      float m;
-      const int64_t code = lane_argmin(load(buf.lane_best.data() + r * W), buf.lane_pair.data() + r * W, m,
-                                       [&](int64_t vector, int lane) {
-                                         vec scores;
-                                         score_vectors<METRIC == COSINE, 1>(x, S, ops + vector * S * W, bias + vector * W,
-                                                                            &scores);
-                                         return (equal_mask(scores, m) >> lane) & 1;
-                                       });
-      if (code >= 0) insert(buf.best.data() + r, buf.best_index.data() + r, 1, m, code);
+    for (int r0 = 0; r0 < rows; r0 += TN) {
+      const int tokens = std::min(TN, rows - r0);
+      const T* x[TN];
+      const T* first[TN];
+      const float* first_bias[TN];
+      int64_t first_vector[TN];
+      int first_lane[TN];
+      for (int t = 0; t < TN; ++t) {
+        const int r = r0 + std::min(t, tokens - 1);
+        const vec lowest = load(buf.lane_best.data() + r * W);
+        first_lane[t] = __builtin_ctz(equal_mask(lowest, horizontal_min(lowest)) | 1u << W);
+        first_vector[t] = first_lane[t] < W ? std::max(buf.lane_pair[r * W + first_lane[t]], 0) : 0;
+        x[t] = buf.xs.data() + r / TN * S * TN + r % TN;
+        first[t] = ops + first_vector[t] * S * W, first_bias[t] = bias + first_vector[t] * W;
+      }
+      vec scores[TN];
+      score_vectors<METRIC == COSINE, TN>(x, S, first, first_bias, scores);
+      for (int t = 0; t < tokens; ++t) {
+        float m;
+        const int64_t code = lane_argmin(load(buf.lane_best.data() + (r0 + t) * W), buf.lane_pair.data() + (r0 + t) * W,
+                                         m, [&](int64_t vector, int lane) {
+                                           vec s = scores[t];
+                                           if (vector != first_vector[t] || lane != first_lane[t]) {
+                                             const T* code_ops = ops + vector * S * W;
+                                             const float* code_bias = bias + vector * W;
+                                             score_vectors<METRIC == COSINE, 1>(&x[t], S, &code_ops, &code_bias, &s);
+                                           }
+                                           return (equal_mask(s, m) >> lane) & 1;
+                                         });
+        if (code >= 0) insert(buf.best.data() + r0 + t, buf.best_index.data() + r0 + t, 1, m, code);
+      }
     }
   }
 
@@ -341,20 +370,21 @@ struct Search {
     else return codes->bf16.get() + offset;
   }
 
-  // Tokens r0 .. r0 + tokens against codes k0 .. k0 + n_codes, ranked by the operands of type T (k = 1:
-  // into the tokens' running argmins).
-  void ranked_sub_tile(int64_t hc, int r0, int tokens, int64_t k0, int n_codes, ThreadBuffers<T>& buf) const {
+  // Tokens r0 .. r0 + tokens against codes k0 .. k0 + n_codes, ranked by the operands of type T (with
+  // `argmin`, k = 1, into the tokens' running argmins).
+  void ranked_sub_tile(int64_t hc, int r0, int tokens, int64_t k0, int n_codes, bool argmin,
+                       ThreadBuffers<T>& buf) const {
     const int64_t S = steps<T>(D());
     const T* ops = ranking_operands(hc);
     const float* bias = codes->bias.get() + hc * codes->K_pad + k0;
-    if (k == 1) return argmin_sub_tile(buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, k0, r0, buf);
+    if (argmin) return argmin_sub_tile(buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, k0, r0, buf);
     vec minima[TN];
     const float* scores = sub_tile_scores(buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, buf, minima);
     for (int t = 0; t < tokens; ++t) {
       float* best = buf.best.data() + (r0 + t) * k;
       if (!any_below(minima[t], best[k - 1])) continue;
-      update_list(token_scores(scores, t, buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, buf), n_codes, k0,
-                  best, buf.best_index.data() + (r0 + t) * k);
+      update_list(token_scores(scores, t, buf.xs.data() + r0 * S, S, ops + k0 * S, bias, n_codes, buf), minima[t],
+                  n_codes, k0, best, buf.best_index.data() + (r0 + t) * k);
     }
   }
 
@@ -407,9 +437,17 @@ struct Search {
     return buf.row.data();
   }
 
-  // One token's list (k > 1) with the sub-tile of n_codes scores s (codes k0 ..), whose minimum is below
-  // the list's last score.
-  void update_list(const float* s, int n_codes, int64_t k0, float* best, int64_t* best_index) const {
+  // One token's list with the sub-tile of n_codes scores s (codes k0 ..), whose minimum is in `minima` and
+  // below the list's last score.
+  void update_list(const float* s, vec minima, int n_codes, int64_t k0, float* best, int64_t* best_index) const {
+    if (k == 1) {  // the first code with the sub-tile's minimum, unless that is -inf
+      const float m = horizontal_min(minima);
+      if (m != -INF) {
+        best[0] = m;
+        best_index[0] = k0 + first_equal(s, n_codes, m);
+        return;
+      }
+    }
     for (int l = 0; l < n_codes; ++l)  // code order: strict < keeps the lower index on ties
       if (s[l] < best[k - 1] && s[l] != -INF) insert(best, best_index, k, s[l], k0 + l);
   }

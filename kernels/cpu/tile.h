@@ -31,10 +31,7 @@ constexpr float INF = std::numeric_limits<float>::infinity();
 // register allocator spills the generic version's accumulators there), GCC vectors elsewhere.
 #ifdef __AVX512F__
 typedef __m512 vec;
-// Tokens per register tile: the k = 1 argmin holds TN x CV accumulators and 3 TN minima / pair numbers
-// in the 32 zmm registers without spilling (TN = 6 spilled: 13-16 % slower at D = 4-8, K = 1024; the
-// list path runs as fast with 4 as with 6).
-constexpr int TN = 4;
+constexpr int TN = 6;  // tokens per register tile: TN * CV accumulators + 2 TN minima in 32 zmm
 inline vec load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline vec splat(float v) { return _mm512_set1_ps(v); }
@@ -56,8 +53,8 @@ inline vec drop_minus_inf(vec s) { return _mm512_mask_mov_ps(s, _mm512_cmp_ps_ma
 // Per lane: s where s < lowest, else lowest (a NaN s never replaces; lowest is never NaN).
 inline vec lower_of(vec s, vec lowest) { return _mm512_min_ps(s, lowest); }
 // Lanes where `lower` < `lowest` take `number` into `best_number`.
-inline void mark_lower(vec lower, vec lowest, ivec number, ivec& best_number) {
-  best_number = _mm512_mask_mov_epi32(best_number, _mm512_cmp_ps_mask(lower, lowest, _CMP_LT_OQ), number);
+inline void mark_lower(vec lower, vec lowest, int32_t number, ivec& best_number) {
+  best_number = _mm512_mask_mov_epi32(best_number, _mm512_cmp_ps_mask(lower, lowest, _CMP_LT_OQ), splat_index(number));
 }
 inline int first_equal(const float* s, int n, float value) {  // n a multiple of W; value is in s
   int l = 0;
@@ -102,8 +99,8 @@ inline uint32_t equal_mask(vec v, float value) {
 }
 inline vec drop_minus_inf(vec s) { return s == -INF ? splat(NAN) : s; }
 inline vec lower_of(vec s, vec lowest) { return s < lowest ? s : lowest; }
-inline void mark_lower(vec lower, vec lowest, ivec number, ivec& best_number) {
-  best_number = lower < lowest ? number : best_number;
+inline void mark_lower(vec lower, vec lowest, int32_t number, ivec& best_number) {
+  best_number = lower < lowest ? splat_index(number) : best_number;
 }
 inline int first_equal(const float* s, int n, float value) {
   for (int l = 0; l < n; ++l)
@@ -180,7 +177,7 @@ inline T operand_step(const scalar_t* v, int64_t stride, int64_t D, int64_t s, f
 
 // Scores of the TN tokens of `xs` (S steps of TN operands; FIXED_S steps when it is not 0, so that the
 // dot product unrolls fully) against `n_vec` code vectors (a multiple of CV), CV code vectors at a time,
-// each vector of W scores handed to take(code vector, token, scores) in code order.
+// each vector of W scores handed to take(code vector, token, scores), token by token, each token's in code order.
 template <bool COSINE, int FIXED_S, typename T, typename F>
 inline void for_each_score_vector(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec, F&& take) {
   const int64_t n_steps = FIXED_S > 0 ? FIXED_S : S;
@@ -199,10 +196,8 @@ inline void for_each_score_vector(const T* xs, int64_t S, const T* codes, const 
       for (int t = 0; t < TN; ++t)
         for (int c = 0; c < CV; ++c) acc[t][c] = multiply_add(acc[t][c], xd[t], cv[c]);
     }
-    for (int c = 0; c < CV; ++c) {
-      const vec scale = COSINE ? load(bias + (j + c) * W) : splat(1.0f);
-      for (int t = 0; t < TN; ++t) take(j + c, t, COSINE ? mul(acc[t][c], scale) : acc[t][c]);
-    }
+    for (int t = 0; t < TN; ++t)  // token by token: a token's values between its CV calls are transient
+      for (int c = 0; c < CV; ++c) take(j + c, t, COSINE ? mul(acc[t][c], load(bias + (j + c) * W)) : acc[t][c]);
   }
 }
 
@@ -230,25 +225,25 @@ inline void sub_tile_minima(const T* xs, int64_t S, const T* codes, const float*
 // far, the same row of `best_pair` the number of the first vector of the pair it came from. Per code
 // vector this costs one min; per pair, one compare and one masked move. Codes come in increasing order
 // and only a strictly lower score replaces (a tie keeps the lower code, the pair's first vector being
-// resolved by `lane_code`); a NaN score never does, nor with SKIP_MINUS_INF does -inf. Without
+// resolved by `lane_argmin`); a NaN score never does, nor with SKIP_MINUS_INF does -inf. Without
 // SKIP_MINUS_INF, returns false and leaves the rows as they were when a lane would hold -inf (the
 // caller then calls again with it); else true.
 template <bool COSINE, bool SKIP_MINUS_INF, int FIXED_S, typename T>
 inline bool sub_tile_argmin(const T* xs, int64_t S, const T* codes, const float* bias, int n_vec, int32_t number0,
                             float* best, int32_t* best_pair) {
   static_assert(CV == 2, "a pair of code vectors per register tile");
-  vec lowest[TN], lower[TN];
+  vec lowest[TN], lower;
   ivec pair[TN];
   for (int t = 0; t < TN; ++t) lowest[t] = load(best + t * W), pair[t] = load_index(best_pair + t * W);
   for_each_score_vector<COSINE, FIXED_S>(xs, S, codes, bias, n_vec, [&](int j, int t, vec s) {
     if (SKIP_MINUS_INF) s = drop_minus_inf(s);
     if (j % CV == 0) {
-      lower[t] = lower_of(s, lowest[t]);
+      lower = lower_of(s, lowest[t]);
       return;
     }
-    lower[t] = lower_of(s, lower[t]);
-    mark_lower(lower[t], lowest[t], splat_index(number0 + j - 1), pair[t]);
-    lowest[t] = lower[t];
+    lower = lower_of(s, lower);
+    mark_lower(lower, lowest[t], number0 + j - 1, pair[t]);
+    lowest[t] = lower;
   });
   if (!SKIP_MINUS_INF)
     for (int t = 0; t < TN; ++t)
@@ -276,14 +271,15 @@ inline int64_t lane_argmin(vec lowest, const int32_t* pair, float& m, const F& h
   return code;
 }
 
-// Scores of one token (x: its S operands, TN apart) against the C code vectors at `codes` into `out`.
+// C scores at once (independent chains): out[c] = token x[c] (its S operands, TN apart) against the code
+// vector at codes[c] (S steps of W), with its W terms at bias[c].
 template <bool COSINE, int C, typename T>
-inline void score_vectors(const T* x, int64_t S, const T* codes, const float* bias, vec* out) {
+inline void score_vectors(const T* const* x, int64_t S, const T* const* codes, const float* const* bias, vec* out) {
   vec acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = COSINE ? splat(0.0f) : load(bias + c * W);
-  for (int64_t s = 0; s < S; ++s, codes += W)
-    for (int c = 0; c < C; ++c) acc[c] = multiply_add(acc[c], x[s * TN], load_codes(codes + c * S * W));
-  for (int c = 0; c < C; ++c) out[c] = COSINE ? mul(acc[c], load(bias + c * W)) : acc[c];
+  for (int c = 0; c < C; ++c) acc[c] = COSINE ? splat(0.0f) : load(bias[c]);
+  for (int64_t s = 0; s < S; ++s)
+    for (int c = 0; c < C; ++c) acc[c] = multiply_add(acc[c], x[c][s * TN], load_codes(codes[c] + s * W));
+  for (int c = 0; c < C; ++c) out[c] = COSINE ? mul(acc[c], load(bias[c])) : acc[c];
 }
 
 // One token's scores against `n_vec` code vectors (a multiple of CV) into `scores`, bit for bit those of
@@ -292,8 +288,12 @@ template <bool COSINE, typename T>
 inline void score_row(const T* x, int64_t S, const T* codes, const float* bias, int n_vec, float* scores) {
   const auto score = [&](auto vectors, int j) {
     constexpr int C = decltype(vectors)::value;
+    const T* xs[C];
+    const T* code[C];
+    const float* terms[C];
+    for (int c = 0; c < C; ++c) xs[c] = x, code[c] = codes + static_cast<int64_t>(j + c) * S * W, terms[c] = bias + (j + c) * W;
     vec out[C];
-    score_vectors<COSINE, C>(x, S, codes + static_cast<int64_t>(j) * S * W, bias + j * W, out);
+    score_vectors<COSINE, C>(xs, S, code, terms, out);
     for (int c = 0; c < C; ++c) store(scores + (j + c) * W, out[c]);
   };
   int j = 0;

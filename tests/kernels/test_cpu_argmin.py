@@ -147,11 +147,29 @@ def check_the_prefilter_choice_does_not_change_the_answer(search):
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"D {d}, K {k}, {prefilter}"
 
 
+def check_minus_inf_after_the_minimum_in_its_lane(search):
+    """dot: each token's best code (largest c0) sits early; a code scoring -inf (c0 = 1.5e19, an overflow)
+    sits in the same lane of a later sub-tile or pair, where no code beats the best. The sub-tile with
+    -inf is taken twice (`sub_tile_argmin` without, then with the -inf rule): the pair numbers that the
+    first pass stored must not survive, or the answer would point at the -inf code's pair."""
+    generator = torch.Generator().manual_seed(16)
+    dot = METRICS.index("dot")
+    x = torch.zeros(1, 5, 4)
+    x[0, :, 0] = torch.tensor([3e19, 2.5e19, 1e20, 4e19, 3e19])
+    for best, bad in [(5, 5 + 256), (37, 37 + 288), (300, 300 + 32), (17, 17 + 512 + 16)]:
+        codebook = torch.randn(1, 700, 4, generator=generator)
+        codebook[0, best, 0] = 10.0
+        codebook[0, bad, 0] = 1.5e19
+        got = _same_for_every_plan(search, x, codebook, dot, IEEE)
+        assert got.tolist() == [[best] * 5], f"best {best}, -inf at {bad}"
+
+
 CHECKS = [
     check_every_d_and_odd_k,
     check_ties_across_lanes_sub_tiles_and_splits,
     check_which_vector_of_a_pair,
     check_non_finite_scores_at_every_lane,
+    check_minus_inf_after_the_minimum_in_its_lane,
     check_the_prefilter_choice_does_not_change_the_answer,
 ]
 

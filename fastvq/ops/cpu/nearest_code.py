@@ -6,7 +6,7 @@ the exact fp32 distance of each chosen code (as `fastvq.ops.chunked.chosen_dista
 threads: no extra pass of small PyTorch ops). It takes x and the codebook as they are (any float
 dtype and strides) and rounds, packs and sums the codes itself, so a call runs no PyTorch op.
 Extra memory: a packed copy of the codebook (and an fp32 one unless it is fp32 and contiguous),
-one thread's buffers (96 tokens x D, 4 x 256 scores) per thread and the outputs.
+one thread's buffers (96 tokens x D, 6 x 256 scores) per thread and the outputs.
 """
 
 from __future__ import annotations
