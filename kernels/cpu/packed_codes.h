@@ -139,17 +139,14 @@ struct PackedCodes {
           visit(k, NAN);
           continue;
         }
-        constexpr int LANES = 8;  // independent fp64 sums (one chain of D dependent adds was the packing's cost)
-        double sq[LANES] = {};
+        LaneSum sq;
         for (int64_t d = 0; d < D; ++d) {
           const float value = static_cast<float>(head[k * s_k + d * s_d]);
           if (copy_codes) copy[(hc * K + k) * D + d] = value;
           row[d] = precision == IEEE ? value : round_operand(value, precision);
-          sq[d % LANES] += static_cast<double>(row[d]) * row[d];
+          sq.add(d, static_cast<double>(row[d]) * row[d]);
         }
-        double sum = 0.0;
-        for (const double lane : sq) sum += lane;
-        visit(k, sum);
+        visit(k, sq.total());
       }
     });
   }

@@ -88,25 +88,22 @@ enum PrefilterUse { PREFILTER_NEVER = 0, PREFILTER_WHERE_IT_PAYS = 1, PREFILTER_
 
 // Distance of token `x` (D values, stride sx_d, taken as fp32) to `code` (D contiguous fp32 values),
 // rounded once to fp32 from fp64 sums: products and differences of fp32 values are exact in fp64, and
-// LANES running sums in a fixed order keep the error near D 2^-53, so the result is the fp32 value
+// `LaneSum`'s running sums in a fixed order keep the error near D 2^-53, so the result is the fp32 value
 // nearest the exact distance at any D (an fp32 sum drifted by ~D 2^-24). Its intermediate values do
 // not overflow: only a distance past the fp32 range is not finite.
 template <typename scalar_t, int METRIC>
 inline float exact_distance(const scalar_t* x, int64_t sx_d, const float* code, int64_t D) {
-  constexpr int LANES = 8;
-  double acc[LANES] = {}, x_sq[LANES] = {}, c_sq[LANES] = {};  // acc: (x - c)^2 (l2) or x c
-  for (int64_t d0 = 0; d0 < D; d0 += LANES)
-    for (int l = 0; l < LANES && d0 + l < D; ++l) {
-      const double xv = static_cast<float>(x[(d0 + l) * sx_d]), cv = code[d0 + l];
-      if (METRIC == L2) {
-        acc[l] += (xv - cv) * (xv - cv);
-      } else {
-        acc[l] += xv * cv;
-        if (METRIC == COSINE) x_sq[l] += xv * xv, c_sq[l] += cv * cv;
-      }
+  LaneSum acc, x_sq, c_sq;  // acc: (x - c)^2 (l2) or x c
+  for (int64_t d = 0; d < D; ++d) {
+    const double xv = static_cast<float>(x[d * sx_d]), cv = code[d];
+    if (METRIC == L2) {
+      acc.add(d, (xv - cv) * (xv - cv));
+    } else {
+      acc.add(d, xv * cv);
+      if (METRIC == COSINE) x_sq.add(d, xv * xv), c_sq.add(d, cv * cv);
     }
-  double sum = 0.0, x_norm = 0.0, c_norm = 0.0;
-  for (int l = 0; l < LANES; ++l) sum += acc[l], x_norm += x_sq[l], c_norm += c_sq[l];
+  }
+  const double sum = acc.total(), x_norm = x_sq.total(), c_norm = c_sq.total();
   if (METRIC == L2) return static_cast<float>(sum);
   if (METRIC == DOT) return static_cast<float>(-sum);
   const double eps = COSINE_NORM_EPS;
@@ -254,15 +251,13 @@ struct Search {
         buf.xs[(r / TN * S + s) * TN + r % TN] =
             r < rows ? operand_step<T>(token, sx_d, D(), s, x_scale, codes->precision) : T(0);
       if (buf.xs_bf16.empty()) continue;
-      constexpr int LANES = 8;  // independent fp64 sums
-      double sq[LANES] = {}, sum = 0.0;
+      LaneSum sq;
       for (int64_t d = 0; d < D(); ++d) {
         operands[d] = r < rows ? x_scale * round_operand(static_cast<float>(token[d * sx_d]), codes->precision) : 0.0f;
         buf.fits = buf.fits && std::abs(operands[d]) <= PREFILTER_LIMIT;
-        sq[d % LANES] += static_cast<double>(operands[d]) * operands[d];
+        sq.add(d, static_cast<double>(operands[d]) * operands[d]);
       }
-      for (const double lane : sq) sum += lane;
-      buf.x_norm[r] = static_cast<float>(std::sqrt(sum) * (1 + 0x1p-20));
+      buf.x_norm[r] = static_cast<float>(std::sqrt(sq.total()) * (1 + 0x1p-20));
       for (int64_t s = 0; s < S2; ++s)
         buf.xs_bf16[(r / TN * S2 + s) * TN + r % TN] = operand_step<bf16_pair>(operands.data(), 1, D(), s, 1.0f, IEEE);
     }
