@@ -57,7 +57,7 @@ inline void put_code_operands(T* head_ops, int64_t S, int64_t D, int64_t k, cons
 //   of its valid codes: what the prefilter's error bound needs;
 // - `fp32`: the unrounded fp32 codes (Hc, K, D), the codebook's own data when it is fp32 and contiguous.
 struct PackedCodes {
-  static constexpr int64_t PACK_VECTORS = 64;  // a multiple of SUB / W: a step packs whole sub-tiles
+  static constexpr int64_t PACK_VECTORS = SUB / W;  // one sub-tile a step: a codebook of 1024 codes takes 4 threads
   static_assert(PACK_VECTORS % (SUB / W) == 0, "a packing step must cover whole sub-tiles");
   const at::Tensor& codebook;
   int metric, precision;
@@ -134,6 +134,7 @@ struct PackedCodes {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "fastvq_cpu_pack", [&] {
       const scalar_t* head = codebook.data_ptr<scalar_t>() + hc * codebook.stride(0);
       const int64_t s_k = codebook.stride(1), s_d = codebook.stride(2);
+      const int rounding = rounding_keeps<scalar_t>(precision) ? IEEE : precision;
       for (int64_t k = k0; k < k_end; ++k) {
         if (k >= K) {
           visit(k, NAN);
@@ -143,7 +144,7 @@ struct PackedCodes {
         for (int64_t d = 0; d < D; ++d) {
           const float value = static_cast<float>(head[k * s_k + d * s_d]);
           if (copy_codes) copy[(hc * K + k) * D + d] = value;
-          row[d] = precision == IEEE ? value : round_operand(value, precision);
+          row[d] = round_operand(value, rounding);
           sq.add(d, static_cast<double>(row[d]) * row[d]);
         }
         visit(k, sq.total());

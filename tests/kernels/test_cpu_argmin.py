@@ -2,7 +2,8 @@
 keeps a running minimum per lane of W = 16 codes and the pair of code vectors it came from, reduced once
 per work item to the lowest code among the lanes' equal minima, the vector of the pair resolved by
 scoring the first again. It must give the answer of the list path (k = 2's first
-column), bit for bit: ties to the lowest index across lanes, sub-tiles of 256 codes and code splits,
+column), bit for bit: ties to the lowest index across lanes, sub-tiles of 256 codes, L2 tiles (one
+`sub_tile_argmin` call each) and code splits,
 -inf / NaN / overflowing scores never chosen wherever they fall, at every D (the dot product's length
 is fixed at compile time for 2, 4, 8 and 16 steps: D = 4, 8, 16 in fp32, D = 3-4, 7-8, 15-16, 31-32
 in bf16 pairs) and for K not a multiple of 16.
@@ -81,6 +82,31 @@ def check_ties_across_lanes_sub_tiles_and_splits(search):
         got = _same_for_every_plan(search, x, codebook, metric, IEEE)
         if METRICS[metric] == "l2":
             assert torch.equal(got, _lowest_l2(x, codebook))
+
+
+def check_ties_and_minus_inf_across_l2_tiles(search):
+    """D = 40, K = 5000: four L2 tiles of 1536 codes (each taken in one `sub_tile_argmin` call) and, with one
+    split, a run of 5000 codes. Every token's nearest code has copies in later tiles (the lowest index
+    wins); with dot, a code scoring -inf in a later tile, in the lane of the best code, is never chosen."""
+    generator = torch.Generator().manual_seed(17)
+    d, k, n = 40, 5000, 30
+    codebook = _integers((1, k, d), generator) + 10.0
+    x = _integers((1, n, d), generator)
+    for t in range(n):
+        first = 13 * t + 3
+        for copy in (first, first + 1536, first + 2 * 1536 + 16, first + 3 * 1536 + 1):
+            codebook[0, copy] = x[0, t]
+    got = _same_for_every_plan(search, x, codebook, L2, IEEE)
+    assert torch.equal(got, _lowest_l2(x, codebook))
+    assert got.tolist() == [[13 * t + 3 for t in range(n)]]
+    dot = METRICS.index("dot")
+    x = torch.zeros(1, 5, d)
+    x[0, :, 0] = torch.tensor([3e19, 2.5e19, 1e20, 4e19, 3e19])
+    codebook = torch.randn(1, k, d, generator=generator)
+    best, bad = 100, 100 + 2 * 1536 + 32
+    codebook[0, best, 0] = 10.0
+    codebook[0, bad, 0] = 1.5e19
+    assert _same_for_every_plan(search, x, codebook, dot, IEEE).tolist() == [[best] * 5]
 
 
 def check_which_vector_of_a_pair(search):
@@ -167,6 +193,7 @@ def check_minus_inf_after_the_minimum_in_its_lane(search):
 CHECKS = [
     check_every_d_and_odd_k,
     check_ties_across_lanes_sub_tiles_and_splits,
+    check_ties_and_minus_inf_across_l2_tiles,
     check_which_vector_of_a_pair,
     check_non_finite_scores_at_every_lane,
     check_minus_inf_after_the_minimum_in_its_lane,
