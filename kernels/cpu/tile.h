@@ -154,6 +154,15 @@ struct LaneSum {
   }
 };
 
+// The bits of v rounded to bf16, nearest even (NaN: 0x7FC0, as c10::BFloat16), without a branch on NaN:
+// the bf16 precision's rounding and the packing of bf16 pairs.
+inline uint32_t bf16_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return std::isnan(v) ? 0x7FC0u : rounded;
+}
+
 // `fastvq.ops.common.round_operand` for one value of a precision other than IEEE.
 inline float round_to_precision(float v, int precision) {
   switch (precision) {
@@ -165,7 +174,11 @@ inline float round_to_precision(float v, int precision) {
       std::memcpy(&v, &bits, 4);
       return v;
     }
-    case BF16: return static_cast<float>(c10::BFloat16(v));
+    case BF16: {
+      const uint32_t bits = bf16_bits(v) << 16;
+      std::memcpy(&v, &bits, 4);
+      return v;
+    }
     case FP16: return static_cast<float>(c10::Half(v));
     default: return v;
   }
@@ -174,15 +187,6 @@ inline float round_to_precision(float v, int precision) {
 // `fastvq.ops.common.round_operand` for one value; IEEE keeps it without a call (packing a codebook
 // called the rounding per value: 80 % of the packing time at D = 256).
 inline float round_operand(float v, int precision) { return precision == IEEE ? v : round_to_precision(v, precision); }
-
-// The bits of c10::BFloat16(v) (nearest even; NaN: 0x7FC0) without its branch on NaN (packing and
-// loading bf16 pairs converted value by value through a branch).
-inline uint32_t bf16_bits(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return std::isnan(v) ? 0x7FC0u : rounded;
-}
 
 // Whether rounding a scalar_t value to `precision` keeps it: IEEE, or bf16 / fp16 values at a precision
 // of as many mantissa bits or more (bf16 at bf16 or tf32, fp16 at fp16 or tf32); the callers then skip
